@@ -1,0 +1,478 @@
+r"""Reproduces the LLM-selection tables of Lin et al. (2024) / Zeng et al. (2025).
+
+    python -m experiments.reproduce_selection --data_dir=../shared/benchmarks \
+        --benchmark=flan --benchmark=gigaword --output_dir=results/selection
+
+For every curve file (`--benchmark`, a name looked up in --data_dir /
+$LENSLLM_DATA_DIR, or a path), every budget ratio D*/D_max and every method,
+it runs the selection on the budget-limited view of the curves and writes to
+--output_dir:
+
+  selection.csv  dataset,ratio,max_data_num,method,metric,value (PearCorr,
+                 RelAcc, Spearman as fractions)
+  rmse.csv       dataset,model,max_data_num,law,rmse (held-out D > D_max, loss
+                 units; model "ALL" = pooled over the dataset's models)
+  cost.csv       dataset,method,setting,flops,relative_flops,RelAcc,PearCorr
+                 (FLOPs per token, 6 N D per (model, D) pair read)
+  fits.csv       fitted raw parameters (used by the figures)
+  selection.md, selection.tex  paper-style tables, published values beside ours
+  selection_vs_ratio_<ds>.png, curves_<ds>.png, pareto_<ds>.png
+
+Results are appended as each (dataset, method) finishes; a rerun skips the
+(dataset, method) pairs already complete in the CSVs and only regenerates
+the tables and figures. Delete the output directory for a cold run.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import pathlib
+import time
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+
+from lensllm_jax import benchmarks, budgeted, laws, metrics, published, selection
+
+ALL_METHODS = ("ZeroShot", "SubTuning", "ModelSize", "VanillaFit", "RectifiedFit", "AtS",
+               "LensLLM")
+SELECTION_HEADER = ("dataset", "ratio", "max_data_num", "method", "metric", "value")
+RMSE_HEADER = ("dataset", "model", "max_data_num", "law", "rmse")
+COST_HEADER = ("dataset", "method", "setting", "flops", "relative_flops", "RelAcc", "PearCorr")
+FITS_HEADER = ("dataset", "method", "max_data_num", "model", "status", "params")
+LAW_OF = {"VanillaFit": "vanilla", "RectifiedFit": "rectified", "LensLLM": "lensllm",
+          "AtS": "ats"}
+
+FLAGS = flags.FLAGS
+flags.DEFINE_multi_string("benchmark", ["flan", "gigaword"],
+                          "Curve file: a name (looked up in --data_dir) or a path. Repeatable.")
+flags.DEFINE_string("data_dir", None, "Directory of NAME.csv files (default $LENSLLM_DATA_DIR).")
+flags.DEFINE_list("methods", list(ALL_METHODS), "Selection methods to run.")
+flags.DEFINE_list("ratios", [str(r) for r in published.RATIOS], "Budget ratios D*/D_max.")
+flags.DEFINE_string("output_dir", None, "Output directory.", required=True)
+flags.DEFINE_integer("target_data_num", None, "D*; default the largest D of each file.")
+flags.DEFINE_integer("num_restarts", 8, "Random restarts per fitted curve.")
+flags.DEFINE_integer("max_steps", 500, "L-BFGS steps per restart.")
+flags.DEFINE_integer("seed", 0, "PRNG seed of the fits.")
+flags.DEFINE_bool("budgeted", True, "Run the budgeted early-stopping procedure.")
+flags.DEFINE_list("budget_levels", ["0.5", "1", "2", "4"],
+                  "Confidence levels z (normal quantiles) of the budgeted procedure.")
+flags.DEFINE_string("budget_method", "LensLLM", "Law used by the budgeted procedure.")
+flags.DEFINE_integer("budget_max_data_num", None,
+                     "Largest D the budgeted procedure may pay for (default D* / min ratio).")
+flags.DEFINE_bool("figures", True, "Draw the PNG figures.")
+
+
+# ------------------------------------------------------------------ I/O ---
+
+
+def _read_rows(path: pathlib.Path) -> list[dict]:
+  if not path.exists():
+    return []
+  with path.open(newline="") as f:
+    return list(csv.DictReader(f))
+
+
+def _append_rows(path: pathlib.Path, header, rows) -> None:
+  """Appends rows (dicts) to a CSV, writing the header if the file is new."""
+  new = not path.exists()
+  with path.open("a", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=header)
+    if new:
+      w.writeheader()
+    for r in rows:
+      w.writerow(r)
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _parse_ratios(values) -> list[int]:
+  out = []
+  for v in values:
+    try:
+      r = int(v)
+    except ValueError:
+      raise app.UsageError(f"--ratios: {v!r} is not an integer") from None
+    if r < 1:
+      raise app.UsageError(f"--ratios: {r} must be >= 1")
+    out.append(r)
+  return out
+
+
+# --------------------------------------------------------------- steps ---
+
+
+def load_all(specs, data_dir) -> list:
+  """Loads every curve file; names must be unique."""
+  sets = [benchmarks.load_curves(s, data_dir=data_dir) for s in specs]
+  names = [c.name for c in sets]
+  if len(set(names)) != len(names):
+    raise app.UsageError(f"--benchmark: duplicate dataset names {names}")
+  return sets
+
+
+def target_of(curves, target_data_num) -> float:
+  d = np.asarray(curves.data_sizes)
+  t = float(d.max()) if target_data_num is None else float(target_data_num)
+  if not np.any(d == t):
+    raise ValueError(f"{curves.source}: D*={t:g} is not a column of the file "
+                     f"(columns {d.astype(int).tolist()})")
+  return t
+
+
+def budgets_of(curves, target: float, ratios) -> list[tuple[int, float]]:
+  out = []
+  d = np.asarray(curves.data_sizes)
+  for r in ratios:
+    dmax = target / r
+    if not np.any((d > 0) & (d <= dmax)):
+      raise ValueError(f"{curves.source}: ratio {r} gives D_max={dmax:g}, below the "
+                       f"smallest fine-tuning size {d[d > 0].min():g}")
+    out.append((r, dmax))
+  return out
+
+
+def score_rows(dataset, ratio, dmax, result, truth) -> list[dict]:
+  vals = {"PearCorr": metrics.pearson_corr(result.feature, truth),
+          "RelAcc": metrics.relative_accuracy(result.chosen, truth),
+          "Spearman": metrics.spearman_corr(result.feature, truth)}
+  return [{"dataset": dataset, "ratio": ratio, "max_data_num": int(dmax),
+           "method": result.method, "metric": k, "value": f"{v:.6f}"} for k, v in vals.items()]
+
+
+def _heldout_prediction(result, curves, dmax):
+  """Predicted losses [M, P] on the file's grid, and the held-out mask (D > D_max)."""
+  d = np.asarray(curves.data_sizes, np.float64)
+  held = np.broadcast_to(d > dmax, np.shape(curves.losses))
+  if result.method == "AtS":
+    a, b = result.extras["intercept"], result.extras["slope"]
+    with np.errstate(divide="ignore"):
+      pred = np.exp(a[:, None] + b[:, None] * np.log(np.where(d > 0, d, np.nan))[None, :])
+  else:
+    law = result.extras["law"]
+    pred = law.predict(result.extras["raw_params"], d, aux=result.extras.get("aux"))
+  return pred, held
+
+
+def rmse_rows(dataset, dmax, result, curves) -> list[dict]:
+  pred, held = _heldout_prediction(result, curves, dmax)
+  per_model, pooled = metrics.curve_rmse(pred, curves.losses, held)
+  law = LAW_OF[result.method]
+  rows = [{"dataset": dataset, "model": mname, "max_data_num": int(dmax), "law": law,
+           "rmse": f"{v:.6g}"} for mname, v in zip(curves.models, per_model, strict=True)]
+  rows.append({"dataset": dataset, "model": "ALL", "max_data_num": int(dmax), "law": law,
+               "rmse": f"{pooled:.6g}"})
+  return rows
+
+
+def fit_rows(dataset, dmax, result, curves) -> list[dict]:
+  rows = []
+  for i, mname in enumerate(curves.models):
+    if result.method == "AtS":
+      first = int(result.extras["first_index"][i])
+      params = [result.extras["intercept"][i], result.extras["slope"][i],
+                result.extras["data_sizes"][first]]
+    else:
+      params = result.extras["raw_params"][i]
+    rows.append({"dataset": dataset, "method": result.method, "max_data_num": int(dmax),
+                 "model": mname, "status": result.status[i] if result.status else "ok",
+                 "params": " ".join(f"{float(p):.17g}" for p in params)})
+  return rows
+
+
+def run_dataset(curves, methods, ratios, out: pathlib.Path, *, target, key, num_restarts,
+                fit_options, budget, t0) -> None:
+  """All methods (and the budgeted procedure) on one curve file; appends to the CSVs."""
+  name = curves.name
+  meta = selection.metadata_of(curves, target)
+  truth = curves.column(target)
+  budgets = budgets_of(curves, target, ratios)
+  views = [selection.visible_view(curves, dmax) for _, dmax in budgets]
+  done = {(r["method"], int(r["ratio"])) for r in _read_rows(out / "selection.csv")
+          if r["dataset"] == name}
+  full = budgeted.full_tuning_flops(curves.sizes, target)
+  min_curves = len(budgets) * len(curves.models)
+  for mi, method in enumerate(methods):
+    if all((method, r) in done for r, _ in budgets):
+      logging.info("[%s] %s: already done, skipping", name, method)
+      continue
+    t = time.time()
+    if method in selection.FITTED_METHODS:
+      results = selection.run_fitted_batch(method, views, meta, key=jax.random.fold_in(key, mi),
+                                           num_restarts=num_restarts, fit_options=fit_options,
+                                           min_curves=min_curves)
+    else:
+      results = [selection.run_method(method, v, meta) for v in views]
+    sel, rm, fits, cost = [], [], [], []
+    for (ratio, dmax), res in zip(budgets, results, strict=True):
+      sel += score_rows(name, ratio, dmax, res, truth)
+      if method in LAW_OF:
+        rm += rmse_rows(name, dmax, res, curves)
+        fits += fit_rows(name, dmax, res, curves)
+      flops = budgeted.method_flops(method, curves.sizes, curves.data_sizes, dmax)
+      cost.append({"dataset": name, "method": method, "setting": f"ratio={ratio}",
+                   "flops": f"{flops:.6g}", "relative_flops": f"{flops / full:.6g}",
+                   "RelAcc": f"{metrics.relative_accuracy(res.chosen, truth):.6f}",
+                   "PearCorr": f"{metrics.pearson_corr(res.feature, truth):.6f}"})
+    # Write the secondary files first: a crash can then only leave work that is redone.
+    if rm:
+      _append_rows(out / "rmse.csv", RMSE_HEADER, rm)
+      _append_rows(out / "fits.csv", FITS_HEADER, fits)
+    _append_rows(out / "cost.csv", COST_HEADER, cost)
+    _append_rows(out / "selection.csv", SELECTION_HEADER, sel)
+    logging.info("[%s] %s: %d budgets in %.1fs (total %.1fs)", name, method, len(budgets),
+                 time.time() - t, time.time() - t0)
+  if budget is not None:
+    run_budgeted(curves, out, target=target, key=jax.random.fold_in(key, 1000), full=full,
+                 truth=truth, num_restarts=num_restarts, fit_options=fit_options,
+                 min_curves=min_curves, t0=t0, **budget)
+
+
+def run_budgeted(curves, out, *, target, key, full, truth, levels, method, max_data_num,
+                 num_restarts, fit_options, min_curves, t0) -> None:
+  """Budgeted early stopping at several confidence levels; appends cost.csv rows."""
+  name = curves.name
+  tag = f"Budgeted{method}"
+  done = {r["setting"] for r in _read_rows(out / "cost.csv")
+          if r["dataset"] == name and r["method"] == tag}
+  todo = [z for z in levels if f"z={z:g}" not in done]
+  rows = []
+  if todo:
+    t = time.time()
+    results = budgeted.budgeted_selection(
+        curves, todo, key=key, method=method, max_data_num=max_data_num,
+        num_restarts=num_restarts, fit_options=fit_options, min_curves=min_curves,
+        target_data_num=target, progress=lambda s: logging.info("[%s] budgeted %s", name, s))
+    for r in results:
+      rows.append({"dataset": name, "method": tag, "setting": f"z={r.z:g}",
+                   "flops": f"{r.flops:.6g}", "relative_flops": f"{r.flops / full:.6g}",
+                   "RelAcc": f"{metrics.relative_accuracy(r.selection.chosen, truth):.6f}",
+                   "PearCorr": f"{metrics.pearson_corr(r.selection.feature, truth):.6f}"})
+    logging.info("[%s] budgeted: %d levels in %.1fs (total %.1fs)", name, len(todo),
+                 time.time() - t, time.time() - t0)
+  if "FullTuning" not in {r["method"] for r in _read_rows(out / "cost.csv")
+                          if r["dataset"] == name}:
+    rows.append({"dataset": name, "method": "FullTuning", "setting": f"D*={int(target)}",
+                 "flops": f"{full:.6g}", "relative_flops": "1", "RelAcc": "1.000000",
+                 "PearCorr": "1.000000"})
+  if rows:
+    _append_rows(out / "cost.csv", COST_HEADER, rows)
+
+
+# -------------------------------------------------------------- tables ---
+
+
+def _fmt(v) -> str:
+  return "" if v is None or not np.isfinite(v) else f"{100 * v:.1f}"
+
+
+def selection_tables(out: pathlib.Path) -> tuple[str, str]:
+  """Markdown and LaTeX tables of selection.csv (x100), published values in parentheses."""
+  rows = _read_rows(out / "selection.csv")
+  val = {(r["dataset"], r["method"], r["metric"], int(r["ratio"])): float(r["value"])
+         for r in rows}
+  datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+  md, tex = ["# Selection results (x100; published value of Lin et al. 2024 in parentheses)",
+             ""], []
+  for metric in ("PearCorr", "RelAcc", "Spearman"):
+    for ds in datasets:
+      ratios = sorted({k[3] for k in val if k[0] == ds and k[2] == metric})
+      methods = list(dict.fromkeys(k[1] for k in val if k[0] == ds and k[2] == metric))
+      if not ratios:
+        continue
+      md += [f"## {metric}, {ds}", "",
+             "| method | " + " | ".join(f"1/{r}" for r in ratios) + " |",
+             "|---|" + "---|" * len(ratios)]
+      tex += [f"% {metric}, {ds}", "\\begin{tabular}{l" + "r" * len(ratios) + "}",
+              "\\toprule", "Method & " + " & ".join(f"1/{r}" for r in ratios) + " \\\\",
+              "\\midrule"]
+      for m in methods:
+        cells_md, cells_tex = [], []
+        for r in ratios:
+          ours = val.get((ds, m, metric, r))
+          pub = published.published_value(ds, m, metric, r)
+          c = _fmt(ours)
+          cells_md.append(c + (f" ({_fmt(pub)})" if pub is not None else ""))
+          cells_tex.append(c + (f" \\scriptsize{{({_fmt(pub)})}}" if pub is not None else ""))
+        md.append(f"| {m} | " + " | ".join(cells_md) + " |")
+        tex.append(f"{m} & " + " & ".join(cells_tex) + " \\\\")
+      md.append("")
+      tex += ["\\bottomrule", "\\end{tabular}", ""]
+  cost = _read_rows(out / "cost.csv")
+  if cost:
+    md += ["## Compute cost (FLOPs per token = sum of 6 N D over pairs read)", "",
+           "| dataset | method | setting | relative FLOPs | RelAcc | PearCorr |",
+           "|---|---|---|---|---|---|"]
+    for r in cost:
+      md.append(f"| {r['dataset']} | {r['method']} | {r['setting']} | "
+                f"{float(r['relative_flops']):.4f} | {_fmt(float(r['RelAcc']))} | "
+                f"{_fmt(float(r['PearCorr']))} |")
+    md.append("")
+  rm = _read_rows(out / "rmse.csv")
+  if rm:
+    md += ["## Held-out curve RMSE (loss units, pooled over models; D > D_max)", "",
+           "| dataset | law | " + " | ".join(f"D_max={d}" for d in sorted(
+               {int(r['max_data_num']) for r in rm}, reverse=True)) + " |"]
+    dmaxes = sorted({int(r["max_data_num"]) for r in rm}, reverse=True)
+    md.append("|---|---|" + "---|" * len(dmaxes))
+    pooled = {(r["dataset"], r["law"], int(r["max_data_num"])): float(r["rmse"])
+              for r in rm if r["model"] == "ALL"}
+    for ds, law in dict.fromkeys((k[0], k[1]) for k in pooled):
+      md.append(f"| {ds} | {law} | " + " | ".join(
+          f"{pooled.get((ds, law, d), float('nan')):.4f}" for d in dmaxes) + " |")
+    md.append("")
+  return "\n".join(md), "\n".join(tex)
+
+
+# ------------------------------------------------------------- figures ---
+
+
+def draw_figures(out: pathlib.Path, curve_sets, targets) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  rows = _read_rows(out / "selection.csv")
+  cost = _read_rows(out / "cost.csv")
+  fits = _read_rows(out / "fits.csv")
+  for curves, target in zip(curve_sets, targets, strict=True):
+    ds = curves.name
+    # 1. selection vs ratio.
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, metric in zip(axes, ("PearCorr", "RelAcc"), strict=True):
+      methods = list(dict.fromkeys(r["method"] for r in rows if r["dataset"] == ds))
+      for i, m in enumerate(methods):
+        pts = sorted((int(r["ratio"]), float(r["value"])) for r in rows
+                     if r["dataset"] == ds and r["method"] == m and r["metric"] == metric)
+        if not pts:
+          continue
+        color = f"C{i % 10}"
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=color, label=m)
+        pub = [(p[0], published.published_value(ds, m, metric, p[0])) for p in pts]
+        pub = [p for p in pub if p[1] is not None]
+        if pub and target == published.TARGET_DATA_NUM:
+          ax.plot([p[0] for p in pub], [p[1] for p in pub], "x--", color=color, alpha=0.6)
+      ax.set_xscale("log", base=2)
+      ax.set_xlabel("budget ratio D*/D_max")
+      ax.set_ylabel(metric)
+      ax.set_title(f"{ds}: {metric} (solid ours, dashed published)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / f"selection_vs_ratio_{ds}.png", dpi=110)
+    plt.close(fig)
+
+    # 2. fitted and extrapolated curves for a few models at one budget.
+    dataset_fits = [r for r in fits if r["dataset"] == ds]
+    if dataset_fits:
+      dmaxes = sorted({int(r["max_data_num"]) for r in dataset_fits})
+      dmax = dmaxes[len(dmaxes) // 2]
+      truth = curves.column(target)
+      picks = list(dict.fromkeys([int(np.argmin(truth)), int(np.argmax(truth)),
+                                  int(np.argsort(truth)[len(truth) // 2]), 0]))[:4]
+      fig, axes = plt.subplots(1, len(picks), figsize=(4 * len(picks), 3.6), squeeze=False)
+      d = np.asarray(curves.data_sizes, np.float64)
+      dd = np.geomspace(d[d > 0].min(), d.max(), 200)
+      for ax, i in zip(axes[0], picks, strict=True):
+        mname = curves.models[i]
+        ax.plot(d[d > 0], curves.losses[i, d > 0], "ko", ms=3, label="observed")
+        ax.axvline(dmax, color="gray", ls=":", label="D_max")
+        for r in dataset_fits:
+          if r["model"] != mname or int(r["max_data_num"]) != dmax:
+            continue
+          p = np.array([float(x) for x in r["params"].split()])
+          if r["method"] == "AtS":
+            ax.plot(dd, np.exp(p[0] + p[1] * np.log(dd)), "--", label="AtS line")
+            ax.axvline(p[2], color="red", ls="--", lw=0.8, label="AtS transition")
+            continue
+          law = laws.get_law(LAW_OF[r["method"]])
+          if np.all(np.isfinite(p)):
+            ax.plot(dd, law.predict(p, dd), label=r["method"])
+        ax.set_xscale("log")
+        ax.set_title(mname[-28:], fontsize=8)
+        ax.set_xlabel("D")
+      axes[0][0].set_ylabel("test loss")
+      axes[0][0].legend(fontsize=6)
+      fig.suptitle(f"{ds}: fits on D <= {dmax}, extrapolated")
+      fig.tight_layout()
+      fig.savefig(out / f"curves_{ds}.png", dpi=110)
+      plt.close(fig)
+
+    # 3. Pareto plot.
+    dc = [r for r in cost if r["dataset"] == ds]
+    if dc:
+      fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+      for ax, metric in zip(axes, ("RelAcc", "PearCorr"), strict=True):
+        methods = list(dict.fromkeys(r["method"] for r in dc))
+        for i, m in enumerate(methods):
+          pts = sorted((max(float(r["relative_flops"]), 1e-4), float(r[metric]))
+                       for r in dc if r["method"] == m)
+          style = "s-" if m.startswith("Budgeted") else "o-"
+          ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=f"C{i % 10}",
+                  label=m, ms=4)
+        ax.set_xscale("log")
+        ax.set_xlabel("FLOPs / FullTuning FLOPs (0 plotted at 1e-4)")
+        ax.set_ylabel(metric)
+        ax.set_title(f"{ds}: {metric} vs compute")
+      axes[0].legend(fontsize=7)
+      fig.tight_layout()
+      fig.savefig(out / f"pareto_{ds}.png", dpi=110)
+      plt.close(fig)
+
+
+# ---------------------------------------------------------------- main ---
+
+
+def run(specs, *, data_dir, methods, ratios, output_dir, target_data_num=None, num_restarts=8,
+        max_steps=500, seed=0, budget_levels=(0.5, 1.0, 2.0, 4.0), budget_method="LensLLM",
+        budget_max_data_num=None, run_budgeted_flag=True, figures=True) -> pathlib.Path:
+  """The whole experiment (what `main` runs); returns the output directory."""
+  t0 = time.time()
+  unknown = [m for m in methods if m not in selection.METHODS]
+  if unknown:
+    raise app.UsageError(f"--methods: unknown {unknown}; known {sorted(selection.METHODS)}")
+  out = pathlib.Path(output_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  curve_sets = load_all(specs, data_dir)
+  key = jax.random.key(seed)
+  fit_options = {"max_steps": max_steps}
+  targets = []
+  for di, curves in enumerate(curve_sets):
+    target = target_of(curves, target_data_num)
+    targets.append(target)
+    logging.info("[%s] %d models, %d points, D*=%g (%s)", curves.name, len(curves.models),
+                 len(curves.data_sizes), target, curves.source)
+    budget = None
+    if run_budgeted_flag:
+      cap = budget_max_data_num or target / min(ratios)
+      budget = {"levels": [float(z) for z in budget_levels], "method": budget_method,
+                "max_data_num": cap}
+    run_dataset(curves, methods, ratios, out, target=target, key=jax.random.fold_in(key, di),
+                num_restarts=num_restarts, fit_options=fit_options, budget=budget, t0=t0)
+  md, tex = selection_tables(out)
+  (out / "selection.md").write_text(md + "\n")
+  (out / "selection.tex").write_text(tex + "\n")
+  if figures:
+    draw_figures(out, curve_sets, targets)
+  logging.info("done in %.1fs; outputs in %s", time.time() - t0, out)
+  return out
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  try:
+    levels = [float(z) for z in FLAGS.budget_levels]
+  except ValueError:
+    raise app.UsageError(f"--budget_levels: not numbers: {FLAGS.budget_levels}") from None
+  run(FLAGS.benchmark, data_dir=FLAGS.data_dir, methods=list(FLAGS.methods),
+      ratios=_parse_ratios(FLAGS.ratios), output_dir=FLAGS.output_dir,
+      target_data_num=FLAGS.target_data_num, num_restarts=FLAGS.num_restarts,
+      max_steps=FLAGS.max_steps, seed=FLAGS.seed, budget_levels=levels,
+      budget_method=FLAGS.budget_method, budget_max_data_num=FLAGS.budget_max_data_num,
+      run_budgeted_flag=FLAGS.budgeted, figures=FLAGS.figures)
+
+
+if __name__ == "__main__":
+  app.run(main)

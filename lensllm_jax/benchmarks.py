@@ -1,0 +1,344 @@
+"""Fine-tuning curve files in the public format of Lin et al. (ICML 2024).
+
+A curve file is a CSV with one row per pre-trained model:
+
+  config name, 0, 200, 400, ..., 1638400, size, family
+
+where `config name` is the model id, each integer column `D` holds the test
+loss after fine-tuning on D samples (`0` = zero-shot, no fine-tuning), `size`
+is the parameter count and `family` the model family. Any number of models
+and any subset / ordering of the integer columns is accepted as long as `0`
+is present; the D grid is returned sorted ascending.
+
+Files are found by path, or by name (`flan`, `gigaword`, `wmt19`, ...) in a
+local directory (`data_dir` argument, else `$LENSLLM_DATA_DIR`), or else
+downloaded once from the public release into a cache directory (`cache_dir`
+argument, else `$LENSLLM_CACHE_DIR`, else `~/.cache/lensllm_jax`). The URL
+template (with `{name}`) can be overridden by the `url_template` argument or
+`$LENSLLM_BENCHMARK_URL`.
+
+Every validation error is a `CurveFormatError` whose message names the file,
+the row (model name and 1-based line number) and the column.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import math
+import os
+import pathlib
+import tempfile
+import urllib.error
+import urllib.request
+
+import numpy as np
+
+__all__ = [
+  "DEFAULT_URL_TEMPLATE",
+  "CurveFormatError",
+  "CurveSet",
+  "load_curves",
+  "resolve_curve_file",
+  "write_curves",
+]
+
+DEFAULT_URL_TEMPLATE = (
+  "https://raw.githubusercontent.com/linhaowei1/Fine-tuning-Scaling-Law/main/benchmark/{name}.csv")
+
+_MODEL_COL = "config name"
+_SIZE_COL = "size"
+_FAMILY_COL = "family"
+
+
+class CurveFormatError(ValueError):
+  """A curve file is malformed; the message names file, row and column."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CurveSet:
+  """Fine-tuning curves of M models on a P-point data-size grid.
+
+  Attributes:
+    name: short name, the file stem (e.g. "flan").
+    source: path the curves were read from.
+    models: [M] model ids (the `config name` column).
+    sizes: [M] int64 parameter counts.
+    families: [M] model families.
+    data_sizes: [P] float64 number of fine-tuning samples D, ascending;
+      `data_sizes[0] == 0` is the zero-shot point.
+    losses: [M, P] float64 test losses, `losses[m, p]` = L_m(data_sizes[p]).
+  """
+  name: str
+  source: str
+  models: tuple[str, ...]
+  sizes: np.ndarray
+  families: tuple[str, ...]
+  data_sizes: np.ndarray
+  losses: np.ndarray
+
+  @property
+  def num_models(self) -> int:
+    return len(self.models)
+
+  def index(self, model: str) -> int:
+    """Row index of `model`; KeyError naming the file if absent."""
+    try:
+      return self.models.index(model)
+    except ValueError:
+      raise KeyError(f"model {model!r} not in {self.source}") from None
+
+  def column(self, data_size: float) -> np.ndarray:
+    """[M] losses at one data size D (must be on the grid)."""
+    hits = np.flatnonzero(self.data_sizes == data_size)
+    if hits.size != 1:
+      raise KeyError(f"D={data_size} not on the grid of {self.source}: "
+                     f"{self.data_sizes.tolist()}")
+    return self.losses[:, hits[0]]
+
+
+def _err(path, msg: str, *, line: int | None = None, model: str | None = None,
+         column: str | None = None) -> CurveFormatError:
+  where = [f"{path}"]
+  if line is not None:
+    where.append(f"line {line}" + (f" (model {model!r})" if model is not None else ""))
+  if column is not None:
+    where.append(f"column {column!r}")
+  return CurveFormatError(", ".join(where) + ": " + msg)
+
+
+def _parse_data_size(header: str) -> int | None:
+  """Integer D of a loss column header, or None for non-integer headers."""
+  text = header.strip()
+  if not text or not (text.isdigit()):
+    return None
+  return int(text)
+
+
+def parse_curves(text: str, *, source: str = "<string>", name: str | None = None) -> CurveSet:
+  """Parses the CSV text of a curve file (see module docstring).
+
+  Args:
+    text: the whole file content.
+    source: file name used in error messages and stored in the result.
+    name: CurveSet name; default the stem of `source`.
+
+  Returns:
+    The validated CurveSet.
+
+  Raises:
+    CurveFormatError: naming file, line / model and column of the first problem.
+  """
+  rows = list(csv.reader(io.StringIO(text)))
+  # Drop fully blank lines (e.g. a trailing newline) but keep line numbers.
+  numbered = [(i + 1, r) for i, r in enumerate(rows) if any(c.strip() for c in r)]
+  if not numbered:
+    raise _err(source, "empty file (no header row)")
+  header_line, header = numbered[0]
+  header = [h.strip() for h in header]
+  # The index column is sometimes written with an empty header (pandas default).
+  if header and header[0] == "" and _MODEL_COL not in header:
+    header[0] = _MODEL_COL
+  seen = {}
+  for j, h in enumerate(header):
+    if h in seen:
+      raise _err(source, f"duplicate column header (also column {seen[h] + 1})",
+                 line=header_line, column=h)
+    seen[h] = j
+  for required in (_MODEL_COL, _SIZE_COL, "0"):
+    if required not in seen:
+      what = {"0": "zero-shot loss column '0'", _SIZE_COL: "parameter-count column 'size'",
+              _MODEL_COL: "model id column 'config name'"}[required]
+      raise _err(source, f"missing {what}; header is {header}", line=header_line,
+                 column=required)
+  loss_cols = []  # (D, column index, header)
+  for j, h in enumerate(header):
+    d = _parse_data_size(h)
+    if d is not None:
+      loss_cols.append((d, j, h))
+    elif h not in (_MODEL_COL, _SIZE_COL, _FAMILY_COL):
+      raise _err(source, "unknown column (expected 'config name', integer data sizes, "
+                 "'size', 'family')", line=header_line, column=h)
+  loss_cols.sort()
+  has_family = _FAMILY_COL in seen
+
+  models, sizes, families, losses = [], [], [], []
+  model_line = {}
+  for line, row in numbered[1:]:
+    if len(row) != len(header):
+      raise _err(source, f"has {len(row)} fields, header has {len(header)}", line=line,
+                 model=row[0].strip() if row else None)
+    model = row[seen[_MODEL_COL]].strip()
+    if not model:
+      raise _err(source, "empty model id", line=line, column=_MODEL_COL)
+    if model in model_line:
+      raise _err(source, f"duplicate model name (first on line {model_line[model]})",
+                 line=line, model=model, column=_MODEL_COL)
+    model_line[model] = line
+    values = []
+    for _, j, h in loss_cols:
+      cell = row[j].strip()
+      if not cell:
+        raise _err(source, "empty loss value", line=line, model=model, column=h)
+      try:
+        v = float(cell)
+      except ValueError:
+        raise _err(source, f"non-numeric loss {cell!r}", line=line, model=model,
+                   column=h) from None
+      if math.isnan(v) or math.isinf(v):
+        raise _err(source, f"non-finite loss {cell!r}", line=line, model=model, column=h)
+      if v <= 0:
+        raise _err(source, f"non-positive loss {cell!r} (losses must be > 0)", line=line,
+                   model=model, column=h)
+      values.append(v)
+    cell = row[seen[_SIZE_COL]].strip()
+    try:
+      size_f = float(cell)
+    except ValueError:
+      raise _err(source, f"non-numeric size {cell!r}", line=line, model=model,
+                 column=_SIZE_COL) from None
+    if not math.isfinite(size_f) or size_f <= 0 or size_f != round(size_f):
+      raise _err(source, f"size must be a positive integer, got {cell!r}", line=line,
+                 model=model, column=_SIZE_COL)
+    models.append(model)
+    sizes.append(int(round(size_f)))
+    families.append(row[seen[_FAMILY_COL]].strip() if has_family else "")
+    losses.append(values)
+  if not models:
+    raise _err(source, "no model rows after the header")
+  return CurveSet(
+    name=name if name is not None else pathlib.Path(source).stem,
+    source=str(source),
+    models=tuple(models),
+    sizes=np.asarray(sizes, dtype=np.int64),
+    families=tuple(families),
+    data_sizes=np.asarray([d for d, _, _ in loss_cols], dtype=np.float64),
+    losses=np.asarray(losses, dtype=np.float64).reshape(len(models), len(loss_cols)),
+  )
+
+
+def _download(url: str, dest: pathlib.Path, timeout: float) -> None:
+  """Downloads `url` to `dest` atomically (temporary file + rename)."""
+  dest.parent.mkdir(parents=True, exist_ok=True)
+  try:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+      payload = resp.read()
+  except (urllib.error.URLError, OSError, ValueError) as e:
+    raise OSError(f"could not download curve file from {url}: {e}. Pass a local path, "
+                  "or set data_dir / $LENSLLM_DATA_DIR to a directory holding it.") from e
+  # Validate before caching so a broken download never poisons the cache.
+  parse_curves(payload.decode("utf-8"), source=url, name=dest.stem)
+  fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(payload)
+    os.replace(tmp, dest)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def resolve_curve_file(spec: str | os.PathLike, *, data_dir: str | None = None,
+                       cache_dir: str | None = None, url_template: str | None = None,
+                       timeout: float = 60.0) -> pathlib.Path:
+  """Local path of a curve file given a path or a benchmark name.
+
+  Order: an existing path (or anything with a directory part / `.csv`
+  suffix, which must exist); `data_dir` (else `$LENSLLM_DATA_DIR`)/NAME.csv;
+  the cache `cache_dir` (else `$LENSLLM_CACHE_DIR`, else
+  `~/.cache/lensllm_jax`)/NAME.csv; finally a download from `url_template`
+  (else `$LENSLLM_BENCHMARK_URL`, else the public release) into the cache.
+  """
+  spec_str = os.fspath(spec)
+  path = pathlib.Path(spec_str).expanduser()
+  if path.exists():
+    return path
+  if path.suffix == ".csv" or os.sep in spec_str or "/" in spec_str:
+    raise FileNotFoundError(f"curve file {spec_str} does not exist")
+  name = spec_str
+  data_dir = data_dir if data_dir is not None else os.environ.get("LENSLLM_DATA_DIR")
+  if data_dir:
+    local = pathlib.Path(data_dir).expanduser() / f"{name}.csv"
+    if local.exists():
+      return local
+    raise FileNotFoundError(f"benchmark {name!r} not found: {local} does not exist "
+                            "(data_dir / $LENSLLM_DATA_DIR)")
+  cache_dir = (cache_dir if cache_dir is not None else
+               os.environ.get("LENSLLM_CACHE_DIR") or "~/.cache/lensllm_jax")
+  cached = pathlib.Path(cache_dir).expanduser() / f"{name}.csv"
+  if cached.exists():
+    return cached
+  template = (url_template if url_template is not None else
+              os.environ.get("LENSLLM_BENCHMARK_URL") or DEFAULT_URL_TEMPLATE)
+  _download(template.format(name=name), cached, timeout)
+  return cached
+
+
+def load_curves(spec: str | os.PathLike, *, data_dir: str | None = None,
+                cache_dir: str | None = None, url_template: str | None = None,
+                timeout: float = 60.0) -> CurveSet:
+  """Loads and validates a curve file given by path or benchmark name.
+
+  Args:
+    spec: a path to a CSV, or a name such as "flan", "gigaword", "wmt19".
+    data_dir: directory holding NAME.csv (default `$LENSLLM_DATA_DIR`).
+    cache_dir: download cache (default `$LENSLLM_CACHE_DIR` or
+      `~/.cache/lensllm_jax`); a name is downloaded at most once.
+    url_template: download URL with `{name}` (default
+      `$LENSLLM_BENCHMARK_URL` or `DEFAULT_URL_TEMPLATE`).
+    timeout: download timeout in seconds.
+
+  Returns:
+    CurveSet with data_sizes [P] ascending (data_sizes[0] == 0) and losses [M, P].
+
+  Raises:
+    CurveFormatError: invalid content (names file, row, column).
+    FileNotFoundError / OSError: missing file or failed download (names the URL).
+  """
+  path = resolve_curve_file(spec, data_dir=data_dir, cache_dir=cache_dir,
+                            url_template=url_template, timeout=timeout)
+  try:
+    text = path.read_text(encoding="utf-8")
+  except UnicodeDecodeError as e:
+    raise _err(path, f"not UTF-8 text ({e})") from None
+  return parse_curves(text, source=str(path), name=path.stem)
+
+
+def _format_float(v: float) -> str:
+  return repr(float(v))  # shortest round-tripping representation
+
+
+def write_curves(curves: CurveSet, path: str | os.PathLike) -> None:
+  """Writes `curves` in the public CSV format (round-trips through load_curves).
+
+  Columns: `config name`, one per data size (integer header), `size`,
+  `family`. The write is atomic (temporary file + rename).
+  """
+  path = pathlib.Path(path)
+  losses = np.asarray(curves.losses, dtype=np.float64)
+  if losses.shape != (len(curves.models), len(curves.data_sizes)):
+    raise ValueError(f"losses shape {losses.shape} != [models {len(curves.models)}, "
+                     f"data sizes {len(curves.data_sizes)}]")
+  headers = []
+  for d in curves.data_sizes:
+    if d < 0 or d != round(d):
+      raise ValueError(f"data size {d} is not a non-negative integer")
+    headers.append(str(int(round(d))))
+  buf = io.StringIO()
+  writer = csv.writer(buf, lineterminator="\n")
+  writer.writerow([_MODEL_COL, *headers, _SIZE_COL, _FAMILY_COL])
+  for m, model in enumerate(curves.models):
+    writer.writerow([model, *(_format_float(v) for v in losses[m]),
+                     str(int(curves.sizes[m])), curves.families[m]])
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      f.write(buf.getvalue())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise

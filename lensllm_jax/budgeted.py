@@ -1,0 +1,294 @@
+"""Compute cost accounting and budgeted selection with early stopping.
+
+Cost (DESIGN.md sec. 6). Fine-tuning a model with N parameters on D samples
+of T tokens costs about 6 N D T FLOPs. T is the same for all (model, D)
+pairs of a dataset, so it cancels in every ratio we report; we charge
+6 N D per (model, D) pair read (the zero-shot point D = 0 is free) and
+report FLOPs per token together with the ratio to FullTuning (every model
+fine-tuned on D*: sum_m 6 N_m D*).
+
+Budgeted selection (the LensLLM efficiency claim). All models start at the
+zero-shot point. Step s reveals, for every still-active model, the loss at
+D_s = 200 * 2^s (paying 6 N D_s), refits the law on each model's revealed
+points and computes a Gaussian (Laplace / delta-method) uncertainty of the
+predicted log L(D*):
+
+    Sigma = s^2 (J^T J + lam I)^-1,    sd_m = sqrt(g_m^T Sigma_m g_m),
+
+with J [n, K] the Jacobian of the log-loss residuals w.r.t. the raw
+parameters at the fit, g = d log L(D*) / d raw, lam a tiny ridge
+(1e-9 tr(J^T J) / K, so unidentified directions give a huge -- i.e.
+conservative -- sd instead of an error), and s^2 the residual variance
+pooled over the models of the run, sum RSS / sum (n - K) (one shared noise
+level on log L: all models are evaluated on the same test set, and single
+curves with n close to K would give degenerate estimates). The first-order
+delta method is invariant to the parametrisation. Once each model has at
+least `min_points` revealed D > 0 points (default K = 4, the number of law
+parameters, so that n - K > 0 with the zero-shot point), an active model m
+is stopped when it is confidently worse than the best active one:
+
+    log L_m - z sd_m > min_j (log L_j + z sd_j)     (j active),
+
+z the confidence level (one-sided normal quantile). The procedure ends when
+one model is left or D_s reaches `max_data_num`. Final ranking: surviving
+models by predicted L(D*), then stopped models by their last prediction.
+
+The simulation is exact on public curves: a `CurveOracle` holds the curves
+privately and releases a loss only when it is paid for; the procedure sees
+`VisibleCurves` views of the paid points only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lensllm_jax import selection
+
+FLOPS_PER_PARAM_SAMPLE = 6.0
+
+
+def pair_flops(sizes, data_sizes) -> np.ndarray:
+  """[M, P] cost 6 N D of fine-tuning each model on each data size (per token)."""
+  return FLOPS_PER_PARAM_SAMPLE * np.outer(np.asarray(sizes, np.float64),
+                                           np.asarray(data_sizes, np.float64))
+
+
+def full_tuning_flops(sizes, target_data_num: float) -> float:
+  """Cost of FullTuning: every model fine-tuned on D* (per token)."""
+  return float(pair_flops(sizes, [target_data_num]).sum())
+
+
+def method_flops(method: str, sizes, data_sizes, max_data_num: float) -> float:
+  """Cost of a fixed-budget method that reads the points `METHOD_READS[method]` names.
+
+  Args:
+    method: a name in `selection.METHOD_READS`.
+    sizes: [M] parameter counts.
+    data_sizes: [P] the D grid of the curve file.
+    max_data_num: the budget D_max.
+  """
+  reads = selection.METHOD_READS.get(method)
+  if reads is None:
+    raise ValueError(f"no cost rule for method {method!r}; known: {sorted(selection.METHOD_READS)}")
+  d = np.asarray(data_sizes, np.float64)
+  d = d[(d > 0) & (d <= max_data_num)]  # D = 0 is free
+  if reads in ("none", "zero") or d.size == 0:
+    return 0.0
+  if reads == "last":
+    d = d[-1:]
+  return float(pair_flops(sizes, d).sum())
+
+
+class CurveOracle:
+  """Releases fine-tuning losses only when paid for (exact simulation).
+
+  The full CurveSet is held privately; `view()` builds a VisibleCurves of the
+  paid points only (unpaid entries are NaN copies, never the true values).
+  """
+
+  def __init__(self, curves):
+    self._curves = curves
+    self._flops = pair_flops(curves.sizes, curves.data_sizes)
+    self.revealed = np.zeros(np.shape(curves.losses), bool)
+    self.revealed[:, np.asarray(curves.data_sizes) == 0] = True  # zero-shot is free
+    self.flops = 0.0
+
+  @property
+  def data_sizes(self) -> np.ndarray:
+    return np.asarray(self._curves.data_sizes, np.float64)
+
+  def reveal(self, models, data_size: float) -> None:
+    """Pays 6 N D for each listed model at `data_size` (once per pair)."""
+    cols = np.flatnonzero(self.data_sizes == data_size)
+    if cols.size != 1:
+      raise KeyError(f"D={data_size} is not on the grid {self.data_sizes.tolist()}")
+    models = np.asarray(models, int)
+    new = models[~self.revealed[models, cols[0]]]
+    self.flops += float(self._flops[new, cols[0]].sum())
+    self.revealed[new, cols[0]] = True
+
+  def view(self, max_data_num: float) -> selection.VisibleCurves:
+    keep = self.data_sizes <= max_data_num
+    revealed = np.where(keep[None, :], self.revealed, False)
+    return selection.visible_view(self._curves, max_data_num, revealed)
+
+
+def laplace_log_sd(law, raw_params, data_sizes, mask, log_loss, target_data_num: float,
+                   *, aux=None, pool: np.ndarray | None = None) -> np.ndarray:
+  """Delta-method sd of the predicted log L(D*) per curve (float64).
+
+  Args:
+    law: the fitted `laws.Law` (squared-error objective).
+    raw_params: [C, K] fitted raw parameters.
+    data_sizes: [P] data sizes of the columns.
+    mask: [C, P] bool, points used by the fit.
+    log_loss: [C, P] observed log L (ignored where mask is False).
+    target_data_num: D*.
+    aux: per-curve aux with leading axis [C] (NTK mode) or None.
+    pool: optional [C] int group ids; s^2 is pooled within each group
+      (default: one group).
+
+  Returns:
+    [C] sd of log L(D*) (inf where not estimable, e.g. n <= K for the pool).
+  """
+  raw = np.asarray(raw_params, np.float64)
+  c, k = raw.shape
+  mask = np.asarray(mask, bool)
+  with jax.enable_x64(True):
+    d = jnp.asarray(np.asarray(data_sizes, np.float64))
+    dstar = jnp.asarray([float(target_data_num)])
+
+    def one(theta, a):
+      jac = jax.jacfwd(lambda t: law.log_loss(t, d, a))(theta)        # [P, K]
+      grad = jax.jacfwd(lambda t: law.log_loss(t, dstar, a)[0])(theta)  # [K]
+      return law.log_loss(theta, d, a), jac, grad
+
+    safe = np.where(np.isfinite(raw), raw, 0.0)
+    pred, jac, grad = jax.vmap(one, in_axes=(0, 0 if aux is not None else None))(
+        jnp.asarray(safe), aux)
+    pred, jac, grad = (np.asarray(x) for x in (pred, jac, grad))
+  y = np.where(mask, np.asarray(log_loss, np.float64), 0.0)
+  resid = np.where(mask, pred - y, 0.0)
+  rss = (resid ** 2).sum(1)
+  n = mask.sum(1)
+  groups = np.zeros(c, int) if pool is None else np.asarray(pool, int)
+  s2 = np.full(c, np.inf)
+  for g in np.unique(groups):
+    sel = groups == g
+    dof = np.maximum(n[sel] - k, 0).sum()
+    if dof > 0:
+      s2[sel] = rss[sel].sum() / dof
+  jac = np.where(mask[:, :, None], jac, 0.0)
+  jtj = np.einsum("cpk,cpl->ckl", jac, jac)
+  lam = 1e-9 * np.trace(jtj, axis1=1, axis2=2) / k + 1e-300
+  sd = np.full(c, np.inf)
+  for i in range(c):
+    if not (np.all(np.isfinite(raw[i])) and np.isfinite(s2[i])):
+      continue
+    sol = np.linalg.solve(jtj[i] + lam[i] * np.eye(k), grad[i])
+    sd[i] = np.sqrt(max(s2[i] * float(grad[i] @ sol), 0.0))
+  return sd
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class BudgetedResult:
+  """Outcome of one budgeted run.
+
+  Attributes:
+    z: confidence level (normal quantile) of the stopping rule.
+    selection: SelectionResult (feature = last predicted L(D*) [M]).
+    flops: total FLOPs per token paid.
+    revealed: [M, P] bool points paid for (over the file's grid).
+    stopped_at: [M] D of the last point revealed for each model.
+    history: per step dict(data_size, active [M] bool, log_pred [M], sd [M]).
+  """
+  z: float
+  selection: selection.SelectionResult
+  flops: float
+  revealed: np.ndarray
+  stopped_at: np.ndarray
+  history: tuple
+
+
+def budgeted_selection(curves, levels: Sequence[float], *, key: jax.Array,
+                       method: str = "LensLLM", max_data_num: float = 204800,
+                       min_points: int | None = None, num_restarts: int = 8,
+                       fit_options=None, min_curves: int = 0,
+                       target_data_num: float = selection.TARGET_DATA_NUM,
+                       progress=None) -> list[BudgetedResult]:
+  """Runs the early-stopping procedure for several confidence levels in lockstep.
+
+  Each level has its own `CurveOracle` (its own paid points); at every step
+  the fits of all levels are batched into one `fit_curves` call.
+
+  Args:
+    curves: a CurveSet (only the oracles read it).
+    levels: confidence levels z (normal quantiles), e.g. (0.5, 1, 2, 4).
+    key: PRNG key; step s uses fold_in(key, s).
+    method: fitted method whose law is used (LensLLM, RectifiedFit; squared loss).
+    max_data_num: largest D that may be paid for.
+    min_points: D > 0 points needed before stopping anyone (default K).
+    num_restarts, fit_options: passed to the fits.
+    min_curves: pad the fit batch to this many curves (compile reuse).
+    target_data_num: D*.
+    progress: optional callable(str) for log lines.
+
+  Returns:
+    One BudgetedResult per level.
+  """
+  meta = selection.metadata_of(curves, target_data_num)
+  grid = np.asarray(curves.data_sizes, np.float64)
+  steps = grid[(grid > 0) & (grid <= max_data_num)]
+  if steps.size == 0:
+    raise ValueError(f"no D in (0, {max_data_num}] in {curves.source}")
+  m = len(curves.models)
+  levels = [float(z) for z in levels]
+  oracles = [CurveOracle(curves) for _ in levels]
+  active = [np.ones(m, bool) for _ in levels]
+  done = [False for _ in levels]
+  last = [None for _ in levels]
+  histories = [[] for _ in levels]
+  stopped_at = [np.zeros(m) for _ in levels]
+  for s, d_s in enumerate(steps):
+    running = [i for i in range(len(levels)) if not done[i]]
+    if not running:
+      break
+    for i in running:
+      oracles[i].reveal(np.flatnonzero(active[i]), d_s)
+      stopped_at[i][active[i]] = d_s
+    views = [oracles[i].view(d_s) for i in running]
+    results = selection.run_fitted_batch(method, views, meta, key=jax.random.fold_in(key, s),
+                                         num_restarts=num_restarts, fit_options=fit_options,
+                                         min_curves=min_curves)
+    law = results[0].extras["law"]
+    k = law.num_params
+    need = k if min_points is None else min_points
+    raw = np.concatenate([r.extras["raw_params"] for r in results])
+    mask = np.concatenate([r.extras["mask"] for r in results])
+    ylog = np.concatenate([np.log(np.where(v.mask, v.losses, 1.0)) for v in views])
+    pool = np.repeat(np.arange(len(running)), m)
+    sd_all = laplace_log_sd(law, raw, views[0].data_sizes, mask, ylog, target_data_num,
+                            pool=pool)
+    for j, i in enumerate(running):
+      r = results[j]
+      logp = np.log(np.where(np.isfinite(r.predicted), r.predicted, np.inf))
+      sd = sd_all[j * m:(j + 1) * m]
+      prev = last[i]
+      # Stopped models keep their last prediction.
+      if prev is not None:
+        logp = np.where(active[i], logp, prev[0])
+        sd = np.where(active[i], sd, prev[1])
+      last[i] = (logp, sd)
+      histories[i].append({"data_size": float(d_s), "active": active[i].copy(),
+                           "log_pred": logp.copy(), "sd": sd.copy()})
+      if s + 1 >= need:
+        z = levels[i]
+        upper = np.where(active[i], logp + z * sd, np.inf)
+        lower = logp - z * sd
+        bar = np.nanmin(upper)
+        active[i] = active[i] & ~(lower > bar)
+      if active[i].sum() <= 1:
+        done[i] = True
+    if progress is not None:
+      progress(f"D={int(d_s)}: active per level " +
+               ", ".join(f"z={levels[i]:g}:{int(active[i].sum())}" for i in range(len(levels))))
+  out = []
+  for i, z in enumerate(levels):
+    logp, _ = last[i]
+    # Survivors first (by prediction), then stopped models (by prediction).
+    key_sort = np.where(np.isfinite(logp), logp, np.inf)
+    order = np.lexsort((key_sort, ~active[i]))
+    pred = np.exp(logp)
+    res = selection.SelectionResult(
+        f"Budgeted({method}, z={z:g})", pred, order, predicted=pred,
+        status=tuple("active" if a else "stopped" for a in active[i]),
+        extras={"active": active[i].copy()})
+    out.append(BudgetedResult(z=z, selection=res, flops=oracles[i].flops,
+                              revealed=oracles[i].revealed.copy(),
+                              stopped_at=stopped_at[i].copy(), history=tuple(histories[i])))
+  return out

@@ -1,0 +1,359 @@
+"""Batched fitting of fine-tuning laws: one jit-compiled L-BFGS loop for all curves.
+
+`fit_curves` fits a `laws.Law` to C curves with R restarts each. Every
+(curve, restart) pair runs the same optax L-BFGS loop (zoom line search,
+`optax.lbfgs`) inside a `jax.lax.while_loop`; the loop is `jax.vmap`-ed over
+restarts and curves and compiled once per (law, settings, shapes). All
+arithmetic is float64 (`jax.enable_x64` is switched on inside the call, so
+callers need no global config).
+
+Stopping rule per (curve, restart), checked after every L-BFGS step:
+  * "converged": ||grad||_inf <= gtol, or the objective changed by at most
+    ftol * max(|f|, f_scale) for `patience` consecutive steps;
+  * "max_steps": max_steps steps done without converging;
+  * "nonfinite": the objective or parameters became NaN / inf (the restart is
+    discarded).
+Per curve, the finite restart with the lowest objective is returned; a
+curve with no finite restart gets status "nonfinite", objective +inf and NaN
+parameters (never silently), and a curve with no valid point gets "no_data".
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lensllm_jax import laws as laws_lib
+
+__all__ = ["FitResult", "fit_curves", "STATUS_NAMES"]
+
+STATUS_NAMES = ("converged", "max_steps", "nonfinite", "no_data")
+_CONVERGED, _MAX_STEPS, _NONFINITE, _NO_DATA = range(4)
+_RUNNING = -1
+
+
+class FitResult(NamedTuple):
+  """Per-curve fit results (numpy, C curves, K parameters, R restarts).
+
+  Attributes:
+    law_name: name of the fitted law.
+    param_names: [K] names, the raw parameter order.
+    raw_params: [C, K] best unconstrained parameters (NaN if status "nonfinite").
+    params: dict name -> [C] constrained parameters.
+    objective: [C] objective at raw_params (+inf if no finite restart).
+    converged: [C] bool, status == "converged".
+    status: [C] str, one of STATUS_NAMES.
+    num_steps: [C] L-BFGS steps of the best restart.
+    grad_norm: [C] ||grad||_inf at raw_params.
+    best_restart: [C] index of the chosen restart.
+    restart_objectives: [C, R] final objective of every restart (+inf if discarded).
+    restart_status: [C, R] str status of every restart.
+    num_points: [C] number of points the objective used.
+  """
+  law_name: str
+  param_names: tuple[str, ...]
+  raw_params: np.ndarray
+  params: dict
+  objective: np.ndarray
+  converged: np.ndarray
+  status: np.ndarray
+  num_steps: np.ndarray
+  grad_norm: np.ndarray
+  best_restart: np.ndarray
+  restart_objectives: np.ndarray
+  restart_status: np.ndarray
+  num_points: np.ndarray
+
+  def curve_params(self, c: int) -> dict:
+    """dict name -> float of curve c."""
+    return {k: float(v[c]) for k, v in self.params.items()}
+
+
+class _LoopState(NamedTuple):
+  params: jax.Array        # [K]
+  opt_state: Any
+  value: jax.Array         # scalar, objective at params
+  grad: jax.Array          # [K]
+  step: jax.Array          # int
+  stall: jax.Array         # int, consecutive steps with tiny relative change
+  reason: jax.Array        # int, _RUNNING until stopped
+
+
+class DampedNewtonState(NamedTuple):
+  damping: jax.Array  # scalar, Levenberg-Marquardt damping mu
+
+
+def scale_by_damped_newton(init_damping: float = 1e-3, min_damping: float = 1e-15,
+                           max_damping: float = 1e15) -> optax.GradientTransformationExtraArgs:
+  """Damped (Levenberg-Marquardt / trust-region) Newton step as an optax transformation.
+
+  For the small, dense problems here (K <= ~8 parameters) the exact Hessian H
+  is cheap. With H = V diag(lambda) V^T, the step is
+      s = -V diag(1 / (|lambda| + mu)) V^T g,
+  which is a descent direction even where H is indefinite. The step is
+  accepted when the actual decrease is positive; mu adapts to the ratio rho of
+  actual to model-predicted decrease (rho > 0.75: mu / 3; rho < 0.25: mu * 4).
+  A rejected step returns zero updates. Needs the extra args `value` and
+  `value_fn` (like optax's line searches).
+  """
+
+  def init_fn(params):
+    return DampedNewtonState(jnp.asarray(init_damping, dtype=jnp.result_type(params)))
+
+  def update_fn(updates, state, params, *, value, value_fn, **extra):
+    del extra
+    grad = updates
+    hess = jax.hessian(value_fn)(params)
+    hess = 0.5 * (hess + hess.T)
+    lam, vec = jnp.linalg.eigh(hess)
+    mu = state.damping * (1.0 + jnp.max(jnp.abs(lam)))
+    coef = (vec.T @ grad) / (jnp.abs(lam) + mu)
+    step = -vec @ coef
+    predicted = jnp.sum(coef * (vec.T @ grad)) - 0.5 * jnp.sum(coef ** 2 * lam)
+    new_value = value_fn(params + step)
+    actual = value - new_value
+    rho = actual / jnp.maximum(predicted, 1e-300)
+    ok = jnp.isfinite(new_value) & (actual > 0) & jnp.all(jnp.isfinite(step))
+    damping = jnp.where(ok & (rho > 0.75), state.damping / 3.0,
+                        jnp.where(ok & (rho > 0.25), state.damping, state.damping * 4.0))
+    damping = jnp.clip(damping, min_damping, max_damping)
+    return jnp.where(ok, step, jnp.zeros_like(step)), DampedNewtonState(damping)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class GaussNewtonState(NamedTuple):
+  damping: jax.Array  # scalar, Levenberg-Marquardt damping mu
+
+
+def scale_by_gauss_newton(init_damping: float = 1e-3, min_damping: float = 1e-15,
+                          max_damping: float = 1e15) -> optax.GradientTransformationExtraArgs:
+  """Levenberg-Marquardt step for a mean-of-squares objective, as an optax transformation.
+
+  For f(w) = sum_p r_p(w)^2 / n with residual Jacobian J [P, K], the
+  Gauss-Newton matrix is G = 2 J^T J / n and the step solves
+      (G + mu (diag(G) + eps)) s = -g,    g = 2 J^T r / n
+  by Cholesky (G + damping is positive definite). Acceptance and the mu
+  schedule are those of `scale_by_damped_newton`. Needs the extra args
+  `value`, `value_fn` and `residual_fn` (params -> r [P]).
+  """
+
+  def init_fn(params):
+    return GaussNewtonState(jnp.asarray(init_damping, dtype=jnp.result_type(params)))
+
+  def update_fn(updates, state, params, *, value, value_fn, residual_fn, **extra):
+    del extra
+    del updates  # the step uses J and r directly
+    jac = jax.jacfwd(residual_fn)(params)
+    gn = jac.T @ jac
+    scale = jnp.maximum(jnp.trace(gn), 1e-300) / gn.shape[0]
+    # Scale-invariant damping: mu (diag(G) + 1e-12 tr(G)/K).
+    damp = state.damping * (jnp.diag(gn) + 1e-12 * scale)
+    # g = 2 J^T r / n, G = 2 J^T J / n: solve with the 2/n factored out.
+    r = residual_fn(params)
+    rhs = -(jac.T @ r)
+    chol = jnp.linalg.cholesky(gn + jnp.diag(damp))
+    step = jax.scipy.linalg.cho_solve((chol, True), rhs)
+    predicted_half = -(rhs @ step) - 0.5 * step @ (gn @ step)  # model decrease of |r|^2 / 2
+    new_value = value_fn(params + step)
+    actual = value - new_value
+    predicted = predicted_half * value / jnp.maximum(0.5 * (r @ r), 1e-300)
+    rho = actual / jnp.maximum(predicted, 1e-300)
+    ok = jnp.isfinite(new_value) & (actual > 0) & jnp.all(jnp.isfinite(step))
+    damping = jnp.where(ok & (rho > 0.75), state.damping / 3.0,
+                        jnp.where(ok & (rho > 0.25), state.damping, state.damping * 4.0))
+    damping = jnp.clip(damping, min_damping, max_damping)
+    return jnp.where(ok, step, jnp.zeros_like(step)), GaussNewtonState(damping)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _make_optimizer(name: str, memory_size: int):
+  if name == "newton":
+    return scale_by_damped_newton()
+  if name == "gauss_newton":
+    return scale_by_gauss_newton()
+  if name == "lbfgs":
+    return optax.lbfgs(memory_size=memory_size)
+  raise ValueError(f"unknown optimizer {name!r}; expected 'auto', 'gauss_newton', "
+                   "'newton' or 'lbfgs'")
+
+
+def _run_one(law, optimizer, max_steps, gtol, ftol, f_scale, patience,
+             raw0, data_size, log_loss, mask, aux):
+  """Optimises from raw0 [K] on one curve; returns (raw, value, grad_inf, steps, reason)."""
+
+  def fun(raw):
+    return law.objective(raw, data_size, log_loss, mask, aux)
+
+  def residual_fn(raw):
+    return law.residuals(raw, data_size, log_loss, mask, aux)
+
+  value_and_grad = jax.value_and_grad(fun)
+  v0, g0 = value_and_grad(raw0)
+  ok0 = jnp.isfinite(v0) & jnp.all(jnp.isfinite(g0))
+  reason0 = jnp.where(ok0, jnp.where(jnp.max(jnp.abs(g0)) <= gtol, _CONVERGED, _RUNNING),
+                      _NONFINITE)
+  state0 = _LoopState(raw0, optimizer.init(raw0), v0, g0, jnp.array(0), jnp.array(0),
+                      jnp.asarray(reason0))
+
+  def cond(s):
+    return s.reason == _RUNNING
+
+  def body(s):
+    updates, opt_state = optimizer.update(s.grad, s.opt_state, s.params, value=s.value,
+                                          grad=s.grad, value_fn=fun,
+                                          residual_fn=residual_fn)
+    params = optax.apply_updates(s.params, updates)
+    new_value, new_grad = value_and_grad(params)
+    step = s.step + 1
+    finite = (jnp.isfinite(new_value) & jnp.all(jnp.isfinite(new_grad))
+              & jnp.all(jnp.isfinite(params)))
+    small = jnp.abs(s.value - new_value) <= ftol * jnp.maximum(
+      jnp.maximum(jnp.abs(new_value), jnp.abs(s.value)), f_scale)
+    stall = jnp.where(small, s.stall + 1, 0)
+    reason = jnp.where(
+      ~finite, _NONFINITE,
+      jnp.where((jnp.max(jnp.abs(new_grad)) <= gtol) | (stall >= patience), _CONVERGED,
+                jnp.where(step >= max_steps, _MAX_STEPS, _RUNNING)))
+    return _LoopState(params, opt_state, new_value, new_grad, step, stall, reason)
+
+  s = jax.lax.while_loop(cond, body, state0)
+  return s.params, s.value, jnp.max(jnp.abs(s.grad)), s.step, s.reason
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_fit(law, optimizer_name, max_steps, gtol, ftol, f_scale, patience, memory_size,
+                  has_aux):
+  """jit(vmap_curves(vmap_restarts(_run_one))), cached per law and settings."""
+  optimizer = _make_optimizer(optimizer_name, memory_size)
+  one = functools.partial(_run_one, law, optimizer, max_steps, gtol, ftol, f_scale, patience)
+  aux_axis = 0 if has_aux else None
+  over_restarts = jax.vmap(one, in_axes=(0, None, None, None, None))
+  over_curves = jax.vmap(over_restarts, in_axes=(0, 0, 0, 0, aux_axis))
+  return jax.jit(over_curves)
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_init(law, num_restarts, has_aux):
+  aux_axis = 0 if has_aux else None
+  fn = jax.vmap(lambda k, d, y, m, a: law.init(k, d, y, m, num_restarts, a),
+                in_axes=(0, 0, 0, 0, aux_axis))
+  return jax.jit(fn)
+
+
+def fit_curves(law: laws_lib.Law, data_size, log_loss, mask=None, *, key: jax.Array,
+               num_restarts: int = 8, aux: Any = None, init_raw=None,
+               optimizer: str = "auto", max_steps: int = 500, gtol: float = 1e-10,
+               ftol: float = 1e-13, f_scale: float = 1e-12, patience: int = 10,
+               memory_size: int = 10) -> FitResult:
+  """Fits `law` to C curves at once (float64), best of R restarts per curve.
+
+  Minimises law.objective (mean squared log-loss error, or summed Huber for
+  the vanilla law) over the law's raw parameters with L-BFGS.
+
+  Args:
+    law: a `laws.Law` (e.g. `laws.rectified_law()`).
+    data_size: [C, P] or [P] (shared grid) numbers of fine-tuning samples D.
+    log_loss: [C, P] observed log L.
+    mask: [C, P] bool, True where a point is used (default: all). Points where
+      the law is undefined (D <= 0 for vanilla) are dropped automatically, and
+      masked points may hold any value (NaN included).
+    key: PRNG key for the random restarts.
+    num_restarts: R >= 1 restarts per curve (restart 0 is the law's
+      deterministic, published-style start).
+    aux: per-curve pytree with leading axis [C] passed to the law (NTK mode).
+    init_raw: optional [C, R, K] starting points replacing the law's initialiser.
+    max_steps: L-BFGS step limit per restart.
+    gtol: gradient tolerance on ||grad||_inf.
+    ftol, f_scale, patience: stop when |f_k - f_{k-1}| <= ftol * max(|f|, f_scale)
+      for `patience` consecutive steps.
+    memory_size: L-BFGS memory.
+
+  Returns:
+    FitResult with numpy arrays per curve.
+  """
+  with jax.enable_x64(True):
+    y = np.asarray(log_loss, dtype=np.float64)
+    if y.ndim != 2:
+      raise ValueError(f"log_loss must be [curves, points], got shape {y.shape}")
+    c, p = y.shape
+    d = np.asarray(data_size, dtype=np.float64)
+    if d.ndim == 1:
+      d = np.broadcast_to(d, (c, p))
+    if d.shape != (c, p):
+      raise ValueError(f"data_size shape {np.shape(data_size)} does not match log_loss {y.shape}")
+    m = np.ones((c, p), bool) if mask is None else np.asarray(mask, dtype=bool)
+    if m.shape != (c, p):
+      raise ValueError(f"mask shape {m.shape} does not match log_loss {y.shape}")
+    if num_restarts < 1:
+      raise ValueError(f"num_restarts must be >= 1, got {num_restarts}")
+    if law.uses_aux and aux is None:
+      raise ValueError(f"law {law.name!r} with an f_term needs aux= (per-curve pytree)")
+    valid = m & np.asarray(law.valid_data_size(d)) & np.isfinite(d)
+    num_points = valid.sum(axis=1)
+    # Masked entries may be NaN; replace them so no NaN enters any gradient.
+    d_in = np.where(valid, d, 1.0)
+    y_in = np.where(valid, y, 0.0)
+    has_aux = aux is not None
+    aux_in = jax.tree.map(lambda a: jnp.asarray(a), aux) if has_aux else None
+    if has_aux:
+      for leaf in jax.tree.leaves(aux_in):
+        if leaf.ndim == 0 or leaf.shape[0] != c:
+          raise ValueError(f"aux leaves need a leading [curves]={c} axis, got {leaf.shape}")
+
+    if init_raw is None:
+      keys = jax.random.split(key, c)
+      raw0 = _compiled_init(law, num_restarts, has_aux)(keys, d_in, y_in, valid, aux_in)
+    else:
+      raw0 = jnp.asarray(init_raw, dtype=jnp.float64)
+      if raw0.shape != (c, num_restarts, law.num_params):
+        raise ValueError(f"init_raw shape {raw0.shape} != "
+                         f"[curves {c}, restarts {num_restarts}, params {law.num_params}]")
+    if optimizer == "auto":
+      optimizer = "gauss_newton" if law.loss == "squared" else "newton"
+    fit = _compiled_fit(law, optimizer, int(max_steps), float(gtol), float(ftol), float(f_scale),
+                        int(patience), int(memory_size), has_aux)
+    raw, value, gnorm, steps, reason = jax.device_get(
+      fit(raw0, jnp.asarray(d_in), jnp.asarray(y_in), jnp.asarray(valid), aux_in))
+  return _select_best(law, raw, value, gnorm, steps, reason, num_points)
+
+
+def _select_best(law, raw, value, gnorm, steps, reason, num_points) -> FitResult:
+  """Picks the best finite restart per curve (numpy, [C, R, ...] inputs)."""
+  raw, value = np.asarray(raw), np.asarray(value)
+  reason = np.asarray(reason).copy()
+  ok = (reason != _NONFINITE) & np.isfinite(value) & np.all(np.isfinite(raw), axis=-1)
+  reason[~ok] = _NONFINITE
+  masked_value = np.where(ok, value, np.inf)
+  best = np.argmin(masked_value, axis=1)
+  rows = np.arange(raw.shape[0])
+  any_ok = ok.any(axis=1)
+  best_reason = np.where(any_ok, reason[rows, best], _NONFINITE)
+  best_reason = np.where(num_points == 0, _NO_DATA, best_reason)
+  best_raw = np.where(any_ok[:, None], raw[rows, best], np.nan)
+  best_raw = np.where((num_points == 0)[:, None], np.nan, best_raw)
+  objective = np.where(any_ok & (num_points > 0), masked_value[rows, best], np.inf)
+  names = np.asarray(STATUS_NAMES, dtype=object)
+  status = names[best_reason]
+  params = {k: np.asarray(v, dtype=np.float64) for k, v in law.constrain(best_raw).items()}
+  return FitResult(
+    law_name=law.name,
+    param_names=law.param_names,
+    raw_params=best_raw,
+    params=params,
+    objective=objective,
+    converged=best_reason == _CONVERGED,
+    status=status,
+    num_steps=np.asarray(steps)[rows, best],
+    grad_norm=np.where(any_ok, np.asarray(gnorm)[rows, best], np.nan),
+    best_restart=best,
+    restart_objectives=masked_value,
+    restart_status=names[reason],
+    num_points=num_points,
+  )

@@ -1,0 +1,446 @@
+"""Fine-tuning laws L(D) in log space, with constraints by re-parametrisation.
+
+D is the number of fine-tuning samples, L the test loss. Three laws
+(DESIGN.md section 2):
+
+  vanilla    L(D) = (B / D^beta + E)^alpha          (Lin et al. 2024, "vanilla")
+  rectified  L(D) = B / (D_l + D^beta) + E          (Lin et al. 2024)
+  lensllm    L(D) = B / (F + D^beta) + E            (Zeng et al. 2025, eq. 10)
+
+For lensllm, F is either a fitted scalar F >= 0 ("curve mode", same
+functional form as the rectified law) or F = f_term(t, aux), a jax-traceable
+function of a fitted time t >= 0 and per-curve data `aux` (e.g. NTK
+eigenvalues and projections, "NTK mode").
+
+A law is a `Law` object whose `log_loss(raw [K], data_size [P], aux) -> [P]`
+returns log L for one curve from unconstrained raw parameters; `constrain`
+maps raw to the named parameters. All positive parameters are `exp` (scales:
+B, D_l, E, F, t) or `softplus` (exponents: alpha, beta) of raw values, so
+any raw vector is feasible and no clipping is ever done. log L is assembled
+with logaddexp / softplus, so it stays finite where the loss itself would
+under- or overflow.
+
+D = 0 (the zero-shot point):
+  * rectified and lensllm follow the published code of Lin et al. (their
+    `our_fit_select` feeds log(1e-10) for D = 0): every D < `zero_data_size`
+    (default 1e-10) is evaluated at D = `zero_data_size`, so
+    L(0) = B / (D_l + 1e-10^beta) + E, which is B / D_l + E up to 1e-10^beta.
+  * vanilla is undefined at D = 0 (it diverges); `log_loss` returns +inf
+    there and `valid_data_size` is False, so `fitting.fit_curves` drops the
+    point through the mask (the published vanilla fit never uses D = 0).
+
+Objectives (as published): rectified and lensllm minimise the mean over
+valid points of (log L_pred - log L)^2; vanilla minimises the sum of Huber
+losses of the same residuals with delta = 1e-3 (Lin et al., `fit_vanilla_law`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+  "Law",
+  "inverse_softplus",
+  "lensllm_law",
+  "rectified_law",
+  "vanilla_law",
+  "get_law",
+]
+
+Array = jax.Array
+ZERO_DATA_SIZE = 1e-10  # published stand-in for D = 0 (Lin et al.)
+VANILLA_HUBER_DELTA = 1e-3  # published delta of the vanilla law's Huber loss
+
+
+def inverse_softplus(x):
+  """raw with softplus(raw) = x for x > 0 (numpy or jax), stable for small/large x."""
+  xp = jnp if isinstance(x, jax.Array) else np
+  x = xp.asarray(x, dtype=xp.float64) if xp is np else x
+  return x + xp.log(-xp.expm1(-x))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Law:
+  """A fine-tuning law in log space (see module docstring).
+
+  Attributes:
+    name: "vanilla", "rectified" or "lensllm".
+    param_names: names of the K constrained parameters, in raw order.
+    log_loss_fn: (raw [K], data_size [P], aux) -> log L [P].
+    constrain_fn: raw [..., K] -> dict name -> [...] constrained values.
+    unconstrain_fn: dict name -> [...] -> raw [..., K] (inverse of constrain).
+    init_fn: (key, data_size [P], log_loss [P], mask [P], num_restarts, aux)
+      -> raw [R, K] restart starting points.
+    loss: "squared" (mean of squared log residuals) or "huber" (sum of Huber).
+    huber_delta: Huber threshold in log-loss units (loss == "huber").
+    zero_data_size: stand-in for D = 0, or None when D <= 0 is invalid.
+  """
+  name: str
+  param_names: tuple[str, ...]
+  log_loss_fn: Callable[..., Array]
+  constrain_fn: Callable[[Any], dict]
+  unconstrain_fn: Callable[[Mapping[str, Any]], Any]
+  init_fn: Callable[..., Array]
+  loss: str = "squared"
+  huber_delta: float = VANILLA_HUBER_DELTA
+  zero_data_size: float | None = ZERO_DATA_SIZE
+  uses_aux: bool = False
+
+  @property
+  def num_params(self) -> int:
+    return len(self.param_names)
+
+  def log_loss(self, raw: Array, data_size: Array, aux: Any = None) -> Array:
+    """log L [P] at data sizes [P] for one curve's raw parameters [K]."""
+    return self.log_loss_fn(raw, data_size, aux)
+
+  def constrain(self, raw) -> dict:
+    """dict name -> constrained value(s) from raw [..., K] (jax or numpy)."""
+    return self.constrain_fn(raw)
+
+  def unconstrain(self, params: Mapping[str, Any]):
+    """raw [..., K] from a dict of constrained values (inverse of constrain)."""
+    return self.unconstrain_fn(params)
+
+  def init(self, key: Array, data_size: Array, log_loss: Array, mask: Array,
+           num_restarts: int, aux: Any = None) -> Array:
+    """[R, K] raw starting points for one curve (restart 0 is deterministic)."""
+    return self.init_fn(key, data_size, log_loss, mask, num_restarts, aux)
+
+  def valid_data_size(self, data_size: Array) -> Array:
+    """bool [P]: where the law is defined (vanilla excludes D <= 0)."""
+    data_size = jnp.asarray(data_size)
+    if self.zero_data_size is None:
+      return data_size > 0
+    return data_size >= 0
+
+  def residuals(self, raw: Array, data_size: Array, log_loss: Array, mask: Array,
+                aux: Any = None) -> Array:
+    """[P] log residuals r = log L_pred - log L, exactly 0 where masked / invalid."""
+    mask = jnp.logical_and(mask, self.valid_data_size(data_size))
+    safe_d = jnp.where(mask, data_size, 1.0)
+    safe_y = jnp.where(mask, log_loss, 0.0)
+    return jnp.where(mask, self.log_loss_fn(raw, safe_d, aux) - safe_y, 0.0)
+
+  def reduce_residuals(self, r: Array, mask: Array, data_size: Array) -> Array:
+    """Objective from residuals [P] (see `objective`)."""
+    mask = jnp.logical_and(mask, self.valid_data_size(data_size))
+    if self.loss == "huber":
+      a = jnp.abs(r)
+      d = self.huber_delta
+      h = jnp.where(a < d, 0.5 * r * r, d * (a - 0.5 * d))
+      return jnp.sum(jnp.where(mask, h, 0.0))
+    return jnp.sum(r * r) / jnp.maximum(1.0, jnp.sum(mask))
+
+  def objective(self, raw: Array, data_size: Array, log_loss: Array, mask: Array,
+                aux: Any = None) -> Array:
+    """Scalar fit objective of one curve (see module docstring).
+
+    squared: sum_p mask_p r_p^2 / max(1, sum_p mask_p), r = log L_pred - log L.
+    huber:   sum_p mask_p h(r_p), h(r) = r^2 / 2 if |r| < delta else
+             delta (|r| - delta / 2).
+    Masked-out points (and D <= 0 for vanilla) contribute exactly 0, also when
+    they hold non-finite values.
+    """
+    r = self.residuals(raw, data_size, log_loss, mask, aux)
+    return self.reduce_residuals(r, mask, data_size)
+
+  def predict(self, params, data_size, aux: Any = None, curve: int | None = None) -> np.ndarray:
+    """Loss L (not log) of fitted curves at new data sizes, float64 numpy.
+
+    Args:
+      params: a `fitting.FitResult` (all curves, or one with `curve=`), a dict
+        name -> scalar / [C] constrained values, or raw parameters [K] / [C, K].
+      data_size: [P] data sizes (shared by all curves), or [C, P].
+      aux: per-curve aux pytree with leading axis [C] (NTK mode), or one curve's.
+      curve: select one curve of a FitResult / batched params.
+
+    Returns:
+      [P] for one curve, [C, P] for several. NaN where params are NaN
+      (curves whose fit failed; check `FitResult.status`).
+    """
+    with jax.enable_x64(True):
+      if hasattr(params, "raw_params"):
+        raw = jnp.asarray(params.raw_params, dtype=jnp.float64)
+      elif isinstance(params, Mapping):
+        raw = jnp.asarray(self.unconstrain(
+          {k: np.asarray(params[k], dtype=np.float64) for k in self.param_names}))
+      else:
+        raw = jnp.asarray(params, dtype=jnp.float64)
+      if curve is not None:
+        raw = raw[curve]
+        if aux is not None and raw.ndim == 1 and _leading(aux) is not None:
+          aux = jax.tree.map(lambda a: jnp.asarray(a)[curve], aux)
+      d = jnp.asarray(data_size, dtype=jnp.float64)
+      if raw.ndim == 1:
+        return np.asarray(jnp.exp(self.log_loss_fn(raw, d, aux)))
+      d_axis = 0 if d.ndim == 2 else None
+      aux_axis = 0 if aux is not None else None
+      out = jax.vmap(self.log_loss_fn, in_axes=(0, d_axis, aux_axis))(raw, d, aux)
+      return np.asarray(jnp.exp(out))
+
+
+def _leading(aux):
+  leaves = jax.tree.leaves(aux)
+  return leaves[0].shape[0] if leaves and np.ndim(leaves[0]) > 0 else None
+
+
+def _stack(params: Mapping[str, Any], names, transforms):
+  cols = [t(np.asarray(params[n], dtype=np.float64)) for n, t in zip(names, transforms, strict=True)]
+  return np.stack(cols, axis=-1)
+
+
+def _log_d(data_size, zero_data_size):
+  """log max(D, zero_data_size): the published D = 0 -> 1e-10 mapping."""
+  d = jnp.asarray(data_size, dtype=jnp.result_type(float))
+  return jnp.log(jnp.maximum(d, zero_data_size))
+
+
+def _curve_stats(data_size, log_loss, mask):
+  """Masked max / min / first / last log loss of one curve (jax scalars)."""
+  big = 1e30
+  y_max = jnp.max(jnp.where(mask, log_loss, -big))
+  y_min = jnp.min(jnp.where(mask, log_loss, big))
+  return y_max, y_min
+
+
+def _log_uniform(key, shape, lo, hi):
+  return jnp.exp(jax.random.uniform(key, shape, minval=np.log(lo), maxval=np.log(hi)))
+
+
+# ---------------------------------------------------------------- rectified ---
+# raw = [log(B / D_l), log D_l, softplus^-1(beta), log E]. Parametrising the
+# amplitude B / D_l = L(0) - E (Lin et al.'s A - E) instead of B keeps the
+# raw coordinates weakly coupled: L = (B/D_l) / (1 + D^beta / D_l) + E.
+
+
+def _saturating_log_loss(log_amp, log_scale, beta, log_e, log_d):
+  """log(exp(log_amp) / (1 + D^beta / exp(log_scale)) + exp(log_e))."""
+  return jnp.logaddexp(log_amp - jax.nn.softplus(beta * log_d - log_scale), log_e)
+
+
+def _saturating_init(key, data_size, log_loss, mask, num_restarts):
+  """Restart starting points (A - E, D_l, beta, E) for the saturating laws.
+
+  Restart 0 is the published initialisation of Lin et al. (`fit_our_law`):
+  A = max L, E = exp((log max L + log min L) / 2) (geometric mean), D_l = 1,
+  beta = 1. The others are random: beta ~ logU(0.05, 2), the transition
+  D_t = D_l^(1/beta) ~ logU(20, 2e7), E ~ U(0.05, 0.95) min L,
+  A ~ max L * U(0.9, 1.3).
+  """
+  y_max, y_min = _curve_stats(data_size, log_loss, mask)
+  a0, e0 = jnp.exp(y_max), jnp.exp(0.5 * (y_max + y_min))
+  amp0 = jnp.maximum(a0 - e0, 1e-3 * a0)
+  first = jnp.stack([jnp.log(amp0), 0.0, inverse_softplus(jnp.asarray(1.0)), jnp.log(e0)])
+  n = num_restarts - 1
+  k1, k2, k3, k4 = jax.random.split(key, 4)
+  beta = _log_uniform(k1, (n,), 0.05, 2.0)
+  log_dt = jnp.log(_log_uniform(k2, (n,), 20.0, 2e7))
+  e = jnp.exp(y_min) * jax.random.uniform(k3, (n,), minval=0.05, maxval=0.95)
+  a = jnp.exp(y_max) * jax.random.uniform(k4, (n,), minval=0.9, maxval=1.3)
+  rest = jnp.stack([jnp.log(a - e), beta * log_dt, inverse_softplus(beta), jnp.log(e)], -1)
+  return jnp.concatenate([first[None], rest], axis=0)[:num_restarts]
+
+
+@functools.cache
+def rectified_law(zero_data_size: float = ZERO_DATA_SIZE) -> Law:
+  """Rectified law L(D) = B / (D_l + D^beta) + E (Lin et al. 2024).
+
+  Parameters (B, D_l, beta, E), all > 0; raw = [log(B / D_l), log D_l,
+  softplus^-1(beta), log E]. D below `zero_data_size` (so D = 0) is evaluated
+  at `zero_data_size` = 1e-10 as in the published code. Objective: mean
+  squared error of log L.
+  """
+  names = ("B", "D_l", "beta", "E")
+
+  def log_loss(raw, data_size, aux=None):
+    del aux
+    return _saturating_log_loss(raw[0], raw[1], jax.nn.softplus(raw[2]), raw[3],
+                                _log_d(data_size, zero_data_size))
+
+  def constrain(raw):
+    xp = np if isinstance(raw, np.ndarray) else jnp
+    sp = (lambda x: np.logaddexp(0.0, x)) if xp is np else jax.nn.softplus
+    return {"B": xp.exp(raw[..., 0] + raw[..., 1]), "D_l": xp.exp(raw[..., 1]),
+            "beta": sp(raw[..., 2]), "E": xp.exp(raw[..., 3])}
+
+  def unconstrain(p):
+    b, dl = np.asarray(p["B"], np.float64), np.asarray(p["D_l"], np.float64)
+    return np.stack([np.log(b) - np.log(dl), np.log(dl), inverse_softplus(
+      np.asarray(p["beta"], np.float64)), np.log(np.asarray(p["E"], np.float64))], -1)
+
+  def init(key, data_size, log_loss_obs, mask, num_restarts, aux=None):
+    del aux
+    return _saturating_init(key, data_size, log_loss_obs, mask, num_restarts)
+
+  return Law("rectified", names, log_loss, constrain, unconstrain, init,
+             loss="squared", zero_data_size=zero_data_size)
+
+
+# ------------------------------------------------------------------ lensllm ---
+
+
+@functools.cache
+def lensllm_law(f_term: Callable[[Array, Any], Array] | None = None, *,
+                zero_data_size: float = ZERO_DATA_SIZE,
+                t_range: tuple[float, float] = (1e-2, 1e4)) -> Law:
+  """LensLLM law L(D) = B / (F + D^beta) + E (Zeng et al. 2025, eq. 10).
+
+  Args:
+    f_term: None for curve mode: F > 0 is a fitted scalar and the parameters
+      are (B, beta, E, F), raw = [log(B / F), softplus^-1(beta), log E, log F]
+      (same form and objective as the rectified law). Otherwise a
+      jax-traceable F(t, aux) -> scalar >= 0 (e.g. `ntk.ntk_test_loss` bound
+      to one curve's eigenvalues / projections via aux); the parameters are
+      (B, beta, E, t), raw = [log B, softplus^-1(beta), log E, log t].
+    zero_data_size: stand-in for D = 0 (published 1e-10).
+    t_range: NTK mode: restarts draw t log-uniformly from this range
+      (restart 0 uses its geometric mean).
+
+  Returns:
+    The Law. Objective: mean squared error of log L. In NTK mode
+    log(F + D^beta) is computed directly (F may be 0: D^beta > 0 keeps it
+    finite).
+  """
+  if f_term is None:
+    names = ("B", "beta", "E", "F")
+
+    def log_loss(raw, data_size, aux=None):
+      del aux
+      return _saturating_log_loss(raw[0], raw[3], jax.nn.softplus(raw[1]), raw[2],
+                                  _log_d(data_size, zero_data_size))
+
+    def constrain(raw):
+      xp = np if isinstance(raw, np.ndarray) else jnp
+      sp = (lambda x: np.logaddexp(0.0, x)) if xp is np else jax.nn.softplus
+      return {"B": xp.exp(raw[..., 0] + raw[..., 3]), "beta": sp(raw[..., 1]),
+              "E": xp.exp(raw[..., 2]), "F": xp.exp(raw[..., 3])}
+
+    def unconstrain(p):
+      b, f = np.asarray(p["B"], np.float64), np.asarray(p["F"], np.float64)
+      return np.stack([np.log(b) - np.log(f), inverse_softplus(np.asarray(p["beta"],
+                       np.float64)), np.log(np.asarray(p["E"], np.float64)), np.log(f)], -1)
+
+    def init(key, data_size, log_loss_obs, mask, num_restarts, aux=None):
+      del aux
+      r = _saturating_init(key, data_size, log_loss_obs, mask, num_restarts)
+      return r[:, jnp.array([0, 2, 3, 1])]
+
+    return Law("lensllm", names, log_loss, constrain, unconstrain, init, loss="squared",
+               zero_data_size=zero_data_size)
+
+  names = ("B", "beta", "E", "t")
+
+  def log_loss_ntk(raw, data_size, aux):
+    beta = jax.nn.softplus(raw[1])
+    f = f_term(jnp.exp(raw[3]), aux)
+    log_d = _log_d(data_size, zero_data_size)
+    return jnp.logaddexp(raw[0] - jnp.log(f + jnp.exp(beta * log_d)), raw[2])
+
+  def constrain_ntk(raw):
+    xp = np if isinstance(raw, np.ndarray) else jnp
+    sp = (lambda x: np.logaddexp(0.0, x)) if xp is np else jax.nn.softplus
+    return {"B": xp.exp(raw[..., 0]), "beta": sp(raw[..., 1]), "E": xp.exp(raw[..., 2]),
+            "t": xp.exp(raw[..., 3])}
+
+  def unconstrain_ntk(p):
+    return np.stack([np.log(np.asarray(p["B"], np.float64)),
+                     inverse_softplus(np.asarray(p["beta"], np.float64)),
+                     np.log(np.asarray(p["E"], np.float64)),
+                     np.log(np.asarray(p["t"], np.float64))], -1)
+
+  def init_ntk(key, data_size, log_loss_obs, mask, num_restarts, aux):
+    """t from a log grid; B so that L(0) matches: B = (A - E) (F(t) + D0^beta)."""
+    y_max, y_min = _curve_stats(data_size, log_loss_obs, mask)
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    lo, hi = t_range
+    t = jnp.concatenate([jnp.array([np.sqrt(lo * hi)]),
+                         _log_uniform(k1, (num_restarts - 1,), lo, hi)])
+    beta = jnp.concatenate([jnp.array([0.5]), _log_uniform(k2, (num_restarts - 1,), 0.05, 2.0)])
+    frac_e = jnp.concatenate([jnp.array([0.5]), jax.random.uniform(
+      k3, (num_restarts - 1,), minval=0.05, maxval=0.95)])
+    e = jnp.exp(y_min) * frac_e
+    a = jnp.exp(y_max) * jnp.concatenate([jnp.array([1.0]), jax.random.uniform(
+      k4, (num_restarts - 1,), minval=0.9, maxval=1.3)])
+    f = jax.vmap(lambda tt: f_term(tt, aux))(t)
+    d0 = zero_data_size ** beta
+    log_b = jnp.log(a - e) + jnp.log(f + d0)
+    return jnp.stack([log_b, inverse_softplus(beta), jnp.log(e), jnp.log(t)], -1)
+
+  return Law("lensllm", names, log_loss_ntk, constrain_ntk, unconstrain_ntk, init_ntk,
+             loss="squared", zero_data_size=zero_data_size, uses_aux=True)
+
+
+# ------------------------------------------------------------------ vanilla ---
+# raw = [softplus^-1(alpha), log B, softplus^-1(beta), log E];
+# log L = alpha * logaddexp(log B - beta log D, log E).
+
+
+@functools.cache
+def vanilla_law(huber_delta: float = VANILLA_HUBER_DELTA) -> Law:
+  """Vanilla power law L(D) = (B / D^beta + E)^alpha (Lin et al. 2024).
+
+  Parameters (alpha, B, beta, E), all > 0; raw = [softplus^-1(alpha), log B,
+  softplus^-1(beta), log E]. Undefined at D <= 0: log_loss is +inf there and
+  `valid_data_size` excludes it from fits. Objective: sum of Huber losses
+  (delta = 1e-3, as published) of the log residuals. Lin et al. write the
+  law as (1 / (B' D^beta) + |E|)^alpha; here B = 1 / B'.
+  """
+  names = ("alpha", "B", "beta", "E")
+
+  def log_loss(raw, data_size, aux=None):
+    del aux
+    d = jnp.asarray(data_size, dtype=jnp.result_type(float))
+    pos = d > 0
+    log_d = jnp.log(jnp.where(pos, d, 1.0))
+    alpha, beta = jax.nn.softplus(raw[0]), jax.nn.softplus(raw[2])
+    out = alpha * jnp.logaddexp(raw[1] - beta * log_d, raw[3])
+    return jnp.where(pos, out, jnp.inf)
+
+  def constrain(raw):
+    xp = np if isinstance(raw, np.ndarray) else jnp
+    sp = (lambda x: np.logaddexp(0.0, x)) if xp is np else jax.nn.softplus
+    return {"alpha": sp(raw[..., 0]), "B": xp.exp(raw[..., 1]), "beta": sp(raw[..., 2]),
+            "E": xp.exp(raw[..., 3])}
+
+  def unconstrain(p):
+    return _stack(p, names, (inverse_softplus, np.log, inverse_softplus, np.log))
+
+  def init(key, data_size, log_loss_obs, mask, num_restarts, aux=None):
+    """Published initialisation: (alpha, B', beta, E) ~ U(0, 1) each, B = 1 / B'.
+
+    Restart 0 is deterministic instead: alpha = 1, beta = 0.3, E = min L / 2 and
+    B matched to the first valid point, B = (L_1 - E) D_1^beta.
+    """
+    del aux
+    mask = jnp.logical_and(mask, data_size > 0)
+    y_max, y_min = _curve_stats(data_size, log_loss_obs, mask)
+    idx = jnp.argmax(mask)
+    d1 = jnp.where(mask[idx], data_size[idx], 1.0)
+    l1 = jnp.where(mask[idx], jnp.exp(log_loss_obs[idx]), jnp.exp(y_max))
+    e0 = 0.5 * jnp.exp(y_min)
+    b0 = jnp.maximum(l1 - e0, 1e-3) * d1 ** 0.3
+    first = jnp.stack([inverse_softplus(jnp.asarray(1.0)), jnp.log(b0),
+                       inverse_softplus(jnp.asarray(0.3)), jnp.log(e0)])
+    u = jax.random.uniform(key, (num_restarts - 1, 4), minval=1e-3, maxval=1.0)
+    rest = jnp.stack([inverse_softplus(u[:, 0]), -jnp.log(u[:, 1]), inverse_softplus(u[:, 2]),
+                      jnp.log(u[:, 3])], -1)
+    return jnp.concatenate([first[None], rest], axis=0)[:num_restarts]
+
+  return Law("vanilla", names, log_loss, constrain, unconstrain, init, loss="huber",
+             huber_delta=huber_delta, zero_data_size=None)
+
+
+def get_law(name: str) -> Law:
+  """Law by name: "vanilla", "rectified" or "lensllm" (curve mode)."""
+  laws = {"vanilla": vanilla_law, "rectified": rectified_law, "lensllm": lensllm_law}
+  if name not in laws:
+    raise ValueError(f"unknown law {name!r}; expected one of {sorted(laws)}")
+  return laws[name]()

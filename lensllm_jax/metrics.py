@@ -1,0 +1,114 @@
+"""Selection metrics of Lin et al. (2024) / Zeng et al. (2025), DESIGN.md sec. 6.
+
+All functions take numpy-compatible arrays over the M candidate models of one
+dataset and return Python floats (or numpy arrays for per-model RMSE).
+
+- PearCorr: Pearson correlation between a method's feature f [M] and the true
+  losses y = L(D*) [M], exactly as published (no re-orientation):
+      r = sum (f - mean f)(y - mean y) / sqrt(sum (f - mean f)^2 sum (y - mean y)^2).
+- RelAcc: (L_worst - L_chosen) / (L_worst - L_best), worst/best over ALL models
+  at D*, L_chosen the true L(D*) of the method's top-ranked model.
+- Spearman: Pearson correlation of the average ranks (ties get mean ranks).
+- Kendall tau-b.
+- Curve RMSE: sqrt(mean over held-out points of (L_pred - L_true)^2) in loss
+  units, per model and pooled over a dataset.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _as_pair(feature, target):
+  f = np.asarray(feature, np.float64).reshape(-1)
+  y = np.asarray(target, np.float64).reshape(-1)
+  if f.shape != y.shape:
+    raise ValueError(f"feature has {f.size} entries but target has {y.size}")
+  return f, y
+
+
+def pearson_corr(feature, target) -> float:
+  """Raw Pearson correlation of feature [M] with target [M]; nan if either is constant
+  or any entry is non-finite."""
+  f, y = _as_pair(feature, target)
+  if not (np.all(np.isfinite(f)) and np.all(np.isfinite(y))):
+    return float("nan")
+  fc, yc = f - f.mean(), y - y.mean()
+  den = np.sqrt((fc * fc).sum() * (yc * yc).sum())
+  return float((fc * yc).sum() / den) if den > 0 else float("nan")
+
+
+def average_ranks(x) -> np.ndarray:
+  """1-based ranks of x [M] ascending; tied entries share their mean rank."""
+  x = np.asarray(x, np.float64).reshape(-1)
+  order = np.argsort(x, kind="stable")
+  ranks = np.empty(x.size, np.float64)
+  sorted_x = x[order]
+  i = 0
+  while i < x.size:
+    j = i
+    while j + 1 < x.size and sorted_x[j + 1] == sorted_x[i]:
+      j += 1
+    ranks[order[i:j + 1]] = 0.5 * (i + j) + 1.0
+    i = j + 1
+  return ranks
+
+
+def spearman_corr(feature, target) -> float:
+  """Spearman rank correlation (Pearson on average ranks)."""
+  f, y = _as_pair(feature, target)
+  if not (np.all(np.isfinite(f)) and np.all(np.isfinite(y))):
+    return float("nan")
+  return pearson_corr(average_ranks(f), average_ranks(y))
+
+
+def kendall_tau(feature, target) -> float:
+  """Kendall tau-b: (concordant - discordant) / sqrt((n0 - ties_f)(n0 - ties_y))."""
+  f, y = _as_pair(feature, target)
+  if not (np.all(np.isfinite(f)) and np.all(np.isfinite(y))):
+    return float("nan")
+  sf = np.sign(f[:, None] - f[None, :])
+  sy = np.sign(y[:, None] - y[None, :])
+  iu = np.triu_indices(f.size, 1)
+  s = (sf * sy)[iu].sum()
+  nf = (sf[iu] != 0).sum()
+  ny = (sy[iu] != 0).sum()
+  return float(s / np.sqrt(nf * ny)) if nf > 0 and ny > 0 else float("nan")
+
+
+def relative_accuracy(chosen: int, target) -> float:
+  """(L_worst - L[chosen]) / (L_worst - L_best) with worst/best over all of target [M]."""
+  y = np.asarray(target, np.float64).reshape(-1)
+  if not 0 <= int(chosen) < y.size:
+    raise ValueError(f"chosen={chosen} is not a model index in [0, {y.size})")
+  worst, best = y.max(), y.min()
+  if worst == best:
+    return 1.0
+  return float((worst - y[int(chosen)]) / (worst - best))
+
+
+def curve_rmse(predicted, observed, mask=None):
+  """Root-mean-square error in loss units over held-out points.
+
+  Args:
+    predicted: [M, P] predicted losses.
+    observed: [M, P] true losses.
+    mask: optional [M, P] bool, True for the held-out points to score.
+
+  Returns:
+    (per_model [M] float64, nan where a model has no scored point;
+     pooled float: RMSE over all scored points of all models).
+  """
+  pred = np.asarray(predicted, np.float64)
+  obs = np.asarray(observed, np.float64)
+  if pred.shape != obs.shape:
+    raise ValueError(f"predicted {pred.shape} and observed {obs.shape} differ in shape")
+  m = np.ones(pred.shape, bool) if mask is None else np.asarray(mask, bool)
+  sq = np.where(m, (pred - obs) ** 2, 0.0)
+  count = m.sum(-1)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    per_model = np.sqrt(sq.sum(-1) / count)
+  per_model = np.where(count > 0, per_model, np.nan)
+  total = m.sum()
+  pooled = float(np.sqrt(sq.sum() / total)) if total > 0 else float("nan")
+  return per_model, pooled

@@ -1,0 +1,82 @@
+"""Token-level losses and log-likelihoods of a causal LM.
+
+Convention: logits[b, t] is the prediction for targets[b, t]; with the raw
+model outputs, targets[b, t] = input_ids[b, t + 1] (see `next_token_targets`).
+loss_mask[b, t] is 1 where targets[b, t] counts (target tokens only for
+input -> target tasks, real tokens only under padding).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def next_token_targets(input_ids: jax.Array,
+                       attention_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """Shifts ids left by one: targets[:, t] = input_ids[:, t + 1].
+
+  Args:
+    input_ids: [B, T] ints.
+    attention_mask: [B, T] (1 = real token) or None.
+
+  Returns:
+    targets [B, T] int32 (last column 0) and loss_mask [B, T] float32,
+    1 where both position t and t + 1 are real tokens (last column 0).
+  """
+  targets = jnp.concatenate([input_ids[:, 1:], jnp.zeros_like(input_ids[:, :1])], axis=1)
+  if attention_mask is None:
+    attention_mask = jnp.ones_like(input_ids)
+  real = attention_mask.astype(jnp.float32)
+  mask = jnp.concatenate([real[:, :-1] * real[:, 1:], jnp.zeros_like(real[:, :1])], axis=1)
+  return targets.astype(jnp.int32), mask
+
+
+def token_log_probs(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """log p(targets[b, t] | context) = log_softmax(logits)[b, t, targets[b, t]].
+
+  Args:
+    logits: [B, T, V].
+    targets: [B, T] ints in [0, V).
+
+  Returns:
+    [B, T] float32.
+  """
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+def token_nll(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> jax.Array:
+  """Masked mean negative log-likelihood per sequence.
+
+  nll[b] = -sum_t m[b,t] log p(targets[b,t]) / max(sum_t m[b,t], 1)
+  (0 for a sequence with no counted token).
+
+  Args:
+    logits: [B, T, V].
+    targets: [B, T] ints.
+    loss_mask: [B, T] (1 = counted).
+
+  Returns:
+    [B] float32.
+  """
+  mask = loss_mask.astype(jnp.float32)
+  total = -jnp.sum(token_log_probs(logits, targets) * mask, axis=-1)
+  return total / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
+
+
+def sequence_log_likelihood(logits: jax.Array, targets: jax.Array,
+                            loss_mask: jax.Array) -> jax.Array:
+  """Per-sequence mean log-likelihood, -token_nll: [B] float32 (a scalar output per example)."""
+  return -token_nll(logits, targets, loss_mask)
+
+
+def mean_token_nll(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> jax.Array:
+  """Mean NLL over all counted tokens of the batch (the per-token loss): scalar float32.
+
+  sum_{b,t} m[b,t] (-log p) / max(sum_{b,t} m[b,t], 1). Unlike the mean of
+  `token_nll`, long sequences weigh more.
+  """
+  mask = loss_mask.astype(jnp.float32)
+  total = -jnp.sum(token_log_probs(logits, targets) * mask)
+  return total / jnp.maximum(jnp.sum(mask), 1.0)

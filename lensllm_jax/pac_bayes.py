@@ -1,0 +1,286 @@
+"""Hessian-based PAC-Bayes quantities per layer block (Ju et al., ICML 2022).
+
+For fine-tuned weights `w_hat`, pre-trained weights `w0` and a partition of
+the parameters into layer blocks i, with `v_i = w_hat_i - w0_i` and `H_i` the
+diagonal block of the loss Hessian at `w_hat` for block i (other blocks held
+fixed), the bound of DESIGN.md section 4 reads
+
+    L(f_w_hat) <= (1 + eps) L_hat(f_w_hat) + (1 + eps) sum_i sqrt(C H_i / n)
+                  + O(n^(-3/4)),
+    H_i = max over training examples (x, y) of v_i^T H_i^+[loss(x, y)] v_i,
+
+with `H_i^+` the positive part of the per-example block Hessian (its
+eigen-decomposition with negative eigenvalues set to 0).
+
+Positive-part quadratic form. Run m Lanczos steps on `H_i` started at
+`q0 = v / ||v||`, giving `T = S diag(theta) S^T` (tridiagonal, m x m). Then
+
+    v^T H^+ v  ~=  ||v||^2 e1^T max(T, 0) e1 = ||v||^2 sum_j max(theta_j, 0) S[0, j]^2,
+
+the m-point Gauss quadrature of the spectral measure of H seen from v
+(`hessian.QuadratureResult`). It is EXACT once the Krylov space
+`K = span{v, Hv, H^2 v, ...}` is exhausted (m >= dim K, at most the block
+size): K is invariant, `v = ||v|| Q^T e1` and `H Q^T = Q^T T`, so
+`H^+ v = ||v|| Q^T max(T, 0) e1`. The plain form `v^T H v = ||v||^2 T[0, 0]`
+is exact for every m >= 1. Reported diagnostics: the change of the
+positive-part value between m - 1 and m steps.
+
+Costs: the per-example maximum needs one m-step Lanczos per training
+example and block (n * m HVPs of single examples per block, under one
+`jit` with `lax.map` over examples). The mean over examples of `v^T H v` is
+`v^T (mean H) v` (linear). The positive part of the MEAN Hessian
+(`vhpv_batch`, one Lanczos over all examples) is cheaper and reported
+beside it; note `mean_x (v^T H_x^+ v) >= v^T (mean_x H_x)^+ v`.
+
+Layer blocks: by default one block per top-level key of the parameter dict
+(one per top-level Flax module: "wte", "h_0", ..., "ln_f" for our models);
+custom partitions by path prefixes or a function of the leaf path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from lensllm_jax import hessian
+
+Array = jax.Array
+PyTree = Any
+Partition = Mapping[str, Sequence[str]] | Callable[[str], str | None] | None
+
+
+def _key_name(entry) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(entry, attr):
+      return str(getattr(entry, attr))
+  return str(entry)
+
+
+def leaf_paths(params: PyTree) -> list[str]:
+  """Paths "a/b/c" of the leaves of `params`, in `tree_leaves` order."""
+  with_path, _ = jax.tree_util.tree_flatten_with_path(params)
+  return ["/".join(_key_name(e) for e in path) for path, _ in with_path]
+
+
+def layer_blocks(params: PyTree, partition: Partition = None) -> dict[str, tuple[int, ...]]:
+  """Partitions the parameter leaves into named layer blocks.
+
+  Args:
+    params: the parameter pytree (the "params" collection, not the whole
+      `variables` dict).
+    partition:
+      None: one block per top-level key of `params` (top-level Flax module);
+      a mapping block name -> path prefixes ("h_0", "h_0/attn"): a leaf
+      belongs to the block of the prefix it starts with (leaves matching no
+      prefix are left out, a leaf matching two blocks is an error);
+      a callable leaf path -> block name (None leaves the leaf out).
+
+  Returns:
+    dict block name -> leaf indices (into `jax.tree_util.tree_leaves`), in
+    the order the blocks first appear.
+  """
+  paths = leaf_paths(params)
+  if partition is None:
+    if not isinstance(params, Mapping):
+      raise ValueError("layer_blocks: default partition needs a dict of parameters "
+                       f"(got {type(params).__name__}); pass partition=...")
+    if set(params.keys()) == {"params"}:
+      raise ValueError("layer_blocks: got the whole Flax variables dict; pass "
+                       "variables['params'] instead")
+    assign = lambda p: p.split("/")[0]  # noqa: E731
+  elif isinstance(partition, Mapping):
+    def assign(p):
+      hits = [name for name, prefixes in partition.items()
+              for pre in prefixes if p == pre or p.startswith(pre.rstrip("/") + "/")]
+      if len(set(hits)) > 1:
+        raise ValueError(f"layer_blocks: leaf {p!r} matches several blocks {sorted(set(hits))}")
+      return hits[0] if hits else None
+  elif callable(partition):
+    assign = partition
+  else:
+    raise ValueError(f"layer_blocks: partition must be None, a mapping or a callable, "
+                     f"got {type(partition).__name__}")
+  blocks: dict[str, list[int]] = {}
+  for i, p in enumerate(paths):
+    name = assign(p)
+    if name is not None:
+      blocks.setdefault(str(name), []).append(i)
+  if not blocks:
+    raise ValueError(f"layer_blocks: the partition selects no leaves (paths: {paths[:5]}...)")
+  return {k: tuple(v) for k, v in blocks.items()}
+
+
+def _relu(t):
+  return jnp.maximum(t, 0)
+
+
+class ExampleForms(NamedTuple):
+  """Per-example quadratic forms of one block (all arrays [n]).
+
+  Attributes:
+    vhv: `v^T H_x v` (exact).
+    vhpv: `v^T H_x^+ v` (Lanczos quadrature, m steps).
+    change: |positive-part value(m) - value(m - 1)|, convergence diagnostic.
+    num_breakdowns: Lanczos restarts (Krylov space exhausted) per example.
+  """
+
+  vhv: Array
+  vhpv: Array
+  change: Array
+  num_breakdowns: Array
+
+
+def _block_vectors(params, params0, block, dtype):
+  flat, unravel, rest, merge = hessian.split_params(params, block, dtype)
+  flat0, _, _, _ = hessian.split_params(params0, block, dtype)
+  return flat, flat - flat0, unravel, rest, merge
+
+
+def per_example_forms(loss_fn: hessian.LossFn, params: PyTree, params0: PyTree,
+                      examples: PyTree, key: Array, *, block: Sequence[int] | None = None,
+                      num_iters: int = 20, dtype: Any = None) -> ExampleForms:
+  """`v^T H_x v` and `v^T H_x^+ v` for each training example x, one block.
+
+  Args:
+    loss_fn: `loss_fn(params, batch) -> scalar` for a batch; each example is
+      passed as a batch of one (leading axis 1).
+    params: the fine-tuned point w_hat (Hessians are taken here).
+    params0: the pre-trained point w0 (same structure).
+    examples: pytree of arrays with leading axis [n] (one row per example).
+    key: PRNG key (Lanczos restarts).
+    block: leaf indices of the block (None: all parameters).
+    num_iters: Lanczos steps m (clipped to the block size).
+    dtype: optional dtype for the block vector (e.g. float64).
+
+  Returns:
+    `ExampleForms` with arrays [n]. One jit-compiled `lax.map` over examples.
+  """
+  flat, v, _, _, _ = _block_vectors(params, params0, block, dtype)
+  m = int(min(num_iters, flat.shape[0]))
+
+  @jax.jit
+  def run(params, v, examples, key):
+    def one(example):
+      batch = jax.tree_util.tree_map(lambda a: a[None], example)
+      op = hessian.hvp_operator(loss_fn, params, batch, block=block, dtype=dtype)
+      res = hessian.lanczos(op, key, m, v0=v)
+      quad = hessian.quadrature_from_lanczos(res, _relu)
+      vhv = quad.norm_sq * res.alphas[0]
+      return vhv, quad.value, quad.change, res.num_breakdowns
+    return ExampleForms(*lax.map(one, examples))
+
+  return run(params, v, examples, key)
+
+
+class LayerRow(NamedTuple):
+  """One row of the per-layer PAC-Bayes table (`pandas.DataFrame(rows)`).
+
+  Attributes:
+    block: block name.
+    num_params: parameters in the block.
+    v_norm: `||v_i|| = ||w_hat_i - w0_i||`.
+    vhv_mean: mean over examples of `v^T H_x v` (= `v^T (mean H) v`).
+    vhv_max: max over examples of `v^T H_x v`.
+    vhpv_mean: mean over examples of `v^T H_x^+ v`.
+    vhpv_max: max over examples of `v^T H_x^+ v`: the H_i of the bound.
+    vhpv_batch: `v^T (mean_x H_x)^+ v` (one Lanczos on the mean Hessian).
+    argmax_example: index of the example attaining vhpv_max.
+    num_iters: Lanczos steps m.
+    max_change: max over examples of the m-1 -> m change of `v^T H^+ v`.
+    sqrt_term: `sqrt(C vhpv_max / n)` when C and n were given, else nan.
+  """
+
+  block: str
+  num_params: int
+  v_norm: float
+  vhv_mean: float
+  vhv_max: float
+  vhpv_mean: float
+  vhpv_max: float
+  vhpv_batch: float
+  argmax_example: int
+  num_iters: int
+  max_change: float
+  sqrt_term: float
+
+
+def layer_table(loss_fn: hessian.LossFn, params: PyTree, params0: PyTree, examples: PyTree,
+                key: Array, *, partition: Partition = None, num_iters: int = 20,
+                dtype: Any = None, c: float | None = None,
+                n: int | None = None) -> list[LayerRow]:
+  """Per-layer PAC-Bayes table: quadratic forms of `v_i = w_hat_i - w0_i`.
+
+  Args:
+    loss_fn: `loss_fn(params, batch) -> scalar`, the MEAN loss over a batch
+      (so that the loss of all `examples` as one batch is the mean of the
+      per-example losses).
+    params: fine-tuned parameters w_hat (Hessians are taken here).
+    params0: pre-trained parameters w0 (same structure).
+    examples: training examples, pytree with leading axis [n_ex].
+    key: PRNG key.
+    partition: see `layer_blocks` (default: one block per top-level module).
+    num_iters: Lanczos steps per quadratic form.
+    dtype: optional dtype for the Hessian computations (e.g. float64).
+    c, n: optional constant C and sample size n for the `sqrt_term` column
+      (n defaults to the number of examples when only c is given).
+
+  Returns:
+    list of `LayerRow`, one per block.
+  """
+  struct, struct0 = jax.tree_util.tree_structure(params), jax.tree_util.tree_structure(params0)
+  if struct != struct0:
+    raise ValueError("layer_table: params and params0 have different structures:\n"
+                     f"{struct}\nvs\n{struct0}")
+  n_ex = jax.tree_util.tree_leaves(examples)[0].shape[0]
+  if c is not None and n is None:
+    n = n_ex
+  rows = []
+  for b, (name, ids) in enumerate(layer_blocks(params, partition).items()):
+    bkey = jax.random.fold_in(key, b)
+    forms = per_example_forms(loss_fn, params, params0, examples, bkey, block=ids,
+                              num_iters=num_iters, dtype=dtype)
+    flat, v, _, _, _ = _block_vectors(params, params0, ids, dtype)
+    op = hessian.hvp_operator(loss_fn, params, examples, block=ids, dtype=dtype)
+    batch_q = hessian.lanczos_quadrature(op, v, bkey, num_iters, _relu)
+    vhpv = np.asarray(forms.vhpv)
+    hmax = float(vhpv.max())
+    sqrt_term = float(np.sqrt(c * max(hmax, 0.0) / n)) if c is not None else float("nan")
+    rows.append(LayerRow(
+        block=name, num_params=int(flat.shape[0]), v_norm=float(jnp.linalg.norm(v)),
+        vhv_mean=float(np.mean(forms.vhv)), vhv_max=float(np.max(forms.vhv)),
+        vhpv_mean=float(vhpv.mean()), vhpv_max=hmax, vhpv_batch=float(batch_q.value),
+        argmax_example=int(vhpv.argmax()), num_iters=int(min(num_iters, flat.shape[0])),
+        max_change=float(np.max(forms.change)), sqrt_term=sqrt_term))
+  return rows
+
+
+def pac_bayes_bound(h: Sequence[float] | Array, c: float, n: int) -> float:
+  """The layer sum `sum_i sqrt(C H_i / n)` of the bound (DESIGN.md section 4).
+
+  Args:
+    h: [L] the per-layer H_i (e.g. `[r.vhpv_max for r in rows]`); must be >= 0.
+    c: the constant C > 0.
+    n: the number of training samples n > 0.
+  """
+  h = np.asarray(h, dtype=np.float64)
+  if c <= 0 or n <= 0:
+    raise ValueError(f"pac_bayes_bound: need c > 0 and n > 0, got c={c}, n={n}")
+  if np.any(h < 0) or not np.all(np.isfinite(h)):
+    raise ValueError(f"pac_bayes_bound: H_i must be finite and >= 0, got {h}")
+  return float(np.sum(np.sqrt(c * h / n)))
+
+
+def generalization_bound(train_loss: float, h: Sequence[float] | Array, c: float, n: int,
+                         eps: float = 0.0) -> float:
+  """`(1 + eps) (L_hat + sum_i sqrt(C H_i / n))`, without the O(n^(-3/4)) term."""
+  return float((1 + eps) * (train_loss + pac_bayes_bound(h, c, n)))
+
+
+def table_columns(rows: Sequence[LayerRow]) -> dict[str, np.ndarray]:
+  """Column dict of a table (`pandas.DataFrame(table_columns(rows))`)."""
+  return {f: np.asarray([getattr(r, f) for r in rows]) for f in LayerRow._fields}

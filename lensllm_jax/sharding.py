@@ -1,0 +1,140 @@
+"""Data-parallel sharding with `jax.sharding` (room for FSDP), multi-host init.
+
+Mesh convention: a 2-D `Mesh` of shape [data, fsdp] with axis names
+("data", "fsdp"). Batches (leading axis = examples) are split over both axes,
+P(("data", "fsdp")); parameters and optimiser state are replicated when
+fsdp == 1 (pure data parallelism, the default). With fsdp > 1,
+`param_shardings` splits each parameter's largest divisible axis over
+"fsdp" (ZeRO-3 style): `jax.jit` then inserts the all-gathers and
+reduce-scatters, and the same train step runs unchanged.
+
+Under `jax.jit`, computations follow their arguments' shardings, so the train
+and eval steps of `lensllm_jax.training` need no sharding code: put params on
+`replicate(...)` / `param_shardings(...)` and batches on `shard_batch(...)`.
+Gradients of a loss summed over a sharded batch are reduced across devices by
+XLA (an all-reduce), which is what makes data parallelism exact.
+
+Multi-host: call `initialize_distributed(True)` (the binaries' --distributed
+flag) before touching devices; each process then feeds its own slice of the
+global batch to `shard_batch` (`jax.make_array_from_process_local_data`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+DATA_AXES = ("data", "fsdp")
+
+
+def make_mesh(num_data: int | None = None, num_fsdp: int = 1, *,
+              devices: list | None = None) -> Mesh:
+  """A [data, fsdp] device mesh.
+
+  Args:
+    num_data: devices on the "data" axis (default: all devices / num_fsdp).
+    num_fsdp: devices on the "fsdp" axis (1 = parameters replicated).
+    devices: devices to use (default `jax.devices()`, all processes).
+
+  Returns:
+    Mesh with axis names ("data", "fsdp").
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  if num_data is None:
+    if len(devices) % num_fsdp:
+      raise ValueError(f"num_fsdp={num_fsdp} does not divide the {len(devices)} devices")
+    num_data = len(devices) // num_fsdp
+  if num_data * num_fsdp > len(devices):
+    raise ValueError(f"mesh {num_data}x{num_fsdp} needs more than the {len(devices)} devices")
+  grid = np.array(devices[:num_data * num_fsdp], dtype=object).reshape(num_data, num_fsdp)
+  return Mesh(grid, DATA_AXES)
+
+
+def num_batch_shards(mesh: Mesh) -> int:
+  """Number of pieces a batch is split into (data * fsdp)."""
+  return int(np.prod([mesh.shape[a] for a in DATA_AXES]))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Sharding of arrays whose leading axis is the example axis."""
+  return NamedSharding(mesh, P(DATA_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """Fully replicated sharding."""
+  return NamedSharding(mesh, P())
+
+
+def shard_batch(batch: Any, mesh: Mesh) -> Any:
+  """Puts a pytree of host arrays [B_local, ...] on the mesh, split on axis 0.
+
+  On one process B_local is the global batch; with several processes each
+  passes its own slice and the global batch is their concatenation.
+  Raises if the global batch size is not divisible by the number of shards.
+  """
+  sharding = batch_sharding(mesh)
+  shards = num_batch_shards(mesh)
+
+  def put(x):
+    x = np.asarray(x)
+    global_b = x.shape[0] * jax.process_count()
+    if global_b % shards:
+      raise ValueError(f"global batch size {global_b} is not divisible by the {shards} "
+                       f"data shards of the mesh {dict(mesh.shape)}")
+    return jax.make_array_from_process_local_data(sharding, x, (global_b,) + x.shape[1:])
+
+  return jax.tree.map(put, batch)
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  """Copies a pytree of arrays onto every device of the mesh."""
+  return jax.device_put(tree, replicated(mesh))
+
+
+def param_shardings(params: Any, mesh: Mesh) -> Any:
+  """Per-leaf NamedSharding: replicated, or FSDP-split when mesh has fsdp > 1.
+
+  With fsdp > 1, a leaf is split on its largest axis divisible by the fsdp
+  size (leaves with no such axis stay replicated).
+  """
+  k = mesh.shape["fsdp"]
+
+  def spec(x):
+    shape = np.shape(x)
+    if k == 1 or not shape:
+      return replicated(mesh)
+    axes = [i for i in np.argsort(shape)[::-1] if shape[i] % k == 0]
+    if not axes:
+      return replicated(mesh)
+    parts = [None] * len(shape)
+    parts[int(axes[0])] = "fsdp"
+    return NamedSharding(mesh, P(*parts))
+
+  return jax.tree.map(spec, params)
+
+
+def put_params(tree: Any, mesh: Mesh) -> Any:
+  """Places params (or optimiser state) per `param_shardings`."""
+  return jax.device_put(tree, param_shardings(tree, mesh))
+
+
+def initialize_distributed(enabled: bool, *, coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None) -> bool:
+  """Calls `jax.distributed.initialize` when `enabled` (multi-host runs).
+
+  With no arguments JAX detects the cluster (SLURM, Cloud TPU, Open MPI,
+  Kubernetes); pass them explicitly elsewhere. Must run before any other JAX
+  call touches devices. Returns whether it initialised.
+  """
+  if not enabled:
+    return False
+  kwargs = {k: v for k, v in (("coordinator_address", coordinator_address),
+                              ("num_processes", num_processes),
+                              ("process_id", process_id)) if v is not None}
+  jax.distributed.initialize(**kwargs)
+  return True

@@ -1,0 +1,479 @@
+"""Fine-tuning: optimiser, jit train/eval steps, early stopping, orbax checkpoints.
+
+Objective. For a batch with loss mask m [B, T] and per-token negative
+log-likelihoods l [B, T], the training loss is the mean NLL per scored token
+
+    L = sum_{b,t} m_bt l_bt / sum_{b,t} m_bt,
+
+the same per-token mean that `evaluate` reports on a whole split (the public
+curves' "test loss"). With gradient accumulation over k micro-batches the
+step sums the numerator and denominator over the micro-batches (a `lax.scan`)
+before dividing, so it equals one step on the full batch (not a mean of
+per-micro-batch means) while holding only one micro-batch of activations.
+
+Optimiser: clip_by_global_norm -> AdamW with linear warm-up and cosine decay
+to end_lr_fraction * learning_rate; no weight decay on 1-D parameters
+(biases, norm scales).
+
+Early stopping (the recipe of the paper's fine-tuning runs, Lin et al. 2024):
+the validation loss is measured before training (step 0) and every
+`eval_every` steps; training stops after `patience` consecutive evaluations
+without an improvement of more than `min_delta`, or at `max_steps`. The
+result keeps the parameters of the best validation evaluation; its test loss
+is what a curve reports for this subset size.
+
+Determinism: the batch of step s is a pure function of (seed, s)
+(`textdata.train_batch_indices`), the step key is fold_in(key(seed), s), and
+checkpoints (taken at every evaluation) hold params, optimiser state, best
+params, step, data position and early-stopping state, so a run interrupted
+at any point and restarted with the same arguments ends with the same
+parameters as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lensllm_jax import sharding as shd
+from lensllm_jax import textdata
+
+
+class ApplyFn(Protocol):
+  """(params, input_ids [B, T], attention_mask [B, T], key) -> logits [B, T, V]."""
+
+  def __call__(self, params: Any, input_ids: jax.Array, attention_mask: jax.Array,
+               key: jax.Array) -> jax.Array: ...
+
+
+def causal_lm_apply(model: Any, *, dropout: bool = False) -> ApplyFn:
+  """An `ApplyFn` for a `lensllm_jax.models.CausalLM` (or any Flax module with
+  the same call signature). With dropout=True the key feeds dropout."""
+
+  def apply_fn(params, input_ids, attention_mask, key):
+    if dropout:
+      return model.apply({"params": params}, input_ids, attention_mask=attention_mask,
+                         deterministic=False, rngs={"dropout": key})
+    return model.apply({"params": params}, input_ids, attention_mask=attention_mask)
+
+  return apply_fn
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Fine-tuning hyper-parameters.
+
+  Attributes:
+    learning_rate: peak learning rate.
+    warmup_steps: linear warm-up from 0 to the peak.
+    decay_steps: horizon of the cosine decay (default: max_steps).
+    end_lr_fraction: final learning rate / peak.
+    weight_decay: AdamW decoupled weight decay (not on 1-D parameters).
+    b1, b2, eps: Adam moments.
+    grad_clip: global-norm clipping threshold (None: no clipping).
+    batch_size: examples per step (global, over all devices).
+    grad_accum: micro-batches per step (divides batch_size).
+    max_steps: step budget.
+    eval_every: steps between validation evaluations (and checkpoints).
+    patience: evaluations without improvement before stopping.
+    min_delta: improvement threshold of the validation loss.
+    eval_batch_size: examples per evaluation batch.
+    seed: data order and step keys.
+  """
+  learning_rate: float = 1e-4
+  warmup_steps: int = 0
+  decay_steps: int | None = None
+  end_lr_fraction: float = 0.1
+  weight_decay: float = 0.0
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  grad_clip: float | None = 1.0
+  batch_size: int = 16
+  grad_accum: int = 1
+  max_steps: int = 1000
+  eval_every: int = 50
+  patience: int = 3
+  min_delta: float = 0.0
+  eval_batch_size: int = 32
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.batch_size % self.grad_accum:
+      raise ValueError(f"TrainConfig.grad_accum={self.grad_accum} must divide "
+                       f"batch_size={self.batch_size}")
+    for name in ("batch_size", "grad_accum", "max_steps", "eval_every", "patience",
+                 "eval_batch_size"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+
+
+def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
+  """Linear warm-up to cfg.learning_rate, cosine decay to end_lr_fraction of it."""
+  decay = max(cfg.decay_steps or cfg.max_steps, cfg.warmup_steps + 1)
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0 if cfg.warmup_steps else cfg.learning_rate,
+      peak_value=cfg.learning_rate, warmup_steps=cfg.warmup_steps, decay_steps=decay,
+      end_value=cfg.learning_rate * cfg.end_lr_fraction)
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+  """clip_by_global_norm(grad_clip) -> adamw(schedule) (decay masked off 1-D leaves)."""
+  parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip else []
+  parts.append(optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                           weight_decay=cfg.weight_decay,
+                           mask=lambda p: jax.tree.map(lambda x: jnp.ndim(x) > 1, p)))
+  return optax.chain(*parts)
+
+
+class TrainState(NamedTuple):
+  """step: [] int32; params and opt_state: pytrees."""
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def init_state(params: Any, optimizer: optax.GradientTransformation) -> TrainState:
+  return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+
+
+def token_loss_sums(logits: jax.Array, targets: jax.Array,
+                    loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(sum_bt m_bt * -log softmax(logits_bt)[targets_bt], sum_bt m_bt), float32 scalars.
+
+  Args:
+    logits: [B, T, V]; targets: [B, T] int; loss_mask: [B, T].
+  """
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  mask = loss_mask.astype(jnp.float32)
+  return jnp.sum(nll * mask), jnp.sum(mask)
+
+
+def _batch_sums(apply_fn, params, batch, key):
+  logits = apply_fn(params, batch["input_ids"], batch["attention_mask"], key)
+  return token_loss_sums(logits, batch["targets"], batch["loss_mask"])
+
+
+def make_train_step(apply_fn: ApplyFn, optimizer: optax.GradientTransformation, *,
+                    grad_accum: int = 1, donate: bool = True) -> Callable:
+  """Builds the jit-compiled step (state, batch, key) -> (state, metrics).
+
+  batch: dict of [B, T] arrays ("input_ids", "targets", "loss_mask",
+  "attention_mask"), B divisible by grad_accum (micro-batch i holds rows
+  i, i + k, ...). The step key is
+  fold_in(key, state.step) and micro-batch i gets fold_in(step_key, i).
+  metrics: {"loss": mean NLL per scored token, "tokens": scored tokens,
+  "grad_norm": global norm before clipping}. The state buffers are donated.
+  """
+
+  def step_fn(state: TrainState, batch: dict, key: jax.Array):
+    step_key = jax.random.fold_in(key, state.step)
+    # Micro-batch i = rows i, i + k, i + 2k, ...: strided, so that every
+    # device's contiguous block of a sharded batch holds part of each one.
+    micro = jax.tree.map(
+        lambda x: x.reshape((x.shape[0] // grad_accum, grad_accum) + x.shape[1:]).swapaxes(0, 1),
+        batch)
+
+    def sum_loss(params, mb, k):
+      total, count = _batch_sums(apply_fn, params, mb, k)
+      return total, count  # differentiate the sum; divide once by the total count
+
+    # Value and gradient together: scan over micro-batches, summing both.
+    vg = jax.value_and_grad(sum_loss, has_aux=True)
+
+    def body_vg(carry, xs):
+      grads, total, count = carry
+      i, mb = xs
+      (t, c), g = vg(state.params, mb, jax.random.fold_in(step_key, i))
+      return (jax.tree.map(jnp.add, grads, g), total + t, count + c), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+    (grads, total, count), _ = jax.lax.scan(
+        body_vg, init, (jnp.arange(grad_accum), micro))
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": total / denom, "tokens": count, "grad_norm": optax.global_norm(grads)}
+    return TrainState(state.step + 1, params, opt_state), metrics
+
+  return jax.jit(step_fn, donate_argnums=(0,) if donate else ())
+
+
+def make_eval_step(apply_fn: ApplyFn) -> Callable:
+  """jit (params, batch) -> (sum of scored-token NLL, number of scored tokens)."""
+
+  def eval_fn(params, batch):
+    return _batch_sums(apply_fn, params, batch, jax.random.key(0))
+
+  return jax.jit(eval_fn)
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_steps(apply_fn: ApplyFn, cfg: TrainConfig):
+  """(optimizer, train step, eval step), cached so repeated runs reuse compilations."""
+  optimizer = make_optimizer(cfg)
+  return (optimizer, make_train_step(apply_fn, optimizer, grad_accum=cfg.grad_accum),
+          cached_eval_step(apply_fn))
+
+
+@functools.lru_cache(maxsize=8)
+def cached_eval_step(apply_fn: ApplyFn) -> Callable:
+  """`make_eval_step(apply_fn)`, one per apply_fn (reuses its compilations)."""
+  return make_eval_step(apply_fn)
+
+
+def evaluate(eval_step: Callable, params: Any, data: textdata.TokenizedData,
+             batch_size: int, *, mesh: Any = None) -> float:
+  """Mean NLL per scored token over all of `data` (summed in float64 on host).
+
+  With a mesh the batches are sharded over its data axes (batch_size must be
+  divisible by the number of shards).
+  """
+  total, count = 0.0, 0.0
+  for batch in textdata.eval_batches(data, batch_size):
+    if mesh is not None:
+      batch = shd.shard_batch(batch, mesh)
+    t, c = eval_step(params, batch)
+    total += float(t)
+    count += float(c)
+  if count == 0:
+    raise ValueError("evaluation data has no scored tokens (loss_mask is all zero)")
+  return total / count
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints.
+
+
+class _Checkpoints:
+  """Orbax CheckpointManager of {"state": arrays, "meta": JSON} per step."""
+
+  def __init__(self, directory: str, max_to_keep: int = 2):
+    import orbax.checkpoint as ocp
+
+    self._ocp = ocp
+    self.manager = ocp.CheckpointManager(
+        os.path.abspath(directory),
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
+                                             enable_async_checkpointing=False))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, arrays: Any, meta: dict) -> None:
+    ocp = self._ocp
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)), force=True)
+    self.manager.wait_until_finished()
+
+  def restore(self, step: int, like: Any) -> tuple[Any, dict]:
+    ocp = self._ocp
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    out = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    return out["state"], out["meta"]
+
+  def close(self) -> None:
+    self.manager.close()
+
+
+def save_params(path: str, params: Any) -> None:
+  """Writes a parameter pytree with orbax (a fresh directory `path`)."""
+  import orbax.checkpoint as ocp
+
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(os.path.abspath(path), params)
+
+
+def load_params(path: str, like: Any = None) -> Any:
+  """Reads a pytree written by `save_params` (as `like`'s structure if given)."""
+  import orbax.checkpoint as ocp
+
+  with ocp.StandardCheckpointer() as ckpt:
+    if like is None:
+      return ckpt.restore(os.path.abspath(path))
+    return ckpt.restore(os.path.abspath(path),
+                        jax.tree.map(ocp.utils.to_shape_dtype_struct, like))
+
+
+# ---------------------------------------------------------------------------
+# The fine-tuning loop.
+
+
+@dataclasses.dataclass
+class FinetuneResult:
+  """Outcome of `finetune`.
+
+  Attributes:
+    params: parameters of the best validation evaluation (the pre-trained
+      ones if no evaluation improved on step 0).
+    final_params: parameters after the last step run.
+    best_step: step of the best validation evaluation.
+    best_val_loss: its validation loss (mean NLL per token).
+    initial_val_loss: validation loss of the starting parameters.
+    steps: steps run in total (over all resumed calls).
+    stopped_early: patience ran out before max_steps.
+    finished: False when stopped by `stop_after_steps` (resume to finish).
+    train_tokens: non-padding input tokens processed by training steps.
+    scored_tokens: target tokens the training loss was taken on.
+    history: one dict per evaluation (step, val_loss, train_loss, lr).
+    seconds: wall time of this call.
+  """
+  params: Any
+  final_params: Any
+  best_step: int
+  best_val_loss: float
+  initial_val_loss: float
+  steps: int
+  stopped_early: bool
+  finished: bool
+  train_tokens: int
+  scored_tokens: int
+  history: list
+  seconds: float
+
+
+def finetune(apply_fn: ApplyFn, params: Any, train: textdata.TokenizedData,
+             validation: textdata.TokenizedData, cfg: TrainConfig, *,
+             checkpoint_dir: str | None = None, stop_after_steps: int | None = None,
+             mesh: Any = None, log_fn: Callable[[dict], None] | None = None) -> FinetuneResult:
+  """Fine-tunes `params` on `train` with early stopping on `validation`.
+
+  Args:
+    apply_fn: see `ApplyFn` (e.g. `causal_lm_apply(CausalLM(config))`).
+    params: starting (pre-trained) parameters; not modified.
+    train, validation: tokenised splits ([N, T] arrays).
+    cfg: hyper-parameters.
+    checkpoint_dir: if set, state is saved there at every evaluation and a
+      call finding a checkpoint resumes from it (a finished run returns at
+      once).
+    stop_after_steps: stop (unfinished) once this many steps have been run in
+      total -- simulates an interrupted run.
+    mesh: a `sharding.make_mesh()` mesh for data-parallel training (None:
+      default device).
+    log_fn: called with a dict at every evaluation (progress display).
+
+  Returns:
+    FinetuneResult.
+  """
+  start_time = time.time()
+  optimizer, train_step, eval_step = _compiled_steps(apply_fn, cfg)
+  key = jax.random.key(cfg.seed)
+
+  def place_params(tree):
+    return shd.put_params(tree, mesh) if mesh is not None else jax.device_put(tree)
+
+  # Copy: the caller's params must survive buffer donation.
+  params = place_params(jax.tree.map(jnp.array, params))
+  state = init_state(params, optimizer)
+  if mesh is not None:
+    state = TrainState(shd.replicate(state.step, mesh), state.params,
+                       place_params(state.opt_state))
+  best_params = jax.tree.map(jnp.copy, params)
+  meta = {"step": 0, "best_step": 0, "best_val_loss": None, "initial_val_loss": None,
+          "bad_evals": 0, "stopped_early": False, "done": False, "train_tokens": 0,
+          "scored_tokens": 0, "history": [], "data_seed": cfg.seed,
+          "config": dataclasses.asdict(cfg)}
+  ckpt = _Checkpoints(checkpoint_dir) if checkpoint_dir else None
+  try:
+    if ckpt is not None and ckpt.latest_step() is not None:
+      arrays, meta = ckpt.restore(ckpt.latest_step(),
+                                  {"state": state._asdict(), "best_params": best_params})
+      if meta["config"] != json.loads(json.dumps(dataclasses.asdict(cfg))):
+        raise ValueError(f"checkpoint in {checkpoint_dir} was written with another TrainConfig: "
+                         f"{meta['config']} != {dataclasses.asdict(cfg)}")
+      state, best_params = TrainState(**arrays["state"]), arrays["best_params"]
+    if meta["initial_val_loss"] is None:
+      val = evaluate(eval_step, state.params, validation, cfg.eval_batch_size, mesh=mesh)
+      meta.update(initial_val_loss=val, best_val_loss=val)
+      meta["history"].append({"step": 0, "val_loss": val, "train_loss": None})
+    schedule = learning_rate_schedule(cfg)
+    train_sum, train_count = 0.0, 0.0
+    step = int(meta["step"])
+    while not meta["done"]:
+      if stop_after_steps is not None and step >= stop_after_steps:
+        break
+      batch = textdata.train_batch(train, cfg.batch_size, step, seed=cfg.seed)
+      meta["train_tokens"] += int(batch["attention_mask"].sum())
+      if mesh is not None:
+        batch = shd.shard_batch(batch, mesh)
+      state, metrics = train_step(state, batch, key)
+      step += 1
+      tokens = float(metrics["tokens"])
+      meta["scored_tokens"] += int(tokens)
+      train_sum += float(metrics["loss"]) * tokens
+      train_count += tokens
+      if not math.isfinite(float(metrics["loss"])):
+        raise FloatingPointError(f"non-finite training loss at step {step}: {metrics}")
+      if step % cfg.eval_every and step < cfg.max_steps:
+        continue
+      val = evaluate(eval_step, state.params, validation, cfg.eval_batch_size, mesh=mesh)
+      record = {"step": step, "val_loss": val,
+                "train_loss": train_sum / max(train_count, 1.0),
+                "lr": float(schedule(step - 1))}
+      train_sum, train_count = 0.0, 0.0
+      meta["history"].append(record)
+      if val < meta["best_val_loss"] - cfg.min_delta:
+        meta.update(best_val_loss=val, best_step=step, bad_evals=0)
+        best_params = jax.tree.map(jnp.copy, state.params)
+      else:
+        meta["bad_evals"] += 1
+      meta["stopped_early"] = meta["bad_evals"] >= cfg.patience
+      meta["done"] = meta["stopped_early"] or step >= cfg.max_steps
+      meta["step"] = step
+      if log_fn is not None:
+        log_fn(dict(record, best_val_loss=meta["best_val_loss"], best_step=meta["best_step"]))
+      if ckpt is not None:
+        ckpt.save(step, {"state": state._asdict(), "best_params": best_params}, meta)
+  finally:
+    if ckpt is not None:
+      ckpt.close()
+  return FinetuneResult(
+      params=best_params, final_params=state.params, best_step=int(meta["best_step"]),
+      best_val_loss=float(meta["best_val_loss"]),
+      initial_val_loss=float(meta["initial_val_loss"]), steps=step,
+      stopped_early=bool(meta["stopped_early"]), finished=bool(meta["done"]),
+      train_tokens=int(meta["train_tokens"]), scored_tokens=int(meta["scored_tokens"]),
+      history=list(meta["history"]), seconds=time.time() - start_time)
+
+
+def pretrain(apply_fn: ApplyFn, params: Any, train: textdata.TokenizedData,
+             cfg: TrainConfig, *, mesh: Any = None) -> tuple[Any, list[float]]:
+  """Plain training for cfg.max_steps steps (no evaluation; tiny configs).
+
+  Returns:
+    (params, per-step training losses).
+  """
+  optimizer, train_step, _ = _compiled_steps(apply_fn, cfg)
+  params = jax.tree.map(jnp.array, params)
+  if mesh is not None:
+    params = shd.put_params(params, mesh)
+  state = init_state(params, optimizer)
+  key = jax.random.key(cfg.seed)
+  losses = []
+  for step in range(cfg.max_steps):
+    batch = textdata.train_batch(train, cfg.batch_size, step, seed=cfg.seed)
+    if mesh is not None:
+      batch = shd.shard_batch(batch, mesh)
+    state, metrics = train_step(state, batch, key)
+    losses.append(float(metrics["loss"]))
+  return state.params, losses
+
+
+def as_numpy(tree: Any) -> Any:
+  """Host copy of a pytree of arrays."""
+  return jax.tree.map(np.asarray, tree)

@@ -1,0 +1,194 @@
+"""Hugging Face conversion: our Flax models reproduce transformers' logits.
+
+References are independent: PyTorch models built by `transformers` (CPU),
+saved with save_pretrained(safe_serialization=True), converted and compared.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lensllm_jax import models
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 97
+BATCH, LENGTH = 3, 12
+
+
+def _batch(seed: int = 0):
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(0, VOCAB, size=(BATCH, LENGTH))
+  mask = np.ones((BATCH, LENGTH), np.int64)
+  mask[1, 8:] = 0  # right padding
+  mask[2, :3] = 0  # left padding
+  return ids, mask
+
+
+def _torch_logits(model, ids, mask, positions):
+  with torch.no_grad():
+    out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                position_ids=torch.tensor(positions))
+  return out.logits.float().numpy()
+
+
+def _positions(mask):
+  # Left-padded rows count positions from their first real token (both models get these).
+  return np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+
+
+def _compare(hf_model, checkpoint_dir, atol=1e-4):
+  config, params = models.load_hf_checkpoint(checkpoint_dir)
+  ids, mask = _batch()
+  positions = _positions(mask)
+  apply = jax.jit(models.CausalLM(config).apply)
+  ours = apply({"params": params}, jnp.asarray(ids), attention_mask=jnp.asarray(mask),
+               positions=jnp.asarray(positions))
+  theirs = _torch_logits(hf_model, ids, mask, positions)
+  real = mask.astype(bool)
+  assert ours.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(ours)[real], theirs[real], atol=atol, rtol=0)
+  return config, params
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+  torch.manual_seed(0)
+  hf_config = transformers.GPT2Config(
+      vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=4,
+      bos_token_id=0, eos_token_id=0, attn_implementation="eager")
+  model = transformers.GPT2LMHeadModel(hf_config).eval()
+  # Make LayerNorms and biases non-trivial so a mis-mapped tensor shows up.
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith("bias") or "ln" in name:
+        p.add_(0.1 * torch.randn_like(p))
+  path = tmp_path_factory.mktemp("gpt2")
+  model.save_pretrained(path, safe_serialization=True)
+  return path, model
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+  torch.manual_seed(1)
+  hf_config = transformers.LlamaConfig(
+      vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+      rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 500.0},
+      bos_token_id=0, eos_token_id=0, attn_implementation="eager")
+  model = transformers.LlamaForCausalLM(hf_config).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "norm" in name:
+        p.add_(0.1 * torch.randn_like(p))
+  path = tmp_path_factory.mktemp("llama")
+  model.save_pretrained(path, safe_serialization=True)
+  return path, model
+
+
+def test_gpt2_logits_match_transformers(gpt2_dir):
+  path, hf_model = gpt2_dir
+  config, params = _compare(hf_model, path)
+  assert config.arch == "gpt2" and config.tie_embeddings
+  assert set(params) == set(models.block_names(config))
+  # Independent parameter count: torch's own count (tied weights once).
+  n_torch = sum(p.numel() for p in hf_model.parameters())
+  assert models.count_params(params) == models.num_params(config) == n_torch
+
+
+def test_llama_logits_match_transformers(llama_dir):
+  path, hf_model = llama_dir
+  config, params = _compare(hf_model, path)
+  assert config.arch == "llama" and config.n_kv_heads == 2 and config.rope_theta == 500.0
+  n_torch = sum(p.numel() for p in hf_model.parameters())
+  assert models.count_params(params) == models.num_params(config) == n_torch
+
+
+def test_bfloat16_checkpoint_is_upcast(tmp_path, gpt2_dir):
+  _, hf_model = gpt2_dir
+
+  half = copy.deepcopy(hf_model).to(torch.bfloat16)
+  half.save_pretrained(tmp_path, safe_serialization=True)
+  _, params = models.load_hf_checkpoint(tmp_path)
+  expected = half.transformer.h[1].mlp.c_fc.weight.detach().float().numpy()
+  got = np.asarray(params["h_1"]["mlp"]["c_fc"]["kernel"])
+  assert got.dtype == np.float32
+  np.testing.assert_array_equal(got, expected)
+
+
+def test_missing_and_misshaped_tensors_are_named(gpt2_dir, llama_dir):
+  path, _ = gpt2_dir
+  config = models.config_from_hf(json.loads((path / "config.json").read_text()))
+  tensors = models.read_safetensors(path)
+  missing = dict(tensors)
+  missing.pop("transformer.h.1.mlp.c_fc.weight")
+  with pytest.raises(models.CheckpointError, match=r"h\.1\.mlp\.c_fc\.weight"):
+    models.convert_gpt2_weights(missing, config)
+  bad = dict(tensors)
+  bad["transformer.h.0.attn.c_attn.weight"] = np.zeros((32, 95), np.float32)
+  with pytest.raises(models.CheckpointError, match=r"h\.0\.attn\.c_attn\.weight.*\(32, 95\)"):
+    models.convert_gpt2_weights(bad, config)
+  extra = dict(tensors)
+  extra["transformer.h.2.ln_1.weight"] = np.zeros((32,), np.float32)
+  with pytest.raises(models.CheckpointError, match=r"h\.2\.ln_1\.weight"):
+    models.convert_gpt2_weights(extra, config)
+  lpath, _ = llama_dir
+  lconfig = models.config_from_hf(json.loads((lpath / "config.json").read_text()))
+  ltensors = models.read_safetensors(lpath)
+  ltensors.pop("model.layers.0.self_attn.k_proj.weight")
+  with pytest.raises(models.CheckpointError, match=r"layers\.0\.self_attn\.k_proj\.weight"):
+    models.convert_llama_weights(ltensors, lconfig)
+
+
+def test_unsupported_configs_are_rejected(tmp_path):
+  with pytest.raises(models.CheckpointError, match="model_type"):
+    models.config_from_hf({"model_type": "bert"})
+  with pytest.raises(models.CheckpointError, match="rope_type"):
+    models.config_from_hf({"model_type": "llama", "vocab_size": 10, "hidden_size": 8,
+                           "num_hidden_layers": 1, "num_attention_heads": 2,
+                           "intermediate_size": 16,
+                           "rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4}})
+  with pytest.raises(FileNotFoundError, match="config.json"):
+    models.load_hf_checkpoint(tmp_path)
+
+
+def test_tokenizer_json_round_trip(tmp_path):
+  from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
+  from tokenizers import models as tok_models
+
+  tokenizer = Tokenizer(tok_models.BPE())
+  tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tokenizer.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  corpus = ["the cat sat on the mat", "the dog ate the cat's dinner",
+            "fine-tuning dynamics of large language models"] * 20
+  tokenizer.train_from_iterator(corpus, trainer)
+  tokenizer.save(str(tmp_path / "tokenizer.json"))
+
+  text = "the cat ate dinner, then the dog sat: ünïcode too"
+  expected = tokenizer.encode(text).ids
+  for location in (tmp_path, tmp_path / "tokenizer.json"):
+    loaded = models.load_tokenizer(location)
+    assert loaded.encode(text).ids == expected
+    assert loaded.decode(expected) == text
+    assert loaded.token_to_id("<|endoftext|>") == tokenizer.token_to_id("<|endoftext|>")
+  with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+    models.load_tokenizer(tmp_path / "nowhere")
+
+
+def test_sharded_checkpoint_gives_same_params(tmp_path, gpt2_dir):
+  path, hf_model = gpt2_dir
+  hf_model.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="20KB")
+  assert (tmp_path / "model.safetensors.index.json").exists()
+  assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+  _, sharded = models.load_hf_checkpoint(tmp_path)
+  _, single = models.load_hf_checkpoint(path)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, sharded, single)
