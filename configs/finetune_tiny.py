@@ -49,21 +49,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.max_len = 40
   c.split_seed = 0
   c.subset_seed = 0
-  c.subset_sizes = [200, 400, 800, 1600]
+  c.subset_sizes = (200, 400, 800, 1600)  # a tuple: overridable on the command line
   # Tokenizer for preset models: byte-level BPE trained on the corpora.
   c.tokenizer_vocab = 320
   c.pretrain_corpus_size = 4000
   c.models = [
       ml_collections.ConfigDict(dict(name="tiny-gpt2", family="GPT-2", preset="tiny-gpt2",
-                                     hf_dir="", init_seed=0, pretrain_steps=300)),
+                                     hf_dir="", init_seed=0, pretrain_steps=200)),
       ml_collections.ConfigDict(dict(name="tiny-llama", family="Llama", preset="tiny-llama",
-                                     hf_dir="", init_seed=0, pretrain_steps=300)),
+                                     hf_dir="", init_seed=0, pretrain_steps=200)),
   ]
   c.pretrain = ml_collections.ConfigDict(dict(
       learning_rate=3e-3, warmup_steps=20, batch_size=32, seed=0))
   c.train = ml_collections.ConfigDict(dict(
       learning_rate=1e-3, warmup_steps=10, end_lr_fraction=0.1, weight_decay=0.0,
-      grad_clip=1.0, batch_size=16, grad_accum=1, max_steps=200, eval_every=20,
+      grad_clip=1.0, batch_size=16, grad_accum=1, max_steps=150, eval_every=25,
       patience=2, min_delta=0.0, eval_batch_size=64, seed=0))
   # NTK snapshots on the first `num_probe` test examples (0 disables).
   c.ntk = ml_collections.ConfigDict(dict(num_probe=8, output="log_likelihood"))
@@ -73,7 +73,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.num_validation = 48
     c.num_test = 64
     c.max_len = 24
-    c.subset_sizes = [200, 400]
+    c.subset_sizes = (200, 400)
     c.pretrain_corpus_size = 600
     c.tokenizer_vocab = 280
     c.models[0].pretrain_steps = 20

@@ -95,11 +95,7 @@ def time_engine(law, d, y, key):
 
 def engine_starts(law, d, y, key):
   """The engine's [C, R, K] starting points (same key and initialiser)."""
-  with jax.enable_x64(True):
-    keys = jax.random.split(key, d.shape[0])
-    init = jax.vmap(lambda k, dd, yy: law.init(k, dd, yy, jnp.ones_like(dd, bool),
-                                               _NUM_RESTARTS.value))
-    return np.asarray(init(keys, jnp.asarray(d), jnp.asarray(y)))
+  return fitting.initial_params(law, d, y, key=key, num_restarts=_NUM_RESTARTS.value)
 
 
 def time_scipy(law, d, y, starts):
@@ -152,7 +148,9 @@ def main(argv):
   worst = int(np.argmax(diff))
   print(f"curves: {d.shape[0]} ({', '.join(_BENCHMARK.value)}), points per curve: {d.shape[1]}, "
         f"restarts: {_NUM_RESTARTS.value}, optimizer: {_OPTIMIZER.value}")
-  print(f"engine status counts: {dict(zip(*np.unique(result.status, return_counts=True), strict=True))}")
+  names, counts = np.unique(result.status, return_counts=True)
+  status_counts = {str(k): int(v) for k, v in zip(names, counts, strict=True)}
+  print(f"engine status counts: {status_counts}")
   print(f"engine compile time: {compile_s:.2f} s")
   print(f"engine run time (min of {_REPEATS.value}): {run_s:.3f} s")
   print(f"scipy loop ({_SCIPY_METHOD.value}, jac={_SCIPY_JAC.value}) time: {scipy_s:.2f} s")

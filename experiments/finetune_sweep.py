@@ -125,8 +125,9 @@ def load_model(spec, cfg, workdir: pathlib.Path, splits, mesh) -> LoadedModel:
     tok = models.load_tokenizer(spec.hf_dir)
   else:
     if spec.preset not in models.presets:
-      raise ValueError(f"model {spec.name!r}: preset {spec.preset!r} not in "
-                       f"{sorted(models.presets)}")
+      raise ValueError(f"model {spec.name!r}: set hf_dir (a Hugging Face checkpoint directory) "
+                       f"or preset (one of {sorted(models.presets)}); got preset "
+                       f"{spec.preset!r}")
     tok = preset_tokenizer(cfg, workdir, splits)
     overrides = spec.get("overrides", None)
     overrides = overrides.to_dict() if overrides is not None else {}

@@ -1,18 +1,27 @@
-"""Batched fitting of fine-tuning laws: one jit-compiled L-BFGS loop for all curves.
+"""Batched fitting of fine-tuning laws: one jit-compiled optax loop for all curves.
 
 `fit_curves` fits a `laws.Law` to C curves with R restarts each. Every
-(curve, restart) pair runs the same optax L-BFGS loop (zoom line search,
-`optax.lbfgs`) inside a `jax.lax.while_loop`; the loop is `jax.vmap`-ed over
-restarts and curves and compiled once per (law, settings, shapes). All
-arithmetic is float64 (`jax.enable_x64` is switched on inside the call, so
-callers need no global config).
+(curve, restart) pair runs the same optax optimiser inside a
+`jax.lax.while_loop`; the loop is `jax.vmap`-ed over restarts and curves and
+compiled once per (law, optimiser, shapes). All arithmetic is float64
+(`jax.enable_x64` is switched on inside the call; callers need no global
+config).
 
-Stopping rule per (curve, restart), checked after every L-BFGS step:
-  * "converged": ||grad||_inf <= gtol, or the objective changed by at most
-    ftol * max(|f|, f_scale) for `patience` consecutive steps;
+Optimiser (measured, see experiments/bench_fit_speed.py): the default is a
+damped Newton method written as an optax transformation
+(`scale_by_damped_newton`): with K = 4 parameters the exact Hessian is cheap,
+each step is one Hessian, one eigendecomposition and one trial evaluation,
+with no inner line-search loop. `optax.lbfgs` (zoom line search) reaches
+the same optima but its nested, vmapped line-search loop made it ~10-20x
+slower here on CPU; it remains selectable.
+
+Stopping rule per (curve, restart), checked after every step:
+  * "converged": ||grad||_inf <= gtol; or the objective changed by at most
+    ftol * max(|f|, f_scale) on `patience` consecutive accepted steps; or 40
+    consecutive trust-region rejections (no decrease found at any step size);
   * "max_steps": max_steps steps done without converging;
-  * "nonfinite": the objective or parameters became NaN / inf (the restart is
-    discarded).
+  * "nonfinite": the objective, gradient or parameters became NaN / inf (the
+    restart is discarded).
 Per curve, the finite restart with the lowest objective is returned; a
 curve with no finite restart gets status "nonfinite", objective +inf and NaN
 parameters (never silently), and a curve with no valid point gets "no_data".
@@ -30,11 +39,15 @@ import optax
 
 from lensllm_jax import laws as laws_lib
 
-__all__ = ["FitResult", "fit_curves", "STATUS_NAMES"]
+__all__ = ["STATUS_NAMES", "FitResult", "fit_curves", "initial_params",
+           "scale_by_damped_newton", "scale_by_gauss_newton"]
 
 STATUS_NAMES = ("converged", "max_steps", "nonfinite", "no_data")
 _CONVERGED, _MAX_STEPS, _NONFINITE, _NO_DATA = range(4)
 _RUNNING = -1
+# Consecutive rejected trust-region steps after which the point is taken as a
+# numerical minimum: the damping has grown by 4^40 (to its clip), the step is ~0.
+_MAX_REJECTED = 40
 
 
 class FitResult(NamedTuple):
@@ -80,7 +93,8 @@ class _LoopState(NamedTuple):
   value: jax.Array         # scalar, objective at params
   grad: jax.Array          # [K]
   step: jax.Array          # int
-  stall: jax.Array         # int, consecutive steps with tiny relative change
+  stall: jax.Array         # int, consecutive accepted steps with tiny relative change
+  rejected: jax.Array      # int, consecutive rejected (zero) steps
   reason: jax.Array        # int, _RUNNING until stopped
 
 
@@ -184,9 +198,13 @@ def _make_optimizer(name: str, memory_size: int):
                    "'newton' or 'lbfgs'")
 
 
-def _run_one(law, optimizer, max_steps, gtol, ftol, f_scale, patience,
-             raw0, data_size, log_loss, mask, aux):
-  """Optimises from raw0 [K] on one curve; returns (raw, value, grad_inf, steps, reason)."""
+def _run_one(law, optimizer, pass_residual_fn, raw0, data_size, log_loss, mask, aux, controls):
+  """Optimises from raw0 [K] on one curve; returns (raw, value, grad_inf, steps, reason).
+
+  controls = (max_steps, gtol, ftol, f_scale, patience) are traced scalars, so
+  changing them does not recompile.
+  """
+  max_steps, gtol, ftol, f_scale, patience = controls
 
   def fun(raw):
     return law.objective(raw, data_size, log_loss, mask, aux)
@@ -199,52 +217,102 @@ def _run_one(law, optimizer, max_steps, gtol, ftol, f_scale, patience,
   ok0 = jnp.isfinite(v0) & jnp.all(jnp.isfinite(g0))
   reason0 = jnp.where(ok0, jnp.where(jnp.max(jnp.abs(g0)) <= gtol, _CONVERGED, _RUNNING),
                       _NONFINITE)
-  state0 = _LoopState(raw0, optimizer.init(raw0), v0, g0, jnp.array(0), jnp.array(0),
-                      jnp.asarray(reason0))
+  zero = jnp.array(0, jnp.int32)
+  state0 = _LoopState(raw0, optimizer.init(raw0), v0, g0, zero, zero, zero, jnp.asarray(reason0))
 
   def cond(s):
     return s.reason == _RUNNING
 
   def body(s):
+    extra = {"residual_fn": residual_fn} if pass_residual_fn else {}
     updates, opt_state = optimizer.update(s.grad, s.opt_state, s.params, value=s.value,
-                                          grad=s.grad, value_fn=fun,
-                                          residual_fn=residual_fn)
+                                          grad=s.grad, value_fn=fun, **extra)
     params = optax.apply_updates(s.params, updates)
     new_value, new_grad = value_and_grad(params)
     step = s.step + 1
     finite = (jnp.isfinite(new_value) & jnp.all(jnp.isfinite(new_grad))
               & jnp.all(jnp.isfinite(params)))
-    small = jnp.abs(s.value - new_value) <= ftol * jnp.maximum(
-      jnp.maximum(jnp.abs(new_value), jnp.abs(s.value)), f_scale)
-    stall = jnp.where(small, s.stall + 1, 0)
+    # A rejected trust-region step (zero update) is neither progress nor stall.
+    moved = jnp.any(updates != 0)
+    small = moved & (jnp.abs(s.value - new_value) <= ftol * jnp.maximum(
+      jnp.maximum(jnp.abs(new_value), jnp.abs(s.value)), f_scale))
+    stall = jnp.where(small, s.stall + 1, jnp.where(moved, 0, s.stall))
+    rejected = jnp.where(moved, 0, s.rejected + 1)
     reason = jnp.where(
       ~finite, _NONFINITE,
-      jnp.where((jnp.max(jnp.abs(new_grad)) <= gtol) | (stall >= patience), _CONVERGED,
+      jnp.where((jnp.max(jnp.abs(new_grad)) <= gtol) | (stall >= patience)
+                | (rejected >= _MAX_REJECTED), _CONVERGED,
                 jnp.where(step >= max_steps, _MAX_STEPS, _RUNNING)))
-    return _LoopState(params, opt_state, new_value, new_grad, step, stall, reason)
+    return _LoopState(params, opt_state, new_value, new_grad, step, stall, rejected, reason)
 
   s = jax.lax.while_loop(cond, body, state0)
   return s.params, s.value, jnp.max(jnp.abs(s.grad)), s.step, s.reason
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled_fit(law, optimizer_name, max_steps, gtol, ftol, f_scale, patience, memory_size,
-                  has_aux):
-  """jit(vmap_curves(vmap_restarts(_run_one))), cached per law and settings."""
+def _compiled_fit(law, optimizer_name, memory_size, has_aux):
+  """jit(vmap_curves(vmap_restarts(_run_one))), cached per law and optimiser."""
   optimizer = _make_optimizer(optimizer_name, memory_size)
-  one = functools.partial(_run_one, law, optimizer, max_steps, gtol, ftol, f_scale, patience)
+  one = functools.partial(_run_one, law, optimizer, optimizer_name == "gauss_newton")
   aux_axis = 0 if has_aux else None
-  over_restarts = jax.vmap(one, in_axes=(0, None, None, None, None))
-  over_curves = jax.vmap(over_restarts, in_axes=(0, 0, 0, 0, aux_axis))
+  over_restarts = jax.vmap(one, in_axes=(0, None, None, None, None, None))
+  over_curves = jax.vmap(over_restarts, in_axes=(0, 0, 0, 0, aux_axis, None))
   return jax.jit(over_curves)
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled_init(law, num_restarts, has_aux):
+def _compiled_init(law, has_aux):
   aux_axis = 0 if has_aux else None
-  fn = jax.vmap(lambda k, d, y, m, a: law.init(k, d, y, m, num_restarts, a),
-                in_axes=(0, 0, 0, 0, aux_axis))
-  return jax.jit(fn)
+  return jax.jit(jax.vmap(law.init_from_uniforms, in_axes=(0, 0, 0, 0, aux_axis)))
+
+
+def _prepare(law, data_size, log_loss, mask, aux):
+  """Validated float64 numpy inputs: (d_in, y_in, valid, num_points, aux_in)."""
+  y = np.asarray(log_loss, dtype=np.float64)
+  if y.ndim != 2:
+    raise ValueError(f"log_loss must be [curves, points], got shape {y.shape}")
+  c, p = y.shape
+  d = np.asarray(data_size, dtype=np.float64)
+  if d.ndim == 1:
+    d = np.broadcast_to(d, (c, p))
+  if d.shape != (c, p):
+    raise ValueError(f"data_size shape {np.shape(data_size)} does not match log_loss {y.shape}")
+  m = np.ones((c, p), bool) if mask is None else np.asarray(mask, dtype=bool)
+  if m.shape != (c, p):
+    raise ValueError(f"mask shape {m.shape} does not match log_loss {y.shape}")
+  if law.uses_aux and aux is None:
+    raise ValueError(f"law {law.name!r} with an f_term needs aux= (per-curve pytree)")
+  valid = m & np.asarray(law.valid_data_size(d)) & np.isfinite(d)
+  # Masked entries may be NaN; replace them so no NaN enters any gradient.
+  d_in = np.where(valid, d, 1.0)
+  y_in = np.where(valid, y, 0.0)
+  aux_in = None
+  if aux is not None:
+    aux_in = jax.tree.map(lambda a: jnp.asarray(a), aux)
+    for leaf in jax.tree.leaves(aux_in):
+      if leaf.ndim == 0 or leaf.shape[0] != c:
+        raise ValueError(f"aux leaves need a leading [curves]={c} axis, got {leaf.shape}")
+  return d_in, y_in, valid, valid.sum(axis=1), aux_in
+
+
+def initial_params(law: laws_lib.Law, data_size, log_loss, mask=None, *, key: jax.Array,
+                   num_restarts: int = 8, aux: Any = None) -> np.ndarray:
+  """[C, R, K] raw starting points exactly as `fit_curves` draws them (float64).
+
+  Restart 0 of every curve is the law's deterministic (published-style)
+  start; the others use U(0, 1) draws from `laws.uniforms_from_key(key,
+  [C, R, laws.NUM_INIT_UNIFORMS])`.
+  """
+  with jax.enable_x64(True):
+    d_in, y_in, valid, _, aux_in = _prepare(law, data_size, log_loss, mask, aux)
+    return np.asarray(_initial_params(law, d_in, y_in, valid, aux_in, key, num_restarts))
+
+
+def _initial_params(law, d_in, y_in, valid, aux_in, key, num_restarts):
+  if num_restarts < 1:
+    raise ValueError(f"num_restarts must be >= 1, got {num_restarts}")
+  u = laws_lib.uniforms_from_key(key, (d_in.shape[0], num_restarts, laws_lib.NUM_INIT_UNIFORMS))
+  return _compiled_init(law, aux_in is not None)(jnp.asarray(u), d_in, y_in, valid, aux_in)
 
 
 def fit_curves(law: laws_lib.Law, data_size, log_loss, mask=None, *, key: jax.Array,
@@ -255,7 +323,8 @@ def fit_curves(law: laws_lib.Law, data_size, log_loss, mask=None, *, key: jax.Ar
   """Fits `law` to C curves at once (float64), best of R restarts per curve.
 
   Minimises law.objective (mean squared log-loss error, or summed Huber for
-  the vanilla law) over the law's raw parameters with L-BFGS.
+  the vanilla law) over the law's raw parameters. All (curve, restart) pairs
+  run in one jit-compiled `lax.while_loop` of optax updates, vmapped.
 
   Args:
     law: a `laws.Law` (e.g. `laws.rectified_law()`).
@@ -269,58 +338,41 @@ def fit_curves(law: laws_lib.Law, data_size, log_loss, mask=None, *, key: jax.Ar
       deterministic, published-style start).
     aux: per-curve pytree with leading axis [C] passed to the law (NTK mode).
     init_raw: optional [C, R, K] starting points replacing the law's initialiser.
-    max_steps: L-BFGS step limit per restart.
+    optimizer: "auto" (= "newton"), "newton" (`scale_by_damped_newton`, exact
+      Hessian, trust-region damping), "gauss_newton" (Levenberg-Marquardt on
+      the residuals; squared-error laws only) or "lbfgs" (`optax.lbfgs` with
+      zoom line search; much slower here, kept for comparison).
+    max_steps: step limit per restart.
     gtol: gradient tolerance on ||grad||_inf.
     ftol, f_scale, patience: stop when |f_k - f_{k-1}| <= ftol * max(|f|, f_scale)
       for `patience` consecutive steps.
-    memory_size: L-BFGS memory.
+    memory_size: L-BFGS memory (optimizer "lbfgs").
+
+  The controls max_steps, gtol, ftol, f_scale and patience are traced
+  arguments: changing them reuses the compiled loop. A new law object,
+  optimizer or input shape compiles once more.
 
   Returns:
     FitResult with numpy arrays per curve.
   """
   with jax.enable_x64(True):
-    y = np.asarray(log_loss, dtype=np.float64)
-    if y.ndim != 2:
-      raise ValueError(f"log_loss must be [curves, points], got shape {y.shape}")
-    c, p = y.shape
-    d = np.asarray(data_size, dtype=np.float64)
-    if d.ndim == 1:
-      d = np.broadcast_to(d, (c, p))
-    if d.shape != (c, p):
-      raise ValueError(f"data_size shape {np.shape(data_size)} does not match log_loss {y.shape}")
-    m = np.ones((c, p), bool) if mask is None else np.asarray(mask, dtype=bool)
-    if m.shape != (c, p):
-      raise ValueError(f"mask shape {m.shape} does not match log_loss {y.shape}")
-    if num_restarts < 1:
-      raise ValueError(f"num_restarts must be >= 1, got {num_restarts}")
-    if law.uses_aux and aux is None:
-      raise ValueError(f"law {law.name!r} with an f_term needs aux= (per-curve pytree)")
-    valid = m & np.asarray(law.valid_data_size(d)) & np.isfinite(d)
-    num_points = valid.sum(axis=1)
-    # Masked entries may be NaN; replace them so no NaN enters any gradient.
-    d_in = np.where(valid, d, 1.0)
-    y_in = np.where(valid, y, 0.0)
-    has_aux = aux is not None
-    aux_in = jax.tree.map(lambda a: jnp.asarray(a), aux) if has_aux else None
-    if has_aux:
-      for leaf in jax.tree.leaves(aux_in):
-        if leaf.ndim == 0 or leaf.shape[0] != c:
-          raise ValueError(f"aux leaves need a leading [curves]={c} axis, got {leaf.shape}")
-
+    d_in, y_in, valid, num_points, aux_in = _prepare(law, data_size, log_loss, mask, aux)
+    c = d_in.shape[0]
     if init_raw is None:
-      keys = jax.random.split(key, c)
-      raw0 = _compiled_init(law, num_restarts, has_aux)(keys, d_in, y_in, valid, aux_in)
+      raw0 = _initial_params(law, d_in, y_in, valid, aux_in, key, num_restarts)
     else:
       raw0 = jnp.asarray(init_raw, dtype=jnp.float64)
       if raw0.shape != (c, num_restarts, law.num_params):
         raise ValueError(f"init_raw shape {raw0.shape} != "
                          f"[curves {c}, restarts {num_restarts}, params {law.num_params}]")
     if optimizer == "auto":
-      optimizer = "gauss_newton" if law.loss == "squared" else "newton"
-    fit = _compiled_fit(law, optimizer, int(max_steps), float(gtol), float(ftol), float(f_scale),
-                        int(patience), int(memory_size), has_aux)
+      optimizer = "newton"
+    fit = _compiled_fit(law, optimizer, int(memory_size), aux_in is not None)
+    controls = (jnp.asarray(max_steps, jnp.int32), jnp.asarray(gtol, jnp.float64),
+                jnp.asarray(ftol, jnp.float64), jnp.asarray(f_scale, jnp.float64),
+                jnp.asarray(patience, jnp.int32))
     raw, value, gnorm, steps, reason = jax.device_get(
-      fit(raw0, jnp.asarray(d_in), jnp.asarray(y_in), jnp.asarray(valid), aux_in))
+      fit(raw0, jnp.asarray(d_in), jnp.asarray(y_in), jnp.asarray(valid), aux_in, controls))
   return _select_best(law, raw, value, gnorm, steps, reason, num_points)
 
 
@@ -341,7 +393,8 @@ def _select_best(law, raw, value, gnorm, steps, reason, num_points) -> FitResult
   objective = np.where(any_ok & (num_points > 0), masked_value[rows, best], np.inf)
   names = np.asarray(STATUS_NAMES, dtype=object)
   status = names[best_reason]
-  params = {k: np.asarray(v, dtype=np.float64) for k, v in law.constrain(best_raw).items()}
+  with np.errstate(invalid="ignore"):  # NaN rows of failed curves stay NaN
+    params = {k: np.asarray(v, dtype=np.float64) for k, v in law.constrain(best_raw).items()}
   return FitResult(
     law_name=law.name,
     param_names=law.param_names,

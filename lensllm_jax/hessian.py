@@ -317,8 +317,10 @@ def _start_vector(v0, key, dim, dtype):
 
 
 @functools.partial(jax.jit, static_argnames=("num_iters", "tol"))
-def _lanczos_traced(op, q0, norm, key, num_iters, tol):
+def _lanczos_traced(op, v0, key, num_iters, tol):
   dim, dtype = op.dim, op.dtype
+  start_key, key = jax.random.split(key)
+  q0, norm = _start_vector(v0, start_key, dim, dtype)
   basis = jnp.zeros((num_iters, dim), dtype).at[0].set(q0)
   carry = (basis, jnp.zeros(num_iters, dtype), jnp.zeros(num_iters, dtype),
            jnp.asarray(0.0, dtype), jnp.asarray(0.0, dtype), jnp.asarray(0, jnp.int32))
@@ -328,6 +330,10 @@ def _lanczos_traced(op, q0, norm, key, num_iters, tol):
 
   basis, alphas, betas, last, _, breaks = lax.fori_loop(0, num_iters, body, carry)
   return LanczosResult(basis, alphas, betas[:-1], last, breaks, norm)
+
+
+_start_vector_jit = jax.jit(_start_vector, static_argnums=(2, 3))
+_lanczos_update_jit = jax.jit(_lanczos_update, static_argnames=("tol",))
 
 
 def _default_tol(dtype) -> float:
@@ -359,16 +365,15 @@ def lanczos(op: LinearOperator, key: Array, num_iters: int, v0: Array | None = N
   if m < 1:
     raise ValueError(f"lanczos: num_iters must be >= 1, got {num_iters}")
   tol = _default_tol(op.dtype) if tol is None else float(tol)
-  start_key, key = jax.random.split(key)
-  q0, norm = _start_vector(v0, start_key, op.dim, op.dtype)
   if op.traceable:
-    return _lanczos_traced(op, q0, norm, key, m, tol)
-  update = jax.jit(_lanczos_update, static_argnames=("tol",))
+    return _lanczos_traced(op, v0, key, m, tol)
+  start_key, key = jax.random.split(key)
+  q0, norm = _start_vector_jit(v0, start_key, op.dim, op.dtype)
   basis = jnp.zeros((m, op.dim), op.dtype).at[0].set(q0)
   carry = (basis, jnp.zeros(m, op.dtype), jnp.zeros(m, op.dtype),
            jnp.asarray(0.0, op.dtype), jnp.asarray(0.0, op.dtype), jnp.asarray(0, jnp.int32))
   for j in range(m):
-    carry = update(j, carry, op.matvec(carry[0][j]), key, tol=tol)
+    carry = _lanczos_update_jit(j, carry, op.matvec(carry[0][j]), key, tol=tol)
   basis, alphas, betas, last, _, breaks = carry
   return LanczosResult(basis, alphas, betas[:-1], last, breaks, norm)
 
@@ -679,10 +684,24 @@ def lanczos_quadrature(op: LinearOperator, v: Array, key: Array, num_iters: int,
   """Estimates `v^T f(A) v` by m Lanczos steps started at v (see QuadratureResult).
 
   Traceable (jit / vmap / lax.map) when `op` is traceable and `f` is a
-  jnp function; for `v = 0` the value is 0.
+  jnp function; for `v = 0` the value is 0. For traceable operators the
+  whole computation is one compiled program, cached per `f` (pass a
+  module-level function such as `positive_part`, not a fresh lambda).
   """
-  res = lanczos(op, key, num_iters, v0=v)
-  return quadrature_from_lanczos(res, f)
+  m = int(min(num_iters, op.dim))
+  if op.traceable:
+    return _quadrature_traced(op, v, key, m, _default_tol(op.dtype), f)
+  return quadrature_from_lanczos(lanczos(op, key, m, v0=v), f)
+
+
+def positive_part(t: Array) -> Array:
+  """`max(t, 0)`: with `lanczos_quadrature`, estimates `v^T A^+ v`."""
+  return jnp.maximum(t, 0)
+
+
+@functools.partial(jax.jit, static_argnames=("num_iters", "tol", "f"))
+def _quadrature_traced(op, v, key, num_iters, tol, f):
+  return quadrature_from_lanczos(lanczos(op, key, num_iters, v0=v, tol=tol), f)
 
 
 def quadrature_from_lanczos(res: LanczosResult, f: Callable[[Array], Array]) -> QuadratureResult:
@@ -740,16 +759,25 @@ def slq_nodes_weights(op: LinearOperator, key: Array, num_probes: int = 8,
   The third output is the number of Lanczos breakdowns per probe.
   """
   m = int(min(num_iters, op.dim))
-  nodes, weights, breaks = [], [], []
-  for i in range(num_probes):
-    pkey, lkey = jax.random.split(jax.random.fold_in(key, i))
-    z = jax.random.rademacher(pkey, (op.dim,), op.dtype)
-    res = lanczos(op, lkey, m, v0=z)
-    _, theta, w = gauss_quadrature(res.alphas, res.betas, lambda t: t)
-    nodes.append(theta)
-    weights.append(w)
-    breaks.append(res.num_breakdowns)
-  return jnp.stack(nodes), jnp.stack(weights), jnp.stack(breaks)
+  tol = _default_tol(op.dtype)
+  if op.traceable:
+    return _slq_traced(op, key, num_probes, m, tol)
+  out = [_slq_probe(op, key, i, m, tol) for i in range(num_probes)]
+  return tuple(jnp.stack(x) for x in zip(*out, strict=True))
+
+
+def _slq_probe(op, key, i, num_iters, tol):
+  """Nodes [m], weights [m] and breakdowns of probe i (Rademacher z_i)."""
+  pkey, lkey = jax.random.split(jax.random.fold_in(key, i))
+  z = jax.random.rademacher(pkey, (op.dim,), op.dtype)
+  res = lanczos(op, lkey, num_iters, v0=z, tol=tol)
+  theta, s = tridiagonal_eigh(res.alphas, res.betas)
+  return theta, s[0] ** 2, res.num_breakdowns
+
+
+@functools.partial(jax.jit, static_argnames=("num_probes", "num_iters", "tol"))
+def _slq_traced(op, key, num_probes, num_iters, tol):
+  return lax.map(lambda i: _slq_probe(op, key, i, num_iters, tol), jnp.arange(num_probes))
 
 
 def slq_density(op: LinearOperator, key: Array, num_probes: int = 8, num_iters: int = 30,

@@ -55,6 +55,7 @@ __all__ = [
 ]
 
 Array = jax.Array
+NUM_INIT_UNIFORMS = 4  # U(0, 1) draws per restart used by the initialisers
 ZERO_DATA_SIZE = 1e-10  # published stand-in for D = 0 (Lin et al.)
 VANILLA_HUBER_DELTA = 1e-3  # published delta of the vanilla law's Huber loss
 
@@ -76,8 +77,9 @@ class Law:
     log_loss_fn: (raw [K], data_size [P], aux) -> log L [P].
     constrain_fn: raw [..., K] -> dict name -> [...] constrained values.
     unconstrain_fn: dict name -> [...] -> raw [..., K] (inverse of constrain).
-    init_fn: (key, data_size [P], log_loss [P], mask [P], num_restarts, aux)
-      -> raw [R, K] restart starting points.
+    init_fn: (u [R, NUM_INIT_UNIFORMS], data_size [P], log_loss [P], mask [P], aux)
+      -> raw [R, K] restart starting points from U(0, 1) draws u (row 0 unused:
+      restart 0 is deterministic).
     loss: "squared" (mean of squared log residuals) or "huber" (sum of Huber).
     huber_delta: Huber threshold in log-loss units (loss == "huber").
     zero_data_size: stand-in for D = 0, or None when D <= 0 is invalid.
@@ -111,8 +113,18 @@ class Law:
 
   def init(self, key: Array, data_size: Array, log_loss: Array, mask: Array,
            num_restarts: int, aux: Any = None) -> Array:
-    """[R, K] raw starting points for one curve (restart 0 is deterministic)."""
-    return self.init_fn(key, data_size, log_loss, mask, num_restarts, aux)
+    """[R, K] raw starting points for one curve (restart 0 is deterministic).
+
+    The U(0, 1) draws come from `uniforms_from_key(key, ...)` (host-side);
+    `fitting.initial_params` gives the starts `fit_curves` uses for a batch.
+    """
+    u = uniforms_from_key(key, (num_restarts, NUM_INIT_UNIFORMS))
+    return self.init_fn(jnp.asarray(u), data_size, log_loss, mask, aux)
+
+  def init_from_uniforms(self, u: Array, data_size: Array, log_loss: Array, mask: Array,
+                         aux: Any = None) -> Array:
+    """[R, K] raw starting points from U(0, 1) draws u [R, NUM_INIT_UNIFORMS]."""
+    return self.init_fn(u, data_size, log_loss, mask, aux)
 
   def valid_data_size(self, data_size: Array) -> Array:
     """bool [P]: where the law is defined (vanilla excludes D <= 0)."""
@@ -211,8 +223,24 @@ def _curve_stats(data_size, log_loss, mask):
   return y_max, y_min
 
 
-def _log_uniform(key, shape, lo, hi):
-  return jnp.exp(jax.random.uniform(key, shape, minval=np.log(lo), maxval=np.log(hi)))
+def _log_uniform(u, lo, hi):
+  """Maps u ~ U(0, 1) to logU(lo, hi)."""
+  return jnp.exp(np.log(lo) + u * (np.log(hi) - np.log(lo)))
+
+
+def _uniform(u, lo, hi):
+  return lo + u * (hi - lo)
+
+
+def uniforms_from_key(key, shape) -> np.ndarray:
+  """float64 U(0, 1) draws of `shape` from a numpy generator seeded by a JAX key.
+
+  Host-side on purpose: a jax.random draw costs a multi-second XLA compile per
+  new shape on CPU, while the draws here are a few hundred numbers.
+  """
+  seed = np.asarray(jax.random.key_data(key) if jnp.issubdtype(
+    getattr(key, "dtype", np.uint32), jax.dtypes.prng_key) else key, dtype=np.uint32)
+  return np.random.default_rng(seed.ravel().tolist()).uniform(size=shape)
 
 
 # ---------------------------------------------------------------- rectified ---
@@ -226,7 +254,7 @@ def _saturating_log_loss(log_amp, log_scale, beta, log_e, log_d):
   return jnp.logaddexp(log_amp - jax.nn.softplus(beta * log_d - log_scale), log_e)
 
 
-def _saturating_init(key, data_size, log_loss, mask, num_restarts):
+def _saturating_init(u, data_size, log_loss, mask):
   """Restart starting points (A - E, D_l, beta, E) for the saturating laws.
 
   Restart 0 is the published initialisation of Lin et al. (`fit_our_law`):
@@ -239,14 +267,13 @@ def _saturating_init(key, data_size, log_loss, mask, num_restarts):
   a0, e0 = jnp.exp(y_max), jnp.exp(0.5 * (y_max + y_min))
   amp0 = jnp.maximum(a0 - e0, 1e-3 * a0)
   first = jnp.stack([jnp.log(amp0), 0.0, inverse_softplus(jnp.asarray(1.0)), jnp.log(e0)])
-  n = num_restarts - 1
-  k1, k2, k3, k4 = jax.random.split(key, 4)
-  beta = _log_uniform(k1, (n,), 0.05, 2.0)
-  log_dt = jnp.log(_log_uniform(k2, (n,), 20.0, 2e7))
-  e = jnp.exp(y_min) * jax.random.uniform(k3, (n,), minval=0.05, maxval=0.95)
-  a = jnp.exp(y_max) * jax.random.uniform(k4, (n,), minval=0.9, maxval=1.3)
+  u = u[1:]
+  beta = _log_uniform(u[:, 0], 0.05, 2.0)
+  log_dt = jnp.log(_log_uniform(u[:, 1], 20.0, 2e7))
+  e = jnp.exp(y_min) * _uniform(u[:, 2], 0.05, 0.95)
+  a = jnp.exp(y_max) * _uniform(u[:, 3], 0.9, 1.3)
   rest = jnp.stack([jnp.log(a - e), beta * log_dt, inverse_softplus(beta), jnp.log(e)], -1)
-  return jnp.concatenate([first[None], rest], axis=0)[:num_restarts]
+  return jnp.concatenate([first[None], rest], axis=0)
 
 
 @functools.cache
@@ -276,9 +303,9 @@ def rectified_law(zero_data_size: float = ZERO_DATA_SIZE) -> Law:
     return np.stack([np.log(b) - np.log(dl), np.log(dl), inverse_softplus(
       np.asarray(p["beta"], np.float64)), np.log(np.asarray(p["E"], np.float64))], -1)
 
-  def init(key, data_size, log_loss_obs, mask, num_restarts, aux=None):
+  def init(u, data_size, log_loss_obs, mask, aux=None):
     del aux
-    return _saturating_init(key, data_size, log_loss_obs, mask, num_restarts)
+    return _saturating_init(u, data_size, log_loss_obs, mask)
 
   return Law("rectified", names, log_loss, constrain, unconstrain, init,
              loss="squared", zero_data_size=zero_data_size)
@@ -328,9 +355,9 @@ def lensllm_law(f_term: Callable[[Array, Any], Array] | None = None, *,
       return np.stack([np.log(b) - np.log(f), inverse_softplus(np.asarray(p["beta"],
                        np.float64)), np.log(np.asarray(p["E"], np.float64)), np.log(f)], -1)
 
-    def init(key, data_size, log_loss_obs, mask, num_restarts, aux=None):
+    def init(u, data_size, log_loss_obs, mask, aux=None):
       del aux
-      r = _saturating_init(key, data_size, log_loss_obs, mask, num_restarts)
+      r = _saturating_init(u, data_size, log_loss_obs, mask)
       return r[:, jnp.array([0, 2, 3, 1])]
 
     return Law("lensllm", names, log_loss, constrain, unconstrain, init, loss="squared",
@@ -356,19 +383,21 @@ def lensllm_law(f_term: Callable[[Array, Any], Array] | None = None, *,
                      np.log(np.asarray(p["E"], np.float64)),
                      np.log(np.asarray(p["t"], np.float64))], -1)
 
-  def init_ntk(key, data_size, log_loss_obs, mask, num_restarts, aux):
-    """t from a log grid; B so that L(0) matches: B = (A - E) (F(t) + D0^beta)."""
+  def init_ntk(u, data_size, log_loss_obs, mask, aux):
+    """t log-uniform; B so that L(0) matches: B = (A - E) (F(t) + D0^beta).
+
+    Restart 0: t = sqrt(t_lo t_hi), beta = 0.5, E = min L / 2, A = max L.
+    Others: t ~ logU(t_range), beta ~ logU(0.05, 2), E ~ U(0.05, 0.95) min L,
+    A ~ max L * U(0.9, 1.3).
+    """
     y_max, y_min = _curve_stats(data_size, log_loss_obs, mask)
-    k1, k2, k3, k4 = jax.random.split(key, 4)
     lo, hi = t_range
-    t = jnp.concatenate([jnp.array([np.sqrt(lo * hi)]),
-                         _log_uniform(k1, (num_restarts - 1,), lo, hi)])
-    beta = jnp.concatenate([jnp.array([0.5]), _log_uniform(k2, (num_restarts - 1,), 0.05, 2.0)])
-    frac_e = jnp.concatenate([jnp.array([0.5]), jax.random.uniform(
-      k3, (num_restarts - 1,), minval=0.05, maxval=0.95)])
+    first = jnp.ones_like(u[:1, 0])
+    t = jnp.concatenate([np.sqrt(lo * hi) * first, _log_uniform(u[1:, 0], lo, hi)])
+    beta = jnp.concatenate([0.5 * first, _log_uniform(u[1:, 1], 0.05, 2.0)])
+    frac_e = jnp.concatenate([0.5 * first, _uniform(u[1:, 2], 0.05, 0.95)])
     e = jnp.exp(y_min) * frac_e
-    a = jnp.exp(y_max) * jnp.concatenate([jnp.array([1.0]), jax.random.uniform(
-      k4, (num_restarts - 1,), minval=0.9, maxval=1.3)])
+    a = jnp.exp(y_max) * jnp.concatenate([first, _uniform(u[1:, 3], 0.9, 1.3)])
     f = jax.vmap(lambda tt: f_term(tt, aux))(t)
     d0 = zero_data_size ** beta
     log_b = jnp.log(a - e) + jnp.log(f + d0)
@@ -413,7 +442,7 @@ def vanilla_law(huber_delta: float = VANILLA_HUBER_DELTA) -> Law:
   def unconstrain(p):
     return _stack(p, names, (inverse_softplus, np.log, inverse_softplus, np.log))
 
-  def init(key, data_size, log_loss_obs, mask, num_restarts, aux=None):
+  def init(u, data_size, log_loss_obs, mask, aux=None):
     """Published initialisation: (alpha, B', beta, E) ~ U(0, 1) each, B = 1 / B'.
 
     Restart 0 is deterministic instead: alpha = 1, beta = 0.3, E = min L / 2 and
@@ -429,10 +458,10 @@ def vanilla_law(huber_delta: float = VANILLA_HUBER_DELTA) -> Law:
     b0 = jnp.maximum(l1 - e0, 1e-3) * d1 ** 0.3
     first = jnp.stack([inverse_softplus(jnp.asarray(1.0)), jnp.log(b0),
                        inverse_softplus(jnp.asarray(0.3)), jnp.log(e0)])
-    u = jax.random.uniform(key, (num_restarts - 1, 4), minval=1e-3, maxval=1.0)
+    u = _uniform(u[1:], 1e-3, 1.0)
     rest = jnp.stack([inverse_softplus(u[:, 0]), -jnp.log(u[:, 1]), inverse_softplus(u[:, 2]),
                       jnp.log(u[:, 3])], -1)
-    return jnp.concatenate([first[None], rest], axis=0)[:num_restarts]
+    return jnp.concatenate([first[None], rest], axis=0)
 
   return Law("vanilla", names, log_loss, constrain, unconstrain, init, loss="huber",
              huber_delta=huber_delta, zero_data_size=None)

@@ -26,8 +26,10 @@ is exact for every m >= 1. Reported diagnostics: the change of the
 positive-part value between m - 1 and m steps.
 
 Costs: the per-example maximum needs one m-step Lanczos per training
-example and block (n * m HVPs of single examples per block, under one
-`jit` with `lax.map` over examples). The mean over examples of `v^T H v` is
+example and block (n * m HVPs of single examples per block). All blocks
+share ONE compiled program (`lax.map` over examples): the block enters as a
+0/1 mask M on the flat parameter vector and the block Hessian acts as
+`M H M` (see `_FormsProgram`), so each product costs one full-model HVP. The mean over examples of `v^T H v` is
 `v^T (mean H) v` (linear). The positive part of the MEAN Hessian
 (`vhpv_batch`, one Lanczos over all examples) is cheaper and reported
 beside it; note `mean_x (v^T H_x^+ v) >= v^T (mean_x H_x)^+ v`.
@@ -39,6 +41,7 @@ custom partitions by path prefixes or a function of the leaf path.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -46,6 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.flatten_util import ravel_pytree
 
 from lensllm_jax import hessian
 
@@ -115,10 +119,6 @@ def layer_blocks(params: PyTree, partition: Partition = None) -> dict[str, tuple
   return {k: tuple(v) for k, v in blocks.items()}
 
 
-def _relu(t):
-  return jnp.maximum(t, 0)
-
-
 class ExampleForms(NamedTuple):
   """Per-example quadratic forms of one block (all arrays [n]).
 
@@ -135,10 +135,62 @@ class ExampleForms(NamedTuple):
   num_breakdowns: Array
 
 
-def _block_vectors(params, params0, block, dtype):
-  flat, unravel, rest, merge = hessian.split_params(params, block, dtype)
-  flat0, _, _, _ = hessian.split_params(params0, block, dtype)
-  return flat, flat - flat0, unravel, rest, merge
+def _block_mask(params: PyTree, block: Sequence[int] | None, dtype) -> np.ndarray:
+  """[P] 0/1 mask of the block's coordinates in `ravel_pytree(params)` order."""
+  leaves = jax.tree_util.tree_leaves(params)
+  ids = set(range(len(leaves))) if block is None else set(block)
+  if not ids or min(ids) < 0 or max(ids) >= len(leaves):
+    raise ValueError(f"block leaf indices {sorted(ids)} invalid for {len(leaves)} leaves")
+  return np.concatenate([np.full(leaf.size, float(i in ids), dtype)
+                         for i, leaf in enumerate(leaves)])
+
+
+def _masked_hvp(loss_fn, unravel, flat, mask, batch, x):
+  """`M H M x` with M = diag(mask): the block Hessian embedded in R^P."""
+  def f(w):
+    return loss_fn(unravel(w), batch)
+
+  return mask * jax.jvp(jax.grad(f), (flat,), (mask * x,))[1]
+
+
+class _FormsProgram:
+  """One compiled program for every block: the block is a [P] mask argument.
+
+  The block Hessian `H_ii` acts on the block's coordinates of the full flat
+  vector as `M H M` (zero elsewhere); Lanczos started at `v = M (w_hat - w0)`
+  stays in the block (restarts after breakdown may leave it, but those
+  directions are decoupled from e1 and do not change the quadrature). Blocks
+  of different sizes then share one compilation.
+  """
+
+  def __init__(self, loss_fn, params, num_iters, dtype):
+    flat, self.unravel = ravel_pytree(params)
+    self.dtype = np.dtype(dtype or flat.dtype)
+    self.dim = int(flat.shape[0])
+    self.m = int(min(num_iters, self.dim))
+    self.hvp = jax.jit(functools.partial(_masked_hvp, loss_fn, self.unravel))
+    self.run = jax.jit(self._run)
+
+  def _op(self, flat, mask, batch):
+    return hessian.LinearOperator(jax.tree_util.Partial(self.hvp, flat, mask, batch), self.dim,
+                                  self.dtype)
+
+  def _run(self, flat, mask, v, examples, key):
+    def one(example):
+      batch = jax.tree_util.tree_map(lambda a: a[None], example)
+      res = hessian.lanczos(self._op(flat, mask, batch), key, self.m, v0=v)
+      quad = hessian.quadrature_from_lanczos(res, hessian.positive_part)
+      return quad.norm_sq * res.alphas[0], quad.value, quad.change, res.num_breakdowns
+
+    forms = ExampleForms(*lax.map(one, examples))
+    res = hessian.lanczos(self._op(flat, mask, examples), key, self.m, v0=v)
+    return forms, hessian.quadrature_from_lanczos(res, hessian.positive_part).value
+
+  def __call__(self, params, params0, block, examples, key):
+    mask = _block_mask(params, block, self.dtype)
+    flat = ravel_pytree(params)[0].astype(self.dtype)
+    v = mask * (flat - ravel_pytree(params0)[0].astype(self.dtype))
+    return self.run(flat, jnp.asarray(mask), v, examples, key), int(mask.sum()), v
 
 
 def per_example_forms(loss_fn: hessian.LossFn, params: PyTree, params0: PyTree,
@@ -154,27 +206,15 @@ def per_example_forms(loss_fn: hessian.LossFn, params: PyTree, params0: PyTree,
     examples: pytree of arrays with leading axis [n] (one row per example).
     key: PRNG key (Lanczos restarts).
     block: leaf indices of the block (None: all parameters).
-    num_iters: Lanczos steps m (clipped to the block size).
-    dtype: optional dtype for the block vector (e.g. float64).
+    num_iters: Lanczos steps m (clipped to the number of parameters).
+    dtype: optional dtype for the flat parameter vector (e.g. float64).
 
   Returns:
     `ExampleForms` with arrays [n]. One jit-compiled `lax.map` over examples.
   """
-  flat, v, _, _, _ = _block_vectors(params, params0, block, dtype)
-  m = int(min(num_iters, flat.shape[0]))
-
-  @jax.jit
-  def run(params, v, examples, key):
-    def one(example):
-      batch = jax.tree_util.tree_map(lambda a: a[None], example)
-      op = hessian.hvp_operator(loss_fn, params, batch, block=block, dtype=dtype)
-      res = hessian.lanczos(op, key, m, v0=v)
-      quad = hessian.quadrature_from_lanczos(res, _relu)
-      vhv = quad.norm_sq * res.alphas[0]
-      return vhv, quad.value, quad.change, res.num_breakdowns
-    return ExampleForms(*lax.map(one, examples))
-
-  return run(params, v, examples, key)
+  program = _FormsProgram(loss_fn, params, num_iters, dtype)
+  (forms, _), _, _ = program(params, params0, block, examples, key)
+  return forms
 
 
 class LayerRow(NamedTuple):
@@ -190,7 +230,8 @@ class LayerRow(NamedTuple):
     vhpv_max: max over examples of `v^T H_x^+ v`: the H_i of the bound.
     vhpv_batch: `v^T (mean_x H_x)^+ v` (one Lanczos on the mean Hessian).
     argmax_example: index of the example attaining vhpv_max.
-    num_iters: Lanczos steps m.
+    num_iters: Lanczos steps m (num_iters clipped to the total parameter
+      count; steps beyond the block's Krylov dimension only restart).
     max_change: max over examples of the m-1 -> m change of `v^T H^+ v`.
     sqrt_term: `sqrt(C vhpv_max / n)` when C and n were given, else nan.
   """
@@ -239,22 +280,19 @@ def layer_table(loss_fn: hessian.LossFn, params: PyTree, params0: PyTree, exampl
   n_ex = jax.tree_util.tree_leaves(examples)[0].shape[0]
   if c is not None and n is None:
     n = n_ex
+  program = _FormsProgram(loss_fn, params, num_iters, dtype)
   rows = []
   for b, (name, ids) in enumerate(layer_blocks(params, partition).items()):
-    bkey = jax.random.fold_in(key, b)
-    forms = per_example_forms(loss_fn, params, params0, examples, bkey, block=ids,
-                              num_iters=num_iters, dtype=dtype)
-    flat, v, _, _, _ = _block_vectors(params, params0, ids, dtype)
-    op = hessian.hvp_operator(loss_fn, params, examples, block=ids, dtype=dtype)
-    batch_q = hessian.lanczos_quadrature(op, v, bkey, num_iters, _relu)
+    (forms, batch_value), size, v = program(params, params0, ids, examples,
+                                            jax.random.fold_in(key, b))
     vhpv = np.asarray(forms.vhpv)
     hmax = float(vhpv.max())
     sqrt_term = float(np.sqrt(c * max(hmax, 0.0) / n)) if c is not None else float("nan")
     rows.append(LayerRow(
-        block=name, num_params=int(flat.shape[0]), v_norm=float(jnp.linalg.norm(v)),
+        block=name, num_params=size, v_norm=float(jnp.linalg.norm(v)),
         vhv_mean=float(np.mean(forms.vhv)), vhv_max=float(np.max(forms.vhv)),
-        vhpv_mean=float(vhpv.mean()), vhpv_max=hmax, vhpv_batch=float(batch_q.value),
-        argmax_example=int(vhpv.argmax()), num_iters=int(min(num_iters, flat.shape[0])),
+        vhpv_mean=float(vhpv.mean()), vhpv_max=hmax, vhpv_batch=float(batch_value),
+        argmax_example=int(vhpv.argmax()), num_iters=program.m,
         max_change=float(np.max(forms.change)), sqrt_term=sqrt_term))
   return rows
 

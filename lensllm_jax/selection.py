@@ -275,9 +275,14 @@ def ats(visible: VisibleCurves, metadata: Metadata, *, k: int = 3, delta: float 
   d, losses, mask = _positive_part(visible)
   if d.size == 0:
     raise ValueError("AtS needs at least one visible D > 0")
+  # Pad (masked) to a fixed point count: one compilation for every budget.
+  pad = _pad_to(d.size) - d.size
+  d_p = np.concatenate([d, np.full(pad, d[-1])])
+  losses_p = np.concatenate([np.asarray(losses, np.float64), np.ones((losses.shape[0], pad))], 1)
+  mask_p = np.concatenate([np.asarray(mask), np.zeros((mask.shape[0], pad), bool)], 1)
   with jax.enable_x64(True):
-    first, num, a, b = _ats_core(np.asarray(d, np.float64), np.asarray(losses, np.float64),
-                                 np.asarray(mask), k, float(delta), bool(published_convention))
+    first, num, a, b = _ats_core(d_p, losses_p, mask_p, k, float(delta),
+                                 bool(published_convention))
     first, num, a, b = (np.asarray(x) for x in (first, num, a, b))
   pred = np.exp(a + b * np.log(metadata.target_data_num))
   return SelectionResult("AtS", pred, rank_by(pred), predicted=pred,

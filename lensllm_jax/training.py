@@ -435,6 +435,10 @@ def finetune(apply_fn: ApplyFn, params: Any, train: textdata.TokenizedData,
       meta["stopped_early"] = meta["bad_evals"] >= cfg.patience
       meta["done"] = meta["stopped_early"] or step >= cfg.max_steps
       meta["step"] = step
+      # The data position is a function of (seed, step); stored for inspection.
+      spe = textdata.steps_per_epoch(train.num_examples, cfg.batch_size)
+      meta["data_position"] = {"epoch": step // spe, "batch_in_epoch": step % spe,
+                               "examples_seen": step * cfg.batch_size}
       if log_fn is not None:
         log_fn(dict(record, best_val_loss=meta["best_val_loss"], best_step=meta["best_step"]))
       if ckpt is not None:

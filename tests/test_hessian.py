@@ -217,7 +217,7 @@ def test_positive_part_quadratic_form_exact_at_full_dimension(mlp):
   v = np.random.default_rng(5).normal(size=dense.shape[0])
   pos = (evecs * np.maximum(evals, 0)) @ evecs.T
   q = hs.lanczos_quadrature(op, jnp.asarray(v), jax.random.PRNGKey(0), op.dim,
-                            lambda t: jnp.maximum(t, 0))
+                            hs.positive_part)
   np.testing.assert_allclose(q.value, v @ pos @ v, rtol=1e-9)
   np.testing.assert_allclose(q.norm_sq, v @ v, rtol=1e-12)
   # An indefinite matrix with a repeated eigenvalue (early breakdown).
@@ -225,5 +225,5 @@ def test_positive_part_quadratic_form_exact_at_full_dimension(mlp):
   a = _spectrum_matrix(eigs, seed=3)
   w, u = np.linalg.eigh(a)
   qa = hs.lanczos_quadrature(hs.dense_operator(jnp.asarray(a)), jnp.asarray(v[:8]),
-                             jax.random.PRNGKey(1), 8, lambda t: jnp.maximum(t, 0))
+                             jax.random.PRNGKey(1), 8, hs.positive_part)
   np.testing.assert_allclose(qa.value, v[:8] @ (u * np.maximum(w, 0)) @ u.T @ v[:8], rtol=1e-10)

@@ -1,0 +1,197 @@
+r"""Fits the fine-tuning laws to benchmark curve files (interim main job).
+
+For every --benchmark (a name such as flan / gigaword / wmt19, or a CSV path)
+and every law in --laws (vanilla, rectified, lensllm in curve mode), fits all
+models' curves at once with `fitting.fit_curves` and writes
+
+  OUTPUT_DIR/NAME_LAW.csv   one row per model: status, objective, fitted
+                            parameters, RMSE of the loss on the fitted points
+                            and, with --max_data_size, on the held-out larger D
+  OUTPUT_DIR/NAME_curves.png observed curves and fitted laws for a few models
+
+Existing outputs are skipped (delete them to refit). Example:
+
+  python -m experiments.fit_laws --benchmark flan --benchmark gigaword \
+      --output_dir results/fit_laws --max_data_size 204800
+
+Curve files are looked up in --data_dir, else $LENSLLM_DATA_DIR, else
+../shared/benchmarks next to the repository when it exists, else downloaded.
+Takes about a minute on 2 CPU cores (mostly one compilation per law).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import pathlib
+import tempfile
+import time
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+
+from lensllm_jax import benchmarks, fitting, laws
+
+_BENCHMARK = flags.DEFINE_multi_string("benchmark", ["flan", "gigaword"],
+                                       "Curve file names or paths (repeatable).")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "Directory holding NAME.csv files.")
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", "results/fit_laws", "Where results go.")
+_LAWS = flags.DEFINE_list("laws", ["vanilla", "rectified", "lensllm"], "Laws to fit.")
+_NUM_RESTARTS = flags.DEFINE_integer("num_restarts", 8, "Restarts per curve.")
+_MAX_DATA_SIZE = flags.DEFINE_float("max_data_size", None,
+                                    "Fit only D <= this (plus D = 0); report held-out RMSE "
+                                    "on larger D. Default: fit every point.")
+_PLOT_MODELS = flags.DEFINE_integer("plot_models", 6, "Models drawn in the PNG.")
+_SEED = flags.DEFINE_integer("seed", 0, "PRNG seed of the restarts.")
+
+_REPO = pathlib.Path(__file__).resolve().parents[1]
+_PARAM_COLUMNS = ("alpha", "B", "D_l", "F", "beta", "E")
+
+
+def default_data_dir(flag_value: str | None) -> str | None:
+  """--data_dir, else $LENSLLM_DATA_DIR, else ../shared/benchmarks if present."""
+  if flag_value:
+    return flag_value
+  if os.environ.get("LENSLLM_DATA_DIR"):
+    return os.environ["LENSLLM_DATA_DIR"]
+  shared = _REPO.parent / "shared" / "benchmarks"
+  return str(shared) if shared.is_dir() else None
+
+
+def fit_mask(curves: benchmarks.CurveSet, max_data_size: float | None) -> np.ndarray:
+  """[M, P] bool: the points a fit may see."""
+  if max_data_size is None:
+    return np.ones(curves.losses.shape, bool)
+  return np.broadcast_to(curves.data_sizes <= max_data_size, curves.losses.shape).copy()
+
+
+def fit_one_law(curves, law, mask, key):
+  """Fits `law` to all curves; returns (FitResult, predicted losses [M, P], seconds)."""
+  t0 = time.perf_counter()
+  result = fitting.fit_curves(law, curves.data_sizes, np.log(curves.losses), mask, key=key,
+                              num_restarts=_NUM_RESTARTS.value)
+  seconds = time.perf_counter() - t0
+  with np.errstate(invalid="ignore", over="ignore"):
+    pred = law.predict(result, curves.data_sizes)
+  return result, pred, seconds
+
+
+def rmse(pred, obs, mask):
+  """Per-row RMSE of the loss over mask (NaN where the mask is empty)."""
+  with np.errstate(invalid="ignore"):
+    sq = np.where(mask, (pred - obs) ** 2, 0.0)
+    n = mask.sum(axis=1)
+    return np.where(n > 0, np.sqrt(sq.sum(axis=1) / np.maximum(n, 1)), np.nan)
+
+
+def rows_for(curves, law, result, pred, mask):
+  """CSV rows (dicts) of one (benchmark, law) fit."""
+  valid = mask & np.asarray(law.valid_data_size(np.broadcast_to(curves.data_sizes, mask.shape)))
+  held = ~mask  # empty without --max_data_size: rmse_heldout is then NaN
+  fit_err = rmse(pred, curves.losses, valid)
+  held_err = rmse(pred, curves.losses, held)
+  rows = []
+  for m, model in enumerate(curves.models):
+    row = {"benchmark": curves.name, "model": model, "family": curves.families[m],
+           "size": int(curves.sizes[m]), "law": law.name, "status": result.status[m],
+           "converged": bool(result.converged[m]), "objective": float(result.objective[m]),
+           "num_points": int(result.num_points[m]), "num_steps": int(result.num_steps[m]),
+           "rmse_fit": float(fit_err[m]), "rmse_heldout": float(held_err[m]),
+           "pred_last": float(pred[m, -1]), "true_last": float(curves.losses[m, -1])}
+    for name in _PARAM_COLUMNS:
+      row[name] = float(result.params[name][m]) if name in result.params else ""
+    rows.append(row)
+  return rows
+
+
+def write_rows_atomic(path: pathlib.Path, rows):
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+  with os.fdopen(fd, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+  os.replace(tmp, path)
+
+
+def plot_curves(curves, fits, mask, path: pathlib.Path):
+  """Observed points and fitted laws for the first --plot_models models."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  n = min(_PLOT_MODELS.value, curves.num_models)
+  cols = min(3, n)
+  rows = int(np.ceil(n / cols))
+  fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+  d_plot = np.concatenate([[0.0], np.geomspace(100.0, curves.data_sizes.max() * 2, 200)])
+  x_zero = 50.0  # where D = 0 is drawn on the log axis
+  for i in range(n):
+    ax = axes[i // cols][i % cols]
+    x = np.where(curves.data_sizes > 0, curves.data_sizes, x_zero)
+    seen = mask[i]
+    ax.plot(x[seen], curves.losses[i, seen], "ko", ms=4, label="fitted points")
+    if (~seen).any():
+      ax.plot(x[~seen], curves.losses[i, ~seen], "kx", ms=5, label="held out")
+    for law, result in fits:
+      if not np.all(np.isfinite(result.raw_params[i])):
+        continue
+      with np.errstate(invalid="ignore", over="ignore"):
+        y = law.predict(result, d_plot, curve=i)
+      xs = np.where(d_plot > 0, d_plot, x_zero)
+      ok = np.isfinite(y)
+      ax.plot(xs[ok], y[ok], "-", lw=1.2, label=f"{law.name} ({result.status[i]})")
+    ax.set_xscale("log")
+    ax.set_title(curves.models[i], fontsize=8)
+    ax.set_xlabel("fine-tuning samples D (D=0 drawn at 50)", fontsize=7)
+    ax.set_ylabel("test loss", fontsize=7)
+    ax.tick_params(labelsize=7)
+    if i == 0:
+      ax.legend(fontsize=6)
+  for j in range(n, rows * cols):
+    axes[j // cols][j % cols].axis("off")
+  fig.suptitle(f"{curves.name}: fitted fine-tuning laws", fontsize=10)
+  fig.tight_layout()
+  tmp = path.with_suffix(".tmp.png")
+  fig.savefig(tmp, dpi=110)
+  plt.close(fig)
+  os.replace(tmp, path)
+
+
+def run_benchmark(spec, data_dir, out_dir, law_list, key):
+  curves = benchmarks.load_curves(spec, data_dir=data_dir)
+  mask = fit_mask(curves, _MAX_DATA_SIZE.value)
+  png = out_dir / f"{curves.name}_curves.png"
+  fits = []
+  for law in law_list:
+    path = out_dir / f"{curves.name}_{law.name}.csv"
+    if path.exists() and png.exists():
+      logging.info("skip %s (exists)", path)
+      continue
+    result, pred, seconds = fit_one_law(curves, law, mask, key)
+    write_rows_atomic(path, rows_for(curves, law, result, pred, mask))
+    names, counts = np.unique(result.status, return_counts=True)
+    logging.info("%s / %s: %d curves in %.2f s (%.1f curves/s, incl. compile), status %s -> %s",
+                 curves.name, law.name, curves.num_models, seconds,
+                 curves.num_models / seconds, dict(zip(names.tolist(), counts.tolist(),
+                                                       strict=True)), path)
+    fits.append((law, result))
+  if fits and not png.exists():
+    plot_curves(curves, fits, mask, png)
+    logging.info("wrote %s", png)
+
+
+def main(argv):
+  del argv
+  out_dir = pathlib.Path(_OUTPUT_DIR.value)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  law_list = [laws.get_law(name.strip()) for name in _LAWS.value]
+  data_dir = default_data_dir(_DATA_DIR.value)
+  key = jax.random.PRNGKey(_SEED.value)
+  for i, spec in enumerate(_BENCHMARK.value):
+    logging.info("[%d/%d] benchmark %s", i + 1, len(_BENCHMARK.value), spec)
+    run_benchmark(spec, data_dir, out_dir, law_list, key)
+
+
+if __name__ == "__main__":
+  app.run(main)

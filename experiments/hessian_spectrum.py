@@ -1,0 +1,325 @@
+r"""Hessian spectrum and per-layer PAC-Bayes quantities of a fine-tuned causal LM.
+
+For a model preset (or pre-trained and fine-tuned checkpoints) and a set of
+training sequences, writes to --workdir:
+
+  config.json        the flags of the run (a rerun with other flags must use
+                     --overwrite or another workdir)
+  params_*.msgpack   pre-trained and fine-tuned parameters (reused on rerun)
+  eigenvalues.csv    top-k Hessian eigenvalues by Lanczos (rank, eigenvalue,
+                     residual_norm, residual_estimate) at the fine-tuned point
+  trace.json         Hutchinson trace (trace, stderr, num_probes) and the
+                     power-iteration top eigenvalue
+  density.csv/.png   SLQ spectral density (grid, density) and its plot;
+  slq_nodes.csv      the raw Ritz nodes and Gauss weights per probe
+  pac_bayes.csv      per-layer table (lensllm_jax.pac_bayes.LayerRow)
+  summary.json       everything above in one file, plus the bound
+                     sum_i sqrt(C H_i / n) with H_i = vhpv_max
+
+Each step skips its work when its output exists. The loss is the mean over
+sequences of the per-sequence mean token NLL; the Hessian of the spectrum is
+that of the mean loss over all --num_examples sequences, streamed as
+[num_examples / batch_size] stacked batches (lax.scan); the PAC-Bayes
+maxima are over single sequences.
+
+Without checkpoints (the default) the run is a self-contained demo: the
+"pre-trained" model is the seeded initialisation trained for
+--pretrain_steps Adam steps on sequences from one random Markov chain, the
+"fine-tuned" model continues for --finetune_steps steps on --num_examples
+sequences of a second chain (the task). With --pretrained_ckpt and
+--finetuned_ckpt (directories written by lensllm_jax.training.save_params,
+e.g. by experiments.finetune_sweep) those parameters are used instead and
+the task data come from --tokens_npy ([N, T + 1] int token ids) or the
+Markov chain.
+
+  python -m experiments.hessian_spectrum --workdir=results/hessian_spectrum
+  # ~1-2 min on 2 CPU cores for tiny-gpt2 with the defaults (mostly compilation)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pandas as pd
+from absl import app, flags, logging
+
+from lensllm_jax import hessian, pac_bayes
+from lensllm_jax.models import CausalLM, init_params, presets, token_nll
+
+_WORKDIR = flags.DEFINE_string("workdir", "results/hessian_spectrum", "Output directory.")
+_PRESET = flags.DEFINE_string("preset", "tiny-gpt2", "Model preset (lensllm_jax.models.presets).")
+_PRETRAINED = flags.DEFINE_string("pretrained_ckpt", None,
+                                  "Pre-trained params (training.save_params directory).")
+_FINETUNED = flags.DEFINE_string("finetuned_ckpt", None,
+                                 "Fine-tuned params (training.save_params directory).")
+_TOKENS = flags.DEFINE_string("tokens_npy", None, "Task token ids [N, T + 1] (.npy).")
+_NUM_EXAMPLES = flags.DEFINE_integer("num_examples", 32, "Training sequences n.")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 32, "Sequence length T.")
+_BATCH = flags.DEFINE_integer("batch_size", 8, "Sequences per streamed batch.")
+_PRETRAIN_STEPS = flags.DEFINE_integer("pretrain_steps", 100, "Demo pre-training steps.")
+_FINETUNE_STEPS = flags.DEFINE_integer("finetune_steps", 50, "Demo fine-tuning steps.")
+_LR = flags.DEFINE_float("learning_rate", 3e-3, "Adam learning rate of the demo training.")
+_K = flags.DEFINE_integer("k", 10, "Top eigenvalues.")
+_LANCZOS_ITERS = flags.DEFINE_integer("lanczos_iters", 40, "Lanczos steps for the top-k.")
+_PROBES = flags.DEFINE_integer("hutchinson_probes", 32, "Hutchinson probes.")
+_SLQ_PROBES = flags.DEFINE_integer("slq_probes", 4, "SLQ probes.")
+_SLQ_ITERS = flags.DEFINE_integer("slq_iters", 40, "SLQ Lanczos steps per probe.")
+_PAC_ITERS = flags.DEFINE_integer("pac_iters", 16, "Lanczos steps per v^T H^+ v.")
+_C = flags.DEFINE_float("c", 1.0, "The constant C of the bound.")
+_N = flags.DEFINE_integer("n", None, "n of the bound (default: --num_examples).")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of data, init and probes.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Recompute everything.")
+
+
+def lm_loss_fn(model):
+  """`loss(params, batch)`: mean over sequences of the per-sequence mean NLL.
+
+  batch: {"input_ids" [B, T], "targets" [B, T], "loss_mask" [B, T]}.
+  """
+  def loss(params, batch):
+    logits = model.apply({"params": params}, batch["input_ids"])
+    return jnp.mean(token_nll(logits, batch["targets"], batch["loss_mask"]))
+  return loss
+
+
+def markov_sequences(vocab_size: int, num: int, length: int, *, chain_seed: int,
+                     seed: int) -> dict[str, np.ndarray]:
+  """`num` sequences of `length + 1` tokens from a sparse random Markov chain."""
+  rng = np.random.default_rng(chain_seed)
+  trans = rng.dirichlet(np.full(vocab_size, 0.05), size=vocab_size)
+  cum = np.cumsum(trans, axis=1)
+  draw = np.random.default_rng(seed)
+  seq = np.empty((num, length + 1), np.int64)
+  seq[:, 0] = draw.integers(0, vocab_size, num)
+  for t in range(length):
+    u = draw.random(num)[:, None]
+    seq[:, t + 1] = np.minimum((u > cum[seq[:, t]]).sum(axis=1), vocab_size - 1)
+  return as_batch(seq)
+
+
+def as_batch(tokens: np.ndarray) -> dict[str, np.ndarray]:
+  """[N, T + 1] token ids -> inputs, next-token targets and a full loss mask."""
+  tokens = np.asarray(tokens)
+  return {"input_ids": tokens[:, :-1].astype(np.int32),
+          "targets": tokens[:, 1:].astype(np.int32),
+          "loss_mask": np.ones((tokens.shape[0], tokens.shape[1] - 1), np.float32)}
+
+
+def load_task_data(config) -> dict[str, np.ndarray]:
+  """Step 1a: the n training sequences (--tokens_npy or the task Markov chain)."""
+  n, t = _NUM_EXAMPLES.value, _SEQ_LEN.value
+  if _TOKENS.value:
+    tokens = np.load(_TOKENS.value)
+    if tokens.ndim != 2 or tokens.shape[0] < n or tokens.shape[1] != t + 1:
+      raise ValueError(f"--tokens_npy {_TOKENS.value}: need shape [>= {n}, {t + 1}] "
+                       f"(--num_examples, --seq_len + 1), got {tokens.shape}")
+    if tokens.min() < 0 or tokens.max() >= config.vocab_size:
+      raise ValueError(f"--tokens_npy {_TOKENS.value}: token ids outside [0, "
+                       f"{config.vocab_size}) of preset {_PRESET.value}")
+    return as_batch(tokens[:n])
+  return markov_sequences(config.vocab_size, n, t, chain_seed=1000 + _SEED.value,
+                          seed=_SEED.value)
+
+
+def train(loss, params, data, steps, key):
+  """Adam steps on random minibatches of `data` (demo training)."""
+  opt = optax.adam(_LR.value)
+  state = opt.init(params)
+
+  @jax.jit
+  def step(params, state, batch):
+    value, grads = jax.value_and_grad(loss)(params, batch)
+    updates, state = opt.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, value
+
+  n = data["input_ids"].shape[0]
+  value = jnp.nan
+  for s in range(steps):
+    idx = np.asarray(jax.random.choice(jax.random.fold_in(key, s), n, (_BATCH.value,), False))
+    params, state, value = step(params, state, {k: v[idx] for k, v in data.items()})
+  if not np.isfinite(float(value)):
+    raise FloatingPointError(f"training loss is not finite after {steps} steps")
+  return params, float(value)
+
+
+def get_params(loss, config, data, workdir):
+  """Step 1b: pre-trained and fine-tuned params (checkpoints, cache or demo training)."""
+  key = jax.random.PRNGKey(_SEED.value)
+  like = init_params(config, key)
+  if bool(_PRETRAINED.value) != bool(_FINETUNED.value):
+    raise ValueError("pass both --pretrained_ckpt and --finetuned_ckpt, or neither")
+  if _PRETRAINED.value:
+    from lensllm_jax import training  # orbax only when checkpoints are used
+    return (training.load_params(_PRETRAINED.value, like),
+            training.load_params(_FINETUNED.value, like))
+  paths = [os.path.join(workdir, f"params_{name}.msgpack") for name in ("pretrained", "finetuned")]
+  if all(os.path.exists(p) for p in paths):
+    out = []
+    for p in paths:
+      with open(p, "rb") as f:
+        out.append(flax.serialization.from_bytes(like, f.read()))
+    logging.info("reusing %s", paths)
+    return tuple(out)
+  t0 = time.time()
+  pool = markov_sequences(config.vocab_size, 4 * _NUM_EXAMPLES.value, _SEQ_LEN.value,
+                          chain_seed=_SEED.value, seed=_SEED.value + 1)
+  params0, l0 = train(loss, like, pool, _PRETRAIN_STEPS.value, jax.random.fold_in(key, 1))
+  params1, l1 = train(loss, params0, data, _FINETUNE_STEPS.value, jax.random.fold_in(key, 2))
+  logging.info("demo training: pre-train loss %.3f, fine-tune loss %.3f (%.1fs)", l0, l1,
+               time.time() - t0)
+  for p, params in zip(paths, (params0, params1), strict=True):
+    with open(p, "wb") as f:
+      f.write(flax.serialization.to_bytes(params))
+  return params0, params1
+
+
+def spectrum(loss, params, data, workdir, key):
+  """Step 2: top-k eigenvalues, trace, power iteration and the SLQ density."""
+  eig_path, trace_path = os.path.join(workdir, "eigenvalues.csv"), os.path.join(workdir,
+                                                                                  "trace.json")
+  dens_path = os.path.join(workdir, "density.csv")
+  if all(os.path.exists(p) for p in (eig_path, trace_path, dens_path)):
+    logging.info("spectrum: outputs exist, skipping")
+    return
+  n, bs = _NUM_EXAMPLES.value, _BATCH.value
+  if n % bs:
+    raise ValueError(f"--num_examples ({n}) must be a multiple of --batch_size ({bs})")
+  stacked = {k: v.reshape(n // bs, bs, *v.shape[1:]) for k, v in data.items()}
+  op = hessian.hvp_operator(loss, params, stacked, data_mode="stacked")
+  logging.info("Hessian over %d parameters, %d batches of %d sequences", op.dim, n // bs, bs)
+  t0 = time.time()
+  eig = hessian.lanczos_eigs(op, jax.random.fold_in(key, 0), k=_K.value,
+                             num_iters=_LANCZOS_ITERS.value)
+  pd.DataFrame({"rank": np.arange(1, _K.value + 1), "eigenvalue": np.asarray(eig.eigenvalues),
+                "residual_norm": np.asarray(eig.residual_norms),
+                "residual_estimate": np.asarray(eig.residual_estimates)}).to_csv(eig_path,
+                                                                                 index=False)
+  logging.info("lanczos top-%d in %.1fs: %s", _K.value, time.time() - t0,
+               np.array2string(np.asarray(eig.eigenvalues), precision=4))
+  t0 = time.time()
+  power = hessian.power_iteration(op, jax.random.fold_in(key, 1), max_iters=100, tol=1e-3)
+  tr = hessian.hutchinson_trace(op, jax.random.fold_in(key, 2), _PROBES.value)
+  logging.info("power %.4f (%d its, residual %.2e); trace %.4f +- %.4f (%.1fs)",
+               float(power.eigenvalue), int(power.num_iters), float(power.residual_norm),
+               float(tr.trace), float(tr.stderr), time.time() - t0)
+  t0 = time.time()
+  slq = hessian.slq_density(op, jax.random.fold_in(key, 3), num_probes=_SLQ_PROBES.value,
+                            num_iters=_SLQ_ITERS.value)
+  logging.info("SLQ %d probes x %d steps in %.1fs", _SLQ_PROBES.value, slq.num_iters,
+               time.time() - t0)
+  nodes, weights = np.asarray(slq.nodes), np.asarray(slq.weights)
+  pd.DataFrame({"probe": np.repeat(np.arange(nodes.shape[0]), nodes.shape[1]),
+                "node": nodes.ravel(), "weight": weights.ravel()}).to_csv(
+                    os.path.join(workdir, "slq_nodes.csv"), index=False)
+  plot_density(np.asarray(slq.grid), np.asarray(slq.density), np.asarray(eig.eigenvalues),
+               os.path.join(workdir, "density.png"))
+  with open(trace_path, "w") as f:
+    json.dump({"trace": float(tr.trace), "stderr": float(tr.stderr),
+               "num_probes": tr.num_probes, "num_params": op.dim,
+               "power_eigenvalue": float(power.eigenvalue),
+               "power_iters": int(power.num_iters),
+               "power_residual": float(power.residual_norm),
+               "slq_sigma": slq.sigma}, f, indent=1)
+  pd.DataFrame({"grid": np.asarray(slq.grid), "density": np.asarray(slq.density)}).to_csv(
+      dens_path, index=False)
+
+
+def plot_density(grid, density, top, path):
+  """Log-scale SLQ density with the Lanczos top eigenvalues marked."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(6, 3.5))
+  ax.semilogy(grid, np.maximum(density, 1e-12), lw=1)
+  for lam in top:
+    ax.axvline(lam, color="tab:red", lw=0.5, alpha=0.6)
+  ax.set_xlabel("eigenvalue")
+  ax.set_ylabel("density (SLQ, smoothed)")
+  ax.set_title(f"Hessian spectrum, {_PRESET.value} (red: Lanczos top-{len(top)})")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def pac_bayes_table(loss, params0, params1, data, workdir, key):
+  """Step 3: the per-layer table and the bound."""
+  path = os.path.join(workdir, "pac_bayes.csv")
+  if os.path.exists(path):
+    logging.info("pac_bayes: %s exists, skipping", path)
+    return pd.read_csv(path)
+  t0 = time.time()
+  n = _N.value or _NUM_EXAMPLES.value
+  rows = pac_bayes.layer_table(loss, params1, params0, data, key, num_iters=_PAC_ITERS.value,
+                               c=_C.value, n=n)
+  frame = pd.DataFrame(rows)
+  frame.to_csv(path, index=False)
+  logging.info("PAC-Bayes table (%.1fs):\n%s", time.time() - t0, frame.to_string())
+  return frame
+
+
+def write_summary(workdir, frame):
+  """Step 4: summary.json."""
+  n = _N.value or _NUM_EXAMPLES.value
+  with open(os.path.join(workdir, "trace.json")) as f:
+    trace = json.load(f)
+  eig = pd.read_csv(os.path.join(workdir, "eigenvalues.csv"))
+  summary = {"preset": _PRESET.value, "top_eigenvalues": eig["eigenvalue"].tolist(), **trace,
+             "pac_bayes_sum_max": pac_bayes.pac_bayes_bound(frame["vhpv_max"], _C.value, n),
+             "pac_bayes_sum_mean": pac_bayes.pac_bayes_bound(frame["vhpv_mean"], _C.value, n),
+             "c": _C.value, "n": n, "layers": frame.to_dict(orient="list")}
+  with open(os.path.join(workdir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+  logging.info("sum_i sqrt(C H_i / n) = %.4g (max over examples), %.4g (mean)",
+               summary["pac_bayes_sum_max"], summary["pac_bayes_sum_mean"])
+
+
+def check_workdir(workdir):
+  """Creates workdir; refuses to mix results of different flags."""
+  os.makedirs(workdir, exist_ok=True)
+  names = [f.name for f in (_PRESET, _PRETRAINED, _FINETUNED, _TOKENS, _NUM_EXAMPLES, _SEQ_LEN,
+                            _BATCH, _PRETRAIN_STEPS, _FINETUNE_STEPS, _LR, _K, _LANCZOS_ITERS,
+                            _PROBES, _SLQ_PROBES, _SLQ_ITERS, _PAC_ITERS, _C, _N, _SEED)]
+  config = {name: flags.FLAGS[name].value for name in names}
+  path = os.path.join(workdir, "config.json")
+  if os.path.exists(path) and not _OVERWRITE.value:
+    with open(path) as f:
+      old = json.load(f)
+    if old != config:
+      diff = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
+      raise ValueError(f"{path}: workdir holds results of other flags {diff}; "
+                       "use --overwrite or another --workdir")
+  if _OVERWRITE.value:
+    for name in os.listdir(workdir):
+      if name.endswith((".csv", ".json", ".png", ".msgpack")):
+        os.remove(os.path.join(workdir, name))
+  with open(path, "w") as f:
+    json.dump(config, f, indent=1)
+
+
+def main(argv):
+  del argv
+  if _PRESET.value not in presets:
+    raise ValueError(f"--preset {_PRESET.value!r} unknown; choose from {sorted(presets)}")
+  workdir = _WORKDIR.value
+  check_workdir(workdir)
+  config = presets[_PRESET.value].replace(max_len=max(presets[_PRESET.value].max_len,
+                                                      _SEQ_LEN.value))
+  loss = lm_loss_fn(CausalLM(config))
+  data = load_task_data(config)
+  params0, params1 = get_params(loss, config, data, workdir)
+  key = jax.random.PRNGKey(_SEED.value + 7)
+  spectrum(loss, params1, data, workdir, jax.random.fold_in(key, 0))
+  frame = pac_bayes_table(loss, params0, params1, data, workdir, jax.random.fold_in(key, 1))
+  write_summary(workdir, frame)
+
+
+if __name__ == "__main__":
+  app.run(main)

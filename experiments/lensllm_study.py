@@ -1,0 +1,608 @@
+r"""End-to-end LensLLM study on a zoo pre-trained here (issue 7).
+
+  python -m experiments.lensllm_study --preset=tiny    # ~1-2 min, CI
+  python -m experiments.lensllm_study --preset=full    # ~1 h on 2 CPU cores
+
+Steps (resumable: finished work is read back from --workdir and skipped):
+
+  1-3. zoo        corpus, tokenizer, pre-trained models (experiments.build_zoo)
+  4.   sweeps     per task and model: zero-shot test loss, then fine-tuning on
+                  nested subsets D (early stopping on the validation split, test
+                  loss of the best checkpoint); after each run the empirical NTK on
+                  the probe set (kernel distance to the pre-trained kernel) and, for
+                  the Hessian models, the top Hessian eigenvalue of the training
+                  loss and the per-layer PAC-Bayes table (v_i^T H_i^+ v_i, v_i =
+                  w_hat_i - w0_i). One JSON line per run in runs_<task>.jsonl.
+  5.   kernels    pre-trained NTK spectra -> F(Theta, t) per model (aux of the law)
+  6.   selection  every method on every budget D_max = D* / ratio: PearCorr,
+                  RelAcc, Spearman, cost (6 N D per (model, D) read), and the
+                  extrapolation RMSE of each law on the held-out D > D_max
+  7.   report     CSV tables, PNG figures and summary.md in --output_dir
+
+Outputs (--output_dir; results/study for the full preset): curves_<task>.csv
+(public curve format), zoo.csv, runs.csv, pac_bayes_layers.csv, ntk_spectra.csv,
+selection.csv, rmse.csv, cost.csv, phases.csv, curves_<task>.png,
+phases_<task>.png, selection_<task>.png, summary.md.
+
+NTK convention. The model output is the per-example mean target-token
+log-likelihood f(x) (`ntk.lm_output_fn(model, "log_likelihood")` with the
+task's loss mask), the regression target is Y = 0 (a perfect prediction), so
+r0 = f_0(X) and, with the kernel Theta = U diag(lambda) U^T on n probe examples,
+
+    F(Theta, t) = (1/n) sum_k exp(-2 eta lambda_k t) (u_k^T r0)^2,
+
+eta the fine-tuning learning rate (`ntk.ntk_f_term` with proj = U^T r0 / sqrt(n)).
+LensLLM-NTK fits (B, beta, E, t) of L(D) = B / (F(Theta, t) + D^beta) + E.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import math
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from experiments import build_zoo as bz
+from lensllm_jax import (
+    benchmarks,
+    budgeted,
+    hessian,
+    metrics,
+    models,
+    nlp_metrics,
+    ntk,
+    pac_bayes,
+    phases,
+    selection,
+    study_tasks,
+    textdata,
+    training,
+)
+
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Results directory (default: the preset's).")
+_SKIP_FIGURES = flags.DEFINE_bool("skip_figures", False, "Do not draw PNG figures.")
+
+BASE_METHODS = ("ZeroShot", "SubTuning", "ModelSize", "AtS", "VanillaFit", "RectifiedFit")
+ALL_METHODS = BASE_METHODS + ("LensLLM", "LensLLM-NTK", "NLPMetrics")
+LAW_NAMES = {"VanillaFit": "vanilla", "RectifiedFit": "rectified", "LensLLM": "lensllm-scalar-F",
+             "LensLLM-NTK": "lensllm-ntk-F", "AtS": "ats"}
+
+log = bz.log
+
+
+# ---------------------------------------------------------------------------
+# Step 4: sweeps.
+
+
+def task_data(cfg, corpus, tok, task: str):
+  """Splits of a task, tokenised: {"train", "validation", "test"} -> TokenizedData."""
+  recs = study_tasks.task_records(task, corpus, num_records=cfg.num_records, seed=cfg.split_seed,
+                                  max_body_chars=cfg.max_body_chars)
+  splits = study_tasks.make_splits(task, recs, num_validation=cfg.num_validation,
+                                   num_test=cfg.num_test, min_train=max(cfg.subset_sizes),
+                                   seed=cfg.split_seed)
+  t = int(cfg.task_max_len[task])
+  data = {k: textdata.encode_examples(v, tok, t) for k, v in splits.items()}
+  log(f"task {task}: " + ", ".join(f"{k} {v.num_examples}" for k, v in data.items())
+      + f" examples, max_len {t}")
+  return data
+
+
+def step_budget(cfg, d: int) -> int:
+  """Fine-tuning steps for D examples: clip(epochs D / B, min, max), a multiple of eval_every."""
+  tr = cfg.train
+  steps = min(max(math.ceil(tr.epochs * d / tr.batch_size), tr.min_steps), tr.max_steps)
+  return int(math.ceil(steps / tr.eval_every) * tr.eval_every)
+
+
+def train_config(cfg) -> training.TrainConfig:
+  """One TrainConfig for every D (constant learning rate after warm-up), so the
+  compiled step is shared; each run stops at `step_budget` or by early stopping."""
+  tr = cfg.train
+  max_steps = int(math.ceil(tr.max_steps / tr.eval_every) * tr.eval_every)
+  return training.TrainConfig(
+      learning_rate=tr.learning_rate, warmup_steps=tr.warmup_steps, end_lr_fraction=1.0,
+      batch_size=tr.batch_size, max_steps=max_steps, eval_every=tr.eval_every,
+      patience=tr.patience, eval_batch_size=tr.eval_batch_size, seed=tr.seed)
+
+
+@functools.lru_cache(maxsize=None)
+def ntk_fn_for(config: models.ModelConfig):
+  return ntk.make_ntk_fn(ntk.lm_output_fn(models.CausalLM(config), "log_likelihood"))
+
+
+@functools.lru_cache(maxsize=None)
+def output_fn_for(config: models.ModelConfig):
+  return jax.jit(ntk.lm_output_fn(models.CausalLM(config), "log_likelihood"))
+
+
+@functools.lru_cache(maxsize=None)
+def loss_fn_for(config: models.ModelConfig):
+  """Mean NLL per scored token of a batch dict (the fine-tuning objective)."""
+  model = models.CausalLM(config)
+
+  def loss_fn(params, batch):
+    logits = model.apply({"params": params}, batch["input_ids"],
+                         attention_mask=batch["attention_mask"])
+    return models.mean_token_nll(logits, batch["targets"], batch["loss_mask"])
+
+  return loss_fn
+
+
+def probe_inputs(data: textdata.TokenizedData, n: int) -> dict:
+  """The first n test examples as NTK inputs (loss mask = target tokens)."""
+  p = data.take(np.arange(min(n, data.num_examples)))
+  return {"input_ids": jnp.asarray(p.input_ids), "attention_mask": jnp.asarray(p.attention_mask),
+          "loss_mask": jnp.asarray(p.loss_mask)}
+
+
+def pretrained_kernel(m: bz.ZooModel, probe: dict, path: pathlib.Path) -> dict:
+  """Theta_0 [n, n] and f_0 [n] at the pre-trained weights (cached in an npz)."""
+  if path.exists():
+    with np.load(path) as z:
+      return {k: z[k] for k in z.files}
+  t0 = time.time()
+  theta = np.asarray(ntk_fn_for(m.config)(m.params, probe), np.float64)
+  f0 = np.asarray(output_fn_for(m.config)(m.params, probe), np.float64)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  np.savez(path, theta=theta, f0=f0)
+  log(f"  NTK {m.spec.name}: n={theta.shape[0]}, trace {np.trace(theta):.3g} "
+      f"({time.time() - t0:.1f}s)")
+  return {"theta": theta, "f0": f0}
+
+
+def hessian_quantities(cfg, m: bz.ZooModel, params, train: textdata.TokenizedData,
+                       idx: np.ndarray, key) -> dict:
+  """Top Hessian eigenvalue of the training loss and the per-layer PAC-Bayes table."""
+  hc = cfg.hessian
+  loss_fn = loss_fn_for(m.config)
+  sub = train.take(idx[:hc.num_examples])
+  batch = {k: jnp.asarray(v) for k, v in textdata.as_batch(sub).items()}
+  op = hessian.hvp_operator(loss_fn, params, batch)
+  eig = hessian.lanczos_eigs(op, key, k=1, num_iters=int(hc.lanczos_iters),
+                             compute_residuals=False)
+  ex = {k: v[:hc.pac_examples] for k, v in batch.items()}
+  rows = pac_bayes.layer_table(loss_fn, params, m.params, ex, jax.random.fold_in(key, 1),
+                               num_iters=int(hc.pac_iters))
+  layers = [{"block": r.block, "num_params": r.num_params, "v_norm": r.v_norm,
+             "vhv_max": r.vhv_max, "vhpv_max": r.vhpv_max, "vhpv_batch": r.vhpv_batch}
+            for r in rows]
+  return {"hessian_top": float(eig.eigenvalues[0]),
+          "pac_sum_sqrt": float(sum(math.sqrt(max(r.vhpv_max, 0.0)) for r in rows)),
+          "pac_layers": layers}
+
+
+def sweep_step(cfg, workdir: pathlib.Path, corpus, tok, zoo_models) -> dict:
+  """Runs (or reads back) every (task, model, D); returns {task: {(model, D): record}}."""
+  tcfg = train_config(cfg)
+  grid = [0] + list(cfg.subset_sizes)
+  all_runs = {}
+  total = len(cfg.tasks) * len(zoo_models) * len(grid)
+  n_new, t_start = 0, time.time()
+  for task in cfg.tasks:
+    path = workdir / f"runs_{task}.jsonl"
+    runs = {(r["model"], int(r["data_size"])): r for r in bz.read_jsonl(path)}
+    all_runs[task] = runs
+    if all((m.spec.name, d) in runs for m in zoo_models for d in grid):
+      continue
+    data = task_data(cfg, corpus, tok, task)
+    probe = probe_inputs(data["test"], cfg.ntk.num_probe)
+    for m in zoo_models:
+      todo = [d for d in grid if (m.spec.name, d) not in runs]
+      if not todo:
+        continue
+      k0 = pretrained_kernel(m, probe, workdir / "ntk" / task / f"{m.spec.name}.npz")
+      with_hessian = m.spec.name in cfg.hessian.models and task in cfg.hessian.tasks
+      eval_step = training.cached_eval_step(m.apply_fn)
+      for d in todo:
+        t0 = time.time()
+        base = {"task": task, "model": m.spec.name, "family": m.spec.family, "size": m.size,
+                "data_size": d, "pretrain_steps": m.spec.pretrain_steps}
+        if d == 0:
+          loss = training.evaluate(eval_step, m.params, data["test"], tcfg.eval_batch_size)
+          rec = {**base, "test_loss": loss, "kernel_distance": 0.0, "steps": 0}
+        else:
+          idx = textdata.nested_subset(data["train"].num_examples, d, seed=cfg.subset_seed)
+          budget = step_budget(cfg, d)
+          res = training.finetune(m.apply_fn, m.params, data["train"].take(idx),
+                                  data["validation"], tcfg, stop_after_steps=budget)
+          loss = training.evaluate(eval_step, res.params, data["test"], tcfg.eval_batch_size)
+          theta = np.asarray(ntk_fn_for(m.config)(res.params, probe), np.float64)
+          rec = {**base, "test_loss": loss, "best_val_loss": res.best_val_loss,
+                 "initial_val_loss": res.initial_val_loss, "best_step": res.best_step,
+                 "steps": res.steps, "step_budget": budget, "stopped_early": res.stopped_early,
+                 "train_tokens": res.train_tokens,
+                 "train_flops_6nd": 6.0 * m.size * res.train_tokens,
+                 "kernel_distance": float(ntk.kernel_distance(k0["theta"], theta)),
+                 "ntk_trace": float(np.trace(theta))}
+          if with_hessian:
+            rec.update(hessian_quantities(cfg, m, res.params, data["train"], idx,
+                                          jax.random.key(d)))
+        rec["seconds"] = time.time() - t0
+        if not math.isfinite(rec["test_loss"]):
+          raise FloatingPointError(f"non-finite test loss for {task}/{m.spec.name}/D={d}")
+        bz.append_jsonl(path, rec)
+        runs[(m.spec.name, d)] = rec
+        n_new += 1
+        rate = (time.time() - t_start) / n_new
+        left = total - sum(len(r) for r in all_runs.values()) - sum(
+            len(grid) * len(zoo_models) for t in cfg.tasks if t not in all_runs)
+        extra = (f" kd {rec['kernel_distance']:.3g}" if d else "") + (
+            f" H {rec['hessian_top']:.3g} pac {rec['pac_sum_sqrt']:.3g}"
+            if "hessian_top" in rec else "")
+        log(f"[{total - left}/{total}] {task} {m.spec.name} D={d}: test {rec['test_loss']:.4f}"
+            f" steps {rec.get('steps', 0)}{extra} ({rec['seconds']:.1f}s; {rate:.1f}s/run, "
+            f"~{left * rate / 60:.1f} min left)")
+  return all_runs
+
+
+def curve_set(cfg, task: str, runs: dict, zoo_models, out: pathlib.Path) -> benchmarks.CurveSet:
+  """The task's curves (public format), written to out/curves_<task>.csv."""
+  grid = [0] + list(cfg.subset_sizes)
+  names = [m.spec.name for m in zoo_models]
+  curves = benchmarks.CurveSet(
+      name=task, source=str(out / f"curves_{task}.csv"), models=tuple(names),
+      sizes=np.asarray([m.size for m in zoo_models], np.int64),
+      families=tuple(m.spec.family for m in zoo_models), data_sizes=np.asarray(grid, np.float64),
+      losses=np.asarray([[runs[(n, d)]["test_loss"] for d in grid] for n in names], np.float64))
+  benchmarks.write_curves(curves, out / f"curves_{task}.csv")
+  return curves
+
+
+# ---------------------------------------------------------------------------
+# Step 5: kernels -> F(Theta, t).
+
+
+def ntk_aux(cfg, workdir: pathlib.Path, task: str, zoo_models) -> tuple:
+  """(eigvals [M, n], proj [M, n], eta [M]) for `ntk.ntk_f_term` (float64)."""
+  eig, proj = [], []
+  for m in zoo_models:
+    with np.load(workdir / "ntk" / task / f"{m.spec.name}.npz") as z:
+      theta, f0 = z["theta"], z["f0"]
+    spec = ntk.ntk_spectrum(theta, f0)
+    eig.append(np.asarray(spec.eigvals, np.float64))
+    proj.append(np.asarray(spec.proj, np.float64) / math.sqrt(theta.shape[0]))
+  eta = np.full(len(zoo_models), float(cfg.train.learning_rate))
+  return np.stack(eig), np.stack(proj), eta
+
+
+# ---------------------------------------------------------------------------
+# Step 6: selection.
+
+
+def nlp_alpha(zoo_models) -> np.ndarray:
+  """[M] mean HT-SR power-law alpha of each pre-trained model's weight matrices."""
+  return np.asarray([nlp_metrics.nlp_metrics(m.params).mean_alpha for m in zoo_models])
+
+
+def selection_step(cfg, task: str, curves, aux, alphas):
+  """All methods on all budgets of one task: (selection rows, rmse rows, cost rows, fits)."""
+  target = float(max(cfg.subset_sizes))
+  meta = selection.metadata_of(curves, target_data_num=target)
+  truth = curves.column(target)
+  ratios = [int(r) for r in cfg.selection.ratios]
+  views = [selection.visible_view(curves, target / r) for r in ratios]
+  key = jax.random.key(cfg.selection.seed)
+  opts = {"max_steps": int(cfg.selection.max_steps)}
+  results = {r: {} for r in ratios}
+  for name in ("ZeroShot", "SubTuning", "ModelSize", "AtS"):
+    for r, v in zip(ratios, views, strict=True):
+      results[r][name] = selection.run_method(name, v, meta)
+  for name in ("VanillaFit", "RectifiedFit", "LensLLM"):
+    for r, res in zip(ratios, selection.run_fitted_batch(
+        name, views, meta, key=key, num_restarts=int(cfg.selection.num_restarts),
+        fit_options=opts), strict=True):
+      results[r][name] = res
+  ntk_res = selection.run_fitted_batch("LensLLM", views, meta, key=key,
+                                       num_restarts=int(cfg.selection.num_restarts),
+                                       fit_options=opts, f_term=ntk.ntk_f_term, aux=aux)
+  for r, res in zip(ratios, ntk_res, strict=True):
+    results[r]["LensLLM-NTK"] = res
+    results[r]["NLPMetrics"] = selection.SelectionResult(
+        "NLPMetrics", alphas, selection.rank_by(alphas))
+  sel_rows, rmse_rows, cost_rows = [], [], []
+  full = budgeted.full_tuning_flops(curves.sizes, target)
+  d_all = np.asarray(curves.data_sizes)
+  for r, v in zip(ratios, views, strict=True):
+    dmax = target / r
+    for name in ALL_METHODS:
+      res = results[r][name]
+      vals = {"PearCorr": metrics.pearson_corr(res.feature, truth),
+              "RelAcc": metrics.relative_accuracy(res.chosen, truth),
+              "Spearman": metrics.spearman_corr(res.feature, truth),
+              "chosen": curves.models[res.chosen]}
+      for k, val in vals.items():
+        sel_rows.append({"task": task, "ratio": r, "max_data_num": int(dmax), "method": name,
+                         "metric": k, "value": val})
+      reads = {"LensLLM-NTK": "LensLLM", "NLPMetrics": "ModelSize"}.get(name, name)
+      flops = budgeted.method_flops(reads, curves.sizes, d_all, dmax)
+      cost_rows.append({"task": task, "ratio": r, "max_data_num": int(dmax), "method": name,
+                        "flops_per_token": flops, "relative_to_full": flops / full,
+                        "RelAcc": vals["RelAcc"], "PearCorr": vals["PearCorr"]})
+      if name in LAW_NAMES:
+        held = (d_all > dmax) & (d_all <= target)
+        pred = heldout_prediction(res, d_all[held])
+        per_model, pooled = metrics.curve_rmse(pred, curves.losses[:, held])
+        rmse_rows.append({"task": task, "ratio": r, "max_data_num": int(dmax),
+                          "law": LAW_NAMES[name], "model": "ALL", "rmse": pooled})
+        for mi, val in enumerate(per_model):
+          rmse_rows.append({"task": task, "ratio": r, "max_data_num": int(dmax),
+                            "law": LAW_NAMES[name], "model": curves.models[mi], "rmse": val})
+  return sel_rows, rmse_rows, cost_rows, results
+
+
+def heldout_prediction(res, d: np.ndarray) -> np.ndarray:
+  """[M, P] predicted losses of a fitted / AtS result at data sizes d."""
+  if res.method == "AtS":
+    return np.exp(res.extras["intercept"][:, None] + res.extras["slope"][:, None]
+                  * np.log(d)[None, :])
+  law = res.extras["law"]
+  return np.asarray(law.predict(res.extras["raw_params"], d, aux=res.extras.get("aux")))
+
+
+# ---------------------------------------------------------------------------
+# Step 7: report.
+
+
+def write_csv(path: pathlib.Path, rows: list[dict]) -> None:
+  if not rows:
+    return
+  keys = list(rows[0].keys())
+  for r in rows[1:]:
+    keys += [k for k in r if k not in keys]
+  tmp = path.with_suffix(".tmp")
+  with tmp.open("w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=keys)
+    w.writeheader()
+    for r in rows:
+      w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+  tmp.replace(path)
+
+
+def transition_of(curves) -> np.ndarray:
+  """[M] first power-phase D of each full curve (AtS test on D > 0)."""
+  d = np.asarray(curves.data_sizes)
+  pos = d > 0
+  with jax.enable_x64(True):
+    first = phases.phase_transition(jnp.asarray(np.log(np.broadcast_to(d[pos], (len(curves.models),
+                                                                                  pos.sum())))),
+                                    jnp.asarray(np.log(curves.losses[:, pos])))
+  return d[pos][np.asarray(first)]
+
+
+def figures(cfg, out: pathlib.Path, task: str, curves, runs, results, transition) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  d = np.asarray(curves.data_sizes)
+  target = float(max(cfg.subset_sizes))
+  colors = plt.cm.tab10(np.arange(len(curves.models)) % 10)
+  # Curves and LensLLM-NTK / scalar-F fits at the middle budget.
+  r = [int(x) for x in cfg.selection.ratios][len(cfg.selection.ratios) // 2]
+  dmax = target / r
+  dd = np.geomspace(d[d > 0].min(), target, 100)
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+  for ax, name in zip(axes, ("LensLLM-NTK", "LensLLM"), strict=True):
+    pred = heldout_prediction(results[r][name], dd)
+    for i, mname in enumerate(curves.models):
+      ax.plot(d[1:], curves.losses[i, 1:], "o", color=colors[i], ms=4, label=mname)
+      ax.plot(dd, pred[i], "-", color=colors[i], lw=1)
+    ax.axvline(dmax, color="k", ls=":", lw=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("fine-tuning examples D")
+    ax.set_title(f"{task}: {LAW_NAMES[name]} fit on D <= {int(dmax)} (dotted)")
+  axes[0].set_ylabel("test loss (nats / target token)")
+  axes[1].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(out / f"curves_{task}.png", dpi=110)
+  plt.close(fig)
+  # The two phases.
+  fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
+  hess_models = [n for n in cfg.hessian.models if task in cfg.hessian.tasks]
+  for i, mname in enumerate(curves.models):
+    xs = [x for x in d if x > 0]
+    style = dict(color=colors[i], marker="o", ms=3, lw=1.2 if mname in hess_models else 0.6)
+    axes[0].plot(xs, [runs[(mname, x)]["test_loss"] for x in xs], label=mname, **style)
+    axes[1].plot(xs, [runs[(mname, x)]["kernel_distance"] for x in xs], **style)
+    if mname in hess_models:
+      axes[2].plot(xs, [runs[(mname, x)]["hessian_top"] for x in xs], label=mname, **style)
+      axes[3].plot(xs, [runs[(mname, x)]["pac_sum_sqrt"] for x in xs], label=mname, **style)
+      for ax in axes:
+        ax.axvline(transition[i], color=colors[i], ls="--", lw=0.8)
+  titles = ("test loss", "NTK kernel distance to pre-trained", "top Hessian eigenvalue",
+            "sum_i sqrt(max_x v_i^T H_i^+ v_i)")
+  for ax, t in zip(axes, titles, strict=True):
+    ax.set_xscale("log")
+    ax.set_xlabel("D")
+    ax.set_title(t, fontsize=10)
+  axes[0].set_yscale("log")
+  axes[0].legend(fontsize=6)
+  axes[2].legend(fontsize=7)
+  fig.suptitle(f"{task}: pre-power -> power phase (dashed: AtS-detected transition of the "
+               "Hessian models)", fontsize=10)
+  fig.tight_layout()
+  fig.savefig(out / f"phases_{task}.png", dpi=110)
+  plt.close(fig)
+  # Selection quality vs budget.
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+  ratios = [int(x) for x in cfg.selection.ratios]
+  for name in ALL_METHODS:
+    for ax, metric in zip(axes, ("PearCorr", "RelAcc"), strict=True):
+      vals = []
+      for rr in ratios:
+        res = results[rr][name]
+        truth = curves.column(target)
+        vals.append(metrics.pearson_corr(res.feature, truth) if metric == "PearCorr"
+                    else metrics.relative_accuracy(res.chosen, truth))
+      ax.plot(ratios, vals, marker="o", label=name, lw=2 if name.startswith("LensLLM") else 1)
+  for ax, metric in zip(axes, ("PearCorr", "RelAcc"), strict=True):
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("D* / D_max")
+    ax.set_title(f"{task}: {metric}")
+  axes[1].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(out / f"selection_{task}.png", dpi=110)
+  plt.close(fig)
+
+
+def _md_table(header, rows) -> str:
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+  return "\n".join(lines)
+
+
+def _f(v, p=3) -> str:
+  return "nan" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{p}f}"
+
+
+def summary_md(cfg, zoo_rows, task_info, sel_rows, rmse_rows, cost_rows, wall) -> str:
+  ratios = [int(r) for r in cfg.selection.ratios]
+  target = int(max(cfg.subset_sizes))
+  parts = [f"# LensLLM study ({cfg.preset} preset)", "",
+           f"Generated by `python -m experiments.lensllm_study --preset={cfg.preset}` "
+           f"(sweep wall time so far {wall / 60:.1f} min in this call; see runs.csv for the "
+           "per-run seconds). D* = "
+           f"{target}, budgets D_max = D*/ratio for ratios {ratios}.", "", "## Zoo", ""]
+  parts.append(_md_table(
+      ["model", "family", "params", "pre-train steps", "pre-train loss"]
+      + [f"{t} L(0)" for t in cfg.tasks] + [f"{t} L(D*)" for t in cfg.tasks],
+      [[z["name"], z["family"], z["size"], z["pretrain_steps"], _f(z["final_train_loss"])]
+       + [_f(z[f"{t}_zero_shot"]) for t in cfg.tasks] + [_f(z[f"{t}_final"]) for t in cfg.tasks]
+       for z in zoo_rows]))
+  parts.append("")
+  for t, info in task_info.items():
+    parts.append(f"{t}: Spearman(zero-shot L(0), L(D*)) = {_f(info['rank_agreement'])}; "
+                 f"best zero-shot model {info['best_zero']}, best fine-tuned model "
+                 f"{info['best_final']}.")
+  parts += ["", "## Selection (PearCorr / RelAcc, %)", ""]
+  for t in cfg.tasks:
+    rows = []
+    for meth in ALL_METHODS:
+      row = [meth]
+      for r in ratios:
+        v = {x["metric"]: x["value"] for x in sel_rows
+             if x["task"] == t and x["ratio"] == r and x["method"] == meth}
+        row.append(f"{_f(100 * v['PearCorr'], 1)} / {_f(100 * v['RelAcc'], 1)}")
+      rows.append(row)
+    parts += [f"### {t}", "", _md_table(["method"] + [f"D*/D_max={r}" for r in ratios], rows), ""]
+  parts += ["## Extrapolation RMSE on held-out D > D_max (loss units, pooled over models)", ""]
+  for t in cfg.tasks:
+    rows = []
+    for law in LAW_NAMES.values():
+      rows.append([law] + [_f(next(x["rmse"] for x in rmse_rows if x["task"] == t and
+                                   x["ratio"] == r and x["law"] == law and x["model"] == "ALL"),
+                              4) for r in ratios])
+    parts += [f"### {t}", "", _md_table(["law"] + [f"ratio {r}" for r in ratios], rows), ""]
+  parts += ["## Cost (fine-tuning FLOPs per token, 6 N D per (model, D) read, relative to "
+            "FullTuning on D*)", ""]
+  for t in cfg.tasks:
+    rows = []
+    for meth in ALL_METHODS:
+      rows.append([meth] + [_f(next(x["relative_to_full"] for x in cost_rows
+                                    if x["task"] == t and x["ratio"] == r and x["method"] == meth),
+                               4) for r in ratios])
+    parts += [f"### {t}", "", _md_table(["method"] + [f"ratio {r}" for r in ratios], rows), ""]
+  parts += ["## The two phases", "",
+            "AtS-detected transition (first power-phase D) per model and task; NTK kernel "
+            "distance from the pre-trained kernel at the smallest D, at the transition and at "
+            "D*; figures phases_<task>.png.", ""]
+  rows = []
+  for t, info in task_info.items():
+    for z in info["phase_rows"]:
+      rows.append([t, z["model"], z["transition_D"], _f(z["kd_first"], 4),
+                   _f(z["kd_transition"], 4), _f(z["kd_last"], 4)])
+  parts.append(_md_table(["task", "model", "transition D", "kd(D_min)", "kd(transition)",
+                          "kd(D*)"], rows))
+  parts.append("")
+  return "\n".join(parts)
+
+
+def report_step(cfg, workdir, out: pathlib.Path, all_runs, zoo_models, t_start) -> None:
+  out.mkdir(parents=True, exist_ok=True)
+  manifest = {r["name"]: r for r in bz.read_jsonl(workdir / "zoo.jsonl")}
+  alphas = nlp_alpha(zoo_models)
+  target = max(cfg.subset_sizes)
+  sel_rows, rmse_rows, cost_rows, run_rows, pac_rows, spec_rows, phase_rows = ([] for _ in range(7))
+  task_info = {}
+  zoo_rows = [{**{k: manifest[m.spec.name][k] for k in ("name", "family", "size",
+                                                         "pretrain_steps", "final_train_loss",
+                                                         "seconds")},
+               "nlp_alpha": float(a)} for m, a in zip(zoo_models, alphas, strict=True)]
+  for task in cfg.tasks:
+    runs = all_runs[task]
+    curves = curve_set(cfg, task, runs, zoo_models, out)
+    aux = ntk_aux(cfg, workdir, task, zoo_models)
+    for i, m in enumerate(zoo_models):
+      f = ntk.ntk_test_loss(aux[0][i], aux[1][i], aux[2][i], np.array([0.0, 1.0, 10.0, 100.0]))
+      spec_rows.append({"task": task, "model": m.spec.name, "n": aux[0].shape[1],
+                        "lambda_max": float(aux[0][i].max()),
+                        "lambda_median": float(np.median(aux[0][i])),
+                        "F_t0": float(f[0]), "F_t1": float(f[1]), "F_t10": float(f[2]),
+                        "F_t100": float(f[3])})
+    log(f"selection {task}: {len(ALL_METHODS)} methods x {len(cfg.selection.ratios)} budgets")
+    t0 = time.time()
+    s, r, c, results = selection_step(cfg, task, curves, aux, alphas)
+    log(f"selection {task} done ({time.time() - t0:.1f}s)")
+    sel_rows += s
+    rmse_rows += r
+    cost_rows += c
+    transition = transition_of(curves)
+    for i, m in enumerate(zoo_models):
+      zoo_rows[i][f"{task}_zero_shot"] = float(curves.losses[i, 0])
+      zoo_rows[i][f"{task}_final"] = float(curves.losses[i, -1])
+      kd = {d: runs[(m.spec.name, d)]["kernel_distance"] for d in cfg.subset_sizes}
+      phase_rows.append({"task": task, "model": m.spec.name, "transition_D": int(transition[i]),
+                         "kd_first": kd[min(kd)], "kd_transition": kd[int(transition[i])],
+                         "kd_last": kd[target]})
+    for (name, d), rec in sorted(runs.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+      run_rows.append({k: v for k, v in rec.items() if k != "pac_layers"})
+      for layer in rec.get("pac_layers", []):
+        pac_rows.append({"task": task, "model": name, "data_size": d, **layer})
+    task_info[task] = {
+        "rank_agreement": metrics.spearman_corr(curves.losses[:, 0], curves.losses[:, -1]),
+        "best_zero": curves.models[int(np.argmin(curves.losses[:, 0]))],
+        "best_final": curves.models[int(np.argmin(curves.losses[:, -1]))],
+        "phase_rows": [p for p in phase_rows if p["task"] == task]}
+    if not _SKIP_FIGURES.value:
+      figures(cfg, out, task, curves, runs, results, transition)
+  write_csv(out / "zoo.csv", zoo_rows)
+  write_csv(out / "runs.csv", run_rows)
+  write_csv(out / "pac_bayes_layers.csv", pac_rows)
+  write_csv(out / "ntk_spectra.csv", spec_rows)
+  write_csv(out / "selection.csv", sel_rows)
+  write_csv(out / "rmse.csv", rmse_rows)
+  write_csv(out / "cost.csv", cost_rows)
+  write_csv(out / "phases.csv", phase_rows)
+  (out / "summary.md").write_text(summary_md(cfg, zoo_rows, task_info, sel_rows, rmse_rows,
+                                             cost_rows, time.time() - t_start))
+  log(f"report: {out}")
+
+
+def main(argv):
+  del argv
+  cfg = bz.load_preset(bz._PRESET.value)
+  workdir = pathlib.Path(bz._WORKDIR.value or cfg.workdir)
+  out = pathlib.Path(_OUTPUT_DIR.value or cfg.output_dir)
+  t0 = time.time()
+  log(f"study preset {cfg.preset}: workdir {workdir}, output {out}")
+  corpus, tok, zoo_models = bz.build_zoo(cfg, workdir)
+  log(f"zoo ready: {len(zoo_models)} models ({time.time() - t0:.1f}s)")
+  all_runs = sweep_step(cfg, workdir, corpus, tok, zoo_models)
+  log(f"sweeps done ({time.time() - t0:.1f}s)")
+  report_step(cfg, workdir, out, all_runs, zoo_models, t0)
+  (out / "wall_time.json").write_text(json.dumps({"preset": cfg.preset,
+                                                  "seconds_this_call": time.time() - t0}))
+  log(f"done in {time.time() - t0:.1f}s")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,70 @@
+"""End-to-end test of experiments/finetune_sweep.py on its smoke configuration."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import REPO_ROOT
+
+from lensllm_jax import benchmarks
+
+
+def _run(workdir):
+  env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.finetune_sweep",
+       "--config=configs/finetune_tiny.py:smoke", f"--workdir={workdir}"],
+      cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("sweep")
+  _run(workdir)
+  return workdir
+
+
+def test_curve_file_loads_back(sweep):
+  curves = benchmarks.load_curves(str(sweep / "curves.csv"))
+  assert curves.models == ("tiny-gpt2",) and curves.families == ("GPT-2",)
+  np.testing.assert_array_equal(curves.data_sizes, [0, 200, 400])
+  runs = [json.loads(x) for x in (sweep / "runs.jsonl").read_text().splitlines()]
+  by_d = {r["data_size"]: r for r in runs}
+  assert sorted(by_d) == [0, 200, 400]
+  np.testing.assert_allclose(curves.losses[0], [by_d[d]["test_loss"] for d in (0, 200, 400)])
+  assert curves.sizes[0] == by_d[0]["size"] > 0
+  # Fine-tuning lowers the test loss below zero-shot.
+  assert curves.losses[0, 1] < curves.losses[0, 0] and curves.losses[0, 2] < curves.losses[0, 0]
+
+
+def test_run_metadata(sweep):
+  runs = [json.loads(x) for x in (sweep / "runs.jsonl").read_text().splitlines()]
+  for r in runs:
+    if r["data_size"] == 0:
+      continue
+    assert 0 < r["best_step"] <= r["steps"] <= 12
+    assert r["train_tokens"] <= r["steps"] * 16 * r["max_len"]
+    assert r["train_flops"] > r["flops_6nd"] > 0
+    assert r["history"][0]["step"] == 0
+    ntk = np.load(r["ntk"]["file"])
+    assert ntk["theta_finetuned"].shape == (4, 4)
+    # Kernels are symmetric PSD Gram matrices.
+    np.testing.assert_allclose(ntk["theta_pretrained"], ntk["theta_pretrained"].T, rtol=1e-4,
+                               atol=1e-6)
+    assert np.linalg.eigvalsh(ntk["theta_finetuned"]).min() > -1e-4 * ntk["theta_finetuned"].max()
+    assert 0 <= r["ntk"]["kernel_distance"] <= 1
+  assert not (sweep / "ckpt" / "tiny-gpt2" / "200").exists()  # finished runs clean up
+
+
+def test_rerun_skips_finished(sweep):
+  before = (sweep / "runs.jsonl").read_text()
+  proc = _run(sweep)
+  assert (sweep / "runs.jsonl").read_text() == before
+  assert "(1 models)" in proc.stdout
