@@ -44,6 +44,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.test_split = ""
   c.hub_config = ""  # dataset configuration for hub tasks (e.g. "de-en")
   c.num_synthetic = 4000  # synthetic pool size (train + validation + test)
+  c.max_train_rows = 0  # read only this many train rows of a huge dataset (0: all)
   c.num_validation = 200
   c.num_test = 400
   c.max_len = 40

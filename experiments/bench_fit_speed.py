@@ -38,8 +38,9 @@ _BENCHMARK = flags.DEFINE_multi_string("benchmark", ["flan", "gigaword"],
                                        "Curve file names or paths (repeatable).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Directory holding NAME.csv files.")
 _NUM_RESTARTS = flags.DEFINE_integer("num_restarts", 8, "Restarts per curve (both methods).")
-_OPTIMIZER = flags.DEFINE_enum("optimizer", "auto", ["auto", "gauss_newton", "newton", "lbfgs"],
-                               "Engine optimiser.")
+_OPTIMIZER = flags.DEFINE_enum(
+  "optimizer", "auto", ["auto", "newton", "newton_cholesky", "gauss_newton", "lbfgs"],
+  "Engine optimiser (see fitting.fit_curves).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed engine calls after compilation (min taken).")
 _SCIPY_METHOD = flags.DEFINE_string("scipy_method", "BFGS", "scipy.optimize.minimize method.")
 _SCIPY_JAC = flags.DEFINE_enum("scipy_jac", "numeric", ["numeric", "jax"],

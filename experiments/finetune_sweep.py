@@ -90,6 +90,7 @@ def load_splits(cfg, workdir: pathlib.Path) -> dict[str, list[textdata.Example]]
   spec = task_spec(cfg, workdir)
   splits = textdata.load_task(spec, num_validation=cfg.num_validation, num_test=cfg.num_test,
                               max_validation=cfg.num_validation, max_test=cfg.num_test,
+                              max_train=cfg.get("max_train_rows", 0) or None,
                               seed=cfg.split_seed, cache_dir=str(workdir / "hf_cache"))
   biggest = max(cfg.subset_sizes)
   if biggest > len(splits["train"]):

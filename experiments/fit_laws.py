@@ -138,9 +138,11 @@ def plot_curves(curves, fits, mask, path: pathlib.Path):
         continue
       with np.errstate(invalid="ignore", over="ignore"):
         y = law.predict(result, d_plot, curve=i)
-      xs = np.where(d_plot > 0, d_plot, x_zero)
-      ok = np.isfinite(y)
-      ax.plot(xs[ok], y[ok], "-", lw=1.2, label=f"{law.name} ({result.status[i]})")
+      ok = np.isfinite(y) & (d_plot > 0)
+      (line,) = ax.plot(d_plot[ok], y[ok], "-", lw=1.2,
+                        label=f"{law.name} ({result.status[i]})")
+      if np.isfinite(y[0]):  # the law's zero-shot value, drawn at x_zero
+        ax.plot([x_zero], [y[0]], "s", mfc="none", color=line.get_color(), ms=6)
     ax.set_xscale("log")
     ax.set_title(curves.models[i], fontsize=8)
     ax.set_xlabel("fine-tuning samples D (D=0 drawn at 50)", fontsize=7)

@@ -50,8 +50,9 @@ import optax
 import pandas as pd
 from absl import app, flags, logging
 
+from experiments.hessian_common import as_batch, lm_loss_fn, markov_sequences
 from lensllm_jax import hessian, pac_bayes
-from lensllm_jax.models import CausalLM, init_params, presets, token_nll
+from lensllm_jax.models import CausalLM, init_params, presets
 
 _WORKDIR = flags.DEFINE_string("workdir", "results/hessian_spectrum", "Output directory.")
 _PRESET = flags.DEFINE_string("preset", "tiny-gpt2", "Model preset (lensllm_jax.models.presets).")
@@ -60,56 +61,22 @@ _PRETRAINED = flags.DEFINE_string("pretrained_ckpt", None,
 _FINETUNED = flags.DEFINE_string("finetuned_ckpt", None,
                                  "Fine-tuned params (training.save_params directory).")
 _TOKENS = flags.DEFINE_string("tokens_npy", None, "Task token ids [N, T + 1] (.npy).")
-_NUM_EXAMPLES = flags.DEFINE_integer("num_examples", 32, "Training sequences n.")
+_NUM_EXAMPLES = flags.DEFINE_integer("num_examples", 16, "Training sequences n.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 32, "Sequence length T.")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Sequences per streamed batch.")
 _PRETRAIN_STEPS = flags.DEFINE_integer("pretrain_steps", 100, "Demo pre-training steps.")
 _FINETUNE_STEPS = flags.DEFINE_integer("finetune_steps", 50, "Demo fine-tuning steps.")
 _LR = flags.DEFINE_float("learning_rate", 3e-3, "Adam learning rate of the demo training.")
 _K = flags.DEFINE_integer("k", 10, "Top eigenvalues.")
-_LANCZOS_ITERS = flags.DEFINE_integer("lanczos_iters", 40, "Lanczos steps for the top-k.")
-_PROBES = flags.DEFINE_integer("hutchinson_probes", 32, "Hutchinson probes.")
+_LANCZOS_ITERS = flags.DEFINE_integer("lanczos_iters", 30, "Lanczos steps for the top-k.")
+_PROBES = flags.DEFINE_integer("hutchinson_probes", 16, "Hutchinson probes.")
 _SLQ_PROBES = flags.DEFINE_integer("slq_probes", 4, "SLQ probes.")
-_SLQ_ITERS = flags.DEFINE_integer("slq_iters", 40, "SLQ Lanczos steps per probe.")
-_PAC_ITERS = flags.DEFINE_integer("pac_iters", 16, "Lanczos steps per v^T H^+ v.")
+_SLQ_ITERS = flags.DEFINE_integer("slq_iters", 30, "SLQ Lanczos steps per probe.")
+_PAC_ITERS = flags.DEFINE_integer("pac_iters", 12, "Lanczos steps per v^T H^+ v.")
 _C = flags.DEFINE_float("c", 1.0, "The constant C of the bound.")
 _N = flags.DEFINE_integer("n", None, "n of the bound (default: --num_examples).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of data, init and probes.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Recompute everything.")
-
-
-def lm_loss_fn(model):
-  """`loss(params, batch)`: mean over sequences of the per-sequence mean NLL.
-
-  batch: {"input_ids" [B, T], "targets" [B, T], "loss_mask" [B, T]}.
-  """
-  def loss(params, batch):
-    logits = model.apply({"params": params}, batch["input_ids"])
-    return jnp.mean(token_nll(logits, batch["targets"], batch["loss_mask"]))
-  return loss
-
-
-def markov_sequences(vocab_size: int, num: int, length: int, *, chain_seed: int,
-                     seed: int) -> dict[str, np.ndarray]:
-  """`num` sequences of `length + 1` tokens from a sparse random Markov chain."""
-  rng = np.random.default_rng(chain_seed)
-  trans = rng.dirichlet(np.full(vocab_size, 0.05), size=vocab_size)
-  cum = np.cumsum(trans, axis=1)
-  draw = np.random.default_rng(seed)
-  seq = np.empty((num, length + 1), np.int64)
-  seq[:, 0] = draw.integers(0, vocab_size, num)
-  for t in range(length):
-    u = draw.random(num)[:, None]
-    seq[:, t + 1] = np.minimum((u > cum[seq[:, t]]).sum(axis=1), vocab_size - 1)
-  return as_batch(seq)
-
-
-def as_batch(tokens: np.ndarray) -> dict[str, np.ndarray]:
-  """[N, T + 1] token ids -> inputs, next-token targets and a full loss mask."""
-  tokens = np.asarray(tokens)
-  return {"input_ids": tokens[:, :-1].astype(np.int32),
-          "targets": tokens[:, 1:].astype(np.int32),
-          "loss_mask": np.ones((tokens.shape[0], tokens.shape[1] - 1), np.float32)}
 
 
 def load_task_data(config) -> dict[str, np.ndarray]:

@@ -158,24 +158,55 @@ def pretrained_kernel(m: bz.ZooModel, probe: dict, path: pathlib.Path) -> dict:
   return {"theta": theta, "f0": f0}
 
 
+@functools.lru_cache(maxsize=None)
+def hessian_fn_for(config: models.ModelConfig, top_iters: int, pac_iters: int):
+  """One jit-compiled function per (config, iterations) for the Hessian quantities.
+
+  fn(params, params0, batch, pac_examples, key) -> (top eigenvalue of the mean
+  training-loss Hessian on `batch` (Lanczos, `top_iters` steps), and per layer
+  block i (`pac_bayes.layer_blocks`): ||v_i||, max_x v_i^T H_i,x v_i and
+  max_x v_i^T H_i,x^+ v_i over the `pac_examples` (`pac_bayes.per_example_forms`,
+  `pac_iters` Lanczos steps), v_i = w_hat_i - w0_i). Compiled once, so the
+  sweep pays one compilation per model shape, not one per run and block.
+  """
+  loss_fn = loss_fn_for(config)
+
+  @jax.jit
+  def fn(params, params0, batch, pac_examples, key):
+    op = hessian.hvp_operator(loss_fn, params, batch)
+    top = hessian.lanczos_eigs(op, key, k=1, num_iters=top_iters,
+                               compute_residuals=False).eigenvalues[0]
+    out = {}
+    for b, (name, ids) in enumerate(pac_bayes.layer_blocks(params).items()):
+      forms = pac_bayes.per_example_forms(loss_fn, params, params0, pac_examples,
+                                          jax.random.fold_in(key, b + 1), block=ids,
+                                          num_iters=pac_iters)
+      leaves = jax.tree_util.tree_leaves(params)
+      leaves0 = jax.tree_util.tree_leaves(params0)
+      v_norm = jnp.sqrt(sum(jnp.sum(jnp.square(leaves[i] - leaves0[i])) for i in ids))
+      out[name] = (v_norm, jnp.max(forms.vhv), jnp.max(forms.vhpv))
+    return top, out
+
+  return fn
+
+
 def hessian_quantities(cfg, m: bz.ZooModel, params, train: textdata.TokenizedData,
                        idx: np.ndarray, key) -> dict:
-  """Top Hessian eigenvalue of the training loss and the per-layer PAC-Bayes table."""
+  """Top Hessian eigenvalue of the training loss and the per-layer PAC-Bayes quantities.
+
+  H_i = max over `pac_examples` training examples of v_i^T H_i^+ v_i (DESIGN.md
+  sec. 4); the reported sum is sum_i sqrt(H_i) (the bound's layer sum with C = n = 1).
+  """
   hc = cfg.hessian
-  loss_fn = loss_fn_for(m.config)
   sub = train.take(idx[:hc.num_examples])
   batch = {k: jnp.asarray(v) for k, v in textdata.as_batch(sub).items()}
-  op = hessian.hvp_operator(loss_fn, params, batch)
-  eig = hessian.lanczos_eigs(op, key, k=1, num_iters=int(hc.lanczos_iters),
-                             compute_residuals=False)
   ex = {k: v[:hc.pac_examples] for k, v in batch.items()}
-  rows = pac_bayes.layer_table(loss_fn, params, m.params, ex, jax.random.fold_in(key, 1),
-                               num_iters=int(hc.pac_iters))
-  layers = [{"block": r.block, "num_params": r.num_params, "v_norm": r.v_norm,
-             "vhv_max": r.vhv_max, "vhpv_max": r.vhpv_max, "vhpv_batch": r.vhpv_batch}
-            for r in rows]
-  return {"hessian_top": float(eig.eigenvalues[0]),
-          "pac_sum_sqrt": float(sum(math.sqrt(max(r.vhpv_max, 0.0)) for r in rows)),
+  fn = hessian_fn_for(m.config, int(hc.lanczos_iters), int(hc.pac_iters))
+  top, blocks = jax.device_get(fn(params, m.params, batch, ex, key))
+  layers = [{"block": name, "v_norm": float(v[0]), "vhv_max": float(v[1]),
+             "vhpv_max": float(v[2])} for name, v in blocks.items()]
+  return {"hessian_top": float(top),
+          "pac_sum_sqrt": float(sum(math.sqrt(max(r["vhpv_max"], 0.0)) for r in layers)),
           "pac_layers": layers}
 
 
@@ -214,17 +245,22 @@ def sweep_step(cfg, workdir: pathlib.Path, corpus, tok, zoo_models) -> dict:
           res = training.finetune(m.apply_fn, m.params, data["train"].take(idx),
                                   data["validation"], tcfg, stop_after_steps=budget)
           loss = training.evaluate(eval_step, res.params, data["test"], tcfg.eval_batch_size)
+          t_ft = time.time() - t0
           theta = np.asarray(ntk_fn_for(m.config)(res.params, probe), np.float64)
+          t_ntk = time.time() - t0 - t_ft
           rec = {**base, "test_loss": loss, "best_val_loss": res.best_val_loss,
                  "initial_val_loss": res.initial_val_loss, "best_step": res.best_step,
                  "steps": res.steps, "step_budget": budget, "stopped_early": res.stopped_early,
                  "train_tokens": res.train_tokens,
                  "train_flops_6nd": 6.0 * m.size * res.train_tokens,
                  "kernel_distance": float(ntk.kernel_distance(k0["theta"], theta)),
-                 "ntk_trace": float(np.trace(theta))}
+                 "ntk_trace": float(np.trace(theta)), "seconds_finetune": t_ft,
+                 "seconds_ntk": t_ntk}
           if with_hessian:
+            t1 = time.time()
             rec.update(hessian_quantities(cfg, m, res.params, data["train"], idx,
                                           jax.random.key(d)))
+            rec["seconds_hessian"] = time.time() - t1
         rec["seconds"] = time.time() - t0
         if not math.isfinite(rec["test_loss"]):
           raise FloatingPointError(f"non-finite test loss for {task}/{m.spec.name}/D={d}")

@@ -41,6 +41,7 @@ privately and releases a loss only when it is paid for; the procedure sees
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -118,6 +119,19 @@ class CurveOracle:
     return selection.visible_view(self._curves, max_data_num, revealed)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _laplace_parts(law, raw, d, target_data_num, aux):
+  """log L at d [C, P], its Jacobian [C, P, K] and d log L(D*) / d raw [C, K]."""
+  dstar = jnp.asarray([target_data_num])
+
+  def one(theta, a):
+    jac = jax.jacfwd(lambda t: law.log_loss(t, d, a))(theta)
+    grad = jax.jacfwd(lambda t: law.log_loss(t, dstar, a)[0])(theta)
+    return law.log_loss(theta, d, a), jac, grad
+
+  return jax.vmap(one, in_axes=(0, 0 if aux is not None else None))(raw, aux)
+
+
 def laplace_log_sd(law, raw_params, data_sizes, mask, log_loss, target_data_num: float,
                    *, aux=None, pool: np.ndarray | None = None) -> np.ndarray:
   """Delta-method sd of the predicted log L(D*) per curve (float64).
@@ -139,19 +153,16 @@ def laplace_log_sd(law, raw_params, data_sizes, mask, log_loss, target_data_num:
   raw = np.asarray(raw_params, np.float64)
   c, k = raw.shape
   mask = np.asarray(mask, bool)
+  # Pad the points (masked) so that every step of a run shares one compilation.
+  d_np = np.asarray(data_sizes, np.float64)
+  pad = max(16, d_np.size) - d_np.size
+  d_np = np.concatenate([d_np, np.full(pad, d_np[-1])])
+  mask = np.concatenate([mask, np.zeros((c, pad), bool)], 1)
+  log_loss = np.concatenate([np.asarray(log_loss, np.float64), np.zeros((c, pad))], 1)
+  safe = np.where(np.isfinite(raw), raw, 0.0)
   with jax.enable_x64(True):
-    d = jnp.asarray(np.asarray(data_sizes, np.float64))
-    dstar = jnp.asarray([float(target_data_num)])
-
-    def one(theta, a):
-      jac = jax.jacfwd(lambda t: law.log_loss(t, d, a))(theta)        # [P, K]
-      grad = jax.jacfwd(lambda t: law.log_loss(t, dstar, a)[0])(theta)  # [K]
-      return law.log_loss(theta, d, a), jac, grad
-
-    safe = np.where(np.isfinite(raw), raw, 0.0)
-    pred, jac, grad = jax.vmap(one, in_axes=(0, 0 if aux is not None else None))(
-        jnp.asarray(safe), aux)
-    pred, jac, grad = (np.asarray(x) for x in (pred, jac, grad))
+    pred, jac, grad = (np.asarray(x) for x in _laplace_parts(
+        law, jnp.asarray(safe), jnp.asarray(d_np), float(target_data_num), aux))
   y = np.where(mask, np.asarray(log_loss, np.float64), 0.0)
   resid = np.where(mask, pred - y, 0.0)
   rss = (resid ** 2).sum(1)

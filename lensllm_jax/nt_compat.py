@@ -13,6 +13,12 @@ Guarantees:
     `hasattr` says it is missing.
 
 Use `import_neural_tangents()` rather than importing the package directly.
+
+Known limit: with these names restored, `empirical_ntk_fn` works with
+JACOBIAN_CONTRACTION and NTK_VECTOR_PRODUCTS; STRUCTURED_DERIVATIVES (and
+AUTO, which may pick it) still fails on jax 0.10 ("linearize() got multiple
+values for argument 'has_aux'"): it walks JAX's internal linearize/jaxpr
+machinery, whose signatures changed, so it is not shimmed here.
 """
 
 from __future__ import annotations

@@ -163,7 +163,8 @@ class _FormsProgram:
   of different sizes then share one compilation.
   """
 
-  def __init__(self, loss_fn, params, num_iters, dtype):
+  def __init__(self, loss_fn, params, num_iters, dtype, batch_form=True):
+    self.batch_form = batch_form
     flat, self.unravel = ravel_pytree(params)
     self.dtype = np.dtype(dtype or flat.dtype)
     self.dim = int(flat.shape[0])
@@ -183,6 +184,8 @@ class _FormsProgram:
       return quad.norm_sq * res.alphas[0], quad.value, quad.change, res.num_breakdowns
 
     forms = ExampleForms(*lax.map(one, examples))
+    if not self.batch_form:
+      return forms, jnp.asarray(jnp.nan, self.dtype)
     res = hessian.lanczos(self._op(flat, mask, examples), key, self.m, v0=v)
     return forms, hessian.quadrature_from_lanczos(res, hessian.positive_part).value
 
@@ -212,7 +215,7 @@ def per_example_forms(loss_fn: hessian.LossFn, params: PyTree, params0: PyTree,
   Returns:
     `ExampleForms` with arrays [n]. One jit-compiled `lax.map` over examples.
   """
-  program = _FormsProgram(loss_fn, params, num_iters, dtype)
+  program = _FormsProgram(loss_fn, params, num_iters, dtype, batch_form=False)
   (forms, _), _, _ = program(params, params0, block, examples, key)
   return forms
 

@@ -20,7 +20,8 @@ covariates). With
 (D_t is the data size where D^beta = F, i.e. where the curve turns from the
 pre-power to the power phase), the MAP objective is
 
-    J(theta) = sum_{m,p} w_mp rho(r_mp)  +  strength * sum_{g in pooled} ||(I - H) phi_{:,g}||^2,
+    J(theta) = sum_{m,p} w_mp rho(r_mp)  +  strength * sum_{g in pooled} ||(I - H) phi_{:,g}||^2
+               + lambda_E sum_m E_m^2,
 
     r_mp = log L_m(D_p; theta_m) - log L_mp   (observed, visible points only),
     rho(r) = r^2 (squared) or 2 huber_delta(r) (robust), w_mp point weights,
@@ -30,7 +31,8 @@ pre-power to the power phase), the MAP objective is
          log model size and log zero-shot loss). The prior means are profiled
          out exactly (the hat matrix), which is the MAP of a flat hyper-prior.
 
-`strength` = s^2 / tau^2 is the ratio of the point noise variance to the
+(lambda_E, `floor_prior`, optional: a Gaussian prior at 0 on the floor E in
+loss units.) `strength` = s^2 / tau^2 is the ratio of the point noise variance to the
 prior variance; because the data term is a SUM over points, pooling is
 automatically stronger when fewer points are visible. `strength = 0` gives
 back independent per-model fits (the published LensLLM curve mode).
@@ -87,12 +89,20 @@ class PooledConfig:
       transition (the zero-shot point included); power-phase points weigh 1.
     huber_delta: None for squared log residuals, else the Huber threshold (in
       log-loss units) of a robust loss.
+    empirical_bayes: if True, the prior strength of each pooled quantity g is
+      estimated from the visible data (`empirical_bayes_strength`:
+      s^2 / tau_g^2) and `strength` is a multiplier kappa on it.
+    floor_prior: lambda_E >= 0 of a Gaussian prior centred at 0 on the floor
+      E_m itself (loss units): adds lambda_E sum_m E_m^2 to J, pulling the
+      saturation level down (0: none).
   """
   strength: float = 0.0
   pooled: tuple[str, ...] = ("beta", "E")
   covariates: str = "none"
   pre_power_weight: float = 1.0
   huber_delta: float | None = None
+  empirical_bayes: bool = False
+  floor_prior: float = 0.0
 
   def __post_init__(self):
     if not self.strength >= 0:
@@ -105,6 +115,8 @@ class PooledConfig:
                        f"{COVARIATES}")
     if not self.pre_power_weight > 0:
       raise ValueError(f"PooledConfig.pre_power_weight must be > 0, got {self.pre_power_weight}")
+    if not self.floor_prior >= 0:
+      raise ValueError(f"PooledConfig.floor_prior must be >= 0, got {self.floor_prior}")
     if self.huber_delta is not None and not self.huber_delta > 0:
       raise ValueError(f"PooledConfig.huber_delta must be > 0 or None, got {self.huber_delta}")
 
@@ -113,14 +125,17 @@ class PooledConfig:
     """Short unique label, e.g. 's=0.001,pool=beta+E,cov=none,wpre=1,huber=none'."""
     return (f"s={self.strength:g},pool={'+'.join(self.pooled) or '-'},cov={self.covariates},"
             f"wpre={self.pre_power_weight:g},huber="
-            f"{'none' if self.huber_delta is None else f'{self.huber_delta:g}'}")
+            f"{'none' if self.huber_delta is None else f'{self.huber_delta:g}'}"
+            + (",eb" if self.empirical_bayes else "")
+            + (f",floor={self.floor_prior:g}" if self.floor_prior else ""))
 
   def arrays(self) -> tuple[np.ndarray, ...]:
-    """Traced form: (strength per group [3], covariate column mask [3], w_pre, delta)."""
+    """Traced form: (strength per group [3], covariate column mask [3], w_pre, delta, lambda_E)."""
     group = np.array([self.strength if g in self.pooled else 0.0 for g in POOLABLE])
     cols = {"none": [1, 0, 0], "size": [1, 1, 0], "size_zero_shot": [1, 1, 1]}[self.covariates]
     delta = np.inf if self.huber_delta is None else float(self.huber_delta)
-    return group, np.array(cols, np.float64), np.float64(self.pre_power_weight), np.float64(delta)
+    return (group, np.array(cols, np.float64), np.float64(self.pre_power_weight),
+            np.float64(delta), np.float64(self.floor_prior))
 
 
 class PooledFit:
@@ -180,8 +195,8 @@ def _psi(r, delta):
   return jnp.where(big, jnp.sign(r) * jnp.sqrt(safe), r)
 
 
-def _residual_vector(x, d, y, mask, weight, hat, group, delta, law):
-  """Stacked residuals [M P + 3 M] of one problem; x [M * 4] flat raw params."""
+def _residual_vector(x, d, y, mask, weight, hat, group, delta, floor, law):
+  """Stacked residuals [M P + 4 M] of one problem; x [M * 4] flat raw params."""
   m = y.shape[0]
   raw = x.reshape(m, 4)
   pred = jax.vmap(law.log_loss_fn, in_axes=(0, 0, None))(raw, d, None)
@@ -189,7 +204,8 @@ def _residual_vector(x, d, y, mask, weight, hat, group, delta, law):
   data = jnp.sqrt(weight) * _psi(r, delta)
   phi = shape_quantities(raw)
   prior = jnp.sqrt(group)[None, :] * (phi - hat @ phi)
-  return jnp.concatenate([data.reshape(-1), prior.reshape(-1)])
+  floor_res = jnp.sqrt(floor) * jnp.exp(raw[:, 2])
+  return jnp.concatenate([data.reshape(-1), prior.reshape(-1), floor_res])
 
 
 def pooled_objective(raw, data_size, log_loss, mask, config: PooledConfig, *, covariates=None,
@@ -210,21 +226,21 @@ def pooled_objective(raw, data_size, log_loss, mask, config: PooledConfig, *, co
     mk = np.asarray(mask, bool)
     x = np.ones((m, 3)) if covariates is None else np.asarray(covariates, np.float64)
     w = np.ones((m, p)) if weight is None else np.asarray(weight, np.float64)
-    group, cols, _, delta = config.arrays()
+    group, cols, _, delta, floor = config.arrays()
     law = laws.lensllm_law()
     res = _residual_vector(jnp.asarray(np.asarray(raw, np.float64).reshape(-1)),
                            jnp.asarray(np.where(mk, d, 1.0)), jnp.asarray(np.where(mk, y, 0.0)),
                            jnp.asarray(mk), jnp.asarray(w), _hat(jnp.asarray(x), jnp.asarray(cols)),
-                           jnp.asarray(group), jnp.asarray(delta), law)
+                           jnp.asarray(group), jnp.asarray(delta), jnp.asarray(floor), law)
     return float(res @ res)
 
 
-def _lm_solve(x0, d, y, mask, weight, x_cov, group, cols, delta, num_steps, law):
+def _lm_solve(x0, d, y, mask, weight, x_cov, group, cols, delta, floor, num_steps, law):
   """Levenberg-Marquardt from x0 [M*4]; returns (x, J, data part of J)."""
   hat = _hat(x_cov, cols)
 
   def res(x):
-    return _residual_vector(x, d, y, mask, weight, hat, group, delta, law)
+    return _residual_vector(x, d, y, mask, weight, hat, group, delta, floor, law)
 
   n_data = y.size
 
@@ -262,7 +278,8 @@ def _compiled(num_steps: int):
 
 
 def fit_pooled(init_raw, data_size, log_loss, mask, configs: Sequence[PooledConfig], *,
-               covariates, weights=None, num_steps: int = 60) -> PooledFit:
+               covariates, weights=None, group_strength=None,
+               num_steps: int = 60) -> PooledFit:
   """Pooled MAP fits of V problems at once (float64), from given starting points.
 
   Args:
@@ -277,6 +294,9 @@ def fit_pooled(init_raw, data_size, log_loss, mask, configs: Sequence[PooledConf
     weights: [V, M, P] point weights; default 1 everywhere, and then each
       config's pre_power_weight is NOT applied (pass weights built with
       `pre_power_weights` to use it).
+    group_strength: optional [V, 3] prior strength per quantity (POOLABLE
+      order) replacing each config's own (used for empirical Bayes); groups
+      not in a config's `pooled` stay 0.
     num_steps: Levenberg-Marquardt steps.
 
   Returns:
@@ -314,12 +334,18 @@ def fit_pooled(init_raw, data_size, log_loss, mask, configs: Sequence[PooledConf
       raw0[bad] = fallback
     arrs = [c.arrays() for c in configs]
     group = np.stack([a[0] for a in arrs])
+    if group_strength is not None:
+      on = np.array([[g in c.pooled for g in POOLABLE] for c in configs])
+      group = np.where(on, np.asarray(group_strength, np.float64), 0.0)
+    if not np.all(np.isfinite(group)):
+      raise ValueError("fit_pooled: non-finite prior strength")
     cols = np.stack([a[1] for a in arrs])
     delta = np.array([a[3] for a in arrs])
+    floor = np.array([a[4] for a in arrs])
     x, f, fdata = _compiled(int(num_steps))(
         jnp.asarray(raw0.reshape(v, m * 4)), jnp.asarray(np.where(mk, d, 1.0)),
         jnp.asarray(np.where(mk, y, 0.0)), jnp.asarray(mk), jnp.asarray(w), jnp.asarray(x_cov),
-        jnp.asarray(group), jnp.asarray(cols), jnp.asarray(delta))
+        jnp.asarray(group), jnp.asarray(cols), jnp.asarray(delta), jnp.asarray(floor))
     x, f, fdata = jax.device_get((x, f, fdata))
   return PooledFit(np.asarray(x).reshape(v, m, 4), f, fdata, law)
 
@@ -336,6 +362,99 @@ def pre_power_weights(data_size, first_power_data_size, w_pre: float) -> np.ndar
   d = np.asarray(data_size, np.float64)[None, :]
   first = np.asarray(first_power_data_size, np.float64)[:, None]
   return np.where(d < first, float(w_pre), 1.0)
+
+
+# ------------------------------------------------------- empirical Bayes ---
+
+
+def paule_mandel_tau2(estimates, variances, *, iters: int = 200) -> float:
+  """Between-model variance tau^2 of a random-effects model (Paule-Mandel).
+
+  Model: estimate_i ~ N(mu, tau^2 + variance_i). tau^2 >= 0 solves
+  Q(tau^2) = sum_i w_i (estimate_i - mu_w)^2 = n - 1 with w_i = 1 / (tau^2 +
+  variance_i) and mu_w the w-weighted mean (0 if Q(0) <= n - 1). Q is
+  decreasing in tau^2, so bisection (on log tau^2) finds the root.
+
+  Args:
+    estimates: [n] finite estimates; variances: [n] their squared standard
+      errors (may be inf: that estimate gets no weight).
+  """
+  x = np.asarray(estimates, np.float64)
+  v = np.asarray(variances, np.float64)
+  ok = np.isfinite(x) & np.isfinite(v)
+  x, v = x[ok], np.maximum(v[ok], 0.0)
+  n = x.size
+  if n < 2:
+    return 0.0
+
+  def q(t2):
+    w = 1.0 / (t2 + v + 1e-300)
+    mu = (w * x).sum() / w.sum()
+    return (w * (x - mu) ** 2).sum()
+
+  if q(0.0) <= n - 1:
+    return 0.0
+  lo, hi = -30.0, np.log(max(np.var(x) * 10.0, 1e-12))
+  for _ in range(iters):
+    mid = 0.5 * (lo + hi)
+    if q(np.exp(mid)) > n - 1:
+      lo = mid
+    else:
+      hi = mid
+  return float(np.exp(0.5 * (lo + hi)))
+
+
+def empirical_bayes_strength(raw, data_size, log_loss, mask, *, tau2_floor: float = 1e-4
+                             ) -> tuple[np.ndarray, dict]:
+  """Prior strengths s^2 / tau_g^2 [3] from independent fits of one task (float64).
+
+  s^2 = sum_m RSS_m / sum_m max(n_m - 4, 0) is the point noise variance
+  pooled over models; each model's shape quantities phi_m (see module doc)
+  get Laplace standard errors se_mg^2 = s^2 g^T (J^T J + lam I)^-1 g (J [n, 4]
+  the residual Jacobian, g = d phi_g / d raw, lam = 1e-9 tr(J^T J) / 4); the
+  between-model variance tau_g^2 is the Paule-Mandel estimate from
+  (phi_mg, se_mg^2), floored at `tau2_floor`. Models whose fit failed (non-
+  finite raw) are ignored.
+
+  Args:
+    raw: [M, 4] independent-fit raw parameters (`laws.lensllm_law()` order).
+    data_size: [P] or [M, P]; log_loss, mask: [M, P].
+    tau2_floor: smallest tau^2 (caps the strength).
+
+  Returns:
+    (strength [3] in POOLABLE order, info dict with s2, tau2 [3], se2 [M, 3]).
+  """
+  law = laws.lensllm_law()
+  raw = np.asarray(raw, np.float64)
+  y = np.asarray(log_loss, np.float64)
+  m, p = y.shape
+  d = np.broadcast_to(np.asarray(data_size, np.float64), (m, p))
+  mk = np.asarray(mask, bool)
+  good = np.all(np.isfinite(raw), axis=1)
+  safe = np.where(good[:, None], raw, 0.0)
+  with jax.enable_x64(True):
+    def one(theta, dd, yy, mm):
+      def pred(t):
+        return jnp.where(mm, law.log_loss_fn(t, jnp.where(mm, dd, 1.0), None), 0.0)
+      r = pred(theta) - jnp.where(mm, yy, 0.0)
+      return r, jax.jacfwd(pred)(theta), jax.jacfwd(shape_quantities)(theta)
+
+    r, jac, grad = jax.device_get(jax.vmap(one)(jnp.asarray(safe), jnp.asarray(d),
+                                                jnp.asarray(y), jnp.asarray(mk)))
+  r, jac, grad = np.asarray(r), np.asarray(jac), np.asarray(grad)
+  n = mk.sum(1)
+  rss = (r ** 2).sum(1)
+  dof = np.maximum(n - 4, 0)[good].sum()
+  s2 = rss[good].sum() / dof if dof > 0 else rss[good].sum() / max(n[good].sum(), 1)
+  jtj = np.einsum("mpk,mpl->mkl", jac, jac)
+  lam = 1e-9 * np.trace(jtj, axis1=1, axis2=2) / 4 + 1e-300
+  cov = np.linalg.inv(jtj + lam[:, None, None] * np.eye(4))  # [M, 4, 4]
+  se2 = s2 * np.einsum("mgk,mkl,mgl->mg", grad, cov, grad)
+  phi = np.asarray(jax.device_get(shape_quantities(jnp.asarray(safe))))
+  se2 = np.where(good[:, None], se2, np.inf)
+  tau2 = np.array([max(paule_mandel_tau2(phi[:, g], se2[:, g]), tau2_floor)
+                   for g in range(len(POOLABLE))])
+  return s2 / tau2, {"s2": float(s2), "tau2": tau2, "se2": se2}
 
 
 # ------------------------------------------------------------ selection ---
@@ -357,6 +476,23 @@ def _view_arrays(views, num_points: int):
     ys.append(np.where(mk, y, 0.0))
     ms.append(mk)
   return np.stack(ds), np.stack(ys), np.stack(ms)
+
+
+def median_beta_start(raw) -> np.ndarray:
+  """[..., M, 4] start with every model's beta set to the across-model median.
+
+  The amplitude, E and the transition size D_t = F^(1 / beta) of each model
+  are kept (log F = beta log D_t is recomputed). Non-finite rows stay as they are.
+  """
+  raw = np.array(raw, np.float64)
+  beta = np.logaddexp(0.0, raw[..., 1])
+  log_dt = raw[..., 3] / beta
+  med = np.nanmedian(np.where(np.isfinite(beta), beta, np.nan), axis=-1, keepdims=True)
+  med = np.broadcast_to(med, beta.shape)
+  out = raw.copy()
+  out[..., 1] = laws.inverse_softplus(med)
+  out[..., 3] = med * log_dt
+  return out
 
 
 def pooled_selection(views, metadata, configs: Sequence[PooledConfig], *, key: jax.Array,
@@ -412,9 +548,25 @@ def pooled_selection(views, metadata, configs: Sequence[PooledConfig], *, key: j
   weights = np.stack([pre_power_weights(d[i], first_d[i], configs[c].pre_power_weight)
                       for i, c in zip(vi, ci, strict=True)])
   init = np.stack([indep[i].extras["raw_params"] for i in vi])
-  fit = fit_pooled(init, d[vi], y[vi], mk[vi], [configs[c] for c in ci],
-                   covariates=np.stack([cov[i] for i in vi]), weights=weights,
-                   num_steps=num_steps)
+  eb = [None] * nv
+  if any(c.empirical_bayes for c in configs):
+    eb = [empirical_bayes_strength(indep[i].extras["raw_params"], d[i], y[i], mk[i])
+          for i in range(nv)]
+  group = np.stack([configs[c].strength * eb[i][0] if configs[c].empirical_bayes
+                    else configs[c].arrays()[0] for i, c in zip(vi, ci, strict=True)])
+  # Two starts per problem (independent fits; the same with the median beta),
+  # the lower MAP objective wins: the joint problem is non-convex.
+  n = init.shape[0]
+  starts = np.concatenate([init, median_beta_start(init)])
+  both = fit_pooled(starts, np.concatenate([d[vi]] * 2), np.concatenate([y[vi]] * 2),
+                    np.concatenate([mk[vi]] * 2), [configs[c] for c in ci] * 2,
+                    covariates=np.stack([cov[i] for i in vi] * 2),
+                    weights=np.concatenate([weights] * 2), group_strength=np.concatenate(
+                        [group] * 2), num_steps=num_steps)
+  obj = np.where(np.isfinite(both.objective), both.objective, np.inf)
+  pick = np.where(obj[n:] < obj[:n], n + np.arange(n), np.arange(n))
+  fit = PooledFit(both.raw_params[pick], both.objective[pick], both.data_objective[pick],
+                  both.law)
   pred = fit.predict(np.array([metadata.target_data_num]))[..., 0]  # [V * C, M]
   out = []
   for i, v in enumerate(views):
@@ -431,7 +583,9 @@ def pooled_selection(views, metadata, configs: Sequence[PooledConfig], *, key: j
           name, feature, selection.rank_by(feature), predicted=p, status=status,
           extras={"law": law, "raw_params": fit.raw_params[k], "config": cfg,
                   "objective": float(fit.objective[k]), "data_sizes": v.data_sizes,
-                  "mask": v.mask, "independent_raw": indep[i].extras["raw_params"]}))
+                  "mask": v.mask, "independent_raw": indep[i].extras["raw_params"],
+                  "group_strength": group[k],
+                  "empirical_bayes": None if eb[i] is None else eb[i][1]}))
     out.append(row)
   return out
 
@@ -458,3 +612,106 @@ def lensllm_plus(visible, metadata, *, key: jax.Array, config: PooledConfig | No
 # A middle-of-the-grid default for direct calls; experiments choose settings
 # with `protocol.leave_one_out` instead.
 DEFAULT_CONFIG = PooledConfig(strength=1e-3, pooled=("beta", "E"), covariates="none")
+
+
+def budgeted_pooled_selection(curves, levels: Sequence[float], config: PooledConfig, *,
+                              key: jax.Array, max_data_num: float, min_points: int = 4,
+                              num_restarts: int = 8, num_steps: int = 60,
+                              target_data_num: float | None = None, progress=None):
+  """The early-stopping procedure of `budgeted.py` with the LensLLM+ fit.
+
+  Same rule as `budgeted.budgeted_selection` (SELECT): step s pays 6 N D_s
+  for every active model at D_s = the s-th positive grid size (through
+  `budgeted.CurveOracle`, which reveals a loss only when paid for), refits,
+  and stops model m once each model has `min_points` positive points and
+
+      log L_m - z sd_m > min_j (log L_j + z sd_j)    (j active),
+
+  with sd the delta-method sd of log L(D*) from `budgeted.laplace_log_sd`
+  applied to the pooled fit's per-model parameters (the prior is ignored
+  there, so sd is conservative). Here the fit of each step is the pooled
+  fit of all models (stopped models keep their revealed points and still
+  inform the prior).
+
+  Args:
+    curves: a CurveSet (read only by the oracles).
+    levels: confidence levels z.
+    config: the LensLLM+ setting.
+    key: PRNG key; step s uses fold_in(key, s).
+    max_data_num: largest D that may be paid for.
+    min_points: positive points needed before anyone is stopped.
+    num_restarts, num_steps: passed to `pooled_selection`.
+    target_data_num: D* (default the largest D of the file).
+    progress: optional callable(str).
+
+  Returns:
+    One `budgeted.BudgetedResult` per level.
+  """
+  from lensllm_jax import budgeted, selection
+
+  grid = np.asarray(curves.data_sizes, np.float64)
+  target = float(grid.max()) if target_data_num is None else float(target_data_num)
+  meta = selection.metadata_of(curves, target)
+  steps = grid[(grid > 0) & (grid <= max_data_num)]
+  if steps.size == 0:
+    raise ValueError(f"no D in (0, {max_data_num}] in {curves.source}")
+  m = len(curves.models)
+  levels = [float(z) for z in levels]
+  oracles = [budgeted.CurveOracle(curves) for _ in levels]
+  active = [np.ones(m, bool) for _ in levels]
+  done = [False] * len(levels)
+  last = [None] * len(levels)
+  hist = [[] for _ in levels]
+  stopped_at = [np.zeros(m) for _ in levels]
+  law = laws.lensllm_law()
+  for s, d_s in enumerate(steps):
+    if all(done):
+      break
+    for i in range(len(levels)):
+      if not done[i]:
+        oracles[i].reveal(np.flatnonzero(active[i]), d_s)
+        stopped_at[i][active[i]] = d_s
+    # Finished levels are refitted too (nothing new revealed): fixed shapes, one compile.
+    running = list(range(len(levels)))
+    views = [oracles[i].view(d_s) for i in running]
+    res = [r[0] for r in pooled_selection(views, meta, [config], key=jax.random.fold_in(key, s),
+                                          num_restarts=num_restarts, num_steps=num_steps)]
+    raw = np.concatenate([r.extras["raw_params"] for r in res])
+    mask = np.concatenate([v.mask for v in views])
+    ylog = np.concatenate([np.log(np.where(v.mask, v.losses, 1.0)) for v in views])
+    sd_all = budgeted.laplace_log_sd(law, raw, views[0].data_sizes, mask, ylog, target,
+                                     pool=np.repeat(np.arange(len(running)), m))
+    for j, i in enumerate(running):
+      if done[i]:
+        continue
+      pred = res[j].predicted
+      logp = np.log(np.where(np.isfinite(pred), pred, np.inf))
+      sd = sd_all[j * m:(j + 1) * m]
+      if last[i] is not None:
+        logp = np.where(active[i], logp, last[i][0])
+        sd = np.where(active[i], sd, last[i][1])
+      last[i] = (logp, sd)
+      hist[i].append({"data_size": float(d_s), "active": active[i].copy(),
+                      "log_pred": logp.copy(), "sd": sd.copy()})
+      if s + 1 >= min_points:
+        z = levels[i]
+        bar = np.nanmin(np.where(active[i], logp + z * sd, np.inf))
+        active[i] = active[i] & ~(logp - z * sd > bar)
+      if active[i].sum() <= 1:
+        done[i] = True
+    if progress is not None:
+      progress(f"D={int(d_s)}: active per level " +
+               ", ".join(f"z={levels[i]:g}:{int(active[i].sum())}" for i in range(len(levels))))
+  out = []
+  for i, z in enumerate(levels):
+    logp = last[i][0]
+    order = np.lexsort((np.where(np.isfinite(logp), logp, np.inf), ~active[i]))
+    pred = np.exp(logp)
+    sel = selection.SelectionResult(
+        f"Budgeted({METHOD_NAME}, z={z:g})", pred, order, predicted=pred,
+        status=tuple("active" if a else "stopped" for a in active[i]),
+        extras={"active": active[i].copy()})
+    out.append(budgeted.BudgetedResult(z=z, selection=sel, flops=oracles[i].flops,
+                                       revealed=oracles[i].revealed.copy(),
+                                       stopped_at=stopped_at[i].copy(), history=tuple(hist[i])))
+  return out

@@ -189,7 +189,7 @@ def load_raw(spec: TaskSpec, *, cache_dir: str | None = None) -> Any:
 
 def load_task(spec: TaskSpec, *, num_validation: int = 500, num_test: int = 1000,
               max_validation: int | None = None, max_test: int | None = None,
-              seed: int = 0, cache_dir: str | None = None,
+              max_train: int | None = None, seed: int = 0, cache_dir: str | None = None,
               raw: Any = None) -> dict[str, list[Example]]:
   """Loads a task as formatted (source, target) examples per split.
 
@@ -203,6 +203,8 @@ def load_task(spec: TaskSpec, *, num_validation: int = 500, num_test: int = 1000
     spec: the task.
     num_validation, num_test: sizes of carved splits.
     max_validation, max_test: caps for existing splits (None: all rows).
+    max_train: read only the first max_train rows of the train split (huge
+      hub datasets such as WMT19; None: all rows).
     seed: seed of the carving permutation.
     cache_dir: `datasets` cache directory.
     raw: an already loaded DatasetDict / {split: list of records} (skips loading).
@@ -213,7 +215,10 @@ def load_task(spec: TaskSpec, *, num_validation: int = 500, num_test: int = 1000
   raw = load_raw(spec, cache_dir=cache_dir) if raw is None else raw
   if spec.train_split not in raw:
     raise KeyError(f"task {spec.name!r}: no split {spec.train_split!r} in {list(raw)}")
-  train = format_split(spec, raw[spec.train_split], spec.train_split)
+  rows = raw[spec.train_split]
+  if max_train is not None and max_train < len(rows):
+    rows = rows.select(range(max_train)) if hasattr(rows, "select") else rows[:max_train]
+  train = format_split(spec, rows, spec.train_split)
   out: dict[str, list[Example]] = {}
   carve = []
   for key, split, cap, n in (("test", spec.test_split, max_test, num_test),

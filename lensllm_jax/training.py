@@ -122,8 +122,10 @@ class TrainConfig:
 def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
   """Linear warm-up to cfg.learning_rate, cosine decay to end_lr_fraction of it."""
   decay = max(cfg.decay_steps or cfg.max_steps, cfg.warmup_steps + 1)
+  if not cfg.warmup_steps:  # same curve; avoids optax's zero-length warm-up warning
+    return optax.cosine_decay_schedule(cfg.learning_rate, decay, alpha=cfg.end_lr_fraction)
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0 if cfg.warmup_steps else cfg.learning_rate,
+      init_value=0.0,
       peak_value=cfg.learning_rate, warmup_steps=cfg.warmup_steps, decay_steps=decay,
       end_value=cfg.learning_rate * cfg.end_lr_fraction)
 

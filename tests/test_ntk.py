@@ -141,9 +141,18 @@ def test_multi_device_sharded_equals_single_device():
   assert run_with_host_devices(code, num_devices=4).startswith("ok (22, 22)")
 
 
-@pytest.fixture(scope="module", params=["tiny-gpt2", "tiny-llama"])
+# Two layers, 2-4 heads, d_model 32, vocab 64: ~20k parameters, fast references.
+_SMALL = {
+    "tiny-gpt2": dict(d_model=32, n_heads=2, n_kv_heads=None, head_dim=None, d_ff=64,
+                      vocab_size=64, max_len=16),
+    "tiny-llama": dict(d_model=32, n_heads=4, n_kv_heads=2, head_dim=None, d_ff=64,
+                       vocab_size=64, max_len=16),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(_SMALL))
 def transformer(request):
-  config = models.presets[request.param]
+  config = models.presets[request.param].replace(**_SMALL[request.param])
   model = models.CausalLM(config)
   ids = jax.random.randint(jax.random.key(3), (5, 8), 0, config.vocab_size)
   params = models.init_params(config, jax.random.key(4))

@@ -17,7 +17,7 @@ def _synthetic(seed, num_models=12, noise=0.01, grid=None):
   Returns (data_size [P], log_loss [M, P], true params dict of [M]).
   """
   rng = np.random.default_rng(seed)
-  d = np.array([0.0] + [200.0 * 2**k for k in range(6)]) if grid is None else grid
+  d = np.array([0.0] + [200.0 * 2**k for k in range(7)]) if grid is None else grid
   m = num_models
   beta = 0.4 * np.exp(0.05 * rng.standard_normal(m))
   e = 0.6 * np.exp(0.1 * rng.standard_normal(m))
@@ -88,7 +88,7 @@ def test_pooled_recovers_parameters_with_enough_points():
 
 
 def test_objective_matches_numpy_reference():
-  """pooled_objective equals a direct numpy evaluation (lstsq prior means, Huber)."""
+  """pooled_objective equals a direct numpy evaluation (lstsq prior means, Huber, floor)."""
   rng = np.random.default_rng(3)
   d, y, truth = _synthetic(3, num_models=5)
   raw = truth["raw"] + 0.1 * rng.standard_normal(truth["raw"].shape)
@@ -96,7 +96,7 @@ def test_objective_matches_numpy_reference():
   cov = pooled.covariate_matrix(sizes, np.exp(y[:, 0]))
   w = rng.uniform(0.2, 1.0, y.shape)
   cfg = pooled.PooledConfig(strength=0.3, pooled=("beta", "Dt"), covariates="size",
-                            huber_delta=0.05)
+                            huber_delta=0.05, floor_prior=0.2)
   got = pooled.pooled_objective(raw, d, y, np.ones(y.shape, bool), cfg, covariates=cov, weight=w)
   # Reference: closed-form law, Huber, least-squares regression of phi on [1, log size].
   b, beta, e, f = (np.exp(raw[:, 0] + raw[:, 3]), np.logaddexp(0, raw[:, 1]), np.exp(raw[:, 2]),
@@ -111,7 +111,7 @@ def test_objective_matches_numpy_reference():
   for phi in (np.log(beta), np.log(f) / beta):
     coef = np.linalg.lstsq(x, phi, rcond=None)[0]
     prior += ((phi - x @ coef) ** 2).sum()
-  np.testing.assert_allclose(got, data + 0.3 * prior, rtol=1e-10)
+  np.testing.assert_allclose(got, data + 0.3 * prior + 0.2 * (e ** 2).sum(), rtol=1e-10)
 
 
 def test_strength_zero_keeps_independent_fit():
@@ -151,6 +151,26 @@ def test_method_reads_only_the_visible_budget(shared_benchmarks):
   # The method refuses anything but a budget view (e.g. the full CurveSet).
   with pytest.raises(TypeError, match="VisibleCurves"):
     pooled.lensllm_plus(small, meta, **kw)
+
+
+def test_median_beta_start_keeps_transition_size():
+  law = laws.lensllm_law()
+  raw = law.unconstrain({"B": np.array([2.0, 3.0, 5.0]), "beta": np.array([0.2, 0.4, 0.9]),
+                         "E": np.array([0.5, 0.6, 0.7]), "F": np.array([3.0, 10.0, 200.0])})
+  p0, p1 = law.constrain(raw), law.constrain(pooled.median_beta_start(raw))
+  np.testing.assert_allclose(p1["beta"], 0.4)
+  np.testing.assert_allclose(p1["E"], p0["E"])
+  # D_t = F^(1 / beta) is unchanged, and so is the amplitude B / F = L(0) - E.
+  np.testing.assert_allclose(p1["F"] ** (1 / p1["beta"]), p0["F"] ** (1 / p0["beta"]), rtol=1e-10)
+  np.testing.assert_allclose(p1["B"] / p1["F"], p0["B"] / p0["F"], rtol=1e-10)
+
+
+def test_paule_mandel_matches_closed_form_equal_variances():
+  """Equal variances v: tau^2 = max(0, sample variance (ddof 1) - v)."""
+  x = np.array([0.1, 0.5, -0.3, 0.9, 0.2])
+  for v in (0.01, 0.1, 1.0):
+    want = max(0.0, x.var(ddof=1) - v)
+    assert pooled.paule_mandel_tau2(x, np.full(5, v)) == pytest.approx(want, abs=1e-8)
 
 
 def test_config_validation():

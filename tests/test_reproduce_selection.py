@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import scipy.stats
 from _selection_synthetic import FAST, synthetic_curves
+from absl.app import UsageError
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # experiments/ is not an installed package
@@ -103,9 +104,12 @@ def test_binary_subprocess_and_errors(synthetic_file, tmp_path):
                  "--ratios=4,8", "--nobudgeted", "--nofigures", f"--output_dir={out}")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert len(_rows(out / "selection.csv")) == 3 * 2 * 3
-  proc = _binary(f"--benchmark={synthetic_file}", "--methods=ZeroShot,Oracle",
-                 f"--output_dir={out}")
-  assert proc.returncode != 0 and "Oracle" in proc.stderr
-  missing = tmp_path / "nope.csv"
-  proc = _binary(f"--benchmark={missing}", f"--output_dir={out}")
-  assert proc.returncode != 0 and "nope.csv" in proc.stderr
+  with pytest.raises(UsageError, match="Oracle"):
+    rs.run([str(synthetic_file)], data_dir=None, methods=["ZeroShot", "Oracle"], ratios=[4],
+           output_dir=out)
+  with pytest.raises(FileNotFoundError, match="nope.csv"):
+    rs.run([str(tmp_path / "nope.csv")], data_dir=None, methods=["ZeroShot"], ratios=[4],
+           output_dir=out)
+  with pytest.raises(ValueError, match="ratio 4096"):
+    rs.run([str(synthetic_file)], data_dir=None, methods=["ZeroShot"], ratios=[4096],
+           output_dir=out)

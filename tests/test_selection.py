@@ -134,7 +134,7 @@ def test_lensllm_ntk_mode_passes_aux_through():
   meta = selection.metadata_of(curves, 409600)
   res = selection.lensllm(selection.visible_view(curves, 102400), meta, key=jax.random.key(5),
                           f_term=lambda t, aux: aux["c"] * jnp.exp(-t), aux={"c": c},
-                          num_restarts=4, fit_options={"max_steps": 300})
+                          **FAST)
   truth = p["B"] / (f + 409600 ** p["beta"]) + p["E"]
   np.testing.assert_allclose(res.predicted, truth, rtol=1e-2)
   with pytest.raises(ValueError, match="both f_term and aux"):

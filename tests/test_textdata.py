@@ -82,6 +82,8 @@ def test_existing_splits_are_used(tmp_path):
                              validation_split="validation", test_split="test")
   s = textdata.load_task(spec, max_test=5, cache_dir=str(tmp_path / "c"))
   assert [len(s[k]) for k in ("train", "validation", "test")] == [12, 4, 5]
+  s = textdata.load_task(spec, max_train=7, cache_dir=str(tmp_path / "c"))
+  assert len(s["train"]) == 7 and len(s["test"]) == 6
   with pytest.raises(ValueError, match="builder"):
     textdata.local_task("y", str(tmp_path / "a.xyz"))
 

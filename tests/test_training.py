@@ -149,8 +149,11 @@ def test_finetune_improves_and_stops_early(setup):
   ev = training.make_eval_step(apply_fn)
   np.testing.assert_allclose(training.evaluate(ev, res.params, val, 32), res.best_val_loss,
                              rtol=1e-6)
-  assert res.train_tokens == res.steps * 8 * T - (res.steps * 8 * T - res.train_tokens)
   assert 0 < res.scored_tokens < res.train_tokens <= res.steps * 8 * T
+  # Tokens seen = non-padding inputs of exactly the batches of steps 0..steps-1.
+  idx = np.concatenate([textdata.train_batch_indices(64, 8, s, seed=0) for s in range(res.steps)])
+  assert res.train_tokens == train.attention_mask[idx].sum()
+  assert res.scored_tokens == train.loss_mask[idx].sum()
 
 
 def test_resume_matches_uninterrupted(setup, tmp_path):

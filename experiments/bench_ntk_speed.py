@@ -1,0 +1,147 @@
+r"""Benchmark: empirical NTK implementations on a small transformer.
+
+For n probe sequences (default 64, 256, 1024) computes the [n, n] NTK of the
+per-sequence mean log-likelihood of a small GPT-2-style model w.r.t. all
+parameters with
+
+  * neural-tangents JACOBIAN_CONTRACTION (the reference of the ratios),
+  * neural-tangents NTK_VECTOR_PRODUCTS,
+  * a naive jax.jacrev of the whole batch output + explicit contraction
+    (the last two need O(n) passes over a batch of n: O(n^2) work, so they run
+    only up to --slow_max_n),
+
+and prints, per n, the run time (median of --repeats calls after one compile
+call) and the peak memory XLA plans for the compiled function
+(`compiled.memory_analysis()`: arguments + outputs + temporaries; on CPU this
+is the buffer-assignment estimate, not a measured RSS), each as a ratio
+against JACOBIAN_CONTRACTION in the same process. The kernels are also
+compared with each other (max relative difference).
+
+  python -m experiments.bench_ntk_speed                 # n = 64, 256, 1024
+  python -m experiments.bench_ntk_speed --sizes=64,256  # quicker
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import statistics
+import time
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+
+from lensllm_jax import models, ntk
+
+_SIZES = flags.DEFINE_list("sizes", ["64", "256", "1024"], "Numbers of probe sequences n.")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 16, "Tokens per probe sequence.")
+_D_MODEL = flags.DEFINE_integer("d_model", 32, "Model width.")
+_LAYERS = flags.DEFINE_integer("layers", 2, "Transformer blocks.")
+_HEADS = flags.DEFINE_integer("heads", 2, "Attention heads.")
+_VOCAB = flags.DEFINE_integer("vocab", 128, "Vocabulary size.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per case (median reported).")
+_IMPLS = flags.DEFINE_list("implementations", list(ntk.IMPLEMENTATIONS),
+                           "Implementations; the first is the reference of the ratios.")
+_SLOW_MAX_N = flags.DEFINE_integer(
+    "slow_max_n", 256, "Largest n for the implementations whose cost grows as n^2 passes "
+    "(ntk_vector_products, jacrev); larger n are reported as skipped.")
+_OUT = flags.DEFINE_string("out", None, "Optional CSV of the measurements.")
+
+
+def build_model():
+  """Small GPT-2-style model and its parameters (seeded)."""
+  config = models.presets["tiny-gpt2"].replace(
+      d_model=_D_MODEL.value, n_layers=_LAYERS.value, n_heads=_HEADS.value, n_kv_heads=None,
+      head_dim=None, d_ff=4 * _D_MODEL.value, vocab_size=_VOCAB.value,
+      max_len=max(_SEQ_LEN.value, 16))
+  model = models.CausalLM(config)
+  params = models.init_params(config, jax.random.key(0))
+  return config, model, params
+
+
+def measure(fn, params, x, repeats):
+  """Compile once, then time `repeats` calls; returns (seconds, peak bytes, kernel)."""
+  t0 = time.perf_counter()
+  compiled = fn.lower(params, x).compile()
+  compile_s = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+          - mem.alias_size_in_bytes) if mem is not None else float("nan")
+  kernel = jax.block_until_ready(compiled(params, x))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(compiled(params, x))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times), compile_s, peak, np.asarray(kernel, np.float64)
+
+
+def run_size(n, model, params, config, repeats):
+  ids = jax.random.randint(jax.random.key(n), (n, _SEQ_LEN.value), 0, config.vocab_size)
+  apply_fn = ntk.lm_output_fn(model, "log_likelihood")
+  rows, ref_kernel = [], None
+  for i, impl in enumerate(_IMPLS.value):
+    if i > 0 and impl != "jacobian_contraction" and n > _SLOW_MAX_N.value:
+      logging.info("n=%d %s skipped (n > --slow_max_n=%d)", n, impl, _SLOW_MAX_N.value)
+      rows.append(dict(n=n, implementation=impl, seconds=float("nan"),
+                       compile_seconds=float("nan"), peak_mib=float("nan"),
+                       max_rel_diff=float("nan")))
+      continue
+    fn = ntk.make_ntk_fn(apply_fn, implementation=impl)
+    sec, compile_s, peak, kernel = measure(fn, params, ids, repeats)
+    if ref_kernel is None:
+      ref_kernel = kernel
+    diff = float(np.abs(kernel - ref_kernel).max() / np.abs(ref_kernel).max())
+    rows.append(dict(n=n, implementation=impl, seconds=sec, compile_seconds=compile_s,
+                     peak_mib=peak / 2**20, max_rel_diff=diff))
+    logging.info("n=%d %-22s %.3fs (compile %.1fs) peak %.1f MiB, %.0f kernel entries/s",
+                 n, impl, sec, compile_s, peak / 2**20, n * n / sec)
+  return rows
+
+
+def print_table(rows):
+  ref = {}
+  for r in rows:
+    ref.setdefault(r["n"], r)
+  header = (f"{'n':>6} {'implementation':<22} {'time s':>9} {'time ratio':>10} "
+            f"{'peak MiB':>9} {'mem ratio':>9} {'max rel diff':>12}")
+  print(header)
+  print("-" * len(header))
+  for r in rows:
+    b = ref[r["n"]]
+    if np.isnan(r["seconds"]):
+      print(f"{r['n']:>6} {r['implementation']:<22} {'skipped (n > --slow_max_n)':>30}")
+      continue
+    print(f"{r['n']:>6} {r['implementation']:<22} {r['seconds']:>9.3f} "
+          f"{r['seconds'] / b['seconds']:>10.2f} {r['peak_mib']:>9.1f} "
+          f"{r['peak_mib'] / b['peak_mib']:>9.2f} {r['max_rel_diff']:>12.1e}")
+  print(f"(ratios against {rows[0]['implementation']} at the same n; peak = XLA "
+        "memory_analysis of the compiled kernel function)")
+
+
+def main(argv):
+  del argv
+  for impl in _IMPLS.value:
+    if impl not in ntk.IMPLEMENTATIONS:
+      raise app.UsageError(f"--implementations: {impl!r} is not one of {ntk.IMPLEMENTATIONS}")
+  sizes = [int(s) for s in _SIZES.value]
+  config, model, params = build_model()
+  print(f"model: gpt2 arch, {config.n_layers} layers, d_model {config.d_model}, "
+        f"{config.n_heads} heads, vocab {config.vocab_size}, seq_len {_SEQ_LEN.value}, "
+        f"{models.count_params(params)} parameters; output: mean log-likelihood per sequence; "
+        f"device {jax.devices()[0].device_kind} x{len(jax.devices())}, "
+        f"{os.cpu_count()} CPUs")
+  rows = []
+  for n in sizes:
+    rows += run_size(n, model, params, config, _REPEATS.value)
+  print_table(rows)
+  if _OUT.value:
+    with open(_OUT.value, "w", newline="") as fh:
+      writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+      writer.writeheader()
+      writer.writerows(rows)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,42 @@
+"""Shared pieces of the Hessian binaries: the LM loss and synthetic token data."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from lensllm_jax.models import token_nll
+
+
+def lm_loss_fn(model):
+  """`loss(params, batch)`: mean over sequences of the per-sequence mean NLL.
+
+  batch: {"input_ids" [B, T], "targets" [B, T], "loss_mask" [B, T]}.
+  """
+  def loss(params, batch):
+    logits = model.apply({"params": params}, batch["input_ids"])
+    return jnp.mean(token_nll(logits, batch["targets"], batch["loss_mask"]))
+  return loss
+
+
+def markov_sequences(vocab_size: int, num: int, length: int, *, chain_seed: int,
+                     seed: int) -> dict[str, np.ndarray]:
+  """`num` sequences of `length + 1` tokens from a sparse random Markov chain."""
+  rng = np.random.default_rng(chain_seed)
+  trans = rng.dirichlet(np.full(vocab_size, 0.05), size=vocab_size)
+  cum = np.cumsum(trans, axis=1)
+  draw = np.random.default_rng(seed)
+  seq = np.empty((num, length + 1), np.int64)
+  seq[:, 0] = draw.integers(0, vocab_size, num)
+  for t in range(length):
+    u = draw.random(num)[:, None]
+    seq[:, t + 1] = np.minimum((u > cum[seq[:, t]]).sum(axis=1), vocab_size - 1)
+  return as_batch(seq)
+
+
+def as_batch(tokens: np.ndarray) -> dict[str, np.ndarray]:
+  """[N, T + 1] token ids -> inputs, next-token targets and a full loss mask."""
+  tokens = np.asarray(tokens)
+  return {"input_ids": tokens[:, :-1].astype(np.int32),
+          "targets": tokens[:, 1:].astype(np.int32),
+          "loss_mask": np.ones((tokens.shape[0], tokens.shape[1] - 1), np.float32)}

@@ -1,0 +1,339 @@
+r"""LensLLM+ (pooled LensLLM fits) under the leave-one-dataset-out protocol.
+
+    python -m experiments.lensllm_plus --data_dir=../shared/benchmarks \
+        --benchmark=flan --benchmark=gigaword --output_dir=results/lensllm_plus \
+        --protocol=leave_one_out
+
+Steps (each writes its CSV as it goes; a rerun skips finished work):
+
+  1. grid     every setting of `protocol.default_grid()` on every file, every
+              budget ratio -> grid.csv (dataset,config,ratio,metric,value).
+  2. choose   for each file, the setting with the best mean criterion (mean
+              PearCorr + mean RelAcc over the ratios) on the OTHER files
+              -> chosen.csv (the held-out file's grid rows are never read
+              when choosing its setting).
+  3. report   on each file: LensLLM+ with its chosen setting beside AtS,
+              RectifiedFit and LensLLM (independent fits) run in the same
+              process -> results.csv (dataset,ratio,method,metric,value;
+              metrics PearCorr, RelAcc, Spearman, RMSE = curve RMSE at D* in
+              loss units over the models), and the compute each method reads
+              at each ratio relative to AtS at ratio 8 -> cost.csv.
+  4. budgeted the early-stopping procedure of `budgeted.py` (SELECT) with
+              the LensLLM+ fit at several confidence levels -> cost.csv rows.
+  5. tables   lensllm_plus.md (Markdown for the README).
+
+Delete the output directory for a cold run.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import pathlib
+import time
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+
+from lensllm_jax import benchmarks, budgeted, metrics, pooled, protocol, selection
+
+FLAGS = flags.FLAGS
+flags.DEFINE_multi_string("benchmark", ["flan", "gigaword"],
+                          "Curve file: a name (looked up in --data_dir) or a path. Repeatable; "
+                          "leave_one_out needs at least 2.")
+flags.DEFINE_string("data_dir", None, "Directory of NAME.csv files (default $LENSLLM_DATA_DIR).")
+flags.DEFINE_string("output_dir", None, "Output directory.", required=True)
+flags.DEFINE_enum("protocol", "leave_one_out", ["leave_one_out"],
+                  "How the LensLLM+ settings are chosen: leave_one_out = on the other files.")
+flags.DEFINE_list("ratios", [str(r) for r in protocol.DEFAULT_RATIOS], "Budget ratios D*/D_max.")
+flags.DEFINE_integer("seed", 0, "PRNG seed of the fits.")
+flags.DEFINE_integer("num_restarts", 8, "Restarts of the independent fits (start of the pooled).")
+flags.DEFINE_integer("num_steps", 60, "Levenberg-Marquardt steps of the pooled fit.")
+flags.DEFINE_bool("budgeted", True, "Run the budgeted early-stopping procedure with LensLLM+.")
+flags.DEFINE_list("budget_levels", ["0.5", "1", "2", "4"],
+                  "Confidence levels z of the budgeted procedure.")
+
+GRID_HEADER = ("dataset", "config", "ratio", "metric", "value")
+CHOSEN_HEADER = ("held_out", "trained_on", "config", "strength", "pooled", "covariates",
+                 "pre_power_weight", "huber_delta", "empirical_bayes", "train_criterion")
+RESULT_HEADER = ("dataset", "ratio", "method", "metric", "value")
+COST_HEADER = ("dataset", "method", "setting", "flops", "relative_to_ats8", "RelAcc", "PearCorr")
+BASELINES = ("AtS", "RectifiedFit", "LensLLM")
+
+
+# ------------------------------------------------------------------ I/O ---
+
+
+def _read_rows(path: pathlib.Path) -> list[dict]:
+  if not path.exists():
+    return []
+  with path.open(newline="") as f:
+    return list(csv.DictReader(f))
+
+
+def _append_rows(path: pathlib.Path, header, rows) -> None:
+  new = not path.exists()
+  with path.open("a", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=header)
+    if new:
+      w.writeheader()
+    for r in rows:
+      w.writerow(r)
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _parse_ratios(values) -> list[int]:
+  out = []
+  for v in values:
+    try:
+      r = int(v)
+    except ValueError:
+      raise app.UsageError(f"--ratios: {v!r} is not an integer") from None
+    if r < 1:
+      raise app.UsageError(f"--ratios: {r} must be >= 1")
+    out.append(r)
+  return out
+
+
+# --------------------------------------------------------------- steps ---
+
+
+def load_all(specs, data_dir) -> list:
+  sets = [benchmarks.load_curves(s, data_dir=data_dir) for s in specs]
+  names = [c.name for c in sets]
+  if len(set(names)) != len(names):
+    raise app.UsageError(f"--benchmark: duplicate dataset names {names}")
+  return sets
+
+
+def cached_grid_evaluator(out: pathlib.Path, ratios, num_restarts, num_steps):
+  """An `evaluate` for `protocol.leave_one_out` that stores tables in grid.csv."""
+  path = out / "grid.csv"
+
+  def evaluate(curves, configs, *, key):
+    rows = [r for r in _read_rows(path) if r["dataset"] == curves.name]
+    have = {(r["config"], int(r["ratio"]), r["metric"]): float(r["value"]) for r in rows}
+    names = [c.name for c in configs]
+    if all((n, r, m) in have for n in names for r in ratios for m in protocol.METRICS):
+      logging.info("[%s] grid: read from %s", curves.name, path)
+    else:
+      t = time.time()
+      table, _ = protocol.evaluate_grid(curves, configs, key=key, ratios=ratios,
+                                        num_restarts=num_restarts, num_steps=num_steps)
+      new = [{"dataset": curves.name, "config": n, "ratio": r, "metric": m,
+              "value": f"{table[n][m][i]:.6f}"}
+             for n in names for i, r in enumerate(ratios) for m in protocol.METRICS]
+      _append_rows(path, GRID_HEADER, new)
+      have = {(row["config"], int(row["ratio"]), row["metric"]): float(row["value"])
+              for row in new}
+      logging.info("[%s] grid: %d settings x %d ratios in %.1fs", curves.name, len(configs),
+                   len(ratios), time.time() - t)
+    table = {n: {m: np.array([have[(n, r, m)] for r in ratios]) for m in protocol.METRICS}
+             for n in names}
+    return table, None
+
+  return evaluate
+
+
+def choose_settings(curve_sets, out, *, key, ratios, num_restarts, num_steps):
+  """Step 1 + 2: grid on every file and the leave-one-out choice -> chosen.csv."""
+  grid = protocol.default_grid()
+  evaluate = cached_grid_evaluator(out, ratios, num_restarts, num_steps)
+  folds, _ = protocol.leave_one_out(curve_sets, grid, key=key, evaluate=evaluate)
+  rows = []
+  for f in folds:
+    c = f.config
+    rows.append({"held_out": f.held_out, "trained_on": "+".join(f.trained_on), "config": c.name,
+                 "strength": c.strength, "pooled": "+".join(c.pooled),
+                 "covariates": c.covariates, "pre_power_weight": c.pre_power_weight,
+                 "huber_delta": "none" if c.huber_delta is None else c.huber_delta,
+                 "empirical_bayes": c.empirical_bayes,
+                 "train_criterion": f"{f.train_criterion:.6f}"})
+    logging.info("[%s] chosen on %s: %s (criterion %.4f)", f.held_out, f.trained_on, c.name,
+                 f.train_criterion)
+  path = out / "chosen.csv"
+  if path.exists():
+    path.unlink()
+  _append_rows(path, CHOSEN_HEADER, rows)
+  return folds
+
+
+def report_dataset(curves, fold, out, *, key, ratios, num_restarts, num_steps):
+  """Step 3: LensLLM+ (chosen setting) beside the baselines on the held-out file."""
+  name = curves.name
+  done = {r["method"] for r in _read_rows(out / "results.csv") if r["dataset"] == name}
+  methods = (pooled.METHOD_NAME,) + BASELINES
+  if all(m in done for m in methods):
+    logging.info("[%s] report: already done", name)
+    return
+  t = time.time()
+  meta, truth, rv = protocol.budget_views(curves, ratios)
+  views = [v for _, v in rv]
+  results = {}
+  # The same key as the grid step: the reported LensLLM+ is the grid's cell.
+  res = pooled.pooled_selection(views, meta, [fold.config], key=key, num_restarts=num_restarts,
+                                num_steps=num_steps)
+  results[pooled.METHOD_NAME] = [r[0] for r in res]
+  results["AtS"] = [selection.ats(v, meta) for v in views]
+  for m in ("RectifiedFit", "LensLLM"):
+    results[m] = selection.run_fitted_batch(m, views, meta, key=key, num_restarts=num_restarts)
+  ats8 = budgeted.method_flops("AtS", curves.sizes, curves.data_sizes,
+                               meta.target_data_num / 8)
+  rows, cost = [], []
+  for m in methods:
+    if m in done:
+      continue
+    for (ratio, v), r in zip(rv, results[m], strict=True):
+      sc = protocol.score_results(r, truth)
+      rows += [{"dataset": name, "ratio": ratio, "method": m, "metric": k,
+                "value": f"{sc[k]:.6f}"} for k in protocol.METRICS]
+      reads = "AtS" if m == "AtS" else "RectifiedFit"  # the fits read all visible points
+      flops = budgeted.method_flops(reads, curves.sizes, curves.data_sizes, v.max_data_num)
+      cost.append({"dataset": name, "method": m, "setting": f"ratio={ratio}",
+                   "flops": f"{flops:.6g}", "relative_to_ats8": f"{flops / ats8:.6g}",
+                   "RelAcc": f"{sc['RelAcc']:.6f}", "PearCorr": f"{sc['PearCorr']:.6f}"})
+  _append_rows(out / "cost.csv", COST_HEADER, cost)
+  _append_rows(out / "results.csv", RESULT_HEADER, rows)
+  logging.info("[%s] report: %d methods x %d ratios in %.1fs", name, len(methods), len(ratios),
+               time.time() - t)
+
+
+def budgeted_dataset(curves, fold, out, *, key, levels, max_data_num, num_restarts, num_steps):
+  """Step 4: early stopping with the LensLLM+ fit (cost relative to AtS at ratio 8)."""
+  name = curves.name
+  tag = f"Budgeted{pooled.METHOD_NAME}"
+  done = {r["setting"] for r in _read_rows(out / "cost.csv")
+          if r["dataset"] == name and r["method"] == tag}
+  todo = [z for z in levels if f"z={z:g}" not in done]
+  if not todo:
+    return
+  t = time.time()
+  target = float(np.max(curves.data_sizes))
+  truth = curves.column(target)
+  ats8 = budgeted.method_flops("AtS", curves.sizes, curves.data_sizes, target / 8)
+  res = pooled.budgeted_pooled_selection(
+      curves, todo, fold.config, key=key, max_data_num=max_data_num,
+      num_restarts=num_restarts, num_steps=num_steps,
+      progress=lambda s: logging.info("[%s] budgeted %s", name, s))
+  rows = [{"dataset": name, "method": tag, "setting": f"z={r.z:g}", "flops": f"{r.flops:.6g}",
+           "relative_to_ats8": f"{r.flops / ats8:.6g}",
+           "RelAcc": f"{metrics.relative_accuracy(r.selection.chosen, truth):.6f}",
+           "PearCorr": f"{metrics.pearson_corr(r.selection.feature, truth):.6f}"} for r in res]
+  _append_rows(out / "cost.csv", COST_HEADER, rows)
+  logging.info("[%s] budgeted: %d levels in %.1fs", name, len(todo), time.time() - t)
+
+
+# -------------------------------------------------------------- tables ---
+
+
+def _f(v, scale=100.0, digits=1) -> str:
+  return "" if v is None or not np.isfinite(v) else f"{scale * v:.{digits}f}"
+
+
+def tables(out: pathlib.Path, ratios) -> str:
+  """Markdown of results.csv, chosen.csv and cost.csv, with the target checks."""
+  rows = _read_rows(out / "results.csv")
+  val = {(r["dataset"], r["method"], r["metric"], int(r["ratio"])): float(r["value"])
+         for r in rows}
+  datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+  methods = [pooled.METHOD_NAME, *BASELINES]
+  md = ["# LensLLM+ under leave-one-dataset-out (generated by experiments/lensllm_plus.py)", ""]
+  chosen = _read_rows(out / "chosen.csv")
+  if chosen:
+    md += ["## Settings chosen for each file (on the other files only)", "",
+           "| reported on | chosen on | setting | training criterion |", "|---|---|---|---|"]
+    md += [f"| {c['held_out']} | {c['trained_on']} | `{c['config']}` | "
+           f"{float(c['train_criterion']):.4f} |" for c in chosen]
+    md.append("")
+  for metric, scale, digits, label in (("PearCorr", 100, 1, "x100"), ("RelAcc", 100, 1, "x100"),
+                                       ("RMSE", 1, 4, "loss units, at D*")):
+    for ds in datasets:
+      md += [f"## {metric} ({label}), {ds}", "",
+             "| method | " + " | ".join(f"1/{r}" for r in ratios) + " | mean |",
+             "|---|" + "---|" * (len(ratios) + 1)]
+      for m in methods:
+        v = [val.get((ds, m, metric, r), np.nan) for r in ratios]
+        md.append(f"| {m} | " + " | ".join(_f(x, scale, digits) for x in v) +
+                  f" | {_f(np.nanmean(v), scale, digits)} |")
+      md.append("")
+  md += ["## Target check (means over the ratios above)", "",
+         "| dataset | mean PearCorr LensLLM+ vs AtS | mean RelAcc LensLLM+ vs AtS | "
+         "mean RMSE@D* LensLLM+ vs RectifiedFit |", "|---|---|---|---|"]
+  for ds in datasets:
+    def mean(m, metric, ds=ds):
+      return float(np.nanmean([val.get((ds, m, metric, r), np.nan) for r in ratios]))
+    p, a = mean(pooled.METHOD_NAME, "PearCorr"), mean("AtS", "PearCorr")
+    q, b = mean(pooled.METHOD_NAME, "RelAcc"), mean("AtS", "RelAcc")
+    e, f = mean(pooled.METHOD_NAME, "RMSE"), mean("RectifiedFit", "RMSE")
+    md.append(f"| {ds} | {100 * p:.1f} vs {100 * a:.1f} ({'met' if p > a else 'NOT met'}) | "
+              f"{100 * q:.1f} vs {100 * b:.1f} ({'met' if q >= b else 'NOT met'}) | "
+              f"{e:.4f} vs {f:.4f} ({'met' if e < f else 'NOT met'}) |")
+  md.append("")
+  cost = _read_rows(out / "cost.csv")
+  if cost:
+    md += ["## Compute (sum of 6 N D over the (model, D) pairs read, relative to AtS at "
+           "ratio 8)", "", "| dataset | method | setting | compute / AtS@8 | RelAcc | PearCorr |",
+           "|---|---|---|---|---|---|"]
+    for r in cost:
+      md.append(f"| {r['dataset']} | {r['method']} | {r['setting']} | "
+                f"{float(r['relative_to_ats8']):.4f} | {_f(float(r['RelAcc']))} | "
+                f"{_f(float(r['PearCorr']))} |")
+    md.append("")
+    md += ["Budget target: AtS's RelAcc at ratio 8 reached with at most 1/4 of its compute:", ""]
+    for ds in datasets:
+      ats8 = val.get((ds, "AtS", "RelAcc", 8))
+      if ats8 is None:
+        continue
+      ok = [r for r in cost if r["dataset"] == ds and r["method"] != "AtS"
+            and float(r["relative_to_ats8"]) <= 0.25 and float(r["RelAcc"]) >= ats8 - 1e-9]
+      best = min(ok, key=lambda r: float(r["relative_to_ats8"])) if ok else None
+      md.append(f"- {ds}: AtS@8 RelAcc {100 * ats8:.1f}; " + (
+          f"reached by {best['method']} ({best['setting']}) at "
+          f"{float(best['relative_to_ats8']):.4f} of the compute" if best else "NOT reached"))
+    md.append("")
+  return "\n".join(md)
+
+
+# ---------------------------------------------------------------- main ---
+
+
+def run(specs, *, data_dir, output_dir, ratios, seed=0, num_restarts=8, num_steps=60,
+        run_budgeted=True, budget_levels=(0.5, 1.0, 2.0, 4.0)) -> pathlib.Path:
+  t0 = time.time()
+  out = pathlib.Path(output_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  curve_sets = load_all(specs, data_dir)
+  if len(curve_sets) < 2:
+    raise app.UsageError("--protocol=leave_one_out needs at least 2 --benchmark files")
+  key = jax.random.key(seed)
+  folds = choose_settings(curve_sets, out, key=key, ratios=ratios, num_restarts=num_restarts,
+                          num_steps=num_steps)
+  for i, (curves, fold) in enumerate(zip(curve_sets, folds, strict=True)):
+    report_dataset(curves, fold, out, key=jax.random.fold_in(key, i), ratios=ratios,
+                   num_restarts=num_restarts, num_steps=num_steps)
+    if run_budgeted:
+      target = float(np.max(curves.data_sizes))
+      budgeted_dataset(curves, fold, out, key=jax.random.fold_in(key, 1000 + i),
+                       levels=budget_levels, max_data_num=target / min(ratios),
+                       num_restarts=num_restarts, num_steps=num_steps)
+  (out / "lensllm_plus.md").write_text(tables(out, ratios) + "\n")
+  logging.info("done in %.1fs; outputs in %s", time.time() - t0, out)
+  return out
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  try:
+    levels = [float(z) for z in FLAGS.budget_levels]
+  except ValueError:
+    raise app.UsageError(f"--budget_levels: not numbers: {FLAGS.budget_levels}") from None
+  run(FLAGS.benchmark, data_dir=FLAGS.data_dir, output_dir=FLAGS.output_dir,
+      ratios=_parse_ratios(FLAGS.ratios), seed=FLAGS.seed, num_restarts=FLAGS.num_restarts,
+      num_steps=FLAGS.num_steps, run_budgeted=FLAGS.budgeted, budget_levels=levels)
+
+
+if __name__ == "__main__":
+  app.run(main)

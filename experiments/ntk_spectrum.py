@@ -1,0 +1,198 @@
+r"""NTK eigenvalue spectrum and the NTK test loss F(t) of a causal LM on a probe set.
+
+Steps: build the model (a preset with seeded random init, an orbax
+checkpoint from `training.save_params`, or a Hugging Face checkpoint
+directory) -> probe set (random token sequences from --seed, or an .npy of
+token ids [n, T]) -> blocked empirical NTK of the per-sequence output
+(default: mean next-token log-likelihood) w.r.t. the chosen parameter blocks
+-> float64 eigendecomposition -> F(t) = sum_k exp(-2 eta lambda_k t) proj_k^2
+on a grid of t, with r0 = f_0(X) - target (target 0: the output's residual
+from a perfect fit).
+
+Writes to --workdir:
+  meta.json       the settings and shapes
+  kernel.npy      Theta [n, n] float32 (reused on rerun when meta.json matches)
+  residual.npy    r0 [n]
+  spectrum.csv    k, eigenvalue (descending), proj = u_k^T r0, proj^2
+  f_t.csv         t, F(t), F(t) / F(0)
+  ntk_spectrum.png  eigenvalues (log scale) and F(t) (log t)
+
+  python -m experiments.ntk_spectrum --workdir=/tmp/ntk --preset=tiny-gpt2 --n=128
+  python -m experiments.ntk_spectrum --workdir=/tmp/ntk --preset=tiny-llama \
+      --checkpoint=/path/to/orbax_params --blocks=layers_1,lm_head
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+
+from lensllm_jax import models, ntk
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
+_PRESET = flags.DEFINE_string("preset", "tiny-gpt2", "Model preset (lensllm_jax.models.presets).")
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "Optional orbax params written by training.save_params (for --preset).")
+_HF_CHECKPOINT = flags.DEFINE_string(
+    "hf_checkpoint", None, "Optional Hugging Face checkpoint directory (overrides --preset).")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the random init and the random probe set.")
+_PROBE = flags.DEFINE_string("probe", None, ".npy of int token ids [n, T]; default: random.")
+_N = flags.DEFINE_integer("n", 128, "Random probe sequences (ignored with --probe).")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 16, "Tokens per random probe sequence.")
+_OUTPUT = flags.DEFINE_enum("output", "log_likelihood", ["log_likelihood", "nll"],
+                            "Per-sequence scalar whose NTK is taken.")
+_TARGET = flags.DEFINE_float("target", 0.0, "Regression target Y of the output (r0 = f0 - Y).")
+_BLOCKS = flags.DEFINE_list("blocks", [], "Parameter blocks (path prefixes) to include; "
+                            "empty: all parameters.")
+_IMPL = flags.DEFINE_enum("implementation", ntk.DEFAULT_IMPLEMENTATION, list(ntk.IMPLEMENTATIONS),
+                          "NTK implementation.")
+_BLOCK_SIZE = flags.DEFINE_integer("block_size", 64, "Examples per kernel block.")
+_ETA = flags.DEFINE_float("eta", 1e-3, "Learning rate eta of the linearised gradient flow.")
+_NUM_T = flags.DEFINE_integer("num_t", 200, "Points of the t grid (log-spaced, plus t = 0).")
+_T_RANGE = flags.DEFINE_list("t_range", [], "t_min,t_max; default from the spectrum: "
+                             "[1e-2 / (eta lambda_max), 1e2 / (eta lambda_median)].")
+
+
+def load_model():
+  """(config, model, params) from the flags."""
+  if _HF_CHECKPOINT.value:
+    config, params = models.load_hf_checkpoint(_HF_CHECKPOINT.value)
+    return config, models.CausalLM(config), params
+  if _PRESET.value not in models.presets:
+    raise app.UsageError(f"--preset={_PRESET.value!r}: not one of {sorted(models.presets)}")
+  config = models.presets[_PRESET.value]
+  params = models.init_params(config, jax.random.key(_SEED.value))
+  if _CHECKPOINT.value:
+    from lensllm_jax import training
+    if not os.path.exists(_CHECKPOINT.value):
+      raise app.UsageError(f"--checkpoint={_CHECKPOINT.value}: no such path")
+    params = training.load_params(_CHECKPOINT.value, like=params)
+  return config, models.CausalLM(config), params
+
+
+def load_probe(config) -> np.ndarray:
+  """Token ids [n, T] int32."""
+  if _PROBE.value:
+    ids = np.load(_PROBE.value)
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+      raise app.UsageError(f"--probe={_PROBE.value}: expected int token ids [n, T], "
+                           f"got {ids.dtype} {ids.shape}")
+    if ids.min() < 0 or ids.max() >= config.vocab_size:
+      raise app.UsageError(f"--probe={_PROBE.value}: ids outside [0, {config.vocab_size})")
+    if ids.shape[1] > config.max_len:
+      raise app.UsageError(f"--probe={_PROBE.value}: length {ids.shape[1]} > max_len "
+                           f"{config.max_len}")
+    return ids.astype(np.int32)
+  rng = np.random.default_rng(_SEED.value + 1)
+  return rng.integers(0, config.vocab_size, (_N.value, _SEQ_LEN.value), dtype=np.int32)
+
+
+def compute_kernel(model, params, ids, meta):
+  """Blocked NTK [n, n]; reuses kernel.npy when meta.json matches."""
+  kernel_path = os.path.join(_WORKDIR.value, "kernel.npy")
+  meta_path = os.path.join(_WORKDIR.value, "meta.json")
+  if os.path.exists(kernel_path) and os.path.exists(meta_path):
+    with open(meta_path) as fh:
+      if json.load(fh) == meta:
+        logging.info("reusing %s", kernel_path)
+        return np.load(kernel_path)
+  apply_fn = ntk.lm_output_fn(model, _OUTPUT.value)
+  mask = ntk.param_mask_from_names(params, _BLOCKS.value) if _BLOCKS.value else None
+  start = time.perf_counter()
+
+  def progress(done, total):
+    rate = done / (time.perf_counter() - start)
+    logging.info("kernel blocks %d/%d (%.2f block pairs/s)", done, total, rate)
+
+  fn = ntk.make_blocked_ntk_fn(
+      ntk.make_ntk_fn(apply_fn, param_mask=mask, implementation=_IMPL.value),
+      block_size=_BLOCK_SIZE.value, pairs_per_call=4, progress=progress)
+  theta = np.asarray(jax.device_get(fn(params, jnp.asarray(ids))), np.float32)
+  logging.info("kernel %s in %.1fs", theta.shape, time.perf_counter() - start)
+  np.save(kernel_path, theta)
+  with open(meta_path, "w") as fh:
+    json.dump(meta, fh, indent=1)
+  return theta
+
+
+def t_grid(eigvals: np.ndarray) -> np.ndarray:
+  if _T_RANGE.value:
+    if len(_T_RANGE.value) != 2:
+      raise app.UsageError(f"--t_range={_T_RANGE.value}: expected t_min,t_max")
+    lo, hi = (float(v) for v in _T_RANGE.value)
+  else:
+    positive = eigvals[eigvals > 0]
+    if positive.size == 0:
+      raise ValueError("kernel has no positive eigenvalue: F(t) is constant")
+    lo = 1e-2 / (_ETA.value * positive.max())
+    hi = 1e2 / (_ETA.value * np.median(positive))
+  return np.concatenate([[0.0], np.geomspace(lo, hi, _NUM_T.value)])
+
+
+def write_csv(path, header, rows):
+  with open(path, "w", newline="") as fh:
+    writer = csv.writer(fh)
+    writer.writerow(header)
+    writer.writerows(rows)
+
+
+def plot(eigvals, ts, f):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+  ax1.semilogy(np.arange(1, eigvals.size + 1), np.maximum(eigvals, 1e-30), ".-")
+  ax1.set(xlabel="k", ylabel="eigenvalue lambda_k", title="NTK spectrum")
+  ax2.semilogx(ts[1:], f[1:], "-")
+  ax2.axhline(f[0], ls=":", c="gray", label="F(0) = ||r0||^2")
+  ax2.set(xlabel="t", ylabel="F(t)", title=f"NTK test loss, eta={_ETA.value:g}")
+  ax2.legend()
+  fig.tight_layout()
+  path = os.path.join(_WORKDIR.value, "ntk_spectrum.png")
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def main(argv):
+  del argv
+  os.makedirs(_WORKDIR.value, exist_ok=True)
+  config, model, params = load_model()
+  ids = load_probe(config)
+  meta = dict(preset=_PRESET.value, checkpoint=_CHECKPOINT.value,
+              hf_checkpoint=_HF_CHECKPOINT.value, seed=_SEED.value, probe=_PROBE.value,
+              probe_shape=list(ids.shape), output=_OUTPUT.value, blocks=_BLOCKS.value,
+              implementation=_IMPL.value, num_params=models.count_params(params))
+  logging.info("model %s, %d params; probe %s", config.arch, meta["num_params"], ids.shape)
+  theta = compute_kernel(model, params, ids, meta)
+  f0 = np.asarray(ntk.lm_output_fn(model, _OUTPUT.value)(params, jnp.asarray(ids)), np.float64)
+  r0 = f0 - _TARGET.value
+  np.save(os.path.join(_WORKDIR.value, "residual.npy"), r0)
+
+  spec = ntk.ntk_spectrum(theta, r0)
+  order = np.argsort(np.asarray(spec.eigvals))[::-1]
+  eigvals, proj = np.asarray(spec.eigvals)[order], np.asarray(spec.proj)[order]
+  write_csv(os.path.join(_WORKDIR.value, "spectrum.csv"), ["k", "eigenvalue", "proj", "proj_sq"],
+            [(k, lam, p, p * p) for k, (lam, p) in enumerate(zip(eigvals, proj, strict=True))])
+
+  ts = t_grid(eigvals)
+  with jax.enable_x64(True):
+    f = np.asarray(ntk.ntk_test_loss(jnp.asarray(eigvals), jnp.asarray(proj), _ETA.value,
+                                     jnp.asarray(ts)))
+  write_csv(os.path.join(_WORKDIR.value, "f_t.csv"), ["t", "F", "F_over_F0"],
+            [(t, v, v / f[0]) for t, v in zip(ts, f, strict=True)])
+  png = plot(eigvals, ts, f)
+  logging.info("lambda_max %.4g, lambda_min %.4g, trace %.4g; F(0) %.4g -> F(t_max) %.4g; "
+               "wrote %s", eigvals[0], eigvals[-1], eigvals.sum(), f[0], f[-1], png)
+
+
+if __name__ == "__main__":
+  app.run(main)
