@@ -2,12 +2,16 @@ r"""Full LensLLM study on 2 CPU cores (about an hour; results in results/study/)
 
   python -m experiments.lensllm_study --preset=full
 
-Zoo: 8 models, GPT-2 and Llama style, widths 32 / 48 / 64 and 1-3 layers
-(three sizes per family), pre-trained for 200 to 2000 steps on the
-docstring-free half of the standard library. Tasks: code2name and translate
+Zoo: 8 models, GPT-2 and Llama style, width 32 / 1 layer and width 48 / 2
+layers per family (four sizes, 31k-105k parameters with the 512-token
+vocabulary), each pre-trained long (500-1000 steps) and short (100-150 steps)
+on the docstring-free 30 % of the standard library files. Tasks: code2name and translate
 (lensllm_jax.study_tasks), D = 200 * 2^k, k = 0..7 (200 ... 25600; D* =
-25600), early stopping. NTK on 32 probe examples, Hessians / PAC-Bayes for
-one model per family along the code2name sweep.
+25600), one epoch of batches of 16 (at least 40 steps, so small subsets are
+repeated; at most 1600 steps = 25600 examples) with early stopping. NTK on 32 probe
+examples, Hessians / PAC-Bayes for one model per family along the code2name
+sweep. Sized for 2 heavily shared CPU cores (measured: ~0.5 s per step of a
+64-wide 2-layer model at batch 32 x 64 tokens under that load).
 
 On a GPU the same binary scales by editing this file: wider / deeper zoo
 models, longer pre-training, max_len 128+, more probe examples and Hessian
@@ -23,39 +27,47 @@ def get_config() -> ml_collections.ConfigDict:
   c.workdir = "runs/study_full"
   c.output_dir = "results/study"
   c.corpus = ml_collections.ConfigDict(dict(max_files=None, pretrain_fraction=0.3,
-                                            chunk_chars=300))
+                                            chunk_chars=400))
   c.tokenizer_vocab = 512
-  c.pretrain_max_len = 64
+  c.pretrain_max_len = 48
+  # Four shapes (two per family, 31k-105k parameters), each pre-trained long and short.
   c.zoo = [
-      dict(name="gpt2-xs", arch="gpt2", d_model=32, n_layers=1, n_heads=2, pretrain_steps=2000),
-      dict(name="gpt2-s", arch="gpt2", d_model=48, n_layers=2, n_heads=4, pretrain_steps=800),
-      dict(name="gpt2-m-short", arch="gpt2", d_model=64, n_layers=2, n_heads=4,
-           pretrain_steps=200),
-      dict(name="gpt2-m", arch="gpt2", d_model=64, n_layers=2, n_heads=4, pretrain_steps=1500),
-      dict(name="llama-xs", arch="llama", d_model=32, n_layers=1, n_heads=2, pretrain_steps=1500),
-      dict(name="llama-s", arch="llama", d_model=48, n_layers=2, n_heads=4, pretrain_steps=400),
-      dict(name="llama-m-short", arch="llama", d_model=64, n_layers=3, n_heads=4,
-           pretrain_steps=200),
-      dict(name="llama-m", arch="llama", d_model=64, n_layers=3, n_heads=4, pretrain_steps=1200),
+      dict(name="gpt2-s-long", arch="gpt2", d_model=32, n_layers=1, n_heads=2,
+           pretrain_steps=1000),
+      dict(name="gpt2-s-short", arch="gpt2", d_model=32, n_layers=1, n_heads=2,
+           pretrain_steps=100, init_seed=1),
+      dict(name="gpt2-m-long", arch="gpt2", d_model=48, n_layers=2, n_heads=4,
+           pretrain_steps=600),
+      dict(name="gpt2-m-short", arch="gpt2", d_model=48, n_layers=2, n_heads=4,
+           pretrain_steps=150, init_seed=1),
+      dict(name="llama-s-long", arch="llama", d_model=32, n_layers=1, n_heads=2,
+           pretrain_steps=800),
+      dict(name="llama-s-short", arch="llama", d_model=32, n_layers=1, n_heads=2,
+           pretrain_steps=120, init_seed=1),
+      dict(name="llama-m-long", arch="llama", d_model=48, n_layers=2, n_heads=4,
+           pretrain_steps=500),
+      dict(name="llama-m-short", arch="llama", d_model=48, n_layers=2, n_heads=4,
+           pretrain_steps=100, init_seed=1),
   ]
-  c.pretrain = ml_collections.ConfigDict(dict(learning_rate=3e-3, warmup_steps=50,
-                                              batch_size=32, seed=0))
+  c.pretrain = ml_collections.ConfigDict(dict(learning_rate=3e-3, warmup_steps=20,
+                                              batch_size=16, seed=0))
   c.tasks = ["code2name", "translate"]
-  c.task_max_len = ml_collections.ConfigDict(dict(code2name=64, translate=32))
-  c.max_body_chars = 160
+  c.task_max_len = ml_collections.ConfigDict(dict(code2name=48, translate=24))
+  c.max_body_chars = 120
   c.num_records = 28000
   c.num_validation = 256
   c.num_test = 512
   c.split_seed = 0
   c.subset_seed = 0
   c.subset_sizes = [200 * 2 ** k for k in range(8)]
+  # Steps per D: clip(ceil(epochs * D / batch), min_steps, max_steps), early stopping.
   c.train = ml_collections.ConfigDict(dict(
-      learning_rate=1e-3, warmup_steps=10, batch_size=32, eval_every=25, patience=2,
-      eval_batch_size=128, epochs=2.0, min_steps=50, max_steps=400, seed=0))
+      learning_rate=1e-3, warmup_steps=10, batch_size=16, eval_every=40, patience=2,
+      eval_batch_size=128, epochs=1.0, min_steps=40, max_steps=1600, seed=0))
   c.ntk = ml_collections.ConfigDict(dict(num_probe=32))
   c.hessian = ml_collections.ConfigDict(dict(
-      models=["gpt2-s", "llama-s"], tasks=["code2name"], num_examples=64, lanczos_iters=16,
-      pac_examples=8, pac_iters=8))
+      models=["gpt2-m-long", "llama-m-long"], tasks=["code2name"], num_examples=32,
+      lanczos_iters=12, pac_examples=8, pac_iters=6, blocks=[]))
   c.selection = ml_collections.ConfigDict(dict(ratios=[4, 8, 16, 32], num_restarts=8,
                                                max_steps=500, seed=0))
   return c

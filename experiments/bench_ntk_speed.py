@@ -10,8 +10,8 @@ parameters with
     (the last two need O(n) passes over a batch of n: O(n^2) work, so they run
     only up to --slow_max_n),
 
-and prints, per n, the run time (median of --repeats calls after one compile
-call) and the peak memory XLA plans for the compiled function
+and prints, per n, the run time (median of --repeats calls of the function
+compiled ahead of time) and the peak memory XLA plans for the compiled function
 (`compiled.memory_analysis()`: arguments + outputs + temporaries; on CPU this
 is the buffer-assignment estimate, not a measured RSS), each as a ratio
 against JACOBIAN_CONTRACTION in the same process. The kernels are also
@@ -40,7 +40,7 @@ _D_MODEL = flags.DEFINE_integer("d_model", 32, "Model width.")
 _LAYERS = flags.DEFINE_integer("layers", 2, "Transformer blocks.")
 _HEADS = flags.DEFINE_integer("heads", 2, "Attention heads.")
 _VOCAB = flags.DEFINE_integer("vocab", 128, "Vocabulary size.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per case (median reported).")
+_REPEATS = flags.DEFINE_integer("repeats", 2, "Timed calls per case (median reported).")
 _IMPLS = flags.DEFINE_list("implementations", list(ntk.IMPLEMENTATIONS),
                            "Implementations; the first is the reference of the ratios.")
 _SLOW_MAX_N = flags.DEFINE_integer(
@@ -68,11 +68,11 @@ def measure(fn, params, x, repeats):
   mem = compiled.memory_analysis()
   peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
           - mem.alias_size_in_bytes) if mem is not None else float("nan")
-  kernel = jax.block_until_ready(compiled(params, x))
+  # Compiled ahead of time, so the first call is already a warm call.
   times = []
-  for _ in range(repeats):
+  for _ in range(max(repeats, 1)):
     t0 = time.perf_counter()
-    jax.block_until_ready(compiled(params, x))
+    kernel = jax.block_until_ready(compiled(params, x))
     times.append(time.perf_counter() - t0)
   return statistics.median(times), compile_s, peak, np.asarray(kernel, np.float64)
 

@@ -24,6 +24,7 @@ import pathlib
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
@@ -111,7 +112,7 @@ def tokenizer_step(cfg, workdir: pathlib.Path, corpus: zoo.Corpus):
 # Step 3: pre-training.
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def apply_fn_for(config: models.ModelConfig):
   """One apply function per config, so models of equal shape share compilations."""
   return training.causal_lm_apply(models.CausalLM(config))
@@ -151,9 +152,9 @@ def pretrain_step(cfg, workdir: pathlib.Path, corpus: zoo.Corpus, tok) -> list[Z
         corpus_data = textdata.encode_examples([("", t) for t in corpus.pretrain_texts], tok,
                                                cfg.pretrain_max_len)
       t0 = time.time()
-      pcfg = training.TrainConfig(max_steps=spec.pretrain_steps, **cfg.pretrain.to_dict())
       losses = []
       if spec.pretrain_steps:
+        pcfg = training.TrainConfig(max_steps=spec.pretrain_steps, **cfg.pretrain.to_dict())
         params, losses = training.pretrain(apply_fn_for(config), params, corpus_data, pcfg)
         params = training.as_numpy(params)
       if path.exists():
@@ -165,7 +166,7 @@ def pretrain_step(cfg, workdir: pathlib.Path, corpus: zoo.Corpus, tok) -> list[Z
       rec = {"name": spec.name, "family": spec.family, **dataclasses.asdict(spec),
              "size": models.count_params(params), "final_train_loss": float(np.mean(tail)),
              "first_train_loss": float(losses[0]) if losses else float("nan"),
-             "seconds": sec, "tokens": spec.pretrain_steps * pcfg.batch_size
+             "seconds": sec, "tokens": spec.pretrain_steps * cfg.pretrain.batch_size
              * cfg.pretrain_max_len}
       append_jsonl(manifest, rec)
       done[spec.name] = rec
@@ -173,6 +174,9 @@ def pretrain_step(cfg, workdir: pathlib.Path, corpus: zoo.Corpus, tok) -> list[Z
           f"{spec.pretrain_steps} steps, loss {rec['first_train_loss']:.3f} -> "
           f"{rec['final_train_loss']:.3f} ({sec:.1f}s, "
           f"{spec.pretrain_steps / max(sec, 1e-9):.1f} steps/s)")
+    # Same array type for every model (pre-trained, loaded or fresh): equal
+    # shapes then share every compiled function.
+    params = jax.tree.map(jnp.asarray, training.as_numpy(params))
     out.append(ZooModel(spec, config, params, models.count_params(params)))
   return out
 

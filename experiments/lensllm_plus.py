@@ -116,19 +116,21 @@ def cached_grid_evaluator(out: pathlib.Path, ratios, num_restarts, num_steps):
     rows = [r for r in _read_rows(path) if r["dataset"] == curves.name]
     have = {(r["config"], int(r["ratio"]), r["metric"]): float(r["value"]) for r in rows}
     names = [c.name for c in configs]
-    if all((n, r, m) in have for n in names for r in ratios for m in protocol.METRICS):
-      logging.info("[%s] grid: read from %s", curves.name, path)
-    else:
+    todo = [c for c in configs
+            if not all((c.name, r, m) in have for r in ratios for m in protocol.METRICS)]
+    logging.info("[%s] grid: %d of %d settings already in %s", curves.name,
+                 len(configs) - len(todo), len(configs), path)
+    if todo:
       t = time.time()
-      table, _ = protocol.evaluate_grid(curves, configs, key=key, ratios=ratios,
+      table, _ = protocol.evaluate_grid(curves, todo, key=key, ratios=ratios,
                                         num_restarts=num_restarts, num_steps=num_steps)
-      new = [{"dataset": curves.name, "config": n, "ratio": r, "metric": m,
-              "value": f"{table[n][m][i]:.6f}"}
-             for n in names for i, r in enumerate(ratios) for m in protocol.METRICS]
+      new = [{"dataset": curves.name, "config": c.name, "ratio": r, "metric": m,
+              "value": f"{table[c.name][m][i]:.6f}"}
+             for c in todo for i, r in enumerate(ratios) for m in protocol.METRICS]
       _append_rows(path, GRID_HEADER, new)
-      have = {(row["config"], int(row["ratio"]), row["metric"]): float(row["value"])
-              for row in new}
-      logging.info("[%s] grid: %d settings x %d ratios in %.1fs", curves.name, len(configs),
+      have.update({(row["config"], int(row["ratio"]), row["metric"]): float(row["value"])
+                   for row in new})
+      logging.info("[%s] grid: %d settings x %d ratios in %.1fs", curves.name, len(todo),
                    len(ratios), time.time() - t)
     table = {n: {m: np.array([have[(n, r, m)] for r in ratios]) for m in protocol.METRICS}
              for n in names}

@@ -113,17 +113,17 @@ def train_config(cfg) -> training.TrainConfig:
       patience=tr.patience, eval_batch_size=tr.eval_batch_size, seed=tr.seed)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def ntk_fn_for(config: models.ModelConfig):
   return ntk.make_ntk_fn(ntk.lm_output_fn(models.CausalLM(config), "log_likelihood"))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def output_fn_for(config: models.ModelConfig):
   return jax.jit(ntk.lm_output_fn(models.CausalLM(config), "log_likelihood"))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def loss_fn_for(config: models.ModelConfig):
   """Mean NLL per scored token of a batch dict (the fine-tuning objective)."""
   model = models.CausalLM(config)
@@ -158,16 +158,18 @@ def pretrained_kernel(m: bz.ZooModel, probe: dict, path: pathlib.Path) -> dict:
   return {"theta": theta, "f0": f0}
 
 
-@functools.lru_cache(maxsize=None)
-def hessian_fn_for(config: models.ModelConfig, top_iters: int, pac_iters: int):
+@functools.cache
+def hessian_fn_for(config: models.ModelConfig, top_iters: int, pac_iters: int,
+                   blocks: tuple[str, ...] = ()):
   """One jit-compiled function per (config, iterations) for the Hessian quantities.
 
   fn(params, params0, batch, pac_examples, key) -> (top eigenvalue of the mean
   training-loss Hessian on `batch` (Lanczos, `top_iters` steps), and per layer
   block i (`pac_bayes.layer_blocks`): ||v_i||, max_x v_i^T H_i,x v_i and
   max_x v_i^T H_i,x^+ v_i over the `pac_examples` (`pac_bayes.per_example_forms`,
-  `pac_iters` Lanczos steps), v_i = w_hat_i - w0_i). Compiled once, so the
-  sweep pays one compilation per model shape, not one per run and block.
+  `pac_iters` Lanczos steps), v_i = w_hat_i - w0_i). `blocks` restricts the
+  table to these block names (empty: all). Compiled once, so the sweep pays
+  one compilation per model shape, not one per run and block.
   """
   loss_fn = loss_fn_for(config)
 
@@ -178,6 +180,8 @@ def hessian_fn_for(config: models.ModelConfig, top_iters: int, pac_iters: int):
                                compute_residuals=False).eigenvalues[0]
     out = {}
     for b, (name, ids) in enumerate(pac_bayes.layer_blocks(params).items()):
+      if blocks and name not in blocks:
+        continue
       forms = pac_bayes.per_example_forms(loss_fn, params, params0, pac_examples,
                                           jax.random.fold_in(key, b + 1), block=ids,
                                           num_iters=pac_iters)
@@ -201,7 +205,8 @@ def hessian_quantities(cfg, m: bz.ZooModel, params, train: textdata.TokenizedDat
   sub = train.take(idx[:hc.num_examples])
   batch = {k: jnp.asarray(v) for k, v in textdata.as_batch(sub).items()}
   ex = {k: v[:hc.pac_examples] for k, v in batch.items()}
-  fn = hessian_fn_for(m.config, int(hc.lanczos_iters), int(hc.pac_iters))
+  fn = hessian_fn_for(m.config, int(hc.lanczos_iters), int(hc.pac_iters),
+                      tuple(hc.get("blocks", None) or ()))
   top, blocks = jax.device_get(fn(params, m.params, batch, ex, key))
   layers = [{"block": name, "v_norm": float(v[0]), "vhv_max": float(v[1]),
              "vhpv_max": float(v[2])} for name, v in blocks.items()]
@@ -214,13 +219,25 @@ def sweep_step(cfg, workdir: pathlib.Path, corpus, tok, zoo_models) -> dict:
   """Runs (or reads back) every (task, model, D); returns {task: {(model, D): record}}."""
   tcfg = train_config(cfg)
   grid = [0] + list(cfg.subset_sizes)
-  all_runs = {}
+  # Runs of another sweep configuration must not be mixed into these curves.
+  fingerprint = json.dumps({"train": cfg.train.to_dict(), "subset_sizes": list(cfg.subset_sizes),
+                            "tasks": list(cfg.tasks), "ntk": cfg.ntk.to_dict(),
+                            "hessian": cfg.hessian.to_dict(),
+                            "task_max_len": cfg.task_max_len.to_dict()}, sort_keys=True)
+  fp_path = workdir / "sweep_config.json"
+  if fp_path.exists() and fp_path.read_text() != fingerprint:
+    raise ValueError(f"{fp_path} holds another sweep configuration than the preset's; delete "
+                     f"{workdir}/runs_*.jsonl and {fp_path} to rerun the sweeps:\n"
+                     f"{fp_path.read_text()}\nvs\n{fingerprint}")
+  bz.write_atomic(fp_path, fingerprint)
+  all_runs = {task: {(r["model"], int(r["data_size"])): r
+                    for r in bz.read_jsonl(workdir / f"runs_{task}.jsonl")}
+              for task in cfg.tasks}
   total = len(cfg.tasks) * len(zoo_models) * len(grid)
   n_new, t_start = 0, time.time()
   for task in cfg.tasks:
     path = workdir / f"runs_{task}.jsonl"
-    runs = {(r["model"], int(r["data_size"])): r for r in bz.read_jsonl(path)}
-    all_runs[task] = runs
+    runs = all_runs[task]
     if all((m.spec.name, d) in runs for m in zoo_models for d in grid):
       continue
     data = task_data(cfg, corpus, tok, task)
@@ -268,8 +285,7 @@ def sweep_step(cfg, workdir: pathlib.Path, corpus, tok, zoo_models) -> dict:
         runs[(m.spec.name, d)] = rec
         n_new += 1
         rate = (time.time() - t_start) / n_new
-        left = total - sum(len(r) for r in all_runs.values()) - sum(
-            len(grid) * len(zoo_models) for t in cfg.tasks if t not in all_runs)
+        left = total - sum(len(r) for r in all_runs.values())
         extra = (f" kd {rec['kernel_distance']:.3g}" if d else "") + (
             f" H {rec['hessian_top']:.3g} pac {rec['pac_sum_sqrt']:.3g}"
             if "hessian_top" in rec else "")
@@ -346,7 +362,7 @@ def selection_step(cfg, task: str, curves, aux, alphas):
   sel_rows, rmse_rows, cost_rows = [], [], []
   full = budgeted.full_tuning_flops(curves.sizes, target)
   d_all = np.asarray(curves.data_sizes)
-  for r, v in zip(ratios, views, strict=True):
+  for r in ratios:
     dmax = target / r
     for name in ALL_METHODS:
       res = results[r][name]
@@ -372,6 +388,29 @@ def selection_step(cfg, task: str, curves, aux, alphas):
           rmse_rows.append({"task": task, "ratio": r, "max_data_num": int(dmax),
                             "law": LAW_NAMES[name], "model": curves.models[mi], "rmse": val})
   return sel_rows, rmse_rows, cost_rows, results
+
+
+def budgeted_step(cfg, task: str, curves) -> list[dict]:
+  """Budgeted selection (`budgeted.budgeted_selection`, LensLLM law, scalar F): models are
+  fine-tuned on D = 200 * 2^s in turn and dropped once confidently worse; rows per level z."""
+  target = float(max(cfg.subset_sizes))
+  levels = [float(z) for z in cfg.selection.get("budget_levels", [1.0, 2.0])]
+  dmax = target / min(int(r) for r in cfg.selection.ratios)
+  res = budgeted.budgeted_selection(
+      curves, levels, key=jax.random.key(cfg.selection.seed + 1), method="LensLLM",
+      max_data_num=dmax, num_restarts=int(cfg.selection.num_restarts),
+      fit_options={"max_steps": int(cfg.selection.max_steps)}, target_data_num=target)
+  truth = curves.column(target)
+  full = budgeted.full_tuning_flops(curves.sizes, target)
+  rows = []
+  for b in res:
+    rows.append({"task": task, "z": b.z, "max_data_num": int(dmax),
+                 "chosen": curves.models[b.selection.chosen],
+                 "RelAcc": metrics.relative_accuracy(b.selection.chosen, truth),
+                 "PearCorr": metrics.pearson_corr(b.selection.feature, truth),
+                 "flops_per_token": b.flops, "relative_to_full": b.flops / full,
+                 "stopped_at": " ".join(str(int(x)) for x in b.stopped_at)})
+  return rows
 
 
 def heldout_prediction(res, d: np.ndarray) -> np.ndarray:
@@ -403,13 +442,15 @@ def write_csv(path: pathlib.Path, rows: list[dict]) -> None:
 
 
 def transition_of(curves) -> np.ndarray:
-  """[M] first power-phase D of each full curve (AtS test on D > 0)."""
+  """[M] first power-phase D of each full curve (AtS test on D > 0, k=3, delta=5;
+  a curve with no rejected point is all power phase: its first D)."""
   d = np.asarray(curves.data_sizes)
   pos = d > 0
+  log_d = np.log(np.broadcast_to(d[pos], (len(curves.models), int(pos.sum()))))
   with jax.enable_x64(True):
-    first = phases.phase_transition(jnp.asarray(np.log(np.broadcast_to(d[pos], (len(curves.models),
-                                                                                  pos.sum())))),
-                                    jnp.asarray(np.log(curves.losses[:, pos])))
+    first, _ = phases.phase_transition(jnp.asarray(log_d),
+                                       jnp.asarray(np.log(curves.losses[:, pos])),
+                                       published_convention=False)
   return d[pos][np.asarray(first)]
 
 
@@ -462,7 +503,11 @@ def figures(cfg, out: pathlib.Path, task: str, curves, runs, results, transition
     ax.set_title(t, fontsize=10)
   axes[0].set_yscale("log")
   axes[0].legend(fontsize=6)
-  axes[2].legend(fontsize=7)
+  if hess_models:
+    axes[2].legend(fontsize=7)
+  else:
+    for ax in axes[2:]:
+      ax.text(0.5, 0.5, "no Hessian models for this task", ha="center", transform=ax.transAxes)
   fig.suptitle(f"{task}: pre-power -> power phase (dashed: AtS-detected transition of the "
                "Hessian models)", fontsize=10)
   fig.tight_layout()
@@ -500,7 +545,8 @@ def _f(v, p=3) -> str:
   return "nan" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{p}f}"
 
 
-def summary_md(cfg, zoo_rows, task_info, sel_rows, rmse_rows, cost_rows, wall) -> str:
+def summary_md(cfg, zoo_rows, task_info, sel_rows, rmse_rows, cost_rows, budget_rows,
+               wall) -> str:
   ratios = [int(r) for r in cfg.selection.ratios]
   target = int(max(cfg.subset_sizes))
   parts = [f"# LensLLM study ({cfg.preset} preset)", "",
@@ -547,6 +593,13 @@ def summary_md(cfg, zoo_rows, task_info, sel_rows, rmse_rows, cost_rows, wall) -
                                     if x["task"] == t and x["ratio"] == r and x["method"] == meth),
                                4) for r in ratios])
     parts += [f"### {t}", "", _md_table(["method"] + [f"ratio {r}" for r in ratios], rows), ""]
+  parts += ["## Budgeted selection (LensLLM law, early stopping of models by a Laplace "
+            "confidence bound at level z)", "",
+            _md_table(["task", "z", "chosen", "RelAcc %", "PearCorr %", "cost / FullTuning",
+                       "last D per model"],
+                      [[b["task"], b["z"], b["chosen"], _f(100 * b["RelAcc"], 1),
+                        _f(100 * b["PearCorr"], 1), _f(b["relative_to_full"], 4), b["stopped_at"]]
+                       for b in budget_rows]), ""]
   parts += ["## The two phases", "",
             "AtS-detected transition (first power-phase D) per model and task; NTK kernel "
             "distance from the pre-trained kernel at the smallest D, at the transition and at "
@@ -567,7 +620,8 @@ def report_step(cfg, workdir, out: pathlib.Path, all_runs, zoo_models, t_start) 
   manifest = {r["name"]: r for r in bz.read_jsonl(workdir / "zoo.jsonl")}
   alphas = nlp_alpha(zoo_models)
   target = max(cfg.subset_sizes)
-  sel_rows, rmse_rows, cost_rows, run_rows, pac_rows, spec_rows, phase_rows = ([] for _ in range(7))
+  sel_rows, rmse_rows, cost_rows, run_rows, pac_rows, spec_rows, phase_rows, budget_rows = (
+      [] for _ in range(8))
   task_info = {}
   zoo_rows = [{**{k: manifest[m.spec.name][k] for k in ("name", "family", "size",
                                                          "pretrain_steps", "final_train_loss",
@@ -591,6 +645,9 @@ def report_step(cfg, workdir, out: pathlib.Path, all_runs, zoo_models, t_start) 
     sel_rows += s
     rmse_rows += r
     cost_rows += c
+    t0 = time.time()
+    budget_rows += budgeted_step(cfg, task, curves)
+    log(f"budgeted selection {task} done ({time.time() - t0:.1f}s)")
     transition = transition_of(curves)
     for i, m in enumerate(zoo_models):
       zoo_rows[i][f"{task}_zero_shot"] = float(curves.losses[i, 0])
@@ -617,9 +674,10 @@ def report_step(cfg, workdir, out: pathlib.Path, all_runs, zoo_models, t_start) 
   write_csv(out / "selection.csv", sel_rows)
   write_csv(out / "rmse.csv", rmse_rows)
   write_csv(out / "cost.csv", cost_rows)
+  write_csv(out / "budgeted.csv", budget_rows)
   write_csv(out / "phases.csv", phase_rows)
   (out / "summary.md").write_text(summary_md(cfg, zoo_rows, task_info, sel_rows, rmse_rows,
-                                             cost_rows, time.time() - t_start))
+                                             cost_rows, budget_rows, time.time() - t_start))
   log(f"report: {out}")
 
 

@@ -57,7 +57,7 @@ _BLOCK_SIZE = flags.DEFINE_integer("block_size", 64, "Examples per kernel block.
 _ETA = flags.DEFINE_float("eta", 1e-3, "Learning rate eta of the linearised gradient flow.")
 _NUM_T = flags.DEFINE_integer("num_t", 200, "Points of the t grid (log-spaced, plus t = 0).")
 _T_RANGE = flags.DEFINE_list("t_range", [], "t_min,t_max; default from the spectrum: "
-                             "[1e-2 / (eta lambda_max), 1e2 / (eta lambda_median)].")
+                             "[1e-2 / (eta lambda_max), 5 / (eta lambda_min)].")
 
 
 def load_model():
@@ -131,8 +131,10 @@ def t_grid(eigvals: np.ndarray) -> np.ndarray:
     positive = eigvals[eigvals > 0]
     if positive.size == 0:
       raise ValueError("kernel has no positive eigenvalue: F(t) is constant")
+    # From 1 % of the fastest mode's time scale until the slowest mode (floored
+    # at 1e-6 lambda_max) has decayed by exp(-10).
     lo = 1e-2 / (_ETA.value * positive.max())
-    hi = 1e2 / (_ETA.value * np.median(positive))
+    hi = 5.0 / (_ETA.value * max(positive.min(), 1e-6 * positive.max()))
   return np.concatenate([[0.0], np.geomspace(lo, hi, _NUM_T.value)])
 
 

@@ -241,7 +241,7 @@ def dense_hessian(loss_fn: LossFn, params: PyTree, batch: PyTree, dtype: Any = N
   flat, unravel = ravel_pytree(params)
   if dtype is not None:
     flat = flat.astype(dtype)
-  return jax.hessian(lambda x: loss_fn(unravel(x), batch))(flat)
+  return jax.jit(jax.hessian(lambda x: loss_fn(unravel(x), batch)))(flat)
 
 
 # ----------------------------------------------------------------------------

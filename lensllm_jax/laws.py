@@ -32,6 +32,16 @@ D = 0 (the zero-shot point):
 Objectives (as published): rectified and lensllm minimise the mean over
 valid points of (log L_pred - log L)^2; vanilla minimises the sum of Huber
 losses of the same residuals with delta = 1e-3 (Lin et al., `fit_vanilla_law`).
+
+Restarts (what was adopted from Lin et al.'s `fit_law.py`): their rectified
+fit starts from A = max L, E = exp((log max L + log min L) / 2), D_l = 1
+(their B = 0), beta = 1, and uses that same start on every repeat; it is our
+restart 0 for rectified / lensllm. Their vanilla fit draws each of
+(alpha, B', beta, E) from U(0, 1) for 10 restarts; our vanilla restarts 1..R-1
+do the same (with B = 1 / B'). Our other restarts are random (see each
+initialiser). Lin et al. optimise with scipy BFGS (rectified: a two-stage
+surrogate fit); we do not copy that, `fitting.fit_curves` minimises the
+objective directly.
 """
 
 from __future__ import annotations

@@ -471,17 +471,19 @@ def ntk_mode_losses(eigvals: jax.Array, proj: jax.Array, eta, t) -> jax.Array:
     t: training time, any shape [...].
 
   Returns:
-    [..., n]; sums over the last axis to `ntk_test_loss`. Computed in the
-    promoted dtype of the inputs (float64 under x64, as in CORE's fits).
+    [..., n] float64 (computed inside `jax.enable_x64`, also under jit);
+    sums over the last axis to `ntk_test_loss`.
   """
-  t = jnp.asarray(t)
-  return jnp.exp(-2. * eta * t[..., None] * eigvals) * jnp.square(proj)
+  with jax.enable_x64(True):
+    eigvals, proj, eta, t = (jnp.asarray(a, jnp.float64) for a in (eigvals, proj, eta, t))
+    return jnp.exp(-2. * eta * t[..., None] * eigvals) * jnp.square(proj)
 
 
 def ntk_test_loss(eigvals: jax.Array, proj: jax.Array, eta, t) -> jax.Array:
   """F(t) = sum_k exp(-2 eta lambda_k t) proj_k^2 = ||expm(-eta Theta t) r0||^2.
 
-  Jit-able, differentiable in t (and eta, eigvals, proj), vectorised over t.
+  float64 (inside `jax.enable_x64`). Jit-able, differentiable in t (and eta,
+  eigvals, proj), vectorised over t.
 
   Args:
     eigvals: [n] eigenvalues of Theta (>= 0), e.g. `ntk_spectrum(...).eigvals`.
@@ -490,17 +492,16 @@ def ntk_test_loss(eigvals: jax.Array, proj: jax.Array, eta, t) -> jax.Array:
     t: time, any shape [...].
 
   Returns:
-    F with the shape of t.
+    F with the shape of t, float64.
   """
-  return jnp.sum(ntk_mode_losses(eigvals, proj, eta, t), axis=-1)
+  with jax.enable_x64(True):
+    return jnp.sum(ntk_mode_losses(eigvals, proj, eta, t), axis=-1)
 
 
 def ntk_test_loss_from_kernel(theta: jax.Array, r0: jax.Array, eta, t) -> jax.Array:
   """Convenience: F(Theta, t) from the kernel [n, n] and residual [n]; float64."""
   spec = ntk_spectrum(theta, r0)
-  with jax.enable_x64(True):
-    return ntk_test_loss(spec.eigvals, spec.proj, jnp.asarray(eta, jnp.float64),
-                         jnp.asarray(t, jnp.float64))
+  return ntk_test_loss(spec.eigvals, spec.proj, eta, t)
 
 
 def ntk_f_term(t, aux) -> jax.Array:

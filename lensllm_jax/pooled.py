@@ -95,6 +95,11 @@ class PooledConfig:
     floor_prior: lambda_E >= 0 of a Gaussian prior centred at 0 on the floor
       E_m itself (loss units): adds lambda_E sum_m E_m^2 to J, pulling the
       saturation level down (0: none).
+    backtest: k > 1 chooses the strength per budget view from the visible
+      data alone: each strength of BACKTEST_STRENGTHS is fitted on the view
+      cut at D_max / k, scored by PearCorr + RelAcc of its predictions of
+      the observed losses at the view's largest D against them, and the
+      best is refitted on the whole view (`strength` is then ignored; 0 off).
   """
   strength: float = 0.0
   pooled: tuple[str, ...] = ("beta", "E")
@@ -103,6 +108,7 @@ class PooledConfig:
   huber_delta: float | None = None
   empirical_bayes: bool = False
   floor_prior: float = 0.0
+  backtest: int = 0
 
   def __post_init__(self):
     if not self.strength >= 0:
@@ -115,6 +121,8 @@ class PooledConfig:
                        f"{COVARIATES}")
     if not self.pre_power_weight > 0:
       raise ValueError(f"PooledConfig.pre_power_weight must be > 0, got {self.pre_power_weight}")
+    if self.backtest < 0 or self.backtest == 1:
+      raise ValueError(f"PooledConfig.backtest must be 0 (off) or > 1, got {self.backtest}")
     if not self.floor_prior >= 0:
       raise ValueError(f"PooledConfig.floor_prior must be >= 0, got {self.floor_prior}")
     if self.huber_delta is not None and not self.huber_delta > 0:
@@ -123,11 +131,13 @@ class PooledConfig:
   @property
   def name(self) -> str:
     """Short unique label, e.g. 's=0.001,pool=beta+E,cov=none,wpre=1,huber=none'."""
-    return (f"s={self.strength:g},pool={'+'.join(self.pooled) or '-'},cov={self.covariates},"
+    s = "bt" if self.backtest else f"{self.strength:g}"
+    return (f"s={s},pool={'+'.join(self.pooled) or '-'},cov={self.covariates},"
             f"wpre={self.pre_power_weight:g},huber="
             f"{'none' if self.huber_delta is None else f'{self.huber_delta:g}'}"
             + (",eb" if self.empirical_bayes else "")
-            + (f",floor={self.floor_prior:g}" if self.floor_prior else ""))
+            + (f",floor={self.floor_prior:g}" if self.floor_prior else "")
+            + (f",backtest={self.backtest}" if self.backtest else ""))
 
   def arrays(self) -> tuple[np.ndarray, ...]:
     """Traced form: (strength per group [3], covariate column mask [3], w_pre, delta, lambda_E)."""
@@ -495,6 +505,59 @@ def median_beta_start(raw) -> np.ndarray:
   return out
 
 
+BACKTEST_STRENGTHS = (0.0, 1e-3, 1e-2, 1e-1, 1.0)
+
+
+def _cut_view(view, max_data_num):
+  """The part of a VisibleCurves with D <= max_data_num (a budget view itself)."""
+  from lensllm_jax import selection
+  keep = view.data_sizes <= max_data_num
+  return selection.VisibleCurves(data_sizes=view.data_sizes[keep],
+                                 losses=np.where(view.mask, view.losses, 1.0)[:, keep],
+                                 mask=view.mask[:, keep], max_data_num=max_data_num)
+
+
+def _backtest_strengths(views, metadata, configs, *, key, num_restarts, num_steps, fit_options):
+  """chosen[config][view] strength; see `PooledConfig.backtest` (visible data only)."""
+  from lensllm_jax import metrics
+  chosen = [[c.strength] * len(views) for c in configs]
+  for j, cfg in enumerate(configs):
+    if not cfg.backtest:
+      continue
+    subs, targets, idx = [], [], []
+    for i, v in enumerate(views):
+      cut = _cut_view(v, v.max_data_num / cfg.backtest)
+      last = np.flatnonzero(v.data_sizes > cut.data_sizes[-1])
+      # Needs two fine-tuning points below the cut and a visible point above it.
+      if (cut.data_sizes > 0).sum() < 2 or last.size == 0 or not cut.mask[:, 1:].any(1).all():
+        continue
+      col = last[-1]
+      subs.append(cut)
+      targets.append((v.data_sizes[col], v.losses[:, col], v.mask[:, col]))
+      idx.append(i)
+    if not subs:
+      continue
+    cands = [dataclasses.replace(cfg, strength=s, backtest=0) for s in BACKTEST_STRENGTHS]
+    res = pooled_selection(subs, metadata, cands, key=key, num_restarts=num_restarts,
+                           num_steps=num_steps, fit_options=fit_options)
+    law = laws.lensllm_law()
+    for k, i in enumerate(idx):
+      d_t, obs, ok = targets[k]
+      best, best_val = cfg.strength, -np.inf
+      for c, s in enumerate(BACKTEST_STRENGTHS):
+        pred = law.predict(res[k][c].extras["raw_params"], np.array([d_t]))[:, 0]
+        good = ok & np.isfinite(pred)
+        if good.sum() < 3:
+          continue
+        pc = metrics.pearson_corr(pred[good], obs[good])
+        ra = metrics.relative_accuracy(int(np.argmin(pred[good])), obs[good])
+        val = (pc if np.isfinite(pc) else -1.0) + ra
+        if val > best_val:
+          best, best_val = s, val
+      chosen[j][i] = best
+  return chosen
+
+
 def pooled_selection(views, metadata, configs: Sequence[PooledConfig], *, key: jax.Array,
                      num_restarts: int = 8, num_steps: int = 60, fit_options=None,
                      name: str = METHOD_NAME):
@@ -530,6 +593,13 @@ def pooled_selection(views, metadata, configs: Sequence[PooledConfig], *, key: j
                       f"selection.visible_view), got {type(v).__name__}")
   configs = list(configs)
   law = laws.lensllm_law()
+  chosen_strength = [[c.strength] * len(views) for c in configs]
+  if any(c.backtest for c in configs):
+    chosen_strength = _backtest_strengths(views, metadata, configs, key=key,
+                                          num_restarts=num_restarts, num_steps=num_steps,
+                                          fit_options=fit_options)
+  resolved = [[dataclasses.replace(c, strength=chosen_strength[j][i], backtest=0)
+               for j, c in enumerate(configs)] for i in range(len(views))]
   indep = selection.fit_law_views("LensLLM", law, views, metadata, key=key,
                                   use_zero_shot=True, num_restarts=num_restarts,
                                   fit_options=fit_options)
@@ -545,6 +615,7 @@ def pooled_selection(views, metadata, configs: Sequence[PooledConfig], *, key: j
   # Problems: view-major, config-minor.
   vi = np.repeat(np.arange(nv), len(configs))
   ci = np.tile(np.arange(len(configs)), nv)
+  pcfg = [resolved[i][c] for i, c in zip(vi, ci, strict=True)]
   weights = np.stack([pre_power_weights(d[i], first_d[i], configs[c].pre_power_weight)
                       for i, c in zip(vi, ci, strict=True)])
   init = np.stack([indep[i].extras["raw_params"] for i in vi])
@@ -552,14 +623,14 @@ def pooled_selection(views, metadata, configs: Sequence[PooledConfig], *, key: j
   if any(c.empirical_bayes for c in configs):
     eb = [empirical_bayes_strength(indep[i].extras["raw_params"], d[i], y[i], mk[i])
           for i in range(nv)]
-  group = np.stack([configs[c].strength * eb[i][0] if configs[c].empirical_bayes
-                    else configs[c].arrays()[0] for i, c in zip(vi, ci, strict=True)])
+  group = np.stack([pc.strength * eb[i][0] if pc.empirical_bayes else pc.arrays()[0]
+                    for i, pc in zip(vi, pcfg, strict=True)])
   # Two starts per problem (independent fits; the same with the median beta),
   # the lower MAP objective wins: the joint problem is non-convex.
   n = init.shape[0]
   starts = np.concatenate([init, median_beta_start(init)])
   both = fit_pooled(starts, np.concatenate([d[vi]] * 2), np.concatenate([y[vi]] * 2),
-                    np.concatenate([mk[vi]] * 2), [configs[c] for c in ci] * 2,
+                    np.concatenate([mk[vi]] * 2), pcfg * 2,
                     covariates=np.stack([cov[i] for i in vi] * 2),
                     weights=np.concatenate([weights] * 2), group_strength=np.concatenate(
                         [group] * 2), num_steps=num_steps)
@@ -584,7 +655,7 @@ def pooled_selection(views, metadata, configs: Sequence[PooledConfig], *, key: j
           extras={"law": law, "raw_params": fit.raw_params[k], "config": cfg,
                   "objective": float(fit.objective[k]), "data_sizes": v.data_sizes,
                   "mask": v.mask, "independent_raw": indep[i].extras["raw_params"],
-                  "group_strength": group[k],
+                  "group_strength": group[k], "strength": chosen_strength[j][i],
                   "empirical_bayes": None if eb[i] is None else eb[i][1]}))
     out.append(row)
   return out

@@ -47,18 +47,19 @@ METRICS = ("PearCorr", "RelAcc", "Spearman", "RMSE")
 def default_grid() -> list[pooled.PooledConfig]:
   """The settings searched by the protocol (weakest pooling first).
 
-  strength in {0, 1e-3, 1e-2, 1e-1, 1} x pooled in {beta}, {beta, E} x
-  covariates in {none, size_zero_shot} x pre-power weight in {1, 0.1} x
-  Huber delta in {None, 0.01} (strength 0 = independent fits, listed once).
+  strength in {1e-3, 1e-2, 1e-1, 1} (pooled: beta) x covariates in {none,
+  size_zero_shot} x pre-power weight in {1, 0.1} x Huber delta in {None,
+  0.01}, after strength 0 (= independent fits, the published LensLLM curve
+  mode). Options dropped during development (pooling E or D_t, empirical-
+  Bayes strengths, a floor prior) are still available in `PooledConfig`.
   """
   grid = [pooled.PooledConfig(strength=0.0)]
   for s in (1e-3, 1e-2, 1e-1, 1.0):
-    for pl in (("beta",), ("beta", "E")):
-      for cov in ("none", "size_zero_shot"):
-        for w in (1.0, 0.1):
-          for h in (None, 0.01):
-            grid.append(pooled.PooledConfig(strength=s, pooled=pl, covariates=cov,
-                                            pre_power_weight=w, huber_delta=h))
+    for cov in ("none", "size_zero_shot"):
+      for w in (1.0, 0.1):
+        for h in (None, 0.01):
+          grid.append(pooled.PooledConfig(strength=s, pooled=("beta",), covariates=cov,
+                                          pre_power_weight=w, huber_delta=h))
   return grid
 
 

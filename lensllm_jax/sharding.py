@@ -16,7 +16,9 @@ XLA (an all-reduce), which is what makes data parallelism exact.
 
 Multi-host: call `initialize_distributed(True)` (the binaries' --distributed
 flag) before touching devices; each process then feeds its own slice of the
-global batch to `shard_batch` (`jax.make_array_from_process_local_data`).
+global batch to `shard_batch` (`jax.make_array_from_process_local_data`), or
+the whole global batch to `shard_global_batch`, which slices it (what
+`lensllm_jax.training` does).
 """
 
 from __future__ import annotations
@@ -88,6 +90,30 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
     return jax.make_array_from_process_local_data(sharding, x, (global_b,) + x.shape[1:])
 
   return jax.tree.map(put, batch)
+
+
+def shard_global_batch(batch: Any, mesh: Mesh) -> Any:
+  """Like `shard_batch`, for a GLOBAL batch that every process holds in full.
+
+  Each process keeps its contiguous slice of rows [p B / P, (p + 1) B / P)
+  (the rows its devices hold under `batch_sharding`, devices being ordered by
+  process in `make_mesh`) and passes it to `shard_batch`. On one process this
+  is `shard_batch`.
+  """
+  n_proc = jax.process_count()
+  if n_proc == 1:
+    return shard_batch(batch, mesh)
+  p = jax.process_index()
+
+  def local(x):
+    x = np.asarray(x)
+    if x.shape[0] % n_proc:
+      raise ValueError(f"global batch size {x.shape[0]} is not divisible by the "
+                       f"{n_proc} processes")
+    k = x.shape[0] // n_proc
+    return x[p * k:(p + 1) * k]
+
+  return shard_batch(jax.tree.map(local, batch), mesh)
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:

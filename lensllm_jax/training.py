@@ -248,7 +248,7 @@ def evaluate(eval_step: Callable, params: Any, data: textdata.TokenizedData,
   total, count = 0.0, 0.0
   for batch in textdata.eval_batches(data, batch_size):
     if mesh is not None:
-      batch = shd.shard_batch(batch, mesh)
+      batch = shd.shard_global_batch(batch, mesh)
     t, c = eval_step(params, batch)
     total += float(t)
     count += float(c)
@@ -412,7 +412,7 @@ def finetune(apply_fn: ApplyFn, params: Any, train: textdata.TokenizedData,
       batch = textdata.train_batch(train, cfg.batch_size, step, seed=cfg.seed)
       meta["train_tokens"] += int(batch["attention_mask"].sum())
       if mesh is not None:
-        batch = shd.shard_batch(batch, mesh)
+        batch = shd.shard_global_batch(batch, mesh)
       state, metrics = train_step(state, batch, key)
       step += 1
       tokens = float(metrics["tokens"])
@@ -474,7 +474,7 @@ def pretrain(apply_fn: ApplyFn, params: Any, train: textdata.TokenizedData,
   for step in range(cfg.max_steps):
     batch = textdata.train_batch(train, cfg.batch_size, step, seed=cfg.seed)
     if mesh is not None:
-      batch = shd.shard_batch(batch, mesh)
+      batch = shd.shard_global_batch(batch, mesh)
     state, metrics = train_step(state, batch, key)
     losses.append(float(metrics["loss"]))
   return state.params, losses

@@ -73,6 +73,8 @@ def test_mesh_helpers_one_device():
   batch = {"x": np.arange(12.0).reshape(4, 3)}
   got = sharding.shard_batch(batch, mesh)
   np.testing.assert_array_equal(np.asarray(got["x"]), batch["x"])
+  got = sharding.shard_global_batch(batch, mesh)  # one process: the same array
+  np.testing.assert_array_equal(np.asarray(got["x"]), batch["x"])
   assert not sharding.initialize_distributed(False)
   with pytest.raises(ValueError, match="devices"):
     sharding.make_mesh(num_data=jax.device_count() + 1)

@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from lensllm_jax import study_tasks, zoo
+from lensllm_jax import models, study_tasks, zoo
 
 SOURCE = textwrap.dedent('''\
     """Module docstring.
@@ -73,13 +73,13 @@ def test_parse_source_syntax_error():
 
 
 def test_chunk_text_packs_paragraphs_and_cuts_long_ones():
-  paras = [f"p{i} " + "x" * (10 + 7 * i) for i in range(12)]
+  paras = [f"p{i:02d} " + "x" * (10 + 4 * i) for i in range(12)]  # 14..58 chars
   text = "\n\n".join(paras)
   chunks = zoo.chunk_text(text, 60)
   assert all(len(c) <= 60 for c in chunks)
   # Re-joining the chunks gives the paragraphs back in order.
   assert "\n\n".join(chunks).split("\n\n") == paras
-  long = "\n".join("line%02d" % i for i in range(40))  # 279 chars, one paragraph
+  long = "\n".join(f"line{i:02d}" for i in range(40))  # 279 chars, one paragraph
   parts = zoo.chunk_text(long, 50)
   assert all(len(p) <= 50 for p in parts)
   assert "\n".join(parts) == long
@@ -198,7 +198,8 @@ def test_presets_meet_the_issue_requirements():
   specs = zoo.zoo_from_dicts([dict(r) for r in full.zoo])
   assert len(specs) >= 8
   assert {s.arch for s in specs} == {"gpt2", "llama"}
-  assert len({(s.d_model, s.n_layers) for s in specs}) >= 3
+  sizes = {models.num_params(zoo.model_config(s, full.tokenizer_vocab, 48)) for s in specs}
+  assert len(sizes) >= 3
   assert len({s.pretrain_steps for s in specs}) >= 3
   assert full.subset_sizes == [200 * 2 ** k for k in range(8)]
   assert len(full.tasks) >= 2
