@@ -1,0 +1,61 @@
+"""Splices generated result files into README.md.
+
+Every region of the form
+
+    <!-- generated: results/selection/selection.md -->
+    ...
+    <!-- end generated -->
+
+is replaced by the current contents of the named file, so the README's
+tables are always what a binary wrote, never typed by hand.
+
+    python -m experiments.update_readme            # rewrite README.md in place
+    python -m experiments.update_readme --check    # exit 1 if README is stale
+"""
+
+from __future__ import annotations
+
+import pathlib
+import re
+import sys
+
+from absl import app, flags
+
+_README = flags.DEFINE_string("readme", "README.md", "README to update.")
+_CHECK = flags.DEFINE_bool("check", False, "Only report whether the README is up to date.")
+
+_REGION = re.compile(r"(<!-- generated: (?P<path>\S+) -->\n)(?P<body>.*?)(<!-- end generated -->)",
+                     re.DOTALL)
+
+
+def splice(text: str, root: pathlib.Path) -> str:
+  """Returns `text` with every generated region refreshed from disk."""
+
+  def replace(match: re.Match) -> str:
+    path = root / match.group("path")
+    if not path.exists():
+      raise FileNotFoundError(f"README region names {path}, which does not exist; "
+                              "run the binary that writes it first")
+    body = path.read_text().rstrip("\n") + "\n"
+    return match.group(1) + body + match.group(4)
+
+  return _REGION.sub(replace, text)
+
+
+def main(argv):
+  del argv
+  readme = pathlib.Path(_README.value)
+  old = readme.read_text()
+  new = splice(old, readme.resolve().parent)
+  if _CHECK.value:
+    if new != old:
+      print(f"{readme} is stale; run python -m experiments.update_readme")
+      sys.exit(1)
+    print(f"{readme} is up to date")
+    return
+  readme.write_text(new)
+  print(f"{readme}: {len(_REGION.findall(old))} generated regions refreshed")
+
+
+if __name__ == "__main__":
+  app.run(main)
