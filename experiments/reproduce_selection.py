@@ -34,7 +34,8 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from lensllm_jax import benchmarks, budgeted, laws, metrics, published, selection
+from lensllm_jax import benchmarks, budgeted, laws, metrics, pooled, published, selection
+from lensllm_jax import protocol as protocol_lib
 
 ALL_METHODS = ("ZeroShot", "SubTuning", "ModelSize", "VanillaFit", "RectifiedFit", "AtS",
                "LensLLM")
@@ -63,6 +64,10 @@ flags.DEFINE_string("budget_method", "LensLLM", "Law used by the budgeted proced
 flags.DEFINE_integer("budget_max_data_num", None,
                      "Largest D the budgeted procedure may pay for (default D* / min ratio).")
 flags.DEFINE_bool("figures", True, "Draw the PNG figures.")
+flags.DEFINE_enum("protocol", "none", ["none", "leave_one_out"],
+                  "Settings of LensLLM+ (when in --methods): none = pooled.DEFAULT_CONFIG "
+                  "(untuned); leave_one_out = chosen for each file on the other files "
+                  "(protocol.leave_one_out; needs >= 2 --benchmark files).")
 
 
 # ------------------------------------------------------------------ I/O ---
@@ -183,7 +188,7 @@ def fit_rows(dataset, dmax, result, curves) -> list[dict]:
 
 
 def run_dataset(curves, methods, ratios, out: pathlib.Path, *, target, key, num_restarts,
-                fit_options, budget, t0) -> None:
+                fit_options, budget, t0, plus_config=None) -> None:
   """All methods (and the budgeted procedure) on one curve file; appends to the CSVs."""
   name = curves.name
   meta = selection.metadata_of(curves, target)
@@ -199,7 +204,11 @@ def run_dataset(curves, methods, ratios, out: pathlib.Path, *, target, key, num_
       logging.info("[%s] %s: already done, skipping", name, method)
       continue
     t = time.time()
-    if method in selection.FITTED_METHODS:
+    if method == pooled.METHOD_NAME:
+      results = [r[0] for r in pooled.pooled_selection(
+          views, meta, [plus_config or pooled.DEFAULT_CONFIG], key=jax.random.fold_in(key, mi),
+          num_restarts=num_restarts, fit_options=fit_options)]
+    elif method in selection.FITTED_METHODS:
       results = selection.run_fitted_batch(method, views, meta, key=jax.random.fold_in(key, mi),
                                            num_restarts=num_restarts, fit_options=fit_options,
                                            min_curves=min_curves)
@@ -452,9 +461,38 @@ def draw_figures(out: pathlib.Path, curve_sets, targets) -> None:
 # ---------------------------------------------------------------- main ---
 
 
+def choose_plus_settings(curve_sets, methods, plus_protocol, out, *, ratios, key,
+                         target_data_num, num_restarts) -> dict:
+  """LensLLM+ settings per file: {} (defaults) or leave-one-dataset-out choices."""
+  if pooled.METHOD_NAME not in methods or plus_protocol == "none":
+    return {}
+  if len(curve_sets) < 2:
+    raise app.UsageError("--protocol=leave_one_out needs at least 2 --benchmark files")
+  done = {(r["dataset"], int(r["ratio"])) for r in _read_rows(out / "selection.csv")
+          if r["method"] == pooled.METHOD_NAME}
+  if all((c.name, r) in done for c in curve_sets for r in ratios):
+    return {}  # rerun: LensLLM+ is already scored everywhere
+  folds, _ = protocol_lib.leave_one_out(curve_sets, key=key, ratios=ratios,
+                                        target_data_num=target_data_num,
+                                        num_restarts=num_restarts)
+  rows = [{"held_out": f.held_out, "trained_on": "+".join(f.trained_on),
+           "config": f.config.name, "train_criterion": f"{f.train_criterion:.6f}"}
+          for f in folds]
+  path = out / "lensllm_plus_chosen.csv"
+  if path.exists():
+    path.unlink()
+  _append_rows(path, ("held_out", "trained_on", "config", "train_criterion"), rows)
+  for f in folds:
+    logging.info("[%s] LensLLM+ setting chosen on %s: %s", f.held_out, f.trained_on,
+                 f.config.name)
+  return {f.held_out: f.config for f in folds}
+
+
+
 def run(specs, *, data_dir, methods, ratios, output_dir, target_data_num=None, num_restarts=8,
         max_steps=500, seed=0, budget_levels=(0.5, 1.0, 2.0, 4.0), budget_method="LensLLM",
-        budget_max_data_num=None, run_budgeted_flag=True, figures=True) -> pathlib.Path:
+        budget_max_data_num=None, run_budgeted_flag=True, figures=True,
+        plus_protocol="none") -> pathlib.Path:
   """The whole experiment (what `main` runs); returns the output directory."""
   t0 = time.time()
   unknown = [m for m in methods if m not in selection.METHODS]
@@ -465,6 +503,10 @@ def run(specs, *, data_dir, methods, ratios, output_dir, target_data_num=None, n
   curve_sets = load_all(specs, data_dir)
   key = jax.random.key(seed)
   fit_options = {"max_steps": max_steps}
+  plus_configs = choose_plus_settings(curve_sets, methods, plus_protocol, out, ratios=ratios,
+                                      key=jax.random.fold_in(key, 2000),
+                                      target_data_num=target_data_num,
+                                      num_restarts=num_restarts)
   targets = []
   for di, curves in enumerate(curve_sets):
     target = target_of(curves, target_data_num)
@@ -477,7 +519,8 @@ def run(specs, *, data_dir, methods, ratios, output_dir, target_data_num=None, n
       budget = {"levels": [float(z) for z in budget_levels], "method": budget_method,
                 "max_data_num": cap}
     run_dataset(curves, methods, ratios, out, target=target, key=jax.random.fold_in(key, di),
-                num_restarts=num_restarts, fit_options=fit_options, budget=budget, t0=t0)
+                num_restarts=num_restarts, fit_options=fit_options, budget=budget, t0=t0,
+                plus_config=plus_configs.get(curves.name))
   if run_budgeted_flag and len(curve_sets) > 1:
     tag = f"Budgeted{budget_method}"
     have = {r["dataset"] for r in _read_rows(out / "cost.csv") if r["method"] == f"{tag}-LODO"}
@@ -506,7 +549,7 @@ def main(argv):
       target_data_num=FLAGS.target_data_num, num_restarts=FLAGS.num_restarts,
       max_steps=FLAGS.max_steps, seed=FLAGS.seed, budget_levels=levels,
       budget_method=FLAGS.budget_method, budget_max_data_num=FLAGS.budget_max_data_num,
-      run_budgeted_flag=FLAGS.budgeted, figures=FLAGS.figures)
+      run_budgeted_flag=FLAGS.budgeted, figures=FLAGS.figures, plus_protocol=FLAGS.protocol)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,20 @@ Optimisation: Levenberg-Marquardt on the stacked residual vector
 a fixed number of steps in one `jax.lax.fori_loop`, `jax.vmap`-ed over
 problems (budget views x settings) and compiled once per shape. It starts
 from independent fits (`fitting.fit_curves`, best of several restarts per
-model): a continuation from strength 0.
+model: a continuation from strength 0) and from the same fits with every
+beta set to the across-model median; the lower MAP objective wins.
+
+Selection: `lensllm_plus` (one budget view, the signature of the methods in
+`selection`) and `pooled_selection` (many views x settings in one batch)
+rank models by the pooled fit's L(D*), method name "LensLLM+"; they accept
+only `selection.VisibleCurves`. `budgeted_pooled_selection` runs the
+early-stopping procedure of `budgeted.py` with this fit. Settings are chosen
+by `protocol.leave_one_out`.
+
+Measured outcome (experiments/lensllm_plus.py, leave-one-dataset-out on
+flan / gigaword): the best prior strength differs by ~100x between the two
+files, so the setting chosen on one file does not carry over; LensLLM+ did
+NOT beat AtS's mean PearCorr on either file under that protocol.
 
 Everything here is pure; `fit_pooled` enables float64 inside the call.
 """
@@ -60,13 +73,23 @@ import numpy as np
 from lensllm_jax import laws
 
 __all__ = [
-  "POOLABLE",
+  "BACKTEST_STRENGTHS",
   "COVARIATES",
+  "DEFAULT_CONFIG",
+  "METHOD_NAME",
+  "POOLABLE",
   "PooledConfig",
   "PooledFit",
+  "budgeted_pooled_selection",
   "covariate_matrix",
+  "empirical_bayes_strength",
   "fit_pooled",
+  "lensllm_plus",
+  "median_beta_start",
+  "paule_mandel_tau2",
   "pooled_objective",
+  "pooled_selection",
+  "pre_power_weights",
   "shape_quantities",
 ]
 
@@ -680,9 +703,9 @@ def lensllm_plus(visible, metadata, *, key: jax.Array, config: PooledConfig | No
                           num_steps=num_steps, fit_options=fit_options)[0][0]
 
 
-# A middle-of-the-grid default for direct calls; experiments choose settings
-# with `protocol.leave_one_out` instead.
-DEFAULT_CONFIG = PooledConfig(strength=1e-3, pooled=("beta", "E"), covariates="none")
+# A middle-of-the-grid default for direct calls, NOT a tuned value; experiments
+# choose settings with `protocol.leave_one_out` instead.
+DEFAULT_CONFIG = PooledConfig(strength=1e-2, pooled=("beta",), covariates="none")
 
 
 def budgeted_pooled_selection(curves, levels: Sequence[float], config: PooledConfig, *,

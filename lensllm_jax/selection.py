@@ -29,6 +29,9 @@ Methods (published names):
 - LensLLM: L(D) = B / (F + D^beta) + E, curve mode (F a fitted scalar per
   model), or with F(t, aux) from the NTK given as `f_term` with per-model `aux`.
 
+Not published: LensLLM+ (`lensllm_plus`, see `pooled.py`): the LensLLM
+curve-mode law fitted to all models jointly with a hierarchical prior.
+
 Ties in the feature keep file order (a stable sort), which picks the same
 top model as the published code (pandas average ranks + argmin).
 """
@@ -418,6 +421,21 @@ def lensllm(visible: VisibleCurves, metadata: Metadata, *, key: jax.Array,
                        fit_options=fit_options)[0]
 
 
+def lensllm_plus(visible: VisibleCurves, metadata: Metadata, *, key: jax.Array,
+                 config=None, num_restarts: int = 8, num_steps: int = 60,
+                 fit_options=None) -> SelectionResult:
+  """LensLLM+: LensLLM curve-mode fits of all models at once with a hierarchical prior.
+
+  See `pooled.py` (the method) and `protocol.py` (its settings are chosen by
+  leave-one-dataset-out); `config` is a `pooled.PooledConfig` (default
+  `pooled.DEFAULT_CONFIG`, not a tuned value).
+  """
+  from lensllm_jax import pooled  # pooled imports this module
+  return pooled.lensllm_plus(visible, metadata, key=key, config=config,
+                             num_restarts=num_restarts, num_steps=num_steps,
+                             fit_options=fit_options)
+
+
 Method = Callable[..., SelectionResult]
 
 DETERMINISTIC_METHODS: dict[str, Method] = {
@@ -431,6 +449,7 @@ FITTED_METHODS: dict[str, Method] = {
     "VanillaFit": vanilla_fit,
     "RectifiedFit": rectified_fit,
     "LensLLM": lensllm,
+    "LensLLM+": lensllm_plus,
 }
 
 METHODS: dict[str, Method] = {**DETERMINISTIC_METHODS, **FITTED_METHODS}
@@ -460,7 +479,7 @@ def run_fitted_batch(name: str, views, metadata: Metadata, *, key: jax.Array,
 # (all D > 0), "all".
 METHOD_READS: dict[str, str] = {
     "ZeroShot": "zero", "SubTuning": "last", "ModelSize": "none", "AtS": "positive",
-    "VanillaFit": "positive", "RectifiedFit": "all", "LensLLM": "all",
+    "VanillaFit": "positive", "RectifiedFit": "all", "LensLLM": "all", "LensLLM+": "all",
 }
 
 

@@ -33,7 +33,7 @@ def run_with_host_devices(code: str, num_devices: int = 4, timeout: float = 300)
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                       f" --xla_force_host_platform_device_count={num_devices}").strip()
   env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-  proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env,
+  proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, cwd=REPO_ROOT,
                         capture_output=True, text=True, timeout=timeout)
   if proc.returncode != 0:
     raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stderr[-4000:]}")

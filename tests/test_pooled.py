@@ -116,11 +116,11 @@ def test_objective_matches_numpy_reference():
 
 def test_strength_zero_keeps_independent_fit():
   """strength 0 decouples the models: LM from the independent optimum stays there."""
-  d, y, _ = _synthetic(5, num_models=4)
+  d, y, _ = _synthetic(5)  # same shapes as above: compiled code is reused
   law = laws.lensllm_law()
   fit0 = fitting.fit_curves(law, d, y, key=jax.random.key(0), num_restarts=4, max_steps=200)
   fit = pooled.fit_pooled(fit0.raw_params[None], d[None], y[None], np.ones((1,) + y.shape, bool),
-                          [pooled.PooledConfig(strength=0.0)], covariates=np.ones((4, 3)))
+                          [pooled.PooledConfig(strength=0.0)], covariates=np.ones((12, 3)))
   # fit_curves minimises the MEAN squared residual per curve; ours is the sum.
   assert fit.objective[0] <= (fit0.objective * y.shape[1]).sum() * (1 + 1e-8)
   np.testing.assert_allclose(fit.predict([D_STAR])[0, :, 0],
@@ -145,9 +145,11 @@ def test_method_reads_only_the_visible_budget(shared_benchmarks):
   kw = {"key": jax.random.key(0), "config": cfg, "num_restarts": 2,
         "fit_options": {"max_steps": 100}}
   a = pooled.lensllm_plus(selection.visible_view(small, dmax), meta, **kw)
-  b = pooled.lensllm_plus(selection.visible_view(poisoned, dmax), meta, **kw)
+  # Through the selection registry (same method, same settings).
+  b = selection.run_method("LensLLM+", selection.visible_view(poisoned, dmax), meta, **kw)
   np.testing.assert_array_equal(a.predicted, b.predicted)
-  assert a.method == "LensLLM+"
+  assert a.method == b.method == "LensLLM+"
+  assert selection.METHOD_READS["LensLLM+"] == "all"
   # The method refuses anything but a budget view (e.g. the full CurveSet).
   with pytest.raises(TypeError, match="VisibleCurves"):
     pooled.lensllm_plus(small, meta, **kw)
