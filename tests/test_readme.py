@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 
 import pytest
-
 from conftest import REPO_ROOT, run_with_host_devices
 
 _BLOCK = re.compile(r"```python\n(.*?)```", re.DOTALL)
