@@ -218,6 +218,26 @@ def parse_curves(text: str, *, source: str = "<string>", name: str | None = None
   )
 
 
+
+def _atomic_write(path: pathlib.Path, payload: bytes) -> None:
+  """Writes `payload` to `path` via a temporary file and a rename.
+
+  Readers never see a half-written file. The file gets the usual permissions
+  (0666 less the umask), not mkstemp's private 0600.
+  """
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(payload)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
 def _download(url: str, dest: pathlib.Path, timeout: float) -> None:
   """Downloads `url` to `dest` atomically (temporary file + rename)."""
   dest.parent.mkdir(parents=True, exist_ok=True)
@@ -229,15 +249,7 @@ def _download(url: str, dest: pathlib.Path, timeout: float) -> None:
                   "or set data_dir / $LENSLLM_DATA_DIR to a directory holding it.") from e
   # Validate before caching so a broken download never poisons the cache.
   parse_curves(payload.decode("utf-8"), source=url, name=dest.stem)
-  fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(payload)
-    os.replace(tmp, dest)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  _atomic_write(dest, payload)
 
 
 def resolve_curve_file(spec: str | os.PathLike, *, data_dir: str | None = None,
@@ -333,12 +345,4 @@ def write_curves(curves: CurveSet, path: str | os.PathLike) -> None:
     writer.writerow([model, *(_format_float(v) for v in losses[m]),
                      str(int(curves.sizes[m])), curves.families[m]])
   path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(buf.getvalue())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  _atomic_write(path, buf.getvalue().encode("utf-8"))
