@@ -22,8 +22,6 @@ Curve files are looked up in --data_dir, else $LENSLLM_DATA_DIR, else
 
 from __future__ import annotations
 
-import os
-import pathlib
 import time
 
 import jax
@@ -32,6 +30,7 @@ import numpy as np
 import scipy.optimize
 from absl import app, flags, logging
 
+from experiments import common
 from lensllm_jax import benchmarks, fitting, laws
 
 _BENCHMARK = flags.DEFINE_multi_string("benchmark", ["flan", "gigaword"],
@@ -48,17 +47,6 @@ _SCIPY_JAC = flags.DEFINE_enum("scipy_jac", "numeric", ["numeric", "jax"],
                                "published code) or a jitted jax gradient.")
 _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed of the restarts.")
 
-_REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def default_data_dir(flag_value: str | None) -> str | None:
-  """--data_dir, else $LENSLLM_DATA_DIR, else ../shared/benchmarks if present."""
-  if flag_value:
-    return flag_value
-  if os.environ.get("LENSLLM_DATA_DIR"):
-    return os.environ["LENSLLM_DATA_DIR"]
-  shared = _REPO.parent / "shared" / "benchmarks"
-  return str(shared) if shared.is_dir() else None
 
 
 def load_all(specs, data_dir):
@@ -131,7 +119,7 @@ def time_scipy(law, d, y, starts):
 
 def main(argv):
   del argv
-  data_dir = default_data_dir(_DATA_DIR.value)
+  data_dir = common.default_data_dir(_DATA_DIR.value)
   d, y, labels = load_all(_BENCHMARK.value, data_dir)
   law = laws.rectified_law()
   key = jax.random.PRNGKey(_SEED.value)

@@ -31,6 +31,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
+from experiments import common
 from lensllm_jax import benchmarks, fitting, laws
 
 _BENCHMARK = flags.DEFINE_multi_string("benchmark", ["flan", "gigaword"],
@@ -45,18 +46,7 @@ _MAX_DATA_SIZE = flags.DEFINE_float("max_data_size", None,
 _PLOT_MODELS = flags.DEFINE_integer("plot_models", 6, "Models drawn in the PNG.")
 _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed of the restarts.")
 
-_REPO = pathlib.Path(__file__).resolve().parents[1]
 _PARAM_COLUMNS = ("alpha", "B", "D_l", "F", "beta", "E")
-
-
-def default_data_dir(flag_value: str | None) -> str | None:
-  """--data_dir, else $LENSLLM_DATA_DIR, else ../shared/benchmarks if present."""
-  if flag_value:
-    return flag_value
-  if os.environ.get("LENSLLM_DATA_DIR"):
-    return os.environ["LENSLLM_DATA_DIR"]
-  shared = _REPO.parent / "shared" / "benchmarks"
-  return str(shared) if shared.is_dir() else None
 
 
 def fit_mask(curves: benchmarks.CurveSet, max_data_size: float | None) -> np.ndarray:
@@ -188,7 +178,7 @@ def main(argv):
   out_dir = pathlib.Path(_OUTPUT_DIR.value)
   out_dir.mkdir(parents=True, exist_ok=True)
   law_list = [laws.get_law(name.strip()) for name in _LAWS.value]
-  data_dir = default_data_dir(_DATA_DIR.value)
+  data_dir = common.default_data_dir(_DATA_DIR.value)
   key = jax.random.PRNGKey(_SEED.value)
   for i, spec in enumerate(_BENCHMARK.value):
     logging.info("[%d/%d] benchmark %s", i + 1, len(_BENCHMARK.value), spec)

@@ -27,8 +27,6 @@ Delete the output directory for a cold run.
 
 from __future__ import annotations
 
-import csv
-import os
 import pathlib
 import time
 
@@ -36,7 +34,8 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from lensllm_jax import benchmarks, budgeted, metrics, pooled, protocol, selection
+from experiments import common
+from lensllm_jax import budgeted, metrics, pooled, protocol, selection
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("benchmark", ["flan", "gigaword"],
@@ -65,47 +64,7 @@ BASELINES = ("AtS", "RectifiedFit", "LensLLM")
 # ------------------------------------------------------------------ I/O ---
 
 
-def _read_rows(path: pathlib.Path) -> list[dict]:
-  if not path.exists():
-    return []
-  with path.open(newline="") as f:
-    return list(csv.DictReader(f))
-
-
-def _append_rows(path: pathlib.Path, header, rows) -> None:
-  new = not path.exists()
-  with path.open("a", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=header)
-    if new:
-      w.writeheader()
-    for r in rows:
-      w.writerow(r)
-    f.flush()
-    os.fsync(f.fileno())
-
-
-def _parse_ratios(values) -> list[int]:
-  out = []
-  for v in values:
-    try:
-      r = int(v)
-    except ValueError:
-      raise app.UsageError(f"--ratios: {v!r} is not an integer") from None
-    if r < 1:
-      raise app.UsageError(f"--ratios: {r} must be >= 1")
-    out.append(r)
-  return out
-
-
 # --------------------------------------------------------------- steps ---
-
-
-def load_all(specs, data_dir) -> list:
-  sets = [benchmarks.load_curves(s, data_dir=data_dir) for s in specs]
-  names = [c.name for c in sets]
-  if len(set(names)) != len(names):
-    raise app.UsageError(f"--benchmark: duplicate dataset names {names}")
-  return sets
 
 
 def cached_grid_evaluator(out: pathlib.Path, ratios, num_restarts, num_steps):
@@ -113,7 +72,7 @@ def cached_grid_evaluator(out: pathlib.Path, ratios, num_restarts, num_steps):
   path = out / "grid.csv"
 
   def evaluate(curves, configs, *, key):
-    rows = [r for r in _read_rows(path) if r["dataset"] == curves.name]
+    rows = [r for r in common.read_rows(path) if r["dataset"] == curves.name]
     have = {(r["config"], int(r["ratio"]), r["metric"]): float(r["value"]) for r in rows}
     names = [c.name for c in configs]
     todo = [c for c in configs
@@ -127,7 +86,7 @@ def cached_grid_evaluator(out: pathlib.Path, ratios, num_restarts, num_steps):
       new = [{"dataset": curves.name, "config": c.name, "ratio": r, "metric": m,
               "value": f"{table[c.name][m][i]:.6f}"}
              for c in todo for i, r in enumerate(ratios) for m in protocol.METRICS]
-      _append_rows(path, GRID_HEADER, new)
+      common.append_rows(path, GRID_HEADER, new)
       have.update({(row["config"], int(row["ratio"]), row["metric"]): float(row["value"])
                    for row in new})
       logging.info("[%s] grid: %d settings x %d ratios in %.1fs", curves.name, len(todo),
@@ -158,14 +117,14 @@ def choose_settings(curve_sets, out, *, key, ratios, num_restarts, num_steps):
   path = out / "chosen.csv"
   if path.exists():
     path.unlink()
-  _append_rows(path, CHOSEN_HEADER, rows)
+  common.append_rows(path, CHOSEN_HEADER, rows)
   return folds
 
 
 def report_dataset(curves, fold, out, *, key, ratios, num_restarts, num_steps):
   """Step 3: LensLLM+ (chosen setting) beside the baselines on the held-out file."""
   name = curves.name
-  done = {r["method"] for r in _read_rows(out / "results.csv") if r["dataset"] == name}
+  done = {r["method"] for r in common.read_rows(out / "results.csv") if r["dataset"] == name}
   methods = (pooled.METHOD_NAME,) + BASELINES
   if all(m in done for m in methods):
     logging.info("[%s] report: already done", name)
@@ -196,8 +155,8 @@ def report_dataset(curves, fold, out, *, key, ratios, num_restarts, num_steps):
       cost.append({"dataset": name, "method": m, "setting": f"ratio={ratio}",
                    "flops": f"{flops:.6g}", "relative_to_ats8": f"{flops / ats8:.6g}",
                    "RelAcc": f"{sc['RelAcc']:.6f}", "PearCorr": f"{sc['PearCorr']:.6f}"})
-  _append_rows(out / "cost.csv", COST_HEADER, cost)
-  _append_rows(out / "results.csv", RESULT_HEADER, rows)
+  common.append_rows(out / "cost.csv", COST_HEADER, cost)
+  common.append_rows(out / "results.csv", RESULT_HEADER, rows)
   logging.info("[%s] report: %d methods x %d ratios in %.1fs", name, len(methods), len(ratios),
                time.time() - t)
 
@@ -206,7 +165,7 @@ def budgeted_dataset(curves, fold, out, *, key, levels, max_data_num, num_restar
   """Step 4: early stopping with the LensLLM+ fit (cost relative to AtS at ratio 8)."""
   name = curves.name
   tag = f"Budgeted{pooled.METHOD_NAME}"
-  done = {r["setting"] for r in _read_rows(out / "cost.csv")
+  done = {r["setting"] for r in common.read_rows(out / "cost.csv")
           if r["dataset"] == name and r["method"] == tag}
   todo = [z for z in levels if f"z={z:g}" not in done]
   if not todo:
@@ -223,7 +182,7 @@ def budgeted_dataset(curves, fold, out, *, key, levels, max_data_num, num_restar
            "relative_to_ats8": f"{r.flops / ats8:.6g}",
            "RelAcc": f"{metrics.relative_accuracy(r.selection.chosen, truth):.6f}",
            "PearCorr": f"{metrics.pearson_corr(r.selection.feature, truth):.6f}"} for r in res]
-  _append_rows(out / "cost.csv", COST_HEADER, rows)
+  common.append_rows(out / "cost.csv", COST_HEADER, rows)
   logging.info("[%s] budgeted: %d levels in %.1fs", name, len(todo), time.time() - t)
 
 
@@ -236,13 +195,13 @@ def _f(v, scale=100.0, digits=1) -> str:
 
 def tables(out: pathlib.Path, ratios) -> str:
   """Markdown of results.csv, chosen.csv and cost.csv, with the target checks."""
-  rows = _read_rows(out / "results.csv")
+  rows = common.read_rows(out / "results.csv")
   val = {(r["dataset"], r["method"], r["metric"], int(r["ratio"])): float(r["value"])
          for r in rows}
   datasets = list(dict.fromkeys(r["dataset"] for r in rows))
   methods = [pooled.METHOD_NAME, *BASELINES]
   md = ["# LensLLM+ under leave-one-dataset-out (generated by experiments/lensllm_plus.py)", ""]
-  chosen = _read_rows(out / "chosen.csv")
+  chosen = common.read_rows(out / "chosen.csv")
   if chosen:
     md += ["## Settings chosen for each file (on the other files only)", "",
            "| reported on | chosen on | setting | training criterion |", "|---|---|---|---|"]
@@ -273,7 +232,7 @@ def tables(out: pathlib.Path, ratios) -> str:
               f"{100 * q:.1f} vs {100 * b:.1f} ({'met' if q >= b else 'NOT met'}) | "
               f"{e:.4f} vs {f:.4f} ({'met' if e < f else 'NOT met'}) |")
   md.append("")
-  cost = _read_rows(out / "cost.csv")
+  cost = common.read_rows(out / "cost.csv")
   if cost:
     md += ["## Compute (sum of 6 N D over the (model, D) pairs read, relative to AtS at "
            "ratio 8)", "", "| dataset | method | setting | compute / AtS@8 | RelAcc | PearCorr |",
@@ -307,7 +266,7 @@ def run(specs, *, data_dir, output_dir, ratios, seed=0, num_restarts=8, num_step
   t0 = time.time()
   out = pathlib.Path(output_dir)
   out.mkdir(parents=True, exist_ok=True)
-  curve_sets = load_all(specs, data_dir)
+  curve_sets = common.load_all(specs, data_dir)
   if len(curve_sets) < 2:
     raise app.UsageError("--protocol=leave_one_out needs at least 2 --benchmark files")
   key = jax.random.key(seed)
@@ -334,7 +293,7 @@ def main(argv):
   except ValueError:
     raise app.UsageError(f"--budget_levels: not numbers: {FLAGS.budget_levels}") from None
   run(FLAGS.benchmark, data_dir=FLAGS.data_dir, output_dir=FLAGS.output_dir,
-      ratios=_parse_ratios(FLAGS.ratios), seed=FLAGS.seed, num_restarts=FLAGS.num_restarts,
+      ratios=common.parse_ratios(FLAGS.ratios), seed=FLAGS.seed, num_restarts=FLAGS.num_restarts,
       num_steps=FLAGS.num_steps, run_budgeted=FLAGS.budgeted, budget_levels=levels)
 
 

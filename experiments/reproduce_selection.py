@@ -25,8 +25,6 @@ the tables and figures. Delete the output directory for a cold run.
 
 from __future__ import annotations
 
-import csv
-import os
 import pathlib
 import time
 
@@ -34,7 +32,8 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from lensllm_jax import benchmarks, budgeted, laws, metrics, pooled, published, selection
+from experiments import common
+from lensllm_jax import budgeted, laws, metrics, pooled, published, selection
 from lensllm_jax import protocol as protocol_lib
 
 ALL_METHODS = ("ZeroShot", "SubTuning", "ModelSize", "VanillaFit", "RectifiedFit", "AtS",
@@ -73,49 +72,7 @@ flags.DEFINE_enum("protocol", "none", ["none", "leave_one_out"],
 # ------------------------------------------------------------------ I/O ---
 
 
-def _read_rows(path: pathlib.Path) -> list[dict]:
-  if not path.exists():
-    return []
-  with path.open(newline="") as f:
-    return list(csv.DictReader(f))
-
-
-def _append_rows(path: pathlib.Path, header, rows) -> None:
-  """Appends rows (dicts) to a CSV, writing the header if the file is new."""
-  new = not path.exists()
-  with path.open("a", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=header)
-    if new:
-      w.writeheader()
-    for r in rows:
-      w.writerow(r)
-    f.flush()
-    os.fsync(f.fileno())
-
-
-def _parse_ratios(values) -> list[int]:
-  out = []
-  for v in values:
-    try:
-      r = int(v)
-    except ValueError:
-      raise app.UsageError(f"--ratios: {v!r} is not an integer") from None
-    if r < 1:
-      raise app.UsageError(f"--ratios: {r} must be >= 1")
-    out.append(r)
-  return out
-
-
 # --------------------------------------------------------------- steps ---
-
-
-def load_all(specs, data_dir) -> list:
-  """Loads every curve file; names must be unique."""
-  sets = [benchmarks.load_curves(s, data_dir=data_dir) for s in specs]
-  names = [c.name for c in sets]
-  if len(set(names)) != len(names):
-    raise app.UsageError(f"--benchmark: duplicate dataset names {names}")
-  return sets
 
 
 def target_of(curves, target_data_num) -> float:
@@ -195,7 +152,7 @@ def run_dataset(curves, methods, ratios, out: pathlib.Path, *, target, key, num_
   truth = curves.column(target)
   budgets = budgets_of(curves, target, ratios)
   views = [selection.visible_view(curves, dmax) for _, dmax in budgets]
-  done = {(r["method"], int(r["ratio"])) for r in _read_rows(out / "selection.csv")
+  done = {(r["method"], int(r["ratio"])) for r in common.read_rows(out / "selection.csv")
           if r["dataset"] == name}
   full = budgeted.full_tuning_flops(curves.sizes, target)
   min_curves = len(budgets) * len(curves.models)
@@ -227,10 +184,10 @@ def run_dataset(curves, methods, ratios, out: pathlib.Path, *, target, key, num_
                    "PearCorr": f"{metrics.pearson_corr(res.feature, truth):.6f}"})
     # Write the secondary files first: a crash can then only leave work that is redone.
     if rm:
-      _append_rows(out / "rmse.csv", RMSE_HEADER, rm)
-      _append_rows(out / "fits.csv", FITS_HEADER, fits)
-    _append_rows(out / "cost.csv", COST_HEADER, cost)
-    _append_rows(out / "selection.csv", SELECTION_HEADER, sel)
+      common.append_rows(out / "rmse.csv", RMSE_HEADER, rm)
+      common.append_rows(out / "fits.csv", FITS_HEADER, fits)
+    common.append_rows(out / "cost.csv", COST_HEADER, cost)
+    common.append_rows(out / "selection.csv", SELECTION_HEADER, sel)
     logging.info("[%s] %s: %d budgets in %.1fs (total %.1fs)", name, method, len(budgets),
                  time.time() - t, time.time() - t0)
   if budget is not None:
@@ -244,7 +201,7 @@ def run_budgeted(curves, out, *, target, key, full, truth, levels, method, max_d
   """Budgeted early stopping at several confidence levels; appends cost.csv rows."""
   name = curves.name
   tag = f"Budgeted{method}"
-  done = {r["setting"] for r in _read_rows(out / "cost.csv")
+  done = {r["setting"] for r in common.read_rows(out / "cost.csv")
           if r["dataset"] == name and r["method"] == tag}
   todo = [z for z in levels if f"z={z:g}" not in done]
   rows = []
@@ -261,13 +218,13 @@ def run_budgeted(curves, out, *, target, key, full, truth, levels, method, max_d
                    "PearCorr": f"{metrics.pearson_corr(r.selection.feature, truth):.6f}"})
     logging.info("[%s] budgeted: %d levels in %.1fs (total %.1fs)", name, len(todo),
                  time.time() - t, time.time() - t0)
-  if "FullTuning" not in {r["method"] for r in _read_rows(out / "cost.csv")
+  if "FullTuning" not in {r["method"] for r in common.read_rows(out / "cost.csv")
                           if r["dataset"] == name}:
     rows.append({"dataset": name, "method": "FullTuning", "setting": f"D*={int(target)}",
                  "flops": f"{full:.6g}", "relative_flops": "1", "RelAcc": "1.000000",
                  "PearCorr": "1.000000"})
   if rows:
-    _append_rows(out / "cost.csv", COST_HEADER, rows)
+    common.append_rows(out / "cost.csv", COST_HEADER, rows)
 
 
 def lodo_rows(out: pathlib.Path, datasets, tag: str) -> list[dict]:
@@ -277,7 +234,7 @@ def lodo_rows(out: pathlib.Path, datasets, tag: str) -> list[dict]:
   highest mean RelAcc there, ties broken by the lower mean relative FLOPs.
   The row reports the held-out dataset's own result at that z.
   """
-  cost = [r for r in _read_rows(out / "cost.csv") if r["method"] == tag]
+  cost = [r for r in common.read_rows(out / "cost.csv") if r["method"] == tag]
   by = {(r["dataset"], r["setting"]): r for r in cost}
   rows = []
   for ds in datasets:
@@ -307,7 +264,7 @@ def _fmt(v) -> str:
 
 def selection_tables(out: pathlib.Path) -> tuple[str, str]:
   """Markdown and LaTeX tables of selection.csv (x100), published values in parentheses."""
-  rows = _read_rows(out / "selection.csv")
+  rows = common.read_rows(out / "selection.csv")
   val = {(r["dataset"], r["method"], r["metric"], int(r["ratio"])): float(r["value"])
          for r in rows}
   datasets = list(dict.fromkeys(r["dataset"] for r in rows))
@@ -337,7 +294,7 @@ def selection_tables(out: pathlib.Path) -> tuple[str, str]:
         tex.append(f"{m} & " + " & ".join(cells_tex) + " \\\\")
       md.append("")
       tex += ["\\bottomrule", "\\end{tabular}", ""]
-  cost = _read_rows(out / "cost.csv")
+  cost = common.read_rows(out / "cost.csv")
   if cost:
     md += ["## Compute cost (FLOPs per token = sum of 6 N D over pairs read)", "",
            "| dataset | method | setting | relative FLOPs | RelAcc | PearCorr |",
@@ -347,7 +304,7 @@ def selection_tables(out: pathlib.Path) -> tuple[str, str]:
                 f"{float(r['relative_flops']):.4f} | {_fmt(float(r['RelAcc']))} | "
                 f"{_fmt(float(r['PearCorr']))} |")
     md.append("")
-  rm = _read_rows(out / "rmse.csv")
+  rm = common.read_rows(out / "rmse.csv")
   if rm:
     md += ["## Held-out curve RMSE (loss units, pooled over models; D > D_max)", "",
            "| dataset | law | " + " | ".join(f"D_max={d}" for d in sorted(
@@ -371,9 +328,9 @@ def draw_figures(out: pathlib.Path, curve_sets, targets) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  rows = _read_rows(out / "selection.csv")
-  cost = _read_rows(out / "cost.csv")
-  fits = _read_rows(out / "fits.csv")
+  rows = common.read_rows(out / "selection.csv")
+  cost = common.read_rows(out / "cost.csv")
+  fits = common.read_rows(out / "fits.csv")
   for curves, target in zip(curve_sets, targets, strict=True):
     ds = curves.name
     # 1. selection vs ratio.
@@ -468,7 +425,7 @@ def choose_plus_settings(curve_sets, methods, plus_protocol, out, *, ratios, key
     return {}
   if len(curve_sets) < 2:
     raise app.UsageError("--protocol=leave_one_out needs at least 2 --benchmark files")
-  done = {(r["dataset"], int(r["ratio"])) for r in _read_rows(out / "selection.csv")
+  done = {(r["dataset"], int(r["ratio"])) for r in common.read_rows(out / "selection.csv")
           if r["method"] == pooled.METHOD_NAME}
   if all((c.name, r) in done for c in curve_sets for r in ratios):
     return {}  # rerun: LensLLM+ is already scored everywhere
@@ -481,7 +438,7 @@ def choose_plus_settings(curve_sets, methods, plus_protocol, out, *, ratios, key
   path = out / "lensllm_plus_chosen.csv"
   if path.exists():
     path.unlink()
-  _append_rows(path, ("held_out", "trained_on", "config", "train_criterion"), rows)
+  common.append_rows(path, ("held_out", "trained_on", "config", "train_criterion"), rows)
   for f in folds:
     logging.info("[%s] LensLLM+ setting chosen on %s: %s", f.held_out, f.trained_on,
                  f.config.name)
@@ -500,7 +457,7 @@ def run(specs, *, data_dir, methods, ratios, output_dir, target_data_num=None, n
     raise app.UsageError(f"--methods: unknown {unknown}; known {sorted(selection.METHODS)}")
   out = pathlib.Path(output_dir)
   out.mkdir(parents=True, exist_ok=True)
-  curve_sets = load_all(specs, data_dir)
+  curve_sets = common.load_all(specs, data_dir)
   key = jax.random.key(seed)
   fit_options = {"max_steps": max_steps}
   plus_configs = choose_plus_settings(curve_sets, methods, plus_protocol, out, ratios=ratios,
@@ -523,11 +480,11 @@ def run(specs, *, data_dir, methods, ratios, output_dir, target_data_num=None, n
                 plus_config=plus_configs.get(curves.name))
   if run_budgeted_flag and len(curve_sets) > 1:
     tag = f"Budgeted{budget_method}"
-    have = {r["dataset"] for r in _read_rows(out / "cost.csv") if r["method"] == f"{tag}-LODO"}
+    have = {r["dataset"] for r in common.read_rows(out / "cost.csv") if r["method"] == f"{tag}-LODO"}
     names = [c.name for c in curve_sets]
     if not set(names) <= have:
       rows = [r for r in lodo_rows(out, names, tag) if r["dataset"] not in have]
-      _append_rows(out / "cost.csv", COST_HEADER, rows)
+      common.append_rows(out / "cost.csv", COST_HEADER, rows)
   md, tex = selection_tables(out)
   (out / "selection.md").write_text(md + "\n")
   (out / "selection.tex").write_text(tex + "\n")
@@ -545,7 +502,7 @@ def main(argv):
   except ValueError:
     raise app.UsageError(f"--budget_levels: not numbers: {FLAGS.budget_levels}") from None
   run(FLAGS.benchmark, data_dir=FLAGS.data_dir, methods=list(FLAGS.methods),
-      ratios=_parse_ratios(FLAGS.ratios), output_dir=FLAGS.output_dir,
+      ratios=common.parse_ratios(FLAGS.ratios), output_dir=FLAGS.output_dir,
       target_data_num=FLAGS.target_data_num, num_restarts=FLAGS.num_restarts,
       max_steps=FLAGS.max_steps, seed=FLAGS.seed, budget_levels=levels,
       budget_method=FLAGS.budget_method, budget_max_data_num=FLAGS.budget_max_data_num,
