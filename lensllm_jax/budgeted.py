@@ -206,6 +206,17 @@ class BudgetedResult:
   history: tuple
 
 
+
+def still_active(active, log_pred, sd, z: float) -> np.ndarray:
+  """The early-stopping rule: drops models confidently worse than the best.
+
+  Model m stays active unless log L_m - z sd_m > min over active j of
+  (log L_j + z sd_j), i.e. its optimistic bound is worse than the best
+  pessimistic bound. Shapes: active [M] bool, log_pred [M], sd [M].
+  """
+  bar = np.nanmin(np.where(active, log_pred + z * sd, np.inf))
+  return active & ~(log_pred - z * sd > bar)
+
 def budgeted_selection(curves, levels: Sequence[float], *, key: jax.Array,
                        method: str = "LensLLM", max_data_num: float = 204800,
                        min_points: int | None = None, num_restarts: int = 8,
@@ -278,11 +289,7 @@ def budgeted_selection(curves, levels: Sequence[float], *, key: jax.Array,
       histories[i].append({"data_size": float(d_s), "active": active[i].copy(),
                            "log_pred": logp.copy(), "sd": sd.copy()})
       if s + 1 >= need:
-        z = levels[i]
-        upper = np.where(active[i], logp + z * sd, np.inf)
-        lower = logp - z * sd
-        bar = np.nanmin(upper)
-        active[i] = active[i] & ~(lower > bar)
+        active[i] = still_active(active[i], logp, sd, levels[i])
       if active[i].sum() <= 1:
         done[i] = True
     if progress is not None:

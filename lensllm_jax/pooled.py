@@ -788,9 +788,7 @@ def budgeted_pooled_selection(curves, levels: Sequence[float], config: PooledCon
       hist[i].append({"data_size": float(d_s), "active": active[i].copy(),
                       "log_pred": logp.copy(), "sd": sd.copy()})
       if s + 1 >= min_points:
-        z = levels[i]
-        bar = np.nanmin(np.where(active[i], logp + z * sd, np.inf))
-        active[i] = active[i] & ~(logp - z * sd > bar)
+        active[i] = budgeted.still_active(active[i], logp, sd, levels[i])
       if active[i].sum() <= 1:
         done[i] = True
     if progress is not None:
