@@ -65,6 +65,14 @@ def parse_ratios(values) -> list[int]:
   return out
 
 
+def parse_levels(values) -> list[float]:
+  """--budget_levels values (confidence multipliers z) as floats."""
+  try:
+    return [float(z) for z in values]
+  except ValueError:
+    raise app.UsageError(f"--budget_levels: not numbers: {list(values)}") from None
+
+
 def load_all(specs, data_dir) -> list[benchmarks.CurveSet]:
   """Loads every curve file (name or path); dataset names must be unique."""
   sets = [benchmarks.load_curves(s, data_dir=data_dir) for s in specs]

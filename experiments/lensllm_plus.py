@@ -288,10 +288,7 @@ def run(specs, *, data_dir, output_dir, ratios, seed=0, num_restarts=8, num_step
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  try:
-    levels = [float(z) for z in FLAGS.budget_levels]
-  except ValueError:
-    raise app.UsageError(f"--budget_levels: not numbers: {FLAGS.budget_levels}") from None
+  levels = common.parse_levels(FLAGS.budget_levels)
   run(FLAGS.benchmark, data_dir=FLAGS.data_dir, output_dir=FLAGS.output_dir,
       ratios=common.parse_ratios(FLAGS.ratios), seed=FLAGS.seed, num_restarts=FLAGS.num_restarts,
       num_steps=FLAGS.num_steps, run_budgeted=FLAGS.budgeted, budget_levels=levels)

@@ -497,10 +497,7 @@ def run(specs, *, data_dir, methods, ratios, output_dir, target_data_num=None, n
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  try:
-    levels = [float(z) for z in FLAGS.budget_levels]
-  except ValueError:
-    raise app.UsageError(f"--budget_levels: not numbers: {FLAGS.budget_levels}") from None
+  levels = common.parse_levels(FLAGS.budget_levels)
   run(FLAGS.benchmark, data_dir=FLAGS.data_dir, methods=list(FLAGS.methods),
       ratios=common.parse_ratios(FLAGS.ratios), output_dir=FLAGS.output_dir,
       target_data_num=FLAGS.target_data_num, num_restarts=FLAGS.num_restarts,
