@@ -68,6 +68,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       learning_rate=1e-3, warmup_steps=10, end_lr_fraction=0.1, weight_decay=0.0,
       grad_clip=1.0, batch_size=16, grad_accum=1, max_steps=150, eval_every=25,
       patience=2, min_delta=0.0, eval_batch_size=64, seed=0))
+  # Per-D step budget clip(ceil(epochs D / batch), min_steps, train.max_steps);
+  # epochs = 0: every run may use train.max_steps (early stopping decides).
+  c.step_budget = ml_collections.ConfigDict(dict(epochs=0.0, min_steps=0))
+  c.checkpoint_runs = True  # orbax checkpoints at every evaluation (resume mid-run)
   # NTK snapshots on the first `num_probe` test examples (0 disables).
   c.ntk = ml_collections.ConfigDict(dict(num_probe=8, output="log_likelihood"))
   c.data_parallel = True  # data-parallel over all devices (a 1-device mesh on CPU)

@@ -9,8 +9,8 @@ on the docstring-free 30 % of the standard library files. Tasks: code2name and t
 (lensllm_jax.study_tasks), D = 200 * 2^k, k = 0..7 (200 ... 25600; D* =
 25600), one epoch of batches of 16 (at least 40 steps, so small subsets are
 repeated; at most 1600 steps = 25600 examples) with early stopping. NTK on 32 probe
-examples, Hessians / PAC-Bayes for one model per family along the code2name
-sweep. Sized for 2 heavily shared CPU cores (measured: ~0.5 s per step of a
+examples; Hessians / PAC-Bayes after every fine-tuning run (all models, both
+tasks). Sized for 2 heavily shared CPU cores (measured: ~0.5 s per step of a
 64-wide 2-layer model at batch 32 x 64 tokens under that load).
 
 On a GPU the same binary scales by editing this file: wider / deeper zoo
@@ -65,8 +65,9 @@ def get_config() -> ml_collections.ConfigDict:
       learning_rate=1e-3, warmup_steps=10, batch_size=16, eval_every=40, patience=2,
       eval_batch_size=128, epochs=1.0, min_steps=40, max_steps=1600, seed=0))
   c.ntk = ml_collections.ConfigDict(dict(num_probe=32))
+  # Hessian / PAC-Bayes quantities after every fine-tuning run of every model and task.
   c.hessian = ml_collections.ConfigDict(dict(
-      models=["gpt2-m-long", "llama-m-long"], tasks=["code2name"], num_examples=32,
+      models=[m["name"] for m in c.zoo], tasks=list(c.tasks), num_examples=32,
       lanczos_iters=12, pac_examples=8, pac_iters=6, blocks=[]))
   c.selection = ml_collections.ConfigDict(dict(ratios=[4, 8, 16, 32], num_restarts=8,
                                                max_steps=500, seed=0))

@@ -18,17 +18,22 @@ test split. Writes to --workdir:
   curves.csv   the public benchmark format (`config name`, `0`, `200`, ...,
                `size`, `family`), rewritten whenever a model's curve is complete
                (lensllm_jax.benchmarks.write_curves; load_curves reads it back)
-  ntk/         per-run NTK snapshots on the probe set (npz)
+  ntk/         per-run NTK snapshots on the probe set (npz) and each model's
+               pre-trained kernel <model>_pretrained.npz (theta, f0)
   config.json, tokenizer.json, data/, pretrained/, ckpt/ (in-flight runs)
 
 Rerunning skips finished runs (read from runs.jsonl) and resumes an
-interrupted run from its orbax checkpoint in ckpt/.
+interrupted run from its orbax checkpoint in ckpt/ (config.checkpoint_runs);
+a workdir holding runs of another configuration is refused. The per-model
+loop `sweep_model` is also what experiments.lensllm_study runs for its zoo.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
 import os
 import pathlib
 import shutil
@@ -41,11 +46,17 @@ from ml_collections import config_flags
 
 from lensllm_jax import benchmarks, models, sharding, textdata, training
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/finetune_tiny.py",
-                                          "Sweep configuration (configs/*.py).")
-_WORKDIR = flags.DEFINE_string("workdir", "results/finetune_sweep", "Output directory.")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False,
-                                 "Call jax.distributed.initialize() (multi-host GPU/TPU).")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The binary's flags; defined only when it runs as a program, so that importing
+  the module (experiments.lensllm_study runs `sweep_model`) defines none."""
+  config_flags.DEFINE_config_file("config", "configs/finetune_tiny.py",
+                                  "Sweep configuration (configs/*.py).")
+  flags.DEFINE_string("workdir", "results/finetune_sweep", "Output directory.")
+  flags.DEFINE_bool("distributed", False,
+                    "Call jax.distributed.initialize() (multi-host GPU/TPU).")
 
 
 @dataclasses.dataclass
@@ -185,59 +196,177 @@ def append_run(path: pathlib.Path, rec: dict) -> None:
     os.fsync(f.fileno())
 
 
-class NTKSnapshot:
-  """Empirical NTK of the per-example mean log-likelihood on a probe set."""
+@functools.cache
+def _ntk_fns(config: models.ModelConfig, output: str):
+  """(kernel fn, jitted output fn) of one model shape: compiled once per shape, not per model."""
+  from lensllm_jax import ntk
 
-  def __init__(self, m: LoadedModel, probe: textdata.TokenizedData, output: str):
+  apply_fn = ntk.lm_output_fn(models.CausalLM(config), output)
+  return ntk.make_ntk_fn(apply_fn), jax.jit(apply_fn)
+
+
+class NTKSnapshot:
+  """Empirical NTK of the per-example output (`ntk.lm_output_fn`) on a probe set.
+
+  The probe inputs carry the task's loss mask, so "log_likelihood" is the mean
+  log-likelihood of the scored (target) tokens: the quantity fine-tuning moves.
+  The pre-trained kernel Theta_0 [n, n] and outputs f_0 [n] are cached in
+  `pretrained_path` (theta, f0; float64), which also feeds F(Theta, t).
+  """
+
+  def __init__(self, m: LoadedModel, probe: textdata.TokenizedData, output: str,
+               pretrained_path: pathlib.Path):
     from lensllm_jax import ntk
 
     self._ntk = ntk
-    self.fn = ntk.make_ntk_fn(ntk.lm_output_fn(models.CausalLM(m.config), output))
-    self.out_fn = jax.jit(ntk.lm_output_fn(models.CausalLM(m.config), output))
-    self.x = {"input_ids": probe.input_ids, "attention_mask": probe.attention_mask}
-    self.theta0 = np.asarray(self.fn(m.params, self.x))
-    self.f0 = np.asarray(self.out_fn(m.params, self.x))
+    self.fn, self.out_fn = _ntk_fns(m.config, output)
+    self.x = {"input_ids": probe.input_ids, "attention_mask": probe.attention_mask,
+              "loss_mask": probe.loss_mask}
+    if pretrained_path.exists():
+      with np.load(pretrained_path) as z:
+        self.theta0, self.f0 = z["theta"], z["f0"]
+    else:
+      self.theta0 = np.asarray(self.fn(m.params, self.x), np.float64)
+      self.f0 = np.asarray(self.out_fn(m.params, self.x), np.float64)
+      pretrained_path.parent.mkdir(parents=True, exist_ok=True)
+      tmp = pretrained_path.with_suffix(".tmp.npz")
+      np.savez(tmp, theta=self.theta0, f0=self.f0)
+      os.replace(tmp, pretrained_path)
 
   def record(self, params, path: pathlib.Path) -> dict:
-    theta = np.asarray(self.fn(params, self.x))
-    f1 = np.asarray(self.out_fn(params, self.x))
+    theta = np.asarray(self.fn(params, self.x), np.float64)
+    f1 = np.asarray(self.out_fn(params, self.x), np.float64)
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, theta_pretrained=self.theta0, theta_finetuned=theta,
              f_pretrained=self.f0, f_finetuned=f1)
     eig0 = np.linalg.eigvalsh(self.theta0)[::-1]
     eig1 = np.linalg.eigvalsh(theta)[::-1]
     return {"kernel_distance": float(self._ntk.kernel_distance(self.theta0, theta)),
-            "top_eigvals_pretrained": eig0[:3].tolist(),
+            "trace": float(np.trace(theta)), "top_eigvals_pretrained": eig0[:3].tolist(),
             "top_eigvals_finetuned": eig1[:3].tolist(), "file": str(path)}
 
 
-def run_one(m: LoadedModel, data: dict, d: int, cfg, tcfg, workdir, mesh, snapshot) -> dict:
-  """Fine-tunes on the nested subset of size d; returns the run record."""
+def step_budget(cfg, d: int) -> int | None:
+  """Step budget of the run on D examples, or None (train.max_steps, early stopping only).
+
+  With config.step_budget.epochs > 0: clip(ceil(epochs D / batch), min_steps,
+  train.max_steps), rounded up to a multiple of train.eval_every, so that small
+  subsets are not over-trained and the last step is evaluated. The learning-rate
+  schedule is that of train.max_steps for every D (one compiled step for the
+  sweep); use end_lr_fraction=1 for a schedule that does not depend on D.
+  """
+  budget = cfg.get("step_budget", None)
+  if budget is None or not budget.epochs:
+    return None
+  tr = cfg.train
+  steps = min(max(math.ceil(budget.epochs * d / tr.batch_size), budget.min_steps), tr.max_steps)
+  return int(math.ceil(steps / tr.eval_every) * tr.eval_every)
+
+
+def run_one(m: LoadedModel, data: dict, d: int, cfg, tcfg, workdir, mesh, snapshot):
+  """Fine-tunes on the nested subset of size d.
+
+  Returns:
+    (run record, fine-tuned parameters (best validation step), subset indices [d]).
+  """
   idx = textdata.nested_subset(data["train"].num_examples, d, seed=cfg.subset_seed)
-  ckpt = workdir / "ckpt" / m.name / str(d)
+  ckpt = workdir / "ckpt" / m.name / str(d) if cfg.get("checkpoint_runs", True) else None
+  budget = step_budget(cfg, d)
 
   def log(r):
     logging.info("  %s D=%d step %d val %.4f (best %.4f @ %d) train %.4f", m.name, d,
                  r["step"], r["val_loss"], r["best_val_loss"], r["best_step"], r["train_loss"])
 
   res = training.finetune(m.apply_fn, m.params, data["train"].take(idx), data["validation"],
-                          tcfg, checkpoint_dir=str(ckpt), mesh=mesh, log_fn=log)
+                          tcfg, checkpoint_dir=str(ckpt) if ckpt else None,
+                          stop_after_steps=budget, mesh=mesh, log_fn=log)
   eval_step = training.cached_eval_step(m.apply_fn)
   test_loss = training.evaluate(eval_step, res.params, data["test"], tcfg.eval_batch_size,
                                 mesh=mesh)
-  positions = res.steps * tcfg.batch_size * cfg.max_len
+  max_len = data["train"].input_ids.shape[1]
+  positions = res.steps * tcfg.batch_size * max_len
   rec = dict(
       test_loss=test_loss, best_val_loss=res.best_val_loss,
       initial_val_loss=res.initial_val_loss, best_step=res.best_step, steps=res.steps,
-      stopped_early=res.stopped_early, train_tokens=res.train_tokens,
+      step_budget=budget, stopped_early=res.stopped_early, train_tokens=res.train_tokens,
       scored_tokens=res.scored_tokens,
-      train_flops=models.flops_per_token(m.config, cfg.max_len) * positions,
+      train_flops=models.flops_per_token(m.config, max_len) * positions,
       flops_6nd=6.0 * models.count_params(m.params) * res.train_tokens,
       seconds=res.seconds, history=res.history)
   if snapshot is not None:
+    t0 = time.time()
     rec["ntk"] = snapshot.record(res.params, workdir / "ntk" / f"{m.name}_D{d}.npz")
-  shutil.rmtree(ckpt, ignore_errors=True)
-  return rec
+    rec["seconds_ntk"] = time.time() - t0
+  if ckpt is not None:
+    shutil.rmtree(ckpt, ignore_errors=True)
+  return rec, res.params, idx
+
+
+def sweep_model(m: LoadedModel, data: dict, cfg, tcfg: training.TrainConfig,
+                workdir: pathlib.Path, runs: dict, *, mesh=None, after_run=None,
+                progress=None) -> None:
+  """Runs every D of [0] + config.subset_sizes that `runs` lacks for model m.
+
+  Each record is appended to workdir/runs.jsonl as soon as its run finishes and
+  added to `runs` ({(model, D): record}).
+
+  Args:
+    m: the model and its pre-trained parameters.
+    data: {"train", "validation", "test"} -> TokenizedData (the task, tokenised).
+    cfg: the sweep configuration (subset_sizes, subset_seed, name, ntk, ...).
+    tcfg: the fine-tuning hyper-parameters (one TrainConfig for every D).
+    after_run: optional fn(params, d, subset_indices) -> dict of extra fields for
+      the record of a fine-tuning run (e.g. Hessian quantities of the fine-tuned
+      weights).
+    progress: optional fn(record) called after each run (default: a log line).
+  """
+  todo = [d for d in [0] + list(cfg.subset_sizes) if (m.name, d) not in runs]
+  if not todo:
+    return
+  size = models.count_params(m.params)
+  base = {"model": m.name, "family": m.family, "size": size, "task": cfg.name,
+          "max_len": int(data["train"].input_ids.shape[1]), "subset_seed": cfg.subset_seed}
+  snapshot = None
+  if cfg.ntk.num_probe and any(todo):
+    probe = data["test"].take(np.arange(min(cfg.ntk.num_probe, data["test"].num_examples)))
+    snapshot = NTKSnapshot(m, probe, cfg.ntk.output,
+                           workdir / "ntk" / f"{m.name}_pretrained.npz")
+  for d in todo:
+    t0 = time.time()
+    if d == 0:
+      eval_step = training.cached_eval_step(m.apply_fn)
+      rec = {"test_loss": training.evaluate(eval_step, m.params, data["test"],
+                                            tcfg.eval_batch_size, mesh=mesh), "steps": 0}
+    else:
+      rec, params, idx = run_one(m, data, d, cfg, tcfg, workdir, mesh, snapshot)
+      if after_run is not None:
+        rec.update(after_run(params, d, idx))
+    rec = {**base, "data_size": d, **rec, "wall_seconds": time.time() - t0}
+    if not math.isfinite(rec["test_loss"]):
+      raise FloatingPointError(f"{workdir}: non-finite test loss for {m.name} at D={d}")
+    append_run(workdir / "runs.jsonl", rec)
+    runs[(m.name, d)] = rec
+    if progress is not None:
+      progress(rec)
+    else:
+      logging.info("%s D=%d test loss %.4f (%.1fs)", m.name, d, rec["test_loss"],
+                   rec["wall_seconds"])
+
+
+def bind_workdir(cfg, workdir: pathlib.Path) -> None:
+  """Writes config.json, refusing a workdir whose runs came from another configuration.
+
+  Runs of two configurations must not be mixed into one curve file.
+  """
+  workdir.mkdir(parents=True, exist_ok=True)
+  path = workdir / "config.json"
+  text = cfg.to_json_best_effort(indent=2, sort_keys=True)
+  if path.exists() and (workdir / "runs.jsonl").exists() and path.read_text() != text:
+    raise ValueError(f"{workdir} holds runs of another sweep configuration ({path}); use a new "
+                     f"--workdir, or delete {workdir / 'runs.jsonl'} to redo the runs")
+  tmp = path.with_suffix(".tmp")
+  tmp.write_text(text)
+  os.replace(tmp, path)
 
 
 def write_curve_file(cfg, runs: dict, model_rows: dict, path: pathlib.Path) -> int:
@@ -263,55 +392,41 @@ def main(argv):
   del argv
   # Orbax logs every checkpoint step at INFO: keep the progress lines readable.
   logging.get_absl_handler().addFilter(lambda r: "orbax" not in r.pathname)
-  sharding.initialize_distributed(_DISTRIBUTED.value)
-  cfg = _CONFIG.value
-  workdir = pathlib.Path(_WORKDIR.value)
-  workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
+  sharding.initialize_distributed(FLAGS.distributed)
+  cfg = FLAGS.config
+  workdir = pathlib.Path(FLAGS.workdir)
+  bind_workdir(cfg, workdir)
   mesh = sharding.make_mesh() if cfg.data_parallel else None
   tcfg = training.TrainConfig(**cfg.train.to_dict())
-  runs_path = workdir / "runs.jsonl"
-  runs = read_runs(runs_path)
+  runs = read_runs(workdir / "runs.jsonl")
   splits = load_splits(cfg, workdir)
   model_rows = {}
   total = len(cfg.models) * (1 + len(cfg.subset_sizes))
-  t_start, n_done = time.time(), 0
+  t_start, n_new = time.time(), 0
+
+  def progress(rec):
+    nonlocal n_new
+    n_new += 1
+    logging.info("[%d/%d] %s D=%d test loss %.4f (%.1fs; %.1fs/run)", len(runs), total,
+                 rec["model"], rec["data_size"], rec["test_loss"], rec["wall_seconds"],
+                 (time.time() - t_start) / n_new)
+
   for spec in cfg.models:
-    todo = [d for d in [0] + list(cfg.subset_sizes) if (spec.name, d) not in runs]
-    if not todo:
+    if all((spec.name, d) in runs for d in [0] + list(cfg.subset_sizes)):
       rec = runs[(spec.name, 0)]
       model_rows[spec.name] = {"size": rec["size"], "family": rec["family"]}
       continue
     m = load_model(spec, cfg, workdir, splits, mesh)
     data = {k: textdata.encode_examples(v, m.tokenizer, cfg.max_len) for k, v in splits.items()}
-    size = models.count_params(m.params)
-    model_rows[m.name] = {"size": size, "family": m.family}
-    base = {"model": m.name, "family": m.family, "size": size, "task": cfg.name,
-            "max_len": cfg.max_len, "subset_seed": cfg.subset_seed}
-    snapshot = None
-    if cfg.ntk.num_probe:
-      snapshot = NTKSnapshot(m, data["test"].take(np.arange(cfg.ntk.num_probe)), cfg.ntk.output)
-    for d in todo:
-      t0 = time.time()
-      if d == 0:
-        eval_step = training.cached_eval_step(m.apply_fn)
-        rec = {"test_loss": training.evaluate(eval_step, m.params, data["test"],
-                                              tcfg.eval_batch_size)}
-      else:
-        rec = run_one(m, data, d, cfg, tcfg, workdir, mesh, snapshot)
-      rec = {**base, "data_size": d, **rec, "wall_seconds": time.time() - t0}
-      append_run(runs_path, rec)
-      runs[(m.name, d)] = rec
-      n_done += 1
-      rate = (time.time() - t_start) / n_done
-      logging.info("[%d/%d] %s D=%d test loss %.4f (%.1fs; %.1fs/run)", len(runs), total,
-                   m.name, d, rec["test_loss"], rec["wall_seconds"], rate)
+    model_rows[m.name] = {"size": models.count_params(m.params), "family": m.family}
+    sweep_model(m, data, cfg, tcfg, workdir, runs, mesh=mesh, progress=progress)
     n = write_curve_file(cfg, runs, model_rows, workdir / "curves.csv")
     logging.info("curves.csv: %d complete model rows", n)
   n = write_curve_file(cfg, runs, model_rows, workdir / "curves.csv")
-  print(f"wrote {workdir / 'curves.csv'} ({n} models) and {runs_path} "
+  print(f"wrote {workdir / 'curves.csv'} ({n} models) and {workdir / 'runs.jsonl'} "
         f"in {time.time() - t_start:.1f}s")
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -6,13 +6,15 @@ r"""End-to-end LensLLM study on a zoo pre-trained here (issue 7).
 Steps (resumable: finished work is read back from --workdir and skipped):
 
   1-3. zoo        corpus, tokenizer, pre-trained models (experiments.build_zoo)
-  4.   sweeps     per task and model: zero-shot test loss, then fine-tuning on
-                  nested subsets D (early stopping on the validation split, test
-                  loss of the best checkpoint); after each run the empirical NTK on
-                  the probe set (kernel distance to the pre-trained kernel) and, for
-                  the Hessian models, the top Hessian eigenvalue of the training
-                  loss and the per-layer PAC-Bayes table (v_i^T H_i^+ v_i, v_i =
-                  w_hat_i - w0_i). One JSON line per run in runs_<task>.jsonl.
+  4.   sweeps     one sweep of the fine-tuning binary (experiments.finetune_sweep,
+                  `sweep_model`) per task in workdir/sweeps/<task>: zero-shot test
+                  loss, then fine-tuning on nested subsets D (early stopping on the
+                  validation split, test loss of the best checkpoint) and the
+                  empirical NTK on the probe set after each run (kernel distance to
+                  the pre-trained kernel); for the Hessian models, an `after_run`
+                  hook adds the top Hessian eigenvalue of the training loss and the
+                  per-layer PAC-Bayes table (v_i^T H_i^+ v_i, v_i = w_hat_i - w0_i).
+                  One JSON line per run in sweeps/<task>/runs.jsonl; curves.csv.
   5.   kernels    pre-trained NTK spectra -> F(Theta, t) per model (aux of the law)
   6.   selection  every method on every budget D_max = D* / ratio: PearCorr,
                   RelAcc, Spearman, cost (6 N D per (model, D) read), and the
@@ -46,10 +48,12 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import app, flags
 
 from experiments import build_zoo as bz
+from experiments import finetune_sweep as fs
 from lensllm_jax import (
     benchmarks,
     budgeted,
@@ -95,32 +99,27 @@ def task_data(cfg, corpus, tok, task: str):
   return data
 
 
-def step_budget(cfg, d: int) -> int:
-  """Fine-tuning steps for D examples: clip(epochs D / B, min, max), a multiple of eval_every."""
-  tr = cfg.train
-  steps = min(max(math.ceil(tr.epochs * d / tr.batch_size), tr.min_steps), tr.max_steps)
-  return int(math.ceil(steps / tr.eval_every) * tr.eval_every)
+def sweep_config(cfg, task: str) -> ml_collections.ConfigDict:
+  """The `experiments.finetune_sweep` configuration of one task's sweep.
 
-
-def train_config(cfg) -> training.TrainConfig:
-  """One TrainConfig for every D (constant learning rate after warm-up), so the
-  compiled step is shared; each run stops at `step_budget` or by early stopping."""
+  One TrainConfig for every D (constant learning rate after warm-up), so the
+  compiled step is shared; each run stops at its step budget
+  clip(ceil(epochs D / batch), min_steps, max_steps) or by early stopping.
+  """
   tr = cfg.train
   max_steps = int(math.ceil(tr.max_steps / tr.eval_every) * tr.eval_every)
-  return training.TrainConfig(
-      learning_rate=tr.learning_rate, warmup_steps=tr.warmup_steps, end_lr_fraction=1.0,
-      batch_size=tr.batch_size, max_steps=max_steps, eval_every=tr.eval_every,
-      patience=tr.patience, eval_batch_size=tr.eval_batch_size, seed=tr.seed)
-
-
-@functools.cache
-def ntk_fn_for(config: models.ModelConfig):
-  return ntk.make_ntk_fn(ntk.lm_output_fn(models.CausalLM(config), "log_likelihood"))
-
-
-@functools.cache
-def output_fn_for(config: models.ModelConfig):
-  return jax.jit(ntk.lm_output_fn(models.CausalLM(config), "log_likelihood"))
+  train = dict(learning_rate=tr.learning_rate, warmup_steps=tr.warmup_steps,
+               end_lr_fraction=1.0, batch_size=tr.batch_size, max_steps=max_steps,
+               eval_every=tr.eval_every, patience=tr.patience,
+               eval_batch_size=tr.eval_batch_size, seed=tr.seed)
+  hessian = cfg.hessian.to_dict() if task in cfg.hessian.tasks else {"models": []}
+  return ml_collections.ConfigDict(dict(
+      name=task, max_len=int(cfg.task_max_len[task]), subset_sizes=list(cfg.subset_sizes),
+      subset_seed=cfg.subset_seed, split_seed=cfg.split_seed, num_records=cfg.num_records,
+      num_validation=cfg.num_validation, num_test=cfg.num_test, train=train,
+      step_budget=dict(epochs=float(tr.epochs), min_steps=int(tr.min_steps)),
+      ntk=dict(num_probe=int(cfg.ntk.num_probe), output="log_likelihood"),
+      checkpoint_runs=False, hessian=hessian))
 
 
 @functools.cache
@@ -134,28 +133,6 @@ def loss_fn_for(config: models.ModelConfig):
     return models.mean_token_nll(logits, batch["targets"], batch["loss_mask"])
 
   return loss_fn
-
-
-def probe_inputs(data: textdata.TokenizedData, n: int) -> dict:
-  """The first n test examples as NTK inputs (loss mask = target tokens)."""
-  p = data.take(np.arange(min(n, data.num_examples)))
-  return {"input_ids": jnp.asarray(p.input_ids), "attention_mask": jnp.asarray(p.attention_mask),
-          "loss_mask": jnp.asarray(p.loss_mask)}
-
-
-def pretrained_kernel(m: bz.ZooModel, probe: dict, path: pathlib.Path) -> dict:
-  """Theta_0 [n, n] and f_0 [n] at the pre-trained weights (cached in an npz)."""
-  if path.exists():
-    with np.load(path) as z:
-      return {k: z[k] for k in z.files}
-  t0 = time.time()
-  theta = np.asarray(ntk_fn_for(m.config)(m.params, probe), np.float64)
-  f0 = np.asarray(output_fn_for(m.config)(m.params, probe), np.float64)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  np.savez(path, theta=theta, f0=f0)
-  log(f"  NTK {m.spec.name}: n={theta.shape[0]}, trace {np.trace(theta):.3g} "
-      f"({time.time() - t0:.1f}s)")
-  return {"theta": theta, "f0": f0}
 
 
 @functools.cache
@@ -216,83 +193,67 @@ def hessian_quantities(cfg, m: bz.ZooModel, params, train: textdata.TokenizedDat
 
 
 def sweep_step(cfg, workdir: pathlib.Path, corpus, tok, zoo_models) -> dict:
-  """Runs (or reads back) every (task, model, D); returns {task: {(model, D): record}}."""
-  tcfg = train_config(cfg)
+  """Runs (or reads back) every (task, model, D) with `experiments.finetune_sweep`.
+
+  Each task is one sweep of the fine-tuning binary in workdir/sweeps/<task>
+  (runs.jsonl, curves.csv, ntk/, config.json); the Hessian quantities of the
+  fine-tuned weights are added to each run record through its `after_run` hook.
+
+  Returns:
+    {task: {(model, D): run record}}.
+  """
   grid = [0] + list(cfg.subset_sizes)
-  # Runs of another sweep configuration must not be mixed into these curves.
-  fingerprint = json.dumps({"train": cfg.train.to_dict(), "subset_sizes": list(cfg.subset_sizes),
-                            "tasks": list(cfg.tasks), "ntk": cfg.ntk.to_dict(),
-                            "hessian": cfg.hessian.to_dict(),
-                            "task_max_len": cfg.task_max_len.to_dict()}, sort_keys=True)
-  fp_path = workdir / "sweep_config.json"
-  if fp_path.exists() and fp_path.read_text() != fingerprint:
-    raise ValueError(f"{fp_path} holds another sweep configuration than the preset's; delete "
-                     f"{workdir}/runs_*.jsonl and {fp_path} to rerun the sweeps:\n"
-                     f"{fp_path.read_text()}\nvs\n{fingerprint}")
-  bz.write_atomic(fp_path, fingerprint)
-  all_runs = {task: {(r["model"], int(r["data_size"])): r
-                    for r in bz.read_jsonl(workdir / f"runs_{task}.jsonl")}
-              for task in cfg.tasks}
   total = len(cfg.tasks) * len(zoo_models) * len(grid)
-  n_new, t_start = 0, time.time()
+  all_runs, t_start, n_new = {}, time.time(), 0
   for task in cfg.tasks:
-    path = workdir / f"runs_{task}.jsonl"
-    runs = all_runs[task]
+    scfg = sweep_config(cfg, task)
+    sdir = workdir / "sweeps" / task
+    fs.bind_workdir(scfg, sdir)
+    runs = all_runs[task] = fs.read_runs(sdir / "runs.jsonl")
     if all((m.spec.name, d) in runs for m in zoo_models for d in grid):
       continue
     data = task_data(cfg, corpus, tok, task)
-    probe = probe_inputs(data["test"], cfg.ntk.num_probe)
+    tcfg = training.TrainConfig(**scfg.train.to_dict())
+
+    def progress(rec, task=task):
+      nonlocal n_new
+      n_new += 1
+      rate = (time.time() - t_start) / n_new
+      left = total - sum(len(r) for r in all_runs.values())
+      kd = rec.get("ntk", {}).get("kernel_distance")
+      extra = (f" kd {kd:.3g}" if kd is not None else "") + (
+          f" H {rec['hessian_top']:.3g} pac {rec['pac_sum_sqrt']:.3g}"
+          if "hessian_top" in rec else "")
+      log(f"[{total - left}/{total}] {task} {rec['model']} D={rec['data_size']}: test "
+          f"{rec['test_loss']:.4f} steps {rec['steps']}{extra} ({rec['wall_seconds']:.1f}s; "
+          f"{rate:.1f}s/run, ~{left * rate / 60:.1f} min left)")
+
     for m in zoo_models:
-      todo = [d for d in grid if (m.spec.name, d) not in runs]
-      if not todo:
-        continue
-      k0 = pretrained_kernel(m, probe, workdir / "ntk" / task / f"{m.spec.name}.npz")
-      with_hessian = m.spec.name in cfg.hessian.models and task in cfg.hessian.tasks
-      eval_step = training.cached_eval_step(m.apply_fn)
-      for d in todo:
-        t0 = time.time()
-        base = {"task": task, "model": m.spec.name, "family": m.spec.family, "size": m.size,
-                "data_size": d, "pretrain_steps": m.spec.pretrain_steps}
-        if d == 0:
-          loss = training.evaluate(eval_step, m.params, data["test"], tcfg.eval_batch_size)
-          rec = {**base, "test_loss": loss, "kernel_distance": 0.0, "steps": 0}
-        else:
-          idx = textdata.nested_subset(data["train"].num_examples, d, seed=cfg.subset_seed)
-          budget = step_budget(cfg, d)
-          res = training.finetune(m.apply_fn, m.params, data["train"].take(idx),
-                                  data["validation"], tcfg, stop_after_steps=budget)
-          loss = training.evaluate(eval_step, res.params, data["test"], tcfg.eval_batch_size)
-          t_ft = time.time() - t0
-          theta = np.asarray(ntk_fn_for(m.config)(res.params, probe), np.float64)
-          t_ntk = time.time() - t0 - t_ft
-          rec = {**base, "test_loss": loss, "best_val_loss": res.best_val_loss,
-                 "initial_val_loss": res.initial_val_loss, "best_step": res.best_step,
-                 "steps": res.steps, "step_budget": budget, "stopped_early": res.stopped_early,
-                 "train_tokens": res.train_tokens,
-                 "train_flops_6nd": 6.0 * m.size * res.train_tokens,
-                 "kernel_distance": float(ntk.kernel_distance(k0["theta"], theta)),
-                 "ntk_trace": float(np.trace(theta)), "seconds_finetune": t_ft,
-                 "seconds_ntk": t_ntk}
-          if with_hessian:
-            t1 = time.time()
-            rec.update(hessian_quantities(cfg, m, res.params, data["train"], idx,
-                                          jax.random.key(d)))
-            rec["seconds_hessian"] = time.time() - t1
-        rec["seconds"] = time.time() - t0
-        if not math.isfinite(rec["test_loss"]):
-          raise FloatingPointError(f"non-finite test loss for {task}/{m.spec.name}/D={d}")
-        bz.append_jsonl(path, rec)
-        runs[(m.spec.name, d)] = rec
-        n_new += 1
-        rate = (time.time() - t_start) / n_new
-        left = total - sum(len(r) for r in all_runs.values())
-        extra = (f" kd {rec['kernel_distance']:.3g}" if d else "") + (
-            f" H {rec['hessian_top']:.3g} pac {rec['pac_sum_sqrt']:.3g}"
-            if "hessian_top" in rec else "")
-        log(f"[{total - left}/{total}] {task} {m.spec.name} D={d}: test {rec['test_loss']:.4f}"
-            f" steps {rec.get('steps', 0)}{extra} ({rec['seconds']:.1f}s; {rate:.1f}s/run, "
-            f"~{left * rate / 60:.1f} min left)")
+      loaded = fs.LoadedModel(m.spec.name, m.spec.family, m.config, m.params, tok, m.apply_fn)
+      after_run = None
+      if m.spec.name in scfg.hessian.models:
+        def after_run(params, d, idx, m=m, data=data):
+          t0 = time.time()
+          rec = hessian_quantities(cfg, m, params, data["train"], idx, jax.random.key(d))
+          return {**rec, "seconds_hessian": time.time() - t0}
+      fs.sweep_model(loaded, data, scfg, tcfg, sdir, runs, after_run=after_run,
+                     progress=progress)
+    fs.write_curve_file(scfg, runs, {m.spec.name: {"size": m.size, "family": m.spec.family}
+                                     for m in zoo_models}, sdir / "curves.csv")
   return all_runs
+
+
+def kernel_distance(rec: dict) -> float:
+  """NTK kernel distance of a run from the pre-trained kernel (0 for the zero-shot run)."""
+  return float(rec["ntk"]["kernel_distance"]) if rec["data_size"] else 0.0
+
+
+def run_row(rec: dict) -> dict:
+  """One runs.csv row: the scalar fields of a sweep record (no history, kernels or layers)."""
+  row = {k: v for k, v in rec.items() if k not in ("history", "ntk", "pac_layers")}
+  row["kernel_distance"] = kernel_distance(rec)
+  row["ntk_trace"] = rec["ntk"]["trace"] if "ntk" in rec else float("nan")
+  return row
 
 
 def curve_set(cfg, task: str, runs: dict, zoo_models, out: pathlib.Path) -> benchmarks.CurveSet:
@@ -316,7 +277,7 @@ def ntk_aux(cfg, workdir: pathlib.Path, task: str, zoo_models) -> tuple:
   """(eigvals [M, n], proj [M, n], eta [M]) for `ntk.ntk_f_term` (float64)."""
   eig, proj = [], []
   for m in zoo_models:
-    with np.load(workdir / "ntk" / task / f"{m.spec.name}.npz") as z:
+    with np.load(workdir / "sweeps" / task / "ntk" / f"{m.spec.name}_pretrained.npz") as z:
       theta, f0 = z["theta"], z["f0"]
     spec = ntk.ntk_spectrum(theta, f0)
     eig.append(np.asarray(spec.eigvals, np.float64))
@@ -499,7 +460,7 @@ def figures(cfg, out: pathlib.Path, task: str, curves, runs, results, transition
     xs = [x for x in d if x > 0]
     style = dict(color=colors[i], marker="o", ms=3, lw=1.2 if mname in hess_models else 0.6)
     axes[0].plot(xs, [runs[(mname, x)]["test_loss"] for x in xs], label=mname, **style)
-    axes[1].plot(xs, [runs[(mname, x)]["kernel_distance"] for x in xs], **style)
+    axes[1].plot(xs, [kernel_distance(runs[(mname, x)]) for x in xs], **style)
     if mname in hess_models:
       axes[2].plot(xs, [runs[(mname, x)]["hessian_top"] for x in xs], label=mname, **style)
       axes[3].plot(xs, [runs[(mname, x)]["pac_sum_sqrt"] for x in xs], label=mname, **style)
@@ -559,7 +520,7 @@ def summary_md(cfg, zoo_rows, run_rows, task_info, sel_rows, rmse_rows, cost_row
   ratios = [int(r) for r in cfg.selection.ratios]
   target = int(max(cfg.subset_sizes))
   pre_min = sum(float(z["seconds"]) for z in zoo_rows) / 60
-  sweep_min = sum(float(r["seconds"]) for r in run_rows) / 60
+  sweep_min = sum(float(r["wall_seconds"]) for r in run_rows) / 60
   parts = [f"# LensLLM study ({cfg.preset} preset)", "",
            f"Generated by `python -m experiments.lensllm_study --preset={cfg.preset}`. "
            f"Time: pre-training {pre_min:.1f} min and sweeps (fine-tuning, kernels, Hessians) "
@@ -614,16 +575,21 @@ def summary_md(cfg, zoo_rows, run_rows, task_info, sel_rows, rmse_rows, cost_row
                         _f(100 * b["PearCorr"], 1), _f(b["relative_to_full"], 4), b["stopped_at"]]
                        for b in budget_rows]), ""]
   parts += ["## The two phases", "",
-            "AtS-detected transition (first power-phase D) per model and task; NTK kernel "
-            "distance from the pre-trained kernel at the smallest D, at the transition and at "
-            "D*; figures phases_<task>.png.", ""]
+            "AtS-detected transition (first power-phase D) per model and task; at the "
+            "smallest D, at the transition and at D*: the NTK kernel distance from the "
+            "pre-trained kernel (kd), the top Hessian eigenvalue of the training loss (H) and "
+            "the PAC-Bayes layer sum sum_i sqrt(max_x v_i^T H_i^+ v_i) (pac); figures "
+            "phases_<task>.png.", ""]
   rows = []
+  header = ["task", "model", "transition D"]
+  for short in ("kd", "H", "pac"):
+    header += [f"{short}(D_min)", f"{short}(tr.)", f"{short}(D*)"]
   for t, info in task_info.items():
     for z in info["phase_rows"]:
-      rows.append([t, z["model"], z["transition_D"], _f(z["kd_first"], 4),
-                   _f(z["kd_transition"], 4), _f(z["kd_last"], 4)])
-  parts.append(_md_table(["task", "model", "transition D", "kd(D_min)", "kd(transition)",
-                          "kd(D*)"], rows))
+      rows.append([t, z["model"], z["transition_D"]]
+                  + [_f(z[f"{q}_{w}"], 4 if q == "kd" else 3) for q in ("kd", "hess", "pac")
+                     for w in ("first", "transition", "last")])
+  parts.append(_md_table(header, rows))
   parts.append("")
   return "\n".join(parts)
 
@@ -665,12 +631,16 @@ def report_step(cfg, workdir, out: pathlib.Path, all_runs, zoo_models, t_start) 
     for i, m in enumerate(zoo_models):
       zoo_rows[i][f"{task}_zero_shot"] = float(curves.losses[i, 0])
       zoo_rows[i][f"{task}_final"] = float(curves.losses[i, -1])
-      kd = {d: runs[(m.spec.name, d)]["kernel_distance"] for d in cfg.subset_sizes}
-      phase_rows.append({"task": task, "model": m.spec.name, "transition_D": int(transition[i]),
-                         "kd_first": kd[min(kd)], "kd_transition": kd[int(transition[i])],
-                         "kd_last": kd[target]})
+      row = {"task": task, "model": m.spec.name, "transition_D": int(transition[i])}
+      at = {"first": min(cfg.subset_sizes), "transition": int(transition[i]), "last": target}
+      for short, get in (("kd", kernel_distance),
+                         ("hess", lambda r: r.get("hessian_top", float("nan"))),
+                         ("pac", lambda r: r.get("pac_sum_sqrt", float("nan")))):
+        for where, d in at.items():
+          row[f"{short}_{where}"] = float(get(runs[(m.spec.name, d)]))
+      phase_rows.append(row)
     for (name, d), rec in sorted(runs.items(), key=lambda kv: (kv[0][0], kv[0][1])):
-      run_rows.append({k: v for k, v in rec.items() if k != "pac_layers"})
+      run_rows.append(run_row(rec))
       for layer in rec.get("pac_layers", []):
         pac_rows.append({"task": task, "model": name, "data_size": d, **layer})
     task_info[task] = {

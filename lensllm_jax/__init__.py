@@ -22,13 +22,20 @@ The public surface is a set of modules, each one concept:
   training     optax train step, evaluation, early stopping, orbax checkpoints
   sharding     data-parallel meshes over all devices
   zoo, study_tasks   the project's own model zoo and downstream tasks
+  xla_workarounds    guards against known XLA bugs that silently change numbers
 
 Modules load on first use (`lensllm_jax.ntk` or `from lensllm_jax import ntk`),
-so `import lensllm_jax` is cheap. Importing does no I/O and changes no global
-JAX setting.
+so `import lensllm_jax` is cheap. Importing does no I/O and changes one
+setting: it turns off XLA:CPU's YNNPACK reduce fusions, which compute some
+fusions wrongly in jaxlib 0.10.2 (`xla_workarounds`; it only appends a flag to
+XLA_FLAGS, and leaves XLA_FLAGS alone if it already names that flag).
 """
 
 import importlib
+
+from lensllm_jax import xla_workarounds
+
+xla_workarounds.disable_cpu_ynn_fusions()
 
 __version__ = "0.1.0"
 

@@ -68,3 +68,52 @@ def test_rerun_skips_finished(sweep):
   proc = _run(sweep)
   assert (sweep / "runs.jsonl").read_text() == before
   assert "(1 models)" in proc.stdout
+
+
+def test_pretrained_kernel_is_cached_and_matches_the_run_snapshots(sweep):
+  """The pre-trained kernel file (which feeds F(Theta, t)) equals the kernel stored with
+  each run, and its outputs are mean target-token log-likelihoods (<= 0)."""
+  with np.load(sweep / "ntk" / "tiny-gpt2_pretrained.npz") as z:
+    theta, f0 = z["theta"], z["f0"]
+  assert theta.shape == (4, 4) and f0.shape == (4,) and np.all(f0 <= 0)
+  run = np.load(sweep / "ntk" / "tiny-gpt2_D200.npz")
+  np.testing.assert_array_equal(run["theta_pretrained"], theta)
+
+
+def _budget_config(epochs):
+  import ml_collections
+
+  return ml_collections.ConfigDict(dict(
+      train=dict(batch_size=16, max_steps=1600, eval_every=40),
+      step_budget=dict(epochs=epochs, min_steps=40)))
+
+
+@pytest.mark.parametrize("d, steps", [(200, 40), (640, 40), (1000, 80), (6400, 400),
+                                      (25600, 1600), (10 ** 6, 1600)])
+def test_step_budget_closed_form(d, steps):
+  """clip(ceil(D / 16), 40, 1600) rounded up to a multiple of 40."""
+  from experiments import finetune_sweep
+
+  assert finetune_sweep.step_budget(_budget_config(1.0), d) == steps
+
+
+def test_step_budget_off_without_epochs():
+  from experiments import finetune_sweep
+
+  assert finetune_sweep.step_budget(_budget_config(0.0), 200) is None
+
+
+def test_workdir_with_runs_of_another_config_is_refused(tmp_path):
+  import ml_collections
+
+  from experiments import finetune_sweep
+
+  cfg = ml_collections.ConfigDict(dict(name="t", subset_sizes=[10, 20]))
+  finetune_sweep.bind_workdir(cfg, tmp_path)
+  finetune_sweep.bind_workdir(cfg, tmp_path)  # same configuration: fine
+  other = ml_collections.ConfigDict(dict(name="t", subset_sizes=[10, 40]))
+  finetune_sweep.bind_workdir(other, tmp_path)  # no runs yet: the new config is bound
+  (tmp_path / "runs.jsonl").write_text('{"model": "m", "data_size": 10}\n')
+  with pytest.raises(ValueError, match="another sweep configuration"):
+    finetune_sweep.bind_workdir(cfg, tmp_path)
+  assert "40" in (tmp_path / "config.json").read_text()

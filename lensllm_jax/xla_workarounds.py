@@ -1,0 +1,61 @@
+"""Workarounds for known XLA bugs that silently change numbers.
+
+XLA:CPU in jaxlib 0.10.2 hands some element-wise + reduction fusions to
+YNNPACK, and those compute wrong values once the leading dimension exceeds 128:
+for b [129, 16, 16], c [16] and W [16, 16],
+
+    jax.jit(lambda b: b * c[None, :, None] + jnp.sum(W * b, axis=2)[:, :, None])
+
+is off by O(1) (correct up to 128 rows), and so is jax.jit(jax.jacrev(f)) of a
+Llama model at >= 129 output rows (its vmapped transpose contains that
+fusion). Eager execution, jvp and every other path we tested agree with each
+other. Removing the REDUCE type from the YNNPACK fusions
+(`--xla_cpu_experimental_ynn_fusion_type=-reduce`) restores exact results
+(removing "dot" or "eltwise" does not); the flag only concerns the CPU backend.
+
+`disable_cpu_ynn_fusions` appends that flag to XLA_FLAGS. XLA reads XLA_FLAGS
+when the first backend is created, so `import lensllm_jax` applies it (after
+`import jax` is fine, after the first computation is too late: it then warns).
+A user who sets the flag in XLA_FLAGS themselves (any value) keeps their choice.
+tests/test_xla_workarounds.py checks the repro and the Llama Jacobian.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+YNN_FUSION_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
+WORKAROUND = f"{YNN_FUSION_FLAG}=-reduce"
+
+
+def _backends_initialized() -> bool:
+  if "jax" not in sys.modules:
+    return False
+  from jax._src import xla_bridge  # private, but the only way to ask
+
+  return bool(xla_bridge.backends_are_initialized())
+
+
+def disable_cpu_ynn_fusions() -> bool:
+  """Adds `--xla_cpu_experimental_ynn_fusion_type=-reduce` to XLA_FLAGS unless it names
+  that flag already.
+
+  Returns:
+    True if the flag was added now (and will take effect), False if XLA_FLAGS
+    already names it or a JAX backend already exists (then a RuntimeWarning
+    says the workaround could not be applied).
+  """
+  flags = os.environ.get("XLA_FLAGS", "")
+  if YNN_FUSION_FLAG in flags:
+    return False
+  if _backends_initialized():
+    warnings.warn(
+        "lensllm_jax was imported after JAX created its backend, so the workaround for "
+        f"wrong XLA:CPU YNNPACK fusions could not be applied; set XLA_FLAGS='{WORKAROUND}' "
+        "before running (see lensllm_jax/xla_workarounds.py)",
+        RuntimeWarning, stacklevel=2)
+    return False
+  os.environ["XLA_FLAGS"] = f"{flags} {WORKAROUND}".strip()
+  return True
