@@ -478,8 +478,8 @@ def figures(cfg, out: pathlib.Path, task: str, curves, runs, results, transition
   else:
     for ax in axes[2:]:
       ax.text(0.5, 0.5, "no Hessian models for this task", ha="center", transform=ax.transAxes)
-  fig.suptitle(f"{task}: pre-power -> power phase (dashed: AtS-detected transition of the "
-               "Hessian models)", fontsize=10)
+  fig.suptitle(f"{task}: pre-power -> power phase (dashed: AtS-detected transition of each "
+               "model with Hessians, in its colour)", fontsize=10)
   fig.tight_layout()
   fig.savefig(out / f"phases_{task}.png", dpi=110)
   plt.close(fig)
