@@ -1,17 +1,30 @@
 r"""LensLLM+ (pooled LensLLM fits) under the leave-one-dataset-out protocol.
 
     python -m experiments.lensllm_plus --data_dir=../shared/benchmarks \
-        --benchmark=flan --benchmark=gigaword --output_dir=results/lensllm_plus \
-        --protocol=leave_one_out
+        --benchmark=flan --benchmark=gigaword \
+        --train_only_benchmark=results/study/curves_code2name.csv \
+        --train_only_benchmark=results/study/curves_translate.csv \
+        --output_dir=results/lensllm_plus --protocol=leave_one_out
+
+--benchmark files are reported; --train_only_benchmark files (the project's
+own curve files, written by experiments/lensllm_study.py in the public
+format) are training files of every fold and never reported. They are scored
+on the ratios (relative to their own D*) that leave at least 2 visible
+fine-tuning points (`protocol.training_ratios`; 8..64 for D* = 25600). The
+reported run uses both study files; that was decided before any run with
+them (more training files make each fold's choice less of a one-file
+sample), not from the reported numbers.
 
 Steps (each writes its CSV as it goes; a rerun skips finished work):
 
+  0. inputs   every file read, its role, ratios and sha256 -> inputs.csv.
   1. grid     every setting of `protocol.default_grid()` on every file, every
               budget ratio -> grid.csv (dataset,config,ratio,metric,value).
-  2. choose   for each file, the setting with the best mean criterion (mean
-              PearCorr + mean RelAcc over the ratios) on the OTHER files
-              -> chosen.csv (the held-out file's grid rows are never read
-              when choosing its setting).
+  2. choose   for each reported file, the setting with the best mean
+              criterion (mean PearCorr + mean RelAcc over the ratios) on the
+              OTHER files (training-only files included) -> chosen.csv (the
+              held-out file's grid rows are never read when choosing its
+              setting).
   3. report   on each file: LensLLM+ with its chosen setting beside AtS,
               RectifiedFit and LensLLM (independent fits) run in the same
               process -> results.csv (dataset,ratio,method,metric,value;
@@ -22,11 +35,14 @@ Steps (each writes its CSV as it goes; a rerun skips finished work):
               the LensLLM+ fit at several confidence levels -> cost.csv rows.
   5. tables   lensllm_plus.md (Markdown for the README).
 
-Delete the output directory for a cold run.
+Delete the output directory for a cold run. Cached rows are keyed by file
+name; a rerun whose files changed content (sha256 in inputs.csv) stops with
+an error rather than mixing results.
 """
 
 from __future__ import annotations
 
+import hashlib
 import pathlib
 import time
 
@@ -38,20 +54,30 @@ from experiments import common
 from lensllm_jax import budgeted, metrics, pooled, protocol, selection
 
 FLAGS = flags.FLAGS
-flags.DEFINE_multi_string("benchmark", ["flan", "gigaword"],
-                          "Curve file: a name (looked up in --data_dir) or a path. Repeatable; "
-                          "leave_one_out needs at least 2.")
-flags.DEFINE_string("data_dir", None, "Directory of NAME.csv files (default $LENSLLM_DATA_DIR).")
-flags.DEFINE_string("output_dir", None, "Output directory.", required=True)
-flags.DEFINE_enum("protocol", "leave_one_out", ["leave_one_out"],
-                  "How the LensLLM+ settings are chosen: leave_one_out = on the other files.")
-flags.DEFINE_list("ratios", [str(r) for r in protocol.DEFAULT_RATIOS], "Budget ratios D*/D_max.")
-flags.DEFINE_integer("seed", 0, "PRNG seed of the fits.")
-flags.DEFINE_integer("num_restarts", 8, "Restarts of the independent fits (start of the pooled).")
-flags.DEFINE_integer("num_steps", 60, "Levenberg-Marquardt steps of the pooled fit.")
-flags.DEFINE_bool("budgeted", True, "Run the budgeted early-stopping procedure with LensLLM+.")
-flags.DEFINE_list("budget_levels", ["0.5", "1", "2", "4"],
-                  "Confidence levels z of the budgeted procedure.")
+
+
+def define_flags() -> None:
+  """The binary's flags; defined only when it runs as a program, so that tests can
+  import it beside experiments.reproduce_selection (same flag names)."""
+  flags.DEFINE_multi_string("benchmark", ["flan", "gigaword"],
+                            "Curve file: a name (looked up in --data_dir) or a path. Repeatable; "
+                            "leave_one_out needs at least 2.")
+  flags.DEFINE_multi_string("train_only_benchmark", [],
+                            "Curve file (name or path) used ONLY to choose settings: a training "
+                            "file of every fold, never reported. Scored on the ratios that leave "
+                            ">= 2 visible D > 0 points below its own D*. Repeatable.")
+  flags.DEFINE_string("data_dir", None, "Directory of NAME.csv files (default $LENSLLM_DATA_DIR).")
+  flags.DEFINE_string("output_dir", None, "Output directory.", required=True)
+  flags.DEFINE_enum("protocol", "leave_one_out", ["leave_one_out"],
+                    "How the LensLLM+ settings are chosen: leave_one_out = on the other files.")
+  flags.DEFINE_list("ratios", [str(r) for r in protocol.DEFAULT_RATIOS], "Budget ratios D*/D_max.")
+  flags.DEFINE_integer("seed", 0, "PRNG seed of the fits.")
+  flags.DEFINE_integer("num_restarts", 8, "Restarts of the independent fits (start of the pooled).")
+  flags.DEFINE_integer("num_steps", 60, "Levenberg-Marquardt steps of the pooled fit.")
+  flags.DEFINE_bool("budgeted", True, "Run the budgeted early-stopping procedure with LensLLM+.")
+  flags.DEFINE_list("budget_levels", ["0.5", "1", "2", "4"],
+                    "Confidence levels z of the budgeted procedure.")
+
 
 GRID_HEADER = ("dataset", "config", "ratio", "metric", "value")
 CHOSEN_HEADER = ("held_out", "trained_on", "config", "strength", "pooled", "covariates",
@@ -59,6 +85,7 @@ CHOSEN_HEADER = ("held_out", "trained_on", "config", "strength", "pooled", "cova
 RESULT_HEADER = ("dataset", "ratio", "method", "metric", "value")
 COST_HEADER = ("dataset", "method", "setting", "flops", "relative_to_ats8", "RelAcc", "PearCorr")
 BASELINES = ("AtS", "RectifiedFit", "LensLLM")
+INPUT_HEADER = ("dataset", "role", "source", "ratios", "sha256")
 
 
 # ------------------------------------------------------------------ I/O ---
@@ -71,7 +98,7 @@ def cached_grid_evaluator(out: pathlib.Path, ratios, num_restarts, num_steps):
   """An `evaluate` for `protocol.leave_one_out` that stores tables in grid.csv."""
   path = out / "grid.csv"
 
-  def evaluate(curves, configs, *, key):
+  def evaluate(curves, configs, *, key, ratios=ratios):
     rows = [r for r in common.read_rows(path) if r["dataset"] == curves.name]
     have = {(r["config"], int(r["ratio"]), r["metric"]): float(r["value"]) for r in rows}
     names = [c.name for c in configs]
@@ -80,6 +107,8 @@ def cached_grid_evaluator(out: pathlib.Path, ratios, num_restarts, num_steps):
     logging.info("[%s] grid: %d of %d settings already in %s", curves.name,
                  len(configs) - len(todo), len(configs), path)
     if todo:
+      logging.info("[%s] grid: fitting %d settings x %d ratios (one batched call)...",
+                   curves.name, len(todo), len(ratios))
       t = time.time()
       table, _ = protocol.evaluate_grid(curves, todo, key=key, ratios=ratios,
                                         num_restarts=num_restarts, num_steps=num_steps)
@@ -89,8 +118,9 @@ def cached_grid_evaluator(out: pathlib.Path, ratios, num_restarts, num_steps):
       common.append_rows(path, GRID_HEADER, new)
       have.update({(row["config"], int(row["ratio"]), row["metric"]): float(row["value"])
                    for row in new})
-      logging.info("[%s] grid: %d settings x %d ratios in %.1fs", curves.name, len(todo),
-                   len(ratios), time.time() - t)
+      dt = time.time() - t
+      logging.info("[%s] grid: %d settings x %d ratios in %.1fs (%.2f settings/s)", curves.name,
+                   len(todo), len(ratios), dt, len(todo) / dt)
     table = {n: {m: np.array([have[(n, r, m)] for r in ratios]) for m in protocol.METRICS}
              for n in names}
     return table, None
@@ -98,11 +128,35 @@ def cached_grid_evaluator(out: pathlib.Path, ratios, num_restarts, num_steps):
   return evaluate
 
 
-def choose_settings(curve_sets, out, *, key, ratios, num_restarts, num_steps):
+def write_inputs(out, curve_sets, train_only, ratios):
+  """inputs.csv: every file read (role, ratios, sha256), so a run names its data."""
+  rows = []
+  for role, sets in (("reported", curve_sets), ("train_only", train_only)):
+    for c in sets:
+      rs = ratios if role == "reported" else protocol.training_ratios(c, ratios)
+      digest = hashlib.sha256(pathlib.Path(c.source).read_bytes()).hexdigest()
+      rows.append({"dataset": c.name, "role": role, "source": c.source,
+                   "ratios": " ".join(map(str, rs)), "sha256": digest})
+  path = out / "inputs.csv"
+  old = {r["dataset"]: r["sha256"] for r in common.read_rows(path)}
+  changed = [r["dataset"] for r in rows if r["dataset"] in old and old[r["dataset"]] != r["sha256"]]
+  if changed:
+    # Cached grid / result rows are keyed by file name: they would be stale.
+    raise app.UsageError(f"{path}: the content of {changed} changed since the cached run; "
+                         f"delete {out} for a cold run")
+  if path.exists():
+    path.unlink()
+  common.append_rows(path, INPUT_HEADER, rows)
+
+
+def choose_settings(curve_sets, out, *, key, ratios, num_restarts, num_steps, train_only=()):
   """Step 1 + 2: grid on every file and the leave-one-out choice -> chosen.csv."""
   grid = protocol.default_grid()
   evaluate = cached_grid_evaluator(out, ratios, num_restarts, num_steps)
-  folds, _ = protocol.leave_one_out(curve_sets, grid, key=key, evaluate=evaluate)
+  for c in train_only:
+    logging.info("[%s] training-only file, ratios %s", c.name, protocol.training_ratios(c, ratios))
+  folds, _ = protocol.leave_one_out(curve_sets, grid, key=key, evaluate=evaluate,
+                                    train_only=train_only, ratios=ratios)
   rows = []
   for f in folds:
     c = f.config
@@ -201,6 +255,14 @@ def tables(out: pathlib.Path, ratios) -> str:
   datasets = list(dict.fromkeys(r["dataset"] for r in rows))
   methods = [pooled.METHOD_NAME, *BASELINES]
   md = ["# LensLLM+ under leave-one-dataset-out (generated by experiments/lensllm_plus.py)", ""]
+  inputs = common.read_rows(out / "inputs.csv")
+  if inputs:
+    md += [f"Grid: {len(protocol.default_grid())} settings (`protocol.default_grid()`); every "
+           "setting is chosen on the other files only. Files read:", "",
+           "| file | role | ratios | sha256 (first 12) |", "|---|---|---|---|"]
+    md += [f"| {r['dataset']} | {r['role']} | {r['ratios']} | `{r['sha256'][:12]}` |"
+           for r in inputs]
+    md.append("")
   chosen = common.read_rows(out / "chosen.csv")
   if chosen:
     md += ["## Settings chosen for each file (on the other files only)", "",
@@ -262,16 +324,19 @@ def tables(out: pathlib.Path, ratios) -> str:
 
 
 def run(specs, *, data_dir, output_dir, ratios, seed=0, num_restarts=8, num_steps=60,
-        run_budgeted=True, budget_levels=(0.5, 1.0, 2.0, 4.0)) -> pathlib.Path:
+        run_budgeted=True, budget_levels=(0.5, 1.0, 2.0, 4.0), train_only_specs=()
+        ) -> pathlib.Path:
   t0 = time.time()
   out = pathlib.Path(output_dir)
   out.mkdir(parents=True, exist_ok=True)
-  curve_sets = common.load_all(specs, data_dir)
+  loaded = common.load_all(list(specs) + list(train_only_specs), data_dir)
+  curve_sets, train_only = loaded[:len(specs)], loaded[len(specs):]
   if len(curve_sets) < 2:
     raise app.UsageError("--protocol=leave_one_out needs at least 2 --benchmark files")
+  write_inputs(out, curve_sets, train_only, ratios)
   key = jax.random.key(seed)
   folds = choose_settings(curve_sets, out, key=key, ratios=ratios, num_restarts=num_restarts,
-                          num_steps=num_steps)
+                          num_steps=num_steps, train_only=train_only)
   for i, (curves, fold) in enumerate(zip(curve_sets, folds, strict=True)):
     report_dataset(curves, fold, out, key=jax.random.fold_in(key, i), ratios=ratios,
                    num_restarts=num_restarts, num_steps=num_steps)
@@ -291,8 +356,10 @@ def main(argv):
   levels = common.parse_levels(FLAGS.budget_levels)
   run(FLAGS.benchmark, data_dir=FLAGS.data_dir, output_dir=FLAGS.output_dir,
       ratios=common.parse_ratios(FLAGS.ratios), seed=FLAGS.seed, num_restarts=FLAGS.num_restarts,
-      num_steps=FLAGS.num_steps, run_budgeted=FLAGS.budgeted, budget_levels=levels)
+      num_steps=FLAGS.num_steps, run_budgeted=FLAGS.budgeted, budget_levels=levels,
+      train_only_specs=FLAGS.train_only_benchmark)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

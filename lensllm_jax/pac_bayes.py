@@ -196,6 +196,24 @@ class _FormsProgram:
     return self.run(flat, jnp.asarray(mask), v, examples, key), int(mask.sum()), v
 
 
+def _forms_program(loss_fn, params, num_iters, dtype, batch_form=True) -> _FormsProgram:
+  """The `_FormsProgram` of (loss_fn, parameter shapes, settings), built once.
+
+  Repeated `layer_table` / `per_example_forms` calls with the same loss_fn
+  and parameter structure then reuse one compilation instead of recompiling.
+  """
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  specs = tuple((tuple(np.shape(x)), np.dtype(x.dtype).str) for x in leaves)
+  dtype_key = None if dtype is None else np.dtype(dtype).str
+  return _cached_forms_program(loss_fn, treedef, specs, int(num_iters), dtype_key, batch_form)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_forms_program(loss_fn, treedef, specs, num_iters, dtype, batch_form):
+  template = jax.tree_util.tree_unflatten(treedef, [np.zeros(s, d) for s, d in specs])
+  return _FormsProgram(loss_fn, template, num_iters, dtype, batch_form)
+
+
 def per_example_forms(loss_fn: hessian.LossFn, params: PyTree, params0: PyTree,
                       examples: PyTree, key: Array, *, block: Sequence[int] | None = None,
                       num_iters: int = 20, dtype: Any = None) -> ExampleForms:
@@ -215,7 +233,7 @@ def per_example_forms(loss_fn: hessian.LossFn, params: PyTree, params0: PyTree,
   Returns:
     `ExampleForms` with arrays [n]. One jit-compiled `lax.map` over examples.
   """
-  program = _FormsProgram(loss_fn, params, num_iters, dtype, batch_form=False)
+  program = _forms_program(loss_fn, params, num_iters, dtype, batch_form=False)
   (forms, _), _, _ = program(params, params0, block, examples, key)
   return forms
 
@@ -283,7 +301,7 @@ def layer_table(loss_fn: hessian.LossFn, params: PyTree, params0: PyTree, exampl
   n_ex = jax.tree_util.tree_leaves(examples)[0].shape[0]
   if c is not None and n is None:
     n = n_ex
-  program = _FormsProgram(loss_fn, params, num_iters, dtype)
+  program = _forms_program(loss_fn, params, num_iters, dtype)
   rows = []
   for b, (name, ids) in enumerate(layer_blocks(params, partition).items()):
     (forms, batch_value), size, v = program(params, params0, ids, examples,

@@ -40,7 +40,10 @@ back independent per-model fits (the published LensLLM curve mode).
 Optimisation: Levenberg-Marquardt on the stacked residual vector
 [sqrt(w) psi(r) ; sqrt(strength) (I - H) phi] (psi(r)^2 = rho(r)), float64,
 a fixed number of steps in one `jax.lax.fori_loop`, `jax.vmap`-ed over
-problems (budget views x settings) and compiled once per shape. It starts
+problems (budget views x settings, in chunks of a power-of-two size) and
+compiled once per shape. The normal equations are assembled from per-model
+Jacobians (`_normal_equations`: 4 tangents per model, not 4 M) and solved by
+Cholesky. It starts
 from independent fits (`fitting.fit_curves`, best of several restarts per
 model: a continuation from strength 0) and from the same fits with every
 beta set to the across-model median; the lower MAP objective wins.
@@ -53,9 +56,12 @@ early-stopping procedure of `budgeted.py` with this fit. Settings are chosen
 by `protocol.leave_one_out`.
 
 Measured outcome (experiments/lensllm_plus.py, leave-one-dataset-out on
-flan / gigaword): the best prior strength differs by ~100x between the two
-files, so the setting chosen on one file does not carry over; LensLLM+ did
-NOT beat AtS's mean PearCorr on either file under that protocol.
+flan / gigaword, 148-setting grid, the two study curve files as training-only
+files): LensLLM+ did NOT beat AtS's mean PearCorr on either file (flan 50.3
+vs 62.7, gigaword 87.7 vs 93.8). The grid does contain settings that beat AtS
+on each file in-sample (flan 69.0, gigaword 94.7 mean PearCorr), but the
+setting that is best on the other files is not the one that is best on the
+held-out file: the choice does not transfer.
 
 Everything here is pure; `fit_pooled` enables float64 inside the call.
 """
@@ -111,7 +117,11 @@ class PooledConfig:
     pre_power_weight: weight w of the points before each model's AtS phase
       transition (the zero-shot point included); power-phase points weigh 1.
     huber_delta: None for squared log residuals, else the Huber threshold (in
-      log-loss units) of a robust loss.
+      log-loss units, or in noise sds if `huber_relative`) of a robust loss.
+    huber_relative: if True, the threshold is huber_delta * sigma, sigma the
+      point noise sd of the view (sqrt of the s^2 of
+      `empirical_bayes_strength`, from the independent fits of the visible
+      data): a scale-free threshold (1.345 sigma is the textbook Huber choice).
     empirical_bayes: if True, the prior strength of each pooled quantity g is
       estimated from the visible data (`empirical_bayes_strength`:
       s^2 / tau_g^2) and `strength` is a multiplier kappa on it.
@@ -132,6 +142,7 @@ class PooledConfig:
   empirical_bayes: bool = False
   floor_prior: float = 0.0
   backtest: int = 0
+  huber_relative: bool = False
 
   def __post_init__(self):
     if not self.strength >= 0:
@@ -150,6 +161,8 @@ class PooledConfig:
       raise ValueError(f"PooledConfig.floor_prior must be >= 0, got {self.floor_prior}")
     if self.huber_delta is not None and not self.huber_delta > 0:
       raise ValueError(f"PooledConfig.huber_delta must be > 0 or None, got {self.huber_delta}")
+    if self.huber_relative and self.huber_delta is None:
+      raise ValueError("PooledConfig.huber_relative needs a huber_delta (in noise sds)")
 
   @property
   def name(self) -> str:
@@ -158,12 +171,19 @@ class PooledConfig:
     return (f"s={s},pool={'+'.join(self.pooled) or '-'},cov={self.covariates},"
             f"wpre={self.pre_power_weight:g},huber="
             f"{'none' if self.huber_delta is None else f'{self.huber_delta:g}'}"
+            + ("sd" if self.huber_relative else "")
             + (",eb" if self.empirical_bayes else "")
             + (f",floor={self.floor_prior:g}" if self.floor_prior else "")
             + (f",backtest={self.backtest}" if self.backtest else ""))
 
   def arrays(self) -> tuple[np.ndarray, ...]:
-    """Traced form: (strength per group [3], covariate column mask [3], w_pre, delta, lambda_E)."""
+    """Traced form: (strength per group [3], covariate column mask [3], w_pre, delta, lambda_E).
+
+    A relative Huber threshold must be resolved first (`pooled_selection` does).
+    """
+    if self.huber_relative:
+      raise ValueError(f"{self.name}: resolve the relative Huber threshold (times the noise sd) "
+                       "before fitting; pooled_selection does this")
     group = np.array([self.strength if g in self.pooled else 0.0 for g in POOLABLE])
     cols = {"none": [1, 0, 0], "size": [1, 1, 0], "size_zero_shot": [1, 1, 1]}[self.covariates]
     delta = np.inf if self.huber_delta is None else float(self.huber_delta)
@@ -268,38 +288,74 @@ def pooled_objective(raw, data_size, log_loss, mask, config: PooledConfig, *, co
     return float(res @ res)
 
 
+def _normal_equations(x, d, y, mask, weight, hat, group, delta, floor, law):
+  """(J^T J [4M, 4M], J^T r [4M], r^T r) of `_residual_vector` without the dense J.
+
+  The data residuals of model m depend on its 4 parameters only, and the prior
+  residuals are sqrt(group_g) A phi_{:,g} with A = I - H (symmetric), so
+
+      J^T J = blockdiag_m(sum_p j_mp j_mp^T + floor terms)
+              + sum_g group_g (A^T A)[m, m'] dphi_mg dphi_m'g^T,
+
+  which needs 4 forward-mode tangents per model instead of 4 M.
+  """
+  m = y.shape[0]
+  raw = x.reshape(m, 4)
+
+  def data_one(theta, dd, yy, mm, ww):
+    r = jnp.where(mm, law.log_loss_fn(theta, dd, None) - yy, 0.0)
+    return jnp.sqrt(ww) * _psi(r, delta)
+
+  rd = jax.vmap(data_one)(raw, d, y, mask, weight)                    # [M, P]
+  jd = jax.vmap(jax.jacfwd(data_one))(raw, d, y, mask, weight)        # [M, P, 4]
+  phi = shape_quantities(raw)                                         # [M, 3]
+  dphi = jax.vmap(jax.jacfwd(shape_quantities))(raw)                  # [M, 3, 4]
+  a_mat = jnp.eye(m) - hat
+  rp = jnp.sqrt(group)[None, :] * (a_mat @ phi)                       # [M, 3]
+  fl = jnp.sqrt(floor) * jnp.exp(raw[:, 2])                           # [M]
+  e2 = jnp.zeros(4).at[2].set(1.0)
+  block = jnp.einsum("mpk,mpl->mkl", jd, jd) + (fl * fl)[:, None, None] * jnp.outer(e2, e2)
+  ata = a_mat.T @ a_mat
+  prior = jnp.einsum("g,ab,agk,bgl->akbl", group, ata, dphi, dphi).reshape(4 * m, 4 * m)
+  jtj = prior + jnp.einsum("akl,ab->akbl", block, jnp.eye(m)).reshape(4 * m, 4 * m)
+  g = (jnp.einsum("mpk,mp->mk", jd, rd)
+       + jnp.einsum("g,mgk,mg->mk", jnp.sqrt(group), dphi, a_mat.T @ rp)
+       + (fl * fl)[:, None] * e2[None, :])
+  f = jnp.sum(rd * rd) + jnp.sum(rp * rp) + jnp.sum(fl * fl)
+  return jtj, g.reshape(-1), f, jnp.sum(rd * rd)
+
+
 def _lm_solve(x0, d, y, mask, weight, x_cov, group, cols, delta, floor, num_steps, law):
   """Levenberg-Marquardt from x0 [M*4]; returns (x, J, data part of J)."""
   hat = _hat(x_cov, cols)
 
-  def res(x):
-    return _residual_vector(x, d, y, mask, weight, hat, group, delta, floor, law)
+  def normal(x):
+    return _normal_equations(x, d, y, mask, weight, hat, group, delta, floor, law)
 
-  n_data = y.size
+  def objective(x):
+    r = _residual_vector(x, d, y, mask, weight, hat, group, delta, floor, law)
+    return r @ r
 
   def body(_, state):
     x, mu, f = state
-    r = res(x)
-    jac = jax.jacfwd(res)(x)
-    a = jac.T @ jac
-    g = jac.T @ r
+    a, g, _, _ = normal(x)
     scale = jnp.trace(a) / a.shape[0]
     lhs = a + jnp.diag(mu * (jnp.diag(a) + 1e-9 * scale) + 1e-300)
-    step = -jnp.linalg.solve(lhs, g)
+    # lhs is symmetric positive definite: Cholesky (a failure gives nan, rejected below).
+    step = -jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(lhs), g)
     xn = x + step
-    rn = res(xn)
-    fn = rn @ rn
+    fn = objective(xn)
     ok = jnp.isfinite(fn) & (fn < f) & jnp.all(jnp.isfinite(step))
     x = jnp.where(ok, xn, x)
     f = jnp.where(ok, fn, f)
     mu = jnp.clip(jnp.where(ok, mu / 3.0, mu * 4.0), 1e-12, 1e12)
     return x, mu, f
 
-  r0 = res(x0)
-  f0 = jnp.where(jnp.all(jnp.isfinite(r0)), r0 @ r0, jnp.inf)
+  f0 = objective(x0)
+  f0 = jnp.where(jnp.isfinite(f0), f0, jnp.inf)
   x, _, f = jax.lax.fori_loop(0, num_steps, body, (x0, jnp.asarray(1e-3, x0.dtype), f0))
-  r = res(x)
-  return x, f, r[:n_data] @ r[:n_data]
+  _, _, f_all, f_data = normal(x)
+  return x, f, f_data
 
 
 @functools.lru_cache(maxsize=16)
@@ -312,7 +368,7 @@ def _compiled(num_steps: int):
 
 def fit_pooled(init_raw, data_size, log_loss, mask, configs: Sequence[PooledConfig], *,
                covariates, weights=None, group_strength=None,
-               num_steps: int = 60) -> PooledFit:
+               num_steps: int = 60, chunk_size: int = 64) -> PooledFit:
   """Pooled MAP fits of V problems at once (float64), from given starting points.
 
   Args:
@@ -331,6 +387,9 @@ def fit_pooled(init_raw, data_size, log_loss, mask, configs: Sequence[PooledConf
       order) replacing each config's own (used for empirical Bayes); groups
       not in a config's `pooled` stay 0.
     num_steps: Levenberg-Marquardt steps.
+    chunk_size: most problems per compiled call (chunks have this size, or
+      max(16, the next power of two >= V) if smaller; problems are
+      independent, so the result does not depend on it).
 
   Returns:
     PooledFit with raw_params [V, M, 4].
@@ -375,12 +434,18 @@ def fit_pooled(init_raw, data_size, log_loss, mask, configs: Sequence[PooledConf
     cols = np.stack([a[1] for a in arrs])
     delta = np.array([a[3] for a in arrs])
     floor = np.array([a[4] for a in arrs])
-    x, f, fdata = _compiled(int(num_steps))(
-        jnp.asarray(raw0.reshape(v, m * 4)), jnp.asarray(np.where(mk, d, 1.0)),
-        jnp.asarray(np.where(mk, y, 0.0)), jnp.asarray(mk), jnp.asarray(w), jnp.asarray(x_cov),
-        jnp.asarray(group), jnp.asarray(cols), jnp.asarray(delta), jnp.asarray(floor))
-    x, f, fdata = jax.device_get((x, f, fdata))
-  return PooledFit(np.asarray(x).reshape(v, m, 4), f, fdata, law)
+    args = (raw0.reshape(v, m * 4), np.where(mk, d, 1.0), np.where(mk, y, 0.0), mk, w, x_cov,
+            group, cols, delta, floor)
+    # Chunks of a power-of-two size (the last padded with copies): few compiles per (M, P),
+    # bounded memory.
+    chunk = min(int(chunk_size), max(16, 1 << max(v - 1, 0).bit_length()))
+    outs = []
+    for start in range(0, v, chunk):
+      idx = np.minimum(np.arange(start, start + chunk), v - 1)
+      part = _compiled(int(num_steps))(*[jnp.asarray(a[idx]) for a in args])
+      outs.append([np.asarray(o)[:min(chunk, v - start)] for o in jax.device_get(part)])
+    x, f, fdata = (np.concatenate([o[k] for o in outs]) for k in range(3))
+  return PooledFit(x.reshape(v, m, 4), f, fdata, law)
 
 
 def pre_power_weights(data_size, first_power_data_size, w_pre: float) -> np.ndarray:
@@ -541,15 +606,19 @@ def _cut_view(view, max_data_num):
 
 
 def _backtest_strengths(views, metadata, configs, *, key, num_restarts, num_steps, fit_options):
-  """chosen[config][view] strength; see `PooledConfig.backtest` (visible data only)."""
+  """chosen[config][view] strength; see `PooledConfig.backtest` (visible data only).
+
+  All configs with the same backtest factor share one `pooled_selection` call
+  on the cut views (one set of independent fits), candidates config-major.
+  """
   from lensllm_jax import metrics
   chosen = [[c.strength] * len(views) for c in configs]
-  for j, cfg in enumerate(configs):
-    if not cfg.backtest:
-      continue
+  law = laws.lensllm_law()
+  for factor in sorted({c.backtest for c in configs if c.backtest}):
+    js = [j for j, c in enumerate(configs) if c.backtest == factor]
     subs, targets, idx = [], [], []
     for i, v in enumerate(views):
-      cut = _cut_view(v, v.max_data_num / cfg.backtest)
+      cut = _cut_view(v, v.max_data_num / factor)
       last = np.flatnonzero(v.data_sizes > cut.data_sizes[-1])
       # Needs two fine-tuning points below the cut and a visible point above it.
       if (cut.data_sizes > 0).sum() < 2 or last.size == 0 or not cut.mask[:, 1:].any(1).all():
@@ -560,30 +629,32 @@ def _backtest_strengths(views, metadata, configs, *, key, num_restarts, num_step
       idx.append(i)
     if not subs:
       continue
-    cands = [dataclasses.replace(cfg, strength=s, backtest=0) for s in BACKTEST_STRENGTHS]
+    cands = [dataclasses.replace(configs[j], strength=s, backtest=0)
+             for j in js for s in BACKTEST_STRENGTHS]
     res = pooled_selection(subs, metadata, cands, key=key, num_restarts=num_restarts,
                            num_steps=num_steps, fit_options=fit_options)
-    law = laws.lensllm_law()
-    for k, i in enumerate(idx):
-      d_t, obs, ok = targets[k]
-      best, best_val = cfg.strength, -np.inf
-      for c, s in enumerate(BACKTEST_STRENGTHS):
-        pred = law.predict(res[k][c].extras["raw_params"], np.array([d_t]))[:, 0]
-        good = ok & np.isfinite(pred)
-        if good.sum() < 3:
-          continue
-        pc = metrics.pearson_corr(pred[good], obs[good])
-        ra = metrics.relative_accuracy(int(np.argmin(pred[good])), obs[good])
-        val = (pc if np.isfinite(pc) else -1.0) + ra
-        if val > best_val:
-          best, best_val = s, val
-      chosen[j][i] = best
+    ns = len(BACKTEST_STRENGTHS)
+    for q, j in enumerate(js):
+      for k, i in enumerate(idx):
+        d_t, obs, ok = targets[k]
+        best, best_val = configs[j].strength, -np.inf
+        for c, s in enumerate(BACKTEST_STRENGTHS):
+          pred = law.predict(res[k][q * ns + c].extras["raw_params"], np.array([d_t]))[:, 0]
+          good = ok & np.isfinite(pred)
+          if good.sum() < 3:
+            continue
+          pc = metrics.pearson_corr(pred[good], obs[good])
+          ra = metrics.relative_accuracy(int(np.argmin(pred[good])), obs[good])
+          val = (pc if np.isfinite(pc) else -1.0) + ra
+          if val > best_val:
+            best, best_val = s, val
+        chosen[j][i] = best
   return chosen
 
 
 def pooled_selection(views, metadata, configs: Sequence[PooledConfig], *, key: jax.Array,
                      num_restarts: int = 8, num_steps: int = 60, fit_options=None,
-                     name: str = METHOD_NAME):
+                     name: str = METHOD_NAME, num_points: int = 0):
   """LensLLM+ on several budget views x settings: results[view][config].
 
   Step 1: independent LensLLM curve-mode fits of every model and view
@@ -601,6 +672,8 @@ def pooled_selection(views, metadata, configs: Sequence[PooledConfig], *, key: j
     num_restarts, fit_options: passed to the independent fits.
     num_steps: Levenberg-Marquardt steps of the pooled fit.
     name: method name in the results.
+    num_points: pad the point axis to at least this many points (fixed
+      shapes across calls: one compile for a sequence of growing views).
 
   Returns:
     list over views of lists over configs of `selection.SelectionResult`
@@ -626,7 +699,7 @@ def pooled_selection(views, metadata, configs: Sequence[PooledConfig], *, key: j
   indep = selection.fit_law_views("LensLLM", law, views, metadata, key=key,
                                   use_zero_shot=True, num_restarts=num_restarts,
                                   fit_options=fit_options)
-  num_points = max(v.data_sizes.size for v in views)
+  num_points = max(int(num_points), max(v.data_sizes.size for v in views))
   d, y, mk = _view_arrays(views, num_points)
   nv, m = len(views), views[0].num_models
   first_d = []
@@ -643,9 +716,13 @@ def pooled_selection(views, metadata, configs: Sequence[PooledConfig], *, key: j
                       for i, c in zip(vi, ci, strict=True)])
   init = np.stack([indep[i].extras["raw_params"] for i in vi])
   eb = [None] * nv
-  if any(c.empirical_bayes for c in configs):
+  if any(c.empirical_bayes or c.huber_relative for c in configs):
     eb = [empirical_bayes_strength(indep[i].extras["raw_params"], d[i], y[i], mk[i])
           for i in range(nv)]
+  # A relative Huber threshold becomes delta * sigma of the view (visible data only).
+  pcfg = [dataclasses.replace(pc, huber_relative=False, huber_delta=pc.huber_delta * max(
+              np.sqrt(eb[i][1]["s2"]), 1e-12)) if pc.huber_relative else pc
+          for i, pc in zip(vi, pcfg, strict=True)]
   group = np.stack([pc.strength * eb[i][0] if pc.empirical_bayes else pc.arrays()[0]
                     for i, pc in zip(vi, pcfg, strict=True)])
   # Two starts per problem (independent fits; the same with the median beta),
@@ -769,7 +846,8 @@ def budgeted_pooled_selection(curves, levels: Sequence[float], config: PooledCon
     running = list(range(len(levels)))
     views = [oracles[i].view(d_s) for i in running]
     res = [r[0] for r in pooled_selection(views, meta, [config], key=jax.random.fold_in(key, s),
-                                          num_restarts=num_restarts, num_steps=num_steps)]
+                                          num_restarts=num_restarts, num_steps=num_steps,
+                                          num_points=grid.size)]
     raw = np.concatenate([r.extras["raw_params"] for r in res])
     mask = np.concatenate([v.mask for v in views])
     ylog = np.concatenate([np.log(np.where(v.mask, v.losses, 1.0)) for v in views])

@@ -191,3 +191,22 @@ def test_tiny_transformer_block_matches_dense():
   scale = max(pos)
   np.testing.assert_allclose(forms.vhpv, pos, rtol=2e-3, atol=1e-4 * scale)
   np.testing.assert_allclose(forms.vhv, [v @ h @ v for h in dense], rtol=2e-3, atol=1e-4 * scale)
+
+
+def test_repeated_tables_reuse_one_compilation(problem):
+  """A second layer_table call (new weights, same shapes) reuses the compiled program:
+  one executable for both calls and both blocks, and the same numbers as a fresh build."""
+  loss, params, params0, examples, _ = problem
+  loss_fn = _loss_dict(loss)
+  key = jax.random.PRNGKey(3)
+  first = pb.layer_table(loss_fn, params, params0, examples, key, num_iters=8)
+  moved = jax.tree_util.tree_map(lambda a: 0.9 * a, params)
+  second = pb.layer_table(loss_fn, moved, params0, examples, key, num_iters=8)
+  program = pb._forms_program(loss_fn, params, 8, None)
+  assert program.run._cache_size() == 1
+  pb._cached_forms_program.cache_clear()
+  fresh = pb.layer_table(loss_fn, moved, params0, examples, key, num_iters=8)
+  assert pb._forms_program(loss_fn, params, 8, None) is not program
+  for a, b in zip(second, fresh, strict=True):
+    np.testing.assert_allclose(a.vhpv_max, b.vhpv_max, rtol=1e-12)
+  assert any(a.vhpv_max != b.vhpv_max for a, b in zip(first, second, strict=True))

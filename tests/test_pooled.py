@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -39,12 +41,18 @@ def _independent(d, y, key):
 
 
 def test_pooled_beats_independent_at_small_budget():
-  """Property: pooling beta shrinks the error of beta and of log L(D*) (3 seeds)."""
+  """Property: pooling beta shrinks the error of beta and of log L(D*) (3 seeds).
+
+  Config 1: a fixed strength; config 2: the empirical-Bayes strength with a
+  Huber threshold of 1.345 noise sds (resolved here as pooled_selection does).
+  """
   law = laws.lensllm_law()
   cfgs = [pooled.PooledConfig(strength=0.0),
-          pooled.PooledConfig(strength=0.04, pooled=("beta",))]
-  err = {0: [], 1: []}
-  pred_err = {0: [], 1: []}
+          pooled.PooledConfig(strength=0.04, pooled=("beta",)),
+          pooled.PooledConfig(strength=1.0, pooled=("beta",), empirical_bayes=True,
+                              huber_delta=1.345, huber_relative=True)]
+  err = {0: [], 1: [], 2: []}
+  pred_err = {0: [], 1: [], 2: []}
   ds, ys, inits, truths = [], [], [], []
   for seed in range(3):
     d, y, truth = _synthetic(seed)
@@ -52,23 +60,38 @@ def test_pooled_beats_independent_at_small_budget():
     ys.append(y)
     truths.append(truth)
     inits.append(_independent(d, y, jax.random.key(seed)))
+  eb = [pooled.empirical_bayes_strength(inits[s], ds[s], ys[s], np.ones(ys[s].shape, bool))
+        for s in range(3)]
+  for s in range(3):  # the noise sd estimate is close to the true 0.01
+    assert 0.5 * 0.01 < np.sqrt(eb[s][1]["s2"]) < 1.5 * 0.01
+  resolved = [[cfgs[0], cfgs[1], dataclasses.replace(
+      cfgs[2], huber_relative=False, huber_delta=1.345 * np.sqrt(eb[s][1]["s2"]))]
+      for s in range(3)]
   # All (seed, config) problems in one compiled call.
-  v = [(s, c) for s in range(3) for c in range(2)]
+  v = [(s, c) for s in range(3) for c in range(3)]
+  group = np.stack([eb[s][0] if c == 2 else cfgs[c].arrays()[0] for s, c in v])
   fit = pooled.fit_pooled(np.stack([inits[s] for s, _ in v]),
                           np.stack([ds[s] for s, _ in v]),
                           np.stack([ys[s] for s, _ in v]),
-                          np.ones((len(v),) + ys[0].shape, bool), [cfgs[c] for _, c in v],
-                          covariates=np.ones((ys[0].shape[0], 3)), num_steps=60)
+                          np.ones((len(v),) + ys[0].shape, bool), [resolved[s][c] for s, c in v],
+                          covariates=np.ones((ys[0].shape[0], 3)), group_strength=group,
+                          num_steps=60)
   pred = fit.predict([D_STAR])[..., 0]
   for k, (s, c) in enumerate(v):
     beta = law.constrain(fit.raw_params[k])["beta"]
     err[c].append(np.sqrt(np.mean((np.log(beta) - np.log(truths[s]["beta"])) ** 2)))
     true_star = law.predict(truths[s]["raw"], [D_STAR])[:, 0]
     pred_err[c].append(np.sqrt(np.mean((np.log(pred[k]) - np.log(true_star)) ** 2)))
-  assert np.mean(err[1]) < 0.7 * np.mean(err[0]), (err, pred_err)
-  assert np.mean(pred_err[1]) < np.mean(pred_err[0]), (err, pred_err)
-  # The pooled beta is close to the truth (true spread of log beta is 0.05).
-  assert np.mean(err[1]) < 0.15
+  for c in (1, 2):
+    assert np.mean(err[c]) < 0.7 * np.mean(err[0]), (err, pred_err)
+    assert np.mean(pred_err[c]) < np.mean(pred_err[0]), (err, pred_err)
+    # The pooled beta is close to the truth (true spread of log beta is 0.05).
+    assert np.mean(err[c]) < 0.15
+  assert cfgs[2].name.endswith("huber=1.345sd,eb")
+  with pytest.raises(ValueError, match="resolve"):
+    cfgs[2].arrays()
+  with pytest.raises(ValueError, match="huber_relative"):
+    pooled.PooledConfig(huber_relative=True)
 
 
 def test_pooled_recovers_parameters_with_enough_points():
@@ -133,7 +156,6 @@ def test_method_reads_only_the_visible_budget(shared_benchmarks):
   curves = benchmarks.load_curves(str(shared_benchmarks / "gigaword.csv"))
   dmax = 6400.0
   sub = slice(0, 10)
-  import dataclasses
   small = dataclasses.replace(curves, models=curves.models[sub], sizes=curves.sizes[sub],
                               families=curves.families[sub], losses=curves.losses[sub])
   bad = small.losses.copy()
@@ -141,7 +163,10 @@ def test_method_reads_only_the_visible_budget(shared_benchmarks):
       :, small.data_sizes > dmax].shape)
   poisoned = dataclasses.replace(small, losses=bad)
   meta = selection.metadata_of(small)
-  cfg = pooled.PooledConfig(strength=1e-2, pooled=("beta",), pre_power_weight=0.1)
+  # Empirical-Bayes strength and a relative Huber threshold: both estimated
+  # from the visible data, so they must not move either.
+  cfg = pooled.PooledConfig(strength=1.0, empirical_bayes=True, pooled=("beta", "E"),
+                            pre_power_weight=0.1, huber_delta=1.345, huber_relative=True)
   kw = {"key": jax.random.key(0), "config": cfg, "num_restarts": 2,
         "fit_options": {"max_steps": 100}}
   a = pooled.lensllm_plus(selection.visible_view(small, dmax), meta, **kw)
@@ -182,3 +207,32 @@ def test_config_validation():
     pooled.PooledConfig(covariates="family")
   with pytest.raises(ValueError, match="strength"):
     pooled.PooledConfig(strength=-1.0)
+
+
+def test_normal_equations_match_dense_jacobian():
+  """The structured J^T J, J^T r equal those of the dense Jacobian of the residual vector."""
+  import jax.numpy as jnp
+  rng = np.random.default_rng(11)
+  d, y, truth = _synthetic(11, num_models=5)
+  raw = truth["raw"] + 0.2 * rng.standard_normal(truth["raw"].shape)
+  m, p = y.shape
+  cov = pooled.covariate_matrix(np.exp(rng.uniform(18, 22, m)), np.exp(y[:, 0]))
+  cfg = pooled.PooledConfig(strength=0.7, pooled=("beta", "E", "Dt"), covariates="size",
+                            huber_delta=0.02, floor_prior=0.3)
+  group, cols, _, delta, floor = cfg.arrays()
+  mask = rng.uniform(size=y.shape) < 0.8
+  mask[:, 0] = True
+  w = rng.uniform(0.1, 1.0, y.shape)
+  law = laws.lensllm_law()
+  with jax.enable_x64(True):
+    args = (jnp.asarray(np.where(mask, np.broadcast_to(d, y.shape), 1.0)), jnp.asarray(y),
+            jnp.asarray(mask), jnp.asarray(w), pooled._hat(jnp.asarray(cov), jnp.asarray(cols)),
+            jnp.asarray(group), jnp.asarray(delta), jnp.asarray(floor), law)
+    x = jnp.asarray(raw.reshape(-1))
+    res = jax.jit(lambda x: pooled._residual_vector(x, *args))
+    r, jac = res(x), jax.jit(jax.jacfwd(res))(x)
+    jtj, g, f, fdata = jax.jit(lambda x: pooled._normal_equations(x, *args))(x)
+    np.testing.assert_allclose(jtj, jac.T @ jac, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(g, jac.T @ r, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(f, r @ r, rtol=1e-12)
+    np.testing.assert_allclose(fdata, r[:m * p] @ r[:m * p], rtol=1e-12)
