@@ -217,16 +217,102 @@ def still_active(active, log_pred, sd, z: float) -> np.ndarray:
   bar = np.nanmin(np.where(active, log_pred + z * sd, np.inf))
   return active & ~(log_pred - z * sd > bar)
 
+def early_stopping_selection(curves, levels: Sequence[float], fit_views, *, name: str,
+                             max_data_num: float, target_data_num: float,
+                             min_points: int | None = None, refit_finished: bool = False,
+                             progress=None) -> list[BudgetedResult]:
+  """The early-stopping procedure of the module docstring, with any fit of the law.
+
+  Each level z has its own `CurveOracle` (its own paid points); at every step
+  the fits of all levels are one `fit_views` call.
+
+  Args:
+    curves: a CurveSet (only the oracles read it).
+    levels: confidence levels z (normal quantiles), e.g. (0.5, 1, 2, 4).
+    fit_views: fit_views(views, step) -> (law, raw [V M, K], mask [V M, P],
+      predicted [V, M]): fits `law` to the M models of each of the V
+      `VisibleCurves` views (raw parameters and the mask of the points used,
+      rows view-major) and predicts L(D*).
+    name: method name in the result ("Budgeted(name, z=...)").
+    max_data_num: largest D that may be paid for.
+    target_data_num: D*.
+    min_points: D > 0 points needed before stopping anyone (default K, the
+      number of law parameters).
+    refit_finished: also refit the levels that have ended (their fits are not
+      used), so that every step has the same batch shape (one compilation).
+    progress: optional callable(str) for log lines.
+
+  Returns:
+    One BudgetedResult per level.
+  """
+  grid = np.asarray(curves.data_sizes, np.float64)
+  steps = grid[(grid > 0) & (grid <= max_data_num)]
+  if steps.size == 0:
+    raise ValueError(f"no D in (0, {max_data_num}] in {curves.source}")
+  m = len(curves.models)
+  levels = [float(z) for z in levels]
+  oracles = [CurveOracle(curves) for _ in levels]
+  active = [np.ones(m, bool) for _ in levels]
+  done = [False for _ in levels]
+  last = [None for _ in levels]
+  histories = [[] for _ in levels]
+  stopped_at = [np.zeros(m) for _ in levels]
+  for s, d_s in enumerate(steps):
+    if all(done):
+      break
+    for i in range(len(levels)):
+      if not done[i]:
+        oracles[i].reveal(np.flatnonzero(active[i]), d_s)
+        stopped_at[i][active[i]] = d_s
+    fitted = [i for i in range(len(levels)) if refit_finished or not done[i]]
+    views = [oracles[i].view(d_s) for i in fitted]
+    law, raw, mask, predicted = fit_views(views, s)
+    need = law.num_params if min_points is None else min_points
+    ylog = np.concatenate([np.log(np.where(v.mask, v.losses, 1.0)) for v in views])
+    sd_all = laplace_log_sd(law, raw, views[0].data_sizes, mask, ylog, target_data_num,
+                            pool=np.repeat(np.arange(len(fitted)), m))
+    for j, i in enumerate(fitted):
+      if done[i]:
+        continue
+      logp = np.log(np.where(np.isfinite(predicted[j]), predicted[j], np.inf))
+      sd = sd_all[j * m:(j + 1) * m]
+      # Stopped models keep their last prediction.
+      if last[i] is not None:
+        logp = np.where(active[i], logp, last[i][0])
+        sd = np.where(active[i], sd, last[i][1])
+      last[i] = (logp, sd)
+      histories[i].append({"data_size": float(d_s), "active": active[i].copy(),
+                           "log_pred": logp.copy(), "sd": sd.copy()})
+      if s + 1 >= need:
+        active[i] = still_active(active[i], logp, sd, levels[i])
+      if active[i].sum() <= 1:
+        done[i] = True
+    if progress is not None:
+      progress(f"D={int(d_s)}: active per level " +
+               ", ".join(f"z={levels[i]:g}:{int(active[i].sum())}" for i in range(len(levels))))
+  out = []
+  for i, z in enumerate(levels):
+    logp, _ = last[i]
+    # Survivors first (by prediction), then stopped models (by prediction).
+    order = np.lexsort((np.where(np.isfinite(logp), logp, np.inf), ~active[i]))
+    pred = np.exp(logp)
+    res = selection.SelectionResult(
+        f"Budgeted({name}, z={z:g})", pred, order, predicted=pred,
+        status=tuple("active" if a else "stopped" for a in active[i]),
+        extras={"active": active[i].copy()})
+    out.append(BudgetedResult(z=z, selection=res, flops=oracles[i].flops,
+                              revealed=oracles[i].revealed.copy(),
+                              stopped_at=stopped_at[i].copy(), history=tuple(histories[i])))
+  return out
+
+
 def budgeted_selection(curves, levels: Sequence[float], *, key: jax.Array,
                        method: str = "LensLLM", max_data_num: float = 204800,
                        min_points: int | None = None, num_restarts: int = 8,
                        fit_options=None, min_curves: int = 0,
                        target_data_num: float = selection.TARGET_DATA_NUM,
                        progress=None) -> list[BudgetedResult]:
-  """Runs the early-stopping procedure for several confidence levels in lockstep.
-
-  Each level has its own `CurveOracle` (its own paid points); at every step
-  the fits of all levels are batched into one `fit_curves` call.
+  """`early_stopping_selection` with the independent per-model fits of a fitted method.
 
   Args:
     curves: a CurveSet (only the oracles read it).
@@ -244,69 +330,16 @@ def budgeted_selection(curves, levels: Sequence[float], *, key: jax.Array,
     One BudgetedResult per level.
   """
   meta = selection.metadata_of(curves, target_data_num)
-  grid = np.asarray(curves.data_sizes, np.float64)
-  steps = grid[(grid > 0) & (grid <= max_data_num)]
-  if steps.size == 0:
-    raise ValueError(f"no D in (0, {max_data_num}] in {curves.source}")
-  m = len(curves.models)
-  levels = [float(z) for z in levels]
-  oracles = [CurveOracle(curves) for _ in levels]
-  active = [np.ones(m, bool) for _ in levels]
-  done = [False for _ in levels]
-  last = [None for _ in levels]
-  histories = [[] for _ in levels]
-  stopped_at = [np.zeros(m) for _ in levels]
-  for s, d_s in enumerate(steps):
-    running = [i for i in range(len(levels)) if not done[i]]
-    if not running:
-      break
-    for i in running:
-      oracles[i].reveal(np.flatnonzero(active[i]), d_s)
-      stopped_at[i][active[i]] = d_s
-    views = [oracles[i].view(d_s) for i in running]
-    results = selection.run_fitted_batch(method, views, meta, key=jax.random.fold_in(key, s),
+
+  def fit_views(views, step):
+    results = selection.run_fitted_batch(method, views, meta, key=jax.random.fold_in(key, step),
                                          num_restarts=num_restarts, fit_options=fit_options,
                                          min_curves=min_curves)
-    law = results[0].extras["law"]
-    k = law.num_params
-    need = k if min_points is None else min_points
-    raw = np.concatenate([r.extras["raw_params"] for r in results])
-    mask = np.concatenate([r.extras["mask"] for r in results])
-    ylog = np.concatenate([np.log(np.where(v.mask, v.losses, 1.0)) for v in views])
-    pool = np.repeat(np.arange(len(running)), m)
-    sd_all = laplace_log_sd(law, raw, views[0].data_sizes, mask, ylog, target_data_num,
-                            pool=pool)
-    for j, i in enumerate(running):
-      r = results[j]
-      logp = np.log(np.where(np.isfinite(r.predicted), r.predicted, np.inf))
-      sd = sd_all[j * m:(j + 1) * m]
-      prev = last[i]
-      # Stopped models keep their last prediction.
-      if prev is not None:
-        logp = np.where(active[i], logp, prev[0])
-        sd = np.where(active[i], sd, prev[1])
-      last[i] = (logp, sd)
-      histories[i].append({"data_size": float(d_s), "active": active[i].copy(),
-                           "log_pred": logp.copy(), "sd": sd.copy()})
-      if s + 1 >= need:
-        active[i] = still_active(active[i], logp, sd, levels[i])
-      if active[i].sum() <= 1:
-        done[i] = True
-    if progress is not None:
-      progress(f"D={int(d_s)}: active per level " +
-               ", ".join(f"z={levels[i]:g}:{int(active[i].sum())}" for i in range(len(levels))))
-  out = []
-  for i, z in enumerate(levels):
-    logp, _ = last[i]
-    # Survivors first (by prediction), then stopped models (by prediction).
-    key_sort = np.where(np.isfinite(logp), logp, np.inf)
-    order = np.lexsort((key_sort, ~active[i]))
-    pred = np.exp(logp)
-    res = selection.SelectionResult(
-        f"Budgeted({method}, z={z:g})", pred, order, predicted=pred,
-        status=tuple("active" if a else "stopped" for a in active[i]),
-        extras={"active": active[i].copy()})
-    out.append(BudgetedResult(z=z, selection=res, flops=oracles[i].flops,
-                              revealed=oracles[i].revealed.copy(),
-                              stopped_at=stopped_at[i].copy(), history=tuple(histories[i])))
-  return out
+    return (results[0].extras["law"],
+            np.concatenate([r.extras["raw_params"] for r in results]),
+            np.concatenate([r.extras["mask"] for r in results]),
+            np.stack([r.predicted for r in results]))
+
+  return early_stopping_selection(curves, levels, fit_views, name=method,
+                                  max_data_num=max_data_num, target_data_num=target_data_num,
+                                  min_points=min_points, progress=progress)

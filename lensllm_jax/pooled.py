@@ -823,65 +823,16 @@ def budgeted_pooled_selection(curves, levels: Sequence[float], config: PooledCon
   grid = np.asarray(curves.data_sizes, np.float64)
   target = float(grid.max()) if target_data_num is None else float(target_data_num)
   meta = selection.metadata_of(curves, target)
-  steps = grid[(grid > 0) & (grid <= max_data_num)]
-  if steps.size == 0:
-    raise ValueError(f"no D in (0, {max_data_num}] in {curves.source}")
-  m = len(curves.models)
-  levels = [float(z) for z in levels]
-  oracles = [budgeted.CurveOracle(curves) for _ in levels]
-  active = [np.ones(m, bool) for _ in levels]
-  done = [False] * len(levels)
-  last = [None] * len(levels)
-  hist = [[] for _ in levels]
-  stopped_at = [np.zeros(m) for _ in levels]
   law = laws.lensllm_law()
-  for s, d_s in enumerate(steps):
-    if all(done):
-      break
-    for i in range(len(levels)):
-      if not done[i]:
-        oracles[i].reveal(np.flatnonzero(active[i]), d_s)
-        stopped_at[i][active[i]] = d_s
-    # Finished levels are refitted too (nothing new revealed): fixed shapes, one compile.
-    running = list(range(len(levels)))
-    views = [oracles[i].view(d_s) for i in running]
-    res = [r[0] for r in pooled_selection(views, meta, [config], key=jax.random.fold_in(key, s),
+
+  def fit_views(views, step):
+    res = [r[0] for r in pooled_selection(views, meta, [config], key=jax.random.fold_in(key, step),
                                           num_restarts=num_restarts, num_steps=num_steps,
                                           num_points=grid.size)]
-    raw = np.concatenate([r.extras["raw_params"] for r in res])
-    mask = np.concatenate([v.mask for v in views])
-    ylog = np.concatenate([np.log(np.where(v.mask, v.losses, 1.0)) for v in views])
-    sd_all = budgeted.laplace_log_sd(law, raw, views[0].data_sizes, mask, ylog, target,
-                                     pool=np.repeat(np.arange(len(running)), m))
-    for j, i in enumerate(running):
-      if done[i]:
-        continue
-      pred = res[j].predicted
-      logp = np.log(np.where(np.isfinite(pred), pred, np.inf))
-      sd = sd_all[j * m:(j + 1) * m]
-      if last[i] is not None:
-        logp = np.where(active[i], logp, last[i][0])
-        sd = np.where(active[i], sd, last[i][1])
-      last[i] = (logp, sd)
-      hist[i].append({"data_size": float(d_s), "active": active[i].copy(),
-                      "log_pred": logp.copy(), "sd": sd.copy()})
-      if s + 1 >= min_points:
-        active[i] = budgeted.still_active(active[i], logp, sd, levels[i])
-      if active[i].sum() <= 1:
-        done[i] = True
-    if progress is not None:
-      progress(f"D={int(d_s)}: active per level " +
-               ", ".join(f"z={levels[i]:g}:{int(active[i].sum())}" for i in range(len(levels))))
-  out = []
-  for i, z in enumerate(levels):
-    logp = last[i][0]
-    order = np.lexsort((np.where(np.isfinite(logp), logp, np.inf), ~active[i]))
-    pred = np.exp(logp)
-    sel = selection.SelectionResult(
-        f"Budgeted({METHOD_NAME}, z={z:g})", pred, order, predicted=pred,
-        status=tuple("active" if a else "stopped" for a in active[i]),
-        extras={"active": active[i].copy()})
-    out.append(budgeted.BudgetedResult(z=z, selection=sel, flops=oracles[i].flops,
-                                       revealed=oracles[i].revealed.copy(),
-                                       stopped_at=stopped_at[i].copy(), history=tuple(hist[i])))
-  return out
+    return (law, np.concatenate([r.extras["raw_params"] for r in res]),
+            np.concatenate([v.mask for v in views]), np.stack([r.predicted for r in res]))
+
+  # Finished levels are refitted too (nothing new revealed): fixed shapes, one compile.
+  return budgeted.early_stopping_selection(
+      curves, levels, fit_views, name=METHOD_NAME, max_data_num=max_data_num,
+      target_data_num=target, min_points=min_points, refit_finished=True, progress=progress)
