@@ -72,6 +72,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # epochs = 0: every run may use train.max_steps (early stopping decides).
   c.step_budget = ml_collections.ConfigDict(dict(epochs=0.0, min_steps=0))
   c.checkpoint_runs = True  # orbax checkpoints at every evaluation (resume mid-run)
+  c.save_finetuned = False  # keep each run's fine-tuned parameters in workdir/finetuned/
   # NTK snapshots on the first `num_probe` test examples (0 disables).
   c.ntk = ml_collections.ConfigDict(dict(num_probe=8, output="log_likelihood"))
   c.data_parallel = True  # data-parallel over all devices (a 1-device mesh on CPU)
@@ -90,4 +91,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.max_steps = 12
     c.train.eval_every = 6
     c.ntk.num_probe = 4
+    c.save_finetuned = True
   return c

@@ -20,6 +20,8 @@ test split. Writes to --workdir:
                (lensllm_jax.benchmarks.write_curves; load_curves reads it back)
   ntk/         per-run NTK snapshots on the probe set (npz) and each model's
                pre-trained kernel <model>_pretrained.npz (theta, f0)
+  finetuned/   with config.save_finetuned: the fine-tuned parameters of each
+               run, finetuned/<model>/<D> (training.save_params)
   config.json, tokenizer.json, data/, pretrained/, ckpt/ (in-flight runs)
 
 Rerunning skips finished runs (read from runs.jsonl) and resumes an
@@ -293,6 +295,11 @@ def run_one(m: LoadedModel, data: dict, d: int, cfg, tcfg, workdir, mesh, snapsh
       train_flops=models.flops_per_token(m.config, max_len) * positions,
       flops_6nd=6.0 * models.count_params(m.params) * res.train_tokens,
       seconds=res.seconds, history=res.history)
+  if cfg.get("save_finetuned", False):
+    path = workdir / "finetuned" / m.name / str(d)
+    shutil.rmtree(path, ignore_errors=True)  # a partial save of an interrupted run
+    training.save_params(str(path), res.params)
+    rec["finetuned_params"] = str(path)
   if snapshot is not None:
     t0 = time.time()
     rec["ntk"] = snapshot.record(res.params, workdir / "ntk" / f"{m.name}_D{d}.npz")

@@ -28,7 +28,9 @@ Without checkpoints (the default) the run is a self-contained demo: the
 "fine-tuned" model continues for --finetune_steps steps on --num_examples
 sequences of a second chain (the task). With --pretrained_ckpt and
 --finetuned_ckpt (directories written by lensllm_jax.training.save_params,
-e.g. by experiments.finetune_sweep) those parameters are used instead and
+e.g. pretrained/<model> and, with config.save_finetuned, finetuned/<model>/<D>
+of experiments.finetune_sweep; the model must have the --preset's shape and
+vocabulary) those parameters are used instead and
 the task data come from --tokens_npy ([N, T + 1] int token ids) or the
 Markov chain.
 

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from conftest import REPO_ROOT
@@ -117,3 +118,29 @@ def test_workdir_with_runs_of_another_config_is_refused(tmp_path):
   with pytest.raises(ValueError, match="another sweep configuration"):
     finetune_sweep.bind_workdir(cfg, tmp_path)
   assert "40" in (tmp_path / "config.json").read_text()
+
+
+def test_saved_finetuned_params_reproduce_the_recorded_test_loss(sweep):
+  """finetuned/<model>/<D> (config.save_finetuned) holds the evaluated weights: the test
+  loss recomputed from them and the binary's own splits equals runs.jsonl's."""
+  import pathlib
+
+  from configs import finetune_tiny
+  from experiments import finetune_sweep
+  from lensllm_jax import textdata, training
+
+  cfg = finetune_tiny.get_config("smoke")
+  workdir = pathlib.Path(sweep)
+  splits = finetune_sweep.load_splits(cfg, workdir)
+  m = finetune_sweep.load_model(cfg.models[0], cfg, workdir, splits, mesh=None)
+  test = textdata.encode_examples(splits["test"], m.tokenizer, cfg.max_len)
+  lines = (sweep / "runs.jsonl").read_text().splitlines()
+  runs = {r["data_size"]: r for r in map(json.loads, lines)}
+  params = training.load_params(runs[400]["finetuned_params"], m.params)
+  loss = training.evaluate(training.cached_eval_step(m.apply_fn), params, test,
+                           cfg.train.eval_batch_size)
+  np.testing.assert_allclose(loss, runs[400]["test_loss"], rtol=1e-5)
+  changed = [float(np.abs(a - b).max()) for a, b in
+             zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(m.params),
+                 strict=True)]
+  assert max(changed) > 0
