@@ -40,6 +40,7 @@ LensLLM-NTK fits (B, beta, E, t) of L(D) = B / (F(Theta, t) + D^beta) + E.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import json
 import math
@@ -205,42 +206,45 @@ def sweep_step(cfg, workdir: pathlib.Path, corpus, tok, zoo_models) -> dict:
   grid = [0] + list(cfg.subset_sizes)
   total = len(cfg.tasks) * len(zoo_models) * len(grid)
   all_runs, t_start, n_new = {}, time.time(), 0
+
+  def progress(rec):
+    nonlocal n_new
+    n_new += 1
+    rate = (time.time() - t_start) / n_new
+    left = total - sum(len(r) for r in all_runs.values())
+    kd = rec.get("ntk", {}).get("kernel_distance")
+    extra = (f" kd {kd:.3g}" if kd is not None else "") + (
+        f" H {rec['hessian_top']:.3g} pac {rec['pac_sum_sqrt']:.3g}"
+        if "hessian_top" in rec else "")
+    log(f"[{total - left}/{total}] {rec['task']} {rec['model']} D={rec['data_size']}: test "
+        f"{rec['test_loss']:.4f} steps {rec['steps']}{extra} ({rec['wall_seconds']:.1f}s; "
+        f"{rate:.1f}s/run, ~{left * rate / 60:.1f} min left)")
+
   for task in cfg.tasks:
     scfg = sweep_config(cfg, task)
     sdir = workdir / "sweeps" / task
     fs.bind_workdir(scfg, sdir)
     runs = all_runs[task] = fs.read_runs(sdir / "runs.jsonl")
-    if all((m.spec.name, d) in runs for m in zoo_models for d in grid):
-      continue
-    data = task_data(cfg, corpus, tok, task)
-    tcfg = training.TrainConfig(**scfg.train.to_dict())
-
-    def progress(rec, task=task):
-      nonlocal n_new
-      n_new += 1
-      rate = (time.time() - t_start) / n_new
-      left = total - sum(len(r) for r in all_runs.values())
-      kd = rec.get("ntk", {}).get("kernel_distance")
-      extra = (f" kd {kd:.3g}" if kd is not None else "") + (
-          f" H {rec['hessian_top']:.3g} pac {rec['pac_sum_sqrt']:.3g}"
-          if "hessian_top" in rec else "")
-      log(f"[{total - left}/{total}] {task} {rec['model']} D={rec['data_size']}: test "
-          f"{rec['test_loss']:.4f} steps {rec['steps']}{extra} ({rec['wall_seconds']:.1f}s; "
-          f"{rate:.1f}s/run, ~{left * rate / 60:.1f} min left)")
-
-    for m in zoo_models:
-      loaded = fs.LoadedModel(m.spec.name, m.spec.family, m.config, m.params, tok, m.apply_fn)
-      after_run = None
-      if m.spec.name in scfg.hessian.models:
-        def after_run(params, d, idx, m=m, data=data):
-          t0 = time.time()
-          rec = hessian_quantities(cfg, m, params, data["train"], idx, jax.random.key(d))
-          return {**rec, "seconds_hessian": time.time() - t0}
-      fs.sweep_model(loaded, data, scfg, tcfg, sdir, runs, after_run=after_run,
-                     progress=progress)
+    if not all((m.spec.name, d) in runs for m in zoo_models for d in grid):
+      run_task_sweep(cfg, task, scfg, sdir, runs, corpus, tok, zoo_models, progress)
     fs.write_curve_file(scfg, runs, {m.spec.name: {"size": m.size, "family": m.spec.family}
                                      for m in zoo_models}, sdir / "curves.csv")
   return all_runs
+
+
+def run_task_sweep(cfg, task, scfg, sdir, runs, corpus, tok, zoo_models, progress) -> None:
+  """The task's fine-tuning sweep: `finetune_sweep.sweep_model` for every zoo model."""
+  data = task_data(cfg, corpus, tok, task)
+  tcfg = training.TrainConfig(**scfg.train.to_dict())
+  for m in zoo_models:
+    loaded = fs.LoadedModel(m.spec.name, m.spec.family, m.config, m.params, tok, m.apply_fn)
+    after_run = None
+    if m.spec.name in scfg.hessian.models:
+      def after_run(params, d, idx, m=m):
+        t0 = time.time()
+        rec = hessian_quantities(cfg, m, params, data["train"], idx, jax.random.key(d))
+        return {**rec, "seconds_hessian": time.time() - t0}
+    fs.sweep_model(loaded, data, scfg, tcfg, sdir, runs, after_run=after_run, progress=progress)
 
 
 def kernel_distance(rec: dict) -> float:
@@ -256,15 +260,15 @@ def run_row(rec: dict) -> dict:
   return row
 
 
-def curve_set(cfg, task: str, runs: dict, zoo_models, out: pathlib.Path) -> benchmarks.CurveSet:
-  """The task's curves (public format), written to out/curves_<task>.csv."""
-  grid = [0] + list(cfg.subset_sizes)
-  names = [m.spec.name for m in zoo_models]
-  curves = benchmarks.CurveSet(
-      name=task, source=str(out / f"curves_{task}.csv"), models=tuple(names),
-      sizes=np.asarray([m.size for m in zoo_models], np.int64),
-      families=tuple(m.spec.family for m in zoo_models), data_sizes=np.asarray(grid, np.float64),
-      losses=np.asarray([[runs[(n, d)]["test_loss"] for d in grid] for n in names], np.float64))
+def curve_set(workdir: pathlib.Path, task: str, zoo_models, out: pathlib.Path):
+  """The curve file the task's sweep wrote (sweeps/<task>/curves.csv), copied to
+  out/curves_<task>.csv; every selection method reads it as a public curve file."""
+  path = workdir / "sweeps" / task / "curves.csv"
+  curves = benchmarks.load_curves(str(path))
+  names = tuple(m.spec.name for m in zoo_models)
+  if curves.models != names:
+    raise ValueError(f"{path}: models {curves.models}, expected the zoo's {names}")
+  curves = dataclasses.replace(curves, name=task, source=str(out / f"curves_{task}.csv"))
   benchmarks.write_curves(curves, out / f"curves_{task}.csv")
   return curves
 
@@ -608,7 +612,7 @@ def report_step(cfg, workdir, out: pathlib.Path, all_runs, zoo_models, t_start) 
                "nlp_alpha": float(a)} for m, a in zip(zoo_models, alphas, strict=True)]
   for task in cfg.tasks:
     runs = all_runs[task]
-    curves = curve_set(cfg, task, runs, zoo_models, out)
+    curves = curve_set(workdir, task, zoo_models, out)
     aux = ntk_aux(cfg, workdir, task, zoo_models)
     for i, m in enumerate(zoo_models):
       f = ntk.ntk_test_loss(aux[0][i], aux[1][i], aux[2][i], np.array([0.0, 1.0, 10.0, 100.0]))
