@@ -16,8 +16,8 @@ objective comparison per curve. Usage:
   python -m experiments.bench_fit_speed [--benchmark flan --benchmark gigaword]
       [--num_restarts 8] [--scipy_method BFGS] [--scipy_jac numeric|jax]
 
-Curve files are looked up in --data_dir, else $LENSLLM_DATA_DIR, else
-../shared/benchmarks next to the repository when it exists, else downloaded.
+Curve files are looked up in --data_dir, else $LENSLLM_DATA_DIR, else among
+the packaged files (flan, gigaword), else downloaded (`benchmarks.load_curves`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ import numpy as np
 import scipy.optimize
 from absl import app, flags, logging
 
-from experiments import common
 from lensllm_jax import benchmarks, fitting, laws
 
 _BENCHMARK = flags.DEFINE_multi_string("benchmark", ["flan", "gigaword"],
@@ -119,7 +118,7 @@ def time_scipy(law, d, y, starts):
 
 def main(argv):
   del argv
-  data_dir = common.default_data_dir(_DATA_DIR.value)
+  data_dir = _DATA_DIR.value
   d, y, labels = load_all(_BENCHMARK.value, data_dir)
   law = laws.rectified_law()
   key = jax.random.PRNGKey(_SEED.value)

@@ -14,18 +14,6 @@ from absl import app
 
 from lensllm_jax import benchmarks
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def default_data_dir(flag_value: str | None) -> str | None:
-  """--data_dir, else $LENSLLM_DATA_DIR, else ../shared/benchmarks if present."""
-  if flag_value:
-    return flag_value
-  if os.environ.get("LENSLLM_DATA_DIR"):
-    return os.environ["LENSLLM_DATA_DIR"]
-  shared = REPO_ROOT.parent / "shared" / "benchmarks"
-  return str(shared) if shared.is_dir() else None
-
 
 def read_rows(path: pathlib.Path) -> list[dict]:
   """Rows of a CSV written by `append_rows` ([] if it does not exist yet)."""

@@ -14,8 +14,8 @@ Existing outputs are skipped (delete them to refit). Example:
   python -m experiments.fit_laws --benchmark flan --benchmark gigaword \
       --output_dir results/fit_laws --max_data_size 204800
 
-Curve files are looked up in --data_dir, else $LENSLLM_DATA_DIR, else
-../shared/benchmarks next to the repository when it exists, else downloaded.
+Curve files are looked up in --data_dir, else $LENSLLM_DATA_DIR, else among
+the packaged files (flan, gigaword), else downloaded (`benchmarks.load_curves`).
 Takes about a minute on 2 CPU cores (mostly one compilation per law).
 """
 
@@ -31,7 +31,6 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from experiments import common
 from lensllm_jax import benchmarks, fitting, laws
 
 _BENCHMARK = flags.DEFINE_multi_string("benchmark", ["flan", "gigaword"],
@@ -178,7 +177,7 @@ def main(argv):
   out_dir = pathlib.Path(_OUTPUT_DIR.value)
   out_dir.mkdir(parents=True, exist_ok=True)
   law_list = [laws.get_law(name.strip()) for name in _LAWS.value]
-  data_dir = common.default_data_dir(_DATA_DIR.value)
+  data_dir = _DATA_DIR.value
   key = jax.random.PRNGKey(_SEED.value)
   for i, spec in enumerate(_BENCHMARK.value):
     logging.info("[%d/%d] benchmark %s", i + 1, len(_BENCHMARK.value), spec)

@@ -1,7 +1,6 @@
 r"""LensLLM+ (pooled LensLLM fits) under the leave-one-dataset-out protocol.
 
-    python -m experiments.lensllm_plus --data_dir=../shared/benchmarks \
-        --benchmark=flan --benchmark=gigaword \
+    python -m experiments.lensllm_plus --benchmark=flan --benchmark=gigaword \
         --train_only_benchmark=results/study/curves_code2name.csv \
         --train_only_benchmark=results/study/curves_translate.csv \
         --output_dir=results/lensllm_plus --protocol=leave_one_out

@@ -1,7 +1,6 @@
 r"""Reproduces the LLM-selection tables of Lin et al. (2024) / Zeng et al. (2025).
 
-    python -m experiments.reproduce_selection --data_dir=../shared/benchmarks \
-        --benchmark=flan --benchmark=gigaword --output_dir=results/selection
+    python -m experiments.reproduce_selection --benchmark=flan --benchmark=gigaword --output_dir=results/selection
 
 For every curve file (`--benchmark`, a name looked up in --data_dir /
 $LENSLLM_DATA_DIR, or a path), every budget ratio D*/D_max and every method,

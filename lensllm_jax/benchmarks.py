@@ -11,11 +11,13 @@ and any subset / ordering of the integer columns is accepted as long as `0`
 is present; the D grid is returned sorted ascending.
 
 Files are found by path, or by name (`flan`, `gigaword`, `wmt19`, ...) in a
-local directory (`data_dir` argument, else `$LENSLLM_DATA_DIR`), or else
-downloaded once from the public release into a cache directory (`cache_dir`
-argument, else `$LENSLLM_CACHE_DIR`, else `~/.cache/lensllm_jax`). The URL
-template (with `{name}`) can be overridden by the `url_template` argument or
-`$LENSLLM_BENCHMARK_URL`.
+local directory (`data_dir` argument, else `$LENSLLM_DATA_DIR`), else among
+the files packaged with the library (`PACKAGED_DIR`: `flan` and `gigaword`,
+Lin et al. 2024, Apache-2.0, notice and citation in `data/NOTICE.md`), or
+else downloaded once from the public release into a cache directory
+(`cache_dir` argument, else `$LENSLLM_CACHE_DIR`, else `~/.cache/lensllm_jax`).
+The URL template (with `{name}`) can be overridden by the `url_template`
+argument or `$LENSLLM_BENCHMARK_URL`.
 
 Every validation error is a `CurveFormatError` whose message names the file,
 the row (model name and 1-based line number) and the column.
@@ -37,6 +39,7 @@ import numpy as np
 
 __all__ = [
   "DEFAULT_URL_TEMPLATE",
+  "PACKAGED_DIR",
   "CurveFormatError",
   "CurveSet",
   "load_curves",
@@ -46,6 +49,9 @@ __all__ = [
 
 DEFAULT_URL_TEMPLATE = (
   "https://raw.githubusercontent.com/linhaowei1/Fine-tuning-Scaling-Law/main/benchmark/{name}.csv")
+
+# Curve files shipped as package data (see data/NOTICE.md for their licence).
+PACKAGED_DIR = pathlib.Path(__file__).resolve().parent / "data"
 
 _MODEL_COL = "config name"
 _SIZE_COL = "size"
@@ -258,8 +264,9 @@ def resolve_curve_file(spec: str | os.PathLike, *, data_dir: str | None = None,
   """Local path of a curve file given a path or a benchmark name.
 
   Order: an existing path (or anything with a directory part / `.csv`
-  suffix, which must exist); `data_dir` (else `$LENSLLM_DATA_DIR`)/NAME.csv;
-  the cache `cache_dir` (else `$LENSLLM_CACHE_DIR`, else
+  suffix, which must exist); `data_dir` (else `$LENSLLM_DATA_DIR`)/NAME.csv
+  (an explicit directory without NAME.csv is an error); the packaged
+  `PACKAGED_DIR`/NAME.csv (flan, gigaword); the cache `cache_dir` (else `$LENSLLM_CACHE_DIR`, else
   `~/.cache/lensllm_jax`)/NAME.csv; finally a download from `url_template`
   (else `$LENSLLM_BENCHMARK_URL`, else the public release) into the cache.
   """
@@ -277,6 +284,9 @@ def resolve_curve_file(spec: str | os.PathLike, *, data_dir: str | None = None,
       return local
     raise FileNotFoundError(f"benchmark {name!r} not found: {local} does not exist "
                             "(data_dir / $LENSLLM_DATA_DIR)")
+  packaged = PACKAGED_DIR / f"{name}.csv"
+  if packaged.exists():
+    return packaged
   cache_dir = (cache_dir if cache_dir is not None else
                os.environ.get("LENSLLM_CACHE_DIR") or "~/.cache/lensllm_jax")
   cached = pathlib.Path(cache_dir).expanduser() / f"{name}.csv"

@@ -11,12 +11,13 @@ import textwrap
 import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-SHARED_BENCHMARKS = REPO_ROOT.parent / "shared" / "benchmarks"
+# The public curve files (flan, gigaword) ship inside the package.
+SHARED_BENCHMARKS = REPO_ROOT / "lensllm_jax" / "data"
 
 
 @pytest.fixture(scope="session")
 def shared_benchmarks() -> pathlib.Path:
-  """Directory of the public curve files (../shared/benchmarks)."""
+  """Directory of the public curve files packaged with the library (lensllm_jax/data)."""
   if not (SHARED_BENCHMARKS / "flan.csv").exists():
     pytest.fail(f"public curves not found at {SHARED_BENCHMARKS}")
   return SHARED_BENCHMARKS

@@ -7,7 +7,11 @@ import functools
 import http.server
 import os
 import pathlib
+import shutil
+import subprocess
+import sys
 import threading
+import zipfile
 
 import numpy as np
 import pytest
@@ -165,27 +169,65 @@ def _serve(directory):
 
 
 def test_download_once_then_cache(tmp_path, shared_benchmarks, monkeypatch):
+  # "wmt19" is not packaged, so it is downloaded (here from a local server).
   served = tmp_path / "served"
   served.mkdir()
-  (served / "flan.csv").write_bytes((shared_benchmarks / "flan.csv").read_bytes())
+  (served / "wmt19.csv").write_bytes((shared_benchmarks / "flan.csv").read_bytes())
   cache = tmp_path / "cache"
   with _serve(served) as base:
     template = base + "/{name}.csv"
-    cs = benchmarks.load_curves("flan", cache_dir=str(cache), url_template=template)
-    assert (cache / "flan.csv").exists()
+    cs = benchmarks.load_curves("wmt19", cache_dir=str(cache), url_template=template)
+    assert (cache / "wmt19.csv").exists()
     assert not [p for p in cache.iterdir() if p.suffix == ".tmp"]
     # A missing file on the server: clear error with the URL, nothing cached.
-    with pytest.raises(OSError, match=r"127\.0\.0\.1.*/wmt19\.csv"):
-      benchmarks.load_curves("wmt19", cache_dir=str(cache), url_template=template)
-    assert not (cache / "wmt19.csv").exists()
+    with pytest.raises(OSError, match=r"127\.0\.0\.1.*/missing\.csv"):
+      benchmarks.load_curves("missing", cache_dir=str(cache), url_template=template)
+    assert not (cache / "missing.csv").exists()
   # Server stopped: served from the cache (env vars route the same way).
   monkeypatch.setenv("LENSLLM_CACHE_DIR", str(cache))
   monkeypatch.setenv("LENSLLM_BENCHMARK_URL", template)
-  again = benchmarks.load_curves("flan")
+  again = benchmarks.load_curves("wmt19")
   np.testing.assert_array_equal(again.losses, cs.losses)
-  assert pathlib.Path(again.source) == cache / "flan.csv"
+  assert pathlib.Path(again.source) == cache / "wmt19.csv"
   with pytest.raises(OSError, match="could not download"):
-    benchmarks.load_curves("gigaword")
+    benchmarks.load_curves("missing")
+
+
+def test_packaged_curves_need_no_data_dir_or_network(tmp_path, monkeypatch):
+  # An empty cache and a URL nothing listens on: only the package data can answer.
+  monkeypatch.setenv("LENSLLM_CACHE_DIR", str(tmp_path / "cache"))
+  monkeypatch.setenv("LENSLLM_BENCHMARK_URL", "http://127.0.0.1:9/{name}.csv")
+  for name in ("flan", "gigaword"):
+    cs = benchmarks.load_curves(name)
+    assert pathlib.Path(cs.source) == benchmarks.PACKAGED_DIR / f"{name}.csv"
+    assert cs.losses.shape == (30, 15) and np.isfinite(cs.losses).all()
+  assert not (tmp_path / "cache").exists()
+  notice = (benchmarks.PACKAGED_DIR / "NOTICE.md").read_text()
+  assert "Rectified Scaling Law" in notice and "Apache License, Version 2.0" in notice
+  assert "Apache License" in (benchmarks.PACKAGED_DIR / "LICENSE").read_text()
+  # An explicit data directory still wins over the package data.
+  local = tmp_path / "local"
+  local.mkdir()
+  (local / "flan.csv").write_text(HEADER + "\n" + "\n".join(_good_rows()) + "\n")
+  assert benchmarks.load_curves("flan", data_dir=str(local)).num_models == 2
+
+
+def test_wheel_ships_the_curve_files(tmp_path):
+  # A non-editable install gets the files: they are declared package data.
+  root = pathlib.Path(benchmarks.__file__).resolve().parents[1]
+  src = tmp_path / "src"  # a copy, so the build leaves nothing in the repository
+  shutil.copytree(root / "lensllm_jax", src / "lensllm_jax",
+                  ignore=shutil.ignore_patterns("__pycache__"))
+  for name in ("pyproject.toml", "README.md"):
+    shutil.copy(root / name, src / name)
+  proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-index",
+                         "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"), str(src)],
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  (wheel,) = (tmp_path / "dist").glob("lensllm_jax-*.whl")
+  with zipfile.ZipFile(wheel) as z:
+    for name in ("flan.csv", "gigaword.csv", "NOTICE.md", "LICENSE"):
+      assert z.read(f"lensllm_jax/data/{name}") == (benchmarks.PACKAGED_DIR / name).read_bytes()
 
 
 def test_broken_download_is_not_cached(tmp_path):
