@@ -29,7 +29,7 @@ from absl import app, flags
 
 from experiments.hessian_common import lm_loss_fn, markov_sequences
 from lensllm_jax import hessian
-from lensllm_jax.models import CausalLM, count_params, init_params, presets
+from lensllm_jax.models import build, count_params, init_params, presets
 
 _PRESET = flags.DEFINE_string("preset", "tiny-gpt2", "Model preset.")
 _BATCH = flags.DEFINE_integer("batch", 8, "Sequences per batch.")
@@ -60,7 +60,7 @@ def timed(fn, repeats):
 def main(argv):
   del argv
   config = presets[_PRESET.value]
-  model = CausalLM(config)
+  model = build(config)
   params = init_params(config, jax.random.PRNGKey(0))
   batch = {k: jnp.asarray(v) for k, v in markov_sequences(
       config.vocab_size, _BATCH.value, _SEQ_LEN.value, chain_seed=0, seed=0).items()}

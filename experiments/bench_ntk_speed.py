@@ -55,7 +55,7 @@ def build_model():
       d_model=_D_MODEL.value, n_layers=_LAYERS.value, n_heads=_HEADS.value, n_kv_heads=None,
       head_dim=None, d_ff=4 * _D_MODEL.value, vocab_size=_VOCAB.value,
       max_len=max(_SEQ_LEN.value, 16))
-  model = models.CausalLM(config)
+  model = models.build(config)
   params = models.init_params(config, jax.random.key(0))
   return config, model, params
 

@@ -102,7 +102,7 @@ def make_timer(apply_fn, params, batch, mesh):
 def bench_model(name: str, reference_flops: float) -> dict:
   config = models.presets[name].replace(max_len=max(_SEQ.value, 8), dtype=_DTYPE.value)
   params = models.init_params(config, jax.random.key(0))
-  apply_fn = training.causal_lm_apply(models.CausalLM(config))
+  apply_fn = training.causal_lm_apply(models.build(config))
   batch = random_batch(config, _BATCH.value, _SEQ.value)
   timers = {"single": make_timer(apply_fn, params, batch, None),
              "sharded": make_timer(apply_fn, params, batch, sharding.make_mesh())}

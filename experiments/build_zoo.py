@@ -115,7 +115,7 @@ def tokenizer_step(cfg, workdir: pathlib.Path, corpus: zoo.Corpus):
 @functools.cache
 def apply_fn_for(config: models.ModelConfig):
   """One apply function per config, so models of equal shape share compilations."""
-  return training.causal_lm_apply(models.CausalLM(config))
+  return training.causal_lm_apply(models.build(config))
 
 
 @dataclasses.dataclass

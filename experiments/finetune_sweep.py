@@ -150,7 +150,7 @@ def load_model(spec, cfg, workdir: pathlib.Path, splits, mesh) -> LoadedModel:
     params = pretrained_params(spec, cfg, config, tok, workdir, mesh)
   if config.max_len < cfg.max_len:
     raise ValueError(f"model {spec.name!r}: max_len {config.max_len} < --config.max_len")
-  apply_fn = training.causal_lm_apply(models.CausalLM(config))
+  apply_fn = training.causal_lm_apply(models.build(config))
   return LoadedModel(spec.name, spec.family, config, params, tok, apply_fn)
 
 
@@ -165,7 +165,7 @@ def pretrained_params(spec, cfg, config, tok, workdir, mesh):
   corpus = textdata.encode_examples([("", t) for t in pretraining_texts(cfg)], tok, cfg.max_len)
   pcfg = training.TrainConfig(max_steps=spec.pretrain_steps, **cfg.pretrain.to_dict())
   t0 = time.time()
-  params, losses = training.pretrain(training.causal_lm_apply(models.CausalLM(config)), params,
+  params, losses = training.pretrain(training.causal_lm_apply(models.build(config)), params,
                                      corpus, pcfg, mesh=mesh)
   logging.info("pre-trained %s: %d steps, loss %.3f -> %.3f (%.1fs)", spec.name,
                spec.pretrain_steps, losses[0], losses[-1], time.time() - t0)
@@ -203,7 +203,7 @@ def _ntk_fns(config: models.ModelConfig, output: str):
   """(kernel fn, jitted output fn) of one model shape: compiled once per shape, not per model."""
   from lensllm_jax import ntk
 
-  apply_fn = ntk.lm_output_fn(models.CausalLM(config), output)
+  apply_fn = ntk.lm_output_fn(models.build(config), output)
   return ntk.make_ntk_fn(apply_fn), jax.jit(apply_fn)
 
 

@@ -54,7 +54,7 @@ from absl import app, flags, logging
 
 from experiments.hessian_common import as_batch, lm_loss_fn, markov_sequences
 from lensllm_jax import hessian, pac_bayes
-from lensllm_jax.models import CausalLM, init_params, presets
+from lensllm_jax.models import build, init_params, presets
 
 _WORKDIR = flags.DEFINE_string("workdir", "results/hessian_spectrum", "Output directory.")
 _PRESET = flags.DEFINE_string("preset", "tiny-gpt2", "Model preset (lensllm_jax.models.presets).")
@@ -281,7 +281,7 @@ def main(argv):
   check_workdir(workdir)
   config = presets[_PRESET.value].replace(max_len=max(presets[_PRESET.value].max_len,
                                                       _SEQ_LEN.value))
-  loss = lm_loss_fn(CausalLM(config))
+  loss = lm_loss_fn(build(config))
   data = load_task_data(config)
   params0, params1 = get_params(loss, config, data, workdir)
   key = jax.random.PRNGKey(_SEED.value + 7)

@@ -126,7 +126,7 @@ def sweep_config(cfg, task: str) -> ml_collections.ConfigDict:
 @functools.cache
 def loss_fn_for(config: models.ModelConfig):
   """Mean NLL per scored token of a batch dict (the fine-tuning objective)."""
-  model = models.CausalLM(config)
+  model = models.build(config)
 
   def loss_fn(params, batch):
     logits = model.apply({"params": params}, batch["input_ids"],

@@ -64,7 +64,7 @@ def load_model():
   """(config, model, params) from the flags."""
   if _HF_CHECKPOINT.value:
     config, params = models.load_hf_checkpoint(_HF_CHECKPOINT.value)
-    return config, models.CausalLM(config), params
+    return config, models.build(config), params
   if _PRESET.value not in models.presets:
     raise app.UsageError(f"--preset={_PRESET.value!r}: not one of {sorted(models.presets)}")
   config = models.presets[_PRESET.value]
@@ -74,7 +74,7 @@ def load_model():
     if not os.path.exists(_CHECKPOINT.value):
       raise app.UsageError(f"--checkpoint={_CHECKPOINT.value}: no such path")
     params = training.load_params(_CHECKPOINT.value, like=params)
-  return config, models.CausalLM(config), params
+  return config, models.build(config), params
 
 
 def load_probe(config) -> np.ndarray:

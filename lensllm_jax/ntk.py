@@ -381,14 +381,14 @@ LM_OUTPUTS = ("log_likelihood", "nll", "logits", "last_logits")
 
 
 def lm_output_fn(model, output: str = "log_likelihood") -> ApplyFn:
-  """`apply_fn(params, x)` for a `lensllm_jax.models.CausalLM`.
+  """`apply_fn(params, x)` for a decoder-only `lensllm_jax.models.build(config)`.
 
   x is input_ids [B, T] or a dict with "input_ids" [B, T] and optionally
   "attention_mask" [B, T] (1 = real token) and "loss_mask" [B, T] (which
   next-token targets count; default: every pair of real tokens).
 
   Args:
-    model: a `CausalLM` (flax module).
+    model: a decoder-only `models.build(config)` module (e.g. `CausalLM`).
     output: "log_likelihood": [B] mean next-token log-likelihood of each
       sequence (`models.sequence_log_likelihood`); "nll": [B] per-example loss
       (its negative); "logits": [B, T, V]; "last_logits": [B, V] at the last

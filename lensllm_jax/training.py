@@ -58,7 +58,7 @@ class ApplyFn(Protocol):
 
 
 def causal_lm_apply(model: Any, *, dropout: bool = False) -> ApplyFn:
-  """An `ApplyFn` for a `lensllm_jax.models.CausalLM` (or any Flax module with
+  """An `ApplyFn` for a decoder-only `lensllm_jax.models.build(config)` (or any Flax module with
   the same call signature). With dropout=True the key feeds dropout."""
 
   def apply_fn(params, input_ids, attention_mask, key):
@@ -356,7 +356,7 @@ def finetune(apply_fn: ApplyFn, params: Any, train: textdata.TokenizedData,
   """Fine-tunes `params` on `train` with early stopping on `validation`.
 
   Args:
-    apply_fn: see `ApplyFn` (e.g. `causal_lm_apply(CausalLM(config))`).
+    apply_fn: see `ApplyFn` (e.g. `causal_lm_apply(models.build(config))`).
     params: starting (pre-trained) parameters; not modified.
     train, validation: tokenised splits ([N, T] arrays).
     cfg: hyper-parameters.

@@ -48,7 +48,7 @@ def _compare(hf_model, checkpoint_dir, atol=1e-4):
   config, params = models.load_hf_checkpoint(checkpoint_dir)
   ids, mask = _batch()
   positions = _positions(mask)
-  apply = jax.jit(models.CausalLM(config).apply)
+  apply = jax.jit(models.build(config).apply)
   ours = apply({"params": params}, jnp.asarray(ids), attention_mask=jnp.asarray(mask),
                positions=jnp.asarray(positions))
   theirs = _torch_logits(hf_model, ids, mask, positions)

@@ -133,7 +133,12 @@ def _closed_form_count(c: models.ModelConfig) -> int:
   return v * d + c.n_layers * (2 * d + attn + mlp) + d + head
 
 
-@pytest.mark.parametrize("name", sorted(models.presets))
+# The development presets (the benchmark presets are checked in test_model_zoo.py).
+DEV_PRESETS = ("tiny-gpt2", "tiny-llama", "small-gpt2", "small-llama", "gpt2-124m", "gpt2-355m",
+               "llama-124m")
+
+
+@pytest.mark.parametrize("name", DEV_PRESETS)
 def test_parameter_count(name):
   config = models.presets[name]
   shapes = jax.eval_shape(lambda: models.init_params(config, jax.random.key(0)))

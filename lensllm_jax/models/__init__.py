@@ -1,17 +1,27 @@
-"""Flax causal language models (GPT-2 and Llama style) and their utilities.
+"""Flax language models of every supported architecture and their utilities.
 
-Public API:
-  ModelConfig, presets            configuration dataclass and named presets
-  CausalLM                        flax.linen Module: ids [B, T] -> logits [B, T, V] float32
-  init_params, block_names        random params; names of top-level parameter blocks
-  count_params, num_params        params in a pytree; closed form from a config
-  flops_per_token                 6 N + attention FLOPs convention (for cost / MFU)
+Public API (one entry point for every architecture; see `registry`):
+  build(config)                   the flax.linen Module of a config; a decoder-only
+                                  model maps ids [B, T] -> float32 logits [B, T, V]:
+                                  build(config).apply({"params": p}, ids, attention_mask=m)
+  load_hf_checkpoint(dir)         (config, params) from a Hugging Face checkpoint,
+                                  dispatching on config.json's model_type
+  init_params, num_params, flops_per_token, block_names
+                                  random params; closed-form count; FLOPs per token
+                                  (6 N + attention); top-level parameter block names
+  presets                         named configs: development sizes and the benchmark
+                                  models keyed by Hugging Face id ("gpt2", ...)
+  ModelConfig                     decoder-only config (config.is_encoder_decoder is False)
+  CausalLM                        the decoder-only Flax module (archs gpt2, llama)
+  count_params                    params in a pytree
   next_token_targets, token_log_probs, token_nll, sequence_log_likelihood, mean_token_nll
-  load_hf_checkpoint, config_from_hf, convert_gpt2_weights, convert_llama_weights,
-  load_tokenizer                  Hugging Face checkpoints and tokenizer.json
+  config_from_hf, convert_gpt2_weights, convert_llama_weights, read_safetensors,
+  load_tokenizer                  Hugging Face config.json, tensors and tokenizer.json
+  ARCHITECTURES, HF_FORMATS, register_architecture, register_hf_format
+                                  the registries a new family adds itself to
 """
 
-from lensllm_jax.models.config import ModelConfig, presets
+from lensllm_jax.models.config import ModelConfig
 from lensllm_jax.models.hf import (
     CheckpointError,
     config_from_hf,
@@ -28,20 +38,28 @@ from lensllm_jax.models.losses import (
     token_log_probs,
     token_nll,
 )
-from lensllm_jax.models.model import (
-    CausalLM,
+from lensllm_jax.models.model import CausalLM, count_params
+from lensllm_jax.models.presets import presets
+from lensllm_jax.models.registry import (
+    ARCHITECTURES,
+    HF_FORMATS,
     block_names,
-    count_params,
+    build,
     flops_per_token,
     init_params,
     num_params,
+    register_architecture,
+    register_hf_format,
 )
 
 __all__ = [
+    "ARCHITECTURES",
+    "HF_FORMATS",
     "CausalLM",
     "CheckpointError",
     "ModelConfig",
     "block_names",
+    "build",
     "config_from_hf",
     "convert_gpt2_weights",
     "convert_llama_weights",
@@ -55,6 +73,8 @@ __all__ = [
     "num_params",
     "presets",
     "read_safetensors",
+    "register_architecture",
+    "register_hf_format",
     "sequence_log_likelihood",
     "token_log_probs",
     "token_nll",

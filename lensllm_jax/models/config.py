@@ -1,4 +1,4 @@
-"""Model configuration (`ModelConfig`) and named presets.
+"""Model configuration of the decoder-only models (`ModelConfig`); presets are in `presets`.
 
 One frozen dataclass describes both supported architectures:
 
@@ -110,6 +110,11 @@ class ModelConfig:
     if not 0.0 <= self.dropout_rate < 1.0:
       raise ValueError(f"ModelConfig.dropout_rate must be in [0, 1), got {self.dropout_rate}")
 
+  @property
+  def is_encoder_decoder(self) -> bool:
+    """False: a `ModelConfig` always describes a decoder-only model."""
+    return False
+
   def replace(self, **changes) -> ModelConfig:
     """Returns a copy with ``changes`` applied.
 
@@ -127,25 +132,3 @@ class ModelConfig:
 
 _DERIVED = {"d_ff": ("d_model", "arch"), "head_dim": ("d_model", "n_heads"),
             "n_kv_heads": ("n_heads",), "tie_embeddings": ("arch",), "activation": ("arch",)}
-
-
-presets: dict[str, ModelConfig] = {
-    # Fast on CPU: used by the tests and the smoke runs.
-    "tiny-gpt2": ModelConfig(arch="gpt2", vocab_size=256, max_len=128, d_model=64,
-                             n_layers=2, n_heads=4, d_ff=256),
-    "tiny-llama": ModelConfig(arch="llama", vocab_size=256, max_len=128, d_model=64,
-                              n_layers=2, n_heads=4, n_kv_heads=2, d_ff=176),
-    # A few million parameters: CPU-trainable in minutes.
-    "small-gpt2": ModelConfig(arch="gpt2", vocab_size=8192, max_len=256, d_model=256,
-                              n_layers=4, n_heads=4, d_ff=1024),
-    "small-llama": ModelConfig(arch="llama", vocab_size=8192, max_len=256, d_model=256,
-                               n_layers=4, n_heads=4, d_ff=704),
-    # The published GPT-2 sizes (vocabulary and context of the released models).
-    "gpt2-124m": ModelConfig(arch="gpt2", vocab_size=50257, max_len=1024, d_model=768,
-                             n_layers=12, n_heads=12, d_ff=3072),
-    "gpt2-355m": ModelConfig(arch="gpt2", vocab_size=50257, max_len=1024, d_model=1024,
-                             n_layers=24, n_heads=16, d_ff=4096),
-    # Llama-style model of GPT-2-small width (vocab of GPT-2's tokenizer).
-    "llama-124m": ModelConfig(arch="llama", vocab_size=50257, max_len=1024, d_model=768,
-                              n_layers=12, n_heads=12, d_ff=2048, tie_embeddings=True),
-}

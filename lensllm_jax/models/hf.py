@@ -3,8 +3,9 @@
 `load_hf_checkpoint(dir)` reads a checkpoint directory in the hub layout
 (config.json plus model.safetensors, or sharded model-0000x-of-0000n.safetensors
 with model.safetensors.index.json) and returns our `ModelConfig` and the
-"params" pytree of `CausalLM`. Supported: GPT2LMHeadModel / GPT2Model
-(model_type "gpt2") and LlamaForCausalLM (model_type "llama").
+"params" pytree of `build(config)`, dispatching on config.json's
+``model_type`` through `registry.HF_FORMATS`. Registered here: GPT2LMHeadModel /
+GPT2Model (model_type "gpt2") and LlamaForCausalLM (model_type "llama").
 
 Weight layouts:
 * GPT-2 stores Conv1D weights as [in, out], the same as a Flax Dense kernel:
@@ -22,13 +23,14 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lensllm_jax.models import registry
 from lensllm_jax.models.config import ModelConfig
-from lensllm_jax.models.model import CausalLM
 
 # Non-parameter buffers some checkpoints carry (causal-mask tables, RoPE tables).
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
@@ -85,55 +87,69 @@ def _tanh_gelu(name: str, source: str) -> str:
 
 
 def config_from_hf(hf_config: dict, *, dtype: str = "float32",
-                   source: str = "config.json") -> ModelConfig:
-  """Translates a Hugging Face config.json dict into a `ModelConfig`.
+                   source: str = "config.json"):
+  """Translates a Hugging Face config.json dict into our config (dispatch on model_type).
 
   Args:
     hf_config: the parsed config.json.
     dtype: our compute dtype ("float32" or "bfloat16").
     source: file name used in error messages.
+
+  Raises:
+    CheckpointError: unknown model_type (the message lists the supported
+      ones) or an unsupported option.
   """
-  kind = hf_config.get("model_type")
-  if kind == "gpt2":
-    if not hf_config.get("scale_attn_weights", True):
-      raise CheckpointError(f"{source}: scale_attn_weights=False is not supported")
-    if hf_config.get("scale_attn_by_inverse_layer_idx", False):
-      raise CheckpointError(f"{source}: scale_attn_by_inverse_layer_idx=True is not supported")
-    d = hf_config["n_embd"]
-    return ModelConfig(
-        arch="gpt2", vocab_size=hf_config["vocab_size"], max_len=hf_config["n_positions"],
-        d_model=d, n_layers=hf_config["n_layer"], n_heads=hf_config["n_head"],
-        d_ff=hf_config.get("n_inner") or 4 * d, dtype=dtype,
-        norm_eps=hf_config.get("layer_norm_epsilon", 1e-5),
-        tie_embeddings=hf_config.get("tie_word_embeddings", True),
-        activation=_tanh_gelu(hf_config.get("activation_function", "gelu_new"), source))
-  if kind == "llama":
-    rope = hf_config.get("rope_parameters") or {}
-    scaling = hf_config.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
-    if rope_type != "default":
-      raise CheckpointError(f"{source}: rope_type={rope_type!r} is not supported (only default)")
-    for flag in ("attention_bias", "mlp_bias"):
-      if hf_config.get(flag, False):
-        raise CheckpointError(f"{source}: {flag}=True is not supported")
-    if hf_config.get("hidden_act", "silu") != "silu":
-      raise CheckpointError(f"{source}: hidden_act={hf_config['hidden_act']!r} is not supported")
-    heads = hf_config["num_attention_heads"]
-    return ModelConfig(
-        arch="llama", vocab_size=hf_config["vocab_size"],
-        max_len=hf_config.get("max_position_embeddings", 2048),
-        d_model=hf_config["hidden_size"], n_layers=hf_config["num_hidden_layers"],
-        n_heads=heads, d_ff=hf_config["intermediate_size"], dtype=dtype,
-        n_kv_heads=hf_config.get("num_key_value_heads") or heads,
-        head_dim=hf_config.get("head_dim") or hf_config["hidden_size"] // heads,
-        norm_eps=hf_config.get("rms_norm_eps", 1e-6),
-        rope_theta=float(rope.get("rope_theta", hf_config.get("rope_theta", 10000.0))),
-        tie_embeddings=hf_config.get("tie_word_embeddings", False), activation="silu")
-  raise CheckpointError(f"{source}: model_type={kind!r} is not supported (gpt2, llama)")
+  fmt = registry.hf_format(hf_config.get("model_type"), source)
+  return fmt.config_from_hf(hf_config, dtype, source)
 
 
-class _Reader:
-  """Takes named tensors, checks their shapes, remembers which were used."""
+def _gpt2_config(hf_config: dict, dtype: str, source: str) -> ModelConfig:
+  if not hf_config.get("scale_attn_weights", True):
+    raise CheckpointError(f"{source}: scale_attn_weights=False is not supported")
+  if hf_config.get("scale_attn_by_inverse_layer_idx", False):
+    raise CheckpointError(f"{source}: scale_attn_by_inverse_layer_idx=True is not supported")
+  d = hf_config["n_embd"]
+  return ModelConfig(
+      arch="gpt2", vocab_size=hf_config["vocab_size"], max_len=hf_config["n_positions"],
+      d_model=d, n_layers=hf_config["n_layer"], n_heads=hf_config["n_head"],
+      d_ff=hf_config.get("n_inner") or 4 * d, dtype=dtype,
+      norm_eps=hf_config.get("layer_norm_epsilon", 1e-5),
+      tie_embeddings=hf_config.get("tie_word_embeddings", True),
+      activation=_tanh_gelu(hf_config.get("activation_function", "gelu_new"), source))
+
+
+def _llama_config(hf_config: dict, dtype: str, source: str) -> ModelConfig:
+  rope = hf_config.get("rope_parameters") or {}
+  scaling = hf_config.get("rope_scaling") or {}
+  rope_type = rope.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
+  if rope_type != "default":
+    raise CheckpointError(f"{source}: rope_type={rope_type!r} is not supported (only default)")
+  for flag in ("attention_bias", "mlp_bias"):
+    if hf_config.get(flag, False):
+      raise CheckpointError(f"{source}: {flag}=True is not supported")
+  if hf_config.get("hidden_act", "silu") != "silu":
+    raise CheckpointError(f"{source}: hidden_act={hf_config['hidden_act']!r} is not supported")
+  heads = hf_config["num_attention_heads"]
+  return ModelConfig(
+      arch="llama", vocab_size=hf_config["vocab_size"],
+      max_len=hf_config.get("max_position_embeddings", 2048),
+      d_model=hf_config["hidden_size"], n_layers=hf_config["num_hidden_layers"],
+      n_heads=heads, d_ff=hf_config["intermediate_size"], dtype=dtype,
+      n_kv_heads=hf_config.get("num_key_value_heads") or heads,
+      head_dim=hf_config.get("head_dim") or hf_config["hidden_size"] // heads,
+      norm_eps=hf_config.get("rms_norm_eps", 1e-6),
+      rope_theta=float(rope.get("rope_theta", hf_config.get("rope_theta", 10000.0))),
+      tie_embeddings=hf_config.get("tie_word_embeddings", False), activation="silu")
+
+
+class TensorReader:
+  """Takes named tensors, checks their shapes, remembers which were used.
+
+  `take(name, shape, transpose=False)` returns the tensor as a float32 jax
+  array or raises `CheckpointError` naming a missing or mis-shaped tensor;
+  `check_all_used()` rejects tensors nobody took. ``prefixes`` are stripped
+  from the checkpoint names first (e.g. "model." of a *ForCausalLM).
+  """
 
   def __init__(self, tensors: dict[str, np.ndarray], source: str, prefixes: tuple[str, ...]):
     self.source = source
@@ -165,9 +181,12 @@ class _Reader:
                             f"{' ...' if len(extra) > 10 else ''} (wrong architecture/config?)")
 
 
-def _check_structure(params: dict, config: ModelConfig, source: str) -> dict:
+def check_structure(params: dict, config, source: str) -> dict:
+  """Checks a converted pytree against `registry.build(config)`'s shapes; returns it."""
+  arch = registry.architecture(config)
+  inputs = arch.dummy_inputs(config, 1)
   expected = jax.eval_shape(
-      lambda: CausalLM(config).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
+      lambda: arch.build(config).init(jax.random.key(0), *inputs))["params"]
   exp_leaves = jax.tree_util.tree_leaves_with_path(expected)
   got = dict(jax.tree_util.tree_leaves_with_path(params))
   for path, leaf in exp_leaves:
@@ -197,7 +216,7 @@ def convert_gpt2_weights(tensors: dict[str, np.ndarray], config: ModelConfig, *,
   c = config
   if c.arch != "gpt2":
     raise ValueError(f"convert_gpt2_weights needs arch='gpt2', got {c.arch!r}")
-  r = _Reader(tensors, source, ("transformer.",))
+  r = TensorReader(tensors, source, ("transformer.",))
   d, f = c.d_model, c.d_ff
 
   def ln(name):
@@ -222,7 +241,7 @@ def convert_gpt2_weights(tensors: dict[str, np.ndarray], config: ModelConfig, *,
   if not c.tie_embeddings:
     params["lm_head"] = {"kernel": r.take("lm_head.weight", (c.vocab_size, d), transpose=True)}
   r.check_all_used(ignore=("lm_head.weight",) if c.tie_embeddings else ())
-  return _check_structure(params, c, source)
+  return check_structure(params, c, source)
 
 
 def convert_llama_weights(tensors: dict[str, np.ndarray], config: ModelConfig, *,
@@ -241,7 +260,7 @@ def convert_llama_weights(tensors: dict[str, np.ndarray], config: ModelConfig, *
   c = config
   if c.arch != "llama":
     raise ValueError(f"convert_llama_weights needs arch='llama', got {c.arch!r}")
-  r = _Reader(tensors, source, ("model.",))
+  r = TensorReader(tensors, source, ("model.",))
   d, f = c.d_model, c.d_ff
   q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
 
@@ -267,12 +286,14 @@ def convert_llama_weights(tensors: dict[str, np.ndarray], config: ModelConfig, *
   if not c.tie_embeddings:
     params["lm_head"] = {"kernel": r.take("lm_head.weight", (c.vocab_size, d), transpose=True)}
   r.check_all_used(ignore=("lm_head.weight",) if c.tie_embeddings else ())
-  return _check_structure(params, c, source)
+  return check_structure(params, c, source)
 
 
-def load_hf_checkpoint(path: str | os.PathLike, *,
-                       dtype: str = "float32") -> tuple[ModelConfig, dict]:
-  """Loads a Hugging Face checkpoint directory into (ModelConfig, params).
+def load_hf_checkpoint(path: str | os.PathLike, *, dtype: str = "float32") -> tuple[Any, dict]:
+  """Loads a Hugging Face checkpoint directory into (config, params).
+
+  Dispatches on config.json's ``model_type`` through `registry.HF_FORMATS`
+  (gpt2, llama, ... : the message of an unknown one lists them).
 
   Args:
     path: directory with config.json and model.safetensors (or a sharded
@@ -280,19 +301,18 @@ def load_hf_checkpoint(path: str | os.PathLike, *,
     dtype: compute dtype of the returned config; params are float32.
 
   Returns:
-    (config, params) with params the "params" collection of `CausalLM(config)`:
-    `CausalLM(config).apply({"params": params}, ids, mask)`.
+    (config, params) with params the "params" collection of `build(config)`:
+    `build(config).apply({"params": params}, ids, attention_mask=mask)`.
   """
   path = pathlib.Path(path)
   config_file = path / "config.json"
   if not config_file.exists():
     raise FileNotFoundError(f"{config_file} not found (expected a Hugging Face checkpoint "
                             "directory with config.json and model.safetensors)")
-  config = config_from_hf(json.loads(config_file.read_text()), dtype=dtype,
-                          source=str(config_file))
-  tensors = read_safetensors(path)
-  convert = convert_gpt2_weights if config.arch == "gpt2" else convert_llama_weights
-  return config, convert(tensors, config, source=str(path))
+  hf_config = json.loads(config_file.read_text())
+  fmt = registry.hf_format(hf_config.get("model_type"), str(config_file))
+  config = fmt.config_from_hf(hf_config, dtype, str(config_file))
+  return config, fmt.convert(read_safetensors(path), config, str(path))
 
 
 def load_tokenizer(path: str | os.PathLike):
@@ -309,3 +329,9 @@ def load_tokenizer(path: str | os.PathLike):
   if not file.exists():
     raise FileNotFoundError(f"{file} not found (expected a tokenizers tokenizer.json)")
   return Tokenizer.from_file(str(file))
+
+
+registry.register_hf_format(registry.HFFormat(
+    "gpt2", _gpt2_config, lambda t, c, s: convert_gpt2_weights(t, c, source=s)))
+registry.register_hf_format(registry.HFFormat(
+    "llama", _llama_config, lambda t, c, s: convert_llama_weights(t, c, source=s)))

@@ -1,4 +1,4 @@
-"""`CausalLM`: the Flax causal language model for both architectures.
+"""`CausalLM`: the Flax decoder-only language model (registered archs "gpt2", "llama").
 
 Top-level parameter blocks (stable names; the Hessian/NTK helpers partition
 parameters by these top-level Flax submodules):
@@ -15,7 +15,7 @@ parameters by these top-level Flax submodules):
 Example:
 
     config = presets["tiny-gpt2"]
-    model = CausalLM(config)
+    model = build(config)        # the registry entry point; CausalLM(config) here
     variables = model.init(jax.random.key(0), jnp.zeros((2, 16), jnp.int32))
     logits = model.apply(variables, ids, attention_mask=mask)   # [2, 16, V] float32
 """
@@ -26,13 +26,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lensllm_jax.models import layers
+from lensllm_jax.models import layers, registry
 from lensllm_jax.models.config import ModelConfig
 from lensllm_jax.models.gpt2 import INIT_STD, GPT2Block
 from lensllm_jax.models.llama import LlamaBlock
 
 
-def block_names(config: ModelConfig) -> tuple[str, ...]:
+def _block_names(config: ModelConfig) -> tuple[str, ...]:
   """Names of the top-level parameter blocks of `CausalLM(config)`, input to output."""
   if config.arch == "gpt2":
     names = ["wte", "wpe"] + [f"h_{i}" for i in range(config.n_layers)] + ["ln_f"]
@@ -104,21 +104,6 @@ class CausalLM(nn.Module):
     return layers.Unembed(c.vocab_size, dtype, name="lm_head")(h)
 
 
-def init_params(config: ModelConfig, key: jax.Array, length: int | None = None) -> dict:
-  """Random initial parameters of `CausalLM(config)` (the "params" collection).
-
-  Args:
-    config: the model configuration.
-    key: PRNG key.
-    length: sequence length of the dummy input (default min(8, max_len); the
-      parameter shapes do not depend on it).
-  """
-  length = min(8, config.max_len) if length is None else length
-  dummy = jnp.zeros((1, length), jnp.int32)
-  # Jitted: XLA drops the unused forward pass and compiles one program.
-  return jax.jit(lambda k: CausalLM(config).init(k, dummy)["params"])(key)
-
-
 def count_params(params) -> int:
   """Total number of scalars in a parameter pytree."""
   return int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
@@ -135,7 +120,7 @@ def _matmul_params(c: ModelConfig) -> int:
   return c.n_layers * per_layer + c.vocab_size * c.d_model
 
 
-def num_params(config: ModelConfig) -> int:
+def _num_params(config: ModelConfig) -> int:
   """Closed-form parameter count of `CausalLM(config)`.
 
   gpt2:  V d + max_len d + L (4d + 3d^2 + 3d + d^2 + d + 2 d d_ff + d_ff + d) + 2d
@@ -145,10 +130,8 @@ def num_params(config: ModelConfig) -> int:
   c = config
   d = c.d_model
   total = _matmul_params(c)
-  if c.tie_embeddings:
-    pass  # the output head is the token embedding, counted once
-  else:
-    total += c.vocab_size * d  # separate token embedding
+  if not c.tie_embeddings:
+    total += c.vocab_size * d  # separate token embedding (a tied head is counted once)
   if c.arch == "gpt2":
     total += c.max_len * d + c.n_layers * (4 * d + 3 * d + d + c.d_ff + d) + 2 * d
   else:
@@ -156,24 +139,16 @@ def num_params(config: ModelConfig) -> int:
   return int(total)
 
 
-def flops_per_token(config: ModelConfig, seq_len: int, *, training: bool = True) -> float:
-  """Model FLOPs per token (the convention used for cost and MFU).
+def _attention_width(c: ModelConfig) -> int:
+  return c.n_layers * c.n_heads * c.head_dim
 
-  forward = 2 N_mm + 4 L H Dh T,  training = 3 x forward = 6 N_mm + 12 L H Dh T,
 
-  with N_mm the number of weight-matrix entries used in a matmul per token
-  (attention and MLP kernels of all layers plus the V x d output head, tied
-  or not; embedding lookups, norms and biases are not counted), L layers,
-  H Dh the total query width and T the sequence length. The attention term
-  counts QK^T and softmax-times-V (2 T H Dh each) for every key position,
-  without halving for the causal mask (the PaLM appendix B convention; it
-  is the 6 N convention of Kaplan et al. plus attention).
+def _dummy_inputs(c: ModelConfig, length: int) -> tuple:
+  return (jnp.zeros((1, length), jnp.int32),)
 
-  Args:
-    config: the model configuration.
-    seq_len: T.
-    training: forward+backward (3x) if True, forward only if False.
-  """
-  c = config
-  forward = 2.0 * _matmul_params(c) + 4.0 * c.n_layers * c.n_heads * c.head_dim * seq_len
-  return 3.0 * forward if training else forward
+
+for _arch in ("gpt2", "llama"):
+  registry.register_architecture(registry.Architecture(
+      name=_arch, build=CausalLM, dummy_inputs=_dummy_inputs, num_params=_num_params,
+      matmul_params=_matmul_params, attention_width=_attention_width,
+      block_names=_block_names))

@@ -1,0 +1,85 @@
+"""Named model configurations: `presets`, the single dict of them.
+
+Two kinds of entries:
+
+* small development presets ("tiny-gpt2", "small-llama", ...): CPU-sized
+  models for tests, smoke runs and synthetic experiments;
+* the benchmark models of the public fine-tuning curves, keyed by their
+  Hugging Face id exactly as in the curve files' first column
+  (``presets["gpt2"]``, ``presets["facebook/opt-350m"]``, ...). They are
+  written from the models' published config.json files (values noted per
+  family below) and `num_params` of each equals the ``size`` column of the
+  curve files (tests/test_zoo_presets.py). Loading the real weights goes
+  through `load_hf_checkpoint`; the presets give shapes, parameter counts and
+  FLOPs without a download.
+"""
+
+from __future__ import annotations
+
+from lensllm_jax.models.config import ModelConfig
+
+presets: dict[str, ModelConfig] = {
+    # Fast on CPU: used by the tests and the smoke runs.
+    "tiny-gpt2": ModelConfig(arch="gpt2", vocab_size=256, max_len=128, d_model=64,
+                             n_layers=2, n_heads=4, d_ff=256),
+    "tiny-llama": ModelConfig(arch="llama", vocab_size=256, max_len=128, d_model=64,
+                              n_layers=2, n_heads=4, n_kv_heads=2, d_ff=176),
+    # A few million parameters: CPU-trainable in minutes.
+    "small-gpt2": ModelConfig(arch="gpt2", vocab_size=8192, max_len=256, d_model=256,
+                              n_layers=4, n_heads=4, d_ff=1024),
+    "small-llama": ModelConfig(arch="llama", vocab_size=8192, max_len=256, d_model=256,
+                               n_layers=4, n_heads=4, d_ff=704),
+    # The published GPT-2 sizes (vocabulary and context of the released models).
+    "gpt2-124m": ModelConfig(arch="gpt2", vocab_size=50257, max_len=1024, d_model=768,
+                             n_layers=12, n_heads=12, d_ff=3072),
+    "gpt2-355m": ModelConfig(arch="gpt2", vocab_size=50257, max_len=1024, d_model=1024,
+                             n_layers=24, n_heads=16, d_ff=4096),
+    # Llama-style model of GPT-2-small width (vocab of GPT-2's tokenizer).
+    "llama-124m": ModelConfig(arch="llama", vocab_size=50257, max_len=1024, d_model=768,
+                              n_layers=12, n_heads=12, d_ff=2048, tie_embeddings=True),
+}
+
+
+def _gpt2(vocab_size: int, max_len: int, d_model: int, n_layers: int, n_heads: int,
+          activation: str = "gelu_new") -> ModelConfig:
+  """A GPT2LMHeadModel: d_ff = 4 d (n_inner null), LayerNorm eps 1e-5, tied head."""
+  return ModelConfig(arch="gpt2", vocab_size=vocab_size, max_len=max_len, d_model=d_model,
+                     n_layers=n_layers, n_heads=n_heads, d_ff=4 * d_model, norm_eps=1e-5,
+                     tie_embeddings=True, activation=activation)
+
+
+# ---------------------------------------------------------------------------
+# Decoder-only benchmark models (GPT-2 architecture).
+#
+# GPT-2 (openai-community/gpt2*, config.json): vocab_size 50257, n_positions
+# 1024, activation_function "gelu_new"; (n_embd, n_layer, n_head) =
+# (768, 12, 12), (1024, 24, 16), (1280, 36, 20), (1600, 48, 25).
+# LaMini-GPT (MBZUAI/LaMini-GPT-*): GPT-2 fine-tuned with one added padding
+# token, vocab_size 50258, otherwise the GPT-2 of the same size.
+# Cerebras-GPT (cerebras/Cerebras-GPT-*): GPT-2 blocks with n_positions 2048,
+# vocab_size 50257, n_inner 4 n_embd, activation_function "gelu" (exact);
+# (n_embd, n_layer, n_head) = 111M (768, 10, 12), 256M (1088, 14, 17),
+# 1.3B (2048, 24, 16), 2.7B (2560, 32, 32).
+# mGPT (ai-forever/mGPT): GPT-2 blocks, vocab_size 100000, n_positions 2048,
+# n_embd 2048, n_layer 24, n_head 16, "gelu_new".
+_GPT2_SHAPES = {"124M": (768, 12, 12), "355M": (1024, 24, 16), "774M": (1280, 36, 20),
+                "1.5B": (1600, 48, 25)}
+presets["gpt2"] = _gpt2(50257, 1024, *_GPT2_SHAPES["124M"])
+presets["gpt2-medium"] = _gpt2(50257, 1024, *_GPT2_SHAPES["355M"])
+presets["gpt2-large"] = _gpt2(50257, 1024, *_GPT2_SHAPES["774M"])
+presets["gpt2-xl"] = _gpt2(50257, 1024, *_GPT2_SHAPES["1.5B"])
+for _size in ("124M", "774M", "1.5B"):
+  presets[f"MBZUAI/LaMini-GPT-{_size}"] = _gpt2(50258, 1024, *_GPT2_SHAPES[_size])
+for _size, _shape in (("111M", (768, 10, 12)), ("256M", (1088, 14, 17)),
+                      ("1.3B", (2048, 24, 16)), ("2.7B", (2560, 32, 32))):
+  presets[f"cerebras/Cerebras-GPT-{_size}"] = _gpt2(50257, 2048, *_shape, activation="gelu")
+presets["ai-forever/mGPT"] = _gpt2(100000, 2048, 2048, 24, 16)
+
+# ---------------------------------------------------------------------------
+# Decoder-only benchmark models (OPT, Phi): added with their Flax modules.
+
+# ---------------------------------------------------------------------------
+# ENCODER-DECODER BENCHMARK PRESETS (issue 13: T5 / mT5 / BART / Switch).
+# Add them here, keyed by Hugging Face id as in the curve files, with configs
+# whose ``is_encoder_decoder`` is True and whose ``arch`` is registered in
+# `registry.ARCHITECTURES`.
