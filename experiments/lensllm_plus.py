@@ -227,7 +227,7 @@ def budgeted_dataset(curves, fold, out, *, key, levels, max_data_num, num_restar
   target = float(np.max(curves.data_sizes))
   truth = curves.column(target)
   ats8 = budgeted.method_flops("AtS", curves.sizes, curves.data_sizes, target / 8)
-  res = pooled.budgeted_pooled_selection(
+  res = budgeted.budgeted_pooled_selection(
       curves, todo, fold.config, key=key, max_data_num=max_data_num,
       num_restarts=num_restarts, num_steps=num_steps,
       progress=lambda s: logging.info("[%s] budgeted %s", name, s))

@@ -59,6 +59,7 @@ from lensllm_jax import (
     benchmarks,
     budgeted,
     hessian,
+    methods,
     metrics,
     models,
     nlp_metrics,
@@ -311,7 +312,7 @@ def selection_step(cfg, task: str, curves, aux, alphas):
   results = {r: {} for r in ratios}
   for name in ("ZeroShot", "SubTuning", "ModelSize", "AtS"):
     for r, v in zip(ratios, views, strict=True):
-      results[r][name] = selection.run_method(name, v, meta)
+      results[r][name] = methods.run_method(name, v, meta)
   for name in ("VanillaFit", "RectifiedFit", "LensLLM"):
     for r, res in zip(ratios, selection.run_fitted_batch(
         name, views, meta, key=key, num_restarts=int(cfg.selection.num_restarts),

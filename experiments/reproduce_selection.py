@@ -33,6 +33,7 @@ from absl import app, flags, logging
 
 from experiments import common
 from lensllm_jax import budgeted, laws, metrics, pooled, published, selection
+from lensllm_jax import methods as methods_lib
 from lensllm_jax import protocol as protocol_lib
 
 ALL_METHODS = ("ZeroShot", "SubTuning", "ModelSize", "VanillaFit", "RectifiedFit", "AtS",
@@ -164,12 +165,12 @@ def run_dataset(curves, methods, ratios, out: pathlib.Path, *, target, key, num_
       results = [r[0] for r in pooled.pooled_selection(
           views, meta, [plus_config or pooled.DEFAULT_CONFIG], key=jax.random.fold_in(key, mi),
           num_restarts=num_restarts, fit_options=fit_options)]
-    elif method in selection.FITTED_METHODS:
+    elif method in methods_lib.FITTED_METHODS:
       results = selection.run_fitted_batch(method, views, meta, key=jax.random.fold_in(key, mi),
                                            num_restarts=num_restarts, fit_options=fit_options,
                                            min_curves=min_curves)
     else:
-      results = [selection.run_method(method, v, meta) for v in views]
+      results = [methods_lib.run_method(method, v, meta) for v in views]
     sel, rm, fits, cost = [], [], [], []
     for (ratio, dmax), res in zip(budgets, results, strict=True):
       sel += score_rows(name, ratio, dmax, res, truth)
@@ -451,9 +452,9 @@ def run(specs, *, data_dir, methods, ratios, output_dir, target_data_num=None, n
         plus_protocol="none") -> pathlib.Path:
   """The whole experiment (what `main` runs); returns the output directory."""
   t0 = time.time()
-  unknown = [m for m in methods if m not in selection.METHODS]
+  unknown = [m for m in methods if m not in methods_lib.METHODS]
   if unknown:
-    raise app.UsageError(f"--methods: unknown {unknown}; known {sorted(selection.METHODS)}")
+    raise app.UsageError(f"--methods: unknown {unknown}; known {sorted(methods_lib.METHODS)}")
   out = pathlib.Path(output_dir)
   out.mkdir(parents=True, exist_ok=True)
   curve_sets = common.load_all(specs, data_dir)

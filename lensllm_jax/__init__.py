@@ -8,6 +8,7 @@ The public surface is a set of modules, each one concept:
   phases       pre-power -> power phase transition (AtS test)
   selection    ZeroShot, SubTuning, ModelSize, VanillaFit, RectifiedFit, AtS, LensLLM
   pooled       LensLLM+ : the pooled curve-mode predictor
+  methods      the registry of all methods by name (METHODS, run_method)
   protocol     leave-one-dataset-out choice of hyper-parameters
   metrics      PearCorr, RelAcc, Spearman, Kendall, curve RMSE
   budgeted     compute accounting and budgeted selection with early stopping
@@ -40,7 +41,7 @@ xla_workarounds.disable_cpu_ynn_fusions()
 __version__ = "0.1.0"
 
 _SUBMODULES = (
-    "benchmarks", "budgeted", "fitting", "hessian", "laws", "metrics", "models",
+    "benchmarks", "budgeted", "fitting", "hessian", "laws", "methods", "metrics", "models",
     "nlp_metrics", "nt_compat", "ntk", "pac_bayes", "phases", "pooled", "protocol",
     "published", "selection", "sharding", "study_tasks", "textdata", "training", "zoo",
 )

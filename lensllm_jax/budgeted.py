@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lensllm_jax import selection
+from lensllm_jax import laws, methods, pooled, selection
 
 FLOPS_PER_PARAM_SAMPLE = 6.0
 
@@ -68,14 +68,14 @@ def method_flops(method: str, sizes, data_sizes, max_data_num: float) -> float:
   """Cost of a fixed-budget method that reads the points `METHOD_READS[method]` names.
 
   Args:
-    method: a name in `selection.METHOD_READS`.
+    method: a name in `methods.METHOD_READS`.
     sizes: [M] parameter counts.
     data_sizes: [P] the D grid of the curve file.
     max_data_num: the budget D_max.
   """
-  reads = selection.METHOD_READS.get(method)
+  reads = methods.METHOD_READS.get(method)
   if reads is None:
-    raise ValueError(f"no cost rule for method {method!r}; known: {sorted(selection.METHOD_READS)}")
+    raise ValueError(f"no cost rule for method {method!r}; known: {sorted(methods.METHOD_READS)}")
   d = np.asarray(data_sizes, np.float64)
   d = d[(d > 0) & (d <= max_data_num)]  # D = 0 is free
   if reads in ("none", "zero") or d.size == 0:
@@ -343,3 +343,54 @@ def budgeted_selection(curves, levels: Sequence[float], *, key: jax.Array,
   return early_stopping_selection(curves, levels, fit_views, name=method,
                                   max_data_num=max_data_num, target_data_num=target_data_num,
                                   min_points=min_points, progress=progress)
+
+
+def budgeted_pooled_selection(curves, levels: Sequence[float], config: pooled.PooledConfig, *,
+                              key: jax.Array, max_data_num: float, min_points: int = 4,
+                              num_restarts: int = 8, num_steps: int = 60,
+                              target_data_num: float | None = None, progress=None):
+  """The early-stopping procedure with the LensLLM+ fit (`pooled.pooled_selection`).
+
+  Same rule as `budgeted_selection` (SELECT): step s pays 6 N D_s
+  for every active model at D_s = the s-th positive grid size (through
+  `CurveOracle`, which reveals a loss only when paid for), refits,
+  and stops model m once each model has `min_points` positive points and
+
+      log L_m - z sd_m > min_j (log L_j + z sd_j)    (j active),
+
+  with sd the delta-method sd of log L(D*) from `laplace_log_sd`
+  applied to the pooled fit's per-model parameters (the prior is ignored
+  there, so sd is conservative). Here the fit of each step is the pooled
+  fit of all models (stopped models keep their revealed points and still
+  inform the prior).
+
+  Args:
+    curves: a CurveSet (read only by the oracles).
+    levels: confidence levels z.
+    config: the LensLLM+ setting.
+    key: PRNG key; step s uses fold_in(key, s).
+    max_data_num: largest D that may be paid for.
+    min_points: positive points needed before anyone is stopped.
+    num_restarts, num_steps: passed to `pooled_selection`.
+    target_data_num: D* (default the largest D of the file).
+    progress: optional callable(str).
+
+  Returns:
+    One `BudgetedResult` per level.
+  """
+  grid = np.asarray(curves.data_sizes, np.float64)
+  target = float(grid.max()) if target_data_num is None else float(target_data_num)
+  meta = selection.metadata_of(curves, target)
+  law = laws.lensllm_law()
+
+  def fit_views(views, step):
+    res = [r[0] for r in pooled.pooled_selection(views, meta, [config], key=jax.random.fold_in(key, step),
+                                          num_restarts=num_restarts, num_steps=num_steps,
+                                          num_points=grid.size)]
+    return (law, np.concatenate([r.extras["raw_params"] for r in res]),
+            np.concatenate([v.mask for v in views]), np.stack([r.predicted for r in res]))
+
+  # Finished levels are refitted too (nothing new revealed): fixed shapes, one compile.
+  return early_stopping_selection(
+      curves, levels, fit_views, name=pooled.METHOD_NAME, max_data_num=max_data_num,
+      target_data_num=target, min_points=min_points, refit_finished=True, progress=progress)

@@ -51,9 +51,9 @@ beta set to the across-model median; the lower MAP objective wins.
 Selection: `lensllm_plus` (one budget view, the signature of the methods in
 `selection`) and `pooled_selection` (many views x settings in one batch)
 rank models by the pooled fit's L(D*), method name "LensLLM+"; they accept
-only `selection.VisibleCurves`. `budgeted_pooled_selection` runs the
-early-stopping procedure of `budgeted.py` with this fit. Settings are chosen
-by `protocol.leave_one_out`.
+only `selection.VisibleCurves`. `budgeted.budgeted_pooled_selection` runs
+the early-stopping procedure with this fit. Settings are chosen by
+`protocol.leave_one_out`.
 
 Measured outcome (experiments/lensllm_plus.py, leave-one-dataset-out on
 flan / gigaword, 148-setting grid, the two study curve files as training-only
@@ -76,7 +76,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lensllm_jax import laws
+from lensllm_jax import laws, metrics, selection
 
 __all__ = [
   "BACKTEST_STRENGTHS",
@@ -86,7 +86,6 @@ __all__ = [
   "POOLABLE",
   "PooledConfig",
   "PooledFit",
-  "budgeted_pooled_selection",
   "covariate_matrix",
   "empirical_bayes_strength",
   "fit_pooled",
@@ -598,7 +597,6 @@ BACKTEST_STRENGTHS = (0.0, 1e-3, 1e-2, 1e-1, 1.0)
 
 def _cut_view(view, max_data_num):
   """The part of a VisibleCurves with D <= max_data_num (a budget view itself)."""
-  from lensllm_jax import selection
   keep = view.data_sizes <= max_data_num
   return selection.VisibleCurves(data_sizes=view.data_sizes[keep],
                                  losses=np.where(view.mask, view.losses, 1.0)[:, keep],
@@ -611,7 +609,6 @@ def _backtest_strengths(views, metadata, configs, *, key, num_restarts, num_step
   All configs with the same backtest factor share one `pooled_selection` call
   on the cut views (one set of independent fits), candidates config-major.
   """
-  from lensllm_jax import metrics
   chosen = [[c.strength] * len(views) for c in configs]
   law = laws.lensllm_law()
   for factor in sorted({c.backtest for c in configs if c.backtest}):
@@ -680,8 +677,6 @@ def pooled_selection(views, metadata, configs: Sequence[PooledConfig], *, key: j
     (predicted = feature = L(D*) [M]; extras: law, raw_params [M, 4],
     config, data_sizes, mask, independent_raw [M, 4]).
   """
-  from lensllm_jax import selection  # selection may register this method: import late.
-
   views = list(views)
   for v in views:
     if not isinstance(v, selection.VisibleCurves):
@@ -783,56 +778,3 @@ def lensllm_plus(visible, metadata, *, key: jax.Array, config: PooledConfig | No
 # A middle-of-the-grid default for direct calls, NOT a tuned value; experiments
 # choose settings with `protocol.leave_one_out` instead.
 DEFAULT_CONFIG = PooledConfig(strength=1e-2, pooled=("beta",), covariates="none")
-
-
-def budgeted_pooled_selection(curves, levels: Sequence[float], config: PooledConfig, *,
-                              key: jax.Array, max_data_num: float, min_points: int = 4,
-                              num_restarts: int = 8, num_steps: int = 60,
-                              target_data_num: float | None = None, progress=None):
-  """The early-stopping procedure of `budgeted.py` with the LensLLM+ fit.
-
-  Same rule as `budgeted.budgeted_selection` (SELECT): step s pays 6 N D_s
-  for every active model at D_s = the s-th positive grid size (through
-  `budgeted.CurveOracle`, which reveals a loss only when paid for), refits,
-  and stops model m once each model has `min_points` positive points and
-
-      log L_m - z sd_m > min_j (log L_j + z sd_j)    (j active),
-
-  with sd the delta-method sd of log L(D*) from `budgeted.laplace_log_sd`
-  applied to the pooled fit's per-model parameters (the prior is ignored
-  there, so sd is conservative). Here the fit of each step is the pooled
-  fit of all models (stopped models keep their revealed points and still
-  inform the prior).
-
-  Args:
-    curves: a CurveSet (read only by the oracles).
-    levels: confidence levels z.
-    config: the LensLLM+ setting.
-    key: PRNG key; step s uses fold_in(key, s).
-    max_data_num: largest D that may be paid for.
-    min_points: positive points needed before anyone is stopped.
-    num_restarts, num_steps: passed to `pooled_selection`.
-    target_data_num: D* (default the largest D of the file).
-    progress: optional callable(str).
-
-  Returns:
-    One `budgeted.BudgetedResult` per level.
-  """
-  from lensllm_jax import budgeted, selection
-
-  grid = np.asarray(curves.data_sizes, np.float64)
-  target = float(grid.max()) if target_data_num is None else float(target_data_num)
-  meta = selection.metadata_of(curves, target)
-  law = laws.lensllm_law()
-
-  def fit_views(views, step):
-    res = [r[0] for r in pooled_selection(views, meta, [config], key=jax.random.fold_in(key, step),
-                                          num_restarts=num_restarts, num_steps=num_steps,
-                                          num_points=grid.size)]
-    return (law, np.concatenate([r.extras["raw_params"] for r in res]),
-            np.concatenate([v.mask for v in views]), np.stack([r.predicted for r in res]))
-
-  # Finished levels are refitted too (nothing new revealed): fixed shapes, one compile.
-  return budgeted.early_stopping_selection(
-      curves, levels, fit_views, name=METHOD_NAME, max_data_num=max_data_num,
-      target_data_num=target, min_points=min_points, refit_finished=True, progress=progress)

@@ -29,8 +29,9 @@ Methods (published names):
 - LensLLM: L(D) = B / (F + D^beta) + E, curve mode (F a fitted scalar per
   model), or with F(t, aux) from the NTK given as `f_term` with per-model `aux`.
 
-Not published: LensLLM+ (`lensllm_plus`, see `pooled.py`): the LensLLM
-curve-mode law fitted to all models jointly with a hierarchical prior.
+Not published: LensLLM+ (`pooled.lensllm_plus`): the LensLLM curve-mode law
+fitted to all models jointly with a hierarchical prior. The registry of all
+methods by name (`METHODS`, `run_method`) is `methods.py`.
 
 Ties in the feature keep file order (a stable sort), which picks the same
 top model as the published code (pandas average ranks + argmin).
@@ -421,39 +422,6 @@ def lensllm(visible: VisibleCurves, metadata: Metadata, *, key: jax.Array,
                        fit_options=fit_options)[0]
 
 
-def lensllm_plus(visible: VisibleCurves, metadata: Metadata, *, key: jax.Array,
-                 config=None, num_restarts: int = 8, num_steps: int = 60,
-                 fit_options=None) -> SelectionResult:
-  """LensLLM+: LensLLM curve-mode fits of all models at once with a hierarchical prior.
-
-  See `pooled.py` (the method) and `protocol.py` (its settings are chosen by
-  leave-one-dataset-out); `config` is a `pooled.PooledConfig` (default
-  `pooled.DEFAULT_CONFIG`, not a tuned value).
-  """
-  from lensllm_jax import pooled  # pooled imports this module
-  return pooled.lensllm_plus(visible, metadata, key=key, config=config,
-                             num_restarts=num_restarts, num_steps=num_steps,
-                             fit_options=fit_options)
-
-
-Method = Callable[..., SelectionResult]
-
-DETERMINISTIC_METHODS: dict[str, Method] = {
-    "ZeroShot": zero_shot,
-    "SubTuning": sub_tuning,
-    "ModelSize": model_size,
-    "AtS": ats,
-}
-
-FITTED_METHODS: dict[str, Method] = {
-    "VanillaFit": vanilla_fit,
-    "RectifiedFit": rectified_fit,
-    "LensLLM": lensllm,
-    "LensLLM+": lensllm_plus,
-}
-
-METHODS: dict[str, Method] = {**DETERMINISTIC_METHODS, **FITTED_METHODS}
-
 # name -> (law factory, uses the zero-shot point), for batched fitting.
 FITTED_LAWS: dict[str, tuple[Callable[[], laws.Law], bool]] = {
     "VanillaFit": (laws.vanilla_law, False),
@@ -473,23 +441,3 @@ def run_fitted_batch(name: str, views, metadata: Metadata, *, key: jax.Array,
   return fit_law_views(name, law, views, metadata, key=key, use_zero_shot=zero,
                        num_restarts=num_restarts, aux=aux, fit_options=fit_options,
                        min_curves=min_curves)
-
-# Which visible points each method reads (for cost accounting, DESIGN.md sec. 6):
-# "none", "zero" (D = 0 only, free), "last" (the largest visible D), "positive"
-# (all D > 0), "all".
-METHOD_READS: dict[str, str] = {
-    "ZeroShot": "zero", "SubTuning": "last", "ModelSize": "none", "AtS": "positive",
-    "VanillaFit": "positive", "RectifiedFit": "all", "LensLLM": "all", "LensLLM+": "all",
-}
-
-
-def run_method(name: str, visible: VisibleCurves, metadata: Metadata, *,
-               key: jax.Array | None = None, **options) -> SelectionResult:
-  """Runs a method by name; fitted methods need `key`."""
-  if name not in METHODS:
-    raise ValueError(f"unknown method {name!r}; known: {sorted(METHODS)}")
-  if name in FITTED_METHODS:
-    if key is None:
-      raise ValueError(f"{name} needs a PRNG key (key=jax.random.key(...))")
-    return METHODS[name](visible, metadata, key=key, **options)
-  return METHODS[name](visible, metadata, **options)

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from lensllm_jax import fitting, laws, pooled, selection
+from lensllm_jax import fitting, laws, methods, pooled, selection
 
 D_STAR = 1_638_400.0
 
@@ -171,10 +171,10 @@ def test_method_reads_only_the_visible_budget(shared_benchmarks):
         "fit_options": {"max_steps": 100}}
   a = pooled.lensllm_plus(selection.visible_view(small, dmax), meta, **kw)
   # Through the selection registry (same method, same settings).
-  b = selection.run_method("LensLLM+", selection.visible_view(poisoned, dmax), meta, **kw)
+  b = methods.run_method("LensLLM+", selection.visible_view(poisoned, dmax), meta, **kw)
   np.testing.assert_array_equal(a.predicted, b.predicted)
   assert a.method == b.method == "LensLLM+"
-  assert selection.METHOD_READS["LensLLM+"] == "all"
+  assert methods.METHOD_READS["LensLLM+"] == "all"
   # The method refuses anything but a budget view (e.g. the full CurveSet).
   with pytest.raises(TypeError, match="VisibleCurves"):
     pooled.lensllm_plus(small, meta, **kw)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from _selection_synthetic import FAST, synthetic_curves
 
-from lensllm_jax import benchmarks, metrics, published, selection
+from lensllm_jax import benchmarks, methods, metrics, published, selection
 
 D_STAR = 1_638_400
 
@@ -23,7 +23,7 @@ def test_deterministic_methods_match_published(shared_sets, dataset, method):
   meta = selection.metadata_of(curves, D_STAR)
   truth = curves.column(D_STAR)
   for ratio in published.RATIOS:
-    res = selection.run_method(method, selection.visible_view(curves, D_STAR // ratio), meta)
+    res = methods.run_method(method, selection.visible_view(curves, D_STAR // ratio), meta)
     for metric, ours in (("PearCorr", metrics.pearson_corr(res.feature, truth)),
                          ("RelAcc", metrics.relative_accuracy(res.chosen, truth))):
       pub = published.published_value(dataset, method, metric, ratio)
@@ -59,12 +59,12 @@ def test_poisoned_hidden_columns_change_nothing(shared_sets):
   curves = shared_sets["gigaword"]
   meta = selection.metadata_of(curves, D_STAR)
   for dmax in (3200, 51200):
-    base = {m: selection.run_method(m, selection.visible_view(curves, dmax), meta)
-            for m in selection.DETERMINISTIC_METHODS}
+    base = {m: methods.run_method(m, selection.visible_view(curves, dmax), meta)
+            for m in methods.DETERMINISTIC_METHODS}
     for seed in range(2):
       bad = _poisoned(curves, dmax, seed)
       for m, ref in base.items():
-        res = selection.run_method(m, selection.visible_view(bad, dmax), meta)
+        res = methods.run_method(m, selection.visible_view(bad, dmax), meta)
         np.testing.assert_array_equal(res.feature, ref.feature)
         np.testing.assert_array_equal(res.ranking, ref.ranking)
 

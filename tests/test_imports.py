@@ -1,0 +1,108 @@
+"""The imports of the code form a DAG: no module imports, even inside a function, one that imports it back.
+
+The graph is read from the source with `ast` (no module is imported): every
+`import` / `from ... import` statement anywhere in a file, at module level or
+inside a function, is an edge to the named module of the same package (a
+`from pkg import name` is an edge to `pkg.name` when that is a module, else
+to `pkg`). Importing a submodule also runs its parent packages' `__init__`;
+those implicit edges are left out (a package's `__init__` importing its own
+submodules is the usual layout, not a cycle a reader has to untangle).
+"""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+from conftest import REPO_ROOT
+
+PACKAGES = ("lensllm_jax", "experiments", "configs")
+
+
+def _module_files(root: pathlib.Path, packages) -> dict[str, pathlib.Path]:
+  out = {}
+  for pkg in packages:
+    for path in sorted((root / pkg).rglob("*.py")):
+      parts = list(path.relative_to(root).with_suffix("").parts)
+      if parts[-1] == "__init__":
+        parts = parts[:-1]
+      out[".".join(parts)] = path
+  return out
+
+
+def import_graph(root: pathlib.Path, packages=PACKAGES) -> dict[str, set[str]]:
+  """module -> modules of `packages` it imports (module- and function-level)."""
+  files = _module_files(root, packages)
+  graph: dict[str, set[str]] = {m: set() for m in files}
+  for mod, path in files.items():
+    is_pkg = path.name == "__init__.py"
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+      targets = []
+      if isinstance(node, ast.Import):
+        targets = [a.name for a in node.names]
+      elif isinstance(node, ast.ImportFrom):
+        base = node.module or ""
+        if node.level:  # relative import
+          anchor = mod.split(".") if is_pkg else mod.split(".")[:-1]
+          anchor = anchor[:len(anchor) - (node.level - 1)]
+          base = ".".join(anchor + ([base] if base else []))
+        targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in files else base
+                   for a in node.names]
+      for t in targets:
+        # `import a.b.c` names a.b.c; keep the longest prefix that is one of our modules.
+        while t and t not in files:
+          t = t.rpartition(".")[0]
+        if t and t != mod:
+          graph[mod].add(t)
+  return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+  """One import cycle as [a, b, ..., a], or None (depth-first search)."""
+  state: dict[str, int] = {}  # 1 = on the stack, 2 = done
+  stack: list[str] = []
+
+  def visit(m):
+    state[m] = 1
+    stack.append(m)
+    for n in sorted(graph[m]):
+      if state.get(n) == 1:
+        return stack[stack.index(n):] + [n]
+      if n not in state:
+        found = visit(n)
+        if found:
+          return found
+    stack.pop()
+    state[m] = 2
+    return None
+
+  for m in sorted(graph):
+    if m not in state:
+      found = visit(m)
+      if found:
+        return found
+  return None
+
+
+def test_package_imports_are_acyclic():
+  graph = import_graph(REPO_ROOT)
+  # The walk sees the layering (so an empty graph cannot pass silently) ...
+  assert {"lensllm_jax.pooled", "lensllm_jax.selection"} <= graph["lensllm_jax.methods"]
+  assert "lensllm_jax.selection" in graph["lensllm_jax.pooled"]
+  assert "lensllm_jax.methods" not in graph["lensllm_jax.selection"]
+  cycle = find_cycle(graph)
+  assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_cycle_hidden_in_a_function_is_found(tmp_path):
+  pkg = tmp_path / "pkg"
+  pkg.mkdir()
+  (pkg / "__init__.py").write_text("")
+  (pkg / "a.py").write_text("from pkg import b\n")
+  (pkg / "b.py").write_text("def f():\n  from . import c\n  return c\n")
+  (pkg / "c.py").write_text("import numpy\n\ndef g():\n  import pkg.a\n")
+  graph = import_graph(tmp_path, ("pkg",))
+  assert graph["pkg.a"] == {"pkg.b"} and graph["pkg.b"] == {"pkg.c"}
+  assert find_cycle(graph) == ["pkg.a", "pkg.b", "pkg.c", "pkg.a"]
+  (pkg / "c.py").write_text("import numpy\n")
+  assert find_cycle(import_graph(tmp_path, ("pkg",))) is None
