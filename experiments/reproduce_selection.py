@@ -59,7 +59,9 @@ flags.DEFINE_integer("seed", 0, "PRNG seed of the fits.")
 flags.DEFINE_bool("budgeted", True, "Run the budgeted early-stopping procedure.")
 flags.DEFINE_list("budget_levels", ["0.5", "1", "2", "4"],
                   "Confidence levels z (normal quantiles) of the budgeted procedure.")
-flags.DEFINE_string("budget_method", "LensLLM", "Law used by the budgeted procedure.")
+flags.DEFINE_enum("budget_method", "LensLLM", list(budgeted.BUDGET_METHODS),
+                  "Law used by the budgeted procedure (LensLLM+ is not one: its budgeted "
+                  "variant is budgeted.budgeted_pooled_selection, run by experiments.lensllm_plus).")
 flags.DEFINE_integer("budget_max_data_num", None,
                      "Largest D the budgeted procedure may pay for (default D* / min ratio).")
 flags.DEFINE_bool("figures", True, "Draw the PNG figures.")
@@ -455,6 +457,9 @@ def run(specs, *, data_dir, methods, ratios, output_dir, target_data_num=None, n
   unknown = [m for m in methods if m not in methods_lib.METHODS]
   if unknown:
     raise app.UsageError(f"--methods: unknown {unknown}; known {sorted(methods_lib.METHODS)}")
+  if run_budgeted_flag and budget_method not in budgeted.BUDGET_METHODS:
+    raise app.UsageError(f"--budget_method: {budget_method!r} is not supported; budget methods: "
+                         f"{', '.join(budgeted.BUDGET_METHODS)}")
   out = pathlib.Path(output_dir)
   out.mkdir(parents=True, exist_ok=True)
   curve_sets = common.load_all(specs, data_dir)

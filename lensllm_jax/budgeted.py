@@ -22,7 +22,26 @@ conservative -- sd instead of an error), and s^2 the residual variance
 pooled over the models of the run, sum RSS / sum (n - K) (one shared noise
 level on log L: all models are evaluated on the same test set, and single
 curves with n close to K would give degenerate estimates). The first-order
-delta method is invariant to the parametrisation. Once each model has at
+delta method is invariant to the parametrisation.
+
+Huber objectives (VanillaFit: sum of Huber losses h of the log residuals,
+threshold delta) get the sandwich (M-estimator) variance instead,
+
+    Sigma = (E[psi^2] / E[psi']^2) (J^T J + lam I)^-1,    psi = h' = clip(r, -delta, delta),
+
+with E[psi^2] = sum psi(r)^2 / sum (n - K) over the pool (the meat, from the
+residuals) and E[psi'] = P(|e| < delta) = erf(delta / (sqrt(2) s)) for
+e ~ N(0, s^2), s^2 the pooled residual variance above (the bread). The
+empirical count of |r| < delta cannot serve as E[psi']: with delta much
+smaller than the noise (VanillaFit's 1e-3) the fit interpolates about K
+points, whose psi' = 1 would make the variance far too small. For the
+squared objective psi(r) = r, psi' = 1 and the sandwich is the formula above;
+for delta << s it tends to (pi / 2) s^2 (J^T J)^-1, the least-absolute-
+deviations variance. The budget methods are `BUDGET_METHODS` (the fitted
+methods with independent per-model fits); LensLLM+ (a pooled MAP fit with a
+prior) is not one of them: it has `budgeted_pooled_selection`.
+
+Once each model has at
 least `min_points` revealed D > 0 points (default K = 4, the number of law
 parameters, so that n - K > 0 with the zero-shot point), an active model m
 is stopped when it is confidently worse than the best active one:
@@ -42,6 +61,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Sequence
 
 import jax
@@ -51,6 +71,9 @@ import numpy as np
 from lensllm_jax import laws, methods, pooled, selection
 
 FLOPS_PER_PARAM_SAMPLE = 6.0
+# Methods `budgeted_selection` runs: independent per-model fits whose objective
+# `laplace_log_sd` knows (squared error, or Huber through the sandwich).
+BUDGET_METHODS = tuple(selection.FITTED_LAWS)
 
 
 def pair_flops(sizes, data_sizes) -> np.ndarray:
@@ -136,8 +159,12 @@ def laplace_log_sd(law, raw_params, data_sizes, mask, log_loss, target_data_num:
                    *, aux=None, pool: np.ndarray | None = None) -> np.ndarray:
   """Delta-method sd of the predicted log L(D*) per curve (float64).
 
+  Squared-error laws: s^2 g^T (J^T J)^-1 g; Huber laws (law.loss == "huber"):
+  the sandwich of the module docstring, with s^2 replaced by
+  E[psi^2] / E[psi']^2.
+
   Args:
-    law: the fitted `laws.Law` (squared-error objective).
+    law: the fitted `laws.Law` (its `loss` and `huber_delta` pick the variance).
     raw_params: [C, K] fitted raw parameters.
     data_sizes: [P] data sizes of the columns.
     mask: [C, P] bool, points used by the fit.
@@ -167,13 +194,23 @@ def laplace_log_sd(law, raw_params, data_sizes, mask, log_loss, target_data_num:
   resid = np.where(mask, pred - y, 0.0)
   rss = (resid ** 2).sum(1)
   n = mask.sum(1)
+  if law.loss not in ("squared", "huber"):
+    raise ValueError(f"laplace_log_sd: no variance for the {law.loss!r} objective of law "
+                     f"{law.name!r} (squared, huber)")
+  huber = law.loss == "huber"
+  psi2 = (np.clip(resid, -law.huber_delta, law.huber_delta) ** 2).sum(1) if huber else rss
   groups = np.zeros(c, int) if pool is None else np.asarray(pool, int)
   s2 = np.full(c, np.inf)
   for g in np.unique(groups):
     sel = groups == g
     dof = np.maximum(n[sel] - k, 0).sum()
     if dof > 0:
-      s2[sel] = rss[sel].sum() / dof
+      s2[sel] = psi2[sel].sum() / dof
+      if huber:
+        # Bread E[psi'] = P(|e| < delta) under e ~ N(0, s^2) (see module docstring).
+        scale = math.sqrt(rss[sel].sum() / dof)
+        slope = math.erf(law.huber_delta / (math.sqrt(2.0) * scale)) if scale > 0 else 1.0
+        s2[sel] = s2[sel] / slope ** 2 if slope > 0 else np.inf
   jac = np.where(mask[:, :, None], jac, 0.0)
   jtj = np.einsum("cpk,cpl->ckl", jac, jac)
   lam = 1e-9 * np.trace(jtj, axis1=1, axis2=2) / k + 1e-300
@@ -318,7 +355,8 @@ def budgeted_selection(curves, levels: Sequence[float], *, key: jax.Array,
     curves: a CurveSet (only the oracles read it).
     levels: confidence levels z (normal quantiles), e.g. (0.5, 1, 2, 4).
     key: PRNG key; step s uses fold_in(key, s).
-    method: fitted method whose law is used (LensLLM, RectifiedFit; squared loss).
+    method: a name in `BUDGET_METHODS` (LensLLM, RectifiedFit: squared loss;
+      VanillaFit: Huber loss, sandwich variance).
     max_data_num: largest D that may be paid for.
     min_points: D > 0 points needed before stopping anyone (default K).
     num_restarts, fit_options: passed to the fits.
@@ -329,6 +367,10 @@ def budgeted_selection(curves, levels: Sequence[float], *, key: jax.Array,
   Returns:
     One BudgetedResult per level.
   """
+  if method not in BUDGET_METHODS:
+    raise ValueError(f"budgeted_selection: method {method!r} is not supported (budget methods: "
+                     f"{', '.join(BUDGET_METHODS)}; LensLLM+ has its own "
+                     f"budgeted_pooled_selection)")
   meta = selection.metadata_of(curves, target_data_num)
 
   def fit_views(views, step):

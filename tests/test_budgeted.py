@@ -1,13 +1,16 @@
 """Cost accounting and the budgeted early-stopping procedure."""
 
+import copy
 import dataclasses
 
 import jax
 import numpy as np
 import pytest
+import scipy.stats
 from _selection_synthetic import FAST, synthetic_curves
+from absl import flags
 
-from lensllm_jax import budgeted, laws, selection
+from lensllm_jax import budgeted, fitting, laws, selection
 
 
 def test_costs_by_hand():
@@ -94,3 +97,85 @@ def test_budgeted_is_blind_to_unpaid_points_and_saves_compute():
                                      key=jax.random.fold_in(key, 6), min_curves=28, **FAST)[0]
   assert never.selection.chosen == fixed.chosen
   np.testing.assert_allclose(never.selection.predicted, fixed.predicted, rtol=1e-9)
+
+
+# ------------------------------------------------ calibration of the sd ---
+# Synthetic curves of each budget method's own law with known Gaussian noise on
+# log L: the stated 80 % interval log L_pred(D*) +- z_0.9 sd must cover the true
+# log L(D*) 70-90 % of the time. 300 curves per law (binomial sd of the coverage
+# 0.02 at 0.8, so the band is +-5 sd), s^2 pooled in runs of 10 curves as in
+# the budgeted procedure, D* 8x beyond the largest point.
+_COVERAGE_CURVES = 400
+_COVERAGE_GRID = np.concatenate([[0.0], 200.0 * 2.0 ** np.arange(11)])  # 0, 200 .. 204800
+_COVERAGE_TARGET = 1638400.0
+
+
+def _truth_params(method, rng, n):
+  if method == "VanillaFit":
+    return dict(alpha=rng.uniform(0.5, 1.5, n), B=rng.uniform(5, 50, n),
+                beta=rng.uniform(0.2, 0.5, n), E=rng.uniform(0.5, 2, n))
+  scale = "D_l" if method == "RectifiedFit" else "F"
+  return {"B": rng.uniform(2, 20, n), scale: rng.uniform(0.5, 5, n),
+          "beta": rng.uniform(0.2, 0.45, n), "E": rng.uniform(0.5, 2, n)}
+
+
+@pytest.mark.parametrize("method", ["VanillaFit", "RectifiedFit"])
+def test_stated_interval_covers_truth(method):
+  """LensLLM (curve mode) is RectifiedFit's law reparametrised: checked on the same fits."""
+  rng = np.random.default_rng(0)
+  law_factory, zero = selection.FITTED_LAWS[method]
+  law = law_factory()
+  truth_params = _truth_params(method, rng, _COVERAGE_CURVES)
+  raw_true = law.unconstrain(truth_params)
+  d = _COVERAGE_GRID
+  mask = np.broadcast_to(d > 0 if not zero else d >= 0, (_COVERAGE_CURVES, d.size))
+  with np.errstate(divide="ignore"):
+    clean = np.log(law.predict(raw_true, np.where(mask[0], d, 1.0)))
+  y = np.where(mask, clean + 0.01 * rng.standard_normal(clean.shape), 0.0)
+  truth = np.log(law.predict(raw_true, np.array([_COVERAGE_TARGET])))[:, 0]
+  # The near-L1 Huber objective converges slowly: more restarts and steps.
+  huber = law.loss == "huber"
+  fit = fitting.fit_curves(law, d, y, mask, key=jax.random.key(0), num_restarts=4 if huber else 2,
+                           max_steps=1000 if huber else 200)
+  pool = np.arange(_COVERAGE_CURVES) // 10
+  sd = budgeted.laplace_log_sd(law, fit.raw_params, d, mask, y, _COVERAGE_TARGET, pool=pool)
+  pred = np.log(law.predict(fit.raw_params, np.array([_COVERAGE_TARGET])))[:, 0]
+  covered = np.abs(pred - truth) <= scipy.stats.norm.ppf(0.9) * sd
+  assert 0.70 <= covered.mean() <= 0.90, (method, covered.mean())
+  if method == "RectifiedFit":
+    lens = laws.lensllm_law()
+    raw_lens = lens.unconstrain({"B": fit.params["B"], "F": fit.params["D_l"],
+                                 "beta": fit.params["beta"], "E": fit.params["E"]})
+    sd_lens = budgeted.laplace_log_sd(lens, raw_lens, d, mask, y, _COVERAGE_TARGET, pool=pool)
+    np.testing.assert_allclose(sd_lens, sd, rtol=1e-6)
+
+
+def test_huber_sandwich_limits():
+  """delta >> noise: the sandwich is the squared-error sd; delta << noise: sqrt(pi / 2) of it."""
+  curves, p = synthetic_curves(noise=0.02, seed=7)
+  d = curves.data_sizes[1:10]
+  y = np.log(curves.losses[:, 1:10])
+  mask = np.ones(y.shape, bool)
+  rng = np.random.default_rng(0)
+  raw = laws.vanilla_law().unconstrain(dict(alpha=np.ones(7), B=p["B"], beta=p["beta"],
+                                            E=p["E"])) + 0.01 * rng.standard_normal((7, 4))
+  squared = dataclasses.replace(laws.vanilla_law(), loss="squared")
+  sd_sq = budgeted.laplace_log_sd(squared, raw, d, mask, y, 409600)
+  wide = budgeted.laplace_log_sd(laws.vanilla_law(huber_delta=10.0), raw, d, mask, y, 409600)
+  np.testing.assert_allclose(wide, sd_sq, rtol=1e-12)
+  # Every residual beyond a tiny delta: E[psi^2] = delta^2 (n / (n - K)), E[psi'] ~ 2 delta phi(0) / s.
+  resid = np.log(laws.vanilla_law().predict(raw, d)) - y
+  tiny = 1e-3 * np.abs(resid).min()
+  narrow = budgeted.laplace_log_sd(laws.vanilla_law(huber_delta=tiny), raw, d, mask, y, 409600)
+  dof = mask.sum() - 4 * 7
+  np.testing.assert_allclose(narrow, sd_sq * np.sqrt(np.pi / 2 * mask.sum() / dof), rtol=1e-5)
+
+
+def test_unsupported_budget_method_is_refused():
+  curves, _ = synthetic_curves()
+  with pytest.raises(ValueError, match="LensLLM\\+.*budget methods: VanillaFit, RectifiedFit, LensLLM"):
+    budgeted.budgeted_selection(curves, (1.0,), key=jax.random.key(0), method="LensLLM+")
+  from experiments import reproduce_selection
+  flag = copy.deepcopy(reproduce_selection.FLAGS["budget_method"])
+  with pytest.raises(flags.IllegalFlagValueError, match="VanillaFit"):
+    flag.parse("LensLLM+")
