@@ -46,9 +46,11 @@ objective directly.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
 import jax
@@ -324,11 +326,62 @@ def rectified_law(zero_data_size: float = ZERO_DATA_SIZE) -> Law:
 # ------------------------------------------------------------------ lensllm ---
 
 
-@functools.cache
+LAW_CACHE_SIZE = 32  # NTK-mode laws kept by `lensllm_law` (least recently used dropped)
+_law_cache: collections.OrderedDict = collections.OrderedDict()
+_law_cache_lock = threading.Lock()
+
+
+def _hashable(x) -> bool:
+  try:
+    hash(x)
+  except TypeError:
+    return False
+  return True
+
+
+def f_term_key(f_term) -> Hashable:
+  """Cache key of an `f_term`: equal for functions that compute the same thing.
+
+  A plain function or lambda is keyed by (module, qualified name, code object,
+  closure cell values, defaults, keyword defaults) when all of these are
+  hashable, so re-creating `lambda t, aux: c * t` with an equal `c` gives the
+  same key, and a different `c` (or different code) a different one. A
+  `functools.partial` is keyed by its function's key and its arguments.
+  Anything else (a callable object, a closure over an unhashable value such as
+  an array) is keyed by itself (identity or its own __eq__). Global names the
+  function reads are looked up when it runs, not part of the key.
+  """
+  if isinstance(f_term, functools.partial):
+    parts = (f_term_key(f_term.func), f_term.args, tuple(sorted(f_term.keywords.items())))
+    return ("partial",) + parts if _hashable(parts) else f_term
+  code = getattr(f_term, "__code__", None)
+  if code is None:
+    return f_term
+  cells = tuple(c.cell_contents for c in (f_term.__closure__ or ()))
+  kwdefaults = tuple(sorted((f_term.__kwdefaults__ or {}).items()))
+  parts = (getattr(f_term, "__module__", None), getattr(f_term, "__qualname__", None), code,
+           cells, f_term.__defaults__, kwdefaults)
+  return ("function",) + parts if _hashable(parts) else f_term
+
+
+def law_cache_size() -> int:
+  """Number of NTK-mode laws `lensllm_law` holds (at most `LAW_CACHE_SIZE`)."""
+  return len(_law_cache)
+
+
 def lensllm_law(f_term: Callable[[Array, Any], Array] | None = None, *,
                 zero_data_size: float = ZERO_DATA_SIZE,
-                t_range: tuple[float, float] = (1e-2, 1e4)) -> Law:
+                t_range: tuple[float, float] = (1e-2, 1e4), key: Hashable | None = None) -> Law:
   """LensLLM law L(D) = B / (F + D^beta) + E (Zeng et al. 2025, eq. 10).
+
+  Laws are cached, so that equal arguments give the SAME `Law` object and the
+  fits compiled for it (`fitting` caches programs per law) are reused. Curve
+  mode has one law per (zero_data_size, t_range). NTK-mode laws live in a
+  bounded LRU cache (`LAW_CACHE_SIZE` entries) keyed by `key` if given, else
+  by `f_term_key(f_term)`: equal lambdas re-created at every call share one
+  law; functions with different code, closure values or defaults do not. A
+  caller whose `f_term` closes over arrays (unhashable, so keyed by identity)
+  can pass an explicit `key` naming what the function computes.
 
   Args:
     f_term: None for curve mode: F > 0 is a fitted scalar and the parameters
@@ -340,39 +393,66 @@ def lensllm_law(f_term: Callable[[Array, Any], Array] | None = None, *,
     zero_data_size: stand-in for D = 0 (published 1e-10).
     t_range: NTK mode: restarts draw t log-uniformly from this range
       (restart 0 uses its geometric mean).
+    key: NTK mode: optional hashable cache key standing for `f_term` (two
+      calls with the same key get the first call's law).
 
   Returns:
     The Law. Objective: mean squared error of log L. In NTK mode
     log(F + D^beta) is computed directly (F may be 0: D^beta > 0 keeps it
     finite).
   """
+  zero_data_size, t_range = float(zero_data_size), tuple(float(t) for t in t_range)
   if f_term is None:
-    names = ("B", "beta", "E", "F")
+    if key is not None:
+      raise ValueError("lensllm_law: `key` names an f_term; curve mode (f_term=None) has none")
+    return _curve_mode_law(zero_data_size)
+  cache_key = (f_term_key(f_term) if key is None else ("key", key), zero_data_size, t_range)
+  with _law_cache_lock:
+    law = _law_cache.get(cache_key)
+    if law is not None:
+      _law_cache.move_to_end(cache_key)
+      return law
+  law = _ntk_mode_law(f_term, zero_data_size, t_range)
+  with _law_cache_lock:
+    law = _law_cache.setdefault(cache_key, law)
+    _law_cache.move_to_end(cache_key)
+    while len(_law_cache) > LAW_CACHE_SIZE:
+      _law_cache.popitem(last=False)
+  return law
 
-    def log_loss(raw, data_size, aux=None):
-      del aux
-      return _saturating_log_loss(raw[0], raw[3], jax.nn.softplus(raw[1]), raw[2],
-                                  _log_d(data_size, zero_data_size))
 
-    def constrain(raw):
-      xp = np if isinstance(raw, np.ndarray) else jnp
-      sp = (lambda x: np.logaddexp(0.0, x)) if xp is np else jax.nn.softplus
-      return {"B": xp.exp(raw[..., 0] + raw[..., 3]), "beta": sp(raw[..., 1]),
-              "E": xp.exp(raw[..., 2]), "F": xp.exp(raw[..., 3])}
+@functools.cache
+def _curve_mode_law(zero_data_size: float) -> Law:
+  """The curve-mode LensLLM law (see `lensllm_law`)."""
+  names = ("B", "beta", "E", "F")
 
-    def unconstrain(p):
-      b, f = np.asarray(p["B"], np.float64), np.asarray(p["F"], np.float64)
-      return np.stack([np.log(b) - np.log(f), inverse_softplus(np.asarray(p["beta"],
-                       np.float64)), np.log(np.asarray(p["E"], np.float64)), np.log(f)], -1)
+  def log_loss(raw, data_size, aux=None):
+    del aux
+    return _saturating_log_loss(raw[0], raw[3], jax.nn.softplus(raw[1]), raw[2],
+                                _log_d(data_size, zero_data_size))
 
-    def init(u, data_size, log_loss_obs, mask, aux=None):
-      del aux
-      r = _saturating_init(u, data_size, log_loss_obs, mask)
-      return r[:, jnp.array([0, 2, 3, 1])]
+  def constrain(raw):
+    xp = np if isinstance(raw, np.ndarray) else jnp
+    sp = (lambda x: np.logaddexp(0.0, x)) if xp is np else jax.nn.softplus
+    return {"B": xp.exp(raw[..., 0] + raw[..., 3]), "beta": sp(raw[..., 1]),
+            "E": xp.exp(raw[..., 2]), "F": xp.exp(raw[..., 3])}
 
-    return Law("lensllm", names, log_loss, constrain, unconstrain, init, loss="squared",
-               zero_data_size=zero_data_size)
+  def unconstrain(p):
+    b, f = np.asarray(p["B"], np.float64), np.asarray(p["F"], np.float64)
+    return np.stack([np.log(b) - np.log(f), inverse_softplus(np.asarray(p["beta"],
+                     np.float64)), np.log(np.asarray(p["E"], np.float64)), np.log(f)], -1)
 
+  def init(u, data_size, log_loss_obs, mask, aux=None):
+    del aux
+    r = _saturating_init(u, data_size, log_loss_obs, mask)
+    return r[:, jnp.array([0, 2, 3, 1])]
+
+  return Law("lensllm", names, log_loss, constrain, unconstrain, init, loss="squared",
+             zero_data_size=zero_data_size)
+
+
+def _ntk_mode_law(f_term, zero_data_size: float, t_range: tuple[float, float]) -> Law:
+  """The NTK-mode LensLLM law with F = f_term(t, aux) (see `lensllm_law`)."""
   names = ("B", "beta", "E", "t")
 
   def log_loss_ntk(raw, data_size, aux):

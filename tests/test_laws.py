@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lensllm_jax import laws
+from lensllm_jax import fitting, laws
 
 
 def _log_loss(law, params, d, aux=None):
@@ -149,3 +149,54 @@ def test_init_shapes_and_published_start():
   # Lin et al.'s start: A = max L = 4, E = sqrt(4 * 1) = 2, D_l = 1, beta = 1.
   np.testing.assert_allclose([p["B"] / p["D_l"] + p["E"], p["E"], p["D_l"], p["beta"]],
                              [4.0, 2.0, 1.0, 1.0], rtol=1e-12)
+
+
+# ------------------------------------------------------- NTK-mode law cache ---
+_TRACES = []
+
+
+def _count_trace(t):
+  _TRACES.append(1)  # runs once per trace (compilation) of a law using it
+  return t
+
+
+def _scaled_f_term(scale):
+  """A fresh lambda at every call (what callers that build f_term inline do)."""
+  return lambda t, aux: scale * _count_trace(t) * jnp.sum(aux)
+
+
+def test_lensllm_law_cache_shares_equal_lambdas_and_separates_unequal():
+  laws.lensllm_law(_scaled_f_term(2.0))  # the entry may already exist from another test
+  before = laws.law_cache_size()
+  first = laws.lensllm_law(_scaled_f_term(2.0))
+  assert laws.lensllm_law(_scaled_f_term(2.0)) is first
+  assert laws.law_cache_size() == before
+  other = laws.lensllm_law(_scaled_f_term(3.0))
+  assert other is not first and laws.law_cache_size() == min(before + 1, laws.LAW_CACHE_SIZE)
+  assert laws.lensllm_law(lambda t, aux: 2.0 * t * jnp.sum(aux)) is not first  # other code
+  # No collision: each law evaluates its own F (B / (F + D^beta) + E, F = scale t sum(aux)).
+  p = {"B": 3.0, "beta": 0.5, "E": 1.0, "t": 1.0}
+  aux = np.array([1.0])
+  np.testing.assert_allclose(first.predict(p, [4.0], aux=aux), [3.0 / 4.0 + 1.0], rtol=1e-13)
+  np.testing.assert_allclose(other.predict(p, [4.0], aux=aux), [3.0 / 5.0 + 1.0], rtol=1e-13)
+  # An explicit key stands for the function; curve mode refuses one.
+  assert laws.lensllm_law(_scaled_f_term(5.0), key="k5") is laws.lensllm_law(
+      _scaled_f_term(7.0), key="k5")
+  with pytest.raises(ValueError, match="curve mode"):
+    laws.lensllm_law(None, key="k")
+  # Bounded: many distinct functions never hold more than LAW_CACHE_SIZE laws.
+  for i in range(laws.LAW_CACHE_SIZE + 3):
+    laws.lensllm_law(_scaled_f_term(100.0 + i))
+  assert laws.law_cache_size() == laws.LAW_CACHE_SIZE
+
+
+def test_equal_lambdas_compile_one_fit():
+  d = np.array([0.0, 200.0, 400.0, 800.0, 1600.0])
+  y = np.log(np.array([[3.0, 2.5, 2.2, 2.0, 1.9]]))
+  aux = np.ones((1, 1))
+  fit = lambda: fitting.fit_curves(laws.lensllm_law(_scaled_f_term(11.0)), d, y,  # noqa: E731
+                                   key=jax.random.key(0), num_restarts=2, aux=aux, max_steps=3)
+  fit()
+  traced = len(_TRACES)
+  fit()
+  assert len(_TRACES) == traced  # the second fit with a new, equal lambda did not retrace
