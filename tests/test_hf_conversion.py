@@ -1,7 +1,13 @@
 """Hugging Face conversion: our Flax models reproduce transformers' logits.
 
-References are independent: PyTorch models built by `transformers` (CPU),
-saved with save_pretrained(safe_serialization=True), converted and compared.
+References are independent: PyTorch models built by `transformers` (CPU) from
+tiny random configs (GPT-2, Llama, OPT pre-LN, OPT post-LN with
+project_in/out, Phi), saved with save_pretrained(safe_serialization=True),
+loaded with `models.load_hf_checkpoint` and compared on a batch that mixes
+right and left padding. GPT-2 and Llama get explicit positions on both
+sides; OPT and Phi use both sides' defaults: Hugging Face OPT derives
+positions from the attention mask (cumsum(mask) * mask - 1), ours must do the
+same; Phi counts 0..T-1.
 """
 
 from __future__ import annotations
@@ -192,3 +198,171 @@ def test_sharded_checkpoint_gives_same_params(tmp_path, gpt2_dir):
   _, sharded = models.load_hf_checkpoint(tmp_path)
   _, single = models.load_hf_checkpoint(path)
   jax.tree_util.tree_map(np.testing.assert_array_equal, sharded, single)
+
+
+# ---------------------------------------------------------------------------
+# OPT and Phi.
+
+
+def _perturb(model, scale: float = 0.1):
+  # Non-trivial LayerNorms and biases, so that a mis-mapped tensor shows up.
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith("bias") or "norm" in name:
+        p.add_(scale * torch.randn_like(p))
+  return model
+
+
+def _save(tmp_path_factory, name, model):
+  path = tmp_path_factory.mktemp(name)
+  model.save_pretrained(path, safe_serialization=True)
+  ids, mask = _batch()
+  with torch.no_grad():
+    logits = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits
+  return {"path": path, "model": model, "logits": logits.float().numpy()}
+
+
+def _opt(tmp_path_factory, name, seed, *, word_embed_proj_dim, do_layer_norm_before):
+  torch.manual_seed(seed)
+  config = transformers.OPTConfig(
+      vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+      ffn_dim=64, max_position_embeddings=24, word_embed_proj_dim=word_embed_proj_dim,
+      do_layer_norm_before=do_layer_norm_before, pad_token_id=1, bos_token_id=2,
+      eos_token_id=2, attn_implementation="eager")
+  return _save(tmp_path_factory, name, _perturb(transformers.OPTForCausalLM(config).eval()))
+
+
+@pytest.fixture(scope="module")
+def opt_pre(tmp_path_factory):
+  """Pre-LayerNorm OPT (the layout of OPT-125m/1.3b/2.7b/6.7b), final LayerNorm, tied head."""
+  return _opt(tmp_path_factory, "opt_pre", 0, word_embed_proj_dim=32, do_layer_norm_before=True)
+
+
+@pytest.fixture(scope="module")
+def opt_post(tmp_path_factory):
+  """Post-LayerNorm OPT with project_in / project_out (the layout of OPT-350m)."""
+  return _opt(tmp_path_factory, "opt_post", 1, word_embed_proj_dim=16,
+              do_layer_norm_before=False)
+
+
+@pytest.fixture(scope="module")
+def phi(tmp_path_factory):
+  """Phi with partial rotary (factor 0.5 as phi-1.5: 4 of 8 channels), 2 kv heads."""
+  torch.manual_seed(2)
+  config = transformers.PhiConfig(
+      vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=24,
+      rope_parameters={"rope_type": "default", "rope_theta": 500.0,
+                       "partial_rotary_factor": 0.5},
+      bos_token_id=0, eos_token_id=0, attn_implementation="eager")
+  return _save(tmp_path_factory, "phi", _perturb(transformers.PhiForCausalLM(config).eval()))
+
+
+@pytest.fixture(scope="module", params=["opt_pre", "opt_post", "phi"])
+def loaded(request):
+  """(reference dict, config, params, jitted apply(params, ids, mask)) per architecture."""
+  ref = request.getfixturevalue(request.param)
+  config, params = models.load_hf_checkpoint(ref["path"])
+  apply = jax.jit(lambda p, ids, mask, c=config: models.build(c).apply(
+      {"params": p}, ids, attention_mask=mask))
+  return request.param, ref, config, params, apply
+
+
+@pytest.fixture(scope="module")
+def opt_apply(opt_pre):
+  """Config, params and a jitted apply(params, ids, mask, positions) of the pre-LN OPT."""
+  config, params = models.load_hf_checkpoint(opt_pre["path"])
+  apply = jax.jit(lambda p, ids, mask, pos: models.build(config).apply(
+      {"params": p}, ids, attention_mask=mask, positions=pos))
+  return config, params, apply
+
+
+def test_opt_phi_logits_match_transformers(loaded):
+  name, ref, config, params, apply = loaded
+  ids, mask = _batch()
+  ours = apply(params, jnp.asarray(ids), jnp.asarray(mask))
+  assert ours.dtype == jnp.float32 and ours.shape == (BATCH, LENGTH, VOCAB)
+  real = mask.astype(bool)
+  np.testing.assert_allclose(np.asarray(ours)[real], ref["logits"][real], atol=1e-4, rtol=0)
+  # Parameter count: torch's own (tied weights once) = closed form = our pytree.
+  n_torch = sum(p.numel() for p in ref["model"].parameters())
+  assert models.count_params(params) == models.num_params(config) == n_torch
+  assert set(params) == set(models.block_names(config))
+  expected = {"opt_pre": ("opt", True, True, 32), "opt_post": ("opt", False, False, 16),
+              "phi": ("phi", True, True, 32)}[name]
+  assert (config.arch, config.pre_norm, config.final_norm, config.word_embed_dim) == expected
+  if name == "phi":
+    assert config.rotary_dim == 4 and config.n_kv_heads == 2 and not config.tie_embeddings
+
+
+def test_opt_phi_bfloat16_compute_close_to_transformers(loaded):
+  # bf16 matmuls (8 mantissa bits) against torch float32: within 5% of the logits' spread.
+  name, ref, config, params, _ = loaded
+  ids, mask = _batch()
+  bf16 = jax.jit(models.build(config.replace(dtype="bfloat16")).apply)(
+      {"params": params}, jnp.asarray(ids), attention_mask=jnp.asarray(mask))
+  real = mask.astype(bool)
+  theirs = ref["logits"][real]
+  err = float(np.max(np.abs(np.asarray(bf16)[real] - theirs)))
+  assert bf16.dtype == jnp.float32
+  assert 0 < err < 0.05 * float(np.std(theirs)), (name, err, float(np.std(theirs)))
+
+
+def test_opt_positions_follow_the_mask(opt_apply):
+  """Left padding shifts OPT's positions: with HF's cumsum rule (our default, checked
+  against transformers above) the real tokens of a left-padded row give the same logits
+  as the same tokens right-padded, and not with positions 0..T-1."""
+  config, params, apply = opt_apply
+  ids = jnp.asarray(_batch()[0][:1, :8])
+  pad = jnp.zeros((1, 4), ids.dtype)
+  padded = jnp.concatenate([pad, ids], axis=1)
+  mask = jnp.concatenate([pad, jnp.ones_like(ids)], axis=1).astype(jnp.int32)
+  cumsum_positions = jnp.cumsum(mask, axis=1) * mask - 1  # HF OPT's rule, written here
+  plain = apply(params, jnp.concatenate([ids, pad], axis=1),
+                jnp.concatenate([jnp.ones_like(ids), pad], axis=1).astype(jnp.int32),
+                jnp.concatenate([jnp.arange(8), -jnp.ones(4, jnp.int32)])[None])
+  left = apply(params, padded, mask, cumsum_positions)
+  np.testing.assert_allclose(left[:, 4:], plain[:, :8], atol=1e-5)
+  shifted = apply(params, padded, mask, jnp.arange(12)[None])
+  assert float(jnp.max(jnp.abs(shifted[:, 4:] - plain[:, :8]))) > 1e-3
+
+
+def test_opt_phi_sharded_checkpoints(tmp_path, opt_post, phi):
+  for ref in (opt_post, phi):
+    out = tmp_path / ref["path"].name
+    ref["model"].save_pretrained(out, safe_serialization=True, max_shard_size="20KB")
+    assert (out / "model.safetensors.index.json").exists()
+    assert len(list(out.glob("model-*.safetensors"))) > 1
+    _, sharded = models.load_hf_checkpoint(out)
+    _, single = models.load_hf_checkpoint(ref["path"])
+    jax.tree_util.tree_map(np.testing.assert_array_equal, sharded, single)
+
+
+def test_unknown_model_type_names_it_and_lists_the_supported(tmp_path):
+  (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt_neox"}))
+  with pytest.raises(models.CheckpointError,
+                     match=r"'gpt_neox'.*supported: .*gpt2.*llama.*opt.*phi"):
+    models.load_hf_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("fixture,convert,missing,misshaped", [
+    ("opt_post", "convert_opt_weights", "model.decoder.project_in.weight",
+     "model.decoder.layers.1.fc1.weight"),
+    ("phi", "convert_phi_weights", "lm_head.bias", "model.layers.0.self_attn.dense.weight"),
+])
+def test_opt_phi_missing_and_misshaped_tensors_are_named(request, fixture, convert, missing, misshaped):
+  path = request.getfixturevalue(fixture)["path"]
+  config = models.config_from_hf(json.loads((path / "config.json").read_text()))
+  tensors = models.read_safetensors(path)
+  convert = getattr(models, convert)
+
+  def short(name):  # errors name tensors without the model.decoder. / model. prefix
+    return name.removeprefix("model.").removeprefix("decoder.").replace(".", r"\.")
+
+  without = {k: v for k, v in tensors.items() if k != missing}
+  with pytest.raises(models.CheckpointError, match=rf"missing tensor '{short(missing)}'"):
+    convert(without, config)
+  bad = dict(tensors)
+  bad[misshaped] = np.zeros((3, 5), np.float32)
+  with pytest.raises(models.CheckpointError, match=rf"'{short(misshaped)}' has shape \(3, 5\)"):
+    convert(bad, config)

@@ -16,7 +16,7 @@ from lensllm_jax import models
 from lensllm_jax.models import registry
 
 # Families (curve files' "family" column) whose models are decoder-only presets here.
-DECODER_ONLY_FAMILIES = {"GPT2", "LaMini", "Cerebras"}
+DECODER_ONLY_FAMILIES = {"GPT2", "LaMini", "Cerebras", "OPT", "Phi"}
 
 
 def _curve_sizes(shared_benchmarks) -> dict[str, tuple[int, str]]:
@@ -33,7 +33,8 @@ def _curve_sizes(shared_benchmarks) -> dict[str, tuple[int, str]]:
 def test_benchmark_presets_match_published_sizes(shared_benchmarks):
   sizes = _curve_sizes(shared_benchmarks)
   decoder_only = {k for k, (_, family) in sizes.items() if family in DECODER_ONLY_FAMILIES}
-  assert len(decoder_only) == 12  # GPT-2 x4 + mGPT, LaMini-GPT x3, Cerebras-GPT x4
+  # GPT-2 x4 + mGPT, LaMini-GPT x3, Cerebras-GPT x4, OPT x4, Phi x2.
+  assert len(decoder_only) == 18
   missing = sorted(decoder_only - set(models.presets))
   assert not missing, f"no preset for {missing}"
   checked = 0
@@ -44,11 +45,14 @@ def test_benchmark_presets_match_published_sizes(shared_benchmarks):
   assert checked >= len(decoder_only)
 
 
-def test_preset_count_equals_the_built_module():
-  # num_params (closed form) against the shapes Flax actually creates, for a real preset.
-  config = models.presets["cerebras/Cerebras-GPT-111M"]
+@pytest.mark.parametrize("model_id", ["cerebras/Cerebras-GPT-111M", "facebook/opt-350m",
+                                      "microsoft/phi-2"])
+def test_preset_count_equals_the_built_module(model_id, shared_benchmarks):
+  # num_params (closed form) against the shapes Flax actually creates (no memory used).
+  config = models.presets[model_id]
   shapes = jax.eval_shape(lambda: models.init_params(config, jax.random.key(0)))
-  assert models.count_params(shapes) == models.num_params(config) == 111_050_496
+  size = _curve_sizes(shared_benchmarks)[model_id][0]
+  assert models.count_params(shapes) == models.num_params(config) == size
   assert set(shapes) == set(models.block_names(config))
 
 
@@ -56,9 +60,9 @@ def test_registry_dispatch_and_errors():
   config = models.presets["tiny-llama"]
   assert isinstance(models.build(config), models.CausalLM)
   assert not config.is_encoder_decoder
-  assert set(models.ARCHITECTURES) >= {"gpt2", "llama"}
-  assert set(models.HF_FORMATS) >= {"gpt2", "llama"}
-  with pytest.raises(models.CheckpointError, match=r"'bert'.*gpt2.*llama"):
+  assert set(models.ARCHITECTURES) >= {"gpt2", "llama", "opt", "phi"}
+  assert set(models.HF_FORMATS) >= {"gpt2", "llama", "opt", "phi"}
+  with pytest.raises(models.CheckpointError, match=r"'bert'.*gpt2, llama, opt, phi"):
     models.config_from_hf({"model_type": "bert"})
 
   class Unknown:

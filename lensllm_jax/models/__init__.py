@@ -12,10 +12,10 @@ Public API (one entry point for every architecture; see `registry`):
   presets                         named configs: development sizes and the benchmark
                                   models keyed by Hugging Face id ("gpt2", ...)
   ModelConfig                     decoder-only config (config.is_encoder_decoder is False)
-  CausalLM                        the decoder-only Flax module (archs gpt2, llama)
+  CausalLM                        the decoder-only Flax module (archs gpt2, llama, opt, phi)
   count_params                    params in a pytree
   next_token_targets, token_log_probs, token_nll, sequence_log_likelihood, mean_token_nll
-  config_from_hf, convert_gpt2_weights, convert_llama_weights, read_safetensors,
+  config_from_hf, convert_{gpt2,llama,opt,phi}_weights, read_safetensors,
   load_tokenizer                  Hugging Face config.json, tensors and tokenizer.json
   ARCHITECTURES, HF_FORMATS, register_architecture, register_hf_format
                                   the registries a new family adds itself to
@@ -27,6 +27,8 @@ from lensllm_jax.models.hf import (
     config_from_hf,
     convert_gpt2_weights,
     convert_llama_weights,
+    convert_opt_weights,
+    convert_phi_weights,
     load_hf_checkpoint,
     load_tokenizer,
     read_safetensors,
@@ -63,6 +65,8 @@ __all__ = [
     "config_from_hf",
     "convert_gpt2_weights",
     "convert_llama_weights",
+    "convert_opt_weights",
+    "convert_phi_weights",
     "count_params",
     "flops_per_token",
     "init_params",

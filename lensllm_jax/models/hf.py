@@ -5,7 +5,8 @@
 with model.safetensors.index.json) and returns our `ModelConfig` and the
 "params" pytree of `build(config)`, dispatching on config.json's
 ``model_type`` through `registry.HF_FORMATS`. Registered here: GPT2LMHeadModel /
-GPT2Model (model_type "gpt2") and LlamaForCausalLM (model_type "llama").
+GPT2Model (model_type "gpt2"), LlamaForCausalLM ("llama"), OPTForCausalLM
+("opt") and PhiForCausalLM ("phi").
 
 Weight layouts:
 * GPT-2 stores Conv1D weights as [in, out], the same as a Flax Dense kernel:
@@ -14,6 +15,9 @@ Weight layouts:
   Llama checkpoints already use the rotate-half RoPE layout (the q/k rows
   were permuted when converted from Meta's interleaved format), which is the
   layout `layers.apply_rotary` implements, so q_proj/k_proj are not permuted.
+* OPT and Phi store nn.Linear weights [out, in]: transposed likewise. Phi's
+  partial rotary acts on the first rotary_dim channels of each head in the
+  rotate-half layout, as `layers.apply_rotary` does with narrower cos/sin.
 
 Loading does I/O only when called; nothing happens at import.
 """
@@ -118,12 +122,21 @@ def _gpt2_config(hf_config: dict, dtype: str, source: str) -> ModelConfig:
       activation=_tanh_gelu(hf_config.get("activation_function", "gelu_new"), source))
 
 
-def _llama_config(hf_config: dict, dtype: str, source: str) -> ModelConfig:
+def _default_rope(hf_config: dict, source: str) -> dict:
+  """config.json's RoPE parameters (transformers 5 "rope_parameters", or the older
+  top-level keys); only the default rope_type is supported."""
   rope = hf_config.get("rope_parameters") or {}
   scaling = hf_config.get("rope_scaling") or {}
   rope_type = rope.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
   if rope_type != "default":
     raise CheckpointError(f"{source}: rope_type={rope_type!r} is not supported (only default)")
+  theta = rope.get("rope_theta", hf_config.get("rope_theta", 10000.0))
+  factor = rope.get("partial_rotary_factor", hf_config.get("partial_rotary_factor"))
+  return {"theta": float(theta), "partial_rotary_factor": factor}
+
+
+def _llama_config(hf_config: dict, dtype: str, source: str) -> ModelConfig:
+  rope = _default_rope(hf_config, source)
   for flag in ("attention_bias", "mlp_bias"):
     if hf_config.get(flag, False):
       raise CheckpointError(f"{source}: {flag}=True is not supported")
@@ -138,8 +151,47 @@ def _llama_config(hf_config: dict, dtype: str, source: str) -> ModelConfig:
       n_kv_heads=hf_config.get("num_key_value_heads") or heads,
       head_dim=hf_config.get("head_dim") or hf_config["hidden_size"] // heads,
       norm_eps=hf_config.get("rms_norm_eps", 1e-6),
-      rope_theta=float(rope.get("rope_theta", hf_config.get("rope_theta", 10000.0))),
+      rope_theta=rope["theta"],
       tie_embeddings=hf_config.get("tie_word_embeddings", False), activation="silu")
+
+
+def _opt_config(hf_config: dict, dtype: str, source: str) -> ModelConfig:
+  for flag in ("enable_bias", "layer_norm_elementwise_affine", "tie_word_embeddings"):
+    if not hf_config.get(flag, True):
+      raise CheckpointError(f"{source}: {flag}=False is not supported")
+  act = hf_config.get("activation_function", "relu")
+  if act != "relu":
+    raise CheckpointError(f"{source}: activation_function={act!r} is not supported (relu)")
+  d = hf_config["hidden_size"]
+  pre_norm = bool(hf_config.get("do_layer_norm_before", True))
+  return ModelConfig(
+      arch="opt", vocab_size=hf_config["vocab_size"],
+      max_len=hf_config.get("max_position_embeddings", 2048), d_model=d,
+      n_layers=hf_config["num_hidden_layers"], n_heads=hf_config["num_attention_heads"],
+      d_ff=hf_config.get("ffn_dim") or 4 * d, dtype=dtype, norm_eps=1e-5,  # torch's default
+      word_embed_dim=hf_config.get("word_embed_proj_dim") or d, pre_norm=pre_norm,
+      final_norm=pre_norm and not hf_config.get("_remove_final_layer_norm", False),
+      tie_embeddings=True, activation="relu")
+
+
+def _phi_config(hf_config: dict, dtype: str, source: str) -> ModelConfig:
+  rope = _default_rope(hf_config, source)
+  if hf_config.get("qk_layernorm", False):
+    raise CheckpointError(f"{source}: qk_layernorm=True is not supported")
+  if hf_config.get("tie_word_embeddings", False):
+    raise CheckpointError(f"{source}: tie_word_embeddings=True is not supported for phi")
+  heads, d = hf_config["num_attention_heads"], hf_config["hidden_size"]
+  head_dim = hf_config.get("head_dim") or d // heads
+  factor = rope["partial_rotary_factor"] or 0.5  # PhiConfig's default
+  return ModelConfig(
+      arch="phi", vocab_size=hf_config["vocab_size"],
+      max_len=hf_config.get("max_position_embeddings", 2048), d_model=d,
+      n_layers=hf_config["num_hidden_layers"], n_heads=heads,
+      n_kv_heads=hf_config.get("num_key_value_heads") or heads, head_dim=head_dim,
+      d_ff=hf_config["intermediate_size"], dtype=dtype,
+      norm_eps=hf_config.get("layer_norm_eps", 1e-5),
+      rope_theta=rope["theta"], rotary_dim=int(head_dim * factor), tie_embeddings=False,
+      activation=_tanh_gelu(hf_config.get("hidden_act", "gelu_new"), source))
 
 
 class TensorReader:
@@ -265,7 +317,7 @@ def convert_llama_weights(tensors: dict[str, np.ndarray], config: ModelConfig, *
   q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
 
   def linear(name, n_in, n_out):
-    return {"kernel": r.take(f"{name}.weight", (n_out, n_in), transpose=True)}
+    return _linear(r, name, n_in, n_out, bias=False)
 
   params = {"embed": {"embedding": r.take("embed_tokens.weight", (c.vocab_size, d))}}
   for i in range(c.n_layers):
@@ -286,6 +338,86 @@ def convert_llama_weights(tensors: dict[str, np.ndarray], config: ModelConfig, *
   if not c.tie_embeddings:
     params["lm_head"] = {"kernel": r.take("lm_head.weight", (c.vocab_size, d), transpose=True)}
   r.check_all_used(ignore=("lm_head.weight",) if c.tie_embeddings else ())
+  return check_structure(params, c, source)
+
+
+def _layer_norm(r: TensorReader, name: str, d: int) -> dict:
+  return {"scale": r.take(f"{name}.weight", (d,)), "bias": r.take(f"{name}.bias", (d,))}
+
+
+def _linear(r: TensorReader, name: str, n_in: int, n_out: int, bias: bool = True) -> dict:
+  """torch nn.Linear (weight [out, in]) -> Flax Dense {"kernel" [in, out], "bias" [out]}."""
+  out = {"kernel": r.take(f"{name}.weight", (n_out, n_in), transpose=True)}
+  if bias:
+    out["bias"] = r.take(f"{name}.bias", (n_out,))
+  return out
+
+
+def convert_opt_weights(tensors: dict[str, np.ndarray], config: ModelConfig, *,
+                        source: str = "checkpoint") -> dict:
+  """Maps Hugging Face OPTForCausalLM / OPTModel tensors
+  ("model.decoder.layers.0.self_attn.q_proj.weight", ...) to our params.
+
+  The "model.decoder." / "decoder." prefixes are accepted; "lm_head.weight"
+  (tied to the token embedding) is ignored.
+
+  Returns:
+    The "params" pytree of `CausalLM(config)` (float32).
+  """
+  c = config
+  if c.arch != "opt":
+    raise ValueError(f"convert_opt_weights needs arch='opt', got {c.arch!r}")
+  r = TensorReader(tensors, source, ("model.decoder.", "decoder."))
+  d, f, e = c.d_model, c.d_ff, c.word_embed_dim
+  params = {"embed_tokens": {"embedding": r.take("embed_tokens.weight", (c.vocab_size, e))},
+            "embed_positions": {"embedding": r.take("embed_positions.weight", (c.max_len + 2, d))}}
+  if e != d:
+    params["project_in"] = _linear(r, "project_in", e, d, bias=False)
+    params["project_out"] = _linear(r, "project_out", d, e, bias=False)
+  for i in range(c.n_layers):
+    p = f"layers.{i}"
+    params[f"layers_{i}"] = {
+        "self_attn": {name: _linear(r, f"{p}.self_attn.{name}", d, d)
+                      for name in ("q_proj", "k_proj", "v_proj", "out_proj")},
+        "self_attn_layer_norm": _layer_norm(r, f"{p}.self_attn_layer_norm", d),
+        "fc1": _linear(r, f"{p}.fc1", d, f),
+        "fc2": _linear(r, f"{p}.fc2", f, d),
+        "final_layer_norm": _layer_norm(r, f"{p}.final_layer_norm", d),
+    }
+  if c.final_norm:
+    params["final_layer_norm"] = _layer_norm(r, "final_layer_norm", d)
+  r.check_all_used(ignore=("lm_head.weight",))
+  return check_structure(params, c, source)
+
+
+def convert_phi_weights(tensors: dict[str, np.ndarray], config: ModelConfig, *,
+                        source: str = "checkpoint") -> dict:
+  """Maps Hugging Face PhiForCausalLM tensors ("model.layers.0.self_attn.q_proj.weight",
+  ..., "lm_head.weight", "lm_head.bias") to our params.
+
+  Returns:
+    The "params" pytree of `CausalLM(config)` (float32).
+  """
+  c = config
+  if c.arch != "phi":
+    raise ValueError(f"convert_phi_weights needs arch='phi', got {c.arch!r}")
+  r = TensorReader(tensors, source, ("model.",))
+  d, f = c.d_model, c.d_ff
+  q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+  params = {"embed_tokens": {"embedding": r.take("embed_tokens.weight", (c.vocab_size, d))}}
+  for i in range(c.n_layers):
+    p = f"layers.{i}"
+    params[f"layers_{i}"] = {
+        "input_layernorm": _layer_norm(r, f"{p}.input_layernorm", d),
+        "self_attn": {"q_proj": _linear(r, f"{p}.self_attn.q_proj", d, q_dim),
+                      "k_proj": _linear(r, f"{p}.self_attn.k_proj", d, kv_dim),
+                      "v_proj": _linear(r, f"{p}.self_attn.v_proj", d, kv_dim),
+                      "dense": _linear(r, f"{p}.self_attn.dense", q_dim, d)},
+        "mlp": {"fc1": _linear(r, f"{p}.mlp.fc1", d, f), "fc2": _linear(r, f"{p}.mlp.fc2", f, d)},
+    }
+  params["final_layernorm"] = _layer_norm(r, "final_layernorm", d)
+  params["lm_head"] = _linear(r, "lm_head", d, c.vocab_size)
+  r.check_all_used()
   return check_structure(params, c, source)
 
 
@@ -335,3 +467,7 @@ registry.register_hf_format(registry.HFFormat(
     "gpt2", _gpt2_config, lambda t, c, s: convert_gpt2_weights(t, c, source=s)))
 registry.register_hf_format(registry.HFFormat(
     "llama", _llama_config, lambda t, c, s: convert_llama_weights(t, c, source=s)))
+registry.register_hf_format(registry.HFFormat(
+    "opt", _opt_config, lambda t, c, s: convert_opt_weights(t, c, source=s)))
+registry.register_hf_format(registry.HFFormat(
+    "phi", _phi_config, lambda t, c, s: convert_phi_weights(t, c, source=s)))

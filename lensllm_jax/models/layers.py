@@ -1,4 +1,4 @@
-"""Building blocks shared by the GPT-2 and Llama models.
+"""Building blocks shared by the decoder-only models (GPT-2, Llama, OPT, Phi).
 
 Shapes: B batch, T query length, S key length, H query heads, K key/value
 heads, G = H / K queries per key/value head, Dh head width, d model width.
@@ -101,18 +101,24 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   x * cos + [-x2, x1] * sin: the pairs (x1[i], x2[i]) are rotated by angle[i],
   so q(m) . k(n) depends on positions only through m - n.
 
+  Partial rotary (Phi): when cos/sin are narrower than the head (R < Dh),
+  only the first R channels are rotated (rotate-half within them) and the
+  other Dh - R pass through unchanged.
+
   Args:
     x: [B, T, heads, Dh].
-    cos, sin: [B, T, Dh] from `rotary_angles`.
+    cos, sin: [B, T, R] from `rotary_angles` with R <= Dh (R = Dh: full rotary).
 
   Returns:
     [B, T, heads, Dh] in x's dtype (computed in float32).
   """
   xf = x.astype(jnp.float32)
-  half = x.shape[-1] // 2
-  rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
-  out = xf * cos[:, :, None, :] + rotated * sin[:, :, None, :]
-  return out.astype(x.dtype)
+  width = cos.shape[-1]
+  xr, passed = xf[..., :width], xf[..., width:]
+  half = width // 2
+  rotated = jnp.concatenate([-xr[..., half:], xr[..., :half]], axis=-1)
+  out = xr * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+  return jnp.concatenate([out, passed], axis=-1).astype(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -139,18 +145,23 @@ def layer_norm(eps: float, name: str) -> nn.LayerNorm:
 
 
 class Unembed(nn.Module):
-  """Untied output head: logits = h @ kernel, kernel [d, V], float32 accumulation."""
+  """Untied output head: logits = h @ kernel (+ bias), kernel [d, V], bias [V]
+  (only with use_bias, Phi), float32 accumulation."""
 
   vocab_size: int
   dtype: jnp.dtype = jnp.float32
   init_std: float = 0.02
+  use_bias: bool = False
 
   @nn.compact
   def __call__(self, h: jax.Array) -> jax.Array:
     kernel = self.param("kernel", nn.initializers.normal(self.init_std),
                         (h.shape[-1], self.vocab_size), jnp.float32)
-    return jnp.einsum("btd,dv->btv", h.astype(self.dtype), kernel.astype(self.dtype),
-                      preferred_element_type=jnp.float32)
+    logits = jnp.einsum("btd,dv->btv", h.astype(self.dtype), kernel.astype(self.dtype),
+                        preferred_element_type=jnp.float32)
+    if self.use_bias:
+      logits = logits + self.param("bias", nn.initializers.zeros, (self.vocab_size,), jnp.float32)
+    return logits
 
 
 def tied_logits(h: jax.Array, embedding: jax.Array, dtype) -> jax.Array:
@@ -160,11 +171,56 @@ def tied_logits(h: jax.Array, embedding: jax.Array, dtype) -> jax.Array:
 
 
 def activation_fn(name: str):
-  """GELU (tanh approximation: GPT-2's gelu_new), exact GELU, or SiLU."""
+  """GELU (tanh approximation: GPT-2's gelu_new), exact GELU, SiLU or ReLU."""
   if name == "gelu_new":
     return lambda x: jax.nn.gelu(x, approximate=True)
   if name == "gelu":
     return lambda x: jax.nn.gelu(x, approximate=False)
   if name == "silu":
     return jax.nn.silu
+  if name == "relu":
+    return jax.nn.relu
   raise ValueError(f"unknown activation {name!r}")
+
+
+def dense(features: int, dtype, name: str, *, std: float = 0.02,
+          use_bias: bool = True) -> nn.Dense:
+  """Dense layer with float32 params, kernel [in, out] ~ N(0, std^2), matmul in ``dtype``."""
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+                  kernel_init=nn.initializers.normal(std), name=name)
+
+
+class ProjectedAttention(nn.Module):
+  """Causal self-attention with separate q/k/v projections and biases (OPT, Phi).
+
+  q = x Wq + bq, k = x Wk + bk, v = x Wv + bv (heads H, H, K; head width Dh),
+  optional rotary embeddings on q and k (cos/sin of width R <= Dh: partial
+  rotary), softmax(q k^T / sqrt(Dh) + mask) v, then the output projection
+  ``out_name`` (OPT "out_proj", Phi "dense"). Params: q_proj, k_proj,
+  v_proj, <out_name>, each {"kernel" [in, out], "bias" [out]}.
+  """
+
+  n_heads: int
+  n_kv_heads: int
+  head_dim: int
+  d_model: int
+  dtype: jnp.dtype
+  out_name: str
+  out_std: float = 0.02
+  dropout_rate: float = 0.0
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool,
+               cos: jax.Array | None = None, sin: jax.Array | None = None) -> jax.Array:
+    batch, length, _ = x.shape
+    q = dense(self.n_heads * self.head_dim, self.dtype, "q_proj")(x)
+    k = dense(self.n_kv_heads * self.head_dim, self.dtype, "k_proj")(x)
+    v = dense(self.n_kv_heads * self.head_dim, self.dtype, "v_proj")(x)
+    q = q.reshape(batch, length, self.n_heads, self.head_dim)
+    k = k.reshape(batch, length, self.n_kv_heads, self.head_dim)
+    v = v.reshape(batch, length, self.n_kv_heads, self.head_dim)
+    if cos is not None:
+      q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    out = dot_product_attention(q, k, v, mask, dropout=nn.Dropout(self.dropout_rate),
+                                deterministic=deterministic)
+    return dense(self.d_model, self.dtype, self.out_name, std=self.out_std)(out)

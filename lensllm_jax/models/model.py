@@ -1,4 +1,4 @@
-"""`CausalLM`: the Flax decoder-only language model (registered archs "gpt2", "llama").
+"""`CausalLM`: the Flax decoder-only language model (archs "gpt2", "llama", "opt", "phi").
 
 Top-level parameter blocks (stable names; the Hessian/NTK helpers partition
 parameters by these top-level Flax submodules):
@@ -11,6 +11,15 @@ parameters by these top-level Flax submodules):
                   "layers_0" ... "layers_{L-1}" (blocks, see `llama`),
                   "norm" (final RMSNorm, {"scale": [d]}),
                   "lm_head" ({"kernel": [d, V]}) unless tie_embeddings=True.
+    arch="opt":   "embed_tokens" ({"embedding": [V, e]}, e = word_embed_dim),
+                  "embed_positions" ({"embedding": [max_len + 2, d]}),
+                  "project_in" ({"kernel": [e, d]}) only if e != d,
+                  "layers_0" ... "layers_{L-1}" (blocks, see `opt`),
+                  "final_layer_norm" only if final_norm,
+                  "project_out" ({"kernel": [d, e]}) only if e != d; tied head.
+    arch="phi":   "embed_tokens" ({"embedding": [V, d]}),
+                  "layers_0" ... "layers_{L-1}" (blocks, see `phi`),
+                  "final_layernorm", "lm_head" ({"kernel": [d, V], "bias": [V]}).
 
 Example:
 
@@ -30,15 +39,28 @@ from lensllm_jax.models import layers, registry
 from lensllm_jax.models.config import ModelConfig
 from lensllm_jax.models.gpt2 import INIT_STD, GPT2Block
 from lensllm_jax.models.llama import LlamaBlock
+from lensllm_jax.models.opt import OPTBlock
+from lensllm_jax.models.phi import PhiBlock
+
+# OPT looks its learned positions up at position + 2 (fairseq's padding offset).
+OPT_POSITION_OFFSET = 2
 
 
 def _block_names(config: ModelConfig) -> tuple[str, ...]:
   """Names of the top-level parameter blocks of `CausalLM(config)`, input to output."""
-  if config.arch == "gpt2":
-    names = ["wte", "wpe"] + [f"h_{i}" for i in range(config.n_layers)] + ["ln_f"]
+  c = config
+  blocks = [f"layers_{i}" for i in range(c.n_layers)]
+  if c.arch == "gpt2":
+    names = ["wte", "wpe"] + [f"h_{i}" for i in range(c.n_layers)] + ["ln_f"]
+  elif c.arch == "llama":
+    names = ["embed", *blocks, "norm"]
+  elif c.arch == "opt":
+    projected = c.word_embed_dim != c.d_model
+    names = (["embed_tokens", "embed_positions"] + ["project_in"] * projected + blocks
+             + ["final_layer_norm"] * c.final_norm + ["project_out"] * projected)
   else:
-    names = ["embed"] + [f"layers_{i}" for i in range(config.n_layers)] + ["norm"]
-  if not config.tie_embeddings:
+    names = ["embed_tokens", *blocks, "final_layernorm"]
+  if not c.tie_embeddings:
     names.append("lm_head")
   return tuple(names)
 
@@ -64,8 +86,11 @@ class CausalLM(nn.Module):
         padded positions are never attended to; outputs at padded positions
         are meaningless and should be masked out of losses). None = no padding.
       positions: [B, T] int position ids; default 0..T-1 in every row (as
-        Hugging Face does without explicit position_ids). With left padding,
-        pass e.g. cumsum(mask) - 1 clipped at 0.
+        Hugging Face does without explicit position_ids), except for OPT,
+        whose default is Hugging Face OPT's: cumsum(mask) * mask - 1 (the
+        first real token of a left-padded row is position 0, padding -1).
+        With left padding and the other archs, pass e.g. cumsum(mask) - 1
+        clipped at 0.
       deterministic: if False, applies dropout (needs rngs={"dropout": key}).
 
     Returns:
@@ -78,30 +103,62 @@ class CausalLM(nn.Module):
     if length > c.max_len:
       raise ValueError(f"input length {length} exceeds ModelConfig.max_len={c.max_len}")
     if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+      positions = _default_positions(c, attention_mask, batch, length)
     mask = layers.attention_mask_bias(attention_mask, batch, length)
     dtype = jnp.dtype(c.dtype)
     drop = nn.Dropout(c.dropout_rate)
     init = nn.initializers.normal(INIT_STD)
+
+    def embed(rows, width, name):
+      return nn.Embed(rows, width, dtype=jnp.float32, embedding_init=init, name=name)
+
     if c.arch == "gpt2":
-      wte = nn.Embed(c.vocab_size, c.d_model, dtype=jnp.float32, embedding_init=init, name="wte")
-      wpe = nn.Embed(c.max_len, c.d_model, dtype=jnp.float32, embedding_init=init, name="wpe")
-      x = drop(wte(input_ids) + wpe(positions), deterministic=deterministic)
+      tokens = embed(c.vocab_size, c.d_model, "wte")
+      x = drop(tokens(input_ids) + embed(c.max_len, c.d_model, "wpe")(positions),
+               deterministic=deterministic)
       for i in range(c.n_layers):
         x = GPT2Block(c, name=f"h_{i}")(x, mask, deterministic)
       h = layers.layer_norm(c.norm_eps, "ln_f")(x)
-      embed = wte
-    else:
-      embed = nn.Embed(c.vocab_size, c.d_model, dtype=jnp.float32, embedding_init=init,
-                       name="embed")
-      x = drop(embed(input_ids), deterministic=deterministic)
-      cos, sin = layers.rotary_angles(positions, c.head_dim, c.rope_theta)
+    elif c.arch == "llama":
+      tokens = embed(c.vocab_size, c.d_model, "embed")
+      x = drop(tokens(input_ids), deterministic=deterministic)
+      cos, sin = layers.rotary_angles(positions, c.rotary_dim, c.rope_theta)
       for i in range(c.n_layers):
         x = LlamaBlock(c, name=f"layers_{i}")(x, mask, cos, sin, deterministic)
       h = layers.RMSNorm(c.norm_eps, jnp.float32, name="norm")(x)
+    elif c.arch == "opt":
+      tokens = embed(c.vocab_size, c.word_embed_dim, "embed_tokens")
+      x = tokens(input_ids)
+      projected = c.word_embed_dim != c.d_model
+      if projected:
+        x = layers.dense(c.d_model, dtype, "project_in", use_bias=False)(x.astype(dtype))
+      table = embed(c.max_len + OPT_POSITION_OFFSET, c.d_model, "embed_positions")
+      x = drop(x.astype(jnp.float32) + table(positions + OPT_POSITION_OFFSET),
+               deterministic=deterministic)
+      for i in range(c.n_layers):
+        x = OPTBlock(c, name=f"layers_{i}")(x, mask, deterministic)
+      h = layers.layer_norm(c.norm_eps, "final_layer_norm")(x) if c.final_norm else x
+      if projected:
+        h = layers.dense(c.word_embed_dim, dtype, "project_out", use_bias=False)(h.astype(dtype))
+    else:
+      tokens = embed(c.vocab_size, c.d_model, "embed_tokens")
+      x = drop(tokens(input_ids), deterministic=deterministic)
+      cos, sin = layers.rotary_angles(positions, c.rotary_dim, c.rope_theta)
+      for i in range(c.n_layers):
+        x = PhiBlock(c, name=f"layers_{i}")(x, mask, cos, sin, deterministic)
+      h = layers.layer_norm(c.norm_eps, "final_layernorm")(x)
     if c.tie_embeddings:
-      return layers.tied_logits(h, embed.embedding, dtype)
-    return layers.Unembed(c.vocab_size, dtype, name="lm_head")(h)
+      return layers.tied_logits(h, tokens.embedding, dtype)
+    return layers.Unembed(c.vocab_size, dtype, use_bias=c.arch == "phi", name="lm_head")(h)
+
+
+def _default_positions(c: ModelConfig, attention_mask: jax.Array | None, batch: int,
+                       length: int) -> jax.Array:
+  """Position ids when none are given: 0..T-1, or Hugging Face OPT's mask-derived ones."""
+  if c.arch == "opt" and attention_mask is not None:
+    mask = attention_mask.astype(jnp.int32)
+    return jnp.cumsum(mask, axis=1) * mask - 1
+  return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
 
 
 def count_params(params) -> int:
@@ -110,32 +167,41 @@ def count_params(params) -> int:
 
 
 def _matmul_params(c: ModelConfig) -> int:
-  """Entries of the weight matrices used in a matmul per token (incl. the output head)."""
+  """Entries of the weight matrices used in a matmul per token (incl. the output head).
+
+  L (d (H + 2K) Dh + H Dh d + m d d_ff) + [2 e d if e != d] + V e, with m = 3
+  for llama's SwiGLU and 2 otherwise, e = word_embed_dim (= d except OPT-350m).
+  """
   q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
-  if c.arch == "gpt2":
-    per_layer = c.d_model * 3 * q_dim + q_dim * c.d_model + 2 * c.d_model * c.d_ff
-  else:
-    per_layer = (c.d_model * (q_dim + 2 * kv_dim) + q_dim * c.d_model
-                 + 3 * c.d_model * c.d_ff)
-  return c.n_layers * per_layer + c.vocab_size * c.d_model
+  mlp_mats = 3 if c.arch == "llama" else 2
+  per_layer = c.d_model * (q_dim + 2 * kv_dim) + q_dim * c.d_model + mlp_mats * c.d_model * c.d_ff
+  e = c.word_embed_dim
+  projections = 2 * e * c.d_model if e != c.d_model else 0
+  return c.n_layers * per_layer + projections + c.vocab_size * e
 
 
 def _num_params(config: ModelConfig) -> int:
-  """Closed-form parameter count of `CausalLM(config)`.
+  """Closed-form parameter count of `CausalLM(config)` (a tied head counted once).
 
-  gpt2:  V d + max_len d + L (4d + 3d^2 + 3d + d^2 + d + 2 d d_ff + d_ff + d) + 2d
-         (+ V d if untied);
-  llama: V d + L (2d + d (H + 2K) Dh + H Dh d + 3 d d_ff) + d (+ V d if untied).
+  N = N_mm (`_matmul_params`) + V e (token embedding, if untied) + position table
+  (gpt2: max_len d; opt: (max_len + 2) d) + per layer biases ((H + 2K) Dh + d + d_ff
+  + d; none for llama) and norms (LayerNorm 2d each: gpt2, opt 2 per layer, phi 1;
+  RMSNorm d each: llama 2 per layer) + final norm (gpt2, phi, opt if final_norm: 2d;
+  llama: d) + the output bias V (phi).
   """
   c = config
   d = c.d_model
   total = _matmul_params(c)
   if not c.tie_embeddings:
-    total += c.vocab_size * d  # separate token embedding (a tied head is counted once)
-  if c.arch == "gpt2":
-    total += c.max_len * d + c.n_layers * (4 * d + 3 * d + d + c.d_ff + d) + 2 * d
-  else:
-    total += c.n_layers * 2 * d + d
+    total += c.vocab_size * c.word_embed_dim  # separate token embedding
+  total += {"gpt2": c.max_len * d, "opt": (c.max_len + OPT_POSITION_OFFSET) * d}.get(c.arch, 0)
+  if c.arch != "llama":
+    total += c.n_layers * ((c.n_heads + 2 * c.n_kv_heads) * c.head_dim + d + c.d_ff + d)
+  norms_per_layer, final = {"gpt2": (4 * d, 2 * d), "llama": (2 * d, d), "phi": (2 * d, 2 * d),
+                            "opt": (4 * d, 2 * d * c.final_norm)}[c.arch]
+  total += c.n_layers * norms_per_layer + final
+  if c.arch == "phi":
+    total += c.vocab_size  # lm_head bias
   return int(total)
 
 
@@ -147,7 +213,7 @@ def _dummy_inputs(c: ModelConfig, length: int) -> tuple:
   return (jnp.zeros((1, length), jnp.int32),)
 
 
-for _arch in ("gpt2", "llama"):
+for _arch in ("gpt2", "llama", "opt", "phi"):
   registry.register_architecture(registry.Architecture(
       name=_arch, build=CausalLM, dummy_inputs=_dummy_inputs, num_params=_num_params,
       matmul_params=_matmul_params, attention_width=_attention_width,

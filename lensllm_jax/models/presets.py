@@ -76,7 +76,39 @@ for _size, _shape in (("111M", (768, 10, 12)), ("256M", (1088, 14, 17)),
 presets["ai-forever/mGPT"] = _gpt2(100000, 2048, 2048, 24, 16)
 
 # ---------------------------------------------------------------------------
-# Decoder-only benchmark models (OPT, Phi): added with their Flax modules.
+# Decoder-only benchmark models: OPT.
+#
+# OPT (facebook/opt-*, config.json): vocab_size 50272, max_position_embeddings
+# 2048 (table of 2050 rows: offset 2), ffn_dim 4 hidden_size, "relu",
+# enable_bias, tied lm_head, do_layer_norm_before true and
+# word_embed_proj_dim = hidden_size except OPT-350m (do_layer_norm_before
+# false: post-LN, no final LayerNorm; word_embed_proj_dim 512 with
+# project_in/project_out). (hidden_size, num_hidden_layers,
+# num_attention_heads) = 350m (1024, 24, 16), 1.3b (2048, 24, 32),
+# 2.7b (2560, 32, 32), 6.7b (4096, 32, 32).
+for _size, (_d, _layers, _heads) in (("350m", (1024, 24, 16)), ("1.3b", (2048, 24, 32)),
+                                     ("2.7b", (2560, 32, 32)), ("6.7b", (4096, 32, 32))):
+  _post_ln = _size == "350m"
+  presets[f"facebook/opt-{_size}"] = ModelConfig(
+      arch="opt", vocab_size=50272, max_len=2048, d_model=_d, n_layers=_layers, n_heads=_heads,
+      d_ff=4 * _d, norm_eps=1e-5, word_embed_dim=512 if _post_ln else _d,
+      pre_norm=not _post_ln, final_norm=not _post_ln, tie_embeddings=True, activation="relu")
+
+# ---------------------------------------------------------------------------
+# Decoder-only benchmark models: Phi.
+#
+# Phi (microsoft/phi-1_5, microsoft/phi-2, config.json, model_type "phi"):
+# vocab_size 51200, max_position_embeddings 2048, rope_theta 10000,
+# layer_norm_eps 1e-5, "gelu_new", intermediate_size 4 hidden_size, no
+# qk_layernorm, untied lm_head with bias; phi-1_5: hidden_size 2048, 24
+# layers, 32 heads (head 64), partial_rotary_factor 0.5 (32 rotated channels);
+# phi-2: hidden_size 2560, 32 layers, 32 heads (head 80),
+# partial_rotary_factor 0.4 (32 rotated channels).
+for _name, _d, _layers, _rotary in (("phi-1_5", 2048, 24, 32), ("phi-2", 2560, 32, 32)):
+  presets[f"microsoft/{_name}"] = ModelConfig(
+      arch="phi", vocab_size=51200, max_len=2048, d_model=_d, n_layers=_layers, n_heads=32,
+      d_ff=4 * _d, norm_eps=1e-5, rope_theta=10000.0, rotary_dim=_rotary,
+      tie_embeddings=False, activation="gelu_new")
 
 # ---------------------------------------------------------------------------
 # ENCODER-DECODER BENCHMARK PRESETS (issue 13: T5 / mT5 / BART / Switch).

@@ -1,0 +1,63 @@
+"""Phi decoder block (phi-1.5, phi-2): parallel attention and MLP from one LayerNorm.
+
+Parameter layout of one block "layers_i" (names follow Hugging Face
+PhiForCausalLM; Dense kernels are [in, out], the transpose of torch's
+nn.Linear weight):
+
+    input_layernorm/{scale [d], bias [d]}
+    self_attn/q_proj/{kernel [d, H Dh], bias [H Dh]}
+    self_attn/{k_proj, v_proj}/{kernel [d, K Dh], bias [K Dh]}
+    self_attn/dense/{kernel [H Dh, d], bias [d]}
+    mlp/fc1/{kernel [d, d_ff], bias [d_ff]}
+    mlp/fc2/{kernel [d_ff, d], bias [d]}
+
+    h = ln(x);  x = x + attn(h) + mlp(h)
+
+with rotary embeddings on the first rotary_dim channels of q and k.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lensllm_jax.models import layers
+from lensllm_jax.models.config import ModelConfig
+
+INIT_STD = 0.02
+
+
+class PhiMLP(nn.Module):
+  """d -> d_ff -> d with GELU (tanh approximation)."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = self.config
+    dtype = jnp.dtype(c.dtype)
+    h = layers.activation_fn(c.activation)(layers.dense(c.d_ff, dtype, "fc1")(x))
+    return layers.dense(c.d_model, dtype, "fc2", std=INIT_STD / math.sqrt(2 * c.n_layers))(h)
+
+
+class PhiBlock(nn.Module):
+  """x + attn(ln(x)) + mlp(ln(x)); the residual stream stays float32."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array,
+               deterministic: bool) -> jax.Array:
+    c = self.config
+    dtype = jnp.dtype(c.dtype)
+    drop = nn.Dropout(c.dropout_rate)
+    h = layers.layer_norm(c.norm_eps, "input_layernorm")(x).astype(dtype)
+    attn = layers.ProjectedAttention(c.n_heads, c.n_kv_heads, c.head_dim, c.d_model, dtype,
+                                      "dense", INIT_STD / math.sqrt(2 * c.n_layers),
+                                      c.dropout_rate, name="self_attn")
+    a = drop(attn(h, mask, deterministic, cos, sin), deterministic=deterministic)
+    m = drop(PhiMLP(c, name="mlp")(h), deterministic=deterministic)
+    return x + a.astype(jnp.float32) + m.astype(jnp.float32)
