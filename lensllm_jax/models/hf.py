@@ -35,13 +35,10 @@ import numpy as np
 
 from lensllm_jax.models import registry
 from lensllm_jax.models.config import ModelConfig
+from lensllm_jax.models.registry import CheckpointError
 
 # Non-parameter buffers some checkpoints carry (causal-mask tables, RoPE tables).
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
-
-
-class CheckpointError(ValueError):
-  """A checkpoint is missing a tensor, has a wrongly shaped one, or is unsupported."""
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:

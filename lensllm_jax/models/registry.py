@@ -81,6 +81,10 @@ class HFFormat:
   convert: Callable[[dict[str, np.ndarray], Any, str], dict]
 
 
+class CheckpointError(ValueError):
+  """A checkpoint is missing a tensor, has a wrongly shaped one, or is unsupported."""
+
+
 ARCHITECTURES: dict[str, Architecture] = {}
 HF_FORMATS: dict[str, HFFormat] = {}
 
@@ -109,8 +113,6 @@ def architecture(config) -> Architecture:
 
 def hf_format(model_type: str | None, source: str = "config.json") -> HFFormat:
   """The registered `HFFormat` of a model_type; `CheckpointError` naming it otherwise."""
-  from lensllm_jax.models.hf import CheckpointError  # hf imports this module
-
   if model_type not in HF_FORMATS:
     raise CheckpointError(f"{source}: model_type={model_type!r} is not supported "
                           f"(supported: {', '.join(sorted(HF_FORMATS))})")
