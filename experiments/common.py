@@ -1,5 +1,10 @@
 """Helpers shared by the experiment binaries (no flags are defined here).
 
+CSV rows that survive a killed run (`read_rows`, `append_rows`), flag parsing
+(`parse_ratios`, `parse_levels`), loading curve files (`load_all`) and the
+scoring of selection results that `reproduce_selection` and `lensllm_study`
+share (`heldout_rmse`, `method_cost`; the scores are `metrics.selection_scores`).
+
 Binaries import these rather than each other: importing a binary would
 define its absl flags a second time.
 """
@@ -10,9 +15,10 @@ import csv
 import os
 import pathlib
 
+import numpy as np
 from absl import app
 
-from lensllm_jax import benchmarks
+from lensllm_jax import benchmarks, budgeted, metrics
 
 
 def read_rows(path: pathlib.Path) -> list[dict]:
@@ -68,3 +74,26 @@ def load_all(specs, data_dir) -> list[benchmarks.CurveSet]:
   if len(set(names)) != len(names):
     raise app.UsageError(f"--benchmark: duplicate dataset names {names}")
   return sets
+
+
+# ------------------------------------------------ scoring of selections ---
+
+
+def heldout_rmse(result, curves, max_data_num: float, target_data_num: float):
+  """Curve RMSE (loss units) of a result's predictor on the held-out points.
+
+  Held out: the grid sizes D with D_max < D <= D*, which the method never saw.
+
+  Returns:
+    (per_model [M], pooled) as `metrics.curve_rmse`.
+  """
+  d = np.asarray(curves.data_sizes, np.float64)
+  held = (d > max_data_num) & (d <= target_data_num)
+  pred = result.predictor.predict(d[held])
+  return metrics.curve_rmse(pred, np.asarray(curves.losses)[:, held])
+
+
+def method_cost(method: str, curves, max_data_num: float, target_data_num: float):
+  """(FLOPs per token, ratio to FullTuning) of a fixed-budget method (`budgeted.method_flops`)."""
+  flops = budgeted.method_flops(method, curves.sizes, curves.data_sizes, max_data_num)
+  return flops, flops / budgeted.full_tuning_flops(curves.sizes, target_data_num)

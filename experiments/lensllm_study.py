@@ -54,6 +54,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments import build_zoo as bz
+from experiments import common
 from experiments import finetune_sweep as fs
 from lensllm_jax import (
     benchmarks,
@@ -326,28 +327,21 @@ def selection_step(cfg, task: str, curves, aux, alphas):
     results[r]["NLPMetrics"] = selection.SelectionResult(
         "NLPMetrics", alphas, selection.rank_by(alphas))
   sel_rows, rmse_rows, cost_rows = [], [], []
-  full = budgeted.full_tuning_flops(curves.sizes, target)
-  d_all = np.asarray(curves.data_sizes)
   for r in ratios:
     dmax = target / r
     for name in ALL_METHODS:
       res = results[r][name]
-      vals = {"PearCorr": metrics.pearson_corr(res.feature, truth),
-              "RelAcc": metrics.relative_accuracy(res.chosen, truth),
-              "Spearman": metrics.spearman_corr(res.feature, truth),
-              "chosen": curves.models[res.chosen]}
+      vals = {**metrics.selection_scores(res, truth), "chosen": curves.models[res.chosen]}
       for k, val in vals.items():
         sel_rows.append({"task": task, "ratio": r, "max_data_num": int(dmax), "method": name,
                          "metric": k, "value": val})
       reads = {"LensLLM-NTK": "LensLLM", "NLPMetrics": "ModelSize"}.get(name, name)
-      flops = budgeted.method_flops(reads, curves.sizes, d_all, dmax)
+      flops, relative = common.method_cost(reads, curves, dmax, target)
       cost_rows.append({"task": task, "ratio": r, "max_data_num": int(dmax), "method": name,
-                        "flops_per_token": flops, "relative_to_full": flops / full,
+                        "flops_per_token": flops, "relative_to_full": relative,
                         "RelAcc": vals["RelAcc"], "PearCorr": vals["PearCorr"]})
       if name in LAW_NAMES:
-        held = (d_all > dmax) & (d_all <= target)
-        pred = heldout_prediction(res, d_all[held])
-        per_model, pooled = metrics.curve_rmse(pred, curves.losses[:, held])
+        per_model, pooled = common.heldout_rmse(res, curves, dmax, target)
         rmse_rows.append({"task": task, "ratio": r, "max_data_num": int(dmax),
                           "law": LAW_NAMES[name], "model": "ALL", "rmse": pooled})
         for mi, val in enumerate(per_model):
@@ -377,15 +371,6 @@ def budgeted_step(cfg, task: str, curves) -> list[dict]:
                  "flops_per_token": b.flops, "relative_to_full": b.flops / full,
                  "stopped_at": " ".join(str(int(x)) for x in b.stopped_at)})
   return rows
-
-
-def heldout_prediction(res, d: np.ndarray) -> np.ndarray:
-  """[M, P] predicted losses of a fitted / AtS result at data sizes d."""
-  if res.method == "AtS":
-    return np.exp(res.extras["intercept"][:, None] + res.extras["slope"][:, None]
-                  * np.log(d)[None, :])
-  law = res.extras["law"]
-  return np.asarray(law.predict(res.extras["raw_params"], d, aux=res.extras.get("aux")))
 
 
 # ---------------------------------------------------------------------------
@@ -445,7 +430,7 @@ def figures(cfg, out: pathlib.Path, task: str, curves, runs, results, transition
   dd = np.geomspace(d[d > 0].min(), target, 100)
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
   for ax, name in zip(axes, ("LensLLM-NTK", "LensLLM"), strict=True):
-    pred = heldout_prediction(results[r][name], dd)
+    pred = results[r][name].predictor.predict(dd)
     for i, mname in enumerate(curves.models):
       ax.plot(d[1:], curves.losses[i, 1:], "o", color=colors[i], ms=4, label=mname)
       ax.plot(dd, pred[i], "-", color=colors[i], lw=1)

@@ -99,30 +99,13 @@ def budgets_of(curves, target: float, ratios) -> list[tuple[int, float]]:
 
 
 def score_rows(dataset, ratio, dmax, result, truth) -> list[dict]:
-  vals = {"PearCorr": metrics.pearson_corr(result.feature, truth),
-          "RelAcc": metrics.relative_accuracy(result.chosen, truth),
-          "Spearman": metrics.spearman_corr(result.feature, truth)}
+  vals = metrics.selection_scores(result, truth)
   return [{"dataset": dataset, "ratio": ratio, "max_data_num": int(dmax),
            "method": result.method, "metric": k, "value": f"{v:.6f}"} for k, v in vals.items()]
 
 
-def _heldout_prediction(result, curves, dmax):
-  """Predicted losses [M, P] on the file's grid, and the held-out mask (D > D_max)."""
-  d = np.asarray(curves.data_sizes, np.float64)
-  held = np.broadcast_to(d > dmax, np.shape(curves.losses))
-  if result.method == "AtS":
-    a, b = result.extras["intercept"], result.extras["slope"]
-    with np.errstate(divide="ignore"):
-      pred = np.exp(a[:, None] + b[:, None] * np.log(np.where(d > 0, d, np.nan))[None, :])
-  else:
-    law = result.extras["law"]
-    pred = law.predict(result.extras["raw_params"], d, aux=result.extras.get("aux"))
-  return pred, held
-
-
-def rmse_rows(dataset, dmax, result, curves) -> list[dict]:
-  pred, held = _heldout_prediction(result, curves, dmax)
-  per_model, pooled = metrics.curve_rmse(pred, curves.losses, held)
+def rmse_rows(dataset, dmax, result, curves, target) -> list[dict]:
+  per_model, pooled = common.heldout_rmse(result, curves, dmax, target)
   law = LAW_OF[result.method]
   rows = [{"dataset": dataset, "model": mname, "max_data_num": int(dmax), "law": law,
            "rmse": f"{v:.6g}"} for mname, v in zip(curves.models, per_model, strict=True)]
@@ -134,12 +117,7 @@ def rmse_rows(dataset, dmax, result, curves) -> list[dict]:
 def fit_rows(dataset, dmax, result, curves) -> list[dict]:
   rows = []
   for i, mname in enumerate(curves.models):
-    if result.method == "AtS":
-      first = int(result.extras["first_index"][i])
-      params = [result.extras["intercept"][i], result.extras["slope"][i],
-                result.extras["data_sizes"][first]]
-    else:
-      params = result.extras["raw_params"][i]
+    params = result.predictor.parameters()[i]
     rows.append({"dataset": dataset, "method": result.method, "max_data_num": int(dmax),
                  "model": mname, "status": result.status[i] if result.status else "ok",
                  "params": " ".join(f"{float(p):.17g}" for p in params)})
@@ -177,11 +155,11 @@ def run_dataset(curves, methods, ratios, out: pathlib.Path, *, target, key, num_
     for (ratio, dmax), res in zip(budgets, results, strict=True):
       sel += score_rows(name, ratio, dmax, res, truth)
       if method in LAW_OF:
-        rm += rmse_rows(name, dmax, res, curves)
+        rm += rmse_rows(name, dmax, res, curves, target)
         fits += fit_rows(name, dmax, res, curves)
-      flops = budgeted.method_flops(method, curves.sizes, curves.data_sizes, dmax)
+      flops, relative = common.method_cost(method, curves, dmax, target)
       cost.append({"dataset": name, "method": method, "setting": f"ratio={ratio}",
-                   "flops": f"{flops:.6g}", "relative_flops": f"{flops / full:.6g}",
+                   "flops": f"{flops:.6g}", "relative_flops": f"{relative:.6g}",
                    "RelAcc": f"{metrics.relative_accuracy(res.chosen, truth):.6f}",
                    "PearCorr": f"{metrics.pearson_corr(res.feature, truth):.6f}"})
     # Write the secondary files first: a crash can then only leave work that is redone.

@@ -377,8 +377,8 @@ def budgeted_selection(curves, levels: Sequence[float], *, key: jax.Array,
     results = selection.run_fitted_batch(method, views, meta, key=jax.random.fold_in(key, step),
                                          num_restarts=num_restarts, fit_options=fit_options,
                                          min_curves=min_curves)
-    return (results[0].extras["law"],
-            np.concatenate([r.extras["raw_params"] for r in results]),
+    return (results[0].predictor.law,
+            np.concatenate([r.predictor.raw_params for r in results]),
             np.concatenate([r.extras["mask"] for r in results]),
             np.stack([r.predicted for r in results]))
 
@@ -429,7 +429,7 @@ def budgeted_pooled_selection(curves, levels: Sequence[float], config: pooled.Po
     res = [r[0] for r in pooled.pooled_selection(views, meta, [config], key=jax.random.fold_in(key, step),
                                           num_restarts=num_restarts, num_steps=num_steps,
                                           num_points=grid.size)]
-    return (law, np.concatenate([r.extras["raw_params"] for r in res]),
+    return (law, np.concatenate([r.predictor.raw_params for r in res]),
             np.concatenate([v.mask for v in views]), np.stack([r.predicted for r in res]))
 
   # Finished levels are refitted too (nothing new revealed): fixed shapes, one compile.

@@ -12,11 +12,17 @@ dataset and return Python floats (or numpy arrays for per-model RMSE).
 - Kendall tau-b.
 - Curve RMSE: sqrt(mean over held-out points of (L_pred - L_true)^2) in loss
   units, per model and pooled over a dataset.
+
+`selection_scores` applies the first three to a selection result. The
+correlations need at least `MIN_MODELS` = 3 models: with 2 models any feature
+that orders them gives a correlation of exactly +1 or -1, which says nothing.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+MIN_MODELS = 3
 
 
 def _as_pair(feature, target):
@@ -112,3 +118,22 @@ def curve_rmse(predicted, observed, mask=None):
   total = m.sum()
   pooled = float(np.sqrt(sq.sum() / total)) if total > 0 else float("nan")
   return per_model, pooled
+
+
+def selection_scores(result, truth) -> dict[str, float]:
+  """PearCorr, RelAcc and Spearman (fractions) of one selection result.
+
+  Args:
+    result: anything with `feature` [M] and `chosen` (a `selection.SelectionResult`).
+    truth: [M] true losses L(D*).
+
+  Raises:
+    ValueError: fewer than `MIN_MODELS` models (the correlations would be +-1).
+  """
+  m = np.size(truth)
+  if m < MIN_MODELS:
+    raise ValueError(f"PearCorr / Spearman need at least {MIN_MODELS} models, got {m}: "
+                     "with 2 models every correlation is +1 or -1")
+  return {"PearCorr": pearson_corr(result.feature, truth),
+          "RelAcc": relative_accuracy(result.chosen, truth),
+          "Spearman": spearman_corr(result.feature, truth)}

@@ -610,7 +610,6 @@ def _backtest_strengths(views, metadata, configs, *, key, num_restarts, num_step
   on the cut views (one set of independent fits), candidates config-major.
   """
   chosen = [[c.strength] * len(views) for c in configs]
-  law = laws.lensllm_law()
   for factor in sorted({c.backtest for c in configs if c.backtest}):
     js = [j for j, c in enumerate(configs) if c.backtest == factor]
     subs, targets, idx = [], [], []
@@ -636,7 +635,7 @@ def _backtest_strengths(views, metadata, configs, *, key, num_restarts, num_step
         d_t, obs, ok = targets[k]
         best, best_val = configs[j].strength, -np.inf
         for c, s in enumerate(BACKTEST_STRENGTHS):
-          pred = law.predict(res[k][q * ns + c].extras["raw_params"], np.array([d_t]))[:, 0]
+          pred = res[k][q * ns + c].predictor.predict([d_t])[:, 0]
           good = ok & np.isfinite(pred)
           if good.sum() < 3:
             continue
@@ -674,8 +673,9 @@ def pooled_selection(views, metadata, configs: Sequence[PooledConfig], *, key: j
 
   Returns:
     list over views of lists over configs of `selection.SelectionResult`
-    (predicted = feature = L(D*) [M]; extras: law, raw_params [M, 4],
-    config, data_sizes, mask, independent_raw [M, 4]).
+    (predicted = feature = L(D*) [M]; predictor: `selection.LawPredictor` of
+    the pooled fit (raw params [M, 4] of `laws.lensllm_law()`); extras:
+    config, data_sizes, mask, independent_raw [M, 4], ...).
   """
   views = list(views)
   for v in views:
@@ -700,7 +700,7 @@ def pooled_selection(views, metadata, configs: Sequence[PooledConfig], *, key: j
   first_d = []
   for v in views:
     a = selection.ats(v, metadata)
-    first_d.append(a.extras["data_sizes"][a.extras["first_index"]])
+    first_d.append(a.predictor.first_power_data_size)
   cov = [covariate_matrix(metadata.sizes, v.column(0.0) if v.data_sizes[0] == 0
                           else np.ones(m)) for v in views]
   # Problems: view-major, config-minor.
@@ -709,10 +709,10 @@ def pooled_selection(views, metadata, configs: Sequence[PooledConfig], *, key: j
   pcfg = [resolved[i][c] for i, c in zip(vi, ci, strict=True)]
   weights = np.stack([pre_power_weights(d[i], first_d[i], configs[c].pre_power_weight)
                       for i, c in zip(vi, ci, strict=True)])
-  init = np.stack([indep[i].extras["raw_params"] for i in vi])
+  init = np.stack([indep[i].predictor.raw_params for i in vi])
   eb = [None] * nv
   if any(c.empirical_bayes or c.huber_relative for c in configs):
-    eb = [empirical_bayes_strength(indep[i].extras["raw_params"], d[i], y[i], mk[i])
+    eb = [empirical_bayes_strength(indep[i].predictor.raw_params, d[i], y[i], mk[i])
           for i in range(nv)]
   # A relative Huber threshold becomes delta * sigma of the view (visible data only).
   pcfg = [dataclasses.replace(pc, huber_relative=False, huber_delta=pc.huber_delta * max(
@@ -747,9 +747,10 @@ def pooled_selection(views, metadata, configs: Sequence[PooledConfig], *, key: j
       status = tuple("nonfinite" if b else "ok" for b in bad)
       row.append(selection.SelectionResult(
           name, feature, selection.rank_by(feature), predicted=p, status=status,
-          extras={"law": law, "raw_params": fit.raw_params[k], "config": cfg,
+          predictor=selection.LawPredictor(law, fit.raw_params[k]),
+          extras={"config": cfg,
                   "objective": float(fit.objective[k]), "data_sizes": v.data_sizes,
-                  "mask": v.mask, "independent_raw": indep[i].extras["raw_params"],
+                  "mask": v.mask, "independent_raw": indep[i].predictor.raw_params,
                   "group_strength": group[k], "strength": chosen_strength[j][i],
                   "empirical_bayes": None if eb[i] is None else eb[i][1]}))
     out.append(row)

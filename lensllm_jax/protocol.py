@@ -129,10 +129,7 @@ def score_results(results, truth) -> dict[str, float]:
   pred = r.predicted
   rmse = (float(np.sqrt(np.mean((np.asarray(pred) - truth) ** 2)))
           if pred is not None and np.all(np.isfinite(pred)) else float("nan"))
-  return {"PearCorr": metrics.pearson_corr(r.feature, truth),
-          "RelAcc": metrics.relative_accuracy(r.chosen, truth),
-          "Spearman": metrics.spearman_corr(r.feature, truth),
-          "RMSE": rmse}
+  return {**metrics.selection_scores(r, truth), "RMSE": rmse}
 
 
 def training_ratios(curves, ratios: Sequence[int] = DEFAULT_RATIOS, *, min_points: int = 2,

@@ -169,6 +169,62 @@ def metadata_of(curves, target_data_num: float = TARGET_DATA_NUM) -> Metadata:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
+class LawPredictor:
+  """A fitted law of test loss vs data size, one parameter row per model.
+
+  Used by VanillaFit, RectifiedFit, LensLLM (independent fits) and LensLLM+
+  (the pooled fit, in the raw parameters of `laws.lensllm_law()`).
+
+  Attributes:
+    law: the `laws.Law`.
+    raw_params: [M, K] fitted raw parameters.
+    aux: NTK mode: per-model pytree with leading axis [M], else None.
+  """
+  law: laws.Law
+  raw_params: np.ndarray
+  aux: Any = None
+
+  def predict(self, data_size) -> np.ndarray:
+    """[M, P] predicted losses at data sizes [P] (float64; nan where a fit failed)."""
+    return np.asarray(self.law.predict(self.raw_params, np.asarray(data_size, np.float64),
+                                       aux=self.aux))
+
+  def parameters(self) -> np.ndarray:
+    """[M, K] the numbers that define each model's curve (the raw parameters)."""
+    return np.asarray(self.raw_params)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PowerLinePredictor:
+  """AtS's least-squares line in log-log space: L(D) = exp(a + b log D), D > 0.
+
+  Attributes:
+    intercept: [M] a.
+    slope: [M] b.
+    first_power_data_size: [M] D of each model's first power-phase point (the
+      line is fitted from there on).
+  """
+  intercept: np.ndarray
+  slope: np.ndarray
+  first_power_data_size: np.ndarray
+
+  def predict(self, data_size) -> np.ndarray:
+    """[M, P] predicted losses at data sizes [P]; nan at D <= 0 (the line has no D = 0)."""
+    d = np.asarray(data_size, np.float64)
+    with np.errstate(divide="ignore"):
+      log_d = np.log(np.where(d > 0, d, np.nan))
+    return np.exp(self.intercept[:, None] + self.slope[:, None] * log_d[None, :])
+
+  def parameters(self) -> np.ndarray:
+    """[M, 3] (intercept, slope, first power-phase D) per model."""
+    return np.stack([self.intercept, self.slope, self.first_power_data_size], axis=1)
+
+
+# What `SelectionResult.predictor` holds: anything with these two methods.
+Predictor = LawPredictor | PowerLinePredictor
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class SelectionResult:
   """Output of a selection method.
 
@@ -179,13 +235,17 @@ class SelectionResult:
     predicted: [M] predicted L(D*) for predicting methods, else None.
     status: [M] per-model status ("ok", "converged", "max_steps", "nonfinite",
       ...) or None.
-    extras: method-specific outputs (fitted params, transition index, law...).
+    predictor: for the methods that predict the curve (AtS, the fitted laws,
+      LensLLM+), the fitted curves: `predictor.predict(data_sizes [P])` ->
+      [M, P] losses and `predictor.parameters()` -> [M, K]; None otherwise.
+    extras: method-specific diagnostics (transition index, fit objective, ...).
   """
   method: str
   feature: np.ndarray
   ranking: np.ndarray
   predicted: np.ndarray | None = None
   status: tuple[str, ...] | None = None
+  predictor: Predictor | None = None
   extras: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
   @property
@@ -273,8 +333,9 @@ def ats(visible: VisibleCurves, metadata: Metadata, *, k: int = 3, delta: float 
     k, delta, published_convention: passed to `phases.phase_transition`.
 
   Returns:
-    SelectionResult with predicted = feature = L(D*) prediction [M] and extras
-    "first_index" [M] (column into the D > 0 visible sizes) and "data_sizes".
+    SelectionResult with predicted = feature = L(D*) prediction [M], predictor
+    a `PowerLinePredictor`, and extras "first_index" [M] (column into the D > 0
+    visible sizes), "num_power" [M] and "data_sizes".
   """
   d, losses, mask = _positive_part(visible)
   if d.size == 0:
@@ -289,11 +350,11 @@ def ats(visible: VisibleCurves, metadata: Metadata, *, k: int = 3, delta: float 
                                  bool(published_convention))
     first, num, a, b = (np.asarray(x) for x in (first, num, a, b))
   pred = np.exp(a + b * np.log(metadata.target_data_num))
+  line = PowerLinePredictor(intercept=a, slope=b, first_power_data_size=d[first])
   return SelectionResult("AtS", pred, rank_by(pred), predicted=pred,
-                         status=tuple("ok" for _ in range(pred.size)),
+                         status=tuple("ok" for _ in range(pred.size)), predictor=line,
                          extras={"first_index": np.asarray(first), "num_power": np.asarray(num),
-                                 "data_sizes": d, "intercept": np.asarray(a),
-                                 "slope": np.asarray(b)})
+                                 "data_sizes": d})
 
 
 def _pad_to(n: int) -> int:
@@ -348,8 +409,8 @@ def fit_law_views(name: str, law: laws.Law, views, metadata: Metadata, *, key: j
 
   Returns:
     One SelectionResult per view: predicted = feature [M] (L(D*)), status [M],
-    extras {"law", "raw_params" [M, K], "objective" [M], "data_sizes" [P],
-    "mask" [M, P] (points used), "aux"}.
+    predictor a `LawPredictor` (law, raw params [M, K], aux), extras
+    {"objective" [M], "data_sizes" [P], "mask" [M, P] (points used)}.
   """
   views = list(views)
   num_points = _pad_to(max(v.data_sizes.size for v in views))
@@ -384,8 +445,8 @@ def fit_law_views(name: str, law: laws.Law, views, metadata: Metadata, *, key: j
       feature[bad] = last_visible_loss(v)[0][bad]
     results.append(SelectionResult(
         name, feature, rank_by(feature), predicted=pred, status=tuple(status),
-        extras={"law": law, "raw_params": fit.raw_params[sl], "objective": fit.objective[sl],
-                "data_sizes": v.data_sizes, "mask": q[3], "aux": aux}))
+        predictor=LawPredictor(law, fit.raw_params[sl], aux),
+        extras={"objective": fit.objective[sl], "data_sizes": v.data_sizes, "mask": q[3]}))
   return results
 
 

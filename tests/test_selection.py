@@ -99,6 +99,30 @@ def test_saturating_fits_recover_exact_curves(method):
   for res in results[:2]:
     np.testing.assert_allclose(res.predicted, truth, rtol=2e-3)
     assert set(res.status) <= {"converged", "max_steps"}
+  # The predictor is the fitted curve: L(D*) as `predicted`, and the generating
+  # law on the held-out sizes D_max < D <= D*.
+  res = results[0]
+  np.testing.assert_array_equal(res.predictor.predict([target])[:, 0], res.predicted)
+  d_held = curves.data_sizes[(curves.data_sizes > views[0].max_data_num)]
+  exact = p["B"][:, None] / (p["D_l"][:, None] + d_held[None] ** p["beta"][:, None]) + p["E"][:, None]
+  np.testing.assert_allclose(res.predictor.predict(d_held), exact, rtol=2e-3)
+  assert res.predictor.parameters().shape == (7, 4)
+
+
+def test_ats_predictor_is_the_least_squares_power_line():
+  curves, _ = synthetic_curves(seed=2, noise=0.01)
+  meta = selection.metadata_of(curves, 409600)
+  view = selection.visible_view(curves, 51200)
+  res = selection.ats(view, meta)
+  line = res.predictor
+  d_pos = view.data_sizes[view.data_sizes > 0]
+  for m in range(curves.num_models):
+    first = d_pos >= line.first_power_data_size[m]
+    slope, intercept = np.polyfit(np.log(d_pos[first]), np.log(view.losses[m, 1:][first]), 1)
+    np.testing.assert_allclose([line.intercept[m], line.slope[m]], [intercept, slope], rtol=1e-9)
+  np.testing.assert_allclose(line.predict([409600.0])[:, 0], res.predicted, rtol=1e-12)
+  assert np.isnan(line.predict([0.0])).all()  # no D = 0 on a log-log line
+  assert line.parameters().shape == (curves.num_models, 3)
 
 
 def test_vanilla_fit_recovers_exact_vanilla_curves():
@@ -138,6 +162,7 @@ def test_lensllm_ntk_mode_passes_aux_through():
                           **FAST)
   truth = p["B"] / (f + 409600 ** p["beta"]) + p["E"]
   np.testing.assert_allclose(res.predicted, truth, rtol=1e-2)
+  np.testing.assert_allclose(res.predictor.predict([409600.0])[:, 0], truth, rtol=1e-2)
   with pytest.raises(ValueError, match="both f_term and aux"):
     selection.lensllm(selection.visible_view(curves, 102400), meta, key=jax.random.key(5),
                       aux={"c": c})
