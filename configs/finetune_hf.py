@@ -53,5 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       learning_rate=5e-5, warmup_steps=50, end_lr_fraction=0.1, weight_decay=0.01,
       grad_clip=1.0, batch_size=16, grad_accum=1, max_steps=5000, eval_every=100,
       patience=3, min_delta=0.0, eval_batch_size=32, seed=0))
-  c.ntk = ml_collections.ConfigDict(dict(num_probe=32, output="log_likelihood"))
+  # kernel "sketched" (count sketch, memory O(num_probe sketch_dim)) for billion-parameter models.
+  c.ntk = ml_collections.ConfigDict(dict(num_probe=32, output="log_likelihood", kernel="exact",
+                                         sketch_dim=4096, sketch_seed=0))
   return c

@@ -26,7 +26,16 @@ test split. Writes to --workdir:
 
 Rerunning skips finished runs (read from runs.jsonl) and resumes an
 interrupted run from its orbax checkpoint in ckpt/ (config.checkpoint_runs);
-a workdir holding runs of another configuration is refused. The per-model
+a row cut by a kill during its append is dropped and the run redone; a workdir
+holding runs of another configuration is refused. tests/test_finetune_sweep.py
+SIGKILLs a sweep mid-run and checks that the restarted one writes the same files.
+
+Multi-process (--distributed; docs/scale.md): every process runs this program
+with the same flags and workdir; the batches are split over the global
+device mesh, orbax checkpoints are written and restored by all processes
+together, and only process 0 writes runs.jsonl, curves.csv, config.json, the
+tokenizer, the data files and the NTK snapshots (config.ntk.kernel "exact" or
+"sketched"). The per-model
 loop `sweep_model` is also what experiments.lensllm_study runs for its zoo.
 """
 
@@ -81,12 +90,13 @@ def task_spec(cfg, workdir: pathlib.Path) -> textdata.TaskSpec:
                 prompt=cfg.prompt, target_prefix=cfg.target_prefix)
   if cfg.task == "synthetic":
     path = workdir / "data" / "train.jsonl"
-    if not path.exists():
+    if not path.exists() and sharding.is_primary():
       path.parent.mkdir(parents=True, exist_ok=True)
       recs = textdata.synthetic_translation_records(cfg.num_synthetic, seed=cfg.split_seed)
       tmp = path.with_suffix(".tmp")
       tmp.write_text("".join(json.dumps(r) + "\n" for r in recs))
       os.replace(tmp, path)
+    sharding.barrier("synthetic data")
     return textdata.local_task(cfg.name, str(path), **common)
   if cfg.task == "local":
     files = {k: v for k, v in cfg.data_files.to_dict().items() if v}
@@ -118,14 +128,17 @@ def pretraining_texts(cfg) -> list[str]:
 
 
 def preset_tokenizer(cfg, workdir: pathlib.Path, splits):
-  """Byte-level BPE trained on the pre-training corpus and train pool (cached)."""
+  """Byte-level BPE trained on the pre-training corpus and train pool (cached;
+  process 0 trains and writes it, every process reads the file)."""
   path = workdir / "tokenizer.json"
-  if path.exists():
-    return models.load_tokenizer(path)
-  texts = pretraining_texts(cfg) + [s + t for s, t in splits["train"]]
-  tok = textdata.train_tokenizer(texts, vocab_size=cfg.tokenizer_vocab)
-  tok.save(str(path))
-  return tok
+  if not path.exists() and sharding.is_primary():
+    texts = pretraining_texts(cfg) + [s + t for s, t in splits["train"]]
+    tok = textdata.train_tokenizer(texts, vocab_size=cfg.tokenizer_vocab)
+    tmp = path.with_suffix(".tmp")
+    tok.save(str(tmp))
+    os.replace(tmp, path)
+  sharding.barrier("tokenizer")
+  return models.load_tokenizer(path)
 
 
 # ---------------------------------------------------------------------------
@@ -178,9 +191,23 @@ def pretrained_params(spec, cfg, config, tok, workdir, mesh):
 
 
 def read_runs(path: pathlib.Path) -> dict[tuple[str, int], dict]:
+  """{(model, D): record} of runs.jsonl.
+
+  A last line without its newline is the partial row of a process killed while
+  appending it: it is dropped (removed from the file, on process 0), so that
+  the run is redone. Any other unreadable line is an error.
+  """
   runs = {}
   if path.exists():
-    for i, line in enumerate(path.read_text().splitlines()):
+    text = path.read_text()
+    if text and not text.endswith("\n"):
+      logging.warning("%s: dropping a partial last row (interrupted write): %r", path,
+                      text[-80:])
+      text = text[:text.rfind("\n") + 1]
+      if sharding.is_primary():
+        with open(path, "r+") as f:
+          f.truncate(len(text.encode()))
+    for i, line in enumerate(text.splitlines()):
       if not line.strip():
         continue
       try:
@@ -192,19 +219,41 @@ def read_runs(path: pathlib.Path) -> dict[tuple[str, int], dict]:
 
 
 def append_run(path: pathlib.Path, rec: dict) -> None:
-  with open(path, "a") as f:
-    f.write(json.dumps(rec) + "\n")
-    f.flush()
-    os.fsync(f.fileno())
+  """Appends one JSON line (process 0 only), in one write and synced to disk."""
+  if not sharding.is_primary():
+    return
+  data = (json.dumps(rec) + "\n").encode()
+  fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+  try:
+    while data:
+      data = data[os.write(fd, data):]
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+NTK_KERNELS = ("exact", "sketched")
 
 
 @functools.cache
-def _ntk_fns(config: models.ModelConfig, output: str):
-  """(kernel fn, jitted output fn) of one model shape: compiled once per shape, not per model."""
+def _ntk_fns(config: models.ModelConfig, output: str, kernel: str = "exact",
+             sketch_dim: int = 1024, sketch_seed: int = 0):
+  """(kernel fn, jitted output fn) of one model shape: compiled once per shape, not per model.
+
+  kernel "exact": `ntk.make_ntk_fn`; "sketched": `ntk.make_sketched_ntk_fn`
+  (count sketch of sketch_dim directions, seeded; unbiased, memory O(n k)).
+  """
   from lensllm_jax import ntk
 
   apply_fn = ntk.lm_output_fn(models.build(config), output)
-  return ntk.make_ntk_fn(apply_fn), jax.jit(apply_fn)
+  if kernel == "exact":
+    fn = ntk.make_ntk_fn(apply_fn)
+  elif kernel == "sketched":
+    fn = ntk.make_sketched_ntk_fn(apply_fn, sketch_dim=sketch_dim,
+                                  key=jax.random.key(sketch_seed), block_size=8)
+  else:
+    raise ValueError(f"config.ntk.kernel={kernel!r}: expected one of {NTK_KERNELS}")
+  return fn, jax.jit(apply_fn)
 
 
 class NTKSnapshot:
@@ -214,33 +263,43 @@ class NTKSnapshot:
   log-likelihood of the scored (target) tokens: the quantity fine-tuning moves.
   The pre-trained kernel Theta_0 [n, n] and outputs f_0 [n] are cached in
   `pretrained_path` (theta, f0; float64), which also feeds F(Theta, t).
+  `kernel_options` (config.ntk's kernel, sketch_dim, sketch_seed) choose the
+  exact or the sketched kernel (`_ntk_fns`). With several processes every
+  process computes the kernel on its own devices from a host copy of the
+  parameters and process 0 writes the files.
   """
 
   def __init__(self, m: LoadedModel, probe: textdata.TokenizedData, output: str,
-               pretrained_path: pathlib.Path):
+               pretrained_path: pathlib.Path, **kernel_options):
     from lensllm_jax import ntk
 
     self._ntk = ntk
-    self.fn, self.out_fn = _ntk_fns(m.config, output)
+    self.fn, self.out_fn = _ntk_fns(m.config, output, **kernel_options)
     self.x = {"input_ids": probe.input_ids, "attention_mask": probe.attention_mask,
               "loss_mask": probe.loss_mask}
     if pretrained_path.exists():
       with np.load(pretrained_path) as z:
         self.theta0, self.f0 = z["theta"], z["f0"]
     else:
-      self.theta0 = np.asarray(self.fn(m.params, self.x), np.float64)
-      self.f0 = np.asarray(self.out_fn(m.params, self.x), np.float64)
-      pretrained_path.parent.mkdir(parents=True, exist_ok=True)
-      tmp = pretrained_path.with_suffix(".tmp.npz")
-      np.savez(tmp, theta=self.theta0, f0=self.f0)
-      os.replace(tmp, pretrained_path)
+      params = sharding.host_copy(m.params)
+      self.theta0 = np.asarray(self.fn(params, self.x), np.float64)
+      self.f0 = np.asarray(self.out_fn(params, self.x), np.float64)
+      if sharding.is_primary():
+        pretrained_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = pretrained_path.with_suffix(".tmp.npz")
+        np.savez(tmp, theta=self.theta0, f0=self.f0)
+        os.replace(tmp, pretrained_path)
 
   def record(self, params, path: pathlib.Path) -> dict:
+    params = sharding.host_copy(params)
     theta = np.asarray(self.fn(params, self.x), np.float64)
     f1 = np.asarray(self.out_fn(params, self.x), np.float64)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, theta_pretrained=self.theta0, theta_finetuned=theta,
-             f_pretrained=self.f0, f_finetuned=f1)
+    if sharding.is_primary():
+      path.parent.mkdir(parents=True, exist_ok=True)
+      tmp = path.with_suffix(".tmp.npz")
+      np.savez(tmp, theta_pretrained=self.theta0, theta_finetuned=theta,
+               f_pretrained=self.f0, f_finetuned=f1)
+      os.replace(tmp, path)
     eig0 = np.linalg.eigvalsh(self.theta0)[::-1]
     eig1 = np.linalg.eigvalsh(theta)[::-1]
     return {"kernel_distance": float(self._ntk.kernel_distance(self.theta0, theta)),
@@ -297,15 +356,19 @@ def run_one(m: LoadedModel, data: dict, d: int, cfg, tcfg, workdir, mesh, snapsh
       seconds=res.seconds, history=res.history)
   if cfg.get("save_finetuned", False):
     path = workdir / "finetuned" / m.name / str(d)
-    shutil.rmtree(path, ignore_errors=True)  # a partial save of an interrupted run
-    training.save_params(str(path), res.params)
+    if sharding.is_primary():
+      shutil.rmtree(path, ignore_errors=True)  # a partial save of an interrupted run
+    sharding.barrier("finetuned params cleared")
+    training.save_params(str(path), res.params)  # collective: every process calls it
     rec["finetuned_params"] = str(path)
   if snapshot is not None:
     t0 = time.time()
     rec["ntk"] = snapshot.record(res.params, workdir / "ntk" / f"{m.name}_D{d}.npz")
     rec["seconds_ntk"] = time.time() - t0
   if ckpt is not None:
-    shutil.rmtree(ckpt, ignore_errors=True)
+    sharding.barrier("run finished")  # no process still reads the checkpoint
+    if sharding.is_primary():
+      shutil.rmtree(ckpt, ignore_errors=True)
   return rec, res.params, idx
 
 
@@ -336,8 +399,10 @@ def sweep_model(m: LoadedModel, data: dict, cfg, tcfg: training.TrainConfig,
   snapshot = None
   if cfg.ntk.num_probe and any(todo):
     probe = data["test"].take(np.arange(min(cfg.ntk.num_probe, data["test"].num_examples)))
+    kernel_options = {k: cfg.ntk[k] for k in ("kernel", "sketch_dim", "sketch_seed")
+                      if k in cfg.ntk}
     snapshot = NTKSnapshot(m, probe, cfg.ntk.output,
-                           workdir / "ntk" / f"{m.name}_pretrained.npz")
+                           workdir / "ntk" / f"{m.name}_pretrained.npz", **kernel_options)
   for d in todo:
     t0 = time.time()
     if d == 0:
@@ -371,13 +436,16 @@ def bind_workdir(cfg, workdir: pathlib.Path) -> None:
   if path.exists() and (workdir / "runs.jsonl").exists() and path.read_text() != text:
     raise ValueError(f"{workdir} holds runs of another sweep configuration ({path}); use a new "
                      f"--workdir, or delete {workdir / 'runs.jsonl'} to redo the runs")
-  tmp = path.with_suffix(".tmp")
-  tmp.write_text(text)
-  os.replace(tmp, path)
+  sharding.barrier("workdir checked")  # before process 0 replaces the file
+  if sharding.is_primary():
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def write_curve_file(cfg, runs: dict, model_rows: dict, path: pathlib.Path) -> int:
-  """Writes the models whose every D (0 and subset_sizes) is done; returns their count."""
+  """Writes the models whose every D (0 and subset_sizes) is done (process 0 writes);
+  returns their count."""
   grid = [0] + list(cfg.subset_sizes)
   done = [name for name in model_rows if all((name, d) in runs for d in grid)]
   if not done:
@@ -388,7 +456,8 @@ def write_curve_file(cfg, runs: dict, model_rows: dict, path: pathlib.Path) -> i
       families=tuple(model_rows[n]["family"] for n in done),
       data_sizes=np.asarray(grid, np.float64),
       losses=np.asarray([[runs[(n, d)]["test_loss"] for d in grid] for n in done]))
-  benchmarks.write_curves(curves, path)
+  if sharding.is_primary():
+    benchmarks.write_curves(curves, path)
   return len(done)
 
 

@@ -15,7 +15,8 @@ Gradients of a loss summed over a sharded batch are reduced across devices by
 XLA (an all-reduce), which is what makes data parallelism exact.
 
 Multi-host: call `initialize_distributed(True)` (the binaries' --distributed
-flag) before touching devices; each process then feeds its own slice of the
+flag; docs/scale.md lists the environment of SLURM, GPU hosts and TPU pods)
+before touching devices; each process then feeds its own slice of the
 global batch to `shard_batch` (`jax.make_array_from_process_local_data`), or
 the whole global batch to `shard_global_batch`, which slices it (what
 `lensllm_jax.training` does).
@@ -23,6 +24,7 @@ the whole global batch to `shard_global_batch`, which slices it (what
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
@@ -153,14 +155,66 @@ def initialize_distributed(enabled: bool, *, coordinator_address: str | None = N
                            process_id: int | None = None) -> bool:
   """Calls `jax.distributed.initialize` when `enabled` (multi-host runs).
 
-  With no arguments JAX detects the cluster (SLURM, Cloud TPU, Open MPI,
-  Kubernetes); pass them explicitly elsewhere. Must run before any other JAX
-  call touches devices. Returns whether it initialised.
+  Must run before any other JAX call touches devices. Unset arguments come
+  from the environment: JAX_COORDINATOR_ADDRESS ("host:port" of process 0;
+  read by JAX itself), JAX_NUM_PROCESSES and JAX_PROCESS_ID (read here), and
+  otherwise from JAX's cluster detection (SLURM, Open MPI, Kubernetes, Cloud
+  TPU pods), which fills in whatever is still missing. On CPU the cross-
+  process collectives use gloo (set here; the CPU backend has none by
+  default). Returns whether it initialised.
+
+  Raises:
+    ValueError: if JAX_NUM_PROCESSES / JAX_PROCESS_ID is not an integer.
   """
   if not enabled:
     return False
+  for name, value in (("JAX_NUM_PROCESSES", num_processes), ("JAX_PROCESS_ID", process_id)):
+    text = os.environ.get(name)
+    if value is None and text:
+      try:
+        int(text)
+      except ValueError:
+        raise ValueError(f"environment variable {name}={text!r} is not an integer") from None
+  if num_processes is None and os.environ.get("JAX_NUM_PROCESSES"):
+    num_processes = int(os.environ["JAX_NUM_PROCESSES"])
+  if process_id is None and os.environ.get("JAX_PROCESS_ID"):
+    process_id = int(os.environ["JAX_PROCESS_ID"])
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   kwargs = {k: v for k, v in (("coordinator_address", coordinator_address),
                               ("num_processes", num_processes),
                               ("process_id", process_id)) if v is not None}
   jax.distributed.initialize(**kwargs)
   return True
+
+
+def is_primary() -> bool:
+  """True on the process that writes shared files (process 0; the only one
+  without jax.distributed)."""
+  return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+  """Waits until every process reaches the barrier `name` (no-op on one process).
+
+  Used around files that process 0 writes and the others then read.
+  """
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
+
+
+def host_copy(tree: Any) -> Any:
+  """numpy copy of a pytree of (possibly multi-process) arrays, the same on every process.
+
+  Replicated or sharded global arrays are gathered across processes
+  (`multihost_utils.process_allgather`); one process: `np.asarray`.
+  """
+  if jax.process_count() == 1:
+    return jax.tree.map(np.asarray, tree)
+  from jax.experimental import multihost_utils
+
+  return jax.tree.map(
+      lambda x: np.asarray(x) if isinstance(x, np.ndarray) or x.is_fully_addressable
+      or x.is_fully_replicated else np.asarray(multihost_utils.process_allgather(x, tiled=True)),
+      tree)

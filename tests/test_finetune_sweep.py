@@ -144,3 +144,50 @@ def test_saved_finetuned_params_reproduce_the_recorded_test_loss(sweep):
              zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(m.params),
                  strict=True)]
   assert max(changed) > 0
+
+
+def test_sigkill_mid_run_then_restart_gives_the_uninterrupted_files(sweep, tmp_path):
+  """A real kill: SIGKILL while a fine-tuning run is in flight (after its first orbax
+  checkpoint), restart with the same command: runs.jsonl has the same rows with the same
+  values as the uninterrupted sweep (timings aside; floats exactly equal), curves.csv is
+  byte-identical, and the restarted run resumed from its checkpoint."""
+  import sweep_compare
+
+  workdir = tmp_path / "killed"
+  args = [sys.executable, "-m", "experiments.finetune_sweep",
+          "--config=configs/finetune_tiny.py:smoke", f"--workdir={workdir}"]
+  env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+  with open(tmp_path / "first.log", "w") as log:
+    proc = subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    step_dir = sweep_compare.kill_mid_run([proc], workdir, timeout=300)
+  d, step = int(step_dir.parent.name), int(step_dir.name)
+  done = [r["data_size"] for r in sweep_compare.read_rows(workdir)]
+  assert d not in done and 0 in done  # killed inside the run on d examples
+  proc = subprocess.run(args, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f"D={d} step {step} val" not in proc.stderr  # resumed after the checkpointed step
+  assert f"D={d} step {2 * step} val" in proc.stderr
+  got, want = sweep_compare.read_rows(workdir), sweep_compare.read_rows(sweep)
+  assert [(r["model"], r["data_size"]) for r in got] == [(r["model"], r["data_size"])
+                                                         for r in want]
+  for a, b in zip(got, want, strict=True):
+    sweep_compare.assert_same(b, a, rtol=0, where=f"D={b['data_size']}")
+  assert (workdir / "curves.csv").read_bytes() == (sweep / "curves.csv").read_bytes()
+
+
+def test_partial_last_row_is_dropped(tmp_path):
+  """A row cut by a kill during the append (no newline) is removed, the run redone."""
+  from experiments import finetune_sweep
+
+  path = tmp_path / "runs.jsonl"
+  finetune_sweep.append_run(path, {"model": "m", "data_size": 0, "test_loss": 1.5})
+  whole = path.read_text()
+  with open(path, "a") as f:
+    f.write('{"model": "m", "data_size": 200, "test_lo')
+  runs = finetune_sweep.read_runs(path)
+  assert list(runs) == [("m", 0)] and runs[("m", 0)]["test_loss"] == 1.5
+  assert path.read_text() == whole
+  path.write_text(whole + "not json\n")
+  with pytest.raises(ValueError, match="line 2: not JSON"):
+    finetune_sweep.read_runs(path)
