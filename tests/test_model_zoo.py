@@ -74,3 +74,33 @@ def test_registry_dispatch_and_errors():
     models.register_architecture(registry.ARCHITECTURES["gpt2"])
   with pytest.raises(ValueError, match="already registered"):
     models.register_hf_format(registry.HF_FORMATS["llama"])
+
+
+def test_flops_per_token_opt_and_phi_closed_form():
+  # 6 N_mm + 12 L d T with N_mm written out by hand (d_ff = 4d: 12 d^2 per layer).
+  opt = models.presets["facebook/opt-350m"]  # post-LN, 512-wide embeddings projected in/out
+  n_mm = 12 * 24 * 1024**2 + 2 * 512 * 1024 + 50272 * 512  # layers, project_in/out, tied head
+  assert models.flops_per_token(opt, 2048) == pytest.approx(6 * n_mm + 12 * 24 * 1024 * 2048,
+                                                            rel=1e-12)
+  phi = models.presets["microsoft/phi-2"]
+  n_mm = 12 * 32 * 2560**2 + 51200 * 2560  # layers, untied head (the lookup is no matmul)
+  assert models.flops_per_token(phi, 2048, training=False) == pytest.approx(
+      2 * n_mm + 4 * 32 * 2560 * 2048, rel=1e-12)
+
+
+def test_config_validation_of_the_new_fields():
+  with pytest.raises(ValueError, match="pre_norm"):
+    models.ModelConfig(arch="gpt2", pre_norm=False)
+  with pytest.raises(ValueError, match="word_embed_dim"):
+    models.ModelConfig(arch="phi", word_embed_dim=16)
+  with pytest.raises(ValueError, match="rotary_dim"):
+    models.ModelConfig(arch="phi", d_model=32, n_heads=4, rotary_dim=3)
+  with pytest.raises(ValueError, match="rotary_dim"):
+    models.ModelConfig(arch="opt", rotary_dim=8)
+  # Derived fields follow a replaced width: phi-2's 32 rotary channels of 80 are kept only
+  # when given; OPT-350m's embedding width follows d_model unless given.
+  small = models.presets["microsoft/phi-2"].replace(d_model=64, n_heads=4)
+  assert small.head_dim == 16 and small.rotary_dim == 8
+  opt = models.presets["facebook/opt-350m"]
+  assert opt.replace(d_model=64, n_heads=4).word_embed_dim == 64
+  assert opt.replace(d_model=64, n_heads=4, word_embed_dim=32).final_norm is False
