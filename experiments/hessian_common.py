@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 import numpy as np
 
-from lensllm_jax.models import token_nll
+from lensllm_jax.models import mean_token_nll
 
 
 def lm_loss_fn(model):
-  """`loss(params, batch)`: mean over sequences of the per-sequence mean NLL.
+  """`loss(params, batch)`: the project's LM loss, the mean NLL per target token.
 
-  batch: {"input_ids" [B, T], "targets" [B, T], "loss_mask" [B, T]}.
+  `models.losses.mean_token_nll` over the whole batch (the training loss and
+  the loss of the study's Hessians). batch: {"input_ids" [B, T], "targets"
+  [B, T], "loss_mask" [B, T]} and optionally "attention_mask" [B, T].
   """
   def loss(params, batch):
-    logits = model.apply({"params": params}, batch["input_ids"])
-    return jnp.mean(token_nll(logits, batch["targets"], batch["loss_mask"]))
+    logits = model.apply({"params": params}, batch["input_ids"],
+                         attention_mask=batch.get("attention_mask"))
+    return mean_token_nll(logits, batch["targets"], batch["loss_mask"])
   return loss
 
 
@@ -31,10 +33,10 @@ def markov_sequences(vocab_size: int, num: int, length: int, *, chain_seed: int,
   for t in range(length):
     u = draw.random(num)[:, None]
     seq[:, t + 1] = np.minimum((u > cum[seq[:, t]]).sum(axis=1), vocab_size - 1)
-  return as_batch(seq)
+  return shifted_token_batch(seq)
 
 
-def as_batch(tokens: np.ndarray) -> dict[str, np.ndarray]:
+def shifted_token_batch(tokens: np.ndarray) -> dict[str, np.ndarray]:
   """[N, T + 1] token ids -> inputs, next-token targets and a full loss mask."""
   tokens = np.asarray(tokens)
   return {"input_ids": tokens[:, :-1].astype(np.int32),

@@ -16,11 +16,13 @@ training sequences, writes to --workdir:
   summary.json       everything above in one file, plus the bound
                      sum_i sqrt(C H_i / n) with H_i = vhpv_max
 
-Each step skips its work when its output exists. The loss is the mean over
-sequences of the per-sequence mean token NLL; the Hessian of the spectrum is
-that of the mean loss over all --num_examples sequences, streamed as
-[num_examples / batch_size] stacked batches (lax.scan); the PAC-Bayes
-maxima are over single sequences.
+Each step skips its work when its output exists. The loss is the project's
+LM loss, the mean NLL per target token (`models.losses.mean_token_nll`, as in
+training and the study); the Hessian of the spectrum is that of the mean loss
+over all --num_examples sequences, streamed as [num_examples / batch_size]
+stacked batches (lax.scan; every sequence has --seq_len target tokens, so the
+mean of the batch means is the per-token mean); the PAC-Bayes maxima are over
+single sequences.
 
 Without checkpoints (the default) the run is a self-contained demo: the
 "pre-trained" model is the seeded initialisation trained for
@@ -52,7 +54,7 @@ import optax
 import pandas as pd
 from absl import app, flags, logging
 
-from experiments.hessian_common import as_batch, lm_loss_fn, markov_sequences
+from experiments.hessian_common import lm_loss_fn, markov_sequences, shifted_token_batch
 from lensllm_jax import hessian, pac_bayes
 from lensllm_jax.models import build, init_params, presets
 
@@ -92,7 +94,7 @@ def load_task_data(config) -> dict[str, np.ndarray]:
     if tokens.min() < 0 or tokens.max() >= config.vocab_size:
       raise ValueError(f"--tokens_npy {_TOKENS.value}: token ids outside [0, "
                        f"{config.vocab_size}) of preset {_PRESET.value}")
-    return as_batch(tokens[:n])
+    return shifted_token_batch(tokens[:n])
   return markov_sequences(config.vocab_size, n, t, chain_seed=1000 + _SEED.value,
                           seed=_SEED.value)
 

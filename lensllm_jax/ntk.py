@@ -608,7 +608,8 @@ def lm_output_fn(model, output: str = "log_likelihood") -> ApplyFn:
     model: a decoder-only `models.build(config)` module (e.g. `CausalLM`).
     output: "log_likelihood": [B] mean next-token log-likelihood of each
       sequence (`models.sequence_log_likelihood`); "nll": [B] per-example loss
-      (its negative); "logits": [B, T, V]; "last_logits": [B, V] at the last
+      (its negative: the project's LM loss, `models.mean_token_nll`, of a
+      batch of that one sequence); "logits": [B, T, V]; "last_logits": [B, V] at the last
       position (use trace_axes=(-1,) for a traced vocabulary kernel).
 
   Returns:

@@ -2,6 +2,7 @@
 
 Objective. For a batch with loss mask m [B, T] and per-token negative
 log-likelihoods l [B, T], the training loss is the mean NLL per scored token
+(the project's one LM loss, defined in `models.losses`)
 
     L = sum_{b,t} m_bt l_bt / sum_{b,t} m_bt,
 
@@ -48,6 +49,7 @@ import optax
 
 from lensllm_jax import sharding as shd
 from lensllm_jax import textdata
+from lensllm_jax.models import losses
 
 
 class ApplyFn(Protocol):
@@ -154,13 +156,13 @@ def token_loss_sums(logits: jax.Array, targets: jax.Array,
                     loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(sum_bt m_bt * -log softmax(logits_bt)[targets_bt], sum_bt m_bt), float32 scalars.
 
+  The numerator and denominator of the project's LM loss
+  (`models.losses.token_nll_sums`, where the convention is defined).
+
   Args:
     logits: [B, T, V]; targets: [B, T] int; loss_mask: [B, T].
   """
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-  mask = loss_mask.astype(jnp.float32)
-  return jnp.sum(nll * mask), jnp.sum(mask)
+  return losses.token_nll_sums(logits, targets, loss_mask)
 
 
 def _batch_sums(apply_fn, params, batch, key):

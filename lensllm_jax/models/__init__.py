@@ -14,7 +14,8 @@ Public API (one entry point for every architecture; see `registry`):
   ModelConfig                     decoder-only config (config.is_encoder_decoder is False)
   CausalLM                        the decoder-only Flax module (archs gpt2, llama, opt, phi)
   count_params                    params in a pytree
-  next_token_targets, token_log_probs, token_nll, sequence_log_likelihood, mean_token_nll
+  next_token_targets, token_log_probs, token_nll, sequence_log_likelihood, mean_token_nll,
+  token_nll_sums                  the LM loss convention (see `losses`)
   config_from_hf, convert_{gpt2,llama,opt,phi}_weights, read_safetensors,
   load_tokenizer                  Hugging Face config.json, tensors and tokenizer.json
   ARCHITECTURES, HF_FORMATS, register_architecture, register_hf_format
@@ -39,6 +40,7 @@ from lensllm_jax.models.losses import (
     sequence_log_likelihood,
     token_log_probs,
     token_nll,
+    token_nll_sums,
 )
 from lensllm_jax.models.model import CausalLM, count_params
 from lensllm_jax.models.presets import presets
@@ -73,6 +75,7 @@ __all__ = [
     "load_hf_checkpoint",
     "load_tokenizer",
     "mean_token_nll",
+    "token_nll_sums",
     "next_token_targets",
     "num_params",
     "presets",

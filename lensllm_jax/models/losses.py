@@ -4,6 +4,19 @@ Convention: logits[b, t] is the prediction for targets[b, t]; with the raw
 model outputs, targets[b, t] = input_ids[b, t + 1] (see `next_token_targets`).
 loss_mask[b, t] is 1 where targets[b, t] counts (target tokens only for
 input -> target tasks, real tokens only under padding).
+
+THE LM loss of the project (training objective, validation / test loss of a
+curve, the loss whose Hessian the Hessian binaries and the study analyse) is
+the mean NLL per target token over the batch, `mean_token_nll`:
+
+    L = sum_{b,t} m_bt (-log p(targets_bt)) / sum_{b,t} m_bt,
+
+computed from `token_nll_sums` (numerator, denominator), so that sums over
+micro-batches or eval batches divide once. It is NOT the mean over sequences
+of per-sequence means (`token_nll`), which weighs a short sequence's tokens
+more. Per-example quantities (the NTK outputs of `ntk.lm_output_fn`, the
+PAC-Bayes maxima over single examples) are the same definition applied to a
+batch of one sequence: `token_nll` per row.
 """
 
 from __future__ import annotations
@@ -71,12 +84,22 @@ def sequence_log_likelihood(logits: jax.Array, targets: jax.Array,
   return -token_nll(logits, targets, loss_mask)
 
 
+def token_nll_sums(logits: jax.Array, targets: jax.Array,
+                   loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(sum_{b,t} m[b,t] (-log p(targets[b,t])), sum_{b,t} m[b,t]): float32 scalars.
+
+  Args:
+    logits: [B, T, V]; targets: [B, T] ints; loss_mask: [B, T] (1 = counted).
+  """
+  mask = loss_mask.astype(jnp.float32)
+  return -jnp.sum(token_log_probs(logits, targets) * mask), jnp.sum(mask)
+
+
 def mean_token_nll(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> jax.Array:
-  """Mean NLL over all counted tokens of the batch (the per-token loss): scalar float32.
+  """THE LM loss (module docstring): mean NLL per counted token of the batch, scalar float32.
 
   sum_{b,t} m[b,t] (-log p) / max(sum_{b,t} m[b,t], 1). Unlike the mean of
   `token_nll`, long sequences weigh more.
   """
-  mask = loss_mask.astype(jnp.float32)
-  total = -jnp.sum(token_log_probs(logits, targets) * mask)
-  return total / jnp.maximum(jnp.sum(mask), 1.0)
+  total, count = token_nll_sums(logits, targets, loss_mask)
+  return total / jnp.maximum(count, 1.0)
