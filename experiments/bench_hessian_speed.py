@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
+import experiments.common  # noqa: F401  (defines --compilation_cache_dir)
 from experiments.hessian_common import lm_loss_fn, markov_sequences
 from lensllm_jax import hessian
 from lensllm_jax.models import build, count_params, init_params, presets

@@ -32,6 +32,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
+import experiments.common  # noqa: F401  (defines --compilation_cache_dir)
 from lensllm_jax import models, ntk
 
 _SIZES = flags.DEFINE_list("sizes", ["64", "256", "1024"], "Numbers of probe sequences n.")

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+import experiments.common  # noqa: F401  (defines --compilation_cache_dir)
 from lensllm_jax import models, sharding, textdata, training
 
 _MODELS = flags.DEFINE_list("models", ["tiny-gpt2", "small-gpt2"], "Presets to time.")

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+import experiments.common  # noqa: F401  (defines --compilation_cache_dir)
 from lensllm_jax import models, textdata, training, zoo
 
 PRESETS = ("tiny", "full")

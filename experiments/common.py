@@ -1,4 +1,4 @@
-"""Helpers shared by the experiment binaries (no flags are defined here).
+"""Helpers shared by the experiment binaries.
 
 CSV rows that survive a killed run (`read_rows`, `append_rows`), flag parsing
 (`parse_ratios`, `parse_levels`), loading curve files (`load_all`) and the
@@ -6,7 +6,15 @@ scoring of selection results that `reproduce_selection` and `lensllm_study`
 share (`heldout_rmse`, `method_cost`; the scores are `metrics.selection_scores`).
 
 Binaries import these rather than each other: importing a binary would
-define its absl flags a second time.
+define its absl flags a second time. The one flag defined here is shared by
+every binary (each imports this module):
+
+  --compilation_cache_dir  JAX's persistent compilation cache: compiled XLA
+      programs are stored there and reused by the next run, so a repeated
+      run does not recompile. Default $LENSLLM_COMPILATION_CACHE_DIR, else
+      ~/.cache/lensllm_jax/jax_cache; an empty value turns it off. It is
+      switched on after flag parsing (`absl.app.call_after_init`), so code
+      that imports a binary without running it (tests) never touches it.
 """
 
 from __future__ import annotations
@@ -16,9 +24,46 @@ import os
 import pathlib
 
 import numpy as np
-from absl import app
+from absl import app, flags
 
 from lensllm_jax import benchmarks, budgeted, metrics
+
+CACHE_DIR_ENV = "LENSLLM_COMPILATION_CACHE_DIR"
+
+
+def default_compilation_cache_dir() -> str:
+  """$LENSLLM_COMPILATION_CACHE_DIR if set (may be empty: off), else ~/.cache/lensllm_jax/jax_cache."""
+  if CACHE_DIR_ENV in os.environ:
+    return os.environ[CACHE_DIR_ENV]
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "lensllm_jax", "jax_cache")
+
+
+_COMPILATION_CACHE_DIR = flags.DEFINE_string(
+  "compilation_cache_dir", default_compilation_cache_dir(),
+  "JAX persistent compilation cache directory (reused across runs; empty: off). Default "
+  f"${CACHE_DIR_ENV}, else ~/.cache/lensllm_jax/jax_cache.")
+
+
+def enable_compilation_cache(path: str | None) -> str | None:
+  """Turns JAX's persistent compilation cache on in `path` (None / "": leaves it off).
+
+  Every compiled program is cached, however short its compilation (the
+  protocol's many small programs add up). Returns the directory used.
+  """
+  if not path:
+    return None
+  import jax  # the binaries import jax anyway; keep this module light for tests
+
+  path = os.path.abspath(os.path.expanduser(path))
+  os.makedirs(path, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  return path
+
+
+app.call_after_init(lambda: enable_compilation_cache(_COMPILATION_CACHE_DIR.value))
 
 
 def read_rows(path: pathlib.Path) -> list[dict]:

@@ -55,6 +55,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+import experiments.common  # noqa: F401  (defines --compilation_cache_dir)
 from lensllm_jax import benchmarks, models, sharding, textdata, training
 
 FLAGS = flags.FLAGS

@@ -54,6 +54,7 @@ import optax
 import pandas as pd
 from absl import app, flags, logging
 
+import experiments.common  # noqa: F401  (defines --compilation_cache_dir)
 from experiments.hessian_common import lm_loss_fn, markov_sequences, shifted_token_batch
 from lensllm_jax import hessian, pac_bayes
 from lensllm_jax.models import build, init_params, presets

@@ -163,6 +163,20 @@ class Law:
       return jnp.sum(jnp.where(mask, h, 0.0))
     return jnp.sum(r * r) / jnp.maximum(1.0, jnp.sum(mask))
 
+  def residual_weights(self, r: Array, mask: Array, data_size: Array) -> Array:
+    """[P] IRLS weights w with d objective / d r = w * r (Gauss-Newton: G = J^T diag(w) J).
+
+    squared: w = 2 / max(1, n) on used points; huber: w = min(1, delta / |r|)
+    (the Huber loss's psi(r) / r). 0 where masked / invalid.
+    """
+    mask = jnp.logical_and(mask, self.valid_data_size(data_size))
+    if self.loss == "huber":
+      a = jnp.abs(r)
+      w = jnp.where(a < self.huber_delta, 1.0, self.huber_delta / jnp.maximum(a, 1e-300))
+    else:
+      w = jnp.full_like(r, 2.0) / jnp.maximum(1.0, jnp.sum(mask))
+    return jnp.where(mask, w, 0.0)
+
   def objective(self, raw: Array, data_size: Array, log_loss: Array, mask: Array,
                 aux: Any = None) -> Array:
     """Scalar fit objective of one curve (see module docstring).

@@ -389,7 +389,7 @@ def fit_law_views(name: str, law: laws.Law, views, metadata: Metadata, *, key: j
   Fits `law` to log L of every model's revealed points (D > 0 only unless
   `use_zero_shot`) and predicts L(D*). All views' curves are stacked into
   one batch ([views * M, points], points padded and masked to a fixed count,
-  curves padded with masked copies up to `min_curves`), so a whole grid of
+  curves padded with empty (fully masked) curves up to `min_curves`), so a whole grid of
   budgets -- or all confidence levels of the budgeted procedure -- costs one
   compiled call. A model whose prediction is not finite keeps predicted = nan
   and status "nonfinite"; its feature falls back to its last revealed loss
@@ -421,9 +421,10 @@ def fit_law_views(name: str, law: laws.Law, views, metadata: Metadata, *, key: j
   mk = np.concatenate([q[2] for q in parts])
   extra = max(0, min_curves - d.shape[0])
   if extra:
+    # Padding curves have no point: the engine stops them at their start (no steps).
     d = np.concatenate([d, np.repeat(d[:1], extra, 0)])
-    y = np.concatenate([y, np.repeat(y[:1], extra, 0)])
-    mk = np.concatenate([mk, np.repeat(mk[:1], extra, 0)])
+    y = np.concatenate([y, np.zeros((extra, y.shape[1]))])
+    mk = np.concatenate([mk, np.zeros((extra, mk.shape[1]), bool)])
   aux_all = None
   if aux is not None:
     reps = d.shape[0] // m + 1

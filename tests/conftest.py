@@ -11,6 +11,9 @@ import textwrap
 import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+# Binaries run by tests (subprocesses inherit this) leave the user's JAX
+# compilation cache alone: off unless a test passes --compilation_cache_dir.
+os.environ["LENSLLM_COMPILATION_CACHE_DIR"] = ""
 # The public curve files (flan, gigaword) ship inside the package.
 SHARED_BENCHMARKS = REPO_ROOT / "lensllm_jax" / "data"
 

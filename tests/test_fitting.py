@@ -101,7 +101,7 @@ def test_failures_are_reported_not_nan(synthetic):
   assert np.all(res.status[3:] == "converged")
   assert np.all(np.isfinite(res.objective[3:])) and np.all(np.isfinite(res.raw_params[3:]))
   # A step budget too small to converge: "max_steps", finite values, no recompilation.
-  fn = fitting._compiled_fit(law, "newton", 10, False)
+  fn = fitting._compiled_fit(law, "newton", 10, False, fitting.auto_queue_slots(C * R))
   size = fn._cache_size()
   res2 = fitting.fit_curves(law, GRID, clean, key=jax.random.PRNGKey(0), num_restarts=R,
                             max_steps=1)
@@ -209,3 +209,42 @@ def test_matches_scipy_on_public_curves(shared_benchmarks):
   assert np.mean(diff <= 1e-6) >= 0.95, np.sort(diff)[-5:]
   assert np.all(diff <= 1e-3), diff.max()
   assert np.all(res.status != "nonfinite")
+
+
+@pytest.mark.parametrize("law", [laws.vanilla_law(), laws.rectified_law()], ids=lambda l: l.name)
+def test_irls_weights_give_the_exact_gradient_and_gauss_newton_matrix(law):
+  # J^T diag(w) r must be the objective's gradient (Huber: psi(r) = w r), and for the
+  # squared loss J^T diag(w) J the Gauss-Newton matrix 2 J^T J / n.
+  rng = np.random.default_rng(0)
+  d = jnp.asarray(GRID)
+  y = jnp.asarray(np.log(2.0 + rng.uniform(size=GRID.size)))
+  mask = jnp.asarray(rng.uniform(size=GRID.size) > 0.2)
+  with jax.enable_x64(True):
+    for _ in range(3):
+      raw = jnp.asarray(rng.normal(size=4))
+      r = law.residuals(raw, d, y, mask)
+      jac = jax.jacfwd(law.residuals)(raw, d, y, mask)
+      w = law.residual_weights(r, mask, d)
+      want = jax.grad(law.objective)(raw, d, y, mask)
+      np.testing.assert_allclose(jac.T @ (w * r), want, rtol=1e-10, atol=1e-14)
+      if law.loss == "squared":
+        n = float(jnp.sum(mask & law.valid_data_size(d)))
+        np.testing.assert_allclose(jac.T @ (w[:, None] * jac), 2.0 * jac.T @ jac / n, rtol=1e-12)
+      else:  # at least one point in each Huber regime
+        assert np.any(np.abs(r[mask & (d > 0)]) > law.huber_delta)
+
+
+def test_work_queue_matches_one_vmapped_loop(shared_benchmarks):
+  # The queue only reorders which lanes run together: same optima, same statuses.
+  curves = benchmarks.load_curves(shared_benchmarks / "flan.csv")
+  y = np.log(curves.losses)
+  law = laws.vanilla_law()
+  kwargs = dict(key=jax.random.PRNGKey(3), num_restarts=4, max_steps=500)
+  queued = fitting.fit_curves(law, curves.data_sizes, y, queue_slots=64, **kwargs)
+  plain = fitting.fit_curves(law, curves.data_sizes, y, queue_slots=None, **kwargs)
+  assert fitting.auto_optimizer(law) == "gauss_newton"
+  both = (queued.status == "converged") & (plain.status == "converged")
+  assert both.mean() > 0.9, (queued.status, plain.status)
+  np.testing.assert_allclose(queued.objective[both], plain.objective[both], rtol=1e-9)
+  np.testing.assert_array_equal(queued.status, plain.status)
+  assert np.all(np.isfinite(queued.objective))

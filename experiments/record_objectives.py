@@ -1,0 +1,147 @@
+r"""Records the objective of every law fit the selection protocol makes (a test fixture).
+
+    python -m experiments.record_objectives [tests/data/objectives_reference.npz]
+
+Runs `experiments.reproduce_selection.run` (default methods, budgeted
+procedure on, figures off, into a temporary directory) with
+`selection.run_fitted_batch` wrapped so that every call is recorded: the
+method, the dataset, the PRNG key, `min_curves`, `num_restarts`, every
+view's budget and revealed-point mask, and the per-curve objective the fit
+reached. That covers the fixed-budget fits of VanillaFit, RectifiedFit and
+LensLLM on each budget view and every early-stopping round of the budgeted
+procedure. One more call per (dataset, fitted method) fits the full curves
+(D_max = D*).
+
+The file holds our own computed values (not public data). Its purpose:
+`tests/test_objective_reference.py` replays every recorded call with the
+current fitting engine and asserts the objective is no worse on any curve,
+so a faster engine cannot silently fit worse than the one that recorded it.
+Arrays (V recorded views, M models, P columns of the file):
+  call [V] int        index of the recorded call the view belongs to
+  method [V] str, dataset [V] str, key_data [V, 2] uint32, min_curves [V] int,
+  num_restarts [V] int, max_data_num [V] float, revealed [V, M, P] bool,
+  objective [V, M] float64, status [V, M] str (fit status per model), engine [V] str (fitting engine that recorded it)
+Curve files: $LENSLLM_DATA_DIR, else ../shared/benchmarks (flan, gigaword).
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+import tempfile
+
+import jax
+import numpy as np
+
+from experiments import common
+from experiments import reproduce_selection as protocol
+from lensllm_jax import selection
+
+ENGINE_LABEL = "damped Newton (fitting.py before issue 17)"
+
+
+def record(specs, data_dir) -> dict:
+  """Runs the protocol and returns the recorded arrays (see module docstring)."""
+  rows = []
+  original = selection.run_fitted_batch
+
+  def recording(name, views, metadata, *, key, num_restarts=8, fit_options=None, min_curves=0,
+                **kwargs):
+    results = original(name, views, metadata, key=key, num_restarts=num_restarts,
+                       fit_options=fit_options, min_curves=min_curves, **kwargs)
+    if kwargs or (fit_options or {}).keys() - {"max_steps"}:
+      raise ValueError(f"recording supports only max_steps fit options, got {fit_options} "
+                       f"{kwargs}")
+    call = len({r["call"] for r in rows})
+    for v, r in zip(views, results, strict=True):
+      rows.append({"call": call, "method": name, "dataset": metadata.name,
+                   "key_data": np.asarray(jax.random.key_data(key), np.uint32).ravel(),
+                   "min_curves": min_curves, "num_restarts": num_restarts,
+                   "max_data_num": v.max_data_num, "mask": v.mask,
+                   "objective": np.asarray(r.extras["objective"], np.float64),
+                   "status": np.asarray(r.status, dtype=str)})
+    return results
+
+  selection.run_fitted_batch = recording
+  try:
+    with tempfile.TemporaryDirectory() as tmp:
+      protocol.run(specs, data_dir=data_dir, methods=list(protocol.ALL_METHODS),
+                   ratios=[int(r) for r in protocol.published.RATIOS], output_dir=tmp,
+                   figures=False)
+    # Full curves (D_max = D*), one call per dataset and fitted method.
+    for di, curves in enumerate(common.load_all(specs, data_dir)):
+      target = protocol.target_of(curves, None)
+      meta = selection.metadata_of(curves, target)
+      view = selection.visible_view(curves, target)
+      for method in ("VanillaFit", "RectifiedFit", "LensLLM"):
+        key = jax.random.fold_in(jax.random.key(di), 999 + protocol.ALL_METHODS.index(method))
+        recording(method, [view], meta, key=key, min_curves=len(protocol.published.RATIOS) *
+                  len(curves.models))
+  finally:
+    selection.run_fitted_batch = original
+  curve_sets = {c.name: c for c in common.load_all(specs, data_dir)}
+  revealed = []
+  for r in rows:
+    full = np.zeros(np.shape(curve_sets[r["dataset"]].losses), bool)
+    full[:, :r["mask"].shape[1]] = r["mask"]
+    revealed.append(full)
+  return {
+    "call": np.array([r["call"] for r in rows]),
+    "method": np.array([r["method"] for r in rows]),
+    "dataset": np.array([r["dataset"] for r in rows]),
+    "key_data": np.stack([r["key_data"] for r in rows]),
+    "min_curves": np.array([r["min_curves"] for r in rows]),
+    "num_restarts": np.array([r["num_restarts"] for r in rows]),
+    "max_data_num": np.array([r["max_data_num"] for r in rows], np.float64),
+    "revealed": np.stack(revealed),
+    "objective": np.stack([r["objective"] for r in rows]),
+    "status": np.stack([r["status"] for r in rows]),
+  }
+
+
+def replay(arrays, curve_sets, fit_options=None, calls=None):
+  """Re-runs recorded calls with the current engine: objective [V, M] (NaN: call skipped).
+
+  Args:
+    arrays: the recorded arrays (an opened .npz or the dict `record` returns).
+    curve_sets: dict dataset name -> CurveSet of the recorded files.
+    fit_options: keyword arguments of `fitting.fit_curves` (default max_steps=500,
+      as the protocol).
+    calls: optional iterable of call indices to replay (default all).
+  """
+  call_of = np.asarray(arrays["call"])
+  out = np.full(np.shape(arrays["objective"]), np.nan)
+  todo = sorted(set(call_of.tolist())) if calls is None else sorted(calls)
+  for call in todo:
+    rows = np.flatnonzero(call_of == call)
+    first = rows[0]
+    curves = curve_sets[str(arrays["dataset"][first])]
+    meta = selection.metadata_of(curves, protocol.target_of(curves, None))
+    views = [selection.visible_view(curves, float(arrays["max_data_num"][i]),
+                                    arrays["revealed"][i]) for i in rows]
+    key = jax.random.wrap_key_data(np.asarray(arrays["key_data"][first], np.uint32))
+    results = selection.run_fitted_batch(
+        str(arrays["method"][first]), views, meta, key=key,
+        num_restarts=int(arrays["num_restarts"][first]),
+        fit_options={"max_steps": 500, **(fit_options or {})},
+        min_curves=int(arrays["min_curves"][first]))
+    for i, r in zip(rows, results, strict=True):
+      out[i] = r.extras["objective"]
+  return out
+
+
+def main(argv):
+  # No absl flags here: importing reproduce_selection defines its (required) ones.
+  if len(argv) > 2:
+    raise SystemExit("usage: python -m experiments.record_objectives [OUTPUT.npz]")
+  out = pathlib.Path(argv[1] if len(argv) > 1 else "tests/data/objectives_reference.npz")
+  arrays = record(["flan", "gigaword"], common.default_data_dir(None))
+  arrays["engine"] = np.array([ENGINE_LABEL] * len(arrays["call"]))
+  out.parent.mkdir(parents=True, exist_ok=True)
+  np.savez_compressed(out, **arrays)
+  print(f"{len(arrays['call'])} views of {len(set(arrays['call'].tolist()))} calls "
+        f"written to {out}")
+
+
+if __name__ == "__main__":
+  main(sys.argv)
