@@ -31,9 +31,9 @@ import time
 import numpy as np
 from absl import app, flags
 
-from experiments import common
 from lensllm_jax import benchmarks
 
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 REFERENCE_SECONDS = 458.8  # the reference code on the same three files
 PUBLISHED = ("ZeroShot", "SubTuning", "ModelSize", "VanillaFit", "RectifiedFit", "AtS")
 
@@ -66,7 +66,7 @@ def timed(args, env) -> dict:
   load = os.getloadavg()[0]
   t0 = time.perf_counter()
   proc = subprocess.run([sys.executable, "-m", "experiments.reproduce_selection", *args],
-                        env=env, cwd=common.REPO_ROOT, capture_output=True, text=True)
+                        env=env, cwd=REPO_ROOT, capture_output=True, text=True)
   wall = time.perf_counter() - t0
   after = resource.getrusage(resource.RUSAGE_CHILDREN)
   if proc.returncode != 0:
@@ -80,14 +80,14 @@ def main(argv):
   work = pathlib.Path(_WORKDIR.value)
   shutil.rmtree(work, ignore_errors=True)
   work.mkdir(parents=True)
-  data_dir = common.default_data_dir(_DATA_DIR.value)
+  data_dir = _DATA_DIR.value
   flan = benchmarks.load_curves("flan", data_dir=data_dir)
   third = work / "synthetic3.csv"
   write_third_file(third, flan.data_sizes)
   files = [str(benchmarks.resolve_curve_file(n, data_dir=data_dir)) for n in ("flan", "gigaword")]
   files.append(str(third))
   base = [f"--benchmark={f}" for f in files] + ["--figures=false"]
-  env = dict(os.environ, PYTHONPATH=str(common.REPO_ROOT))
+  env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
   cache = work / "jax_cache"
   runs = {
     "full_cold": base + [f"--output_dir={work / 'full_cold'}", f"--compilation_cache_dir={cache}"],

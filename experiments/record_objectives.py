@@ -21,7 +21,7 @@ Arrays (V recorded views, M models, P columns of the file):
   method [V] str, dataset [V] str, key_data [V, 2] uint32, min_curves [V] int,
   num_restarts [V] int, max_data_num [V] float, revealed [V, M, P] bool,
   objective [V, M] float64, status [V, M] str (fit status per model), engine [V] str (fitting engine that recorded it)
-Curve files: $LENSLLM_DATA_DIR, else ../shared/benchmarks (flan, gigaword).
+Curve files: the public flan and gigaword files shipped in lensllm_jax/data.
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def main(argv):
   if len(argv) > 2:
     raise SystemExit("usage: python -m experiments.record_objectives [OUTPUT.npz]")
   out = pathlib.Path(argv[1] if len(argv) > 1 else "tests/data/objectives_reference.npz")
-  arrays = record(["flan", "gigaword"], common.default_data_dir(None))
+  arrays = record(["flan", "gigaword"], None)
   arrays["engine"] = np.array([ENGINE_LABEL] * len(arrays["call"]))
   out.parent.mkdir(parents=True, exist_ok=True)
   np.savez_compressed(out, **arrays)
