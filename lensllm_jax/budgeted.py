@@ -257,7 +257,7 @@ def still_active(active, log_pred, sd, z: float) -> np.ndarray:
 def early_stopping_selection(curves, levels: Sequence[float], fit_views, *, name: str,
                              max_data_num: float, target_data_num: float,
                              min_points: int | None = None, refit_finished: bool = False,
-                             progress=None) -> list[BudgetedResult]:
+                             progress=None, predict_views=None) -> list[BudgetedResult]:
   """The early-stopping procedure of the module docstring, with any fit of the law.
 
   Each level z has its own `CurveOracle` (its own paid points); at every step
@@ -278,10 +278,17 @@ def early_stopping_selection(curves, levels: Sequence[float], fit_views, *, name
     refit_finished: also refit the levels that have ended (their fits are not
       used), so that every step has the same batch shape (one compilation).
     progress: optional callable(str) for log lines.
+    predict_views: instead of `fit_views` (pass None there): a predictor with
+      its own uncertainty, predict_views(views, step) -> (predicted L(D*) [V, M],
+      sd of log L(D*) [V, M]) (e.g. the curve PFN); needs `min_points`.
 
   Returns:
     One BudgetedResult per level.
   """
+  if (fit_views is None) == (predict_views is None):
+    raise ValueError("early_stopping_selection: pass exactly one of fit_views / predict_views")
+  if predict_views is not None and min_points is None:
+    raise ValueError("early_stopping_selection: predict_views needs min_points")
   grid = np.asarray(curves.data_sizes, np.float64)
   steps = grid[(grid > 0) & (grid <= max_data_num)]
   if steps.size == 0:
@@ -303,11 +310,16 @@ def early_stopping_selection(curves, levels: Sequence[float], fit_views, *, name
         stopped_at[i][active[i]] = d_s
     fitted = [i for i in range(len(levels)) if refit_finished or not done[i]]
     views = [oracles[i].view(d_s) for i in fitted]
-    law, raw, mask, predicted = fit_views(views, s)
-    need = law.num_params if min_points is None else min_points
-    ylog = np.concatenate([np.log(np.where(v.mask, v.losses, 1.0)) for v in views])
-    sd_all = laplace_log_sd(law, raw, views[0].data_sizes, mask, ylog, target_data_num,
-                            pool=np.repeat(np.arange(len(fitted)), m))
+    if predict_views is not None:
+      predicted, sd_views = predict_views(views, s)
+      sd_all = np.asarray(sd_views, np.float64).reshape(-1)
+      need = min_points
+    else:
+      law, raw, mask, predicted = fit_views(views, s)
+      need = law.num_params if min_points is None else min_points
+      ylog = np.concatenate([np.log(np.where(v.mask, v.losses, 1.0)) for v in views])
+      sd_all = laplace_log_sd(law, raw, views[0].data_sizes, mask, ylog, target_data_num,
+                              pool=np.repeat(np.arange(len(fitted)), m))
     for j, i in enumerate(fitted):
       if done[i]:
         continue
