@@ -30,6 +30,7 @@ import numpy as np
 import scipy.optimize
 from absl import app, flags, logging
 
+import experiments.common  # noqa: F401  (defines --compilation_cache_dir)
 from lensllm_jax import benchmarks, fitting, laws
 
 _BENCHMARK = flags.DEFINE_multi_string("benchmark", ["flan", "gigaword"],

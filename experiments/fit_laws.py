@@ -31,6 +31,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
+import experiments.common  # noqa: F401  (defines --compilation_cache_dir)
 from lensllm_jax import benchmarks, fitting, laws
 
 _BENCHMARK = flags.DEFINE_multi_string("benchmark", ["flan", "gigaword"],
