@@ -187,8 +187,15 @@ def laplace_log_sd(law, raw_params, data_sizes, mask, log_loss, target_data_num:
   mask = np.concatenate([mask, np.zeros((c, pad), bool)], 1)
   log_loss = np.concatenate([np.asarray(log_loss, np.float64), np.zeros((c, pad))], 1)
   safe = np.where(np.isfinite(raw), raw, 0.0)
+  # Pad the curves to a multiple of 128 (rows of zeros; aux repeats its first row): the
+  # early-stopping rounds fit fewer levels as levels end, and would each compile anew.
+  rows = -(-c // 128) * 128 - c
+  safe = np.concatenate([safe, np.zeros((rows, k))])
+  if aux is not None:
+    aux = jax.tree.map(lambda a: np.concatenate([np.asarray(a), np.repeat(np.asarray(a)[:1],
+                                                                          rows, 0)]), aux)
   with jax.enable_x64(True):
-    pred, jac, grad = (np.asarray(x) for x in _laplace_parts(
+    pred, jac, grad = (np.asarray(x)[:c] for x in _laplace_parts(
         law, jnp.asarray(safe), jnp.asarray(d_np), float(target_data_num), aux))
   y = np.where(mask, np.asarray(log_loss, np.float64), 0.0)
   resid = np.where(mask, pred - y, 0.0)
