@@ -26,9 +26,9 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-import experiments.common  # noqa: F401  (defines --compilation_cache_dir)
+from experiments import common  # also defines --compilation_cache_dir
 from lensllm_jax import models, textdata, training, zoo
 
 PRESETS = ("tiny", "full")
@@ -204,4 +204,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run_main(main, user_errors=(models.CheckpointError,))

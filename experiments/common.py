@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import os
 import pathlib
+import sys
 
 import numpy as np
 from absl import app, flags
@@ -66,6 +67,60 @@ def enable_compilation_cache(path: str | None) -> str | None:
 app.call_after_init(lambda: enable_compilation_cache(_COMPILATION_CACHE_DIR.value))
 
 
+# Errors that mean "the input is wrong" (a flag, a config, a curve file), not "the code is wrong".
+USER_ERRORS = (app.UsageError, flags.Error, benchmarks.CurveFormatError, FileNotFoundError)
+
+
+def fail(message: str) -> None:
+  """Ends the program with one line on stderr naming the binary, exit code 2 (bad input).
+
+  A multi-line message (ml_collections embeds the config file's traceback) is
+  cut to its first and last lines, which name the flag and the error.
+  """
+  lines = [ln.strip() for ln in str(message).splitlines() if ln.strip()]
+  text = lines[0] if len(lines) < 2 else f"{lines[0]} ... {lines[-1]}"
+  sys.stderr.write(f"{pathlib.Path(sys.argv[0]).stem}: error: {text}\n")
+  sys.exit(2)
+
+
+def run_main(main, user_errors=()) -> None:
+  """`app.run(main)`, where bad input ends the program with one clear line and exit code 2.
+
+  Bad input: an unknown or malformed flag, a `--config` file that does not
+  load or a `--config.x` override of a field that does not exist (checked
+  while parsing), and inside `main` any of `USER_ERRORS + user_errors` (for
+  example `models.CheckpointError` in the binaries that read checkpoints).
+  Their messages name the flag, file, line or tensor. Anything else is a bug
+  and keeps its traceback.
+  """
+  def parse(argv):
+    try:
+      rest = flags.FLAGS(argv)
+    except (AttributeError, KeyError) as e:
+      # ml_collections' error for an override of a field the config does not have.
+      given = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+      inner = e
+      while isinstance(inner, BaseException) and inner.args:  # AttributeError(KeyError('...'))
+        inner = inner.args[0]
+      detail = " ".join(str(inner).split())  # one line
+      fail(f"flags: the config has no field {detail} (overrides given: {', '.join(given)})")
+    except (flags.Error, TypeError, ValueError, OSError) as e:
+      fail(f"flags: {e}")
+    for name in flags.FLAGS:
+      error = getattr(flags.FLAGS[name].value, "_error", None)  # a --config file that did not load
+      if error is not None:
+        fail(f"--{name}: {error}")
+    return rest
+
+  def guarded(argv):
+    try:
+      main(argv)
+    except USER_ERRORS + tuple(user_errors) as e:
+      fail(str(e))
+
+  app.run(guarded, flags_parser=parse)
+
+
 def read_rows(path: pathlib.Path) -> list[dict]:
   """Rows of a CSV written by `append_rows` ([] if it does not exist yet)."""
   if not path.exists():
@@ -90,31 +145,36 @@ def append_rows(path: pathlib.Path, header, rows) -> None:
     os.fsync(f.fileno())
 
 
-def parse_ratios(values) -> list[int]:
-  """--ratios values as positive integers, with an error naming the flag."""
+def parse_ratios(values, name: str = "config.ratios") -> list[int]:
+  """Budget ratios as positive integers, with an error naming the setting."""
   out = []
   for v in values:
     try:
       r = int(v)
-    except ValueError:
-      raise app.UsageError(f"--ratios: {v!r} is not an integer") from None
+    except (TypeError, ValueError):
+      raise app.UsageError(f"{name}: {v!r} is not an integer") from None
     if r < 1:
-      raise app.UsageError(f"--ratios: {r} must be >= 1")
+      raise app.UsageError(f"{name}: {r} must be >= 1")
     out.append(r)
   return out
 
 
-def parse_levels(values) -> list[float]:
-  """--budget_levels values (confidence multipliers z) as floats."""
+def parse_levels(values, name: str = "config.budget_levels") -> list[float]:
+  """Confidence levels z of the budgeted procedure as floats."""
   try:
     return [float(z) for z in values]
-  except ValueError:
-    raise app.UsageError(f"--budget_levels: not numbers: {list(values)}") from None
+  except (TypeError, ValueError):
+    raise app.UsageError(f"{name}: not numbers: {list(values)}") from None
 
 
 def load_all(specs, data_dir) -> list[benchmarks.CurveSet]:
-  """Loads every curve file (name or path); dataset names must be unique."""
+  """Loads every curve file (name or path); names must be unique, each file >= 3 models."""
   sets = [benchmarks.load_curves(s, data_dir=data_dir) for s in specs]
+  for c in sets:
+    if c.num_models < metrics.MIN_MODELS:
+      raise app.UsageError(
+          f"{c.source}: {c.num_models} model(s); the selection metrics PearCorr / Spearman need "
+          f"at least {metrics.MIN_MODELS} (with 2 models every correlation is +1 or -1)")
   names = [c.name for c in sets]
   if len(set(names)) != len(names):
     raise app.UsageError(f"--benchmark: duplicate dataset names {names}")

@@ -52,10 +52,10 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-import experiments.common  # noqa: F401  (defines --compilation_cache_dir)
+from experiments import common  # also defines --compilation_cache_dir
 from lensllm_jax import benchmarks, models, sharding, textdata, training
 
 FLAGS = flags.FLAGS
@@ -506,4 +506,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  common.run_main(main, user_errors=(models.CheckpointError,))

@@ -29,9 +29,9 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
-import experiments.common  # noqa: F401  (defines --compilation_cache_dir)
+from experiments import common  # also defines --compilation_cache_dir
 from lensllm_jax import benchmarks, fitting, laws
 
 _BENCHMARK = flags.DEFINE_multi_string("benchmark", ["flan", "gigaword"],
@@ -186,4 +186,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run_main(main)

@@ -52,11 +52,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pandas as pd
-from absl import app, flags, logging
+from absl import flags, logging
 
-import experiments.common  # noqa: F401  (defines --compilation_cache_dir)
+from experiments import common  # also defines --compilation_cache_dir
 from experiments.hessian_common import lm_loss_fn, markov_sequences, shifted_token_batch
-from lensllm_jax import hessian, pac_bayes
+from lensllm_jax import hessian, models, pac_bayes
 from lensllm_jax.models import build, init_params, presets
 
 _WORKDIR = flags.DEFINE_string("workdir", "results/hessian_spectrum", "Output directory.")
@@ -294,4 +294,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run_main(main, user_errors=(models.CheckpointError,))

@@ -1,11 +1,9 @@
 r"""LensLLM+ (pooled LensLLM fits) under the leave-one-dataset-out protocol.
 
-    python -m experiments.lensllm_plus --benchmark=flan --benchmark=gigaword \
-        --train_only_benchmark=results/study/curves_code2name.csv \
-        --train_only_benchmark=results/study/curves_translate.csv \
-        --output_dir=results/lensllm_plus --protocol=leave_one_out
+    python -m experiments.lensllm_plus --config=configs/lensllm_plus.py \
+        --output_dir=results/lensllm_plus
 
---benchmark files are reported; --train_only_benchmark files (the project's
+config.benchmarks files are reported; config.train_only_benchmarks files (the project's
 own curve files, written by experiments/lensllm_study.py in the public
 format) are training files of every fold and never reported. They are scored
 on the ratios (relative to their own D*) that leave at least 2 visible
@@ -48,6 +46,7 @@ import time
 import jax
 import numpy as np
 from absl import app, flags, logging
+from ml_collections import config_flags
 
 from experiments import common
 from lensllm_jax import budgeted, metrics, pooled, protocol, selection
@@ -58,24 +57,9 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
   """The binary's flags; defined only when it runs as a program, so that tests can
   import it beside experiments.reproduce_selection (same flag names)."""
-  flags.DEFINE_multi_string("benchmark", ["flan", "gigaword"],
-                            "Curve file: a name (looked up in --data_dir) or a path. Repeatable; "
-                            "leave_one_out needs at least 2.")
-  flags.DEFINE_multi_string("train_only_benchmark", [],
-                            "Curve file (name or path) used ONLY to choose settings: a training "
-                            "file of every fold, never reported. Scored on the ratios that leave "
-                            ">= 2 visible D > 0 points below its own D*. Repeatable.")
-  flags.DEFINE_string("data_dir", None, "Directory of NAME.csv files (default $LENSLLM_DATA_DIR).")
+  config_flags.DEFINE_config_file("config", "configs/lensllm_plus.py",
+                                  "Experiment configuration (configs/lensllm_plus.py[:public]).")
   flags.DEFINE_string("output_dir", None, "Output directory.", required=True)
-  flags.DEFINE_enum("protocol", "leave_one_out", ["leave_one_out"],
-                    "How the LensLLM+ settings are chosen: leave_one_out = on the other files.")
-  flags.DEFINE_list("ratios", [str(r) for r in protocol.DEFAULT_RATIOS], "Budget ratios D*/D_max.")
-  flags.DEFINE_integer("seed", 0, "PRNG seed of the fits.")
-  flags.DEFINE_integer("num_restarts", 8, "Restarts of the independent fits (start of the pooled).")
-  flags.DEFINE_integer("num_steps", 60, "Levenberg-Marquardt steps of the pooled fit.")
-  flags.DEFINE_bool("budgeted", True, "Run the budgeted early-stopping procedure with LensLLM+.")
-  flags.DEFINE_list("budget_levels", ["0.5", "1", "2", "4"],
-                    "Confidence levels z of the budgeted procedure.")
 
 
 GRID_HEADER = ("dataset", "config", "ratio", "metric", "value")
@@ -322,28 +306,32 @@ def tables(out: pathlib.Path, ratios) -> str:
 # ---------------------------------------------------------------- main ---
 
 
-def run(specs, *, data_dir, output_dir, ratios, seed=0, num_restarts=8, num_steps=60,
-        run_budgeted=True, budget_levels=(0.5, 1.0, 2.0, 4.0), train_only_specs=()
-        ) -> pathlib.Path:
+def run(cfg, output_dir) -> pathlib.Path:
+  """The whole protocol for a configs/lensllm_plus.py config; returns the output directory."""
   t0 = time.time()
+  if cfg.protocol != "leave_one_out":
+    raise app.UsageError(f"config.protocol={cfg.protocol!r}: only 'leave_one_out' exists")
+  ratios = common.parse_ratios(cfg.ratios)
+  budget_levels = common.parse_levels(cfg.budget_levels)
+  specs, train_only_specs = list(cfg.benchmarks), list(cfg.train_only_benchmarks)
   out = pathlib.Path(output_dir)
   out.mkdir(parents=True, exist_ok=True)
-  loaded = common.load_all(list(specs) + list(train_only_specs), data_dir)
+  loaded = common.load_all(specs + train_only_specs, cfg.data_dir)
   curve_sets, train_only = loaded[:len(specs)], loaded[len(specs):]
   if len(curve_sets) < 2:
-    raise app.UsageError("--protocol=leave_one_out needs at least 2 --benchmark files")
+    raise app.UsageError("leave_one_out needs at least 2 config.benchmarks files")
   write_inputs(out, curve_sets, train_only, ratios)
-  key = jax.random.key(seed)
-  folds = choose_settings(curve_sets, out, key=key, ratios=ratios, num_restarts=num_restarts,
-                          num_steps=num_steps, train_only=train_only)
+  key = jax.random.key(cfg.seed)
+  folds = choose_settings(curve_sets, out, key=key, ratios=ratios, num_restarts=cfg.num_restarts,
+                          num_steps=cfg.num_steps, train_only=train_only)
   for i, (curves, fold) in enumerate(zip(curve_sets, folds, strict=True)):
     report_dataset(curves, fold, out, key=jax.random.fold_in(key, i), ratios=ratios,
-                   num_restarts=num_restarts, num_steps=num_steps)
-    if run_budgeted:
+                   num_restarts=cfg.num_restarts, num_steps=cfg.num_steps)
+    if cfg.budgeted:
       target = float(np.max(curves.data_sizes))
       budgeted_dataset(curves, fold, out, key=jax.random.fold_in(key, 1000 + i),
                        levels=budget_levels, max_data_num=target / min(ratios),
-                       num_restarts=num_restarts, num_steps=num_steps)
+                       num_restarts=cfg.num_restarts, num_steps=cfg.num_steps)
   (out / "lensllm_plus.md").write_text(tables(out, ratios) + "\n")
   logging.info("done in %.1fs; outputs in %s", time.time() - t0, out)
   return out
@@ -352,13 +340,9 @@ def run(specs, *, data_dir, output_dir, ratios, seed=0, num_restarts=8, num_step
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  levels = common.parse_levels(FLAGS.budget_levels)
-  run(FLAGS.benchmark, data_dir=FLAGS.data_dir, output_dir=FLAGS.output_dir,
-      ratios=common.parse_ratios(FLAGS.ratios), seed=FLAGS.seed, num_restarts=FLAGS.num_restarts,
-      num_steps=FLAGS.num_steps, run_budgeted=FLAGS.budgeted, budget_levels=levels,
-      train_only_specs=FLAGS.train_only_benchmark)
+  run(FLAGS.config, FLAGS.output_dir)
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  common.run_main(main)

@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from experiments import build_zoo as bz
 from experiments import common
@@ -673,4 +673,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run_main(main, user_errors=(models.CheckpointError,))

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-import experiments.common  # noqa: F401  (defines --compilation_cache_dir)
+from experiments import common  # also defines --compilation_cache_dir
 from lensllm_jax import models, ntk
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
@@ -198,4 +198,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run_main(main, user_errors=(models.CheckpointError,))

@@ -1,11 +1,12 @@
 r"""Reproduces the LLM-selection tables of Lin et al. (2024) / Zeng et al. (2025).
 
-    python -m experiments.reproduce_selection --benchmark=flan --benchmark=gigaword --output_dir=results/selection
+    python -m experiments.reproduce_selection --config=configs/selection.py \
+        --output_dir=results/selection [--config.figures=False]
 
-For every curve file (`--benchmark`, a name looked up in --data_dir /
-$LENSLLM_DATA_DIR, or a path), every budget ratio D*/D_max and every method,
-it runs the selection on the budget-limited view of the curves and writes to
---output_dir:
+For every curve file (`config.benchmarks`: a packaged name, a name looked up
+in config.data_dir / $LENSLLM_DATA_DIR, or a path), every budget ratio
+D*/D_max and every method, it runs the selection on the budget-limited view of
+the curves and writes to --output_dir:
 
   selection.csv  dataset,ratio,max_data_num,method,metric,value (PearCorr,
                  RelAcc, Spearman as fractions)
@@ -30,14 +31,13 @@ import time
 import jax
 import numpy as np
 from absl import app, flags, logging
+from ml_collections import config_flags
 
 from experiments import common
 from lensllm_jax import budgeted, laws, metrics, pooled, published, selection
 from lensllm_jax import methods as methods_lib
 from lensllm_jax import protocol as protocol_lib
 
-ALL_METHODS = ("ZeroShot", "SubTuning", "ModelSize", "VanillaFit", "RectifiedFit", "AtS",
-               "LensLLM")
 SELECTION_HEADER = ("dataset", "ratio", "max_data_num", "method", "metric", "value")
 RMSE_HEADER = ("dataset", "model", "max_data_num", "law", "rmse")
 COST_HEADER = ("dataset", "method", "setting", "flops", "relative_flops", "RelAcc", "PearCorr")
@@ -46,29 +46,14 @@ LAW_OF = {"VanillaFit": "vanilla", "RectifiedFit": "rectified", "LensLLM": "lens
           "AtS": "ats"}
 
 FLAGS = flags.FLAGS
-flags.DEFINE_multi_string("benchmark", ["flan", "gigaword"],
-                          "Curve file: a name (looked up in --data_dir) or a path. Repeatable.")
-flags.DEFINE_string("data_dir", None, "Directory of NAME.csv files (default $LENSLLM_DATA_DIR).")
-flags.DEFINE_list("methods", list(ALL_METHODS), "Selection methods to run.")
-flags.DEFINE_list("ratios", [str(r) for r in published.RATIOS], "Budget ratios D*/D_max.")
-flags.DEFINE_string("output_dir", None, "Output directory.", required=True)
-flags.DEFINE_integer("target_data_num", None, "D*; default the largest D of each file.")
-flags.DEFINE_integer("num_restarts", 8, "Random restarts per fitted curve.")
-flags.DEFINE_integer("max_steps", 500, "L-BFGS steps per restart.")
-flags.DEFINE_integer("seed", 0, "PRNG seed of the fits.")
-flags.DEFINE_bool("budgeted", True, "Run the budgeted early-stopping procedure.")
-flags.DEFINE_list("budget_levels", ["0.5", "1", "2", "4"],
-                  "Confidence levels z (normal quantiles) of the budgeted procedure.")
-flags.DEFINE_enum("budget_method", "LensLLM", list(budgeted.BUDGET_METHODS),
-                  "Law used by the budgeted procedure (LensLLM+ is not one: its budgeted "
-                  "variant is budgeted.budgeted_pooled_selection, run by experiments.lensllm_plus).")
-flags.DEFINE_integer("budget_max_data_num", None,
-                     "Largest D the budgeted procedure may pay for (default D* / min ratio).")
-flags.DEFINE_bool("figures", True, "Draw the PNG figures.")
-flags.DEFINE_enum("protocol", "none", ["none", "leave_one_out"],
-                  "Settings of LensLLM+ (when in --methods): none = pooled.DEFAULT_CONFIG "
-                  "(untuned); leave_one_out = chosen for each file on the other files "
-                  "(protocol.leave_one_out; needs >= 2 --benchmark files).")
+
+
+def define_flags() -> None:
+  """The binary's flags; defined only when it runs as a program (tests import it beside
+  experiments.lensllm_plus, which has the same flag names)."""
+  config_flags.DEFINE_config_file("config", "configs/selection.py",
+                                  "Experiment configuration (configs/selection.py[:plus]).")
+  flags.DEFINE_string("output_dir", None, "Output directory.", required=True)
 
 
 # ------------------------------------------------------------------ I/O ---
@@ -426,43 +411,46 @@ def choose_plus_settings(curve_sets, methods, plus_protocol, out, *, ratios, key
 
 
 
-def run(specs, *, data_dir, methods, ratios, output_dir, target_data_num=None, num_restarts=8,
-        max_steps=500, seed=0, budget_levels=(0.5, 1.0, 2.0, 4.0), budget_method="LensLLM",
-        budget_max_data_num=None, run_budgeted_flag=True, figures=True,
-        plus_protocol="none") -> pathlib.Path:
-  """The whole experiment (what `main` runs); returns the output directory."""
+def run(cfg, output_dir) -> pathlib.Path:
+  """The whole experiment for a configs/selection.py config; returns the output directory."""
   t0 = time.time()
+  methods = list(cfg.methods)
   unknown = [m for m in methods if m not in methods_lib.METHODS]
   if unknown:
-    raise app.UsageError(f"--methods: unknown {unknown}; known {sorted(methods_lib.METHODS)}")
-  if run_budgeted_flag and budget_method not in budgeted.BUDGET_METHODS:
-    raise app.UsageError(f"--budget_method: {budget_method!r} is not supported; budget methods: "
-                         f"{', '.join(budgeted.BUDGET_METHODS)}")
+    raise app.UsageError(f"config.methods: unknown {unknown}; known {sorted(methods_lib.METHODS)}")
+  if cfg.budgeted and cfg.budget_method not in budgeted.BUDGET_METHODS:
+    raise app.UsageError(
+        f"config.budget_method: {cfg.budget_method!r} is not supported; budget methods: "
+        f"{', '.join(budgeted.BUDGET_METHODS)} (LensLLM+ has its own budgeted variant, "
+        "budgeted.budgeted_pooled_selection, run by experiments.lensllm_plus)")
+  if cfg.protocol not in ("none", "leave_one_out"):
+    raise app.UsageError(f"config.protocol={cfg.protocol!r}: expected 'none' or 'leave_one_out'")
+  ratios = common.parse_ratios(cfg.ratios)
+  budget_levels = common.parse_levels(cfg.budget_levels)
   out = pathlib.Path(output_dir)
   out.mkdir(parents=True, exist_ok=True)
-  curve_sets = common.load_all(specs, data_dir)
-  key = jax.random.key(seed)
-  fit_options = {"max_steps": max_steps}
-  plus_configs = choose_plus_settings(curve_sets, methods, plus_protocol, out, ratios=ratios,
+  curve_sets = common.load_all(cfg.benchmarks, cfg.data_dir)
+  key = jax.random.key(cfg.seed)
+  fit_options = {"max_steps": cfg.max_steps}
+  plus_configs = choose_plus_settings(curve_sets, methods, cfg.protocol, out, ratios=ratios,
                                       key=jax.random.fold_in(key, 2000),
-                                      target_data_num=target_data_num,
-                                      num_restarts=num_restarts)
+                                      target_data_num=cfg.target_data_num,
+                                      num_restarts=cfg.num_restarts)
   targets = []
   for di, curves in enumerate(curve_sets):
-    target = target_of(curves, target_data_num)
+    target = target_of(curves, cfg.target_data_num)
     targets.append(target)
     logging.info("[%s] %d models, %d points, D*=%g (%s)", curves.name, len(curves.models),
                  len(curves.data_sizes), target, curves.source)
     budget = None
-    if run_budgeted_flag:
-      cap = budget_max_data_num or target / min(ratios)
-      budget = {"levels": [float(z) for z in budget_levels], "method": budget_method,
-                "max_data_num": cap}
+    if cfg.budgeted:
+      cap = cfg.budget_max_data_num or target / min(ratios)
+      budget = {"levels": budget_levels, "method": cfg.budget_method, "max_data_num": cap}
     run_dataset(curves, methods, ratios, out, target=target, key=jax.random.fold_in(key, di),
-                num_restarts=num_restarts, fit_options=fit_options, budget=budget, t0=t0,
+                num_restarts=cfg.num_restarts, fit_options=fit_options, budget=budget, t0=t0,
                 plus_config=plus_configs.get(curves.name))
-  if run_budgeted_flag and len(curve_sets) > 1:
-    tag = f"Budgeted{budget_method}"
+  if cfg.budgeted and len(curve_sets) > 1:
+    tag = f"Budgeted{cfg.budget_method}"
     have = {r["dataset"] for r in common.read_rows(out / "cost.csv") if r["method"] == f"{tag}-LODO"}
     names = [c.name for c in curve_sets]
     if not set(names) <= have:
@@ -471,7 +459,7 @@ def run(specs, *, data_dir, methods, ratios, output_dir, target_data_num=None, n
   md, tex = selection_tables(out)
   (out / "selection.md").write_text(md + "\n")
   (out / "selection.tex").write_text(tex + "\n")
-  if figures:
+  if cfg.figures:
     draw_figures(out, curve_sets, targets)
   logging.info("done in %.1fs; outputs in %s", time.time() - t0, out)
   return out
@@ -480,14 +468,9 @@ def run(specs, *, data_dir, methods, ratios, output_dir, target_data_num=None, n
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  levels = common.parse_levels(FLAGS.budget_levels)
-  run(FLAGS.benchmark, data_dir=FLAGS.data_dir, methods=list(FLAGS.methods),
-      ratios=common.parse_ratios(FLAGS.ratios), output_dir=FLAGS.output_dir,
-      target_data_num=FLAGS.target_data_num, num_restarts=FLAGS.num_restarts,
-      max_steps=FLAGS.max_steps, seed=FLAGS.seed, budget_levels=levels,
-      budget_method=FLAGS.budget_method, budget_max_data_num=FLAGS.budget_max_data_num,
-      run_budgeted_flag=FLAGS.budgeted, figures=FLAGS.figures, plus_protocol=FLAGS.protocol)
+  run(FLAGS.config, FLAGS.output_dir)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  define_flags()
+  common.run_main(main)

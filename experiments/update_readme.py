@@ -19,7 +19,9 @@ import pathlib
 import re
 import sys
 
-from absl import app, flags
+from absl import flags
+
+from experiments import common
 
 _README = flags.DEFINE_string("readme", "README.md", "README to update.")
 _CHECK = flags.DEFINE_bool("check", False, "Only report whether the README is up to date.")
@@ -58,4 +60,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run_main(main)

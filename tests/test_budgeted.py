@@ -1,6 +1,5 @@
 """Cost accounting and the budgeted early-stopping procedure."""
 
-import copy
 import dataclasses
 
 import jax
@@ -8,7 +7,7 @@ import numpy as np
 import pytest
 import scipy.stats
 from _selection_synthetic import FAST, synthetic_curves
-from absl import flags
+from absl import app
 
 from lensllm_jax import budgeted, fitting, laws, selection
 
@@ -171,11 +170,14 @@ def test_huber_sandwich_limits():
   np.testing.assert_allclose(narrow, sd_sq * np.sqrt(np.pi / 2 * mask.sum() / dof), rtol=1e-5)
 
 
-def test_unsupported_budget_method_is_refused():
+def test_unsupported_budget_method_is_refused(tmp_path):
   curves, _ = synthetic_curves()
   with pytest.raises(ValueError, match="LensLLM\\+.*budget methods: VanillaFit, RectifiedFit, LensLLM"):
     budgeted.budgeted_selection(curves, (1.0,), key=jax.random.key(0), method="LensLLM+")
+  from configs import selection as selection_config
   from experiments import reproduce_selection
-  flag = copy.deepcopy(reproduce_selection.FLAGS["budget_method"])
-  with pytest.raises(flags.IllegalFlagValueError, match="VanillaFit"):
-    flag.parse("LensLLM+")
+  cfg = selection_config.get_config()
+  cfg.budget_method = "LensLLM+"
+  with pytest.raises(app.UsageError, match="budget_method.*VanillaFit"):
+    reproduce_selection.run(cfg, tmp_path)
+  assert not list(tmp_path.iterdir())  # refused before anything is read or written

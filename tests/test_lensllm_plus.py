@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+from configs import lensllm_plus as plus_config
 from experiments import common, lensllm_plus
 from lensllm_jax import benchmarks, pooled, protocol
 
@@ -34,9 +35,10 @@ def test_binary_reports_only_benchmarks_and_trains_on_train_only_files(
           pooled.PooledConfig(strength=1.0, empirical_bayes=True, pooled=("beta",),
                               huber_delta=1.345, huber_relative=True)]
   monkeypatch.setattr(protocol, "default_grid", lambda: grid)
-  out = lensllm_plus.run(["a", "b"], data_dir=str(data), output_dir=tmp_path / "out",
-                         ratios=[16, 128], num_restarts=2, num_steps=20, run_budgeted=False,
-                         train_only_specs=[str(data / "t.csv")])
+  cfg = plus_config.get_config()
+  cfg.update(benchmarks=("a", "b"), data_dir=str(data), ratios=(16, 128), num_restarts=2,
+             num_steps=20, budgeted=False, train_only_benchmarks=(str(data / "t.csv"),))
+  out = lensllm_plus.run(cfg, tmp_path / "out")
   chosen = common.read_rows(out / "chosen.csv")
   assert [c["held_out"] for c in chosen] == ["a", "b"]
   assert [c["trained_on"] for c in chosen] == ["b+t", "a+t"]
@@ -53,12 +55,12 @@ def test_binary_reports_only_benchmarks_and_trains_on_train_only_files(
   benchmarks.write_curves(_small(giga, rows + 2, "t", last=25600.0), data / "t.csv")
   from absl import app
   with pytest.raises(app.UsageError, match="changed"):
-    lensllm_plus.run(["a", "b"], data_dir=str(data), output_dir=out, ratios=[16, 128],
-                     run_budgeted=False, train_only_specs=[str(data / "t.csv")])
+    lensllm_plus.run(cfg, out)
 
 
 def test_binary_needs_two_reported_files(shared_benchmarks, tmp_path):
   from absl import app
   with pytest.raises(app.UsageError, match="at least 2"):
-    lensllm_plus.run(["flan"], data_dir=str(shared_benchmarks), output_dir=tmp_path,
-                     ratios=[16])
+    cfg = plus_config.get_config("public")
+    cfg.update(benchmarks=("flan",), data_dir=str(shared_benchmarks), ratios=(16,))
+    lensllm_plus.run(cfg, tmp_path)

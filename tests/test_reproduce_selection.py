@@ -15,6 +15,7 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # experiments/ is not an installed package
   sys.path.insert(0, str(REPO_ROOT))
 
+from configs import selection as selection_config  # noqa: E402
 from experiments import reproduce_selection as rs  # noqa: E402
 from lensllm_jax import benchmarks, budgeted  # noqa: E402
 
@@ -34,12 +35,18 @@ def synthetic_file(tmp_path_factory):
   return path
 
 
+def _config(synthetic_file, **overrides):
+  cfg = selection_config.get_config()
+  cfg.update(benchmarks=(str(synthetic_file),), ratios=tuple(RATIOS),
+             num_restarts=FAST["num_restarts"], max_steps=FAST["fit_options"]["max_steps"],
+             budget_levels=(1.0, 4.0))
+  cfg.update(overrides)
+  return cfg
+
+
 def test_end_to_end_in_process_and_rerun(synthetic_file, tmp_path):
   out = tmp_path / "out"
-  kw = dict(data_dir=None, methods=list(rs.ALL_METHODS), ratios=RATIOS, output_dir=out,
-            num_restarts=FAST["num_restarts"], max_steps=FAST["fit_options"]["max_steps"],
-            budget_levels=(1.0, 4.0))
-  rs.run([str(synthetic_file)], **kw)
+  rs.run(_config(synthetic_file), out)
   for f in ("selection.csv", "rmse.csv", "cost.csv", "selection.md", "selection.tex",
             "selection_vs_ratio_toy7.png", "curves_toy7.png", "pareto_toy7.png"):
     assert (out / f).stat().st_size > 0, f
@@ -88,7 +95,7 @@ def test_end_to_end_in_process_and_rerun(synthetic_file, tmp_path):
 
   # Rerun: everything is skipped, the CSVs are unchanged.
   before = {f: (out / f).read_bytes() for f in ("selection.csv", "rmse.csv", "cost.csv")}
-  rs.run([str(synthetic_file)], **{**kw, "figures": False})
+  rs.run(_config(synthetic_file, figures=False), out)
   for f, content in before.items():
     assert (out / f).read_bytes() == content, f
 
@@ -100,16 +107,15 @@ def _binary(*args):
 
 def test_binary_subprocess_and_errors(synthetic_file, tmp_path):
   out = tmp_path / "bin"
-  proc = _binary(f"--benchmark={synthetic_file}", "--methods=ZeroShot,ModelSize,AtS",
-                 "--ratios=4,8", "--nobudgeted", "--nofigures", f"--output_dir={out}")
+  proc = _binary("--config=configs/selection.py", f"--config.benchmarks=('{synthetic_file}',)",
+                 "--config.methods=('ZeroShot','ModelSize','AtS')", "--config.ratios=(4,8)",
+                 "--config.budgeted=False", "--config.figures=False", f"--output_dir={out}")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert len(_rows(out / "selection.csv")) == 3 * 2 * 3
   with pytest.raises(UsageError, match="Oracle"):
-    rs.run([str(synthetic_file)], data_dir=None, methods=["ZeroShot", "Oracle"], ratios=[4],
-           output_dir=out)
+    rs.run(_config(synthetic_file, methods=("ZeroShot", "Oracle"), ratios=(4,)), out)
   with pytest.raises(FileNotFoundError, match="nope.csv"):
-    rs.run([str(tmp_path / "nope.csv")], data_dir=None, methods=["ZeroShot"], ratios=[4],
-           output_dir=out)
+    rs.run(_config(tmp_path / "nope.csv", methods=("ZeroShot",), ratios=(4,)), out)
   with pytest.raises(ValueError, match="ratio 4096"):
-    rs.run([str(synthetic_file)], data_dir=None, methods=["ZeroShot"], ratios=[4096],
-           output_dir=out)
+    rs.run(_config(synthetic_file, methods=("ZeroShot",), ratios=(4096,)), out)
+

@@ -1,0 +1,54 @@
+"""Bad input ends a binary with one line naming the place, exit code 2, no traceback.
+
+Each case runs the binary as a user would (a subprocess); they run in parallel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import subprocess
+import sys
+
+from _selection_synthetic import synthetic_curves
+from conftest import REPO_ROOT
+
+from lensllm_jax import benchmarks
+
+
+def test_bad_flag_config_curve_file_or_checkpoint(tmp_path):
+  curves, _ = synthetic_curves(seed=5)
+  good = tmp_path / "toy7.csv"
+  benchmarks.write_curves(curves, good)
+  lines = good.read_text().splitlines()
+  lines[3] = lines[3].replace(lines[3].split(",")[2], "oops", 1)  # a loss that is not a number
+  broken = tmp_path / "broken.csv"
+  broken.write_text("\n".join(lines) + "\n")
+  two = tmp_path / "two.csv"
+  benchmarks.write_curves(dataclasses.replace(
+      curves, models=curves.models[:2], sizes=curves.sizes[:2], families=curves.families[:2],
+      losses=curves.losses[:2]), two)
+  ckpt = tmp_path / "ckpt"
+  ckpt.mkdir()
+  (ckpt / "config.json").write_text(json.dumps({"model_type": "bert"}))
+  selection = ["experiments.reproduce_selection", "--config=configs/selection.py",
+               f"--output_dir={tmp_path / 'out'}"]
+  cases = [  # (binary and arguments, what the one line must say)
+      (selection + [f"--config.benchmarks=('{broken}',)"], r"broken\.csv, line 4 .*column '200'"),
+      (selection + [f"--config.benchmarks=('{two}',)"], r"two\.csv: 2 model\(s\).*at least 3"),
+      (selection + ["--config.num_restart=3"], r"no field 'num_restart'"),
+      (selection + ["--config=configs/nope.py"], r"--config: .*nope\.py"),
+      (["experiments.ntk_spectrum", f"--workdir={tmp_path / 'ntk'}", f"--hf_checkpoint={ckpt}"],
+       r"ckpt/config\.json: model_type='bert' is not supported"),
+  ]
+  procs = [subprocess.Popen([sys.executable, "-m", *args], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for args, _ in cases]
+  for (args, expected), proc in zip(cases, procs, strict=True):
+    _, err = proc.communicate(timeout=300)
+    binary = args[0].split(".")[-1]
+    assert proc.returncode == 2, (args, err[-2000:])
+    assert "Traceback" not in err, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"{binary}: error: "), last
+    assert re.search(expected, last), (args, last)
