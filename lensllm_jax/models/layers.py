@@ -43,11 +43,13 @@ def attention_mask_bias(attention_mask: jax.Array | None, batch: int, length: in
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
                           dropout: nn.Module | None = None,
-                          deterministic: bool = True) -> jax.Array:
+                          deterministic: bool = True, scale: float | None = None,
+                          bias: jax.Array | None = None) -> jax.Array:
   """Multi-head (optionally grouped-query) softmax attention.
 
-  out[b, t, h] = sum_s softmax_s(q[b,t,h] . k[b,s,h//G] / sqrt(Dh) + mask) v[b,s,h//G].
-  Scores and softmax are float32 whatever the input dtype.
+  out[b, t, h] = sum_s softmax_s(q[b,t,h] . k[b,s,h//G] scale + bias[b,h,t,s] + mask) v[b,s,h//G]
+  with scale = 1/sqrt(Dh) by default (T5 uses 1) and no bias by default (T5's
+  relative-position bias). Scores and softmax are float32 whatever the input dtype.
 
   Args:
     q: [B, T, H, Dh].
@@ -56,6 +58,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     mask: [B, 1, T, S] bool (True = attend).
     dropout: optional `nn.Dropout` applied to the attention probabilities.
     deterministic: disables dropout.
+    scale: score multiplier (default 1 / sqrt(Dh)).
+    bias: optional [B or 1, H, T, S] float added to the scores.
 
   Returns:
     [B, T, H * Dh] in v's dtype.
@@ -65,7 +69,10 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
   groups = heads // kv_heads
   q = q.reshape(batch, length, kv_heads, groups, head_dim)
   scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-  scores = scores / math.sqrt(head_dim)
+  scores = scores / math.sqrt(head_dim) if scale is None else scores * scale
+  if bias is not None:
+    scores = scores + bias.astype(jnp.float32).reshape(
+        bias.shape[0], kv_heads, groups, length, k.shape[1])
   scores = jnp.where(mask[:, :, None], scores, _MASK_VALUE)
   probs = jax.nn.softmax(scores, axis=-1)
   if dropout is not None:

@@ -1,0 +1,242 @@
+"""Encoder-decoder utilities: module, init, counts, FLOPs, shift-right, losses.
+
+    module = encdec_module(config)            # T5Model, BartModel or BartCausalLM
+    params = encdec_init_params(config, key)
+    dec_in = shift_right(targets, config)     # [start, y_0, ..., y_{T-2}]
+    logits = module.apply({"params": params}, input_ids, attention_mask=src_mask,
+                          decoder_input_ids=dec_in, decoder_attention_mask=tgt_mask)
+    loss = seq2seq_loss(module, params, batch)   # mean NLL of the target tokens
+
+An encoder-decoder batch is {"input_ids" [B, S], "attention_mask" [B, S],
+"targets" [B, T], "target_mask" [B, T]}: the encoder reads the input, the
+decoder reads the targets shifted right and logits[:, t] predicts targets[:, t];
+only target tokens (target_mask = 1) count in the loss.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from lensllm_jax.models.bart import BartCausalLM, BartModel
+from lensllm_jax.models.encdec_config import EncoderDecoderConfig
+from lensllm_jax.models.losses import mean_token_nll, token_nll
+from lensllm_jax.models.t5 import T5Model
+
+
+def encdec_module(config: EncoderDecoderConfig):
+  """The Flax module of an `EncoderDecoderConfig` (decoder-only BART: `BartCausalLM`)."""
+  if config.arch == "bart":
+    return BartCausalLM(config) if config.decoder_only else BartModel(config)
+  return T5Model(config)
+
+
+def encdec_init_params(config: EncoderDecoderConfig, key: jax.Array, length: int = 4) -> dict:
+  """Random initial parameters (the "params" collection); shapes do not depend on `length`."""
+  module = encdec_module(config)
+  dummy = jnp.zeros((1, length), jnp.int32)
+  if config.decoder_only:
+    return jax.jit(lambda k: module.init(k, dummy)["params"])(key)
+  return jax.jit(lambda k: module.init(k, dummy, decoder_input_ids=dummy)["params"])(key)
+
+
+def shift_right(targets: jax.Array, config: EncoderDecoderConfig) -> jax.Array:
+  """Decoder inputs of teacher forcing: [start, y_0, ..., y_{T-2}] per row.
+
+  Ids < 0 (e.g. -100 ignore labels) become ``config.pad_token_id``, as in
+  transformers' ``_shift_right`` / ``shift_tokens_right``.
+
+  Args:
+    targets: [B, T] int target ids.
+    config: gives decoder_start_token_id and pad_token_id.
+
+  Returns:
+    [B, T] int32.
+  """
+  targets = jnp.asarray(targets)
+  start = jnp.full_like(targets[:, :1], config.decoder_start_token_id)
+  shifted = jnp.concatenate([start, targets[:, :-1]], axis=1)
+  return jnp.where(shifted < 0, config.pad_token_id, shifted).astype(jnp.int32)
+
+
+def _attention_params(c: EncoderDecoderConfig) -> tuple[int, int]:
+  """(matmul weights, biases) of one attention layer."""
+  inner = c.n_heads * c.head_dim
+  bias = 3 * inner + c.d_model if c.arch == "bart" else 0
+  return 4 * c.d_model * inner, bias
+
+
+def _mlp_params(c: EncoderDecoderConfig, sparse: bool, *, active: bool) -> int:
+  """Weights of one MLP (BART: with biases); a sparse one: router + 1 or E experts."""
+  if c.arch == "bart":
+    return 2 * c.d_model * c.d_ff + c.d_ff + c.d_model
+  dense = (3 if c.gated else 2) * c.d_model * c.d_ff
+  if not sparse:
+    return dense
+  return c.d_model * c.num_experts + (1 if active else c.num_experts) * dense
+
+
+def _stack_params(c: EncoderDecoderConfig, decoder: bool, *, active: bool,
+                  matmul_only: bool) -> int:
+  """Parameters of the encoder or decoder blocks (plus, unless matmul_only, norms,
+  biases, the relative-position table and the final norm / embedding LayerNorm)."""
+  attn_mm, attn_bias = _attention_params(c)
+  bart = c.arch == "bart"
+  layers = c.n_decoder_layers if decoder else c.n_layers
+  attentions = 2 if decoder else 1
+  norms = (attentions + 1) * (2 if bart else 1) * c.d_model
+  total = 0
+  for i in range(layers):
+    mlp = _mlp_params(c, c.is_sparse(i, decoder), active=active)
+    total += attentions * attn_mm + mlp
+    if not matmul_only:
+      total += attentions * attn_bias + norms
+  if not matmul_only:
+    if bart:
+      total += (c.max_len + 2) * c.d_model + 2 * c.d_model  # positions, layernorm_embedding
+    else:
+      total += c.relative_buckets * c.n_heads + c.d_model  # bias table, final norm
+  return total
+
+
+def encdec_num_params(config: EncoderDecoderConfig, *, active: bool = False) -> int:
+  """Closed-form parameter count of `encdec_module(config)`.
+
+  T5 family: V d (shared) [+ V d untied head] + encoder + decoder with, per
+  block, 4 d H Dh per attention (1 encoder, 2 decoder), (2 or 3 gated) d f per
+  dense MLP, d E + E 2 d f per Switch MLP, d per RMS norm, and per stack a
+  buckets x H relative table and a final norm.
+  BART: V d + V (final_logits_bias) + per stack (max_len + 2) d positions,
+  2d embedding LayerNorm and per block attentions 4 (d^2 + d), MLP
+  2 d f + f + d, LayerNorms 2d each. Decoder-only BART: its decoder stack
+  (cross-attention included) + V d, no bias: transformers' BartForCausalLM.
+
+  Args:
+    config: the configuration.
+    active: count only the parameters one token uses (Switch: the router and
+      one expert per sparse MLP instead of all E); equal to the total otherwise.
+  """
+  c = config
+  total = c.vocab_size * c.d_model + _stack_params(c, True, active=active, matmul_only=False)
+  if c.decoder_only:
+    return int(total)
+  total += _stack_params(c, False, active=active, matmul_only=False)
+  if c.arch == "bart":
+    total += c.vocab_size
+  elif not c.tie_embeddings:
+    total += c.vocab_size * c.d_model
+  return int(total)
+
+
+def encdec_flops_per_token(config: EncoderDecoderConfig, seq_len: int, *,
+                           training: bool = True, target_len: int | None = None) -> float:
+  """Model FLOPs per token position of an encoder-decoder (active parameters).
+
+  An example with S = seq_len input tokens and T = target_len (default S)
+  target tokens costs, forward,
+
+    2 N_enc S + 2 N_dec T + 4 H Dh (L S^2 + L' T^2 + L' T S),
+
+  with N_enc / N_dec the matmul weights a token uses in the encoder / decoder
+  (N_dec includes the V x d head; Switch: router plus ONE expert per sparse
+  MLP, i.e. the active parameters, not all E experts) and the last term the
+  QK^T and softmax-V products of the encoder self-, decoder self- and cross-
+  attention. The value returned is that cost divided by T (per target
+  position), times 3 for training. Decoder-only BART uses the `CausalLM`
+  convention: 2 N_dec + 4 L' H Dh T per token.
+
+  The selection tables' 6 N D compute (`budgeted.pair_flops`) uses the
+  benchmark files' size column instead, which for Switch is the TOTAL
+  parameter count (all experts; `encdec_num_params(config)`), not this
+  active count.
+  """
+  c = config
+  t = seq_len if target_len is None else target_len
+  width = c.n_heads * c.head_dim
+  head = c.vocab_size * c.d_model
+  n_dec = _stack_params(c, True, active=True, matmul_only=True) + head
+  if c.decoder_only:
+    n_dec -= c.n_decoder_layers * _attention_params(c)[0]  # cross-attention is never run
+    forward = 2.0 * n_dec + 4.0 * c.n_decoder_layers * width * seq_len
+  else:
+    n_enc = _stack_params(c, False, active=True, matmul_only=True)
+    s = seq_len
+    total = (2.0 * n_enc * s + 2.0 * n_dec * t
+             + 4.0 * width * (c.n_layers * s * s + c.n_decoder_layers * (t * t + t * s)))
+    forward = total / t
+  return 3.0 * forward if training else forward
+
+
+def switch_router_losses(router_logits, config: EncoderDecoderConfig) -> jax.Array:
+  """Switch Transformers' auxiliary loss: z_coef (z_enc + z_dec) + aux_coef (lb_enc + lb_dec).
+
+  Per stack, with the router logits of its sparse blocks concatenated along
+  the token axis, z [B, N, E] (N = tokens x sparse blocks):
+    z-loss       = mean_{b, n} logsumexp_e(z)^2,
+    load balance = E^2 mean_{b, e} (frac of b's N tokens whose argmax is e)
+                                   x (mean_n softmax(z)[b, n, e]).
+  A stack whose sparse step is <= 1 contributes 0 (transformers' rule).
+
+  Args:
+    router_logits: (encoder, decoder) lists of [B, len, E] float32 arrays,
+      as returned by `T5Model(..., return_router_logits=True)`.
+    config: gives the coefficients and sparse steps.
+
+  Returns:
+    scalar float32.
+  """
+  z_total = jnp.float32(0.0)
+  aux_total = jnp.float32(0.0)
+  for decoder, logits in ((False, router_logits[0]), (True, router_logits[1])):
+    if config.sparse_step(decoder) <= 1 or not logits:
+      continue
+    z = jnp.concatenate(logits, axis=1).astype(jnp.float32)
+    z_total += jnp.mean(jax.nn.logsumexp(z, axis=-1) ** 2)
+    probs = jax.nn.softmax(z, axis=-1)
+    experts = z.shape[-1]
+    fraction = jnp.mean(jax.nn.one_hot(jnp.argmax(z, axis=-1), experts), axis=1)
+    aux_total += jnp.mean(fraction * jnp.mean(probs, axis=1)) * experts ** 2
+  return config.router_z_loss_coef * z_total + config.router_aux_loss_coef * aux_total
+
+
+def seq2seq_logits(module, params, batch: dict, *, deterministic: bool = True,
+                   rngs: dict | None = None, return_router_logits: bool = False):
+  """Teacher-forced logits [B, T, V] of an encoder-decoder on a seq2seq batch."""
+  c = module.config
+  kwargs = {"return_router_logits": True} if return_router_logits else {}
+  return module.apply({"params": params}, batch["input_ids"],
+                      attention_mask=batch.get("attention_mask"),
+                      decoder_input_ids=shift_right(batch["targets"], c),
+                      decoder_attention_mask=batch.get("target_mask"),
+                      deterministic=deterministic, rngs=rngs, **kwargs)
+
+
+def seq2seq_loss(module, params, batch: dict, *, per_token: bool = True,
+                 router_losses: bool = False, deterministic: bool = True,
+                 rngs: dict | None = None) -> jax.Array:
+  """Sequence-to-sequence loss: NLL of the target tokens only.
+
+  per_token=True: sum over target tokens / their number (transformers'
+  CrossEntropyLoss with ignore_index); False: mean over sequences of each
+  sequence's mean target NLL (`token_nll`). With ``router_losses`` (Switch,
+  training) `switch_router_losses` is added.
+
+  Args:
+    module: `encdec_module(config)` with config.is_encoder_decoder.
+    params: its parameters.
+    batch: {"input_ids" [B, S], "attention_mask" [B, S] (optional),
+      "targets" [B, T], "target_mask" [B, T] (optional, 1 = counted)}.
+  """
+  targets = batch["targets"]
+  mask = batch.get("target_mask")
+  mask = jnp.ones(targets.shape, jnp.float32) if mask is None else mask
+  want_router = router_losses and module.config.arch == "switch"
+  out = seq2seq_logits(module, params, batch, deterministic=deterministic, rngs=rngs,
+                       return_router_logits=want_router)
+  logits, routers = out if want_router else (out, None)
+  safe = jnp.where(targets < 0, 0, targets)
+  loss = (mean_token_nll(logits, safe, mask) if per_token
+          else jnp.mean(token_nll(logits, safe, mask)))
+  if want_router:
+    loss = loss + switch_router_losses(routers, module.config)
+  return loss
