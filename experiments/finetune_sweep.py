@@ -176,7 +176,8 @@ def pretrained_params(spec, cfg, config, tok, workdir, mesh):
   path = workdir / "pretrained" / spec.name
   if path.exists():
     return training.load_params(str(path), params)
-  corpus = textdata.encode_examples([("", t) for t in pretraining_texts(cfg)], tok, cfg.max_len)
+  corpus = textdata.encode_examples([("", t) for t in pretraining_texts(cfg)], tok, cfg.max_len,
+                                   encoder_decoder=config.is_encoder_decoder)
   pcfg = training.TrainConfig(max_steps=spec.pretrain_steps, **cfg.pretrain.to_dict())
   t0 = time.time()
   params, losses = training.pretrain(training.causal_lm_apply(models.build(config)), params,
@@ -278,6 +279,8 @@ class NTKSnapshot:
     self.fn, self.out_fn = _ntk_fns(m.config, output, **kernel_options)
     self.x = {"input_ids": probe.input_ids, "attention_mask": probe.attention_mask,
               "loss_mask": probe.loss_mask}
+    if m.config.is_encoder_decoder:  # the decoder reads the targets
+      self.x["targets"] = probe.targets
     if pretrained_path.exists():
       with np.load(pretrained_path) as z:
         self.theta0, self.f0 = z["theta"], z["f0"]
@@ -494,7 +497,9 @@ def main(argv):
       model_rows[spec.name] = {"size": rec["size"], "family": rec["family"]}
       continue
     m = load_model(spec, cfg, workdir, splits, mesh)
-    data = {k: textdata.encode_examples(v, m.tokenizer, cfg.max_len) for k, v in splits.items()}
+    data = {k: textdata.encode_examples(v, m.tokenizer, cfg.max_len,
+                                        encoder_decoder=m.config.is_encoder_decoder)
+            for k, v in splits.items()}
     model_rows[m.name] = {"size": models.count_params(m.params), "family": m.family}
     sweep_model(m, data, cfg, tcfg, workdir, runs, mesh=mesh, progress=progress)
     n = write_curve_file(cfg, runs, model_rows, workdir / "curves.csv")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lensllm_jax.models import mean_token_nll
+from lensllm_jax.models import mean_token_nll, seq2seq_logits
 
 
 def lm_loss_fn(model):
@@ -12,11 +12,19 @@ def lm_loss_fn(model):
 
   `models.losses.mean_token_nll` over the whole batch (the training loss and
   the loss of the study's Hessians). batch: {"input_ids" [B, T], "targets"
-  [B, T], "loss_mask" [B, T]} and optionally "attention_mask" [B, T].
+  [B, T], "loss_mask" [B, T]} and optionally "attention_mask" [B, T]. For an
+  encoder-decoder (``model.config.is_encoder_decoder``) the encoder reads
+  input_ids and the decoder the targets shifted right: the NLL is that of the
+  target tokens under loss_mask (the sequence-to-sequence loss).
   """
   def loss(params, batch):
-    logits = model.apply({"params": params}, batch["input_ids"],
-                         attention_mask=batch.get("attention_mask"))
+    if model.config.is_encoder_decoder:
+      logits = seq2seq_logits(model, params, {
+          "input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"),
+          "targets": batch["targets"], "target_mask": batch["loss_mask"]})
+    else:
+      logits = model.apply({"params": params}, batch["input_ids"],
+                           attention_mask=batch.get("attention_mask"))
     return mean_token_nll(logits, batch["targets"], batch["loss_mask"])
   return loss
 

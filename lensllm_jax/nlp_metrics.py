@@ -192,8 +192,10 @@ def weight_matrices(params, *, include_embeddings: bool = False) -> dict[str, np
   """The 2-D weight matrices of a parameter pytree, keyed by their path.
 
   Takes leaves named "kernel" with two dimensions (Dense layers: each of a
-  fused matrix such as GPT-2's c_attn [d, 3d] counts as one layer) and, if
-  asked, "embedding" tables. Vectors (biases, norm scales) are skipped.
+  fused matrix such as GPT-2's c_attn [d, 3d] counts as one layer), each
+  matrix of a 3-D "kernel" [E, in, out] (the stacked experts of a Switch
+  MLP: one layer per expert, named ".../kernel[e]") and, if asked,
+  "embedding" tables. Vectors (biases, norm scales) are skipped.
 
   Returns:
     dict "h_0/attn/c_attn/kernel" -> [in, out] float64 array, in pytree order.
@@ -205,6 +207,9 @@ def weight_matrices(params, *, include_embeddings: bool = False) -> dict[str, np
     last = str(keys[-1]) if keys else ""
     if np.ndim(leaf) == 2 and (last == "kernel" or (include_embeddings and last == "embedding")):
       out[name] = np.asarray(leaf, np.float64)
+    elif np.ndim(leaf) == 3 and last == "kernel":
+      for e, matrix in enumerate(np.asarray(leaf, np.float64)):
+        out[f"{name}[{e}]"] = matrix
   return out
 
 

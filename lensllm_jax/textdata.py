@@ -19,6 +19,12 @@ Conventions.
   survive), padded with `pad_id`. Then input_ids = s[:-1], targets = s[1:]
   ([N, T] each) and loss_mask[i] = 1 iff targets[i] is a target or eos token
   (not source, not padding).
+- For an encoder-decoder (``encode_examples(..., encoder_decoder=True)``) the
+  input goes to the encoder and the target to the decoder: input_ids =
+  source_ids + [eos] (its last T tokens) with attention_mask on them, targets
+  = target_ids + [eos] (its first T tokens) with loss_mask on them, both
+  padded to T; the decoder reads the targets shifted right
+  (`models.shift_right`), so no arrays change shape or name.
 - Hub datasets are loaded with `datasets.load_dataset(path, config)`; local
   files with the packaged "json" / "csv" / "text" / "parquet" builders and
   `data_files` -- the same code path. Splits the dataset does not provide
@@ -316,7 +322,8 @@ def special_ids(tokenizer: Any) -> tuple[int, int]:
 
 
 def encode_examples(examples: Sequence[Example], tokenizer: Any, max_len: int,
-                    *, pad_id: int | None = None, eos_id: int | None = None) -> TokenizedData:
+                    *, pad_id: int | None = None, eos_id: int | None = None,
+                    encoder_decoder: bool = False) -> TokenizedData:
   """Tokenises (source, target) pairs into fixed-length arrays (see module doc).
 
   Args:
@@ -324,6 +331,7 @@ def encode_examples(examples: Sequence[Example], tokenizer: Any, max_len: int,
     tokenizer: a `tokenizers.Tokenizer` (special tokens are not added).
     max_len: T, the model's input length.
     pad_id, eos_id: override `special_ids(tokenizer)`.
+    encoder_decoder: source to the encoder, target to the decoder (module doc).
 
   Returns:
     TokenizedData with [N, T] arrays.
@@ -339,6 +347,8 @@ def encode_examples(examples: Sequence[Example], tokenizer: Any, max_len: int,
   valid = np.zeros((n, t + 1), bool)
   sources = tokenizer.encode_batch([s for s, _ in examples], add_special_tokens=False) if n else []
   targets = tokenizer.encode_batch([g for _, g in examples], add_special_tokens=False) if n else []
+  if encoder_decoder:
+    return _encode_seq2seq(sources, targets, t, pad_id, eos_id)
   for i, (src, tgt) in enumerate(zip(sources, targets, strict=True)):
     src_ids, tgt_ids = list(src.ids), list(tgt.ids) + [eos_id]
     # Keep at least one source token of context when there is a source, and
@@ -352,6 +362,22 @@ def encode_examples(examples: Sequence[Example], tokenizer: Any, max_len: int,
   return TokenizedData(
       input_ids=seqs[:, :-1].copy(), targets=seqs[:, 1:].copy(),
       loss_mask=scored[:, 1:].astype(np.float32), attention_mask=valid[:, :-1].copy())
+
+
+def _encode_seq2seq(sources, targets, length: int, pad_id: int, eos_id: int) -> TokenizedData:
+  n = len(sources)
+  arrays = {k: np.full((n, length), pad_id, np.int32) for k in ("input_ids", "targets")}
+  masks = {k: np.zeros((n, length), bool) for k in ("attention_mask", "loss_mask")}
+  for i, (src, tgt) in enumerate(zip(sources, targets, strict=True)):
+    src_ids = (list(src.ids) + [eos_id])[-length:]  # the end of the input, as for decoders
+    tgt_ids = (list(tgt.ids) + [eos_id])[:length]
+    arrays["input_ids"][i, :len(src_ids)] = src_ids
+    masks["attention_mask"][i, :len(src_ids)] = True
+    arrays["targets"][i, :len(tgt_ids)] = tgt_ids
+    masks["loss_mask"][i, :len(tgt_ids)] = True
+  return TokenizedData(input_ids=arrays["input_ids"], targets=arrays["targets"],
+                       loss_mask=masks["loss_mask"].astype(np.float32),
+                       attention_mask=masks["attention_mask"])
 
 
 def train_tokenizer(texts: Sequence[str], vocab_size: int = 512,

@@ -47,8 +47,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lensllm_jax import models, textdata
 from lensllm_jax import sharding as shd
-from lensllm_jax import textdata
 from lensllm_jax.models import losses
 
 
@@ -61,7 +61,11 @@ class ApplyFn(Protocol):
 
 def causal_lm_apply(model: Any, *, dropout: bool = False) -> ApplyFn:
   """An `ApplyFn` for a decoder-only `lensllm_jax.models.build(config)` (or any Flax module with
-  the same call signature). With dropout=True the key feeds dropout."""
+  the same call signature). With dropout=True the key feeds dropout. An
+  encoder-decoder module (``model.config.is_encoder_decoder``) gets
+  `seq2seq_apply` instead, so every caller works for both kinds."""
+  if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+    return seq2seq_apply(model, dropout=dropout)
 
   def apply_fn(params, input_ids, attention_mask, key):
     if dropout:
@@ -69,6 +73,36 @@ def causal_lm_apply(model: Any, *, dropout: bool = False) -> ApplyFn:
                          deterministic=False, rngs={"dropout": key})
     return model.apply({"params": params}, input_ids, attention_mask=attention_mask)
 
+  return apply_fn
+
+
+def seq2seq_apply(model: Any, *, dropout: bool = False, router_losses: bool = True):
+  """The apply function of an encoder-decoder `models.build(config)` on seq2seq batches.
+
+  Called (by the train / eval steps) as apply_fn(params, input_ids [B, S],
+  attention_mask [B, S], key, targets=[B, T], target_mask=[B, T],
+  training=bool): the encoder reads input_ids, the decoder reads the targets
+  shifted right (`models.shift_right`) under target_mask, and logits[:, t]
+  predicts targets[:, t] (`textdata.encode_examples(..., encoder_decoder=True)`
+  makes such batches). In training steps of a Switch model (router_losses)
+  it returns (logits, auxiliary loss) with `models.switch_router_losses`,
+  which the step adds per scored token; otherwise logits [B, T, V].
+  The function carries ``apply_fn.encoder_decoder = True``.
+  """
+  def apply_fn(params, input_ids, attention_mask, key, *, targets, target_mask,
+               training=False):
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "targets": targets,
+             "target_mask": target_mask}
+    aux = training and router_losses and model.config.arch == "switch"
+    rngs = {"dropout": key} if dropout else None
+    out = models.seq2seq_logits(model, params, batch, deterministic=not dropout, rngs=rngs,
+                                return_router_logits=aux)
+    if aux:
+      logits, routers = out
+      return logits, models.switch_router_losses(routers, model.config)
+    return out
+
+  apply_fn.encoder_decoder = True
   return apply_fn
 
 
@@ -165,9 +199,17 @@ def token_loss_sums(logits: jax.Array, targets: jax.Array,
   return losses.token_nll_sums(logits, targets, loss_mask)
 
 
-def _batch_sums(apply_fn, params, batch, key):
-  logits = apply_fn(params, batch["input_ids"], batch["attention_mask"], key)
-  return token_loss_sums(logits, batch["targets"], batch["loss_mask"])
+def _batch_sums(apply_fn, params, batch, key, training=False):
+  if not getattr(apply_fn, "encoder_decoder", False):
+    logits = apply_fn(params, batch["input_ids"], batch["attention_mask"], key)
+    return token_loss_sums(logits, batch["targets"], batch["loss_mask"])
+  out = apply_fn(params, batch["input_ids"], batch["attention_mask"], key,
+                 targets=batch["targets"], target_mask=batch["loss_mask"], training=training)
+  logits, aux = out if isinstance(out, tuple) else (out, None)
+  total, count = token_loss_sums(logits, batch["targets"], batch["loss_mask"])
+  if aux is not None:  # a per-token mean: weighted by the scored tokens, like the NLL
+    total = total + aux * count
+  return total, count
 
 
 def make_train_step(apply_fn: ApplyFn, optimizer: optax.GradientTransformation, *,
@@ -191,7 +233,7 @@ def make_train_step(apply_fn: ApplyFn, optimizer: optax.GradientTransformation, 
         batch)
 
     def sum_loss(params, mb, k):
-      total, count = _batch_sums(apply_fn, params, mb, k)
+      total, count = _batch_sums(apply_fn, params, mb, k, training=True)
       return total, count  # differentiate the sum; divide once by the total count
 
     # Value and gradient together: scan over micro-batches, summing both.

@@ -15,22 +15,19 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from lensllm_jax.models import count_params
-from lensllm_jax.models.encdec import (
-    encdec_module,
-    encdec_num_params,
+from lensllm_jax import models
+from lensllm_jax.models import (
+    CheckpointError,
+    convert_bart_weights,
+    convert_t5_weights,
+    count_params,
+    read_safetensors,
     seq2seq_logits,
     seq2seq_loss,
     shift_right,
     switch_router_losses,
 )
-from lensllm_jax.models.encdec_hf import (
-    convert_bart_weights,
-    convert_t5_weights,
-    encdec_config_from_hf,
-    load_encdec_checkpoint,
-)
-from lensllm_jax.models.hf import CheckpointError, read_safetensors
+from lensllm_jax.models.encdec_hf import encdec_config_from_hf
 from lensllm_jax.models.t5 import relative_position_bucket, switch_routing
 
 torch = pytest.importorskip("torch")
@@ -160,8 +157,8 @@ def ours(checkpoints, t5_v11_untied):
   batch = {k: jnp.asarray(v) for k, v in _batch().items()}
   results = {}
   for name, path in paths.items():
-    config, params = load_encdec_checkpoint(path)
-    module = encdec_module(config)
+    config, params = models.load_hf_checkpoint(path)
+    module = models.build(config)
     router = config.arch == "switch"
 
     def run(p, module=module, router=router, with_grad=name in GRAD_ARCHS):
@@ -191,7 +188,7 @@ def test_logits_match_transformers(checkpoints, ours, name):
   n_torch = sum(p.numel() for p in model.parameters())  # tied weights once
   # BART's final_logits_bias is a torch buffer but one of our parameters.
   extra = VOCAB if name == "bart" else 0
-  assert count_params(params) == encdec_num_params(config) == n_torch + extra
+  assert count_params(params) == models.num_params(config) == n_torch + extra
   assert config.arch == name and config.is_encoder_decoder
 
 
@@ -203,7 +200,7 @@ def test_t5_v11_hub_layout_untied_head(t5_v11_untied, ours):
   assert "lm_head" in params
   real = batch["target_mask"].astype(bool)
   np.testing.assert_allclose(logits[real], _torch_logits(model, batch)[real], atol=1e-4, rtol=0)
-  assert encdec_num_params(config) == count_params(params) == sum(
+  assert models.num_params(config) == count_params(params) == sum(
       p.numel() for p in model.parameters())
 
 
@@ -326,13 +323,13 @@ def test_seq2seq_loss_gradient_matches_torch(checkpoints, ours, name):
 
 def test_bart_causal_lm_matches_transformers(checkpoints):
   path, model = checkpoints["bart_causal"]
-  config, params = load_encdec_checkpoint(path)
+  config, params = models.load_hf_checkpoint(path)
   assert config.decoder_only and not config.is_encoder_decoder
   rng = np.random.default_rng(4)
   ids = rng.integers(3, VOCAB, size=(2, 9))
   mask = np.ones((2, 9), np.int64)
   mask[1, 6:] = 0
-  ours = encdec_module(config).apply({"params": params}, jnp.asarray(ids),
+  ours = models.build(config).apply({"params": params}, jnp.asarray(ids),
                                      attention_mask=jnp.asarray(mask))
   with torch.no_grad():
     theirs = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
@@ -340,10 +337,10 @@ def test_bart_causal_lm_matches_transformers(checkpoints):
   np.testing.assert_allclose(np.asarray(ours)[real], theirs[real], atol=1e-4, rtol=0)
   # BartForCausalLM's count: the decoder stack with its (unused) cross-attention.
   n_torch = sum(p.numel() for p in model.parameters())
-  assert encdec_num_params(config) == count_params(params) == n_torch
+  assert models.num_params(config) == count_params(params) == n_torch
   # A full BART checkpoint loaded decoder-only takes the decoder and the shared embedding.
   full_path, full = checkpoints["bart"]
-  dconfig, dparams = load_encdec_checkpoint(full_path, decoder_only=True)
+  dconfig, dparams = models.load_bart_causal_lm(full_path)
   assert dconfig.decoder_only
   np.testing.assert_array_equal(np.asarray(dparams["layers_1"]["fc1"]["kernel"]),
                                 full.model.decoder.layers[1].fc1.weight.detach().numpy().T)
@@ -398,3 +395,40 @@ def test_unsupported_configs_are_rejected():
                            "num_layers": 1, "num_heads": 2})
   with pytest.raises(CheckpointError, match="model_type"):
     encdec_config_from_hf({"model_type": "pegasus"})
+
+
+def test_training_and_hessian_losses_of_an_encoder_decoder(checkpoints, ours):
+  """training's steps, the Hessian binaries' loss and NLPMetrics take a Switch model."""
+  from experiments.hessian_common import lm_loss_fn
+  from lensllm_jax import nlp_metrics, training
+
+  config, params = ours["switch"]["config"], ours["switch"]["params"]
+  module = models.build(config)
+  batch = {k: jnp.asarray(v) for k, v in _batch().items()}
+  tbatch = {**batch, "loss_mask": batch["target_mask"].astype(jnp.float32)}
+  apply_fn = training.causal_lm_apply(module)  # dispatches to seq2seq_apply
+  assert apply_fn.encoder_decoder
+
+  @jax.jit
+  def losses(p):
+    key = jax.random.key(0)
+    train_sum, count = training._batch_sums(apply_fn, p, tbatch, key, training=True)
+    eval_sum, _ = training._batch_sums(apply_fn, p, tbatch, key)
+    return (train_sum / count, eval_sum / count, lm_loss_fn(module)(p, tbatch),
+            seq2seq_loss(module, p, batch))
+
+  train, evaluation, hessian_loss, per_token = losses(params)
+  # The training loss is transformers' loss with the router terms (checked against
+  # torch in test_seq2seq_loss_gradient_matches_torch); evaluation has none.
+  np.testing.assert_allclose(float(train), float(ours["switch"]["loss"]), rtol=1e-5)
+  aux = float(switch_router_losses(ours["switch"]["routers"], config))
+  np.testing.assert_allclose(float(evaluation), float(train) - aux, rtol=1e-5)
+  np.testing.assert_allclose(float(hessian_loss), float(per_token), rtol=1e-6)
+  np.testing.assert_allclose(float(evaluation), float(per_token), rtol=1e-5)
+  # NLPMetrics: each expert's wi / wo is a layer of its own.
+  result = nlp_metrics.nlp_metrics(params, min_tail=4)
+  expert_layers = [n for n in result.alphas if "/mlp/wi/kernel[" in n or "/mlp/wo/kernel[" in n]
+  assert len(expert_layers) == 2 * 2 * config.num_experts  # 2 sparse blocks x (wi, wo) x E
+  np.testing.assert_array_equal(
+      nlp_metrics.weight_matrices(params)["encoder_block_1/mlp/wo/kernel[2]"],
+      np.asarray(params["encoder_block_1"]["mlp"]["wo"]["kernel"][2], np.float64))

@@ -35,18 +35,20 @@ def test_benchmark_presets_match_published_sizes(shared_benchmarks):
   decoder_only = {k for k, (_, family) in sizes.items() if family in DECODER_ONLY_FAMILIES}
   # GPT-2 x4 + mGPT, LaMini-GPT x3, Cerebras-GPT x4, OPT x4, Phi x2.
   assert len(decoder_only) == 18
-  missing = sorted(decoder_only - set(models.presets))
+  # T5 x2, T5 v1.1, mT5 x2, Switch x3, BART x4 (counted as BartForCausalLM).
+  assert len(sizes) == 30
+  missing = sorted(set(sizes) - set(models.presets))
   assert not missing, f"no preset for {missing}"
-  checked = 0
   for model_id, (size, _) in sizes.items():
-    if model_id in models.presets:  # every preset of a benchmark model, whatever its family
-      assert models.num_params(models.presets[model_id]) == size, model_id
-      checked += 1
-  assert checked >= len(decoder_only)
+    config = models.presets[model_id]
+    assert models.num_params(config) == size, model_id
+    assert config.is_encoder_decoder == (model_id not in decoder_only
+                                         and not model_id.startswith("facebook/bart")), model_id
 
 
 @pytest.mark.parametrize("model_id", ["cerebras/Cerebras-GPT-111M", "facebook/opt-350m",
-                                      "microsoft/phi-2"])
+                                      "microsoft/phi-2", "google/switch-base-8",
+                                      "facebook/bart-base"])
 def test_preset_count_equals_the_built_module(model_id, shared_benchmarks):
   # num_params (closed form) against the shapes Flax actually creates (no memory used).
   config = models.presets[model_id]
@@ -60,9 +62,12 @@ def test_registry_dispatch_and_errors():
   config = models.presets["tiny-llama"]
   assert isinstance(models.build(config), models.CausalLM)
   assert not config.is_encoder_decoder
-  assert set(models.ARCHITECTURES) >= {"gpt2", "llama", "opt", "phi"}
-  assert set(models.HF_FORMATS) >= {"gpt2", "llama", "opt", "phi"}
-  with pytest.raises(models.CheckpointError, match=r"'bert'.*gpt2, llama, opt, phi"):
+  assert set(models.ARCHITECTURES) >= {"gpt2", "llama", "opt", "phi", "t5", "mt5", "switch",
+                                       "bart"}
+  assert set(models.HF_FORMATS) >= {"gpt2", "llama", "opt", "phi", "t5", "mt5",
+                                    "switch_transformers", "bart"}
+  with pytest.raises(models.CheckpointError,
+                     match=r"'bert'.*bart, gpt2, llama, mt5, opt, phi, switch_transformers, t5"):
     models.config_from_hf({"model_type": "bert"})
 
   class Unknown:

@@ -13,16 +13,36 @@ Public API (one entry point for every architecture; see `registry`):
                                   models keyed by Hugging Face id ("gpt2", ...)
   ModelConfig                     decoder-only config (config.is_encoder_decoder is False)
   CausalLM                        the decoder-only Flax module (archs gpt2, llama, opt, phi)
+  EncoderDecoderConfig            T5 / mT5 / Switch / BART config (archs t5, mt5, switch,
+                                  bart; is_encoder_decoder except decoder-only BART)
+  shift_right, seq2seq_logits, seq2seq_loss, switch_router_losses
+                                  teacher forcing and the target-token loss of an
+                                  encoder-decoder (build(config).apply({"params": p}, ids,
+                                  attention_mask=m, decoder_input_ids=shift_right(y, config),
+                                  decoder_attention_mask=ym) -> [B, T_dec, V] float32)
   count_params                    params in a pytree
   next_token_targets, token_log_probs, token_nll, sequence_log_likelihood, mean_token_nll,
   token_nll_sums                  the LM loss convention (see `losses`)
-  config_from_hf, convert_{gpt2,llama,opt,phi}_weights, read_safetensors,
+  config_from_hf, convert_{gpt2,llama,opt,phi,t5,bart}_weights, read_safetensors,
+  load_bart_causal_lm
   load_tokenizer                  Hugging Face config.json, tensors and tokenizer.json
   ARCHITECTURES, HF_FORMATS, register_architecture, register_hf_format
                                   the registries a new family adds itself to
 """
 
 from lensllm_jax.models.config import ModelConfig
+from lensllm_jax.models.encdec import (
+    seq2seq_logits,
+    seq2seq_loss,
+    shift_right,
+    switch_router_losses,
+)
+from lensllm_jax.models.encdec_config import EncoderDecoderConfig
+from lensllm_jax.models.encdec_hf import (
+    convert_bart_weights,
+    convert_t5_weights,
+    load_bart_causal_lm,
+)
 from lensllm_jax.models.hf import (
     CheckpointError,
     config_from_hf,
@@ -61,17 +81,21 @@ __all__ = [
     "HF_FORMATS",
     "CausalLM",
     "CheckpointError",
+    "EncoderDecoderConfig",
     "ModelConfig",
     "block_names",
     "build",
     "config_from_hf",
+    "convert_bart_weights",
     "convert_gpt2_weights",
     "convert_llama_weights",
     "convert_opt_weights",
     "convert_phi_weights",
+    "convert_t5_weights",
     "count_params",
     "flops_per_token",
     "init_params",
+    "load_bart_causal_lm",
     "load_hf_checkpoint",
     "load_tokenizer",
     "mean_token_nll",
@@ -82,7 +106,11 @@ __all__ = [
     "read_safetensors",
     "register_architecture",
     "register_hf_format",
+    "seq2seq_logits",
+    "seq2seq_loss",
     "sequence_log_likelihood",
+    "shift_right",
+    "switch_router_losses",
     "token_log_probs",
     "token_nll",
 ]

@@ -133,9 +133,9 @@ class BartModel(nn.Module):
   config: EncoderDecoderConfig
 
   @nn.compact
-  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
+  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                decoder_input_ids: jax.Array | None = None,
-               decoder_attention_mask: jax.Array | None = None,
+               decoder_attention_mask: jax.Array | None = None, *,
                deterministic: bool = True) -> jax.Array:
     """Computes the logits (arguments as `T5Model.__call__`; positions are 0..len-1)."""
     c = self.config

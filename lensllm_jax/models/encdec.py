@@ -1,7 +1,11 @@
-"""Encoder-decoder utilities: module, init, counts, FLOPs, shift-right, losses.
+"""Encoder-decoder families in the registry, shift-right and the seq2seq loss.
 
-    module = encdec_module(config)            # T5Model, BartModel or BartCausalLM
-    params = encdec_init_params(config, key)
+Registers the architectures "t5", "mt5", "switch" and "bart" of
+`EncoderDecoderConfig` (build, init inputs, closed-form counts, FLOPs terms,
+block names), so the entry points of `lensllm_jax.models` work on them:
+
+    module = models.build(config)             # T5Model, BartModel or BartCausalLM
+    params = models.init_params(config, key)
     dec_in = shift_right(targets, config)     # [start, y_0, ..., y_{T-2}]
     logits = module.apply({"params": params}, input_ids, attention_mask=src_mask,
                           decoder_input_ids=dec_in, decoder_attention_mask=tgt_mask)
@@ -18,6 +22,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from lensllm_jax.models import registry
 from lensllm_jax.models.bart import BartCausalLM, BartModel
 from lensllm_jax.models.encdec_config import EncoderDecoderConfig
 from lensllm_jax.models.losses import mean_token_nll, token_nll
@@ -29,15 +34,6 @@ def encdec_module(config: EncoderDecoderConfig):
   if config.arch == "bart":
     return BartCausalLM(config) if config.decoder_only else BartModel(config)
   return T5Model(config)
-
-
-def encdec_init_params(config: EncoderDecoderConfig, key: jax.Array, length: int = 4) -> dict:
-  """Random initial parameters (the "params" collection); shapes do not depend on `length`."""
-  module = encdec_module(config)
-  dummy = jnp.zeros((1, length), jnp.int32)
-  if config.decoder_only:
-    return jax.jit(lambda k: module.init(k, dummy)["params"])(key)
-  return jax.jit(lambda k: module.init(k, dummy, decoder_input_ids=dummy)["params"])(key)
 
 
 def shift_right(targets: jax.Array, config: EncoderDecoderConfig) -> jax.Array:
@@ -100,7 +96,7 @@ def _stack_params(c: EncoderDecoderConfig, decoder: bool, *, active: bool,
 
 
 def encdec_num_params(config: EncoderDecoderConfig, *, active: bool = False) -> int:
-  """Closed-form parameter count of `encdec_module(config)`.
+  """Closed-form parameter count of `encdec_module(config)` (`models.num_params`).
 
   T5 family: V d (shared) [+ V d untied head] + encoder + decoder with, per
   block, 4 d H Dh per attention (1 encoder, 2 decoder), (2 or 3 gated) d f per
@@ -128,43 +124,49 @@ def encdec_num_params(config: EncoderDecoderConfig, *, active: bool = False) -> 
   return int(total)
 
 
-def encdec_flops_per_token(config: EncoderDecoderConfig, seq_len: int, *,
-                           training: bool = True, target_len: int | None = None) -> float:
-  """Model FLOPs per token position of an encoder-decoder (active parameters).
+def _matmul_params(config: EncoderDecoderConfig) -> int:
+  """N_mm per token position of `registry.flops_per_token` (active parameters).
 
-  An example with S = seq_len input tokens and T = target_len (default S)
-  target tokens costs, forward,
-
-    2 N_enc S + 2 N_dec T + 4 H Dh (L S^2 + L' T^2 + L' T S),
-
-  with N_enc / N_dec the matmul weights a token uses in the encoder / decoder
-  (N_dec includes the V x d head; Switch: router plus ONE expert per sparse
-  MLP, i.e. the active parameters, not all E experts) and the last term the
-  QK^T and softmax-V products of the encoder self-, decoder self- and cross-
-  attention. The value returned is that cost divided by T (per target
-  position), times 3 for training. Decoder-only BART uses the `CausalLM`
-  convention: 2 N_dec + 4 L' H Dh T per token.
-
-  The selection tables' 6 N D compute (`budgeted.pair_flops`) uses the
-  benchmark files' size column instead, which for Switch is the TOTAL
-  parameter count (all experts; `encdec_num_params(config)`), not this
-  active count.
+  Encoder + decoder matmul weights (attention and MLP kernels, V x d head;
+  Switch: the router and ONE expert per sparse MLP). Decoder-only BART: its
+  decoder without the cross-attention it never runs.
   """
   c = config
-  t = seq_len if target_len is None else target_len
-  width = c.n_heads * c.head_dim
-  head = c.vocab_size * c.d_model
-  n_dec = _stack_params(c, True, active=True, matmul_only=True) + head
+  n_dec = _stack_params(c, True, active=True, matmul_only=True) + c.vocab_size * c.d_model
   if c.decoder_only:
-    n_dec -= c.n_decoder_layers * _attention_params(c)[0]  # cross-attention is never run
-    forward = 2.0 * n_dec + 4.0 * c.n_decoder_layers * width * seq_len
-  else:
-    n_enc = _stack_params(c, False, active=True, matmul_only=True)
-    s = seq_len
-    total = (2.0 * n_enc * s + 2.0 * n_dec * t
-             + 4.0 * width * (c.n_layers * s * s + c.n_decoder_layers * (t * t + t * s)))
-    forward = total / t
-  return 3.0 * forward if training else forward
+    return n_dec - c.n_decoder_layers * _attention_params(c)[0]
+  return n_dec + _stack_params(c, False, active=True, matmul_only=True)
+
+
+def _attention_width(config: EncoderDecoderConfig) -> int:
+  """W of `registry.flops_per_token`: H Dh (L + 2 L') (encoder self, decoder self
+  and cross attention, input and target of seq_len tokens each); L' H Dh for
+  decoder-only BART."""
+  c = config
+  width = c.n_heads * c.head_dim
+  if c.decoder_only:
+    return c.n_decoder_layers * width
+  return width * (c.n_layers + 2 * c.n_decoder_layers)
+
+
+def _block_names(config: EncoderDecoderConfig) -> tuple[str, ...]:
+  c = config
+  enc = [f"encoder_{'layers' if c.arch == 'bart' else 'block'}_{i}" for i in range(c.n_layers)]
+  dec = [f"decoder_{'layers' if c.arch == 'bart' else 'block'}_{i}"
+         for i in range(c.n_decoder_layers)]
+  if c.arch == "bart":
+    if c.decoder_only:
+      return ("embed_tokens", "embed_positions", "layernorm_embedding",
+              *(f"layers_{i}" for i in range(c.n_decoder_layers)))
+    return ("shared", "encoder_embed_positions", "encoder_layernorm_embedding", *enc,
+            "decoder_embed_positions", "decoder_layernorm_embedding", *dec, "final_logits_bias")
+  head = () if c.tie_embeddings else ("lm_head",)
+  return ("shared", *enc, "encoder_final_norm", *dec, "decoder_final_norm", *head)
+
+
+def _dummy_inputs(config: EncoderDecoderConfig, length: int) -> tuple:
+  ids = jnp.zeros((1, length), jnp.int32)
+  return (ids,) if config.decoder_only else (ids, None, ids)
 
 
 def switch_router_losses(router_logits, config: EncoderDecoderConfig) -> jax.Array:
@@ -222,7 +224,7 @@ def seq2seq_loss(module, params, batch: dict, *, per_token: bool = True,
   training) `switch_router_losses` is added.
 
   Args:
-    module: `encdec_module(config)` with config.is_encoder_decoder.
+    module: `models.build(config)` with config.is_encoder_decoder.
     params: its parameters.
     batch: {"input_ids" [B, S], "attention_mask" [B, S] (optional),
       "targets" [B, T], "target_mask" [B, T] (optional, 1 = counted)}.
@@ -240,3 +242,10 @@ def seq2seq_loss(module, params, batch: dict, *, per_token: bool = True,
   if want_router:
     loss = loss + switch_router_losses(routers, module.config)
   return loss
+
+
+for _arch in ("t5", "mt5", "switch", "bart"):
+  registry.register_architecture(registry.Architecture(
+      name=_arch, build=encdec_module, dummy_inputs=_dummy_inputs, num_params=encdec_num_params,
+      matmul_params=_matmul_params, attention_width=_attention_width,
+      block_names=_block_names))

@@ -1,8 +1,8 @@
 """Hugging Face checkpoints of T5 / mT5 / Switch Transformers / BART.
 
-`load_encdec_checkpoint(dir)` reads config.json + safetensors (see
-`hf.read_safetensors`) of model_type "t5", "mt5", "switch_transformers" or
-"bart" and returns (EncoderDecoderConfig, params of `encdec_module(config)`).
+Registers the model_types "t5", "mt5", "switch_transformers" and "bart", so
+`models.load_hf_checkpoint(dir)` returns (EncoderDecoderConfig, params of
+`models.build(config)`).
 nn.Linear weights [out, in] are transposed to kernels [in, out]; Switch
 experts are stacked into [E, in, out] arrays; the router classifier [E, d]
 becomes a [d, E] kernel.
@@ -16,10 +16,10 @@ when config.json says tie_word_embeddings=false (then lm_head.weight must be in
 the checkpoint).
 
 BART: by default a checkpoint whose "architectures" is BartForCausalLM (or
-that has no encoder tensors) loads as the decoder-only `BartCausalLM`,
-anything else as the encoder-decoder; ``decoder_only`` forces either (a
-BartForConditionalGeneration checkpoint loaded decoder-only takes the decoder
-and the shared embedding, as transformers' BartForCausalLM.from_pretrained does).
+is_decoder without is_encoder_decoder) loads as the decoder-only
+`BartCausalLM`, anything else as the encoder-decoder. `load_bart_causal_lm`
+loads any BART checkpoint decoder-only (from a full one it takes the decoder
+and the shared embedding), the module whose count the benchmark reports.
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ from __future__ import annotations
 import json
 import pathlib
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lensllm_jax.models.encdec import encdec_module
+from lensllm_jax.models import registry
 from lensllm_jax.models.encdec_config import EncoderDecoderConfig
-from lensllm_jax.models.hf import CheckpointError, _Reader, read_safetensors
+from lensllm_jax.models.hf import TensorReader, check_structure, read_safetensors
+from lensllm_jax.models.registry import CheckpointError
 
 ENCDEC_MODEL_TYPES = ("t5", "mt5", "switch_transformers", "bart")
 
@@ -131,22 +131,6 @@ def _bart_config(hf_config, dtype, decoder_only, source) -> EncoderDecoderConfig
       decoder_start_token_id=_start_token(hf_config, 2), dtype=dtype)
 
 
-def _check_structure(params: dict, config: EncoderDecoderConfig, source: str) -> dict:
-  module = encdec_module(config)
-  dummy = jnp.zeros((1, 1), jnp.int32)
-  kwargs = {} if config.decoder_only else {"decoder_input_ids": dummy}
-  expected = jax.eval_shape(lambda: module.init(jax.random.key(0), dummy, **kwargs))["params"]
-  got = dict(jax.tree_util.tree_leaves_with_path(params))
-  exp_leaves = jax.tree_util.tree_leaves_with_path(expected)
-  for path, leaf in exp_leaves:
-    if path not in got or got[path].shape != leaf.shape:
-      raise CheckpointError(f"{source}: converted parameter {jax.tree_util.keystr(path)} "
-                            "is missing or has the wrong shape")
-  if len(got) != len(exp_leaves):
-    raise CheckpointError(f"{source}: converted pytree has extra parameters")
-  return params
-
-
 def convert_t5_weights(tensors: dict[str, np.ndarray], config: EncoderDecoderConfig, *,
                        source: str = "checkpoint") -> dict:
   """Maps transformers' T5 / mT5 / SwitchTransformers ForConditionalGeneration
@@ -158,7 +142,7 @@ def convert_t5_weights(tensors: dict[str, np.ndarray], config: EncoderDecoderCon
   c = config
   if c.arch not in ("t5", "mt5", "switch"):
     raise ValueError(f"convert_t5_weights needs a T5-family config, got arch={c.arch!r}")
-  r = _Reader(tensors, source, ())
+  r = TensorReader(tensors, source, ())
   d, f, inner = c.d_model, c.d_ff, c.n_heads * c.head_dim
 
   def linear(name, n_in, n_out):
@@ -175,10 +159,10 @@ def convert_t5_weights(tensors: dict[str, np.ndarray], config: EncoderDecoderCon
   def mlp(name, sparse):
     if sparse:
       experts = [f"{name}.mlp.experts.expert_{e}" for e in range(c.num_experts)]
-      return {"router": r.take(f"{name}.mlp.router.classifier.weight", (c.num_experts, d),
-                               transpose=True),
-              "wi": jnp.stack([r.take(f"{e}.wi.weight", (f, d), transpose=True) for e in experts]),
-              "wo": jnp.stack([r.take(f"{e}.wo.weight", (d, f), transpose=True) for e in experts])}
+      router = r.take(f"{name}.mlp.router.classifier.weight", (c.num_experts, d), transpose=True)
+      wi = jnp.stack([r.take(f"{e}.wi.weight", (f, d), transpose=True) for e in experts])
+      wo = jnp.stack([r.take(f"{e}.wo.weight", (d, f), transpose=True) for e in experts])
+      return {"router": {"kernel": router}, "wi": {"kernel": wi}, "wo": {"kernel": wo}}
     inner_name = f"{name}.mlp" if c.arch == "switch" else f"{name}.DenseReluDense"
     if c.gated:
       return {"wi_0": linear(f"{inner_name}.wi_0", d, f), "wi_1": linear(f"{inner_name}.wi_1", d, f),
@@ -208,7 +192,7 @@ def convert_t5_weights(tensors: dict[str, np.ndarray], config: EncoderDecoderCon
   else:
     params["lm_head"] = {"kernel": r.take("lm_head.weight", (c.vocab_size, d), transpose=True)}
   r.check_all_used(ignore=tuple(ignore))
-  return _check_structure(params, c, source)
+  return check_structure(params, c, source)
 
 
 def convert_bart_weights(tensors: dict[str, np.ndarray], config: EncoderDecoderConfig, *,
@@ -220,7 +204,7 @@ def convert_bart_weights(tensors: dict[str, np.ndarray], config: EncoderDecoderC
   c = config
   if c.arch != "bart":
     raise ValueError(f"convert_bart_weights needs arch='bart', got {c.arch!r}")
-  r = _Reader(tensors, source, ("model.",))
+  r = TensorReader(tensors, source, ("model.",))
   d, f = c.d_model, c.d_ff
 
   def linear(name, n_in, n_out):
@@ -259,7 +243,7 @@ def convert_bart_weights(tensors: dict[str, np.ndarray], config: EncoderDecoderC
     ignore |= {n for n in names if n.startswith("encoder.")}
     ignore |= {"shared.weight", "decoder.embed_tokens.weight", "final_logits_bias"}
     r.check_all_used(ignore=tuple(ignore))
-    return _check_structure(params, c, source)
+    return check_structure(params, c, source)
   params = {"shared": {"embedding": r.take("shared.weight", (c.vocab_size, d))}}
   for stack, layers in (("encoder", c.n_layers), ("decoder", c.n_decoder_layers)):
     params[f"{stack}_embed_positions"] = {"embedding": r.take(f"{stack}.embed_positions.weight",
@@ -273,20 +257,17 @@ def convert_bart_weights(tensors: dict[str, np.ndarray], config: EncoderDecoderC
     params["final_logits_bias"] = jnp.zeros((c.vocab_size,), jnp.float32)
   ignore.add("decoder.embed_tokens.weight")
   r.check_all_used(ignore=tuple(ignore))
-  return _check_structure(params, c, source)
+  return check_structure(params, c, source)
 
 
-def load_encdec_checkpoint(path, *, dtype: str = "float32",
-                           decoder_only: bool | None = None) -> tuple[EncoderDecoderConfig, dict]:
-  """Loads a T5 / mT5 / Switch / BART checkpoint directory into (config, params).
+def load_bart_causal_lm(path, *, dtype: str = "float32") -> tuple[EncoderDecoderConfig, dict]:
+  """Loads any BART checkpoint directory as transformers' BartForCausalLM.
 
-  Args:
-    path: directory with config.json and model.safetensors (or a sharded index).
-    dtype: compute dtype of the returned config; params are float32.
-    decoder_only: BART only, see the module docstring.
+  The benchmark's BART parameter counts are those of this module (the
+  decoder with its cross-attention weights, tied head, no logits bias).
 
   Returns:
-    (config, params): ``encdec_module(config).apply({"params": params}, ...)``.
+    (config with decoder_only=True, params of `models.build(config)`).
   """
   path = pathlib.Path(path)
   config_file = path / "config.json"
@@ -294,8 +275,19 @@ def load_encdec_checkpoint(path, *, dtype: str = "float32",
     raise FileNotFoundError(f"{config_file} not found (expected a Hugging Face checkpoint "
                             "directory with config.json and model.safetensors)")
   config = encdec_config_from_hf(json.loads(config_file.read_text()), dtype=dtype,
-                                 decoder_only=decoder_only, source=str(config_file))
-  tensors = read_safetensors(path)
+                                 decoder_only=True, source=str(config_file))
+  return config, convert_bart_weights(read_safetensors(path), config, source=str(path))
+
+
+def _config_from_hf(hf_config: dict, dtype: str, source: str) -> EncoderDecoderConfig:
+  return encdec_config_from_hf(hf_config, dtype=dtype, source=source)
+
+
+def _convert(tensors: dict[str, np.ndarray], config: EncoderDecoderConfig, source: str) -> dict:
   if config.arch == "bart":
-    return config, convert_bart_weights(tensors, config, source=str(path))
-  return config, convert_t5_weights(tensors, config, source=str(path))
+    return convert_bart_weights(tensors, config, source=source)
+  return convert_t5_weights(tensors, config, source=source)
+
+
+for _model_type in ENCDEC_MODEL_TYPES:
+  registry.register_hf_format(registry.HFFormat(_model_type, _config_from_hf, _convert))

@@ -17,8 +17,9 @@ Two kinds of entries:
 from __future__ import annotations
 
 from lensllm_jax.models.config import ModelConfig
+from lensllm_jax.models.encdec_config import EncoderDecoderConfig
 
-presets: dict[str, ModelConfig] = {
+presets: dict[str, ModelConfig | EncoderDecoderConfig] = {
     # Fast on CPU: used by the tests and the smoke runs.
     "tiny-gpt2": ModelConfig(arch="gpt2", vocab_size=256, max_len=128, d_model=64,
                              n_layers=2, n_heads=4, d_ff=256),
@@ -111,7 +112,57 @@ for _name, _d, _layers, _rotary in (("phi-1_5", 2048, 24, 32), ("phi-2", 2560, 3
       tie_embeddings=False, activation="gelu_new")
 
 # ---------------------------------------------------------------------------
-# ENCODER-DECODER BENCHMARK PRESETS (issue 13: T5 / mT5 / BART / Switch).
-# Add them here, keyed by Hugging Face id as in the curve files, with configs
-# whose ``is_encoder_decoder`` is True and whose ``arch`` is registered in
-# `registry.ARCHITECTURES`.
+# Encoder-decoder benchmark models (`EncoderDecoderConfig`).
+#
+# T5 (t5-small, t5-base = google-t5/*, config.json): vocab_size 32128, d_kv 64,
+# "relu", 32 buckets, max distance 128, tied head with the d^-0.5 rescale;
+# (d_model, d_ff, num_layers, num_heads) = small (512, 2048, 6, 8),
+# base (768, 3072, 12, 12).
+# T5 v1.1 (google/t5-v1_1-base): vocab 32128, d_model 768, d_ff 2048, d_kv 64,
+# 12 layers, 12 heads, "gated-gelu", tie_word_embeddings false (own lm_head).
+# mT5 (google/mt5-*): as T5 v1.1 with vocab_size 250112; base (768, 2048, 12,
+# 12), large (1024, 2816, 24, 16).
+# Switch (google/switch-base-{8,16,32}): T5 v1.0 base blocks (d_model 768,
+# d_ff 3072, d_kv 64, 12 + 12 layers, 12 heads, "relu", tied head) with
+# num_sparse_encoder_layers = num_sparse_decoder_layers = 6 (every second
+# block), expert_capacity 64, router z / aux loss coefficients 0.001. The size
+# column counts ALL experts (total parameters, not the active ones).
+# BART (facebook/bart-*, config.json): "gelu", max_position_embeddings 1024,
+# scale_embedding false, pad 1, decoder start 2; base: d_model 768, 6 + 6
+# layers, 12 heads, ffn 3072, vocab 50265; large: 1024, 12 + 12, 16 heads,
+# ffn 4096, vocab 50265 (bart-large-cnn and bart-large-xsum: 50264).
+# The size column of the BART rows is NOT the encoder-decoder's count: it is
+# that of transformers' BartForCausalLM (the decoder stack, cross-attention
+# weights included, tied head), i.e. the curves' authors loaded BART as a
+# causal LM. The presets are therefore decoder_only=True (`BartCausalLM`);
+# ``preset.replace(decoder_only=False)`` is the full encoder-decoder.
+for _name, (_d, _ff, _layers, _heads) in (("t5-small", (512, 2048, 6, 8)),
+                                          ("t5-base", (768, 3072, 12, 12))):
+  presets[_name] = EncoderDecoderConfig(
+      arch="t5", vocab_size=32128, d_model=_d, d_ff=_ff, n_layers=_layers, n_heads=_heads,
+      head_dim=64, activation="relu", gated=False, tie_embeddings=True)
+presets["google/t5-v1_1-base"] = EncoderDecoderConfig(
+    arch="t5", vocab_size=32128, d_model=768, d_ff=2048, n_layers=12, n_heads=12, head_dim=64,
+    activation="gelu_new", gated=True, tie_embeddings=False)
+for _name, (_d, _ff, _layers, _heads) in (("base", (768, 2048, 12, 12)),
+                                          ("large", (1024, 2816, 24, 16))):
+  presets[f"google/mt5-{_name}"] = EncoderDecoderConfig(
+      arch="mt5", vocab_size=250112, d_model=_d, d_ff=_ff, n_layers=_layers, n_heads=_heads,
+      head_dim=64, activation="gelu_new", gated=True, tie_embeddings=False)
+for _experts in (8, 16, 32):
+  presets[f"google/switch-base-{_experts}"] = EncoderDecoderConfig(
+      arch="switch", vocab_size=32128, d_model=768, d_ff=3072, n_layers=12, n_heads=12,
+      head_dim=64, activation="relu", tie_embeddings=True, num_experts=_experts,
+      expert_capacity=64, num_sparse_encoder_layers=6, num_sparse_decoder_layers=6)
+for _name, _vocab, (_d, _layers, _heads) in (
+    ("bart-base", 50265, (768, 6, 12)), ("bart-large", 50265, (1024, 12, 16)),
+    ("bart-large-cnn", 50264, (1024, 12, 16)), ("bart-large-xsum", 50264, (1024, 12, 16))):
+  presets[f"facebook/{_name}"] = EncoderDecoderConfig(
+      arch="bart", vocab_size=_vocab, d_model=_d, n_layers=_layers, n_heads=_heads,
+      d_ff=4 * _d, max_len=1024, decoder_only=True)
+
+# Tiny encoder-decoders for tests and smoke runs.
+presets["tiny-t5"] = EncoderDecoderConfig(arch="t5", vocab_size=256, d_model=64, d_ff=128,
+                                          n_layers=2, n_heads=4)
+presets["tiny-bart"] = EncoderDecoderConfig(arch="bart", vocab_size=256, d_model=64, d_ff=128,
+                                            n_layers=2, n_heads=4, max_len=128)

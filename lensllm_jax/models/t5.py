@@ -15,7 +15,7 @@ by them), input to output:
     "lm_head"                      {"kernel": [d, V]} only if the head is untied
 
 A dense MLP is mlp/{wi, wo}/kernel (mlp/{wi_0, wi_1, wo} when gated); a
-Switch sparse MLP is mlp/{router [d, E], wi [E, d, f], wo [E, f, d]}.
+Switch sparse MLP is mlp/{router [d, E], wi [E, d, f], wo [E, f, d]}/kernel.
 
 Attention scores are not scaled by 1/sqrt(Dh) (T5 folds it into the init);
 the relative-position bias of the first block's self-attention is computed
@@ -151,6 +151,17 @@ def switch_routing(router_logits: jax.Array, capacity: int) -> tuple[jax.Array, 
   return keep, jnp.max(probs, axis=-1)
 
 
+class _Kernel(nn.Module):
+  """A bare float32 "kernel" parameter (a stack of E expert matrices when 3-D)."""
+
+  shape: tuple[int, ...]
+  std: float
+
+  @nn.compact
+  def __call__(self) -> jax.Array:
+    return self.param("kernel", nn.initializers.normal(self.std), self.shape, jnp.float32)
+
+
 class SwitchSparseMLP(nn.Module):
   """Switch Transformers' top-1 mixture of experts (each expert a ReLU T5 MLP).
 
@@ -168,11 +179,9 @@ class SwitchSparseMLP(nn.Module):
     c = self.config
     dtype = jnp.dtype(c.dtype)
     batch, length, d = x.shape
-    router = self.param("router", nn.initializers.normal(1.0), (d, c.num_experts), jnp.float32)
-    wi = self.param("wi", nn.initializers.normal(d ** -0.5), (c.num_experts, d, c.d_ff),
-                    jnp.float32)
-    wo = self.param("wo", nn.initializers.normal(d ** -0.5), (c.num_experts, c.d_ff, d),
-                    jnp.float32)
+    router = _Kernel((d, c.num_experts), 1.0, name="router")()
+    wi = _Kernel((c.num_experts, d, c.d_ff), d ** -0.5, name="wi")()
+    wo = _Kernel((c.num_experts, c.d_ff, d), d ** -0.5, name="wo")()
     router_logits = jnp.einsum("btd,de->bte", x.astype(jnp.float32), router)
     keep, gate = switch_routing(router_logits, c.expert_capacity)
     slots = min(c.expert_capacity, length)
@@ -272,9 +281,9 @@ class T5Model(nn.Module):
   config: EncoderDecoderConfig
 
   @nn.compact
-  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
+  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                decoder_input_ids: jax.Array | None = None,
-               decoder_attention_mask: jax.Array | None = None,
+               decoder_attention_mask: jax.Array | None = None, *,
                deterministic: bool = True, return_router_logits: bool = False):
     """Computes the logits.
 
