@@ -1,9 +1,10 @@
 """The pipeline takes encoder-decoders: data, training, sweep, NTK, Hessian loss, selection.
 
-Done-when of the encoder-decoder zoo: an offline sweep over a decoder-only
-(tiny GPT-2) and an encoder-decoder (tiny T5) Hugging Face checkpoint, both
-saved locally with save_pretrained, on a local jsonl task, writes ONE
-curves.csv that experiments.reproduce_selection reads.
+Done-when of the encoder-decoder zoo: an offline sweep over decoder-only
+(tiny GPT-2, tiny BartForCausalLM: the benchmark's BART) and encoder-decoder
+(tiny T5) Hugging Face checkpoints, saved locally with save_pretrained, on a
+local jsonl task, writes ONE curves.csv that experiments.reproduce_selection
+reads (its correlations need at least 3 models).
 """
 
 from __future__ import annotations
@@ -62,7 +63,12 @@ def sweep(tmp_path_factory):
       "t5": transformers.T5ForConditionalGeneration(transformers.T5Config(
           vocab_size=vocab, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
           relative_attention_num_buckets=8, pad_token_id=pad, eos_token_id=eos,
-          decoder_start_token_id=pad, dropout_rate=0.0))}
+          decoder_start_token_id=pad, dropout_rate=0.0)),
+      "bart": transformers.BartForCausalLM(transformers.BartConfig(
+          vocab_size=vocab, d_model=16, decoder_layers=1, decoder_attention_heads=2,
+          decoder_ffn_dim=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32,
+          max_position_embeddings=32, pad_token_id=pad, bos_token_id=eos, eos_token_id=eos,
+          decoder_start_token_id=eos, dropout=0.0))}
   for name, model in hf_models.items():
     model.save_pretrained(root / name, safe_serialization=True)
     tok.save(str(root / name / "tokenizer.json"))
@@ -83,6 +89,9 @@ def sweep(tmp_path_factory):
                                            pretrain_steps=0)),
             ml_collections.ConfigDict(dict(name="tiny-t5-hf", family="T5", preset="",
                                            hf_dir={str(root / "t5")!r}, init_seed=0,
+                                           pretrain_steps=0)),
+            ml_collections.ConfigDict(dict(name="tiny-bart-hf", family="BART", preset="",
+                                           hf_dir={str(root / "bart")!r}, init_seed=0,
                                            pretrain_steps=0))]
         return c
       """))
@@ -98,8 +107,8 @@ def sweep(tmp_path_factory):
 def test_sweep_over_decoder_and_encoder_decoder_writes_one_curve_file(sweep, tmp_path):
   workdir, hf_models = sweep
   curves = benchmarks.load_curves(str(workdir / "curves.csv"))
-  assert curves.models == ("tiny-gpt2-hf", "tiny-t5-hf")
-  assert curves.families == ("GPT-2", "T5")
+  assert curves.models == ("tiny-gpt2-hf", "tiny-t5-hf", "tiny-bart-hf")
+  assert curves.families == ("GPT-2", "T5", "BART")
   np.testing.assert_array_equal(curves.data_sizes, [0, 200, 400])
   # The size column is the checkpoint's own parameter count (torch's, tied weights once).
   assert list(curves.sizes) == [sum(p.numel() for p in m.parameters())
