@@ -126,11 +126,14 @@ def test_sweep_over_decoder_and_encoder_decoder_writes_one_curve_file(sweep, tmp
     assert np.all(ntk["f_pretrained"] <= 0)
   # experiments.reproduce_selection reads the file the sweep wrote.
   sys.path.insert(0, str(REPO_ROOT))
+  from configs import selection as selection_config
   from experiments import reproduce_selection as rs
 
-  out = rs.run([str(workdir / "curves.csv")], data_dir=None,
-               methods=["ZeroShot", "SubTuning", "ModelSize"], ratios=[2],
-               output_dir=tmp_path / "selection", run_budgeted_flag=False, figures=False)
+  cfg = selection_config.get_config()
+  cfg.update(benchmarks=(str(workdir / "curves.csv"),),
+             methods=("ZeroShot", "SubTuning", "ModelSize"), ratios=(2,), budgeted=False,
+             figures=False)
+  out = rs.run(cfg, tmp_path / "selection")
   with open(out / "selection.csv", newline="") as f:
     rows = [line.split(",") for line in f.read().splitlines()[1:]]
   assert {r[3] for r in rows} == {"ZeroShot", "SubTuning", "ModelSize"}
