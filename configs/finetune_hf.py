@@ -55,5 +55,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       patience=3, min_delta=0.0, eval_batch_size=32, seed=0))
   # kernel "sketched" (count sketch, memory O(num_probe sketch_dim)) for billion-parameter models.
   c.ntk = ml_collections.ConfigDict(dict(num_probe=32, output="log_likelihood", kernel="exact",
-                                         sketch_dim=4096, sketch_seed=0))
+                                         block_size=8, sketch_dim=4096, sketch_seed=0))
   return c

@@ -74,9 +74,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.checkpoint_runs = True  # orbax checkpoints at every evaluation (resume mid-run)
   c.save_finetuned = False  # keep each run's fine-tuned parameters in workdir/finetuned/
   # NTK snapshots on the first `num_probe` test examples (0 disables); kernel "exact"
-  # or "sketched" (ntk.make_sketched_ntk_fn: count sketch of sketch_dim directions).
+  # (block pairs of block_size examples sharded over all devices; 0: one block) or
+  # "sketched" (ntk.make_sketched_ntk_fn: count sketch of sketch_dim directions).
   c.ntk = ml_collections.ConfigDict(dict(num_probe=8, output="log_likelihood", kernel="exact",
-                                         sketch_dim=1024, sketch_seed=0))
+                                         block_size=4, sketch_dim=1024, sketch_seed=0))
   c.data_parallel = True  # data-parallel over all devices (a 1-device mesh on CPU)
   if arg == "smoke":
     c.num_synthetic = 700
@@ -93,5 +94,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.max_steps = 12
     c.train.eval_every = 6
     c.ntk.num_probe = 4
+    c.ntk.block_size = 2
     c.save_finetuned = True
   return c

@@ -239,20 +239,26 @@ NTK_KERNELS = ("exact", "sketched")
 
 @functools.cache
 def _ntk_fns(config: models.ModelConfig, output: str, kernel: str = "exact",
-             sketch_dim: int = 1024, sketch_seed: int = 0):
+             block_size: int = 0, sketch_dim: int = 1024, sketch_seed: int = 0):
   """(kernel fn, jitted output fn) of one model shape: compiled once per shape, not per model.
 
-  kernel "exact": `ntk.make_ntk_fn`; "sketched": `ntk.make_sketched_ntk_fn`
-  (count sketch of sketch_dim directions, seeded; unbiased, memory O(n k)).
+  kernel "exact": `ntk.make_ntk_fn`, with block_size > 0 assembled from blocks
+  whose pairs are sharded over all devices of all processes
+  (`ntk.make_blocked_ntk_fn(devices=jax.devices())`); "sketched":
+  `ntk.make_sketched_ntk_fn` (count sketch of sketch_dim directions, seeded;
+  unbiased, memory O(n k + block)).
   """
   from lensllm_jax import ntk
 
   apply_fn = ntk.lm_output_fn(models.build(config), output)
   if kernel == "exact":
     fn = ntk.make_ntk_fn(apply_fn)
+    if block_size:
+      fn = ntk.make_blocked_ntk_fn(fn, block_size=block_size, devices=jax.devices(),
+                                   pairs_per_call=1)
   elif kernel == "sketched":
     fn = ntk.make_sketched_ntk_fn(apply_fn, sketch_dim=sketch_dim,
-                                  key=jax.random.key(sketch_seed), block_size=8)
+                                  key=jax.random.key(sketch_seed), block_size=block_size or None)
   else:
     raise ValueError(f"config.ntk.kernel={kernel!r}: expected one of {NTK_KERNELS}")
   return fn, jax.jit(apply_fn)
@@ -265,10 +271,11 @@ class NTKSnapshot:
   log-likelihood of the scored (target) tokens: the quantity fine-tuning moves.
   The pre-trained kernel Theta_0 [n, n] and outputs f_0 [n] are cached in
   `pretrained_path` (theta, f0; float64), which also feeds F(Theta, t).
-  `kernel_options` (config.ntk's kernel, sketch_dim, sketch_seed) choose the
-  exact or the sketched kernel (`_ntk_fns`). With several processes every
-  process computes the kernel on its own devices from a host copy of the
-  parameters and process 0 writes the files.
+  `kernel_options` (config.ntk's kernel, block_size, sketch_dim, sketch_seed)
+  choose the exact (blocked over all devices) or the sketched kernel
+  (`_ntk_fns`). With several processes the parameters are gathered to a host
+  copy, the block pairs are shared by all devices of all processes, every
+  process gets the whole kernel, and process 0 writes the files.
   """
 
   def __init__(self, m: LoadedModel, probe: textdata.TokenizedData, output: str,
@@ -286,7 +293,7 @@ class NTKSnapshot:
         self.theta0, self.f0 = z["theta"], z["f0"]
     else:
       params = sharding.host_copy(m.params)
-      self.theta0 = np.asarray(self.fn(params, self.x), np.float64)
+      self.theta0 = np.asarray(sharding.host_copy(self.fn(params, self.x)), np.float64)
       self.f0 = np.asarray(self.out_fn(params, self.x), np.float64)
       if sharding.is_primary():
         pretrained_path.parent.mkdir(parents=True, exist_ok=True)
@@ -296,7 +303,7 @@ class NTKSnapshot:
 
   def record(self, params, path: pathlib.Path) -> dict:
     params = sharding.host_copy(params)
-    theta = np.asarray(self.fn(params, self.x), np.float64)
+    theta = np.asarray(sharding.host_copy(self.fn(params, self.x)), np.float64)
     f1 = np.asarray(self.out_fn(params, self.x), np.float64)
     if sharding.is_primary():
       path.parent.mkdir(parents=True, exist_ok=True)
@@ -403,7 +410,7 @@ def sweep_model(m: LoadedModel, data: dict, cfg, tcfg: training.TrainConfig,
   snapshot = None
   if cfg.ntk.num_probe and any(todo):
     probe = data["test"].take(np.arange(min(cfg.ntk.num_probe, data["test"].num_examples)))
-    kernel_options = {k: cfg.ntk[k] for k in ("kernel", "sketch_dim", "sketch_seed")
+    kernel_options = {k: cfg.ntk[k] for k in ("kernel", "block_size", "sketch_dim", "sketch_seed")
                       if k in cfg.ntk}
     snapshot = NTKSnapshot(m, probe, cfg.ntk.output,
                            workdir / "ntk" / f"{m.name}_pretrained.npz", **kernel_options)

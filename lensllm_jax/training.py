@@ -346,12 +346,19 @@ def save_params(path: str, params: Any) -> None:
 
 
 def load_params(path: str, like: Any = None) -> Any:
-  """Reads a pytree written by `save_params` (as `like`'s structure if given)."""
+  """Reads a pytree written by `save_params` (as `like`'s structure and shardings if given).
+
+  Without `like` the arrays land on the first local device, whatever the
+  device layout they were saved from (e.g. a multi-process mesh).
+  """
   import orbax.checkpoint as ocp
 
   with ocp.StandardCheckpointer() as ckpt:
     if like is None:
-      return ckpt.restore(os.path.abspath(path))
+      meta = ckpt.metadata(os.path.abspath(path))
+      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      like = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          getattr(meta, "item_metadata", meta))
     return ckpt.restore(os.path.abspath(path),
                         jax.tree.map(ocp.utils.to_shape_dtype_struct, like))
 

@@ -188,3 +188,5 @@ def test_save_load_params(setup, tmp_path):
   training.save_params(str(tmp_path / "p"), params)
   back = training.load_params(str(tmp_path / "p"), params)
   jax.tree.map(np.testing.assert_array_equal, back, params)
+  # Without a template: the saved shapes and dtypes, on the first device.
+  jax.tree.map(np.testing.assert_array_equal, training.load_params(str(tmp_path / "p")), params)
