@@ -15,6 +15,8 @@ training files. Writes to config.output_dir:
   candidates_chosen.csv   held_out,trained_on,candidate,pooled_setting,criterion
   candidates_budgeted.csv the early-stopping procedure with the PFN's
                           predictive distribution (compute vs AtS at ratio 8)
+  candidates_coverage.csv share of models whose L(D*) is inside the PFN's
+                          central 80% interval, per file and ratio
   candidates.md           the tables (generated)
 """
 
@@ -125,10 +127,20 @@ def run(cfg) -> pathlib.Path:
                         "candidate": best.name, "pooled_setting": pcfg.name,
                         "train_criterion": f"{val:.6f}"})
     logging.info("[%s] LensLLM+ = %s (criterion on the others %.4f)", held, best.name, val)
-  for name in ("candidates.csv", "candidates_chosen.csv", "candidates_budgeted.csv"):
+  for name in ("candidates.csv", "candidates_chosen.csv", "candidates_budgeted.csv",
+               "candidates_coverage.csv"):
     if (out / name).exists():
       (out / name).unlink()
   common.append_rows(out / "candidates.csv", CAND_HEADER, rows)
+  # Calibration of the PFN on real curves: share of models whose L(D*) lies in
+  # the central 80% predictive interval (reported, not used by any choice).
+  cover = []
+  for j, c in enumerate(files):
+    inside = ((preds[j]["CurvePFN_q0.1"] <= truths[j][None]) &
+              (truths[j][None] <= preds[j]["CurvePFN_q0.9"])).mean(1)   # [R]
+    cover += [{"dataset": c.name, "ratio": r, "coverage80": f"{inside[k]:.6f}"}
+              for k, r in enumerate(file_ratios[j])]
+  common.append_rows(out / "candidates_coverage.csv", ("dataset", "ratio", "coverage80"), cover)
   common.append_rows(out / "candidates_chosen.csv", CHOSEN_HEADER, chosen_rows)
   budget_rows = []
   for c in reported:
@@ -222,6 +234,15 @@ def tables_md(out: pathlib.Path, reported, train_only, ratios) -> str:
               f"{mean(fold0, ds, 'RectifiedFit', 'RMSE', rs):.4f} | "
               f"{mean(fold0, ds, 'CurvePFN', 'RMSE', rs):.4f} |")
   md.append("")
+  cover = common.read_rows(out / "candidates_coverage.csv")
+  if cover:
+    md += ["## CurvePFN calibration on real curves: share of models with L(D*) inside the "
+           "central 80% predictive interval (on the prior: 70-90%, tests/test_curve_pfn.py)", "",
+           "| file | per ratio (1/8, 1/16, ...) | mean |", "|---|---|---|"]
+    for ds in list(reported) + list(train_only):
+      v = [float(r["coverage80"]) for r in cover if r["dataset"] == ds]
+      md.append(f"| {ds} | " + ", ".join(_f(x) for x in v) + f" | {_f(np.mean(v))} |")
+    md.append("")
   budget = common.read_rows(out / "candidates_budgeted.csv")
   if budget:
     md += ["## Budgeted: early stopping with the CurvePFN's predictive mean and sd", "",

@@ -565,13 +565,16 @@ def curve_pfn_selection(visible, metadata, *, predictor: CurvePFNPredictor | Non
 
   Returns:
     SelectionResult "CurvePFN": predicted = feature = E[L(D*)] [M]; extras
-    "mean_log", "sd_log" [M] (log L(D*) predictive mean / sd).
+    "mean_log", "sd_log", "q0.1_log", "q0.9_log" [M] (log L(D*) predictive
+    mean, sd and 10% / 90% quantiles).
   """
   pred = default_predictor() if predictor is None else predictor
   log_l = np.log(np.where(visible.mask, visible.losses, 1.0))
-  out = pred.predict(visible.data_sizes, log_l, visible.mask, [metadata.target_data_num])
+  out = pred.predict(visible.data_sizes, log_l, visible.mask, [metadata.target_data_num],
+                     quantiles=(0.1, 0.9))
   mean = out["mean"][:, 0]
   return selection.SelectionResult(
     METHOD_NAME, mean, selection.rank_by(mean), predicted=mean,
     status=tuple("ok" for _ in mean),
-    extras={"mean_log": out["mean_log"][:, 0], "sd_log": out["sd_log"][:, 0]})
+    extras={"mean_log": out["mean_log"][:, 0], "sd_log": out["sd_log"][:, 0],
+            "q0.1_log": out["q0.1"][:, 0], "q0.9_log": out["q0.9"][:, 0]})

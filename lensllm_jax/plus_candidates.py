@@ -96,7 +96,8 @@ def candidate_predictions(curves, ratios: Sequence[int], *, key: jax.Array,
   Returns:
     (truth [M], preds): preds[name] -> [R, M] predicted L(D*), names "AtS",
     "CurvePFN", "Spectral", "RectifiedFit" and "Pooled[<config name>]" per
-    setting; plus preds["CurvePFN_sd"] [R, M], the PFN's sd of log L(D*).
+    setting; plus preds["CurvePFN_sd"] [R, M], the PFN's sd of log L(D*), and
+    "CurvePFN_q0.1" / "CurvePFN_q0.9" [R, M], its 10% / 90% quantiles of L(D*).
   """
   meta, truth, rv = protocol.budget_views(curves, ratios, target_data_num)
   views = [v for _, v in rv]
@@ -104,6 +105,8 @@ def candidate_predictions(curves, ratios: Sequence[int], *, key: jax.Array,
   pfn = [curve_pfn.curve_pfn_selection(v, meta, predictor=predictor) for v in views]
   preds["CurvePFN"] = np.stack([r.predicted for r in pfn])
   preds["CurvePFN_sd"] = np.stack([r.extras["sd_log"] for r in pfn])
+  preds["CurvePFN_q0.1"] = np.exp(np.stack([r.extras["q0.1_log"] for r in pfn]))
+  preds["CurvePFN_q0.9"] = np.exp(np.stack([r.extras["q0.9_log"] for r in pfn]))
   spec = selection.fit_law_views("Spectral", dynamic_law.spectral_lensllm_law(1), views, meta,
                                  key=key, use_zero_shot=True, num_restarts=num_restarts)
   preds["Spectral"] = np.stack([r.predicted for r in spec])
