@@ -432,3 +432,39 @@ def test_training_and_hessian_losses_of_an_encoder_decoder(checkpoints, ours):
   np.testing.assert_array_equal(
       nlp_metrics.weight_matrices(params)["encoder_block_1/mlp/wo/kernel[2]"],
       np.asarray(params["encoder_block_1"]["mlp"]["wo"]["kernel"][2], np.float64))
+
+
+@pytest.mark.parametrize("config", [
+    models.EncoderDecoderConfig(arch="switch", vocab_size=50, d_model=8, d_ff=12, n_layers=2,
+                                n_decoder_layers=3, n_heads=2, head_dim=3, num_experts=4,
+                                num_sparse_encoder_layers=1, num_sparse_decoder_layers=1),
+    models.EncoderDecoderConfig(arch="mt5", vocab_size=50, d_model=8, d_ff=12, n_layers=1,
+                                n_heads=2),
+    models.EncoderDecoderConfig(arch="bart", vocab_size=50, d_model=8, d_ff=12, n_layers=1,
+                                n_decoder_layers=2, n_heads=2, max_len=16),
+    models.EncoderDecoderConfig(arch="bart", vocab_size=50, d_model=8, d_ff=12, n_layers=1,
+                                n_decoder_layers=2, n_heads=2, max_len=16, decoder_only=True),
+], ids=["switch", "mt5", "bart", "bart_causal"])
+def test_flops_per_token_from_the_built_shapes(config):
+  """2 N_mm + 4 W T with N_mm read off the module's kernels (an expert stack counts
+  one expert: the active parameters; unused cross-attention does not count)."""
+  shapes = jax.eval_shape(lambda: models.init_params(config, jax.random.key(0)))
+  n_mm = 0
+  for path, leaf in jax.tree_util.tree_leaves_with_path(shapes):
+    names = [str(getattr(k, "key", k)) for k in path]
+    if names[-1] != "kernel" or (config.decoder_only and "encoder_attn" in names):
+      continue
+    n_mm += leaf.size // (leaf.shape[0] if leaf.ndim == 3 else 1)
+  if config.tie_embeddings:
+    n_mm += config.vocab_size * config.d_model
+  width = config.n_heads * config.head_dim
+  layers = (config.n_decoder_layers if config.decoder_only
+            else config.n_layers + 2 * config.n_decoder_layers)
+  t = 7
+  expected = 2 * n_mm + 4 * width * layers * t
+  assert models.flops_per_token(config, t, training=False) == expected
+  assert models.flops_per_token(config, t) == 3 * expected
+  assert models.count_params(shapes) == models.num_params(config)
+  assert set(shapes) == set(models.block_names(config))
+  if config.arch == "switch":  # active < total
+    assert n_mm < sum(leaf.size for leaf in jax.tree_util.tree_leaves(shapes))

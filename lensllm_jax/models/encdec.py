@@ -62,10 +62,12 @@ def _attention_params(c: EncoderDecoderConfig) -> tuple[int, int]:
   return 4 * c.d_model * inner, bias
 
 
-def _mlp_params(c: EncoderDecoderConfig, sparse: bool, *, active: bool) -> int:
-  """Weights of one MLP (BART: with biases); a sparse one: router + 1 or E experts."""
+def _mlp_params(c: EncoderDecoderConfig, sparse: bool, *, active: bool,
+                matmul_only: bool) -> int:
+  """Weights of one MLP (BART: with biases unless matmul_only); a sparse one:
+  router + 1 or E experts."""
   if c.arch == "bart":
-    return 2 * c.d_model * c.d_ff + c.d_ff + c.d_model
+    return 2 * c.d_model * c.d_ff + (0 if matmul_only else c.d_ff + c.d_model)
   dense = (3 if c.gated else 2) * c.d_model * c.d_ff
   if not sparse:
     return dense
@@ -83,7 +85,7 @@ def _stack_params(c: EncoderDecoderConfig, decoder: bool, *, active: bool,
   norms = (attentions + 1) * (2 if bart else 1) * c.d_model
   total = 0
   for i in range(layers):
-    mlp = _mlp_params(c, c.is_sparse(i, decoder), active=active)
+    mlp = _mlp_params(c, c.is_sparse(i, decoder), active=active, matmul_only=matmul_only)
     total += attentions * attn_mm + mlp
     if not matmul_only:
       total += attentions * attn_bias + norms

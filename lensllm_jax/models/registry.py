@@ -164,6 +164,14 @@ def flops_per_token(config, seq_len: int, *, training: bool = True) -> float:
   the causal mask (the PaLM appendix B convention; it is the 6 N convention
   of Kaplan et al. plus attention).
 
+  Encoder-decoders: per target position of an example whose input and target
+  both have T tokens; N_mm = encoder + decoder matmul weights (with the head)
+  and W = H Dh (L + 2 L') (encoder self-, decoder self- and cross-attention).
+  Switch Transformers: N_mm counts the ACTIVE parameters (the router and one
+  expert per sparse MLP), while the 6 N D compute of the selection tables
+  (`budgeted.pair_flops`) uses the curve files' size column, which for Switch
+  is the TOTAL count (all experts, `num_params`).
+
   Args:
     config: the model configuration.
     seq_len: T.
