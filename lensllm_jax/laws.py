@@ -221,8 +221,14 @@ class Law:
         return np.asarray(jnp.exp(self.log_loss_fn(raw, d, aux)))
       d_axis = 0 if d.ndim == 2 else None
       aux_axis = 0 if aux is not None else None
-      out = jax.vmap(self.log_loss_fn, in_axes=(0, d_axis, aux_axis))(raw, d, aux)
-      return np.asarray(jnp.exp(out))
+      return np.asarray(_batched_loss(self, d_axis, aux_axis)(raw, d, aux))
+
+
+@functools.lru_cache(maxsize=64)
+def _batched_loss(law: Law, d_axis, aux_axis):
+  """jit(exp(vmap(log_loss))) over curves: traced once per law and shapes, not per call."""
+  return jax.jit(lambda raw, d, aux: jnp.exp(jax.vmap(law.log_loss_fn, in_axes=(
+    0, d_axis, aux_axis))(raw, d, aux)))
 
 
 def _leading(aux):
