@@ -236,9 +236,10 @@ def test_switch_drops_tokens_like_transformers(checkpoints, ours):
   config = ours["switch"]["config"]
   enc_routers, dec_routers = ours["switch"]["routers"]
   assert len(enc_routers) == 1 and len(dec_routers) == 1  # block 1 of each stack
+  route = jax.jit(switch_routing, static_argnums=1)
   dropped = 0
   for logits in enc_routers + dec_routers:
-    keep, gate = switch_routing(logits, config.expert_capacity)
+    keep, gate = route(logits, config.expert_capacity)
     assert int(keep.sum(axis=1).max()) <= config.expert_capacity
     dropped += int((keep.sum(-1) == 0).sum())
     assert np.all(np.asarray(gate) > 1.0 / config.num_experts - 1e-6)
@@ -258,7 +259,7 @@ def test_switch_drops_tokens_like_transformers(checkpoints, ours):
   with torch.no_grad():
     h = torch.tensor(np.random.default_rng(3).normal(size=(2, 9, 16)), dtype=torch.float32)
     their_keep, their_gate, their_logits = router(h)
-  keep, gate = switch_routing(jnp.asarray(their_logits.numpy()), config.expert_capacity)
+  keep, gate = route(jnp.asarray(their_logits.numpy()), config.expert_capacity)
   np.testing.assert_array_equal(np.asarray(keep), their_keep.numpy())
   np.testing.assert_allclose(np.asarray(gate), their_gate.numpy()[..., 0], atol=1e-6)
   # Without the capacity limit transformers' logits change: the drops matter.
@@ -329,8 +330,8 @@ def test_bart_causal_lm_matches_transformers(checkpoints):
   ids = rng.integers(3, VOCAB, size=(2, 9))
   mask = np.ones((2, 9), np.int64)
   mask[1, 6:] = 0
-  ours = models.build(config).apply({"params": params}, jnp.asarray(ids),
-                                     attention_mask=jnp.asarray(mask))
+  ours = jax.jit(models.build(config).apply)({"params": params}, jnp.asarray(ids),
+                                              attention_mask=jnp.asarray(mask))
   with torch.no_grad():
     theirs = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
   real = mask.astype(bool)
