@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from lensllm_jax import models
+from lensllm_jax import models, ntk
 from lensllm_jax.models import (
     CheckpointError,
     convert_bart_weights,
@@ -163,16 +163,21 @@ def ours(checkpoints, t5_v11_untied):
 
     def run(p, module=module, router=router, with_grad=name in GRAD_ARCHS):
       out = seq2seq_logits(module, p, batch, return_router_logits=router)
+      # The NTK helpers' per-example output: mean target log-likelihood.
+      x = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+           "targets": batch["targets"], "loss_mask": batch["target_mask"]}
+      ll = ntk.lm_output_fn(module, "log_likelihood")(p, x)
       if not with_grad:
-        return out, None, None
+        return out, ll, None, None
       loss, grads = jax.value_and_grad(
           lambda q: seq2seq_loss(module, q, batch, router_losses=router))(p)
-      return out, loss, grads
+      return out, ll, loss, grads
 
-    out, loss, grads = jax.jit(run)(params)
+    out, ll, loss, grads = jax.jit(run)(params)
     logits, routers = out if router else (out, None)
     results[name] = {"config": config, "params": params, "logits": np.asarray(logits),
-                     "routers": routers, "loss": loss, "grads": grads}
+                     "routers": routers, "loss": loss, "grads": grads,
+                     "log_likelihood": np.asarray(ll)}
   return results
 
 
@@ -185,6 +190,11 @@ def test_logits_match_transformers(checkpoints, ours, name):
   real = batch["target_mask"].astype(bool)
   assert logits.dtype == np.float32 and logits.shape == (3, TGT, VOCAB)
   np.testing.assert_allclose(logits[real], theirs[real], atol=1e-4, rtol=0)
+  # ntk.lm_output_fn: each example's mean target log-likelihood, from torch's logits.
+  logp = torch.log_softmax(torch.tensor(theirs), -1).numpy()
+  picked = np.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
+  expected = (picked * real).sum(1) / real.sum(1)
+  np.testing.assert_allclose(ours[name]["log_likelihood"], expected, rtol=1e-5, atol=1e-6)
   n_torch = sum(p.numel() for p in model.parameters())  # tied weights once
   # BART's final_logits_bias is a torch buffer but one of our parameters.
   extra = VOCAB if name == "bart" else 0
