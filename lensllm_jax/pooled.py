@@ -96,6 +96,7 @@ __all__ = [
   "pooled_selection",
   "pre_power_weights",
   "shape_quantities",
+  "view_covariates",
 ]
 
 POOLABLE = ("beta", "E", "Dt")
@@ -112,7 +113,9 @@ class PooledConfig:
       ("beta": log beta, "E": log E, "Dt": log of the transition size D_t).
     covariates: prior mean model, one of COVARIATES: "none" (across-model
       mean), "size" (+ standardised log parameter count), "size_zero_shot"
-      (+ standardised log zero-shot loss).
+      (+ standardised log zero-shot loss: every model's L(0) must be revealed,
+      else `pooled_selection` refuses the view; the others need no zero-shot
+      point, nor does the backtest).
     pre_power_weight: weight w of the points before each model's AtS phase
       transition (the zero-shot point included); power-phase points weigh 1.
     huber_delta: None for squared log residuals, else the Huber threshold (in
@@ -225,6 +228,27 @@ def covariate_matrix(sizes, zero_shot_loss) -> np.ndarray:
     return (x - x.mean()) / sd if sd > 0 else np.zeros_like(x)
   sizes = np.asarray(sizes, np.float64)
   return np.stack([np.ones_like(sizes), z(sizes), z(zero_shot_loss)], axis=-1)
+
+
+def view_covariates(view, metadata, use_zero_shot: bool, name: str = "LensLLM+") -> np.ndarray:
+  """`covariate_matrix` [M, 3] of one budget view.
+
+  The zero-shot loss L(0) is read only when a setting uses it (covariates
+  "size_zero_shot"); then every model must have it revealed, else a
+  ValueError names the models that lack it. Otherwise the view needs no
+  zero-shot point (its column is constant, i.e. 0, and unused).
+  """
+  m = view.num_models
+  if not use_zero_shot:
+    return covariate_matrix(metadata.sizes, np.ones(m))
+  has_zero = view.data_sizes.size > 0 and view.data_sizes[0] == 0
+  revealed = view.mask[:, 0] if has_zero else np.zeros(m, bool)
+  if not revealed.all():
+    missing = [metadata.models[i] for i in np.flatnonzero(~revealed)]
+    raise ValueError(f"{name}: covariates='size_zero_shot' needs the zero-shot loss L(0) of "
+                     f"every model; the view with D_max={view.max_data_num:g} lacks it for "
+                     f"{missing}")
+  return covariate_matrix(metadata.sizes, view.losses[:, 0])
 
 
 def shape_quantities(raw):
@@ -617,7 +641,8 @@ def _backtest_strengths(views, metadata, configs, *, key, num_restarts, num_step
       cut = _cut_view(v, v.max_data_num / factor)
       last = np.flatnonzero(v.data_sizes > cut.data_sizes[-1])
       # Needs two fine-tuning points below the cut and a visible point above it.
-      if (cut.data_sizes > 0).sum() < 2 or last.size == 0 or not cut.mask[:, 1:].any(1).all():
+      positive = cut.mask[:, cut.data_sizes > 0]  # the zero-shot column may be absent
+      if (cut.data_sizes > 0).sum() < 2 or last.size == 0 or not positive.any(1).all():
         continue
       col = last[-1]
       subs.append(cut)
@@ -683,6 +708,9 @@ def pooled_selection(views, metadata, configs: Sequence[PooledConfig], *, key: j
       raise TypeError(f"{name} reads budget views only (selection.VisibleCurves, built by "
                       f"selection.visible_view), got {type(v).__name__}")
   configs = list(configs)
+  # Covariates first: a missing zero-shot loss is refused before any fit.
+  needs_zero_shot = any(c.covariates == "size_zero_shot" for c in configs)
+  cov = [view_covariates(v, metadata, needs_zero_shot, name) for v in views]
   law = laws.lensllm_law()
   chosen_strength = [[c.strength] * len(views) for c in configs]
   if any(c.backtest for c in configs):
@@ -696,13 +724,11 @@ def pooled_selection(views, metadata, configs: Sequence[PooledConfig], *, key: j
                                   fit_options=fit_options)
   num_points = max(int(num_points), max(v.data_sizes.size for v in views))
   d, y, mk = _view_arrays(views, num_points)
-  nv, m = len(views), views[0].num_models
+  nv = len(views)
   first_d = []
   for v in views:
     a = selection.ats(v, metadata)
     first_d.append(a.predictor.first_power_data_size)
-  cov = [covariate_matrix(metadata.sizes, v.column(0.0) if v.data_sizes[0] == 0
-                          else np.ones(m)) for v in views]
   # Problems: view-major, config-minor.
   vi = np.repeat(np.arange(nv), len(configs))
   ci = np.tile(np.arange(len(configs)), nv)

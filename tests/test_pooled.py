@@ -236,3 +236,44 @@ def test_normal_equations_match_dense_jacobian():
     np.testing.assert_allclose(g, jac.T @ r, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(f, r @ r, rtol=1e-12)
     np.testing.assert_allclose(fdata, r[:m * p] @ r[:m * p], rtol=1e-12)
+
+
+def _views_without_zero_shot():
+  """Low-noise curves on [0, 200 .. 409600]: a view with no D = 0 column, and one
+  whose first model's zero-shot loss is not revealed."""
+  grid = np.array([0.0] + [200.0 * 2**k for k in range(12)])
+  d, y, truth = _synthetic(7, num_models=6, noise=1e-4, grid=grid)
+  no_column = selection.VisibleCurves(data_sizes=d[1:], losses=np.exp(y[:, 1:]),
+                                      mask=np.ones((6, d.size - 1), bool), max_data_num=d[-1])
+  hidden = np.ones(y.shape, bool)
+  hidden[0, 0] = False
+  one_hidden = selection.VisibleCurves(data_sizes=d, losses=np.exp(y), mask=hidden,
+                                       max_data_num=d[-1])
+  meta = selection.Metadata(name="synthetic", models=tuple(f"m{i}" for i in range(6)),
+                            sizes=np.geomspace(1e8, 3e9, 6).astype(np.int64),
+                            families=("f",) * 6, target_data_num=D_STAR)
+  return [no_column, one_hidden], meta, truth
+
+
+def test_zero_shot_covariate_refuses_views_without_it():
+  views, meta, _ = _views_without_zero_shot()
+  cfg = pooled.PooledConfig(strength=1e-2, pooled=("beta",), covariates="size_zero_shot")
+  with pytest.raises(ValueError, match=r"zero-shot loss L\(0\).*\['m0', 'm1', 'm2', 'm3', 'm4', 'm5'\]"):
+    pooled.pooled_selection(views[:1], meta, [cfg], key=jax.random.key(0))
+  with pytest.raises(ValueError, match=r"lacks it for \['m0'\]"):
+    pooled.lensllm_plus(views[1], meta, key=jax.random.key(0), config=cfg)
+
+
+def test_pooled_fit_and_backtest_do_without_the_zero_shot_point():
+  """Covariates "size" and the backtest need no D = 0: the predictions are the true L(D*)
+  (before, a hidden zero-shot loss made every covariate, hence every prediction, NaN)."""
+  views, meta, truth = _views_without_zero_shot()
+  np.testing.assert_array_equal(pooled.view_covariates(views[0], meta, False),
+                                pooled.view_covariates(views[1], meta, False))
+  cfg = pooled.PooledConfig(strength=1e-3, pooled=("beta", "E"), covariates="size", backtest=2)
+  res = pooled.pooled_selection(views, meta, [cfg], key=jax.random.key(0), num_restarts=2,
+                                fit_options={"max_steps": 200})
+  true_star = laws.lensllm_law().predict(truth["raw"], [D_STAR])[:, 0]
+  for row in res:
+    assert row[0].extras["strength"] in pooled.BACKTEST_STRENGTHS  # the backtest ran
+    np.testing.assert_allclose(row[0].predicted, true_star, rtol=0.01)
