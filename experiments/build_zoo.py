@@ -1,6 +1,6 @@
 r"""Builds the study's model zoo: stdlib corpus, tokenizer, pre-trained models.
 
-  python -m experiments.build_zoo --preset=full [--workdir=runs/study_full]
+  python -m experiments.build_zoo --config=configs/study.py:full [--workdir=runs/study_full]
 
 Steps (each skipped when its output exists, so a rerun resumes):
 
@@ -26,25 +26,25 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import flags
+from absl import flags, logging
+from ml_collections import config_flags
 
 from experiments import common  # also defines --compilation_cache_dir
 from lensllm_jax import models, textdata, training, zoo
 
-PRESETS = ("tiny", "full")
+FLAGS = flags.FLAGS
 
 
-def load_preset(name: str):
-  """The ConfigDict of configs/study_<name>.py."""
-  if name not in PRESETS:
-    raise ValueError(f"--preset={name!r}: expected one of {PRESETS}")
-  import importlib
-
-  return importlib.import_module(f"configs.study_{name}").get_config()
+def define_flags() -> None:
+  """The flags of the zoo binary and of experiments.lensllm_study (which adds its own);
+  defined only when one of them runs as a program."""
+  config_flags.DEFINE_config_file("config", "configs/study.py:tiny",
+                                  "Study configuration (configs/study.py:tiny or :full).")
+  flags.DEFINE_string("workdir", None, "Work directory (default: config.workdir).")
 
 
 def log(msg: str) -> None:
-  print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+  logging.info("%s", msg)
 
 
 def write_atomic(path: pathlib.Path, text: str) -> None:
@@ -190,18 +190,15 @@ def build_zoo(cfg, workdir: pathlib.Path):
   return corpus, tok, pretrain_step(cfg, workdir, corpus, tok)
 
 
-_PRESET = flags.DEFINE_enum("preset", "tiny", list(PRESETS), "configs/study_<preset>.py")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Work directory (default: the preset's).")
-
-
 def main(argv):
   del argv
-  cfg = load_preset(_PRESET.value)
-  workdir = pathlib.Path(_WORKDIR.value or cfg.workdir)
+  cfg = FLAGS.config
+  workdir = pathlib.Path(FLAGS.workdir or cfg.workdir)
   t0 = time.time()
   _, _, zoo_models = build_zoo(cfg, workdir)
   log(f"zoo of {len(zoo_models)} models in {workdir} ({time.time() - t0:.1f}s)")
 
 
 if __name__ == "__main__":
+  define_flags()
   common.run_main(main, user_errors=(models.CheckpointError,))

@@ -53,7 +53,7 @@ def study_steps(data_size, *, batch_size: int = 16, epochs: float = 1.0, min_ste
                 max_steps: int = 1600):
   """Steps of the study's schedule: clip(ceil(epochs D / batch), min, max); 0 at D = 0.
 
-  (configs/study_full.py: one epoch of batches of 16, 40 to 1600 steps.)
+  (configs/study.py, full preset: one epoch of batches of 16, 40 to 1600 steps.)
   jax-traceable.
   """
   d = jnp.asarray(data_size, jnp.result_type(float))

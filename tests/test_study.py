@@ -1,6 +1,6 @@
 """End-to-end test of the LensLLM study binary on the tiny preset (experiments.lensllm_study).
 
-One run of `python -m experiments.lensllm_study --preset=tiny` into a temporary
+One run of `python -m experiments.lensllm_study --config=configs/study.py:tiny` into a temporary
 directory (module-scoped fixture), then checks of its outputs against the
 curve files it wrote and closed forms (cost ratios), not against itself.
 """
@@ -30,7 +30,7 @@ def study(tmp_path_factory) -> pathlib.Path:
   work = tmp_path_factory.mktemp("study_tiny")
   out = work / "results"
   proc = subprocess.run(
-      [sys.executable, "-m", "experiments.lensllm_study", "--preset=tiny", f"--workdir={work}",
+      [sys.executable, "-m", "experiments.lensllm_study", "--config=configs/study.py:tiny", f"--workdir={work}",
        f"--output_dir={out}"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=1800)
   if proc.returncode != 0:
     raise AssertionError(f"lensllm_study failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")

@@ -192,9 +192,9 @@ def test_zoo_specs_and_configs():
 
 
 def test_presets_meet_the_issue_requirements():
-  from configs import study_full, study_tiny
+  from configs import study
 
-  full = study_full.get_config()
+  full = study.get_config("full")
   specs = zoo.zoo_from_dicts([dict(r) for r in full.zoo])
   assert len(specs) >= 8
   assert {s.arch for s in specs} == {"gpt2", "llama"}
@@ -203,5 +203,5 @@ def test_presets_meet_the_issue_requirements():
   assert len({s.pretrain_steps for s in specs}) >= 3
   assert full.subset_sizes == [200 * 2 ** k for k in range(8)]
   assert len(full.tasks) >= 2
-  tiny = study_tiny.get_config()
+  tiny = study.get_config("tiny")
   assert {dict(r)["arch"] for r in tiny.zoo} == {"gpt2", "llama"}
