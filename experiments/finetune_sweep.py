@@ -512,8 +512,8 @@ def main(argv):
     n = write_curve_file(cfg, runs, model_rows, workdir / "curves.csv")
     logging.info("curves.csv: %d complete model rows", n)
   n = write_curve_file(cfg, runs, model_rows, workdir / "curves.csv")
-  print(f"wrote {workdir / 'curves.csv'} ({n} models) and {workdir / 'runs.jsonl'} "
-        f"in {time.time() - t_start:.1f}s")
+  logging.info("wrote %s (%d models) and %s in %.1fs", workdir / "curves.csv", n,
+               workdir / "runs.jsonl", time.time() - t_start)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 r"""Fits the fine-tuning laws to benchmark curve files (interim main job).
 
-For every --benchmark (a name such as flan / gigaword / wmt19, or a CSV path)
-and every law in --laws (vanilla, rectified, lensllm in curve mode), fits all
+For every file of config.benchmarks (a name such as flan / gigaword / wmt19,
+or a CSV path) and every law of config.laws (vanilla, rectified, lensllm in
+curve mode), fits all
 models' curves at once with `fitting.fit_curves` and writes
 
   OUTPUT_DIR/NAME_LAW.csv   one row per model: status, objective, fitted
@@ -11,10 +12,10 @@ models' curves at once with `fitting.fit_curves` and writes
 
 Existing outputs are skipped (delete them to refit). Example:
 
-  python -m experiments.fit_laws --benchmark flan --benchmark gigaword \
-      --output_dir results/fit_laws --max_data_size 204800
+  python -m experiments.fit_laws --config=configs/fit_laws.py --output_dir=results/fit_laws \
+      --config.max_data_size=204800
 
-Curve files are looked up in --data_dir, else $LENSLLM_DATA_DIR, else among
+Curve files are looked up in config.data_dir, else $LENSLLM_DATA_DIR, else among
 the packaged files (flan, gigaword), else downloaded (`benchmarks.load_curves`).
 Takes about a minute on 2 CPU cores (mostly one compilation per law).
 """
@@ -29,22 +30,15 @@ import time
 
 import jax
 import numpy as np
-from absl import flags, logging
+from absl import app, flags, logging
+from ml_collections import config_flags
 
 from experiments import common  # also defines --compilation_cache_dir
 from lensllm_jax import benchmarks, fitting, laws
 
-_BENCHMARK = flags.DEFINE_multi_string("benchmark", ["flan", "gigaword"],
-                                       "Curve file names or paths (repeatable).")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "Directory holding NAME.csv files.")
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", "results/fit_laws", "Where results go.")
-_LAWS = flags.DEFINE_list("laws", ["vanilla", "rectified", "lensllm"], "Laws to fit.")
-_NUM_RESTARTS = flags.DEFINE_integer("num_restarts", 8, "Restarts per curve.")
-_MAX_DATA_SIZE = flags.DEFINE_float("max_data_size", None,
-                                    "Fit only D <= this (plus D = 0); report held-out RMSE "
-                                    "on larger D. Default: fit every point.")
-_PLOT_MODELS = flags.DEFINE_integer("plot_models", 6, "Models drawn in the PNG.")
-_SEED = flags.DEFINE_integer("seed", 0, "PRNG seed of the restarts.")
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", "configs/fit_laws.py", "Configuration (configs/fit_laws.py).")
+flags.DEFINE_string("output_dir", "results/fit_laws", "Where results go.")
 
 _PARAM_COLUMNS = ("alpha", "B", "D_l", "F", "beta", "E")
 
@@ -60,7 +54,7 @@ def fit_one_law(curves, law, mask, key):
   """Fits `law` to all curves; returns (FitResult, predicted losses [M, P], seconds)."""
   t0 = time.perf_counter()
   result = fitting.fit_curves(law, curves.data_sizes, np.log(curves.losses), mask, key=key,
-                              num_restarts=_NUM_RESTARTS.value)
+                              num_restarts=FLAGS.config.num_restarts)
   seconds = time.perf_counter() - t0
   with np.errstate(invalid="ignore", over="ignore"):
     pred = law.predict(result, curves.data_sizes)
@@ -110,7 +104,7 @@ def plot_curves(curves, fits, mask, path: pathlib.Path):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  n = min(_PLOT_MODELS.value, curves.num_models)
+  n = min(FLAGS.config.plot_models, curves.num_models)
   cols = min(3, n)
   rows = int(np.ceil(n / cols))
   fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
@@ -152,7 +146,7 @@ def plot_curves(curves, fits, mask, path: pathlib.Path):
 
 def run_benchmark(spec, data_dir, out_dir, law_list, key):
   curves = benchmarks.load_curves(spec, data_dir=data_dir)
-  mask = fit_mask(curves, _MAX_DATA_SIZE.value)
+  mask = fit_mask(curves, FLAGS.config.max_data_size)
   png = out_dir / f"{curves.name}_curves.png"
   fits = []
   for law in law_list:
@@ -175,13 +169,17 @@ def run_benchmark(spec, data_dir, out_dir, law_list, key):
 
 def main(argv):
   del argv
-  out_dir = pathlib.Path(_OUTPUT_DIR.value)
+  cfg = FLAGS.config
+  out_dir = pathlib.Path(FLAGS.output_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
-  law_list = [laws.get_law(name.strip()) for name in _LAWS.value]
-  data_dir = _DATA_DIR.value
-  key = jax.random.PRNGKey(_SEED.value)
-  for i, spec in enumerate(_BENCHMARK.value):
-    logging.info("[%d/%d] benchmark %s", i + 1, len(_BENCHMARK.value), spec)
+  try:
+    law_list = [laws.get_law(name.strip()) for name in cfg.laws]
+  except (KeyError, ValueError) as e:
+    raise app.UsageError(f"config.laws: {e}") from None
+  data_dir = cfg.data_dir
+  key = jax.random.PRNGKey(cfg.seed)
+  for i, spec in enumerate(cfg.benchmarks):
+    logging.info("[%d/%d] benchmark %s", i + 1, len(cfg.benchmarks), spec)
     run_benchmark(spec, data_dir, out_dir, law_list, key)
 
 

@@ -3,7 +3,7 @@ r"""Hessian spectrum and per-layer PAC-Bayes quantities of a fine-tuned causal L
 For a model preset (or pre-trained and fine-tuned checkpoints) and a set of
 training sequences, writes to --workdir:
 
-  config.json        the flags of the run (a rerun with other flags must use
+  config.json        the config of the run (a rerun with another config must use
                      --overwrite or another workdir)
   params_*.msgpack   pre-trained and fine-tuned parameters (reused on rerun)
   eigenvalues.csv    top-k Hessian eigenvalues by Lanczos (rank, eigenvalue,
@@ -19,24 +19,25 @@ training sequences, writes to --workdir:
 Each step skips its work when its output exists. The loss is the project's
 LM loss, the mean NLL per target token (`models.losses.mean_token_nll`, as in
 training and the study); the Hessian of the spectrum is that of the mean loss
-over all --num_examples sequences, streamed as [num_examples / batch_size]
-stacked batches (lax.scan; every sequence has --seq_len target tokens, so the
+over all config.num_examples sequences, streamed as [num_examples / batch_size]
+stacked batches (lax.scan; every sequence has config.seq_len target tokens, so the
 mean of the batch means is the per-token mean); the PAC-Bayes maxima are over
 single sequences.
 
 Without checkpoints (the default) the run is a self-contained demo: the
 "pre-trained" model is the seeded initialisation trained for
---pretrain_steps Adam steps on sequences from one random Markov chain, the
-"fine-tuned" model continues for --finetune_steps steps on --num_examples
-sequences of a second chain (the task). With --pretrained_ckpt and
---finetuned_ckpt (directories written by lensllm_jax.training.save_params,
+config.pretrain_steps Adam steps on sequences from one random Markov chain, the
+"fine-tuned" model continues for config.finetune_steps steps on config.num_examples
+sequences of a second chain (the task). With config.pretrained_ckpt and
+config.finetuned_ckpt (directories written by lensllm_jax.training.save_params,
 e.g. pretrained/<model> and, with config.save_finetuned, finetuned/<model>/<D>
-of experiments.finetune_sweep; the model must have the --preset's shape and
+of experiments.finetune_sweep; the model must have the config.preset's shape and
 vocabulary) those parameters are used instead and
-the task data come from --tokens_npy ([N, T + 1] int token ids) or the
+the task data come from config.tokens_npy ([N, T + 1] int token ids) or the
 Markov chain.
 
-  python -m experiments.hessian_spectrum --workdir=results/hessian_spectrum
+  python -m experiments.hessian_spectrum --config=configs/hessian_spectrum.py \
+      --workdir=results/hessian_spectrum
   # ~1-2 min on 2 CPU cores for tiny-gpt2 with the defaults (mostly compilation)
 """
 
@@ -52,57 +53,45 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pandas as pd
-from absl import flags, logging
+from absl import app, flags, logging
+from ml_collections import config_flags
 
 from experiments import common  # also defines --compilation_cache_dir
 from experiments.hessian_common import lm_loss_fn, markov_sequences, shifted_token_batch
 from lensllm_jax import hessian, models, pac_bayes
 from lensllm_jax.models import build, init_params, presets
 
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", "configs/hessian_spectrum.py",
+                                "Configuration (configs/hessian_spectrum.py).")
 _WORKDIR = flags.DEFINE_string("workdir", "results/hessian_spectrum", "Output directory.")
-_PRESET = flags.DEFINE_string("preset", "tiny-gpt2", "Model preset (lensllm_jax.models.presets).")
-_PRETRAINED = flags.DEFINE_string("pretrained_ckpt", None,
-                                  "Pre-trained params (training.save_params directory).")
-_FINETUNED = flags.DEFINE_string("finetuned_ckpt", None,
-                                 "Fine-tuned params (training.save_params directory).")
-_TOKENS = flags.DEFINE_string("tokens_npy", None, "Task token ids [N, T + 1] (.npy).")
-_NUM_EXAMPLES = flags.DEFINE_integer("num_examples", 16, "Training sequences n.")
-_SEQ_LEN = flags.DEFINE_integer("seq_len", 32, "Sequence length T.")
-_BATCH = flags.DEFINE_integer("batch_size", 8, "Sequences per streamed batch.")
-_PRETRAIN_STEPS = flags.DEFINE_integer("pretrain_steps", 100, "Demo pre-training steps.")
-_FINETUNE_STEPS = flags.DEFINE_integer("finetune_steps", 50, "Demo fine-tuning steps.")
-_LR = flags.DEFINE_float("learning_rate", 3e-3, "Adam learning rate of the demo training.")
-_K = flags.DEFINE_integer("k", 10, "Top eigenvalues.")
-_LANCZOS_ITERS = flags.DEFINE_integer("lanczos_iters", 30, "Lanczos steps for the top-k.")
-_PROBES = flags.DEFINE_integer("hutchinson_probes", 16, "Hutchinson probes.")
-_SLQ_PROBES = flags.DEFINE_integer("slq_probes", 4, "SLQ probes.")
-_SLQ_ITERS = flags.DEFINE_integer("slq_iters", 30, "SLQ Lanczos steps per probe.")
-_PAC_ITERS = flags.DEFINE_integer("pac_iters", 12, "Lanczos steps per v^T H^+ v.")
-_C = flags.DEFINE_float("c", 1.0, "The constant C of the bound.")
-_N = flags.DEFINE_integer("n", None, "n of the bound (default: --num_examples).")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of data, init and probes.")
+# The config fields recorded in workdir/config.json (a rerun with others is refused).
+_RUN_FIELDS = ("preset", "pretrained_ckpt", "finetuned_ckpt", "tokens_npy", "num_examples",
+               "seq_len", "batch_size", "pretrain_steps", "finetune_steps", "learning_rate", "k",
+               "lanczos_iters", "hutchinson_probes", "slq_probes", "slq_iters", "pac_iters", "c",
+               "n", "seed")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Recompute everything.")
 
 
 def load_task_data(config) -> dict[str, np.ndarray]:
-  """Step 1a: the n training sequences (--tokens_npy or the task Markov chain)."""
-  n, t = _NUM_EXAMPLES.value, _SEQ_LEN.value
-  if _TOKENS.value:
-    tokens = np.load(_TOKENS.value)
+  """Step 1a: the n training sequences (config.tokens_npy or the task Markov chain)."""
+  n, t = FLAGS.config.num_examples, FLAGS.config.seq_len
+  if FLAGS.config.tokens_npy:
+    tokens = np.load(FLAGS.config.tokens_npy)
     if tokens.ndim != 2 or tokens.shape[0] < n or tokens.shape[1] != t + 1:
-      raise ValueError(f"--tokens_npy {_TOKENS.value}: need shape [>= {n}, {t + 1}] "
-                       f"(--num_examples, --seq_len + 1), got {tokens.shape}")
+      raise app.UsageError(f"config.tokens_npy {FLAGS.config.tokens_npy}: need shape [>= {n}, {t + 1}] "
+                       f"(config.num_examples, config.seq_len + 1), got {tokens.shape}")
     if tokens.min() < 0 or tokens.max() >= config.vocab_size:
-      raise ValueError(f"--tokens_npy {_TOKENS.value}: token ids outside [0, "
-                       f"{config.vocab_size}) of preset {_PRESET.value}")
+      raise app.UsageError(f"config.tokens_npy {FLAGS.config.tokens_npy}: token ids outside [0, "
+                       f"{config.vocab_size}) of preset {FLAGS.config.preset}")
     return shifted_token_batch(tokens[:n])
-  return markov_sequences(config.vocab_size, n, t, chain_seed=1000 + _SEED.value,
-                          seed=_SEED.value)
+  return markov_sequences(config.vocab_size, n, t, chain_seed=1000 + FLAGS.config.seed,
+                          seed=FLAGS.config.seed)
 
 
 def train(loss, params, data, steps, key):
   """Adam steps on random minibatches of `data` (demo training)."""
-  opt = optax.adam(_LR.value)
+  opt = optax.adam(FLAGS.config.learning_rate)
   state = opt.init(params)
 
   @jax.jit
@@ -114,7 +103,7 @@ def train(loss, params, data, steps, key):
   n = data["input_ids"].shape[0]
   value = jnp.nan
   for s in range(steps):
-    idx = np.asarray(jax.random.choice(jax.random.fold_in(key, s), n, (_BATCH.value,), False))
+    idx = np.asarray(jax.random.choice(jax.random.fold_in(key, s), n, (FLAGS.config.batch_size,), False))
     params, state, value = step(params, state, {k: v[idx] for k, v in data.items()})
   if not np.isfinite(float(value)):
     raise FloatingPointError(f"training loss is not finite after {steps} steps")
@@ -123,14 +112,14 @@ def train(loss, params, data, steps, key):
 
 def get_params(loss, config, data, workdir):
   """Step 1b: pre-trained and fine-tuned params (checkpoints, cache or demo training)."""
-  key = jax.random.PRNGKey(_SEED.value)
+  key = jax.random.PRNGKey(FLAGS.config.seed)
   like = init_params(config, key)
-  if bool(_PRETRAINED.value) != bool(_FINETUNED.value):
-    raise ValueError("pass both --pretrained_ckpt and --finetuned_ckpt, or neither")
-  if _PRETRAINED.value:
+  if bool(FLAGS.config.pretrained_ckpt) != bool(FLAGS.config.finetuned_ckpt):
+    raise app.UsageError("pass both config.pretrained_ckpt and config.finetuned_ckpt, or neither")
+  if FLAGS.config.pretrained_ckpt:
     from lensllm_jax import training  # orbax only when checkpoints are used
-    return (training.load_params(_PRETRAINED.value, like),
-            training.load_params(_FINETUNED.value, like))
+    return (training.load_params(FLAGS.config.pretrained_ckpt, like),
+            training.load_params(FLAGS.config.finetuned_ckpt, like))
   paths = [os.path.join(workdir, f"params_{name}.msgpack") for name in ("pretrained", "finetuned")]
   if all(os.path.exists(p) for p in paths):
     out = []
@@ -140,10 +129,10 @@ def get_params(loss, config, data, workdir):
     logging.info("reusing %s", paths)
     return tuple(out)
   t0 = time.time()
-  pool = markov_sequences(config.vocab_size, 4 * _NUM_EXAMPLES.value, _SEQ_LEN.value,
-                          chain_seed=_SEED.value, seed=_SEED.value + 1)
-  params0, l0 = train(loss, like, pool, _PRETRAIN_STEPS.value, jax.random.fold_in(key, 1))
-  params1, l1 = train(loss, params0, data, _FINETUNE_STEPS.value, jax.random.fold_in(key, 2))
+  pool = markov_sequences(config.vocab_size, 4 * FLAGS.config.num_examples, FLAGS.config.seq_len,
+                          chain_seed=FLAGS.config.seed, seed=FLAGS.config.seed + 1)
+  params0, l0 = train(loss, like, pool, FLAGS.config.pretrain_steps, jax.random.fold_in(key, 1))
+  params1, l1 = train(loss, params0, data, FLAGS.config.finetune_steps, jax.random.fold_in(key, 2))
   logging.info("demo training: pre-train loss %.3f, fine-tune loss %.3f (%.1fs)", l0, l1,
                time.time() - t0)
   for p, params in zip(paths, (params0, params1), strict=True):
@@ -160,31 +149,31 @@ def spectrum(loss, params, data, workdir, key):
   if all(os.path.exists(p) for p in (eig_path, trace_path, dens_path)):
     logging.info("spectrum: outputs exist, skipping")
     return
-  n, bs = _NUM_EXAMPLES.value, _BATCH.value
+  n, bs = FLAGS.config.num_examples, FLAGS.config.batch_size
   if n % bs:
-    raise ValueError(f"--num_examples ({n}) must be a multiple of --batch_size ({bs})")
+    raise app.UsageError(f"config.num_examples ({n}) must be a multiple of config.batch_size ({bs})")
   stacked = {k: v.reshape(n // bs, bs, *v.shape[1:]) for k, v in data.items()}
   op = hessian.hvp_operator(loss, params, stacked, data_mode="stacked")
   logging.info("Hessian over %d parameters, %d batches of %d sequences", op.dim, n // bs, bs)
   t0 = time.time()
-  eig = hessian.lanczos_eigs(op, jax.random.fold_in(key, 0), k=_K.value,
-                             num_iters=_LANCZOS_ITERS.value)
-  pd.DataFrame({"rank": np.arange(1, _K.value + 1), "eigenvalue": np.asarray(eig.eigenvalues),
+  eig = hessian.lanczos_eigs(op, jax.random.fold_in(key, 0), k=FLAGS.config.k,
+                             num_iters=FLAGS.config.lanczos_iters)
+  pd.DataFrame({"rank": np.arange(1, FLAGS.config.k + 1), "eigenvalue": np.asarray(eig.eigenvalues),
                 "residual_norm": np.asarray(eig.residual_norms),
                 "residual_estimate": np.asarray(eig.residual_estimates)}).to_csv(eig_path,
                                                                                  index=False)
-  logging.info("lanczos top-%d in %.1fs: %s", _K.value, time.time() - t0,
+  logging.info("lanczos top-%d in %.1fs: %s", FLAGS.config.k, time.time() - t0,
                np.array2string(np.asarray(eig.eigenvalues), precision=4))
   t0 = time.time()
   power = hessian.power_iteration(op, jax.random.fold_in(key, 1), max_iters=100, tol=1e-3)
-  tr = hessian.hutchinson_trace(op, jax.random.fold_in(key, 2), _PROBES.value)
+  tr = hessian.hutchinson_trace(op, jax.random.fold_in(key, 2), FLAGS.config.hutchinson_probes)
   logging.info("power %.4f (%d its, residual %.2e); trace %.4f +- %.4f (%.1fs)",
                float(power.eigenvalue), int(power.num_iters), float(power.residual_norm),
                float(tr.trace), float(tr.stderr), time.time() - t0)
   t0 = time.time()
-  slq = hessian.slq_density(op, jax.random.fold_in(key, 3), num_probes=_SLQ_PROBES.value,
-                            num_iters=_SLQ_ITERS.value)
-  logging.info("SLQ %d probes x %d steps in %.1fs", _SLQ_PROBES.value, slq.num_iters,
+  slq = hessian.slq_density(op, jax.random.fold_in(key, 3), num_probes=FLAGS.config.slq_probes,
+                            num_iters=FLAGS.config.slq_iters)
+  logging.info("SLQ %d probes x %d steps in %.1fs", FLAGS.config.slq_probes, slq.num_iters,
                time.time() - t0)
   nodes, weights = np.asarray(slq.nodes), np.asarray(slq.weights)
   pd.DataFrame({"probe": np.repeat(np.arange(nodes.shape[0]), nodes.shape[1]),
@@ -215,7 +204,7 @@ def plot_density(grid, density, top, path):
     ax.axvline(lam, color="tab:red", lw=0.5, alpha=0.6)
   ax.set_xlabel("eigenvalue")
   ax.set_ylabel("density (SLQ, smoothed)")
-  ax.set_title(f"Hessian spectrum, {_PRESET.value} (red: Lanczos top-{len(top)})")
+  ax.set_title(f"Hessian spectrum, {FLAGS.config.preset} (red: Lanczos top-{len(top)})")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
@@ -228,9 +217,9 @@ def pac_bayes_table(loss, params0, params1, data, workdir, key):
     logging.info("pac_bayes: %s exists, skipping", path)
     return pd.read_csv(path)
   t0 = time.time()
-  n = _N.value or _NUM_EXAMPLES.value
-  rows = pac_bayes.layer_table(loss, params1, params0, data, key, num_iters=_PAC_ITERS.value,
-                               c=_C.value, n=n)
+  n = FLAGS.config.n or FLAGS.config.num_examples
+  rows = pac_bayes.layer_table(loss, params1, params0, data, key, num_iters=FLAGS.config.pac_iters,
+                               c=FLAGS.config.c, n=n)
   frame = pd.DataFrame(rows)
   frame.to_csv(path, index=False)
   logging.info("PAC-Bayes table (%.1fs):\n%s", time.time() - t0, frame.to_string())
@@ -239,14 +228,14 @@ def pac_bayes_table(loss, params0, params1, data, workdir, key):
 
 def write_summary(workdir, frame):
   """Step 4: summary.json."""
-  n = _N.value or _NUM_EXAMPLES.value
+  n = FLAGS.config.n or FLAGS.config.num_examples
   with open(os.path.join(workdir, "trace.json")) as f:
     trace = json.load(f)
   eig = pd.read_csv(os.path.join(workdir, "eigenvalues.csv"))
-  summary = {"preset": _PRESET.value, "top_eigenvalues": eig["eigenvalue"].tolist(), **trace,
-             "pac_bayes_sum_max": pac_bayes.pac_bayes_bound(frame["vhpv_max"], _C.value, n),
-             "pac_bayes_sum_mean": pac_bayes.pac_bayes_bound(frame["vhpv_mean"], _C.value, n),
-             "c": _C.value, "n": n, "layers": frame.to_dict(orient="list")}
+  summary = {"preset": FLAGS.config.preset, "top_eigenvalues": eig["eigenvalue"].tolist(), **trace,
+             "pac_bayes_sum_max": pac_bayes.pac_bayes_bound(frame["vhpv_max"], FLAGS.config.c, n),
+             "pac_bayes_sum_mean": pac_bayes.pac_bayes_bound(frame["vhpv_mean"], FLAGS.config.c, n),
+             "c": FLAGS.config.c, "n": n, "layers": frame.to_dict(orient="list")}
   with open(os.path.join(workdir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1)
   logging.info("sum_i sqrt(C H_i / n) = %.4g (max over examples), %.4g (mean)",
@@ -254,19 +243,16 @@ def write_summary(workdir, frame):
 
 
 def check_workdir(workdir):
-  """Creates workdir; refuses to mix results of different flags."""
+  """Creates workdir; refuses to mix results of different configs."""
   os.makedirs(workdir, exist_ok=True)
-  names = [f.name for f in (_PRESET, _PRETRAINED, _FINETUNED, _TOKENS, _NUM_EXAMPLES, _SEQ_LEN,
-                            _BATCH, _PRETRAIN_STEPS, _FINETUNE_STEPS, _LR, _K, _LANCZOS_ITERS,
-                            _PROBES, _SLQ_PROBES, _SLQ_ITERS, _PAC_ITERS, _C, _N, _SEED)]
-  config = {name: flags.FLAGS[name].value for name in names}
+  config = {name: FLAGS.config[name] for name in _RUN_FIELDS}
   path = os.path.join(workdir, "config.json")
   if os.path.exists(path) and not _OVERWRITE.value:
     with open(path) as f:
       old = json.load(f)
     if old != config:
       diff = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
-      raise ValueError(f"{path}: workdir holds results of other flags {diff}; "
+      raise app.UsageError(f"{path}: workdir holds results of another config {diff}; "
                        "use --overwrite or another --workdir")
   if _OVERWRITE.value:
     for name in os.listdir(workdir):
@@ -278,16 +264,17 @@ def check_workdir(workdir):
 
 def main(argv):
   del argv
-  if _PRESET.value not in presets:
-    raise ValueError(f"--preset {_PRESET.value!r} unknown; choose from {sorted(presets)}")
+  if FLAGS.config.preset not in presets:
+    raise app.UsageError(f"config.preset={FLAGS.config.preset!r} unknown; "
+                         f"choose from {sorted(presets)}")
   workdir = _WORKDIR.value
   check_workdir(workdir)
-  config = presets[_PRESET.value].replace(max_len=max(presets[_PRESET.value].max_len,
-                                                      _SEQ_LEN.value))
+  config = presets[FLAGS.config.preset].replace(max_len=max(presets[FLAGS.config.preset].max_len,
+                                                      FLAGS.config.seq_len))
   loss = lm_loss_fn(build(config))
   data = load_task_data(config)
   params0, params1 = get_params(loss, config, data, workdir)
-  key = jax.random.PRNGKey(_SEED.value + 7)
+  key = jax.random.PRNGKey(FLAGS.config.seed + 7)
   spectrum(loss, params1, data, workdir, jax.random.fold_in(key, 0))
   frame = pac_bayes_table(loss, params0, params1, data, workdir, jax.random.fold_in(key, 1))
   write_summary(workdir, frame)
