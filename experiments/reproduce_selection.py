@@ -16,6 +16,7 @@ the curves and writes to --output_dir:
                  (FLOPs per token, 6 N D per (model, D) pair read)
   fits.csv       fitted raw parameters (used by the figures)
   selection.md, selection.tex  paper-style tables, published values beside ours
+  headline.md    mean PearCorr / RelAcc over the ratios per file and method
   selection_vs_ratio_<ds>.png, curves_<ds>.png, pareto_<ds>.png
 
 Results are appended as each (dataset, method) finishes; a rerun skips the
@@ -225,6 +226,37 @@ def lodo_rows(out: pathlib.Path, datasets, tag: str) -> list[dict]:
 def _fmt(v) -> str:
   # Rounded like the published tables: 4 decimals, then x100 with 1 decimal.
   return "" if v is None or not np.isfinite(v) else f"{100 * round(v, 4):.1f}"
+
+
+def headline_table(out: pathlib.Path) -> str:
+  """One Markdown table: mean PearCorr and RelAcc over the ratios, per file and method (x100).
+
+  The published mean over the same ratios is in parentheses where Lin et al.
+  (2024) report every one of them.
+  """
+  rows = common.read_rows(out / "selection.csv")
+  val = {(r["dataset"], r["method"], r["metric"], int(r["ratio"])): float(r["value"])
+         for r in rows}
+  datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+  methods = list(dict.fromkeys(r["method"] for r in rows))
+  cols = [(ds, metric) for ds in datasets for metric in ("PearCorr", "RelAcc")]
+  md = ["| method | " + " | ".join(f"{ds} {metric}" for ds, metric in cols) + " |",
+        "|---|" + "---|" * len(cols)]
+  for m in methods:
+    cells = []
+    for ds, metric in cols:
+      ratios = sorted(k[3] for k in val if k[:3] == (ds, m, metric))
+      if not ratios:
+        cells.append("")
+        continue
+      ours = float(np.mean([val[(ds, m, metric, r)] for r in ratios]))
+      pub = [published.published_value(ds, m, metric, r) for r in ratios]
+      cell = _fmt(ours)
+      if all(v is not None for v in pub):
+        cell += f" ({_fmt(float(np.mean(pub)))})"
+      cells.append(cell)
+    md.append(f"| {m} | " + " | ".join(cells) + " |")
+  return "\n".join(md)
 
 
 def selection_tables(out: pathlib.Path) -> tuple[str, str]:
@@ -459,6 +491,7 @@ def run(cfg, output_dir) -> pathlib.Path:
   md, tex = selection_tables(out)
   (out / "selection.md").write_text(md + "\n")
   (out / "selection.tex").write_text(tex + "\n")
+  (out / "headline.md").write_text(headline_table(out) + "\n")
   if cfg.figures:
     draw_figures(out, curve_sets, targets)
   logging.info("done in %.1fs; outputs in %s", time.time() - t0, out)

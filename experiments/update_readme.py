@@ -10,16 +10,15 @@ is replaced by the current contents of the named file, so the README's
 tables are always what a binary wrote, never typed by hand.
 
     python -m experiments.update_readme            # rewrite README.md in place
-    python -m experiments.update_readme --check    # exit 1 if README is stale
+    python -m experiments.update_readme --check    # exit 2 if README is stale
 """
 
 from __future__ import annotations
 
 import pathlib
 import re
-import sys
 
-from absl import flags
+from absl import flags, logging
 
 from experiments import common
 
@@ -51,12 +50,11 @@ def main(argv):
   new = splice(old, readme.resolve().parent)
   if _CHECK.value:
     if new != old:
-      print(f"{readme} is stale; run python -m experiments.update_readme")
-      sys.exit(1)
-    print(f"{readme} is up to date")
+      common.fail(f"{readme} is stale; run python -m experiments.update_readme")
+    logging.info("%s is up to date", readme)
     return
   readme.write_text(new)
-  print(f"{readme}: {len(_REGION.findall(old))} generated regions refreshed")
+  logging.info("%s: %d generated regions refreshed", readme, len(_REGION.findall(old)))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Compute cost accounting and budgeted selection with early stopping.
 
-Cost (DESIGN.md sec. 6). Fine-tuning a model with N parameters on D samples
+Cost (docs/selection.md). Fine-tuning a model with N parameters on D samples
 of T tokens costs about 6 N D T FLOPs. T is the same for all (model, D)
 pairs of a dataset, so it cancels in every ratio we report; we charge
 6 N D per (model, D) pair read (the zero-shot point D = 0 is free) and

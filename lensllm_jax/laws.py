@@ -1,7 +1,7 @@
 """Fine-tuning laws L(D) in log space, with constraints by re-parametrisation.
 
 D is the number of fine-tuning samples, L the test loss. Three laws
-(DESIGN.md section 2):
+(docs/laws.md):
 
   vanilla    L(D) = (B / D^beta + E)^alpha          (Lin et al. 2024, "vanilla")
   rectified  L(D) = B / (D_l + D^beta) + E          (Lin et al. 2024)

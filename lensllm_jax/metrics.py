@@ -1,4 +1,4 @@
-"""Selection metrics of Lin et al. (2024) / Zeng et al. (2025), DESIGN.md sec. 6.
+"""Selection metrics of Lin et al. (2024) / Zeng et al. (2025) (docs/selection.md).
 
 All functions take numpy-compatible arrays over the M candidate models of one
 dataset and return Python floats (or numpy arrays for per-model RMSE).

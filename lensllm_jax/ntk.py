@@ -27,7 +27,7 @@ examples. Block pairs are sharded over the given devices with
 `jax.shard_map` on a one-axis `jax.sharding.Mesh`.
 
 Test loss. Under linearised gradient flow with learning rate eta the residual
-r(t) = f_t(X) - Y is expm(-eta Theta t) r0, and (DESIGN.md section 3)
+r(t) = f_t(X) - Y is expm(-eta Theta t) r0, and (docs/ntk.md)
 
     F(Theta, t) = || expm(-eta Theta t) r0 ||^2
                 = sum_k exp(-2 eta lambda_k t) proj_k^2,   proj = U^T r0,

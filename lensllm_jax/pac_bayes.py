@@ -3,7 +3,7 @@
 For fine-tuned weights `w_hat`, pre-trained weights `w0` and a partition of
 the parameters into layer blocks i, with `v_i = w_hat_i - w0_i` and `H_i` the
 diagonal block of the loss Hessian at `w_hat` for block i (other blocks held
-fixed), the bound of DESIGN.md section 4 reads
+fixed), the bound of docs/pac_bayes.md reads
 
     L(f_w_hat) <= (1 + eps) L_hat(f_w_hat) + (1 + eps) sum_i sqrt(C H_i / n)
                   + O(n^(-3/4)),
@@ -319,7 +319,7 @@ def layer_table(loss_fn: hessian.LossFn, params: PyTree, params0: PyTree, exampl
 
 
 def pac_bayes_bound(h: Sequence[float] | Array, c: float, n: int) -> float:
-  """The layer sum `sum_i sqrt(C H_i / n)` of the bound (DESIGN.md section 4).
+  """The layer sum `sum_i sqrt(C H_i / n)` of the bound (docs/pac_bayes.md).
 
   Args:
     h: [L] the per-layer H_i (e.g. `[r.vhpv_max for r in rows]`); must be >= 0.

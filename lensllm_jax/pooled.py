@@ -55,13 +55,8 @@ only `selection.VisibleCurves`. `budgeted.budgeted_pooled_selection` runs
 the early-stopping procedure with this fit. Settings are chosen by
 `protocol.leave_one_out`.
 
-Measured outcome (experiments/lensllm_plus.py, leave-one-dataset-out on
-flan / gigaword, 148-setting grid, the two study curve files as training-only
-files): LensLLM+ did NOT beat AtS's mean PearCorr on either file (flan 50.3
-vs 62.7, gigaword 87.7 vs 93.8). The grid does contain settings that beat AtS
-on each file in-sample (flan 69.0, gigaword 94.7 mean PearCorr), but the
-setting that is best on the other files is not the one that is best on the
-held-out file: the choice does not transfer.
+Measured outcome: results/lensllm_plus/lensllm_plus.md (written by
+experiments.lensllm_plus; summarised in the README and docs/lensllm_plus.md).
 
 Everything here is pure; `fit_pooled` enables float64 inside the call.
 """

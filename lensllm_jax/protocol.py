@@ -13,7 +13,7 @@ weight, robust loss) is chosen for file f_i using ONLY the other files:
 the means over the budget ratios r of file g (8 ... 512 by default, relative
 to the file's own D*; a training-only file keeps the ratios that leave at
 least 2 visible fine-tuning points, `training_ratios`), PearCorr and RelAcc
-as in `metrics` (DESIGN.md sec. 6); every training file weighs the same.
+as in `metrics` (docs/selection.md); every training file weighs the same.
 Ties go to the earlier setting of the grid (independent fits first). Then
 chosen_i is reported on f_i; training-only files are never reported. The
 chooser (`choose`) is a function of the training files' score tables only;

@@ -1,4 +1,4 @@
-"""LLM selection methods on fine-tuning curves (DESIGN.md sec. 6).
+"""LLM selection methods on fine-tuning curves (docs/selection.md).
 
 Protocol. Target D* (default 1,638,400 samples); a budget D_max. A method
 sees the zero-shot loss L(0), the losses at D <= D_max and the model
