@@ -81,7 +81,9 @@ def _tiny() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       learning_rate=2e-3, warmup_steps=2, batch_size=16, eval_every=4, patience=2,
       eval_batch_size=48, epochs=1.0, min_steps=4, max_steps=12, seed=0))
-  c.ntk = ml_collections.ConfigDict(dict(num_probe=8))
+  # NTK snapshots: kernel "exact" or "sketched" (ntk.make_sketched_ntk_fn, sketch_dim directions).
+  c.ntk = ml_collections.ConfigDict(dict(num_probe=8, kernel="exact", sketch_dim=4096,
+                                         sketch_seed=0))
   # Hessian / PAC-Bayes along the sweep: these models on the first task.
   c.hessian = ml_collections.ConfigDict(dict(
       models=["gpt2-a"], tasks=["code2name"], num_examples=16, lanczos_iters=6,
@@ -134,7 +136,9 @@ def _full() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       learning_rate=1e-3, warmup_steps=10, batch_size=16, eval_every=40, patience=2,
       eval_batch_size=128, epochs=1.0, min_steps=40, max_steps=1600, seed=0))
-  c.ntk = ml_collections.ConfigDict(dict(num_probe=32))
+  # NTK snapshots: kernel "exact" or "sketched" (ntk.make_sketched_ntk_fn, sketch_dim directions).
+  c.ntk = ml_collections.ConfigDict(dict(num_probe=32, kernel="exact", sketch_dim=4096,
+                                         sketch_seed=0))
   # Hessian / PAC-Bayes quantities after every fine-tuning run of every model and task.
   c.hessian = ml_collections.ConfigDict(dict(
       models=[m["name"] for m in c.zoo], tasks=list(c.tasks), num_examples=32,

@@ -19,11 +19,25 @@ compared with each other (max relative difference).
 
   python -m experiments.bench_ntk_speed                 # n = 64, 256, 1024
   python -m experiments.bench_ntk_speed --sizes=64,256  # quicker
+
+--mode=scale: exact-blocked vs sketched kernels of an LLM-sized model
+(default gpt2-124m, random init, all parameters). Each (n, kernel) case runs
+in a fresh subprocess, which reports the wall time of one kernel evaluation
+(compilation included) and its peak resident memory (VmHWM, the process'
+high-water mark, with the model's own footprint shown as the baseline); the
+sketch's relative Frobenius error ||Theta_hat - Theta||_F / ||Theta||_F is
+reported against the exact kernel of the same n where that was run, next to
+the predicted RMS error sqrt(((tr Theta)^2 + ||Theta||_F^2) / k) / ||Theta||_F.
+Exact kernels with n > --exact_max_n are not run (their cost is printed).
+
+  python -m experiments.bench_ntk_speed --mode=scale --sizes=16,256,1024 \
+      --sketch_dims=1024,4096 --seq_len=8
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import statistics
 import time
@@ -48,6 +62,16 @@ _SLOW_MAX_N = flags.DEFINE_integer(
     "slow_max_n", 256, "Largest n for the implementations whose cost grows as n^2 passes "
     "(ntk_vector_products, jacrev); larger n are reported as skipped.")
 _OUT = flags.DEFINE_string("out", None, "Optional CSV of the measurements.")
+_MODE = flags.DEFINE_enum("mode", "implementations", ["implementations", "scale"],
+                          "implementations: the NTK implementations on a small model; scale: "
+                          "exact-blocked vs sketched on --preset (fresh process per case).")
+_PRESET = flags.DEFINE_string("preset", "gpt2-124m", "--mode=scale: model preset (random init).")
+_SKETCH_DIMS = flags.DEFINE_list("sketch_dims", ["1024", "4096"], "--mode=scale: sketch sizes k.")
+_SKETCH = flags.DEFINE_enum("sketch", "countsketch", list(ntk.SKETCHES), "--mode=scale: sketch.")
+_BLOCK_SIZE = flags.DEFINE_integer("block_size", 4, "--mode=scale: examples per block.")
+_EXACT_MAX_N = flags.DEFINE_integer("exact_max_n", 16, "--mode=scale: largest n of the exact kernel.")
+_CASE_TIMEOUT = flags.DEFINE_integer("case_timeout", 1800, "--mode=scale: seconds per case.")
+_CASE = flags.DEFINE_string("case", None, "Internal: JSON of one --mode=scale case.")
 
 
 def build_model():
@@ -121,8 +145,102 @@ def print_table(rows):
         "memory_analysis of the compiled kernel function)")
 
 
+def _peak_rss_mib() -> float:
+  """The process' peak resident set size (VmHWM), MiB."""
+  with open("/proc/self/status") as fh:
+    for line in fh:
+      if line.startswith("VmHWM:"):
+        return int(line.split()[1]) / 1024
+  raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def run_case(case: dict) -> None:
+  """One --mode=scale case in this (fresh) process: prints a JSON line, saves the kernel."""
+  config = models.presets[case["preset"]].replace(max_len=max(case["seq_len"], 8))
+  model = models.build(config)
+  params = models.init_params(config, jax.random.key(0))
+  ids = np.asarray(jax.random.randint(jax.random.key(case["n"]), (case["n"], case["seq_len"]), 0,
+                                      config.vocab_size))
+  baseline = _peak_rss_mib()
+  apply_fn = ntk.lm_output_fn(model, "log_likelihood")
+  if case["kernel"] == "exact":
+    fn = ntk.make_blocked_ntk_fn(ntk.make_ntk_fn(apply_fn), block_size=case["block_size"],
+                                 pairs_per_call=1)
+  else:
+    fn = ntk.make_sketched_ntk_fn(apply_fn, sketch_dim=case["k"], key=jax.random.key(1),
+                                  sketch=case["sketch"], block_size=case["block_size"])
+  t0 = time.perf_counter()
+  theta = np.asarray(jax.block_until_ready(fn(params, ids)), np.float64)
+  seconds = time.perf_counter() - t0
+  np.save(case["out"], theta)
+  print(json.dumps(dict(seconds=seconds, peak_rss_mib=_peak_rss_mib(),
+                        baseline_rss_mib=baseline, num_params=models.count_params(params))))
+
+
+def run_scale() -> None:
+  """Exact-blocked vs sketched kernels of --preset, a fresh subprocess per case."""
+  import subprocess
+  import sys
+  import tempfile
+
+  sizes = [int(s) for s in _SIZES.value]
+  dims = [int(k) for k in _SKETCH_DIMS.value]
+  print(f"model {_PRESET.value} (random init, all parameters), seq_len {_SEQ_LEN.value}, "
+        f"output: mean log-likelihood per sequence; block_size {_BLOCK_SIZE.value}; "
+        f"{_SKETCH.value} sketch; {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs")
+  header = (f"{'n':>5} {'kernel':<18} {'time s':>9} {'peak RSS MiB':>12} {'(model MiB)':>11} "
+            f"{'rel. error':>10} {'predicted':>9}")
+  print(header)
+  print("-" * len(header), flush=True)
+  with tempfile.TemporaryDirectory() as tmp:
+    for n in sizes:
+      cases = [dict(kernel="exact")] + [dict(kernel="sketched", k=k) for k in dims]
+      exact = None
+      for case in cases:
+        name = "exact-blocked" if case["kernel"] == "exact" else f"sketched k={case['k']}"
+        if case["kernel"] == "exact" and n > _EXACT_MAX_N.value:
+          nb = -(-n // _BLOCK_SIZE.value)
+          print(f"{n:>5} {name:<18} not run (n > --exact_max_n: {nb * (nb + 1) // 2} block "
+                f"pairs, {nb * (nb + 1) * _BLOCK_SIZE.value} per-example Jacobians)", flush=True)
+          continue
+        case.update(n=n, preset=_PRESET.value, seq_len=_SEQ_LEN.value,
+                    block_size=_BLOCK_SIZE.value, sketch=_SKETCH.value,
+                    out=os.path.join(tmp, f"{n}_{name.replace(' ', '')}.npy"))
+        try:
+          proc = subprocess.run([sys.executable, "-m", "experiments.bench_ntk_speed",
+                                 f"--case={json.dumps(case)}"], capture_output=True, text=True,
+                                timeout=_CASE_TIMEOUT.value)
+        except subprocess.TimeoutExpired:
+          print(f"{n:>5} {name:<18} timed out (> {_CASE_TIMEOUT.value}s)", flush=True)
+          continue
+        if proc.returncode != 0:
+          print(f"{n:>5} {name:<18} failed ({proc.returncode}): "
+                f"{proc.stderr.strip().splitlines()[-1:]}", flush=True)
+          continue
+        res = json.loads(proc.stdout.strip().splitlines()[-1])
+        theta = np.load(case["out"])
+        err = pred = ""
+        if case["kernel"] == "exact":
+          exact = theta
+        elif exact is not None:
+          norm = np.linalg.norm(exact)
+          err = f"{np.linalg.norm(theta - exact) / norm:.3f}"
+          pred = f"{ntk.sketch_rms_error(exact, case['k']) / norm:.3f}"
+        print(f"{n:>5} {name:<18} {res['seconds']:>9.1f} {res['peak_rss_mib']:>12.0f} "
+              f"{res['baseline_rss_mib']:>11.0f} {err:>10} {pred:>9}", flush=True)
+  print("(time: one evaluation including compilation; peak RSS: VmHWM of a fresh process per "
+        "case, model MiB: its RSS before the kernel; rel. error: ||Theta_hat - Theta||_F / "
+        "||Theta||_F against exact at the same n, predicted: the docstring's RMS)")
+
+
 def main(argv):
   del argv
+  if _CASE.value:
+    run_case(json.loads(_CASE.value))
+    return
+  if _MODE.value == "scale":
+    run_scale()
+    return
   for impl in _IMPLS.value:
     if impl not in ntk.IMPLEMENTATIONS:
       raise app.UsageError(f"--implementations: {impl!r} is not one of {ntk.IMPLEMENTATIONS}")

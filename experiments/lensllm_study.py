@@ -121,7 +121,8 @@ def sweep_config(cfg, task: str) -> ml_collections.ConfigDict:
       subset_seed=cfg.subset_seed, split_seed=cfg.split_seed, num_records=cfg.num_records,
       num_validation=cfg.num_validation, num_test=cfg.num_test, train=train,
       step_budget=dict(epochs=float(tr.epochs), min_steps=int(tr.min_steps)),
-      ntk=dict(num_probe=int(cfg.ntk.num_probe), output="log_likelihood"),
+      ntk=dict(num_probe=int(cfg.ntk.num_probe), output="log_likelihood",
+               **{k: cfg.ntk[k] for k in ("kernel", "sketch_dim", "sketch_seed") if k in cfg.ntk}),
       checkpoint_runs=False, hessian=hessian))
 
 

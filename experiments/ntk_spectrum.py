@@ -18,6 +18,8 @@ Writes to --workdir:
   ntk_spectrum.png  eigenvalues (log scale) and F(t) (log t)
 
   python -m experiments.ntk_spectrum --workdir=/tmp/ntk --preset=tiny-gpt2 --n=128
+  python -m experiments.ntk_spectrum --workdir=/tmp/ntk --preset=gpt2-124m --n=256 \
+      --ntk=sketched --sketch_dim=4096     # unbiased sketch, memory O(n k + block)
   python -m experiments.ntk_spectrum --workdir=/tmp/ntk --preset=tiny-llama \
       --checkpoint=/path/to/orbax_params --blocks=layers_1,lm_head
 """
@@ -55,6 +57,11 @@ _BLOCKS = flags.DEFINE_list("blocks", [], "Parameter blocks (path prefixes) to i
 _IMPL = flags.DEFINE_enum("implementation", ntk.DEFAULT_IMPLEMENTATION, list(ntk.IMPLEMENTATIONS),
                           "NTK implementation.")
 _BLOCK_SIZE = flags.DEFINE_integer("block_size", 64, "Examples per kernel block.")
+_NTK = flags.DEFINE_enum("ntk", "exact", ["exact", "sketched"],
+                         "exact: blocked empirical NTK; sketched: ntk.make_sketched_ntk_fn "
+                         "(unbiased, memory O(n k + block); for LLM-sized models).")
+_SKETCH_DIM = flags.DEFINE_integer("sketch_dim", 4096, "--ntk=sketched: directions k.")
+_SKETCH = flags.DEFINE_enum("sketch", "countsketch", list(ntk.SKETCHES), "--ntk=sketched: sketch.")
 _ETA = flags.DEFINE_float("eta", 1e-3, "Learning rate eta of the linearised gradient flow.")
 _NUM_T = flags.DEFINE_integer("num_t", 200, "Points of the t grid (log-spaced, plus t = 0).")
 _T_RANGE = flags.DEFINE_list("t_range", [], "t_min,t_max; default from the spectrum: "
@@ -112,9 +119,15 @@ def compute_kernel(model, params, ids, meta):
     rate = done / (time.perf_counter() - start)
     logging.info("kernel blocks %d/%d (%.2f block pairs/s)", done, total, rate)
 
-  fn = ntk.make_blocked_ntk_fn(
-      ntk.make_ntk_fn(apply_fn, param_mask=mask, implementation=_IMPL.value),
-      block_size=_BLOCK_SIZE.value, pairs_per_call=4, progress=progress)
+  if _NTK.value == "sketched":  # key: --seed's, so a rerun gives the same sketch
+    fn = ntk.make_sketched_ntk_fn(apply_fn, sketch_dim=_SKETCH_DIM.value,
+                                  key=jax.random.fold_in(jax.random.key(_SEED.value), 1),
+                                  param_mask=mask, sketch=_SKETCH.value,
+                                  block_size=_BLOCK_SIZE.value)
+  else:
+    fn = ntk.make_blocked_ntk_fn(
+        ntk.make_ntk_fn(apply_fn, param_mask=mask, implementation=_IMPL.value),
+        block_size=_BLOCK_SIZE.value, pairs_per_call=4, progress=progress)
   theta = np.asarray(jax.device_get(fn(params, jnp.asarray(ids))), np.float32)
   logging.info("kernel %s in %.1fs", theta.shape, time.perf_counter() - start)
   np.save(kernel_path, theta)
@@ -173,7 +186,9 @@ def main(argv):
   meta = dict(preset=_PRESET.value, checkpoint=_CHECKPOINT.value,
               hf_checkpoint=_HF_CHECKPOINT.value, seed=_SEED.value, probe=_PROBE.value,
               probe_shape=list(ids.shape), output=_OUTPUT.value, blocks=_BLOCKS.value,
-              implementation=_IMPL.value, num_params=models.count_params(params))
+              implementation=_IMPL.value, num_params=models.count_params(params),
+              ntk=_NTK.value, **({"sketch_dim": _SKETCH_DIM.value, "sketch": _SKETCH.value}
+                                 if _NTK.value == "sketched" else {}))
   logging.info("model %s, %d params; probe %s", config.arch, meta["num_params"], ids.shape)
   theta = compute_kernel(model, params, ids, meta)
   f0 = np.asarray(ntk.lm_output_fn(model, _OUTPUT.value)(params, jnp.asarray(ids)), np.float64)

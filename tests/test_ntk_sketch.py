@@ -150,25 +150,31 @@ def test_f_within_the_stated_bound(mlp, sketches):
   assert np.any(rms_bound < np.sum(r0 ** 2)) and mean_gap.max() > 0  # not vacuous
 
 
-def test_language_model_kernel():
-  """The LM per-sequence log-likelihood kernel (dict inputs, all parameters) of a tiny
-  GPT-2: the count sketch at k = 1024 is within 4 x the stated RMS error of exact."""
+def test_sweep_snapshot_kernels():
+  """The fine-tuning sweep's NTK options (finetune_sweep._ntk_fns) on a tiny GPT-2's
+  per-sequence log-likelihood with a loss mask: "exact" blocked over the devices equals the
+  unblocked kernel; "sketched" (count sketch, k = 1024) is within 4 x the stated RMS error."""
+  from experiments import finetune_sweep
   from lensllm_jax import models
 
   config = models.presets["tiny-gpt2"].replace(d_model=16, n_heads=2, n_kv_heads=None,
                                                head_dim=None, d_ff=32, vocab_size=32,
                                                max_len=8, n_layers=1)
-  model = models.CausalLM(config)
   params = models.init_params(config, jax.random.key(0))
   ids = jax.random.randint(jax.random.key(1), (6, 8), 0, config.vocab_size)
-  x = {"input_ids": ids, "attention_mask": jnp.ones_like(ids)}
-  apply_fn = ntk.lm_output_fn(model)
-  exact = np.asarray(ntk.make_ntk_fn(apply_fn)(params, x), np.float64)
-  got = np.asarray(ntk.make_sketched_ntk_fn(apply_fn, sketch_dim=1024, key=jax.random.key(2),
-                                            block_size=4)(params, x), np.float64)
-  err = np.linalg.norm(got - exact)
-  assert err <= 4 * ntk.sketch_rms_error(exact, 1024)
-  assert 0 < err / np.linalg.norm(exact) < 0.3
+  x = {"input_ids": ids, "attention_mask": jnp.ones_like(ids),
+       "loss_mask": jnp.ones_like(ids).at[:, :3].set(0)}
+  exact = np.asarray(ntk.make_ntk_fn(ntk.lm_output_fn(models.build(config)))(params, x),
+                     np.float64)
+  blocked, _ = finetune_sweep._ntk_fns(config, "log_likelihood", kernel="exact", block_size=4)
+  np.testing.assert_allclose(blocked(params, x), exact, rtol=1e-5,
+                             atol=1e-6 * np.abs(exact).max())
+  sketched, _ = finetune_sweep._ntk_fns(config, "log_likelihood", kernel="sketched",
+                                        block_size=4, sketch_dim=1024, sketch_seed=2)
+  err = np.linalg.norm(np.asarray(sketched(params, x), np.float64) - exact)
+  assert 0 < err <= 4 * ntk.sketch_rms_error(exact, 1024)
+  with pytest.raises(ValueError, match="config.ntk.kernel"):
+    finetune_sweep._ntk_fns(config, "log_likelihood", kernel="sketch")
 
 
 def test_bad_arguments(mlp):
