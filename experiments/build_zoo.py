@@ -27,7 +27,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
-from ml_collections import config_flags
 
 from experiments import common  # also defines --compilation_cache_dir
 from lensllm_jax import models, textdata, training, zoo
@@ -38,8 +37,8 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
   """The flags of the zoo binary and of experiments.lensllm_study (which adds its own);
   defined only when one of them runs as a program."""
-  config_flags.DEFINE_config_file("config", "configs/study.py:tiny",
-                                  "Study configuration (configs/study.py:tiny or :full).")
+  common.define_config_file("configs/study.py:tiny",
+                            "Study configuration (configs/study.py:tiny or :full).")
   flags.DEFINE_string("workdir", None, "Work directory (default: config.workdir).")
 
 

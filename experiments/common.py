@@ -19,6 +19,7 @@ every binary (each imports this module):
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import pathlib
@@ -26,6 +27,7 @@ import sys
 
 import numpy as np
 from absl import app, flags
+from ml_collections import config_flags
 
 from lensllm_jax import benchmarks, budgeted, metrics
 
@@ -83,6 +85,34 @@ def fail(message: str) -> None:
   sys.exit(2)
 
 
+@contextlib.contextmanager
+def _flag_errors_fail(argv):
+  """Turns an error of flag parsing into `fail` (one line, exit code 2)."""
+  try:
+    yield
+  except (AttributeError, KeyError) as e:
+    # ml_collections' error for an override of a field the config does not have.
+    given = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+    inner = e
+    while isinstance(inner, BaseException) and inner.args:  # AttributeError(KeyError('...'))
+      inner = inner.args[0]
+    detail = " ".join(str(inner).split())  # one line
+    fail(f"flags: the config has no field {detail} (overrides given: {', '.join(given)})")
+  except (flags.Error, TypeError, ValueError, OSError) as e:
+    fail(f"flags: {e}")
+
+
+def define_config_file(default: str, help_string: str) -> None:
+  """`--config` (ml_collections, locked), as `config_flags.DEFINE_config_file`.
+
+  When `--config` itself is not on the command line, ml_collections applies
+  the `--config.x` overrides to the default file while the flag is DEFINED;
+  a bad override then fails here, with the same one line as in `run_main`.
+  """
+  with _flag_errors_fail(sys.argv):
+    config_flags.DEFINE_config_file("config", default, help_string)
+
+
 def run_main(main, user_errors=()) -> None:
   """`app.run(main)`, where bad input ends the program with one clear line and exit code 2.
 
@@ -94,18 +124,8 @@ def run_main(main, user_errors=()) -> None:
   and keeps its traceback.
   """
   def parse(argv):
-    try:
+    with _flag_errors_fail(argv):
       rest = flags.FLAGS(argv)
-    except (AttributeError, KeyError) as e:
-      # ml_collections' error for an override of a field the config does not have.
-      given = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
-      inner = e
-      while isinstance(inner, BaseException) and inner.args:  # AttributeError(KeyError('...'))
-        inner = inner.args[0]
-      detail = " ".join(str(inner).split())  # one line
-      fail(f"flags: the config has no field {detail} (overrides given: {', '.join(given)})")
-    except (flags.Error, TypeError, ValueError, OSError) as e:
-      fail(f"flags: {e}")
     for name in flags.FLAGS:
       error = getattr(flags.FLAGS[name].value, "_error", None)  # a --config file that did not load
       if error is not None:

@@ -53,7 +53,6 @@ import time
 import jax
 import numpy as np
 from absl import flags, logging
-from ml_collections import config_flags
 
 from experiments import common  # also defines --compilation_cache_dir
 from lensllm_jax import benchmarks, models, sharding, textdata, training
@@ -64,8 +63,8 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
   """The binary's flags; defined only when it runs as a program, so that importing
   the module (experiments.lensllm_study runs `sweep_model`) defines none."""
-  config_flags.DEFINE_config_file("config", "configs/finetune_tiny.py",
-                                  "Sweep configuration (configs/*.py).")
+  common.define_config_file("configs/finetune_tiny.py",
+                            "Sweep configuration (configs/*.py).")
   flags.DEFINE_string("workdir", "results/finetune_sweep", "Output directory.")
   flags.DEFINE_bool("distributed", False,
                     "Call jax.distributed.initialize() (multi-host GPU/TPU).")

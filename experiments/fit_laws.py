@@ -31,13 +31,12 @@ import time
 import jax
 import numpy as np
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from experiments import common  # also defines --compilation_cache_dir
 from lensllm_jax import benchmarks, fitting, laws
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", "configs/fit_laws.py", "Configuration (configs/fit_laws.py).")
+common.define_config_file("configs/fit_laws.py", "Configuration (configs/fit_laws.py).")
 flags.DEFINE_string("output_dir", "results/fit_laws", "Where results go.")
 
 _PARAM_COLUMNS = ("alpha", "B", "D_l", "F", "beta", "E")

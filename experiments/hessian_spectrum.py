@@ -54,7 +54,6 @@ import numpy as np
 import optax
 import pandas as pd
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from experiments import common  # also defines --compilation_cache_dir
 from experiments.hessian_common import lm_loss_fn, markov_sequences, shifted_token_batch
@@ -62,8 +61,8 @@ from lensllm_jax import hessian, models, pac_bayes
 from lensllm_jax.models import build, init_params, presets
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", "configs/hessian_spectrum.py",
-                                "Configuration (configs/hessian_spectrum.py).")
+common.define_config_file("configs/hessian_spectrum.py",
+                          "Configuration (configs/hessian_spectrum.py).")
 _WORKDIR = flags.DEFINE_string("workdir", "results/hessian_spectrum", "Output directory.")
 # The config fields recorded in workdir/config.json (a rerun with others is refused).
 _RUN_FIELDS = ("preset", "pretrained_ckpt", "finetuned_ckpt", "tokens_npy", "num_examples",

@@ -46,7 +46,6 @@ import time
 import jax
 import numpy as np
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from experiments import common
 from lensllm_jax import budgeted, metrics, pooled, protocol, selection
@@ -57,8 +56,8 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
   """The binary's flags; defined only when it runs as a program, so that tests can
   import it beside experiments.reproduce_selection (same flag names)."""
-  config_flags.DEFINE_config_file("config", "configs/lensllm_plus.py",
-                                  "Experiment configuration (configs/lensllm_plus.py[:public]).")
+  common.define_config_file("configs/lensllm_plus.py",
+                            "Experiment configuration (configs/lensllm_plus.py[:public]).")
   flags.DEFINE_string("output_dir", None, "Output directory.", required=True)
 
 

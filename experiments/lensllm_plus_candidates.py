@@ -29,7 +29,6 @@ import time
 import jax
 import numpy as np
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from experiments import common
 from lensllm_jax import benchmarks, budgeted, curve_pfn, metrics, plus_candidates, protocol
@@ -45,8 +44,8 @@ BASELINES = ("AtS", "RectifiedFit")
 
 
 def define_flags() -> None:
-  config_flags.DEFINE_config_file("config", "configs/lensllm_plus_candidates.py",
-                                  "configs/lensllm_plus_candidates.py")
+  common.define_config_file("configs/lensllm_plus_candidates.py",
+                            "configs/lensllm_plus_candidates.py")
 
 
 def grid_table(grid_csv: pathlib.Path, name: str, ratios) -> dict:
@@ -273,4 +272,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  common.run_main(main)

@@ -32,7 +32,6 @@ import time
 import jax
 import numpy as np
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from experiments import common
 from lensllm_jax import budgeted, laws, metrics, pooled, published, selection
@@ -52,8 +51,8 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
   """The binary's flags; defined only when it runs as a program (tests import it beside
   experiments.lensllm_plus, which has the same flag names)."""
-  config_flags.DEFINE_config_file("config", "configs/selection.py",
-                                  "Experiment configuration (configs/selection.py[:plus]).")
+  common.define_config_file("configs/selection.py",
+                            "Experiment configuration (configs/selection.py[:plus]).")
   flags.DEFINE_string("output_dir", None, "Output directory.", required=True)
 
 

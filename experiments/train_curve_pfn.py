@@ -16,7 +16,6 @@ import platform
 import time
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from experiments import common
 from lensllm_jax import curve_pfn
@@ -25,7 +24,7 @@ FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
-  config_flags.DEFINE_config_file("config", "configs/curve_pfn.py", "configs/curve_pfn.py")
+  common.define_config_file("configs/curve_pfn.py", "configs/curve_pfn.py")
 
 
 def configs_of(cfg):
@@ -61,4 +60,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  common.run_main(main)

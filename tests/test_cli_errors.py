@@ -37,7 +37,9 @@ def test_bad_flag_config_curve_file_or_checkpoint(tmp_path):
   cases = [  # (binary and arguments, what the one line must say)
       (selection + [f"--config.benchmarks=('{broken}',)"], r"broken\.csv, line 4 .*column '200'"),
       (selection + [f"--config.benchmarks=('{two}',)"], r"two\.csv: 2 model\(s\).*at least 3"),
-      (selection + ["--config.num_restart=3"], r"no field 'num_restart'"),
+      # Without --config on the command line the override is applied to the default file.
+      (["experiments.reproduce_selection", "--config.num_restart=3",
+        f"--output_dir={tmp_path / 'out'}"], r"no field 'num_restart'"),
       (selection + ["--config=configs/nope.py"], r"--config: .*nope\.py"),
       (["experiments.ntk_spectrum", f"--workdir={tmp_path / 'ntk'}", f"--hf_checkpoint={ckpt}"],
        r"ckpt/config\.json: model_type='bert' is not supported"),

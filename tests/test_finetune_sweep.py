@@ -68,7 +68,7 @@ def test_rerun_skips_finished(sweep):
   before = (sweep / "runs.jsonl").read_text()
   proc = _run(sweep)
   assert (sweep / "runs.jsonl").read_text() == before
-  assert "(1 models)" in proc.stdout
+  assert "(1 models)" in proc.stderr  # absl logging
 
 
 def test_pretrained_kernel_is_cached_and_matches_the_run_snapshots(sweep):
