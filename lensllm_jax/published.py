@@ -49,7 +49,7 @@ _TABLE: dict[tuple[str, str, str], tuple[float, ...]] = {
     ("gigaword", "RelAcc", "ZeroShot"): _const(71.3),
     ("gigaword", "RelAcc", "SubTuning"): (87.6, 87.6, 87.6, 71.3, 71.3, 71.3, 71.3),
     ("gigaword", "RelAcc", "ModelSize"): _const(71.3),
-    # ---- WMT19 (third file of the same release; not in ../shared) ----
+    # ---- WMT19 (third file of the same release; not packaged) ----
     ("wmt19", "PearCorr", "AtS"): (98.9, 97.0, 97.7, 86.0, 78.0, 73.4, 61.5),
     ("wmt19", "PearCorr", "ZeroShot"): _const(7.1),
     ("wmt19", "PearCorr", "SubTuning"): (93.5, 87.1, 77.7, 64.5, 51.7, 41.6, 34.5),
