@@ -2,7 +2,7 @@ r"""NTK eigenvalue spectrum and the NTK test loss F(t) of a causal LM on a probe
 
 Steps: build the model (a preset with seeded random init, an orbax
 checkpoint from `training.save_params`, or a Hugging Face checkpoint
-directory) -> probe set (random token sequences from --seed, or an .npy of
+directory) -> probe set (random token sequences from config.seed, or an .npy of
 token ids [n, T]) -> blocked empirical NTK of the per-sequence output
 (default: mean next-token log-likelihood) w.r.t. the chosen parameter blocks
 -> float64 eigendecomposition -> F(t) = sum_k exp(-2 eta lambda_k t) proj_k^2
@@ -17,11 +17,11 @@ Writes to --workdir:
   f_t.csv         t, F(t), F(t) / F(0)
   ntk_spectrum.png  eigenvalues (log scale) and F(t) (log t)
 
-  python -m experiments.ntk_spectrum --workdir=/tmp/ntk --preset=tiny-gpt2 --n=128
-  python -m experiments.ntk_spectrum --workdir=/tmp/ntk --preset=gpt2-124m --n=256 \
-      --ntk=sketched --sketch_dim=4096     # unbiased sketch, memory O(n k + block)
-  python -m experiments.ntk_spectrum --workdir=/tmp/ntk --preset=tiny-llama \
-      --checkpoint=/path/to/orbax_params --blocks=layers_1,lm_head
+  python -m experiments.ntk_spectrum --workdir=/tmp/ntk config.preset=tiny-gpt2 config.n=128
+  python -m experiments.ntk_spectrum --workdir=/tmp/ntk config.preset=gpt2-124m config.n=256 \
+      config.ntk=sketched config.sketch_dim=4096     # unbiased sketch, memory O(n k + block)
+  python -m experiments.ntk_spectrum --workdir=/tmp/ntk config.preset=tiny-llama \
+      config.checkpoint=/path/to/orbax_params config.blocks=layers_1,lm_head
 """
 
 from __future__ import annotations
@@ -40,66 +40,42 @@ from experiments import common  # also defines --compilation_cache_dir
 from lensllm_jax import models, ntk
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
-_PRESET = flags.DEFINE_string("preset", "tiny-gpt2", "Model preset (lensllm_jax.models.presets).")
-_CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", None, "Optional orbax params written by training.save_params (for --preset).")
-_HF_CHECKPOINT = flags.DEFINE_string(
-    "hf_checkpoint", None, "Optional Hugging Face checkpoint directory (overrides --preset).")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the random init and the random probe set.")
-_PROBE = flags.DEFINE_string("probe", None, ".npy of int token ids [n, T]; default: random.")
-_N = flags.DEFINE_integer("n", 128, "Random probe sequences (ignored with --probe).")
-_SEQ_LEN = flags.DEFINE_integer("seq_len", 16, "Tokens per random probe sequence.")
-_OUTPUT = flags.DEFINE_enum("output", "log_likelihood", ["log_likelihood", "nll"],
-                            "Per-sequence scalar whose NTK is taken.")
-_TARGET = flags.DEFINE_float("target", 0.0, "Regression target Y of the output (r0 = f0 - Y).")
-_BLOCKS = flags.DEFINE_list("blocks", [], "Parameter blocks (path prefixes) to include; "
-                            "empty: all parameters.")
-_IMPL = flags.DEFINE_enum("implementation", ntk.DEFAULT_IMPLEMENTATION, list(ntk.IMPLEMENTATIONS),
-                          "NTK implementation.")
-_BLOCK_SIZE = flags.DEFINE_integer("block_size", 64, "Examples per kernel block.")
-_NTK = flags.DEFINE_enum("ntk", "exact", ["exact", "sketched"],
-                         "exact: blocked empirical NTK; sketched: ntk.make_sketched_ntk_fn "
-                         "(unbiased, memory O(n k + block); for LLM-sized models).")
-_SKETCH_DIM = flags.DEFINE_integer("sketch_dim", 4096, "--ntk=sketched: directions k.")
-_SKETCH = flags.DEFINE_enum("sketch", "countsketch", list(ntk.SKETCHES), "--ntk=sketched: sketch.")
-_ETA = flags.DEFINE_float("eta", 1e-3, "Learning rate eta of the linearised gradient flow.")
-_NUM_T = flags.DEFINE_integer("num_t", 200, "Points of the t grid (log-spaced, plus t = 0).")
-_T_RANGE = flags.DEFINE_list("t_range", [], "t_min,t_max; default from the spectrum: "
-                             "[1e-2 / (eta lambda_max), 5 / (eta lambda_min)].")
+FLAGS = flags.FLAGS
+common.define_config_file("configs/ntk_spectrum.py", "Configuration (configs/ntk_spectrum.py).")
 
 
 def load_model():
   """(config, model, params) from the flags."""
-  if _HF_CHECKPOINT.value:
-    config, params = models.load_hf_checkpoint(_HF_CHECKPOINT.value)
+  if FLAGS.config.hf_checkpoint:
+    config, params = models.load_hf_checkpoint(FLAGS.config.hf_checkpoint)
     return config, models.build(config), params
-  if _PRESET.value not in models.presets:
-    raise app.UsageError(f"--preset={_PRESET.value!r}: not one of {sorted(models.presets)}")
-  config = models.presets[_PRESET.value]
-  params = models.init_params(config, jax.random.key(_SEED.value))
-  if _CHECKPOINT.value:
+  if FLAGS.config.preset not in models.presets:
+    raise app.UsageError(f"config.preset={FLAGS.config.preset!r}: not one of {sorted(models.presets)}")
+  config = models.presets[FLAGS.config.preset]
+  params = models.init_params(config, jax.random.key(FLAGS.config.seed))
+  if FLAGS.config.checkpoint:
     from lensllm_jax import training
-    if not os.path.exists(_CHECKPOINT.value):
-      raise app.UsageError(f"--checkpoint={_CHECKPOINT.value}: no such path")
-    params = training.load_params(_CHECKPOINT.value, like=params)
+    if not os.path.exists(FLAGS.config.checkpoint):
+      raise app.UsageError(f"config.checkpoint={FLAGS.config.checkpoint}: no such path")
+    params = training.load_params(FLAGS.config.checkpoint, like=params)
   return config, models.build(config), params
 
 
 def load_probe(config) -> np.ndarray:
   """Token ids [n, T] int32."""
-  if _PROBE.value:
-    ids = np.load(_PROBE.value)
+  if FLAGS.config.probe:
+    ids = np.load(FLAGS.config.probe)
     if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
-      raise app.UsageError(f"--probe={_PROBE.value}: expected int token ids [n, T], "
+      raise app.UsageError(f"config.probe={FLAGS.config.probe}: expected int token ids [n, T], "
                            f"got {ids.dtype} {ids.shape}")
     if ids.min() < 0 or ids.max() >= config.vocab_size:
-      raise app.UsageError(f"--probe={_PROBE.value}: ids outside [0, {config.vocab_size})")
+      raise app.UsageError(f"config.probe={FLAGS.config.probe}: ids outside [0, {config.vocab_size})")
     if ids.shape[1] > config.max_len:
-      raise app.UsageError(f"--probe={_PROBE.value}: length {ids.shape[1]} > max_len "
+      raise app.UsageError(f"config.probe={FLAGS.config.probe}: length {ids.shape[1]} > max_len "
                            f"{config.max_len}")
     return ids.astype(np.int32)
-  rng = np.random.default_rng(_SEED.value + 1)
-  return rng.integers(0, config.vocab_size, (_N.value, _SEQ_LEN.value), dtype=np.int32)
+  rng = np.random.default_rng(FLAGS.config.seed + 1)
+  return rng.integers(0, config.vocab_size, (FLAGS.config.n, FLAGS.config.seq_len), dtype=np.int32)
 
 
 def compute_kernel(model, params, ids, meta):
@@ -111,23 +87,23 @@ def compute_kernel(model, params, ids, meta):
       if json.load(fh) == meta:
         logging.info("reusing %s", kernel_path)
         return np.load(kernel_path)
-  apply_fn = ntk.lm_output_fn(model, _OUTPUT.value)
-  mask = ntk.param_mask_from_names(params, _BLOCKS.value) if _BLOCKS.value else None
+  apply_fn = ntk.lm_output_fn(model, FLAGS.config.output)
+  mask = ntk.param_mask_from_names(params, FLAGS.config.blocks) if FLAGS.config.blocks else None
   start = time.perf_counter()
 
   def progress(done, total):
     rate = done / (time.perf_counter() - start)
     logging.info("kernel blocks %d/%d (%.2f block pairs/s)", done, total, rate)
 
-  if _NTK.value == "sketched":  # key: --seed's, so a rerun gives the same sketch
-    fn = ntk.make_sketched_ntk_fn(apply_fn, sketch_dim=_SKETCH_DIM.value,
-                                  key=jax.random.fold_in(jax.random.key(_SEED.value), 1),
-                                  param_mask=mask, sketch=_SKETCH.value,
-                                  block_size=_BLOCK_SIZE.value)
+  if FLAGS.config.ntk == "sketched":  # key: config.seed, so a rerun gives the same sketch
+    fn = ntk.make_sketched_ntk_fn(apply_fn, sketch_dim=FLAGS.config.sketch_dim,
+                                  key=jax.random.fold_in(jax.random.key(FLAGS.config.seed), 1),
+                                  param_mask=mask, sketch=FLAGS.config.sketch,
+                                  block_size=FLAGS.config.block_size)
   else:
     fn = ntk.make_blocked_ntk_fn(
-        ntk.make_ntk_fn(apply_fn, param_mask=mask, implementation=_IMPL.value),
-        block_size=_BLOCK_SIZE.value, pairs_per_call=4, progress=progress)
+        ntk.make_ntk_fn(apply_fn, param_mask=mask, implementation=FLAGS.config.implementation),
+        block_size=FLAGS.config.block_size, pairs_per_call=4, progress=progress)
   theta = np.asarray(jax.device_get(fn(params, jnp.asarray(ids))), np.float32)
   logging.info("kernel %s in %.1fs", theta.shape, time.perf_counter() - start)
   np.save(kernel_path, theta)
@@ -137,19 +113,19 @@ def compute_kernel(model, params, ids, meta):
 
 
 def t_grid(eigvals: np.ndarray) -> np.ndarray:
-  if _T_RANGE.value:
-    if len(_T_RANGE.value) != 2:
-      raise app.UsageError(f"--t_range={_T_RANGE.value}: expected t_min,t_max")
-    lo, hi = (float(v) for v in _T_RANGE.value)
+  if FLAGS.config.t_range:
+    if len(FLAGS.config.t_range) != 2:
+      raise app.UsageError(f"config.t_range={FLAGS.config.t_range}: expected t_min,t_max")
+    lo, hi = (float(v) for v in FLAGS.config.t_range)
   else:
     positive = eigvals[eigvals > 0]
     if positive.size == 0:
       raise ValueError("kernel has no positive eigenvalue: F(t) is constant")
     # From 1 % of the fastest mode's time scale until the slowest mode (floored
     # at 1e-6 lambda_max) has decayed by exp(-10).
-    lo = 1e-2 / (_ETA.value * positive.max())
-    hi = 5.0 / (_ETA.value * max(positive.min(), 1e-6 * positive.max()))
-  return np.concatenate([[0.0], np.geomspace(lo, hi, _NUM_T.value)])
+    lo = 1e-2 / (FLAGS.config.eta * positive.max())
+    hi = 5.0 / (FLAGS.config.eta * max(positive.min(), 1e-6 * positive.max()))
+  return np.concatenate([[0.0], np.geomspace(lo, hi, FLAGS.config.num_t)])
 
 
 def write_csv(path, header, rows):
@@ -169,7 +145,7 @@ def plot(eigvals, ts, f):
   ax1.set(xlabel="k", ylabel="eigenvalue lambda_k", title="NTK spectrum")
   ax2.semilogx(ts[1:], f[1:], "-")
   ax2.axhline(f[0], ls=":", c="gray", label="F(0) = ||r0||^2")
-  ax2.set(xlabel="t", ylabel="F(t)", title=f"NTK test loss, eta={_ETA.value:g}")
+  ax2.set(xlabel="t", ylabel="F(t)", title=f"NTK test loss, eta={FLAGS.config.eta:g}")
   ax2.legend()
   fig.tight_layout()
   path = os.path.join(_WORKDIR.value, "ntk_spectrum.png")
@@ -180,19 +156,25 @@ def plot(eigvals, ts, f):
 
 def main(argv):
   del argv
+  cfg = FLAGS.config
+  for name, allowed in (("output", ("log_likelihood", "nll")), ("ntk", ("exact", "sketched")),
+                        ("implementation", tuple(ntk.IMPLEMENTATIONS)),
+                        ("sketch", tuple(ntk.SKETCHES))):
+    if cfg[name] not in allowed:
+      raise app.UsageError(f"config.{name}={cfg[name]!r}: expected one of {list(allowed)}")
   os.makedirs(_WORKDIR.value, exist_ok=True)
   config, model, params = load_model()
   ids = load_probe(config)
-  meta = dict(preset=_PRESET.value, checkpoint=_CHECKPOINT.value,
-              hf_checkpoint=_HF_CHECKPOINT.value, seed=_SEED.value, probe=_PROBE.value,
-              probe_shape=list(ids.shape), output=_OUTPUT.value, blocks=_BLOCKS.value,
-              implementation=_IMPL.value, num_params=models.count_params(params),
-              ntk=_NTK.value, **({"sketch_dim": _SKETCH_DIM.value, "sketch": _SKETCH.value}
-                                 if _NTK.value == "sketched" else {}))
+  meta = dict(preset=FLAGS.config.preset, checkpoint=FLAGS.config.checkpoint,
+              hf_checkpoint=FLAGS.config.hf_checkpoint, seed=FLAGS.config.seed, probe=FLAGS.config.probe,
+              probe_shape=list(ids.shape), output=FLAGS.config.output, blocks=list(FLAGS.config.blocks),
+              implementation=FLAGS.config.implementation, num_params=models.count_params(params),
+              ntk=FLAGS.config.ntk, **({"sketch_dim": FLAGS.config.sketch_dim, "sketch": FLAGS.config.sketch}
+                                 if FLAGS.config.ntk == "sketched" else {}))
   logging.info("model %s, %d params; probe %s", config.arch, meta["num_params"], ids.shape)
   theta = compute_kernel(model, params, ids, meta)
-  f0 = np.asarray(ntk.lm_output_fn(model, _OUTPUT.value)(params, jnp.asarray(ids)), np.float64)
-  r0 = f0 - _TARGET.value
+  f0 = np.asarray(ntk.lm_output_fn(model, FLAGS.config.output)(params, jnp.asarray(ids)), np.float64)
+  r0 = f0 - FLAGS.config.target
   np.save(os.path.join(_WORKDIR.value, "residual.npy"), r0)
 
   spec = ntk.ntk_spectrum(theta, r0)
@@ -203,7 +185,7 @@ def main(argv):
 
   ts = t_grid(eigvals)
   with jax.enable_x64(True):
-    f = np.asarray(ntk.ntk_test_loss(jnp.asarray(eigvals), jnp.asarray(proj), _ETA.value,
+    f = np.asarray(ntk.ntk_test_loss(jnp.asarray(eigvals), jnp.asarray(proj), FLAGS.config.eta,
                                      jnp.asarray(ts)))
   write_csv(os.path.join(_WORKDIR.value, "f_t.csv"), ["t", "F", "F_over_F0"],
             [(t, v, v / f[0]) for t, v in zip(ts, f, strict=True)])

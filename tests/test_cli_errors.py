@@ -41,7 +41,8 @@ def test_bad_flag_config_curve_file_or_checkpoint(tmp_path):
       (["experiments.reproduce_selection", "--config.num_restart=3",
         f"--output_dir={tmp_path / 'out'}"], r"no field 'num_restart'"),
       (selection + ["--config=configs/nope.py"], r"--config: .*nope\.py"),
-      (["experiments.ntk_spectrum", f"--workdir={tmp_path / 'ntk'}", f"--hf_checkpoint={ckpt}"],
+      (["experiments.ntk_spectrum", f"--workdir={tmp_path / 'ntk'}",
+        f"--config.hf_checkpoint={ckpt}"],
        r"ckpt/config\.json: model_type='bert' is not supported"),
   ]
   procs = [subprocess.Popen([sys.executable, "-m", *args], cwd=REPO_ROOT, stdout=subprocess.PIPE,
