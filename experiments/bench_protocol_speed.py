@@ -86,13 +86,14 @@ def main(argv):
   write_third_file(third, flan.data_sizes)
   files = [str(benchmarks.resolve_curve_file(n, data_dir=data_dir)) for n in ("flan", "gigaword")]
   files.append(str(third))
-  base = [f"--benchmark={f}" for f in files] + ["--figures=false"]
+  base = ["--config=configs/selection.py", f"--config.benchmarks={tuple(files)!r}",
+          "--config.figures=False"]
   env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
   cache = work / "jax_cache"
   runs = {
     "full_cold": base + [f"--output_dir={work / 'full_cold'}", f"--compilation_cache_dir={cache}"],
-    "published_cold": base + [f"--output_dir={work / 'published_cold'}", "--budgeted=false",
-                              f"--methods={','.join(PUBLISHED)}",
+    "published_cold": base + [f"--output_dir={work / 'published_cold'}", "--config.budgeted=False",
+                              f"--config.methods={PUBLISHED!r}",
                               f"--compilation_cache_dir={work / 'cache_published'}"],
     "full_warm": base + [f"--output_dir={work / 'full_warm'}", f"--compilation_cache_dir={cache}"],
   }

@@ -2,8 +2,8 @@ r"""Records the objective of every law fit the selection protocol makes (a test 
 
     python -m experiments.record_objectives [tests/data/objectives_reference.npz]
 
-Runs `experiments.reproduce_selection.run` (default methods, budgeted
-procedure on, figures off, into a temporary directory) with
+Runs `experiments.reproduce_selection.run` (configs/selection.py: default
+methods, budgeted procedure on, figures off, into a temporary directory) with
 `selection.run_fitted_batch` wrapped so that every call is recorded: the
 method, the dataset, the PRNG key, `min_curves`, `num_restarts`, every
 view's budget and revealed-point mask, and the per-curve objective the fit
@@ -33,6 +33,7 @@ import tempfile
 import jax
 import numpy as np
 
+from configs import selection as selection_config
 from experiments import common
 from experiments import reproduce_selection as protocol
 from lensllm_jax import selection
@@ -65,16 +66,19 @@ def record(specs, data_dir) -> dict:
   selection.run_fitted_batch = recording
   try:
     with tempfile.TemporaryDirectory() as tmp:
-      protocol.run(specs, data_dir=data_dir, methods=list(protocol.ALL_METHODS),
-                   ratios=[int(r) for r in protocol.published.RATIOS], output_dir=tmp,
-                   figures=False)
+      cfg = selection_config.get_config()
+      cfg.benchmarks = tuple(specs)
+      cfg.data_dir = data_dir
+      cfg.figures = False
+      protocol.run(cfg, tmp)
     # Full curves (D_max = D*), one call per dataset and fitted method.
     for di, curves in enumerate(common.load_all(specs, data_dir)):
       target = protocol.target_of(curves, None)
       meta = selection.metadata_of(curves, target)
       view = selection.visible_view(curves, target)
       for method in ("VanillaFit", "RectifiedFit", "LensLLM"):
-        key = jax.random.fold_in(jax.random.key(di), 999 + protocol.ALL_METHODS.index(method))
+        key = jax.random.fold_in(jax.random.key(di),
+                                 999 + selection_config.PUBLISHED_METHODS.index(method))
         recording(method, [view], meta, key=key, min_curves=len(protocol.published.RATIOS) *
                   len(curves.models))
   finally:
