@@ -5,7 +5,8 @@ r"""Hessian spectrum and per-layer PAC-Bayes quantities (experiments.hessian_spe
 
 The defaults are the self-contained demo (seeded tiny-gpt2 pre-trained and
 fine-tuned here on two Markov chains); set pretrained_ckpt and finetuned_ckpt
-(training.save_params directories) and tokens_npy for a real model. About 1-2
+(training.save_params directories), model_config and tokens_npy for a real
+model. About 1-2
 min on 2 CPU cores (mostly compilation).
 """
 
@@ -18,6 +19,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     raise ValueError(f"configs/hessian_spectrum.py takes no argument, got {arg!r}")
   c = ml_collections.ConfigDict()
   c.preset = "tiny-gpt2"  # model preset (lensllm_jax.models.presets)
+  # JSON of ModelConfig fields (experiments.finetune_sweep writes models/<model>.json);
+  # replaces the preset (shape and vocabulary of the checkpoints)
+  c.model_config = config_dict.placeholder(str)
   c.pretrained_ckpt = config_dict.placeholder(str)  # training.save_params directory
   c.finetuned_ckpt = config_dict.placeholder(str)  # training.save_params directory
   c.tokens_npy = config_dict.placeholder(str)  # task token ids [N, T + 1] (.npy)
@@ -29,7 +33,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.learning_rate = 3e-3  # Adam learning rate of the demo training
   c.k = 10  # top eigenvalues
   c.lanczos_iters = 30  # Lanczos steps for the top-k
-  c.hutchinson_probes = 16
+  c.hutchinson_probes = 16  # >= 2 (its standard error)
   c.slq_probes = 4
   c.slq_iters = 30  # SLQ Lanczos steps per probe
   c.pac_iters = 12  # Lanczos steps per v^T H^+ v

@@ -22,6 +22,9 @@ test split. Writes to --workdir:
                pre-trained kernel <model>_pretrained.npz (theta, f0)
   finetuned/   with config.save_finetuned: the fine-tuned parameters of each
                run, finetuned/<model>/<D> (training.save_params)
+  models/      <model>.json, each model's ModelConfig fields (the shape and
+               vocabulary of pretrained/<model> and finetuned/<model>/<D>;
+               experiments.hessian_spectrum's config.model_config)
   config.json, tokenizer.json, data/, pretrained/, ckpt/ (in-flight runs)
 
 Rerunning skips finished runs (read from runs.jsonl) and resumes an
@@ -163,8 +166,18 @@ def load_model(spec, cfg, workdir: pathlib.Path, splits, mesh) -> LoadedModel:
     params = pretrained_params(spec, cfg, config, tok, workdir, mesh)
   if config.max_len < cfg.max_len:
     raise ValueError(f"model {spec.name!r}: max_len {config.max_len} < --config.max_len")
+  if sharding.is_primary():
+    write_model_config(workdir / "models" / f"{spec.name}.json", config)
   apply_fn = training.causal_lm_apply(models.build(config))
   return LoadedModel(spec.name, spec.family, config, params, tok, apply_fn)
+
+
+def write_model_config(path: pathlib.Path, config) -> None:
+  """The model's config (its dataclass fields) as JSON: what reads its saved params back."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(".tmp")
+  tmp.write_text(json.dumps(dataclasses.asdict(config), indent=1, sort_keys=True))
+  os.replace(tmp, path)
 
 
 def pretrained_params(spec, cfg, config, tok, workdir, mesh):

@@ -31,9 +31,10 @@ config.pretrain_steps Adam steps on sequences from one random Markov chain, the
 sequences of a second chain (the task). With config.pretrained_ckpt and
 config.finetuned_ckpt (directories written by lensllm_jax.training.save_params,
 e.g. pretrained/<model> and, with config.save_finetuned, finetuned/<model>/<D>
-of experiments.finetune_sweep; the model must have the config.preset's shape and
-vocabulary) those parameters are used instead and
-the task data come from config.tokens_npy ([N, T + 1] int token ids) or the
+of experiments.finetune_sweep) those parameters are used instead; the model's
+shape and vocabulary are config.model_config's (a JSON file of ModelConfig
+fields: the sweep writes models/<model>.json) or else config.preset's. The
+task data come from config.tokens_npy ([N, T + 1] int token ids) or the
 Markov chain.
 
   python -m experiments.hessian_spectrum --config=configs/hessian_spectrum.py \
@@ -58,14 +59,14 @@ from absl import app, flags, logging
 from experiments import common  # also defines --compilation_cache_dir
 from experiments.hessian_common import lm_loss_fn, markov_sequences, shifted_token_batch
 from lensllm_jax import hessian, models, pac_bayes
-from lensllm_jax.models import build, init_params, presets
+from lensllm_jax.models import ModelConfig, build, init_params, presets
 
 FLAGS = flags.FLAGS
 common.define_config_file("configs/hessian_spectrum.py",
                           "Configuration (configs/hessian_spectrum.py).")
 _WORKDIR = flags.DEFINE_string("workdir", "results/hessian_spectrum", "Output directory.")
 # The config fields recorded in workdir/config.json (a rerun with others is refused).
-_RUN_FIELDS = ("preset", "pretrained_ckpt", "finetuned_ckpt", "tokens_npy", "num_examples",
+_RUN_FIELDS = ("preset", "model_config", "pretrained_ckpt", "finetuned_ckpt", "tokens_npy", "num_examples",
                "seq_len", "batch_size", "pretrain_steps", "finetune_steps", "learning_rate", "k",
                "lanczos_iters", "hutchinson_probes", "slq_probes", "slq_iters", "pac_iters", "c",
                "n", "seed")
@@ -261,15 +262,34 @@ def check_workdir(workdir):
     json.dump(config, f, indent=1)
 
 
+def model_config() -> ModelConfig:
+  """Step 0: the model's config (config.model_config JSON, else the preset, long enough)."""
+  cfg = FLAGS.config
+  if cfg.model_config:
+    with open(cfg.model_config) as f:
+      fields = json.load(f)
+    try:
+      config = ModelConfig(**fields)
+    except TypeError as e:
+      raise app.UsageError(f"config.model_config {cfg.model_config}: not ModelConfig fields "
+                           f"({e})") from e
+    if config.max_len < cfg.seq_len:
+      raise app.UsageError(f"config.seq_len {cfg.seq_len} exceeds max_len {config.max_len} of "
+                           f"config.model_config {cfg.model_config}")
+    return config
+  if cfg.preset not in presets:
+    raise app.UsageError(f"config.preset={cfg.preset!r} unknown; choose from {sorted(presets)}")
+  return presets[cfg.preset].replace(max_len=max(presets[cfg.preset].max_len, cfg.seq_len))
+
+
 def main(argv):
   del argv
-  if FLAGS.config.preset not in presets:
-    raise app.UsageError(f"config.preset={FLAGS.config.preset!r} unknown; "
-                         f"choose from {sorted(presets)}")
+  if FLAGS.config.hutchinson_probes < 2:  # its stderr needs two; fail before any work
+    raise app.UsageError(f"config.hutchinson_probes must be >= 2, got "
+                         f"{FLAGS.config.hutchinson_probes}")
   workdir = _WORKDIR.value
   check_workdir(workdir)
-  config = presets[FLAGS.config.preset].replace(max_len=max(presets[FLAGS.config.preset].max_len,
-                                                      FLAGS.config.seq_len))
+  config = model_config()
   loss = lm_loss_fn(build(config))
   data = load_task_data(config)
   params0, params1 = get_params(loss, config, data, workdir)
