@@ -520,7 +520,11 @@ def auto_optimizer(law: laws_lib.Law) -> str:
   not twice differentiable at |r| = delta) and reaches a lower objective on
   40 of 210 curves; on the squared-error laws Gauss-Newton ends in a worse
   basin than damped Newton on ~6% of the LensLLM curves (up to 76% higher),
-  so damped Newton stays their default.
+  so damped Newton stays their default. Caveat (docs/speed.md): some of the
+  vanilla law's lower objectives sit in a degenerate limit of the law (raw
+  log B ~ 3.5e5, beta ~ 9e3), which changes its extrapolations; damped Newton
+  on the same fits is not reproducible either (its crawling lanes move by up
+  to ~3% under 1-ulp changes of the batch layout).
   """
   return "gauss_newton" if law.loss == "huber" else "newton"
 
