@@ -65,12 +65,12 @@ def test_two_processes_match_one_and_resume_after_a_kill(reference, tmp_path):
   args = _sweep_args(tmp_path, workdir) + ["--distributed"]
   group = ProcessGroup(args, tmp_path, tag="first")
   try:
-    step_dir = sweep_compare.kill_mid_run(group.procs, workdir, timeout=240)
+    step_dir = sweep_compare.kill_mid_run(group.procs, workdir, timeout=400)
   finally:
     group.kill()
   d, step = int(step_dir.parent.name), int(step_dir.name)
   assert d not in [r["data_size"] for r in sweep_compare.read_rows(workdir)]
-  logs = ProcessGroup(args, tmp_path, tag="restart").wait(timeout=240)
+  logs = ProcessGroup(args, tmp_path, tag="restart").wait(timeout=400)
   for log in logs:  # both processes restored the checkpoint and joined the mesh of 4
     assert f"D={d} step {step} val" not in log and f"D={d} step {2 * step} val" in log
   got, want = sweep_compare.read_rows(workdir), sweep_compare.read_rows(reference)
