@@ -530,14 +530,15 @@ def auto_optimizer(law: laws_lib.Law) -> str:
 
 
 def auto_queue_slots(lanes: int) -> int:
-  """Work-queue width for `lanes` (curve, restart) problems: lanes / 16, a multiple of 64.
+  """Work-queue width for `lanes` (curve, restart) problems: lanes / 16, a multiple of 32.
 
-  Measured on the protocol's fits (210 curves x 8 restarts, damped Newton):
-  the median lane stops after ~110 steps, the 90th percentile after ~270 and
-  a few run to max_steps = 500; 128 slots ran the batch 8x faster than one
-  vmapped loop over all 1680 lanes (256 slots: 5x, 64 slots: 3x).
+  Measured (damped Newton, 2 shared cores): for a protocol fit (210 curves x
+  8 restarts) 128 slots ran 8x faster than one vmapped loop over all 1680
+  lanes (load 13; at load 4, 64, 96 and 128 slots were within 6% of each
+  other); for 60 x 8 lanes 32 slots were 3.6x faster (64: 3.1x, load 4). The median lane stops
+  after ~110 steps, a few run to max_steps = 500.
   """
-  return max(64, -(-lanes // 16 // 64) * 64)
+  return max(32, -(-lanes // 16 // 32) * 32)
 
 
 def _select_best(law, raw, value, gnorm, steps, reason, num_points) -> FitResult:
