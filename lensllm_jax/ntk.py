@@ -524,6 +524,9 @@ def make_blocked_ntk_fn(
     ntk_fn: from `make_ntk_fn`.
     block_size: examples per block (memory ~ the Jacobians of 2 blocks).
     devices: devices to shard block pairs over; None: `jax.local_devices()`.
+      With several processes (jax.distributed), `jax.devices()` shares the
+      pairs among every process' devices; every process calls the function
+      and gets the whole kernel (read it with `sharding.host_copy`).
     pairs_per_call: block pairs per device per compiled call.
     progress: optional `progress(done_pairs, total_pairs)` callback.
 
