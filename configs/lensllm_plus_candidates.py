@@ -1,4 +1,4 @@
-r"""LensLLM+ chosen among candidates under leave-one-dataset-out (issue 16).
+r"""LensLLM+ chosen among candidates under leave-one-dataset-out.
 
   python -m experiments.lensllm_plus_candidates --config=configs/lensllm_plus_candidates.py
 

@@ -1,4 +1,4 @@
-"""LensLLM+ as a protocol-chosen predictor among candidates (issue 16).
+"""LensLLM+ as a protocol-chosen predictor among candidates.
 
 Candidates (each predicts L(D*) of every model from a budget view only):
 
