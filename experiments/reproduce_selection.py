@@ -157,12 +157,12 @@ def run_dataset(curves, methods, ratios, out: pathlib.Path, *, target, key, num_
                  time.time() - t, time.time() - t0)
   if budget is not None:
     run_budgeted(curves, out, target=target, key=jax.random.fold_in(key, 1000), full=full,
-                 truth=truth, num_restarts=num_restarts, fit_options=fit_options,
-                 min_curves=min_curves, t0=t0, **budget)
+                 truth=truth, num_restarts=num_restarts, fit_options=fit_options, t0=t0,
+                 **budget)
 
 
 def run_budgeted(curves, out, *, target, key, full, truth, levels, method, max_data_num,
-                 num_restarts, fit_options, min_curves, t0) -> None:
+                 num_restarts, fit_options, t0) -> None:
   """Budgeted early stopping at several confidence levels; appends cost.csv rows."""
   name = curves.name
   tag = f"Budgeted{method}"
@@ -174,8 +174,8 @@ def run_budgeted(curves, out, *, target, key, full, truth, levels, method, max_d
     t = time.time()
     results = budgeted.budgeted_selection(
         curves, todo, key=key, method=method, max_data_num=max_data_num,
-        num_restarts=num_restarts, fit_options=fit_options, min_curves=min_curves,
-        target_data_num=target, progress=lambda s: logging.info("[%s] budgeted %s", name, s))
+        num_restarts=num_restarts, fit_options=fit_options, target_data_num=target,
+        progress=lambda s: logging.info("[%s] budgeted %s", name, s))
     for r in results:
       rows.append({"dataset": name, "method": tag, "setting": f"z={r.z:g}",
                    "flops": f"{r.flops:.6g}", "relative_flops": f"{r.flops / full:.6g}",

@@ -261,14 +261,32 @@ def still_active(active, log_pred, sd, z: float) -> np.ndarray:
   bar = np.nanmin(np.where(active, log_pred + z * sd, np.inf))
   return active & ~(log_pred - z * sd > bar)
 
-def early_stopping_selection(curves, levels: Sequence[float], fit_views, *, name: str,
+def prefix_uniforms(key: jax.Array, model: int, num_revealed: int,
+                    num_restarts: int) -> np.ndarray:
+  """[R, laws.NUM_INIT_UNIFORMS] restart draws of one budgeted fit.
+
+  Keyed by (key, model index, number of revealed D > 0 points) only: the fit
+  of a model on a given revealed prefix of the grid is then the same at every
+  round and confidence level, so it is computed once (`early_stopping_selection`).
+  """
+  k = jax.random.fold_in(jax.random.fold_in(key, model), num_revealed)
+  return laws.uniforms_from_key(k, (num_restarts, laws.NUM_INIT_UNIFORMS))
+
+
+def _num_revealed(oracle: CurveOracle, steps) -> np.ndarray:
+  """[M] number of revealed points with D in `steps` (the revealed prefix length)."""
+  return oracle.revealed[:, np.isin(oracle.data_sizes, steps)].sum(1)
+
+
+def early_stopping_selection(curves, levels: Sequence[float], fit_views=None, *, name: str,
                              max_data_num: float, target_data_num: float,
                              min_points: int | None = None, refit_finished: bool = False,
-                             progress=None, predict_views=None) -> list[BudgetedResult]:
+                             progress=None, predict_views=None,
+                             fit_prefixes=None) -> list[BudgetedResult]:
   """The early-stopping procedure of the module docstring, with any fit of the law.
 
-  Each level z has its own `CurveOracle` (its own paid points); at every step
-  the fits of all levels are one `fit_views` call.
+  Each level z has its own `CurveOracle` (its own paid points). Give exactly
+  one of `fit_views`, `predict_views`, `fit_prefixes`.
 
   Args:
     curves: a CurveSet (only the oracles read it).
@@ -276,24 +294,33 @@ def early_stopping_selection(curves, levels: Sequence[float], fit_views, *, name
     fit_views: fit_views(views, step) -> (law, raw [V M, K], mask [V M, P],
       predicted [V, M]): fits `law` to the M models of each of the V
       `VisibleCurves` views (raw parameters and the mask of the points used,
-      rows view-major) and predicts L(D*).
+      rows view-major) and predicts L(D*); called once per step for all levels.
     name: method name in the result ("Budgeted(name, z=...)").
     max_data_num: largest D that may be paid for.
     target_data_num: D*.
     min_points: D > 0 points needed before stopping anyone (default K, the
       number of law parameters).
-    refit_finished: also refit the levels that have ended (their fits are not
-      used), so that every step has the same batch shape (one compilation).
+    refit_finished: (fit_views) also refit the levels that have ended (their
+      fits are not used), so that every step has the same batch shape.
     progress: optional callable(str) for log lines.
-    predict_views: instead of `fit_views` (pass None there): a predictor with
-      its own uncertainty, predict_views(views, step) -> (predicted L(D*) [V, M],
-      sd of log L(D*) [V, M]) (e.g. the curve PFN); needs `min_points`.
+    predict_views: a predictor with its own uncertainty, predict_views(views,
+      step) -> (predicted L(D*) [V, M], sd of log L(D*) [V, M]) (e.g. the
+      curve PFN); needs `min_points`.
+    fit_prefixes: independent per-model fits that depend only on (model,
+      revealed points): fit_prefixes(view, models [B], num_revealed) -> (law,
+      raw [B, K], mask [B, P], predicted [B]) fits the B rows of `view` (rows
+      of models `models`, each with its zero-shot point and its first
+      `num_revealed` D > 0 points). Each (model, num_revealed) pair is fitted
+      once, all levels together: a step fits only the models active in some
+      unfinished level; stopped models and other levels reuse the cached fits
+      (their parameters also enter the pooled s^2 of `laplace_log_sd`).
 
   Returns:
     One BudgetedResult per level.
   """
-  if (fit_views is None) == (predict_views is None):
-    raise ValueError("early_stopping_selection: pass exactly one of fit_views / predict_views")
+  if sum(f is not None for f in (fit_views, predict_views, fit_prefixes)) != 1:
+    raise ValueError("early_stopping_selection: pass exactly one of fit_views / predict_views "
+                     "/ fit_prefixes")
   if predict_views is not None and min_points is None:
     raise ValueError("early_stopping_selection: predict_views needs min_points")
   grid = np.asarray(curves.data_sizes, np.float64)
@@ -308,6 +335,7 @@ def early_stopping_selection(curves, levels: Sequence[float], fit_views, *, name
   last = [None for _ in levels]
   histories = [[] for _ in levels]
   stopped_at = [np.zeros(m) for _ in levels]
+  cache = {}  # fit_prefixes: (model, num_revealed) -> (raw [K], mask [P'], predicted)
   for s, d_s in enumerate(steps):
     if all(done):
       break
@@ -322,7 +350,11 @@ def early_stopping_selection(curves, levels: Sequence[float], fit_views, *, name
       sd_all = np.asarray(sd_views, np.float64).reshape(-1)
       need = min_points
     else:
-      law, raw, mask, predicted = fit_views(views, s)
+      if fit_views is not None:
+        law, raw, mask, predicted = fit_views(views, s)
+      else:
+        law, raw, mask, predicted = _cached_prefix_fits(fit_prefixes, cache, views, [
+            _num_revealed(oracles[i], steps) for i in fitted], s + 1)
       need = law.num_params if min_points is None else min_points
       ylog = np.concatenate([np.log(np.where(v.mask, v.losses, 1.0)) for v in views])
       sd_all = laplace_log_sd(law, raw, views[0].data_sizes, mask, ylog, target_data_num,
@@ -362,6 +394,50 @@ def early_stopping_selection(curves, levels: Sequence[float], fit_views, *, name
   return out
 
 
+def _cached_prefix_fits(fit_prefixes, cache: dict, views, num_revealed, step_count: int):
+  """The fit_views outputs of the fitted levels from per-(model, prefix) fits.
+
+  Fits (one `fit_prefixes` call) the models that have `step_count` revealed
+  points in some view and no cached fit yet; every other row comes from `cache`.
+
+  Args:
+    fit_prefixes: see `early_stopping_selection`.
+    cache: (model, num_revealed) -> (raw [K], mask [P'], predicted), and "law"; updated.
+    views: the V fitted levels' VisibleCurves (same columns).
+    num_revealed: V arrays [M], revealed D > 0 points per model.
+    step_count: the current step's number of revealed points (active models).
+
+  Returns:
+    (law, raw [V M, K], mask [V M, P], predicted [V, M]).
+  """
+  m = views[0].num_models
+  p = views[0].data_sizes.size
+  new = {}  # model -> row of the view it is read from
+  for v, n in zip(views, num_revealed, strict=True):
+    for j in np.flatnonzero(n == step_count):
+      if (int(j), step_count) not in cache and int(j) not in new:
+        new[int(j)] = (v.losses[j], v.mask[j])
+  if new:
+    models = np.asarray(sorted(new))
+    rows = selection.VisibleCurves(
+        data_sizes=views[0].data_sizes, losses=np.stack([new[j][0] for j in models]),
+        mask=np.stack([new[j][1] for j in models]), max_data_num=views[0].max_data_num)
+    law, raw, mask, predicted = fit_prefixes(rows, models, step_count)
+    cache["law"] = law
+    for r, j in enumerate(models):
+      cache[(int(j), step_count)] = (np.asarray(raw[r]), np.asarray(mask[r], bool),
+                                     float(predicted[r]))
+  raws, masks, preds = [], [], []
+  for n in num_revealed:
+    for j in range(m):
+      raw_j, mask_j, pred_j = cache[(j, int(n[j]))]
+      raws.append(raw_j)
+      masks.append(np.concatenate([mask_j, np.zeros(p - mask_j.size, bool)]))
+      preds.append(pred_j)
+  return (cache["law"], np.stack(raws), np.stack(masks),
+          np.asarray(preds, np.float64).reshape(len(views), m))
+
+
 def budgeted_selection(curves, levels: Sequence[float], *, key: jax.Array,
                        method: str = "LensLLM", max_data_num: float = 204800,
                        min_points: int | None = None, num_restarts: int = 8,
@@ -373,13 +449,15 @@ def budgeted_selection(curves, levels: Sequence[float], *, key: jax.Array,
   Args:
     curves: a CurveSet (only the oracles read it).
     levels: confidence levels z (normal quantiles), e.g. (0.5, 1, 2, 4).
-    key: PRNG key; step s uses fold_in(key, s).
+    key: PRNG key; the fit of model j on its first n D > 0 points draws its
+      restarts from `prefix_uniforms(key, j, n, num_restarts)`.
     method: a name in `BUDGET_METHODS` (LensLLM, RectifiedFit: squared loss;
       VanillaFit: Huber loss, sandwich variance).
     max_data_num: largest D that may be paid for.
     min_points: D > 0 points needed before stopping anyone (default K).
     num_restarts, fit_options: passed to the fits.
-    min_curves: pad the fit batch to this many curves (compile reuse).
+    min_curves: pad the fit batch to at least this many curves (compile reuse;
+      default the number of models rounded up to a multiple of 32).
     target_data_num: D*.
     progress: optional callable(str) for log lines.
 
@@ -391,19 +469,18 @@ def budgeted_selection(curves, levels: Sequence[float], *, key: jax.Array,
                      f"{', '.join(BUDGET_METHODS)}; LensLLM+ has its own "
                      f"budgeted_pooled_selection)")
   meta = selection.metadata_of(curves, target_data_num)
+  # Fixed batch: every step and every file of up to `batch` models share one compilation.
+  batch = max(min_curves, -(-len(curves.models) // 32) * 32)
 
-  def fit_views(views, step):
-    results = selection.run_fitted_batch(method, views, meta, key=jax.random.fold_in(key, step),
-                                         num_restarts=num_restarts, fit_options=fit_options,
-                                         min_curves=min_curves)
-    return (results[0].predictor.law,
-            np.concatenate([r.predictor.raw_params for r in results]),
-            np.concatenate([r.extras["mask"] for r in results]),
-            np.stack([r.predicted for r in results]))
+  def fit_prefixes(view, models, num_revealed):
+    u = np.stack([prefix_uniforms(key, int(j), num_revealed, num_restarts) for j in models])
+    res = selection.run_fitted_batch(method, [view], meta, key=key, num_restarts=num_restarts,
+                                     fit_options=fit_options, min_curves=batch, uniforms=u)[0]
+    return res.predictor.law, res.predictor.raw_params, res.extras["mask"], res.predicted
 
-  return early_stopping_selection(curves, levels, fit_views, name=method,
-                                  max_data_num=max_data_num, target_data_num=target_data_num,
-                                  min_points=min_points, progress=progress)
+  return early_stopping_selection(curves, levels, name=method, max_data_num=max_data_num,
+                                  target_data_num=target_data_num, min_points=min_points,
+                                  progress=progress, fit_prefixes=fit_prefixes)
 
 
 def budgeted_pooled_selection(curves, levels: Sequence[float], config: pooled.PooledConfig, *,

@@ -431,15 +431,22 @@ def initial_params(law: laws_lib.Law, data_size, log_loss, mask=None, *, key: ja
     return np.asarray(_initial_params(law, d_in, y_in, valid, aux_in, key, num_restarts))
 
 
-def _initial_params(law, d_in, y_in, valid, aux_in, key, num_restarts):
+def _initial_params(law, d_in, y_in, valid, aux_in, key, num_restarts, uniforms=None):
   if num_restarts < 1:
     raise ValueError(f"num_restarts must be >= 1, got {num_restarts}")
-  u = laws_lib.uniforms_from_key(key, (d_in.shape[0], num_restarts, laws_lib.NUM_INIT_UNIFORMS))
+  shape = (d_in.shape[0], num_restarts, laws_lib.NUM_INIT_UNIFORMS)
+  if uniforms is None:
+    u = laws_lib.uniforms_from_key(key, shape)
+  else:
+    u = np.asarray(uniforms, np.float64)
+    if u.shape != shape:
+      raise ValueError(f"uniforms shape {u.shape} != [curves, restarts, "
+                       f"laws.NUM_INIT_UNIFORMS] = {list(shape)}")
   return _compiled_init(law, aux_in is not None)(jnp.asarray(u), d_in, y_in, valid, aux_in)
 
 
 def fit_curves(law: laws_lib.Law, data_size, log_loss, mask=None, *, key: jax.Array,
-               num_restarts: int = 8, aux: Any = None, init_raw=None,
+               num_restarts: int = 8, aux: Any = None, init_raw=None, uniforms=None,
                optimizer: str = "auto", max_steps: int = 500, gtol: float = 1e-10,
                ftol: float = 1e-13, f_scale: float = 1e-12, patience: int = 10,
                memory_size: int = 10, queue_slots: int | str | None = "auto") -> FitResult:
@@ -461,6 +468,9 @@ def fit_curves(law: laws_lib.Law, data_size, log_loss, mask=None, *, key: jax.Ar
       deterministic, published-style start).
     aux: per-curve pytree with leading axis [C] passed to the law (NTK mode).
     init_raw: optional [C, R, K] starting points replacing the law's initialiser.
+    uniforms: optional [C, R, laws.NUM_INIT_UNIFORMS] U(0, 1) draws of the
+      law's initialiser replacing those of `key` (e.g. keyed per curve, so
+      that a curve's fit does not depend on its batch; budgeted.py).
     optimizer: "auto" (`auto_optimizer`: "gauss_newton" for the Huber
       objective, else "newton"), "newton" (`scale_by_damped_newton`, exact
       Hessian, eigen-decomposition, trust-region style damping),
@@ -489,7 +499,7 @@ def fit_curves(law: laws_lib.Law, data_size, log_loss, mask=None, *, key: jax.Ar
     d_in, y_in, valid, num_points, aux_in = _prepare(law, data_size, log_loss, mask, aux)
     c = d_in.shape[0]
     if init_raw is None:
-      raw0 = _initial_params(law, d_in, y_in, valid, aux_in, key, num_restarts)
+      raw0 = _initial_params(law, d_in, y_in, valid, aux_in, key, num_restarts, uniforms)
     else:
       raw0 = jnp.asarray(init_raw, dtype=jnp.float64)
       if raw0.shape != (c, num_restarts, law.num_params):

@@ -383,7 +383,7 @@ def _fit_arrays(visible: VisibleCurves, use_zero_shot: bool, num_points: int, na
 def fit_law_views(name: str, law: laws.Law, views, metadata: Metadata, *, key: jax.Array,
                   use_zero_shot: bool, num_restarts: int = 8, aux: Any = None,
                   fit_options: Mapping[str, Any] | None = None,
-                  min_curves: int = 0) -> list[SelectionResult]:
+                  min_curves: int = 0, uniforms=None) -> list[SelectionResult]:
   """Law-fitting selection on several views at once (one `fit_curves` call).
 
   Fits `law` to log L of every model's revealed points (D > 0 only unless
@@ -406,6 +406,8 @@ def fit_law_views(name: str, law: laws.Law, views, metadata: Metadata, *, key: j
     aux: NTK mode: per-model pytree with leading axis [M] (shared by all views).
     fit_options: extra keyword arguments of `fitting.fit_curves`.
     min_curves: pad the batch to at least this many curves (compile reuse).
+    uniforms: optional [views * M, num_restarts, laws.NUM_INIT_UNIFORMS]
+      restart draws per curve replacing those of `key` (`fitting.fit_curves`).
 
   Returns:
     One SelectionResult per view: predicted = feature [M] (L(D*)), status [M],
@@ -425,12 +427,15 @@ def fit_law_views(name: str, law: laws.Law, views, metadata: Metadata, *, key: j
     d = np.concatenate([d, np.repeat(d[:1], extra, 0)])
     y = np.concatenate([y, np.zeros((extra, y.shape[1]))])
     mk = np.concatenate([mk, np.zeros((extra, mk.shape[1]), bool)])
+  if uniforms is not None:
+    uniforms = np.asarray(uniforms, np.float64)
+    uniforms = np.concatenate([uniforms, np.zeros((extra, *uniforms.shape[1:]))])
   aux_all = None
   if aux is not None:
     reps = d.shape[0] // m + 1
     aux_all = jax.tree.map(lambda a: np.concatenate([np.asarray(a)] * reps)[:d.shape[0]], aux)
   fit = fitting.fit_curves(law, d, y, mk, key=key, num_restarts=num_restarts, aux=aux_all,
-                           **(fit_options or {}))
+                           uniforms=uniforms, **(fit_options or {}))
   pred_all = law.predict(fit.raw_params, np.array([metadata.target_data_num]),
                          aux=aux_all)[:, 0]
   results = []
@@ -494,7 +499,8 @@ FITTED_LAWS: dict[str, tuple[Callable[[], laws.Law], bool]] = {
 
 def run_fitted_batch(name: str, views, metadata: Metadata, *, key: jax.Array,
                      num_restarts: int = 8, fit_options=None, min_curves: int = 0,
-                     f_term: Callable | None = None, aux: Any = None) -> list[SelectionResult]:
+                     f_term: Callable | None = None, aux: Any = None,
+                     uniforms=None) -> list[SelectionResult]:
   """A fitted method (by name) on several budget views in one batched fit."""
   if name not in FITTED_LAWS:
     raise ValueError(f"{name!r} is not a fitted method; fitted: {sorted(FITTED_LAWS)}")
@@ -502,4 +508,4 @@ def run_fitted_batch(name: str, views, metadata: Metadata, *, key: jax.Array,
   law = laws.lensllm_law(f_term) if name == "LensLLM" else factory()
   return fit_law_views(name, law, views, metadata, key=key, use_zero_shot=zero,
                        num_restarts=num_restarts, aux=aux, fit_options=fit_options,
-                       min_curves=min_curves)
+                       min_curves=min_curves, uniforms=uniforms)

@@ -90,12 +90,80 @@ def test_budgeted_is_blind_to_unpaid_points_and_saves_compute():
   np.testing.assert_array_equal(again.selection.ranking, cheap.selection.ranking)
   np.testing.assert_array_equal(again.selection.feature, cheap.selection.feature)
   # The never-stopping run predicts like the fixed-budget LensLLM fit at D_max
-  # (same batch position and key as its last step -> the same fit).
+  # (other restart draws, the same optimum).
   meta = selection.metadata_of(curves, 409600)
   fixed = selection.run_fitted_batch("LensLLM", [selection.visible_view(curves, 12800)], meta,
                                      key=jax.random.fold_in(key, 6), min_curves=28, **FAST)[0]
   assert never.selection.chosen == fixed.chosen
   np.testing.assert_allclose(never.selection.predicted, fixed.predicted, rtol=1e-9)
+
+
+def _naive_budgeted(curves, z, *, key, max_data_num, target, method, num_restarts, fit_options):
+  """Reference: one level alone, every model's view refitted at every step (no cache).
+
+  Restart draws keyed by (model, number of revealed D > 0 points) as in
+  `budgeted_selection`; the stopping rule written out again.
+  """
+  meta = selection.metadata_of(curves, target)
+  grid = curves.data_sizes
+  m = len(curves.models)
+  revealed = np.broadcast_to(grid == 0, (m, grid.size)).copy()
+  active = np.ones(m, bool)
+  stopped_at, flops, history, last = np.zeros(m), 0.0, [], None
+  for s, d_s in enumerate(grid[(grid > 0) & (grid <= max_data_num)]):
+    flops += 6.0 * d_s * curves.sizes[active].astype(float).sum()
+    revealed[active, grid == d_s] = True
+    stopped_at[active] = d_s
+    num = revealed[:, grid > 0].sum(1)
+    view = selection.visible_view(curves, d_s, np.where(grid <= d_s, revealed, False))
+    u = np.stack([budgeted.prefix_uniforms(key, j, num[j], num_restarts) for j in range(m)])
+    fit = selection.run_fitted_batch(method, [view], meta, key=jax.random.key(99),
+                                     num_restarts=num_restarts, fit_options=fit_options,
+                                     min_curves=32, uniforms=u)[0]
+    law = fit.predictor.law
+    ylog = np.log(np.where(view.mask, view.losses, 1.0))
+    sd = budgeted.laplace_log_sd(law, fit.predictor.raw_params, view.data_sizes,
+                                 fit.extras["mask"], ylog, target)
+    logp = np.log(np.where(np.isfinite(fit.predicted), fit.predicted, np.inf))
+    if last is not None:
+      logp, sd = np.where(active, logp, last[0]), np.where(active, sd, last[1])
+    last = (logp, sd)
+    history.append((d_s, active.copy(), logp, sd))
+    if s + 1 >= law.num_params:
+      best = np.min(np.where(active, logp + z * sd, np.inf))
+      active = active & (logp - z * sd <= best)
+    if active.sum() <= 1:
+      break
+  return active, last[0], flops, revealed, stopped_at, history
+
+
+def test_cached_prefix_fits_equal_refitting_every_view():
+  """The fast procedure (each (model, prefix) fitted once, all levels in one call per step)
+  gives exactly what refitting every level's every model at every step gives."""
+  curves, _ = synthetic_curves(num_models=9, noise=0.01, seed=5)
+  key = jax.random.key(8)
+  levels = (0.3, 1.0, 3.0, 1e9)
+  kw = dict(max_data_num=12800, method="LensLLM", **FAST)
+  fast = budgeted.budgeted_selection(curves, levels, key=key, target_data_num=409600, **kw)
+  stops = set()
+  for z, res in zip(levels, fast, strict=True):
+    active, logp, flops, revealed, stopped_at, history = _naive_budgeted(
+        curves, z, key=key, target=409600, **kw)
+    np.testing.assert_array_equal(res.selection.extras["active"], active)
+    np.testing.assert_array_equal(res.selection.feature, np.exp(logp))
+    assert res.selection.ranking.tolist() == np.lexsort((logp, ~active)).tolist()
+    assert res.flops == pytest.approx(flops, rel=1e-12)
+    np.testing.assert_array_equal(res.revealed, revealed)
+    np.testing.assert_array_equal(res.stopped_at, stopped_at)
+    assert len(res.history) == len(history)
+    for h, (d_s, act, lp, sd) in zip(res.history, history, strict=True):
+      assert h["data_size"] == d_s
+      np.testing.assert_array_equal(h["active"], act)
+      np.testing.assert_array_equal(h["log_pred"], lp)
+      np.testing.assert_array_equal(h["sd"], sd)
+    stops.add(tuple(stopped_at))
+  # The levels differ (some stop early, z = 1e9 never), so the cache is shared non-trivially.
+  assert len(stops) >= 3
 
 
 # ------------------------------------------------ calibration of the sd ---
