@@ -1,4 +1,4 @@
-r"""LensLLM+ (pooled LensLLM fits) under the leave-one-dataset-out protocol.
+r"""LensLLM+ (the protocol-chosen candidate) under the leave-one-dataset-out protocol.
 
   python -m experiments.lensllm_plus --config=configs/lensllm_plus.py \
       --output_dir=results/lensllm_plus [--config.budgeted=False]
@@ -32,7 +32,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.seed = 0
   c.num_restarts = 8  # restarts of the independent fits (the start of the pooled fit)
   c.num_steps = 60  # Levenberg-Marquardt steps of the pooled fit
-  c.budgeted = True  # the early-stopping procedure with the LensLLM+ fit
+  c.pfn_dir = ""  # CurvePFN weights; empty: the committed ones (lensllm_jax/data/curve_pfn)
+  c.budgeted = True  # the early-stopping procedure with the chosen candidate
   c.budget_levels = (0.5, 1.0, 2.0, 4.0)  # confidence levels z
   if arg == "public":
     c.train_only_benchmarks = ()

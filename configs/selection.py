@@ -7,8 +7,8 @@ r"""The model-selection tables of Lin et al. (2024) / Zeng et al. (2025) on the 
 gigaword), the seven published methods, the seven budget ratios
 D*/D_max = 8 ... 512 of the papers, D* = the largest D of each file, and the
 budgeted early-stopping procedure at z = 0.5, 1, 2, 4 (about 1.5 min on 2 CPU
-cores). `get_config("plus")` adds LensLLM+ with its settings chosen by
-leave-one-dataset-out (`protocol.leave_one_out`, several minutes more).
+cores). `get_config("plus")` adds LensLLM+ chosen by leave-one-dataset-out
+(`plus_candidates.leave_one_out`, several minutes more).
 
 Tuple fields are overridden as Python literals, e.g.
 `--config.methods="('ZeroShot','AtS')"`, `--config.ratios="(8,16)"`,
@@ -41,8 +41,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.budget_method = "LensLLM"  # the law used by the budgeted procedure
   c.budget_max_data_num = config_dict.placeholder(int)  # default D* / min(ratios)
   c.figures = True
-  # Settings of LensLLM+ (when in methods): "none" = pooled.DEFAULT_CONFIG (untuned),
-  # "leave_one_out" = chosen for each file on the other files (needs >= 2 files).
+  # LensLLM+ (when in methods): "none" = the pooled fit with pooled.DEFAULT_CONFIG (untuned),
+  # "leave_one_out" = the candidate of plus_candidates chosen for each file on the other
+  # files (needs >= 2 files; the recommended predictor, as in experiments.lensllm_plus).
   c.protocol = "none"
   if arg == "plus":
     c.methods = PUBLISHED_METHODS + ("LensLLM+",)

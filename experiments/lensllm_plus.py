@@ -1,44 +1,56 @@
-r"""LensLLM+ (pooled LensLLM fits) under the leave-one-dataset-out protocol.
+r"""LensLLM+ (the project's recommended predictor) under the leave-one-dataset-out protocol.
 
     python -m experiments.lensllm_plus --config=configs/lensllm_plus.py \
         --output_dir=results/lensllm_plus
 
-config.benchmarks files are reported; config.train_only_benchmarks files (the project's
-own curve files, written by experiments/lensllm_study.py in the public
-format) are training files of every fold and never reported. They are scored
-on the ratios (relative to their own D*) that leave at least 2 visible
-fine-tuning points (`protocol.training_ratios`; 8..64 for D* = 25600). The
-reported run uses both study files; that was decided before any run with
-them (more training files make each fold's choice less of a one-file
-sample), not from the reported numbers.
+LensLLM+ on a reported file is the candidate of `plus_candidates` (the pooled
+LensLLM fit, the CurvePFN, the dynamic-F law, their blends with AtS, AtS)
+with the best mean criterion (mean PearCorr + mean RelAcc over the ratios) on
+the OTHER files. config.benchmarks files are reported;
+config.train_only_benchmarks files (the project's own curve files, written by
+experiments/lensllm_study.py in the public format) are training files of every
+fold and never reported. They are scored on the ratios (relative to their own
+D*) that leave at least 2 visible fine-tuning points
+(`protocol.training_ratios`; 8..64 for D* = 25600). The reported run uses both
+study files; that was decided before any run with them, not from the reported
+numbers.
 
-Steps (each writes its CSV as it goes; a rerun skips finished work):
+Steps (the expensive ones write their CSV as they go; a rerun skips finished work):
 
-  0. inputs   every file read, its role, ratios and sha256 -> inputs.csv.
-  1. grid     every setting of `protocol.default_grid()` on every file, every
-              budget ratio -> grid.csv (dataset,config,ratio,metric,value).
-  2. choose   for each reported file, the setting with the best mean
-              criterion (mean PearCorr + mean RelAcc over the ratios) on the
-              OTHER files (training-only files included) -> chosen.csv (the
-              held-out file's grid rows are never read when choosing its
-              setting).
-  3. report   on each file: LensLLM+ with its chosen setting beside AtS,
-              RectifiedFit and LensLLM (independent fits) run in the same
-              process -> results.csv (dataset,ratio,method,metric,value;
-              metrics PearCorr, RelAcc, Spearman, RMSE = curve RMSE at D* in
-              loss units over the models), and the compute each method reads
-              at each ratio relative to AtS at ratio 8 -> cost.csv.
-  4. budgeted the early-stopping procedure of `budgeted.py` (SELECT) with
-              the LensLLM+ fit at several confidence levels -> cost.csv rows.
-  5. tables   lensllm_plus.md (Markdown for the README).
+  0. inputs      every file read, its role, ratios and sha256, the PFN weights'
+                 sha256 and the fit settings -> inputs.csv (a rerun whose
+                 inputs changed stops with an error rather than mixing results).
+  1. grid        every setting of `protocol.default_grid()` on every file,
+                 every budget ratio -> grid.csv (dataset,config,ratio,metric,value).
+  2. pooled      for each reported file, the Pooled setting with the best mean
+                 criterion on the OTHER files -> chosen.csv.
+  3. predict     every candidate base and baseline on every file's budget
+                 views (`plus_candidates.file_predictions`) -> predictions.csv
+                 (dataset,job,key,ratio,values: L(D*) of the models, or the
+                 sd of log L(D*) for keys ending in _sd).
+  4. choose      every candidate scored on every file with each fold's Pooled
+                 setting -> candidates.csv (fold,dataset,candidate,ratio,metric,
+                 value); the chosen candidate of each file, from the other
+                 files' rows only -> candidates_chosen.csv; the PFN's 80%
+                 interval coverage -> candidates_coverage.csv.
+  5. report      on each reported file LensLLM+ (= its chosen candidate) beside
+                 AtS, RectifiedFit and LensLLM -> results.csv (dataset,ratio,
+                 method,metric,value; PearCorr, RelAcc, Spearman, RMSE = RMSE
+                 of L(D*) over the models, loss units), and the compute each
+                 reads at each ratio relative to AtS at ratio 8 -> cost.csv.
+  6. budgeted    the early-stopping procedure of `budgeted.py` with the chosen
+                 candidate's own predictive mean and sd of log L(D*)
+                 (`plus_candidates.budgeted_candidate_selection`) at several
+                 confidence levels -> budgeted.csv.
+  7. tables      lensllm_plus.md.
 
-Delete the output directory for a cold run. Cached rows are keyed by file
-name; a rerun whose files changed content (sha256 in inputs.csv) stops with
-an error rather than mixing results.
+Steps 4 and 5 are recomputed from predictions.csv on every run (cheap).
+Delete the output directory for a cold run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import pathlib
 import time
@@ -48,9 +60,10 @@ import numpy as np
 from absl import app, flags, logging
 
 from experiments import common
-from lensllm_jax import budgeted, metrics, pooled, protocol, selection
+from lensllm_jax import budgeted, curve_pfn, metrics, plus_candidates, pooled, protocol
 
 FLAGS = flags.FLAGS
+PLUS = pooled.METHOD_NAME  # "LensLLM+"
 
 
 def define_flags() -> None:
@@ -64,13 +77,15 @@ def define_flags() -> None:
 GRID_HEADER = ("dataset", "config", "ratio", "metric", "value")
 CHOSEN_HEADER = ("held_out", "trained_on", "config", "strength", "pooled", "covariates",
                  "pre_power_weight", "huber_delta", "empirical_bayes", "train_criterion")
+PRED_HEADER = ("dataset", "job", "key", "ratio", "values")
+CAND_HEADER = ("fold", "dataset", "candidate", "ratio", "metric", "value")
+CAND_CHOSEN_HEADER = ("held_out", "trained_on", "candidate", "pooled_setting", "train_criterion")
 RESULT_HEADER = ("dataset", "ratio", "method", "metric", "value")
 COST_HEADER = ("dataset", "method", "setting", "flops", "relative_to_ats8", "RelAcc", "PearCorr")
-BASELINES = ("AtS", "RectifiedFit", "LensLLM")
+BUDGET_HEADER = ("dataset", "method", "candidate", "setting", "flops", "relative_to_ats8",
+                 "RelAcc", "PearCorr")
+BASELINES = plus_candidates.BASELINES  # AtS, RectifiedFit, LensLLM
 INPUT_HEADER = ("dataset", "role", "source", "ratios", "sha256")
-
-
-# ------------------------------------------------------------------ I/O ---
 
 
 # --------------------------------------------------------------- steps ---
@@ -110,8 +125,50 @@ def cached_grid_evaluator(out: pathlib.Path, ratios, num_restarts, num_steps):
   return evaluate
 
 
-def write_inputs(out, curve_sets, train_only, ratios):
-  """inputs.csv: every file read (role, ratios, sha256), so a run names its data."""
+def cached_predictions(out: pathlib.Path):
+  """A `predict` for `plus_candidates.leave_one_out` that stores every job in predictions.csv.
+
+  A job (`plus_candidates.prediction_jobs`) is rerun only if some ratio of the
+  file has no row for it; the predictions returned are always the ones read
+  back from the CSV (17 significant digits), so a rerun scores the same numbers.
+  """
+  path = out / "predictions.csv"
+
+  def load(name, ratios):
+    have = {}
+    for r in common.read_rows(path):
+      if r["dataset"] == name and int(r["ratio"]) in ratios:
+        have.setdefault(r["job"], {}).setdefault(r["key"], {})[int(r["ratio"])] = np.array(
+          [float(x) for x in r["values"].split()])
+    return have
+
+  def predict(curves, ratios, *, ctx, pooled_configs, target_data_num):
+    jobs = plus_candidates.prediction_jobs(ctx, pooled_configs)
+    have = load(curves.name, ratios)
+    todo = [j for j in jobs if j not in have or not all(
+      set(ratios) <= set(per) for per in have[j].values())]
+    logging.info("[%s] predictions: %d of %d jobs already in %s", curves.name,
+                 len(jobs) - len(todo), len(jobs), path)
+    for job in todo:
+      t = time.time()
+      _, preds = plus_candidates.file_predictions(curves, ratios, ctx=ctx,
+                                                  pooled_configs=pooled_configs,
+                                                  target_data_num=target_data_num, only=[job])
+      common.append_rows(path, PRED_HEADER, [
+        {"dataset": curves.name, "job": job, "key": k, "ratio": r,
+         "values": " ".join(f"{x:.17g}" for x in v[i])}
+        for k, v in preds.items() for i, r in enumerate(ratios)])
+      logging.info("[%s] predictions: %s in %.1fs", curves.name, job, time.time() - t)
+    have = load(curves.name, ratios)
+    truth = protocol.budget_views(curves, ratios, target_data_num)[1]
+    preds = {k: np.stack([per[r] for r in ratios]) for j in jobs for k, per in have[j].items()}
+    return truth, preds
+
+  return predict
+
+
+def write_inputs(out, curve_sets, train_only, ratios, *, pfn_dir: pathlib.Path, settings: str):
+  """inputs.csv: every file read (role, ratios, sha256), the PFN weights and the fit settings."""
   rows = []
   for role, sets in (("reported", curve_sets), ("train_only", train_only)):
     for c in sets:
@@ -119,6 +176,11 @@ def write_inputs(out, curve_sets, train_only, ratios):
       digest = hashlib.sha256(pathlib.Path(c.source).read_bytes()).hexdigest()
       rows.append({"dataset": c.name, "role": role, "source": c.source,
                    "ratios": " ".join(map(str, rs)), "sha256": digest})
+  weights = pfn_dir / "weights.msgpack"
+  rows.append({"dataset": "CurvePFN", "role": "predictor", "source": str(pfn_dir), "ratios": "",
+               "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()})
+  rows.append({"dataset": "settings", "role": "settings", "source": settings, "ratios": "",
+               "sha256": hashlib.sha256(settings.encode()).hexdigest()})
   path = out / "inputs.csv"
   old = {r["dataset"]: r["sha256"] for r in common.read_rows(path)}
   changed = [r["dataset"] for r in rows if r["dataset"] in old and old[r["dataset"]] != r["sha256"]]
@@ -131,78 +193,87 @@ def write_inputs(out, curve_sets, train_only, ratios):
   common.append_rows(path, INPUT_HEADER, rows)
 
 
-def choose_settings(curve_sets, out, *, key, ratios, num_restarts, num_steps, train_only=()):
-  """Step 1 + 2: grid on every file and the leave-one-out choice -> chosen.csv."""
-  grid = protocol.default_grid()
-  evaluate = cached_grid_evaluator(out, ratios, num_restarts, num_steps)
-  for c in train_only:
-    logging.info("[%s] training-only file, ratios %s", c.name, protocol.training_ratios(c, ratios))
-  folds, _ = protocol.leave_one_out(curve_sets, grid, key=key, evaluate=evaluate,
-                                    train_only=train_only, ratios=ratios)
+def rewrite(path: pathlib.Path, header, rows) -> None:
+  """Replaces a derived CSV (recomputed from the cached rows on every run)."""
+  if path.exists():
+    path.unlink()
+  common.append_rows(path, header, rows)
+
+
+def table_rows(fold, dataset, name, table, ratios) -> list[dict]:
+  return [{"fold": fold, "dataset": dataset, "candidate": name, "ratio": r, "metric": m,
+           "value": f"{table[m][k]:.6f}"} for k, r in enumerate(ratios) for m in protocol.METRICS]
+
+
+def write_choices(out, folds, files) -> None:
+  """Steps 2, 4, 5: chosen.csv, candidates*.csv, results.csv, cost.csv (derived)."""
   rows = []
   for f in folds:
-    c = f.config
-    rows.append({"held_out": f.held_out, "trained_on": "+".join(f.trained_on), "config": c.name,
-                 "strength": c.strength, "pooled": "+".join(c.pooled),
+    c = f.pooled.config
+    rows.append({"held_out": f.held_out, "trained_on": "+".join(f.pooled.trained_on),
+                 "config": c.name, "strength": c.strength, "pooled": "+".join(c.pooled),
                  "covariates": c.covariates, "pre_power_weight": c.pre_power_weight,
                  "huber_delta": "none" if c.huber_delta is None else c.huber_delta,
                  "empirical_bayes": c.empirical_bayes,
-                 "train_criterion": f"{f.train_criterion:.6f}"})
-    logging.info("[%s] chosen on %s: %s (criterion %.4f)", f.held_out, f.trained_on, c.name,
-                 f.train_criterion)
-  path = out / "chosen.csv"
-  if path.exists():
-    path.unlink()
-  common.append_rows(path, CHOSEN_HEADER, rows)
-  return folds
+                 "train_criterion": f"{f.pooled.train_criterion:.6f}"})
+  rewrite(out / "chosen.csv", CHOSEN_HEADER, rows)
+  cand_rows, chosen_rows = [], []
+  for f in folds:
+    for ds, tabs in f.tables.items():
+      truth, preds, rs = files[ds]["truth"], files[ds]["preds"], files[ds]["ratios"]
+      for name, tab in tabs.items():
+        cand_rows += table_rows(f.held_out, ds, name, tab, rs)
+      for m in BASELINES[1:]:
+        cand_rows += table_rows(f.held_out, ds, m, plus_candidates.score_table(preds[m], truth),
+                                rs)
+    chosen_rows.append({"held_out": f.held_out, "trained_on": "+".join(f.trained_on),
+                        "candidate": f.candidate.name, "pooled_setting": f.pooled.config.name,
+                        "train_criterion": f"{f.train_criterion:.6f}"})
+    logging.info("[%s] LensLLM+ = %s (criterion on %s: %.4f)", f.held_out, f.candidate.name,
+                 "+".join(f.trained_on), f.train_criterion)
+  rewrite(out / "candidates.csv", CAND_HEADER, cand_rows)
+  rewrite(out / "candidates_chosen.csv", CAND_CHOSEN_HEADER, chosen_rows)
+  # Calibration of the PFN on real curves: share of models whose L(D*) lies in the
+  # central 80% predictive interval (reported, not used by any choice).
+  cover = []
+  for ds, f in files.items():
+    inside = ((f["preds"]["CurvePFN_q0.1"] <= f["truth"][None]) &
+              (f["truth"][None] <= f["preds"]["CurvePFN_q0.9"])).mean(1)   # [R]
+    cover += [{"dataset": ds, "ratio": r, "coverage80": f"{inside[k]:.6f}"}
+              for k, r in enumerate(f["ratios"])]
+  rewrite(out / "candidates_coverage.csv", ("dataset", "ratio", "coverage80"), cover)
 
 
-def report_dataset(curves, fold, out, *, key, ratios, num_restarts, num_steps):
-  """Step 3: LensLLM+ (chosen setting) beside the baselines on the held-out file."""
-  name = curves.name
-  done = {r["method"] for r in common.read_rows(out / "results.csv") if r["dataset"] == name}
-  methods = (pooled.METHOD_NAME,) + BASELINES
-  if all(m in done for m in methods):
-    logging.info("[%s] report: already done", name)
-    return
-  t = time.time()
-  meta, truth, rv = protocol.budget_views(curves, ratios)
-  views = [v for _, v in rv]
-  results = {}
-  # The same key as the grid step: the reported LensLLM+ is the grid's cell.
-  res = pooled.pooled_selection(views, meta, [fold.config], key=key, num_restarts=num_restarts,
-                                num_steps=num_steps)
-  results[pooled.METHOD_NAME] = [r[0] for r in res]
-  results["AtS"] = [selection.ats(v, meta) for v in views]
-  for m in ("RectifiedFit", "LensLLM"):
-    results[m] = selection.run_fitted_batch(m, views, meta, key=key, num_restarts=num_restarts)
-  ats8 = budgeted.method_flops("AtS", curves.sizes, curves.data_sizes,
-                               meta.target_data_num / 8)
+def write_report(out, folds, files, curve_sets) -> None:
+  """Step 5: results.csv and cost.csv of LensLLM+ and the baselines on the reported files."""
   rows, cost = [], []
-  for m in methods:
-    if m in done:
-      continue
-    for (ratio, v), r in zip(rv, results[m], strict=True):
-      sc = protocol.score_results(r, truth)
-      rows += [{"dataset": name, "ratio": ratio, "method": m, "metric": k,
-                "value": f"{sc[k]:.6f}"} for k in protocol.METRICS]
-      reads = "AtS" if m == "AtS" else "RectifiedFit"  # the fits read all visible points
-      flops = budgeted.method_flops(reads, curves.sizes, curves.data_sizes, v.max_data_num)
-      cost.append({"dataset": name, "method": m, "setting": f"ratio={ratio}",
-                   "flops": f"{flops:.6g}", "relative_to_ats8": f"{flops / ats8:.6g}",
-                   "RelAcc": f"{sc['RelAcc']:.6f}", "PearCorr": f"{sc['PearCorr']:.6f}"})
-  common.append_rows(out / "cost.csv", COST_HEADER, cost)
-  common.append_rows(out / "results.csv", RESULT_HEADER, rows)
-  logging.info("[%s] report: %d methods x %d ratios in %.1fs", name, len(methods), len(ratios),
-               time.time() - t)
+  for f, curves in zip(folds, curve_sets, strict=True):
+    fl = files[f.held_out]
+    target = float(np.max(curves.data_sizes))
+    ats8 = budgeted.method_flops("AtS", curves.sizes, curves.data_sizes, target / 8)
+    preds = {PLUS: plus_candidates.candidate_prediction(f.candidate, fl["preds"],
+                                                        f.pooled.config),
+             **{m: fl["preds"][m] for m in BASELINES}}
+    for m, p in preds.items():
+      for ratio, res in zip(fl["ratios"], plus_candidates.plus_results(p, m), strict=True):
+        sc = protocol.score_results(res, fl["truth"])
+        rows += [{"dataset": f.held_out, "ratio": ratio, "method": m, "metric": k,
+                  "value": f"{sc[k]:.6f}"} for k in protocol.METRICS]
+        reads = "AtS" if m == "AtS" else "RectifiedFit"  # the fits read all visible points
+        flops = budgeted.method_flops(reads, curves.sizes, curves.data_sizes, target / ratio)
+        cost.append({"dataset": f.held_out, "method": m, "setting": f"ratio={ratio}",
+                     "flops": f"{flops:.6g}", "relative_to_ats8": f"{flops / ats8:.6g}",
+                     "RelAcc": f"{sc['RelAcc']:.6f}", "PearCorr": f"{sc['PearCorr']:.6f}"})
+  rewrite(out / "results.csv", RESULT_HEADER, rows)
+  rewrite(out / "cost.csv", COST_HEADER, cost)
 
 
-def budgeted_dataset(curves, fold, out, *, key, levels, max_data_num, num_restarts, num_steps):
-  """Step 4: early stopping with the LensLLM+ fit (cost relative to AtS at ratio 8)."""
-  name = curves.name
-  tag = f"Budgeted{pooled.METHOD_NAME}"
-  done = {r["setting"] for r in common.read_rows(out / "cost.csv")
-          if r["dataset"] == name and r["method"] == tag}
+def budgeted_dataset(curves, fold, out, *, ctx, levels, max_data_num) -> None:
+  """Step 6: early stopping with the chosen candidate (cost relative to AtS at ratio 8)."""
+  name, cand = curves.name, fold.candidate
+  tag = f"Budgeted{PLUS}"
+  done = {r["setting"] for r in common.read_rows(out / "budgeted.csv")
+          if r["dataset"] == name and r["candidate"] == cand.name}
   todo = [z for z in levels if f"z={z:g}" not in done]
   if not todo:
     return
@@ -210,16 +281,16 @@ def budgeted_dataset(curves, fold, out, *, key, levels, max_data_num, num_restar
   target = float(np.max(curves.data_sizes))
   truth = curves.column(target)
   ats8 = budgeted.method_flops("AtS", curves.sizes, curves.data_sizes, target / 8)
-  res = budgeted.budgeted_pooled_selection(
-      curves, todo, fold.config, key=key, max_data_num=max_data_num,
-      num_restarts=num_restarts, num_steps=num_steps,
-      progress=lambda s: logging.info("[%s] budgeted %s", name, s))
-  rows = [{"dataset": name, "method": tag, "setting": f"z={r.z:g}", "flops": f"{r.flops:.6g}",
-           "relative_to_ats8": f"{r.flops / ats8:.6g}",
+  res = plus_candidates.budgeted_candidate_selection(
+    curves, todo, cand, ctx=dataclasses.replace(ctx, pooled_config=fold.pooled.config),
+    max_data_num=max_data_num, progress=lambda s: logging.info("[%s] budgeted %s", name, s))
+  rows = [{"dataset": name, "method": tag, "candidate": cand.name, "setting": f"z={r.z:g}",
+           "flops": f"{r.flops:.6g}", "relative_to_ats8": f"{r.flops / ats8:.6g}",
            "RelAcc": f"{metrics.relative_accuracy(r.selection.chosen, truth):.6f}",
            "PearCorr": f"{metrics.pearson_corr(r.selection.feature, truth):.6f}"} for r in res]
-  common.append_rows(out / "cost.csv", COST_HEADER, rows)
-  logging.info("[%s] budgeted: %d levels in %.1fs", name, len(todo), time.time() - t)
+  common.append_rows(out / "budgeted.csv", BUDGET_HEADER, rows)
+  logging.info("[%s] budgeted %s: %d levels in %.1fs", name, cand.name, len(todo),
+               time.time() - t)
 
 
 # -------------------------------------------------------------- tables ---
@@ -230,75 +301,124 @@ def _f(v, scale=100.0, digits=1) -> str:
 
 
 def tables(out: pathlib.Path, ratios) -> str:
-  """Markdown of results.csv, chosen.csv and cost.csv, with the target checks."""
-  rows = common.read_rows(out / "results.csv")
-  val = {(r["dataset"], r["method"], r["metric"], int(r["ratio"])): float(r["value"])
-         for r in rows}
-  datasets = list(dict.fromkeys(r["dataset"] for r in rows))
-  methods = [pooled.METHOD_NAME, *BASELINES]
-  md = ["# LensLLM+ under leave-one-dataset-out (generated by experiments/lensllm_plus.py)", ""]
+  """Markdown of the CSVs of steps 0-6, with the target checks."""
+  res = {(r["dataset"], r["method"], r["metric"], int(r["ratio"])): float(r["value"])
+         for r in common.read_rows(out / "results.csv")}
+  cand = {(r["fold"], r["dataset"], r["candidate"], r["metric"], int(r["ratio"])): float(r["value"])
+          for r in common.read_rows(out / "candidates.csv")}
+  chosen = {r["held_out"]: r for r in common.read_rows(out / "candidates_chosen.csv")}
+  reported = list(chosen)
+  names = [c.name for c in plus_candidates.candidate_names()]
+  methods = [PLUS, *BASELINES]
+
+  def mean(table, key, rs):
+    return float(np.nanmean([table.get((*key, r), np.nan) for r in rs]))
+
+  md = ["# LensLLM+ under leave-one-dataset-out (generated by experiments/lensllm_plus.py)", "",
+        "LensLLM+ on each reported file is the candidate with the best mean PearCorr + mean "
+        "RelAcc over the ratios on the OTHER files (`plus_candidates.leave_one_out`). "
+        "Candidates: " + ", ".join(f"`{n}`" for n in names) + "; `wAtS+X` = exp(w log "
+        "L_AtS(D*) + (1 - w) log L_X(D*)). `Pooled` uses the setting of the "
+        f"{len(protocol.default_grid())}-setting grid chosen on the same other files.", ""]
   inputs = common.read_rows(out / "inputs.csv")
   if inputs:
-    md += [f"Grid: {len(protocol.default_grid())} settings (`protocol.default_grid()`); every "
-           "setting is chosen on the other files only. Files read:", "",
-           "| file | role | ratios | sha256 (first 12) |", "|---|---|---|---|"]
-    md += [f"| {r['dataset']} | {r['role']} | {r['ratios']} | `{r['sha256'][:12]}` |"
-           for r in inputs]
+    md += ["Inputs:", "", "| file | role | ratios | sha256 (first 12) |", "|---|---|---|---|"]
+    md += [f"| {r['dataset']} | {r['role']} | {r['ratios'] or r['source']} | "
+           f"`{r['sha256'][:12]}` |" for r in inputs]
     md.append("")
-  chosen = common.read_rows(out / "chosen.csv")
-  if chosen:
-    md += ["## Settings chosen for each file (on the other files only)", "",
-           "| reported on | chosen on | setting | training criterion |", "|---|---|---|---|"]
-    md += [f"| {c['held_out']} | {c['trained_on']} | `{c['config']}` | "
-           f"{float(c['train_criterion']):.4f} |" for c in chosen]
-    md.append("")
-  for metric, scale, digits, label in (("PearCorr", 100, 1, "x100"), ("RelAcc", 100, 1, "x100"),
-                                       ("RMSE", 1, 4, "loss units, at D*")):
-    for ds in datasets:
-      md += [f"## {metric} ({label}), {ds}", "",
+  pooled_rows = {r["held_out"]: r for r in common.read_rows(out / "chosen.csv")}
+  md += ["## Choices (each on the other files only)", "",
+         "| reported on | chosen on | LensLLM+ = | its criterion there | Pooled setting | "
+         "Pooled criterion there |", "|---|---|---|---|---|---|"]
+  md += [f"| {h} | {c['trained_on']} | `{c['candidate']}` | {float(c['train_criterion']):.4f} "
+         f"| `{c['pooled_setting']}` | {float(pooled_rows[h]['train_criterion']):.4f} |"
+         for h, c in chosen.items()]
+  md += ["", "## Means over the ratios 1/8 ... 1/512 (PearCorr, RelAcc x100; RMSE of L(D*) "
+         "over the models, loss units), each reported file under its own fold", "",
+         "| file | method | PearCorr | RelAcc | RMSE@D* |", "|---|---|---|---|---|"]
+  for ds in reported:
+    pick = chosen[ds]["candidate"]
+    md.append(f"| {ds} | **{PLUS}** (= {pick}) | {_f(mean(res, (ds, PLUS, 'PearCorr'), ratios))}"
+              f" | {_f(mean(res, (ds, PLUS, 'RelAcc'), ratios))} | "
+              f"{mean(res, (ds, PLUS, 'RMSE'), ratios):.4f} |")
+    for n in names + list(BASELINES[1:]):
+      key = (ds, ds, n)
+      md.append(f"| {ds} | {n} | {_f(mean(cand, (*key, 'PearCorr'), ratios))} | "
+                f"{_f(mean(cand, (*key, 'RelAcc'), ratios))} | "
+                f"{mean(cand, (*key, 'RMSE'), ratios):.4f} |")
+  md.append("")
+  for metric, scale, digits in (("PearCorr", 100, 1), ("RelAcc", 100, 1), ("RMSE", 1, 4)):
+    for ds in reported:
+      md += [f"## {metric}, {ds} (per ratio)", "",
              "| method | " + " | ".join(f"1/{r}" for r in ratios) + " | mean |",
              "|---|" + "---|" * (len(ratios) + 1)]
       for m in methods:
-        v = [val.get((ds, m, metric, r), np.nan) for r in ratios]
+        v = [res.get((ds, m, metric, r), np.nan) for r in ratios]
         md.append(f"| {m} | " + " | ".join(_f(x, scale, digits) for x in v) +
                   f" | {_f(np.nanmean(v), scale, digits)} |")
       md.append("")
-  md += ["## Target check (means over the ratios above)", "",
-         "| dataset | mean PearCorr LensLLM+ vs AtS | mean RelAcc LensLLM+ vs AtS | "
-         "mean RMSE@D* LensLLM+ vs RectifiedFit |", "|---|---|---|---|"]
-  for ds in datasets:
-    def mean(m, metric, ds=ds):
-      return float(np.nanmean([val.get((ds, m, metric, r), np.nan) for r in ratios]))
-    p, a = mean(pooled.METHOD_NAME, "PearCorr"), mean("AtS", "PearCorr")
-    q, b = mean(pooled.METHOD_NAME, "RelAcc"), mean("AtS", "RelAcc")
-    e, f = mean(pooled.METHOD_NAME, "RMSE"), mean("RectifiedFit", "RMSE")
+  md += ["## Target check (means over the ratios)", "",
+         f"| file | PearCorr {PLUS} vs AtS | RelAcc {PLUS} vs AtS | RMSE@D* {PLUS} vs "
+         "RectifiedFit, AtS |", "|---|---|---|---|"]
+  for ds in reported:
+    p, a = mean(res, (ds, PLUS, "PearCorr"), ratios), mean(res, (ds, "AtS", "PearCorr"), ratios)
+    q, b = mean(res, (ds, PLUS, "RelAcc"), ratios), mean(res, (ds, "AtS", "RelAcc"), ratios)
+    e = mean(res, (ds, PLUS, "RMSE"), ratios)
+    f, g = mean(res, (ds, "RectifiedFit", "RMSE"), ratios), mean(res, (ds, "AtS", "RMSE"), ratios)
     md.append(f"| {ds} | {100 * p:.1f} vs {100 * a:.1f} ({'met' if p > a else 'NOT met'}) | "
               f"{100 * q:.1f} vs {100 * b:.1f} ({'met' if q >= b else 'NOT met'}) | "
-              f"{e:.4f} vs {f:.4f} ({'met' if e < f else 'NOT met'}) |")
+              f"{e:.4f} vs {f:.4f}, {g:.4f} ({'met' if e < min(f, g) else 'NOT met'}) |")
   md.append("")
+  fold0 = reported[0]
+  md += ["## Dynamic F vs constant F in curve mode (RMSE@D*, mean over the file's ratios; "
+         "training-only study files included, not used to report LensLLM+)", "",
+         "| file | Spectral (F decays with D) | RectifiedFit (constant F) | CurvePFN |",
+         "|---|---|---|---|"]
+  for ds in dict.fromkeys(k[1] for k in cand):
+    rs = sorted({k[4] for k in cand if k[1] == ds and k[0] == fold0})
+    md.append(f"| {ds} | {mean(cand, (fold0, ds, 'Spectral', 'RMSE'), rs):.4f} | "
+              f"{mean(cand, (fold0, ds, 'RectifiedFit', 'RMSE'), rs):.4f} | "
+              f"{mean(cand, (fold0, ds, 'CurvePFN', 'RMSE'), rs):.4f} |")
+  md.append("")
+  cover = common.read_rows(out / "candidates_coverage.csv")
+  if cover:
+    md += ["## CurvePFN calibration on real curves: share of models with L(D*) inside the "
+           "central 80% predictive interval (on the prior: 70-90%, tests/test_curve_pfn.py)", "",
+           "| file | per ratio (1/8, 1/16, ...) | mean |", "|---|---|---|"]
+    for ds in dict.fromkeys(r["dataset"] for r in cover):
+      v = [float(r["coverage80"]) for r in cover if r["dataset"] == ds]
+      md.append(f"| {ds} | " + ", ".join(_f(x) for x in v) + f" | {_f(np.mean(v))} |")
+    md.append("")
   cost = common.read_rows(out / "cost.csv")
-  if cost:
-    md += ["## Compute (sum of 6 N D over the (model, D) pairs read, relative to AtS at "
-           "ratio 8)", "", "| dataset | method | setting | compute / AtS@8 | RelAcc | PearCorr |",
-           "|---|---|---|---|---|---|"]
-    for r in cost:
-      md.append(f"| {r['dataset']} | {r['method']} | {r['setting']} | "
-                f"{float(r['relative_to_ats8']):.4f} | {_f(float(r['RelAcc']))} | "
-                f"{_f(float(r['PearCorr']))} |")
-    md.append("")
-    md += ["Budget target: AtS's RelAcc at ratio 8 reached by LensLLM+ (fixed budget or "
-           "budgeted early stopping) with at most 1/4 of AtS's compute at ratio 8:", ""]
-    for ds in datasets:
-      ats8 = val.get((ds, "AtS", "RelAcc", 8))
-      if ats8 is None:
-        continue
-      ok = [r for r in cost if r["dataset"] == ds and pooled.METHOD_NAME in r["method"]
-            and float(r["relative_to_ats8"]) <= 0.25 and float(r["RelAcc"]) >= ats8 - 1e-9]
-      best = min(ok, key=lambda r: float(r["relative_to_ats8"])) if ok else None
-      md.append(f"- {ds}: AtS@8 RelAcc {100 * ats8:.1f}; " + (
-          f"reached by {best['method']} ({best['setting']}) at "
-          f"{float(best['relative_to_ats8']):.4f} of the compute" if best else "NOT reached"))
-    md.append("")
+  budget = [r for r in common.read_rows(out / "budgeted.csv")
+            if r["candidate"] == chosen.get(r["dataset"], {}).get("candidate")]
+  md += ["## Compute (sum of 6 N D over the (model, D) pairs read, relative to AtS at ratio 8)",
+         "", f"Budgeted{PLUS}: early stopping with the chosen candidate's own predictive mean "
+         "and sd of log L(D*) (`plus_candidates.budgeted_candidate_selection`; the levels z are "
+         "not chosen by the protocol, every level is shown).", "",
+         "| file | method | setting | compute / AtS@8 | RelAcc | PearCorr |",
+         "|---|---|---|---|---|---|"]
+  for r in cost + budget:
+    label = r["method"] + (f" (= {r['candidate']})" if "candidate" in r else "")
+    md.append(f"| {r['dataset']} | {label} | {r['setting']} | "
+              f"{float(r['relative_to_ats8']):.4f} | {_f(float(r['RelAcc']))} | "
+              f"{_f(float(r['PearCorr']))} |")
+  md += ["", f"Budget target: AtS's RelAcc at ratio 8 reached by {PLUS} (fixed budget or "
+         "budgeted early stopping) with at most 1/4 of AtS's compute at ratio 8; the smallest "
+         "such fraction:", ""]
+  for ds in reported:
+    ats8 = res.get((ds, "AtS", "RelAcc", 8))
+    if ats8 is None:
+      continue
+    ok = [r for r in cost + budget if r["dataset"] == ds and PLUS in r["method"]
+          and float(r["RelAcc"]) >= ats8 - 1e-9]
+    best = min(ok, key=lambda r: float(r["relative_to_ats8"])) if ok else None
+    md.append(f"- {ds}: AtS@8 RelAcc {100 * ats8:.1f}; " + (
+      f"reached by {best['method']} ({best['setting']}) at "
+      f"{float(best['relative_to_ats8']):.4f} of the compute "
+      f"({'met' if float(best['relative_to_ats8']) <= 0.25 else 'NOT met'})" if best
+      else "NOT reached"))
+  md.append("")
   return "\n".join(md)
 
 
@@ -319,18 +439,27 @@ def run(cfg, output_dir) -> pathlib.Path:
   curve_sets, train_only = loaded[:len(specs)], loaded[len(specs):]
   if len(curve_sets) < 2:
     raise app.UsageError("leave_one_out needs at least 2 config.benchmarks files")
-  write_inputs(out, curve_sets, train_only, ratios)
+  pfn_dir = pathlib.Path(cfg.pfn_dir) if cfg.pfn_dir else curve_pfn.DEFAULT_WEIGHTS
+  write_inputs(out, curve_sets, train_only, ratios, pfn_dir=pfn_dir,
+               settings=f"seed={cfg.seed} num_restarts={cfg.num_restarts} "
+                        f"num_steps={cfg.num_steps}")
+  predictor = curve_pfn.load_predictor(pfn_dir)
   key = jax.random.key(cfg.seed)
-  folds = choose_settings(curve_sets, out, key=key, ratios=ratios, num_restarts=cfg.num_restarts,
-                          num_steps=cfg.num_steps, train_only=train_only)
-  for i, (curves, fold) in enumerate(zip(curve_sets, folds, strict=True)):
-    report_dataset(curves, fold, out, key=jax.random.fold_in(key, i), ratios=ratios,
-                   num_restarts=cfg.num_restarts, num_steps=cfg.num_steps)
-    if cfg.budgeted:
-      target = float(np.max(curves.data_sizes))
-      budgeted_dataset(curves, fold, out, key=jax.random.fold_in(key, 1000 + i),
-                       levels=budget_levels, max_data_num=target / min(ratios),
-                       num_restarts=cfg.num_restarts, num_steps=cfg.num_steps)
+  for c in train_only:
+    logging.info("[%s] training-only file, ratios %s", c.name, protocol.training_ratios(c, ratios))
+  folds, files = plus_candidates.leave_one_out(
+    curve_sets, key=key, train_only=train_only, ratios=ratios, predictor=predictor,
+    grid_evaluate=cached_grid_evaluator(out, ratios, cfg.num_restarts, cfg.num_steps),
+    predict=cached_predictions(out), num_restarts=cfg.num_restarts, num_steps=cfg.num_steps)
+  write_choices(out, folds, files)
+  write_report(out, folds, files, curve_sets)
+  if cfg.budgeted:
+    for i, (curves, fold) in enumerate(zip(curve_sets, folds, strict=True)):
+      ctx = plus_candidates.BaseContext(key=jax.random.fold_in(key, 1000 + i),
+                                        predictor=predictor, num_restarts=cfg.num_restarts,
+                                        num_steps=cfg.num_steps)
+      budgeted_dataset(curves, fold, out, ctx=ctx, levels=budget_levels,
+                       max_data_num=float(np.max(curves.data_sizes)) / min(ratios))
   (out / "lensllm_plus.md").write_text(tables(out, ratios) + "\n")
   logging.info("done in %.1fs; outputs in %s", time.time() - t0, out)
   return out

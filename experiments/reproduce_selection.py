@@ -34,9 +34,8 @@ import numpy as np
 from absl import app, flags, logging
 
 from experiments import common
-from lensllm_jax import budgeted, laws, metrics, pooled, published, selection
+from lensllm_jax import budgeted, laws, metrics, plus_candidates, pooled, published, selection
 from lensllm_jax import methods as methods_lib
-from lensllm_jax import protocol as protocol_lib
 
 SELECTION_HEADER = ("dataset", "ratio", "max_data_num", "method", "metric", "value")
 RMSE_HEADER = ("dataset", "model", "max_data_num", "law", "rmse")
@@ -110,7 +109,7 @@ def fit_rows(dataset, dmax, result, curves) -> list[dict]:
 
 
 def run_dataset(curves, methods, ratios, out: pathlib.Path, *, target, key, num_restarts,
-                fit_options, budget, t0, plus_config=None) -> None:
+                fit_options, budget, t0, plus_results=None) -> None:
   """All methods (and the budgeted procedure) on one curve file; appends to the CSVs."""
   name = curves.name
   meta = selection.metadata_of(curves, target)
@@ -126,9 +125,11 @@ def run_dataset(curves, methods, ratios, out: pathlib.Path, *, target, key, num_
       logging.info("[%s] %s: already done, skipping", name, method)
       continue
     t = time.time()
-    if method == pooled.METHOD_NAME:
+    if method == pooled.METHOD_NAME and plus_results is not None:
+      results = plus_results  # the leave-one-dataset-out choice (`choose_plus`)
+    elif method == pooled.METHOD_NAME:
       results = [r[0] for r in pooled.pooled_selection(
-          views, meta, [plus_config or pooled.DEFAULT_CONFIG], key=jax.random.fold_in(key, mi),
+          views, meta, [pooled.DEFAULT_CONFIG], key=jax.random.fold_in(key, mi),
           num_restarts=num_restarts, fit_options=fit_options)]
     elif method in methods_lib.FITTED_METHODS:
       results = selection.run_fitted_batch(method, views, meta, key=jax.random.fold_in(key, mi),
@@ -414,9 +415,15 @@ def draw_figures(out: pathlib.Path, curve_sets, targets) -> None:
 # ---------------------------------------------------------------- main ---
 
 
-def choose_plus_settings(curve_sets, methods, plus_protocol, out, *, ratios, key,
-                         target_data_num, num_restarts) -> dict:
-  """LensLLM+ settings per file: {} (defaults) or leave-one-dataset-out choices."""
+def choose_plus(curve_sets, methods, plus_protocol, out, *, ratios, key, target_data_num,
+                num_restarts) -> dict:
+  """LensLLM+ per file: {} (pooled.DEFAULT_CONFIG) or the leave-one-dataset-out choice.
+
+  Under "leave_one_out", LensLLM+ on each file is the candidate that
+  `plus_candidates.leave_one_out` chooses on the other files (the same
+  predictor as experiments.lensllm_plus, here without training-only files);
+  returns file name -> [ratios] SelectionResults of that candidate.
+  """
   if pooled.METHOD_NAME not in methods or plus_protocol == "none":
     return {}
   if len(curve_sets) < 2:
@@ -425,21 +432,26 @@ def choose_plus_settings(curve_sets, methods, plus_protocol, out, *, ratios, key
           if r["method"] == pooled.METHOD_NAME}
   if all((c.name, r) in done for c in curve_sets for r in ratios):
     return {}  # rerun: LensLLM+ is already scored everywhere
-  folds, _ = protocol_lib.leave_one_out(curve_sets, key=key, ratios=ratios,
-                                        target_data_num=target_data_num,
-                                        num_restarts=num_restarts)
+  folds, files = plus_candidates.leave_one_out(curve_sets, key=key, ratios=ratios,
+                                               target_data_num=target_data_num,
+                                               num_restarts=num_restarts)
   rows = [{"held_out": f.held_out, "trained_on": "+".join(f.trained_on),
-           "config": f.config.name, "train_criterion": f"{f.train_criterion:.6f}"}
-          for f in folds]
+           "candidate": f.candidate.name, "train_criterion": f"{f.train_criterion:.6f}",
+           "pooled_config": f.pooled.config.name,
+           "pooled_criterion": f"{f.pooled.train_criterion:.6f}"} for f in folds]
   path = out / "lensllm_plus_chosen.csv"
   if path.exists():
     path.unlink()
-  common.append_rows(path, ("held_out", "trained_on", "config", "train_criterion"), rows)
+  common.append_rows(path, ("held_out", "trained_on", "candidate", "train_criterion",
+                            "pooled_config", "pooled_criterion"), rows)
+  out_results = {}
   for f in folds:
-    logging.info("[%s] LensLLM+ setting chosen on %s: %s", f.held_out, f.trained_on,
-                 f.config.name)
-  return {f.held_out: f.config for f in folds}
-
+    logging.info("[%s] LensLLM+ chosen on %s: %s (Pooled setting %s)", f.held_out,
+                 f.trained_on, f.candidate.name, f.pooled.config.name)
+    pred = plus_candidates.candidate_prediction(f.candidate, files[f.held_out]["preds"],
+                                                f.pooled.config)
+    out_results[f.held_out] = plus_candidates.plus_results(pred)
+  return out_results
 
 
 def run(cfg, output_dir) -> pathlib.Path:
@@ -463,10 +475,9 @@ def run(cfg, output_dir) -> pathlib.Path:
   curve_sets = common.load_all(cfg.benchmarks, cfg.data_dir)
   key = jax.random.key(cfg.seed)
   fit_options = {"max_steps": cfg.max_steps}
-  plus_configs = choose_plus_settings(curve_sets, methods, cfg.protocol, out, ratios=ratios,
-                                      key=jax.random.fold_in(key, 2000),
-                                      target_data_num=cfg.target_data_num,
-                                      num_restarts=cfg.num_restarts)
+  plus = choose_plus(curve_sets, methods, cfg.protocol, out, ratios=ratios,
+                     key=jax.random.fold_in(key, 2000), target_data_num=cfg.target_data_num,
+                     num_restarts=cfg.num_restarts)
   targets = []
   for di, curves in enumerate(curve_sets):
     target = target_of(curves, cfg.target_data_num)
@@ -479,7 +490,7 @@ def run(cfg, output_dir) -> pathlib.Path:
       budget = {"levels": budget_levels, "method": cfg.budget_method, "max_data_num": cap}
     run_dataset(curves, methods, ratios, out, target=target, key=jax.random.fold_in(key, di),
                 num_restarts=cfg.num_restarts, fit_options=fit_options, budget=budget, t0=t0,
-                plus_config=plus_configs.get(curves.name))
+                plus_results=plus.get(curves.name))
   if cfg.budgeted and len(curve_sets) > 1:
     tag = f"Budgeted{cfg.budget_method}"
     have = {r["dataset"] for r in common.read_rows(out / "cost.csv") if r["method"] == f"{tag}-LODO"}

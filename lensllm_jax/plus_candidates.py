@@ -1,4 +1,4 @@
-"""LensLLM+ as a protocol-chosen predictor among candidates.
+"""LensLLM+: the project's recommended predictor, chosen among candidates by the protocol.
 
 Candidates (each predicts L(D*) of every model from a budget view only):
 
@@ -13,45 +13,138 @@ Candidates (each predicts L(D*) of every model from a budget view only):
   and blends  exp(w log L_AtS(D*) + (1 - w) log L_X(D*)) of AtS with each X
               above, w in BLEND_WEIGHTS (w = 0 is X itself).
 
-Choice (`choose_candidate`): for each reported file, the candidate with the
-best mean criterion (`protocol.criterion`: mean PearCorr + mean RelAcc over the
-budget ratios) over the OTHER files (reported and training-only), exactly the
-rule of `protocol.leave_one_out`; ties go to the earlier candidate of
-`candidate_names()`. The held-out file's predictions are never read by the
-choice. Simplification (stated): the Pooled candidate of a fold uses the
-setting chosen on that fold's training files also when it is scored ON those
-training files (in-sample for them), which can only favour Pooled in the
-choice; the other candidates have no setting chosen on data.
+The bases X are the registry `BASE_PREDICTORS` (name -> function); adding a
+predictor is one entry there (its blends with AtS follow).
 
-Budgeted (`budgeted_pfn_selection`): the early-stopping rule of
-`budgeted.py` with the PFN's own predictive mean and sd of log L(D*) in
-place of a fitted law's Laplace sd.
+Choice (`leave_one_out`): for each reported file i, the Pooled setting is
+chosen by `protocol.leave_one_out` on the other files, then the candidate with
+the best mean `protocol.criterion` (mean PearCorr + mean RelAcc over the
+budget ratios) over the OTHER files (reported and training-only) is LensLLM+
+on file i; ties go to the earlier candidate of `candidate_names()`. The scores
+of file i are computed only after its choice (for the report). Simplification
+(stated): the Pooled candidate of a fold uses the setting chosen on that
+fold's training files also when it is scored ON those training files
+(in-sample for them), which can only favour Pooled in the choice; the other
+candidates have no setting chosen on data.
+
+Budgeted (`budgeted_candidate_selection`): the early-stopping rule of
+`budgeted.py` with the candidate's own predictive mean and sd of log L(D*):
+
+  CurvePFN   the PFN's predictive sd of log L(D*);
+  Pooled     the delta-method (Laplace) sd of the pooled fit's per-model
+             LensLLM parameters, squared-error form (`budgeted.laplace_log_sd`;
+             the prior is ignored, so it is conservative), as
+             `budgeted.budgeted_pooled_selection`;
+  Spectral   the Laplace sd of the dynamic-F law fit (squared error);
+  blend w    (1 - w) sd_X: log L = w log L_AtS + (1 - w) log L_X with AtS's
+             line taken as exact (AtS has no predictive distribution), by the
+             delta method; where X has no finite prediction the blend falls
+             back to AtS and the sd is inf (that model is never stopped on it);
+  AtS alone  sd 0 (no uncertainty: it stops every model but the best as soon
+             as every model has `min_points` points).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import numpy as np
 
-from lensllm_jax import budgeted, curve_pfn, dynamic_law, pooled, protocol, selection
+from lensllm_jax import budgeted, curve_pfn, dynamic_law, laws, pooled, protocol, selection
 
 __all__ = [
-  "BASES",
+  "BASE_PREDICTORS",
   "BLEND_WEIGHTS",
+  "BaseContext",
   "Candidate",
+  "PlusFold",
   "blend",
-  "budgeted_pfn_selection",
+  "budgeted_candidate_selection",
   "candidate_names",
-  "candidate_predictions",
+  "candidate_prediction",
   "choose_candidate",
+  "file_predictions",
+  "leave_one_out",
+  "plus_results",
+  "prediction_jobs",
   "score_table",
 ]
 
-BASES = ("Pooled", "CurvePFN", "Spectral")
 BLEND_WEIGHTS = (0.0, 0.25, 0.5, 0.75)
+# Published baselines predicted beside the candidates (for the report; AtS also for blends).
+BASELINES = ("AtS", "RectifiedFit", "LensLLM")
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseContext:
+  """What a base predictor may use besides the views: PRNG key, PFN, fit options.
+
+  pooled_config: the Pooled setting (only the Pooled base reads it).
+  with_sd: also return the sd of log L(D*) (the budgeted procedure needs it).
+  """
+  key: jax.Array
+  predictor: curve_pfn.CurvePFNPredictor
+  pooled_config: pooled.PooledConfig | None = None
+  num_restarts: int = 8
+  num_steps: int = 60
+  num_points: int = 0
+  with_sd: bool = False
+
+
+def _laplace_sd(law, results, views, meta) -> np.ndarray:
+  """[V, M] Laplace sd of log L(D*) of per-model law fits on each view (one pool per view)."""
+  m = views[0].mask.shape[0]
+  raw = np.concatenate([r.predictor.raw_params for r in results])
+  mask = np.concatenate([r.extras["mask"] for r in results])
+  ylog = np.concatenate([np.log(np.where(v.mask, v.losses, 1.0)) for v in views])
+  sd = budgeted.laplace_log_sd(law, raw, views[0].data_sizes, mask, ylog, meta.target_data_num,
+                               pool=np.repeat(np.arange(len(views)), m))
+  return sd.reshape(len(views), m)
+
+
+def pooled_base(views, meta, ctx: BaseContext) -> dict[str, np.ndarray]:
+  """Pooled LensLLM fit with ctx.pooled_config: {"Pooled": [V, M] L(D*) (, "Pooled_sd")}."""
+  if ctx.pooled_config is None:
+    raise ValueError("pooled_base: BaseContext.pooled_config is None")
+  res = [r[0] for r in pooled.pooled_selection(views, meta, [ctx.pooled_config], key=ctx.key,
+                                               num_restarts=ctx.num_restarts,
+                                               num_steps=ctx.num_steps,
+                                               num_points=ctx.num_points)]
+  out = {"Pooled": np.stack([r.predicted for r in res])}
+  if ctx.with_sd:
+    out["Pooled_sd"] = _laplace_sd(laws.lensllm_law(), res, views, meta)
+  return out
+
+
+def pfn_base(views, meta, ctx: BaseContext) -> dict[str, np.ndarray]:
+  """CurvePFN posterior mean E[L(D*)], sd of log L(D*) and the 10% / 90% quantiles of L(D*)."""
+  res = [curve_pfn.curve_pfn_selection(v, meta, predictor=ctx.predictor) for v in views]
+  return {"CurvePFN": np.stack([r.predicted for r in res]),
+          "CurvePFN_sd": np.stack([r.extras["sd_log"] for r in res]),
+          "CurvePFN_q0.1": np.exp(np.stack([r.extras["q0.1_log"] for r in res])),
+          "CurvePFN_q0.9": np.exp(np.stack([r.extras["q0.9_log"] for r in res]))}
+
+
+def spectral_base(views, meta, ctx: BaseContext) -> dict[str, np.ndarray]:
+  """Dynamic-F LensLLM (`dynamic_law.spectral_lensllm_law(1)`), independent fits."""
+  law = dynamic_law.spectral_lensllm_law(1)
+  res = selection.fit_law_views("Spectral", law, views, meta, key=ctx.key, use_zero_shot=True,
+                                num_restarts=ctx.num_restarts)
+  out = {"Spectral": np.stack([r.predicted for r in res])}
+  if ctx.with_sd:
+    out["Spectral_sd"] = _laplace_sd(law, res, views, meta)
+  return out
+
+
+# The candidate bases X: name -> fn(views, meta, BaseContext) -> {name: [V, M] predicted
+# L(D*), name + "_sd": [V, M] sd of log L(D*) (when ctx.with_sd or always), ...}.
+BASE_PREDICTORS: dict[str, Callable] = {
+  "Pooled": pooled_base,
+  "CurvePFN": pfn_base,
+  "Spectral": spectral_base,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +162,8 @@ class Candidate:
 
 def candidate_names() -> list[Candidate]:
   """All candidates, in tie-break order: each base alone, then its AtS blends; AtS last."""
-  return [Candidate(b, w) for b in BASES for w in BLEND_WEIGHTS] + [Candidate("AtS", 1.0)]
+  return ([Candidate(b, w) for b in BASE_PREDICTORS for w in BLEND_WEIGHTS]
+          + [Candidate("AtS", 1.0)])
 
 
 def blend(ats_pred, other_pred, weight: float) -> np.ndarray:
@@ -80,45 +174,67 @@ def blend(ats_pred, other_pred, weight: float) -> np.ndarray:
   return np.exp(weight * np.log(a) + (1.0 - weight) * np.log(b))
 
 
-def candidate_predictions(curves, ratios: Sequence[int], *, key: jax.Array,
-                          pooled_configs: Sequence[pooled.PooledConfig],
-                          predictor: curve_pfn.CurvePFNPredictor, num_restarts: int = 8,
-                          num_steps: int = 60, target_data_num: float | None = None):
-  """Base predictions of L(D*) on every budget view of one file.
+def blend_sd(other_pred, other_sd, weight: float) -> np.ndarray:
+  """(1 - w) sd_X of the blend's log L(D*) (AtS exact); inf where X's prediction is not finite."""
+  b = np.asarray(other_pred, np.float64)
+  sd = (1.0 - weight) * np.asarray(other_sd, np.float64)
+  return np.where(np.isfinite(b) & (b > 0), sd, np.inf)
+
+
+def pooled_key(config: pooled.PooledConfig) -> str:
+  """Name of a Pooled setting's predictions in `file_predictions`."""
+  return f"Pooled[{config.name}]"
+
+
+def prediction_jobs(ctx: BaseContext, pooled_configs: Sequence[pooled.PooledConfig] = ()):
+  """name -> fn(views, meta) -> {key: [V, M]}: the baselines, every base, one Pooled per setting.
+
+  Each job's output keys start with the job's name (e.g. "CurvePFN",
+  "CurvePFN_sd"); the Pooled base runs once per setting, each setting in its
+  own call (its predictions do not depend on which other settings are asked).
+  """
+  jobs = {"AtS": lambda views, meta: {"AtS": np.stack([selection.ats(v, meta).predicted
+                                                       for v in views])}}
+  for m in BASELINES[1:]:
+    jobs[m] = (lambda views, meta, m=m: {m: np.stack([
+      r.predicted for r in selection.run_fitted_batch(m, views, meta, key=ctx.key,
+                                                      num_restarts=ctx.num_restarts)])})
+  for base, fn in BASE_PREDICTORS.items():
+    if base == "Pooled":
+      for c in dict.fromkeys(pooled_configs):
+        def job(views, meta, c=c, fn=fn):
+          out = fn(views, meta, dataclasses.replace(ctx, pooled_config=c))
+          return {k.replace("Pooled", pooled_key(c), 1): v for k, v in out.items()}
+        jobs[pooled_key(c)] = job
+    else:
+      jobs[base] = (lambda views, meta, fn=fn: fn(views, meta, ctx))
+  return jobs
+
+
+def file_predictions(curves, ratios: Sequence[int], *, ctx: BaseContext,
+                     pooled_configs: Sequence[pooled.PooledConfig] = (),
+                     target_data_num: float | None = None, only: Sequence[str] | None = None):
+  """Predictions of L(D*) of every job of `prediction_jobs` on the budget views of one file.
 
   Args:
-    curves: a CurveSet; views are `protocol.budget_views(curves, ratios)`.
+    curves: a CurveSet; views are `protocol.budget_views(curves, ratios, target_data_num)`.
     ratios: budget ratios D*/D_max.
-    key: PRNG key of the fits.
-    pooled_configs: the Pooled settings to run (one per fold that needs this file).
-    predictor: the CurvePFN.
+    ctx: the base context (key of the file's fits, PFN, options).
+    pooled_configs: the Pooled settings to run.
+    only: job names to run (default all).
 
   Returns:
-    (truth [M], preds): preds[name] -> [R, M] predicted L(D*), names "AtS",
-    "CurvePFN", "Spectral", "RectifiedFit" and "Pooled[<config name>]" per
-    setting; plus preds["CurvePFN_sd"] [R, M], the PFN's sd of log L(D*), and
-    "CurvePFN_q0.1" / "CurvePFN_q0.9" [R, M], its 10% / 90% quantiles of L(D*).
+    (truth [M], preds): preds[key] -> [R, M] ("AtS", "RectifiedFit",
+    "LensLLM", "CurvePFN", "CurvePFN_sd", "CurvePFN_q0.1", "CurvePFN_q0.9",
+    "Spectral", "Pooled[<setting name>]", ...).
   """
   meta, truth, rv = protocol.budget_views(curves, ratios, target_data_num)
   views = [v for _, v in rv]
-  preds = {"AtS": np.stack([selection.ats(v, meta).predicted for v in views])}
-  pfn = [curve_pfn.curve_pfn_selection(v, meta, predictor=predictor) for v in views]
-  preds["CurvePFN"] = np.stack([r.predicted for r in pfn])
-  preds["CurvePFN_sd"] = np.stack([r.extras["sd_log"] for r in pfn])
-  preds["CurvePFN_q0.1"] = np.exp(np.stack([r.extras["q0.1_log"] for r in pfn]))
-  preds["CurvePFN_q0.9"] = np.exp(np.stack([r.extras["q0.9_log"] for r in pfn]))
-  spec = selection.fit_law_views("Spectral", dynamic_law.spectral_lensllm_law(1), views, meta,
-                                 key=key, use_zero_shot=True, num_restarts=num_restarts)
-  preds["Spectral"] = np.stack([r.predicted for r in spec])
-  rect = selection.run_fitted_batch("RectifiedFit", views, meta, key=key,
-                                    num_restarts=num_restarts)
-  preds["RectifiedFit"] = np.stack([r.predicted for r in rect])
-  configs = list(dict.fromkeys(pooled_configs))
-  if configs:
-    res = pooled.pooled_selection(views, meta, configs, key=key, num_restarts=num_restarts,
-                                  num_steps=num_steps)
-    for j, c in enumerate(configs):
-      preds[f"Pooled[{c.name}]"] = np.stack([res[i][j].predicted for i in range(len(views))])
+  jobs = prediction_jobs(ctx, pooled_configs)
+  preds = {}
+  for name, job in jobs.items():
+    if only is None or name in only:
+      preds.update(job(views, meta))
   return truth, preds
 
 
@@ -127,19 +243,24 @@ def candidate_prediction(cand: Candidate, preds: Mapping[str, np.ndarray],
   """[R, M] predictions of one candidate from the base predictions."""
   if cand.base == "AtS":
     return preds["AtS"]
-  key = f"Pooled[{pooled_config.name}]" if cand.base == "Pooled" else cand.base
+  key = pooled_key(pooled_config) if cand.base == "Pooled" else cand.base
   return blend(preds["AtS"], preds[key], cand.ats_weight)
 
 
 def score_table(prediction, truth) -> dict[str, np.ndarray]:
   """metric -> [R] (PearCorr, RelAcc, Spearman, RMSE at D*) of predictions [R, M]."""
-  rows = []
+  rows = [protocol.score_results(r, truth) for r in plus_results(prediction)]
+  return {k: np.array([r[k] for r in rows]) for k in protocol.METRICS}
+
+
+def plus_results(prediction, method: str = pooled.METHOD_NAME) -> list[selection.SelectionResult]:
+  """[R] SelectionResults (feature = predicted L(D*), non-finite last) of predictions [R, M]."""
+  out = []
   for p in np.asarray(prediction, np.float64):
     feature = np.where(np.isfinite(p), p, np.inf)
-    res = selection.SelectionResult("candidate", feature, selection.rank_by(feature),
-                                    predicted=p)
-    rows.append(protocol.score_results(res, truth))
-  return {k: np.array([r[k] for r in rows]) for k in protocol.METRICS}
+    out.append(selection.SelectionResult(method, feature, selection.rank_by(feature),
+                                         predicted=p))
+  return out
 
 
 def choose_candidate(train_tables: Sequence[Mapping[str, Mapping[str, np.ndarray]]],
@@ -151,29 +272,116 @@ def choose_candidate(train_tables: Sequence[Mapping[str, Mapping[str, np.ndarray
   return protocol.choose(train_tables, candidate_names() if candidates is None else candidates)
 
 
-def budgeted_pfn_selection(curves, levels: Sequence[float], *, predictor, max_data_num: float,
-                           min_points: int = 4, target_data_num: float | None = None,
-                           progress=None):
-  """`budgeted.early_stopping_selection` with the PFN's predictive mean / sd of log L(D*).
+@dataclasses.dataclass(frozen=True)
+class PlusFold:
+  """One leave-one-dataset-out fold of LensLLM+.
 
-  Step s reveals D_s for every active model; each model's log L(D*) has the
-  PFN's posterior mean and sd (`curve_pfn.CurvePFNPredictor.predict`) from
-  its revealed points; model m stops when log L_m - z sd_m > min_j (log L_j +
-  z sd_j) once every model has `min_points` fine-tuning points.
+  Attributes:
+    held_out, trained_on: the reported file and the files the choices were made on.
+    pooled: the fold of `protocol.leave_one_out` (the Pooled candidate's setting).
+    candidate: the chosen candidate; train_criterion its mean criterion there.
+    tables: file name -> candidate name -> score table (`score_table`) with
+      this fold's Pooled setting, for every file (the held-out file's table is
+      computed after the choice, for the report).
+  """
+  held_out: str
+  trained_on: tuple[str, ...]
+  pooled: protocol.Fold
+  candidate: Candidate
+  train_criterion: float
+  tables: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]]
+
+
+def leave_one_out(curve_sets, *, key: jax.Array, train_only: Sequence = (),
+                  ratios: Sequence[int] = protocol.DEFAULT_RATIOS,
+                  target_data_num: float | None = None,
+                  predictor: curve_pfn.CurvePFNPredictor | None = None,
+                  grid_evaluate: Callable | None = None, grid_options: Mapping | None = None,
+                  predict: Callable | None = None, num_restarts: int = 8, num_steps: int = 60,
+                  candidates: Sequence[Candidate] | None = None):
+  """LensLLM+ of each reported file, chosen on the other files only.
+
+  Args:
+    curve_sets: the reported CurveSets; train_only: training-only CurveSets
+      (scored on `protocol.training_ratios` of their own D*).
+    key: PRNG key; file j (reported, then training-only) uses fold_in(key, j)
+      for the pooled grid and for its predictions (the Pooled candidate is
+      the grid's cell).
+    grid_evaluate, grid_options: `evaluate` and extra options of
+      `protocol.leave_one_out` (a caching evaluator in the binary).
+    predict: optional replacement of `file_predictions` with its signature
+      (the binary caches predictions); called once per file.
+    candidates: the candidate set (default `candidate_names()`).
+
+  Returns:
+    (folds, files): one PlusFold per reported file, and per file name a dict
+    with "truth" [M], "preds" (`file_predictions`), "ratios", "reported".
+  """
+  sets, extra = list(curve_sets), list(train_only)
+  cands = candidate_names() if candidates is None else list(candidates)
+  predictor = curve_pfn.default_predictor() if predictor is None else predictor
+  predict = file_predictions if predict is None else predict
+  opts = dict(grid_options or {})
+  if grid_evaluate is None:
+    opts.update(num_restarts=num_restarts, num_steps=num_steps)
+  if target_data_num is not None:
+    opts["target_data_num"] = target_data_num
+  pooled_folds, _ = protocol.leave_one_out(sets, key=key, evaluate=grid_evaluate,
+                                           train_only=extra, ratios=ratios, **opts)
+  configs = [f.config for f in pooled_folds]
+  files = {}
+  for j, c in enumerate(sets + extra):
+    reported = j < len(sets)
+    rs = list(ratios) if reported else protocol.training_ratios(c, ratios)
+    ctx = BaseContext(key=jax.random.fold_in(key, j), predictor=predictor,
+                      num_restarts=num_restarts, num_steps=num_steps)
+    truth, preds = predict(c, rs, ctx=ctx, pooled_configs=configs,
+                           target_data_num=target_data_num if reported else None)
+    files[c.name] = {"truth": truth, "preds": preds, "ratios": rs, "reported": reported}
+  names = list(files)
+  folds = []
+  for pf in pooled_folds:
+
+    def table(name, pf=pf):
+      f = files[name]
+      return {cand.name: score_table(candidate_prediction(cand, f["preds"], pf.config),
+                                     f["truth"]) for cand in cands}
+
+    train = [n for n in names if n != pf.held_out]
+    tables = {n: table(n) for n in train}
+    best, val = choose_candidate([tables[n] for n in train], cands)
+    tables[pf.held_out] = table(pf.held_out)  # after the choice: report only
+    folds.append(PlusFold(pf.held_out, tuple(train), pf, best, val, tables))
+  return folds, files
+
+
+def budgeted_candidate_selection(curves, levels: Sequence[float], cand: Candidate, *,
+                                 ctx: BaseContext, max_data_num: float, min_points: int = 4,
+                                 target_data_num: float | None = None, progress=None):
+  """`budgeted.early_stopping_selection` with a candidate's own mean and sd of log L(D*).
+
+  The sd of each candidate is the rule of the module docstring (PFN's
+  predictive sd; Laplace sd of a fitted law; (1 - w) sd_X for a blend; 0 for
+  AtS alone). ctx.pooled_config is the Pooled setting (Pooled candidates).
+  Step s reveals D_s for every active model; model m stops when log L_m -
+  z sd_m > min_j (log L_j + z sd_j) once every model has `min_points` points.
   """
   grid = np.asarray(curves.data_sizes, np.float64)
   target = float(grid.max()) if target_data_num is None else float(target_data_num)
+  meta = selection.metadata_of(curves, target)
+  ctx = dataclasses.replace(ctx, with_sd=True, num_points=grid.size)
+  fn = BASE_PREDICTORS.get(cand.base)
 
   def predict_views(views, step):
-    del step
-    out = []
-    for v in views:
-      y = np.log(np.where(v.mask, v.losses, 1.0))
-      p = predictor.predict(v.data_sizes, y, v.mask, [target])
-      out.append((p["mean"][:, 0], p["sd_log"][:, 0]))
-    return np.stack([o[0] for o in out]), np.stack([o[1] for o in out])
+    ats = np.stack([selection.ats(v, meta).predicted for v in views])
+    if cand.base == "AtS":
+      return ats, np.zeros_like(ats)
+    out = fn(views, meta, dataclasses.replace(ctx, key=jax.random.fold_in(ctx.key, step)))
+    x, sd = out[cand.base], out[cand.base + "_sd"]
+    return blend(ats, x, cand.ats_weight), blend_sd(x, sd, cand.ats_weight)
 
   return budgeted.early_stopping_selection(
-    curves, levels, None, predict_views=predict_views, name=curve_pfn.METHOD_NAME,
+    curves, levels, None, predict_views=predict_views, name=cand.name,
     max_data_num=max_data_num, target_data_num=target, min_points=min_points,
     progress=progress)
+

@@ -1,4 +1,8 @@
-"""End-to-end test of experiments/lensllm_plus.py on small files (tiny grid)."""
+"""End-to-end tests of experiments/lensllm_plus.py (LensLLM+ = the protocol-chosen candidate).
+
+One run of the binary on small files (10 models, D* = 102400, ratios 8 and
+128, a 2-setting grid, the committed CurvePFN) is shared by the tests.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +10,16 @@ import dataclasses
 
 import numpy as np
 import pytest
+from absl import app
 
 from configs import lensllm_plus as plus_config
 from experiments import common, lensllm_plus
-from lensllm_jax import benchmarks, pooled, protocol
+from lensllm_jax import benchmarks, plus_candidates, pooled, protocol
+
+GRID = [pooled.PooledConfig(strength=0.0, pooled=()),
+        pooled.PooledConfig(strength=1.0, empirical_bayes=True, pooled=("beta",),
+                            huber_delta=1.345, huber_relative=True)]
+RATIOS = (8, 128)
 
 
 def _small(curves, rows, name, last=None):
@@ -20,46 +30,147 @@ def _small(curves, rows, name, last=None):
                              data_sizes=curves.data_sizes[keep], losses=curves.losses[rows][:, keep])
 
 
-def test_binary_reports_only_benchmarks_and_trains_on_train_only_files(
-    shared_benchmarks, tmp_path, monkeypatch):
-  """Training-only files are in every fold's training set, never in results.csv."""
+@pytest.fixture(scope="module")
+def small_run(shared_benchmarks, tmp_path_factory):
+  """(config, data dir, output dir) of one binary run on files a, b (reported) and t."""
   flan = benchmarks.load_curves(str(shared_benchmarks / "flan.csv"))
   giga = benchmarks.load_curves(str(shared_benchmarks / "gigaword.csv"))
   rows = np.arange(0, 30, 3)
-  data = tmp_path / "data"
+  tmp = tmp_path_factory.mktemp("plus")
+  data = tmp / "data"
   data.mkdir()
-  benchmarks.write_curves(_small(flan, rows, "a"), data / "a.csv")
-  benchmarks.write_curves(_small(giga, rows, "b"), data / "b.csv")
-  benchmarks.write_curves(_small(giga, rows + 1, "t", last=25600.0), data / "t.csv")
-  grid = [pooled.PooledConfig(strength=0.0, pooled=()),
-          pooled.PooledConfig(strength=1.0, empirical_bayes=True, pooled=("beta",),
-                              huber_delta=1.345, huber_relative=True)]
-  monkeypatch.setattr(protocol, "default_grid", lambda: grid)
+  benchmarks.write_curves(_small(flan, rows, "a", last=102400.0), data / "a.csv")
+  benchmarks.write_curves(_small(giga, rows, "b", last=102400.0), data / "b.csv")
+  benchmarks.write_curves(_small(giga, rows + 1, "t", last=102400.0), data / "t.csv")
   cfg = plus_config.get_config()
-  cfg.update(benchmarks=("a", "b"), data_dir=str(data), ratios=(16, 128), num_restarts=2,
-             num_steps=20, budgeted=False, train_only_benchmarks=(str(data / "t.csv"),))
-  out = lensllm_plus.run(cfg, tmp_path / "out")
-  chosen = common.read_rows(out / "chosen.csv")
+  cfg.update(benchmarks=("a", "b"), data_dir=str(data), ratios=RATIOS, num_restarts=2,
+             num_steps=20, budget_levels=(1.0,), train_only_benchmarks=(str(data / "t.csv"),))
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(protocol, "default_grid", lambda: GRID)
+    out = lensllm_plus.run(cfg, tmp / "out")
+  return cfg, data, out
+
+
+def _criteria(rows, fold, datasets):
+  """candidate -> mean over `datasets` of protocol.criterion, from candidates.csv rows."""
+  val = {}
+  for r in rows:
+    if r["fold"] == fold and r["dataset"] in datasets:
+      val.setdefault((r["candidate"], r["dataset"], r["metric"]), {})[int(r["ratio"])] = float(
+        r["value"])
+  out = {}
+  for c in plus_candidates.candidate_names():
+    per = [protocol.criterion({m: np.array(list(val[(c.name, d, m)].values()))
+                               for m in ("PearCorr", "RelAcc")}) for d in datasets]
+    out[c.name] = float(np.mean(per))
+  return out
+
+
+def test_binary_reports_the_candidate_chosen_on_the_other_files(small_run):
+  _, _, out = small_run
+  chosen = common.read_rows(out / "candidates_chosen.csv")
   assert [c["held_out"] for c in chosen] == ["a", "b"]
   assert [c["trained_on"] for c in chosen] == ["b+t", "a+t"]
-  assert {c["config"] for c in chosen} <= {g.name for g in grid}
+  cand_rows = common.read_rows(out / "candidates.csv")
   results = common.read_rows(out / "results.csv")
-  assert {r["dataset"] for r in results} == {"a", "b"}
+  assert {r["dataset"] for r in results} == {"a", "b"}  # the training-only file is never reported
+  for c in chosen:
+    others = c["trained_on"].split("+")
+    crit = _criteria(cand_rows, c["held_out"], others)
+    names = list(crit)
+    best = names[int(np.argmax([crit[n] for n in names]))]
+    # The argmax of the criterion recomputed from the CSV (6 decimals; ties to the earlier).
+    assert crit[c["candidate"]] >= crit[best] - 1e-5
+    assert float(c["train_criterion"]) == pytest.approx(crit[c["candidate"]], abs=1e-5)
+    # results.csv's LensLLM+ rows are the chosen candidate's rows on the held-out file.
+    ds = c["held_out"]
+    plus = {(r["ratio"], r["metric"]): r["value"] for r in results
+            if r["dataset"] == ds and r["method"] == "LensLLM+"}
+    cand = {(r["ratio"], r["metric"]): r["value"] for r in cand_rows
+            if r["fold"] == ds and r["dataset"] == ds and r["candidate"] == c["candidate"]}
+    assert plus == cand and len(plus) == len(RATIOS) * len(protocol.METRICS)
+  # The Pooled setting of each fold is one of the grid's, chosen on the same files.
+  pooled_rows = common.read_rows(out / "chosen.csv")
+  assert [p["trained_on"] for p in pooled_rows] == ["b+t", "a+t"]
+  assert {p["config"] for p in pooled_rows} <= {g.name for g in GRID}
   inputs = {r["dataset"]: r for r in common.read_rows(out / "inputs.csv")}
-  assert inputs["t"]["role"] == "train_only" and inputs["t"]["ratios"] == "16"
-  grid_rows = common.read_rows(out / "grid.csv")
-  assert {int(r["ratio"]) for r in grid_rows if r["dataset"] == "t"} == {16}
+  assert inputs["t"]["role"] == "train_only"
+
+
+def test_tables_agree_with_the_csvs(small_run):
+  _, _, out = small_run
   md = (out / "lensllm_plus.md").read_text()
-  assert "| t | train_only | 16 |" in md and "Target check" in md
-  # A rerun with a changed training file refuses to reuse the cached rows.
-  benchmarks.write_curves(_small(giga, rows + 2, "t", last=25600.0), data / "t.csv")
-  from absl import app
+  results = common.read_rows(out / "results.csv")
+  chosen = {c["held_out"]: c["candidate"] for c in common.read_rows(out / "candidates_chosen.csv")}
+  for ds, pick in chosen.items():
+    def mean(metric, ds=ds):
+      return np.mean([float(r["value"]) for r in results if r["dataset"] == ds
+                      and r["method"] == "LensLLM+" and r["metric"] == metric])
+    row = (f"| {ds} | **LensLLM+** (= {pick}) | {100 * mean('PearCorr'):.1f} | "
+           f"{100 * mean('RelAcc'):.1f} | {mean('RMSE'):.4f} |")
+    assert row in md
+  budget = common.read_rows(out / "budgeted.csv")
+  assert {(r["dataset"], r["candidate"]) for r in budget} == set(chosen.items())
+  for r in budget:
+    assert f"| {r['dataset']} | BudgetedLensLLM+ (= {r['candidate']}) | {r['setting']} | " \
+           f"{float(r['relative_to_ats8']):.4f} |" in md
+  assert "Target check" in md and "AtS@8 RelAcc" in md
+
+
+def test_rerun_skips_finished_work_and_refuses_changed_inputs(small_run, monkeypatch):
+  cfg, data, out = small_run
+  before = {p: (out / p).read_text() for p in ("predictions.csv", "grid.csv", "budgeted.csv",
+                                               "results.csv", "lensllm_plus.md")}
+
+  def no_fit(*a, **k):
+    raise AssertionError("a rerun of finished work must not fit")
+
+  monkeypatch.setattr(protocol, "default_grid", lambda: GRID)
+  monkeypatch.setattr(plus_candidates, "file_predictions", no_fit)
+  monkeypatch.setattr(plus_candidates, "budgeted_candidate_selection", no_fit)
+  monkeypatch.setattr(protocol, "evaluate_grid", no_fit)
+  lensllm_plus.run(cfg, out)
+  assert {p: (out / p).read_text() for p in before} == before
+  # A changed fit setting or training file refuses to reuse the cached rows.
+  cfg2 = plus_config.get_config()
+  cfg2.update(dict(cfg))
+  cfg2.seed = 1
   with pytest.raises(app.UsageError, match="changed"):
-    lensllm_plus.run(cfg, out)
+    lensllm_plus.run(cfg2, out)
+  t = benchmarks.load_curves(str(data / "t.csv"))
+  benchmarks.write_curves(_small(t, np.arange(9), "t"), data / "t.csv")
+  try:
+    with pytest.raises(app.UsageError, match="changed"):
+      lensllm_plus.run(cfg, out)
+  finally:
+    benchmarks.write_curves(t, data / "t.csv")
+
+
+def test_held_out_losses_never_change_its_choice(small_run, tmp_path, monkeypatch):
+  """Reversing which model has which curve in file a (its truth and its visible points)
+  leaves a's Pooled setting, chosen candidate and training criterion unchanged."""
+  cfg, data, out = small_run
+  a = benchmarks.load_curves(str(data / "a.csv"))
+  data2 = tmp_path / "data"
+  data2.mkdir()
+  for name in ("b", "t"):
+    (data2 / f"{name}.csv").write_bytes((data / f"{name}.csv").read_bytes())
+  benchmarks.write_curves(dataclasses.replace(a, losses=a.losses[::-1].copy()), data2 / "a.csv")
+  cfg2 = plus_config.get_config()
+  cfg2.update(dict(cfg))
+  cfg2.update(data_dir=str(data2), train_only_benchmarks=(str(data2 / "t.csv"),),
+              budgeted=False)
+  monkeypatch.setattr(protocol, "default_grid", lambda: GRID)
+  out2 = lensllm_plus.run(cfg2, tmp_path / "out")
+  for name in ("candidates_chosen.csv", "chosen.csv"):
+    before, after = (common.read_rows(o / name)[0] for o in (out, out2))
+    assert before["held_out"] == "a" and before == after
+  scores = [{(r["ratio"], r["metric"]): r["value"] for r in common.read_rows(o / "results.csv")
+             if r["dataset"] == "a" and r["method"] == "LensLLM+"} for o in (out, out2)]
+  assert scores[0] != scores[1]  # the perturbation did reach a's own scores
 
 
 def test_binary_needs_two_reported_files(shared_benchmarks, tmp_path):
-  from absl import app
   with pytest.raises(app.UsageError, match="at least 2"):
     cfg = plus_config.get_config("public")
     cfg.update(benchmarks=("flan",), data_dir=str(shared_benchmarks), ratios=(16,))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 
@@ -35,29 +36,42 @@ def test_choice_reads_only_the_training_tables():
   assert best.name == "Spectral"
 
 
-class _KnownPredictor:
-  """Predicts L(D*) = the last visible loss / 2 with a fixed sd of log L(D*)."""
+def _known_base(sd):
+  """A base predicting L(D*) = last visible loss / 2 with a fixed sd of log L(D*)."""
 
-  def __init__(self, sd):
-    self.sd = sd
+  def base(views, meta, ctx):
+    del meta, ctx
+    pred = []
+    for v in views:
+      last = v.mask.shape[1] - 1 - np.argmax(v.mask[:, ::-1], axis=1)
+      pred.append(v.losses[np.arange(v.mask.shape[0]), last] / 2)
+    return {"Known": np.stack(pred), "Known_sd": np.full((len(views), views[0].mask.shape[0]), sd)}
 
-  def predict(self, data_sizes, log_loss, mask, query_sizes):
-    del data_sizes, query_sizes
-    last = mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1)
-    y = log_loss[np.arange(mask.shape[0]), last]
-    return {"mean": np.exp(y)[:, None] / 2, "sd_log": np.full((mask.shape[0], 1), self.sd)}
+  return base
 
 
-def test_budgeted_selection_uses_the_predictors_own_sd():
+def _toy_curves():
   # Three models with flat, well separated losses; sizes 1, 2, 4.
   losses = np.array([[3.0] * GRID.size, [2.0] * GRID.size, [1.0] * GRID.size])
-  curves = benchmarks.CurveSet(name="toy", source="toy", models=("a", "b", "c"),
-                               sizes=np.array([1, 2, 4]), families=("f",) * 3,
-                               data_sizes=GRID, losses=losses)
-  tight, wide = plus_candidates.budgeted_pfn_selection(
-    curves, [1.0], predictor=_KnownPredictor(0.01), max_data_num=GRID[-1], min_points=2)[0], \
-    plus_candidates.budgeted_pfn_selection(curves, [1.0], predictor=_KnownPredictor(10.0),
-                                           max_data_num=GRID[-1], min_points=2)[0]
+  return benchmarks.CurveSet(name="toy", source="toy", models=("a", "b", "c"),
+                             sizes=np.array([1, 2, 4]), families=("f",) * 3,
+                             data_sizes=GRID, losses=losses)
+
+
+def test_budgeted_selection_uses_the_candidates_own_sd(monkeypatch):
+  curves = _toy_curves()
+  ctx = plus_candidates.BaseContext(key=jax.random.key(0), predictor=None)
+
+  def run(cand, sd):
+    monkeypatch.setitem(plus_candidates.BASE_PREDICTORS, "Known", _known_base(sd))
+    return plus_candidates.budgeted_candidate_selection(
+      curves, [1.0], cand, ctx=ctx, max_data_num=GRID[-1], min_points=2)[0]
+
+  # A new base is one registry entry; its AtS blends follow.
+  monkeypatch.setitem(plus_candidates.BASE_PREDICTORS, "Known", _known_base(1.0))
+  assert "0.25AtS+Known" in [c.name for c in plus_candidates.candidate_names()]
+  tight, wide = run(plus_candidates.Candidate("Known"), 0.01), run(
+    plus_candidates.Candidate("Known"), 10.0)
   # Tight sd: after 2 fine-tuning points (200, 400) only the best model goes on; it is
   # the last one left, so the procedure ends there: 6 N D summed over the pairs paid.
   np.testing.assert_array_equal(tight.stopped_at, [400.0, 400.0, 400.0])
@@ -66,6 +80,21 @@ def test_budgeted_selection_uses_the_predictors_own_sd():
   # Huge sd: nobody is ever stopped, every model pays the whole grid.
   np.testing.assert_array_equal(wide.stopped_at, [GRID[-1]] * 3)
   assert wide.flops == pytest.approx(6 * 7 * GRID.sum())
+  # A blend with AtS: log L = w log L_AtS + (1 - w) log L_X, sd = (1 - w) sd_X.
+  h = run(plus_candidates.Candidate("Known", 0.25), 10.0).history[0]
+  np.testing.assert_allclose(h["sd"], 0.75 * 10.0)
+  # Flat curves: AtS's line predicts the flat loss l, X predicts l / 2.
+  np.testing.assert_allclose(np.exp(h["log_pred"]), np.array([3.0, 2.0, 1.0]) * 0.5 ** 0.75,
+                             rtol=1e-9)
+  # AtS alone has no predictive sd: 0, so it stops all but the best at min_points.
+  ats = run(plus_candidates.Candidate("AtS", 1.0), 10.0)
+  np.testing.assert_array_equal(ats.history[0]["sd"], 0.0)
+  np.testing.assert_array_equal(ats.stopped_at, [400.0, 400.0, 400.0])
   with pytest.raises(ValueError, match="exactly one"):
     budgeted.early_stopping_selection(curves, [1.0], None, name="x", max_data_num=GRID[-1],
                                       target_data_num=GRID[-1])
+
+
+def test_blend_sd_is_inf_where_the_base_has_no_prediction():
+  got = plus_candidates.blend_sd([1.0, np.nan, -1.0], [0.4, 0.4, 0.4], 0.5)
+  np.testing.assert_allclose(got, [0.2, np.inf, np.inf])
