@@ -53,10 +53,14 @@ Selection: `lensllm_plus` (one budget view, the signature of the methods in
 rank models by the pooled fit's L(D*), method name "LensLLM+"; they accept
 only `selection.VisibleCurves`. `budgeted.budgeted_pooled_selection` runs
 the early-stopping procedure with this fit. Settings are chosen by
-`protocol.leave_one_out`.
+`protocol.leave_one_out`. Under that protocol this fit is the "Pooled"
+candidate of `plus_candidates`, and the reported LensLLM+ of
+experiments.lensllm_plus is the candidate chosen there (the pooled fit, the
+curve PFN, the dynamic-F law or a blend with AtS); single-view
+`lensllm_plus` is the pooled fit with the given (default: untuned) setting.
 
 Measured outcome: results/lensllm_plus/lensllm_plus.md (written by
-experiments.lensllm_plus; summarised in the README and docs/lensllm_plus.md).
+experiments.lensllm_plus; summarised in docs/lensllm_plus.md).
 
 Everything here is pure; `fit_pooled` enables float64 inside the call.
 """

@@ -115,6 +115,13 @@ def test_tables_agree_with_the_csvs(small_run):
     assert f"| {r['dataset']} | BudgetedLensLLM+ (= {r['candidate']}) | {r['setting']} | " \
            f"{float(r['relative_to_ats8']):.4f} |" in md
   assert "Target check" in md and "AtS@8 RelAcc" in md
+  # candidates.md: the chosen candidate's mean criterion on the training files is the
+  # criterion the choice maximised (candidates_chosen.csv).
+  cmd = (out / "candidates.md").read_text()
+  for c in common.read_rows(out / "candidates_chosen.csv"):
+    fold = cmd.split(f"## Fold {c['held_out']} ")[1].split("\n\n")[1]
+    row = [r for r in fold.splitlines() if r.startswith(f"| **{c['candidate']}** |")]
+    assert len(row) == 1 and row[0].endswith(f" | {float(c['train_criterion']):.4f} |")
 
 
 def test_rerun_skips_finished_work_and_refuses_changed_inputs(small_run, monkeypatch):
