@@ -16,13 +16,14 @@ keeps that behaviour (needed to reproduce the published AtS numbers exactly);
 set it to False to start at 0 when nothing is rejected.
 
 Everything is vectorised over curves with a [curves, points] validity mask;
-the loop over p is a static Python loop (p <= points), so the functions jit.
+the loop over p is a `lax.fori_loop` (p < points), so the functions jit.
 Call them under `jax.enable_x64(True)` with float64 inputs for decisions that
 match float64 references bit for bit near the threshold.
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 
@@ -74,20 +75,22 @@ def phase_transition(log_d, log_l, mask=None, *, k: int = 3, delta: float = 5.0,
   x = jnp.where(mask, log_d, 0.0)
   y = jnp.where(mask, log_l, 0.0)
 
-  found = jnp.zeros(n.shape, bool)
-  start = jnp.zeros(n.shape, jnp.int32)
-  for p in range(k, num_points):
+  def walk(p, carry):
+    found, start = carry
     in_window = mask & (pos >= (n - p)[:, None])
     a, b = _weighted_line(x, y, in_window.astype(x.dtype))
     resid = jnp.where(in_window, y - (a[:, None] + b[:, None] * x), 0.0)
-    std = jnp.sqrt((resid**2).sum(1) / p)
+    std = jnp.sqrt((resid**2).sum(1) / p.astype(x.dtype))
     is_test = mask & (pos == (n - p - 1)[:, None])
     test = jnp.abs(jnp.where(is_test, y - (a[:, None] + b[:, None] * x), 0.0)).sum(1)
     # Same semantics as numpy: x/0 = inf rejects, 0/0 = nan does not.
     z = test / std
     broke = (p <= n - 1) & (z > delta) & ~found
-    start = jnp.where(broke, n - p, start)
-    found = found | broke
+    return found | broke, jnp.where(broke, n - p, start)
+
+  # A rolled loop: the unrolled one took seconds to compile at P = 16.
+  found, start = jax.lax.fori_loop(k, max(k, num_points), walk, (
+      jnp.zeros(n.shape, bool), jnp.zeros(n.shape, jnp.int32)))
   no_break = 1 if published_convention else 0
   start = jnp.where(found, start, jnp.where(n > k, no_break, 0))
   # Valid position -> column index.
