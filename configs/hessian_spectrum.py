@@ -19,12 +19,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     raise ValueError(f"configs/hessian_spectrum.py takes no argument, got {arg!r}")
   c = ml_collections.ConfigDict()
   c.preset = "tiny-gpt2"  # model preset (lensllm_jax.models.presets)
-  # JSON of ModelConfig fields (experiments.finetune_sweep writes models/<model>.json);
-  # replaces the preset (shape and vocabulary of the checkpoints)
+  # JSON of ModelConfig or EncoderDecoderConfig fields (experiments.finetune_sweep writes
+  # models/<model>.json); replaces the preset (shape and vocabulary of the checkpoints)
   c.model_config = config_dict.placeholder(str)
   c.pretrained_ckpt = config_dict.placeholder(str)  # training.save_params directory
   c.finetuned_ckpt = config_dict.placeholder(str)  # training.save_params directory
-  c.tokens_npy = config_dict.placeholder(str)  # task token ids [N, T + 1] (.npy)
+  # task token ids (.npy): [N, T + 1] (decoder-only), [N, 2 T] (encoder-decoder: T in, T out)
+  c.tokens_npy = config_dict.placeholder(str)
   c.num_examples = 16  # training sequences n
   c.seq_len = 32  # sequence length T
   c.batch_size = 8  # sequences per streamed batch

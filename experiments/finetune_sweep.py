@@ -22,9 +22,11 @@ test split. Writes to --workdir:
                pre-trained kernel <model>_pretrained.npz (theta, f0)
   finetuned/   with config.save_finetuned: the fine-tuned parameters of each
                run, finetuned/<model>/<D> (training.save_params)
-  models/      <model>.json, each model's ModelConfig fields (the shape and
-               vocabulary of pretrained/<model> and finetuned/<model>/<D>;
-               experiments.hessian_spectrum's config.model_config)
+  models/      <model>.json, each model's config fields (ModelConfig or
+               EncoderDecoderConfig, read back by models.config_from_dict: the
+               shape and vocabulary of pretrained/<model> and
+               finetuned/<model>/<D>; experiments.hessian_spectrum's
+               config.model_config)
   config.json, tokenizer.json, data/, pretrained/, ckpt/ (in-flight runs)
 
 Rerunning skips finished runs (read from runs.jsonl) and resumes an

@@ -1,4 +1,4 @@
-r"""Hessian spectrum and per-layer PAC-Bayes quantities of a fine-tuned causal LM.
+r"""Hessian spectrum and per-layer PAC-Bayes quantities of a fine-tuned LM.
 
 For a model preset (or pre-trained and fine-tuned checkpoints) and a set of
 training sequences, writes to --workdir:
@@ -18,7 +18,7 @@ training sequences, writes to --workdir:
 
 Each step skips its work when its output exists. The loss is the project's
 LM loss, the mean NLL per target token (`models.losses.mean_token_nll`, as in
-training and the study); the Hessian of the spectrum is that of the mean loss
+training and the study; `hessian_common.lm_loss_fn`); the Hessian of the spectrum is that of the mean loss
 over all config.num_examples sequences, streamed as [num_examples / batch_size]
 stacked batches (lax.scan; every sequence has config.seq_len target tokens, so the
 mean of the batch means is the per-token mean); the PAC-Bayes maxima are over
@@ -32,10 +32,15 @@ sequences of a second chain (the task). With config.pretrained_ckpt and
 config.finetuned_ckpt (directories written by lensllm_jax.training.save_params,
 e.g. pretrained/<model> and, with config.save_finetuned, finetuned/<model>/<D>
 of experiments.finetune_sweep) those parameters are used instead; the model's
-shape and vocabulary are config.model_config's (a JSON file of ModelConfig
-fields: the sweep writes models/<model>.json) or else config.preset's. The
-task data come from config.tokens_npy ([N, T + 1] int token ids) or the
-Markov chain.
+shape and vocabulary are config.model_config's (a JSON file of ModelConfig or
+EncoderDecoderConfig fields, `models.config_from_dict`: the sweep writes
+models/<model>.json) or else config.preset's. The task data come from
+config.tokens_npy or the Markov chain, as [N, T + 1] token ids for a
+decoder-only model (inputs s[:-1], next-token targets s[1:]) and [N, 2 T] for
+an encoder-decoder (T5, mT5, Switch, BART): the encoder reads the first T
+tokens, the decoder (teacher-forced, `models.shift_right`) predicts the last
+T, and the loss is the NLL of those T target tokens (`hessian_common.token_batch`;
+the Switch router losses, a training regulariser, are not part of it).
 
   python -m experiments.hessian_spectrum --config=configs/hessian_spectrum.py \
       --workdir=results/hessian_spectrum
@@ -57,9 +62,9 @@ import pandas as pd
 from absl import app, flags, logging
 
 from experiments import common  # also defines --compilation_cache_dir
-from experiments.hessian_common import lm_loss_fn, markov_sequences, shifted_token_batch
+from experiments.hessian_common import example_length, lm_loss_fn, markov_tokens, token_batch
 from lensllm_jax import hessian, models, pac_bayes
-from lensllm_jax.models import ModelConfig, build, init_params, presets
+from lensllm_jax.models import build, init_params, presets
 
 FLAGS = flags.FLAGS
 common.define_config_file("configs/hessian_spectrum.py",
@@ -76,17 +81,20 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Recompute everything.")
 def load_task_data(config) -> dict[str, np.ndarray]:
   """Step 1a: the n training sequences (config.tokens_npy or the task Markov chain)."""
   n, t = FLAGS.config.num_examples, FLAGS.config.seq_len
+  enc_dec = config.is_encoder_decoder
+  length = example_length(t, enc_dec)
   if FLAGS.config.tokens_npy:
     tokens = np.load(FLAGS.config.tokens_npy)
-    if tokens.ndim != 2 or tokens.shape[0] < n or tokens.shape[1] != t + 1:
-      raise app.UsageError(f"config.tokens_npy {FLAGS.config.tokens_npy}: need shape [>= {n}, {t + 1}] "
-                       f"(config.num_examples, config.seq_len + 1), got {tokens.shape}")
+    if tokens.ndim != 2 or tokens.shape[0] < n or tokens.shape[1] != length:
+      shape = "2 * config.seq_len (encoder-decoder)" if enc_dec else "config.seq_len + 1"
+      raise app.UsageError(f"config.tokens_npy {FLAGS.config.tokens_npy}: need shape [>= {n}, "
+                           f"{length}] (config.num_examples, {shape}), got {tokens.shape}")
     if tokens.min() < 0 or tokens.max() >= config.vocab_size:
       raise app.UsageError(f"config.tokens_npy {FLAGS.config.tokens_npy}: token ids outside [0, "
-                       f"{config.vocab_size}) of preset {FLAGS.config.preset}")
-    return shifted_token_batch(tokens[:n])
-  return markov_sequences(config.vocab_size, n, t, chain_seed=1000 + FLAGS.config.seed,
-                          seed=FLAGS.config.seed)
+                           f"{config.vocab_size}) of model {model_name()}")
+    return token_batch(tokens[:n], enc_dec)
+  return token_batch(markov_tokens(config.vocab_size, n, length, chain_seed=1000 + FLAGS.config.seed,
+                                   seed=FLAGS.config.seed), enc_dec)
 
 
 def train(loss, params, data, steps, key):
@@ -113,13 +121,15 @@ def train(loss, params, data, steps, key):
 def get_params(loss, config, data, workdir):
   """Step 1b: pre-trained and fine-tuned params (checkpoints, cache or demo training)."""
   key = jax.random.PRNGKey(FLAGS.config.seed)
-  like = init_params(config, key)
   if bool(FLAGS.config.pretrained_ckpt) != bool(FLAGS.config.finetuned_ckpt):
     raise app.UsageError("pass both config.pretrained_ckpt and config.finetuned_ckpt, or neither")
   if FLAGS.config.pretrained_ckpt:
     from lensllm_jax import training  # orbax only when checkpoints are used
-    return (training.load_params(FLAGS.config.pretrained_ckpt, like),
-            training.load_params(FLAGS.config.finetuned_ckpt, like))
+    # Shapes only (no compiled initialisation): the template of the checkpoints.
+    shapes = jax.eval_shape(lambda: init_params(config, key))
+    return (training.load_params(FLAGS.config.pretrained_ckpt, shapes),
+            training.load_params(FLAGS.config.finetuned_ckpt, shapes))
+  like = init_params(config, key)
   paths = [os.path.join(workdir, f"params_{name}.msgpack") for name in ("pretrained", "finetuned")]
   if all(os.path.exists(p) for p in paths):
     out = []
@@ -129,8 +139,10 @@ def get_params(loss, config, data, workdir):
     logging.info("reusing %s", paths)
     return tuple(out)
   t0 = time.time()
-  pool = markov_sequences(config.vocab_size, 4 * FLAGS.config.num_examples, FLAGS.config.seq_len,
-                          chain_seed=FLAGS.config.seed, seed=FLAGS.config.seed + 1)
+  pool = token_batch(markov_tokens(
+      config.vocab_size, 4 * FLAGS.config.num_examples,
+      example_length(FLAGS.config.seq_len, config.is_encoder_decoder),
+      chain_seed=FLAGS.config.seed, seed=FLAGS.config.seed + 1), config.is_encoder_decoder)
   params0, l0 = train(loss, like, pool, FLAGS.config.pretrain_steps, jax.random.fold_in(key, 1))
   params1, l1 = train(loss, params0, data, FLAGS.config.finetune_steps, jax.random.fold_in(key, 2))
   logging.info("demo training: pre-train loss %.3f, fine-tune loss %.3f (%.1fs)", l0, l1,
@@ -153,7 +165,14 @@ def spectrum(loss, params, data, workdir, key):
   if n % bs:
     raise app.UsageError(f"config.num_examples ({n}) must be a multiple of config.batch_size ({bs})")
   stacked = {k: v.reshape(n // bs, bs, *v.shape[1:]) for k, v in data.items()}
-  op = hessian.hvp_operator(loss, params, stacked, data_mode="stacked")
+  device = jax.local_devices()[0]
+  traced = hessian.hvp_operator(loss, params, jax.device_put(stacked, device), data_mode="stacked")
+  # Host-driven drivers over one compiled HVP: a traced operator would compile the
+  # model's HVP into each of the four drivers, and compilation dominates small runs.
+  # Every input is committed to one device, so the HVP compiles once, not once per
+  # committed/uncommitted argument pattern.
+  op = hessian.LinearOperator(lambda v: traced.matvec(jax.device_put(v, device)), traced.dim,
+                              traced.dtype, traceable=False)
   logging.info("Hessian over %d parameters, %d batches of %d sequences", op.dim, n // bs, bs)
   t0 = time.time()
   eig = hessian.lanczos_eigs(op, jax.random.fold_in(key, 0), k=FLAGS.config.k,
@@ -204,7 +223,7 @@ def plot_density(grid, density, top, path):
     ax.axvline(lam, color="tab:red", lw=0.5, alpha=0.6)
   ax.set_xlabel("eigenvalue")
   ax.set_ylabel("density (SLQ, smoothed)")
-  ax.set_title(f"Hessian spectrum, {FLAGS.config.preset} (red: Lanczos top-{len(top)})")
+  ax.set_title(f"Hessian spectrum, {model_name()} (red: Lanczos top-{len(top)})")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
@@ -262,17 +281,23 @@ def check_workdir(workdir):
     json.dump(config, f, indent=1)
 
 
-def model_config() -> ModelConfig:
-  """Step 0: the model's config (config.model_config JSON, else the preset, long enough)."""
+def model_name() -> str:
+  """config.model_config's file stem (the sweep's model name), else config.preset."""
+  cfg = FLAGS.config
+  return os.path.splitext(os.path.basename(cfg.model_config))[0] if cfg.model_config else cfg.preset
+
+
+def model_config():
+  """Step 0: the model's config (config.model_config JSON, else the preset, long enough):
+  a `models.ModelConfig` or, for arch t5/mt5/switch/bart, a `models.EncoderDecoderConfig`."""
   cfg = FLAGS.config
   if cfg.model_config:
     with open(cfg.model_config) as f:
       fields = json.load(f)
     try:
-      config = ModelConfig(**fields)
-    except TypeError as e:
-      raise app.UsageError(f"config.model_config {cfg.model_config}: not ModelConfig fields "
-                           f"({e})") from e
+      config = models.config_from_dict(fields, source=f"config.model_config {cfg.model_config}")
+    except ValueError as e:
+      raise app.UsageError(str(e)) from e
     if config.max_len < cfg.seq_len:
       raise app.UsageError(f"config.seq_len {cfg.seq_len} exceeds max_len {config.max_len} of "
                            f"config.model_config {cfg.model_config}")

@@ -6,6 +6,8 @@ Public API (one entry point for every architecture; see `registry`):
                                   build(config).apply({"params": p}, ids, attention_mask=m)
   load_hf_checkpoint(dir)         (config, params) from a Hugging Face checkpoint,
                                   dispatching on config.json's model_type
+  config_from_dict(fields)        ModelConfig / EncoderDecoderConfig from its fields (a
+                                  saved models/<model>.json), by fields["arch"]
   init_params, num_params, flops_per_token, block_names
                                   random params; closed-form count; FLOPs per token
                                   (6 N + attention); top-level parameter block names
@@ -69,6 +71,7 @@ from lensllm_jax.models.registry import (
     HF_FORMATS,
     block_names,
     build,
+    config_from_dict,
     flops_per_token,
     init_params,
     num_params,
@@ -85,6 +88,7 @@ __all__ = [
     "ModelConfig",
     "block_names",
     "build",
+    "config_from_dict",
     "config_from_hf",
     "convert_bart_weights",
     "convert_gpt2_weights",

@@ -16,6 +16,7 @@ Dispatchers (re-exported as ``models.build`` etc.):
     num_params(config)               -> int (closed form)
     flops_per_token(config, T)       -> float
     block_names(config)              -> top-level parameter block names, input to output
+    config_from_dict(fields)         -> ModelConfig or EncoderDecoderConfig (by fields["arch"])
 
 A decoder-only model is applied as
 ``build(config).apply({"params": params}, input_ids, attention_mask=mask)``
@@ -37,6 +38,9 @@ from typing import Any
 
 import jax
 import numpy as np
+
+from lensllm_jax.models.config import ModelConfig
+from lensllm_jax.models.encdec_config import ENCDEC_ARCHS, EncoderDecoderConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +121,23 @@ def hf_format(model_type: str | None, source: str = "config.json") -> HFFormat:
     raise CheckpointError(f"{source}: model_type={model_type!r} is not supported "
                           f"(supported: {', '.join(sorted(HF_FORMATS))})")
   return HF_FORMATS[model_type]
+
+
+def config_from_dict(fields: dict, source: str = "config"):
+  """The config whose dataclass fields are ``fields`` (e.g. a JSON written with
+  ``dataclasses.asdict``, as experiments.finetune_sweep's models/<model>.json).
+
+  ``fields["arch"]`` picks the class: `EncoderDecoderConfig` for t5, mt5, switch
+  and bart, else `ModelConfig`. Unknown fields or invalid values raise
+  ValueError naming ``source``.
+  """
+  if not isinstance(fields, dict):
+    raise ValueError(f"{source}: need a JSON object of config fields, got {type(fields).__name__}")
+  cls = EncoderDecoderConfig if fields.get("arch") in ENCDEC_ARCHS else ModelConfig
+  try:
+    return cls(**fields)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{source}: not valid {cls.__name__} fields ({e})") from e
 
 
 def build(config):
