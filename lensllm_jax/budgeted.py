@@ -240,7 +240,9 @@ class BudgetedResult:
     flops: total FLOPs per token paid.
     revealed: [M, P] bool points paid for (over the file's grid).
     stopped_at: [M] D of the last point revealed for each model.
-    history: per step dict(data_size, active [M] bool, log_pred [M], sd [M]).
+    history: per step dict(data_size, active [M] bool, log_pred [M], sd [M])
+      (log_pred, sd NaN at the unfitted steps before the first stopping step,
+      `fit_prefixes` path).
   """
   z: float
   selection: selection.SelectionResult
@@ -314,6 +316,8 @@ def early_stopping_selection(curves, levels: Sequence[float], fit_views=None, *,
       once, all levels together: a step fits only the models active in some
       unfinished level; stopped models and other levels reuse the cached fits
       (their parameters also enter the pooled s^2 of `laplace_log_sd`).
+      With `min_points` given, the steps before the first stopping decision
+      are not fitted (nothing reads them; unless it is the last step).
 
   Returns:
     One BudgetedResult per level.
@@ -345,7 +349,15 @@ def early_stopping_selection(curves, levels: Sequence[float], fit_views=None, *,
         stopped_at[i][active[i]] = d_s
     fitted = [i for i in range(len(levels)) if refit_finished or not done[i]]
     views = [oracles[i].view(d_s) for i in fitted]
-    if predict_views is not None:
+    # fit_prefixes: no decision reads the fits before the first stopping step (unless
+    # it is the last step), so they are skipped (history holds NaN there).
+    skip = (fit_prefixes is not None and min_points is not None and s + 1 < min_points
+            and s + 1 < steps.size and m > 1)
+    if skip:
+      predicted = np.full((len(fitted), m), np.nan)
+      sd_all = np.full(len(fitted) * m, np.nan)
+      need = min_points
+    elif predict_views is not None:
       predicted, sd_views = predict_views(views, s)
       sd_all = np.asarray(sd_views, np.float64).reshape(-1)
       need = min_points
@@ -362,7 +374,8 @@ def early_stopping_selection(curves, levels: Sequence[float], fit_views=None, *,
     for j, i in enumerate(fitted):
       if done[i]:
         continue
-      logp = np.log(np.where(np.isfinite(predicted[j]), predicted[j], np.inf))
+      logp = predicted[j] if skip else np.log(np.where(np.isfinite(predicted[j]),
+                                                        predicted[j], np.inf))
       sd = sd_all[j * m:(j + 1) * m]
       # Stopped models keep their last prediction.
       if last[i] is not None:
@@ -478,6 +491,8 @@ def budgeted_selection(curves, levels: Sequence[float], *, key: jax.Array,
                                      fit_options=fit_options, min_curves=batch, uniforms=u)[0]
     return res.predictor.law, res.predictor.raw_params, res.extras["mask"], res.predicted
 
+  if min_points is None:
+    min_points = selection.FITTED_LAWS[method][0]().num_params
   return early_stopping_selection(curves, levels, name=method, max_data_num=max_data_num,
                                   target_data_num=target_data_num, min_points=min_points,
                                   progress=progress, fit_prefixes=fit_prefixes)

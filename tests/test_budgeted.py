@@ -110,10 +110,14 @@ def _naive_budgeted(curves, z, *, key, max_data_num, target, method, num_restart
   revealed = np.broadcast_to(grid == 0, (m, grid.size)).copy()
   active = np.ones(m, bool)
   stopped_at, flops, history, last = np.zeros(m), 0.0, [], None
-  for s, d_s in enumerate(grid[(grid > 0) & (grid <= max_data_num)]):
+  steps = grid[(grid > 0) & (grid <= max_data_num)]
+  for s, d_s in enumerate(steps):
     flops += 6.0 * d_s * curves.sizes[active].astype(float).sum()
     revealed[active, grid == d_s] = True
     stopped_at[active] = d_s
+    if s + 1 < 4 and s + 1 < steps.size:  # before the first decision (K = 4): not fitted
+      history.append((d_s, active.copy(), np.full(m, np.nan), np.full(m, np.nan)))
+      continue
     num = revealed[:, grid > 0].sum(1)
     view = selection.visible_view(curves, d_s, np.where(grid <= d_s, revealed, False))
     u = np.stack([budgeted.prefix_uniforms(key, j, num[j], num_restarts) for j in range(m)])
@@ -129,7 +133,7 @@ def _naive_budgeted(curves, z, *, key, max_data_num, target, method, num_restart
       logp, sd = np.where(active, logp, last[0]), np.where(active, sd, last[1])
     last = (logp, sd)
     history.append((d_s, active.copy(), logp, sd))
-    if s + 1 >= law.num_params:
+    if s + 1 >= 4:
       best = np.min(np.where(active, logp + z * sd, np.inf))
       active = active & (logp - z * sd <= best)
     if active.sum() <= 1:
