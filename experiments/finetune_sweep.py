@@ -397,6 +397,19 @@ def run_one(m: LoadedModel, data: dict, d: int, cfg, tcfg, workdir, mesh, snapsh
   return rec, res.params, idx
 
 
+def pretrained_snapshot(m: LoadedModel, data: dict, cfg, workdir: pathlib.Path):
+  """The `NTKSnapshot` of model m on the task's probe set (the first config.ntk.num_probe
+  test examples); its pre-trained kernel is computed once and cached in
+  workdir/ntk/<model>_pretrained.npz. None when config.ntk.num_probe is 0."""
+  if not cfg.ntk.num_probe:
+    return None
+  probe = data["test"].take(np.arange(min(cfg.ntk.num_probe, data["test"].num_examples)))
+  kernel_options = {k: cfg.ntk[k] for k in ("kernel", "block_size", "sketch_dim", "sketch_seed")
+                    if k in cfg.ntk}
+  return NTKSnapshot(m, probe, cfg.ntk.output, workdir / "ntk" / f"{m.name}_pretrained.npz",
+                     **kernel_options)
+
+
 def sweep_model(m: LoadedModel, data: dict, cfg, tcfg: training.TrainConfig,
                 workdir: pathlib.Path, runs: dict, *, mesh=None, after_run=None,
                 progress=None) -> None:
@@ -421,13 +434,7 @@ def sweep_model(m: LoadedModel, data: dict, cfg, tcfg: training.TrainConfig,
   size = models.count_params(m.params)
   base = {"model": m.name, "family": m.family, "size": size, "task": cfg.name,
           "max_len": int(data["train"].input_ids.shape[1]), "subset_seed": cfg.subset_seed}
-  snapshot = None
-  if cfg.ntk.num_probe and any(todo):
-    probe = data["test"].take(np.arange(min(cfg.ntk.num_probe, data["test"].num_examples)))
-    kernel_options = {k: cfg.ntk[k] for k in ("kernel", "block_size", "sketch_dim", "sketch_seed")
-                      if k in cfg.ntk}
-    snapshot = NTKSnapshot(m, probe, cfg.ntk.output,
-                           workdir / "ntk" / f"{m.name}_pretrained.npz", **kernel_options)
+  snapshot = pretrained_snapshot(m, data, cfg, workdir) if any(todo) else None
   for d in todo:
     t0 = time.time()
     if d == 0:

@@ -15,7 +15,9 @@ Steps (resumable: finished work is read back from --workdir and skipped):
                   hook adds the top Hessian eigenvalue of the training loss and the
                   per-layer PAC-Bayes table (v_i^T H_i^+ v_i, v_i = w_hat_i - w0_i).
                   One JSON line per run in sweeps/<task>/runs.jsonl; curves.csv.
-  5.   kernels    pre-trained NTK spectra -> F(Theta, t) per model (aux of the law)
+  5.   kernels    pre-trained NTK spectra -> F(Theta, t) per model (aux of the law);
+                  their eigenpairs -> ntk_eigenpairs.csv (--kernels_only: steps
+                  1-3 and this step alone, no fine-tuning)
   6.   selection  every method on every budget D_max = D* / ratio: PearCorr,
                   RelAcc, Spearman, cost (6 N D per (model, D) read), and the
                   extrapolation RMSE of each law on the held-out D > D_max
@@ -23,7 +25,7 @@ Steps (resumable: finished work is read back from --workdir and skipped):
 
 Outputs (--output_dir; results/study for the full preset): curves_<task>.csv
 (public curve format), zoo.csv, runs.csv, pac_bayes_layers.csv, ntk_spectra.csv,
-selection.csv, rmse.csv, cost.csv, phases.csv, curves_<task>.png,
+ntk_eigenpairs.csv (task,model,k,eigval,proj,eta), selection.csv, rmse.csv, cost.csv, phases.csv, curves_<task>.png,
 phases_<task>.png, selection_<task>.png, summary.md.
 
 NTK convention. The model output is the per-example mean target-token
@@ -80,6 +82,10 @@ def define_flags() -> None:
   bz.define_flags()
   flags.DEFINE_string("output_dir", None, "Results directory (default: config.output_dir).")
   flags.DEFINE_bool("skip_figures", False, "Do not draw PNG figures.")
+  flags.DEFINE_bool("kernels_only", False,
+                    "Only steps 1-3 and 5: the zoo and the pre-trained kernels -> "
+                    "ntk_eigenpairs.csv (no fine-tuning; checked against an existing "
+                    "ntk_spectra.csv in --output_dir).")
 
 log = bz.log
 
@@ -288,6 +294,60 @@ def ntk_aux(cfg, workdir: pathlib.Path, task: str, zoo_models) -> tuple:
   return np.stack(eig), np.stack(proj), eta
 
 
+def eigenpair_rows(task: str, zoo_models, aux) -> list[dict]:
+  """Rows of ntk_eigenpairs.csv: (lambda_k, p_k, eta) of `ntk_aux`, 17 significant digits,
+  so that F(Theta, t) = sum_k exp(-2 eta lambda_k t) p_k^2 can be rebuilt from the file."""
+  eig, proj, eta = aux
+  return [{"task": task, "model": m.spec.name, "k": k, "eigval": f"{eig[i, k]:.17g}",
+           "proj": f"{proj[i, k]:.17g}", "eta": f"{eta[i]:.17g}"}
+          for i, m in enumerate(zoo_models) for k in range(eig.shape[1])]
+
+
+def spectrum_row(task: str, name: str, eigvals, proj, eta) -> dict:
+  """One row of ntk_spectra.csv: top / median eigenvalue and F(Theta, t) at t = 0, 1, 10, 100."""
+  f = ntk.ntk_test_loss(eigvals, proj, eta, np.array([0.0, 1.0, 10.0, 100.0]))
+  return {"task": task, "model": name, "n": len(eigvals), "lambda_max": float(eigvals.max()),
+          "lambda_median": float(np.median(eigvals)), "F_t0": float(f[0]), "F_t1": float(f[1]),
+          "F_t10": float(f[2]), "F_t100": float(f[3])}
+
+
+def kernels_step(cfg, workdir: pathlib.Path, out: pathlib.Path, corpus, tok, zoo_models) -> None:
+  """Step 5 without the sweeps: pre-trained kernels -> out/ntk_eigenpairs.csv.
+
+  The kernels are those the sweeps compute first (`finetune_sweep.pretrained_snapshot`,
+  cached in workdir/sweeps/<task>/ntk). If out/ntk_spectra.csv exists (a finished
+  study), every recomputed spectrum must match its row (relative 1e-4): the
+  eigenpairs are then those of the models behind the committed curves.
+  """
+  old = {(r["task"], r["model"]): r for r in common.read_rows(out / "ntk_spectra.csv")}
+  rows = []
+  for task in cfg.tasks:
+    scfg = sweep_config(cfg, task)
+    sdir = workdir / "sweeps" / task
+    fs.bind_workdir(scfg, sdir)
+    data = task_data(cfg, corpus, tok, task)
+    for m in zoo_models:
+      t0 = time.time()
+      fs.pretrained_snapshot(fs.LoadedModel(m.spec.name, m.spec.family, m.config, m.params, tok,
+                                            m.apply_fn), data, scfg, sdir)
+      log(f"kernel {task} {m.spec.name} ({time.time() - t0:.1f}s)")
+    aux = ntk_aux(cfg, workdir, task, zoo_models)
+    for i, m in enumerate(zoo_models):
+      new = spectrum_row(task, m.spec.name, aux[0][i], aux[1][i], aux[2][i])
+      ref = old.get((task, m.spec.name))
+      bad = [k for k in ("lambda_max", "lambda_median", "F_t0", "F_t1", "F_t10", "F_t100")
+             if ref is not None and not math.isclose(float(ref[k]), new[k], rel_tol=1e-4,
+                                                     abs_tol=1e-12)]
+      if bad:
+        raise ValueError(f"{out / 'ntk_spectra.csv'}: {task} {m.spec.name}: recomputed {bad} "
+                         f"= {[new[k] for k in bad]} differ from the study's "
+                         f"{[float(ref[k]) for k in bad]}: not the study's pre-trained models")
+    rows += eigenpair_rows(task, zoo_models, aux)
+  out.mkdir(parents=True, exist_ok=True)
+  study_report.write_csv(out / "ntk_eigenpairs.csv", rows)
+  log(f"kernels: {out / 'ntk_eigenpairs.csv'} ({len(old)} spectra checked)")
+
+
 # ---------------------------------------------------------------------------
 # Step 6: selection.
 
@@ -391,8 +451,8 @@ def report_step(cfg, workdir, out: pathlib.Path, all_runs, zoo_models, t_start) 
   manifest = {r["name"]: r for r in bz.read_jsonl(workdir / "zoo.jsonl")}
   alphas = nlp_alpha(zoo_models)
   target = max(cfg.subset_sizes)
-  sel_rows, rmse_rows, cost_rows, run_rows, pac_rows, spec_rows, phase_rows, budget_rows = (
-      [] for _ in range(8))
+  (sel_rows, rmse_rows, cost_rows, run_rows, pac_rows, spec_rows, eig_rows, phase_rows,
+   budget_rows) = ([] for _ in range(9))
   task_info = {}
   zoo_rows = [{**{k: manifest[m.spec.name][k] for k in ("name", "family", "size",
                                                          "pretrain_steps", "final_train_loss",
@@ -402,13 +462,9 @@ def report_step(cfg, workdir, out: pathlib.Path, all_runs, zoo_models, t_start) 
     runs = all_runs[task]
     curves = curve_set(workdir, task, zoo_models, out)
     aux = ntk_aux(cfg, workdir, task, zoo_models)
-    for i, m in enumerate(zoo_models):
-      f = ntk.ntk_test_loss(aux[0][i], aux[1][i], aux[2][i], np.array([0.0, 1.0, 10.0, 100.0]))
-      spec_rows.append({"task": task, "model": m.spec.name, "n": aux[0].shape[1],
-                        "lambda_max": float(aux[0][i].max()),
-                        "lambda_median": float(np.median(aux[0][i])),
-                        "F_t0": float(f[0]), "F_t1": float(f[1]), "F_t10": float(f[2]),
-                        "F_t100": float(f[3])})
+    spec_rows += [spectrum_row(task, m.spec.name, aux[0][i], aux[1][i], aux[2][i])
+                  for i, m in enumerate(zoo_models)]
+    eig_rows += eigenpair_rows(task, zoo_models, aux)
     log(f"selection {task}: {len(study_report.ALL_METHODS)} methods x {len(cfg.selection.ratios)} budgets")
     t0 = time.time()
     s, r, c, results = selection_step(cfg, task, curves, aux, alphas)
@@ -446,6 +502,7 @@ def report_step(cfg, workdir, out: pathlib.Path, all_runs, zoo_models, t_start) 
   study_report.write_csv(out / "runs.csv", run_rows)
   study_report.write_csv(out / "pac_bayes_layers.csv", pac_rows)
   study_report.write_csv(out / "ntk_spectra.csv", spec_rows)
+  study_report.write_csv(out / "ntk_eigenpairs.csv", eig_rows)
   study_report.write_csv(out / "selection.csv", sel_rows)
   study_report.write_csv(out / "rmse.csv", rmse_rows)
   study_report.write_csv(out / "cost.csv", cost_rows)
@@ -466,6 +523,10 @@ def main(argv):
   log(f"study preset {cfg.preset}: workdir {workdir}, output {out}")
   corpus, tok, zoo_models = bz.build_zoo(cfg, workdir)
   log(f"zoo ready: {len(zoo_models)} models ({time.time() - t0:.1f}s)")
+  if FLAGS.kernels_only:
+    kernels_step(cfg, workdir, out, corpus, tok, zoo_models)
+    log(f"done in {time.time() - t0:.1f}s")
+    return
   all_runs = sweep_step(cfg, workdir, corpus, tok, zoo_models)
   log(f"sweeps done ({time.time() - t0:.1f}s)")
   report_step(cfg, workdir, out, all_runs, zoo_models, t0)

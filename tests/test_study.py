@@ -151,3 +151,54 @@ def test_rmse_kernels_and_hessians_are_finite(study):
   summary = (study / "summary.md").read_text()
   for method in METHODS:
     assert method in summary
+
+
+def test_eigenpairs_rebuild_the_spectra_and_kernels_only_reproduces_them(study):
+  """ntk_eigenpairs.csv gives back ntk_spectra.csv's F(Theta, t) by the closed form
+  F(t) = sum_k exp(-2 eta lambda_k t) p_k^2, and --kernels_only (no fine-tuning) rewrites
+  the same eigenpairs from the cached zoo and kernels (checked against ntk_spectra.csv)."""
+  eig = _rows(study / "ntk_eigenpairs.csv")
+  for r in _rows(study / "ntk_spectra.csv"):
+    mine = sorted((e for e in eig if (e["task"], e["model"]) == (r["task"], r["model"])),
+                  key=lambda e: int(e["k"]))
+    lam, p = (np.array([float(e[k]) for e in mine]) for k in ("eigval", "proj"))
+    eta = float(mine[0]["eta"])
+    assert len(mine) == int(r["n"]) and math.isclose(lam.max(), float(r["lambda_max"]),
+                                                      rel_tol=1e-5)
+    for t in (0, 1, 10, 100):
+      f = float(np.sum(np.exp(-2 * eta * lam * t) * p ** 2))
+      assert math.isclose(f, float(r[f"F_t{t}"]), rel_tol=1e-5, abs_tol=1e-12)
+  again = study.parent / "kernels_only"
+  again.mkdir()
+  (again / "ntk_spectra.csv").write_bytes((study / "ntk_spectra.csv").read_bytes())
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.lensllm_study", "--config=configs/study.py:tiny",
+       f"--workdir={study.parent}", f"--output_dir={again}", "--kernels_only"],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert (again / "ntk_eigenpairs.csv").read_text() == (study / "ntk_eigenpairs.csv").read_text()
+
+
+def test_ntk_dynamics_constant_f_rows_are_the_studys(study):
+  """experiments.ntk_dynamics refits LensLLM-NTK from the eigenpairs file with
+  the study's options: the same scores as the study's selection.csv; the dynamic-F rows
+  exist and are finite."""
+  from configs import study as study_config
+  from experiments import ntk_dynamics
+
+  # Two of the binary's four laws (compile time): the constant- and the dynamic-F NTK law.
+  path = ntk_dynamics.run(study_config.get_config("tiny"), study,
+                          methods=("LensLLM-NTK", "LensLLM-NTK-dynamic"))
+  got = {(r["task"], int(r["ratio"]), r["method"], r["metric"]): float(r["value"])
+         for r in _rows(path)}
+  ref = {(r["task"], int(r["ratio"]), r["method"], r["metric"]): r["value"]
+         for r in _rows(study / "selection.csv")}
+  for task in TASKS:
+    for ratio in RATIOS:
+      for method in ("LensLLM-NTK",):
+        for metric in ("PearCorr", "RelAcc"):
+          assert got[(task, ratio, method, metric)] == pytest.approx(
+            float(ref[(task, ratio, method, metric)]), abs=1e-6)
+      for metric in ("RelAcc", "RMSE"):
+        assert math.isfinite(got[(task, ratio, "LensLLM-NTK-dynamic", metric)])
+  assert "LensLLM-NTK-dynamic" in (study / "ntk_dynamics.md").read_text()

@@ -1,0 +1,157 @@
+r"""NTK dynamics on the study curves: LensLLM with F(Theta, t(D)) vs constant F.
+
+    python -m experiments.ntk_dynamics --config=configs/study.py:full [--output_dir=results/study]
+
+Reads, in --output_dir (default config.output_dir): curves_<task>.csv and
+ntk_eigenpairs.csv (the pre-trained kernels' eigenpairs (lambda_k, p_k) and
+eta per model, written by experiments.lensllm_study, also by its
+--kernels_only step). For every task and budget ratio D*/D_max of
+config.selection.ratios (D* = the largest subset size), on the budget view
+(D <= D_max), with the study's fit options (config.selection: seed,
+restarts, steps):
+
+  LensLLM-NTK          constant F = F(Theta, t) = sum_k e^(-2 eta lambda_k t) p_k^2,
+                       t fitted (the study's LensLLM-NTK, `ntk.ntk_f_term`);
+  LensLLM-NTK-dynamic  F(D) = F(Theta, tau steps(D)): steps(D) is the study's
+                       fine-tuning schedule (config.train: one epoch of batches,
+                       clipped to [min_steps, max_steps]) and tau is fitted
+                       (`dynamic_law.ntk_dynamic_law`);
+  LensLLM              curve mode, one constant F (`laws.lensllm_law()`);
+  Spectral             curve mode, F(D) = F0 (w_0 + w_1 e^(-D / D_1))
+                       (`dynamic_law.spectral_lensllm_law(1)`).
+
+Scores against the curve file's L(D*): PearCorr, RelAcc, Spearman, RMSE@D*
+(RMSE of L(D*) over the models, loss units) -> ntk_dynamics.csv
+(task,ratio,method,metric,value) and ntk_dynamics.md. Cheap (seconds); no
+cached state.
+"""
+
+from __future__ import annotations
+
+import functools
+import pathlib
+import time
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+
+from experiments import common
+from lensllm_jax import benchmarks, dynamic_law, ntk, protocol, selection
+
+FLAGS = flags.FLAGS
+METHODS = ("LensLLM-NTK", "LensLLM-NTK-dynamic", "LensLLM", "Spectral")
+HEADER = ("task", "ratio", "method", "metric", "value")
+
+
+def define_flags() -> None:
+  common.define_config_file("configs/study.py", "Study configuration (configs/study.py:full).")
+  flags.DEFINE_string("output_dir", None, "Study results directory (default config.output_dir).")
+
+
+def read_eigenpairs(path: pathlib.Path, task: str, models) -> tuple:
+  """(eigvals [M, n], proj [M, n], eta [M]) of `models` for one task (float64)."""
+  rows = [r for r in common.read_rows(path) if r["task"] == task]
+  if not rows:
+    raise app.UsageError(f"{path}: no eigenpairs for task {task!r}; run experiments.lensllm_study "
+                         "(or its --kernels_only step) first")
+  eig, proj, eta = [], [], []
+  for m in models:
+    mine = sorted((r for r in rows if r["model"] == m), key=lambda r: int(r["k"]))
+    if not mine:
+      raise app.UsageError(f"{path}: no eigenpairs for model {m!r} of task {task!r}")
+    eig.append([float(r["eigval"]) for r in mine])
+    proj.append([float(r["proj"]) for r in mine])
+    eta.append(float(mine[0]["eta"]))
+  return np.asarray(eig), np.asarray(proj), np.asarray(eta)
+
+
+def task_results(cfg, curves, aux, methods=METHODS) -> dict:
+  """method -> [ratios] SelectionResults on the budget views of one task (`methods` only)."""
+  target = float(max(cfg.subset_sizes))
+  ratios = [int(r) for r in cfg.selection.ratios]
+  meta, _, rv = protocol.budget_views(curves, ratios, target)
+  views = [v for _, v in rv]
+  key = jax.random.key(cfg.selection.seed)
+  opts = {"max_steps": int(cfg.selection.max_steps)}
+  restarts = int(cfg.selection.num_restarts)
+  tr = cfg.train
+  steps = functools.partial(dynamic_law.study_steps, batch_size=int(tr.batch_size),
+                            epochs=float(tr.epochs), min_steps=int(tr.min_steps),
+                            max_steps=int(tr.max_steps))
+  fits = {
+    "LensLLM-NTK": lambda: selection.run_fitted_batch(
+      "LensLLM", views, meta, key=key, num_restarts=restarts, fit_options=opts,
+      f_term=ntk.ntk_f_term, aux=aux),
+    "LensLLM-NTK-dynamic": lambda: selection.fit_law_views(
+      "LensLLM-NTK-dynamic", dynamic_law.ntk_dynamic_law(steps), views, meta, key=key,
+      use_zero_shot=True, num_restarts=restarts, aux=aux, fit_options=opts),
+    "LensLLM": lambda: selection.run_fitted_batch("LensLLM", views, meta, key=key,
+                                                  num_restarts=restarts, fit_options=opts),
+    "Spectral": lambda: selection.fit_law_views(
+      "Spectral", dynamic_law.spectral_lensllm_law(1), views, meta, key=key,
+      use_zero_shot=True, num_restarts=restarts, fit_options=opts),
+  }
+  return {m: fits[m]() for m in methods}
+
+
+def run(cfg, output_dir, methods=METHODS) -> pathlib.Path:
+  """Fits `methods` on every task and ratio; writes ntk_dynamics.csv / .md to output_dir."""
+  t0 = time.time()
+  out = pathlib.Path(output_dir or cfg.output_dir)
+  ratios = [int(r) for r in cfg.selection.ratios]
+  target = float(max(cfg.subset_sizes))
+  rows = []
+  for task in cfg.tasks:
+    curves = benchmarks.load_curves(str(out / f"curves_{task}.csv"))
+    aux = read_eigenpairs(out / "ntk_eigenpairs.csv", task, curves.models)
+    truth = curves.column(target)
+    for m, results in task_results(cfg, curves, aux, methods).items():
+      for r, res in zip(ratios, results, strict=True):
+        sc = protocol.score_results(res, truth)
+        rows += [{"task": task, "ratio": r, "method": m, "metric": k, "value": f"{sc[k]:.6f}"}
+                 for k in protocol.METRICS]
+    logging.info("[%s] %d methods x %d ratios (%.1fs)", task, len(methods), len(ratios),
+                 time.time() - t0)
+  path = out / "ntk_dynamics.csv"
+  if path.exists():
+    path.unlink()
+  common.append_rows(path, HEADER, rows)
+  (out / "ntk_dynamics.md").write_text(tables(path, ratios) + "\n")
+  logging.info("done in %.1fs; %s", time.time() - t0, path)
+  return path
+
+
+def tables(path: pathlib.Path, ratios) -> str:
+  """Markdown of ntk_dynamics.csv: per task and metric, the methods over the ratios."""
+  val = {(r["task"], r["method"], r["metric"], int(r["ratio"])): float(r["value"])
+         for r in common.read_rows(path)}
+  tasks = list(dict.fromkeys(k[0] for k in val))
+  md = ["# NTK dynamics on the study curves (generated by experiments/ntk_dynamics.py)", "",
+        "F(Theta, t(D)) with t = tau steps(D) (the study's schedule) vs one constant F, in NTK "
+        "mode (the pre-trained kernels' eigenpairs, ntk_eigenpairs.csv) and in curve mode; "
+        "fits on D <= D* / ratio. PearCorr, RelAcc x100; RMSE of L(D*) over the models "
+        "(loss units).", ""]
+  for metric, scale, digits in (("RMSE", 1, 4), ("PearCorr", 100, 1), ("RelAcc", 100, 1)):
+    md += [f"## {metric}", "", "| task | method | " + " | ".join(f"1/{r}" for r in ratios) +
+           " | mean |", "|---|---|" + "---|" * (len(ratios) + 1)]
+    for task in tasks:
+      for m in METHODS:
+        v = [val.get((task, m, metric, r), np.nan) for r in ratios]
+        cells = ["" if not np.isfinite(x) else f"{scale * x:.{digits}f}" for x in v]
+        mean = np.nanmean(v) if np.any(np.isfinite(v)) else np.nan
+        md.append(f"| {task} | {m} | " + " | ".join(cells) +
+                  f" | {'' if not np.isfinite(mean) else f'{scale * mean:.{digits}f}'} |")
+    md.append("")
+  return "\n".join(md)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  run(FLAGS.config, FLAGS.output_dir)
+
+
+if __name__ == "__main__":
+  define_flags()
+  common.run_main(main)
