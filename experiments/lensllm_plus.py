@@ -170,6 +170,15 @@ def cached_predictions(out: pathlib.Path):
   return predict
 
 
+def _shown(path) -> str:
+  """A path relative to the working directory when inside it (results name no machine)."""
+  p = pathlib.Path(path).resolve()
+  try:
+    return str(p.relative_to(pathlib.Path.cwd().resolve()))
+  except ValueError:
+    return str(path)
+
+
 def write_inputs(out, curve_sets, train_only, ratios, *, pfn_dir: pathlib.Path, settings: str):
   """inputs.csv: every file read (role, ratios, sha256), the PFN weights and the fit settings."""
   rows = []
@@ -177,10 +186,10 @@ def write_inputs(out, curve_sets, train_only, ratios, *, pfn_dir: pathlib.Path, 
     for c in sets:
       rs = ratios if role == "reported" else protocol.training_ratios(c, ratios)
       digest = hashlib.sha256(pathlib.Path(c.source).read_bytes()).hexdigest()
-      rows.append({"dataset": c.name, "role": role, "source": c.source,
+      rows.append({"dataset": c.name, "role": role, "source": _shown(c.source),
                    "ratios": " ".join(map(str, rs)), "sha256": digest})
   weights = pfn_dir / "weights.msgpack"
-  rows.append({"dataset": "CurvePFN", "role": "predictor", "source": str(pfn_dir), "ratios": "",
+  rows.append({"dataset": "CurvePFN", "role": "predictor", "source": _shown(pfn_dir), "ratios": "",
                "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()})
   rows.append({"dataset": "settings", "role": "settings", "source": settings, "ratios": "",
                "sha256": hashlib.sha256(settings.encode()).hexdigest()})
