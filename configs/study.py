@@ -44,105 +44,91 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   raise ValueError(f"configs/study.py: unknown preset {arg!r} (expected 'tiny' or 'full')")
 
 
-def _tiny() -> ml_collections.ConfigDict:
+def _study(*, preset: str, workdir: str, output_dir: str, corpus: dict, tokenizer_vocab: int,
+           pretrain_max_len: int, zoo: list, pretrain: dict, task_max_len: int,
+           max_body_chars: int, num_records: int, num_validation: int, num_test: int,
+           subset_sizes: list, train: dict, num_probe: int, hessian: dict,
+           selection: dict) -> ml_collections.ConfigDict:
+  """One preset's config; the values both presets share are set here once."""
   c = ml_collections.ConfigDict()
-  c.preset = "tiny"
-  c.workdir = "runs/study_tiny"
-  c.output_dir = "runs/study_tiny/results"
-  c.corpus = ml_collections.ConfigDict(dict(max_files=120, pretrain_fraction=0.5,
-                                            chunk_chars=200))
-  c.tokenizer_vocab = 300
-  c.pretrain_max_len = 24
+  c.preset = preset
+  c.workdir = workdir
+  c.output_dir = output_dir
+  c.corpus = ml_collections.ConfigDict(corpus)
+  c.tokenizer_vocab = tokenizer_vocab
+  c.pretrain_max_len = pretrain_max_len
+  c.zoo = zoo
+  c.pretrain = ml_collections.ConfigDict(pretrain)
+  c.tasks = ["code2name", "translate"]
+  c.task_max_len = ml_collections.ConfigDict(dict(code2name=task_max_len, translate=24))
+  c.max_body_chars = max_body_chars
+  c.num_records = num_records  # translate records; code2name uses all functions it finds
+  c.num_validation = num_validation
+  c.num_test = num_test
+  c.split_seed = 0
+  c.subset_seed = 0
+  c.subset_sizes = subset_sizes
+  # Fine-tuning: steps = clip(ceil(epochs * D / batch), min_steps, max_steps) rounded up to
+  # eval_every; early stopping on the validation split (patience evaluations).
+  c.train = ml_collections.ConfigDict(dict(**train, seed=0))
+  # NTK snapshots: kernel "exact" or "sketched" (ntk.make_sketched_ntk_fn, sketch_dim directions).
+  c.ntk = ml_collections.ConfigDict(dict(num_probe=num_probe, kernel="exact", sketch_dim=4096,
+                                         sketch_seed=0))
+  # Hessian / PAC-Bayes quantities along the sweep (models x tasks).
+  c.hessian = ml_collections.ConfigDict(hessian)
+  c.selection = ml_collections.ConfigDict(dict(**selection, seed=0))
+  return c
+
+
+def _pair(names: tuple[str, str], pretrain_steps: tuple[int, int], **shape) -> list[dict]:
+  """Two zoo models of one shape: names[0] from init seed 0, names[1] from seed 1, each
+  pre-trained for its pretrain_steps."""
+  return [dict(name=names[0], **shape, pretrain_steps=pretrain_steps[0]),
+          dict(name=names[1], **shape, pretrain_steps=pretrain_steps[1], init_seed=1)]
+
+
+def _tiny() -> ml_collections.ConfigDict:
   # One shape per family; "-b" models are not pre-trained (0 steps). Pre-training
   # uses the fine-tuning TrainConfig and sequence length, so it shares the
   # compiled train step: compilation is most of the tiny run's time.
-  c.zoo = [
-      dict(name="gpt2-a", arch="gpt2", d_model=24, n_layers=1, n_heads=2, pretrain_steps=12),
-      dict(name="gpt2-b", arch="gpt2", d_model=24, n_layers=1, n_heads=2, pretrain_steps=0,
-           init_seed=1),
-      dict(name="llama-a", arch="llama", d_model=24, n_layers=1, n_heads=2, pretrain_steps=12),
-      dict(name="llama-b", arch="llama", d_model=24, n_layers=1, n_heads=2, pretrain_steps=0,
-           init_seed=1),
-  ]
-  c.pretrain = ml_collections.ConfigDict(dict(
-      learning_rate=2e-3, warmup_steps=2, end_lr_fraction=1.0, batch_size=16, eval_every=4,
-      patience=2, eval_batch_size=48, seed=0))
-  c.tasks = ["code2name", "translate"]
-  c.task_max_len = ml_collections.ConfigDict(dict(code2name=24, translate=24))
-  c.max_body_chars = 100
-  c.num_records = 1200  # translate records; code2name uses all functions it finds
-  c.num_validation = 32
-  c.num_test = 48
-  c.split_seed = 0
-  c.subset_seed = 0
-  c.subset_sizes = [25, 50, 100, 200, 400, 800]
-  # Fine-tuning: steps = clip(ceil(epochs * D / batch), min_steps, max_steps) rounded up to
-  # eval_every; early stopping on the validation split (patience evaluations).
-  c.train = ml_collections.ConfigDict(dict(
-      learning_rate=2e-3, warmup_steps=2, batch_size=16, eval_every=4, patience=2,
-      eval_batch_size=48, epochs=1.0, min_steps=4, max_steps=12, seed=0))
-  # NTK snapshots: kernel "exact" or "sketched" (ntk.make_sketched_ntk_fn, sketch_dim directions).
-  c.ntk = ml_collections.ConfigDict(dict(num_probe=8, kernel="exact", sketch_dim=4096,
-                                         sketch_seed=0))
-  # Hessian / PAC-Bayes along the sweep: these models on the first task.
-  c.hessian = ml_collections.ConfigDict(dict(
-      models=["gpt2-a"], tasks=["code2name"], num_examples=16, lanczos_iters=6,
-      pac_examples=2, pac_iters=4, blocks=["h_0"]))
-  c.selection = ml_collections.ConfigDict(dict(ratios=[2, 4], num_restarts=2, max_steps=100,
-                                               seed=0))
-  return c
+  zoo = (_pair(("gpt2-a", "gpt2-b"), (12, 0), arch="gpt2", d_model=24, n_layers=1, n_heads=2)
+         + _pair(("llama-a", "llama-b"), (12, 0), arch="llama", d_model=24, n_layers=1,
+                 n_heads=2))
+  return _study(
+      preset="tiny", workdir="runs/study_tiny", output_dir="runs/study_tiny/results",
+      corpus=dict(max_files=120, pretrain_fraction=0.5, chunk_chars=200), tokenizer_vocab=300,
+      pretrain_max_len=24, zoo=zoo,
+      pretrain=dict(learning_rate=2e-3, warmup_steps=2, end_lr_fraction=1.0, batch_size=16,
+                    eval_every=4, patience=2, eval_batch_size=48, seed=0),
+      task_max_len=24, max_body_chars=100, num_records=1200, num_validation=32, num_test=48,
+      subset_sizes=[25, 50, 100, 200, 400, 800],
+      train=dict(learning_rate=2e-3, warmup_steps=2, batch_size=16, eval_every=4, patience=2,
+                 eval_batch_size=48, epochs=1.0, min_steps=4, max_steps=12),
+      num_probe=8,
+      # The first model on the first task only.
+      hessian=dict(models=["gpt2-a"], tasks=["code2name"], num_examples=16, lanczos_iters=6,
+                   pac_examples=2, pac_iters=4, blocks=["h_0"]),
+      selection=dict(ratios=[2, 4], num_restarts=2, max_steps=100))
 
 
 def _full() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.preset = "full"
-  c.workdir = "runs/study_full"
-  c.output_dir = "results/study"
-  c.corpus = ml_collections.ConfigDict(dict(max_files=None, pretrain_fraction=0.3,
-                                            chunk_chars=400))
-  c.tokenizer_vocab = 512
-  c.pretrain_max_len = 48
   # Four shapes (two per family, 31k-105k parameters), each pre-trained long and short.
-  c.zoo = [
-      dict(name="gpt2-s-long", arch="gpt2", d_model=32, n_layers=1, n_heads=2,
-           pretrain_steps=1000),
-      dict(name="gpt2-s-short", arch="gpt2", d_model=32, n_layers=1, n_heads=2,
-           pretrain_steps=100, init_seed=1),
-      dict(name="gpt2-m-long", arch="gpt2", d_model=48, n_layers=2, n_heads=4,
-           pretrain_steps=600),
-      dict(name="gpt2-m-short", arch="gpt2", d_model=48, n_layers=2, n_heads=4,
-           pretrain_steps=150, init_seed=1),
-      dict(name="llama-s-long", arch="llama", d_model=32, n_layers=1, n_heads=2,
-           pretrain_steps=800),
-      dict(name="llama-s-short", arch="llama", d_model=32, n_layers=1, n_heads=2,
-           pretrain_steps=120, init_seed=1),
-      dict(name="llama-m-long", arch="llama", d_model=48, n_layers=2, n_heads=4,
-           pretrain_steps=500),
-      dict(name="llama-m-short", arch="llama", d_model=48, n_layers=2, n_heads=4,
-           pretrain_steps=100, init_seed=1),
-  ]
-  c.pretrain = ml_collections.ConfigDict(dict(learning_rate=3e-3, warmup_steps=20,
-                                              batch_size=16, seed=0))
-  c.tasks = ["code2name", "translate"]
-  c.task_max_len = ml_collections.ConfigDict(dict(code2name=48, translate=24))
-  c.max_body_chars = 120
-  c.num_records = 28000
-  c.num_validation = 256
-  c.num_test = 512
-  c.split_seed = 0
-  c.subset_seed = 0
-  c.subset_sizes = [200 * 2 ** k for k in range(8)]
-  # Steps per D: clip(ceil(epochs * D / batch), min_steps, max_steps), early stopping.
-  c.train = ml_collections.ConfigDict(dict(
-      learning_rate=1e-3, warmup_steps=10, batch_size=16, eval_every=40, patience=2,
-      eval_batch_size=128, epochs=1.0, min_steps=40, max_steps=1600, seed=0))
-  # NTK snapshots: kernel "exact" or "sketched" (ntk.make_sketched_ntk_fn, sketch_dim directions).
-  c.ntk = ml_collections.ConfigDict(dict(num_probe=32, kernel="exact", sketch_dim=4096,
-                                         sketch_seed=0))
-  # Hessian / PAC-Bayes quantities after every fine-tuning run of every model and task.
-  c.hessian = ml_collections.ConfigDict(dict(
-      models=[m["name"] for m in c.zoo], tasks=list(c.tasks), num_examples=32,
-      lanczos_iters=12, pac_examples=8, pac_iters=6, blocks=[]))
-  c.selection = ml_collections.ConfigDict(dict(ratios=[4, 8, 16, 32], num_restarts=8,
-                                               max_steps=500, seed=0))
-  return c
+  small, medium = dict(d_model=32, n_layers=1, n_heads=2), dict(d_model=48, n_layers=2, n_heads=4)
+  zoo = (_pair(("gpt2-s-long", "gpt2-s-short"), (1000, 100), arch="gpt2", **small)
+         + _pair(("gpt2-m-long", "gpt2-m-short"), (600, 150), arch="gpt2", **medium)
+         + _pair(("llama-s-long", "llama-s-short"), (800, 120), arch="llama", **small)
+         + _pair(("llama-m-long", "llama-m-short"), (500, 100), arch="llama", **medium))
+  return _study(
+      preset="full", workdir="runs/study_full", output_dir="results/study",
+      corpus=dict(max_files=None, pretrain_fraction=0.3, chunk_chars=400), tokenizer_vocab=512,
+      pretrain_max_len=48, zoo=zoo,
+      pretrain=dict(learning_rate=3e-3, warmup_steps=20, batch_size=16, seed=0),
+      task_max_len=48, max_body_chars=120, num_records=28000, num_validation=256, num_test=512,
+      subset_sizes=[200 * 2 ** k for k in range(8)],
+      train=dict(learning_rate=1e-3, warmup_steps=10, batch_size=16, eval_every=40, patience=2,
+                 eval_batch_size=128, epochs=1.0, min_steps=40, max_steps=1600),
+      num_probe=32,
+      # After every fine-tuning run of every model and task.
+      hessian=dict(models=[m["name"] for m in zoo], tasks=["code2name", "translate"],
+                   num_examples=32, lanczos_iters=12, pac_examples=8, pac_iters=6, blocks=[]),
+      selection=dict(ratios=[4, 8, 16, 32], num_restarts=8, max_steps=500))

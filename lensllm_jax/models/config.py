@@ -34,6 +34,15 @@ _DTYPES = ("float32", "bfloat16")
 _ACTIVATIONS = ("gelu_new", "gelu", "silu", "relu")
 
 
+def check_positive_ints(config, names) -> None:
+  """Raises ValueError naming ``<class>.<field>`` for the first of ``names`` that is
+  not an int > 0 (the model configs' shared size check)."""
+  for name in names:
+    value = getattr(config, name)
+    if not isinstance(value, int) or value <= 0:
+      raise ValueError(f"{type(config).__name__}.{name} must be a positive int, got {value!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Hyper-parameters of a causal language model.
@@ -101,10 +110,7 @@ class ModelConfig:
       raise ValueError(f"ModelConfig.arch must be one of {_ARCHS}, got {self.arch!r}")
     if self.dtype not in _DTYPES:
       raise ValueError(f"ModelConfig.dtype must be one of {_DTYPES}, got {self.dtype!r}")
-    for name in ("vocab_size", "max_len", "d_model", "n_layers", "n_heads"):
-      value = getattr(self, name)
-      if not isinstance(value, int) or value <= 0:
-        raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
+    check_positive_ints(self, ("vocab_size", "max_len", "d_model", "n_layers", "n_heads"))
     arch = self.arch
     if self.d_ff is None:
       d_ff = 32 * -(-(8 * self.d_model // 3) // 32) if arch == "llama" else 4 * self.d_model

@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from lensllm_jax.models.config import check_positive_ints
+
 ENCDEC_ARCHS = ("t5", "mt5", "switch", "bart")
 _DTYPES = ("float32", "bfloat16")
 _ACTIVATIONS = ("relu", "gelu_new", "gelu")
@@ -112,11 +114,9 @@ class EncoderDecoderConfig:
                        f"got {self.arch!r}")
     if self.dtype not in _DTYPES:
       raise ValueError(f"EncoderDecoderConfig.dtype must be one of {_DTYPES}, got {self.dtype!r}")
-    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_len",
-                 "relative_buckets", "relative_max_distance", "num_experts", "expert_capacity"):
-      value = getattr(self, name)
-      if not isinstance(value, int) or value <= 0:
-        raise ValueError(f"EncoderDecoderConfig.{name} must be a positive int, got {value!r}")
+    check_positive_ints(self, ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_len",
+                               "relative_buckets", "relative_max_distance", "num_experts",
+                               "expert_capacity"))
     bart, mt5 = self.arch == "bart", self.arch == "mt5"
     defaults = {
         "n_decoder_layers": self.n_layers,
@@ -137,9 +137,7 @@ class EncoderDecoderConfig:
     if self.activation not in _ACTIVATIONS:
       raise ValueError(f"EncoderDecoderConfig.activation must be one of {_ACTIVATIONS}, "
                        f"got {self.activation!r}")
-    if not isinstance(self.n_decoder_layers, int) or self.n_decoder_layers <= 0:
-      raise ValueError(f"EncoderDecoderConfig.n_decoder_layers must be a positive int, "
-                       f"got {self.n_decoder_layers!r}")
+    check_positive_ints(self, ("n_decoder_layers",))
     if self.head_dim <= 0:
       raise ValueError(f"EncoderDecoderConfig.head_dim must be positive, got {self.head_dim}")
     if bart:

@@ -13,8 +13,6 @@ kernels are [in, out] like GPT-2's Conv1D weights):
 
 from __future__ import annotations
 
-import math
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -22,12 +20,10 @@ import jax.numpy as jnp
 from lensllm_jax.models import layers
 from lensllm_jax.models.config import ModelConfig
 
-INIT_STD = 0.02
 
-
-def _dense(features: int, config: ModelConfig, name: str, std: float = INIT_STD) -> nn.Dense:
-  return nn.Dense(features, dtype=jnp.dtype(config.dtype), param_dtype=jnp.float32,
-                  kernel_init=nn.initializers.normal(std), name=name)
+def _dense(features: int, config: ModelConfig, name: str,
+           std: float = layers.INIT_STD) -> nn.Dense:
+  return layers.dense(features, jnp.dtype(config.dtype), name, std=std)
 
 
 class GPT2Attention(nn.Module):
@@ -39,15 +35,13 @@ class GPT2Attention(nn.Module):
   def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool) -> jax.Array:
     c = self.config
     batch, length, _ = x.shape
-    # GPT-2 scales the residual projections by 1/sqrt(2 L) at init.
-    proj_std = INIT_STD / math.sqrt(2 * c.n_layers)
     qkv = _dense(3 * c.d_model, c, "c_attn")(x)
     q, k, v = jnp.split(qkv, 3, axis=-1)
     shape = (batch, length, c.n_heads, c.head_dim)
     out = layers.dot_product_attention(
         q.reshape(shape), k.reshape(shape), v.reshape(shape), mask,
         dropout=nn.Dropout(c.dropout_rate), deterministic=deterministic)
-    return _dense(c.d_model, c, "c_proj", proj_std)(out)
+    return _dense(c.d_model, c, "c_proj", layers.residual_std(c.n_layers))(out)
 
 
 class GPT2MLP(nn.Module):
@@ -59,7 +53,7 @@ class GPT2MLP(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     c = self.config
     h = layers.activation_fn(c.activation)(_dense(c.d_ff, c, "c_fc")(x))
-    return _dense(c.d_model, c, "c_proj", INIT_STD / math.sqrt(2 * c.n_layers))(h)
+    return _dense(c.d_model, c, "c_proj", layers.residual_std(c.n_layers))(h)
 
 
 class GPT2Block(nn.Module):
@@ -73,7 +67,7 @@ class GPT2Block(nn.Module):
     dtype = jnp.dtype(c.dtype)
     drop = nn.Dropout(c.dropout_rate)
     h = layers.layer_norm(c.norm_eps, "ln_1")(x).astype(dtype)
-    x = x + drop(GPT2Attention(c, name="attn")(h, mask, deterministic),
-                 deterministic=deterministic).astype(jnp.float32)
+    x = layers.add_residual(x, GPT2Attention(c, name="attn")(h, mask, deterministic), drop,
+                            deterministic)
     h = layers.layer_norm(c.norm_eps, "ln_2")(x).astype(dtype)
-    return x + drop(GPT2MLP(c, name="mlp")(h), deterministic=deterministic).astype(jnp.float32)
+    return layers.add_residual(x, GPT2MLP(c, name="mlp")(h), drop, deterministic)

@@ -190,7 +190,21 @@ def activation_fn(name: str):
   raise ValueError(f"unknown activation {name!r}")
 
 
-def dense(features: int, dtype, name: str, *, std: float = 0.02,
+INIT_STD = 0.02  # normal init of the decoder-only models' weights (GPT-2's)
+
+
+def residual_std(n_layers: int) -> float:
+  """Init std of the projections into the residual stream, INIT_STD / sqrt(2 L)
+  (GPT-2's scaling, so the residual stream's variance does not grow with depth)."""
+  return INIT_STD / math.sqrt(2 * n_layers)
+
+
+def add_residual(x: jax.Array, h: jax.Array, drop: nn.Dropout, deterministic: bool) -> jax.Array:
+  """x + dropout(h), with the residual stream x kept in float32."""
+  return x + drop(h, deterministic=deterministic).astype(jnp.float32)
+
+
+def dense(features: int, dtype, name: str, *, std: float = INIT_STD,
           use_bias: bool = True) -> nn.Dense:
   """Dense layer with float32 params, kernel [in, out] ~ N(0, std^2), matmul in ``dtype``."""
   return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,

@@ -17,8 +17,6 @@ torch's nn.Linear weight):
 
 from __future__ import annotations
 
-import math
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -26,12 +24,10 @@ import jax.numpy as jnp
 from lensllm_jax.models import layers
 from lensllm_jax.models.config import ModelConfig
 
-INIT_STD = 0.02
 
-
-def _dense(features: int, config: ModelConfig, name: str, std: float = INIT_STD) -> nn.Dense:
-  return nn.Dense(features, use_bias=False, dtype=jnp.dtype(config.dtype),
-                  param_dtype=jnp.float32, kernel_init=nn.initializers.normal(std), name=name)
+def _dense(features: int, config: ModelConfig, name: str,
+           std: float = layers.INIT_STD) -> nn.Dense:
+  return layers.dense(features, jnp.dtype(config.dtype), name, std=std, use_bias=False)
 
 
 class LlamaAttention(nn.Module):
@@ -52,7 +48,7 @@ class LlamaAttention(nn.Module):
     v = v.reshape(batch, length, c.n_kv_heads, c.head_dim)
     out = layers.dot_product_attention(q, k, v, mask, dropout=nn.Dropout(c.dropout_rate),
                                        deterministic=deterministic)
-    return _dense(c.d_model, c, "o_proj", INIT_STD / math.sqrt(2 * c.n_layers))(out)
+    return _dense(c.d_model, c, "o_proj", layers.residual_std(c.n_layers))(out)
 
 
 class LlamaMLP(nn.Module):
@@ -65,7 +61,7 @@ class LlamaMLP(nn.Module):
     c = self.config
     gate = layers.activation_fn(c.activation)(_dense(c.d_ff, c, "gate_proj")(x))
     up = _dense(c.d_ff, c, "up_proj")(x)
-    return _dense(c.d_model, c, "down_proj", INIT_STD / math.sqrt(2 * c.n_layers))(gate * up)
+    return _dense(c.d_model, c, "down_proj", layers.residual_std(c.n_layers))(gate * up)
 
 
 class LlamaBlock(nn.Module):
@@ -81,7 +77,6 @@ class LlamaBlock(nn.Module):
     drop = nn.Dropout(c.dropout_rate)
     h = layers.RMSNorm(c.norm_eps, dtype, name="input_layernorm")(x)
     h = LlamaAttention(c, name="self_attn")(h, mask, cos, sin, deterministic)
-    x = x + drop(h, deterministic=deterministic).astype(jnp.float32)
+    x = layers.add_residual(x, h, drop, deterministic)
     h = layers.RMSNorm(c.norm_eps, dtype, name="post_attention_layernorm")(x)
-    h = LlamaMLP(c, name="mlp")(h)
-    return x + drop(h, deterministic=deterministic).astype(jnp.float32)
+    return layers.add_residual(x, LlamaMLP(c, name="mlp")(h), drop, deterministic)

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 
 from lensllm_jax.models import layers, registry
 from lensllm_jax.models.config import ModelConfig
-from lensllm_jax.models.gpt2 import INIT_STD, GPT2Block
+from lensllm_jax.models.gpt2 import GPT2Block
 from lensllm_jax.models.llama import LlamaBlock
 from lensllm_jax.models.opt import OPTBlock
 from lensllm_jax.models.phi import PhiBlock
@@ -107,7 +107,7 @@ class CausalLM(nn.Module):
     mask = layers.attention_mask_bias(attention_mask, batch, length)
     dtype = jnp.dtype(c.dtype)
     drop = nn.Dropout(c.dropout_rate)
-    init = nn.initializers.normal(INIT_STD)
+    init = nn.initializers.normal(layers.INIT_STD)
 
     def embed(rows, width, name):
       return nn.Embed(rows, width, dtype=jnp.float32, embedding_init=init, name=name)

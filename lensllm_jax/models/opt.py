@@ -18,16 +18,12 @@ pre_norm=False (OPT-350m, do_layer_norm_before=False):
 
 from __future__ import annotations
 
-import math
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from lensllm_jax.models import layers
 from lensllm_jax.models.config import ModelConfig
-
-INIT_STD = 0.02
 
 
 class OPTBlock(nn.Module):
@@ -40,18 +36,17 @@ class OPTBlock(nn.Module):
     c = self.config
     dtype = jnp.dtype(c.dtype)
     drop = nn.Dropout(c.dropout_rate)
-    out_std = INIT_STD / math.sqrt(2 * c.n_layers)
+    out_std = layers.residual_std(c.n_layers)
     ln_attn = layers.layer_norm(c.norm_eps, "self_attn_layer_norm")
     ln_mlp = layers.layer_norm(c.norm_eps, "final_layer_norm")
     attn = layers.ProjectedAttention(c.n_heads, c.n_heads, c.head_dim, c.d_model, dtype,
                                      "out_proj", out_std, c.dropout_rate, name="self_attn")
     h = ln_attn(x) if c.pre_norm else x
-    x = x + drop(attn(h.astype(dtype), mask, deterministic),
-                 deterministic=deterministic).astype(jnp.float32)
+    x = layers.add_residual(x, attn(h.astype(dtype), mask, deterministic), drop, deterministic)
     if not c.pre_norm:
       x = ln_attn(x)
     h = ln_mlp(x) if c.pre_norm else x
     h = layers.activation_fn(c.activation)(layers.dense(c.d_ff, dtype, "fc1")(h.astype(dtype)))
     h = layers.dense(c.d_model, dtype, "fc2", std=out_std)(h)
-    x = x + drop(h, deterministic=deterministic).astype(jnp.float32)
+    x = layers.add_residual(x, h, drop, deterministic)
     return x if c.pre_norm else ln_mlp(x)

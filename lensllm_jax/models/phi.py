@@ -18,16 +18,12 @@ with rotary embeddings on the first rotary_dim channels of q and k.
 
 from __future__ import annotations
 
-import math
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from lensllm_jax.models import layers
 from lensllm_jax.models.config import ModelConfig
-
-INIT_STD = 0.02
 
 
 class PhiMLP(nn.Module):
@@ -40,7 +36,7 @@ class PhiMLP(nn.Module):
     c = self.config
     dtype = jnp.dtype(c.dtype)
     h = layers.activation_fn(c.activation)(layers.dense(c.d_ff, dtype, "fc1")(x))
-    return layers.dense(c.d_model, dtype, "fc2", std=INIT_STD / math.sqrt(2 * c.n_layers))(h)
+    return layers.dense(c.d_model, dtype, "fc2", std=layers.residual_std(c.n_layers))(h)
 
 
 class PhiBlock(nn.Module):
@@ -56,8 +52,7 @@ class PhiBlock(nn.Module):
     drop = nn.Dropout(c.dropout_rate)
     h = layers.layer_norm(c.norm_eps, "input_layernorm")(x).astype(dtype)
     attn = layers.ProjectedAttention(c.n_heads, c.n_kv_heads, c.head_dim, c.d_model, dtype,
-                                      "dense", INIT_STD / math.sqrt(2 * c.n_layers),
+                                      "dense", layers.residual_std(c.n_layers),
                                       c.dropout_rate, name="self_attn")
-    a = drop(attn(h, mask, deterministic, cos, sin), deterministic=deterministic)
-    m = drop(PhiMLP(c, name="mlp")(h), deterministic=deterministic)
-    return x + a.astype(jnp.float32) + m.astype(jnp.float32)
+    x = layers.add_residual(x, attn(h, mask, deterministic, cos, sin), drop, deterministic)
+    return layers.add_residual(x, PhiMLP(c, name="mlp")(h), drop, deterministic)
