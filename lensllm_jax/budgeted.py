@@ -55,6 +55,13 @@ models by predicted L(D*), then stopped models by their last prediction.
 The simulation is exact on public curves: a `CurveOracle` holds the curves
 privately and releases a loss only when it is paid for; the procedure sees
 `VisibleCurves` views of the paid points only.
+
+Batching. A model's revealed points are its zero-shot point and a prefix of
+the grid, and its fit draws its restarts from (key, model, prefix length)
+(`prefix_uniforms`), so the fit is a function of (model, prefix): each is
+computed once and shared by all steps and levels; a step fits, in one
+compiled call of fixed shape, only the models active in some level that has
+not ended. Steps before the first stopping decision are not fitted.
 """
 
 from __future__ import annotations
