@@ -182,3 +182,34 @@ def test_binary_needs_two_reported_files(shared_benchmarks, tmp_path):
     cfg = plus_config.get_config("public")
     cfg.update(benchmarks=("flan",), data_dir=str(shared_benchmarks), ratios=(16,))
     lensllm_plus.run(cfg, tmp_path)
+
+
+def test_reproduce_selection_reports_the_same_predictor(small_run, tmp_path, monkeypatch):
+  """reproduce_selection --protocol=leave_one_out: LensLLM+ on a is the candidate with the
+  best criterion on b alone (recomputed here from b's predictions), and its scores are
+  that candidate's."""
+  import jax
+
+  from experiments import reproduce_selection
+
+  _, data, _ = small_run
+  monkeypatch.setattr(protocol, "default_grid", lambda: GRID)
+  sets = [benchmarks.load_curves(str(data / f"{n}.csv")) for n in ("a", "b")]
+  key = jax.random.key(3)
+  got = reproduce_selection.choose_plus(sets, ["AtS", "LensLLM+"], "leave_one_out", tmp_path,
+                                        ratios=list(RATIOS), key=key, target_data_num=None,
+                                        num_restarts=2)
+  chosen = {r["held_out"]: r for r in common.read_rows(tmp_path / "lensllm_plus_chosen.csv")}
+  assert chosen["a"]["trained_on"] == "b"
+  pooled_cfg = next(g for g in GRID if g.name == chosen["a"]["pooled_config"])
+  ctx = plus_candidates.BaseContext(key=jax.random.fold_in(key, 1),
+                                    predictor=plus_candidates.curve_pfn.default_predictor(),
+                                    num_restarts=2)
+  truth, preds = plus_candidates.file_predictions(sets[1], RATIOS, ctx=ctx,
+                                                  pooled_configs=[pooled_cfg])
+  crit = {c.name: protocol.criterion(plus_candidates.score_table(
+    plus_candidates.candidate_prediction(c, preds, pooled_cfg), truth))
+    for c in plus_candidates.candidate_names()}
+  assert crit[chosen["a"]["candidate"]] == pytest.approx(max(crit.values()), abs=1e-9)
+  assert float(chosen["a"]["train_criterion"]) == pytest.approx(max(crit.values()), abs=1e-6)
+  assert [r.method for r in got["a"]] == ["LensLLM+"] * len(RATIOS)
