@@ -465,7 +465,7 @@ def run(cfg, output_dir) -> pathlib.Path:
     raise app.UsageError(
         f"config.budget_method: {cfg.budget_method!r} is not supported; budget methods: "
         f"{', '.join(budgeted.BUDGET_METHODS)} (LensLLM+ has its own budgeted variant, "
-        "budgeted.budgeted_pooled_selection, run by experiments.lensllm_plus)")
+        "plus_candidates.budgeted_candidate_selection, run by experiments.lensllm_plus)")
   if cfg.protocol not in ("none", "leave_one_out"):
     raise app.UsageError(f"config.protocol={cfg.protocol!r}: expected 'none' or 'leave_one_out'")
   ratios = common.parse_ratios(cfg.ratios)

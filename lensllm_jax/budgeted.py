@@ -39,7 +39,8 @@ squared objective psi(r) = r, psi' = 1 and the sandwich is the formula above;
 for delta << s it tends to (pi / 2) s^2 (J^T J)^-1, the least-absolute-
 deviations variance. The budget methods are `BUDGET_METHODS` (the fitted
 methods with independent per-model fits); LensLLM+ (a pooled MAP fit with a
-prior) is not one of them: it has `budgeted_pooled_selection`.
+prior) is not one of them: its budgeted run is
+`plus_candidates.budgeted_candidate_selection`.
 
 Once each model has at
 least `min_points` revealed D > 0 points (default K = 4, the number of law
@@ -75,7 +76,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lensllm_jax import laws, methods, pooled, selection
+from lensllm_jax import laws, methods, selection
 
 FLOPS_PER_PARAM_SAMPLE = 6.0
 # Methods `budgeted_selection` runs: independent per-model fits whose objective
@@ -287,30 +288,23 @@ def _num_revealed(oracle: CurveOracle, steps) -> np.ndarray:
   return oracle.revealed[:, np.isin(oracle.data_sizes, steps)].sum(1)
 
 
-def early_stopping_selection(curves, levels: Sequence[float], fit_views=None, *, name: str,
+def early_stopping_selection(curves, levels: Sequence[float], *, name: str,
                              max_data_num: float, target_data_num: float,
-                             min_points: int | None = None, refit_finished: bool = False,
-                             progress=None, predict_views=None,
+                             min_points: int | None = None, progress=None, predict_views=None,
                              fit_prefixes=None) -> list[BudgetedResult]:
   """The early-stopping procedure of the module docstring, with any fit of the law.
 
   Each level z has its own `CurveOracle` (its own paid points). Give exactly
-  one of `fit_views`, `predict_views`, `fit_prefixes`.
+  one of `predict_views`, `fit_prefixes`.
 
   Args:
     curves: a CurveSet (only the oracles read it).
     levels: confidence levels z (normal quantiles), e.g. (0.5, 1, 2, 4).
-    fit_views: fit_views(views, step) -> (law, raw [V M, K], mask [V M, P],
-      predicted [V, M]): fits `law` to the M models of each of the V
-      `VisibleCurves` views (raw parameters and the mask of the points used,
-      rows view-major) and predicts L(D*); called once per step for all levels.
     name: method name in the result ("Budgeted(name, z=...)").
     max_data_num: largest D that may be paid for.
     target_data_num: D*.
     min_points: D > 0 points needed before stopping anyone (default K, the
       number of law parameters).
-    refit_finished: (fit_views) also refit the levels that have ended (their
-      fits are not used), so that every step has the same batch shape.
     progress: optional callable(str) for log lines.
     predict_views: a predictor with its own uncertainty, predict_views(views,
       step) -> (predicted L(D*) [V, M], sd of log L(D*) [V, M]) (e.g. the
@@ -329,9 +323,9 @@ def early_stopping_selection(curves, levels: Sequence[float], fit_views=None, *,
   Returns:
     One BudgetedResult per level.
   """
-  if sum(f is not None for f in (fit_views, predict_views, fit_prefixes)) != 1:
-    raise ValueError("early_stopping_selection: pass exactly one of fit_views / predict_views "
-                     "/ fit_prefixes")
+  if (predict_views is None) == (fit_prefixes is None):
+    raise ValueError("early_stopping_selection: pass exactly one of predict_views / "
+                     "fit_prefixes")
   if predict_views is not None and min_points is None:
     raise ValueError("early_stopping_selection: predict_views needs min_points")
   grid = np.asarray(curves.data_sizes, np.float64)
@@ -354,7 +348,7 @@ def early_stopping_selection(curves, levels: Sequence[float], fit_views=None, *,
       if not done[i]:
         oracles[i].reveal(np.flatnonzero(active[i]), d_s)
         stopped_at[i][active[i]] = d_s
-    fitted = [i for i in range(len(levels)) if refit_finished or not done[i]]
+    fitted = [i for i in range(len(levels)) if not done[i]]
     views = [oracles[i].view(d_s) for i in fitted]
     # fit_prefixes: no decision reads the fits before the first stopping step (unless
     # it is the last step), so they are skipped (history holds NaN there).
@@ -369,11 +363,8 @@ def early_stopping_selection(curves, levels: Sequence[float], fit_views=None, *,
       sd_all = np.asarray(sd_views, np.float64).reshape(-1)
       need = min_points
     else:
-      if fit_views is not None:
-        law, raw, mask, predicted = fit_views(views, s)
-      else:
-        law, raw, mask, predicted = _cached_prefix_fits(fit_prefixes, cache, views, [
-            _num_revealed(oracles[i], steps) for i in fitted], s + 1)
+      law, raw, mask, predicted = _cached_prefix_fits(fit_prefixes, cache, views, [
+          _num_revealed(oracles[i], steps) for i in fitted], s + 1)
       need = law.num_params if min_points is None else min_points
       ylog = np.concatenate([np.log(np.where(v.mask, v.losses, 1.0)) for v in views])
       sd_all = laplace_log_sd(law, raw, views[0].data_sizes, mask, ylog, target_data_num,
@@ -415,7 +406,7 @@ def early_stopping_selection(curves, levels: Sequence[float], fit_views=None, *,
 
 
 def _cached_prefix_fits(fit_prefixes, cache: dict, views, num_revealed, step_count: int):
-  """The fit_views outputs of the fitted levels from per-(model, prefix) fits.
+  """(law, raw, mask, predicted) of the fitted levels from per-(model, prefix) fits.
 
   Fits (one `fit_prefixes` call) the models that have `step_count` revealed
   points in some view and no cached fit yet; every other row comes from `cache`.
@@ -487,7 +478,7 @@ def budgeted_selection(curves, levels: Sequence[float], *, key: jax.Array,
   if method not in BUDGET_METHODS:
     raise ValueError(f"budgeted_selection: method {method!r} is not supported (budget methods: "
                      f"{', '.join(BUDGET_METHODS)}; LensLLM+ has its own "
-                     f"budgeted_pooled_selection)")
+                     f"plus_candidates.budgeted_candidate_selection)")
   meta = selection.metadata_of(curves, target_data_num)
   # Fixed batch: every step and every file of up to `batch` models share one compilation.
   batch = max(min_curves, -(-len(curves.models) // 32) * 32)
@@ -503,54 +494,3 @@ def budgeted_selection(curves, levels: Sequence[float], *, key: jax.Array,
   return early_stopping_selection(curves, levels, name=method, max_data_num=max_data_num,
                                   target_data_num=target_data_num, min_points=min_points,
                                   progress=progress, fit_prefixes=fit_prefixes)
-
-
-def budgeted_pooled_selection(curves, levels: Sequence[float], config: pooled.PooledConfig, *,
-                              key: jax.Array, max_data_num: float, min_points: int = 4,
-                              num_restarts: int = 8, num_steps: int = 60,
-                              target_data_num: float | None = None, progress=None):
-  """The early-stopping procedure with the LensLLM+ fit (`pooled.pooled_selection`).
-
-  Same rule as `budgeted_selection` (SELECT): step s pays 6 N D_s
-  for every active model at D_s = the s-th positive grid size (through
-  `CurveOracle`, which reveals a loss only when paid for), refits,
-  and stops model m once each model has `min_points` positive points and
-
-      log L_m - z sd_m > min_j (log L_j + z sd_j)    (j active),
-
-  with sd the delta-method sd of log L(D*) from `laplace_log_sd`
-  applied to the pooled fit's per-model parameters (the prior is ignored
-  there, so sd is conservative). Here the fit of each step is the pooled
-  fit of all models (stopped models keep their revealed points and still
-  inform the prior).
-
-  Args:
-    curves: a CurveSet (read only by the oracles).
-    levels: confidence levels z.
-    config: the LensLLM+ setting.
-    key: PRNG key; step s uses fold_in(key, s).
-    max_data_num: largest D that may be paid for.
-    min_points: positive points needed before anyone is stopped.
-    num_restarts, num_steps: passed to `pooled_selection`.
-    target_data_num: D* (default the largest D of the file).
-    progress: optional callable(str).
-
-  Returns:
-    One `BudgetedResult` per level.
-  """
-  grid = np.asarray(curves.data_sizes, np.float64)
-  target = float(grid.max()) if target_data_num is None else float(target_data_num)
-  meta = selection.metadata_of(curves, target)
-  law = laws.lensllm_law()
-
-  def fit_views(views, step):
-    res = [r[0] for r in pooled.pooled_selection(views, meta, [config], key=jax.random.fold_in(key, step),
-                                          num_restarts=num_restarts, num_steps=num_steps,
-                                          num_points=grid.size)]
-    return (law, np.concatenate([r.predictor.raw_params for r in res]),
-            np.concatenate([v.mask for v in views]), np.stack([r.predicted for r in res]))
-
-  # Finished levels are refitted too (nothing new revealed): fixed shapes, one compile.
-  return early_stopping_selection(
-      curves, levels, fit_views, name=pooled.METHOD_NAME, max_data_num=max_data_num,
-      target_data_num=target, min_points=min_points, refit_finished=True, progress=progress)

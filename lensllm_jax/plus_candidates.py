@@ -33,8 +33,7 @@ Budgeted (`budgeted_candidate_selection`): the early-stopping rule of
   CurvePFN   the PFN's predictive sd of log L(D*);
   Pooled     the delta-method (Laplace) sd of the pooled fit's per-model
              LensLLM parameters, squared-error form (`budgeted.laplace_log_sd`;
-             the prior is ignored, so it is conservative), as
-             `budgeted.budgeted_pooled_selection`;
+             the prior is ignored, so it is conservative);
   Spectral   the Laplace sd of the dynamic-F law fit (squared error);
   blend w    (1 - w) sd_X: log L = w log L_AtS + (1 - w) log L_X with AtS's
              line taken as exact (AtS has no predictive distribution), by the
@@ -381,7 +380,7 @@ def budgeted_candidate_selection(curves, levels: Sequence[float], cand: Candidat
     return blend(ats, x, cand.ats_weight), blend_sd(x, sd, cand.ats_weight)
 
   return budgeted.early_stopping_selection(
-    curves, levels, None, predict_views=predict_views, name=cand.name,
+    curves, levels, predict_views=predict_views, name=cand.name,
     max_data_num=max_data_num, target_data_num=target, min_points=min_points,
     progress=progress)
 

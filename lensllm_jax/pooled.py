@@ -51,8 +51,8 @@ beta set to the across-model median; the lower MAP objective wins.
 Selection: `lensllm_plus` (one budget view, the signature of the methods in
 `selection`) and `pooled_selection` (many views x settings in one batch)
 rank models by the pooled fit's L(D*), method name "LensLLM+"; they accept
-only `selection.VisibleCurves`. `budgeted.budgeted_pooled_selection` runs
-the early-stopping procedure with this fit. Settings are chosen by
+only `selection.VisibleCurves`. The early-stopping procedure with this fit
+is `plus_candidates.budgeted_candidate_selection` (Pooled candidate). Settings are chosen by
 `protocol.leave_one_out`. Under that protocol this fit is the "Pooled"
 candidate of `plus_candidates`, and the reported LensLLM+ of
 experiments.lensllm_plus is the candidate chosen there (the pooled fit, the

@@ -91,7 +91,7 @@ def test_budgeted_selection_uses_the_candidates_own_sd(monkeypatch):
   np.testing.assert_array_equal(ats.history[0]["sd"], 0.0)
   np.testing.assert_array_equal(ats.stopped_at, [400.0, 400.0, 400.0])
   with pytest.raises(ValueError, match="exactly one"):
-    budgeted.early_stopping_selection(curves, [1.0], None, name="x", max_data_num=GRID[-1],
+    budgeted.early_stopping_selection(curves, [1.0], name="x", max_data_num=GRID[-1],
                                       target_data_num=GRID[-1])
 
 
