@@ -44,13 +44,38 @@ def run_with_host_devices(code: str, num_devices: int = 4, timeout: float = 300)
   return proc.stdout
 
 
+def ephemeral_port_range() -> tuple[int, int]:
+  """The kernel's range for bind(0) and outgoing connections (Linux; else IANA's)."""
+  try:
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+      low, high = map(int, f.read().split())
+    return low, high
+  except (OSError, ValueError):
+    return 49152, 65535
+
+
 def free_port() -> int:
-  """A TCP port on 127.0.0.1 that is free now (for a jax.distributed coordinator)."""
+  """A TCP port on 127.0.0.1 that is free now (for a jax.distributed coordinator).
+
+  Drawn at random BELOW the ephemeral range: a port from bind(0) comes from
+  that range, where any outgoing connection or other bind(0) may take it in the
+  seconds before the coordinator binds it; the kernel never hands out a port
+  below the range, so only another explicit pick can collide (1 in ~20,000).
+  """
+  import random
   import socket
 
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
+  low = min(ephemeral_port_range()[0], 65536)
+  rng = random.SystemRandom()
+  for _ in range(200):
+    port = rng.randrange(10000, low)
+    with socket.socket() as s:
+      try:
+        s.bind(("127.0.0.1", port))
+      except OSError:  # in use (or in TIME_WAIT): try another
+        continue
+    return port
+  raise RuntimeError(f"no free TCP port found in [10000, {low})")
 
 
 def host_device_env(num_devices: int, **extra: str) -> dict:

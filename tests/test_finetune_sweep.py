@@ -15,20 +15,32 @@ from conftest import REPO_ROOT
 from lensllm_jax import benchmarks
 
 
-def _run(workdir):
+def _sweep_args(workdir, cache_dir):
+  """The smoke sweep's command. Its runs in this module share one JAX compilation
+  cache: a rerun or restart then loads the compiled programs instead of recompiling
+  (the compiled programs, hence the numbers, are the same)."""
+  return [sys.executable, "-m", "experiments.finetune_sweep",
+          "--config=configs/finetune_tiny.py:smoke", f"--workdir={workdir}",
+          f"--compilation_cache_dir={cache_dir}"]
+
+
+def _run(workdir, cache_dir):
   env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-  proc = subprocess.run(
-      [sys.executable, "-m", "experiments.finetune_sweep",
-       "--config=configs/finetune_tiny.py:smoke", f"--workdir={workdir}"],
-      cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(_sweep_args(workdir, cache_dir), cwd=REPO_ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
+def cache_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp("jax_cache")
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, cache_dir):
   workdir = tmp_path_factory.mktemp("sweep")
-  _run(workdir)
+  _run(workdir, cache_dir)
   return workdir
 
 
@@ -64,9 +76,9 @@ def test_run_metadata(sweep):
   assert not (sweep / "ckpt" / "tiny-gpt2" / "200").exists()  # finished runs clean up
 
 
-def test_rerun_skips_finished(sweep):
+def test_rerun_skips_finished(sweep, cache_dir):
   before = (sweep / "runs.jsonl").read_text()
-  proc = _run(sweep)
+  proc = _run(sweep, cache_dir)
   assert (sweep / "runs.jsonl").read_text() == before
   assert "(1 models)" in proc.stderr  # absl logging
 
@@ -146,7 +158,7 @@ def test_saved_finetuned_params_reproduce_the_recorded_test_loss(sweep):
   assert max(changed) > 0
 
 
-def test_sigkill_mid_run_then_restart_gives_the_uninterrupted_files(sweep, tmp_path):
+def test_sigkill_mid_run_then_restart_gives_the_uninterrupted_files(sweep, cache_dir, tmp_path):
   """A real kill: SIGKILL while a fine-tuning run is in flight (after its first orbax
   checkpoint), restart with the same command: runs.jsonl has the same rows with the same
   values as the uninterrupted sweep (timings aside; floats exactly equal), curves.csv is
@@ -154,8 +166,7 @@ def test_sigkill_mid_run_then_restart_gives_the_uninterrupted_files(sweep, tmp_p
   import sweep_compare
 
   workdir = tmp_path / "killed"
-  args = [sys.executable, "-m", "experiments.finetune_sweep",
-          "--config=configs/finetune_tiny.py:smoke", f"--workdir={workdir}"]
+  args = _sweep_args(workdir, cache_dir)
   env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
   with open(tmp_path / "first.log", "w") as log:
     proc = subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)

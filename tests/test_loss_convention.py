@@ -41,10 +41,11 @@ def test_hessian_binary_and_study_share_loss_and_top_eigenvalue():
   batch = _batch()
   binary_loss = hessian_common.lm_loss_fn(model)
   study_loss = lensllm_study.loss_fn_for(CONFIG)
-  logits = jax.jit(model.apply)({"params": params}, batch["input_ids"])
+  # Eager (not jitted): a model this small runs op by op faster than it compiles.
+  logits = model.apply({"params": params}, batch["input_ids"])
   want = _reference_loss(logits, batch)
-  np.testing.assert_allclose(float(jax.jit(binary_loss)(params, batch)), want, rtol=1e-5)
-  np.testing.assert_allclose(float(jax.jit(study_loss)(params, batch)), want, rtol=1e-5)
+  np.testing.assert_allclose(float(binary_loss(params, batch)), want, rtol=1e-5)
+  np.testing.assert_allclose(float(study_loss(params, batch)), want, rtol=1e-5)
   # The per-sequence mean (the binaries' former loss) differs here: the check can fail.
   old = np.mean([_reference_loss(logits[i:i + 1], {k: v[i:i + 1] for k, v in batch.items()})
                  for i in range(4)])
@@ -57,8 +58,11 @@ def test_hessian_binary_and_study_share_loss_and_top_eigenvalue():
   op_study = hessian.hvp_operator(study_loss, params, batch)
   v = jax.random.normal(jax.random.key(2), (op_study.dim,))
   np.testing.assert_allclose(op_binary.matvec(v), op_study.matvec(v), rtol=1e-4, atol=1e-6)
-  # Top eigenpair by the binary's Lanczos: an eigenpair of the study's Hessian too.
-  eig = hessian.lanczos_eigs(op_binary, jax.random.key(1), k=1, num_iters=30)
+  # Top eigenpair by the binary's Lanczos (host-driven over its compiled HVP, as in
+  # hessian_spectrum): an eigenpair of the study's Hessian too.
+  host = hessian.LinearOperator(op_binary.matvec, op_binary.dim, op_binary.dtype,
+                                traceable=False)
+  eig = hessian.lanczos_eigs(host, jax.random.key(1), k=1, num_iters=30)
   top, u = float(eig.eigenvalues[0]), eig.eigenvectors[0]
   hu = op_study.matvec(u)
   np.testing.assert_allclose(float(u @ hu), top, rtol=1e-4)

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 import pytest
 import sweep_compare
-from conftest import REPO_ROOT, ProcessGroup, host_device_env
+from conftest import REPO_ROOT, ProcessGroup, ephemeral_port_range, free_port, host_device_env
 
 from lensllm_jax import benchmarks, models, ntk, training
 
@@ -39,18 +39,27 @@ def get_config():
 """
 
 
-def _sweep_args(tmp_path, workdir):
+def _sweep_args(tmp_path, workdir, cache_dir):
+  """The lean sweep's command. The runs of this module share one JAX compilation
+  cache, so the restart after the kill loads the programs the killed processes
+  compiled (the same programs: the same numbers)."""
   config = tmp_path / "lean_config.py"
   config.write_text(LEAN_CONFIG)
-  return ["-m", "experiments.finetune_sweep", f"--config={config}", f"--workdir={workdir}"]
+  return ["-m", "experiments.finetune_sweep", f"--config={config}", f"--workdir={workdir}",
+          f"--compilation_cache_dir={cache_dir}"]
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def cache_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp("jax_cache")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cache_dir):
   """The sweep in one process with 4 host devices (data-parallel mesh of 4)."""
   tmp = tmp_path_factory.mktemp("reference")
   workdir = tmp / "wd"
-  proc = subprocess.run([sys.executable, *_sweep_args(tmp, workdir)], cwd=REPO_ROOT,
+  proc = subprocess.run([sys.executable, *_sweep_args(tmp, workdir, cache_dir)], cwd=REPO_ROOT,
                         env=host_device_env(4), capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return workdir
@@ -60,9 +69,9 @@ def _finetuned(workdir, d):
   return training.load_params(str(workdir / "finetuned" / "tiny-gpt2" / str(d)))
 
 
-def test_two_processes_match_one_and_resume_after_a_kill(reference, tmp_path):
+def test_two_processes_match_one_and_resume_after_a_kill(reference, cache_dir, tmp_path):
   workdir = tmp_path / "wd"
-  args = _sweep_args(tmp_path, workdir) + ["--distributed"]
+  args = _sweep_args(tmp_path, workdir, cache_dir) + ["--distributed"]
   group = ProcessGroup(args, tmp_path, tag="first")
   try:
     step_dir = sweep_compare.kill_mid_run(group.procs, workdir, timeout=400)
@@ -119,3 +128,15 @@ def _model_and_probe(tmp_path, workdir):
   probe = test.take(np.arange(cfg.ntk.num_probe))
   return m, {"input_ids": probe.input_ids, "attention_mask": probe.attention_mask,
              "loss_mask": probe.loss_mask}
+
+
+def test_coordinator_port_is_free_and_outside_the_ephemeral_range():
+  """ProcessGroup's coordinator port: bindable now and never one the kernel hands out
+  (bind(0), outgoing connections), so nothing else takes it before the coordinator."""
+  import socket
+
+  low, _ = ephemeral_port_range()
+  ports = {free_port() for _ in range(20)}
+  assert all(10000 <= p < low for p in ports) and len(ports) > 1
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", ports.pop()))
