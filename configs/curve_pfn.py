@@ -15,6 +15,7 @@ import ml_collections
 
 def get_config(preset: str = "full") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
+  c.kind = "curve"  # or "context" (configs/context_pfn.py)
   c.output_dir = "lensllm_jax/data/curve_pfn"
   c.log_dir = "results/curve_pfn"
   c.model = ml_collections.ConfigDict(dict(d_model=64, num_layers=4, num_heads=4, mlp_dim=128))
@@ -22,6 +23,7 @@ def get_config(preset: str = "full") -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       seed=0, num_steps=4500, batch_size=128, learning_rate=1e-3, warmup_steps=200,
       weight_decay=1e-4, grad_clip=1.0, drop_prob=0.1, log_every=100))
+  c.command = "python -m experiments.train_curve_pfn --config=configs/curve_pfn.py"
   if preset == "tiny":
     c.output_dir = "runs/curve_pfn_tiny"
     c.log_dir = "runs/curve_pfn_tiny"

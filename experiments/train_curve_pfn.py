@@ -1,6 +1,9 @@
-r"""Trains the CurvePFN (lensllm_jax/curve_pfn.py) on prior draws and writes its weights.
+r"""Trains a PFN on prior draws and writes its weights: the single-curve CurvePFN
+(lensllm_jax/curve_pfn.py, config.kind = "curve") or the ContextPFN
+(lensllm_jax/context_pfn.py, config.kind = "context").
 
   nice -n 19 python -m experiments.train_curve_pfn --config=configs/curve_pfn.py
+  nice -n 10 python -m experiments.train_curve_pfn --config=configs/context_pfn.py
 
 Writes to config.output_dir: weights.msgpack (flax.serialization) and
 config.json (model, prior, training config and seed, wall time); to
@@ -18,7 +21,7 @@ import time
 from absl import app, flags, logging
 
 from experiments import common
-from lensllm_jax import curve_pfn
+from lensllm_jax import context_pfn, curve_pfn
 
 FLAGS = flags.FLAGS
 
@@ -28,21 +31,30 @@ def define_flags() -> None:
 
 
 def configs_of(cfg):
-  """(ModelConfig, TrainConfig) of an ml_collections config."""
+  """(model config, TrainConfig) of an ml_collections config (ModelConfig for
+  kind "curve", ContextModelConfig for kind "context")."""
   bars = curve_pfn.BarDistribution(**cfg.bars.to_dict())
   model = curve_pfn.ModelConfig(bars=bars, **cfg.model.to_dict())
+  if cfg.kind == "context":
+    model = context_pfn.ContextModelConfig(trunk=model, encoder_layers=cfg.encoder_layers)
+  elif cfg.kind != "curve":
+    raise ValueError(f"config.kind={cfg.kind!r}; expected 'curve' or 'context'")
   return model, curve_pfn.TrainConfig(**cfg.train.to_dict())
 
 
-def run(cfg) -> curve_pfn.CurvePFNPredictor:
+def run(cfg):
   model, train = configs_of(cfg)
   t = time.time()
-  predictor, rows = curve_pfn.train(model, train, log=logging.info)
+  if cfg.kind == "context":
+    predictor, rows = context_pfn.train(model, train, init_from=cfg.init_from or None,
+                                        log=logging.info)
+  else:
+    predictor, rows = curve_pfn.train(model, train, log=logging.info)
   wall = time.time() - t
-  curve_pfn.save_predictor(predictor, cfg.output_dir, train_config=train,
-                           extra={"wall_seconds": round(wall, 1), "machine": platform.machine(),
-                                  "command": "python -m experiments.train_curve_pfn "
-                                             "--config=configs/curve_pfn.py"})
+  extra = {"wall_seconds": round(wall, 1), "machine": platform.machine(), "command": cfg.command}
+  if cfg.kind == "context":
+    extra["init_from"] = cfg.init_from
+  curve_pfn.save_predictor(predictor, cfg.output_dir, train_config=train, extra=extra)
   log = pathlib.Path(cfg.log_dir) / "train_log.csv"
   log.parent.mkdir(parents=True, exist_ok=True)
   if log.exists():

@@ -129,39 +129,53 @@ def _logu(rng, lo, hi, n):
   return np.exp(rng.uniform(np.log(lo), np.log(hi), n))
 
 
-def _family_log_loss(family: str, rng, n: int, d: np.ndarray, p: PriorConfig) -> np.ndarray:
-  """[n, P] log L of n curves of one family on data sizes d [P] (before gap and noise)."""
+def independent_draws(rng: np.random.Generator, n: int):
+  """The parameter source of the single-curve prior: every parameter of every curve
+  drawn independently, uniform (or log-uniform when `log`) on [lo, hi]; [n, 1]."""
+  def draw(name: str, lo: float, hi: float, log: bool = False) -> np.ndarray:
+    del name
+    return (_logu(rng, lo, hi, n) if log else rng.uniform(lo, hi, n))[:, None]
+  return draw
+
+
+def family_log_loss(family: str, draw: Callable, d: np.ndarray, p: PriorConfig) -> np.ndarray:
+  """[n, P] log L of n curves of one family on data sizes d [P] (before gap and noise).
+
+  `draw(name, lo, hi, log)` gives the [n, 1] values of the named parameter in
+  [lo, hi] (`independent_draws`, or a hierarchical source in `context_pfn.py`);
+  names: beta, transition, floor, rho, decay_size, alpha, c0, sharpness, has_floor.
+  """
   dd = d[None, :]
   if family in ("lensllm", "dynamic"):
-    beta = _logu(rng, *p.beta, n)[:, None]
-    log_f = beta * np.log(_logu(rng, *p.transition, n))[:, None]   # F = D_t^beta
-    e = rng.uniform(*p.floor_fraction, n)[:, None]
+    beta = draw("beta", *p.beta, log=True)
+    log_f = beta * np.log(draw("transition", *p.transition, log=True))   # F = D_t^beta
+    e = draw("floor", *p.floor_fraction)
     if family == "dynamic":
-      rho = rng.uniform(0.0, 1.0, n)[:, None]
-      dc = _logu(rng, *p.transition, n)[:, None]
+      rho = draw("rho", 0.0, 1.0)
+      dc = draw("decay_size", *p.transition, log=True)
       log_f = log_f + np.log(rho + (1.0 - rho) * np.exp(-dd / dc))
     # L(0) = 1: B / F(0) + E = 1 (F(0) = F0 in both), so B = (1 - E) F0.
     log_b = np.log1p(-e) + log_f[:, :1]
     log_dpow = beta * np.log(np.maximum(dd, 1e-10))
     return np.logaddexp(log_b - np.logaddexp(log_f, log_dpow), np.log(np.maximum(e, 1e-300)))
   if family == "vanilla":
-    beta = _logu(rng, *p.beta, n)[:, None]
-    alpha = _logu(rng, *p.alpha, n)[:, None]
-    e = rng.uniform(*p.floor_fraction, n)[:, None]
+    beta = draw("beta", *p.beta, log=True)
+    alpha = draw("alpha", *p.alpha, log=True)
+    e = draw("floor", *p.floor_fraction)
     # normalised so that B 200^-beta + E = 1 (L(200) = 1)
     log_b = np.log1p(-e) + beta * np.log(200.0)
     pos = np.maximum(dd, 1.0)
     out = alpha * np.logaddexp(log_b - beta * np.log(pos), np.log(np.maximum(e, 1e-300)))
     return np.where(dd > 0, out, np.nan)  # L(0) is set by the gap
   if family == "bnsl":
-    c0 = rng.uniform(*p.c0, n)[:, None]
-    c1 = np.maximum(_logu(rng, *p.beta, n)[:, None] - c0, 0.01)
-    d1 = _logu(rng, *p.transition, n)[:, None]
-    f = _logu(rng, *p.sharpness, n)[:, None]
+    c0 = draw("c0", *p.c0)
+    c1 = np.maximum(draw("beta", *p.beta, log=True) - c0, 0.01)
+    d1 = draw("transition", *p.transition, log=True)
+    f = draw("sharpness", *p.sharpness, log=True)
     x = np.log(dd + 1.0)
     power = -c0 * x - c1 * f * np.logaddexp(0.0, (x - np.log(d1)) / f)
-    has_floor = rng.uniform(size=n)[:, None] < 0.5
-    e = np.where(has_floor, rng.uniform(*p.floor_fraction, n)[:, None], 0.0)
+    has_floor = draw("has_floor", 0.0, 1.0) < 0.5
+    e = np.where(has_floor, draw("floor", *p.floor_fraction), 0.0)
     # b (D+1)^... at D = 0 is b (1 + d1^(-1/f))^(-c1 f) ~ b; level: b + E = 1
     return np.logaddexp(np.log1p(-e) + power, np.log(np.maximum(e, 1e-300)))
   raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
@@ -198,7 +212,7 @@ def sample_prior_curves(rng: np.random.Generator, num_curves: int, prior: PriorC
     for i, f in enumerate(names):
       sel = fam == i
       if sel.any():
-        y[sel] = _family_log_loss(f, rng, int(sel.sum()), d, prior)
+        y[sel] = family_log_loss(f, independent_draws(rng, int(sel.sum())), d, prior)
     # zero-shot gap
     kind = rng.choice(3, size=n, p=np.asarray(prior.gap_probs) / np.sum(prior.gap_probs))
     gap = np.where(kind == 1, _logu(rng, *prior.gap_positive, n),
@@ -218,12 +232,19 @@ def sample_prior_curves(rng: np.random.Generator, num_curves: int, prior: PriorC
   if not with_noise:
     return clean.copy(), clean, fam
   sd = _logu(rng, *prior.noise_sd, num_curves)[:, None]
-  noise = sd * rng.standard_normal(clean.shape)
+  return clean + observation_noise(rng, sd, clean.shape, prior), clean, fam
+
+
+def observation_noise(rng: np.random.Generator, sd: np.ndarray, shape, prior: PriorConfig):
+  """[C, P] noise of log L: N(0, sd^2) per point (sd [C, 1]), and with prob
+  `outlier_prob` one point per curve gets an extra N(0, (outlier_scale sd)^2)."""
+  num_curves, num_points = shape
+  noise = sd * rng.standard_normal(shape)
   outlier = rng.uniform(size=num_curves) < prior.outlier_prob
-  where = rng.integers(0, d.size, num_curves)
+  where = rng.integers(0, num_points, num_curves)
   noise[np.arange(num_curves), where] += (outlier * prior.outlier_scale * sd[:, 0]
                                           * rng.standard_normal(num_curves))
-  return clean + noise, clean, fam
+  return noise
 
 
 # ------------------------------------------------------- bar distribution ---
@@ -280,6 +301,19 @@ class BarDistribution:
     frac = np.clip((q - below) / pb, 0.0, 1.0)
     return self.z_min + (b + frac) * self.width
 
+  def summaries(self, logits, y_last, quantiles: Sequence[float] = ()) -> dict:
+    """Predictive summaries of log L = y_last + z from logits [C, Q, B], y_last [C].
+
+    Returns dict "mean_log" [C, Q] (E log L), "mean" (E L), "sd_log" and
+    "q{q}" (the q-quantile of log L) for each requested q.
+    """
+    y_last = np.asarray(y_last, np.float64)[:, None]
+    out = {"mean_log": self.mean(logits) + y_last, "mean": self.mean_exp(logits) * np.exp(y_last),
+           "sd_log": self.std(logits)}
+    for q in quantiles:
+      out[f"q{q:g}"] = self.quantile(logits, q) + y_last
+    return out
+
   def std(self, logits) -> np.ndarray:
     """sd of z [...] (bar density: bin variance w^2 / 12 included)."""
     e = self.edges
@@ -302,36 +336,56 @@ class ModelConfig:
   bars: BarDistribution = BarDistribution()
 
 
-class _Layer(nn.Module):
+class Layer(nn.Module):
+  """Pre-LN block: every token attends to the first ctx_len tokens (masked), then an MLP.
+
+  With `set_tokens` [N, S, d] (the context PFN's other curves), every token also
+  attends to them, added through a learned gate tanh(g), g initialised at 0
+  (so a layer starts as the single-curve layer; the set parameters are named,
+  the single-curve ones keep their automatic names).
+  """
   d_model: int
   num_heads: int
   mlp_dim: int
 
   @nn.compact
-  def __call__(self, h, ctx_len, ctx_mask):
+  def __call__(self, h, ctx_len, ctx_mask, set_tokens=None, set_mask=None):
     # h [N, T, d]; the first ctx_len tokens are the context; everyone attends to it.
     x = nn.LayerNorm()(h)
     att = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, qkv_features=self.d_model)(
       x, x[:, :ctx_len], mask=ctx_mask[:, None, None, :])
     h = h + att
+    if set_tokens is not None:
+      x = nn.LayerNorm(name="set_norm")(h)
+      att = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, qkv_features=self.d_model,
+                                            name="set_attention")(
+        x, set_tokens, mask=set_mask[:, None, None, :])
+      # a row with no other curve attends to nothing
+      att = jnp.where(set_mask.any(-1)[:, None, None], att, 0.0)
+      h = h + jnp.tanh(self.param("set_gate", nn.initializers.zeros, ())) * att
     x = nn.LayerNorm()(h)
     return h + nn.Dense(self.d_model)(nn.gelu(nn.Dense(self.mlp_dim)(x)))
 
 
 class CurvePFN(nn.Module):
-  """(context [N, Tc, 3], context mask [N, Tc], query x [N, Tq]) -> logits [N, Tq, B]."""
+  """(context [N, Tc, 3], context mask [N, Tc], query x [N, Tq]) -> logits [N, Tq, B].
+
+  Optional set_tokens [N, S, d] / set_mask [N, S]: extra tokens every layer
+  attends to through a gated attention (`Layer`); the context PFN uses them.
+  """
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, ctx, ctx_mask, query_x):
+  def __call__(self, ctx, ctx_mask, query_x, set_tokens=None, set_mask=None):
     c = self.config
     ctx_tok = nn.Dense(c.d_model)(nn.gelu(nn.Dense(c.d_model)(ctx)))
     q_tok = nn.Dense(c.d_model)(nn.gelu(nn.Dense(c.d_model)(query_x[..., None])))
     q_tok = q_tok + self.param("query_type", nn.initializers.normal(0.02), (c.d_model,))
     h = jnp.concatenate([ctx_tok, q_tok], axis=1)
     tc = ctx.shape[1]
-    for _ in range(c.num_layers):
-      h = _Layer(c.d_model, c.num_heads, c.mlp_dim)(h, tc, ctx_mask)
+    for i in range(c.num_layers):
+      h = Layer(c.d_model, c.num_heads, c.mlp_dim, name=f"_Layer_{i}")(
+        h, tc, ctx_mask, set_tokens, set_mask)
     return nn.Dense(c.bars.num_bins)(nn.LayerNorm()(h[:, tc:]))
 
 
@@ -407,38 +461,30 @@ def make_batch(rng: np.random.Generator, num_curves: int, prior: PriorConfig = P
   return ctx, ctx_mask, qx, z, qmask
 
 
-def _train_state(model_config: ModelConfig, train_config: TrainConfig, num_points: int):
-  model = CurvePFN(model_config)
-  key = jax.random.key(train_config.seed)
-  ctx = jnp.zeros((1, num_points, 3))
-  params = model.init(key, ctx, jnp.ones((1, num_points), bool), jnp.zeros((1, num_points - 1)))
+def make_optimizer(train_config: TrainConfig) -> optax.GradientTransformation:
+  """AdamW with global-norm clipping and a warmup-cosine schedule (to 5% of the peak)."""
   warmup = min(train_config.warmup_steps, train_config.num_steps // 10)
   sched = optax.warmup_cosine_decay_schedule(0.0, train_config.learning_rate, warmup,
                                              train_config.num_steps,
                                              end_value=0.05 * train_config.learning_rate)
-  opt = optax.chain(optax.clip_by_global_norm(train_config.grad_clip),
-                    optax.adamw(sched, weight_decay=train_config.weight_decay))
-  return model, params, opt
+  return optax.chain(optax.clip_by_global_norm(train_config.grad_clip),
+                     optax.adamw(sched, weight_decay=train_config.weight_decay))
 
 
-def train(model_config: ModelConfig = ModelConfig(), train_config: TrainConfig = TrainConfig(),
-          prior: PriorConfig = PriorConfig(), *, log: Callable[[str], None] | None = None):
-  """Trains the PFN on prior draws; returns (CurvePFNPredictor, log rows).
+def fit_bar_model(apply_fn: Callable, params, bars: BarDistribution, train_config: TrainConfig,
+                  next_batch: Callable, *, log: Callable[[str], None] | None = None):
+  """The PFN training loop: one AdamW step per fresh prior batch on the mean NLL
+  of the hidden points; returns (params, log rows).
 
-  Every step draws a fresh batch (numpy Generator seeded by train_config.seed)
-  and takes one AdamW step on the mean NLL of the hidden points.
-  Log rows: dicts (step, nll, seconds) every `log_every` steps (NLL averaged
-  over the steps since the previous row).
+  apply_fn(params, *inputs) -> logits [..., Q, B]; next_batch() -> (inputs tuple,
+  z [..., Q], query mask [..., Q]). Log rows: dicts (step, nll, seconds) every
+  `log_every` steps (NLL averaged over the steps since the previous row).
   """
-  rng = np.random.default_rng(train_config.seed)
-  p = PUBLIC_GRID.size
-  model, params, opt = _train_state(model_config, train_config, p)
+  opt = make_optimizer(train_config)
   opt_state = opt.init(params)
-  bars = model_config.bars
 
-  def loss_fn(prm, ctx, cm, qx, z, qm):
-    logits = model.apply(prm, ctx, cm, qx)
-    nll = bars.nll(logits, z)
+  def loss_fn(prm, inputs, z, qm):
+    nll = bars.nll(apply_fn(prm, *inputs), z)
     return jnp.sum(jnp.where(qm, nll, 0.0)) / jnp.maximum(jnp.sum(qm), 1)
 
   @jax.jit
@@ -449,8 +495,7 @@ def train(model_config: ModelConfig = ModelConfig(), train_config: TrainConfig =
 
   rows, acc, t0 = [], [], time.time()
   for s in range(1, train_config.num_steps + 1):
-    batch = make_batch(rng, train_config.batch_size, prior, train_config.drop_prob)
-    params, opt_state, val = step(params, opt_state, batch)
+    params, opt_state, val = step(params, opt_state, next_batch())
     acc.append(val)
     if s % train_config.log_every == 0 or s == train_config.num_steps:
       row = {"step": s, "nll": float(np.mean(jax.device_get(acc))),
@@ -459,6 +504,28 @@ def train(model_config: ModelConfig = ModelConfig(), train_config: TrainConfig =
       rows.append(row)
       if log is not None:
         log(f"step {row['step']}: nll {row['nll']:.4f} ({row['seconds']:.0f}s)")
+  return params, rows
+
+
+def train(model_config: ModelConfig = ModelConfig(), train_config: TrainConfig = TrainConfig(),
+          prior: PriorConfig = PriorConfig(), *, log: Callable[[str], None] | None = None):
+  """Trains the PFN on prior draws; returns (CurvePFNPredictor, log rows).
+
+  Every step draws a fresh batch (numpy Generator seeded by train_config.seed)
+  and takes one AdamW step (`fit_bar_model`).
+  """
+  rng = np.random.default_rng(train_config.seed)
+  p = PUBLIC_GRID.size
+  model = CurvePFN(model_config)
+  params = model.init(jax.random.key(train_config.seed), jnp.zeros((1, p, 3)),
+                      jnp.ones((1, p), bool), jnp.zeros((1, p - 1)))
+
+  def next_batch():
+    ctx, cm, qx, z, qm = make_batch(rng, train_config.batch_size, prior, train_config.drop_prob)
+    return (ctx, cm, qx), z, qm
+
+  params, rows = fit_bar_model(model.apply, params, model_config.bars, train_config, next_batch,
+                               log=log)
   return CurvePFNPredictor(model_config, params, prior), rows
 
 
@@ -467,6 +534,8 @@ def train(model_config: ModelConfig = ModelConfig(), train_config: TrainConfig =
 
 class CurvePFNPredictor:
   """A trained PFN: predictive distributions of log L at query sizes."""
+  model_config_cls = ModelConfig
+  prior_cls = PriorConfig
 
   def __init__(self, model_config: ModelConfig, params, prior: PriorConfig = PriorConfig()):
     self.model_config = model_config
@@ -506,13 +575,7 @@ class CurvePFNPredictor:
       and "q{q}" [C, Q] (quantiles of log L) for each requested q.
     """
     logits, y_last = self.logits(data_sizes, log_loss, mask, query_sizes)
-    b = self.bars
-    out = {"mean_log": b.mean(logits) + y_last[:, None],
-           "mean": b.mean_exp(logits) * np.exp(y_last)[:, None],
-           "sd_log": b.std(logits)}
-    for q in quantiles:
-      out[f"q{q:g}"] = b.quantile(logits, q) + y_last[:, None]
-    return out
+    return self.bars.summaries(logits, y_last, quantiles)
 
 
 def save_predictor(predictor: CurvePFNPredictor, directory, *, train_config: TrainConfig,
@@ -528,21 +591,37 @@ def save_predictor(predictor: CurvePFNPredictor, directory, *, train_config: Tra
   return out
 
 
-def load_predictor(directory) -> CurvePFNPredictor:
-  """Reads a predictor written by `save_predictor`."""
+def dataclass_from_dict(cls, values: dict):
+  """A (frozen) dataclass from its `dataclasses.asdict` form (JSON lists -> tuples,
+  nested dataclass fields rebuilt)."""
+  kwargs = {}
+  for f in dataclasses.fields(cls):
+    if f.name not in values:
+      continue
+    v = values[f.name]
+    default = f.default if f.default is not dataclasses.MISSING else None
+    if dataclasses.is_dataclass(default):
+      v = dataclass_from_dict(type(default), v)
+    elif isinstance(v, list):
+      v = tuple(v)
+    kwargs[f.name] = v
+  return cls(**kwargs)
+
+
+def load_predictor(directory, predictor_cls=None):
+  """Reads a predictor written by `save_predictor` (default class CurvePFNPredictor;
+  the class names its config types as `model_config_cls` and `prior_cls`)."""
+  cls = CurvePFNPredictor if predictor_cls is None else predictor_cls
   src = pathlib.Path(directory)
   for name in ("weights.msgpack", "config.json"):
     if not (src / name).exists():
       raise FileNotFoundError(f"load_predictor: {src / name} is missing")
   cfg = json.loads((src / "config.json").read_text())
-  mc = dict(cfg["model"])
-  mc["bars"] = BarDistribution(**mc["bars"])
-  model_config = ModelConfig(**mc)
-  prior = PriorConfig(**{k: tuple(v) if isinstance(v, list) else v
-                         for k, v in cfg["prior"].items()})
+  model_config = dataclass_from_dict(cls.model_config_cls, cfg["model"])
+  prior = dataclass_from_dict(cls.prior_cls, cfg["prior"])
   # The state dict needs no template (no model.init): nested dicts of arrays.
   params = flax.serialization.msgpack_restore((src / "weights.msgpack").read_bytes())
-  return CurvePFNPredictor(model_config, jax.tree.map(jnp.asarray, params), prior)
+  return cls(model_config, jax.tree.map(jnp.asarray, params), prior)
 
 
 DEFAULT_WEIGHTS = pathlib.Path(__file__).resolve().parent / "data" / "curve_pfn"

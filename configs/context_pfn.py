@@ -1,0 +1,37 @@
+r"""The committed context PFN (lensllm_jax/data/context_pfn): model, prior and training.
+
+  nice -n 10 python -m experiments.train_curve_pfn --config=configs/context_pfn.py
+
+Trains on draws of the hierarchical prior only (`context_pfn.HierarchyConfig`
+defaults, documented in lensllm_jax/context_pfn.py), never on a curve file.
+The trunk starts from the committed single-curve PFN (init_from). Budget,
+fixed before any evaluation: batches of 4 files (up to 32 models each, every
+model a target), 3000 steps at the single-curve PFN's learning rate, seed 0;
+at ~0.3-0.45 s/step on the shared 2-core machine that is the ~25 min budget.
+`get_config("tiny")` is the seconds-long version the tests retrain (from
+scratch, no init_from).
+"""
+
+import ml_collections
+
+from configs import curve_pfn
+
+
+def get_config(preset: str = "full") -> ml_collections.ConfigDict:
+  c = curve_pfn.get_config(preset)
+  c.kind = "context"
+  c.output_dir = "lensllm_jax/data/context_pfn"
+  c.log_dir = "results/context_pfn"
+  c.init_from = "lensllm_jax/data/curve_pfn"
+  c.encoder_layers = 2
+  c.train.num_steps = 3000
+  c.train.batch_size = 4
+  c.command = "python -m experiments.train_curve_pfn --config=configs/context_pfn.py"
+  if preset == "tiny":
+    c.output_dir = "runs/context_pfn_tiny"
+    c.log_dir = "runs/context_pfn_tiny"
+    c.init_from = ""
+    c.encoder_layers = 1
+    c.train.num_steps = 150
+    c.train.batch_size = 2
+  return c
