@@ -18,20 +18,16 @@ from configs import curve_pfn
 
 
 def get_config(preset: str = "full") -> ml_collections.ConfigDict:
-  c = curve_pfn.get_config(preset)
+  c = curve_pfn.get_config(preset)   # trunk, bars and optimiser of the single-curve PFN
+  tiny = preset == "tiny"
   c.kind = "context"
-  c.output_dir = "lensllm_jax/data/context_pfn"
-  c.log_dir = "results/context_pfn"
-  c.init_from = "lensllm_jax/data/curve_pfn"
-  c.encoder_layers = 2
-  c.train.num_steps = 3000
-  c.train.batch_size = 4
+  c.output_dir = c.log_dir = "runs/context_pfn_tiny" if tiny else "lensllm_jax/data/context_pfn"
+  if not tiny:
+    c.log_dir = "results/context_pfn"
+  # the tiny test model trains from scratch (its trunk differs from the committed PFN's)
+  c.init_from = "" if tiny else "lensllm_jax/data/curve_pfn"
+  c.encoder_layers = 1 if tiny else 2
+  c.train.num_steps = 150 if tiny else 3000
+  c.train.batch_size = 2 if tiny else 4
   c.command = "python -m experiments.train_curve_pfn --config=configs/context_pfn.py"
-  if preset == "tiny":
-    c.output_dir = "runs/context_pfn_tiny"
-    c.log_dir = "runs/context_pfn_tiny"
-    c.init_from = ""
-    c.encoder_layers = 1
-    c.train.num_steps = 150
-    c.train.batch_size = 2
   return c

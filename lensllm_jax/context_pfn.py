@@ -75,7 +75,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lensllm_jax import curve_pfn, selection
+from lensllm_jax import curve_pfn
 from lensllm_jax.curve_pfn import PUBLIC_GRID
 
 __all__ = [
@@ -378,41 +378,47 @@ class ContextPFNPredictor:
   def bars(self) -> curve_pfn.BarDistribution:
     return self.model_config.trunk.bars
 
-  def logits(self, data_sizes, log_loss, mask, log10_size, query_sizes):
-    """(logits [M, Q, B], y_last [M]) of z = log L(query) - y_last for the M models
-    of one file, each given the visible curves of the others.
+  def file_logits(self, data_sizes, log_loss, mask, model_mask, log10_size, query_sizes):
+    """(logits [F, M, Q, B], y_last [F, M]) of z = log L(query) - y_last for F
+    padded files of M model slots, each model given the others of its file.
 
     Args:
-      data_sizes: [P] column sizes (ascending, from 0); log_loss, mask: [M, P].
-      log10_size: [M] log10 of the parameter counts.
+      data_sizes: [P] column sizes (ascending, from 0); log_loss, mask: [F, M, P].
+      model_mask: [F, M] (False: padding); log10_size: [F, M] log10 parameter counts.
       query_sizes: [Q] query data sizes (> 0).
     """
     y = np.asarray(log_loss, np.float64)
-    if y.ndim != 2:
-      raise ValueError(f"ContextPFN: log_loss must be [M, P], got shape {y.shape}")
+    if y.ndim != 3:
+      raise ValueError(f"ContextPFN: log_loss must be [F, M, P], got shape {y.shape}")
     q = np.asarray(query_sizes, np.float64).reshape(-1)
     if np.any(q <= 0):
       raise ValueError(f"ContextPFN: query sizes must be > 0, got {q.tolist()}")
-    ls = np.asarray(log10_size, np.float64).reshape(-1)
-    if ls.size != y.shape[0] or not np.all(np.isfinite(ls)):
-      raise ValueError(f"ContextPFN: log10_size must be [M={y.shape[0]}] finite, got {ls}")
-    # Pad the points to the public grid's length (one compile per number of models).
+    ls = np.asarray(log10_size, np.float64)
+    mm = np.asarray(model_mask, bool)
+    if ls.shape != y.shape[:2] or not np.all(np.isfinite(ls[mm])):
+      raise ValueError(f"ContextPFN: log10_size must be finite of shape {y.shape[:2]}, got {ls}")
+    # Pad the points to the public grid's length (one compile per [F, M]).
     d = np.asarray(data_sizes, np.float64)
     pad = max(PUBLIC_GRID.size - d.size, 0)
     d = np.concatenate([d, d[-1] + 1.0 + np.arange(pad)])
-    y = np.concatenate([y, np.zeros((y.shape[0], pad))], 1)
-    m = np.concatenate([np.asarray(mask, bool), np.zeros((y.shape[0], pad), bool)], 1)
-    ctx, cm, mm, pair, y_last = encode_file(d, y[None], m[None], np.ones((1, y.shape[0]), bool),
-                                            ls[None])
-    qx = np.broadcast_to(curve_pfn.encode_x(q), (1, y.shape[0], q.size)).astype(np.float32)
-    out = self._apply(self.params, ctx, cm, mm, pair, qx)
-    return np.asarray(out[0], np.float64), y_last[0]
+    zeros = np.zeros(y.shape[:2] + (pad,))
+    y = np.concatenate([y, zeros], -1)
+    m = np.concatenate([np.asarray(mask, bool), zeros.astype(bool)], -1)
+    ctx, cm, mm, pair, y_last = encode_file(d, y, m, mm, ls)
+    qx = np.broadcast_to(curve_pfn.encode_x(q), y.shape[:2] + (q.size,)).astype(np.float32)
+    return np.asarray(self._apply(self.params, ctx, cm, mm, pair, qx), np.float64), y_last
 
   def predict(self, data_sizes, log_loss, mask, log10_size, query_sizes,
               quantiles: Sequence[float] = ()):
-    """Predictive summaries (`curve_pfn.BarDistribution.summaries`) [M, Q]."""
-    logits, y_last = self.logits(data_sizes, log_loss, mask, log10_size, query_sizes)
-    return self.bars.summaries(logits, y_last, quantiles)
+    """Predictive summaries (`curve_pfn.BarDistribution.summaries`) [M, Q] of the M
+    models of one file (log_loss, mask [M, P], log10_size [M])."""
+    y = np.asarray(log_loss, np.float64)
+    if y.ndim != 2:
+      raise ValueError(f"ContextPFN: log_loss must be [M, P], got shape {y.shape}")
+    logits, y_last = self.file_logits(data_sizes, y[None], np.asarray(mask)[None],
+                                      np.ones((1, y.shape[0]), bool),
+                                      np.asarray(log10_size)[None], query_sizes)
+    return self.bars.summaries(logits[0], y_last[0], quantiles)
 
 
 DEFAULT_WEIGHTS = pathlib.Path(__file__).resolve().parent / "data" / "context_pfn"
@@ -439,9 +445,4 @@ def context_pfn_selection(visible, metadata, *, predictor: ContextPFNPredictor |
     raise ValueError(f"ContextPFN: {metadata.name}: model sizes must be > 0, got {sizes}")
   out = pred.predict(visible.data_sizes, log_l, visible.mask, np.log10(sizes),
                      [metadata.target_data_num], quantiles=(0.1, 0.9))
-  mean = out["mean"][:, 0]
-  return selection.SelectionResult(
-    METHOD_NAME, mean, selection.rank_by(mean), predicted=mean,
-    status=tuple("ok" for _ in mean),
-    extras={"mean_log": out["mean_log"][:, 0], "sd_log": out["sd_log"][:, 0],
-            "q0.1_log": out["q0.1"][:, 0], "q0.9_log": out["q0.9"][:, 0]})
+  return curve_pfn.selection_result(METHOD_NAME, out)

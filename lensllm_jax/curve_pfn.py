@@ -651,9 +651,14 @@ def curve_pfn_selection(visible, metadata, *, predictor: CurvePFNPredictor | Non
   log_l = np.log(np.where(visible.mask, visible.losses, 1.0))
   out = pred.predict(visible.data_sizes, log_l, visible.mask, [metadata.target_data_num],
                      quantiles=(0.1, 0.9))
-  mean = out["mean"][:, 0]
+  return selection_result(METHOD_NAME, out)
+
+
+def selection_result(name: str, summaries: dict) -> selection.SelectionResult:
+  """A SelectionResult ranking by the posterior mean of L(D*) from predictive
+  summaries ([M, 1] "mean", "mean_log", "sd_log", "q0.1", "q0.9")."""
+  mean = summaries["mean"][:, 0]
   return selection.SelectionResult(
-    METHOD_NAME, mean, selection.rank_by(mean), predicted=mean,
-    status=tuple("ok" for _ in mean),
-    extras={"mean_log": out["mean_log"][:, 0], "sd_log": out["sd_log"][:, 0],
-            "q0.1_log": out["q0.1"][:, 0], "q0.9_log": out["q0.9"][:, 0]})
+    name, mean, selection.rank_by(mean), predicted=mean, status=tuple("ok" for _ in mean),
+    extras={"mean_log": summaries["mean_log"][:, 0], "sd_log": summaries["sd_log"][:, 0],
+            "q0.1_log": summaries["q0.1"][:, 0], "q0.9_log": summaries["q0.9"][:, 0]})
