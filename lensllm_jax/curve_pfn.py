@@ -340,13 +340,15 @@ class Layer(nn.Module):
   """Pre-LN block: every token attends to the first ctx_len tokens (masked), then an MLP.
 
   With `set_tokens` [N, S, d] (the context PFN's other curves), every token also
-  attends to them, added through a learned gate tanh(g), g initialised at 0
-  (so a layer starts as the single-curve layer; the set parameters are named,
-  the single-curve ones keep their automatic names).
+  attends to them, added through a learned gate tanh(g), g initialised at
+  `set_gate_init` (small: a layer starts close to the single-curve layer; not
+  0, where neither the gate nor the set attention would get a gradient). The
+  set parameters are named; the single-curve ones keep their automatic names.
   """
   d_model: int
   num_heads: int
   mlp_dim: int
+  set_gate_init: float = 0.0
 
   @nn.compact
   def __call__(self, h, ctx_len, ctx_mask, set_tokens=None, set_mask=None):
@@ -362,7 +364,8 @@ class Layer(nn.Module):
         x, set_tokens, mask=set_mask[:, None, None, :])
       # a row with no other curve attends to nothing
       att = jnp.where(set_mask.any(-1)[:, None, None], att, 0.0)
-      h = h + jnp.tanh(self.param("set_gate", nn.initializers.zeros, ())) * att
+      gate = self.param("set_gate", nn.initializers.constant(self.set_gate_init), ())
+      h = h + jnp.tanh(gate) * att
     x = nn.LayerNorm()(h)
     return h + nn.Dense(self.d_model)(nn.gelu(nn.Dense(self.mlp_dim)(x)))
 
@@ -371,9 +374,11 @@ class CurvePFN(nn.Module):
   """(context [N, Tc, 3], context mask [N, Tc], query x [N, Tq]) -> logits [N, Tq, B].
 
   Optional set_tokens [N, S, d] / set_mask [N, S]: extra tokens every layer
-  attends to through a gated attention (`Layer`); the context PFN uses them.
+  attends to through a gated attention (`Layer`, gate initialised at
+  set_gate_init); the context PFN uses them.
   """
   config: ModelConfig
+  set_gate_init: float = 0.0
 
   @nn.compact
   def __call__(self, ctx, ctx_mask, query_x, set_tokens=None, set_mask=None):
@@ -384,7 +389,7 @@ class CurvePFN(nn.Module):
     h = jnp.concatenate([ctx_tok, q_tok], axis=1)
     tc = ctx.shape[1]
     for i in range(c.num_layers):
-      h = Layer(c.d_model, c.num_heads, c.mlp_dim, name=f"_Layer_{i}")(
+      h = Layer(c.d_model, c.num_heads, c.mlp_dim, self.set_gate_init, name=f"_Layer_{i}")(
         h, tc, ctx_mask, set_tokens, set_mask)
     return nn.Dense(c.bars.num_bins)(nn.LayerNorm()(h[:, tc:]))
 
