@@ -226,7 +226,8 @@ def test_wheel_ships_the_curve_files(tmp_path):
   assert proc.returncode == 0, proc.stderr[-2000:]
   (wheel,) = (tmp_path / "dist").glob("lensllm_jax-*.whl")
   with zipfile.ZipFile(wheel) as z:
-    for name in ("flan.csv", "gigaword.csv", "NOTICE.md", "LICENSE"):
+    for name in ("flan.csv", "gigaword.csv", "NOTICE.md", "LICENSE", "curve_pfn/weights.msgpack",
+                 "context_pfn/weights.msgpack"):
       assert z.read(f"lensllm_jax/data/{name}") == (benchmarks.PACKAGED_DIR / name).read_bytes()
 
 
