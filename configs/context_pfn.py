@@ -8,6 +8,8 @@ The trunk starts from the committed single-curve PFN (init_from). Budget,
 fixed before any evaluation: batches of 4 files (up to 32 models each, every
 model a target), 3000 steps at the single-curve PFN's learning rate, seed 0;
 at ~0.3-0.45 s/step on the shared 2-core machine that is the ~25 min budget.
+The committed run took 1024 s wall (load average 7-9, other jobs on the two
+cores); lensllm_jax/data/context_pfn/config.json records it.
 `get_config("tiny")` is the seconds-long version the tests retrain (from
 scratch, no init_from).
 """
