@@ -4,8 +4,8 @@ r"""LensLLM+ (the project's recommended predictor) under the leave-one-dataset-o
         --output_dir=results/lensllm_plus
 
 LensLLM+ on a reported file is the candidate of `plus_candidates` (the pooled
-LensLLM fit, the CurvePFN, the dynamic-F law, their blends with AtS, AtS)
-with the best mean criterion (mean PearCorr + mean RelAcc over the ratios) on
+LensLLM fit, the CurvePFN, the dynamic-F law, the context PFN, their blends
+with AtS, AtS) with the best mean criterion (mean PearCorr + mean RelAcc over the ratios) on
 the OTHER files. config.benchmarks files are reported;
 config.train_only_benchmarks files (the project's own curve files, written by
 experiments/lensllm_study.py in the public format) are training files of every
@@ -63,7 +63,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from experiments import common
-from lensllm_jax import budgeted, curve_pfn, metrics, plus_candidates, pooled, protocol
+from lensllm_jax import budgeted, context_pfn, curve_pfn, metrics, plus_candidates, pooled, protocol
 
 FLAGS = flags.FLAGS
 PLUS = pooled.METHOD_NAME  # "LensLLM+"
@@ -191,6 +191,10 @@ def write_inputs(out, curve_sets, train_only, ratios, *, pfn_dir: pathlib.Path, 
   weights = pfn_dir / "weights.msgpack"
   rows.append({"dataset": "CurvePFN", "role": "predictor", "source": _shown(pfn_dir), "ratios": "",
                "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()})
+  context = context_pfn.DEFAULT_WEIGHTS / "weights.msgpack"
+  rows.append({"dataset": "ContextPFN", "role": "predictor",
+               "source": _shown(context_pfn.DEFAULT_WEIGHTS),
+               "ratios": "", "sha256": hashlib.sha256(context.read_bytes()).hexdigest()})
   rows.append({"dataset": "settings", "role": "settings", "source": settings, "ratios": "",
                "sha256": hashlib.sha256(settings.encode()).hexdigest()})
   path = out / "inputs.csv"

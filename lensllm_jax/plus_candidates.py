@@ -9,6 +9,9 @@ Candidates (each predicts L(D*) of every model from a budget view only):
               each model on its own;
   Spectral    LensLLM with a decaying F(D) = F0 (w_0 + w_1 e^(-D / D_1))
               (`dynamic_law.spectral_lensllm_law(1)`), independent fits;
+  ContextPFN  the posterior mean of the context PFN (`context_pfn.py`): each
+              model given its visible points, the other models' visible
+              curves and the model sizes;
   AtS         AtS itself (Lin et al. 2024);
   and blends  exp(w log L_AtS(D*) + (1 - w) log L_X(D*)) of AtS with each X
               above, w in BLEND_WEIGHTS (w = 0 is X itself).
@@ -30,7 +33,7 @@ candidates have no setting chosen on data.
 Budgeted (`budgeted_candidate_selection`): the early-stopping rule of
 `budgeted.py` with the candidate's own predictive mean and sd of log L(D*):
 
-  CurvePFN   the PFN's predictive sd of log L(D*);
+  CurvePFN   the PFN's predictive sd of log L(D*) (ContextPFN: its own);
   Pooled     the delta-method (Laplace) sd of the pooled fit's per-model
              LensLLM parameters, squared-error form (`budgeted.laplace_log_sd`;
              the prior is ignored, so it is conservative);
@@ -51,7 +54,16 @@ from collections.abc import Callable, Mapping, Sequence
 import jax
 import numpy as np
 
-from lensllm_jax import budgeted, curve_pfn, dynamic_law, laws, pooled, protocol, selection
+from lensllm_jax import (
+  budgeted,
+  context_pfn,
+  curve_pfn,
+  dynamic_law,
+  laws,
+  pooled,
+  protocol,
+  selection,
+)
 
 __all__ = [
   "BASE_PREDICTORS",
@@ -90,6 +102,7 @@ class BaseContext:
   num_steps: int = 60
   num_points: int = 0
   with_sd: bool = False
+  context_predictor: context_pfn.ContextPFNPredictor | None = None
 
 
 def _laplace_sd(law, results, views, meta) -> np.ndarray:
@@ -117,13 +130,27 @@ def pooled_base(views, meta, ctx: BaseContext) -> dict[str, np.ndarray]:
   return out
 
 
+def _pfn_outputs(name: str, results) -> dict[str, np.ndarray]:
+  """A PFN's posterior mean E[L(D*)], sd of log L(D*) and 10% / 90% quantiles of L(D*),
+  [V, M] each, from its SelectionResults (one per view)."""
+  return {name: np.stack([r.predicted for r in results]),
+          f"{name}_sd": np.stack([r.extras["sd_log"] for r in results]),
+          f"{name}_q0.1": np.exp(np.stack([r.extras["q0.1_log"] for r in results])),
+          f"{name}_q0.9": np.exp(np.stack([r.extras["q0.9_log"] for r in results]))}
+
+
 def pfn_base(views, meta, ctx: BaseContext) -> dict[str, np.ndarray]:
-  """CurvePFN posterior mean E[L(D*)], sd of log L(D*) and the 10% / 90% quantiles of L(D*)."""
-  res = [curve_pfn.curve_pfn_selection(v, meta, predictor=ctx.predictor) for v in views]
-  return {"CurvePFN": np.stack([r.predicted for r in res]),
-          "CurvePFN_sd": np.stack([r.extras["sd_log"] for r in res]),
-          "CurvePFN_q0.1": np.exp(np.stack([r.extras["q0.1_log"] for r in res])),
-          "CurvePFN_q0.9": np.exp(np.stack([r.extras["q0.9_log"] for r in res]))}
+  """CurvePFN: each model's posterior from its own visible points."""
+  return _pfn_outputs("CurvePFN", [curve_pfn.curve_pfn_selection(v, meta, predictor=ctx.predictor)
+                                   for v in views])
+
+
+def context_pfn_base(views, meta, ctx: BaseContext) -> dict[str, np.ndarray]:
+  """ContextPFN: each model's posterior given also the other models' visible curves and
+  the sizes (`context_pfn.py`; ctx.context_predictor, default the committed one)."""
+  pred = ctx.context_predictor or context_pfn.default_predictor()
+  return _pfn_outputs("ContextPFN", [context_pfn.context_pfn_selection(v, meta, predictor=pred)
+                                     for v in views])
 
 
 def spectral_base(views, meta, ctx: BaseContext) -> dict[str, np.ndarray]:
@@ -143,6 +170,7 @@ BASE_PREDICTORS: dict[str, Callable] = {
   "Pooled": pooled_base,
   "CurvePFN": pfn_base,
   "Spectral": spectral_base,
+  "ContextPFN": context_pfn_base,
 }
 
 
