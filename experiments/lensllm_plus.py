@@ -23,13 +23,18 @@ Steps (the expensive ones write their CSV as they go; a rerun skips finished wor
   1. grid        every setting of `protocol.default_grid()` on every file,
                  every budget ratio -> grid.csv (dataset,config,ratio,metric,value).
   2. pooled      for each reported file, the Pooled setting with the best mean
-                 criterion on the OTHER files -> chosen.csv.
+                 criterion on the OTHER files -> chosen.csv; and, for each of
+                 those training files t, the setting chosen the same way on
+                 the training files other than t (the nested setting Pooled is
+                 scored with on t, `protocol.nested_choices`) ->
+                 chosen_nested.csv.
   3. predict     every candidate base and baseline on every file's budget
                  views (`plus_candidates.file_predictions`) -> predictions.csv
                  (dataset,job,key,ratio,values: L(D*) of the models, or the
                  sd of log L(D*) for keys ending in _sd).
-  4. choose      every candidate scored on every file with each fold's Pooled
-                 setting -> candidates.csv (fold,dataset,candidate,ratio,metric,
+  4. choose      every candidate scored on every file, Pooled with the fold's
+                 setting on the held-out file and the nested one on each
+                 training file -> candidates.csv (fold,dataset,candidate,ratio,metric,
                  value); the chosen candidate of each file, from the other
                  files' rows only -> candidates_chosen.csv; the PFN's 80%
                  interval coverage -> candidates_coverage.csv.
@@ -80,6 +85,7 @@ def define_flags() -> None:
 GRID_HEADER = ("dataset", "config", "ratio", "metric", "value")
 CHOSEN_HEADER = ("held_out", "trained_on", "config", "strength", "pooled", "covariates",
                  "pre_power_weight", "huber_delta", "empirical_bayes", "train_criterion")
+NESTED_HEADER = ("held_out", "scored_on", "trained_on", "config", "train_criterion")
 PRED_HEADER = ("dataset", "job", "key", "ratio", "values")
 CAND_HEADER = ("fold", "dataset", "candidate", "ratio", "metric", "value")
 CAND_CHOSEN_HEADER = ("held_out", "trained_on", "candidate", "pooled_setting", "train_criterion")
@@ -233,6 +239,10 @@ def write_choices(out, folds, files) -> None:
                  "empirical_bayes": c.empirical_bayes,
                  "train_criterion": f"{f.pooled.train_criterion:.6f}"})
   rewrite(out / "chosen.csv", CHOSEN_HEADER, rows)
+  rewrite(out / "chosen_nested.csv", NESTED_HEADER, [
+    {"held_out": f.held_out, "scored_on": t,
+     "trained_on": "+".join(n for n in f.pooled.trained_on if n != t), "config": c.name,
+     "train_criterion": f"{val:.6f}"} for f in folds for t, (c, val) in f.pooled.nested.items()])
   cand_rows, chosen_rows = [], []
   for f in folds:
     for ds, tabs in f.tables.items():
@@ -335,7 +345,8 @@ def tables(out: pathlib.Path, ratios) -> str:
         "RelAcc over the ratios on the OTHER files (`plus_candidates.leave_one_out`). "
         "Candidates: " + ", ".join(f"`{n}`" for n in names) + "; `wAtS+X` = exp(w log "
         "L_AtS(D*) + (1 - w) log L_X(D*)). `Pooled` uses the setting of the "
-        f"{len(protocol.default_grid())}-setting grid chosen on the same other files.", ""]
+        f"{len(protocol.default_grid())}-setting grid chosen on the same other files (on "
+        "each of those files, while they are compared, the nested setting below).", ""]
   inputs = common.read_rows(out / "inputs.csv")
   if inputs:
     md += ["Inputs:", "", "| file | role | ratios | sha256 (first 12) |", "|---|---|---|---|"]
@@ -349,6 +360,15 @@ def tables(out: pathlib.Path, ratios) -> str:
   md += [f"| {h} | {c['trained_on']} | `{c['candidate']}` | {float(c['train_criterion']):.4f} "
          f"| `{c['pooled_setting']}` | {float(pooled_rows[h]['train_criterion']):.4f} |"
          for h, c in chosen.items()]
+  nested = common.read_rows(out / "chosen_nested.csv")
+  md += ["", "Nested Pooled settings: when the candidates of a fold are compared, Pooled is "
+         "scored on each training file with the setting chosen (same grid, criterion and tie "
+         "rule) on the fold's OTHER training files, never on a file its setting was chosen on "
+         "(with a single training file: the grid's first setting).", "",
+         "| fold (reported on) | Pooled scored on | its setting chosen on | setting | "
+         "criterion there |", "|---|---|---|---|---|"]
+  md += [f"| {r['held_out']} | {r['scored_on']} | {r['trained_on'] or '(nothing)'} | "
+         f"`{r['config']}` | {_f(float(r['train_criterion']), 1, 4)} |" for r in nested]
   md += ["", "## Means over the ratios 1/8 ... 1/512 (PearCorr, RelAcc x100; RMSE of L(D*) "
          "over the models, loss units), each reported file under its own fold", "",
          "| file | method | PearCorr | RelAcc | RMSE@D* |", "|---|---|---|---|---|"]
@@ -429,11 +449,14 @@ def candidates_md(out: pathlib.Path) -> str:
   def mean(table, key, rs):
     return float(np.nanmean([table.get((*key, r), np.nan) for r in rs]))
 
+  nested = {(r["held_out"], r["scored_on"]): r["config"]
+            for r in common.read_rows(out / "chosen_nested.csv")}
   md = ["# LensLLM+ candidates (generated by experiments/lensllm_plus.py)", "",
         "The choice's evidence: for each fold (the reported file held out), the criterion "
         "(mean PearCorr + mean RelAcc over the file's ratios) of every candidate on each "
-        "training file, and its mean (the quantity maximised). The LensLLM+ report is "
-        "[lensllm_plus.md](lensllm_plus.md).", ""]
+        "training file, and its mean (the quantity maximised). The Pooled candidates on a "
+        "training file use the nested setting (chosen on the fold's other training files). "
+        "The LensLLM+ report is [lensllm_plus.md](lensllm_plus.md).", ""]
   for held, c in chosen.items():
     train = c["trained_on"].split("+")
     md += [f"## Fold {held} (chosen: `{c['candidate']}`)", "",
@@ -448,6 +471,9 @@ def candidates_md(out: pathlib.Path) -> str:
       label = f"**{n}**" if n == c["candidate"] else n
       md.append(f"| {label} | " + " | ".join(f"{v:.4f}" for v in vals) +
                 f" | {np.mean(vals):.4f} |")
+    md += ["", "Pooled setting on each training file (nested: chosen on the other training "
+           "files):", ""]
+    md += [f"- {ds}: `{nested[(held, ds)]}`" for ds in train if (held, ds) in nested]
     md.append("")
   fold0 = reported[0]
   md += ["## Dynamic F vs constant F in curve mode (RMSE@D*, mean over the file's ratios; "

@@ -438,12 +438,14 @@ def choose_plus(curve_sets, methods, plus_protocol, out, *, ratios, key, target_
   rows = [{"held_out": f.held_out, "trained_on": "+".join(f.trained_on),
            "candidate": f.candidate.name, "train_criterion": f"{f.train_criterion:.6f}",
            "pooled_config": f.pooled.config.name,
-           "pooled_criterion": f"{f.pooled.train_criterion:.6f}"} for f in folds]
+           "pooled_criterion": f"{f.pooled.train_criterion:.6f}",
+           "pooled_nested": "; ".join(f"{t}: {c.name}" for t, (c, _) in f.pooled.nested.items())}
+          for f in folds]
   path = out / "lensllm_plus_chosen.csv"
   if path.exists():
     path.unlink()
   common.append_rows(path, ("held_out", "trained_on", "candidate", "train_criterion",
-                            "pooled_config", "pooled_criterion"), rows)
+                            "pooled_config", "pooled_criterion", "pooled_nested"), rows)
   out_results = {}
   for f in folds:
     logging.info("[%s] LensLLM+ chosen on %s: %s (Pooled setting %s)", f.held_out,

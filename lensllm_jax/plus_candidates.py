@@ -1,10 +1,10 @@
-"""LensLLM+: the project's recommended predictor, chosen among candidates by the protocol.
+r"""LensLLM+: the project's recommended predictor, chosen among candidates by the protocol.
 
 Candidates (each predicts L(D*) of every model from a budget view only):
 
-  Pooled      the pooled LensLLM fit of `pooled.py` with the setting the
-              leave-one-dataset-out grid chose (`protocol.leave_one_out`) on the
-              training files of the fold;
+  Pooled      the pooled LensLLM fit of `pooled.py` with a setting of the
+              leave-one-dataset-out grid (`protocol.leave_one_out`) chosen on
+              files it is not scored on (nested, see Choice below);
   CurvePFN    the posterior mean of the prior-fitted network (`curve_pfn.py`),
               each model on its own;
   Spectral    LensLLM with a decaying F(D) = F0 (w_0 + w_1 e^(-D / D_1))
@@ -19,16 +19,20 @@ Candidates (each predicts L(D*) of every model from a budget view only):
 The bases X are the registry `BASE_PREDICTORS` (name -> function); adding a
 predictor is one entry there (its blends with AtS follow).
 
-Choice (`leave_one_out`): for each reported file i, the Pooled setting is
-chosen by `protocol.leave_one_out` on the other files, then the candidate with
-the best mean `protocol.criterion` (mean PearCorr + mean RelAcc over the
-budget ratios) over the OTHER files (reported and training-only) is LensLLM+
-on file i; ties go to the earlier candidate of `candidate_names()`. The scores
-of file i are computed only after its choice (for the report). Simplification
-(stated): the Pooled candidate of a fold uses the setting chosen on that
-fold's training files also when it is scored ON those training files
-(in-sample for them), which can only favour Pooled in the choice; the other
-candidates have no setting chosen on data.
+Choice (`leave_one_out`): for each reported file i with training files T
+(the other files, reported and training-only), the candidate with the best
+mean `protocol.criterion` (mean PearCorr + mean RelAcc over the budget
+ratios) over T is LensLLM+ on file i; ties go to the earlier candidate of
+`candidate_names()`. The scores of file i are computed only after its choice
+(for the report). The Pooled candidate's setting is nested, so that Pooled is
+never scored on a file its setting was chosen on:
+
+  on file i (reported)   the setting `protocol.leave_one_out` chose on T;
+  on training file t     the setting chosen the same way on T \ {t}
+                         (`protocol.Fold.nested`; with T = {t} alone, the
+                         grid's first setting, the tie-break default).
+
+The other candidates have no setting chosen on data.
 
 Budgeted (`budgeted_candidate_selection`): the early-stopping rule of
 `budgeted.py` with the candidate's own predictive mean and sd of log L(D*):
@@ -79,6 +83,7 @@ __all__ = [
   "file_predictions",
   "leave_one_out",
   "plus_results",
+  "pooled_setting",
   "prediction_jobs",
   "score_table",
 ]
@@ -305,11 +310,13 @@ class PlusFold:
 
   Attributes:
     held_out, trained_on: the reported file and the files the choices were made on.
-    pooled: the fold of `protocol.leave_one_out` (the Pooled candidate's setting).
+    pooled: the fold of `protocol.leave_one_out` (the Pooled candidate's
+      settings: `config` on the held-out file, `nested[t]` on training file t).
     candidate: the chosen candidate; train_criterion its mean criterion there.
     tables: file name -> candidate name -> score table (`score_table`) with
-      this fold's Pooled setting, for every file (the held-out file's table is
-      computed after the choice, for the report).
+      the Pooled setting of that file (`pooled_setting(pooled, name)`), for
+      every file (the held-out file's table is computed after the choice, for
+      the report).
   """
   held_out: str
   trained_on: tuple[str, ...]
@@ -317,6 +324,17 @@ class PlusFold:
   candidate: Candidate
   train_criterion: float
   tables: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]]
+
+
+def pooled_setting(fold: protocol.Fold, name: str) -> pooled.PooledConfig:
+  """Pooled setting of a `protocol.Fold` on file `name`: its config on the held-out
+  file, the nested one (chosen without `name`) on a training file."""
+  if name == fold.held_out:
+    return fold.config
+  if name not in fold.nested:
+    raise KeyError(f"fold {fold.held_out}: {name!r} is neither held out nor a training file "
+                   f"{list(fold.nested)}")
+  return fold.nested[name][0]
 
 
 def leave_one_out(curve_sets, *, key: jax.Array, train_only: Sequence = (),
@@ -333,7 +351,8 @@ def leave_one_out(curve_sets, *, key: jax.Array, train_only: Sequence = (),
       (scored on `protocol.training_ratios` of their own D*).
     key: PRNG key; file j (reported, then training-only) uses fold_in(key, j)
       for the pooled grid and for its predictions (the Pooled candidate is
-      the grid's cell).
+      the grid's cell); each file is predicted with the Pooled settings
+      scored on it (`pooled_setting` of every fold).
     grid_evaluate, grid_options: `evaluate` and extra options of
       `protocol.leave_one_out` (a caching evaluator in the binary).
     predict: optional replacement of `file_predictions` with its signature
@@ -355,13 +374,16 @@ def leave_one_out(curve_sets, *, key: jax.Array, train_only: Sequence = (),
     opts["target_data_num"] = target_data_num
   pooled_folds, _ = protocol.leave_one_out(sets, key=key, evaluate=grid_evaluate,
                                            train_only=extra, ratios=ratios, **opts)
-  configs = [f.config for f in pooled_folds]
   files = {}
   for j, c in enumerate(sets + extra):
     reported = j < len(sets)
     rs = list(ratios) if reported else protocol.training_ratios(c, ratios)
     ctx = BaseContext(key=jax.random.fold_in(key, j), predictor=predictor,
                       num_restarts=num_restarts, num_steps=num_steps)
+    # The Pooled settings scored on this file: its own fold's, and the nested
+    # setting of every fold it trains.
+    configs = list(dict.fromkeys(pooled_setting(pf, c.name) for pf in pooled_folds
+                                 if c.name == pf.held_out or c.name in pf.nested))
     truth, preds = predict(c, rs, ctx=ctx, pooled_configs=configs,
                            target_data_num=target_data_num if reported else None)
     files[c.name] = {"truth": truth, "preds": preds, "ratios": rs, "reported": reported}
@@ -371,7 +393,8 @@ def leave_one_out(curve_sets, *, key: jax.Array, train_only: Sequence = (),
 
     def table(name, pf=pf):
       f = files[name]
-      return {cand.name: score_table(candidate_prediction(cand, f["preds"], pf.config),
+      setting = pooled_setting(pf, name)
+      return {cand.name: score_table(candidate_prediction(cand, f["preds"], setting),
                                      f["truth"]) for cand in cands}
 
     train = [n for n in names if n != pf.held_out]

@@ -1,4 +1,4 @@
-"""Leave-one-dataset-out choice of the LensLLM+ settings (hyper-parameters).
+r"""Leave-one-dataset-out choice of the LensLLM+ settings (hyper-parameters).
 
 With reported benchmark files f_1..f_n and optional TRAINING-ONLY files
 t_1..t_k (n + k >= 2), every setting of the pooled predictor
@@ -20,6 +20,19 @@ chooser (`choose`) is a function of the training files' score tables only;
 `leave_one_out` never passes the held-out file's scores to it, which
 `tests/test_protocol.py` checks by poisoning the held-out file (with a
 training-only file present and a grid with every kind of option).
+
+Nested choice (`nested_choices`, `Fold.nested`): to score a chosen setting on
+one of its own training files t without the in-sample bias (LensLLM+ compares
+candidates on the training files, `plus_candidates`), each fold also records,
+for every t in T_i, the setting `choose` picks on T_i \ {t}:
+
+    nested_{i,t} = argmax_{c in grid} mean_{g in T_i \ {t}} criterion(c, g),
+
+same criterion and tie rule. With a single training file (T_i \ {t} empty)
+there is nothing to choose on: the grid's first setting (the tie-break
+default, independent fits in `default_grid`), criterion nan. Only the tables
+of T_i are read, so the held-out file never reaches its fold's nested
+settings either.
 
 The grid (`default_grid`) is a full factorial over every structural option;
 its docstring says how its values were fixed without reported numbers.
@@ -45,6 +58,7 @@ __all__ = [
   "default_grid",
   "evaluate_grid",
   "leave_one_out",
+  "nested_choices",
   "score_results",
 ]
 
@@ -214,6 +228,27 @@ def choose(train_tables: Sequence[Mapping[str, Mapping[str, np.ndarray]]],
   return best, best_val
 
 
+def nested_choices(train_tables: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]],
+                   configs: Sequence[pooled.PooledConfig]
+                   ) -> dict[str, tuple[pooled.PooledConfig, float]]:
+  """For each training file t of a fold: the setting `choose` picks on the OTHER training files.
+
+  Args:
+    train_tables: training file name -> `evaluate_grid` table (the fold's
+      training files only, never its held-out file).
+    configs: the grid, in tie-break order.
+
+  Returns:
+    t -> (setting chosen on the training files other than t, its mean
+    criterion there); (configs[0], nan) when t is the only training file.
+  """
+  out = {}
+  for t in train_tables:
+    rest = [tab for name, tab in train_tables.items() if name != t]
+    out[t] = choose(rest, configs) if rest else (configs[0], float("nan"))
+  return out
+
+
 @dataclasses.dataclass(frozen=True)
 class Fold:
   """One leave-one-dataset-out fold.
@@ -223,11 +258,15 @@ class Fold:
     trained_on: names of the files the setting was chosen on.
     config: the chosen setting.
     train_criterion: its mean criterion on the training files.
+    nested: training file t -> (setting chosen on the other training files,
+      its mean criterion there) (`nested_choices`): the setting to score on t.
   """
   held_out: str
   trained_on: tuple[str, ...]
   config: pooled.PooledConfig
   train_criterion: float
+  nested: Mapping[str, tuple[pooled.PooledConfig, float]] = dataclasses.field(
+    default_factory=dict)
 
 
 def leave_one_out(curve_sets, configs: Sequence[pooled.PooledConfig] | None = None, *,
@@ -251,7 +290,7 @@ def leave_one_out(curve_sets, configs: Sequence[pooled.PooledConfig] | None = No
     (folds, tables): one Fold per reported file, in order, and the per-file
     tables (name -> table) computed on the way; the table of reported file i
     is computed only if file i is a training file of another fold, and is
-    never used to choose file i's setting.
+    never used to choose file i's setting nor its fold's nested settings.
   """
   sets = list(curve_sets)
   extra = list(train_only)
@@ -285,5 +324,6 @@ def leave_one_out(curve_sets, configs: Sequence[pooled.PooledConfig] | None = No
   for i in range(len(sets)):
     train = [j for j in range(len(all_names)) if j != i]
     cfg, val = choose([table_of(j) for j in train], configs)
-    folds.append(Fold(names[i], tuple(all_names[j] for j in train), cfg, val))
+    nested = nested_choices({all_names[j]: table_of(j) for j in train}, configs)
+    folds.append(Fold(names[i], tuple(all_names[j] for j in train), cfg, val, nested))
   return folds, tables

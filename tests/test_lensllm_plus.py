@@ -1,7 +1,9 @@
 """End-to-end tests of experiments/lensllm_plus.py (LensLLM+ = the protocol-chosen candidate).
 
 One run of the binary on small files (10 models, D* = 102400, ratios 8 and
-128, a 2-setting grid, the committed CurvePFN) is shared by the tests.
+128, a 2-setting grid, the committed CurvePFN) is shared by the tests. The
+grid's two settings disagree across the files (the second wins on a and t, the
+first on b), so some nested Pooled settings differ from their fold's.
 """
 
 from __future__ import annotations
@@ -17,8 +19,7 @@ from experiments import common, lensllm_plus
 from lensllm_jax import benchmarks, plus_candidates, pooled, protocol
 
 GRID = [pooled.PooledConfig(strength=0.0, pooled=()),
-        pooled.PooledConfig(strength=1.0, empirical_bayes=True, pooled=("beta",),
-                            huber_delta=1.345, huber_relative=True)]
+        pooled.PooledConfig(strength=1.0, pooled=("beta", "E"))]
 RATIOS = (8, 128)
 
 
@@ -97,6 +98,60 @@ def test_binary_reports_the_candidate_chosen_on_the_other_files(small_run):
   assert inputs["t"]["role"] == "train_only"
 
 
+def _grid_criteria(out, dataset):
+  """setting name -> protocol.criterion of one file, recomputed from grid.csv."""
+  val = {}
+  for r in common.read_rows(out / "grid.csv"):
+    if r["dataset"] == dataset:
+      val.setdefault(r["config"], {}).setdefault(r["metric"], []).append(float(r["value"]))
+  return {g: protocol.criterion({m: np.array(v[m]) for m in ("PearCorr", "RelAcc")})
+          for g, v in val.items()}
+
+
+def test_pooled_is_scored_on_each_training_file_with_the_nested_setting(small_run):
+  """The setting Pooled is scored with on training file t of a fold is the argmax of the
+  grid criterion over the fold's OTHER training files (recomputed from grid.csv), and the
+  Pooled rows of candidates.csv on t are that setting's predictions (predictions.csv)."""
+  _, data, out = small_run
+  folds = {r["held_out"]: r["trained_on"].split("+") for r in common.read_rows(out / "chosen.csv")}
+  fold_setting = {r["held_out"]: r["config"] for r in common.read_rows(out / "chosen.csv")}
+  nested = {(r["held_out"], r["scored_on"]): r for r in common.read_rows(out / "chosen_nested.csv")}
+  assert set(nested) == {(h, t) for h, train in folds.items() for t in train}
+  crit = {ds: _grid_criteria(out, ds) for ds in ("a", "b", "t")}
+  preds = {}
+  for r in common.read_rows(out / "predictions.csv"):
+    preds.setdefault((r["dataset"], r["key"]), {})[int(r["ratio"])] = np.array(
+      [float(x) for x in r["values"].split()])
+  cand = common.read_rows(out / "candidates.csv")
+  differ = 0
+  for (held, t), row in nested.items():
+    rest = [d for d in folds[held] if d != t]
+    assert row["trained_on"] == "+".join(rest)
+    means = [np.mean([crit[d][g.name] for d in rest]) for g in GRID]
+    best = GRID[int(np.argmax(means))]  # ties to the earlier setting
+    assert row["config"] == best.name
+    assert float(row["train_criterion"]) == pytest.approx(max(means), abs=2e-6)
+    differ += best.name != fold_setting[held]
+    # candidates.csv's Pooled rows on t: the nested setting's predictions, scored here.
+    curves = benchmarks.load_curves(str(data / f"{t}.csv"))
+    truth = curves.column(float(curves.data_sizes.max()))
+    rs = sorted(preds[(t, f"Pooled[{best.name}]")])
+    want = plus_candidates.score_table(
+      np.stack([preds[(t, f"Pooled[{best.name}]")][r] for r in rs]), truth)
+    got = {(int(r["ratio"]), r["metric"]): float(r["value"]) for r in cand
+           if r["fold"] == held and r["dataset"] == t and r["candidate"] == "Pooled"}
+    assert set(got) == {(r, m) for r in rs for m in protocol.METRICS}
+    for k, r in enumerate(rs):
+      for m in ("PearCorr", "RelAcc"):
+        assert got[(r, m)] == pytest.approx(want[m][k], abs=2e-6)
+  # Some nested setting differs from its fold's (in-sample) one, so the checks above
+  # fail under the in-sample rule.
+  assert differ >= 1
+  md = (out / "lensllm_plus.md").read_text()
+  for (held, t), row in nested.items():
+    assert f"| {held} | {t} | {row['trained_on']} | `{row['config']}` |" in md
+
+
 def test_tables_agree_with_the_csvs(small_run):
   _, _, out = small_run
   md = (out / "lensllm_plus.md").read_text()
@@ -172,6 +227,12 @@ def test_held_out_losses_never_change_its_choice(small_run, tmp_path, monkeypatc
   for name in ("candidates_chosen.csv", "chosen.csv"):
     before, after = (common.read_rows(o / name)[0] for o in (out, out2))
     assert before["held_out"] == "a" and before == after
+  # Nor its fold's nested settings and the candidates' scores on its training files.
+  for name in ("chosen_nested.csv", "candidates.csv"):
+    before, after = ([r for r in common.read_rows(o / name)
+                      if r.get("held_out", r.get("fold")) == "a" and r.get("dataset") != "a"]
+                     for o in (out, out2))
+    assert before and before == after
   scores = [{(r["ratio"], r["metric"]): r["value"] for r in common.read_rows(o / "results.csv")
              if r["dataset"] == "a" and r["method"] == "LensLLM+"} for o in (out, out2)]
   assert scores[0] != scores[1]  # the perturbation did reach a's own scores
@@ -201,7 +262,9 @@ def test_reproduce_selection_reports_the_same_predictor(small_run, tmp_path, mon
                                         num_restarts=2)
   chosen = {r["held_out"]: r for r in common.read_rows(tmp_path / "lensllm_plus_chosen.csv")}
   assert chosen["a"]["trained_on"] == "b"
-  pooled_cfg = next(g for g in GRID if g.name == chosen["a"]["pooled_config"])
+  # One training file: nothing to choose its Pooled setting on, the grid's first.
+  assert chosen["a"]["pooled_nested"] == f"b: {GRID[0].name}"
+  pooled_cfg = GRID[0]
   ctx = plus_candidates.BaseContext(key=jax.random.fold_in(key, 1),
                                     predictor=plus_candidates.curve_pfn.default_predictor(),
                                     num_restarts=2)

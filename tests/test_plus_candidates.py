@@ -98,3 +98,69 @@ def test_budgeted_selection_uses_the_candidates_own_sd(monkeypatch):
 def test_blend_sd_is_inf_where_the_base_has_no_prediction():
   got = plus_candidates.blend_sd([1.0, np.nan, -1.0], [0.4, 0.4, 0.4], 0.5)
   np.testing.assert_allclose(got, [0.2, np.inf, np.inf])
+
+
+def test_pooled_is_scored_with_the_nested_setting_on_each_training_file(monkeypatch):
+  """Three files x, y, z; grid settings g0, g1. g1 wins the fold holding out z only
+  because of file x, where its Pooled prediction is perfect. In-sample (the old rule:
+  g1 on x and y) Pooled would win the choice; nested (on x the setting chosen on y
+  alone, g0, whose prediction is reversed) AtS wins."""
+  from lensllm_jax import pooled, protocol
+
+  g0, g1 = pooled.PooledConfig(strength=0.0, pooled=()), pooled.PooledConfig(strength=1.0)
+  crit = {"x": (0.0, 2.0), "y": (1.0, 0.5), "z": (1.0, 1.0)}  # grid criterion of g0, g1
+
+  def evaluate(curves, configs, *, key, ratios):
+    del key
+    return {c.name: {"PearCorr": np.full(len(ratios), crit[curves.name][k] - 1.0),
+                     "RelAcc": np.ones(len(ratios))} for k, c in enumerate(configs)}, None
+
+  truth = np.array([1.0, 2.0, 3.0, 4.0])
+  pooled_pred = {("x", g1): truth, ("x", g0): truth[::-1], ("y", g1): truth}
+  asked = {}
+
+  def predict(curves, ratios, *, ctx, pooled_configs, target_data_num):
+    del ctx, target_data_num
+    asked[curves.name] = list(pooled_configs)
+    preds = {"AtS": np.array([[2.0, 1.0, 3.0, 4.0]] * len(ratios))}
+    for c in pooled_configs:
+      preds[plus_candidates.pooled_key(c)] = np.stack(
+        [pooled_pred.get((curves.name, c), truth)] * len(ratios))
+    return truth, preds
+
+  def cs(name):
+    return type("C", (), {"name": name, "source": name, "data_sizes": GRID})()
+
+  monkeypatch.setattr(protocol, "default_grid", lambda: [g0, g1])
+  cands = [plus_candidates.Candidate("Pooled"), plus_candidates.Candidate("AtS", 1.0)]
+  folds, _ = plus_candidates.leave_one_out(
+    [cs("x"), cs("y"), cs("z")], key=jax.random.key(0), ratios=(8,), predictor=object(),
+    grid_evaluate=evaluate, predict=predict, candidates=cands)
+  fz = folds[2]
+  assert fz.held_out == "z" and fz.trained_on == ("x", "y")
+  # In-sample on {x, y}: g0 (0 + 1) / 2 = 0.5, g1 (2 + 0.5) / 2 = 1.25. Nested: on x the
+  # choice over y alone (g0: 1 > 0.5), on y the choice over x alone (g1: 2 > 0).
+  assert fz.pooled.config == g1 and fz.pooled.train_criterion == pytest.approx(1.25)
+  assert fz.pooled.nested == {"x": (g0, pytest.approx(1.0)), "y": (g1, pytest.approx(2.0))}
+  # Pooled on x is scored with g0's (reversed) prediction: PearCorr -1, it picks the
+  # worst model (RelAcc 0); on y with g1's (perfect) one.
+  for ds, pc, ra in (("x", -1.0, 0.0), ("y", 1.0, 1.0)):
+    np.testing.assert_allclose(fz.tables[ds]["Pooled"]["PearCorr"], [pc], atol=1e-12)
+    np.testing.assert_allclose(fz.tables[ds]["Pooled"]["RelAcc"], [ra], atol=1e-12)
+  # AtS ([2, 1, 3, 4]): PearCorr 0.8, it picks loss 2 (RelAcc 2/3): criterion 1.4667 on
+  # both files. Nested Pooled: (-1 + 2) / 2 = 0.5 < 1.4667: AtS. Under the in-sample rule
+  # (g1 on x and y, perfect on both) Pooled would score 2 and win.
+  assert fz.candidate.name == "AtS" and fz.train_criterion == pytest.approx(0.8 + 2 / 3)
+  # Each file is predicted with its own fold's setting and its nested setting in every
+  # other fold: x's own fold (on y, z: g0 1 > g1 0.75), nested in y's fold (on z alone: a
+  # tie, the earlier g0) and in z's (g0). The old rule also predicted x with g1.
+  assert [f.pooled.config for f in folds] == [g0, g1, g1]
+  assert asked == {"x": [g0], "y": [g0, g1], "z": [g0, g1]}  # in fold order
+  # The held-out file keeps the setting chosen on all of its training files.
+  assert plus_candidates.pooled_setting(fz.pooled, "z") == g1
+  with pytest.raises(KeyError, match="neither"):
+    plus_candidates.pooled_setting(fz.pooled, "w")
+  # A single training file leaves nothing to choose on: the grid's first setting.
+  only = protocol.nested_choices({"x": evaluate(cs("x"), [g0, g1], key=None, ratios=(8,))[0]},
+                                 [g1, g0])
+  assert only["x"][0] == g1 and np.isnan(only["x"][1])

@@ -82,6 +82,7 @@ def test_held_out_file_never_influences_its_setting(shared_benchmarks, tmp_path)
   # The fold that holds out b chose on a and c only, and the same setting either way.
   assert folds_bad[1].config == folds[1].config
   assert folds_bad[1].train_criterion == pytest.approx(folds[1].train_criterion, abs=1e-12)
+  assert folds_bad[1].nested == folds[1].nested and set(folds[1].nested) == {"a", "c"}
   # Each file was read once; c on its own ratios (128 leaves one point below 25600).
   assert first_reads == [("b", (16, 128)), ("c", (16,)), ("a", (16, 128))]
   assert read[3:] == [("b", (16, 128))]  # the poisoned b (a different file)
@@ -149,6 +150,9 @@ def test_leave_one_out_train_only_files_are_never_reported():
   assert [f.config for f in folds] == [cfgs[1], cfgs[0]]
   assert folds[0].train_criterion == pytest.approx(2.0)
   assert folds[1].train_criterion == pytest.approx(1.5)
+  # Nested: each training file's setting chosen on the fold's other training files.
+  assert folds[0].nested == {"y": (cfgs[1], 2.0), "t": (cfgs[1], 2.0)}
+  assert folds[1].nested == {"x": (cfgs[1], 2.0), "t": (cfgs[0], 2.0)}
   assert set(tables) == {"x", "y", "t"}
   with pytest.raises(ValueError, match="duplicate"):
     protocol.leave_one_out([cs("x", 1638400)], cfgs, key=jax.random.key(0), evaluate=fake,
