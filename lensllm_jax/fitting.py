@@ -11,10 +11,14 @@ Optimisers (measured, see experiments/bench_fit_speed.py and
 tests/test_objective_reference.py), chosen per law by `auto_optimizer`:
   * squared-error laws (rectified, lensllm): a damped Newton method written as
     an optax transformation (`scale_by_damped_newton`): with K = 4 parameters
-    the exact Hessian is cheap, each step is one Hessian, one
-    eigendecomposition and one trial evaluation, with no inner line search;
+    the exact Hessian is cheap, each step is one eigendecomposition and one
+    trial evaluation, with no inner line search;
   * the Huber objective (vanilla): Levenberg-Marquardt on the residual
     Jacobian with IRLS weights (`scale_by_gauss_newton`; J^T W J is K x K).
+One pass per step: the trial point's objective, gradient and curvature
+matrix come from one call of `laws.Law.objective_derivatives` (closed-form
+derivatives for the published laws, automatic differentiation otherwise)
+and are carried to the next step, so a step differentiates once.
 `optax.lbfgs` (zoom line search) reaches the same optima but its nested,
 vmapped line-search loop made it ~10-20x slower here on CPU; it remains
 selectable.
@@ -51,7 +55,7 @@ import optax
 from lensllm_jax import laws as laws_lib
 
 __all__ = ["STATUS_NAMES", "FitResult", "fit_curves", "initial_params",
-           "scale_by_damped_newton", "scale_by_gauss_newton"]
+           "TrustRegionState", "scale_by_damped_newton", "scale_by_gauss_newton"]
 
 STATUS_NAMES = ("converged", "max_steps", "nonfinite", "no_data")
 _CONVERGED, _MAX_STEPS, _NONFINITE, _NO_DATA = range(4)
@@ -103,14 +107,61 @@ class _LoopState(NamedTuple):
   opt_state: Any
   value: jax.Array         # scalar, objective at params
   grad: jax.Array          # [K]
+  curvature: jax.Array     # [K, K] Hessian / Gauss-Newton matrix at params ([0] for lbfgs)
   step: jax.Array          # int
   stall: jax.Array         # int, consecutive accepted steps with tiny relative change
   rejected: jax.Array      # int, consecutive rejected (zero) steps
   reason: jax.Array        # int, _RUNNING until stopped
 
 
-class DampedNewtonState(NamedTuple):
-  damping: jax.Array  # scalar, Levenberg-Marquardt damping mu
+class TrustRegionState(NamedTuple):
+  """State of `scale_by_damped_newton` and `scale_by_gauss_newton`.
+
+  value, grad and curvature are the objective, gradient [K] and curvature
+  matrix [K, K] at params + the returned updates (the trial point when the
+  step was accepted, else the current point): the loop reads them from here
+  instead of differentiating again. `init` leaves them empty (+inf / zeros).
+  """
+  damping: jax.Array    # scalar, Levenberg-Marquardt damping mu
+  value: jax.Array
+  grad: jax.Array
+  curvature: jax.Array
+
+
+
+def _trust_region(step_fn, init_damping, min_damping, max_damping):
+  """optax transformation: a damped step from (grad, curvature), accepted if f decreases.
+
+  step_fn(grad, curvature, damping) -> (step, predicted decrease). The trial
+  point is evaluated once by the extra arg `derivatives_fn` (params -> value,
+  grad, curvature), which also gives the next step's curvature. The damping
+  adapts to rho = actual / predicted decrease (rho > 0.75: / 3; rho < 0.25
+  or rejected: * 4), clipped to [min_damping, max_damping]. A rejected step
+  returns zero updates and keeps (value, grad, curvature).
+  """
+
+  def init_fn(params):
+    k = params.shape[-1]
+    return TrustRegionState(jnp.asarray(init_damping, dtype=jnp.result_type(params)),
+                            jnp.asarray(jnp.inf, dtype=jnp.result_type(params)),
+                            jnp.zeros_like(params), jnp.zeros(params.shape + (k,), params.dtype))
+
+  def update_fn(updates, state, params, *, value, curvature, derivatives_fn, **extra):
+    del extra
+    grad = updates
+    step, predicted = step_fn(grad, curvature, state.damping)
+    new_value, new_grad, new_curvature = derivatives_fn(params + step)
+    actual = value - new_value
+    rho = actual / jnp.maximum(predicted, 1e-300)
+    ok = jnp.isfinite(new_value) & (actual > 0) & jnp.all(jnp.isfinite(step))
+    damping = jnp.where(ok & (rho > 0.75), state.damping / 3.0,
+                        jnp.where(ok & (rho > 0.25), state.damping, state.damping * 4.0))
+    damping = jnp.clip(damping, min_damping, max_damping)
+    keep = functools.partial(jnp.where, ok)
+    return keep(step, jnp.zeros_like(step)), TrustRegionState(
+      damping, keep(new_value, value), keep(new_grad, grad), keep(new_curvature, curvature))
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def scale_by_damped_newton(init_damping: float = 1e-3, min_damping: float = 1e-15,
@@ -129,48 +180,28 @@ def scale_by_damped_newton(init_damping: float = 1e-3, min_damping: float = 1e-1
   The step is accepted when the objective decreases; the damping adapts to
   the ratio rho of actual to model-predicted decrease (rho > 0.75: / 3;
   rho < 0.25 or rejected: * 4). A rejected step returns zero updates. Needs
-  the extra args `value` and `value_fn` (like optax's line searches).
+  the extra args `value` (objective at params), `curvature` (the Hessian at
+  params) and `derivatives_fn` (params -> objective, gradient, Hessian, e.g.
+  `laws.Law.objective_derivatives`); the state holds those of the new point.
   """
   if solver not in ("eigh", "cholesky"):
     raise ValueError(f"solver must be 'eigh' or 'cholesky', got {solver!r}")
 
-  def init_fn(params):
-    return DampedNewtonState(jnp.asarray(init_damping, dtype=jnp.result_type(params)))
-
-  def update_fn(updates, state, params, *, value, value_fn, **extra):
-    del extra
-    grad = updates
-    hess = jax.hessian(value_fn)(params)
-    hess = 0.5 * (hess + hess.T)
+  def step_fn(grad, hess, damping):
     if solver == "eigh":
       lam, vec = jnp.linalg.eigh(hess)
       vg = vec.T @ grad
       # Relative damping per eigen-direction: flat directions (e.g. E -> 0
       # along log E) still take full Newton-sized steps.
       abs_lam = jnp.abs(lam)
-      coef = vg / ((1.0 + state.damping) * abs_lam
-                   + state.damping * 1e-12 * (1.0 + jnp.max(abs_lam)))
-      step = -vec @ coef
-      predicted = jnp.sum(coef * vg) - 0.5 * jnp.sum(coef ** 2 * lam)
-    else:
-      mu = state.damping * (1.0 + jnp.max(jnp.abs(jnp.diag(hess))))
-      chol = jnp.linalg.cholesky(hess + mu * jnp.eye(hess.shape[0], dtype=hess.dtype))
-      step = jax.scipy.linalg.cho_solve((chol, True), -grad)
-      predicted = -(grad @ step) - 0.5 * step @ (hess @ step)
-    new_value = value_fn(params + step)
-    actual = value - new_value
-    rho = actual / jnp.maximum(predicted, 1e-300)
-    ok = jnp.isfinite(new_value) & (actual > 0) & jnp.all(jnp.isfinite(step))
-    damping = jnp.where(ok & (rho > 0.75), state.damping / 3.0,
-                        jnp.where(ok & (rho > 0.25), state.damping, state.damping * 4.0))
-    damping = jnp.clip(damping, min_damping, max_damping)
-    return jnp.where(ok, step, jnp.zeros_like(step)), DampedNewtonState(damping)
+      coef = vg / ((1.0 + damping) * abs_lam + damping * 1e-12 * (1.0 + jnp.max(abs_lam)))
+      return -vec @ coef, jnp.sum(coef * vg) - 0.5 * jnp.sum(coef ** 2 * lam)
+    mu = damping * (1.0 + jnp.max(jnp.abs(jnp.diag(hess))))
+    chol = jnp.linalg.cholesky(hess + mu * jnp.eye(hess.shape[0], dtype=hess.dtype))
+    step = jax.scipy.linalg.cho_solve((chol, True), -grad)
+    return step, -(grad @ step) - 0.5 * step @ (hess @ step)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-class GaussNewtonState(NamedTuple):
-  damping: jax.Array  # scalar, Levenberg-Marquardt damping mu
+  return _trust_region(step_fn, init_damping, min_damping, max_damping)
 
 
 def scale_by_gauss_newton(init_damping: float = 1e-3, min_damping: float = 1e-15,
@@ -185,36 +216,18 @@ def scale_by_gauss_newton(init_damping: float = 1e-3, min_damping: float = 1e-15
       (G + mu (diag(G) + 1e-12 tr(G) / K)) s = -g
   by Cholesky (positive definite for mu > 0). The model decrease is
   -(g.s) - s^T G s / 2; acceptance and the mu schedule are those of
-  `scale_by_damped_newton`. Needs the extra args `value`, `value_fn`,
-  `residual_fn` (params -> r [P]) and `weight_fn` (r -> w [P]).
+  `scale_by_damped_newton`. Needs the extra args `value`, `curvature` (G at
+  params) and `derivatives_fn` (params -> objective, gradient, G, e.g.
+  `laws.Law.objective_derivatives(..., curvature="gauss_newton")`).
   """
 
-  def init_fn(params):
-    return GaussNewtonState(jnp.asarray(init_damping, dtype=jnp.result_type(params)))
-
-  def update_fn(updates, state, params, *, value, value_fn, residual_fn, weight_fn, **extra):
-    del extra
-    del updates  # the step uses J and r directly
-    r, jvp_fn = jax.linearize(residual_fn, params)
-    jac = jax.vmap(jvp_fn, out_axes=1)(jnp.eye(params.shape[0], dtype=params.dtype))
-    w = weight_fn(r)
-    gn = jac.T @ (w[:, None] * jac)
-    grad = jac.T @ (w * r)
+  def step_fn(grad, gn, damping):
     scale = jnp.maximum(jnp.trace(gn), 1e-300) / gn.shape[0]
-    damp = state.damping * (jnp.diag(gn) + 1e-12 * scale)
-    chol = jnp.linalg.cholesky(gn + jnp.diag(damp))
+    chol = jnp.linalg.cholesky(gn + jnp.diag(damping * (jnp.diag(gn) + 1e-12 * scale)))
     step = jax.scipy.linalg.cho_solve((chol, True), -grad)
-    predicted = -(grad @ step) - 0.5 * step @ (gn @ step)
-    new_value = value_fn(params + step)
-    actual = value - new_value
-    rho = actual / jnp.maximum(predicted, 1e-300)
-    ok = jnp.isfinite(new_value) & (actual > 0) & jnp.all(jnp.isfinite(step))
-    damping = jnp.where(ok & (rho > 0.75), state.damping / 3.0,
-                        jnp.where(ok & (rho > 0.25), state.damping, state.damping * 4.0))
-    damping = jnp.clip(damping, min_damping, max_damping)
-    return jnp.where(ok, step, jnp.zeros_like(step)), GaussNewtonState(damping)
+    return step, -(grad @ step) - 0.5 * step @ (gn @ step)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return _trust_region(step_fn, init_damping, min_damping, max_damping)
 
 
 def _make_optimizer(name: str, memory_size: int):
@@ -230,46 +243,55 @@ def _make_optimizer(name: str, memory_size: int):
                    "'newton_cholesky', 'gauss_newton' or 'lbfgs'")
 
 
-def _lane_functions(law, optimizer, pass_residual_fn):
+def _lane_functions(law, optimizer_name, memory_size):
   """(start, advance) for one (curve, restart) lane.
 
   start(raw0 [K], data, controls) -> _LoopState and advance(state, data,
   controls) -> _LoopState (one optimiser step; a stopped lane is returned
   unchanged), with data = (data_size [P], log_loss [P], mask [P], aux) and
   controls = (max_steps, gtol, ftol, f_scale, patience) traced scalars, so
-  changing them does not recompile.
+  changing them does not recompile. The trust-region optimisers evaluate
+  value, gradient and curvature together once per step
+  (`laws.Law.objective_derivatives`, closed form where the law has one).
   """
+  optimizer = _make_optimizer(optimizer_name, memory_size)
+  trust_region = optimizer_name != "lbfgs"
+  curvature = "gauss_newton" if optimizer_name == "gauss_newton" else "hessian"
+
+  def derivatives(raw, data):
+    d, y, mask, aux = data
+    if trust_region:
+      return law.objective_derivatives(raw, d, y, mask, aux, curvature=curvature)
+    value, grad = jax.value_and_grad(law.objective)(raw, d, y, mask, aux)
+    return value, grad, jnp.zeros((0,), raw.dtype)
 
   def start(raw0, data, controls):
-    d, y, mask, aux = data
-    max_steps, gtol, _, _, _ = controls
-    del max_steps
-    v0, g0 = jax.value_and_grad(law.objective)(raw0, d, y, mask, aux)
+    _, gtol, _, _, _ = controls
+    v0, g0, c0 = derivatives(raw0, data)
     ok0 = jnp.isfinite(v0) & jnp.all(jnp.isfinite(g0))
     reason0 = jnp.where(ok0, jnp.where(jnp.max(jnp.abs(g0)) <= gtol, _CONVERGED, _RUNNING),
                         _NONFINITE)
     zero = jnp.array(0, jnp.int32)
-    return _LoopState(raw0, optimizer.init(raw0), v0, g0, zero, zero, zero,
+    return _LoopState(raw0, optimizer.init(raw0), v0, g0, c0, zero, zero, zero,
                       jnp.asarray(reason0, jnp.int32))
 
   def advance(s, data, controls):
     d, y, mask, aux = data
     max_steps, gtol, ftol, f_scale, patience = controls
+    if trust_region:
+      updates, opt_state = optimizer.update(
+        s.grad, s.opt_state, s.params, value=s.value, curvature=s.curvature,
+        derivatives_fn=lambda raw: derivatives(raw, data))
+      params = optax.apply_updates(s.params, updates)
+      new_value, new_grad, new_curvature = opt_state.value, opt_state.grad, opt_state.curvature
+    else:
+      def fun(raw):
+        return law.objective(raw, d, y, mask, aux)
 
-    def fun(raw):
-      return law.objective(raw, d, y, mask, aux)
-
-    def residual_fn(raw):
-      return law.residuals(raw, d, y, mask, aux)
-
-    def weight_fn(r):
-      return law.residual_weights(r, mask, d)
-
-    extra = {"residual_fn": residual_fn, "weight_fn": weight_fn} if pass_residual_fn else {}
-    updates, opt_state = optimizer.update(s.grad, s.opt_state, s.params, value=s.value,
-                                          grad=s.grad, value_fn=fun, **extra)
-    params = optax.apply_updates(s.params, updates)
-    new_value, new_grad = jax.value_and_grad(fun)(params)
+      updates, opt_state = optimizer.update(s.grad, s.opt_state, s.params, value=s.value,
+                                            grad=s.grad, value_fn=fun)
+      params = optax.apply_updates(s.params, updates)
+      new_value, new_grad, new_curvature = derivatives(params, data)
     step = s.step + 1
     finite = (jnp.isfinite(new_value) & jnp.all(jnp.isfinite(new_grad))
               & jnp.all(jnp.isfinite(params)))
@@ -284,7 +306,8 @@ def _lane_functions(law, optimizer, pass_residual_fn):
       jnp.where((jnp.max(jnp.abs(new_grad)) <= gtol) | (stall >= patience)
                 | (rejected >= _MAX_REJECTED), _CONVERGED,
                 jnp.where(step >= max_steps, _MAX_STEPS, _RUNNING))).astype(jnp.int32)
-    new = _LoopState(params, opt_state, new_value, new_grad, step, stall, rejected, reason)
+    new = _LoopState(params, opt_state, new_value, new_grad, new_curvature, step, stall,
+                     rejected, reason)
     running = s.reason == _RUNNING
     return jax.tree.map(lambda a, b: jnp.where(running, a, b), new, s)
 
@@ -370,8 +393,7 @@ def _compiled_fit(law, optimizer_name, memory_size, has_aux, slots=None, refill_
   slots=None: all C * R lanes in one vmapped while loop; else the work queue
   of `_solve_queue` with that many slots (callers pass slots < C * R).
   """
-  optimizer = _make_optimizer(optimizer_name, memory_size)
-  start, advance = _lane_functions(law, optimizer, optimizer_name == "gauss_newton")
+  start, advance = _lane_functions(law, optimizer_name, memory_size)
 
   def solve(raw0, d, y, mask, aux, controls):
     data = (d, y, mask, aux if has_aux else None)

@@ -95,6 +95,10 @@ class Law:
     loss: "squared" (mean of squared log residuals) or "huber" (sum of Huber).
     huber_delta: Huber threshold in log-loss units (loss == "huber").
     zero_data_size: stand-in for D = 0, or None when D <= 0 is invalid.
+    uses_aux: whether log_loss_fn reads per-curve aux data (NTK mode).
+    log_loss_derivatives_fn: optional closed form (raw [K], data_size [P], aux)
+      -> (log L [P], d log L / d raw [P, K], d^2 log L / d raw^2 [P, K, K]),
+      used by `objective_derivatives` instead of automatic differentiation.
   """
   name: str
   param_names: tuple[str, ...]
@@ -106,6 +110,7 @@ class Law:
   huber_delta: float = VANILLA_HUBER_DELTA
   zero_data_size: float | None = ZERO_DATA_SIZE
   uses_aux: bool = False
+  log_loss_derivatives_fn: Callable[..., tuple[Array, Array, Array]] | None = None
 
   @property
   def num_params(self) -> int:
@@ -189,6 +194,71 @@ class Law:
     """
     r = self.residuals(raw, data_size, log_loss, mask, aux)
     return self.reduce_residuals(r, mask, data_size)
+
+  def log_loss_derivatives(self, raw: Array, data_size: Array,
+                           aux: Any = None) -> tuple[Array, Array, Array]:
+    """(log L [P], Jacobian [P, K], per-point Hessians [P, K, K]) w.r.t. raw for one curve.
+
+    The law's closed form (`log_loss_derivatives_fn`) where it has one, else
+    forward-mode automatic differentiation of `log_loss`.
+    """
+    if self.log_loss_derivatives_fn is not None:
+      return self.log_loss_derivatives_fn(raw, data_size, aux)
+
+    def f(r):
+      return self.log_loss_fn(r, data_size, aux)
+
+    return f(raw), jax.jacfwd(f)(raw), jax.jacfwd(jax.jacfwd(f))(raw)
+
+  def objective_derivatives(self, raw: Array, data_size: Array, log_loss: Array, mask: Array,
+                            aux: Any = None, *,
+                            curvature: str = "hessian") -> tuple[Array, Array, Array]:
+    """(objective, gradient [K], curvature [K, K]) of one curve in one pass (float64).
+
+    With residuals r [P], their Jacobian J [P, K] and per-point Hessians H_p,
+    and the loss rho (squared: rho(r) = r^2 / n, n used points; huber: h(r),
+    see `objective`):
+      gradient  g = J^T rho'(r);
+      curvature "hessian":      J^T diag(rho''(r)) J + sum_p rho'(r_p) H_p (exact);
+                "gauss_newton": J^T diag(w) J, w = `residual_weights` (rho'(r) / r).
+    Laws with a closed form (`log_loss_derivatives_fn`) assemble these from it;
+    the others use automatic differentiation of `objective` (exact Hessian:
+    forward over reverse) or of `residuals` (Gauss-Newton).
+    """
+    if curvature not in ("hessian", "gauss_newton"):
+      raise ValueError(f"curvature must be 'hessian' or 'gauss_newton', got {curvature!r}")
+    used = jnp.logical_and(mask, self.valid_data_size(data_size))
+    if self.log_loss_derivatives_fn is None:
+      if curvature == "gauss_newton":
+        r, jvp_fn = jax.linearize(lambda x: self.residuals(x, data_size, log_loss, mask, aux),
+                                  raw)
+        jac = jax.vmap(jvp_fn, out_axes=1)(jnp.eye(raw.shape[0], dtype=raw.dtype))
+        w = self.residual_weights(r, mask, data_size)
+        return (self.reduce_residuals(r, mask, data_size), jac.T @ (w * r),
+                jac.T @ (w[:, None] * jac))
+
+      def grad_and_value(x):
+        v, g = jax.value_and_grad(self.objective)(x, data_size, log_loss, mask, aux)
+        return g, (v, g)
+
+      hess, (value, grad) = jax.jacfwd(grad_and_value, has_aux=True)(raw)
+      return value, grad, 0.5 * (hess + hess.T)
+    safe_d = jnp.where(used, data_size, 1.0)
+    out, jac, hess_p = self.log_loss_derivatives_fn(raw, safe_d, aux)
+    r = jnp.where(used, out - jnp.where(used, log_loss, 0.0), 0.0)
+    jac = jnp.where(used[:, None], jac, 0.0)
+    w = self.residual_weights(r, mask, data_size)
+    value = self.reduce_residuals(r, mask, data_size)
+    grad = jac.T @ (w * r)
+    if curvature == "gauss_newton":
+      return value, grad, jac.T @ (w[:, None] * jac)
+    if self.loss == "huber":  # rho'' = 1 inside the quadratic zone, 0 outside
+      w2 = jnp.where(used & (jnp.abs(r) < self.huber_delta), 1.0, 0.0)
+    else:
+      w2 = w
+    hess = jac.T @ (w2[:, None] * jac) + jnp.einsum("p,pij->ij", jnp.where(used, w * r, 0.0),
+                                                    hess_p)
+    return value, grad, 0.5 * (hess + hess.T)
 
   def predict(self, params, data_size, aux: Any = None, curve: int | None = None) -> np.ndarray:
     """Loss L (not log) of fitted curves at new data sizes, float64 numpy.
@@ -281,6 +351,63 @@ def uniforms_from_key(key, shape) -> np.ndarray:
   return np.random.default_rng(seed.ravel().tolist()).uniform(size=shape)
 
 
+def _logaddexp_and_weight(a, b):
+  """(log(e^a + e^b), e^a / (e^a + e^b)) with one exp: jnp.logaddexp's own formula.
+
+  The first output equals jnp.logaddexp(a, b) bit for bit (same operations),
+  the second is the derivative of logaddexp w.r.t. a (sigmoid(a - b)).
+  """
+  amax = jnp.maximum(a, b)
+  delta = a - b
+  t = jnp.exp(-jnp.abs(delta))
+  out = jnp.where(jnp.isnan(delta), a + b, amax + jnp.log1p(t))
+  return out, jnp.where(delta >= 0, 1.0, t) / (1.0 + t)
+
+
+def _outer(u, v):
+  """[P, K, K] per-point outer products of [P, K] rows."""
+  return u[:, :, None] * v[:, None, :]
+
+
+def _lse_derivatives(q, grad_q, curv_q, e_index, log_e):
+  """Derivatives of out = logaddexp(q, log_e) with log_e = raw[e_index].
+
+  Args: q [P] and its gradient [P, K] and Hessians [P, K, K] w.r.t. raw.
+  Returns (out [P], gradient [P, K], Hessians [P, K, K]):
+    grad out = w grad q + (1 - w) e_E,  w = sigmoid(q - log_e);
+    hess out = w (1 - w) (grad q - e_E)(grad q - e_E)^T + w hess q.
+  """
+  out, w = _logaddexp_and_weight(q, log_e)
+  unit_e = jnp.zeros(grad_q.shape[1], q.dtype).at[e_index].set(1.0)
+  diff = grad_q - unit_e
+  grad = w[:, None] * diff + unit_e
+  hess = (w * (1.0 - w))[:, None, None] * _outer(diff, diff) + w[:, None, None] * curv_q
+  return out, grad, hess
+
+
+def _saturating_derivatives(raw, order, log_d):
+  """Closed-form (log L, Jacobian, Hessians) of the saturating laws.
+
+  log L = logaddexp(a - softplus(u), e), u = softplus(rb) log D - s, with
+  (a, s, rb, e) = raw[order] (log amplitude, log scale, raw beta, log E).
+  grad u = (0, -1, beta' log D, 0), hess u = beta'' log D at (rb, rb);
+  q = a - softplus(u): grad q = e_a - sigma(u) grad u,
+  hess q = -(sigma(u) (1 - sigma(u)) grad u grad u^T + sigma(u) hess u).
+  """
+  ia, i_s, ib, ie = order
+  k = raw.shape[0]
+  beta, beta_1 = _logaddexp_and_weight(raw[ib], 0.0)  # softplus and its derivative
+  beta_2 = beta_1 * (1.0 - beta_1)
+  sp_u, sig_u = _logaddexp_and_weight(beta * log_d - raw[i_s], 0.0)
+  q = raw[ia] - sp_u
+  zero = jnp.zeros((log_d.shape[0], k), log_d.dtype)
+  grad_u = zero.at[:, i_s].set(-1.0).at[:, ib].set(beta_1 * log_d)
+  grad_q = zero.at[:, ia].set(1.0) - sig_u[:, None] * grad_u
+  curv_q = -(sig_u * (1.0 - sig_u))[:, None, None] * _outer(grad_u, grad_u)
+  curv_q = curv_q.at[:, ib, ib].add(-sig_u * beta_2 * log_d)
+  return _lse_derivatives(q, grad_q, curv_q, ie, raw[ie])
+
+
 # ---------------------------------------------------------------- rectified ---
 # raw = [log(B / D_l), log D_l, softplus^-1(beta), log E]. Parametrising the
 # amplitude B / D_l = L(0) - E (Lin et al.'s A - E) instead of B keeps the
@@ -345,8 +472,12 @@ def rectified_law(zero_data_size: float = ZERO_DATA_SIZE) -> Law:
     del aux
     return _saturating_init(u, data_size, log_loss_obs, mask)
 
+  def derivatives(raw, data_size, aux=None):
+    del aux
+    return _saturating_derivatives(raw, (0, 1, 2, 3), _log_d(data_size, zero_data_size))
+
   return Law("rectified", names, log_loss, constrain, unconstrain, init,
-             loss="squared", zero_data_size=zero_data_size)
+             loss="squared", zero_data_size=zero_data_size, log_loss_derivatives_fn=derivatives)
 
 
 # ------------------------------------------------------------------ lensllm ---
@@ -473,8 +604,12 @@ def _curve_mode_law(zero_data_size: float) -> Law:
     r = _saturating_init(u, data_size, log_loss_obs, mask)
     return r[:, jnp.array([0, 2, 3, 1])]
 
+  def derivatives(raw, data_size, aux=None):
+    del aux
+    return _saturating_derivatives(raw, (0, 3, 1, 2), _log_d(data_size, zero_data_size))
+
   return Law("lensllm", names, log_loss, constrain, unconstrain, init, loss="squared",
-             zero_data_size=zero_data_size)
+             zero_data_size=zero_data_size, log_loss_derivatives_fn=derivatives)
 
 
 def _ntk_mode_law(f_term, zero_data_size: float, t_range: tuple[float, float]) -> Law:
@@ -579,8 +714,35 @@ def vanilla_law(huber_delta: float = VANILLA_HUBER_DELTA) -> Law:
                       jnp.log(u[:, 3])], -1)
     return jnp.concatenate([first[None], rest], axis=0)
 
+  def derivatives(raw, data_size, aux=None):
+    """log L = alpha L_in, L_in = logaddexp(log B - beta log D, log E) (closed form).
+
+    grad log L = alpha grad L_in + alpha' L_in e_alpha, hess log L = alpha hess L_in
+    + alpha' (e_alpha grad L_in^T + grad L_in e_alpha^T) + alpha'' L_in e_alpha e_alpha^T.
+    +inf (zero derivatives) where D <= 0, as `log_loss`.
+    """
+    del aux
+    d = jnp.asarray(data_size, dtype=jnp.result_type(float))
+    pos = d > 0
+    log_d = jnp.log(jnp.where(pos, d, 1.0))
+    alpha, alpha_1 = _logaddexp_and_weight(raw[0], 0.0)
+    beta, beta_1 = _logaddexp_and_weight(raw[2], 0.0)
+    zero = jnp.zeros((log_d.shape[0], 4), log_d.dtype)
+    grad_q = zero.at[:, 1].set(1.0).at[:, 2].set(-beta_1 * log_d)
+    curv_q = jnp.zeros((log_d.shape[0], 4, 4), log_d.dtype).at[:, 2, 2].set(
+      -beta_1 * (1.0 - beta_1) * log_d)
+    inner, grad_in, hess_in = _lse_derivatives(raw[1] - beta * log_d, grad_q, curv_q, 3, raw[3])
+    # grad L_in has no alpha component, so the alpha row / column are added once.
+    grad = (alpha * grad_in).at[:, 0].set(alpha_1 * inner)
+    hess = ((alpha * hess_in).at[:, 0, :].add(alpha_1 * grad_in)
+            .at[:, :, 0].add(alpha_1 * grad_in)
+            .at[:, 0, 0].add(alpha_1 * (1.0 - alpha_1) * inner))
+    keep = pos[:, None]
+    return (jnp.where(pos, alpha * inner, jnp.inf), jnp.where(keep, grad, 0.0),
+            jnp.where(keep[:, :, None], hess, 0.0))
+
   return Law("vanilla", names, log_loss, constrain, unconstrain, init, loss="huber",
-             huber_delta=huber_delta, zero_data_size=None)
+             huber_delta=huber_delta, zero_data_size=None, log_loss_derivatives_fn=derivatives)
 
 
 def get_law(name: str) -> Law:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -200,3 +201,53 @@ def test_equal_lambdas_compile_one_fit():
   traced = len(_TRACES)
   fit()
   assert len(_TRACES) == traced  # the second fit with a new, equal lambda did not retrace
+
+
+def _ntk_law():
+  return laws.lensllm_law(lambda t, aux: aux["c"] * t, key="test_laws.c_times_t")
+
+
+@pytest.mark.parametrize("name", ["vanilla", "rectified", "lensllm", "lensllm_ntk"])
+def test_derivatives_match_autodiff(name):
+  # Closed-form log L derivatives and the one-pass (objective, gradient, curvature) against
+  # jax.jacfwd / jax.hessian of log_loss and objective, at random points with masked (NaN)
+  # entries, D = 0, and Huber residuals on both sides of delta.
+  law = _ntk_law() if name == "lensllm_ntk" else laws.get_law(name)
+  aux = {"c": jnp.asarray(3.0)} if name == "lensllm_ntk" else None
+  assert (law.log_loss_derivatives_fn is None) == (name == "lensllm_ntk")
+  rng = np.random.default_rng(0)
+
+  @jax.jit
+  def parts(raw, d, y, mask):
+    f = functools.partial(law.log_loss, data_size=d, aux=aux)
+    obj = functools.partial(law.objective, data_size=d, log_loss=y, mask=mask, aux=aux)
+    r = law.residuals(raw, d, y, mask, aux)
+    j_r = jax.jacfwd(law.residuals)(raw, d, y, mask, aux)
+    w = law.residual_weights(r, mask, d)
+    return dict(
+      mine=law.log_loss_derivatives(raw, d, aux), auto=(f(raw), jax.jacfwd(f)(raw),
+                                                        jax.hessian(f)(raw)),
+      obj_mine=law.objective_derivatives(raw, d, y, mask, aux),
+      obj_auto=(obj(raw), jax.grad(obj)(raw), jax.hessian(obj)(raw)),
+      gn_mine=law.objective_derivatives(raw, d, y, mask, aux, curvature="gauss_newton")[2],
+      gn_auto=j_r.T @ (w[:, None] * j_r), r=r)
+
+  with jax.enable_x64(True):
+    d = jnp.asarray([0.0] + [200.0 * 2.0 ** k for k in range(14)])
+    valid = np.asarray(law.valid_data_size(d))
+    for _ in range(2):
+      raw = jnp.asarray(rng.normal(size=4))
+      mask = jnp.asarray(rng.uniform(size=d.size) > 0.2)
+      y0 = law.log_loss(raw, d, aux) + jnp.asarray(rng.normal(scale=3e-3, size=d.size))
+      y = jnp.where(mask, y0, jnp.nan)
+      p = jax.tree.map(np.asarray, parts(raw, d, y, mask))
+      (out, jac, hess), (out_a, jac_a, hess_a) = p["mine"], p["auto"]
+      np.testing.assert_allclose(out, out_a, rtol=1e-15)
+      np.testing.assert_allclose(jac[valid], jac_a[valid], rtol=1e-12, atol=1e-15)
+      np.testing.assert_allclose(hess[valid], hess_a[valid], rtol=1e-11, atol=1e-14)
+      for mine, auto in zip(p["obj_mine"], p["obj_auto"], strict=True):
+        np.testing.assert_allclose(mine, auto, rtol=1e-10, atol=1e-16)
+      np.testing.assert_allclose(p["gn_mine"], p["gn_auto"], rtol=1e-10, atol=1e-16)
+      if law.loss == "huber":
+        a = np.abs(p["r"])[np.asarray(mask) & valid]
+        assert np.any(a < law.huber_delta) and np.any(a > law.huber_delta)
