@@ -128,16 +128,16 @@ class TrustRegionState(NamedTuple):
   curvature: jax.Array
 
 
-
-def _trust_region(step_fn, init_damping, min_damping, max_damping):
+def _trust_region(step_fn, init_damping, min_damping, max_damping, rejected_damping=0.0):
   """optax transformation: a damped step from (grad, curvature), accepted if f decreases.
 
   step_fn(grad, curvature, damping) -> (step, predicted decrease). The trial
   point is evaluated once by the extra arg `derivatives_fn` (params -> value,
   grad, curvature), which also gives the next step's curvature. The damping
   adapts to rho = actual / predicted decrease (rho > 0.75: / 3; rho < 0.25
-  or rejected: * 4), clipped to [min_damping, max_damping]. A rejected step
-  returns zero updates and keeps (value, grad, curvature).
+  or rejected: * 4, and at least `rejected_damping` after a rejection),
+  clipped to [min_damping, max_damping]. A rejected step returns zero
+  updates and keeps (value, grad, curvature).
   """
 
   def init_fn(params):
@@ -156,6 +156,7 @@ def _trust_region(step_fn, init_damping, min_damping, max_damping):
     ok = jnp.isfinite(new_value) & (actual > 0) & jnp.all(jnp.isfinite(step))
     damping = jnp.where(ok & (rho > 0.75), state.damping / 3.0,
                         jnp.where(ok & (rho > 0.25), state.damping, state.damping * 4.0))
+    damping = jnp.where(ok, damping, jnp.maximum(damping, rejected_damping))
     damping = jnp.clip(damping, min_damping, max_damping)
     keep = functools.partial(jnp.where, ok)
     return keep(step, jnp.zeros_like(step)), TrustRegionState(
@@ -166,7 +167,8 @@ def _trust_region(step_fn, init_damping, min_damping, max_damping):
 
 def scale_by_damped_newton(init_damping: float = 1e-3, min_damping: float = 1e-15,
                            max_damping: float = 1e15,
-                           solver: str = "eigh") -> optax.GradientTransformationExtraArgs:
+                           solver: str = "eigh",
+                           rejected_damping: float = 0.0) -> optax.GradientTransformationExtraArgs:
   """Damped (trust-region style) Newton step as an optax transformation.
 
   For the small, dense problems here (K <= ~8 parameters) the exact Hessian H
@@ -179,7 +181,12 @@ def scale_by_damped_newton(init_damping: float = 1e-3, min_damping: float = 1e-1
                        when H + mu I is not positive definite.
   The step is accepted when the objective decreases; the damping adapts to
   the ratio rho of actual to model-predicted decrease (rho > 0.75: / 3;
-  rho < 0.25 or rejected: * 4). A rejected step returns zero updates. Needs
+  rho < 0.25 or rejected: * 4). After a rejected step the damping is at
+  least `rejected_damping`: with the eigh solver, d <= 1e-3 leaves the step
+  all but unchanged outside near-null directions, so climbing from a small
+  d by factors of 4 repeats nearly the same rejected trial several times;
+  d = 1 at most halves every eigen-direction's step. `fit_curves` uses 1.0
+  ("newton"); 0 gives the plain schedule. A rejected step returns zero updates. Needs
   the extra args `value` (objective at params), `curvature` (the Hessian at
   params) and `derivatives_fn` (params -> objective, gradient, Hessian, e.g.
   `laws.Law.objective_derivatives`); the state holds those of the new point.
@@ -201,7 +208,7 @@ def scale_by_damped_newton(init_damping: float = 1e-3, min_damping: float = 1e-1
     step = jax.scipy.linalg.cho_solve((chol, True), -grad)
     return step, -(grad @ step) - 0.5 * step @ (hess @ step)
 
-  return _trust_region(step_fn, init_damping, min_damping, max_damping)
+  return _trust_region(step_fn, init_damping, min_damping, max_damping, rejected_damping)
 
 
 def scale_by_gauss_newton(init_damping: float = 1e-3, min_damping: float = 1e-15,
@@ -232,7 +239,9 @@ def scale_by_gauss_newton(init_damping: float = 1e-3, min_damping: float = 1e-15
 
 def _make_optimizer(name: str, memory_size: int):
   if name == "newton":
-    return scale_by_damped_newton()
+    # Measured on every protocol fit: 18% fewer steps, no objective higher (<= 1.1e-10
+    # relative), lower on 82 of 2940 curves (docs/speed.md).
+    return scale_by_damped_newton(rejected_damping=1.0)
   if name == "newton_cholesky":
     return scale_by_damped_newton(solver="cholesky")
   if name == "gauss_newton":
