@@ -91,11 +91,13 @@ def test_budgeted_is_blind_to_unpaid_points_and_saves_compute():
   np.testing.assert_array_equal(again.selection.feature, cheap.selection.feature)
   # The never-stopping run predicts like the fixed-budget LensLLM fit at D_max
   # (other restart draws, the same optimum; the budgeted fits' batch of 32: one compilation).
+  # Two converged fits from other starts agree only to the precision of the stopping
+  # rule along the valley's flat direction: L(D*) differs by up to 3.3e-9 relative here.
   meta = selection.metadata_of(curves, 409600)
   fixed = selection.run_fitted_batch("LensLLM", [selection.visible_view(curves, 12800)], meta,
                                      key=jax.random.fold_in(key, 6), min_curves=32, **FAST)[0]
   assert never.selection.chosen == fixed.chosen
-  np.testing.assert_allclose(never.selection.predicted, fixed.predicted, rtol=1e-9)
+  np.testing.assert_allclose(never.selection.predicted, fixed.predicted, rtol=1e-8)
 
 
 def _naive_budgeted(curves, z, *, key, max_data_num, target, method, num_restarts, fit_options):
