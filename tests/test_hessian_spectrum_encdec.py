@@ -28,16 +28,34 @@ from lensllm_jax import models, pac_bayes, training
 T = 4  # encoder and decoder length
 
 
+def _example_hessians(config, params, tokens) -> np.ndarray:
+  """[N, P, P] float64: the dense Hessian of `models.seq2seq_loss` on each example
+  (encoder: tokens[:, :T], targets: tokens[:, T:]) in ravel_pytree(params) order."""
+  flat, unravel = ravel_pytree(params)
+  module = models.build(config)
+
+  def example_loss(w, ids, targets):
+    return models.seq2seq_loss(module, unravel(w), {"input_ids": ids[None],
+                                                    "targets": targets[None]})
+
+  hessians = jax.jit(jax.vmap(jax.hessian(example_loss), (None, 0, 0)))(
+      flat, jnp.asarray(tokens[:, :T]), jnp.asarray(tokens[:, T:]))
+  return np.asarray(hessians, np.float64)
+
+
 def test_hessian_spectrum_of_a_saved_t5_matches_the_dense_hessian(tmp_path):
   from experiments import finetune_sweep
 
   config = models.EncoderDecoderConfig(arch="t5", vocab_size=11, d_model=8, n_layers=1,
                                        n_heads=2, d_ff=8, relative_buckets=4,
                                        relative_max_distance=8)
-  params0 = models.init_params(config, jax.random.PRNGKey(0))
-  noise = jax.random.split(jax.random.PRNGKey(1), len(jax.tree.leaves(params0)))
-  params1 = jax.tree.map(lambda p, k: p + 0.3 * jax.random.normal(k, p.shape), params0,
-                         jax.tree.unflatten(jax.tree.structure(params0), list(noise)))
+  # Two random points of the model's parameter shapes (no compiled initialisation):
+  # the "pre-trained" w0 and the "fine-tuned" w_hat where the Hessian is taken.
+  rng = np.random.default_rng(0)
+  shapes = jax.eval_shape(lambda: models.init_params(config, jax.random.PRNGKey(0)))
+  params0 = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.5, s.shape), jnp.float32), shapes)
+  params1 = jax.tree.map(lambda p: p + jnp.asarray(rng.normal(0, 0.3, p.shape), jnp.float32),
+                         params0)
   sweep = tmp_path / "sweep"
   finetune_sweep.write_model_config(sweep / "models" / "tiny-t5.json", config)
   training.save_params(str(sweep / "pretrained" / "tiny-t5"), params0)
@@ -52,25 +70,23 @@ def test_hessian_spectrum_of_a_saved_t5_matches_the_dense_hessian(tmp_path):
       model_config=sweep / "models" / "tiny-t5.json", tokens_npy=tmp_path / "tokens.npy",
       num_examples=2, batch_size=1, seq_len=T, k=2, lanczos_iters=40, hutchinson_probes=8,
       slq_probes=1, slq_iters=4, pac_iters=3, seed=0)
-  proc = subprocess.run(
-      [sys.executable, "-m", "experiments.hessian_spectrum", f"--workdir={out}",
-       "--config=configs/hessian_spectrum.py"] +
-      [f"--config.{k}={v}" for k, v in settings.items()],
-      cwd=REPO_ROOT, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), capture_output=True,
-      text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  log = tmp_path / "hessian_spectrum.log"
+  with open(log, "w") as fh:  # runs while the reference is computed below
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "experiments.hessian_spectrum", f"--workdir={out}",
+         "--config=configs/hessian_spectrum.py"] +
+        [f"--config.{k}={v}" for k, v in settings.items()],
+        cwd=REPO_ROOT, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), stdout=fh,
+        stderr=subprocess.STDOUT)
 
-  # Reference: per-example dense Hessians of the seq2seq loss; the mean loss over
-  # the two examples (T target tokens each) has their mean as its Hessian.
-  flat1, unravel = ravel_pytree(params1)
-  module = models.build(config)
-
-  def example_loss(flat, ids, targets):
-    return models.seq2seq_loss(module, unravel(flat), {"input_ids": ids[None],
-                                                       "targets": targets[None]})
-
-  per_example = np.asarray(jax.jit(jax.vmap(jax.hessian(example_loss), (None, 0, 0)))(
-      flat1, jnp.asarray(tokens[:, :T]), jnp.asarray(tokens[:, T:])), np.float64)
+  try:
+    per_example = _example_hessians(config, params1, tokens)
+    assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  # The mean loss over the two examples (T target tokens each) has the mean of
+  # their Hessians as its Hessian.
   dense = per_example.mean(0)
   dense = (dense + dense.T) / 2
   exact = np.linalg.eigvalsh(dense)[::-1]
@@ -89,7 +105,7 @@ def test_hessian_spectrum_of_a_saved_t5_matches_the_dense_hessian(tmp_path):
 
   # PAC-Bayes table: v_i^T H_{i,x} v_i, maximised over the two examples, per block.
   table = pd.read_csv(out / "pac_bayes.csv")
-  v = np.asarray(flat1 - ravel_pytree(params0)[0], np.float64)
+  v = np.asarray(ravel_pytree(params1)[0] - ravel_pytree(params0)[0], np.float64)
   sizes = [leaf.size for leaf in jax.tree.leaves(params1)]
   starts = np.concatenate([[0], np.cumsum(sizes)])
   blocks = pac_bayes.layer_blocks(params1)

@@ -26,21 +26,12 @@ RATIOS = (2, 4)
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> pathlib.Path:
-  """One JAX compilation cache for this module's study runs: models of one shape,
-  the two tasks and the --kernels_only rerun compile the same programs, which the
-  cache then loads instead of recompiling (same programs, same numbers)."""
-  return tmp_path_factory.mktemp("jax_cache")
-
-
-@pytest.fixture(scope="module")
-def study(tmp_path_factory, cache_dir) -> pathlib.Path:
+def study(tmp_path_factory) -> pathlib.Path:
   work = tmp_path_factory.mktemp("study_tiny")
   out = work / "results"
   proc = subprocess.run(
-      [sys.executable, "-m", "experiments.lensllm_study", "--config=configs/study.py:tiny",
-       f"--workdir={work}", f"--output_dir={out}", f"--compilation_cache_dir={cache_dir}"],
-      cwd=REPO_ROOT, capture_output=True, text=True, timeout=1800)
+      [sys.executable, "-m", "experiments.lensllm_study", "--config=configs/study.py:tiny", f"--workdir={work}",
+       f"--output_dir={out}"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=1800)
   if proc.returncode != 0:
     raise AssertionError(f"lensllm_study failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
   return out
@@ -162,7 +153,7 @@ def test_rmse_kernels_and_hessians_are_finite(study):
     assert method in summary
 
 
-def test_eigenpairs_rebuild_the_spectra_and_kernels_only_reproduces_them(study, cache_dir):
+def test_eigenpairs_rebuild_the_spectra_and_kernels_only_reproduces_them(study):
   """ntk_eigenpairs.csv gives back ntk_spectra.csv's F(Theta, t) by the closed form
   F(t) = sum_k exp(-2 eta lambda_k t) p_k^2, and --kernels_only (no fine-tuning) rewrites
   the same eigenpairs from the cached zoo and kernels (checked against ntk_spectra.csv)."""
@@ -182,8 +173,7 @@ def test_eigenpairs_rebuild_the_spectra_and_kernels_only_reproduces_them(study, 
   (again / "ntk_spectra.csv").write_bytes((study / "ntk_spectra.csv").read_bytes())
   proc = subprocess.run(
       [sys.executable, "-m", "experiments.lensllm_study", "--config=configs/study.py:tiny",
-       f"--workdir={study.parent}", f"--output_dir={again}", "--kernels_only",
-       f"--compilation_cache_dir={cache_dir}"],
+       f"--workdir={study.parent}", f"--output_dir={again}", "--kernels_only"],
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert (again / "ntk_eigenpairs.csv").read_text() == (study / "ntk_eigenpairs.csv").read_text()
