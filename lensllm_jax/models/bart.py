@@ -38,7 +38,7 @@ import jax.numpy as jnp
 
 from lensllm_jax.models import layers
 from lensllm_jax.models.encdec_config import EncoderDecoderConfig
-from lensllm_jax.models.t5 import check_ids, padding_masks
+from lensllm_jax.models.t5 import padding_masks
 
 POSITION_OFFSET = 2
 INIT_STD = 0.02
@@ -139,11 +139,8 @@ class BartModel(nn.Module):
                deterministic: bool = True) -> jax.Array:
     """Computes the logits (arguments as `T5Model.__call__`; positions are 0..len-1)."""
     c = self.config
-    check_ids(input_ids, decoder_input_ids)
-    batch, src_len = input_ids.shape
-    tgt_len = decoder_input_ids.shape[1]
-    enc_mask, dec_mask, cross_mask = padding_masks(attention_mask, decoder_attention_mask,
-                                                   batch, src_len, tgt_len)
+    enc_mask, dec_mask, cross_mask = padding_masks(input_ids, attention_mask, decoder_input_ids,
+                                                   decoder_attention_mask)
     drop = nn.Dropout(c.dropout_rate)
     shared = _embeddings(c, "shared")
     x = _embed(c, shared, _embeddings(c, "encoder_embed_positions"),

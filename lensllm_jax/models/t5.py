@@ -239,14 +239,18 @@ class T5Block(nn.Module):
     return x, position_bias, router_logits
 
 
-def padding_masks(attention_mask: jax.Array | None, decoder_attention_mask: jax.Array | None,
-                  batch: int, src_len: int, tgt_len: int):
-  """Boolean attention masks of an encoder-decoder (True = may attend).
+def padding_masks(input_ids: jax.Array, attention_mask: jax.Array | None,
+                  decoder_input_ids: jax.Array | None, decoder_attention_mask: jax.Array | None):
+  """Boolean attention masks of an encoder-decoder (True = may attend), after
+  checking the ids' shapes (input_ids [B, S], decoder_input_ids [B, T]).
 
   Returns:
     encoder [B, 1, S, S] (keys that are real tokens), decoder [B, 1, T, T]
     (causal and real keys), cross [B, 1, T, S] (real encoder keys).
   """
+  _check_ids(input_ids, decoder_input_ids)
+  batch, src_len = input_ids.shape
+  tgt_len = decoder_input_ids.shape[1]
   if attention_mask is None:
     src = jnp.ones((batch, src_len), bool)
   else:
@@ -260,7 +264,7 @@ def padding_masks(attention_mask: jax.Array | None, decoder_attention_mask: jax.
   return enc, dec, cross
 
 
-def check_ids(input_ids: jax.Array, decoder_input_ids: jax.Array | None):
+def _check_ids(input_ids: jax.Array, decoder_input_ids: jax.Array | None):
   if input_ids.ndim != 2:
     raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
   if decoder_input_ids is None:
@@ -302,11 +306,8 @@ class T5Model(nn.Module):
       of [B, S or T, E] float32 router logits.
     """
     c = self.config
-    check_ids(input_ids, decoder_input_ids)
-    batch, src_len = input_ids.shape
-    tgt_len = decoder_input_ids.shape[1]
-    enc_mask, dec_mask, cross_mask = padding_masks(attention_mask, decoder_attention_mask,
-                                                   batch, src_len, tgt_len)
+    enc_mask, dec_mask, cross_mask = padding_masks(input_ids, attention_mask, decoder_input_ids,
+                                                   decoder_attention_mask)
     drop = nn.Dropout(c.dropout_rate)
     shared = nn.Embed(c.vocab_size, c.d_model, dtype=jnp.float32,
                       embedding_init=nn.initializers.normal(1.0), name="shared")
