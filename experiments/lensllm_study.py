@@ -55,7 +55,7 @@ import numpy as np
 from absl import flags
 
 from experiments import build_zoo as bz
-from experiments import common, study_report
+from experiments import common, hessian_common, study_report
 from experiments import finetune_sweep as fs
 from lensllm_jax import (
   benchmarks,
@@ -134,15 +134,9 @@ def sweep_config(cfg, task: str) -> ml_collections.ConfigDict:
 
 @functools.cache
 def loss_fn_for(config: models.ModelConfig):
-  """Mean NLL per scored token of a batch dict (the fine-tuning objective)."""
-  model = models.build(config)
-
-  def loss_fn(params, batch):
-    logits = model.apply({"params": params}, batch["input_ids"],
-                         attention_mask=batch["attention_mask"])
-    return models.mean_token_nll(logits, batch["targets"], batch["loss_mask"])
-
-  return loss_fn
+  """Mean NLL per scored token of a batch dict (the fine-tuning objective): the Hessian
+  binaries' loss, `hessian_common.lm_loss_fn`, one function per config."""
+  return hessian_common.lm_loss_fn(models.build(config))
 
 
 @functools.cache
