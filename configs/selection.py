@@ -35,6 +35,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.num_restarts = 8  # random restarts per fitted curve
   c.max_steps = 500  # damped-Newton steps per restart (fitting.fit_curves)
   c.seed = 0
+  c.threads = 0  # methods of a file computed at once (0: os.cpu_count()); results do not depend on it
   # Budgeted early stopping (budgeted.budgeted_selection).
   c.budgeted = True
   c.budget_levels = (0.5, 1.0, 2.0, 4.0)  # confidence levels z (normal quantiles)

@@ -26,6 +26,8 @@ the tables and figures. Delete the output directory for a cold run.
 
 from __future__ import annotations
 
+import concurrent.futures
+import os
 import pathlib
 import time
 
@@ -109,8 +111,11 @@ def fit_rows(dataset, dmax, result, curves) -> list[dict]:
 
 
 def run_dataset(curves, methods, ratios, out: pathlib.Path, *, target, key, num_restarts,
-                fit_options, budget, t0, plus_results=None) -> None:
-  """All methods (and the budgeted procedure) on one curve file; appends to the CSVs."""
+                fit_options, budget, t0, plus_results=None, threads: int = 1) -> None:
+  """All methods (and the budgeted procedure) on one curve file; appends to the CSVs.
+
+  `threads` methods are computed at once (results do not depend on it).
+  """
   name = curves.name
   meta = selection.metadata_of(curves, target)
   truth = curves.column(target)
@@ -120,42 +125,51 @@ def run_dataset(curves, methods, ratios, out: pathlib.Path, *, target, key, num_
           if r["dataset"] == name}
   full = budgeted.full_tuning_flops(curves.sizes, target)
   min_curves = len(budgets) * len(curves.models)
+  def compute(mi, method):
+    if method == pooled.METHOD_NAME and plus_results is not None:
+      return plus_results  # the leave-one-dataset-out choice (`choose_plus`)
+    if method == pooled.METHOD_NAME:
+      return [r[0] for r in pooled.pooled_selection(
+          views, meta, [pooled.DEFAULT_CONFIG], key=jax.random.fold_in(key, mi),
+          num_restarts=num_restarts, fit_options=fit_options)]
+    if method in methods_lib.FITTED_METHODS:
+      return selection.run_fitted_batch(method, views, meta, key=jax.random.fold_in(key, mi),
+                                        num_restarts=num_restarts, fit_options=fit_options,
+                                        min_curves=min_curves)
+    return [methods_lib.run_method(method, v, meta) for v in views]
+
+  todo = []
   for mi, method in enumerate(methods):
     if all((method, r) in done for r, _ in budgets):
       logging.info("[%s] %s: already done, skipping", name, method)
-      continue
-    t = time.time()
-    if method == pooled.METHOD_NAME and plus_results is not None:
-      results = plus_results  # the leave-one-dataset-out choice (`choose_plus`)
-    elif method == pooled.METHOD_NAME:
-      results = [r[0] for r in pooled.pooled_selection(
-          views, meta, [pooled.DEFAULT_CONFIG], key=jax.random.fold_in(key, mi),
-          num_restarts=num_restarts, fit_options=fit_options)]
-    elif method in methods_lib.FITTED_METHODS:
-      results = selection.run_fitted_batch(method, views, meta, key=jax.random.fold_in(key, mi),
-                                           num_restarts=num_restarts, fit_options=fit_options,
-                                           min_curves=min_curves)
     else:
-      results = [methods_lib.run_method(method, v, meta) for v in views]
-    sel, rm, fits, cost = [], [], [], []
-    for (ratio, dmax), res in zip(budgets, results, strict=True):
-      sel += score_rows(name, ratio, dmax, res, truth)
-      if method in LAW_OF:
-        rm += rmse_rows(name, dmax, res, curves, target)
-        fits += fit_rows(name, dmax, res, curves)
-      flops, relative = common.method_cost(method, curves, dmax, target)
-      cost.append({"dataset": name, "method": method, "setting": f"ratio={ratio}",
-                   "flops": f"{flops:.6g}", "relative_flops": f"{relative:.6g}",
-                   "RelAcc": f"{metrics.relative_accuracy(res.chosen, truth):.6f}",
-                   "PearCorr": f"{metrics.pearson_corr(res.feature, truth):.6f}"})
-    # Write the secondary files first: a crash can then only leave work that is redone.
-    if rm:
-      common.append_rows(out / "rmse.csv", RMSE_HEADER, rm)
-      common.append_rows(out / "fits.csv", FITS_HEADER, fits)
-    common.append_rows(out / "cost.csv", COST_HEADER, cost)
-    common.append_rows(out / "selection.csv", SELECTION_HEADER, sel)
-    logging.info("[%s] %s: %d budgets in %.1fs (total %.1fs)", name, method, len(budgets),
-                 time.time() - t, time.time() - t0)
+      todo.append((mi, method))
+  # The methods are independent: XLA compiles and runs them on separate threads
+  # (it releases the GIL), and the rows are still written in method order.
+  with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+    t = time.time()
+    futures = [(method, pool.submit(compute, mi, method)) for mi, method in todo]
+    for method, future in futures:
+      results = future.result()
+      sel, rm, fits, cost = [], [], [], []
+      for (ratio, dmax), res in zip(budgets, results, strict=True):
+        sel += score_rows(name, ratio, dmax, res, truth)
+        if method in LAW_OF:
+          rm += rmse_rows(name, dmax, res, curves, target)
+          fits += fit_rows(name, dmax, res, curves)
+        flops, relative = common.method_cost(method, curves, dmax, target)
+        cost.append({"dataset": name, "method": method, "setting": f"ratio={ratio}",
+                     "flops": f"{flops:.6g}", "relative_flops": f"{relative:.6g}",
+                     "RelAcc": f"{metrics.relative_accuracy(res.chosen, truth):.6f}",
+                     "PearCorr": f"{metrics.pearson_corr(res.feature, truth):.6f}"})
+      # Write the secondary files first: a crash can then only leave work that is redone.
+      if rm:
+        common.append_rows(out / "rmse.csv", RMSE_HEADER, rm)
+        common.append_rows(out / "fits.csv", FITS_HEADER, fits)
+      common.append_rows(out / "cost.csv", COST_HEADER, cost)
+      common.append_rows(out / "selection.csv", SELECTION_HEADER, sel)
+      logging.info("[%s] %s: %d budgets done %.1fs after the file's start (total %.1fs)", name,
+                   method, len(budgets), time.time() - t, time.time() - t0)
   if budget is not None:
     run_budgeted(curves, out, target=target, key=jax.random.fold_in(key, 1000), full=full,
                  truth=truth, num_restarts=num_restarts, fit_options=fit_options, t0=t0,
@@ -492,7 +506,7 @@ def run(cfg, output_dir) -> pathlib.Path:
       budget = {"levels": budget_levels, "method": cfg.budget_method, "max_data_num": cap}
     run_dataset(curves, methods, ratios, out, target=target, key=jax.random.fold_in(key, di),
                 num_restarts=cfg.num_restarts, fit_options=fit_options, budget=budget, t0=t0,
-                plus_results=plus.get(curves.name))
+                plus_results=plus.get(curves.name), threads=cfg.threads or os.cpu_count() or 1)
   if cfg.budgeted and len(curve_sets) > 1:
     tag = f"Budgeted{cfg.budget_method}"
     have = {r["dataset"] for r in common.read_rows(out / "cost.csv") if r["method"] == f"{tag}-LODO"}
