@@ -373,7 +373,13 @@ def lanczos(op: LinearOperator, key: Array, num_iters: int, v0: Array | None = N
   carry = (basis, jnp.zeros(m, op.dtype), jnp.zeros(m, op.dtype),
            jnp.asarray(0.0, op.dtype), jnp.asarray(0.0, op.dtype), jnp.asarray(0, jnp.int32))
   for j in range(m):
-    carry = _lanczos_update_jit(j, carry, op.matvec(carry[0][j]), key, tol=tol)
+    w = op.matvec(carry[0][j])
+    if j == 0 and isinstance(getattr(w, "sharding", None), jax.sharding.SingleDeviceSharding):
+      # The carry goes where the products live, so the update step sees one argument
+      # placement at every step and compiles once (committed and uncommitted
+      # arguments are compiled separately).
+      carry = jax.device_put(carry, w.sharding)
+    carry = _lanczos_update_jit(j, carry, w, key, tol=tol)
   basis, alphas, betas, last, _, breaks = carry
   return LanczosResult(basis, alphas, betas[:-1], last, breaks, norm)
 
