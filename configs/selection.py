@@ -6,7 +6,7 @@ r"""The model-selection tables of Lin et al. (2024) / Zeng et al. (2025) on the 
 `get_config()` is the paper protocol: both packaged curve files (flan,
 gigaword), the seven published methods, the seven budget ratios
 D*/D_max = 8 ... 512 of the papers, D* = the largest D of each file, and the
-budgeted early-stopping procedure at z = 0.5, 1, 2, 4 (about 1.5 min on 2 CPU
+budgeted early-stopping procedure at z = 0.5, 1, 2, 4 (about 15-20 s on 2 CPU
 cores). `get_config("plus")` adds LensLLM+ chosen by leave-one-dataset-out
 (`plus_candidates.leave_one_out`, several minutes more).
 
