@@ -113,6 +113,19 @@ def define_config_file(default: str, help_string: str) -> None:
     config_flags.DEFINE_config_file("config", default, help_string)
 
 
+def run_config_binary(run, user_errors=()) -> None:
+  """`run_main` for a binary whose whole job is run(FLAGS.config, FLAGS.output_dir).
+
+  Positional arguments are refused (one line, exit code 2).
+  """
+  def main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    run(flags.FLAGS.config, flags.FLAGS.output_dir)
+
+  run_main(main, user_errors)
+
+
 def run_main(main, user_errors=()) -> None:
   """`app.run(main)`, where bad input ends the program with one clear line and exit code 2.
 

@@ -70,7 +70,6 @@ from absl import app, flags, logging
 from experiments import common
 from lensllm_jax import budgeted, context_pfn, curve_pfn, metrics, plus_candidates, pooled, protocol
 
-FLAGS = flags.FLAGS
 PLUS = pooled.METHOD_NAME  # "LensLLM+"
 
 
@@ -542,12 +541,6 @@ def run(cfg, output_dir) -> pathlib.Path:
   return out
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  run(FLAGS.config, FLAGS.output_dir)
-
-
 if __name__ == "__main__":
   define_flags()
-  common.run_main(main)
+  common.run_config_binary(run)

@@ -39,7 +39,6 @@ from absl import app, flags, logging
 from experiments import common
 from lensllm_jax import benchmarks, dynamic_law, ntk, protocol, selection
 
-FLAGS = flags.FLAGS
 METHODS = ("LensLLM-NTK", "LensLLM-NTK-dynamic", "LensLLM", "Spectral")
 HEADER = ("task", "ratio", "method", "metric", "value")
 
@@ -146,12 +145,6 @@ def tables(path: pathlib.Path, ratios) -> str:
   return "\n".join(md)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  run(FLAGS.config, FLAGS.output_dir)
-
-
 if __name__ == "__main__":
   define_flags()
-  common.run_main(main)
+  common.run_config_binary(run)

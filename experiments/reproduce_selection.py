@@ -46,7 +46,6 @@ FITS_HEADER = ("dataset", "method", "max_data_num", "model", "status", "params")
 LAW_OF = {"VanillaFit": "vanilla", "RectifiedFit": "rectified", "LensLLM": "lensllm",
           "AtS": "ats"}
 
-FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
@@ -524,12 +523,6 @@ def run(cfg, output_dir) -> pathlib.Path:
   return out
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  run(FLAGS.config, FLAGS.output_dir)
-
-
 if __name__ == "__main__":
   define_flags()
-  common.run_main(main)
+  common.run_config_binary(run)
