@@ -145,7 +145,7 @@ def run_dataset(curves, methods, ratios, out: pathlib.Path, *, target, key, num_
       todo.append((mi, method))
   # The methods are independent: XLA compiles and runs them on separate threads
   # (it releases the GIL), and the rows are still written in method order.
-  with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+  with concurrent.futures.ThreadPoolExecutor(max_workers=threads) as pool:
     t = time.time()
     futures = [(method, pool.submit(compute, mi, method)) for mi, method in todo]
     for method, future in futures:
@@ -483,6 +483,8 @@ def run(cfg, output_dir) -> pathlib.Path:
         "plus_candidates.budgeted_candidate_selection, run by experiments.lensllm_plus)")
   if cfg.protocol not in ("none", "leave_one_out"):
     raise app.UsageError(f"config.protocol={cfg.protocol!r}: expected 'none' or 'leave_one_out'")
+  if cfg.threads < 0:
+    raise app.UsageError(f"config.threads={cfg.threads}: expected >= 0 (0: one per CPU core)")
   ratios = common.parse_ratios(cfg.ratios)
   budget_levels = common.parse_levels(cfg.budget_levels)
   out = pathlib.Path(output_dir)
