@@ -201,8 +201,10 @@ def parse_levels(values, name: str = "config.budget_levels") -> list[float]:
 
 
 def load_all(specs, data_dir) -> list[benchmarks.CurveSet]:
-  """Loads every curve file (name or path); names must be unique, each file >= 3 models."""
-  sets = [benchmarks.load_curves(s, data_dir=data_dir) for s in specs]
+  """Loads every curve file (name or path); names must be unique, each file >= 3 models,
+  every cell measured (`benchmarks.require_complete`)."""
+  sets = [benchmarks.require_complete(benchmarks.load_curves(s, data_dir=data_dir))
+          for s in specs]
   for c in sets:
     if c.num_models < metrics.MIN_MODELS:
       raise app.UsageError(

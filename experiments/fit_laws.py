@@ -144,7 +144,7 @@ def plot_curves(curves, fits, mask, path: pathlib.Path):
 
 
 def run_benchmark(spec, data_dir, out_dir, law_list, key):
-  curves = benchmarks.load_curves(spec, data_dir=data_dir)
+  curves = benchmarks.require_complete(benchmarks.load_curves(spec, data_dir=data_dir))
   mask = fit_mask(curves, FLAGS.config.max_data_size)
   png = out_dir / f"{curves.name}_curves.png"
   fits = []

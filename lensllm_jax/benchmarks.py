@@ -8,7 +8,11 @@ where `config name` is the model id, each integer column `D` holds the test
 loss after fine-tuning on D samples (`0` = zero-shot, no fine-tuning), `size`
 is the parameter count and `family` the model family. Any number of models
 and any subset / ordering of the integer columns is accepted as long as `0`
-is present; the D grid is returned sorted ascending.
+is present; the D grid is returned sorted ascending. An empty cell means "not
+measured" (a model not run at that size): it is NaN in `CurveSet.losses` and
+False in `CurveSet.measured`; a row with no measured loss is an error. Code
+that needs every cell (the selection protocol on the public files) calls
+`require_complete`, which names the first empty cell.
 
 Files are found by path, or by name (`flan`, `gigaword`, `wmt19`, ...) in a
 local directory (`data_dir` argument, else `$LENSLLM_DATA_DIR`), else among
@@ -43,6 +47,8 @@ __all__ = [
   "CurveFormatError",
   "CurveSet",
   "load_curves",
+  "parse_curves",
+  "require_complete",
   "resolve_curve_file",
   "write_curves",
 ]
@@ -74,7 +80,8 @@ class CurveSet:
     families: [M] model families.
     data_sizes: [P] float64 number of fine-tuning samples D, ascending;
       `data_sizes[0] == 0` is the zero-shot point.
-    losses: [M, P] float64 test losses, `losses[m, p]` = L_m(data_sizes[p]).
+    losses: [M, P] float64 test losses, `losses[m, p]` = L_m(data_sizes[p]);
+      NaN where the file's cell is empty (not measured, see `measured`).
   """
   name: str
   source: str
@@ -87,6 +94,11 @@ class CurveSet:
   @property
   def num_models(self) -> int:
     return len(self.models)
+
+  @property
+  def measured(self) -> np.ndarray:
+    """[M, P] bool, True where the loss was measured (the file's cell is not empty)."""
+    return np.isfinite(self.losses)
 
   def index(self, model: str) -> int:
     """Row index of `model`; KeyError naming the file if absent."""
@@ -185,8 +197,9 @@ def parse_curves(text: str, *, source: str = "<string>", name: str | None = None
     values = []
     for _, j, h in loss_cols:
       cell = row[j].strip()
-      if not cell:
-        raise _err(source, "empty loss value", line=line, model=model, column=h)
+      if not cell:  # not measured
+        values.append(math.nan)
+        continue
       try:
         v = float(cell)
       except ValueError:
@@ -198,6 +211,8 @@ def parse_curves(text: str, *, source: str = "<string>", name: str | None = None
         raise _err(source, f"non-positive loss {cell!r} (losses must be > 0)", line=line,
                    model=model, column=h)
       values.append(v)
+    if loss_cols and all(math.isnan(v) for v in values):
+      raise _err(source, "no measured loss (every loss cell is empty)", line=line, model=model)
     cell = row[seen[_SIZE_COL]].strip()
     try:
       size_f = float(cell)
@@ -223,6 +238,18 @@ def parse_curves(text: str, *, source: str = "<string>", name: str | None = None
     losses=np.asarray(losses, dtype=np.float64).reshape(len(models), len(loss_cols)),
   )
 
+
+def require_complete(curves: CurveSet) -> CurveSet:
+  """Returns `curves` if every loss was measured; else a CurveFormatError naming the
+  first empty cell (model and column) and the file."""
+  missing = np.argwhere(~curves.measured)
+  if missing.size:
+    m, p = missing[0]
+    raise CurveFormatError(
+        f"{curves.source}: model {curves.models[m]!r}, column '{int(curves.data_sizes[p])}': "
+        f"empty loss value ({len(missing)} empty cell(s)); this needs every model measured "
+        "at every size (experiments.select reads files with unmeasured cells)")
+  return curves
 
 
 def _atomic_write(path: pathlib.Path, payload: bytes) -> None:
@@ -336,7 +363,8 @@ def write_curves(curves: CurveSet, path: str | os.PathLike) -> None:
   """Writes `curves` in the public CSV format (round-trips through load_curves).
 
   Columns: `config name`, one per data size (integer header), `size`,
-  `family`. The write is atomic (temporary file + rename).
+  `family`; a NaN loss (not measured) is an empty cell. The write is atomic
+  (temporary file + rename).
   """
   path = pathlib.Path(path)
   losses = np.asarray(curves.losses, dtype=np.float64)
@@ -352,7 +380,7 @@ def write_curves(curves: CurveSet, path: str | os.PathLike) -> None:
   writer = csv.writer(buf, lineterminator="\n")
   writer.writerow([_MODEL_COL, *headers, _SIZE_COL, _FAMILY_COL])
   for m, model in enumerate(curves.models):
-    writer.writerow([model, *(_format_float(v) for v in losses[m]),
+    writer.writerow([model, *(_format_float(v) if np.isfinite(v) else "" for v in losses[m]),
                      str(int(curves.sizes[m])), curves.families[m]])
   path.parent.mkdir(parents=True, exist_ok=True)
   _atomic_write(path, buf.getvalue().encode("utf-8"))

@@ -76,7 +76,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lensllm_jax import laws, methods, selection
+from lensllm_jax import benchmarks, laws, methods, selection
 
 FLOPS_PER_PARAM_SAMPLE = 6.0
 # Methods `budgeted_selection` runs: independent per-model fits whose objective
@@ -119,12 +119,13 @@ def method_flops(method: str, sizes, data_sizes, max_data_num: float) -> float:
 class CurveOracle:
   """Releases fine-tuning losses only when paid for (exact simulation).
 
-  The full CurveSet is held privately; `view()` builds a VisibleCurves of the
-  paid points only (unpaid entries are NaN copies, never the true values).
+  The full CurveSet (every cell measured) is held privately; `view()` builds a
+  VisibleCurves of the paid points only (unpaid entries are NaN copies, never
+  the true values).
   """
 
   def __init__(self, curves):
-    self._curves = curves
+    self._curves = benchmarks.require_complete(curves)
     self._flops = pair_flops(curves.sizes, curves.data_sizes)
     self.revealed = np.zeros(np.shape(curves.losses), bool)
     self.revealed[:, np.asarray(curves.data_sizes) == 0] = True  # zero-shot is free

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import http.server
 import os
@@ -93,13 +94,36 @@ def test_write_roundtrip_and_column_order(tmp_path, shared_benchmarks):
   np.testing.assert_array_equal(cs.sizes, [1000, 2000])
 
 
+def test_empty_cells_are_not_measured(tmp_path):
+  rows = _good_rows()
+  c = rows[0].split(","); c[4] = ""; c[9] = " "; rows[0] = ",".join(c)  # noqa: E702
+  cs = benchmarks.load_curves(_write(tmp_path, "gaps.csv", [HEADER, *rows]))
+  measured = np.ones((2, 15), bool)
+  measured[0, [3, 8]] = False
+  np.testing.assert_array_equal(cs.measured, measured)
+  assert np.isnan(cs.losses[0, 3]) and np.isnan(cs.losses[0, 8])
+  np.testing.assert_array_equal(cs.losses[measured], [float(v) for i, r in enumerate(_good_rows())
+                                                      for j, v in enumerate(r.split(",")[1:16])
+                                                      if measured[i, j]])
+  # Written back as empty cells, read back the same.
+  benchmarks.write_curves(cs, tmp_path / "back.csv")
+  assert ",3.8,,3.6," in (tmp_path / "back.csv").read_text()
+  back = benchmarks.load_curves(tmp_path / "back.csv")
+  np.testing.assert_array_equal(back.measured, measured)
+  np.testing.assert_array_equal(back.losses[measured], cs.losses[measured])
+  with pytest.raises(benchmarks.CurveFormatError, match=r"'org/model-a', column '800'.*2 empty"):
+    benchmarks.require_complete(cs)
+  full = dataclasses.replace(back, losses=np.nan_to_num(back.losses, nan=1.0))
+  assert benchmarks.require_complete(full) is full
+
+
 @pytest.mark.parametrize("case,needles", [
   ("missing_column", ["line 1", "'size'"]),
   ("missing_zero", ["line 1", "'0'"]),
   ("non_numeric", ["line 3", "'model-b'", "column '400'", "'abc'"]),
   ("non_positive", ["line 2", "'org/model-a'", "column '1638400'", "non-positive"]),
   ("nan", ["line 3", "'model-b'", "column '200'", "non-finite"]),
-  ("empty", ["line 2", "'org/model-a'", "column '800'", "empty"]),
+  ("all_empty", ["line 2", "'org/model-a'", "no measured loss"]),
   ("duplicate", ["line 4", "'model-b'", "column 'config name'", "duplicate", "line 3"]),
   ("bad_size", ["line 3", "'model-b'", "column 'size'"]),
   ("zero_size", ["line 2", "'org/model-a'", "column 'size'", "positive"]),
@@ -122,8 +146,8 @@ def test_broken_files(tmp_path, case, needles):
     c = cells(rows[0]); c[15] = "-0.5"; rows[0] = join(c)  # noqa: E702
   elif case == "nan":
     c = cells(rows[1]); c[2] = "nan"; rows[1] = join(c)  # noqa: E702
-  elif case == "empty":
-    c = cells(rows[0]); c[4] = ""; rows[0] = join(c)  # noqa: E702
+  elif case == "all_empty":
+    c = cells(rows[0]); c[1:16] = [""] * 15; rows[0] = join(c)  # noqa: E702
   elif case == "duplicate":
     rows.append(rows[1])
   elif case == "bad_size":
