@@ -135,11 +135,22 @@ class CurveOracle:
   def data_sizes(self) -> np.ndarray:
     return np.asarray(self._curves.data_sizes, np.float64)
 
-  def reveal(self, models, data_size: float) -> None:
-    """Pays 6 N D for each listed model at `data_size` (once per pair)."""
+  def _column(self, data_size: float) -> int:
     cols = np.flatnonzero(self.data_sizes == data_size)
     if cols.size != 1:
-      raise KeyError(f"D={data_size} is not on the grid {self.data_sizes.tolist()}")
+      raise KeyError(f"D={data_size:g} is not on the grid of {self._curves.source} "
+                     f"({self.data_sizes.tolist()})")
+    return int(cols[0])
+
+  def cost(self, models, data_size: float) -> float:
+    """What `reveal(models, data_size)` would pay."""
+    col = self._column(data_size)
+    models = np.asarray(models, int)
+    return float(self._flops[models[~self.revealed[models, col]], col].sum())
+
+  def reveal(self, models, data_size: float) -> None:
+    """Pays 6 N D for each listed model at `data_size` (once per pair)."""
+    cols = [self._column(data_size)]
     models = np.asarray(models, int)
     new = models[~self.revealed[models, cols[0]]]
     self.flops += float(self._flops[new, cols[0]].sum())
@@ -249,9 +260,12 @@ class BudgetedResult:
     flops: total FLOPs per token paid.
     revealed: [M, P] bool points paid for (over the file's grid).
     stopped_at: [M] D of the last point revealed for each model.
-    history: per step dict(data_size, active [M] bool, log_pred [M], sd [M])
-      (log_pred, sd NaN at the unfitted steps before the first stopping step,
-      `fit_prefixes` path).
+    history: per step dict(data_size, active [M] bool (paid at this step),
+      log_pred [M], sd [M], stopped [M] bool (stopped by this step's
+      decision), flops (spent so far)) (log_pred, sd NaN at the unfitted steps
+      before the first stopping step, `fit_prefixes` path).
+    ended_by: "one model left", "size cap" (the last step was paid) or
+      "compute cap" (`max_flops`).
   """
   z: float
   selection: selection.SelectionResult
@@ -259,6 +273,7 @@ class BudgetedResult:
   revealed: np.ndarray
   stopped_at: np.ndarray
   history: tuple
+  ended_by: str = "size cap"
 
 
 
@@ -292,14 +307,21 @@ def _num_revealed(oracle: CurveOracle, steps) -> np.ndarray:
 def early_stopping_selection(curves, levels: Sequence[float], *, name: str,
                              max_data_num: float, target_data_num: float,
                              min_points: int | None = None, progress=None, predict_views=None,
-                             fit_prefixes=None) -> list[BudgetedResult]:
+                             fit_prefixes=None, oracles=None, steps=None,
+                             max_flops: float | None = None, on_step=None
+                             ) -> list[BudgetedResult]:
   """The early-stopping procedure of the module docstring, with any fit of the law.
 
-  Each level z has its own `CurveOracle` (its own paid points). Give exactly
-  one of `predict_views`, `fit_prefixes`.
+  Each level z has its own oracle (its own paid points): by default a
+  `CurveOracle` of `curves` (replay of complete curves); `oracles` may be any
+  objects with the oracle interface (`data_sizes` [P] with D = 0 first,
+  `revealed` [M, P], `flops`, `reveal(models, d)`, `view(d)`,
+  `cost(models, d)`), e.g. one that pays by fine-tuning (the online
+  procedure of `experiments.select`): the decisions are this one code path.
+  Give exactly one of `predict_views`, `fit_prefixes`.
 
   Args:
-    curves: a CurveSet (only the oracles read it).
+    curves: a CurveSet (only the default oracles read it), or None with `oracles`.
     levels: confidence levels z (normal quantiles), e.g. (0.5, 1, 2, 4).
     name: method name in the result ("Budgeted(name, z=...)").
     max_data_num: largest D that may be paid for.
@@ -320,6 +342,15 @@ def early_stopping_selection(curves, levels: Sequence[float], *, name: str,
       (their parameters also enter the pooled s^2 of `laplace_log_sd`).
       With `min_points` given, the steps before the first stopping decision
       are not fitted (nothing reads them; unless it is the last step).
+    oracles: one oracle per level (default `CurveOracle(curves)` each).
+    steps: the sizes D_s paid in turn (default the oracle grid's D in (0,
+      max_data_num]); each must be on the oracle's grid.
+    max_flops: compute cap: a level ends (reason "compute cap") before a step
+      whose cost (`oracle.cost` of its active models) would take its spend
+      above it; the first step is always paid.
+    on_step: optional fn(level index, history entry) after each step's
+      decision (the entry also holds "stopped" [M] bool, the models stopped
+      at this step, "flops" so far, and "ended_by" once the level ends).
 
   Returns:
     One BudgetedResult per level.
@@ -329,20 +360,27 @@ def early_stopping_selection(curves, levels: Sequence[float], *, name: str,
                      "fit_prefixes")
   if predict_views is not None and min_points is None:
     raise ValueError("early_stopping_selection: predict_views needs min_points")
-  grid = np.asarray(curves.data_sizes, np.float64)
-  steps = grid[(grid > 0) & (grid <= max_data_num)]
-  if steps.size == 0:
-    raise ValueError(f"no D in (0, {max_data_num}] in {curves.source}")
-  m = len(curves.models)
   levels = [float(z) for z in levels]
-  oracles = [CurveOracle(curves) for _ in levels]
+  oracles = [CurveOracle(curves) for _ in levels] if oracles is None else list(oracles)
+  grid = np.asarray(oracles[0].data_sizes, np.float64)
+  if steps is None:
+    steps = grid[(grid > 0) & (grid <= max_data_num)]
+  steps = np.asarray(steps, np.float64)
+  if steps.size == 0:
+    raise ValueError(f"no D in (0, {max_data_num}] on the oracle's grid {grid.tolist()}")
+  m = oracles[0].revealed.shape[0]
   active = [np.ones(m, bool) for _ in levels]
   done = [False for _ in levels]
+  ended_by = ["size cap" for _ in levels]
   last = [None for _ in levels]
   histories = [[] for _ in levels]
   stopped_at = [np.zeros(m) for _ in levels]
   cache = {}  # fit_prefixes: (model, num_revealed) -> (raw [K], mask [P'], predicted)
   for s, d_s in enumerate(steps):
+    for i in range(len(levels)):
+      if (not done[i] and s > 0 and max_flops is not None and oracles[i].flops
+          + oracles[i].cost(np.flatnonzero(active[i]), d_s) > max_flops):
+        done[i], ended_by[i] = True, "compute cap"
     if all(done):
       break
     for i in range(len(levels)):
@@ -381,12 +419,18 @@ def early_stopping_selection(curves, levels: Sequence[float], *, name: str,
         logp = np.where(active[i], logp, last[i][0])
         sd = np.where(active[i], sd, last[i][1])
       last[i] = (logp, sd)
-      histories[i].append({"data_size": float(d_s), "active": active[i].copy(),
-                           "log_pred": logp.copy(), "sd": sd.copy()})
+      entry = {"data_size": float(d_s), "active": active[i].copy(),
+               "log_pred": logp.copy(), "sd": sd.copy()}
+      histories[i].append(entry)
       if s + 1 >= need:
         active[i] = still_active(active[i], logp, sd, levels[i])
       if active[i].sum() <= 1:
-        done[i] = True
+        done[i], ended_by[i] = True, "one model left"
+      entry.update(stopped=entry["active"] & ~active[i], flops=oracles[i].flops)
+      if done[i] or s + 1 == steps.size:
+        entry["ended_by"] = ended_by[i]
+      if on_step is not None:
+        on_step(i, entry)
     if progress is not None:
       progress(f"D={int(d_s)}: active per level " +
                ", ".join(f"z={levels[i]:g}:{int(active[i].sum())}" for i in range(len(levels))))
@@ -402,7 +446,8 @@ def early_stopping_selection(curves, levels: Sequence[float], *, name: str,
         extras={"active": active[i].copy()})
     out.append(BudgetedResult(z=z, selection=res, flops=oracles[i].flops,
                               revealed=oracles[i].revealed.copy(),
-                              stopped_at=stopped_at[i].copy(), history=tuple(histories[i])))
+                              stopped_at=stopped_at[i].copy(), history=tuple(histories[i]),
+                              ended_by=ended_by[i]))
   return out
 
 

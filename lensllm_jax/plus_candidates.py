@@ -77,6 +77,7 @@ __all__ = [
   "PlusFold",
   "blend",
   "budgeted_candidate_selection",
+  "candidate_distribution",
   "candidate_names",
   "candidate_prediction",
   "choose_candidate",
@@ -405,6 +406,28 @@ def leave_one_out(curve_sets, *, key: jax.Array, train_only: Sequence = (),
   return folds, files
 
 
+def candidate_distribution(cand: Candidate, views, meta, ctx: BaseContext):
+  """A candidate's prediction of L(D*) with its own uncertainty (module docstring, Budgeted).
+
+  Returns:
+    (predicted [V, M], sd of log L(D*) [V, M], (q0.1, q0.9) [V, M] each: the
+    10 % / 90 % quantiles of L(D*) where the base has its own (the PFNs;
+    blended like the mean, NaN where X has no finite prediction), else None).
+  """
+  ats = np.stack([selection.ats(v, meta).predicted for v in views])
+  if cand.base == "AtS":
+    return ats, np.zeros_like(ats), (ats, ats)
+  out = BASE_PREDICTORS[cand.base](views, meta, dataclasses.replace(ctx, with_sd=True))
+  x, sd = out[cand.base], out[cand.base + "_sd"]
+  w = cand.ats_weight
+  quantiles = None
+  if cand.base + "_q0.1" in out:
+    ok = np.isfinite(x) & (x > 0)
+    quantiles = tuple(np.where(ok, blend(ats, out[cand.base + q], w), np.nan)
+                      for q in ("_q0.1", "_q0.9"))
+  return blend(ats, x, w), blend_sd(x, sd, w), quantiles
+
+
 def budgeted_candidate_selection(curves, levels: Sequence[float], cand: Candidate, *,
                                  ctx: BaseContext, max_data_num: float, min_points: int = 4,
                                  target_data_num: float | None = None, progress=None):
@@ -419,16 +442,12 @@ def budgeted_candidate_selection(curves, levels: Sequence[float], cand: Candidat
   grid = np.asarray(curves.data_sizes, np.float64)
   target = float(grid.max()) if target_data_num is None else float(target_data_num)
   meta = selection.metadata_of(curves, target)
-  ctx = dataclasses.replace(ctx, with_sd=True, num_points=grid.size)
-  fn = BASE_PREDICTORS.get(cand.base)
+  ctx = dataclasses.replace(ctx, num_points=grid.size)
 
   def predict_views(views, step):
-    ats = np.stack([selection.ats(v, meta).predicted for v in views])
-    if cand.base == "AtS":
-      return ats, np.zeros_like(ats)
-    out = fn(views, meta, dataclasses.replace(ctx, key=jax.random.fold_in(ctx.key, step)))
-    x, sd = out[cand.base], out[cand.base + "_sd"]
-    return blend(ats, x, cand.ats_weight), blend_sd(x, sd, cand.ats_weight)
+    pred, sd, _ = candidate_distribution(
+        cand, views, meta, dataclasses.replace(ctx, key=jax.random.fold_in(ctx.key, step)))
+    return pred, sd
 
   return budgeted.early_stopping_selection(
     curves, levels, predict_views=predict_views, name=cand.name,
