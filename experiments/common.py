@@ -70,7 +70,8 @@ app.call_after_init(lambda: enable_compilation_cache(_COMPILATION_CACHE_DIR.valu
 
 
 # Errors that mean "the input is wrong" (a flag, a config, a curve file), not "the code is wrong".
-USER_ERRORS = (app.UsageError, flags.Error, benchmarks.CurveFormatError, FileNotFoundError)
+USER_ERRORS = (app.UsageError, flags.Error, benchmarks.CurveFormatError,
+               benchmarks.CurveDownloadError, FileNotFoundError)
 
 
 def fail(message: str) -> None:

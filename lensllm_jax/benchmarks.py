@@ -24,7 +24,11 @@ The URL template (with `{name}`) can be overridden by the `url_template`
 argument or `$LENSLLM_BENCHMARK_URL`.
 
 Every validation error is a `CurveFormatError` whose message names the file,
-the row (model name and 1-based line number) and the column.
+the row (model name and 1-based line number) and the column. A name found
+nowhere locally whose download fails (offline, or no such file) is a
+`CurveDownloadError` naming the benchmark, the URL and the local places
+searched (the binaries print it as their one-line error). `wmt19`, the third
+file of Lin et al. (2024), is not packaged: it is read by name this way.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ import numpy as np
 __all__ = [
   "DEFAULT_URL_TEMPLATE",
   "PACKAGED_DIR",
+  "CurveDownloadError",
   "CurveFormatError",
   "CurveSet",
   "load_curves",
@@ -66,6 +71,10 @@ _FAMILY_COL = "family"
 
 class CurveFormatError(ValueError):
   """A curve file is malformed; the message names file, row and column."""
+
+
+class CurveDownloadError(OSError):
+  """A benchmark name is in no local place and its download failed; one-line message."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,8 +287,11 @@ def _download(url: str, dest: pathlib.Path, timeout: float) -> None:
     with urllib.request.urlopen(url, timeout=timeout) as resp:
       payload = resp.read()
   except (urllib.error.URLError, OSError, ValueError) as e:
-    raise OSError(f"could not download curve file from {url}: {e}. Pass a local path, "
-                  "or set data_dir / $LENSLLM_DATA_DIR to a directory holding it.") from e
+    reason = " ".join(str(e).split())  # one line
+    raise CurveDownloadError(
+      f"benchmark {dest.stem!r}: not packaged, not in the cache ({dest}), and could not "
+      f"download curve file from {url}: {reason}. Offline: put {dest.name} in data_dir / "
+      "$LENSLLM_DATA_DIR (or the cache), or pass its path.") from e
   # Validate before caching so a broken download never poisons the cache.
   parse_curves(payload.decode("utf-8"), source=url, name=dest.stem)
   _atomic_write(dest, payload)
@@ -344,7 +356,9 @@ def load_curves(spec: str | os.PathLike, *, data_dir: str | None = None,
 
   Raises:
     CurveFormatError: invalid content (names file, row, column).
-    FileNotFoundError / OSError: missing file or failed download (names the URL).
+    FileNotFoundError: a missing path, or a name missing from an explicit data_dir.
+    CurveDownloadError: a name found nowhere locally whose download failed
+      (names the benchmark, the URL and the cache path).
   """
   path = resolve_curve_file(spec, data_dir=data_dir, cache_dir=cache_dir,
                             url_template=url_template, timeout=timeout)

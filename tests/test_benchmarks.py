@@ -213,8 +213,11 @@ def test_download_once_then_cache(tmp_path, shared_benchmarks, monkeypatch):
   again = benchmarks.load_curves("wmt19")
   np.testing.assert_array_equal(again.losses, cs.losses)
   assert pathlib.Path(again.source) == cache / "wmt19.csv"
-  with pytest.raises(OSError, match="could not download"):
+  # Offline (nothing listens any more): one line naming the benchmark, URL and cache.
+  with pytest.raises(benchmarks.CurveDownloadError,
+                     match=r"^benchmark 'missing': .*could not download .*/missing\.csv") as e:
     benchmarks.load_curves("missing")
+  assert "\n" not in str(e.value) and str(cache / "missing.csv") in str(e.value)
 
 
 def test_packaged_curves_need_no_data_dir_or_network(tmp_path, monkeypatch):

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
+import shlex
 import subprocess
 import sys
 
 from _selection_synthetic import synthetic_curves
 from conftest import REPO_ROOT
 
+from experiments import lensllm_plus
 from lensllm_jax import benchmarks
 
 
@@ -44,9 +47,16 @@ def test_bad_flag_config_curve_file_or_checkpoint(tmp_path):
       (["experiments.ntk_spectrum", f"--workdir={tmp_path / 'ntk'}",
         f"--config.hf_checkpoint={ckpt}"],
        r"ckpt/config\.json: model_type='bert' is not supported"),
+      # The documented held-out command, offline: wmt19 is not packaged nor cached.
+      ([*shlex.split(lensllm_plus.HELD_OUT_COMMAND)[2:-1], f"--output_dir={tmp_path / 'wmt'}"],
+       r"benchmark 'wmt19': .*could not download .*127\.0\.0\.1:9/wmt19\.csv"),
   ]
+  # No network: an empty cache and a download URL nothing listens on.
+  env = {**os.environ, "LENSLLM_CACHE_DIR": str(tmp_path / "cache"),
+         "LENSLLM_BENCHMARK_URL": "http://127.0.0.1:9/{name}.csv"}
+  env.pop("LENSLLM_DATA_DIR", None)
   procs = [subprocess.Popen([sys.executable, "-m", *args], cwd=REPO_ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True) for args, _ in cases]
+                            stderr=subprocess.PIPE, text=True, env=env) for args, _ in cases]
   for (args, expected), proc in zip(cases, procs, strict=True):
     _, err = proc.communicate(timeout=300)
     binary = args[0].split(".")[-1]
