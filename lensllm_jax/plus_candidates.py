@@ -34,6 +34,13 @@ never scored on a file its setting was chosen on:
 
 The other candidates have no setting chosen on data.
 
+Stability (`leave_one_out(..., leave_each_out=True)`, `PlusFold.without`):
+for each training file t of a fold, the choice the same rule makes on
+T \ {t} (the Pooled settings nested again: on s in T \ {t}, the setting
+chosen on T \ {t, s}); and for every choice its runner-up and margin
+(`ranked_choice`). Nothing here changes a choice; it says how much each one
+depends on which training files are present.
+
 Budgeted (`budgeted_candidate_selection`): the early-stopping rule of
 `budgeted.py` with the candidate's own predictive mean and sd of log L(D*):
 
@@ -74,6 +81,7 @@ __all__ = [
   "BLEND_WEIGHTS",
   "BaseContext",
   "Candidate",
+  "PlusChoice",
   "PlusFold",
   "blend",
   "budgeted_candidate_selection",
@@ -86,6 +94,7 @@ __all__ = [
   "plus_results",
   "pooled_setting",
   "prediction_jobs",
+  "ranked_choice",
   "score_table",
 ]
 
@@ -306,6 +315,42 @@ def choose_candidate(train_tables: Sequence[Mapping[str, Mapping[str, np.ndarray
 
 
 @dataclasses.dataclass(frozen=True)
+class PlusChoice:
+  """A choice among candidates and how close it was.
+
+  Attributes:
+    trained_on: the files it was made on.
+    candidate, criterion: the chosen candidate and its mean criterion there.
+    runner_up, runner_up_criterion: the best other candidate (None, nan when
+      there is only one candidate).
+  """
+  trained_on: tuple[str, ...]
+  candidate: Candidate
+  criterion: float
+  runner_up: Candidate | None
+  runner_up_criterion: float
+
+  @property
+  def margin(self) -> float:
+    """criterion - runner_up_criterion (>= 0; nan without a runner-up)."""
+    return self.criterion - self.runner_up_criterion
+
+
+def ranked_choice(train_tables: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]],
+                  candidates: Sequence[Candidate]) -> PlusChoice:
+  """`choose_candidate` on training file name -> table, with the runner-up.
+
+  The runner-up is the best of the other candidates by the same mean criterion
+  (ties to the earlier candidate, as for the choice).
+  """
+  best, val = choose_candidate(list(train_tables.values()), candidates)
+  others = [c for c in candidates if c != best]
+  second, second_val = (choose_candidate(list(train_tables.values()), others) if others
+                        else (None, float("nan")))
+  return PlusChoice(tuple(train_tables), best, val, second, second_val)
+
+
+@dataclasses.dataclass(frozen=True)
 class PlusFold:
   """One leave-one-dataset-out fold of LensLLM+.
 
@@ -318,6 +363,11 @@ class PlusFold:
       the Pooled setting of that file (`pooled_setting(pooled, name)`), for
       every file (the held-out file's table is computed after the choice, for
       the report).
+    choice: the choice with its runner-up (`ranked_choice` on the training
+      files; its candidate and criterion are `candidate`, `train_criterion`).
+    without: training file t -> the choice made on the other training files
+      (Pooled nested again within them); empty unless asked for
+      (`leave_one_out(leave_each_out=True)`) or with one training file.
   """
   held_out: str
   trained_on: tuple[str, ...]
@@ -325,6 +375,8 @@ class PlusFold:
   candidate: Candidate
   train_criterion: float
   tables: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]]
+  choice: PlusChoice | None = None
+  without: Mapping[str, PlusChoice] = dataclasses.field(default_factory=dict)
 
 
 def pooled_setting(fold: protocol.Fold, name: str) -> pooled.PooledConfig:
@@ -344,7 +396,7 @@ def leave_one_out(curve_sets, *, key: jax.Array, train_only: Sequence = (),
                   predictor: curve_pfn.CurvePFNPredictor | None = None,
                   grid_evaluate: Callable | None = None, grid_options: Mapping | None = None,
                   predict: Callable | None = None, num_restarts: int = 8, num_steps: int = 60,
-                  candidates: Sequence[Candidate] | None = None):
+                  candidates: Sequence[Candidate] | None = None, leave_each_out: bool = False):
   """LensLLM+ of each reported file, chosen on the other files only.
 
   Args:
@@ -359,6 +411,9 @@ def leave_one_out(curve_sets, *, key: jax.Array, train_only: Sequence = (),
     predict: optional replacement of `file_predictions` with its signature
       (the binary caches predictions); called once per file.
     candidates: the candidate set (default `candidate_names()`).
+    leave_each_out: also make each fold's choice without each of its training
+      files in turn (`PlusFold.without`, folds with >= 2 training files); the
+      Pooled settings this nests are predicted in the same `predict` call.
 
   Returns:
     (folds, files): one PlusFold per reported file, and per file name a dict
@@ -373,8 +428,13 @@ def leave_one_out(curve_sets, *, key: jax.Array, train_only: Sequence = (),
     opts.update(num_restarts=num_restarts, num_steps=num_steps)
   if target_data_num is not None:
     opts["target_data_num"] = target_data_num
-  pooled_folds, _ = protocol.leave_one_out(sets, key=key, evaluate=grid_evaluate,
-                                           train_only=extra, ratios=ratios, **opts)
+  grid = protocol.default_grid()
+  pooled_folds, grid_tables = protocol.leave_one_out(sets, grid, key=key, evaluate=grid_evaluate,
+                                                     train_only=extra, ratios=ratios, **opts)
+  # fold -> left-out training file t -> s -> the Pooled setting on s chosen on T \ {t, s}.
+  reduced = {pf.held_out: {t: {s: cfg for s, (cfg, _) in protocol.nested_choices(
+    {s: grid_tables[s] for s in pf.trained_on if s != t}, grid).items()} for t in pf.trained_on}
+    for pf in pooled_folds if leave_each_out and len(pf.trained_on) >= 2}
   files = {}
   for j, c in enumerate(sets + extra):
     reported = j < len(sets)
@@ -382,27 +442,33 @@ def leave_one_out(curve_sets, *, key: jax.Array, train_only: Sequence = (),
     ctx = BaseContext(key=jax.random.fold_in(key, j), predictor=predictor,
                       num_restarts=num_restarts, num_steps=num_steps)
     # The Pooled settings scored on this file: its own fold's, and the nested
-    # setting of every fold it trains.
-    configs = list(dict.fromkeys(pooled_setting(pf, c.name) for pf in pooled_folds
-                                 if c.name == pf.held_out or c.name in pf.nested))
+    # setting of every fold it trains (then those of the folds without one file).
+    configs = list(dict.fromkeys(
+      [pooled_setting(pf, c.name) for pf in pooled_folds
+       if c.name == pf.held_out or c.name in pf.nested]
+      + [cfg for by_t in reduced.values() for per in by_t.values()
+         for s, cfg in per.items() if s == c.name]))
     truth, preds = predict(c, rs, ctx=ctx, pooled_configs=configs,
                            target_data_num=target_data_num if reported else None)
     files[c.name] = {"truth": truth, "preds": preds, "ratios": rs, "reported": reported}
   names = list(files)
+
+  def table(name, setting):
+    f = files[name]
+    return {cand.name: score_table(candidate_prediction(cand, f["preds"], setting),
+                                   f["truth"]) for cand in cands}
+
   folds = []
   for pf in pooled_folds:
-
-    def table(name, pf=pf):
-      f = files[name]
-      setting = pooled_setting(pf, name)
-      return {cand.name: score_table(candidate_prediction(cand, f["preds"], setting),
-                                     f["truth"]) for cand in cands}
-
     train = [n for n in names if n != pf.held_out]
-    tables = {n: table(n) for n in train}
-    best, val = choose_candidate([tables[n] for n in train], cands)
-    tables[pf.held_out] = table(pf.held_out)  # after the choice: report only
-    folds.append(PlusFold(pf.held_out, tuple(train), pf, best, val, tables))
+    tables = {n: table(n, pooled_setting(pf, n)) for n in train}
+    choice = ranked_choice(tables, cands)
+    without = {t: ranked_choice({s: table(s, cfg) for s, cfg in per.items()}, cands)
+               for t, per in reduced.get(pf.held_out, {}).items()}
+    # After the choice: report only.
+    tables[pf.held_out] = table(pf.held_out, pooled_setting(pf, pf.held_out))
+    folds.append(PlusFold(pf.held_out, tuple(train), pf, choice.candidate, choice.criterion,
+                          tables, choice, without))
   return folds, files
 
 

@@ -152,6 +152,58 @@ def test_pooled_is_scored_on_each_training_file_with_the_nested_setting(small_ru
     assert f"| {held} | {t} | {row['trained_on']} | `{row['config']}` |" in md
 
 
+def test_stability_table_is_the_choice_recounted_without_each_training_file(small_run):
+  """candidates_stability.csv and its table: each fold's choice with runner-up and margin,
+  recounted from candidates.csv; without training file t, the choice on the one file s
+  left, recounted from predictions.csv with Pooled at the grid's first setting (nothing
+  left to nest it on)."""
+  _, data, out = small_run
+  rows = common.read_rows(out / "candidates_stability.csv")
+  chosen = {c["held_out"]: c for c in common.read_rows(out / "candidates_chosen.csv")}
+  cand_rows = common.read_rows(out / "candidates.csv")
+  preds = {}
+  for r in common.read_rows(out / "predictions.csv"):
+    preds.setdefault((r["dataset"], r["key"]), {})[int(r["ratio"])] = np.array(
+      [float(x) for x in r["values"].split()])
+  names = [c.name for c in plus_candidates.candidate_names()]
+
+  def ranked(crit):
+    order = sorted(range(len(names)), key=lambda k: (-crit[names[k]], k))
+    return names[order[0]], names[order[1]]
+
+  def crit_alone(s):
+    curves = benchmarks.load_curves(str(data / f"{s}.csv"))
+    truth = curves.column(float(curves.data_sizes.max()))
+    base = {k: np.stack([v[r] for r in sorted(v)]) for (ds, k), v in preds.items() if ds == s}
+    return {c.name: protocol.criterion(plus_candidates.score_table(
+      plus_candidates.candidate_prediction(c, base, GRID[0]), truth))
+      for c in plus_candidates.candidate_names()}
+
+  assert {(r["held_out"], r["left_out"]) for r in rows} == {
+    (h, t) for h, c in chosen.items() for t in ["", *c["trained_on"].split("+")]}
+  for r in rows:
+    if not r["left_out"]:
+      crit = _criteria(cand_rows, r["held_out"], r["trained_on"].split("+"))
+      assert r["candidate"] == chosen[r["held_out"]]["candidate"]
+    else:
+      (s,) = r["trained_on"].split("+")
+      assert s not in (r["held_out"], r["left_out"])
+      crit = crit_alone(s)
+    best, second = ranked(crit)
+    assert (r["candidate"], r["runner_up"]) == (best, second)
+    assert float(r["train_criterion"]) == pytest.approx(crit[best], abs=2e-6)
+    assert float(r["margin"]) == pytest.approx(crit[best] - crit[second], abs=4e-6)
+  md = (out / "lensllm_plus.md").read_text()
+  for r in rows:
+    where = f"without {r['left_out']}: " if r["left_out"] else "all: "
+    assert (f"| {r['held_out']} | {where}{r['trained_on']} | `{r['candidate']}` | "
+            f"{float(r['train_criterion']):.4f} | `{r['runner_up']}` |") in md
+  for held in chosen:
+    moved = sum(r["candidate"] != chosen[held]["candidate"] for r in rows
+                if r["held_out"] == held and r["left_out"])
+    assert f"- {held}: the choice changes in {moved} of 2 runs" in md
+
+
 def test_tables_agree_with_the_csvs(small_run):
   _, _, out = small_run
   md = (out / "lensllm_plus.md").read_text()

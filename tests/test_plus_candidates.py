@@ -164,3 +164,96 @@ def test_pooled_is_scored_with_the_nested_setting_on_each_training_file(monkeypa
   only = protocol.nested_choices({"x": evaluate(cs("x"), [g0, g1], key=None, ratios=(8,))[0]},
                                  [g1, g0])
   assert only["x"][0] == g1 and np.isnan(only["x"][1])
+
+
+def _pearson(a, b):
+  a, b = a - a.mean(), b - b.mean()
+  return float(a @ b / np.sqrt((a @ a) * (b @ b)))
+
+
+def test_choice_without_each_training_file_matches_a_brute_force_recount(monkeypatch):
+  """Four files (x, y reported; t1, t2 training-only), a 3-setting grid, random
+  predictions. Each fold's choice on all its training files and without each one is
+  recounted here by brute force: the nested Pooled setting by argmax of the grid
+  criterion over the remaining files minus the scored one (none left: the first
+  setting), each candidate's prediction, Pearson and relative accuracy by their
+  definitions, the mean criterion, argmax, runner-up and margin."""
+  from lensllm_jax import pooled, protocol
+
+  grid = [pooled.PooledConfig(strength=s) for s in (0.0, 0.5, 2.0)]
+  names = ("x", "y", "t1", "t2")
+  rng = np.random.default_rng(7)
+  ratios = (8, 16)
+  grid_crit = {n: rng.uniform(0.5, 2.0, len(grid)) for n in names}
+  truth = {n: rng.uniform(1.0, 3.0, 5) for n in names}
+  preds = {(n, k): rng.uniform(1.0, 3.0, (len(ratios), 5))
+           for n in names for k in ["AtS", "CurvePFN"] + [g.name for g in grid]}
+
+  def evaluate(curves, configs, *, key, ratios):
+    del key
+    return {c.name: {"PearCorr": np.full(len(ratios), grid_crit[curves.name][k] - 1.0),
+                     "RelAcc": np.ones(len(ratios))} for k, c in enumerate(configs)}, None
+
+  def predict(curves, rs, *, ctx, pooled_configs, target_data_num):
+    del ctx, target_data_num
+    assert list(rs) == list(ratios)
+    out = {k: preds[(curves.name, k)] for k in ("AtS", "CurvePFN")}
+    out.update({plus_candidates.pooled_key(c): preds[(curves.name, c.name)]
+                for c in pooled_configs})
+    return truth[curves.name], out
+
+  def cs(name):
+    return type("C", (), {"name": name, "source": name, "data_sizes": GRID})()
+
+  monkeypatch.setattr(protocol, "default_grid", lambda: grid)
+  monkeypatch.setattr(protocol, "training_ratios", lambda c, r: list(r))
+  cands = [plus_candidates.Candidate("Pooled"), plus_candidates.Candidate("Pooled", 0.5),
+           plus_candidates.Candidate("CurvePFN"), plus_candidates.Candidate("CurvePFN", 0.25),
+           plus_candidates.Candidate("AtS", 1.0)]
+  folds, _ = plus_candidates.leave_one_out(
+    [cs("x"), cs("y")], train_only=[cs("t1"), cs("t2")], key=jax.random.key(0), ratios=ratios,
+    predictor=object(), grid_evaluate=evaluate, predict=predict, candidates=cands,
+    leave_each_out=True)
+
+  def nested_setting(others):
+    if not others:
+      return grid[0]
+    means = np.mean([grid_crit[o] for o in others], axis=0)
+    return grid[int(np.argmax(means))]  # argmax: the first of equal values
+
+  def criterion(cand, s, setting):
+    ats = preds[(s, "AtS")]
+    base = ats if cand.base == "AtS" else preds[
+      (s, setting.name if cand.base == "Pooled" else cand.base)]
+    p = ats ** cand.ats_weight * base ** (1 - cand.ats_weight)
+    y = truth[s]
+    pc = [_pearson(row, y) for row in p]
+    ra = [(y.max() - y[np.argmin(row)]) / (y.max() - y.min()) for row in p]
+    return np.mean(pc) + np.mean(ra)
+
+  def recount(files):
+    crit = [np.mean([criterion(c, s, nested_setting([o for o in files if o != s]))
+                     for s in files]) for c in cands]
+    order = sorted(range(len(cands)), key=lambda k: (-crit[k], k))
+    return cands[order[0]], crit[order[0]], cands[order[1]], crit[order[1]]
+
+  changed = renested = 0
+  for f in folds:
+    train = [n for n in names if n != f.held_out]
+    assert f.choice.trained_on == tuple(train) and f.choice.candidate == f.candidate
+    for t, choice in [(None, f.choice), *f.without.items()]:
+      files = [n for n in train if n != t]
+      best, val, second, second_val = recount(files)
+      assert choice.trained_on == tuple(files)
+      assert (choice.candidate, choice.runner_up) == (best, second)
+      assert choice.criterion == pytest.approx(val, abs=1e-12)
+      assert choice.margin == pytest.approx(val - second_val, abs=1e-12)
+      assert choice.margin >= 0
+      if t is not None:
+        changed += choice.candidate != f.candidate
+        renested += sum(nested_setting([o for o in files if o != s])
+                        != f.pooled.nested[s][0] for s in files)
+    assert list(f.without) == train
+  # The case exercises both: some choice moves without a file, and some Pooled setting
+  # is nested differently once a file is gone (the rule is not the full fold's).
+  assert changed >= 1 and renested >= 1
