@@ -290,8 +290,8 @@ def _download(url: str, dest: pathlib.Path, timeout: float) -> None:
     reason = " ".join(str(e).split())  # one line
     raise CurveDownloadError(
       f"benchmark {dest.stem!r}: not packaged, not in the cache ({dest}), and could not "
-      f"download curve file from {url}: {reason}. Offline: put {dest.name} in data_dir / "
-      "$LENSLLM_DATA_DIR (or the cache), or pass its path.") from e
+      f"download curve file from {url}: {reason}. Offline: copy {dest.name} to that cache "
+      "path, or pass the file's path instead of the name.") from e
   # Validate before caching so a broken download never poisons the cache.
   parse_curves(payload.decode("utf-8"), source=url, name=dest.stem)
   _atomic_write(dest, payload)
