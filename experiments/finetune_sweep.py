@@ -30,7 +30,9 @@ test split. Writes to --workdir:
   config.json, tokenizer.json, data/, pretrained/, ckpt/ (in-flight runs)
 
 Rerunning skips finished runs (read from runs.jsonl) and resumes an
-interrupted run from its orbax checkpoint in ckpt/ (config.checkpoint_runs);
+interrupted run from its orbax checkpoint in ckpt/ (config.checkpoint_runs:
+written asynchronously every config.checkpoint_every_seconds, the last one
+kept, so a run shorter than that writes none and, interrupted, is redone);
 a row cut by a kill during its append is dropped and the run redone; a workdir
 holding runs of another configuration is refused. tests/test_finetune_sweep.py
 SIGKILLs a sweep mid-run and checks that the restarted one writes the same files.
@@ -365,6 +367,7 @@ def run_one(m: LoadedModel, data: dict, d: int, cfg, tcfg, workdir, mesh, snapsh
 
   res = training.finetune(m.apply_fn, m.params, data["train"].take(idx), data["validation"],
                           tcfg, checkpoint_dir=str(ckpt) if ckpt else None,
+                          checkpoint_every_s=cfg.get("checkpoint_every_seconds", 0.0),
                           stop_after_steps=budget, mesh=mesh, log_fn=log)
   eval_step = training.cached_eval_step(m.apply_fn)
   test_loss = training.evaluate(eval_step, res.params, data["test"], tcfg.eval_batch_size,

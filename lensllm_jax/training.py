@@ -25,7 +25,7 @@ is what a curve reports for this subset size.
 
 Determinism: the batch of step s is a pure function of (seed, s)
 (`textdata.train_batch_indices`), the step key is fold_in(key(seed), s), and
-checkpoints (taken at every evaluation) hold params, optimiser state, best
+checkpoints (taken at evaluations, at a time interval) hold params, optimiser state, best
 params, step, data position and early-stopping state, so a run interrupted
 at any point and restarted with the same arguments ends with the same
 parameters as an uninterrupted one.
@@ -33,13 +33,15 @@ parameters as an uninterrupted one.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import functools
 import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple, Protocol
 
 import jax
@@ -182,8 +184,25 @@ class TrainState(NamedTuple):
   opt_state: Any
 
 
-def init_state(params: Any, optimizer: optax.GradientTransformation) -> TrainState:
-  return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+def place(tree: Any, mesh: Any = None) -> Any:
+  """A committed copy of a pytree of arrays: over `mesh` per `sharding.param_shardings`
+  (scalars replicated), or on the first local device without one.
+
+  The train step's outputs are committed arrays; inputs placed the same way give
+  the jit the same signature on every call, so the step compiles once per shape
+  (an uncommitted input, e.g. a fresh `jnp.zeros` step counter, compiles it again
+  on the second call). Always a copy: the caller's arrays survive buffer donation.
+  """
+  target = (shd.param_shardings(tree, mesh) if mesh is not None
+            else jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+  return jax.device_put(tree, target, may_alias=False)
+
+
+def init_state(params: Any, optimizer: optax.GradientTransformation, *,
+               mesh: Any = None) -> TrainState:
+  """Step 0, a placed copy of `params` and the optimiser's initial state (`place`d
+  on `mesh`, or on the first local device)."""
+  return place(TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params)), mesh)
 
 
 def token_loss_sums(logits: jax.Array, targets: jax.Array,
@@ -268,12 +287,40 @@ def make_eval_step(apply_fn: ApplyFn) -> Callable:
   return jax.jit(eval_fn)
 
 
+@jax.jit
+def _copy_tree(tree: Any) -> Any:
+  """A copy of a pytree of arrays in one dispatch (same placement)."""
+  return jax.tree.map(jnp.copy, tree)
+
+
 @functools.lru_cache(maxsize=8)
-def _compiled_steps(apply_fn: ApplyFn, cfg: TrainConfig):
+def compiled_steps(apply_fn: ApplyFn, cfg: TrainConfig):
   """(optimizer, train step, eval step), cached so repeated runs reuse compilations."""
   optimizer = make_optimizer(cfg)
   return (optimizer, make_train_step(apply_fn, optimizer, grad_accum=cfg.grad_accum),
           cached_eval_step(apply_fn))
+
+
+@contextlib.contextmanager
+def count_compilations() -> Iterator[collections.Counter]:
+  """Counts the XLA compilations of jitted functions inside the block, by name.
+
+  Yields a Counter {"jit(step_fn)": n, ...} filled from JAX's compile events
+  (`jax.monitoring`, one per executable built or loaded from the persistent
+  cache; a cached call of the same signature builds none).
+  """
+  counts = collections.Counter()
+
+  def listener(event, duration, **kwargs):
+    del duration
+    if event == "/jax/core/compile/backend_compile_duration":
+      counts[kwargs.get("fun_name", "")] += 1
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield counts
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
 
 
 @functools.lru_cache(maxsize=8)
@@ -306,35 +353,49 @@ def evaluate(eval_step: Callable, params: Any, data: textdata.TokenizedData,
 
 
 class _Checkpoints:
-  """Orbax CheckpointManager of {"state": arrays, "meta": JSON} per step."""
+  """Orbax CheckpointManager of {"state": arrays, "meta": JSON} per step, the last one kept.
 
-  def __init__(self, directory: str, max_to_keep: int = 2):
-    import orbax.checkpoint as ocp
+  Saves are asynchronous: `save` returns once the arrays are copied off the
+  device buffers (which the next train step donates) and the files are written
+  in the background; orbax publishes a step directory only when it is complete.
+  """
 
-    self._ocp = ocp
-    self.manager = ocp.CheckpointManager(
-        os.path.abspath(directory),
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
-                                             enable_async_checkpointing=False))
+  def __init__(self, directory: str):
+    self.directory = os.path.abspath(directory)
+    self._manager = None  # opened on the first save or restore: a short run touches no file
+
+  @property
+  def manager(self):
+    if self._manager is None:
+      import orbax.checkpoint as ocp
+
+      self._manager = ocp.CheckpointManager(
+          self.directory,
+          options=ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=True))
+    return self._manager
 
   def latest_step(self) -> int | None:
-    return self.manager.latest_step()
+    return self.manager.latest_step() if os.path.isdir(self.directory) else None
 
   def save(self, step: int, arrays: Any, meta: dict) -> None:
-    ocp = self._ocp
+    import orbax.checkpoint as ocp
+
+    meta = json.loads(json.dumps(meta))  # a snapshot: the caller goes on updating its dict
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)), force=True)
-    self.manager.wait_until_finished()
 
   def restore(self, step: int, like: Any) -> tuple[Any, dict]:
-    ocp = self._ocp
+    import orbax.checkpoint as ocp
+
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     out = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
     return out["state"], out["meta"]
 
   def close(self) -> None:
-    self.manager.close()
+    """Waits for an asynchronous save to be written."""
+    if self._manager is not None:
+      self._manager.close()
 
 
 def save_params(path: str, params: Any) -> None:
@@ -402,8 +463,9 @@ class FinetuneResult:
 
 def finetune(apply_fn: ApplyFn, params: Any, train: textdata.TokenizedData,
              validation: textdata.TokenizedData, cfg: TrainConfig, *,
-             checkpoint_dir: str | None = None, stop_after_steps: int | None = None,
-             mesh: Any = None, log_fn: Callable[[dict], None] | None = None) -> FinetuneResult:
+             checkpoint_dir: str | None = None, checkpoint_every_s: float = 0.0,
+             stop_after_steps: int | None = None, mesh: Any = None,
+             log_fn: Callable[[dict], None] | None = None) -> FinetuneResult:
   """Fine-tunes `params` on `train` with early stopping on `validation`.
 
   Args:
@@ -411,9 +473,14 @@ def finetune(apply_fn: ApplyFn, params: Any, train: textdata.TokenizedData,
     params: starting (pre-trained) parameters; not modified.
     train, validation: tokenised splits ([N, T] arrays).
     cfg: hyper-parameters.
-    checkpoint_dir: if set, state is saved there at every evaluation and a
-      call finding a checkpoint resumes from it (a finished run returns at
-      once).
+    checkpoint_dir: if set, state is saved there (asynchronously, the last
+      save kept) at an evaluation once `checkpoint_every_s` seconds have passed
+      since the last save or the start of the call, and a call finding a
+      checkpoint resumes from it (a finished run whose last evaluation was
+      saved returns at once).
+    checkpoint_every_s: the save interval; 0 saves at every evaluation. A run
+      shorter than the interval writes nothing (interrupted, it is redone from
+      the start, with the same result).
     stop_after_steps: stop (unfinished) once this many steps have been run in
       total -- simulates an interrupted run.
     mesh: a `sharding.make_mesh()` mesh for data-parallel training (None:
@@ -424,19 +491,11 @@ def finetune(apply_fn: ApplyFn, params: Any, train: textdata.TokenizedData,
     FinetuneResult.
   """
   start_time = time.time()
-  optimizer, train_step, eval_step = _compiled_steps(apply_fn, cfg)
+  optimizer, train_step, eval_step = compiled_steps(apply_fn, cfg)
   key = jax.random.key(cfg.seed)
 
-  def place_params(tree):
-    return shd.put_params(tree, mesh) if mesh is not None else jax.device_put(tree)
-
-  # Copy: the caller's params must survive buffer donation.
-  params = place_params(jax.tree.map(jnp.array, params))
-  state = init_state(params, optimizer)
-  if mesh is not None:
-    state = TrainState(shd.replicate(state.step, mesh), state.params,
-                       place_params(state.opt_state))
-  best_params = jax.tree.map(jnp.copy, params)
+  state = init_state(params, optimizer, mesh=mesh)  # a copy: survives donation
+  best_params = _copy_tree(state.params)
   meta = {"step": 0, "best_step": 0, "best_val_loss": None, "initial_val_loss": None,
           "bad_evals": 0, "stopped_early": False, "done": False, "train_tokens": 0,
           "scored_tokens": 0, "history": [], "data_seed": cfg.seed,
@@ -455,6 +514,7 @@ def finetune(apply_fn: ApplyFn, params: Any, train: textdata.TokenizedData,
       meta.update(initial_val_loss=val, best_val_loss=val)
       meta["history"].append({"step": 0, "val_loss": val, "train_loss": None})
     schedule = learning_rate_schedule(cfg)
+    last_save = time.monotonic()
     train_sum, train_count = 0.0, 0.0
     step = int(meta["step"])
     while not meta["done"]:
@@ -482,7 +542,7 @@ def finetune(apply_fn: ApplyFn, params: Any, train: textdata.TokenizedData,
       meta["history"].append(record)
       if val < meta["best_val_loss"] - cfg.min_delta:
         meta.update(best_val_loss=val, best_step=step, bad_evals=0)
-        best_params = jax.tree.map(jnp.copy, state.params)
+        best_params = _copy_tree(state.params)
       else:
         meta["bad_evals"] += 1
       meta["stopped_early"] = meta["bad_evals"] >= cfg.patience
@@ -494,8 +554,9 @@ def finetune(apply_fn: ApplyFn, params: Any, train: textdata.TokenizedData,
                                "examples_seen": step * cfg.batch_size}
       if log_fn is not None:
         log_fn(dict(record, best_val_loss=meta["best_val_loss"], best_step=meta["best_step"]))
-      if ckpt is not None:
+      if ckpt is not None and time.monotonic() - last_save >= checkpoint_every_s:
         ckpt.save(step, {"state": state._asdict(), "best_params": best_params}, meta)
+        last_save = time.monotonic()
   finally:
     if ckpt is not None:
       ckpt.close()
@@ -515,11 +576,8 @@ def pretrain(apply_fn: ApplyFn, params: Any, train: textdata.TokenizedData,
   Returns:
     (params, per-step training losses).
   """
-  optimizer, train_step, _ = _compiled_steps(apply_fn, cfg)
-  params = jax.tree.map(jnp.array, params)
-  if mesh is not None:
-    params = shd.put_params(params, mesh)
-  state = init_state(params, optimizer)
+  optimizer, train_step, _ = compiled_steps(apply_fn, cfg)
+  state = init_state(params, optimizer, mesh=mesh)
   key = jax.random.key(cfg.seed)
   losses = []
   for step in range(cfg.max_steps):

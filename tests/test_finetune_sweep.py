@@ -15,13 +15,14 @@ from conftest import REPO_ROOT
 from lensllm_jax import benchmarks
 
 
-def _sweep_args(workdir, cache_dir):
-  """The smoke sweep's command. Its runs in this module share one JAX compilation
-  cache: a rerun or restart then loads the compiled programs instead of recompiling
-  (the compiled programs, hence the numbers, are the same)."""
+def _sweep_args(workdir, cache_dir, *overrides):
+  """The smoke sweep's command, keeping the fine-tuned weights (read by the tests below).
+  Its runs in this module share one JAX compilation cache: a rerun or restart then
+  loads the compiled programs instead of recompiling (the compiled programs, hence
+  the numbers, are the same)."""
   return [sys.executable, "-m", "experiments.finetune_sweep",
           "--config=configs/finetune_tiny.py:smoke", f"--workdir={workdir}",
-          f"--compilation_cache_dir={cache_dir}"]
+          f"--compilation_cache_dir={cache_dir}", "--config.save_finetuned=True", *overrides]
 
 
 def _run(workdir, cache_dir):
@@ -160,13 +161,14 @@ def test_saved_finetuned_params_reproduce_the_recorded_test_loss(sweep):
 
 def test_sigkill_mid_run_then_restart_gives_the_uninterrupted_files(sweep, cache_dir, tmp_path):
   """A real kill: SIGKILL while a fine-tuning run is in flight (after its first orbax
-  checkpoint), restart with the same command: runs.jsonl has the same rows with the same
-  values as the uninterrupted sweep (timings aside; floats exactly equal), curves.csv is
+  checkpoint; checkpoints at every evaluation, as a long run writes them), restart with
+  the same command: runs.jsonl has the same rows with the same values as the
+  uninterrupted sweep (timings aside; floats exactly equal), curves.csv is
   byte-identical, and the restarted run resumed from its checkpoint."""
   import sweep_compare
 
   workdir = tmp_path / "killed"
-  args = _sweep_args(workdir, cache_dir)
+  args = _sweep_args(workdir, cache_dir, "--config.checkpoint_every_seconds=0")
   env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
   with open(tmp_path / "first.log", "w") as log:
     proc = subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -167,6 +167,14 @@ def test_resume_matches_uninterrupted(setup, tmp_path):
   assert not part.finished and part.steps == 7
   # A fresh call resumes from the step-5 checkpoint (steps 6-7 are redone).
   resumed = training.finetune(apply_fn, params, train, val, cfg, checkpoint_dir=str(tmp_path))
+  # A run shorter than the save interval writes nothing; interrupted, it is redone.
+  short = tmp_path / "short"
+  part = training.finetune(apply_fn, params, train, val, cfg, checkpoint_dir=str(short),
+                           checkpoint_every_s=3600.0, stop_after_steps=7)
+  assert part.steps == 7 and not part.finished and not short.exists()
+  redone = training.finetune(apply_fn, params, train, val, cfg, checkpoint_dir=str(short),
+                             checkpoint_every_s=3600.0)
+  jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, y), redone.params, full.params)
   assert resumed.finished and resumed.steps == full.steps == 14
   for a, b in ((resumed.final_params, full.final_params), (resumed.params, full.params)):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6, rtol=0), a, b)
@@ -190,3 +198,21 @@ def test_save_load_params(setup, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, back, params)
   # Without a template: the saved shapes and dtypes, on the first device.
   jax.tree.map(np.testing.assert_array_equal, training.load_params(str(tmp_path / "p")), params)
+
+
+def test_entry_points_compile_the_step_once(setup):
+  """pretrain and finetune, each called twice with the same shapes and TrainConfig: one
+  compilation of the train step in all (the initial state is placed like the step's
+  outputs, so no call sees a new signature)."""
+  _, params = setup
+  apply_fn = training.causal_lm_apply(CausalLM(CONFIG))  # fresh: nothing cached yet
+  train, val = _data(16, seed=8), _data(8, seed=9)
+  cfg = training.TrainConfig(batch_size=4, max_steps=3, eval_every=2, eval_batch_size=8)
+  with training.count_compilations() as counts:
+    for _ in range(2):
+      training.pretrain(apply_fn, params, train, cfg)
+    assert counts["jit(step_fn)"] == 1, counts
+    for _ in range(2):  # the same TrainConfig: the same program as pretrain's
+      training.finetune(apply_fn, params, train, val, cfg)
+  assert counts["jit(step_fn)"] == 1 and counts["jit(eval_fn)"] == 1, counts
+
