@@ -56,7 +56,6 @@ from absl import flags
 
 from experiments import build_zoo as bz
 from experiments import common, hessian_common, study_report
-from experiments import finetune_sweep as fs
 from lensllm_jax import (
   benchmarks,
   budgeted,
@@ -73,6 +72,7 @@ from lensllm_jax import (
   textdata,
   training,
 )
+from lensllm_jax import sweep as fs
 
 FLAGS = flags.FLAGS
 

@@ -106,13 +106,13 @@ def _budget_config(epochs):
                                       (25600, 1600), (10 ** 6, 1600)])
 def test_step_budget_closed_form(d, steps):
   """clip(ceil(D / 16), 40, 1600) rounded up to a multiple of 40."""
-  from experiments import finetune_sweep
+  from lensllm_jax import sweep as finetune_sweep
 
   assert finetune_sweep.step_budget(_budget_config(1.0), d) == steps
 
 
 def test_step_budget_off_without_epochs():
-  from experiments import finetune_sweep
+  from lensllm_jax import sweep as finetune_sweep
 
   assert finetune_sweep.step_budget(_budget_config(0.0), 200) is None
 
@@ -120,7 +120,7 @@ def test_step_budget_off_without_epochs():
 def test_workdir_with_runs_of_another_config_is_refused(tmp_path):
   import ml_collections
 
-  from experiments import finetune_sweep
+  from lensllm_jax import sweep as finetune_sweep
 
   cfg = ml_collections.ConfigDict(dict(name="t", subset_sizes=[10, 20]))
   finetune_sweep.bind_workdir(cfg, tmp_path)
@@ -139,7 +139,7 @@ def test_saved_finetuned_params_reproduce_the_recorded_test_loss(sweep):
   import pathlib
 
   from configs import finetune_tiny
-  from experiments import finetune_sweep
+  from lensllm_jax import sweep as finetune_sweep
   from lensllm_jax import textdata, training
 
   cfg = finetune_tiny.get_config("smoke")
@@ -179,8 +179,8 @@ def test_sigkill_mid_run_then_restart_gives_the_uninterrupted_files(sweep, cache
   proc = subprocess.run(args, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                         timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert f"D={d} step {step} val" not in proc.stderr  # resumed after the checkpointed step
-  assert f"D={d} step {2 * step} val" in proc.stderr
+  assert f"D={d} step {step} / " not in proc.stderr  # resumed after the checkpointed step
+  assert f"D={d} step {2 * step} / " in proc.stderr
   got, want = sweep_compare.read_rows(workdir), sweep_compare.read_rows(sweep)
   assert [(r["model"], r["data_size"]) for r in got] == [(r["model"], r["data_size"])
                                                          for r in want]
@@ -191,7 +191,7 @@ def test_sigkill_mid_run_then_restart_gives_the_uninterrupted_files(sweep, cache
 
 def test_partial_last_row_is_dropped(tmp_path):
   """A row cut by a kill during the append (no newline) is removed, the run redone."""
-  from experiments import finetune_sweep
+  from lensllm_jax import sweep as finetune_sweep
 
   path = tmp_path / "runs.jsonl"
   finetune_sweep.append_run(path, {"model": "m", "data_size": 0, "test_loss": 1.5})

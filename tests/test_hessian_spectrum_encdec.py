@@ -44,7 +44,7 @@ def _example_hessians(config, params, tokens) -> np.ndarray:
 
 
 def test_hessian_spectrum_of_a_saved_t5_matches_the_dense_hessian(tmp_path):
-  from experiments import finetune_sweep
+  from lensllm_jax import sweep as finetune_sweep
 
   config = models.EncoderDecoderConfig(arch="t5", vocab_size=11, d_model=8, n_layers=1,
                                        n_heads=2, d_ff=8, relative_buckets=4,

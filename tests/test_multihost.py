@@ -83,7 +83,7 @@ def test_two_processes_match_one_and_resume_after_a_kill(reference, cache_dir, t
   assert d not in [r["data_size"] for r in sweep_compare.read_rows(workdir)]
   logs = ProcessGroup(args, tmp_path, tag="restart").wait(timeout=400)
   for log in logs:  # both processes restored the checkpoint and joined the mesh of 4
-    assert f"D={d} step {step} val" not in log and f"D={d} step {2 * step} val" in log
+    assert f"D={d} step {step} / " not in log and f"D={d} step {2 * step} / " in log
   got, want = sweep_compare.read_rows(workdir), sweep_compare.read_rows(reference)
   # One row per run: process 1 appended nothing (both would give 2 rows per run).
   assert [(r["model"], r["data_size"]) for r in got] == [(r["model"], r["data_size"])
@@ -117,7 +117,7 @@ def _model_and_probe(tmp_path, workdir):
   """The sweep's model spec and NTK probe inputs, rebuilt from its workdir."""
   import importlib.util
 
-  from experiments import finetune_sweep
+  from lensllm_jax import sweep as finetune_sweep
   from lensllm_jax import textdata
 
   spec = importlib.util.spec_from_file_location("lean_config", tmp_path / "lean_config.py")

@@ -155,8 +155,8 @@ def test_sweep_snapshot_kernels():
   per-sequence log-likelihood with a loss mask: "exact" (blocked over the devices) equals
   J J^T from jax.jacrev; "sketched" (count sketch, k = 1024) is within 4 x the stated RMS
   error of it."""
-  from experiments import finetune_sweep
   from lensllm_jax import models
+  from lensllm_jax import sweep as finetune_sweep
 
   config = models.presets["tiny-gpt2"].replace(d_model=16, n_heads=2, n_kv_heads=None,
                                                head_dim=None, d_ff=32, vocab_size=32,

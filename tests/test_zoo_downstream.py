@@ -188,7 +188,7 @@ def test_finetune_sweep_offline(checkpoints, task, tmp_path):
   assert set(by_key) == {(a, d) for a in ("opt", "phi") for d in (0, 200)}
   # The test split as the sweep drew it (same config, same seed), encoded the same way.
   from configs import finetune_hf
-  from experiments import finetune_sweep
+  from lensllm_jax import sweep as finetune_sweep
 
   cfg = finetune_hf.get_config(f"local:{dirs[0]},{dirs[1]}")
   cfg.data_files.train = str(train)
