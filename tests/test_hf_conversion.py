@@ -160,7 +160,7 @@ def test_unsupported_configs_are_rejected(tmp_path):
     models.config_from_hf({"model_type": "llama", "vocab_size": 10, "hidden_size": 8,
                            "num_hidden_layers": 1, "num_attention_heads": 2,
                            "intermediate_size": 16,
-                           "rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4}})
+                           "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}})
   with pytest.raises(FileNotFoundError, match="config.json"):
     models.load_hf_checkpoint(tmp_path)
 
@@ -339,9 +339,9 @@ def test_opt_phi_sharded_checkpoints(tmp_path, opt_post, phi):
 
 
 def test_unknown_model_type_names_it_and_lists_the_supported(tmp_path):
-  (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt_neox"}))
+  (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba"}))
   with pytest.raises(models.CheckpointError,
-                     match=r"'gpt_neox'.*supported: .*gpt2.*llama.*opt.*phi"):
+                     match=r"'mamba'.*supported: .*gpt2.*llama.*opt.*phi"):
     models.load_hf_checkpoint(tmp_path)
 
 

@@ -67,7 +67,8 @@ def test_registry_dispatch_and_errors():
   assert set(models.HF_FORMATS) >= {"gpt2", "llama", "opt", "phi", "t5", "mt5",
                                     "switch_transformers", "bart"}
   with pytest.raises(models.CheckpointError,
-                     match=r"'bert'.*bart, gpt2, llama, mt5, opt, phi, switch_transformers, t5"):
+                     match=r"'bert'.*bart, gemma2, gemma3_text, gpt2, gpt_neox, llama, mistral, "
+                           r"mt5, opt, phi, phi3, qwen2, qwen3, switch_transformers, t5"):
     models.config_from_hf({"model_type": "bert"})
 
   class Unknown:

@@ -140,12 +140,12 @@ def _matmul_params(config: EncoderDecoderConfig) -> int:
   return n_dec + _stack_params(c, False, active=True, matmul_only=True)
 
 
-def _attention_width(config: EncoderDecoderConfig) -> int:
-  """W of `registry.flops_per_token`: H Dh (L + 2 L') (encoder self, decoder self
-  and cross attention, input and target of seq_len tokens each); L' H Dh for
-  decoder-only BART."""
+def _attention_span(config: EncoderDecoderConfig, seq_len: int) -> int:
+  """S of `registry.flops_per_token`: H Dh (L + 2 L') T (encoder self, decoder self
+  and cross attention, input and target of T = seq_len tokens each); L' H Dh T
+  for decoder-only BART."""
   c = config
-  width = c.n_heads * c.head_dim
+  width = c.n_heads * c.head_dim * seq_len
   if c.decoder_only:
     return c.n_decoder_layers * width
   return width * (c.n_layers + 2 * c.n_decoder_layers)
@@ -249,5 +249,5 @@ def seq2seq_loss(module, params, batch: dict, *, per_token: bool = True,
 for _arch in ("t5", "mt5", "switch", "bart"):
   registry.register_architecture(registry.Architecture(
       name=_arch, build=encdec_module, dummy_inputs=_dummy_inputs, num_params=encdec_num_params,
-      matmul_params=_matmul_params, attention_width=_attention_width,
+      matmul_params=_matmul_params, attention_span=_attention_span,
       block_names=_block_names))

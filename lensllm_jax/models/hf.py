@@ -5,8 +5,12 @@
 with model.safetensors.index.json) and returns our `ModelConfig` and the
 "params" pytree of `build(config)`, dispatching on config.json's
 ``model_type`` through `registry.HF_FORMATS`. Registered here: GPT2LMHeadModel /
-GPT2Model (model_type "gpt2"), LlamaForCausalLM ("llama"), OPTForCausalLM
-("opt") and PhiForCausalLM ("phi").
+GPT2Model (model_type "gpt2"), OPTForCausalLM ("opt"), PhiForCausalLM ("phi"),
+GPTNeoXForCausalLM ("gpt_neox", Pythia) and the Llama family: LlamaForCausalLM
+("llama"; Llama 3.x RoPE scaling and tied heads: SmolLM, Llama 3.2),
+MistralForCausalLM ("mistral"), Qwen2ForCausalLM ("qwen2", Qwen2 and 2.5),
+Qwen3ForCausalLM ("qwen3"), Phi3ForCausalLM ("phi3"), Gemma2ForCausalLM
+("gemma2") and Gemma3ForCausalLM ("gemma3_text", the text models).
 
 Weight layouts:
 * GPT-2 stores Conv1D weights as [in, out], the same as a Flax Dense kernel:
@@ -18,6 +22,9 @@ Weight layouts:
 * OPT and Phi store nn.Linear weights [out, in]: transposed likewise. Phi's
   partial rotary acts on the first rotary_dim channels of each head in the
   rotate-half layout, as `layers.apply_rotary` does with narrower cos/sin.
+* Fused matrices are kept fused, so that a weight matrix here is one of
+  torch's: Phi-3's qkv_proj ([q | k | v] rows) and gate_up_proj ([gate | up]),
+  GPT-NeoX's query_key_value (rows head by head, q_h | k_h | v_h).
 
 Loading does I/O only when called; nothing happens at import.
 """
@@ -34,11 +41,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from lensllm_jax.models import registry
-from lensllm_jax.models.config import ModelConfig
+from lensllm_jax.models.config import LLAMA_FAMILY, ModelConfig
 from lensllm_jax.models.registry import CheckpointError
 
 # Non-parameter buffers some checkpoints carry (causal-mask tables, RoPE tables).
-_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
+_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq",
+                     ".attention.bias", ".attention.masked_bias")
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -119,37 +127,130 @@ def _gpt2_config(hf_config: dict, dtype: str, source: str) -> ModelConfig:
       activation=_tanh_gelu(hf_config.get("activation_function", "gelu_new"), source))
 
 
-def _default_rope(hf_config: dict, source: str) -> dict:
-  """config.json's RoPE parameters (transformers 5 "rope_parameters", or the older
-  top-level keys); only the default rope_type is supported."""
+def _rope_parameters(hf_config: dict, layer_type: str | None = None) -> dict:
+  """config.json's RoPE parameters as one dict: transformers 5's "rope_parameters"
+  (per layer type for Gemma 3) over the older "rope_scaling" and top-level keys."""
   rope = hf_config.get("rope_parameters") or {}
-  scaling = hf_config.get("rope_scaling") or {}
-  rope_type = rope.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
-  if rope_type != "default":
-    raise CheckpointError(f"{source}: rope_type={rope_type!r} is not supported (only default)")
-  theta = rope.get("rope_theta", hf_config.get("rope_theta", 10000.0))
-  factor = rope.get("partial_rotary_factor", hf_config.get("partial_rotary_factor"))
-  return {"theta": float(theta), "partial_rotary_factor": factor}
+  if layer_type is not None and isinstance(rope.get(layer_type), dict):
+    rope = rope[layer_type]
+  merged = dict(hf_config.get("rope_scaling") or {})
+  merged.update(rope)
+  if "rope_type" not in merged:
+    merged["rope_type"] = merged.get("type", "default")
+  for key in ("rope_theta", "partial_rotary_factor", "original_max_position_embeddings"):
+    if key not in merged and hf_config.get(key) is not None:
+      merged[key] = hf_config[key]
+  return merged
 
 
-def _llama_config(hf_config: dict, dtype: str, source: str) -> ModelConfig:
-  rope = _default_rope(hf_config, source)
-  for flag in ("attention_bias", "mlp_bias"):
+def _default_rope(hf_config: dict, source: str) -> dict:
+  """RoPE base and partial_rotary_factor of a config whose rope_type must be default."""
+  rope = _rope_parameters(hf_config)
+  if rope["rope_type"] != "default":
+    raise CheckpointError(f"{source}: rope_type={rope['rope_type']!r} is not supported "
+                          "(only default)")
+  return {"theta": float(rope.get("rope_theta", 10000.0)),
+          "partial_rotary_factor": rope.get("partial_rotary_factor")}
+
+
+def _rope_fields(rope: dict, max_len: int, source: str) -> dict:
+  """Our rope_* config fields from `_rope_parameters` (default, linear, llama3, longrope)."""
+  rope_type = {"su": "longrope"}.get(rope["rope_type"], rope["rope_type"])
+  fields = {"rope_theta": float(rope.get("rope_theta", 10000.0)), "rope_type": rope_type}
+  if rope_type == "linear":
+    fields["rope_factor"] = float(rope["factor"])
+  elif rope_type == "llama3":
+    fields.update(rope_factor=float(rope["factor"]),
+                  rope_low_freq_factor=float(rope["low_freq_factor"]),
+                  rope_high_freq_factor=float(rope["high_freq_factor"]),
+                  rope_original_max_len=int(rope["original_max_position_embeddings"]))
+  elif rope_type == "longrope":
+    if rope.get("attention_factor") is not None:
+      raise CheckpointError(f"{source}: longrope attention_factor is not supported")
+    orig = int(rope["original_max_position_embeddings"])
+    fields.update(rope_original_max_len=orig,
+                  rope_factor=float(rope.get("factor") or max_len / orig),
+                  rope_short_factor=tuple(map(float, rope["short_factor"])),
+                  rope_long_factor=tuple(map(float, rope["long_factor"])))
+  elif rope_type != "default":
+    raise CheckpointError(f"{source}: rope_type={rope_type!r} is not supported "
+                          "(default, linear, llama3, longrope)")
+  return fields
+
+
+# model_type -> our arch (the Llama family; `_llama_family_config` reads them all).
+_LLAMA_MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2",
+                      "qwen3": "qwen3", "phi3": "phi3", "gemma2": "gemma2",
+                      "gemma3_text": "gemma3"}
+
+
+def _layer_types(hf_config: dict, n_layers: int) -> tuple[tuple[str, ...] | None, int | None]:
+  """(layer_types, sliding_window) of a Llama-family config.json.
+
+  Mistral and Phi-3 slide on every layer when sliding_window is set; Qwen2/3
+  only with use_sliding_window, on layers >= max_window_layers (or as
+  layer_types says); Gemma as layer_types says (transformers 5 writes them).
+  """
+  window = hf_config.get("sliding_window")
+  model_type = hf_config["model_type"]
+  if model_type in ("qwen2", "qwen3") and not hf_config.get("use_sliding_window", False):
+    window = None
+  if window is None:
+    return None, None
+  types = hf_config.get("layer_types")
+  if types is None and model_type in ("qwen2", "qwen3"):
+    first = hf_config.get("max_window_layers", n_layers)
+    types = ["sliding_attention" if i >= first else "full_attention" for i in range(n_layers)]
+  return (tuple(types) if types is not None else None), int(window)
+
+
+def _llama_family_config(hf_config: dict, dtype: str, source: str) -> ModelConfig:
+  """Llama, Mistral, Qwen2 / 2.5, Qwen3, Phi-3, Gemma 2 and Gemma 3 (text) config.json."""
+  model_type = hf_config["model_type"]
+  arch = _LLAMA_MODEL_TYPES[model_type]
+  gemma = arch in ("gemma2", "gemma3")
+  act = (hf_config.get("hidden_activation") or hf_config.get("hidden_act")
+         or ("gelu_pytorch_tanh" if gemma else "silu"))
+  activation = {"silu": "silu", "gelu_pytorch_tanh": "gelu_new", "gelu_new": "gelu_new"}.get(act)
+  if activation is None or (activation == "silu") == gemma:
+    raise CheckpointError(f"{source}: hidden activation {act!r} is not supported for "
+                          f"model_type {model_type!r}")
+  bias_flags = ("attention_bias", "mlp_bias") if arch != "qwen2" else ("mlp_bias",)
+  for flag in bias_flags:
     if hf_config.get(flag, False):
       raise CheckpointError(f"{source}: {flag}=True is not supported")
-  if hf_config.get("hidden_act", "silu") != "silu":
-    raise CheckpointError(f"{source}: hidden_act={hf_config['hidden_act']!r} is not supported")
-  heads = hf_config["num_attention_heads"]
+  if hf_config.get("use_bidirectional_attention"):
+    raise CheckpointError(f"{source}: use_bidirectional_attention=True is not supported")
+  heads, d = hf_config["num_attention_heads"], hf_config["hidden_size"]
+  n_layers = hf_config["num_hidden_layers"]
+  head_dim = hf_config.get("head_dim") or d // heads
+  max_len = hf_config.get("max_position_embeddings", 2048)
+  layer_types, window = _layer_types(hf_config, n_layers)
+  full_rope = _rope_parameters(hf_config, "full_attention" if arch == "gemma3" else None)
+  if arch == "gemma3" and "rope_theta" not in full_rope:
+    full_rope["rope_theta"] = 1_000_000.0  # Gemma3TextConfig's global default
+  factor = full_rope.get("partial_rotary_factor") or 1.0
+  options = {}
+  if arch == "gemma3":
+    local = _rope_parameters(hf_config, "sliding_attention")
+    if "sliding_attention" not in (hf_config.get("rope_parameters") or {}):
+      local = {"rope_type": "default", "rope_theta": hf_config.get("rope_local_base_freq", 1e4)}
+    if local["rope_type"] != "default":
+      raise CheckpointError(f"{source}: sliding-layer rope_type={local['rope_type']!r} is not "
+                            "supported (only default)")
+    options["rope_local_theta"] = float(local.get("rope_theta", 10000.0))
+  if gemma:
+    options.update(query_pre_attn_scalar=float(hf_config.get("query_pre_attn_scalar", head_dim)),
+                   attn_softcap=hf_config.get("attn_logit_softcapping"),
+                   final_softcap=hf_config.get("final_logit_softcapping"))
   return ModelConfig(
-      arch="llama", vocab_size=hf_config["vocab_size"],
-      max_len=hf_config.get("max_position_embeddings", 2048),
-      d_model=hf_config["hidden_size"], n_layers=hf_config["num_hidden_layers"],
-      n_heads=heads, d_ff=hf_config["intermediate_size"], dtype=dtype,
-      n_kv_heads=hf_config.get("num_key_value_heads") or heads,
-      head_dim=hf_config.get("head_dim") or hf_config["hidden_size"] // heads,
-      norm_eps=hf_config.get("rms_norm_eps", 1e-6),
-      rope_theta=rope["theta"],
-      tie_embeddings=hf_config.get("tie_word_embeddings", False), activation="silu")
+      arch=arch, vocab_size=hf_config["vocab_size"], max_len=max_len, d_model=d,
+      n_layers=n_layers, n_heads=heads, d_ff=hf_config["intermediate_size"], dtype=dtype,
+      n_kv_heads=hf_config.get("num_key_value_heads") or heads, head_dim=head_dim,
+      norm_eps=hf_config.get("rms_norm_eps", 1e-6), rotary_dim=int(head_dim * factor),
+      tie_embeddings=hf_config.get("tie_word_embeddings", gemma), activation=activation,
+      sliding_window=window, layer_types=layer_types,
+      **_rope_fields(full_rope, max_len, source), **options)
 
 
 def _opt_config(hf_config: dict, dtype: str, source: str) -> ModelConfig:
@@ -189,6 +290,30 @@ def _phi_config(hf_config: dict, dtype: str, source: str) -> ModelConfig:
       norm_eps=hf_config.get("layer_norm_eps", 1e-5),
       rope_theta=rope["theta"], rotary_dim=int(head_dim * factor), tie_embeddings=False,
       activation=_tanh_gelu(hf_config.get("hidden_act", "gelu_new"), source))
+
+
+def _gpt_neox_config(hf_config: dict, dtype: str, source: str) -> ModelConfig:
+  rope = _default_rope(hf_config, source)
+  if not hf_config.get("use_parallel_residual", True):
+    raise CheckpointError(f"{source}: use_parallel_residual=False is not supported")
+  if not hf_config.get("attention_bias", True):
+    raise CheckpointError(f"{source}: attention_bias=False is not supported")
+  if hf_config.get("tie_word_embeddings", False):
+    raise CheckpointError(f"{source}: tie_word_embeddings=True is not supported for gpt_neox")
+  act = hf_config.get("hidden_act", "gelu")
+  activation = {"gelu": "gelu", "gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new",
+                "gelu_fast": "gelu_new", "relu": "relu", "silu": "silu"}.get(act)
+  if activation is None:
+    raise CheckpointError(f"{source}: hidden_act={act!r} is not supported")
+  heads, d = hf_config["num_attention_heads"], hf_config["hidden_size"]
+  factor = rope["partial_rotary_factor"] or hf_config.get("rotary_pct", 0.25)
+  return ModelConfig(
+      arch="gpt_neox", vocab_size=hf_config["vocab_size"],
+      max_len=hf_config.get("max_position_embeddings", 2048), d_model=d,
+      n_layers=hf_config["num_hidden_layers"], n_heads=heads,
+      d_ff=hf_config["intermediate_size"], dtype=dtype,
+      norm_eps=hf_config.get("layer_norm_eps", 1e-5), rope_theta=rope["theta"],
+      rotary_dim=int(d // heads * factor), tie_embeddings=False, activation=activation)
 
 
 class TensorReader:
@@ -295,46 +420,94 @@ def convert_gpt2_weights(tensors: dict[str, np.ndarray], config: ModelConfig, *,
 
 def convert_llama_weights(tensors: dict[str, np.ndarray], config: ModelConfig, *,
                           source: str = "checkpoint") -> dict:
-  """Maps Hugging Face LlamaForCausalLM tensors ("model.layers.0.self_attn.q_proj.weight",
-  ...) to our params; nn.Linear weights [out, in] are transposed to kernels [in, out].
+  """Maps Hugging Face tensors of the Llama family (LlamaForCausalLM, MistralForCausalLM,
+  Qwen2/Qwen3ForCausalLM, Phi3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM:
+  "model.layers.0.self_attn.q_proj.weight", ...) to our params; nn.Linear weights
+  [out, in] are transposed to kernels [in, out]. Which tensors are expected follows
+  the config's options (q/k/v biases, q/k norms, fused qkv_proj / gate_up_proj,
+  sandwich norms, tied head: "lm_head.weight" is then ignored). Gemma's norm
+  weights are stored as w of 1 + w, as ours (`layers.RMSNorm` offset).
 
   Args:
     tensors: name -> array (e.g. from `read_safetensors`).
-    config: a llama `ModelConfig` matching the tensors.
+    config: a Llama-family `ModelConfig` matching the tensors.
     source: name used in error messages.
 
   Returns:
     The "params" pytree of `CausalLM(config)` (float32).
   """
   c = config
-  if c.arch != "llama":
-    raise ValueError(f"convert_llama_weights needs arch='llama', got {c.arch!r}")
+  if c.arch not in LLAMA_FAMILY:
+    raise ValueError(f"convert_llama_weights needs a Llama-family arch {LLAMA_FAMILY}, "
+                     f"got {c.arch!r}")
   r = TensorReader(tensors, source, ("model.",))
   d, f = c.d_model, c.d_ff
   q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
 
-  def linear(name, n_in, n_out):
-    return _linear(r, name, n_in, n_out, bias=False)
+  def linear(name, n_in, n_out, bias=False):
+    return _linear(r, name, n_in, n_out, bias=bias)
+
+  def norm(name, width=d):
+    return {"scale": r.take(f"{name}.weight", (width,))}
 
   params = {"embed": {"embedding": r.take("embed_tokens.weight", (c.vocab_size, d))}}
   for i in range(c.n_layers):
     p = f"layers.{i}"
-    params[f"layers_{i}"] = {
-        "input_layernorm": {"scale": r.take(f"{p}.input_layernorm.weight", (d,))},
-        "self_attn": {"q_proj": linear(f"{p}.self_attn.q_proj", d, q_dim),
-                      "k_proj": linear(f"{p}.self_attn.k_proj", d, kv_dim),
-                      "v_proj": linear(f"{p}.self_attn.v_proj", d, kv_dim),
-                      "o_proj": linear(f"{p}.self_attn.o_proj", q_dim, d)},
-        "post_attention_layernorm": {
-            "scale": r.take(f"{p}.post_attention_layernorm.weight", (d,))},
-        "mlp": {"gate_proj": linear(f"{p}.mlp.gate_proj", d, f),
-                "up_proj": linear(f"{p}.mlp.up_proj", d, f),
-                "down_proj": linear(f"{p}.mlp.down_proj", f, d)},
-    }
-  params["norm"] = {"scale": r.take("norm.weight", (d,))}
+    if c.fused_projections:
+      attn = {"qkv_proj": linear(f"{p}.self_attn.qkv_proj", d, q_dim + 2 * kv_dim, c.qkv_bias)}
+      mlp = {"gate_up_proj": linear(f"{p}.mlp.gate_up_proj", d, 2 * f)}
+    else:
+      attn = {name: linear(f"{p}.self_attn.{name}", d, width, c.qkv_bias)
+              for name, width in (("q_proj", q_dim), ("k_proj", kv_dim), ("v_proj", kv_dim))}
+      mlp = {"gate_proj": linear(f"{p}.mlp.gate_proj", d, f),
+             "up_proj": linear(f"{p}.mlp.up_proj", d, f)}
+    attn["o_proj"] = linear(f"{p}.self_attn.o_proj", q_dim, d)
+    if c.qk_norm:
+      attn["q_norm"] = norm(f"{p}.self_attn.q_norm", c.head_dim)
+      attn["k_norm"] = norm(f"{p}.self_attn.k_norm", c.head_dim)
+    mlp["down_proj"] = linear(f"{p}.mlp.down_proj", f, d)
+    norms = ["input_layernorm", "post_attention_layernorm"]
+    if c.sandwich_norms:
+      norms += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
+    params[f"layers_{i}"] = {"self_attn": attn, "mlp": mlp,
+                             **{name: norm(f"{p}.{name}") for name in norms}}
+  params["norm"] = norm("norm")
   if not c.tie_embeddings:
     params["lm_head"] = {"kernel": r.take("lm_head.weight", (c.vocab_size, d), transpose=True)}
   r.check_all_used(ignore=("lm_head.weight",) if c.tie_embeddings else ())
+  return check_structure(params, c, source)
+
+
+def convert_gpt_neox_weights(tensors: dict[str, np.ndarray], config: ModelConfig, *,
+                             source: str = "checkpoint") -> dict:
+  """Maps Hugging Face GPTNeoXForCausalLM tensors ("gpt_neox.layers.0.attention.
+  query_key_value.weight", ..., "embed_out.weight") to our params (`phi`'s layout
+  with two norms and the fused per-head query_key_value kept as it is).
+
+  Returns:
+    The "params" pytree of `CausalLM(config)` (float32).
+  """
+  c = config
+  if c.arch != "gpt_neox":
+    raise ValueError(f"convert_gpt_neox_weights needs arch='gpt_neox', got {c.arch!r}")
+  r = TensorReader(tensors, source, ("gpt_neox.",))
+  d, f = c.d_model, c.d_ff
+  params = {"embed_tokens": {"embedding": r.take("embed_in.weight", (c.vocab_size, d))}}
+  for i in range(c.n_layers):
+    p = f"layers.{i}"
+    params[f"layers_{i}"] = {
+        "input_layernorm": _layer_norm(r, f"{p}.input_layernorm", d),
+        "post_attention_layernorm": _layer_norm(r, f"{p}.post_attention_layernorm", d),
+        "self_attn": {"query_key_value": _linear(r, f"{p}.attention.query_key_value", d, 3 * d),
+                      "dense": _linear(r, f"{p}.attention.dense", d, d)},
+        "mlp": {"fc1": _linear(r, f"{p}.mlp.dense_h_to_4h", d, f),
+                "fc2": _linear(r, f"{p}.mlp.dense_4h_to_h", f, d)},
+    }
+  params["final_layernorm"] = _layer_norm(r, "final_layer_norm", d)
+  # The hub's name; transformers 5's module calls it lm_head (its parameter names).
+  head = "lm_head.weight" if "embed_out.weight" not in r.tensors else "embed_out.weight"
+  params["lm_head"] = {"kernel": r.take(head, (c.vocab_size, d), transpose=True)}
+  r.check_all_used()
   return check_structure(params, c, source)
 
 
@@ -462,8 +635,11 @@ def load_tokenizer(path: str | os.PathLike):
 
 registry.register_hf_format(registry.HFFormat(
     "gpt2", _gpt2_config, lambda t, c, s: convert_gpt2_weights(t, c, source=s)))
+for _model_type in _LLAMA_MODEL_TYPES:
+  registry.register_hf_format(registry.HFFormat(
+      _model_type, _llama_family_config, lambda t, c, s: convert_llama_weights(t, c, source=s)))
 registry.register_hf_format(registry.HFFormat(
-    "llama", _llama_config, lambda t, c, s: convert_llama_weights(t, c, source=s)))
+    "gpt_neox", _gpt_neox_config, lambda t, c, s: convert_gpt_neox_weights(t, c, source=s)))
 registry.register_hf_format(registry.HFFormat(
     "opt", _opt_config, lambda t, c, s: convert_opt_weights(t, c, source=s)))
 registry.register_hf_format(registry.HFFormat(

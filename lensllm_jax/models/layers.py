@@ -1,4 +1,5 @@
-"""Building blocks shared by the decoder-only models (GPT-2, Llama, OPT, Phi).
+"""Building blocks shared by the decoder-only models (GPT-2, the Llama family, OPT, Phi,
+GPT-NeoX).
 
 Shapes: B batch, T query length, S key length, H query heads, K key/value
 heads, G = H / K queries per key/value head, Dh head width, d model width.
@@ -11,6 +12,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Large finite negative score for masked keys: a fully masked query row then
 # gets a uniform (finite) softmax instead of NaN.
@@ -41,15 +43,29 @@ def attention_mask_bias(attention_mask: jax.Array | None, batch: int, length: in
   return causal & keys
 
 
+def sliding_window_mask(mask: jax.Array, window: int) -> jax.Array:
+  """``mask`` [B, 1, T, T] restricted to keys j with i - window < j (query index i)."""
+  length = mask.shape[-1]
+  i = jnp.arange(length)[:, None]
+  return mask & (jnp.arange(length)[None, :] > i - window)
+
+
+def soft_cap(x: jax.Array, cap: float | None) -> jax.Array:
+  """cap tanh(x / cap) (Gemma 2's soft-capping of scores and logits); x if cap is None."""
+  return x if cap is None else cap * jnp.tanh(x / cap)
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
                           dropout: nn.Module | None = None,
                           deterministic: bool = True, scale: float | None = None,
-                          bias: jax.Array | None = None) -> jax.Array:
+                          bias: jax.Array | None = None,
+                          softcap: float | None = None) -> jax.Array:
   """Multi-head (optionally grouped-query) softmax attention.
 
-  out[b, t, h] = sum_s softmax_s(q[b,t,h] . k[b,s,h//G] scale + bias[b,h,t,s] + mask) v[b,s,h//G]
-  with scale = 1/sqrt(Dh) by default (T5 uses 1) and no bias by default (T5's
-  relative-position bias). Scores and softmax are float32 whatever the input dtype.
+  out[b, t, h] = sum_s softmax_s(cap(q[b,t,h] . k[b,s,h//G] scale + bias[b,h,t,s]) + mask)
+  v[b,s,h//G] with scale = 1/sqrt(Dh) by default (T5 uses 1), no bias by default
+  (T5's relative-position bias) and cap = `soft_cap` with ``softcap`` (Gemma 2;
+  identity by default). Scores and softmax are float32 whatever the input dtype.
 
   Args:
     q: [B, T, H, Dh].
@@ -60,6 +76,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     deterministic: disables dropout.
     scale: score multiplier (default 1 / sqrt(Dh)).
     bias: optional [B or 1, H, T, S] float added to the scores.
+    softcap: optional c of c tanh(scores / c), applied before the mask.
 
   Returns:
     [B, T, H * Dh] in v's dtype.
@@ -73,6 +90,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
   if bias is not None:
     scores = scores + bias.astype(jnp.float32).reshape(
         bias.shape[0], kv_heads, groups, length, k.shape[1])
+  scores = soft_cap(scores, softcap)
   scores = jnp.where(mask[:, :, None], scores, _MASK_VALUE)
   probs = jax.nn.softmax(scores, axis=-1)
   if dropout is not None:
@@ -81,24 +99,55 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
   return out.reshape(batch, length, heads * head_dim)
 
 
-def rotary_angles(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+def rope_inv_freq(dim: int, theta: float) -> np.ndarray:
+  """inv_freq[i] = theta^(-2 i / dim), i < dim / 2, float32 (the plain RoPE frequencies)."""
+  exponent = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+  return (np.float32(1.0) / np.power(np.float32(theta), exponent)).astype(np.float32)
+
+
+def llama3_inv_freq(inv_freq: np.ndarray, factor: float, low_freq_factor: float,
+                    high_freq_factor: float, original_max_len: int) -> np.ndarray:
+  """Llama 3.1's RoPE scaling of the frequencies (float32).
+
+  With wavelength w = 2 pi / f: w < orig / high_freq_factor keeps f; w >
+  orig / low_freq_factor gives f / factor; in between f is interpolated,
+  (1 - s) f / factor + s f with s = (orig / w - low) / (high - low).
+  """
+  wavelen = 2 * np.pi / inv_freq
+  low = original_max_len / low_freq_factor
+  high = original_max_len / high_freq_factor
+  divided = np.where(wavelen > low, inv_freq / factor, inv_freq)
+  smooth = (original_max_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+  smoothed = (1 - smooth) * divided / factor + smooth * divided
+  medium = (wavelen >= high) & (wavelen <= low)
+  return np.where(medium, smoothed, divided).astype(np.float32)
+
+
+def rotary_angles(positions: jax.Array, head_dim: int, theta: float,
+                  inv_freq: jax.Array | np.ndarray | None = None,
+                  scale: float | jax.Array = 1.0) -> tuple[jax.Array, jax.Array]:
   """cos and sin tables of rotary position embeddings (rotate-half layout).
 
-  angle[b, t, i] = positions[b, t] * theta^(-2 i / Dh) for i < Dh/2, repeated
-  over both halves of the head: cos/sin[..., i] == cos/sin[..., i + Dh/2].
+  angle[b, t, i] = positions[b, t] * inv_freq[i] for i < Dh/2, with
+  inv_freq = theta^(-2 i / Dh) unless given (scaled RoPE), repeated over both
+  halves of the head: cos/sin[..., i] == cos/sin[..., i + Dh/2]; both tables
+  are multiplied by ``scale`` (LongRoPE's attention factor; 1 otherwise).
 
   Args:
     positions: [B, T] integer positions.
-    head_dim: Dh (even).
+    head_dim: Dh (even; the rotated width).
     theta: RoPE base (10000 for Llama 1/2).
+    inv_freq: optional [Dh / 2] frequencies replacing theta's.
+    scale: multiplier of cos and sin.
 
   Returns:
     (cos, sin), each [B, T, Dh] float32.
   """
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-  angles = positions.astype(jnp.float32)[..., None] * inv_freq
+  if inv_freq is None:
+    inv_freq = rope_inv_freq(head_dim, theta)
+  angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
   angles = jnp.concatenate([angles, angles], axis=-1)
-  return jnp.cos(angles), jnp.sin(angles)
+  return jnp.cos(angles) * scale, jnp.sin(angles) * scale
 
 
 def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -129,20 +178,24 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 class RMSNorm(nn.Module):
-  """Root-mean-square norm: y = x / sqrt(mean(x^2) + eps) * scale, in float32.
+  """Root-mean-square norm: y = x / sqrt(mean(x^2) + eps) * (offset + scale), in float32.
 
-  Param: "scale" [d] (Hugging Face "weight"). Output is cast to ``dtype``.
+  Param: "scale" [d] (Hugging Face "weight"), initialised so that offset +
+  scale = 1 (offset 1: Gemma, whose weights are stored as w in 1 + w). Output
+  is cast to ``dtype``.
   """
 
   eps: float = 1e-6
   dtype: jnp.dtype = jnp.float32
+  offset: float = 0.0
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+    scale = self.param("scale", nn.initializers.constant(1.0 - self.offset), (x.shape[-1],),
+                       jnp.float32)
     xf = x.astype(jnp.float32)
     xf = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
-    return (xf * scale).astype(self.dtype)
+    return (xf * (self.offset + scale)).astype(self.dtype)
 
 
 def layer_norm(eps: float, name: str) -> nn.LayerNorm:
@@ -211,14 +264,43 @@ def dense(features: int, dtype, name: str, *, std: float = INIT_STD,
                   kernel_init=nn.initializers.normal(std), name=name)
 
 
+def qkv_projections(x: jax.Array, n_heads: int, n_kv_heads: int, head_dim: int, dtype, *,
+                    use_bias: bool, fused: str | None = None,
+                    per_head: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """q [B, T, H, Dh], k and v [B, T, K, Dh] from x [B, T, d].
+
+  Separate Dense layers "q_proj", "k_proj", "v_proj" by default; with
+  ``fused`` one Dense of that name whose output columns are [q | k | v]
+  (Phi-3's qkv_proj, widths H Dh, K Dh, K Dh) or, with ``per_head`` (needs
+  K = H), head by head [q_h | k_h | v_h] (GPT-NeoX's query_key_value).
+  """
+  batch, length, _ = x.shape
+  q_dim, kv_dim = n_heads * head_dim, n_kv_heads * head_dim
+  if fused is None:
+    q = dense(q_dim, dtype, "q_proj", use_bias=use_bias)(x)
+    k = dense(kv_dim, dtype, "k_proj", use_bias=use_bias)(x)
+    v = dense(kv_dim, dtype, "v_proj", use_bias=use_bias)(x)
+  elif per_head:
+    qkv = dense(3 * q_dim, dtype, fused, use_bias=use_bias)(x)
+    q, k, v = jnp.split(qkv.reshape(batch, length, n_heads, 3 * head_dim), 3, axis=-1)
+  else:
+    qkv = dense(q_dim + 2 * kv_dim, dtype, fused, use_bias=use_bias)(x)
+    q, k, v = jnp.split(qkv, [q_dim, q_dim + kv_dim], axis=-1)
+  return (q.reshape(batch, length, n_heads, head_dim),
+          k.reshape(batch, length, n_kv_heads, head_dim),
+          v.reshape(batch, length, n_kv_heads, head_dim))
+
+
 class ProjectedAttention(nn.Module):
-  """Causal self-attention with separate q/k/v projections and biases (OPT, Phi).
+  """Causal self-attention with q/k/v projections and biases (OPT, Phi, GPT-NeoX).
 
   q = x Wq + bq, k = x Wk + bk, v = x Wv + bv (heads H, H, K; head width Dh),
   optional rotary embeddings on q and k (cos/sin of width R <= Dh: partial
   rotary), softmax(q k^T / sqrt(Dh) + mask) v, then the output projection
-  ``out_name`` (OPT "out_proj", Phi "dense"). Params: q_proj, k_proj,
-  v_proj, <out_name>, each {"kernel" [in, out], "bias" [out]}.
+  ``out_name`` (OPT "out_proj", Phi and GPT-NeoX "dense"). Params: q_proj,
+  k_proj, v_proj (or one per-head fused ``fused_name``, GPT-NeoX's
+  query_key_value: see `qkv_projections`), <out_name>, each {"kernel"
+  [in, out], "bias" [out]}.
   """
 
   n_heads: int
@@ -229,17 +311,13 @@ class ProjectedAttention(nn.Module):
   out_name: str
   out_std: float = 0.02
   dropout_rate: float = 0.0
+  fused_name: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool,
                cos: jax.Array | None = None, sin: jax.Array | None = None) -> jax.Array:
-    batch, length, _ = x.shape
-    q = dense(self.n_heads * self.head_dim, self.dtype, "q_proj")(x)
-    k = dense(self.n_kv_heads * self.head_dim, self.dtype, "k_proj")(x)
-    v = dense(self.n_kv_heads * self.head_dim, self.dtype, "v_proj")(x)
-    q = q.reshape(batch, length, self.n_heads, self.head_dim)
-    k = k.reshape(batch, length, self.n_kv_heads, self.head_dim)
-    v = v.reshape(batch, length, self.n_kv_heads, self.head_dim)
+    q, k, v = qkv_projections(x, self.n_heads, self.n_kv_heads, self.head_dim, self.dtype,
+                              use_bias=True, fused=self.fused_name, per_head=True)
     if cos is not None:
       q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     out = dot_product_attention(q, k, v, mask, dropout=nn.Dropout(self.dropout_rate),

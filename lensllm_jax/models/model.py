@@ -1,4 +1,5 @@
-"""`CausalLM`: the Flax decoder-only language model (archs "gpt2", "llama", "opt", "phi").
+"""`CausalLM`: the Flax decoder-only language model (archs "gpt2", "opt", "phi", "gpt_neox"
+and the Llama family: "llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gemma3").
 
 Top-level parameter blocks (stable names; the Hessian/NTK helpers partition
 parameters by these top-level Flax submodules):
@@ -7,7 +8,7 @@ parameters by these top-level Flax submodules):
                   "wpe" (position embedding, {"embedding": [max_len, d]}),
                   "h_0" ... "h_{L-1}" (blocks, see `gpt2`), "ln_f" (final LayerNorm),
                   "lm_head" ({"kernel": [d, V]}) only if tie_embeddings=False.
-    arch="llama": "embed" ({"embedding": [V, d]}),
+    Llama family: "embed" ({"embedding": [V, d]}),
                   "layers_0" ... "layers_{L-1}" (blocks, see `llama`),
                   "norm" (final RMSNorm, {"scale": [d]}),
                   "lm_head" ({"kernel": [d, V]}) unless tie_embeddings=True.
@@ -17,9 +18,10 @@ parameters by these top-level Flax submodules):
                   "layers_0" ... "layers_{L-1}" (blocks, see `opt`),
                   "final_layer_norm" only if final_norm,
                   "project_out" ({"kernel": [d, e]}) only if e != d; tied head.
-    arch="phi":   "embed_tokens" ({"embedding": [V, d]}),
+    arch="phi", "gpt_neox":
+                  "embed_tokens" ({"embedding": [V, d]}),
                   "layers_0" ... "layers_{L-1}" (blocks, see `phi`),
-                  "final_layernorm", "lm_head" ({"kernel": [d, V], "bias": [V]}).
+                  "final_layernorm", "lm_head" ({"kernel": [d, V]}, phi: + "bias" [V]).
 
 Example:
 
@@ -31,12 +33,15 @@ Example:
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lensllm_jax.models import layers, registry
-from lensllm_jax.models.config import ModelConfig
+from lensllm_jax.models.config import LLAMA_FAMILY, ModelConfig
 from lensllm_jax.models.gpt2 import GPT2Block
 from lensllm_jax.models.llama import LlamaBlock
 from lensllm_jax.models.opt import OPTBlock
@@ -52,7 +57,7 @@ def _block_names(config: ModelConfig) -> tuple[str, ...]:
   blocks = [f"layers_{i}" for i in range(c.n_layers)]
   if c.arch == "gpt2":
     names = ["wte", "wpe"] + [f"h_{i}" for i in range(c.n_layers)] + ["ln_f"]
-  elif c.arch == "llama":
+  elif c.arch in LLAMA_FAMILY:
     names = ["embed", *blocks, "norm"]
   elif c.arch == "opt":
     projected = c.word_embed_dim != c.d_model
@@ -119,13 +124,19 @@ class CausalLM(nn.Module):
       for i in range(c.n_layers):
         x = GPT2Block(c, name=f"h_{i}")(x, mask, deterministic)
       h = layers.layer_norm(c.norm_eps, "ln_f")(x)
-    elif c.arch == "llama":
+    elif c.arch in LLAMA_FAMILY:
       tokens = embed(c.vocab_size, c.d_model, "embed")
-      x = drop(tokens(input_ids), deterministic=deterministic)
-      cos, sin = layers.rotary_angles(positions, c.rotary_dim, c.rope_theta)
-      for i in range(c.n_layers):
-        x = LlamaBlock(c, name=f"layers_{i}")(x, mask, cos, sin, deterministic)
-      h = layers.RMSNorm(c.norm_eps, jnp.float32, name="norm")(x)
+      x = tokens(input_ids)
+      if c.embed_scale:
+        x = x * jnp.float32(math.sqrt(c.d_model))
+      x = drop(x, deterministic=deterministic)
+      tables = rope_tables(c, positions)
+      masks = {"full_attention": mask}
+      if c.sliding_window is not None:
+        masks["sliding_attention"] = layers.sliding_window_mask(mask, c.sliding_window)
+      for i, kind in enumerate(c.layer_types):
+        x = LlamaBlock(c, name=f"layers_{i}")(x, masks[kind], *tables[kind], deterministic)
+      h = layers.RMSNorm(c.norm_eps, jnp.float32, c.norm_offset, name="norm")(x)
     elif c.arch == "opt":
       tokens = embed(c.vocab_size, c.word_embed_dim, "embed_tokens")
       x = tokens(input_ids)
@@ -148,8 +159,42 @@ class CausalLM(nn.Module):
         x = PhiBlock(c, name=f"layers_{i}")(x, mask, cos, sin, deterministic)
       h = layers.layer_norm(c.norm_eps, "final_layernorm")(x)
     if c.tie_embeddings:
-      return layers.tied_logits(h, tokens.embedding, dtype)
-    return layers.Unembed(c.vocab_size, dtype, use_bias=c.arch == "phi", name="lm_head")(h)
+      logits = layers.tied_logits(h, tokens.embedding, dtype)
+    else:
+      logits = layers.Unembed(c.vocab_size, dtype, use_bias=c.arch == "phi", name="lm_head")(h)
+    return layers.soft_cap(logits, c.final_softcap)
+
+
+def rope_tables(c: ModelConfig, positions: jax.Array) -> dict[str, tuple[jax.Array, jax.Array]]:
+  """cos/sin tables [B, T, rotary_dim] of a Llama-family model per layer type.
+
+  Full-attention layers: RoPE with base rope_theta and the config's
+  rope_type; sliding layers: the same, or plain RoPE with base
+  rope_local_theta when that is set (Gemma 3). LongRoPE picks the long
+  factors when the largest position + 1 exceeds rope_original_max_len (as
+  transformers does per forward call).
+  """
+  dim = c.rotary_dim
+  inv_freq = layers.rope_inv_freq(dim, c.rope_theta)
+  scale = 1.0
+  if c.rope_type == "linear":
+    inv_freq = inv_freq / np.float32(c.rope_factor)
+  elif c.rope_type == "llama3":
+    inv_freq = layers.llama3_inv_freq(inv_freq, c.rope_factor, c.rope_low_freq_factor,
+                                      c.rope_high_freq_factor, c.rope_original_max_len)
+  elif c.rope_type == "longrope":
+    orig = c.rope_original_max_len
+    long = jnp.max(positions) + 1 > orig
+    factors = jnp.where(long, jnp.asarray(c.rope_long_factor, jnp.float32),
+                        jnp.asarray(c.rope_short_factor, jnp.float32))
+    inv_freq = jnp.asarray(inv_freq) / factors
+    if c.rope_factor > 1.0:
+      scale = math.sqrt(1 + math.log(c.rope_factor) / math.log(orig))
+  full = layers.rotary_angles(positions, dim, c.rope_theta, inv_freq, scale)
+  if c.rope_local_theta is None:
+    return {"full_attention": full, "sliding_attention": full}
+  return {"full_attention": full,
+          "sliding_attention": layers.rotary_angles(positions, dim, c.rope_local_theta)}
 
 
 def _default_positions(c: ModelConfig, attention_mask: jax.Array | None, batch: int,
@@ -170,10 +215,11 @@ def _matmul_params(c: ModelConfig) -> int:
   """Entries of the weight matrices used in a matmul per token (incl. the output head).
 
   L (d (H + 2K) Dh + H Dh d + m d d_ff) + [2 e d if e != d] + V e, with m = 3
-  for llama's SwiGLU and 2 otherwise, e = word_embed_dim (= d except OPT-350m).
+  for the Llama family's gated MLP and 2 otherwise, e = word_embed_dim (= d
+  except OPT-350m). Fused projections (phi3, gpt_neox) hold the same entries.
   """
   q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
-  mlp_mats = 3 if c.arch == "llama" else 2
+  mlp_mats = 3 if c.arch in LLAMA_FAMILY else 2
   per_layer = c.d_model * (q_dim + 2 * kv_dim) + q_dim * c.d_model + mlp_mats * c.d_model * c.d_ff
   e = c.word_embed_dim
   projections = 2 * e * c.d_model if e != c.d_model else 0
@@ -185,9 +231,10 @@ def _num_params(config: ModelConfig) -> int:
 
   N = N_mm (`_matmul_params`) + V e (token embedding, if untied) + position table
   (gpt2: max_len d; opt: (max_len + 2) d) + per layer biases ((H + 2K) Dh + d + d_ff
-  + d; none for llama) and norms (LayerNorm 2d each: gpt2, opt 2 per layer, phi 1;
-  RMSNorm d each: llama 2 per layer) + final norm (gpt2, phi, opt if final_norm: 2d;
-  llama: d) + the output bias V (phi).
+  + d; Llama family: (H + 2K) Dh with qkv_bias, else none) and norms (LayerNorm 2d
+  each: gpt2, opt, gpt_neox 2 per layer, phi 1; RMSNorm d each: Llama family 2 per
+  layer, 4 with sandwich_norms, + 2 Dh with qk_norm) + final norm (gpt2, phi,
+  gpt_neox, opt if final_norm: 2d; Llama family: d) + the output bias V (phi).
   """
   c = config
   d = c.d_model
@@ -195,9 +242,15 @@ def _num_params(config: ModelConfig) -> int:
   if not c.tie_embeddings:
     total += c.vocab_size * c.word_embed_dim  # separate token embedding
   total += {"gpt2": c.max_len * d, "opt": (c.max_len + OPT_POSITION_OFFSET) * d}.get(c.arch, 0)
-  if c.arch != "llama":
-    total += c.n_layers * ((c.n_heads + 2 * c.n_kv_heads) * c.head_dim + d + c.d_ff + d)
-  norms_per_layer, final = {"gpt2": (4 * d, 2 * d), "llama": (2 * d, d), "phi": (2 * d, 2 * d),
+  qkv_biases = (c.n_heads + 2 * c.n_kv_heads) * c.head_dim
+  if c.arch in LLAMA_FAMILY:
+    per_layer = qkv_biases * c.qkv_bias + (4 if c.sandwich_norms else 2) * d
+    per_layer += 2 * c.head_dim * c.qk_norm
+    total += c.n_layers * per_layer + d
+    return int(total)
+  total += c.n_layers * (qkv_biases + d + c.d_ff + d)
+  norms_per_layer, final = {"gpt2": (4 * d, 2 * d), "phi": (2 * d, 2 * d),
+                            "gpt_neox": (4 * d, 2 * d),
                             "opt": (4 * d, 2 * d * c.final_norm)}[c.arch]
   total += c.n_layers * norms_per_layer + final
   if c.arch == "phi":
@@ -205,16 +258,20 @@ def _num_params(config: ModelConfig) -> int:
   return int(total)
 
 
-def _attention_width(c: ModelConfig) -> int:
-  return c.n_layers * c.n_heads * c.head_dim
+def _attention_span(c: ModelConfig, seq_len: int) -> int:
+  """sum over layers of H Dh K_l: K_l = T keys per query, min(T, W) on sliding layers."""
+  types = c.layer_types or ("full_attention",) * c.n_layers
+  keys = [min(seq_len, c.sliding_window) if t == "sliding_attention" else seq_len
+          for t in types]
+  return c.n_heads * c.head_dim * sum(keys)
 
 
 def _dummy_inputs(c: ModelConfig, length: int) -> tuple:
   return (jnp.zeros((1, length), jnp.int32),)
 
 
-for _arch in ("gpt2", "llama", "opt", "phi"):
+for _arch in ("gpt2", "opt", "phi", "gpt_neox") + LLAMA_FAMILY:
   registry.register_architecture(registry.Architecture(
       name=_arch, build=CausalLM, dummy_inputs=_dummy_inputs, num_params=_num_params,
-      matmul_params=_matmul_params, attention_width=_attention_width,
+      matmul_params=_matmul_params, attention_span=_attention_span,
       block_names=_block_names))

@@ -1,4 +1,4 @@
-"""Phi decoder block (phi-1.5, phi-2): parallel attention and MLP from one LayerNorm.
+"""Parallel decoder block: Phi (phi-1.5, phi-2, one LayerNorm) and GPT-NeoX (Pythia, two).
 
 Parameter layout of one block "layers_i" (names follow Hugging Face
 PhiForCausalLM; Dense kernels are [in, out], the transpose of torch's
@@ -11,9 +11,14 @@ nn.Linear weight):
     mlp/fc1/{kernel [d, d_ff], bias [d_ff]}
     mlp/fc2/{kernel [d_ff, d], bias [d]}
 
-    h = ln(x);  x = x + attn(h) + mlp(h)
+    phi:       h = ln(x);  x = x + attn(h) + mlp(h)
+    gpt_neox:  x = x + attn(input_layernorm(x)) + mlp(post_attention_layernorm(x))
 
-with rotary embeddings on the first rotary_dim channels of q and k.
+with rotary embeddings on the first rotary_dim channels of q and k. GPT-NeoX
+(use_parallel_residual=True, Pythia) adds post_attention_layernorm/{scale,
+bias} [d] and has one fused self_attn/query_key_value/{kernel [d, 3 d], bias
+[3 d]} (output columns head by head: q_h | k_h | v_h, as Hugging Face's)
+instead of q_proj, k_proj, v_proj.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ class PhiMLP(nn.Module):
 
 
 class PhiBlock(nn.Module):
-  """x + attn(ln(x)) + mlp(ln(x)); the residual stream stays float32."""
+  """x + attn(ln(x)) + mlp(ln(x)) (phi) or with two norms (gpt_neox); residual float32."""
 
   config: ModelConfig
 
@@ -50,9 +55,14 @@ class PhiBlock(nn.Module):
     c = self.config
     dtype = jnp.dtype(c.dtype)
     drop = nn.Dropout(c.dropout_rate)
+    neox = c.arch == "gpt_neox"
     h = layers.layer_norm(c.norm_eps, "input_layernorm")(x).astype(dtype)
+    h_mlp = (layers.layer_norm(c.norm_eps, "post_attention_layernorm")(x).astype(dtype)
+             if neox else h)
     attn = layers.ProjectedAttention(c.n_heads, c.n_kv_heads, c.head_dim, c.d_model, dtype,
                                       "dense", layers.residual_std(c.n_layers),
-                                      c.dropout_rate, name="self_attn")
-    x = layers.add_residual(x, attn(h, mask, deterministic, cos, sin), drop, deterministic)
-    return layers.add_residual(x, PhiMLP(c, name="mlp")(h), drop, deterministic)
+                                      c.dropout_rate,
+                                      fused_name="query_key_value" if neox else None,
+                                      name="self_attn")
+    x_attn = layers.add_residual(x, attn(h, mask, deterministic, cos, sin), drop, deterministic)
+    return layers.add_residual(x_attn, PhiMLP(c, name="mlp")(h_mlp), drop, deterministic)

@@ -56,9 +56,10 @@ class Architecture:
     matmul_params: config -> N_mm, the weight-matrix entries used in a matmul
       per token (attention and MLP kernels of all layers, projections and the
       output head; no embedding lookups, norms or biases).
-    attention_width: config -> sum over attention layers of H Dh (the width
-      of the QK^T and softmax-times-V products of every layer a token goes
-      through; for a decoder L H Dh).
+    attention_span: (config, T) -> sum over the attention layers a token goes
+      through of H Dh K, K the keys its query is scored against (T; min(T, W)
+      on a sliding-window layer of window W): the QK^T and softmax-times-V
+      products cost 2 H Dh K multiply-adds each; for a decoder L H Dh T.
     block_names: config -> names of the top-level parameter blocks, input to
       output (the Hessian/NTK helpers partition parameters by them).
   """
@@ -67,7 +68,7 @@ class Architecture:
   dummy_inputs: Callable[[Any, int], tuple]
   num_params: Callable[[Any], int]
   matmul_params: Callable[[Any], int]
-  attention_width: Callable[[Any], int]
+  attention_span: Callable[[Any, int], int]
   block_names: Callable[[Any], tuple[str, ...]]
 
 
@@ -174,20 +175,22 @@ def block_names(config) -> tuple[str, ...]:
 def flops_per_token(config, seq_len: int, *, training: bool = True) -> float:
   """Model FLOPs per token (the convention used for cost and MFU).
 
-  forward = 2 N_mm + 4 W T,  training = 3 x forward = 6 N_mm + 12 W T,
+  forward = 2 N_mm + 4 S,  training = 3 x forward = 6 N_mm + 12 S,
 
   with N_mm the number of weight-matrix entries used in a matmul per token
   (attention and MLP kernels of all layers, embedding projections and the
   output head, tied or not; embedding lookups, norms and biases are not
-  counted), W = sum over attention layers of H Dh (L H Dh for a decoder)
-  and T the sequence length. The attention term counts QK^T and
-  softmax-times-V (2 T H Dh each) for every key position, without halving for
-  the causal mask (the PaLM appendix B convention; it is the 6 N convention
-  of Kaplan et al. plus attention).
+  counted) and S = sum over attention layers of H Dh K_l, K_l the keys a
+  query is scored against: T (the sequence length) on a full layer, so S =
+  L H Dh T for a decoder, and min(T, W) on a sliding-window layer of window
+  W. The attention term counts QK^T and softmax-times-V (2 K H Dh each)
+  for every key position in reach, without halving for the causal mask (the
+  PaLM appendix B convention; it is the 6 N convention of Kaplan et al. plus
+  attention).
 
   Encoder-decoders: per target position of an example whose input and target
   both have T tokens; N_mm = encoder + decoder matmul weights (with the head)
-  and W = H Dh (L + 2 L') (encoder self-, decoder self- and cross-attention).
+  and S = H Dh (L + 2 L') T (encoder self-, decoder self- and cross-attention).
   Switch Transformers: N_mm counts the ACTIVE parameters (the router and one
   expert per sparse MLP), while the 6 N D compute of the selection tables
   (`budgeted.pair_flops`) uses the curve files' size column, which for Switch
@@ -199,5 +202,5 @@ def flops_per_token(config, seq_len: int, *, training: bool = True) -> float:
     training: forward+backward (3x) if True, forward only if False.
   """
   arch = architecture(config)
-  forward = 2.0 * arch.matmul_params(config) + 4.0 * arch.attention_width(config) * seq_len
+  forward = 2.0 * arch.matmul_params(config) + 4.0 * arch.attention_span(config, seq_len)
   return 3.0 * forward if training else forward
