@@ -82,6 +82,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.ntk = ml_collections.ConfigDict(dict(num_probe=8, output="log_likelihood", kernel="exact",
                                          block_size=4, sketch_dim=1024, sketch_seed=0))
   c.data_parallel = True  # data-parallel over all devices (a 1-device mesh on CPU)
+  # A rerun into an output directory whose manifest (config, input sha256s, version) differs
+  # is refused; True deletes the directory's results and recomputes them (lensllm_jax/rundir.py).
+  c.overwrite = False
   if arg == "smoke":
     c.num_synthetic = 700
     c.num_validation = 48

@@ -26,4 +26,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.max_data_size = config_dict.placeholder(float)
   c.plot_models = 6  # models drawn in the PNG
   c.seed = 0  # PRNG seed of the restarts
+  # A rerun into an output directory whose manifest (config, input sha256s, version) differs
+  # is refused; True deletes the directory's results and recomputes them (lensllm_jax/rundir.py).
+  c.overwrite = False
   return c

@@ -39,4 +39,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.num_t = 200  # points of the t grid (log-spaced, plus t = 0)
   # (t_min, t_max); empty: from the spectrum, [1e-2 / (eta lambda_max), 5 / (eta lambda_min)]
   c.t_range = ()
+  # A rerun into a workdir whose manifest (config, input sha256s, version) differs is refused;
+  # True deletes the workdir's results and recomputes them (lensllm_jax/rundir.py).
+  c.overwrite = False
   return c

@@ -42,6 +42,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.budget_method = "LensLLM"  # the law used by the budgeted procedure
   c.budget_max_data_num = config_dict.placeholder(int)  # default D* / min(ratios)
   c.figures = True
+  # A rerun into an output directory whose manifest (config, input sha256s, version) differs
+  # is refused; True deletes the directory's results and recomputes them (lensllm_jax/rundir.py).
+  c.overwrite = False
   # LensLLM+ (when in methods): "none" = the pooled fit with pooled.DEFAULT_CONFIG (untuned),
   # "leave_one_out" = the candidate of plus_candidates chosen for each file on the other
   # files (needs >= 2 files; the recommended predictor, as in experiments.lensllm_plus).

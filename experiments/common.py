@@ -21,15 +21,16 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import os
 import pathlib
 import sys
 
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
-from lensllm_jax import benchmarks, budgeted, metrics
+from lensllm_jax import benchmarks, budgeted, errors, metrics
 
 CACHE_DIR_ENV = "LENSLLM_COMPILATION_CACHE_DIR"
 
@@ -69,9 +70,9 @@ def enable_compilation_cache(path: str | None) -> str | None:
 app.call_after_init(lambda: enable_compilation_cache(_COMPILATION_CACHE_DIR.value))
 
 
-# Errors that mean "the input is wrong" (a flag, a config, a curve file), not "the code is wrong".
-USER_ERRORS = (app.UsageError, flags.Error, benchmarks.CurveFormatError,
-               benchmarks.CurveDownloadError, FileNotFoundError)
+# Errors that mean "the input is wrong" (a flag, a config, a file), not "the code is wrong":
+# absl's own flag errors and the project's `errors.InputError` hierarchy.
+USER_ERRORS = (app.UsageError, flags.Error, errors.InputError)
 
 
 def fail(message: str) -> None:
@@ -86,9 +87,24 @@ def fail(message: str) -> None:
   sys.exit(2)
 
 
+def repeated_overrides(argv) -> list[str]:
+  """The `--config.x` overrides given more than once in argv (refused: never joined)."""
+  seen, repeated = set(), []
+  for a in argv[1:]:
+    if a.startswith("--config."):
+      name = a.split("=", 1)[0]
+      if name in seen and name not in repeated:
+        repeated.append(name)
+      seen.add(name)
+  return repeated
+
+
 @contextlib.contextmanager
 def _flag_errors_fail(argv):
   """Turns an error of flag parsing into `fail` (one line, exit code 2)."""
+  repeated = repeated_overrides(argv)
+  if repeated:
+    fail(f"flags: {', '.join(repeated)} given more than once; give each override once")
   try:
     yield
   except (AttributeError, KeyError) as e:
@@ -131,11 +147,12 @@ def run_main(main, user_errors=()) -> None:
   """`app.run(main)`, where bad input ends the program with one clear line and exit code 2.
 
   Bad input: an unknown or malformed flag, a `--config` file that does not
-  load or a `--config.x` override of a field that does not exist (checked
-  while parsing), and inside `main` any of `USER_ERRORS + user_errors` (for
-  example `models.CheckpointError` in the binaries that read checkpoints).
-  Their messages name the flag, file, line or tensor. Anything else is a bug
-  and keeps its traceback.
+  load, a `--config.x` override of a field that does not exist or given twice
+  (checked while parsing), and inside `main` any of `USER_ERRORS +
+  user_errors`: absl's usage errors and the project's `errors.InputError`
+  types (curve file, config, checkpoint, data, workdir). Their messages name
+  the flag, file, line or tensor. Anything else is a bug and keeps its
+  traceback.
   """
   def parse(argv):
     with _flag_errors_fail(argv):
@@ -155,66 +172,189 @@ def run_main(main, user_errors=()) -> None:
   app.run(guarded, flags_parser=parse)
 
 
+def _complete_text(path: pathlib.Path) -> tuple[str, int]:
+  """(text of the complete lines, byte length of a cut last line: 0 if none)."""
+  data = path.read_bytes()
+  cut = len(data) - (data.rfind(b"\n") + 1)
+  try:
+    return data[:len(data) - cut].decode("utf-8"), cut
+  except UnicodeDecodeError as e:
+    raise errors.WorkdirError(f"{path}: not UTF-8 text ({e})") from None
+
+
 def read_rows(path: pathlib.Path) -> list[dict]:
-  """Rows of a CSV written by `append_rows` ([] if it does not exist yet)."""
+  """Rows of a CSV written by `append_rows` ([] if it does not exist yet or is empty).
+
+  A last line without its newline is the row of a process killed while
+  appending it: it is not read (the next `append_rows` removes it), so its
+  unit of work is redone. A row with a wrong number of fields is an
+  `errors.WorkdirError` naming the file and line.
+  """
   if not path.exists():
     return []
-  with path.open(newline="") as f:
-    return list(csv.DictReader(f))
+  text, cut = _complete_text(path)
+  if cut:
+    logging.warning("%s: ignoring a cut last row (%d bytes; an interrupted write)", path, cut)
+  rows = []
+  reader = csv.DictReader(io.StringIO(text))
+  for row in reader:
+    if None in row or None in row.values():
+      raise errors.WorkdirError(f"{path}, line {reader.line_num}: {len(reader.fieldnames)} "
+                                "columns in the header, another number in this row")
+    rows.append(row)
+  return rows
 
 
 def append_rows(path: pathlib.Path, header, rows) -> None:
-  """Appends rows (dicts) to a CSV, writing the header if the file is new.
+  """Appends rows (dicts) to a CSV in one write, with the header if the file is new or empty.
 
-  Flushed and fsynced, so results survive a killed run and a rerun can skip them.
+  A cut last row left by a killed run is removed first (its unit was not
+  recorded as done and is being redone); a file with another header is an
+  `errors.WorkdirError`. Flushed and fsynced, so results survive a killed run
+  and a rerun can skip them.
   """
-  new = not path.exists()
-  with path.open("a", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=header)
-    if new:
+  buf = io.StringIO()
+  writer = csv.DictWriter(buf, fieldnames=header, lineterminator="\r\n")
+  with path.open("a+b") as f:
+    f.seek(0)
+    first = f.readline()
+    if not first:
       writer.writeheader()
+    elif next(csv.reader([first.decode("utf-8", "replace")]), []) != list(header):
+      raise errors.WorkdirError(f"{path}: header {first.decode('utf-8', 'replace').strip()!r}, "
+                                f"expected {','.join(header)!r}; not a file of this binary")
+    else:
+      size = f.seek(0, os.SEEK_END)
+      f.seek(max(size - 1, 0))
+      if f.read(1) != b"\n":  # a cut last row: drop it
+        f.seek(0)
+        data = f.read()
+        f.truncate(data.rfind(b"\n") + 1)
+        logging.warning("%s: removed a cut last row (an interrupted write)", path)
     for row in rows:
       writer.writerow(row)
+    f.write(buf.getvalue().encode("utf-8"))
     f.flush()
     os.fsync(f.fileno())
+
+
+def drop_rows(path: pathlib.Path, header, drop) -> int:
+  """Removes the rows r with drop(r) from a CSV of `append_rows` (atomic rewrite); returns
+  their count. Used before a unit of work whose rows are incomplete is redone."""
+  rows = read_rows(path)
+  keep = [r for r in rows if not drop(r)]
+  if len(keep) == len(rows):
+    return 0
+  buf = io.StringIO()
+  writer = csv.DictWriter(buf, fieldnames=header, lineterminator="\r\n")
+  writer.writeheader()
+  writer.writerows(keep)
+  tmp = path.with_name(path.name + ".tmp")
+  with tmp.open("wb") as f:
+    f.write(buf.getvalue().encode("utf-8"))
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+  return len(rows) - len(keep)
+
+
+def nonempty(values, name: str) -> list:
+  """The list of a config field (methods, benchmarks, laws ...); `ConfigError` if empty or
+  with repeats."""
+  if isinstance(values, str):
+    raise errors.ConfigError(f"config.{name}={values!r}: expected a tuple, e.g. ('{values}',)")
+  out = list(values or ())
+  if not out:
+    raise errors.ConfigError(f"config.{name} is empty: nothing to compute")
+  repeated = sorted({str(v) for v in out if out.count(v) > 1})
+  if repeated:
+    raise errors.ConfigError(f"config.{name}: {repeated} given more than once")
+  return out
+
+
+def integer_field(cfg, name: str, *, low: int | None = None, high: int | None = None,
+                  optional: bool = False) -> int | None:
+  """cfg.<name> (dotted) as an int in [low, high]; `ConfigError` naming the field otherwise.
+
+  Checked where the config is read, before any work.
+  """
+  value = cfg
+  for part in name.split("."):
+    value = value[part]
+  if value is None and optional:
+    return None
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise errors.ConfigError(f"config.{name}={value!r}: expected an integer")
+  if low is not None and value < low:
+    raise errors.ConfigError(f"config.{name}={value}: must be >= {low}")
+  if high is not None and value > high:
+    raise errors.ConfigError(f"config.{name}={value}: must be <= {high}")
+  return int(value)
 
 
 def parse_ratios(values, name: str = "config.ratios") -> list[int]:
   """Budget ratios as positive integers, with an error naming the setting."""
   out = []
-  for v in values:
+  for v in nonempty(values, name.removeprefix("config.")):
     try:
       r = int(v)
     except (TypeError, ValueError):
-      raise app.UsageError(f"{name}: {v!r} is not an integer") from None
-    if r < 1:
-      raise app.UsageError(f"{name}: {r} must be >= 1")
+      raise errors.ConfigError(f"{name}: {v!r} is not an integer") from None
+    if r < 1 or (isinstance(v, float) and v != r):
+      raise errors.ConfigError(f"{name}: {v!r} must be an integer >= 1")
     out.append(r)
   return out
 
 
 def parse_levels(values, name: str = "config.budget_levels") -> list[float]:
-  """Confidence levels z of the budgeted procedure as floats."""
+  """Confidence levels z of the budgeted procedure as finite floats."""
   try:
-    return [float(z) for z in values]
+    out = [float(z) for z in nonempty(values, name.removeprefix("config."))]
   except (TypeError, ValueError):
-    raise app.UsageError(f"{name}: not numbers: {list(values)}") from None
+    raise errors.ConfigError(f"{name}: not numbers: {list(values)}") from None
+  if not all(np.isfinite(out)):
+    raise errors.ConfigError(f"{name}: {out} must be finite numbers")
+  return out
 
 
-def load_all(specs, data_dir) -> list[benchmarks.CurveSet]:
-  """Loads every curve file (name or path); names must be unique, each file >= 3 models,
-  every cell measured (`benchmarks.require_complete`)."""
+def load_all(specs, data_dir, name: str = "benchmarks") -> list[benchmarks.CurveSet]:
+  """Loads every curve file (name or path) of config.<name>; names must be unique, each file
+  >= 3 models, every cell measured (`benchmarks.require_complete`)."""
   sets = [benchmarks.require_complete(benchmarks.load_curves(s, data_dir=data_dir))
           for s in specs]
   for c in sets:
     if c.num_models < metrics.MIN_MODELS:
-      raise app.UsageError(
+      raise errors.CurveFileError(
           f"{c.source}: {c.num_models} model(s); the selection metrics PearCorr / Spearman need "
           f"at least {metrics.MIN_MODELS} (with 2 models every correlation is +1 or -1)")
   names = [c.name for c in sets]
   if len(set(names)) != len(names):
-    raise app.UsageError(f"--benchmark: duplicate dataset names {names}")
+    raise errors.ConfigError(f"config.{name}: duplicate dataset names {names}")
   return sets
+
+
+def target_of(curves, target_data_num) -> float:
+  """D* of a file: config.target_data_num (a column of the file) or its largest D."""
+  d = np.asarray(curves.data_sizes)
+  t = float(d.max()) if target_data_num is None else float(target_data_num)
+  if not np.any(d == t):
+    raise errors.ConfigError(f"config.target_data_num: D*={t:g} is not a column of "
+                             f"{curves.source} (columns {d.astype(int).tolist()})")
+  return t
+
+
+def budgets_of(curves, target: float, ratios) -> list[tuple[int, float]]:
+  """[(ratio, D_max = D* / ratio)]; `ConfigError` where no fine-tuning point is visible."""
+  out = []
+  d = np.asarray(curves.data_sizes)
+  for r in ratios:
+    dmax = target / r
+    if not np.any((d > 0) & (d <= dmax)):
+      raise errors.ConfigError(f"config.ratios: ratio {r} gives D_max={dmax:g} on "
+                               f"{curves.source}, below its smallest fine-tuning size "
+                               f"{d[d > 0].min():g}")
+    out.append((r, dmax))
+  return out
 
 
 # ------------------------------------------------ scoring of selections ---

@@ -27,20 +27,28 @@ test split. Writes to --workdir:
                shape and vocabulary of pretrained/<model> and
                finetuned/<model>/<D>; experiments.hessian_spectrum's
                config.model_config)
-  config.json, tokenizer.json, data/, pretrained/, ckpt/ (in-flight runs)
+  manifest.json  the resolved config, the sha256 of the input files (local
+               data files, checkpoint directories) and the package version
+               (lensllm_jax/rundir.py); .lock: one sweep per workdir
+  tokenizer.json, data/, pretrained/, ckpt/ (in-flight runs)
 
 Rerunning skips finished runs (read from runs.jsonl) and resumes an
 interrupted run from its orbax checkpoint in ckpt/ (config.checkpoint_runs:
 written asynchronously every config.checkpoint_every_seconds, the last one
 kept, so a run shorter than that writes none and, interrupted, is redone);
-a row cut by a kill during its append is dropped and the run redone; a workdir
-holding runs of another configuration is refused. tests/test_finetune_sweep.py
+a row cut by a kill during its append is dropped and the run redone, and a
+run's checkpoint is deleted only after its row is durable. A workdir holding
+runs of another configuration or other input files is refused with one line
+naming the difference (--config.overwrite=True deletes them); a rerun may add
+subset sizes or models, or leave models out (`sweep.WORKDIR_MERGE`). A second
+sweep on the same workdir is refused at once, naming the first one's pid.
+tests/test_finetune_sweep.py
 SIGKILLs a sweep mid-run and checks that the restarted one writes the same files.
 
 Multi-process (--distributed; docs/scale.md): every process runs this program
 with the same flags and workdir; the batches are split over the global
 device mesh, orbax checkpoints are written and restored by all processes
-together, and only process 0 writes runs.jsonl, curves.csv, config.json, the
+together, and only process 0 writes runs.jsonl, curves.csv, manifest.json, the
 tokenizer, the data files and the NTK snapshots (config.ntk.kernel "exact" or
 "sketched"). The run machinery is the library module `lensllm_jax.sweep`
 (also driven by experiments.select's online selection and by
@@ -55,7 +63,7 @@ import time
 from absl import flags, logging
 
 from experiments import common  # also defines --compilation_cache_dir
-from lensllm_jax import models, sharding, sweep, textdata, training
+from lensllm_jax import errors, models, sharding, sweep, textdata, training
 
 FLAGS = flags.FLAGS
 
@@ -76,9 +84,40 @@ def main(argv):
   # Orbax logs every checkpoint step at INFO: keep the progress lines readable.
   logging.get_absl_handler().addFilter(lambda r: "orbax" not in r.pathname)
   sharding.initialize_distributed(FLAGS.distributed)
-  cfg = FLAGS.config
-  workdir = pathlib.Path(FLAGS.workdir)
-  sweep.bind_workdir(cfg, workdir)
+  run(FLAGS.config, pathlib.Path(FLAGS.workdir))
+
+
+def validate_config(cfg) -> None:
+  """Range checks of the sweep's config fields, before any work (`errors.ConfigError`)."""
+  sizes = common.nonempty(cfg.subset_sizes, "subset_sizes")
+  for d in sizes:
+    if isinstance(d, bool) or not isinstance(d, int) or d < 1:
+      raise errors.ConfigError(f"config.subset_sizes: {d!r} must be an integer >= 1 "
+                               "(D = 0, the zero-shot point, is always run)")
+  names = common.nonempty([m.name for m in cfg.models], "models (names)")
+  if not all(names):
+    raise errors.ConfigError("config.models: every model needs a name")
+  for name in ("max_len", "num_validation", "num_test", "train.batch_size", "train.max_steps",
+               "train.eval_every", "train.eval_batch_size", "train.grad_accum"):
+    common.integer_field(cfg, name, low=1)
+  common.integer_field(cfg, "train.patience", low=0)
+  if cfg.task == "synthetic":
+    common.integer_field(cfg, "num_synthetic", low=1)
+  if any(not m.hf_dir for m in cfg.models):
+    common.integer_field(cfg, "tokenizer_vocab", low=1)
+    common.integer_field(cfg, "pretrain.batch_size", low=1)
+
+
+def run(cfg, workdir: pathlib.Path) -> None:
+  """The whole sweep of a config into workdir: checks, lock and manifest, runs, curves.csv."""
+  validate_config(cfg)
+  with sweep.open_workdir(cfg, workdir, overwrite=cfg.get("overwrite", False)):
+    sharding.barrier("workdir checked")
+    run_sweep(cfg, workdir)
+
+
+def run_sweep(cfg, workdir: pathlib.Path) -> None:
+  """Every (model, D) run of the config that runs.jsonl lacks, then curves.csv."""
   mesh = sharding.make_mesh() if cfg.data_parallel else None
   tcfg = training.TrainConfig(**cfg.train.to_dict())
   runs = sweep.read_runs(workdir / "runs.jsonl")
@@ -114,4 +153,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  common.run_main(main, user_errors=(models.CheckpointError,))
+  common.run_main(main)

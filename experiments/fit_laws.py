@@ -10,7 +10,8 @@ models' curves at once with `fitting.fit_curves` and writes
                             and, with --max_data_size, on the held-out larger D
   OUTPUT_DIR/NAME_curves.png observed curves and fitted laws for a few models
 
-Existing outputs are skipped (delete them to refit). Example:
+Existing outputs are skipped; a rerun with another config or other curve files
+is refused (manifest.json; --config.overwrite=True refits). Example:
 
   python -m experiments.fit_laws --config=configs/fit_laws.py --output_dir=results/fit_laws \
       --config.max_data_size=204800
@@ -30,10 +31,10 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 from experiments import common  # also defines --compilation_cache_dir
-from lensllm_jax import benchmarks, fitting, laws
+from lensllm_jax import benchmarks, errors, fitting, laws, rundir
 
 FLAGS = flags.FLAGS
 common.define_config_file("configs/fit_laws.py", "Configuration (configs/fit_laws.py).")
@@ -143,8 +144,7 @@ def plot_curves(curves, fits, mask, path: pathlib.Path):
   os.replace(tmp, path)
 
 
-def run_benchmark(spec, data_dir, out_dir, law_list, key):
-  curves = benchmarks.require_complete(benchmarks.load_curves(spec, data_dir=data_dir))
+def run_benchmark(curves, out_dir, law_list, key):
   mask = fit_mask(curves, FLAGS.config.max_data_size)
   png = out_dir / f"{curves.name}_curves.png"
   fits = []
@@ -169,17 +169,32 @@ def run_benchmark(spec, data_dir, out_dir, law_list, key):
 def main(argv):
   del argv
   cfg = FLAGS.config
-  out_dir = pathlib.Path(FLAGS.output_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
   try:
-    law_list = [laws.get_law(name.strip()) for name in cfg.laws]
+    law_list = [laws.get_law(name.strip()) for name in common.nonempty(cfg.laws, "laws")]
   except (KeyError, ValueError) as e:
-    raise app.UsageError(f"config.laws: {e}") from None
-  data_dir = cfg.data_dir
+    if isinstance(e, errors.InputError):
+      raise
+    raise errors.ConfigError(f"config.laws: {e}") from None
+  specs = common.nonempty(cfg.benchmarks, "benchmarks")
+  common.integer_field(cfg, "num_restarts", low=1)
+  common.integer_field(cfg, "plot_models", low=0)
+  common.integer_field(cfg, "seed")
+  if cfg.max_data_size is not None and not cfg.max_data_size > 0:
+    raise errors.ConfigError(f"config.max_data_size={cfg.max_data_size}: must be > 0")
+  curve_sets = [benchmarks.require_complete(benchmarks.load_curves(spec, data_dir=cfg.data_dir))
+                for spec in specs]
+  names = [c.name for c in curve_sets]
+  if len(set(names)) != len(names):
+    raise errors.ConfigError(f"config.benchmarks: duplicate file names {names}")
   key = jax.random.PRNGKey(cfg.seed)
-  for i, spec in enumerate(cfg.benchmarks):
-    logging.info("[%d/%d] benchmark %s", i + 1, len(cfg.benchmarks), spec)
-    run_benchmark(spec, data_dir, out_dir, law_list, key)
+  with rundir.open_output_dir(FLAGS.output_dir, config=cfg,
+                              inputs={f"curves/{c.name}": c.source for c in curve_sets},
+                              outputs=("*.csv", "*.png"), overwrite=cfg.overwrite,
+                              ignore=("data_dir", "plot_models")) as out_dir:
+    for i, curves in enumerate(curve_sets):
+      logging.info("[%d/%d] benchmark %s (%s)", i + 1, len(curve_sets), curves.name,
+                   curves.source)
+      run_benchmark(curves, out_dir, law_list, key)
 
 
 if __name__ == "__main__":

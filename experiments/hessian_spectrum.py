@@ -3,8 +3,9 @@ r"""Hessian spectrum and per-layer PAC-Bayes quantities of a fine-tuned LM.
 For a model preset (or pre-trained and fine-tuned checkpoints) and a set of
 training sequences, writes to --workdir:
 
-  config.json        the config of the run (a rerun with another config must use
-                     --overwrite or another workdir)
+  manifest.json      the config of the run and the sha256 of its input files
+                     (lensllm_jax/rundir.py: a rerun with others must use
+                     --overwrite or another workdir; one run per workdir)
   params_*.msgpack   pre-trained and fine-tuned parameters (reused on rerun)
   eigenvalues.csv    top-k Hessian eigenvalues by Lanczos (rank, eigenvalue,
                      residual_norm, residual_estimate) at the fine-tuned point
@@ -63,14 +64,14 @@ from absl import app, flags, logging
 
 from experiments import common  # also defines --compilation_cache_dir
 from experiments.hessian_common import example_length, lm_loss_fn, markov_tokens, token_batch
-from lensllm_jax import hessian, models, pac_bayes
+from lensllm_jax import hessian, models, pac_bayes, rundir
 from lensllm_jax.models import build, init_params, presets
 
 FLAGS = flags.FLAGS
 common.define_config_file("configs/hessian_spectrum.py",
                           "Configuration (configs/hessian_spectrum.py).")
 _WORKDIR = flags.DEFINE_string("workdir", "results/hessian_spectrum", "Output directory.")
-# The config fields recorded in workdir/config.json (a rerun with others is refused).
+# The config fields recorded in workdir/manifest.json (a rerun with others is refused).
 _RUN_FIELDS = ("preset", "model_config", "pretrained_ckpt", "finetuned_ckpt", "tokens_npy", "num_examples",
                "seq_len", "batch_size", "pretrain_steps", "finetune_steps", "learning_rate", "k",
                "lanczos_iters", "hutchinson_probes", "slq_probes", "slq_iters", "pac_iters", "c",
@@ -261,24 +262,15 @@ def write_summary(workdir, frame):
                summary["pac_bayes_sum_max"], summary["pac_bayes_sum_mean"])
 
 
-def check_workdir(workdir):
-  """Creates workdir; refuses to mix results of different configs."""
-  os.makedirs(workdir, exist_ok=True)
-  config = {name: FLAGS.config[name] for name in _RUN_FIELDS}
-  path = os.path.join(workdir, "config.json")
-  if os.path.exists(path) and not _OVERWRITE.value:
-    with open(path) as f:
-      old = json.load(f)
-    if old != config:
-      diff = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
-      raise app.UsageError(f"{path}: workdir holds results of another config {diff}; "
-                       "use --overwrite or another --workdir")
-  if _OVERWRITE.value:
-    for name in os.listdir(workdir):
-      if name.endswith((".csv", ".json", ".png", ".msgpack")):
-        os.remove(os.path.join(workdir, name))
-  with open(path, "w") as f:
-    json.dump(config, f, indent=1)
+def open_workdir(workdir):
+  """`rundir.open_output_dir`: one run per workdir, a manifest of the config's _RUN_FIELDS and
+  the sha256 of its input files (checkpoints, model config, tokens); --overwrite recomputes."""
+  cfg = FLAGS.config
+  inputs = {name: cfg[name] for name in ("model_config", "pretrained_ckpt", "finetuned_ckpt",
+                                         "tokens_npy") if cfg[name]}
+  return rundir.open_output_dir(workdir, config={name: cfg[name] for name in _RUN_FIELDS},
+                                inputs=inputs, outputs=("*.csv", "*.json", "*.png", "*.msgpack"),
+                                overwrite=_OVERWRITE.value)
 
 
 def model_name() -> str:
@@ -312,8 +304,12 @@ def main(argv):
   if FLAGS.config.hutchinson_probes < 2:  # its stderr needs two; fail before any work
     raise app.UsageError(f"config.hutchinson_probes must be >= 2, got "
                          f"{FLAGS.config.hutchinson_probes}")
-  workdir = _WORKDIR.value
-  check_workdir(workdir)
+  with open_workdir(_WORKDIR.value) as workdir:
+    run(str(workdir))
+
+
+def run(workdir: str) -> None:
+  """Steps 0-3 into workdir (locked and bound by `open_workdir`)."""
   config = model_config()
   loss = lm_loss_fn(build(config))
   data = load_task_data(config)

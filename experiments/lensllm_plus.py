@@ -18,8 +18,9 @@ numbers.
 Steps (the expensive ones write their CSV as they go; a rerun skips finished work):
 
   0. inputs      every file read, its role, ratios and sha256, the PFN weights'
-                 sha256 and the fit settings -> inputs.csv (a rerun whose
-                 inputs changed stops with an error rather than mixing results).
+                 sha256 and the fit settings -> inputs.csv; a rerun whose
+                 config or inputs changed stops with an error rather than
+                 mixing results (manifest.json, lensllm_jax/rundir.py).
   1. grid        every setting of `protocol.default_grid()` on every file,
                  every budget ratio -> grid.csv (dataset,config,ratio,metric,value).
   2. pooled      for each reported file, the Pooled setting with the best mean
@@ -75,10 +76,20 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 from experiments import common
-from lensllm_jax import budgeted, context_pfn, curve_pfn, metrics, plus_candidates, pooled, protocol
+from lensllm_jax import (
+  budgeted,
+  context_pfn,
+  curve_pfn,
+  errors,
+  metrics,
+  plus_candidates,
+  pooled,
+  protocol,
+  rundir,
+)
 
 PLUS = pooled.METHOD_NAME  # "LensLLM+"
 
@@ -220,16 +231,8 @@ def write_inputs(out, curve_sets, train_only, ratios, *, pfn_dir: pathlib.Path, 
                "ratios": "", "sha256": hashlib.sha256(context.read_bytes()).hexdigest()})
   rows.append({"dataset": "settings", "role": "settings", "source": settings, "ratios": "",
                "sha256": hashlib.sha256(settings.encode()).hexdigest()})
-  path = out / "inputs.csv"
-  old = {r["dataset"]: r["sha256"] for r in common.read_rows(path)}
-  changed = [r["dataset"] for r in rows if r["dataset"] in old and old[r["dataset"]] != r["sha256"]]
-  if changed:
-    # Cached grid / result rows are keyed by file name: they would be stale.
-    raise app.UsageError(f"{path}: the content of {changed} changed since the cached run; "
-                         f"delete {out} for a cold run")
-  if path.exists():
-    path.unlink()
-  common.append_rows(path, INPUT_HEADER, rows)
+  # Cached rows made from other inputs are refused before this (`rundir.open_output_dir`).
+  rewrite(out / "inputs.csv", INPUT_HEADER, rows)
 
 
 def rewrite(path: pathlib.Path, header, rows) -> None:
@@ -504,6 +507,13 @@ def tables(out: pathlib.Path, ratios) -> str:
       f"({'met' if float(best['relative_to_ats8']) <= 0.25 else 'NOT met'})" if best
       else "NOT reached"))
   md.append("")
+  nan = sorted({(k[0], k[1], k[2]) for k, v in {**res, **{c[1:]: v for c, v in cand.items()}}
+                .items() if not np.isfinite(v)})
+  if nan:  # an empty cell above is NaN: say why
+    md += ["## Notes", "", *[f"- {ds} {m} {metric}: NaN at some ratio (an empty cell): the "
+                              "correlation is undefined there (a truth or feature constant to "
+                              "rounding, `metrics.undefined_reason`) or the predictions are not "
+                              "finite" for ds, m, metric in nan], ""]
   return "\n".join(md)
 
 
@@ -574,17 +584,36 @@ def run(cfg, output_dir) -> pathlib.Path:
   """The whole protocol for a configs/lensllm_plus.py config; returns the output directory."""
   t0 = time.time()
   if cfg.protocol != "leave_one_out":
-    raise app.UsageError(f"config.protocol={cfg.protocol!r}: only 'leave_one_out' exists")
+    raise errors.ConfigError(f"config.protocol={cfg.protocol!r}: only 'leave_one_out' exists")
+  common.integer_field(cfg, "seed")
+  common.integer_field(cfg, "num_restarts", low=1)
+  common.integer_field(cfg, "num_steps", low=0)
   ratios = common.parse_ratios(cfg.ratios)
   budget_levels = common.parse_levels(cfg.budget_levels)
-  specs, train_only_specs = list(cfg.benchmarks), list(cfg.train_only_benchmarks)
-  out = pathlib.Path(output_dir)
-  out.mkdir(parents=True, exist_ok=True)
+  specs = common.nonempty(cfg.benchmarks, "benchmarks")
+  train_only_specs = list(cfg.train_only_benchmarks)
   loaded = common.load_all(specs + train_only_specs, cfg.data_dir)
   curve_sets, train_only = loaded[:len(specs)], loaded[len(specs):]
   if len(curve_sets) < 2:
-    raise app.UsageError("leave_one_out needs at least 2 config.benchmarks files")
+    raise errors.ConfigError("config.benchmarks: leave_one_out needs at least 2 files")
+  for c in curve_sets:  # every budget of every file, before any work
+    common.budgets_of(c, common.target_of(c, None), ratios)
+  for c in train_only:
+    try:
+      protocol.training_ratios(c, ratios)
+    except ValueError as e:
+      raise errors.ConfigError(f"config.ratios: {e}") from None
   pfn_dir = pathlib.Path(cfg.pfn_dir) if cfg.pfn_dir else curve_pfn.DEFAULT_WEIGHTS
+  inputs = {f"curves/{c.name}": c.source for c in loaded}
+  inputs.update({"predictor/CurvePFN": pfn_dir,
+                 "predictor/ContextPFN": context_pfn.DEFAULT_WEIGHTS})
+  with rundir.open_output_dir(output_dir, config=cfg, inputs=inputs, outputs=("*.csv", "*.md"),
+                              overwrite=cfg.overwrite, ignore=("data_dir",)) as out:
+    return _run(cfg, out, curve_sets, train_only, ratios, budget_levels, pfn_dir, t0)
+
+
+def _run(cfg, out: pathlib.Path, curve_sets, train_only, ratios, budget_levels, pfn_dir,
+         t0) -> pathlib.Path:
   write_inputs(out, curve_sets, train_only, ratios, pfn_dir=pfn_dir,
                settings=f"seed={cfg.seed} num_restarts={cfg.num_restarts} "
                         f"num_steps={cfg.num_steps}")

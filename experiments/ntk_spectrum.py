@@ -10,6 +10,8 @@ on a grid of t, with r0 = f_0(X) - target (target 0: the output's residual
 from a perfect fit).
 
 Writes to --workdir:
+  manifest.json   the config and the sha256 of its input files (lensllm_jax/rundir.py:
+                  a rerun with others is refused unless config.overwrite; one run at a time)
   meta.json       the settings and shapes
   kernel.npy      Theta [n, n] float32 (reused on rerun when meta.json matches)
   residual.npy    r0 [n]
@@ -37,7 +39,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from experiments import common  # also defines --compilation_cache_dir
-from lensllm_jax import models, ntk
+from lensllm_jax import models, ntk, rundir
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
 FLAGS = flags.FLAGS
@@ -162,7 +164,15 @@ def main(argv):
                         ("sketch", tuple(ntk.SKETCHES))):
     if cfg[name] not in allowed:
       raise app.UsageError(f"config.{name}={cfg[name]!r}: expected one of {list(allowed)}")
-  os.makedirs(_WORKDIR.value, exist_ok=True)
+  inputs = {name: cfg[name] for name in ("checkpoint", "hf_checkpoint", "probe") if cfg[name]}
+  with rundir.open_output_dir(_WORKDIR.value, config=cfg, inputs=inputs,
+                              outputs=("*.npy", "*.json", "*.csv", "*.png"),
+                              overwrite=cfg.overwrite):
+    run()
+
+
+def run() -> None:
+  """The kernel, its spectrum and F(t) into --workdir (locked and bound by `main`)."""
   config, model, params = load_model()
   ids = load_probe(config)
   meta = dict(preset=FLAGS.config.preset, checkpoint=FLAGS.config.checkpoint,

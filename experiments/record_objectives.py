@@ -78,7 +78,7 @@ def record(specs, data_dir) -> dict:
       protocol.run(cfg, tmp)
     # Full curves (D_max = D*), one call per dataset and fitted method.
     for di, curves in enumerate(common.load_all(specs, data_dir)):
-      target = protocol.target_of(curves, None)
+      target = common.target_of(curves, None)
       meta = selection.metadata_of(curves, target)
       view = selection.visible_view(curves, target)
       for method in ("VanillaFit", "RectifiedFit", "LensLLM"):
@@ -125,7 +125,7 @@ def replay(arrays, curve_sets, fit_options=None, calls=None):
     rows = np.flatnonzero(call_of == call)
     first = rows[0]
     curves = curve_sets[str(arrays["dataset"][first])]
-    meta = selection.metadata_of(curves, protocol.target_of(curves, None))
+    meta = selection.metadata_of(curves, common.target_of(curves, None))
     views = [selection.visible_view(curves, float(arrays["max_data_num"][i]),
                                     arrays["revealed"][i]) for i in rows]
     key = jax.random.wrap_key_data(np.asarray(arrays["key_data"][first], np.uint32))

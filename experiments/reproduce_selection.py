@@ -14,7 +14,11 @@ the curves and writes to --output_dir:
                  units; model "ALL" = pooled over the dataset's models)
   cost.csv       dataset,method,setting,flops,relative_flops,RelAcc,PearCorr
                  (FLOPs per token, 6 N D per (model, D) pair read)
-  fits.csv       fitted raw parameters (used by the figures)
+  fits.csv       fitted raw parameters and status per model (used by the figures;
+                 "degenerate": the fit reached a degenerate limit, fitting.py)
+  notes.csv      dataset,method,ratio,note: why cells may mislead or are NaN
+                 (degenerate or failed fits, constant truth, max_steps=0); only
+                 written when there is a note, and listed under the tables
   selection.md, selection.tex  paper-style tables, published values beside ours
   headline.md    mean PearCorr / RelAcc over the ratios per file and method
   selection_vs_ratio_<ds>.png, curves_<ds>.png, pareto_<ds>.png
@@ -26,6 +30,7 @@ the tables and figures. Delete the output directory for a cold run.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import os
 import pathlib
@@ -33,16 +38,31 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 from experiments import common
-from lensllm_jax import budgeted, laws, metrics, plus_candidates, pooled, published, selection
+from lensllm_jax import (
+  budgeted,
+  errors,
+  laws,
+  metrics,
+  plus_candidates,
+  pooled,
+  published,
+  rundir,
+  selection,
+)
 from lensllm_jax import methods as methods_lib
 
 SELECTION_HEADER = ("dataset", "ratio", "max_data_num", "method", "metric", "value")
 RMSE_HEADER = ("dataset", "model", "max_data_num", "law", "rmse")
 COST_HEADER = ("dataset", "method", "setting", "flops", "relative_flops", "RelAcc", "PearCorr")
 FITS_HEADER = ("dataset", "method", "max_data_num", "model", "status", "params")
+NOTES_HEADER = ("dataset", "method", "ratio", "note")
+# What a run writes in --output_dir (removed by --config.overwrite=True when the inputs changed).
+OUTPUTS = ("*.csv", "*.md", "*.tex", "*.png")
+# Config fields that do not change the results (left out of the manifest).
+MANIFEST_IGNORE = ("threads", "figures", "data_dir")
 LAW_OF = {"VanillaFit": "vanilla", "RectifiedFit": "rectified", "LensLLM": "lensllm",
           "AtS": "ats"}
 
@@ -60,27 +80,6 @@ def define_flags() -> None:
 
 
 # --------------------------------------------------------------- steps ---
-
-
-def target_of(curves, target_data_num) -> float:
-  d = np.asarray(curves.data_sizes)
-  t = float(d.max()) if target_data_num is None else float(target_data_num)
-  if not np.any(d == t):
-    raise ValueError(f"{curves.source}: D*={t:g} is not a column of the file "
-                     f"(columns {d.astype(int).tolist()})")
-  return t
-
-
-def budgets_of(curves, target: float, ratios) -> list[tuple[int, float]]:
-  out = []
-  d = np.asarray(curves.data_sizes)
-  for r in ratios:
-    dmax = target / r
-    if not np.any((d > 0) & (d <= dmax)):
-      raise ValueError(f"{curves.source}: ratio {r} gives D_max={dmax:g}, below the "
-                       f"smallest fine-tuning size {d[d > 0].min():g}")
-    out.append((r, dmax))
-  return out
 
 
 def score_rows(dataset, ratio, dmax, result, truth) -> list[dict]:
@@ -118,10 +117,15 @@ def run_dataset(curves, methods, ratios, out: pathlib.Path, *, target, key, num_
   name = curves.name
   meta = selection.metadata_of(curves, target)
   truth = curves.column(target)
-  budgets = budgets_of(curves, target, ratios)
+  budgets = common.budgets_of(curves, target, ratios)
   views = [selection.visible_view(curves, dmax) for _, dmax in budgets]
-  done = {(r["method"], int(r["ratio"])) for r in common.read_rows(out / "selection.csv")
-          if r["dataset"] == name}
+  # A (method, ratio) is done when its every metric row is in selection.csv (the last file
+  # a unit writes); the rows of a unit cut short by a kill are dropped and the unit redone.
+  metrics_of = collections.defaultdict(set)
+  for r in common.read_rows(out / "selection.csv"):
+    if r["dataset"] == name:
+      metrics_of[(r["method"], int(r["ratio"]))].add(r["metric"])
+  done = {k for k, v in metrics_of.items() if v >= set(metrics.SCORES)}
   full = budgeted.full_tuning_flops(curves.sizes, target)
   min_curves = len(budgets) * len(curves.models)
   def compute(mi, method):
@@ -143,6 +147,7 @@ def run_dataset(curves, methods, ratios, out: pathlib.Path, *, target, key, num_
       logging.info("[%s] %s: already done, skipping", name, method)
     else:
       todo.append((mi, method))
+      drop_unit_rows(out, name, method)
   # The methods are independent: XLA compiles and runs them on separate threads
   # (it releases the GIL), and the rows are still written in method order.
   with concurrent.futures.ThreadPoolExecutor(max_workers=threads) as pool:
@@ -150,9 +155,11 @@ def run_dataset(curves, methods, ratios, out: pathlib.Path, *, target, key, num_
     futures = [(method, pool.submit(compute, mi, method)) for mi, method in todo]
     for method, future in futures:
       results = future.result()
-      sel, rm, fits, cost = [], [], [], []
+      sel, rm, fits, cost, notes = [], [], [], [], []
       for (ratio, dmax), res in zip(budgets, results, strict=True):
         sel += score_rows(name, ratio, dmax, res, truth)
+        notes += [{"dataset": name, "method": method, "ratio": ratio, "note": n}
+                  for n in result_notes(method, res, truth, fit_options)]
         if method in LAW_OF:
           rm += rmse_rows(name, dmax, res, curves, target)
           fits += fit_rows(name, dmax, res, curves)
@@ -166,6 +173,8 @@ def run_dataset(curves, methods, ratios, out: pathlib.Path, *, target, key, num_
         common.append_rows(out / "rmse.csv", RMSE_HEADER, rm)
         common.append_rows(out / "fits.csv", FITS_HEADER, fits)
       common.append_rows(out / "cost.csv", COST_HEADER, cost)
+      if notes:
+        common.append_rows(out / "notes.csv", NOTES_HEADER, notes)
       common.append_rows(out / "selection.csv", SELECTION_HEADER, sel)
       logging.info("[%s] %s: %d budgets done %.1fs after the file's start (total %.1fs)", name,
                    method, len(budgets), time.time() - t, time.time() - t0)
@@ -173,6 +182,52 @@ def run_dataset(curves, methods, ratios, out: pathlib.Path, *, target, key, num_
     run_budgeted(curves, out, target=target, key=jax.random.fold_in(key, 1000), full=full,
                  truth=truth, num_restarts=num_restarts, fit_options=fit_options, t0=t0,
                  **budget)
+
+
+def result_notes(method, result, truth, fit_options) -> list[str]:
+  """Why a result's cells may mislead or be empty: degenerate or failed fits, undefined
+  correlations (constant truth or feature), fits that were not run (max_steps = 0)."""
+  notes = []
+  status = list(result.status or ())
+  m = len(truth)
+  for st, what in (("degenerate", "in a degenerate limit (B or E overflowed, or the visible "
+                    "curve is flat or rising; status in fits.csv)"),
+                   ("nonfinite", "non-finite (feature = the last visible loss)")):
+    if st in status:
+      notes.append(f"{status.count(st)} of {m} fits {what}")
+  reason = metrics.undefined_reason(result.feature, truth)
+  if reason:
+    notes.append(f"PearCorr and Spearman are NaN: {reason}")
+  if method in LAW_OF and method != "AtS" and int(fit_options.get("max_steps", 1)) == 0:
+    notes.append("config.max_steps=0: the fits were not optimised (their parameters are "
+                 "not optima)")
+  return notes
+
+
+def notes_lines(out: pathlib.Path) -> list[str]:
+  """Markdown bullets of notes.csv, one per (dataset, method, note) with its ratios."""
+  grouped = {}
+  for r in common.read_rows(out / "notes.csv"):
+    grouped.setdefault((r["dataset"], r["method"], r["note"]), []).append(r["ratio"])
+  return [f"- {ds} {m} (ratios {', '.join(rs)}): {note}" for (ds, m, note), rs in grouped.items()]
+
+
+def drop_unit_rows(out: pathlib.Path, dataset: str, method: str) -> None:
+  """Removes every row of one (dataset, method) unit from the CSVs before it is redone."""
+  law = LAW_OF.get(method)
+  for file, header, drop in (
+      ("selection.csv", SELECTION_HEADER, lambda r: r["method"] == method),
+      ("rmse.csv", RMSE_HEADER, lambda r: law is not None and r["law"] == law),
+      ("fits.csv", FITS_HEADER, lambda r: r["method"] == method),
+      ("cost.csv", COST_HEADER,
+       lambda r: r["method"] == method and r["setting"].startswith("ratio=")),
+      ("notes.csv", NOTES_HEADER, lambda r: r["method"] == method)):
+    path = out / file
+    if path.exists():
+      n = common.drop_rows(path, header, lambda r, drop=drop: r["dataset"] == dataset and drop(r))
+      if n:
+        logging.info("[%s] %s: removed %d rows of an unfinished run from %s", dataset, method,
+                     n, file)
 
 
 def run_budgeted(curves, out, *, target, key, full, truth, levels, method, max_data_num,
@@ -269,6 +324,9 @@ def headline_table(out: pathlib.Path) -> str:
         cell += f" ({_fmt(float(np.mean(pub)))})"
       cells.append(cell)
     md.append(f"| {m} | " + " | ".join(cells) + " |")
+  notes = notes_lines(out)
+  if notes:
+    md += ["", "Notes (an empty cell is NaN; details in selection.md):", "", *notes]
   return "\n".join(md)
 
 
@@ -327,6 +385,9 @@ def selection_tables(out: pathlib.Path) -> tuple[str, str]:
       md.append(f"| {ds} | {law} | " + " | ".join(
           f"{pooled.get((ds, law, d), float('nan')):.4f}" for d in dmaxes) + " |")
     md.append("")
+  notes = notes_lines(out)
+  if notes:
+    md += ["## Notes (an empty cell above is NaN)", "", *notes, ""]
   return "\n".join(md), "\n".join(tex)
 
 
@@ -440,7 +501,8 @@ def choose_plus(curve_sets, methods, plus_protocol, out, *, ratios, key, target_
   if pooled.METHOD_NAME not in methods or plus_protocol == "none":
     return {}
   if len(curve_sets) < 2:
-    raise app.UsageError("--protocol=leave_one_out needs at least 2 --benchmark files")
+    raise errors.ConfigError("config.protocol='leave_one_out' needs at least 2 "
+                             "config.benchmarks files")
   done = {(r["dataset"], int(r["ratio"])) for r in common.read_rows(out / "selection.csv")
           if r["method"] == pooled.METHOD_NAME}
   if all((c.name, r) in done for c in curve_sets for r in ratios):
@@ -472,24 +534,38 @@ def choose_plus(curve_sets, methods, plus_protocol, out, *, ratios, key, target_
 def run(cfg, output_dir) -> pathlib.Path:
   """The whole experiment for a configs/selection.py config; returns the output directory."""
   t0 = time.time()
-  methods = list(cfg.methods)
+  methods = common.nonempty(cfg.methods, "methods")
   unknown = [m for m in methods if m not in methods_lib.METHODS]
   if unknown:
-    raise app.UsageError(f"config.methods: unknown {unknown}; known {sorted(methods_lib.METHODS)}")
+    raise errors.ConfigError(
+        f"config.methods: unknown {unknown}; known {sorted(methods_lib.METHODS)}")
   if cfg.budgeted and cfg.budget_method not in budgeted.BUDGET_METHODS:
-    raise app.UsageError(
+    raise errors.ConfigError(
         f"config.budget_method: {cfg.budget_method!r} is not supported; budget methods: "
         f"{', '.join(budgeted.BUDGET_METHODS)} (LensLLM+ has its own budgeted variant, "
         "plus_candidates.budgeted_candidate_selection, run by experiments.lensllm_plus)")
   if cfg.protocol not in ("none", "leave_one_out"):
-    raise app.UsageError(f"config.protocol={cfg.protocol!r}: expected 'none' or 'leave_one_out'")
-  if cfg.threads < 0:
-    raise app.UsageError(f"config.threads={cfg.threads}: expected >= 0 (0: one per CPU core)")
+    raise errors.ConfigError(
+        f"config.protocol={cfg.protocol!r}: expected 'none' or 'leave_one_out'")
+  common.integer_field(cfg, "threads", low=0)  # 0: one per CPU core
+  common.integer_field(cfg, "num_restarts", low=1)
+  common.integer_field(cfg, "max_steps", low=0)
+  common.integer_field(cfg, "seed")
+  common.integer_field(cfg, "target_data_num", low=1, optional=True)
+  common.integer_field(cfg, "budget_max_data_num", low=1, optional=True)
   ratios = common.parse_ratios(cfg.ratios)
   budget_levels = common.parse_levels(cfg.budget_levels)
-  out = pathlib.Path(output_dir)
-  out.mkdir(parents=True, exist_ok=True)
-  curve_sets = common.load_all(cfg.benchmarks, cfg.data_dir)
+  specs = common.nonempty(cfg.benchmarks, "benchmarks")
+  curve_sets = common.load_all(specs, cfg.data_dir)
+  for curves in curve_sets:  # every file's D* and budgets, before any work
+    common.budgets_of(curves, common.target_of(curves, cfg.target_data_num), ratios)
+  with rundir.open_output_dir(
+      output_dir, config=cfg, inputs={f"curves/{c.name}": c.source for c in curve_sets},
+      outputs=OUTPUTS, overwrite=cfg.overwrite, ignore=MANIFEST_IGNORE) as out:
+    return _run(cfg, out, curve_sets, methods, ratios, budget_levels, t0)
+
+
+def _run(cfg, out: pathlib.Path, curve_sets, methods, ratios, budget_levels, t0) -> pathlib.Path:
   key = jax.random.key(cfg.seed)
   fit_options = {"max_steps": cfg.max_steps}
   plus = choose_plus(curve_sets, methods, cfg.protocol, out, ratios=ratios,
@@ -497,7 +573,7 @@ def run(cfg, output_dir) -> pathlib.Path:
                      num_restarts=cfg.num_restarts)
   targets = []
   for di, curves in enumerate(curve_sets):
-    target = target_of(curves, cfg.target_data_num)
+    target = common.target_of(curves, cfg.target_data_num)
     targets.append(target)
     logging.info("[%s] %d models, %d points, D*=%g (%s)", curves.name, len(curves.models),
                  len(curves.data_sizes), target, curves.source)

@@ -2,6 +2,8 @@
 
 The public surface is a set of modules, each one concept:
 
+  errors       the bad-input error types (curve file, config, checkpoint, data, workdir)
+  rundir       output directories: one writer (lock), a manifest of what produced them
   benchmarks   fine-tuning curve files (public format of Lin et al. 2024)
   laws         vanilla, rectified and LensLLM laws of test loss vs data size
   fitting      jit-compiled float64 fitting of many curves at once
@@ -41,9 +43,9 @@ xla_workarounds.disable_cpu_ynn_fusions()
 __version__ = "0.1.0"
 
 _SUBMODULES = (
-    "benchmarks", "budgeted", "fitting", "hessian", "laws", "methods", "metrics", "models",
+    "benchmarks", "budgeted", "errors", "fitting", "hessian", "laws", "methods", "metrics", "models",
     "nlp_metrics", "nt_compat", "ntk", "pac_bayes", "phases", "pooled", "protocol",
-    "published", "selection", "sharding", "study_tasks", "textdata", "training", "zoo",
+    "published", "rundir", "selection", "sharding", "study_tasks", "textdata", "training", "zoo",
 )
 __all__ = list(_SUBMODULES)
 

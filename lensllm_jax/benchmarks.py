@@ -45,6 +45,8 @@ import urllib.request
 
 import numpy as np
 
+from lensllm_jax import errors
+
 __all__ = [
   "DEFAULT_URL_TEMPLATE",
   "PACKAGED_DIR",
@@ -69,11 +71,11 @@ _SIZE_COL = "size"
 _FAMILY_COL = "family"
 
 
-class CurveFormatError(ValueError):
-  """A curve file is malformed; the message names file, row and column."""
+# A curve file is missing or malformed; the message names file, row and column.
+CurveFormatError = errors.CurveFileError
 
 
-class CurveDownloadError(OSError):
+class CurveDownloadError(CurveFormatError):
   """A benchmark name is in no local place and its download failed; one-line message."""
 
 
@@ -138,7 +140,7 @@ def _err(path, msg: str, *, line: int | None = None, model: str | None = None,
 def _parse_data_size(header: str) -> int | None:
   """Integer D of a loss column header, or None for non-integer headers."""
   text = header.strip()
-  if not text or not (text.isdigit()):
+  if not text or not (text.isascii() and text.isdigit()):  # "²".isdigit() is True
     return None
   return int(text)
 
@@ -157,7 +159,11 @@ def parse_curves(text: str, *, source: str = "<string>", name: str | None = None
   Raises:
     CurveFormatError: naming file, line / model and column of the first problem.
   """
-  rows = list(csv.reader(io.StringIO(text)))
+  text = text.removeprefix("\ufeff")  # the byte order mark of a spreadsheet's UTF-8 export
+  try:
+    rows = list(csv.reader(io.StringIO(text)))
+  except csv.Error as e:  # e.g. a NUL byte, a field over the csv module's size limit
+    raise _err(source, f"not a CSV file ({e})") from None
   # Drop fully blank lines (e.g. a trailing newline) but keep line numbers.
   numbered = [(i + 1, r) for i, r in enumerate(rows) if any(c.strip() for c in r)]
   if not numbered:
@@ -188,6 +194,10 @@ def parse_curves(text: str, *, source: str = "<string>", name: str | None = None
       raise _err(source, "unknown column (expected 'config name', integer data sizes, "
                  "'size', 'family')", line=header_line, column=h)
   loss_cols.sort()
+  for (d0, j0, h0), (d1, _, h1) in zip(loss_cols[:-1], loss_cols[1:], strict=True):
+    if d0 == d1:  # "0200" and "200"
+      raise _err(source, f"duplicate data size D={d1} (also column {h0!r}, column {j0 + 1})",
+                 line=header_line, column=h1)
   has_family = _FAMILY_COL in seen
 
   models, sizes, families, losses = [], [], [], []
@@ -230,6 +240,9 @@ def parse_curves(text: str, *, source: str = "<string>", name: str | None = None
                  column=_SIZE_COL) from None
     if not math.isfinite(size_f) or size_f <= 0 or size_f != round(size_f):
       raise _err(source, f"size must be a positive integer, got {cell!r}", line=line,
+                 model=model, column=_SIZE_COL)
+    if size_f >= 2.0 ** 63:
+      raise _err(source, f"size {cell!r} does not fit a 64-bit integer", line=line,
                  model=model, column=_SIZE_COL)
     models.append(model)
     sizes.append(int(round(size_f)))
@@ -280,6 +293,7 @@ def _atomic_write(path: pathlib.Path, payload: bytes) -> None:
       os.unlink(tmp)
     raise
 
+
 def _download(url: str, dest: pathlib.Path, timeout: float) -> None:
   """Downloads `url` to `dest` atomically (temporary file + rename)."""
   dest.parent.mkdir(parents=True, exist_ok=True)
@@ -293,7 +307,11 @@ def _download(url: str, dest: pathlib.Path, timeout: float) -> None:
       f"download curve file from {url}: {reason}. Offline: copy {dest.name} to that cache "
       "path, or pass the file's path instead of the name.") from e
   # Validate before caching so a broken download never poisons the cache.
-  parse_curves(payload.decode("utf-8"), source=url, name=dest.stem)
+  try:
+    text = payload.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise _err(url, f"not UTF-8 text ({e})") from None
+  parse_curves(text, source=url, name=dest.stem)
   _atomic_write(dest, payload)
 
 
@@ -314,15 +332,15 @@ def resolve_curve_file(spec: str | os.PathLike, *, data_dir: str | None = None,
   if path.exists():
     return path
   if path.suffix == ".csv" or os.sep in spec_str or "/" in spec_str:
-    raise FileNotFoundError(f"curve file {spec_str} does not exist")
+    raise CurveFormatError(f"curve file {spec_str} does not exist")
   name = spec_str
   data_dir = data_dir if data_dir is not None else os.environ.get("LENSLLM_DATA_DIR")
   if data_dir:
     local = pathlib.Path(data_dir).expanduser() / f"{name}.csv"
     if local.exists():
       return local
-    raise FileNotFoundError(f"benchmark {name!r} not found: {local} does not exist "
-                            "(data_dir / $LENSLLM_DATA_DIR)")
+    raise CurveFormatError(f"benchmark {name!r} not found: {local} does not exist "
+                           "(data_dir / $LENSLLM_DATA_DIR)")
   packaged = PACKAGED_DIR / f"{name}.csv"
   if packaged.exists():
     return packaged
@@ -355,17 +373,21 @@ def load_curves(spec: str | os.PathLike, *, data_dir: str | None = None,
     CurveSet with data_sizes [P] ascending (data_sizes[0] == 0) and losses [M, P].
 
   Raises:
-    CurveFormatError: invalid content (names file, row, column).
-    FileNotFoundError: a missing path, or a name missing from an explicit data_dir.
-    CurveDownloadError: a name found nowhere locally whose download failed
-      (names the benchmark, the URL and the cache path).
+    CurveFormatError: a missing or unreadable file, invalid content (names file, row,
+      column), or a name missing from an explicit data_dir.
+    CurveDownloadError (a CurveFormatError): a name found nowhere locally whose
+      download failed (names the benchmark, the URL and the cache path).
   """
   path = resolve_curve_file(spec, data_dir=data_dir, cache_dir=cache_dir,
                             url_template=url_template, timeout=timeout)
+  if path.is_dir():
+    raise _err(path, "is a directory, not a curve file")
   try:
-    text = path.read_text(encoding="utf-8")
+    text = path.read_bytes().decode("utf-8")
   except UnicodeDecodeError as e:
     raise _err(path, f"not UTF-8 text ({e})") from None
+  except OSError as e:  # unreadable (permissions, a special file)
+    raise _err(path, f"cannot be read ({e.strerror or e})") from None
   return parse_curves(text, source=str(path), name=path.stem)
 
 

@@ -72,7 +72,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lensllm_jax import selection
+from lensllm_jax import errors, selection
 
 __all__ = [
   "FAMILIES",
@@ -619,9 +619,12 @@ def load_predictor(directory, predictor_cls=None):
   cls = CurvePFNPredictor if predictor_cls is None else predictor_cls
   src = pathlib.Path(directory)
   for name in ("weights.msgpack", "config.json"):
-    if not (src / name).exists():
-      raise FileNotFoundError(f"load_predictor: {src / name} is missing")
-  cfg = json.loads((src / "config.json").read_text())
+    if not (src / name).is_file():
+      raise errors.CheckpointError(f"load_predictor: {src / name} is missing")
+  try:
+    cfg = json.loads((src / "config.json").read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise errors.CheckpointError(f"{src / 'config.json'}: not valid JSON ({e})") from None
   model_config = dataclass_from_dict(cls.model_config_cls, cfg["model"])
   prior = dataclass_from_dict(cls.prior_cls, cfg["prior"])
   # The state dict needs no template (no model.init): nested dicts of arrays.

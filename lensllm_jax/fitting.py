@@ -37,6 +37,12 @@ Stopping rule per (curve, restart), checked after every step:
   * "max_steps": max_steps steps done without converging;
   * "nonfinite": the objective, gradient or parameters became NaN / inf (the
     restart is discarded).
+After the best restart is chosen, a curve whose fit reached a degenerate limit
+gets status "degenerate" instead of "converged" / "max_steps" (its parameters
+are kept, never silently): a fitted amplitude B or E that is non-finite or
+above `AMPLITUDE_LIMIT`, or data that do not decrease (the log loss at the
+largest fitted D is >= that at the smallest: a flat or rising curve, which a
+decreasing law can only meet in a limit). `degenerate_reason` says which.
 Per curve, the finite restart with the lowest objective is returned; a
 curve with no finite restart gets status "nonfinite", objective +inf and NaN
 parameters (never silently), and a curve with no valid point gets "no_data".
@@ -54,11 +60,15 @@ import optax
 
 from lensllm_jax import laws as laws_lib
 
-__all__ = ["STATUS_NAMES", "FitResult", "fit_curves", "initial_params",
+__all__ = ["AMPLITUDE_LIMIT", "STATUS_NAMES", "FitResult", "degenerate_reason", "fit_curves",
+           "initial_params", "not_decreasing",
            "TrustRegionState", "scale_by_damped_newton", "scale_by_gauss_newton"]
 
-STATUS_NAMES = ("converged", "max_steps", "nonfinite", "no_data")
-_CONVERGED, _MAX_STEPS, _NONFINITE, _NO_DATA = range(4)
+STATUS_NAMES = ("converged", "max_steps", "nonfinite", "no_data", "degenerate")
+_CONVERGED, _MAX_STEPS, _NONFINITE, _NO_DATA, _DEGENERATE = range(5)
+# A fitted amplitude (B or E) above this has overflowed: the law sits in a degenerate limit
+# (e.g. log B ~ 3.5e5 with beta ~ 9e3 on some vanilla fits), whatever the optimiser said.
+AMPLITUDE_LIMIT = 1e30
 _RUNNING = -1
 # Consecutive rejected trust-region steps after which the point is taken as a
 # numerical minimum: the damping has grown by 4^40 (to its clip), the step is ~0.
@@ -549,7 +559,8 @@ def fit_curves(law: laws_lib.Law, data_size, log_loss, mask=None, *, key: jax.Ar
                 jnp.asarray(patience, jnp.int32))
     raw, value, gnorm, steps, reason = jax.device_get(
       fit(raw0, jnp.asarray(d_in), jnp.asarray(y_in), jnp.asarray(valid), aux_in, controls))
-  return _select_best(law, raw, value, gnorm, steps, reason, num_points)
+  return _select_best(law, raw, value, gnorm, steps, reason, num_points,
+                      not_decreasing(d_in, y_in, valid))
 
 
 def auto_optimizer(law: laws_lib.Law) -> str:
@@ -586,8 +597,32 @@ def auto_queue_slots(lanes: int) -> int:
   return max(32, -(-lanes // 32 // 32) * 32)
 
 
-def _select_best(law, raw, value, gnorm, steps, reason, num_points) -> FitResult:
-  """Picks the best finite restart per curve (numpy, [C, R, ...] inputs)."""
+def not_decreasing(d, y, valid) -> np.ndarray:
+  """[C] bool: the curve's log loss y at its largest valid D is >= that at its smallest
+  (flat or rising); False with fewer than 2 valid points. d, y, valid: [C, P]."""
+  d = np.where(valid, d, np.nan)
+  has = valid.sum(axis=1) >= 2
+  rows = np.arange(d.shape[0])
+  with np.errstate(invalid="ignore"):
+    lo = np.nanargmin(np.where(has[:, None], d, 0.0), axis=1)
+    hi = np.nanargmax(np.where(has[:, None], d, 0.0), axis=1)
+  return has & (y[rows, hi] >= y[rows, lo])
+
+
+def degenerate_reason(result: FitResult, c: int) -> str:
+  """Why curve c's fit has status "degenerate" ("" otherwise)."""
+  if result.status[c] != "degenerate":
+    return ""
+  big = [f"{k}={result.params[k][c]:.3g}" for k in ("B", "E") if k in result.params
+         and not abs(result.params[k][c]) <= AMPLITUDE_LIMIT]
+  if big:
+    return f"{', '.join(big)} overflowed (a degenerate limit of the {result.law_name} law)"
+  return "the fitted losses do not decrease with D (flat or rising curve)"
+
+
+def _select_best(law, raw, value, gnorm, steps, reason, num_points, flat) -> FitResult:
+  """Picks the best finite restart per curve (numpy, [C, R, ...] inputs); flat: [C] bool
+  from `not_decreasing`."""
   raw, value = np.asarray(raw), np.asarray(value)
   reason = np.asarray(reason).copy()
   ok = (reason != _NONFINITE) & np.isfinite(value) & np.all(np.isfinite(raw), axis=-1)
@@ -601,10 +636,16 @@ def _select_best(law, raw, value, gnorm, steps, reason, num_points) -> FitResult
   best_raw = np.where(any_ok[:, None], raw[rows, best], np.nan)
   best_raw = np.where((num_points == 0)[:, None], np.nan, best_raw)
   objective = np.where(any_ok & (num_points > 0), masked_value[rows, best], np.inf)
+  with np.errstate(invalid="ignore", over="ignore"):  # NaN rows of failed curves stay NaN
+    params = {k: np.asarray(v, dtype=np.float64) for k, v in law.constrain(best_raw).items()}
+    overflow = np.zeros(raw.shape[0], bool)
+    for k in ("B", "E"):
+      if k in params:
+        overflow |= ~(np.abs(params[k]) <= AMPLITUDE_LIMIT)
+  fitted = any_ok & (num_points > 0)
+  best_reason = np.where(fitted & (overflow | flat), _DEGENERATE, best_reason)
   names = np.asarray(STATUS_NAMES, dtype=object)
   status = names[best_reason]
-  with np.errstate(invalid="ignore"):  # NaN rows of failed curves stay NaN
-    params = {k: np.asarray(v, dtype=np.float64) for k, v in law.constrain(best_raw).items()}
   return FitResult(
     law_name=law.name,
     param_names=law.param_names,

@@ -23,6 +23,38 @@ from __future__ import annotations
 import numpy as np
 
 MIN_MODELS = 3
+# The names of `selection_scores`, in its order.
+SCORES = ("PearCorr", "RelAcc", "Spearman")
+
+
+# Relative spread (max - min) / max |x| below which a vector is constant to rounding: the
+# mean of M identical floats differs from them by ~1e-16 relative, so an exact test misses it.
+CONSTANT_TOLERANCE = 1e-12
+
+
+def constant_to_rounding(x) -> bool:
+  """True when x [M] is constant up to `CONSTANT_TOLERANCE` relative spread (or has < 2 entries)."""
+  x = np.asarray(x, np.float64).reshape(-1)
+  if x.size < 2:
+    return True
+  scale = float(np.max(np.abs(x)))
+  return float(x.max() - x.min()) <= CONSTANT_TOLERANCE * scale
+
+
+def undefined_reason(feature, target) -> str:
+  """Why a correlation of feature [M] with target [M] is NaN ("" when it is defined)."""
+  f, y = _as_pair(feature, target)
+  if not np.all(np.isfinite(y)):
+    return "the true losses L(D*) are not all finite"
+  if not np.all(np.isfinite(f)):
+    return "the method's feature is not finite for every model"
+  if constant_to_rounding(y):
+    return (f"the true losses L(D*) are constant to rounding (relative spread < "
+            f"{CONSTANT_TOLERANCE:g}): no model is better")
+  if constant_to_rounding(f):
+    return (f"the method's feature is constant over the models (relative spread < "
+            f"{CONSTANT_TOLERANCE:g}): it orders nothing")
+  return ""
 
 
 def _as_pair(feature, target):
@@ -34,10 +66,11 @@ def _as_pair(feature, target):
 
 
 def pearson_corr(feature, target) -> float:
-  """Raw Pearson correlation of feature [M] with target [M]; nan if either is constant
-  or any entry is non-finite."""
+  """Raw Pearson correlation of feature [M] with target [M]; nan if either is constant to
+  rounding (`constant_to_rounding`) or any entry is non-finite (`undefined_reason` says
+  which)."""
   f, y = _as_pair(feature, target)
-  if not (np.all(np.isfinite(f)) and np.all(np.isfinite(y))):
+  if undefined_reason(f, y):
     return float("nan")
   fc, yc = f - f.mean(), y - y.mean()
   den = np.sqrt((fc * fc).sum() * (yc * yc).sum())
@@ -61,17 +94,18 @@ def average_ranks(x) -> np.ndarray:
 
 
 def spearman_corr(feature, target) -> float:
-  """Spearman rank correlation (Pearson on average ranks)."""
+  """Spearman rank correlation (Pearson on average ranks); nan as `pearson_corr`."""
   f, y = _as_pair(feature, target)
-  if not (np.all(np.isfinite(f)) and np.all(np.isfinite(y))):
+  if undefined_reason(f, y):  # the ranks of values equal to rounding are noise
     return float("nan")
   return pearson_corr(average_ranks(f), average_ranks(y))
 
 
 def kendall_tau(feature, target) -> float:
-  """Kendall tau-b: (concordant - discordant) / sqrt((n0 - ties_f)(n0 - ties_y))."""
+  """Kendall tau-b: (concordant - discordant) / sqrt((n0 - ties_f)(n0 - ties_y)); nan as
+  `pearson_corr`."""
   f, y = _as_pair(feature, target)
-  if not (np.all(np.isfinite(f)) and np.all(np.isfinite(y))):
+  if undefined_reason(f, y):
     return float("nan")
   sf = np.sign(f[:, None] - f[None, :])
   sy = np.sign(y[:, None] - y[None, :])
@@ -88,7 +122,7 @@ def relative_accuracy(chosen: int, target) -> float:
   if not 0 <= int(chosen) < y.size:
     raise ValueError(f"chosen={chosen} is not a model index in [0, {y.size})")
   worst, best = y.max(), y.min()
-  if worst == best:
+  if constant_to_rounding(y):  # every choice is the best one
     return 1.0
   return float((worst - y[int(chosen)]) / (worst - best))
 

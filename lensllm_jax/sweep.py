@@ -12,10 +12,13 @@ docstring lists the workdir's files), also driven by `experiments.select`
                              stopping on the fixed validation split, and appends
                              one runs.jsonl row per run (D = 0: zero-shot)
   run_one                    one fine-tuning run (orbax checkpoints: a killed run
-                             resumes mid-run)
+                             resumes mid-run; deleted by `clear_checkpoint` only
+                             after the run's row is durable)
   read_runs / append_run     runs.jsonl (a row cut by a kill is dropped and the
                              run redone)
-  bind_workdir               refuses a workdir of another sweep configuration
+  open_workdir / bind_workdir  lock and manifest of a workdir (`rundir`): a workdir
+                             of another configuration or other input files is
+                             refused; it may grow (`WORKDIR_MERGE`)
   write_curve_file           curves.csv in the public format (complete models)
 
 Multi-process (`sharding.initialize_distributed`; docs/scale.md): every
@@ -37,7 +40,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from lensllm_jax import benchmarks, models, sharding, textdata, training
+from lensllm_jax import benchmarks, errors, models, rundir, sharding, textdata, training
 
 
 @dataclasses.dataclass
@@ -73,8 +76,8 @@ def task_spec(cfg, workdir: pathlib.Path) -> textdata.TaskSpec:
     return textdata.local_task(cfg.name, files, validation_split=cfg.validation_split or None,
                                test_split=cfg.test_split or None, **common)
   if cfg.task not in textdata.TASKS:
-    raise ValueError(f"--config.task={cfg.task!r}: expected 'synthetic', 'local' or one of "
-                     f"{sorted(textdata.TASKS)}")
+    raise errors.ConfigError(f"config.task={cfg.task!r}: expected 'synthetic', 'local' or one "
+                             f"of {sorted(textdata.TASKS)}")
   spec = textdata.TASKS[cfg.task]
   return dataclasses.replace(spec, config=cfg.hub_config or spec.config)
 
@@ -87,8 +90,8 @@ def load_splits(cfg, workdir: pathlib.Path) -> dict[str, list[textdata.Example]]
                               seed=cfg.split_seed, cache_dir=str(workdir / "hf_cache"))
   biggest = max(cfg.subset_sizes)
   if biggest > len(splits["train"]):
-    raise ValueError(f"--config.subset_sizes needs {biggest} train examples, task "
-                     f"{spec.name!r} has {len(splits['train'])}")
+    raise errors.ConfigError(f"config.subset_sizes needs {biggest} train examples, task "
+                             f"{spec.name!r} has {len(splits['train'])} in its train pool")
   logging.info("task %s: %s examples", spec.name, {k: len(v) for k, v in splits.items()})
   return splits
 
@@ -122,9 +125,9 @@ def load_model(spec, cfg, workdir: pathlib.Path, splits, mesh) -> LoadedModel:
     tok = models.load_tokenizer(spec.hf_dir)
   else:
     if spec.preset not in models.presets:
-      raise ValueError(f"model {spec.name!r}: set hf_dir (a Hugging Face checkpoint directory) "
-                       f"or preset (one of {sorted(models.presets)}); got preset "
-                       f"{spec.preset!r}")
+      raise errors.ConfigError(
+          f"config.models[{spec.name!r}]: set hf_dir (a Hugging Face checkpoint directory) "
+          f"or preset (one of {sorted(models.presets)}); got preset {spec.preset!r}")
     tok = preset_tokenizer(cfg, workdir, splits)
     overrides = spec.get("overrides", None)
     overrides = overrides.to_dict() if overrides is not None else {}
@@ -132,7 +135,12 @@ def load_model(spec, cfg, workdir: pathlib.Path, splits, mesh) -> LoadedModel:
         vocab_size=tok.get_vocab_size(), max_len=max(cfg.max_len, 8), **overrides)
     params = pretrained_params(spec, cfg, config, tok, workdir, mesh)
   if config.max_len < cfg.max_len:
-    raise ValueError(f"model {spec.name!r}: max_len {config.max_len} < --config.max_len")
+    raise errors.ConfigError(f"config.max_len={cfg.max_len}: model {spec.name!r} takes at most "
+                             f"{config.max_len} positions")
+  source = spec.hf_dir or str(workdir / "tokenizer.json")
+  if tok.get_vocab_size() > config.vocab_size:  # ids past the embedding: non-finite losses
+    raise errors.CheckpointError(f"{source}: the tokenizer has {tok.get_vocab_size()} tokens, "
+                                 f"more than the model's vocab_size {config.vocab_size}")
   if sharding.is_primary():
     write_model_config(workdir / "models" / f"{spec.name}.json", config)
   apply_fn = training.causal_lm_apply(models.build(config))
@@ -194,7 +202,8 @@ def read_runs(path: pathlib.Path) -> dict[tuple[str, int], dict]:
       try:
         rec = json.loads(line)
       except json.JSONDecodeError as e:
-        raise ValueError(f"{path} line {i + 1}: not JSON ({e}); delete the line to redo the run") from None
+        raise errors.WorkdirError(f"{path} line {i + 1}: not JSON ({e}); delete the line to redo "
+                                  "the run") from None
       runs[(rec["model"], int(rec["data_size"]))] = rec
   return runs
 
@@ -357,11 +366,16 @@ def run_one(m: LoadedModel, data: dict, d: int, cfg, tcfg, workdir, mesh, snapsh
     t0 = time.time()
     rec["ntk"] = snapshot.record(res.params, workdir / "ntk" / f"{m.name}_D{d}.npz")
     rec["seconds_ntk"] = time.time() - t0
-  if ckpt is not None:
-    sharding.barrier("run finished")  # no process still reads the checkpoint
-    if sharding.is_primary():
-      shutil.rmtree(ckpt, ignore_errors=True)
   return rec, res.params, idx
+
+
+def clear_checkpoint(workdir: pathlib.Path, model: str, d: int) -> None:
+  """Deletes the run's orbax checkpoints; called only once its row is durable in runs.jsonl
+  (a failure in between leaves a run that resumes from its last checkpoint)."""
+  ckpt = workdir / "ckpt" / model / str(d)
+  sharding.barrier("run recorded")  # no process still reads the checkpoint
+  if sharding.is_primary():
+    shutil.rmtree(ckpt, ignore_errors=True)
 
 
 def pretrained_snapshot(m: LoadedModel, data: dict, cfg, workdir: pathlib.Path):
@@ -417,7 +431,9 @@ def sweep_model(m: LoadedModel, data: dict, cfg, tcfg: training.TrainConfig,
     rec = {**base, "data_size": d, **rec, "wall_seconds": time.time() - t0}
     if not math.isfinite(rec["test_loss"]):
       raise FloatingPointError(f"{workdir}: non-finite test loss for {m.name} at D={d}")
-    append_run(workdir / "runs.jsonl", rec)
+    append_run(workdir / "runs.jsonl", rec)  # durable (fsynced) before the checkpoint goes
+    if d:
+      clear_checkpoint(workdir, m.name, d)
     runs[(m.name, d)] = rec
     if progress is not None:
       progress(rec)
@@ -426,22 +442,55 @@ def sweep_model(m: LoadedModel, data: dict, cfg, tcfg: training.TrainConfig,
                    rec["wall_seconds"])
 
 
-def bind_workdir(cfg, workdir: pathlib.Path) -> None:
-  """Writes config.json, refusing a workdir whose runs came from another configuration.
+# What a sweep writes in its workdir (removed by config.overwrite=True when the manifest
+# differs), and the config keys whose elements are independent runs: a rerun may add sizes
+# or models, or leave models out; a model of the same name must keep its spec.
+WORKDIR_OUTPUTS = ("runs.jsonl", "curves.csv", "config.json", "tokenizer.json", "data", "ntk",
+                   "finetuned", "models", "pretrained", "ckpt", "hf_cache")
+WORKDIR_MERGE = {"subset_sizes": None, "models": lambda spec: spec["name"]}
+# Fields that do not change any run's result.
+WORKDIR_IGNORE = ("overwrite", "checkpoint_runs", "checkpoint_every_seconds")
 
-  Runs of two configurations must not be mixed into one curve file.
-  """
-  workdir.mkdir(parents=True, exist_ok=True)
-  path = workdir / "config.json"
-  text = cfg.to_json_best_effort(indent=2, sort_keys=True)
-  if path.exists() and (workdir / "runs.jsonl").exists() and path.read_text() != text:
-    raise ValueError(f"{workdir} holds runs of another sweep configuration ({path}); use a new "
-                     f"--workdir, or delete {workdir / 'runs.jsonl'} to redo the runs")
-  sharding.barrier("workdir checked")  # before process 0 replaces the file
+
+def sweep_inputs(cfg) -> dict[str, pathlib.Path]:
+  """{name: path} of the sweep's input files: local data files and checkpoint directories."""
+  inputs = {}
+  if cfg.get("task") == "local":
+    for split, path in cfg.data_files.to_dict().items():
+      if path:
+        if not pathlib.Path(path).is_file():
+          raise errors.DataError(f"config.data_files.{split}: {path} does not exist"
+                                 + (" (a directory)" if pathlib.Path(path).is_dir() else ""))
+        inputs[f"data/{split}"] = pathlib.Path(path)
+  for spec in cfg.get("models", ()):  # (experiments.lensllm_study's sweeps have no models)
+    if spec.hf_dir:
+      if not pathlib.Path(spec.hf_dir).is_dir():
+        raise errors.CheckpointError(f"config.models[{spec.name!r}].hf_dir: {spec.hf_dir} is "
+                                     "not a checkpoint directory")
+      inputs[f"checkpoint/{spec.name}"] = pathlib.Path(spec.hf_dir)
+  return inputs
+
+
+def open_workdir(cfg, workdir: pathlib.Path, *, overwrite: bool = False):
+  """`rundir.open_output_dir` of a sweep workdir for the whole run (lock + manifest; process
+  0 locks and writes)."""
+  return rundir.open_output_dir(workdir, config=cfg, inputs=sweep_inputs(cfg),
+                                outputs=WORKDIR_OUTPUTS, merge=WORKDIR_MERGE,
+                                overwrite=overwrite, ignore=WORKDIR_IGNORE,
+                                primary=sharding.is_primary())
+
+
+def bind_workdir(cfg, workdir: pathlib.Path) -> None:
+  """Checks and records the workdir's manifest (`rundir.bind_manifest`, `WORKDIR_MERGE`)
+  without taking its lock: for a caller that runs several sweeps inside a directory it
+  holds (experiments.lensllm_study, experiments.select). Runs of two configurations are
+  never mixed into one curve file."""
   if sharding.is_primary():
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    rundir.prepare_directory(workdir)
+    rundir.bind_manifest(workdir, rundir.make_manifest(cfg, sweep_inputs(cfg),
+                                                       ignore=WORKDIR_IGNORE),
+                         outputs=WORKDIR_OUTPUTS, merge=WORKDIR_MERGE)
+  sharding.barrier("workdir checked")
 
 
 def write_curve_file(cfg, runs: dict, model_rows: dict, path: pathlib.Path) -> int:

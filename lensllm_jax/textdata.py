@@ -35,10 +35,14 @@ Conventions.
 from __future__ import annotations
 
 import dataclasses
+import json
+import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
+
+from lensllm_jax import errors
 
 Example = tuple[str, str]
 LOCAL_BUILDERS = ("json", "csv", "text", "parquet")
@@ -146,12 +150,14 @@ def _get_field(record: Mapping[str, Any], dotted: str, where: str) -> str:
   for part in dotted.split("."):
     if not isinstance(value, Mapping) or part not in value:
       keys = list(value) if isinstance(value, Mapping) else type(value).__name__
-      raise KeyError(f"{where}: field {dotted!r} not found (at {part!r}; available: {keys})")
+      raise errors.DataError(
+          f"{where}: field {dotted!r} not found (at {part!r}; available: {keys})")
     value = value[part]
   if value is None:
     return ""
   if not isinstance(value, str):
-    raise TypeError(f"{where}: field {dotted!r} is {type(value).__name__}, expected a string")
+    raise errors.DataError(
+        f"{where}: field {dotted!r} is {type(value).__name__}, expected a string")
   return value
 
 
@@ -179,18 +185,77 @@ def format_split(spec: TaskSpec, records: Any, split: str = "train") -> list[Exa
   return out
 
 
+def local_files(spec: TaskSpec) -> list[pathlib.Path]:
+  """The local data files of a task (all splits; [] for a hub task)."""
+  if spec.data_files is None:
+    return []
+  out = []
+  for value in spec.data_files.values():
+    out += [pathlib.Path(v) for v in ([value] if isinstance(value, (str, pathlib.Path))
+                                      else value)]
+  return out
+
+
+def check_local_files(spec: TaskSpec) -> None:
+  """Checks a local task's files before `datasets` reads them (its errors name no line).
+
+  Every file must exist and be non-empty; every non-blank line of a JSON-lines
+  file (".jsonl", or a ".json" that is not one JSON document) must be a JSON
+  object. Raises `errors.DataError` naming the file and line.
+  """
+  if spec.path not in LOCAL_BUILDERS:
+    return
+  for path in local_files(spec):
+    if not path.is_file():
+      raise errors.DataError(f"task {spec.name!r}: data file {path} does not exist"
+                             + (" (a directory)" if path.is_dir() else ""))
+    try:
+      data = path.read_bytes()
+    except OSError as e:
+      raise errors.DataError(f"task {spec.name!r}: {path}: cannot be read ({e})") from None
+    if not data.strip():
+      raise errors.DataError(f"task {spec.name!r}: {path} is empty")
+    if spec.path != "json":
+      continue
+    try:
+      text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+      raise errors.DataError(f"{path}: not UTF-8 text ({e})") from None
+    if path.suffix.lower() == ".json":
+      try:
+        json.loads(text)
+        continue  # one JSON document
+      except json.JSONDecodeError:
+        pass  # JSON lines in a .json file
+    for i, line in enumerate(text.splitlines(), 1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise errors.DataError(f"{path}, line {i}: not JSON ({e.msg}, column {e.colno})") from None
+      if not isinstance(record, dict):
+        raise errors.DataError(f"{path}, line {i}: expected a JSON object, got "
+                               f"{type(record).__name__}")
+
+
 def load_raw(spec: TaskSpec, *, cache_dir: str | None = None) -> Any:
-  """`datasets.load_dataset` for hub ids and local builders alike (a DatasetDict)."""
+  """`datasets.load_dataset` for hub ids and local builders alike (a DatasetDict).
+
+  Local files are checked first (`check_local_files`).
+  """
   import datasets  # local import: keep `import lensllm_jax.textdata` light.
 
+  check_local_files(spec)
   kwargs = {"cache_dir": cache_dir}
   if spec.data_files is not None:
     kwargs["data_files"] = spec.data_files
   try:
     return datasets.load_dataset(spec.path, spec.config, **kwargs)
   except FileNotFoundError as e:
-    raise FileNotFoundError(f"task {spec.name!r}: cannot load {spec.path!r} "
-                            f"(config={spec.config!r}, data_files={spec.data_files!r}): {e}") from e
+    raise errors.DataError(f"task {spec.name!r}: cannot load {spec.path!r} "
+                           f"(config={spec.config!r}, data_files={spec.data_files!r}): "
+                           f"{e}") from e
 
 
 def load_task(spec: TaskSpec, *, num_validation: int = 500, num_test: int = 1000,
@@ -220,7 +285,7 @@ def load_task(spec: TaskSpec, *, num_validation: int = 500, num_test: int = 1000
   """
   raw = load_raw(spec, cache_dir=cache_dir) if raw is None else raw
   if spec.train_split not in raw:
-    raise KeyError(f"task {spec.name!r}: no split {spec.train_split!r} in {list(raw)}")
+    raise errors.DataError(f"task {spec.name!r}: no split {spec.train_split!r} in {list(raw)}")
   rows = raw[spec.train_split]
   if max_train is not None and max_train < len(rows):
     rows = rows.select(range(max_train)) if hasattr(rows, "select") else rows[:max_train]
@@ -232,15 +297,15 @@ def load_task(spec: TaskSpec, *, num_validation: int = 500, num_test: int = 1000
     if split is not None and split in raw:
       out[key] = format_split(spec, raw[split], split)[:cap]
     elif split is not None:
-      raise KeyError(f"task {spec.name!r}: no split {split!r} in {list(raw)} "
-                     f"(set {key}_split=None to carve it from train)")
+      raise errors.DataError(f"task {spec.name!r}: no split {split!r} in {list(raw)} "
+                             f"(set {key}_split=None to carve it from train)")
     else:
       carve.append((key, n))
   if carve:
     need = sum(n for _, n in carve)
     if need >= len(train):
-      raise ValueError(f"task {spec.name!r}: cannot carve {need} held-out examples from "
-                       f"{len(train)} train examples")
+      raise errors.DataError(f"task {spec.name!r}: cannot carve {need} held-out examples "
+                             f"from {len(train)} train examples")
     perm = np.random.default_rng(seed).permutation(len(train))
     start = 0
     for key, n in carve:

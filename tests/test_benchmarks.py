@@ -73,7 +73,7 @@ def test_name_lookup_via_env(shared_benchmarks, monkeypatch):
   monkeypatch.setenv("LENSLLM_DATA_DIR", str(shared_benchmarks))
   cs = benchmarks.load_curves("flan")
   assert cs.source == str(shared_benchmarks / "flan.csv")
-  with pytest.raises(FileNotFoundError, match="wmt19"):
+  with pytest.raises(benchmarks.CurveFormatError, match="wmt19"):
     benchmarks.load_curves("wmt19")
 
 
@@ -204,7 +204,7 @@ def test_download_once_then_cache(tmp_path, shared_benchmarks, monkeypatch):
     assert (cache / "wmt19.csv").exists()
     assert not [p for p in cache.iterdir() if p.suffix == ".tmp"]
     # A missing file on the server: clear error with the URL, nothing cached.
-    with pytest.raises(OSError, match=r"127\.0\.0\.1.*/missing\.csv"):
+    with pytest.raises(benchmarks.CurveFormatError, match=r"127\.0\.0\.1.*/missing\.csv"):
       benchmarks.load_curves("missing", cache_dir=str(cache), url_template=template)
     assert not (cache / "missing.csv").exists()
   # Server stopped: served from the cache (env vars route the same way).

@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 import scipy.stats
 from _selection_synthetic import FAST, synthetic_curves
-from absl import app
 
-from lensllm_jax import budgeted, fitting, laws, selection
+from lensllm_jax import budgeted, errors, fitting, laws, selection
 
 
 def test_costs_by_hand():
@@ -252,6 +251,6 @@ def test_unsupported_budget_method_is_refused(tmp_path):
   from experiments import reproduce_selection
   cfg = selection_config.get_config()
   cfg.budget_method = "LensLLM+"
-  with pytest.raises(app.UsageError, match="budget_method.*VanillaFit"):
+  with pytest.raises(errors.ConfigError, match="budget_method.*VanillaFit"):
     reproduce_selection.run(cfg, tmp_path)
   assert not list(tmp_path.iterdir())  # refused before anything is read or written

@@ -47,6 +47,17 @@ def test_bad_flag_config_curve_file_or_checkpoint(tmp_path):
       (["experiments.ntk_spectrum", f"--workdir={tmp_path / 'ntk'}",
         f"--config.hf_checkpoint={ckpt}"],
        r"ckpt/config\.json: model_type='bert' is not supported"),
+      # A repeated override is refused, not joined to the first.
+      (selection + ["--config.ratios=(8,)", "--config.ratios=(16,)"],
+       r"--config\.ratios given more than once"),
+      (["experiments.fit_laws", "--config=configs/fit_laws.py", "--config.laws=()",
+        f"--output_dir={tmp_path / 'fit'}"], r"config\.laws is empty"),
+      (["experiments.fit_laws", "--config=configs/fit_laws.py",
+        f"--config.benchmarks=('{tmp_path}',)", f"--output_dir={tmp_path / 'fit'}"],
+       r"is a directory, not a curve file"),
+      (["experiments.finetune_sweep", "--config=configs/finetune_tiny.py:smoke",
+        "--config.train.batch_size=0", f"--workdir={tmp_path / 'sweep'}"],
+       r"config\.train\.batch_size=0: must be >= 1"),
       # The documented held-out command, offline: wmt19 is not packaged nor cached.
       ([*shlex.split(lensllm_plus.HELD_OUT_COMMAND)[2:-1], f"--output_dir={tmp_path / 'wmt'}"],
        r"benchmark 'wmt19': .*could not download .*127\.0\.0\.1:9/wmt19\.csv"),

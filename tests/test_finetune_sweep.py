@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import REPO_ROOT
 
-from lensllm_jax import benchmarks
+from lensllm_jax import benchmarks, errors
 
 
 def _sweep_args(workdir, cache_dir, *overrides):
@@ -117,20 +117,30 @@ def test_step_budget_off_without_epochs():
   assert finetune_sweep.step_budget(_budget_config(0.0), 200) is None
 
 
-def test_workdir_with_runs_of_another_config_is_refused(tmp_path):
+def test_workdir_manifest_refuses_other_configs_and_allows_more_sizes_or_fewer_models(tmp_path):
   import ml_collections
 
   from lensllm_jax import sweep as finetune_sweep
 
-  cfg = ml_collections.ConfigDict(dict(name="t", subset_sizes=[10, 20]))
-  finetune_sweep.bind_workdir(cfg, tmp_path)
-  finetune_sweep.bind_workdir(cfg, tmp_path)  # same configuration: fine
-  other = ml_collections.ConfigDict(dict(name="t", subset_sizes=[10, 40]))
-  finetune_sweep.bind_workdir(other, tmp_path)  # no runs yet: the new config is bound
-  (tmp_path / "runs.jsonl").write_text('{"model": "m", "data_size": 10}\n')
-  with pytest.raises(ValueError, match="another sweep configuration"):
-    finetune_sweep.bind_workdir(cfg, tmp_path)
-  assert "40" in (tmp_path / "config.json").read_text()
+  def config(sizes, models=("a", "b"), lr=1e-3):
+    return ml_collections.ConfigDict(dict(
+        name="t", task="synthetic", subset_sizes=sizes, train=dict(learning_rate=lr),
+        models=[ml_collections.ConfigDict(dict(name=n, hf_dir="", preset="tiny-gpt2"))
+                for n in models]))
+
+  finetune_sweep.bind_workdir(config((10, 20)), tmp_path)
+  finetune_sweep.bind_workdir(config((10, 20)), tmp_path)  # same configuration: fine
+  finetune_sweep.bind_workdir(config((10, 20, 40)), tmp_path)  # one more size: fine
+  finetune_sweep.bind_workdir(config((10,), models=("b",)), tmp_path)  # fewer: fine
+  recorded = json.loads((tmp_path / "manifest.json").read_text())["config"]
+  assert recorded["subset_sizes"] == [10, 20, 40]
+  assert [m["name"] for m in recorded["models"]] == ["a", "b"]
+  with pytest.raises(errors.WorkdirError, match=r"config\.train\.learning_rate: 0\.001 -> 0\.01"):
+    finetune_sweep.bind_workdir(config((10, 20), lr=1e-2), tmp_path)
+  other = config((10, 20))
+  other.models[0].preset = "tiny-llama"  # same name, another model: refused
+  with pytest.raises(errors.WorkdirError, match=r"config\.models\[a\]"):
+    finetune_sweep.bind_workdir(other, tmp_path)
 
 
 def test_saved_finetuned_params_reproduce_the_recorded_test_loss(sweep):

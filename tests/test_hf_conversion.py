@@ -161,7 +161,7 @@ def test_unsupported_configs_are_rejected(tmp_path):
                            "num_hidden_layers": 1, "num_attention_heads": 2,
                            "intermediate_size": 16,
                            "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}})
-  with pytest.raises(FileNotFoundError, match="config.json"):
+  with pytest.raises(models.CheckpointError, match="config.json"):
     models.load_hf_checkpoint(tmp_path)
 
 
@@ -186,7 +186,7 @@ def test_tokenizer_json_round_trip(tmp_path):
     assert loaded.encode(text).ids == expected
     assert loaded.decode(expected) == text
     assert loaded.token_to_id("<|endoftext|>") == tokenizer.token_to_id("<|endoftext|>")
-  with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+  with pytest.raises(models.CheckpointError, match="tokenizer.json"):
     models.load_tokenizer(tmp_path / "nowhere")
 
 

@@ -12,11 +12,10 @@ import dataclasses
 
 import numpy as np
 import pytest
-from absl import app
 
 from configs import lensllm_plus as plus_config
 from experiments import common, lensllm_plus
-from lensllm_jax import benchmarks, plus_candidates, pooled, protocol
+from lensllm_jax import benchmarks, errors, plus_candidates, pooled, protocol
 
 GRID = [pooled.PooledConfig(strength=0.0, pooled=()),
         pooled.PooledConfig(strength=1.0, pooled=("beta", "E"))]
@@ -249,12 +248,12 @@ def test_rerun_skips_finished_work_and_refuses_changed_inputs(small_run, monkeyp
   cfg2 = plus_config.get_config()
   cfg2.update(dict(cfg))
   cfg2.seed = 1
-  with pytest.raises(app.UsageError, match="changed"):
+  with pytest.raises(errors.WorkdirError, match="other inputs"):
     lensllm_plus.run(cfg2, out)
   t = benchmarks.load_curves(str(data / "t.csv"))
   benchmarks.write_curves(_small(t, np.arange(9), "t"), data / "t.csv")
   try:
-    with pytest.raises(app.UsageError, match="changed"):
+    with pytest.raises(errors.WorkdirError, match="other inputs"):
       lensllm_plus.run(cfg, out)
   finally:
     benchmarks.write_curves(t, data / "t.csv")
@@ -291,7 +290,7 @@ def test_held_out_losses_never_change_its_choice(small_run, tmp_path, monkeypatc
 
 
 def test_binary_needs_two_reported_files(shared_benchmarks, tmp_path):
-  with pytest.raises(app.UsageError, match="at least 2"):
+  with pytest.raises(errors.ConfigError, match="at least 2"):
     cfg = plus_config.get_config("public")
     cfg.update(benchmarks=("flan",), data_dir=str(shared_benchmarks), ratios=(16,))
     lensllm_plus.run(cfg, tmp_path)

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import scipy.stats
 from _selection_synthetic import FAST, synthetic_curves
-from absl.app import UsageError
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # experiments/ is not an installed package
@@ -17,7 +16,7 @@ if str(REPO_ROOT) not in sys.path:  # experiments/ is not an installed package
 
 from configs import selection as selection_config  # noqa: E402
 from experiments import reproduce_selection as rs  # noqa: E402
-from lensllm_jax import benchmarks, budgeted  # noqa: E402
+from lensllm_jax import benchmarks, budgeted, errors  # noqa: E402
 
 RATIOS = [4, 8, 16, 32]  # D* = 409600 (the synthetic grid's largest D)
 
@@ -112,10 +111,10 @@ def test_binary_subprocess_and_errors(synthetic_file, tmp_path):
                  "--config.budgeted=False", "--config.figures=False", f"--output_dir={out}")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert len(_rows(out / "selection.csv")) == 3 * 2 * 3
-  with pytest.raises(UsageError, match="Oracle"):
+  with pytest.raises(errors.ConfigError, match="Oracle"):
     rs.run(_config(synthetic_file, methods=("ZeroShot", "Oracle"), ratios=(4,)), out)
-  with pytest.raises(FileNotFoundError, match="nope.csv"):
+  with pytest.raises(errors.CurveFileError, match="nope.csv"):
     rs.run(_config(tmp_path / "nope.csv", methods=("ZeroShot",), ratios=(4,)), out)
-  with pytest.raises(ValueError, match="ratio 4096"):
+  with pytest.raises(errors.ConfigError, match="ratio 4096"):
     rs.run(_config(synthetic_file, methods=("ZeroShot",), ratios=(4096,)), out)
 

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from lensllm_jax import textdata
+from lensllm_jax import errors, textdata
 
 WORDS = "the cat sat on a mat and dog ran far away from home to see big red sun".split()
 
@@ -38,7 +38,7 @@ def test_registry_has_paper_tasks():
   src, tgt = textdata.format_example(
       textdata.TASKS["wmt19"], {"translation": {"zh": "你好", "en": "hello"}})
   assert "你好" in src and tgt == " hello"
-  with pytest.raises(KeyError, match="translation.en"):
+  with pytest.raises(errors.DataError, match="translation.en"):
     textdata.format_example(textdata.TASKS["wmt19"], {"translation": {"zh": "x"}}, where="row 3")
 
 

@@ -24,7 +24,6 @@ and the shared embedding), the module whose count the benchmark reports.
 
 from __future__ import annotations
 
-import json
 import pathlib
 
 import jax.numpy as jnp
@@ -32,7 +31,7 @@ import numpy as np
 
 from lensllm_jax.models import registry
 from lensllm_jax.models.encdec_config import EncoderDecoderConfig
-from lensllm_jax.models.hf import TensorReader, check_structure, read_safetensors
+from lensllm_jax.models.hf import TensorReader, check_structure, read_json_object, read_safetensors
 from lensllm_jax.models.registry import CheckpointError
 
 ENCDEC_MODEL_TYPES = ("t5", "mt5", "switch_transformers", "bart")
@@ -271,10 +270,10 @@ def load_bart_causal_lm(path, *, dtype: str = "float32") -> tuple[EncoderDecoder
   """
   path = pathlib.Path(path)
   config_file = path / "config.json"
-  if not config_file.exists():
-    raise FileNotFoundError(f"{config_file} not found (expected a Hugging Face checkpoint "
-                            "directory with config.json and model.safetensors)")
-  config = encdec_config_from_hf(json.loads(config_file.read_text()), dtype=dtype,
+  if not config_file.is_file():
+    raise CheckpointError(f"{config_file} not found (expected a Hugging Face checkpoint "
+                          "directory with config.json and model.safetensors)")
+  config = encdec_config_from_hf(read_json_object(config_file), dtype=dtype,
                                  decoder_only=True, source=str(config_file))
   return config, convert_bart_weights(read_safetensors(path), config, source=str(path))
 

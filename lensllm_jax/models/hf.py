@@ -59,7 +59,7 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
   Returns:
     dict name -> float32 array (bfloat16/float16 checkpoints are upcast).
   """
-  from safetensors import safe_open  # local import: I/O helper only
+  from safetensors import SafetensorError, safe_open  # local import: I/O helper only
 
   path = pathlib.Path(path)
   if path.is_dir():
@@ -68,22 +68,43 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if single.exists():
       files = [single]
     elif index.exists():
-      weight_map = json.loads(index.read_text())["weight_map"]
+      weight_map = read_json_object(index).get("weight_map")
+      if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: no 'weight_map' object")
       files = [path / name for name in sorted(set(weight_map.values()))]
     else:
-      raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
-                              "(only safetensors checkpoints are supported)")
+      raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json "
+                            "(only safetensors checkpoints are supported)")
   else:
     files = [path]
   tensors = {}
   for file in files:
-    if not file.exists():
-      raise FileNotFoundError(f"checkpoint shard {file} not found")
+    if not file.is_file():
+      raise CheckpointError(f"checkpoint shard {file} not found")
     # framework="flax" reads bfloat16 too (numpy cannot); kept on the host CPU.
-    with jax.default_device(jax.devices("cpu")[0]), safe_open(str(file), framework="flax") as f:
-      for name in f.keys():
-        tensors[name] = np.asarray(f.get_tensor(name).astype(jnp.float32))
+    try:
+      with (jax.default_device(jax.devices("cpu")[0]),
+            safe_open(str(file), framework="flax") as f):
+        for name in f.keys():
+          tensors[name] = np.asarray(f.get_tensor(name).astype(jnp.float32))
+    except (SafetensorError, OSError, ValueError) as e:
+      raise CheckpointError(f"{file}: not a readable safetensors file "
+                            f"({' '.join(str(e).split())})") from None
   return tensors
+
+
+def read_json_object(path: str | os.PathLike) -> dict:
+  """A checkpoint's JSON object; `CheckpointError` naming the file and line otherwise."""
+  path = pathlib.Path(path)
+  try:
+    value = json.loads(path.read_text(encoding="utf-8"))
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{path}, line {e.lineno}: not valid JSON ({e.msg})") from None
+  except (OSError, UnicodeDecodeError) as e:
+    raise CheckpointError(f"{path}: cannot be read ({e})") from None
+  if not isinstance(value, dict):
+    raise CheckpointError(f"{path}: expected a JSON object, got {type(value).__name__}")
+  return value
 
 
 def _tanh_gelu(name: str, source: str) -> str:
@@ -608,10 +629,10 @@ def load_hf_checkpoint(path: str | os.PathLike, *, dtype: str = "float32") -> tu
   """
   path = pathlib.Path(path)
   config_file = path / "config.json"
-  if not config_file.exists():
-    raise FileNotFoundError(f"{config_file} not found (expected a Hugging Face checkpoint "
-                            "directory with config.json and model.safetensors)")
-  hf_config = json.loads(config_file.read_text())
+  if not config_file.is_file():
+    raise CheckpointError(f"{config_file} not found (expected a Hugging Face checkpoint "
+                          "directory with config.json and model.safetensors)")
+  hf_config = read_json_object(config_file)
   fmt = registry.hf_format(hf_config.get("model_type"), str(config_file))
   config = fmt.config_from_hf(hf_config, dtype, str(config_file))
   return config, fmt.convert(read_safetensors(path), config, str(path))
@@ -628,9 +649,13 @@ def load_tokenizer(path: str | os.PathLike):
 
   path = pathlib.Path(path)
   file = path / "tokenizer.json" if path.is_dir() else path
-  if not file.exists():
-    raise FileNotFoundError(f"{file} not found (expected a tokenizers tokenizer.json)")
-  return Tokenizer.from_file(str(file))
+  if not file.is_file():
+    raise CheckpointError(f"{file} not found (expected a tokenizers tokenizer.json)")
+  try:
+    return Tokenizer.from_file(str(file))
+  except Exception as e:  # tokenizers raises a bare Exception on a malformed file
+    raise CheckpointError(f"{file}: not a readable tokenizer.json "
+                          f"({' '.join(str(e).split())[:200]})") from None
 
 
 registry.register_hf_format(registry.HFFormat(

@@ -39,6 +39,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from lensllm_jax import errors
 from lensllm_jax.models.config import ModelConfig
 from lensllm_jax.models.encdec_config import ENCDEC_ARCHS, EncoderDecoderConfig
 
@@ -86,8 +87,8 @@ class HFFormat:
   convert: Callable[[dict[str, np.ndarray], Any, str], dict]
 
 
-class CheckpointError(ValueError):
-  """A checkpoint is missing a tensor, has a wrongly shaped one, or is unsupported."""
+# A checkpoint is missing a tensor, has a wrongly shaped one, or is unsupported.
+CheckpointError = errors.CheckpointError
 
 
 ARCHITECTURES: dict[str, Architecture] = {}
