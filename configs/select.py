@@ -14,6 +14,15 @@ tiny default, the fine-tuning runs dominate):
   python -m experiments.select --config=configs/select.py:online --workdir=DIR \
       [--config.target_data_num=N] [--config.models[0].hf_dir=ckpts/gpt2 ...]
 
+Your own task, offline: `configs/select.py:online:ckpts/a,ckpts/b,ckpts/c`
+(Hugging Face checkpoint directories, each with config.json,
+model.safetensors, tokenizer.json; model name = directory name) with
+`--config.data_files.train=my.jsonl --config.input_field=...
+--config.target_field=... --config.target_data_num=N` (the fine-tuning
+settings of configs/finetune_hf.py; docs/select.md walks through it).
+(`:online_smoke`: three tiny models, one architecture pre-trained from two
+seeds and not, seconds per run; the tests' configuration.)
+
 Replay (evaluation): a complete curve file is the oracle, no training
 (seconds per level):
 
@@ -36,16 +45,25 @@ in `plus_candidates.budgeted_candidate_selection`).
 import ml_collections
 from ml_collections import config_dict
 
-from configs import finetune_tiny
+from configs import finetune_hf, finetune_tiny
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  """arg: "" (predict), "online" (fine-tune and select), "replay" (evaluate on a file)."""
-  if arg not in ("", "online", "replay"):
+  """arg: "" (predict), "online" (fine-tune and select; "online:DIR,DIR,...": Hugging Face
+  checkpoint directories on a local task, configs/finetune_hf.py's settings),
+  "online_smoke" (tests), "replay" (evaluate on a file)."""
+  arg, _, dirs = (arg or "").partition(":")
+  if arg not in ("", "online", "online_smoke", "replay") or (dirs and arg != "online"):
     raise ValueError(f"configs/select.py: unknown argument {arg!r} (expected '', 'online', "
-                     "'replay')")
-  c = finetune_tiny.get_config() if arg == "online" else ml_collections.ConfigDict()
-  c.mode = arg or "predict"
+                     "'online:DIR,DIR,...', 'online_smoke', 'replay')")
+  online = arg.startswith("online")
+  if dirs:
+    c = finetune_hf.get_config(f"local:{dirs}")
+  elif online:
+    c = finetune_tiny.get_config("smoke" if arg == "online_smoke" else None)
+  else:
+    c = ml_collections.ConfigDict()
+  c.mode = "online" if online else arg or "predict"
   c.curves = ""  # predict: a curve file (path or packaged name)
   c.target_data_num = 0  # D*: your full fine-tuning set size (never run)
   c.predictor = "LensLLM+"  # or any name of lensllm_jax.forecast.predictor_names()
@@ -59,10 +77,21 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.max_compute_fraction = 0.25  # compute cap, a fraction of fine-tuning every model on D*
   c.min_points = 4  # rounds before the first stopping decision
   c.report_levels = (0.5, 1.0, 2.0, 4.0)  # replay: the trade-off table's levels
-  if arg == "online":
-    c.name = "synthetic_translation"
-    c.target_data_num = 25600
-    c.max_data_num = 1600
-    c.subset_sizes = ()  # set from the schedule
+  if online:
+    c.target_data_num = 25600 if not dirs else 0  # your data size: set it
+    c.max_data_num = 1600 if not dirs else 0
     c.ntk.num_probe = 0  # no kernel snapshots: selection does not read them
+    c.save_finetuned = False
+  if arg == "online_smoke":
+    # Seconds per run (tests): one tiny architecture, pre-trained from two seeds and not.
+    pre = c.models[0]
+    pre.name, pre.pretrain_steps = "tiny-pretrained", 60
+    other = ml_collections.ConfigDict(pre.to_dict())
+    other.name, other.init_seed = "tiny-pretrained-b", 2
+    scratch = ml_collections.ConfigDict(pre.to_dict())
+    scratch.name, scratch.pretrain_steps, scratch.init_seed = "tiny-untrained", 0, 1
+    c.models = [pre, other, scratch]
+    c.d0, c.max_data_num, c.min_points, c.z = 25, 200, 2, 0.5
+    c.target_data_num = 3200
+    c.max_compute_fraction = 0.0  # no compute cap: 12-step runs cost as much at every D
   return c

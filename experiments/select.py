@@ -15,9 +15,14 @@ procedure `budgeted.early_stopping_selection` with the predictor's own mean
 and sd of log L(D*) (`forecast.log_prediction_fn`), on the schedule
 D_k = d0 * 2^k <= cap, with two oracles: replay pays with the losses of a
 complete curve file (`budgeted.CurveOracle`, 6 N D per pair), online pays by
-fine-tuning through the sweep's run machinery (`lensllm_jax.sweep`, its
-runs.jsonl rows, nested subsets, early stopping, orbax resume) and charges
-each run's own train FLOPs (`experiments/select_online.py`).
+fine-tuning through the sweep's run machinery (`lensllm_jax.sweep`: its
+runs.jsonl rows, nested subsets, early stopping, orbax resume,
+--distributed) and charges each run's own train FLOPs (`FinetuneOracle`).
+The procedure is a function of the paid losses, so a rerun replays the
+rounds already run from runs.jsonl without training: a killed run resumes
+with the same decisions, and a raised cap, an added model or another z
+continue from what was run (`bind_online_workdir` refuses another task or a
+changed model).
 
 Outputs (in --output_dir, or --workdir online): selection.md (first line
 `fine-tune MODEL: predicted test loss X [lo, hi] at D = N`), selection.csv,
@@ -36,14 +41,27 @@ import json
 import math
 import os
 import pathlib
+import sys
 import time
+from collections.abc import Callable
 
 import jax
 import numpy as np
 from absl import app, flags, logging
 
 from experiments import common
-from lensllm_jax import benchmarks, budgeted, forecast, metrics, selection
+from lensllm_jax import (
+  benchmarks,
+  budgeted,
+  forecast,
+  metrics,
+  selection,
+  sharding,
+  sweep,
+  textdata,
+  training,
+)
+from lensllm_jax.models import CheckpointError
 
 FLAGS = flags.FLAGS
 
@@ -167,20 +185,35 @@ def schedule(cfg, target: float) -> list[float]:
   while d <= cap:
     out.append(d)
     d *= 2
+  if len(out) < cfg.min_points:
+    raise app.UsageError(
+        f"the schedule {[int(x) for x in out]} (config.d0={cfg.d0}, cap {cap:g}) has "
+        f"{len(out)} round(s); the stopping rule starts after config.min_points="
+        f"{cfg.min_points}: lower config.d0 (e.g. {int(max(1, cap // 2 ** cfg.min_points))}) "
+        "or raise config.max_data_num")
   return out
 
 
 @dataclasses.dataclass(frozen=True)
 class Accounting:
-  """The references of the compute log: (a) exhaustive sweep, (b) full fine-tuning."""
-  exhaustive: float
+  """The references of the compute log.
+
+  full: (b) fine-tuning every model on D* (6 N D* T, T the tokens per example:
+  one epoch); exhaustive: (a) every model at every schedule size, a number
+  (replay: 6 N D per pair, exact) or fn() -> number (online: the paid runs'
+  own FLOPs plus an estimate of the others, `FinetuneOracle.exhaustive`).
+  """
+  exhaustive: float | Callable[[], float]
   full: float
+
+  def exhaustive_now(self) -> float:
+    return float(self.exhaustive() if callable(self.exhaustive) else self.exhaustive)
 
   def line(self, k: int, entry: dict, models) -> str:
     m = len(models)
     return (f"round {k}: D={int(entry['data_size'])}, active {int(entry['active'].sum())}/{m}, "
             f"spent {100 * entry['flops'] / self.full:.3g} % of full fine-tuning "
-            f"({100 * entry['flops'] / self.exhaustive:.3g} % of the exhaustive sweep)")
+            f"({100 * entry['flops'] / self.exhaustive_now():.3g} % of the exhaustive sweep)")
 
 
 class DecisionLog:
@@ -210,7 +243,7 @@ class DecisionLog:
                                             "sd_log": _num(entry["sd"][j])}
                            for j in range(len(self.models))},
            "flops": entry["flops"], "fraction_of_full": entry["flops"] / self.acc.full,
-           "fraction_of_exhaustive": entry["flops"] / self.acc.exhaustive}
+           "fraction_of_exhaustive": entry["flops"] / self.acc.exhaustive_now()}
     if "ended_by" in entry:
       row["ended_by"] = entry["ended_by"]
     self.rows.append(row)
@@ -220,9 +253,12 @@ class DecisionLog:
       f.flush()
       os.fsync(f.fileno())
     logging.info("%s", self.acc.line(k, entry, self.models))
-    if entry["flops"] > self.acc.exhaustive:
-      logging.warning("round %d: spent %.3g FLOPs, more than the exhaustive sweep of the schedule "
-                      "(%.3g)", k, entry["flops"], self.acc.exhaustive)
+    if row["fraction_of_exhaustive"] > 1:
+      logging.warning("round %d: spent more than the exhaustive sweep of the schedule would "
+                      "(%.3g x)", k, row["fraction_of_exhaustive"])
+    if row["fraction_of_full"] > 1:
+      logging.warning("round %d: spent more than fine-tuning every model on D* would (%.3g x): "
+                      "the schedule is too long for this D*", k, row["fraction_of_full"])
 
 
 def run_procedure(oracles, levels, meta, steps, cfg, accounting: Accounting, *, on_step=None):
@@ -251,9 +287,10 @@ def finish(out: pathlib.Path, result: budgeted.BudgetedResult, view, meta, cfg, 
   ended = {"one model left": "one model left",
            "size cap": f"the size cap ended it (D = {int(max(view.data_sizes))})",
            "compute cap": "the compute cap ended it"}[result.ended_by]
-  note = (f"Online selection at z = {result.z:g}: {ended}; spent {100 * result.flops / accounting.full:.3g} % of "
-          f"fine-tuning every model on D* ({100 * result.flops / accounting.exhaustive:.3g} % of "
-          "the exhaustive sweep of the schedule). Stopped models are ranked after the survivors.")
+  note = (f"Online selection at z = {result.z:g}: {ended}; spent "
+          f"{100 * result.flops / accounting.full:.3g} % of fine-tuning every model on D* "
+          f"({100 * result.flops / accounting.exhaustive_now():.3g} % of the exhaustive sweep of "
+          "the schedule). Stopped models are ranked after the survivors.")
   fc = predict_and_write(curves, meta.target_data_num, cfg.predictor, out,
                          key=jax.random.key(cfg.seed), ranking=result.selection.ranking,
                          notes=(note,))
@@ -275,7 +312,8 @@ def run_predict(cfg, out: pathlib.Path) -> None:
 
 
 def run_replay(cfg, out: pathlib.Path) -> None:
-  curves = benchmarks.require_complete(benchmarks.load_curves(cfg.replay, data_dir=cfg.data_dir))
+  # Unmeasured cells are allowed where the procedure never pays (an online run's curves.csv).
+  curves = benchmarks.load_curves(cfg.replay, data_dir=cfg.data_dir)
   grid = np.asarray(curves.data_sizes, np.float64)
   target = float(cfg.target_data_num) or float(grid.max())
   steps = schedule(cfg, target)
@@ -286,12 +324,20 @@ def run_replay(cfg, out: pathlib.Path) -> None:
   meta = selection.metadata_of(curves, target)
   acc = Accounting(exhaustive=float(budgeted.pair_flops(curves.sizes, steps).sum()),
                    full=budgeted.full_tuning_flops(curves.sizes, target))
-  levels = list(dict.fromkeys([float(cfg.z), *map(float, cfg.report_levels)]))
+  # A file with unmeasured cells (an online run's curves.csv) replays config.z only: the
+  # other levels would pay for cells it does not have.
+  complete = bool(np.asarray(curves.measured).all())
+  levels = list(dict.fromkeys([float(cfg.z), *(map(float, cfg.report_levels) if complete
+                                                else ())]))
   log = DecisionLog(out / "decisions.jsonl", curves.models, acc)
   oracles = [budgeted.CurveOracle(curves) for _ in levels]
-  results = run_procedure(oracles, levels, meta, steps, cfg, acc, on_step=log)
+  try:
+    results = run_procedure(oracles, levels, meta, steps, cfg, acc, on_step=log)
+  except KeyError as e:  # a paid cell the file does not have
+    raise app.UsageError(f"config.replay: {e.args[0]}") from None
   finish(out, results[0], oracles[0].view(max(steps)), meta, cfg, acc)
   truth = curves.column(target) if target in grid else None
+  truth = truth if truth is not None and np.isfinite(truth).all() else None
   write_tradeoff(out, curves, results, acc, truth, cfg)
 
 
@@ -305,7 +351,7 @@ def write_tradeoff(out, curves, results, acc: Accounting, truth, cfg) -> None:
                  "RelAcc": scores.get("RelAcc", math.nan),
                  "PearCorr": scores.get("PearCorr", math.nan),
                  "fraction_of_full": r.flops / acc.full,
-                 "fraction_of_exhaustive": r.flops / acc.exhaustive,
+                 "fraction_of_exhaustive": r.flops / acc.exhaustive_now(),
                  "rounds": len(r.history), "survivors": int(r.selection.extras["active"].sum()),
                  "ended_by": r.ended_by})
   rows.sort(key=lambda r: r["z"])
@@ -325,6 +371,213 @@ def write_tradeoff(out, curves, results, acc: Accounting, truth, cfg) -> None:
     logging.info("%s: %s", curves.name, line)
 
 
+# ------------------------------------------------------------------ online ---
+
+# Config fields that define the runs of a workdir (the task, its splits and the
+# fine-tuning); the caps, z, the predictor and D* may change between reruns.
+RUN_FIELDS = ("name", "task", "data_files", "input_field", "target_field", "prompt",
+              "target_prefix", "validation_split", "test_split", "hub_config", "num_synthetic",
+              "max_train_rows", "num_validation", "num_test", "max_len", "split_seed",
+              "subset_seed", "tokenizer_vocab", "pretrain_corpus_size", "pretrain", "train",
+              "step_budget", "d0")
+
+
+def _plain(v):
+  return v.to_dict() if hasattr(v, "to_dict") else list(v) if isinstance(v, tuple) else v
+
+
+def bind_online_workdir(cfg, workdir: pathlib.Path) -> None:
+  """Refuses a workdir of another task or with a changed model; records the models.
+
+  select_workdir.json holds the RUN_FIELDS and every model spec ever run there.
+  Adding a model is fine (its runs start at round 0); a field of RUN_FIELDS or a
+  model of the same name with another spec is refused, naming the difference.
+  """
+  path = workdir / "select_workdir.json"
+  now = {"run": {k: _plain(cfg[k]) for k in RUN_FIELDS},
+         "models": {spec.name: _plain(spec) for spec in cfg.models}}
+  if path.exists():
+    old = json.loads(path.read_text())
+    for k in RUN_FIELDS:
+      if json.loads(json.dumps(now["run"][k])) != old["run"].get(k):
+        raise app.UsageError(f"{workdir} holds runs of another task or training setting: "
+                             f"config.{k} was {old['run'].get(k)!r}, now {now['run'][k]!r}; "
+                             "use a new --workdir")
+    for name, spec in now["models"].items():
+      before = old["models"].get(name)
+      if before is not None and json.loads(json.dumps(spec)) != before:
+        diff = sorted(k for k in set(spec) | set(before) if spec.get(k) != before.get(k))
+        raise app.UsageError(f"{workdir}: model {name!r} was run with another spec "
+                             f"(config.models field(s) {', '.join(diff)} differ); rename it or "
+                             "use a new --workdir")
+    now["models"] = {**old["models"], **now["models"]}
+  workdir.mkdir(parents=True, exist_ok=True)
+  if sharding.is_primary():
+    _atomic_text(path, json.dumps(now, indent=1, sort_keys=True) + "\n")
+
+
+class Progress:
+  """Rounds and runs with an ETA: a bar on a terminal (stderr), else log lines."""
+
+  def __init__(self, total_rounds: int):
+    self.total_rounds, self.round, self.t0 = total_rounds, 0, time.time()
+    self.runs_done, self.runs_total, self.run_t0 = 0, 0, time.time()
+    self.tty = sys.stderr.isatty()
+
+  def _where(self) -> str:
+    return "zero-shot" if self.round < 0 else f"round {self.round + 1}/{self.total_rounds}"
+
+  def start_round(self, k: int, num_runs: int) -> None:
+    """k = -1: the zero-shot evaluations."""
+    self.round, self.runs_done, self.runs_total, self.run_t0 = k, 0, num_runs, time.time()
+    self._show(f"{self._where()}: {num_runs} run(s) to do")
+
+  def run_done(self, rec: dict) -> None:
+    self.runs_done += 1
+    rate = (time.time() - self.run_t0) / self.runs_done
+    eta = rate * max(self.runs_total - self.runs_done, 0)
+    self._show(f"{self._where()} run {self.runs_done}/{self.runs_total}: {rec['model']} "
+               f"D={rec['data_size']} test loss {rec['test_loss']:.4f} "
+               f"({rec['wall_seconds']:.1f}s; {rate:.1f}s/run, round ETA {eta:.0f}s)")
+
+  def _show(self, text: str) -> None:
+    if self.tty:
+      done = int(20 * self.round / max(self.total_rounds, 1))
+      sys.stderr.write(f"\r[{'#' * done}{'.' * (20 - done)}] {text}\033[K")
+      sys.stderr.flush()
+    else:
+      logging.info("%s", text)
+
+
+class FinetuneOracle:
+  """The oracle of the online procedure: it pays for a loss by fine-tuning.
+
+  Same interface as `budgeted.CurveOracle` (data_sizes [P] = [0, schedule],
+  revealed [M, P], flops, reveal, view, cost). reveal(models, D) runs what
+  runs.jsonl lacks (`sweep.sweep_model`, one size) and charges each run's own
+  `train_flops`; a run already in runs.jsonl (a killed or earlier invocation)
+  is read, not redone, and charged the same, so the procedure's decisions and
+  spend do not depend on what was run before. The zero-shot point of every
+  model is evaluated at construction (free: no training).
+  """
+
+  def __init__(self, cfg, workdir: pathlib.Path, steps, *, mesh, progress: Progress):
+    self.cfg, self.workdir, self.mesh, self.progress = cfg, workdir, mesh, progress
+    self.tcfg = training.TrainConfig(**cfg.train.to_dict())
+    self.runs = sweep.read_runs(workdir / "runs.jsonl")
+    self.splits = sweep.load_splits(cfg, workdir)
+    self.specs = {spec.name: spec for spec in cfg.models}
+    self.names = tuple(self.specs)
+    self.data_sizes = np.asarray([0.0, *steps])
+    m, p = len(self.names), self.data_sizes.size
+    self.revealed = np.zeros((m, p), bool)
+    self.losses = np.full((m, p), np.nan)
+    self.run_flops = np.zeros((m, p))
+    self.flops = 0.0
+    self._loaded = None
+    progress.start_round(-1, sum((n, 0) not in self.runs for n in self.names))
+    for j, name in enumerate(self.names):
+      if (name, 0) not in self.runs:
+        self._run(name, 0)
+      self.losses[j, 0] = self.runs[(name, 0)]["test_loss"]
+    self.revealed[:, 0] = True
+    zero = [self.runs[(n, 0)] for n in self.names]
+    self.sizes = np.asarray([r["size"] for r in zero], np.int64)
+    self.families = tuple(r["family"] for r in zero)
+    self.seq_len = np.asarray([r["max_len"] for r in zero], np.float64)
+
+  def _run(self, name: str, d: int) -> None:
+    if self._loaded is None or self._loaded[0].name != name:
+      self._loaded = None  # one model in memory at a time
+      m = sweep.load_model(self.specs[name], self.cfg, self.workdir, self.splits, self.mesh)
+      data = {k: textdata.encode_examples(v, m.tokenizer, self.cfg.max_len,
+                                          encoder_decoder=m.config.is_encoder_decoder)
+              for k, v in self.splits.items()}
+      self._loaded = (m, data)
+    m, data = self._loaded
+    sweep.sweep_model(m, data, self.cfg, self.tcfg, self.workdir, self.runs, mesh=self.mesh,
+                      sizes=[d], progress=self.progress.run_done)
+
+  def _column(self, data_size: float) -> int:
+    cols = np.flatnonzero(self.data_sizes == data_size)
+    if cols.size != 1:
+      raise KeyError(f"D={data_size:g} is not on the schedule {self.data_sizes.tolist()}")
+    return int(cols[0])
+
+  def sixnd(self, data_size: float) -> np.ndarray:
+    """[M] 6 N D T: one epoch over D examples of T (padded) tokens, per model."""
+    return 6.0 * self.sizes * data_size * self.seq_len
+
+  def cost(self, models, data_size: float) -> float:
+    """Estimated cost of a round: a model's last paid run scaled by D / D_last, else 6 N D T.
+
+    Only paid points enter, so the estimate (and a compute-cap decision) is the
+    same whether or not the runs are already in runs.jsonl.
+    """
+    col = self._column(data_size)
+    total = 0.0
+    for j in np.asarray(models, int):
+      if self.revealed[j, col]:
+        continue
+      paid = np.flatnonzero(self.revealed[j, 1:]) + 1
+      total += (self.run_flops[j, paid[-1]] * data_size / self.data_sizes[paid[-1]]
+                if paid.size else float(self.sixnd(data_size)[j]))
+    return total
+
+  def exhaustive(self) -> float:
+    """(a): the paid runs' FLOPs plus the `cost` estimate of every unpaid (model, D_k)."""
+    every = np.arange(len(self.names))
+    return self.flops + sum(self.cost(every, d) for d in self.data_sizes[1:])
+
+  def reveal(self, models, data_size: float) -> None:
+    col = self._column(data_size)
+    todo = [j for j in np.asarray(models, int) if not self.revealed[j, col]]
+    self.progress.start_round(col - 1, sum((self.names[j], int(data_size)) not in self.runs
+                                           for j in todo))
+    for j in todo:
+      name = self.names[j]
+      if (name, int(data_size)) not in self.runs:
+        self._run(name, int(data_size))
+      rec = self.runs[(name, int(data_size))]
+      self.losses[j, col] = rec["test_loss"]
+      self.run_flops[j, col] = rec["train_flops"]
+      self.flops += float(rec["train_flops"])
+      self.revealed[j, col] = True
+
+  def view(self, max_data_num: float) -> selection.VisibleCurves:
+    keep = self.data_sizes <= max_data_num
+    return selection.VisibleCurves(data_sizes=self.data_sizes[keep], losses=self.losses[:, keep],
+                                   mask=self.revealed[:, keep], max_data_num=max_data_num)
+
+
+def run_online(cfg, workdir: pathlib.Path, *, distributed: bool = False) -> None:
+  """The online selection (module docstring); resumable and extendable."""
+  logging.get_absl_handler().addFilter(lambda r: "orbax" not in r.pathname)
+  sharding.initialize_distributed(distributed)
+  target = float(cfg.target_data_num)
+  if target <= 0:
+    raise app.UsageError("config.target_data_num: give D*, your fine-tuning set size (> 0)")
+  if len(cfg.models) < 2:
+    raise app.UsageError(f"config.models: {len(cfg.models)} model(s); selection needs >= 2")
+  steps = schedule(cfg, target)
+  cfg.subset_sizes = tuple(int(d) for d in steps)  # what load_splits checks the pool against
+  bind_online_workdir(cfg, workdir)
+  mesh = sharding.make_mesh() if cfg.data_parallel else None
+  t0 = time.time()
+  oracle = FinetuneOracle(cfg, workdir, steps, mesh=mesh, progress=Progress(len(steps)))
+  meta = selection.Metadata(name=cfg.name, models=oracle.names, sizes=oracle.sizes,
+                            families=oracle.families, target_data_num=target)
+  acc = Accounting(exhaustive=oracle.exhaustive, full=float(oracle.sixnd(target).sum()))
+  log = DecisionLog(workdir / "decisions.jsonl", oracle.names, acc)
+  result = run_procedure([oracle], [float(cfg.z)], meta, steps, cfg, acc, on_step=log)[0]
+  if sys.stderr.isatty():
+    sys.stderr.write("\n")
+  if sharding.is_primary():
+    finish(workdir, result, oracle.view(max(steps)), meta, cfg, acc)
+  logging.info("online selection: %d fine-tuning runs, %.1fs", int(oracle.revealed[:, 1:].sum()),
+               time.time() - t0)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
@@ -332,11 +585,11 @@ def main(argv):
   if cfg.predictor not in forecast.predictor_names():
     raise app.UsageError(f"config.predictor={cfg.predictor!r}: unknown; known: "
                          f"{', '.join(forecast.predictor_names())}")
-  if cfg.mode == "online":
+  if cfg.mode == "online" and not cfg.replay:
     if not FLAGS.workdir:
       raise app.UsageError("--workdir: the online selection needs a work directory")
-    raise app.UsageError("config.mode='online': the online selection lands in the next "
-                         "commit of issue 23")
+    run_online(cfg, pathlib.Path(FLAGS.workdir), distributed=FLAGS.distributed)
+    return
   out = pathlib.Path(FLAGS.output_dir or FLAGS.workdir or "")
   if not str(out) or str(out) == ".":
     raise app.UsageError("--output_dir: give an output directory")
@@ -350,4 +603,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  common.run_main(main, user_errors=(forecast.SelectionInputError,))
+  common.run_main(main, user_errors=(forecast.SelectionInputError, CheckpointError))

@@ -119,13 +119,16 @@ def method_flops(method: str, sizes, data_sizes, max_data_num: float) -> float:
 class CurveOracle:
   """Releases fine-tuning losses only when paid for (exact simulation).
 
-  The full CurveSet (every cell measured) is held privately; `view()` builds a
-  VisibleCurves of the paid points only (unpaid entries are NaN copies, never
-  the true values).
+  The full CurveSet is held privately; `view()` builds a VisibleCurves of the
+  paid points only (unpaid entries are NaN copies, never the true values).
+  Unmeasured cells (NaN) are allowed where nothing pays for them (the replay of
+  an online run's curves.csv); paying for one is a KeyError naming it.
   """
 
   def __init__(self, curves):
-    self._curves = benchmarks.require_complete(curves)
+    self._curves = curves
+    if not np.asarray(curves.measured)[:, np.asarray(curves.data_sizes) == 0].all():
+      raise benchmarks.CurveFormatError(f"{curves.source}: a zero-shot (D = 0) cell is empty")
     self._flops = pair_flops(curves.sizes, curves.data_sizes)
     self.revealed = np.zeros(np.shape(curves.losses), bool)
     self.revealed[:, np.asarray(curves.data_sizes) == 0] = True  # zero-shot is free
@@ -152,6 +155,10 @@ class CurveOracle:
     """Pays 6 N D for each listed model at `data_size` (once per pair)."""
     cols = [self._column(data_size)]
     models = np.asarray(models, int)
+    unmeasured = models[~np.isfinite(np.asarray(self._curves.losses)[models, cols[0]])]
+    if unmeasured.size:
+      raise KeyError(f"{self._curves.source}: model {self._curves.models[unmeasured[0]]!r} "
+                     f"is not measured at D={data_size:g}")
     new = models[~self.revealed[models, cols[0]]]
     self.flops += float(self._flops[new, cols[0]].sum())
     self.revealed[new, cols[0]] = True

@@ -1,0 +1,128 @@
+"""Online selection of `experiments.select` on tiny models (configs/select.py:online_smoke).
+
+Three models of one tiny architecture: two pre-trained (seeds 0, 2) and one
+untrained. One uninterrupted run is shared by the tests (about a minute on 2
+cores); the SIGKILL test runs a second one, killed mid-round and resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from absl import app
+
+from configs import select as select_config
+from experiments import select
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+ARGS = ["-m", "experiments.select", "--config=configs/select.py:online_smoke"]
+
+
+def _decisions(workdir):
+  return [json.loads(line) for line in (workdir / "decisions.jsonl").read_text().splitlines()]
+
+
+def _runs(workdir):
+  return [json.loads(line) for line in (workdir / "runs.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def online(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("online") / "w"
+  r = subprocess.run([sys.executable, *ARGS, f"--workdir={workdir}"], cwd=ROOT,
+                     capture_output=True, text=True, timeout=900)
+  assert r.returncode == 0, r.stderr[-3000:]
+  return workdir, r.stderr
+
+
+@pytest.mark.slow
+def test_picks_a_pretrained_model_and_stopped_models_run_no_more(online):
+  workdir, log = online
+  first = (workdir / "selection.md").read_text().splitlines()[0]
+  assert first.startswith("fine-tune tiny-pretrained") and "at D = 3200" in first
+  assert first in log and "round 0: D=25, active 3/3, spent " in log
+  rows = _decisions(workdir)
+  stopped = {m: r["data_size"] for r in rows for m in r["stopped"]}
+  assert "tiny-untrained" in stopped  # confidently worse: pre-training is worth a lot here
+  runs = _runs(workdir)
+  for m, d in stopped.items():
+    assert max(r["data_size"] for r in runs if r["model"] == m) == d
+  assert max(r["data_size"] for r in runs) > stopped["tiny-untrained"]  # the others went on
+  for r in rows:  # a model runs in a round iff it was active after the previous one
+    assert r["ran"] == (rows[r["round"] - 1]["active"] if r["round"] else
+                        ["tiny-pretrained", "tiny-pretrained-b", "tiny-untrained"])
+  # The compute is the runs' own train FLOPs (every run here was paid by the procedure).
+  assert rows[-1]["flops"] == sum(r["train_flops"] for r in runs if r["data_size"] > 0)
+  assert rows[-1]["fraction_of_full"] == pytest.approx(
+      rows[-1]["flops"] / sum(6 * r["size"] * 3200 * r["max_len"] for r in runs
+                              if r["data_size"] == 0))
+  assert "ended_by" in rows[-1] and "ended_by" not in rows[0]
+
+
+@pytest.mark.slow
+def test_replaying_the_online_curves_gives_the_same_decisions(online, tmp_path):
+  workdir, _ = online
+  cfg = select_config.get_config("online_smoke")
+  cfg.replay = str(workdir / "curves.csv")
+  select.run_replay(cfg, tmp_path)
+  keys = ("round", "data_size", "ran", "active", "stopped", "predictions")
+  online_rows = [{k: r[k] for k in keys} for r in _decisions(workdir)]
+  assert [{k: r[k] for k in keys} for r in _decisions(tmp_path)] == online_rows
+  head = (tmp_path / "selection.md").read_text().splitlines()[0]
+  assert head == (workdir / "selection.md").read_text().splitlines()[0]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_round_then_resume_gives_the_same_decisions(online, tmp_path):
+  workdir, _ = online
+  killed = tmp_path / "killed"
+  killed.mkdir()
+  for name in ("pretrained", "data"):  # skip the pre-training (deterministic, cached)
+    shutil.copytree(workdir / name, killed / name)
+  shutil.copy(workdir / "tokenizer.json", killed / "tokenizer.json")
+  proc = subprocess.Popen([sys.executable, *ARGS, f"--workdir={killed}"], cwd=ROOT,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  runs = killed / "runs.jsonl"
+  deadline = time.time() + 600
+  # Three zero-shot rows, then kill inside round 1 (D=50) or round 0, after a run.
+  while time.time() < deadline and proc.poll() is None:
+    if runs.exists() and len(runs.read_text().splitlines()) >= 5:
+      break
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  n = len(runs.read_text().splitlines())
+  assert 5 <= n < len(_runs(workdir)), n  # mid-procedure: some runs done, not all
+  r = subprocess.run([sys.executable, *ARGS, f"--workdir={killed}"], cwd=ROOT,
+                     capture_output=True, text=True, timeout=900)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert (killed / "decisions.jsonl").read_text() == (workdir / "decisions.jsonl").read_text()
+  assert ((killed / "selection.md").read_text().splitlines()[0]
+          == (workdir / "selection.md").read_text().splitlines()[0])
+
+
+def test_workdir_of_another_task_or_model_is_refused(tmp_path):
+  cfg = select_config.get_config("online_smoke")
+  select.bind_online_workdir(cfg, tmp_path)
+  more = select_config.get_config("online_smoke")
+  extra = more.models[0].to_dict()
+  extra["name"] = "tiny-extra"
+  more.models.append(type(more.models[0])(extra))
+  more.z = 0.1
+  select.bind_online_workdir(more, tmp_path)  # an added model, a lower z: continues
+  assert "tiny-extra" in json.loads((tmp_path / "select_workdir.json").read_text())["models"]
+  task = select_config.get_config("online_smoke")
+  task.num_test = 10
+  with pytest.raises(app.UsageError, match="config.num_test was 64, now 10"):
+    select.bind_online_workdir(task, tmp_path)
+  changed = select_config.get_config("online_smoke")
+  changed.models[1].init_seed = 7
+  with pytest.raises(app.UsageError, match="model 'tiny-pretrained-b'.*init_seed"):
+    select.bind_online_workdir(changed, tmp_path)
