@@ -137,3 +137,11 @@ def test_cli_predict_writes_the_pick_first_and_refuses_bad_input(small, tmp_path
     lines = [ln for ln in r.stderr.splitlines() if "error:" in ln]
     assert r.returncode == 2 and len(lines) == 1 and needle in lines[0], r.stderr[-1500:]
     assert lines[0].startswith("select: error: ")
+
+
+def test_docs_select_tables_are_the_replay_outputs():
+  from experiments import update_readme
+  text = (ROOT / "docs/select.md").read_text()
+  assert text.count("<!-- generated: ../results/select/") == 2
+  assert update_readme.splice(text, ROOT / "docs") == text, (
+      "docs/select.md is stale: python -m experiments.update_readme --readme=docs/select.md")
