@@ -8,7 +8,7 @@ and tokenizer.json):
       --config=configs/finetune_hf.py:gigaword:ckpts/gpt2,ckpts/gpt2-medium \
       --workdir=results/finetune_gigaword
 
-The argument is TASK[:DIR,DIR,...]: a task of lensllm_jax.textdata.TASKS
+The argument is TASK[:DIR,DIR,...]: a task of lensllm_jax.training.textdata.TASKS
 (flan, gigaword, wmt19, wikitext) and the checkpoint directories (model name
 = directory name; or set them later with '--config.models[0].hf_dir=...').
 The dataset is downloaded by `datasets` into

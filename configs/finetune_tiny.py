@@ -20,7 +20,7 @@ test loss ~2.5-2.6 nats per target token, falling monotonically with D to
 ~1.6 (tiny-gpt2) and ~1.35 (tiny-llama) at D=1600; 2.6 min of CPU time
 (11 min wall while other jobs loaded the two cores ~8x), most of it XLA
 compilation and the two 200-step pre-trainings. `get_config("smoke")` shrinks it to
-seconds (used by tests/test_finetune_sweep.py).
+seconds (used by tests/experiments/test_finetune_sweep.py).
 
 For a Hugging Face checkpoint and a hub dataset (GPU + internet) see
 configs/finetune_hf.py.
@@ -35,7 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.name = "synthetic_translation"
   # Task: "synthetic" writes seeded jsonl files into workdir/data and loads
   # them with the same code path as any local file; otherwise a name from
-  # lensllm_jax.textdata.TASKS or "local" (then data_files etc. are used).
+  # lensllm_jax.training.textdata.TASKS or "local" (then data_files etc. are used).
   c.task = "synthetic"
   c.data_files = ml_collections.ConfigDict({"train": ""})
   c.input_field = "src"

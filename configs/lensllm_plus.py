@@ -15,7 +15,7 @@ Tuple fields are overridden as Python literals, e.g. `--config.ratios="(16,128)"
 import ml_collections
 from ml_collections import config_dict
 
-from lensllm_jax import protocol
+from lensllm_jax.plus import protocol
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:

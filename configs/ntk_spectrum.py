@@ -11,7 +11,7 @@ params of `training.save_params`, with the preset's shape) for a real model.
 import ml_collections
 from ml_collections import config_dict
 
-from lensllm_jax import ntk
+from lensllm_jax.theory import ntk
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:

@@ -8,7 +8,7 @@ gigaword), the seven published methods, the seven budget ratios
 D*/D_max = 8 ... 512 of the papers, D* = the largest D of each file, and the
 budgeted early-stopping procedure at z = 0.5, 1, 2, 4 (about 15-20 s on 2 CPU
 cores). `get_config("plus")` adds LensLLM+ chosen by leave-one-dataset-out
-(`plus_candidates.leave_one_out`, several minutes more).
+(`plus.candidates.leave_one_out`, several minutes more).
 
 Tuple fields are overridden as Python literals, e.g.
 `--config.methods="('ZeroShot','AtS')"`, `--config.ratios="(8,16)"`,
@@ -18,7 +18,7 @@ Tuple fields are overridden as Python literals, e.g.
 import ml_collections
 from ml_collections import config_dict
 
-from lensllm_jax import published
+from lensllm_jax.selection import published
 
 PUBLISHED_METHODS = ("ZeroShot", "SubTuning", "ModelSize", "VanillaFit", "RectifiedFit", "AtS",
                      "LensLLM")
@@ -46,7 +46,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # is refused; True deletes the directory's results and recomputes them (lensllm_jax/rundir.py).
   c.overwrite = False
   # LensLLM+ (when in methods): "none" = the pooled fit with pooled.DEFAULT_CONFIG (untuned),
-  # "leave_one_out" = the candidate of plus_candidates chosen for each file on the other
+  # "leave_one_out" = the candidate of plus.candidates chosen for each file on the other
   # files (needs >= 2 files; the recommended predictor, as in experiments.lensllm_plus).
   c.protocol = "none"
   if arg == "plus":

@@ -4,7 +4,7 @@ r"""The LensLLM study: zoo, sweeps, NTK, Hessians, selection (experiments.lensll
 `experiments.build_zoo` takes the same config and runs the zoo steps alone.
 Override fields with `--config.x=...` (e.g. `--config.selection.num_restarts=4`).
 
-tiny: Tiny LensLLM study: the whole pipeline in about a minute (CI, tests/test_study.py).
+tiny: Tiny LensLLM study: the whole pipeline in about a minute (CI, tests/experiments/test_study.py).
 
   python -m experiments.lensllm_study --config=configs/study.py:tiny
 
@@ -21,7 +21,7 @@ Zoo: 8 models, GPT-2 and Llama style, width 32 / 1 layer and width 48 / 2
 layers per family (four sizes, 31k-105k parameters with the 512-token
 vocabulary), each pre-trained long (500-1000 steps) and short (100-150 steps)
 on the docstring-free 30 % of the standard library files. Tasks: code2name and translate
-(lensllm_jax.study_tasks), D = 200 * 2^k, k = 0..7 (200 ... 25600; D* =
+(lensllm_jax.training.study_tasks), D = 200 * 2^k, k = 0..7 (200 ... 25600; D* =
 25600), one epoch of batches of 16 (at least 40 steps, so small subsets are
 repeated; at most 1600 steps = 25600 examples) with early stopping. NTK on 32 probe
 examples; Hessians / PAC-Bayes after every fine-tuning run (all models, both

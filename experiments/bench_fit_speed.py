@@ -31,7 +31,9 @@ import scipy.optimize
 from absl import app, flags, logging
 
 import experiments.common  # noqa: F401  (defines --compilation_cache_dir)
-from lensllm_jax import benchmarks, fitting, laws
+from lensllm_jax import laws
+from lensllm_jax.curves import benchmarks
+from lensllm_jax.laws import fitting
 
 _BENCHMARK = flags.DEFINE_multi_string("benchmark", ["flan", "gigaword"],
                                        "Curve file names or paths (repeatable).")

@@ -29,8 +29,8 @@ from absl import app, flags
 
 import experiments.common  # noqa: F401  (defines --compilation_cache_dir)
 from experiments.hessian_common import lm_loss_fn, markov_sequences
-from lensllm_jax import hessian
 from lensllm_jax.models import build, count_params, init_params, presets
+from lensllm_jax.theory import hessian
 
 _PRESET = flags.DEFINE_string("preset", "tiny-gpt2", "Model preset.")
 _BATCH = flags.DEFINE_integer("batch", 8, "Sequences per batch.")

@@ -30,7 +30,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from experiments import common  # noqa: F401  (--compilation_cache_dir, shared by the binaries)
-from lensllm_jax import benchmarks
+from lensllm_jax.curves import benchmarks
 
 _MODELS = flags.DEFINE_list("models", ["500", "5000"], "Model counts, ascending.")
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/bench_large_file", "Where files and outputs go.")

@@ -47,7 +47,8 @@ import numpy as np
 from absl import app, flags, logging
 
 import experiments.common  # noqa: F401  (defines --compilation_cache_dir)
-from lensllm_jax import models, ntk
+from lensllm_jax import models
+from lensllm_jax.theory import ntk
 
 _SIZES = flags.DEFINE_list("sizes", ["64", "256", "1024"], "Numbers of probe sequences n.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 16, "Tokens per probe sequence.")

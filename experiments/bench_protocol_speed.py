@@ -31,7 +31,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from lensllm_jax import benchmarks
+from lensllm_jax.curves import benchmarks
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 REFERENCE_SECONDS = 458.8  # the reference code on the same three files

@@ -34,7 +34,8 @@ import numpy as np
 from absl import app, flags
 
 import experiments.common  # noqa: F401  (defines --compilation_cache_dir)
-from lensllm_jax import models, sharding, textdata, training
+from lensllm_jax import models, training
+from lensllm_jax.training import sharding, textdata
 
 _MODELS = flags.DEFINE_list("models", ["tiny-gpt2", "small-gpt2"], "Presets to time.")
 _BATCH = flags.DEFINE_integer("batch_size", 16, "Global batch size.")

@@ -4,7 +4,7 @@ r"""Builds the study's model zoo: stdlib corpus, tokenizer, pre-trained models.
 
 Steps (each skipped when its output exists, so a rerun resumes):
 
-  1. corpus.json     the standard-library corpus (lensllm_jax.zoo.build_corpus):
+  1. corpus.json     the standard-library corpus (lensllm_jax.training.zoo.build_corpus):
                      docstring-free pre-training chunks + task functions
   2. tokenizer.json  byte-level BPE (tokenizers) trained on the pre-training chunks
   3. zoo/<name>/     orbax parameters of each zoo model, pre-trained from a seeded
@@ -29,7 +29,8 @@ import numpy as np
 from absl import flags, logging
 
 from experiments import common  # also defines --compilation_cache_dir
-from lensllm_jax import models, textdata, training, zoo
+from lensllm_jax import models, training
+from lensllm_jax.training import textdata, zoo
 
 FLAGS = flags.FLAGS
 

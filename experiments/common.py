@@ -30,7 +30,9 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from lensllm_jax import benchmarks, budgeted, errors, metrics
+from lensllm_jax import errors
+from lensllm_jax.curves import benchmarks
+from lensllm_jax.selection import budgeted, metrics
 
 CACHE_DIR_ENV = "LENSLLM_COMPILATION_CACHE_DIR"
 

@@ -17,7 +17,7 @@ test split. Writes to --workdir:
                ntk (kernel distance / spectrum summary) ...
   curves.csv   the public benchmark format (`config name`, `0`, `200`, ...,
                `size`, `family`), rewritten whenever a model's curve is complete
-               (lensllm_jax.benchmarks.write_curves; load_curves reads it back)
+               (lensllm_jax.curves.benchmarks.write_curves; load_curves reads it back)
   ntk/         per-run NTK snapshots on the probe set (npz) and each model's
                pre-trained kernel <model>_pretrained.npz (theta, f0)
   finetuned/   with config.save_finetuned: the fine-tuned parameters of each
@@ -42,7 +42,7 @@ runs of another configuration or other input files is refused with one line
 naming the difference (--config.overwrite=True deletes them); a rerun may add
 subset sizes or models, or leave models out (`sweep.WORKDIR_MERGE`). A second
 sweep on the same workdir is refused at once, naming the first one's pid.
-tests/test_finetune_sweep.py
+tests/experiments/test_finetune_sweep.py
 SIGKILLs a sweep mid-run and checks that the restarted one writes the same files.
 
 Multi-process (--distributed; docs/scale.md): every process runs this program
@@ -50,7 +50,7 @@ with the same flags and workdir; the batches are split over the global
 device mesh, orbax checkpoints are written and restored by all processes
 together, and only process 0 writes runs.jsonl, curves.csv, manifest.json, the
 tokenizer, the data files and the NTK snapshots (config.ntk.kernel "exact" or
-"sketched"). The run machinery is the library module `lensllm_jax.sweep`
+"sketched"). The run machinery is the library module `lensllm_jax.training.sweep`
 (also driven by experiments.select's online selection and by
 experiments.lensllm_study for its zoo).
 """
@@ -63,7 +63,8 @@ import time
 from absl import flags, logging
 
 from experiments import common  # also defines --compilation_cache_dir
-from lensllm_jax import errors, models, sharding, sweep, textdata, training
+from lensllm_jax import errors, models, training
+from lensllm_jax.training import sharding, sweep, textdata
 
 FLAGS = flags.FLAGS
 

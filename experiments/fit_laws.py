@@ -34,7 +34,9 @@ import numpy as np
 from absl import flags, logging
 
 from experiments import common  # also defines --compilation_cache_dir
-from lensllm_jax import benchmarks, errors, fitting, laws, rundir
+from lensllm_jax import errors, laws, rundir
+from lensllm_jax.curves import benchmarks
+from lensllm_jax.laws import fitting
 
 FLAGS = flags.FLAGS
 common.define_config_file("configs/fit_laws.py", "Configuration (configs/fit_laws.py).")

@@ -13,7 +13,7 @@ training sequences, writes to --workdir:
                      power-iteration top eigenvalue
   density.csv/.png   SLQ spectral density (grid, density) and its plot;
   slq_nodes.csv      the raw Ritz nodes and Gauss weights per probe
-  pac_bayes.csv      per-layer table (lensllm_jax.pac_bayes.LayerRow)
+  pac_bayes.csv      per-layer table (lensllm_jax.theory.pac_bayes.LayerRow)
   summary.json       everything above in one file, plus the bound
                      sum_i sqrt(C H_i / n) with H_i = vhpv_max
 
@@ -64,8 +64,9 @@ from absl import app, flags, logging
 
 from experiments import common  # also defines --compilation_cache_dir
 from experiments.hessian_common import example_length, lm_loss_fn, markov_tokens, token_batch
-from lensllm_jax import hessian, models, pac_bayes, rundir
+from lensllm_jax import models, rundir
 from lensllm_jax.models import build, init_params, presets
+from lensllm_jax.theory import hessian, pac_bayes
 
 FLAGS = flags.FLAGS
 common.define_config_file("configs/hessian_spectrum.py",

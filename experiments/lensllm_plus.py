@@ -30,7 +30,7 @@ Steps (the expensive ones write their CSV as they go; a rerun skips finished wor
                  scored with on t, `protocol.nested_choices`) ->
                  chosen_nested.csv.
   3. predict     every candidate base and baseline on every file's budget
-                 views (`plus_candidates.file_predictions`) -> predictions.csv
+                 views (`candidates.file_predictions`) -> predictions.csv
                  (dataset,job,key,ratio,values: L(D*) of the models, or the
                  sd of log L(D*) for keys ending in _sd).
   4. choose      every candidate scored on every file, Pooled with the fold's
@@ -49,7 +49,7 @@ Steps (the expensive ones write their CSV as they go; a rerun skips finished wor
                  reads at each ratio relative to AtS at ratio 8 -> cost.csv.
   6. budgeted    the early-stopping procedure of `budgeted.py` with the chosen
                  candidate's own predictive mean and sd of log L(D*)
-                 (`plus_candidates.budgeted_candidate_selection`) at several
+                 (`candidates.budgeted_candidate_selection`) at several
                  confidence levels -> budgeted.csv.
   7. tables      lensllm_plus.md (where its numbers come from, LensLLM+ vs the
                  baselines, the choice's stability, every candidate's means,
@@ -79,17 +79,9 @@ import numpy as np
 from absl import flags, logging
 
 from experiments import common
-from lensllm_jax import (
-  budgeted,
-  context_pfn,
-  curve_pfn,
-  errors,
-  metrics,
-  plus_candidates,
-  pooled,
-  protocol,
-  rundir,
-)
+from lensllm_jax import errors, rundir
+from lensllm_jax.plus import candidates, context_pfn, curve_pfn, protocol
+from lensllm_jax.selection import budgeted, metrics, pooled
 
 PLUS = pooled.METHOD_NAME  # "LensLLM+"
 
@@ -113,7 +105,7 @@ RESULT_HEADER = ("dataset", "ratio", "method", "metric", "value")
 COST_HEADER = ("dataset", "method", "setting", "flops", "relative_to_ats8", "RelAcc", "PearCorr")
 BUDGET_HEADER = ("dataset", "method", "candidate", "setting", "flops", "relative_to_ats8",
                  "RelAcc", "PearCorr")
-BASELINES = plus_candidates.BASELINES  # AtS, RectifiedFit, LensLLM
+BASELINES = candidates.BASELINES  # AtS, RectifiedFit, LensLLM
 INPUT_HEADER = ("dataset", "role", "source", "ratios", "sha256")
 STABILITY_HEADER = ("held_out", "left_out", "trained_on", "candidate", "train_criterion",
                     "runner_up", "runner_up_criterion", "margin")
@@ -163,9 +155,9 @@ def cached_grid_evaluator(out: pathlib.Path, ratios, num_restarts, num_steps):
 
 
 def cached_predictions(out: pathlib.Path):
-  """A `predict` for `plus_candidates.leave_one_out` that stores every job in predictions.csv.
+  """A `predict` for `candidates.leave_one_out` that stores every job in predictions.csv.
 
-  A job (`plus_candidates.prediction_jobs`) is rerun only if some ratio of the
+  A job (`candidates.prediction_jobs`) is rerun only if some ratio of the
   file has no row for it; the predictions returned are always the ones read
   back from the CSV (17 significant digits), so a rerun scores the same numbers.
   """
@@ -180,7 +172,7 @@ def cached_predictions(out: pathlib.Path):
     return have
 
   def predict(curves, ratios, *, ctx, pooled_configs, target_data_num):
-    jobs = plus_candidates.prediction_jobs(ctx, pooled_configs)
+    jobs = candidates.prediction_jobs(ctx, pooled_configs)
     have = load(curves.name, ratios)
     todo = [j for j in jobs if j not in have or not all(
       set(ratios) <= set(per) for per in have[j].values())]
@@ -188,7 +180,7 @@ def cached_predictions(out: pathlib.Path):
                  len(jobs) - len(todo), len(jobs), path)
     for job in todo:
       t = time.time()
-      _, preds = plus_candidates.file_predictions(curves, ratios, ctx=ctx,
+      _, preds = candidates.file_predictions(curves, ratios, ctx=ctx,
                                                   pooled_configs=pooled_configs,
                                                   target_data_num=target_data_num, only=[job])
       common.append_rows(path, PRED_HEADER, [
@@ -270,7 +262,7 @@ def write_choices(out, folds, files) -> None:
       for name, tab in tabs.items():
         cand_rows += table_rows(f.held_out, ds, name, tab, rs)
       for m in BASELINES[1:]:
-        cand_rows += table_rows(f.held_out, ds, m, plus_candidates.score_table(preds[m], truth),
+        cand_rows += table_rows(f.held_out, ds, m, candidates.score_table(preds[m], truth),
                                 rs)
     chosen_rows.append({"held_out": f.held_out, "trained_on": "+".join(f.trained_on),
                         "candidate": f.candidate.name, "pooled_setting": f.pooled.config.name,
@@ -312,11 +304,11 @@ def write_report(out, folds, files, curve_sets) -> None:
     fl = files[f.held_out]
     target = float(np.max(curves.data_sizes))
     ats8 = budgeted.method_flops("AtS", curves.sizes, curves.data_sizes, target / 8)
-    preds = {PLUS: plus_candidates.candidate_prediction(f.candidate, fl["preds"],
+    preds = {PLUS: candidates.candidate_prediction(f.candidate, fl["preds"],
                                                         f.pooled.config),
              **{m: fl["preds"][m] for m in BASELINES}}
     for m, p in preds.items():
-      for ratio, res in zip(fl["ratios"], plus_candidates.plus_results(p, m), strict=True):
+      for ratio, res in zip(fl["ratios"], candidates.plus_results(p, m), strict=True):
         sc = protocol.score_results(res, fl["truth"])
         rows += [{"dataset": f.held_out, "ratio": ratio, "method": m, "metric": k,
                   "value": f"{sc[k]:.6f}"} for k in protocol.METRICS]
@@ -342,7 +334,7 @@ def budgeted_dataset(curves, fold, out, *, ctx, levels, max_data_num) -> None:
   target = float(np.max(curves.data_sizes))
   truth = curves.column(target)
   ats8 = budgeted.method_flops("AtS", curves.sizes, curves.data_sizes, target / 8)
-  res = plus_candidates.budgeted_candidate_selection(
+  res = candidates.budgeted_candidate_selection(
     curves, todo, cand, ctx=dataclasses.replace(ctx, pooled_config=fold.pooled.config),
     max_data_num=max_data_num, progress=lambda s: logging.info("[%s] budgeted %s", name, s))
   rows = [{"dataset": name, "method": tag, "candidate": cand.name, "setting": f"z={r.z:g}",
@@ -396,7 +388,7 @@ def tables(out: pathlib.Path, ratios) -> str:
           for r in common.read_rows(out / "candidates.csv")}
   chosen = {r["held_out"]: r for r in common.read_rows(out / "candidates_chosen.csv")}
   reported = list(chosen)
-  names = [c.name for c in plus_candidates.candidate_names()]
+  names = [c.name for c in candidates.candidate_names()]
   methods = [PLUS, *BASELINES]
 
   def mean(table, key, rs):
@@ -404,7 +396,7 @@ def tables(out: pathlib.Path, ratios) -> str:
 
   md = ["# LensLLM+ under leave-one-dataset-out (generated by experiments/lensllm_plus.py)", "",
         "LensLLM+ on each reported file is the candidate with the best mean PearCorr + mean "
-        "RelAcc over the ratios on the OTHER files (`plus_candidates.leave_one_out`). "
+        "RelAcc over the ratios on the OTHER files (`candidates.leave_one_out`). "
         "Candidates: " + ", ".join(f"`{n}`" for n in names) + "; `wAtS+X` = exp(w log "
         "L_AtS(D*) + (1 - w) log L_X(D*)). `Pooled` uses the setting of the "
         f"{len(protocol.default_grid())}-setting grid chosen on the same other files (on "
@@ -482,7 +474,7 @@ def tables(out: pathlib.Path, ratios) -> str:
             if r["candidate"] == chosen.get(r["dataset"], {}).get("candidate")]
   md += ["## Compute (sum of 6 N D over the (model, D) pairs read, relative to AtS at ratio 8)",
          "", f"Budgeted{PLUS}: early stopping with the chosen candidate's own predictive mean "
-         "and sd of log L(D*) (`plus_candidates.budgeted_candidate_selection`; the levels z are "
+         "and sd of log L(D*) (`candidates.budgeted_candidate_selection`; the levels z are "
          "not chosen by the protocol, every level is shown).", "",
          "| file | method | setting | compute / AtS@8 | RelAcc | PearCorr |",
          "|---|---|---|---|---|---|"]
@@ -523,7 +515,7 @@ def candidates_md(out: pathlib.Path) -> str:
           for r in common.read_rows(out / "candidates.csv")}
   chosen = {r["held_out"]: r for r in common.read_rows(out / "candidates_chosen.csv")}
   reported = list(chosen)
-  names = [c.name for c in plus_candidates.candidate_names()]
+  names = [c.name for c in candidates.candidate_names()]
 
   def mean(table, key, rs):
     return float(np.nanmean([table.get((*key, r), np.nan) for r in rs]))
@@ -568,7 +560,7 @@ def candidates_md(out: pathlib.Path) -> str:
   cover = common.read_rows(out / "candidates_coverage.csv")
   if cover:
     md += ["## CurvePFN calibration on real curves: share of models with L(D*) inside the "
-           "central 80% predictive interval (on the prior: 70-90%, tests/test_curve_pfn.py)", "",
+           "central 80% predictive interval (on the prior: 70-90%, tests/plus/test_curve_pfn.py)", "",
            "| file | per ratio (1/8, 1/16, ...) | mean |", "|---|---|---|"]
     for ds in dict.fromkeys(r["dataset"] for r in cover):
       v = [float(r["coverage80"]) for r in cover if r["dataset"] == ds]
@@ -621,7 +613,7 @@ def _run(cfg, out: pathlib.Path, curve_sets, train_only, ratios, budget_levels, 
   key = jax.random.key(cfg.seed)
   for c in train_only:
     logging.info("[%s] training-only file, ratios %s", c.name, protocol.training_ratios(c, ratios))
-  folds, files = plus_candidates.leave_one_out(
+  folds, files = candidates.leave_one_out(
     curve_sets, key=key, train_only=train_only, ratios=ratios, predictor=predictor,
     grid_evaluate=cached_grid_evaluator(out, ratios, cfg.num_restarts, cfg.num_steps),
     predict=cached_predictions(out), num_restarts=cfg.num_restarts, num_steps=cfg.num_steps,
@@ -630,7 +622,7 @@ def _run(cfg, out: pathlib.Path, curve_sets, train_only, ratios, budget_levels, 
   write_report(out, folds, files, curve_sets)
   if cfg.budgeted:
     for i, (curves, fold) in enumerate(zip(curve_sets, folds, strict=True)):
-      ctx = plus_candidates.BaseContext(key=jax.random.fold_in(key, 1000 + i),
+      ctx = candidates.BaseContext(key=jax.random.fold_in(key, 1000 + i),
                                         predictor=predictor, num_restarts=cfg.num_restarts,
                                         num_steps=cfg.num_steps)
       budgeted_dataset(curves, fold, out, ctx=ctx, levels=budget_levels,

@@ -56,23 +56,13 @@ from absl import flags
 
 from experiments import build_zoo as bz
 from experiments import common, hessian_common, study_report
-from lensllm_jax import (
-  benchmarks,
-  budgeted,
-  hessian,
-  methods,
-  metrics,
-  models,
-  nlp_metrics,
-  ntk,
-  pac_bayes,
-  phases,
-  selection,
-  study_tasks,
-  textdata,
-  training,
-)
-from lensllm_jax import sweep as fs
+from lensllm_jax import models, selection, training
+from lensllm_jax.curves import benchmarks
+from lensllm_jax.laws import phases
+from lensllm_jax.selection import budgeted, methods, metrics
+from lensllm_jax.theory import hessian, nlp_metrics, ntk, pac_bayes
+from lensllm_jax.training import study_tasks, textdata
+from lensllm_jax.training import sweep as fs
 
 FLAGS = flags.FLAGS
 

@@ -37,7 +37,11 @@ import numpy as np
 from absl import app, flags, logging
 
 from experiments import common
-from lensllm_jax import benchmarks, dynamic_law, ntk, protocol, selection
+from lensllm_jax import selection
+from lensllm_jax.curves import benchmarks
+from lensllm_jax.laws import dynamic_law
+from lensllm_jax.plus import protocol
+from lensllm_jax.theory import ntk
 
 METHODS = ("LensLLM-NTK", "LensLLM-NTK-dynamic", "LensLLM", "Spectral")
 HEADER = ("task", "ratio", "method", "metric", "value")

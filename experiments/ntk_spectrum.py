@@ -39,7 +39,8 @@ import numpy as np
 from absl import app, flags, logging
 
 from experiments import common  # also defines --compilation_cache_dir
-from lensllm_jax import models, ntk, rundir
+from lensllm_jax import models, rundir
+from lensllm_jax.theory import ntk
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
 FLAGS = flags.FLAGS

@@ -16,7 +16,7 @@ budgeted rounds were recorded before that change, with per-round keys, and
 stay valid engine checks).
 
 The file holds our own computed values (not public data). Its purpose:
-`tests/test_objective_reference.py` replays every recorded call with the
+`tests/laws/test_objective_reference.py` replays every recorded call with the
 current fitting engine and asserts the objective is no worse on any curve,
 so a faster engine cannot silently fit worse than the one that recorded it.
 Arrays (V recorded views, M models, P columns of the file):

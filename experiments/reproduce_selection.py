@@ -41,18 +41,10 @@ import numpy as np
 from absl import flags, logging
 
 from experiments import common
-from lensllm_jax import (
-  budgeted,
-  errors,
-  laws,
-  metrics,
-  plus_candidates,
-  pooled,
-  published,
-  rundir,
-  selection,
-)
-from lensllm_jax import methods as methods_lib
+from lensllm_jax import errors, laws, rundir, selection
+from lensllm_jax.plus import candidates
+from lensllm_jax.selection import budgeted, metrics, pooled, published
+from lensllm_jax.selection import methods as methods_lib
 
 SELECTION_HEADER = ("dataset", "ratio", "max_data_num", "method", "metric", "value")
 RMSE_HEADER = ("dataset", "model", "max_data_num", "law", "rmse")
@@ -494,7 +486,7 @@ def choose_plus(curve_sets, methods, plus_protocol, out, *, ratios, key, target_
   """LensLLM+ per file: {} (pooled.DEFAULT_CONFIG) or the leave-one-dataset-out choice.
 
   Under "leave_one_out", LensLLM+ on each file is the candidate that
-  `plus_candidates.leave_one_out` chooses on the other files (the same
+  `candidates.leave_one_out` chooses on the other files (the same
   predictor as experiments.lensllm_plus, here without training-only files);
   returns file name -> [ratios] SelectionResults of that candidate.
   """
@@ -507,7 +499,7 @@ def choose_plus(curve_sets, methods, plus_protocol, out, *, ratios, key, target_
           if r["method"] == pooled.METHOD_NAME}
   if all((c.name, r) in done for c in curve_sets for r in ratios):
     return {}  # rerun: LensLLM+ is already scored everywhere
-  folds, files = plus_candidates.leave_one_out(curve_sets, key=key, ratios=ratios,
+  folds, files = candidates.leave_one_out(curve_sets, key=key, ratios=ratios,
                                                target_data_num=target_data_num,
                                                num_restarts=num_restarts)
   rows = [{"held_out": f.held_out, "trained_on": "+".join(f.trained_on),
@@ -525,9 +517,9 @@ def choose_plus(curve_sets, methods, plus_protocol, out, *, ratios, key, target_
   for f in folds:
     logging.info("[%s] LensLLM+ chosen on %s: %s (Pooled setting %s)", f.held_out,
                  f.trained_on, f.candidate.name, f.pooled.config.name)
-    pred = plus_candidates.candidate_prediction(f.candidate, files[f.held_out]["preds"],
+    pred = candidates.candidate_prediction(f.candidate, files[f.held_out]["preds"],
                                                 f.pooled.config)
-    out_results[f.held_out] = plus_candidates.plus_results(pred)
+    out_results[f.held_out] = candidates.plus_results(pred)
   return out_results
 
 

@@ -15,7 +15,7 @@ procedure `budgeted.early_stopping_selection` with the predictor's own mean
 and sd of log L(D*) (`forecast.log_prediction_fn`), on the schedule
 D_k = d0 * 2^k <= cap, with two oracles: replay pays with the losses of a
 complete curve file (`budgeted.CurveOracle`, 6 N D per pair), online pays by
-fine-tuning through the sweep's run machinery (`lensllm_jax.sweep`: its
+fine-tuning through the sweep's run machinery (`lensllm_jax.training.sweep`: its
 runs.jsonl rows, nested subsets, early stopping, orbax resume,
 --distributed) and charges each run's own train FLOPs (`FinetuneOracle`).
 The procedure is a function of the paid losses, so a rerun replays the
@@ -50,18 +50,11 @@ import numpy as np
 from absl import app, flags, logging
 
 from experiments import common
-from lensllm_jax import (
-  benchmarks,
-  budgeted,
-  forecast,
-  metrics,
-  selection,
-  sharding,
-  sweep,
-  textdata,
-  training,
-)
+from lensllm_jax import forecast, selection, training
+from lensllm_jax.curves import benchmarks
 from lensllm_jax.models import CheckpointError
+from lensllm_jax.selection import budgeted, metrics
+from lensllm_jax.training import sharding, sweep, textdata
 
 FLAGS = flags.FLAGS
 

@@ -14,7 +14,7 @@ import pathlib
 
 import numpy as np
 
-from lensllm_jax import metrics
+from lensllm_jax.selection import metrics
 
 BASE_METHODS = ("ZeroShot", "SubTuning", "ModelSize", "AtS", "VanillaFit", "RectifiedFit")
 ALL_METHODS = BASE_METHODS + ("LensLLM", "LensLLM-NTK", "NLPMetrics")

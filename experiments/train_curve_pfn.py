@@ -1,6 +1,6 @@
 r"""Trains a PFN on prior draws and writes its weights: the single-curve CurvePFN
-(lensllm_jax/curve_pfn.py, config.kind = "curve") or the ContextPFN
-(lensllm_jax/context_pfn.py, config.kind = "context").
+(lensllm_jax/plus/curve_pfn.py, config.kind = "curve") or the ContextPFN
+(lensllm_jax/plus/context_pfn.py, config.kind = "context").
 
   nice -n 19 python -m experiments.train_curve_pfn --config=configs/curve_pfn.py
   nice -n 10 python -m experiments.train_curve_pfn --config=configs/context_pfn.py
@@ -21,7 +21,7 @@ import time
 from absl import app, flags, logging
 
 from experiments import common
-from lensllm_jax import context_pfn, curve_pfn
+from lensllm_jax.plus import context_pfn, curve_pfn
 
 FLAGS = flags.FLAGS
 

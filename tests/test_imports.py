@@ -14,7 +14,7 @@ from __future__ import annotations
 import ast
 import pathlib
 
-from conftest import REPO_ROOT
+from helpers import REPO_ROOT
 
 PACKAGES = ("lensllm_jax", "experiments", "configs")
 
@@ -87,11 +87,53 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_package_imports_are_acyclic():
   graph = import_graph(REPO_ROOT)
   # The walk sees the layering (so an empty graph cannot pass silently) ...
-  assert {"lensllm_jax.pooled", "lensllm_jax.selection"} <= graph["lensllm_jax.methods"]
-  assert "lensllm_jax.selection" in graph["lensllm_jax.pooled"]
-  assert "lensllm_jax.methods" not in graph["lensllm_jax.selection"]
+  assert {"lensllm_jax.selection.pooled", "lensllm_jax.selection.core"} <= graph[
+      "lensllm_jax.selection.methods"]
+  assert "lensllm_jax.selection.core" in graph["lensllm_jax.selection.pooled"]
+  assert "lensllm_jax.selection.methods" not in graph["lensllm_jax.selection.core"]
   cycle = find_cycle(graph)
   assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def _subpackage(module: str) -> str | None:
+  parts = module.split(".")
+  return parts[1] if parts[0] == "lensllm_jax" and len(parts) > 1 else None
+
+
+def test_subpackages_import_only_the_ones_above_them():
+  """The tree reads top-down as the data flows: each subpackage of `lensllm_jax`
+  imports only subpackages listed before it in `lensllm_jax.SUBPACKAGES` (and
+  `xla_workarounds`), never one below it."""
+  import lensllm_jax
+
+  order = {name: i for i, name in enumerate(lensllm_jax.SUBPACKAGES)}
+  on_disk = {p.name for p in (REPO_ROOT / "lensllm_jax").iterdir()
+             if (p / "__init__.py").exists()}
+  assert on_disk == set(order), "lensllm_jax.SUBPACKAGES must list every subpackage"
+  graph = import_graph(REPO_ROOT)
+  upward = []
+  for mod, deps in graph.items():
+    src = _subpackage(mod)
+    if src not in order:
+      continue
+    for dep in deps:
+      dst = _subpackage(dep)
+      if dst in order and order[dst] > order[src]:
+        upward.append(f"{mod} -> {dep}")
+  assert not upward, "imports against the data flow: " + ", ".join(sorted(upward))
+
+
+def test_package_docstring_lists_every_subpackage():
+  import lensllm_jax
+
+  doc = lensllm_jax.__doc__
+  for name in lensllm_jax.SUBPACKAGES:
+    assert f"\n  {name} " in doc, f"lensllm_jax's docstring does not describe {name}"
+  for sub in lensllm_jax.SUBPACKAGES:
+    pkg = REPO_ROOT / "lensllm_jax" / sub
+    init_doc = ast.get_docstring(ast.parse((pkg / "__init__.py").read_text())) or ""
+    for module in sorted(p.stem for p in pkg.glob("*.py") if p.stem != "__init__"):
+      assert f"  {module} " in init_doc, f"lensllm_jax.{sub}'s docstring does not list {module}"
 
 
 def test_cycle_hidden_in_a_function_is_found(tmp_path):

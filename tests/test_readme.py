@@ -10,9 +10,9 @@ from __future__ import annotations
 import re
 
 import pytest
-from conftest import REPO_ROOT, run_with_host_devices
 
 from experiments import update_readme
+from helpers import REPO_ROOT, run_with_host_devices
 
 _BLOCK = re.compile(r"```python\n(.*?)```", re.DOTALL)
 _LINK = re.compile(r"\]\(([^)#\s]+)\)")

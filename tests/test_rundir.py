@@ -13,13 +13,14 @@ import sys
 import ml_collections
 import numpy as np
 import pytest
-from _selection_synthetic import synthetic_curves
-from conftest import REPO_ROOT
 
 from configs import selection as selection_config
 from experiments import common
 from experiments import reproduce_selection as rs
-from lensllm_jax import benchmarks, errors, rundir
+from helpers import REPO_ROOT
+from helpers.synthetic_curves import synthetic_curves
+from lensllm_jax import errors, rundir
+from lensllm_jax.curves import benchmarks
 
 QUICK = dict(methods=("ZeroShot", "SubTuning", "AtS"), ratios=(4, 8), budgeted=False,
              figures=False, num_restarts=2, max_steps=50)
@@ -163,7 +164,7 @@ def test_manifest_merge_rules():
 def test_checkpoint_is_deleted_only_after_its_row_is_durable(tmp_path, monkeypatch):
   """An injected failure of the runs.jsonl append leaves the finished run's checkpoint, so
   the rerun resumes it instead of training again; on success the row comes first."""
-  from lensllm_jax import sweep as fs
+  from lensllm_jax.training import sweep as fs
 
   events = []
 

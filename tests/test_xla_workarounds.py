@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO_ROOT
+from helpers import REPO_ROOT
 
 _REPRO = r"""
 import jax, jax.numpy as jnp, numpy as np

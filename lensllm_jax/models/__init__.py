@@ -30,6 +30,24 @@ Public API (one entry point for every architecture; see `registry`):
   load_tokenizer                  Hugging Face config.json, tensors and tokenizer.json
   ARCHITECTURES, HF_FORMATS, register_architecture, register_hf_format
                                   the registries a new family adds itself to
+
+Modules:
+  registry       the one entry point: build, init, count, FLOPs, load (families register here)
+  config         ModelConfig of the decoder-only models
+  layers         blocks shared by the decoder-only families
+  gpt2           GPT-2 block
+  llama          Llama block
+  opt            OPT block
+  phi            Phi block (phi-1.5, phi-2)
+  model          CausalLM, the decoder-only module
+  losses         token losses and log-likelihoods of a causal LM
+  encdec_config  EncoderDecoderConfig (T5, mT5, T5 v1.1, Switch, BART)
+  t5             T5 / mT5 / T5 v1.1 / Switch encoder-decoders
+  bart           BART encoder-decoder and decoder-only
+  encdec         encoder-decoder families in the registry, shift-right, seq2seq loss
+  hf             Hugging Face checkpoints (config.json, safetensors, tokenizer.json)
+  encdec_hf      Hugging Face checkpoints of the encoder-decoders
+  presets        named configurations, keyed by Hugging Face id for hub models
 """
 
 from lensllm_jax.models.config import ModelConfig

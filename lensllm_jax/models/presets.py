@@ -9,7 +9,7 @@ Two kinds of entries:
   (``presets["gpt2"]``, ``presets["facebook/opt-350m"]``, ...). They are
   written from the models' published config.json files (values noted per
   family below) and `num_params` of each equals the ``size`` column of the
-  curve files (tests/test_model_zoo.py). Loading the real weights goes
+  curve files (tests/models/test_model_zoo.py). Loading the real weights goes
   through `load_hf_checkpoint`; the presets give shapes, parameter counts and
   FLOPs without a download.
 """

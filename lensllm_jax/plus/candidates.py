@@ -1,0 +1,516 @@
+r"""LensLLM+: the project's recommended predictor, chosen among candidates by the protocol.
+
+Candidates (each predicts L(D*) of every model from a budget view only):
+
+  Pooled      the pooled LensLLM fit of `pooled.py` with a setting of the
+              leave-one-dataset-out grid (`protocol.leave_one_out`) chosen on
+              files it is not scored on (nested, see Choice below);
+  CurvePFN    the posterior mean of the prior-fitted network (`curve_pfn.py`),
+              each model on its own;
+  Spectral    LensLLM with a decaying F(D) = F0 (w_0 + w_1 e^(-D / D_1))
+              (`dynamic_law.spectral_lensllm_law(1)`), independent fits;
+  ContextPFN  the posterior mean of the context PFN (`context_pfn.py`): each
+              model given its visible points, the other models' visible
+              curves and the model sizes;
+  AtS         AtS itself (Lin et al. 2024);
+  and blends  exp(w log L_AtS(D*) + (1 - w) log L_X(D*)) of AtS with each X
+              above, w in BLEND_WEIGHTS (w = 0 is X itself).
+
+The bases X are the registry `BASE_PREDICTORS` (name -> function); adding a
+predictor is one entry there (its blends with AtS follow).
+
+Choice (`leave_one_out`): for each reported file i with training files T
+(the other files, reported and training-only), the candidate with the best
+mean `protocol.criterion` (mean PearCorr + mean RelAcc over the budget
+ratios) over T is LensLLM+ on file i; ties go to the earlier candidate of
+`candidate_names()`. The scores of file i are computed only after its choice
+(for the report). The Pooled candidate's setting is nested, so that Pooled is
+never scored on a file its setting was chosen on:
+
+  on file i (reported)   the setting `protocol.leave_one_out` chose on T;
+  on training file t     the setting chosen the same way on T \ {t}
+                         (`protocol.Fold.nested`; with T = {t} alone, the
+                         grid's first setting, the tie-break default).
+
+The other candidates have no setting chosen on data.
+
+Stability (`leave_one_out(..., leave_each_out=True)`, `PlusFold.without`):
+for each training file t of a fold, the choice the same rule makes on
+T \ {t} (the Pooled settings nested again: on s in T \ {t}, the setting
+chosen on T \ {t, s}); and for every choice its runner-up and margin
+(`ranked_choice`). Nothing here changes a choice; it says how much each one
+depends on which training files are present.
+
+Budgeted (`budgeted_candidate_selection`): the early-stopping rule of
+`budgeted.py` with the candidate's own predictive mean and sd of log L(D*):
+
+  CurvePFN   the PFN's predictive sd of log L(D*) (ContextPFN: its own);
+  Pooled     the delta-method (Laplace) sd of the pooled fit's per-model
+             LensLLM parameters, squared-error form (`budgeted.laplace_log_sd`;
+             the prior is ignored, so it is conservative);
+  Spectral   the Laplace sd of the dynamic-F law fit (squared error);
+  blend w    (1 - w) sd_X: log L = w log L_AtS + (1 - w) log L_X with AtS's
+             line taken as exact (AtS has no predictive distribution), by the
+             delta method; where X has no finite prediction the blend falls
+             back to AtS and the sd is inf (that model is never stopped on it);
+  AtS alone  sd 0 (no uncertainty: it stops every model but the best as soon
+             as every model has `min_points` points).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+
+import jax
+import numpy as np
+
+from lensllm_jax import laws, selection
+from lensllm_jax.laws import dynamic_law
+from lensllm_jax.plus import context_pfn, curve_pfn, protocol
+from lensllm_jax.selection import budgeted, pooled
+
+__all__ = [
+  "BASE_PREDICTORS",
+  "BLEND_WEIGHTS",
+  "BaseContext",
+  "Candidate",
+  "PlusChoice",
+  "PlusFold",
+  "blend",
+  "budgeted_candidate_selection",
+  "candidate_distribution",
+  "candidate_names",
+  "candidate_prediction",
+  "choose_candidate",
+  "file_predictions",
+  "leave_one_out",
+  "plus_results",
+  "pooled_setting",
+  "prediction_jobs",
+  "ranked_choice",
+  "score_table",
+]
+
+BLEND_WEIGHTS = (0.0, 0.25, 0.5, 0.75)
+# Published baselines predicted beside the candidates (for the report; AtS also for blends).
+BASELINES = ("AtS", "RectifiedFit", "LensLLM")
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseContext:
+  """What a base predictor may use besides the views: PRNG key, PFN, fit options.
+
+  pooled_config: the Pooled setting (only the Pooled base reads it).
+  with_sd: also return the sd of log L(D*) (the budgeted procedure needs it).
+  """
+  key: jax.Array
+  predictor: curve_pfn.CurvePFNPredictor
+  pooled_config: pooled.PooledConfig | None = None
+  num_restarts: int = 8
+  num_steps: int = 60
+  num_points: int = 0
+  with_sd: bool = False
+  context_predictor: context_pfn.ContextPFNPredictor | None = None
+
+
+def _laplace_sd(law, results, views, meta) -> np.ndarray:
+  """[V, M] Laplace sd of log L(D*) of per-model law fits on each view (one pool per view)."""
+  m = views[0].mask.shape[0]
+  raw = np.concatenate([r.predictor.raw_params for r in results])
+  mask = np.concatenate([r.extras["mask"] for r in results])
+  ylog = np.concatenate([np.log(np.where(v.mask, v.losses, 1.0)) for v in views])
+  sd = budgeted.laplace_log_sd(law, raw, views[0].data_sizes, mask, ylog, meta.target_data_num,
+                               pool=np.repeat(np.arange(len(views)), m))
+  return sd.reshape(len(views), m)
+
+
+def pooled_base(views, meta, ctx: BaseContext) -> dict[str, np.ndarray]:
+  """Pooled LensLLM fit with ctx.pooled_config: {"Pooled": [V, M] L(D*) (, "Pooled_sd")}."""
+  if ctx.pooled_config is None:
+    raise ValueError("pooled_base: BaseContext.pooled_config is None")
+  res = [r[0] for r in pooled.pooled_selection(views, meta, [ctx.pooled_config], key=ctx.key,
+                                               num_restarts=ctx.num_restarts,
+                                               num_steps=ctx.num_steps,
+                                               num_points=ctx.num_points)]
+  out = {"Pooled": np.stack([r.predicted for r in res])}
+  if ctx.with_sd:
+    out["Pooled_sd"] = _laplace_sd(laws.lensllm_law(), res, views, meta)
+  return out
+
+
+def _pfn_outputs(name: str, results) -> dict[str, np.ndarray]:
+  """A PFN's posterior mean E[L(D*)], sd of log L(D*) and 10% / 90% quantiles of L(D*),
+  [V, M] each, from its SelectionResults (one per view)."""
+  return {name: np.stack([r.predicted for r in results]),
+          f"{name}_sd": np.stack([r.extras["sd_log"] for r in results]),
+          f"{name}_q0.1": np.exp(np.stack([r.extras["q0.1_log"] for r in results])),
+          f"{name}_q0.9": np.exp(np.stack([r.extras["q0.9_log"] for r in results]))}
+
+
+def pfn_base(views, meta, ctx: BaseContext) -> dict[str, np.ndarray]:
+  """CurvePFN: each model's posterior from its own visible points."""
+  return _pfn_outputs("CurvePFN", [curve_pfn.curve_pfn_selection(v, meta, predictor=ctx.predictor)
+                                   for v in views])
+
+
+def context_pfn_base(views, meta, ctx: BaseContext) -> dict[str, np.ndarray]:
+  """ContextPFN: each model's posterior given also the other models' visible curves and
+  the sizes (`context_pfn.py`; ctx.context_predictor, default the committed one)."""
+  pred = ctx.context_predictor or context_pfn.default_predictor()
+  return _pfn_outputs("ContextPFN", [context_pfn.context_pfn_selection(v, meta, predictor=pred)
+                                     for v in views])
+
+
+def spectral_base(views, meta, ctx: BaseContext) -> dict[str, np.ndarray]:
+  """Dynamic-F LensLLM (`dynamic_law.spectral_lensllm_law(1)`), independent fits."""
+  law = dynamic_law.spectral_lensllm_law(1)
+  res = selection.fit_law_views("Spectral", law, views, meta, key=ctx.key, use_zero_shot=True,
+                                num_restarts=ctx.num_restarts)
+  out = {"Spectral": np.stack([r.predicted for r in res])}
+  if ctx.with_sd:
+    out["Spectral_sd"] = _laplace_sd(law, res, views, meta)
+  return out
+
+
+# The candidate bases X: name -> fn(views, meta, BaseContext) -> {name: [V, M] predicted
+# L(D*), name + "_sd": [V, M] sd of log L(D*) (when ctx.with_sd or always), ...}.
+BASE_PREDICTORS: dict[str, Callable] = {
+  "Pooled": pooled_base,
+  "CurvePFN": pfn_base,
+  "Spectral": spectral_base,
+  "ContextPFN": context_pfn_base,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+  """A candidate predictor: base X blended with AtS with weight w (X alone for w = 0)."""
+  base: str
+  ats_weight: float = 0.0
+
+  @property
+  def name(self) -> str:
+    if self.base == "AtS":
+      return "AtS"
+    return self.base if self.ats_weight == 0 else f"{self.ats_weight:g}AtS+{self.base}"
+
+
+def candidate_names() -> list[Candidate]:
+  """All candidates, in tie-break order: each base alone, then its AtS blends; AtS last."""
+  return ([Candidate(b, w) for b in BASE_PREDICTORS for w in BLEND_WEIGHTS]
+          + [Candidate("AtS", 1.0)])
+
+
+def blend(ats_pred, other_pred, weight: float) -> np.ndarray:
+  """exp(w log a + (1 - w) log b) [...]; where b is not finite, a is used."""
+  a = np.asarray(ats_pred, np.float64)
+  b = np.asarray(other_pred, np.float64)
+  b = np.where(np.isfinite(b) & (b > 0), b, a)
+  return np.exp(weight * np.log(a) + (1.0 - weight) * np.log(b))
+
+
+def blend_sd(other_pred, other_sd, weight: float) -> np.ndarray:
+  """(1 - w) sd_X of the blend's log L(D*) (AtS exact); inf where X's prediction is not finite."""
+  b = np.asarray(other_pred, np.float64)
+  sd = (1.0 - weight) * np.asarray(other_sd, np.float64)
+  return np.where(np.isfinite(b) & (b > 0), sd, np.inf)
+
+
+def pooled_key(config: pooled.PooledConfig) -> str:
+  """Name of a Pooled setting's predictions in `file_predictions`."""
+  return f"Pooled[{config.name}]"
+
+
+def prediction_jobs(ctx: BaseContext, pooled_configs: Sequence[pooled.PooledConfig] = ()):
+  """name -> fn(views, meta) -> {key: [V, M]}: the baselines, every base, one Pooled per setting.
+
+  Each job's output keys start with the job's name (e.g. "CurvePFN",
+  "CurvePFN_sd"); the Pooled base runs once per setting, each setting in its
+  own call (its predictions do not depend on which other settings are asked).
+  """
+  jobs = {"AtS": lambda views, meta: {"AtS": np.stack([selection.ats(v, meta).predicted
+                                                       for v in views])}}
+  for m in BASELINES[1:]:
+    jobs[m] = (lambda views, meta, m=m: {m: np.stack([
+      r.predicted for r in selection.run_fitted_batch(m, views, meta, key=ctx.key,
+                                                      num_restarts=ctx.num_restarts)])})
+  for base, fn in BASE_PREDICTORS.items():
+    if base == "Pooled":
+      for c in dict.fromkeys(pooled_configs):
+        def job(views, meta, c=c, fn=fn):
+          out = fn(views, meta, dataclasses.replace(ctx, pooled_config=c))
+          return {k.replace("Pooled", pooled_key(c), 1): v for k, v in out.items()}
+        jobs[pooled_key(c)] = job
+    else:
+      jobs[base] = (lambda views, meta, fn=fn: fn(views, meta, ctx))
+  return jobs
+
+
+def file_predictions(curves, ratios: Sequence[int], *, ctx: BaseContext,
+                     pooled_configs: Sequence[pooled.PooledConfig] = (),
+                     target_data_num: float | None = None, only: Sequence[str] | None = None):
+  """Predictions of L(D*) of every job of `prediction_jobs` on the budget views of one file.
+
+  Args:
+    curves: a CurveSet; views are `protocol.budget_views(curves, ratios, target_data_num)`.
+    ratios: budget ratios D*/D_max.
+    ctx: the base context (key of the file's fits, PFN, options).
+    pooled_configs: the Pooled settings to run.
+    only: job names to run (default all).
+
+  Returns:
+    (truth [M], preds): preds[key] -> [R, M] ("AtS", "RectifiedFit",
+    "LensLLM", "CurvePFN", "CurvePFN_sd", "CurvePFN_q0.1", "CurvePFN_q0.9",
+    "Spectral", "Pooled[<setting name>]", ...).
+  """
+  meta, truth, rv = protocol.budget_views(curves, ratios, target_data_num)
+  views = [v for _, v in rv]
+  jobs = prediction_jobs(ctx, pooled_configs)
+  preds = {}
+  for name, job in jobs.items():
+    if only is None or name in only:
+      preds.update(job(views, meta))
+  return truth, preds
+
+
+def candidate_prediction(cand: Candidate, preds: Mapping[str, np.ndarray],
+                         pooled_config: pooled.PooledConfig | None) -> np.ndarray:
+  """[R, M] predictions of one candidate from the base predictions."""
+  if cand.base == "AtS":
+    return preds["AtS"]
+  key = pooled_key(pooled_config) if cand.base == "Pooled" else cand.base
+  return blend(preds["AtS"], preds[key], cand.ats_weight)
+
+
+def score_table(prediction, truth) -> dict[str, np.ndarray]:
+  """metric -> [R] (PearCorr, RelAcc, Spearman, RMSE at D*) of predictions [R, M]."""
+  rows = [protocol.score_results(r, truth) for r in plus_results(prediction)]
+  return {k: np.array([r[k] for r in rows]) for k in protocol.METRICS}
+
+
+def plus_results(prediction, method: str = pooled.METHOD_NAME) -> list[selection.SelectionResult]:
+  """[R] SelectionResults (feature = predicted L(D*), non-finite last) of predictions [R, M]."""
+  out = []
+  for p in np.asarray(prediction, np.float64):
+    feature = np.where(np.isfinite(p), p, np.inf)
+    out.append(selection.SelectionResult(method, feature, selection.rank_by(feature),
+                                         predicted=p))
+  return out
+
+
+def choose_candidate(train_tables: Sequence[Mapping[str, Mapping[str, np.ndarray]]],
+                     candidates: Sequence[Candidate] | None = None) -> tuple[Candidate, float]:
+  """The candidate with the best mean `protocol.criterion` over the training tables.
+
+  train_tables: one dict candidate name -> score table per TRAINING file.
+  """
+  return protocol.choose(train_tables, candidate_names() if candidates is None else candidates)
+
+
+@dataclasses.dataclass(frozen=True)
+class PlusChoice:
+  """A choice among candidates and how close it was.
+
+  Attributes:
+    trained_on: the files it was made on.
+    candidate, criterion: the chosen candidate and its mean criterion there.
+    runner_up, runner_up_criterion: the best other candidate (None, nan when
+      there is only one candidate).
+  """
+  trained_on: tuple[str, ...]
+  candidate: Candidate
+  criterion: float
+  runner_up: Candidate | None
+  runner_up_criterion: float
+
+  @property
+  def margin(self) -> float:
+    """criterion - runner_up_criterion (>= 0; nan without a runner-up)."""
+    return self.criterion - self.runner_up_criterion
+
+
+def ranked_choice(train_tables: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]],
+                  candidates: Sequence[Candidate]) -> PlusChoice:
+  """`choose_candidate` on training file name -> table, with the runner-up.
+
+  The runner-up is the best of the other candidates by the same mean criterion
+  (ties to the earlier candidate, as for the choice).
+  """
+  best, val = choose_candidate(list(train_tables.values()), candidates)
+  others = [c for c in candidates if c != best]
+  second, second_val = (choose_candidate(list(train_tables.values()), others) if others
+                        else (None, float("nan")))
+  return PlusChoice(tuple(train_tables), best, val, second, second_val)
+
+
+@dataclasses.dataclass(frozen=True)
+class PlusFold:
+  """One leave-one-dataset-out fold of LensLLM+.
+
+  Attributes:
+    held_out, trained_on: the reported file and the files the choices were made on.
+    pooled: the fold of `protocol.leave_one_out` (the Pooled candidate's
+      settings: `config` on the held-out file, `nested[t]` on training file t).
+    candidate: the chosen candidate; train_criterion its mean criterion there.
+    tables: file name -> candidate name -> score table (`score_table`) with
+      the Pooled setting of that file (`pooled_setting(pooled, name)`), for
+      every file (the held-out file's table is computed after the choice, for
+      the report).
+    choice: the choice with its runner-up (`ranked_choice` on the training
+      files; its candidate and criterion are `candidate`, `train_criterion`).
+    without: training file t -> the choice made on the other training files
+      (Pooled nested again within them); empty unless asked for
+      (`leave_one_out(leave_each_out=True)`) or with one training file.
+  """
+  held_out: str
+  trained_on: tuple[str, ...]
+  pooled: protocol.Fold
+  candidate: Candidate
+  train_criterion: float
+  tables: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]]
+  choice: PlusChoice | None = None
+  without: Mapping[str, PlusChoice] = dataclasses.field(default_factory=dict)
+
+
+def pooled_setting(fold: protocol.Fold, name: str) -> pooled.PooledConfig:
+  """Pooled setting of a `protocol.Fold` on file `name`: its config on the held-out
+  file, the nested one (chosen without `name`) on a training file."""
+  if name == fold.held_out:
+    return fold.config
+  if name not in fold.nested:
+    raise KeyError(f"fold {fold.held_out}: {name!r} is neither held out nor a training file "
+                   f"{list(fold.nested)}")
+  return fold.nested[name][0]
+
+
+def leave_one_out(curve_sets, *, key: jax.Array, train_only: Sequence = (),
+                  ratios: Sequence[int] = protocol.DEFAULT_RATIOS,
+                  target_data_num: float | None = None,
+                  predictor: curve_pfn.CurvePFNPredictor | None = None,
+                  grid_evaluate: Callable | None = None, grid_options: Mapping | None = None,
+                  predict: Callable | None = None, num_restarts: int = 8, num_steps: int = 60,
+                  candidates: Sequence[Candidate] | None = None, leave_each_out: bool = False):
+  """LensLLM+ of each reported file, chosen on the other files only.
+
+  Args:
+    curve_sets: the reported CurveSets; train_only: training-only CurveSets
+      (scored on `protocol.training_ratios` of their own D*).
+    key: PRNG key; file j (reported, then training-only) uses fold_in(key, j)
+      for the pooled grid and for its predictions (the Pooled candidate is
+      the grid's cell); each file is predicted with the Pooled settings
+      scored on it (`pooled_setting` of every fold).
+    grid_evaluate, grid_options: `evaluate` and extra options of
+      `protocol.leave_one_out` (a caching evaluator in the binary).
+    predict: optional replacement of `file_predictions` with its signature
+      (the binary caches predictions); called once per file.
+    candidates: the candidate set (default `candidate_names()`).
+    leave_each_out: also make each fold's choice without each of its training
+      files in turn (`PlusFold.without`, folds with >= 2 training files); the
+      Pooled settings this nests are predicted in the same `predict` call.
+
+  Returns:
+    (folds, files): one PlusFold per reported file, and per file name a dict
+    with "truth" [M], "preds" (`file_predictions`), "ratios", "reported".
+  """
+  sets, extra = list(curve_sets), list(train_only)
+  cands = candidate_names() if candidates is None else list(candidates)
+  predictor = curve_pfn.default_predictor() if predictor is None else predictor
+  predict = file_predictions if predict is None else predict
+  opts = dict(grid_options or {})
+  if grid_evaluate is None:
+    opts.update(num_restarts=num_restarts, num_steps=num_steps)
+  if target_data_num is not None:
+    opts["target_data_num"] = target_data_num
+  grid = protocol.default_grid()
+  pooled_folds, grid_tables = protocol.leave_one_out(sets, grid, key=key, evaluate=grid_evaluate,
+                                                     train_only=extra, ratios=ratios, **opts)
+  # fold -> left-out training file t -> s -> the Pooled setting on s chosen on T \ {t, s}.
+  reduced = {pf.held_out: {t: {s: cfg for s, (cfg, _) in protocol.nested_choices(
+    {s: grid_tables[s] for s in pf.trained_on if s != t}, grid).items()} for t in pf.trained_on}
+    for pf in pooled_folds if leave_each_out and len(pf.trained_on) >= 2}
+  files = {}
+  for j, c in enumerate(sets + extra):
+    reported = j < len(sets)
+    rs = list(ratios) if reported else protocol.training_ratios(c, ratios)
+    ctx = BaseContext(key=jax.random.fold_in(key, j), predictor=predictor,
+                      num_restarts=num_restarts, num_steps=num_steps)
+    # The Pooled settings scored on this file: its own fold's, and the nested
+    # setting of every fold it trains (then those of the folds without one file).
+    configs = list(dict.fromkeys(
+      [pooled_setting(pf, c.name) for pf in pooled_folds
+       if c.name == pf.held_out or c.name in pf.nested]
+      + [cfg for by_t in reduced.values() for per in by_t.values()
+         for s, cfg in per.items() if s == c.name]))
+    truth, preds = predict(c, rs, ctx=ctx, pooled_configs=configs,
+                           target_data_num=target_data_num if reported else None)
+    files[c.name] = {"truth": truth, "preds": preds, "ratios": rs, "reported": reported}
+  names = list(files)
+
+  def table(name, setting):
+    f = files[name]
+    return {cand.name: score_table(candidate_prediction(cand, f["preds"], setting),
+                                   f["truth"]) for cand in cands}
+
+  folds = []
+  for pf in pooled_folds:
+    train = [n for n in names if n != pf.held_out]
+    tables = {n: table(n, pooled_setting(pf, n)) for n in train}
+    choice = ranked_choice(tables, cands)
+    without = {t: ranked_choice({s: table(s, cfg) for s, cfg in per.items()}, cands)
+               for t, per in reduced.get(pf.held_out, {}).items()}
+    # After the choice: report only.
+    tables[pf.held_out] = table(pf.held_out, pooled_setting(pf, pf.held_out))
+    folds.append(PlusFold(pf.held_out, tuple(train), pf, choice.candidate, choice.criterion,
+                          tables, choice, without))
+  return folds, files
+
+
+def candidate_distribution(cand: Candidate, views, meta, ctx: BaseContext):
+  """A candidate's prediction of L(D*) with its own uncertainty (module docstring, Budgeted).
+
+  Returns:
+    (predicted [V, M], sd of log L(D*) [V, M], (q0.1, q0.9) [V, M] each: the
+    10 % / 90 % quantiles of L(D*) where the base has its own (the PFNs;
+    blended like the mean, NaN where X has no finite prediction), else None).
+  """
+  ats = np.stack([selection.ats(v, meta).predicted for v in views])
+  if cand.base == "AtS":
+    return ats, np.zeros_like(ats), (ats, ats)
+  out = BASE_PREDICTORS[cand.base](views, meta, dataclasses.replace(ctx, with_sd=True))
+  x, sd = out[cand.base], out[cand.base + "_sd"]
+  w = cand.ats_weight
+  quantiles = None
+  if cand.base + "_q0.1" in out:
+    ok = np.isfinite(x) & (x > 0)
+    quantiles = tuple(np.where(ok, blend(ats, out[cand.base + q], w), np.nan)
+                      for q in ("_q0.1", "_q0.9"))
+  return blend(ats, x, w), blend_sd(x, sd, w), quantiles
+
+
+def budgeted_candidate_selection(curves, levels: Sequence[float], cand: Candidate, *,
+                                 ctx: BaseContext, max_data_num: float, min_points: int = 4,
+                                 target_data_num: float | None = None, progress=None):
+  """`budgeted.early_stopping_selection` with a candidate's own mean and sd of log L(D*).
+
+  The sd of each candidate is the rule of the module docstring (PFN's
+  predictive sd; Laplace sd of a fitted law; (1 - w) sd_X for a blend; 0 for
+  AtS alone). ctx.pooled_config is the Pooled setting (Pooled candidates).
+  Step s reveals D_s for every active model; model m stops when log L_m -
+  z sd_m > min_j (log L_j + z sd_j) once every model has `min_points` points.
+  """
+  grid = np.asarray(curves.data_sizes, np.float64)
+  target = float(grid.max()) if target_data_num is None else float(target_data_num)
+  meta = selection.metadata_of(curves, target)
+  ctx = dataclasses.replace(ctx, num_points=grid.size)
+
+  def predict_views(views, step):
+    pred, sd, _ = candidate_distribution(
+        cand, views, meta, dataclasses.replace(ctx, key=jax.random.fold_in(ctx.key, step)))
+    return pred, sd
+
+  return budgeted.early_stopping_selection(
+    curves, levels, predict_views=predict_views, name=cand.name,
+    max_data_num=max_data_num, target_data_num=target, min_points=min_points,
+    progress=progress)
+

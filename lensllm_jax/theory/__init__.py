@@ -1,0 +1,187 @@
+"""What explains fine-tuning dynamics: empirical NTKs, Hessian spectra, PAC-Bayes, HT-SR metrics.
+
+Modules:
+
+  nt_compat    Makes `import neural_tangents` work on current JAX.
+  ntk          Empirical neural tangent kernels, the NTK test loss F(Theta, t), NTK evolution.
+  hessian      Matrix-free Hessian spectra: HVPs, Lanczos, power iteration, Hutchinson, SLQ.
+  pac_bayes    Hessian-based PAC-Bayes quantities per layer block (Ju et al., ICML 2022).
+  nlp_metrics  NLPMetrics: heavy-tailed self-regularisation (HT-SR) metrics of weight matrices.
+
+Every public name of these modules is re-exported here
+(`from lensllm_jax.theory import NAME`):
+
+  nt_compat: install, import_neural_tangents
+  ntk: ApplyFn, NTKFn, IMPLEMENTATIONS, DEFAULT_IMPLEMENTATION, param_mask_from_names, make_ntk_fn,
+    SKETCHES, make_sketched_ntk_fn, sketch_rms_error, ntk_test_loss_error_bound,
+    kernel_to_matrix, make_blocked_ntk_fn, empirical_ntk, LM_OUTPUTS, lm_output_fn, NTKSpectrum,
+    ntk_spectrum, ntk_mode_losses, ntk_test_loss, ntk_test_loss_from_kernel, ntk_f_term,
+    kernel_distance, NTKRecorder
+  hessian: LossFn, LinearOperator, dense_operator, hvp, hvp_operator, dense_hessian, LanczosResult,
+    lanczos, tridiagonal_eigh, EigResult, lanczos_eigs, PowerResult, power_iteration,
+    power_iteration_top_k, TraceResult, hutchinson_trace, QuadratureResult, gauss_quadrature,
+    lanczos_quadrature, positive_part, quadrature_from_lanczos, SLQResult, gaussian_density,
+    slq_nodes_weights, slq_density, slq_moments
+  pac_bayes: Partition, leaf_paths, layer_blocks, ExampleForms, per_example_forms, LayerRow, layer_table,
+    pac_bayes_bound, generalization_bound, table_columns
+  nlp_metrics: PowerLawFit, NLPMetrics, power_law_alpha, ks_distance, fit_power_law,
+    empirical_spectral_density, weight_matrices
+
+Names defined by several modules are reached through their module: Array, PyTree, split_params.
+"""
+
+from lensllm_jax.theory import hessian, nlp_metrics, nt_compat, ntk, pac_bayes
+from lensllm_jax.theory.hessian import (
+  EigResult,
+  LanczosResult,
+  LinearOperator,
+  LossFn,
+  PowerResult,
+  QuadratureResult,
+  SLQResult,
+  TraceResult,
+  dense_hessian,
+  dense_operator,
+  gauss_quadrature,
+  gaussian_density,
+  hutchinson_trace,
+  hvp,
+  hvp_operator,
+  lanczos,
+  lanczos_eigs,
+  lanczos_quadrature,
+  positive_part,
+  power_iteration,
+  power_iteration_top_k,
+  quadrature_from_lanczos,
+  slq_density,
+  slq_moments,
+  slq_nodes_weights,
+  tridiagonal_eigh,
+)
+from lensllm_jax.theory.nlp_metrics import (
+  NLPMetrics,
+  PowerLawFit,
+  empirical_spectral_density,
+  fit_power_law,
+  ks_distance,
+  power_law_alpha,
+  weight_matrices,
+)
+from lensllm_jax.theory.nt_compat import (
+  import_neural_tangents,
+  install,
+)
+from lensllm_jax.theory.ntk import (
+  DEFAULT_IMPLEMENTATION,
+  IMPLEMENTATIONS,
+  LM_OUTPUTS,
+  SKETCHES,
+  ApplyFn,
+  NTKFn,
+  NTKRecorder,
+  NTKSpectrum,
+  empirical_ntk,
+  kernel_distance,
+  kernel_to_matrix,
+  lm_output_fn,
+  make_blocked_ntk_fn,
+  make_ntk_fn,
+  make_sketched_ntk_fn,
+  ntk_f_term,
+  ntk_mode_losses,
+  ntk_spectrum,
+  ntk_test_loss,
+  ntk_test_loss_error_bound,
+  ntk_test_loss_from_kernel,
+  param_mask_from_names,
+  sketch_rms_error,
+)
+from lensllm_jax.theory.pac_bayes import (
+  ExampleForms,
+  LayerRow,
+  Partition,
+  generalization_bound,
+  layer_blocks,
+  layer_table,
+  leaf_paths,
+  pac_bayes_bound,
+  per_example_forms,
+  table_columns,
+)
+
+__all__ = [
+  "nt_compat",
+  "ntk",
+  "hessian",
+  "pac_bayes",
+  "nlp_metrics",
+  "install",
+  "import_neural_tangents",
+  "ApplyFn",
+  "NTKFn",
+  "IMPLEMENTATIONS",
+  "DEFAULT_IMPLEMENTATION",
+  "param_mask_from_names",
+  "make_ntk_fn",
+  "SKETCHES",
+  "make_sketched_ntk_fn",
+  "sketch_rms_error",
+  "ntk_test_loss_error_bound",
+  "kernel_to_matrix",
+  "make_blocked_ntk_fn",
+  "empirical_ntk",
+  "LM_OUTPUTS",
+  "lm_output_fn",
+  "NTKSpectrum",
+  "ntk_spectrum",
+  "ntk_mode_losses",
+  "ntk_test_loss",
+  "ntk_test_loss_from_kernel",
+  "ntk_f_term",
+  "kernel_distance",
+  "NTKRecorder",
+  "LossFn",
+  "LinearOperator",
+  "dense_operator",
+  "hvp",
+  "hvp_operator",
+  "dense_hessian",
+  "LanczosResult",
+  "lanczos",
+  "tridiagonal_eigh",
+  "EigResult",
+  "lanczos_eigs",
+  "PowerResult",
+  "power_iteration",
+  "power_iteration_top_k",
+  "TraceResult",
+  "hutchinson_trace",
+  "QuadratureResult",
+  "gauss_quadrature",
+  "lanczos_quadrature",
+  "positive_part",
+  "quadrature_from_lanczos",
+  "SLQResult",
+  "gaussian_density",
+  "slq_nodes_weights",
+  "slq_density",
+  "slq_moments",
+  "Partition",
+  "leaf_paths",
+  "layer_blocks",
+  "ExampleForms",
+  "per_example_forms",
+  "LayerRow",
+  "layer_table",
+  "pac_bayes_bound",
+  "generalization_bound",
+  "table_columns",
+  "PowerLawFit",
+  "NLPMetrics",
+  "power_law_alpha",
+  "ks_distance",
+  "fit_power_law",
+  "empirical_spectral_density",
+  "weight_matrices",
+]

@@ -1,0 +1,397 @@
+"""Every kind of bad input gives one `errors.InputError` naming the place, or the clean results.
+
+Table-driven: each curve-file case (a variant of a clean 7-model file) and
+each config / output-directory case is run through every binary that reads
+it, in-process (`reproduce_selection.run`, `lensllm_plus.run`); the error
+must be a project error type whose one-line message matches the case, and a
+variant that means the same file (a byte order mark, CRLF line ends,
+reordered columns, zero-padded D headers) must give byte-identical
+selection.csv and cost.csv. `run_main` turning these errors into
+one line and exit 2 is checked by tests/experiments/test_cli_errors.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+
+import numpy as np
+import pytest
+
+from configs import lensllm_plus as plus_config
+from configs import selection as selection_config
+from experiments import common, lensllm_plus
+from experiments import reproduce_selection as rs
+from helpers.synthetic_curves import synthetic_curves
+from lensllm_jax import errors, rundir
+from lensllm_jax.curves import benchmarks
+
+QUICK = dict(methods=("ZeroShot", "SubTuning", "ModelSize"), ratios=(4, 8), budgeted=False,
+             figures=False)
+OUTPUT_FILES = ("selection.csv", "cost.csv")
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory):
+  curves, _ = synthetic_curves(seed=5)
+  path = tmp_path_factory.mktemp("clean") / "toy7.csv"
+  benchmarks.write_curves(curves, path)
+  other = path.parent.parent / "other" / "other7.csv"
+  benchmarks.write_curves(synthetic_curves(seed=6)[0], other)
+  return path, other
+
+
+def _cells(text):
+  return [line.split(",") for line in text.splitlines()]
+
+
+def _join(rows, end="\n"):
+  return end.join(",".join(r) for r in rows) + end
+
+
+def _swap_columns(text):
+  rows = _cells(text)
+  order = [0, len(rows[0]) - 2, *range(1, len(rows[0]) - 2), len(rows[0]) - 1]  # size second
+  return _join([[r[j] for j in order] for r in rows])
+
+
+def _set(text, line, column, value):
+  rows = _cells(text)
+  rows[line][rows[0].index(column)] = value
+  return _join(rows)
+
+
+def _rename(text, old, new):
+  rows = _cells(text)
+  rows[0][rows[0].index(old)] = new
+  return _join(rows)
+
+
+def _add_column(text, header, source):
+  rows = _cells(text)
+  j = rows[0].index(source)
+  return _join([r + [header if i == 0 else r[j]] for i, r in enumerate(rows)])
+
+
+# (case, how the clean text becomes the case's bytes, regex of the error; None: same results)
+CURVE_CASES = [
+    ("bom", lambda t: ("\ufeff" + t).encode(), None),
+    ("crlf", lambda t: t.replace("\n", "\r\n").encode(), None),
+    ("columns_reordered", lambda t: _swap_columns(t).encode(), None),
+    ("zero_padded_header", lambda t: _rename(t, "200", "0200").encode(), None),
+    ("same_d_twice", lambda t: _add_column(t, "0200", "200").encode(),
+     r"toy7\.csv, line 1, column '0200': duplicate data size D=200"),
+    ("non_ascii_digits", lambda t: _rename(t, "200", "\u00b200").encode(),
+     r"toy7\.csv, line 1, column '\u00b200': unknown column"),
+    ("size_overflows_int64", lambda t: _set(t, 2, "size", "1e30").encode(),
+     r"toy7\.csv, line 3 \(model 'm1'\), column 'size': .*64-bit"),
+    ("size_infinite", lambda t: _set(t, 2, "size", "1e400").encode(),
+     r"line 3 \(model 'm1'\), column 'size': size must be a positive integer"),
+    ("loss_overflows", lambda t: _set(t, 4, "400", "1e400").encode(),
+     r"line 5 \(model 'm3'\), column '400': non-finite loss"),
+    ("two_models", lambda t: "".join(t.splitlines(True)[:3]).encode(),
+     r"toy7\.csv: 2 model\(s\).*at least 3"),
+    ("not_utf8", lambda t: t.replace("m2", "m\u00e92").encode("latin-1"),
+     r"toy7\.csv: not UTF-8"),
+    ("empty", lambda t: b"", r"toy7\.csv: empty file"),
+    ("header_only", lambda t: t.splitlines(True)[0].encode(), r"toy7\.csv: no model rows"),
+    ("short_row", lambda t: _join(_cells(t)[:3] + [_cells(t)[3][:5]] + _cells(t)[4:]).encode(),
+     r"toy7\.csv, line 4 \(model 'm2'\): has 5 fields"),
+]
+
+
+def _variant(clean_path, tmp_path, case, make):
+  path = tmp_path / case / "toy7.csv"
+  path.parent.mkdir()
+  path.write_bytes(make(clean_path.read_text()))
+  return path
+
+
+def _selection_cfg(files, **overrides):
+  cfg = selection_config.get_config()
+  cfg.update(benchmarks=tuple(str(f) for f in files), num_restarts=2, max_steps=50, **QUICK)
+  cfg.update(overrides)
+  return cfg
+
+
+def _plus_cfg(files, **overrides):
+  cfg = plus_config.get_config("public")
+  cfg.update(benchmarks=tuple(str(f) for f in files), ratios=(4, 8), budgeted=False)
+  cfg.update(overrides)
+  return cfg
+
+
+def _one_line(e: BaseException) -> str:
+  assert isinstance(e, errors.InputError), repr(e)
+  text = str(e)
+  assert "\n" not in text and text, text
+  return text
+
+
+BINARIES = {"reproduce_selection": (rs.run, _selection_cfg),
+            "lensllm_plus": (lensllm_plus.run, _plus_cfg)}
+
+
+@pytest.fixture(scope="module")
+def clean_outputs(clean, tmp_path_factory):
+  out = tmp_path_factory.mktemp("clean_out")
+  rs.run(_selection_cfg([clean[0]]), out)
+  return {f: (out / f).read_bytes() for f in OUTPUT_FILES}
+
+
+@pytest.mark.parametrize("binary", sorted(BINARIES))
+@pytest.mark.parametrize("case,make,expected", CURVE_CASES, ids=[c[0] for c in CURVE_CASES])
+def test_curve_file_cases(clean, clean_outputs, tmp_path, binary, case, make, expected):
+  run, config = BINARIES[binary]
+  path = _variant(clean[0], tmp_path, case, make)
+  files = [path, clean[1]]
+  if expected is None:
+    # The same file: the loaders give the same curves, the selection the same bytes.
+    a, b = (common.load_all([p], None)[0] for p in (clean[0], path))
+    assert a.models == b.models and a.families == b.families
+    np.testing.assert_array_equal(a.sizes, b.sizes)
+    np.testing.assert_array_equal(a.data_sizes, b.data_sizes)
+    np.testing.assert_array_equal(a.losses, b.losses)
+    if binary == "reproduce_selection":
+      out = run(config([path]), tmp_path / "out")
+      assert {f: (out / f).read_bytes() for f in OUTPUT_FILES} == clean_outputs
+    return
+  with pytest.raises(errors.InputError) as info:
+    run(config(files), tmp_path / "out")
+  assert info.type is not errors.InputError  # one of the specific kinds
+  assert re.search(expected, _one_line(info.value)), str(info.value)
+  assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+SEL, PLUS = "reproduce_selection", "lensllm_plus"
+CONFIG_CASES = [  # (case, binaries with the field, overrides, regex)
+    ("off_grid_target", (SEL,), dict(target_data_num=12345), r"config\.target_data_num: D\*=12345"),
+    ("ratio_past_grid", (SEL, PLUS), dict(ratios=(4096,)), r"config\.ratios: ratio 4096"),
+    ("no_ratios", (SEL, PLUS), dict(ratios=()), r"config\.ratios is empty"),
+    ("zero_restarts", (SEL, PLUS), dict(num_restarts=0), r"config\.num_restarts=0: must be >= 1"),
+    ("negative_steps", (SEL,), dict(max_steps=-1), r"config\.max_steps=-1: must be >= 0"),
+    ("negative_steps", (PLUS,), dict(num_steps=-1), r"config\.num_steps=-1: must be >= 0"),
+    ("no_methods", (SEL,), dict(methods=()), r"config\.methods is empty"),
+    ("method_twice", (SEL,), dict(methods=("AtS", "AtS")), r"config\.methods: \['AtS'\] given"),
+    ("no_files", (SEL, PLUS), dict(benchmarks=()), r"config\.benchmarks is empty"),
+    ("nan_level", (SEL, PLUS), dict(budget_levels=(float("nan"),)), r"budget_levels: .* finite"),
+    ("negative_threads", (SEL,), dict(threads=-1), r"config\.threads=-1"),
+]
+CONFIG_RUNS = [(b, c, o, e) for c, bs, o, e in CONFIG_CASES for b in bs]
+
+
+@pytest.mark.parametrize("binary,case,overrides,expected", CONFIG_RUNS,
+                         ids=[f"{r[1]}-{r[0]}" for r in CONFIG_RUNS])
+def test_config_cases(clean, tmp_path, binary, case, overrides, expected):
+  run, config = BINARIES[binary]
+  cfg = config(clean)
+  cfg.update(overrides)
+  with pytest.raises(errors.ConfigError) as info:
+    run(cfg, tmp_path / "out")
+  assert re.search(expected, _one_line(info.value)), str(info.value)
+  assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("binary", sorted(BINARIES))
+def test_file_inputs_that_are_not_files(clean, tmp_path, binary):
+  run, config = BINARIES[binary]
+  (tmp_path / "adir.csv").mkdir()
+  for spec, expected in ((tmp_path / "adir.csv", r"adir\.csv: is a directory"),
+                         (tmp_path / "nope.csv", r"curve file .*nope\.csv does not exist")):
+    with pytest.raises(errors.CurveFileError) as info:
+      run(config([spec, clean[1]]), tmp_path / "out")
+    assert re.search(expected, _one_line(info.value))
+
+
+@pytest.mark.parametrize("binary", sorted(BINARIES))
+def test_output_directory_cases(clean, tmp_path, binary):
+  run, config = BINARIES[binary]
+  a_file = tmp_path / "a_file"
+  a_file.write_text("x")
+  for out, expected in ((a_file, r"a_file exists and is not a directory"),
+                        (a_file / "sub", r"a_file/sub: cannot create the directory")):
+    with pytest.raises(errors.WorkdirError) as info:
+      run(config(clean), out)
+    assert re.search(expected, _one_line(info.value))
+  # A second writer: refused at once, naming the holder's pid.
+  out = tmp_path / "busy"
+  out.mkdir()
+  with rundir.directory_lock(out):
+    with pytest.raises(errors.WorkdirError, match=rf"in use by another run \(pid {os.getpid()},"):
+      run(config(clean), out)
+
+
+def test_curve_parser_fuzz_never_raises_anything_else(clean):
+  """Seeded random damage to a clean file (headers, cells, encodings, line endings, cuts):
+  the parser either returns curves or raises `CurveFileError` naming the source, never
+  anything else."""
+  rng = random.Random(0)
+  text = clean[0].read_text()
+  pieces = ["", "0", "0200", "-1", "1e400", "nan", "inf", "1e30", "abc", "\u00b2", '"', "\x00",
+            ",", "\r", "\n", "\ufeff", " ", "size", "family", "config name", "1.5", "2e5",
+            "9" * 40, "\u00e9"]
+  outcomes = {"ok": 0, "error": 0}
+  for i in range(400):
+    rows = _cells(text)
+    for _ in range(rng.randint(1, 4)):
+      r = rng.randrange(len(rows))
+      if not rows[r]:
+        continue
+      c = rng.randrange(len(rows[r]))
+      action = rng.randrange(5)
+      if action == 0:
+        rows[r][c] = rng.choice(pieces)
+      elif action == 1:
+        rows[r][c] += rng.choice(pieces)
+      elif action == 2:
+        del rows[r][c]
+      elif action == 3:
+        rows.insert(rng.randrange(len(rows) + 1), list(rows[rng.randrange(len(rows))]))
+      else:
+        rows[r] = rows[r][:c]
+    data = _join(rows, rng.choice(["\n", "\r\n", "\r"]))
+    if rng.random() < 0.2:
+      data = data[:rng.randrange(len(data) + 1)]
+    raw = data.encode(rng.choice(["utf-8", "utf-8", "utf-8-sig", "utf-16", "latin-1"]),
+                      errors="replace")
+    path = clean[0].parent.parent / "fuzz" / f"f{i}.csv"
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(raw)
+    try:
+      curves = benchmarks.load_curves(path)
+    except errors.CurveFileError as e:
+      assert str(path) in str(e) and "\n" not in str(e), str(e)
+      outcomes["error"] += 1
+    else:
+      assert curves.losses.shape == (curves.num_models, curves.data_sizes.size)
+      measured = curves.losses[~np.isnan(curves.losses)]  # an empty cell: not measured
+      assert np.all(np.isfinite(measured)) and np.all(measured > 0)
+      assert np.all(np.diff(curves.data_sizes) > 0) and curves.data_sizes[0] == 0
+      outcomes["ok"] += 1
+  assert outcomes["ok"] > 5 and outcomes["error"] > 100, outcomes  # both paths exercised
+
+
+def test_repeated_override_is_refused():
+  argv = ["bin", "--config=c.py", "--config.ratios=(8,)", "--config.seed=1",
+          "--config.ratios=(16,)"]
+  assert common.repeated_overrides(argv) == ["--config.ratios"]
+  assert common.repeated_overrides(argv[:4]) == []
+
+
+# ------------------------------------------------- finetune_sweep inputs ---
+
+
+@pytest.fixture(scope="module")
+def sweep_inputs(tmp_path_factory):
+  """A local jsonl task and a tiny GPT-2 checkpoint (transformers, saved locally) whose
+  tokenizer.json is trained here."""
+  import torch
+  import transformers
+
+  from lensllm_jax.training import textdata
+
+  root = tmp_path_factory.mktemp("sweep_inputs")
+  records = textdata.synthetic_translation_records(300, seed=0)
+  data = root / "train.jsonl"
+  data.write_text("".join(json.dumps(r) + "\n" for r in records))
+  tok = textdata.train_tokenizer([r["src"] + " " + r["tgt"] for r in records], vocab_size=280)
+  ckpt = root / "gpt2"
+  torch.manual_seed(0)
+  transformers.GPT2LMHeadModel(transformers.GPT2Config(
+      vocab_size=tok.get_vocab_size(), n_positions=32, n_embd=16, n_layer=1, n_head=2,
+      bos_token_id=0, eos_token_id=0)).save_pretrained(ckpt, safe_serialization=True)
+  tok.save(str(ckpt / "tokenizer.json"))
+  return data, ckpt
+
+
+def _sweep_cfg(data, ckpt):
+  from configs import finetune_tiny
+
+  cfg = finetune_tiny.get_config("smoke")
+  cfg.update(dict(task="local", num_validation=20, num_test=20, subset_sizes=(50,)))
+  cfg.data_files.train = str(data)
+  cfg.models[0].update(dict(name="tiny", hf_dir=str(ckpt), preset="", pretrain_steps=0))
+  return cfg
+
+
+def _damage_json_line(root, data, ckpt):
+  lines = data.read_text().splitlines(True)
+  lines[2] = lines[2][:-5] + "\n"
+  (root / "d.jsonl").write_text("".join(lines))
+  return {"data_files.train": str(root / "d.jsonl")}
+
+
+def _copy_ckpt(root, ckpt, damage):
+  import shutil
+
+  new = root / "ckpt"
+  shutil.copytree(ckpt, new)
+  damage(new)
+  return {"models.0.hf_dir": str(new)}
+
+
+def _smaller_vocab(path):
+  """The checkpoint's config.json says 260 tokens (its tensors too), the tokenizer has 280."""
+  import safetensors.numpy
+
+  hf = json.loads((path / "config.json").read_text())
+  hf["vocab_size"] = 260
+  (path / "config.json").write_text(json.dumps(hf))
+  tensors = safetensors.numpy.load_file(path / "model.safetensors")
+  tensors = {k: v[:260] if v.shape[0] == 280 else v for k, v in tensors.items()}
+  safetensors.numpy.save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+
+
+SWEEP_CASES = [  # (case, how the inputs change: fn(root, data, ckpt) -> overrides, regex, kind)
+    ("json_line", _damage_json_line, r"d\.jsonl, line 3: not JSON", errors.DataError),
+    ("empty_jsonl", lambda r, d, c: ((r / "e.jsonl").write_text(""),
+                                     {"data_files.train": str(r / "e.jsonl")})[1],
+     r"e\.jsonl is empty", errors.DataError),
+    ("data_is_directory", lambda r, d, c: {"data_files.train": str(r)},
+     r"config\.data_files\.train: .* does not exist \(a directory\)", errors.DataError),
+    ("missing_field", lambda r, d, c: {"target_field": "translation"},
+     r"field 'translation' not found", errors.DataError),
+    ("batch_size_zero", lambda r, d, c: {"train.batch_size": 0},
+     r"config\.train\.batch_size=0: must be >= 1", errors.ConfigError),
+    ("subset_zero", lambda r, d, c: {"subset_sizes": (0, 20)},
+     r"config\.subset_sizes: 0 must be an integer >= 1", errors.ConfigError),
+    ("subset_twice", lambda r, d, c: {"subset_sizes": (20, 20)},
+     r"config\.subset_sizes: \['20'\] given more than once", errors.ConfigError),
+    ("subset_past_pool", lambda r, d, c: {"subset_sizes": (5000,)},
+     r"config\.subset_sizes needs 5000 train examples", errors.ConfigError),
+    ("truncated_safetensors", lambda r, d, c: _copy_ckpt(r, c, lambda p: (p / "model.safetensors")
+                                                         .write_bytes((p / "model.safetensors")
+                                                                      .read_bytes()[:300])),
+     r"model\.safetensors: not a readable safetensors file", errors.CheckpointError),
+    ("invalid_config_json", lambda r, d, c: _copy_ckpt(r, c, lambda p: (p / "config.json")
+                                                       .write_text('{"model_type": "gpt2",\n')),
+     r"config\.json, line 2: not valid JSON", errors.CheckpointError),
+    ("corrupt_tokenizer", lambda r, d, c: _copy_ckpt(r, c, lambda p: (p / "tokenizer.json")
+                                                     .write_text("{not json")),
+     r"tokenizer\.json: not a readable tokenizer\.json", errors.CheckpointError),
+    ("tokenizer_past_vocab", lambda r, d, c: _copy_ckpt(r, c, _smaller_vocab),
+     r"the tokenizer has 280 tokens, more than the model's vocab_size 260",
+     errors.CheckpointError),
+]
+
+
+@pytest.mark.slow  # imports torch + transformers for the checkpoint
+@pytest.mark.parametrize("case,change,expected,kind", SWEEP_CASES, ids=[c[0] for c in SWEEP_CASES])
+def test_finetune_sweep_input_cases(sweep_inputs, tmp_path, case, change, expected, kind):
+  """finetune_sweep.run (the binary's main) on each bad input: refused before any training."""
+  from experiments import finetune_sweep
+
+  data, ckpt = sweep_inputs
+  cfg = _sweep_cfg(data, ckpt)
+  for key, value in change(tmp_path, data, ckpt).items():
+    *path, last = key.split(".")
+    node = cfg
+    for part in path:
+      node = node[int(part)] if part.isdigit() else node[part]
+    node[last] = value
+  with pytest.raises(kind) as info:
+    finetune_sweep.run(cfg, tmp_path / "work")
+  assert re.search(expected, _one_line(info.value)), str(info.value)
+  assert not (tmp_path / "work" / "runs.jsonl").exists()

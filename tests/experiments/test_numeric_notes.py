@@ -1,0 +1,103 @@
+"""Numerics that say when they fail: degenerate fits, correlations against a constant truth,
+fits that were not run; every NaN cell of the selection tables comes with a note."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from configs import selection as selection_config
+from experiments import common
+from experiments import reproduce_selection as rs
+from helpers.synthetic_curves import synthetic_curves
+from lensllm_jax import laws
+from lensllm_jax.curves import benchmarks
+from lensllm_jax.laws import fitting
+from lensllm_jax.selection import metrics
+
+
+def _fit(law, d, losses, **kw):
+  return fitting.fit_curves(law, d, np.log(losses), key=jax.random.key(0), num_restarts=2,
+                            max_steps=200, **kw)
+
+
+def test_flat_and_rising_curves_are_degenerate_clean_ones_unchanged():
+  curves, truth = synthetic_curves(num_models=3, seed=1)
+  d = curves.data_sizes
+  losses = curves.losses.copy()
+  losses[1] = 2.5  # flat
+  losses[2] = curves.losses[2][::-1]  # rising with D
+  law = laws.rectified_law()
+  res = _fit(law, d, losses)
+  assert list(res.status) == ["converged", "degenerate", "degenerate"]
+  assert not res.converged[1:].any()
+  assert "do not decrease" in fitting.degenerate_reason(res, 1)
+  # The clean curve's fit is the one of a batch without the damaged curves.
+  alone = _fit(law, d, losses[:1])
+  np.testing.assert_array_equal(res.raw_params[0], alone.raw_params[0])
+  assert fitting.degenerate_reason(res, 0) == ""
+
+
+def test_overflowing_amplitude_is_degenerate():
+  """The best restart's B = exp(raw log B + raw log D_l) overflows: "degenerate", not
+  "converged", its parameters kept (the selection rule alone, on given restarts)."""
+  law = laws.rectified_law()
+  raw = np.array([[[0.5, 1.0, 0.3, 0.2]], [[352538.0, 1.0, 0.3, 0.2]], [[80.0, 1.0, 0.3, 0.2]]])
+  one = np.ones((3, 1))
+  res = fitting._select_best(law, raw, 0.1 * one, 1e-12 * one, 10 * one.astype(int),
+                             np.zeros((3, 1), int), np.array([5, 5, 5]), np.zeros(3, bool))
+  assert list(res.status) == ["converged", "degenerate", "degenerate"]  # e^81 > 1e30
+  np.testing.assert_array_equal(res.raw_params, raw[:, 0])
+  assert "B=inf overflowed" in fitting.degenerate_reason(res, 1)
+  assert f"B={np.exp(81.0):.3g} overflowed" in fitting.degenerate_reason(res, 2)
+
+
+def test_correlation_with_a_truth_constant_to_rounding_is_nan():
+  truth = np.full(7, 0.1) * 3  # identical floats; their mean differs from them in the last bit
+  assert np.any(truth - truth.mean() != 0)
+  feature = np.arange(7.0)
+  for fn in (metrics.pearson_corr, metrics.spearman_corr, metrics.kendall_tau):
+    assert np.isnan(fn(feature, truth)), fn
+    assert np.isnan(fn(feature, truth * (1 + 1e-14 * np.arange(7)))), fn
+  assert metrics.relative_accuracy(3, truth) == 1.0
+  assert "constant to rounding" in metrics.undefined_reason(feature, truth)
+  # A truth that really varies (spread 1e-9 relative) keeps its correlation.
+  varied = 0.3 * (1 + 1e-9 * np.arange(7))
+  assert metrics.pearson_corr(feature, varied) == pytest.approx(1.0)
+  assert metrics.undefined_reason(feature, varied) == ""
+
+
+def _cfg(path, **kw):
+  cfg = selection_config.get_config()
+  cfg.update(benchmarks=(str(path),), ratios=(4, 8), budgeted=False, figures=False,
+             num_restarts=2, max_steps=50)
+  cfg.update(kw)
+  return cfg
+
+
+def test_every_nan_cell_and_unrun_fit_has_a_note(tmp_path):
+  curves, _ = synthetic_curves(seed=5)
+  tie = curves.losses.copy()
+  tie[:, -1] = 0.1 * 3  # every model ties at D*
+  path = tmp_path / "tie.csv"
+  benchmarks.write_curves(dataclasses.replace(curves, losses=tie), path)
+  methods = ("ZeroShot", "SubTuning", "ModelSize", "RectifiedFit")
+  out = rs.run(_cfg(path, methods=methods, max_steps=0), tmp_path / "out")
+  rows = common.read_rows(out / "selection.csv")
+  nan_cells = {(r["method"], r["ratio"]) for r in rows if r["value"] == "nan"}
+  assert {m for m, _ in nan_cells} == set(methods)  # PearCorr / Spearman of every method
+  notes = common.read_rows(out / "notes.csv")
+  noted = {(r["method"], r["ratio"]) for r in notes if "constant to rounding" in r["note"]}
+  assert nan_cells <= noted
+  assert {r["method"] for r in notes if "max_steps=0" in r["note"]} == {"RectifiedFit"}
+  md = (out / "selection.md").read_text()
+  assert "## Notes" in md and "tie RectifiedFit (ratios 4, 8): config.max_steps=0" in md
+  assert "Notes" in (out / "headline.md").read_text()
+  # A clean file has no notes and no notes.csv.
+  clean = tmp_path / "clean.csv"
+  benchmarks.write_curves(curves, clean)
+  out2 = rs.run(_cfg(clean, methods=methods), tmp_path / "out2")
+  assert not (out2 / "notes.csv").exists() and "## Notes" not in (out2 / "selection.md").read_text()

@@ -1,0 +1,281 @@
+"""Tests of the pooled (hierarchical) LensLLM+ fit (lensllm_jax/selection/pooled.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from lensllm_jax import laws, selection
+from lensllm_jax.laws import fitting
+from lensllm_jax.selection import methods, pooled
+
+D_STAR = 1_638_400.0
+
+
+def _synthetic(seed, num_models=12, noise=0.01, grid=None):
+  """Curves from the LensLLM law with a common-ish exponent and log-normal noise.
+
+  Returns (data_size [P], log_loss [M, P], true params dict of [M]).
+  """
+  rng = np.random.default_rng(seed)
+  d = np.array([0.0] + [200.0 * 2**k for k in range(7)]) if grid is None else grid
+  m = num_models
+  beta = 0.4 * np.exp(0.05 * rng.standard_normal(m))
+  e = 0.6 * np.exp(0.1 * rng.standard_normal(m))
+  dt = np.exp(rng.uniform(np.log(300.0), np.log(3000.0), m))
+  f = dt ** beta
+  amp = rng.uniform(1.5, 3.0, m)                      # L(0) - E
+  b = amp * f
+  law = laws.lensllm_law()
+  raw = law.unconstrain({"B": b, "beta": beta, "E": e, "F": f})
+  clean = np.log(law.predict(raw, d))
+  y = clean + noise * rng.standard_normal(clean.shape)
+  return d, y, {"beta": beta, "E": e, "F": f, "B": b, "raw": raw}
+
+
+def _independent(d, y, key):
+  law = laws.lensllm_law()
+  fit = fitting.fit_curves(law, d, y, key=key, num_restarts=4, max_steps=200)
+  return fit.raw_params
+
+
+def test_pooled_beats_independent_at_small_budget():
+  """Property: pooling beta shrinks the error of beta and of log L(D*) (3 seeds).
+
+  Config 1: a fixed strength; config 2: the empirical-Bayes strength with a
+  Huber threshold of 1.345 noise sds (resolved here as pooled_selection does).
+  """
+  law = laws.lensllm_law()
+  cfgs = [pooled.PooledConfig(strength=0.0),
+          pooled.PooledConfig(strength=0.04, pooled=("beta",)),
+          pooled.PooledConfig(strength=1.0, pooled=("beta",), empirical_bayes=True,
+                              huber_delta=1.345, huber_relative=True)]
+  err = {0: [], 1: [], 2: []}
+  pred_err = {0: [], 1: [], 2: []}
+  ds, ys, inits, truths = [], [], [], []
+  for seed in range(3):
+    d, y, truth = _synthetic(seed)
+    ds.append(d)
+    ys.append(y)
+    truths.append(truth)
+    inits.append(_independent(d, y, jax.random.key(seed)))
+  eb = [pooled.empirical_bayes_strength(inits[s], ds[s], ys[s], np.ones(ys[s].shape, bool))
+        for s in range(3)]
+  for s in range(3):  # the noise sd estimate is close to the true 0.01
+    assert 0.5 * 0.01 < np.sqrt(eb[s][1]["s2"]) < 1.5 * 0.01
+  resolved = [[cfgs[0], cfgs[1], dataclasses.replace(
+      cfgs[2], huber_relative=False, huber_delta=1.345 * np.sqrt(eb[s][1]["s2"]))]
+      for s in range(3)]
+  # All (seed, config) problems in one compiled call.
+  v = [(s, c) for s in range(3) for c in range(3)]
+  group = np.stack([eb[s][0] if c == 2 else cfgs[c].arrays()[0] for s, c in v])
+  fit = pooled.fit_pooled(np.stack([inits[s] for s, _ in v]),
+                          np.stack([ds[s] for s, _ in v]),
+                          np.stack([ys[s] for s, _ in v]),
+                          np.ones((len(v),) + ys[0].shape, bool), [resolved[s][c] for s, c in v],
+                          covariates=np.ones((ys[0].shape[0], 3)), group_strength=group,
+                          num_steps=60)
+  pred = fit.predict([D_STAR])[..., 0]
+  for k, (s, c) in enumerate(v):
+    beta = law.constrain(fit.raw_params[k])["beta"]
+    err[c].append(np.sqrt(np.mean((np.log(beta) - np.log(truths[s]["beta"])) ** 2)))
+    true_star = law.predict(truths[s]["raw"], [D_STAR])[:, 0]
+    pred_err[c].append(np.sqrt(np.mean((np.log(pred[k]) - np.log(true_star)) ** 2)))
+  for c in (1, 2):
+    assert np.mean(err[c]) < 0.7 * np.mean(err[0]), (err, pred_err)
+    assert np.mean(pred_err[c]) < np.mean(pred_err[0]), (err, pred_err)
+    # The pooled beta is close to the truth (true spread of log beta is 0.05).
+    assert np.mean(err[c]) < 0.15
+  assert cfgs[2].name.endswith("huber=1.345sd,eb")
+  with pytest.raises(ValueError, match="resolve"):
+    cfgs[2].arrays()
+  with pytest.raises(ValueError, match="huber_relative"):
+    pooled.PooledConfig(huber_relative=True)
+
+
+def test_pooled_recovers_parameters_with_enough_points():
+  """Low noise, full grid: the pooled fit recovers every model's parameters."""
+  grid = np.array([0.0] + [200.0 * 2**k for k in range(14)])
+  d, y, truth = _synthetic(7, num_models=6, noise=1e-4, grid=grid)
+  law = laws.lensllm_law()
+  init = _independent(d, y, jax.random.key(1))
+  cfg = pooled.PooledConfig(strength=1e-3, pooled=("beta", "E"))
+  fit = pooled.fit_pooled(init[None], d[None], y[None], np.ones((1,) + y.shape, bool), [cfg],
+                          covariates=np.ones((6, 3)), num_steps=60)
+  p = law.constrain(fit.raw_params[0])
+  np.testing.assert_allclose(p["beta"], truth["beta"], rtol=0.03)
+  np.testing.assert_allclose(p["E"], truth["E"], rtol=0.05)
+  true_star = law.predict(truth["raw"], [D_STAR])[:, 0]
+  np.testing.assert_allclose(fit.predict([D_STAR])[0, :, 0], true_star, rtol=0.01)
+
+
+def test_objective_matches_numpy_reference():
+  """pooled_objective equals a direct numpy evaluation (lstsq prior means, Huber, floor)."""
+  rng = np.random.default_rng(3)
+  d, y, truth = _synthetic(3, num_models=5)
+  raw = truth["raw"] + 0.1 * rng.standard_normal(truth["raw"].shape)
+  sizes = np.exp(rng.uniform(18, 22, 5))
+  cov = pooled.covariate_matrix(sizes, np.exp(y[:, 0]))
+  w = rng.uniform(0.2, 1.0, y.shape)
+  cfg = pooled.PooledConfig(strength=0.3, pooled=("beta", "Dt"), covariates="size",
+                            huber_delta=0.05, floor_prior=0.2)
+  got = pooled.pooled_objective(raw, d, y, np.ones(y.shape, bool), cfg, covariates=cov, weight=w)
+  # Reference: closed-form law, Huber, least-squares regression of phi on [1, log size].
+  b, beta, e, f = (np.exp(raw[:, 0] + raw[:, 3]), np.logaddexp(0, raw[:, 1]), np.exp(raw[:, 2]),
+                   np.exp(raw[:, 3]))
+  dd = np.maximum(d, 1e-10)[None, :]
+  r = np.log(b[:, None] / (f[:, None] + dd ** beta[:, None]) + e[:, None]) - y
+  a = np.abs(r)
+  h = np.where(a <= 0.05, r * r, 2 * 0.05 * a - 0.05 ** 2)
+  data = (w * h).sum()
+  x = np.stack([np.ones(5), (np.log(sizes) - np.log(sizes).mean()) / np.log(sizes).std()], 1)
+  prior = 0.0
+  for phi in (np.log(beta), np.log(f) / beta):
+    coef = np.linalg.lstsq(x, phi, rcond=None)[0]
+    prior += ((phi - x @ coef) ** 2).sum()
+  np.testing.assert_allclose(got, data + 0.3 * prior + 0.2 * (e ** 2).sum(), rtol=1e-10)
+
+
+def test_strength_zero_keeps_independent_fit():
+  """strength 0 decouples the models: LM from the independent optimum stays there."""
+  d, y, _ = _synthetic(5)  # same shapes as above: compiled code is reused
+  law = laws.lensllm_law()
+  fit0 = fitting.fit_curves(law, d, y, key=jax.random.key(0), num_restarts=4, max_steps=200)
+  fit = pooled.fit_pooled(fit0.raw_params[None], d[None], y[None], np.ones((1,) + y.shape, bool),
+                          [pooled.PooledConfig(strength=0.0)], covariates=np.ones((12, 3)))
+  # fit_curves minimises the MEAN squared residual per curve; ours is the sum.
+  assert fit.objective[0] <= (fit0.objective * y.shape[1]).sum() * (1 + 1e-8)
+  np.testing.assert_allclose(fit.predict([D_STAR])[0, :, 0],
+                             law.predict(fit0.raw_params, [D_STAR])[:, 0], rtol=1e-3)
+
+
+def test_method_reads_only_the_visible_budget(shared_benchmarks):
+  """Losses above D_max cannot change LensLLM+: garbage there gives the same result."""
+  from lensllm_jax.curves import benchmarks
+  curves = benchmarks.load_curves(str(shared_benchmarks / "gigaword.csv"))
+  dmax = 6400.0
+  sub = slice(0, 10)
+  small = dataclasses.replace(curves, models=curves.models[sub], sizes=curves.sizes[sub],
+                              families=curves.families[sub], losses=curves.losses[sub])
+  bad = small.losses.copy()
+  bad[:, small.data_sizes > dmax] = np.random.default_rng(0).uniform(0.1, 50, bad[
+      :, small.data_sizes > dmax].shape)
+  poisoned = dataclasses.replace(small, losses=bad)
+  meta = selection.metadata_of(small)
+  # Empirical-Bayes strength and a relative Huber threshold: both estimated
+  # from the visible data, so they must not move either.
+  cfg = pooled.PooledConfig(strength=1.0, empirical_bayes=True, pooled=("beta", "E"),
+                            pre_power_weight=0.1, huber_delta=1.345, huber_relative=True)
+  kw = {"key": jax.random.key(0), "config": cfg, "num_restarts": 2,
+        "fit_options": {"max_steps": 100}}
+  a = pooled.lensllm_plus(selection.visible_view(small, dmax), meta, **kw)
+  # Through the selection registry (same method, same settings).
+  b = methods.run_method("LensLLM+", selection.visible_view(poisoned, dmax), meta, **kw)
+  np.testing.assert_array_equal(a.predicted, b.predicted)
+  assert a.method == b.method == "LensLLM+"
+  assert methods.METHOD_READS["LensLLM+"] == "all"
+  # The method refuses anything but a budget view (e.g. the full CurveSet).
+  with pytest.raises(TypeError, match="VisibleCurves"):
+    pooled.lensllm_plus(small, meta, **kw)
+
+
+def test_median_beta_start_keeps_transition_size():
+  law = laws.lensllm_law()
+  raw = law.unconstrain({"B": np.array([2.0, 3.0, 5.0]), "beta": np.array([0.2, 0.4, 0.9]),
+                         "E": np.array([0.5, 0.6, 0.7]), "F": np.array([3.0, 10.0, 200.0])})
+  p0, p1 = law.constrain(raw), law.constrain(pooled.median_beta_start(raw))
+  np.testing.assert_allclose(p1["beta"], 0.4)
+  np.testing.assert_allclose(p1["E"], p0["E"])
+  # D_t = F^(1 / beta) is unchanged, and so is the amplitude B / F = L(0) - E.
+  np.testing.assert_allclose(p1["F"] ** (1 / p1["beta"]), p0["F"] ** (1 / p0["beta"]), rtol=1e-10)
+  np.testing.assert_allclose(p1["B"] / p1["F"], p0["B"] / p0["F"], rtol=1e-10)
+
+
+def test_paule_mandel_matches_closed_form_equal_variances():
+  """Equal variances v: tau^2 = max(0, sample variance (ddof 1) - v)."""
+  x = np.array([0.1, 0.5, -0.3, 0.9, 0.2])
+  for v in (0.01, 0.1, 1.0):
+    want = max(0.0, x.var(ddof=1) - v)
+    assert pooled.paule_mandel_tau2(x, np.full(5, v)) == pytest.approx(want, abs=1e-8)
+
+
+def test_config_validation():
+  with pytest.raises(ValueError, match="pooled"):
+    pooled.PooledConfig(pooled=("alpha",))
+  with pytest.raises(ValueError, match="covariates"):
+    pooled.PooledConfig(covariates="family")
+  with pytest.raises(ValueError, match="strength"):
+    pooled.PooledConfig(strength=-1.0)
+
+
+def test_normal_equations_match_dense_jacobian():
+  """The structured J^T J, J^T r equal those of the dense Jacobian of the residual vector."""
+  import jax.numpy as jnp
+  rng = np.random.default_rng(11)
+  d, y, truth = _synthetic(11, num_models=5)
+  raw = truth["raw"] + 0.2 * rng.standard_normal(truth["raw"].shape)
+  m, p = y.shape
+  cov = pooled.covariate_matrix(np.exp(rng.uniform(18, 22, m)), np.exp(y[:, 0]))
+  cfg = pooled.PooledConfig(strength=0.7, pooled=("beta", "E", "Dt"), covariates="size",
+                            huber_delta=0.02, floor_prior=0.3)
+  group, cols, _, delta, floor = cfg.arrays()
+  mask = rng.uniform(size=y.shape) < 0.8
+  mask[:, 0] = True
+  w = rng.uniform(0.1, 1.0, y.shape)
+  law = laws.lensllm_law()
+  with jax.enable_x64(True):
+    args = (jnp.asarray(np.where(mask, np.broadcast_to(d, y.shape), 1.0)), jnp.asarray(y),
+            jnp.asarray(mask), jnp.asarray(w), pooled._hat(jnp.asarray(cov), jnp.asarray(cols)),
+            jnp.asarray(group), jnp.asarray(delta), jnp.asarray(floor), law)
+    x = jnp.asarray(raw.reshape(-1))
+    res = jax.jit(lambda x: pooled._residual_vector(x, *args))
+    r, jac = res(x), jax.jit(jax.jacfwd(res))(x)
+    jtj, g, f, fdata = jax.jit(lambda x: pooled._normal_equations(x, *args))(x)
+    np.testing.assert_allclose(jtj, jac.T @ jac, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(g, jac.T @ r, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(f, r @ r, rtol=1e-12)
+    np.testing.assert_allclose(fdata, r[:m * p] @ r[:m * p], rtol=1e-12)
+
+
+def _views_without_zero_shot():
+  """Low-noise curves on [0, 200 .. 409600]: a view with no D = 0 column, and one
+  whose first model's zero-shot loss is not revealed."""
+  grid = np.array([0.0] + [200.0 * 2**k for k in range(12)])
+  d, y, truth = _synthetic(7, num_models=6, noise=1e-4, grid=grid)
+  no_column = selection.VisibleCurves(data_sizes=d[1:], losses=np.exp(y[:, 1:]),
+                                      mask=np.ones((6, d.size - 1), bool), max_data_num=d[-1])
+  hidden = np.ones(y.shape, bool)
+  hidden[0, 0] = False
+  one_hidden = selection.VisibleCurves(data_sizes=d, losses=np.exp(y), mask=hidden,
+                                       max_data_num=d[-1])
+  meta = selection.Metadata(name="synthetic", models=tuple(f"m{i}" for i in range(6)),
+                            sizes=np.geomspace(1e8, 3e9, 6).astype(np.int64),
+                            families=("f",) * 6, target_data_num=D_STAR)
+  return [no_column, one_hidden], meta, truth
+
+
+def test_zero_shot_covariate_refuses_views_without_it():
+  views, meta, _ = _views_without_zero_shot()
+  cfg = pooled.PooledConfig(strength=1e-2, pooled=("beta",), covariates="size_zero_shot")
+  with pytest.raises(ValueError, match=r"zero-shot loss L\(0\).*\['m0', 'm1', 'm2', 'm3', 'm4', 'm5'\]"):
+    pooled.pooled_selection(views[:1], meta, [cfg], key=jax.random.key(0))
+  with pytest.raises(ValueError, match=r"lacks it for \['m0'\]"):
+    pooled.lensllm_plus(views[1], meta, key=jax.random.key(0), config=cfg)
+
+
+def test_pooled_fit_and_backtest_do_without_the_zero_shot_point():
+  """Covariates "size" and the backtest need no D = 0: the predictions are the true L(D*)
+  (before, a hidden zero-shot loss made every covariate, hence every prediction, NaN)."""
+  views, meta, truth = _views_without_zero_shot()
+  np.testing.assert_array_equal(pooled.view_covariates(views[0], meta, False),
+                                pooled.view_covariates(views[1], meta, False))
+  cfg = pooled.PooledConfig(strength=1e-3, pooled=("beta", "E"), covariates="size", backtest=2)
+  res = pooled.pooled_selection(views, meta, [cfg], key=jax.random.key(0), num_restarts=2,
+                                fit_options={"max_steps": 200})
+  true_star = laws.lensllm_law().predict(truth["raw"], [D_STAR])[:, 0]
+  for row in res:
+    assert row[0].extras["strength"] in pooled.BACKTEST_STRENGTHS  # the backtest ran
+    np.testing.assert_allclose(row[0].predicted, true_star, rtol=0.01)

@@ -1,0 +1,229 @@
+"""Tests of lensllm_jax.theory.hessian against dense references (float64).
+
+References are independent of the matrix-free code: the dense `jax.hessian`
+(reverse-over-forward Jacobians) of small Flax models, `numpy.linalg.eigh`,
+matrices with prescribed spectra, and closed-form estimator variances.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from lensllm_jax.theory import hessian as hs
+
+
+@pytest.fixture(autouse=True)
+def _x64():
+  with jax.enable_x64(True):
+    yield
+
+
+class MLP(nn.Module):
+  """Tiny classifier with three top-level modules (64 parameters)."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = jnp.tanh(nn.Dense(5, param_dtype=jnp.float64, name="dense_0")(x))
+    x = jnp.tanh(nn.Dense(4, param_dtype=jnp.float64, name="dense_1")(x))
+    return nn.Dense(3, param_dtype=jnp.float64, name="head")(x)
+
+
+def _mlp_problem(seed=0, n=24):
+  kp, kx, ky = jax.random.split(jax.random.PRNGKey(seed), 3)
+  x = jax.random.normal(kx, (n, 4), jnp.float64)
+  y = jax.random.randint(ky, (n,), 0, 3)
+  model = MLP()
+  params = model.init(kp, x)["params"]
+  params = jax.tree_util.tree_map(lambda a: a * 1.5 + 0.1, params)  # some negative curvature
+
+  def loss(p, batch):
+    xb, yb = batch
+    logp = jax.nn.log_softmax(model.apply({"params": p}, xb))
+    return -jnp.mean(jnp.take_along_axis(logp, yb[:, None], axis=1))
+
+  return loss, params, (x, y)
+
+
+def _dense(loss, params, batch):
+  flat, unravel = ravel_pytree(params)
+  return np.asarray(jax.jit(jax.hessian(lambda w: loss(unravel(w), batch)))(flat))
+
+
+def _spectrum_matrix(eigs, seed=0):
+  q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(len(eigs), len(eigs))))
+  return (q * np.asarray(eigs)) @ q.T
+
+
+@pytest.fixture(scope="module")
+def mlp():
+  with jax.enable_x64(True):
+    loss, params, batch = _mlp_problem()
+    return loss, params, batch, _dense(loss, params, batch), hs.hvp_operator(loss, params, batch)
+
+
+def test_hvp_matches_dense_in_every_data_mode(mlp):
+  loss, params, (x, y), dense, op_batch = mlp
+  flat, unravel = ravel_pytree(params)
+  v = np.random.default_rng(1).normal(size=flat.shape[0])
+  want = dense @ v
+  # Pytree HVP.
+  got_tree = hs.hvp(loss, params, (x, y), unravel(jnp.asarray(v)))
+  np.testing.assert_allclose(ravel_pytree(got_tree)[0], want, rtol=1e-10, atol=1e-12)
+  # One batch, stacked batches (lax.scan) and a host stream: mean of
+  # equal-size per-batch losses is the full-batch mean loss.
+  ops = {
+      "batch": op_batch,
+      "stacked": hs.hvp_operator(loss, params, (x.reshape(3, 8, 4), y.reshape(3, 8)),
+                                 data_mode="stacked"),
+      "stream": hs.hvp_operator(loss, params, lambda: ((x[i:i + 8], y[i:i + 8])
+                                                       for i in range(0, 24, 8)),
+                                data_mode="stream"),
+  }
+  assert not ops["stream"].traceable and ops["batch"].traceable
+  for name, op in ops.items():
+    assert op.dim == 64, name
+    np.testing.assert_allclose(op.matvec(jnp.asarray(v)), want, rtol=1e-10, atol=1e-12,
+                               err_msg=name)
+  # A parameter block: the diagonal block of the dense Hessian.
+  leaves = jax.tree_util.tree_leaves(params)
+  block = (0, 1)  # tree_leaves order of dense_0/{bias, kernel}
+  sizes = [leaf.size for leaf in leaves]
+  idx = np.arange(sum(sizes[:2]))
+  op = hs.hvp_operator(loss, params, (x, y), block=block)
+  vb = v[idx]
+  np.testing.assert_allclose(op.matvec(jnp.asarray(vb)), dense[np.ix_(idx, idx)] @ vb,
+                             rtol=1e-10, atol=1e-12)
+
+
+def test_hvp_operator_rejects_bad_arguments(mlp):
+  loss, params, batch, _, _ = mlp
+  with pytest.raises(ValueError, match="data_mode"):
+    hs.hvp_operator(loss, params, batch, data_mode="chunks")
+  with pytest.raises(ValueError, match="leading"):
+    hs.hvp_operator(loss, params, (batch[0], batch[1][:3]), data_mode="stacked")
+  with pytest.raises(ValueError, match="block"):
+    hs.hvp_operator(loss, params, batch, block=(99,))
+
+
+def test_lanczos_top_eigenvalues_match_eigh(mlp):
+  _, _, _, dense, op = mlp
+  evals, evecs = np.linalg.eigh(dense)
+  key = jax.random.PRNGKey(3)
+  # Full dimension: every Ritz pair is exact (the MLP Hessian has repeated
+  # zero eigenvalues, so Lanczos must restart after breakdowns).
+  full = hs.lanczos_eigs(op, key, k=5, num_iters=op.dim)
+  np.testing.assert_allclose(full.eigenvalues, evals[::-1][:5], rtol=1e-9, atol=1e-11)
+  np.testing.assert_allclose(np.sort(full.ritz_values), evals, atol=1e-9)
+  assert np.all(full.residual_norms < 1e-9)
+  overlap = np.abs(np.asarray(full.eigenvectors) @ evecs[:, ::-1][:, :5])
+  np.testing.assert_allclose(np.diag(overlap), 1.0, atol=1e-6)
+  # Fewer steps than dimensions: the extreme eigenvalues still converge, and
+  # the reported residuals equal an independent dense computation.
+  part = hs.lanczos_eigs(op, key, k=5, num_iters=30)
+  np.testing.assert_allclose(part.eigenvalues[:2], evals[::-1][:2], rtol=1e-6)
+  y = np.asarray(part.eigenvectors)
+  dense_resid = np.linalg.norm(y @ dense - part.eigenvalues[:, None] * y, axis=1)
+  np.testing.assert_allclose(part.residual_norms, dense_resid, rtol=1e-6, atol=1e-12)
+  np.testing.assert_allclose(part.residual_estimates, dense_resid, rtol=1e-3, atol=1e-10)
+  np.testing.assert_allclose(np.min(full.ritz_values), evals[0], atol=1e-10)
+
+
+def test_lanczos_on_prescribed_spectrum_and_host_loop():
+  eigs = np.concatenate([[-3.0, 2.5, 2.0], np.linspace(-0.5, 0.5, 37)])
+  a = _spectrum_matrix(eigs)
+  op = hs.dense_operator(jnp.asarray(a))
+  key = jax.random.PRNGKey(0)
+  lm = hs.lanczos_eigs(op, key, k=3, num_iters=25, which="LM")
+  np.testing.assert_allclose(lm.eigenvalues, [-3.0, 2.5, 2.0], rtol=1e-8)
+  # The same operator as a non-traceable (host) operator: same result.
+  host = hs.LinearOperator(lambda v: jnp.asarray(a) @ v, 40, np.dtype(np.float64), False)
+  lm_host = hs.lanczos_eigs(host, key, k=3, num_iters=25, which="LM")
+  np.testing.assert_allclose(lm_host.eigenvalues, lm.eigenvalues, rtol=1e-12)
+  res = hs.lanczos(op, key, 25)
+  q = np.asarray(res.basis)
+  np.testing.assert_allclose(q @ q.T, np.eye(25), atol=1e-12)  # full re-orthogonalisation
+  t = np.diag(res.alphas) + np.diag(res.betas, 1) + np.diag(res.betas, -1)
+  np.testing.assert_allclose(q @ a @ q.T, t, atol=1e-10)
+
+
+def test_power_iteration_and_deflation():
+  eigs = np.concatenate([[5.0, -4.0, 2.0], np.linspace(-1.0, 1.0, 27)])
+  a = _spectrum_matrix(eigs, seed=1)
+  op = hs.dense_operator(jnp.asarray(a))
+  r1, r2 = hs.power_iteration_top_k(op, jax.random.PRNGKey(0), k=2, max_iters=500, tol=1e-9)
+  assert bool(r1.converged) and bool(r2.converged)
+  np.testing.assert_allclose([r1.eigenvalue, r2.eigenvalue], [5.0, -4.0], rtol=1e-8)
+  q = np.asarray(r1.eigenvector)
+  np.testing.assert_allclose(np.linalg.norm(a @ q - float(r1.eigenvalue) * q),
+                             r1.residual_norm, rtol=1e-6, atol=1e-13)
+  assert 1 < int(r1.num_iters) <= 500
+  # The host loop follows the same iterates as the compiled loop.
+  host = hs.LinearOperator(lambda v: jnp.asarray(a) @ v, 30, np.dtype(np.float64), False)
+  key0 = jax.random.fold_in(jax.random.PRNGKey(0), 0)  # the key top_k used for r1
+  rh = hs.power_iteration(host, key0, max_iters=500, tol=1e-9)
+  np.testing.assert_allclose(rh.eigenvalue, 5.0, rtol=1e-8)
+  assert int(rh.num_iters) == int(r1.num_iters)
+
+
+def test_hutchinson_within_reported_standard_error(mlp):
+  _, _, _, dense, op = mlp
+  exact = np.trace(dense)
+  # Variance of one Rademacher sample: 2 (||A||_F^2 - sum_i A_ii^2).
+  sd = np.sqrt(2 * (np.sum(dense ** 2) - np.sum(np.diag(dense) ** 2)))
+  for seed in range(5):
+    r = hs.hutchinson_trace(op, jax.random.PRNGKey(seed), num_probes=200)
+    assert abs(float(r.trace) - exact) <= 3 * float(r.stderr), (seed, r.trace, exact, r.stderr)
+    assert 0.7 < float(r.stderr) / (sd / np.sqrt(200)) < 1.3
+    np.testing.assert_allclose(r.trace, np.mean(r.samples))
+
+
+def test_slq_moments_and_quadrature(mlp):
+  _, _, _, dense, op = mlp
+  evals = np.linalg.eigh(dense)[0]
+  dim = dense.shape[0]
+  key = jax.random.PRNGKey(7)
+  m = 6
+  res = hs.slq_density(op, key, num_probes=30, num_iters=m, num_grid=2000)
+  nodes, weights = np.asarray(res.nodes), np.asarray(res.weights)
+  np.testing.assert_allclose(weights.sum(axis=1), 1.0, atol=1e-12)
+  # Per probe, the m-point Gauss rule reproduces z^T H^k z / ||z||^2 exactly
+  # for k <= 2m - 1 (z regenerated exactly as slq_density draws it).
+  for i in range(3):
+    pkey, _ = jax.random.split(jax.random.fold_in(key, i))
+    z = np.asarray(jax.random.rademacher(pkey, (dim,), jnp.float64))
+    for k in (1, 2, 3):
+      want = z @ np.linalg.matrix_power(dense, k) @ z / dim
+      np.testing.assert_allclose(np.sum(weights[i] * nodes[i] ** k), want, rtol=1e-8)
+  # Averaged over probes: within the reported standard error of the exact
+  # moments tr(H^k) / P of the eigenvalues.
+  for k in (1, 2):
+    est, se = hs.slq_moments(res.nodes, res.weights, k)
+    assert abs(float(est) - np.mean(evals ** k)) <= 3.5 * float(se), (k, est, se)
+  # The smoothed density integrates to one and its mean is the nodes' mean.
+  grid, dens = np.asarray(res.grid), np.asarray(res.density)
+  np.testing.assert_allclose(np.trapezoid(dens, grid), 1.0, atol=1e-6)
+  np.testing.assert_allclose(np.trapezoid(dens * grid, grid),
+                             float(hs.slq_moments(res.nodes, res.weights, 1)[0]), atol=1e-6)
+
+
+def test_positive_part_quadratic_form_exact_at_full_dimension(mlp):
+  _, _, _, dense, op = mlp
+  evals, evecs = np.linalg.eigh(dense)
+  v = np.random.default_rng(5).normal(size=dense.shape[0])
+  pos = (evecs * np.maximum(evals, 0)) @ evecs.T
+  q = hs.lanczos_quadrature(op, jnp.asarray(v), jax.random.PRNGKey(0), op.dim,
+                            hs.positive_part)
+  np.testing.assert_allclose(q.value, v @ pos @ v, rtol=1e-9)
+  np.testing.assert_allclose(q.norm_sq, v @ v, rtol=1e-12)
+  # An indefinite matrix with a repeated eigenvalue (early breakdown).
+  eigs = np.array([-2.0, -2.0, -2.0, 1.0, 1.0, 3.0, 0.5, -0.1])
+  a = _spectrum_matrix(eigs, seed=3)
+  w, u = np.linalg.eigh(a)
+  qa = hs.lanczos_quadrature(hs.dense_operator(jnp.asarray(a)), jnp.asarray(v[:8]),
+                             jax.random.PRNGKey(1), 8, hs.positive_part)
+  np.testing.assert_allclose(qa.value, v[:8] @ (u * np.maximum(w, 0)) @ u.T @ v[:8], rtol=1e-10)
