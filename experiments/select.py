@@ -50,9 +50,10 @@ import numpy as np
 from absl import app, flags, logging
 
 from experiments import common
-from lensllm_jax import forecast, selection, training
+from lensllm_jax import selection, training
 from lensllm_jax.curves import benchmarks
 from lensllm_jax.models import CheckpointError
+from lensllm_jax.plus import forecast
 from lensllm_jax.selection import budgeted, metrics
 from lensllm_jax.training import sharding, sweep, textdata
 

@@ -11,11 +11,11 @@ Modules:
 Every public name of these modules is re-exported here
 (`from lensllm_jax.plus import NAME`):
 
-  protocol: DEFAULT_RATIOS, Fold, choose, criterion, default_grid, evaluate_grid, nested_choices,
-    score_results
+  protocol: DEFAULT_RATIOS, Fold, choose, criterion, default_grid, evaluate_grid, leave_one_out,
+    nested_choices, score_results
   curve_pfn: FAMILIES, PUBLIC_GRID, BarDistribution, CurvePFN, CurvePFNPredictor, ModelConfig,
     PriorConfig, TrainConfig, curve_pfn_selection, load_predictor, make_batch,
-    sample_prior_curves, save_predictor
+    sample_prior_curves, save_predictor, train
   context_pfn: ContextModelConfig, ContextPFN, ContextPFNPredictor, HierarchyConfig, context_pfn_selection,
     default_predictor, make_file_batch, sample_prior_files
   candidates: BASE_PREDICTORS, BLEND_WEIGHTS, BaseContext, Candidate, PlusChoice, PlusFold, blend,
@@ -25,7 +25,7 @@ Every public name of these modules is re-exported here
   forecast: CHOICE_FILE, SelectionInputError, INTERVAL_Z, RECOMMENDED, Forecast, choice_record,
     min_points, predict_sizes, predictor_names, recommended_candidate, reranked
 
-Names defined by several modules are reached through their module: leave_one_out, train.
+Names defined by several modules are re-exported from the first listed above: leave_one_out, train.
 """
 
 from lensllm_jax.plus import candidates, context_pfn, curve_pfn, forecast, protocol
@@ -73,6 +73,7 @@ from lensllm_jax.plus.curve_pfn import (
   make_batch,
   sample_prior_curves,
   save_predictor,
+  train,
 )
 from lensllm_jax.plus.forecast import (
   CHOICE_FILE,
@@ -94,6 +95,7 @@ from lensllm_jax.plus.protocol import (
   criterion,
   default_grid,
   evaluate_grid,
+  leave_one_out,
   nested_choices,
   score_results,
 )
@@ -110,6 +112,7 @@ __all__ = [
   "criterion",
   "default_grid",
   "evaluate_grid",
+  "leave_one_out",
   "nested_choices",
   "score_results",
   "FAMILIES",
@@ -125,6 +128,7 @@ __all__ = [
   "make_batch",
   "sample_prior_curves",
   "save_predictor",
+  "train",
   "ContextModelConfig",
   "ContextPFN",
   "ContextPFNPredictor",

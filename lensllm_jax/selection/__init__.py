@@ -12,7 +12,7 @@ Modules:
 Every public name of these modules is re-exported here
 (`from lensllm_jax.selection import NAME`):
 
-  core: BUDGETS, VisibleCurves, Metadata, visible_view, metadata_of, LawPredictor,
+  core: TARGET_DATA_NUM, BUDGETS, VisibleCurves, Metadata, visible_view, metadata_of, LawPredictor,
     PowerLinePredictor, Predictor, SelectionResult, rank_by, zero_shot, last_visible_loss,
     sub_tuning, model_size, ats, fit_law_views, vanilla_fit, rectified_fit, lensllm,
     FITTED_LAWS, run_fitted_batch
@@ -29,7 +29,7 @@ Every public name of these modules is re-exported here
     CurveOracle, laplace_log_sd, BudgetedResult, still_active, prefix_uniforms,
     early_stopping_selection, budgeted_selection
 
-Names defined by several modules are reached through their module: TARGET_DATA_NUM.
+Names defined by several modules are re-exported from the first listed above: TARGET_DATA_NUM.
 """
 
 from lensllm_jax.selection import budgeted, core, methods, metrics, pooled, published
@@ -50,6 +50,7 @@ from lensllm_jax.selection.budgeted import (
 from lensllm_jax.selection.core import (
   BUDGETS,
   FITTED_LAWS,
+  TARGET_DATA_NUM,
   LawPredictor,
   Metadata,
   PowerLinePredictor,
@@ -126,6 +127,7 @@ __all__ = [
   "pooled",
   "methods",
   "budgeted",
+  "TARGET_DATA_NUM",
   "BUDGETS",
   "VisibleCurves",
   "Metadata",

@@ -12,11 +12,11 @@ Every public name of these modules is re-exported here
 (`from lensllm_jax.theory import NAME`):
 
   nt_compat: install, import_neural_tangents
-  ntk: ApplyFn, NTKFn, IMPLEMENTATIONS, DEFAULT_IMPLEMENTATION, param_mask_from_names, make_ntk_fn,
-    SKETCHES, make_sketched_ntk_fn, sketch_rms_error, ntk_test_loss_error_bound,
-    kernel_to_matrix, make_blocked_ntk_fn, empirical_ntk, LM_OUTPUTS, lm_output_fn, NTKSpectrum,
-    ntk_spectrum, ntk_mode_losses, ntk_test_loss, ntk_test_loss_from_kernel, ntk_f_term,
-    kernel_distance, NTKRecorder
+  ntk: ApplyFn, NTKFn, IMPLEMENTATIONS, DEFAULT_IMPLEMENTATION, param_mask_from_names,
+    split_params, make_ntk_fn, SKETCHES, make_sketched_ntk_fn, sketch_rms_error,
+    ntk_test_loss_error_bound, kernel_to_matrix, make_blocked_ntk_fn, empirical_ntk, LM_OUTPUTS,
+    lm_output_fn, NTKSpectrum, ntk_spectrum, ntk_mode_losses, ntk_test_loss,
+    ntk_test_loss_from_kernel, ntk_f_term, kernel_distance, NTKRecorder
   hessian: LossFn, LinearOperator, dense_operator, hvp, hvp_operator, dense_hessian, LanczosResult,
     lanczos, tridiagonal_eigh, EigResult, lanczos_eigs, PowerResult, power_iteration,
     power_iteration_top_k, TraceResult, hutchinson_trace, QuadratureResult, gauss_quadrature,
@@ -27,7 +27,7 @@ Every public name of these modules is re-exported here
   nlp_metrics: PowerLawFit, NLPMetrics, power_law_alpha, ks_distance, fit_power_law,
     empirical_spectral_density, weight_matrices
 
-Names defined by several modules are reached through their module: Array, PyTree, split_params.
+Names defined by several modules are re-exported from the first listed above: split_params.
 """
 
 from lensllm_jax.theory import hessian, nlp_metrics, nt_compat, ntk, pac_bayes
@@ -96,6 +96,7 @@ from lensllm_jax.theory.ntk import (
   ntk_test_loss_from_kernel,
   param_mask_from_names,
   sketch_rms_error,
+  split_params,
 )
 from lensllm_jax.theory.pac_bayes import (
   ExampleForms,
@@ -123,6 +124,7 @@ __all__ = [
   "IMPLEMENTATIONS",
   "DEFAULT_IMPLEMENTATION",
   "param_mask_from_names",
+  "split_params",
   "make_ntk_fn",
   "SKETCHES",
   "make_sketched_ntk_fn",

@@ -24,7 +24,7 @@ Every public name of these modules is re-exported here
     make_optimizer, TrainState, place, init_state, token_loss_sums, make_train_step,
     make_eval_step, compiled_steps, count_compilations, cached_eval_step, evaluate, save_params,
     load_params, FinetuneResult, finetune, pretrain, as_numpy
-  sweep: LoadedModel, load_splits, pretraining_texts, preset_tokenizer, load_model,
+  sweep: LoadedModel, task_spec, load_splits, pretraining_texts, preset_tokenizer, load_model,
     write_model_config, pretrained_params, read_runs, append_run, NTK_KERNELS, NTKSnapshot,
     step_budget, run_one, clear_checkpoint, pretrained_snapshot, sweep_model, WORKDIR_OUTPUTS,
     WORKDIR_MERGE, WORKDIR_IGNORE, sweep_inputs, open_workdir, bind_workdir, write_curve_file
@@ -33,7 +33,7 @@ Every public name of these modules is re-exported here
   study_tasks: TASK_NAMES, truncate_at_line, code2name_records, translate_records, task_records,
     make_splits
 
-Names defined by several modules are reached through their module: task_spec.
+Names defined by several modules are re-exported from the first listed above: task_spec.
 """
 
 from lensllm_jax.training import loop, sharding, study_tasks, sweep, textdata, zoo
@@ -107,6 +107,7 @@ from lensllm_jax.training.sweep import (
   step_budget,
   sweep_inputs,
   sweep_model,
+  task_spec,
   write_curve_file,
   write_model_config,
 )
@@ -224,6 +225,7 @@ __all__ = [
   "pretrain",
   "as_numpy",
   "LoadedModel",
+  "task_spec",
   "load_splits",
   "pretraining_texts",
   "preset_tokenizer",
