@@ -324,7 +324,7 @@ def _log_d(data_size, zero_data_size):
 
 
 def _curve_stats(data_size, log_loss, mask):
-  """Masked max / min / first / last log loss of one curve (jax scalars)."""
+  """(max, min) of the masked log losses of one curve (jax scalars)."""
   big = 1e30
   y_max = jnp.max(jnp.where(mask, log_loss, -big))
   y_min = jnp.min(jnp.where(mask, log_loss, big))

@@ -14,7 +14,9 @@ Public API (one entry point for every architecture; see `registry`):
   presets                         named configs: development sizes and the benchmark
                                   models keyed by Hugging Face id ("gpt2", ...)
   ModelConfig                     decoder-only config (config.is_encoder_decoder is False)
-  CausalLM                        the decoder-only Flax module (archs gpt2, llama, opt, phi)
+  CausalLM                        the decoder-only Flax module (archs gpt2, opt, phi, gpt_neox
+                                  and the Llama family: llama, qwen2, qwen3, mistral, phi3,
+                                  gemma2, gemma3)
   EncoderDecoderConfig            T5 / mT5 / Switch / BART config (archs t5, mt5, switch,
                                   bart; is_encoder_decoder except decoder-only BART)
   shift_right, seq2seq_logits, seq2seq_loss, switch_router_losses
@@ -32,7 +34,8 @@ Public API (one entry point for every architecture; see `registry`):
                                   the registries a new family adds itself to
 
 Modules:
-  registry       the one entry point: build, init, count, FLOPs, load (families register here)
+  registry       the one entry point: build, init, count, FLOPs, load (the registries
+                 that model, encdec, hf and encdec_hf fill)
   config         ModelConfig of the decoder-only models
   layers         blocks shared by the decoder-only families
   gpt2           GPT-2 block

@@ -1,7 +1,6 @@
 """The one entry point for every architecture: build, init, count, FLOPs, load.
 
-Two small registries, filled by the family modules when `lensllm_jax.models`
-is imported:
+Two small registries, filled when `lensllm_jax.models` is imported:
 
 * ``ARCHITECTURES``: ``config.arch`` -> `Architecture` (how to build the Flax
   module, make init inputs, count parameters, count FLOPs, name the top-level
@@ -24,9 +23,15 @@ and returns float32 logits [B, T, V]. Configs say whether they describe an
 encoder-decoder through ``config.is_encoder_decoder`` (False for every
 decoder-only `ModelConfig`); pipelines branch on it.
 
-Adding a family: write its module and converter, then call
-`register_architecture` (one per ``arch``) and `register_hf_format` (one per
-``model_type``) at the bottom of those modules, and import them from
+Where families register: the decoder-only ``arch`` names (``config._ARCHS``:
+gpt2, opt, phi, gpt_neox and the Llama family) in one loop at the bottom of
+``model.py`` (`CausalLM` picks the block by ``config.arch``); the
+encoder-decoders (t5, mt5, switch, bart) at the bottom of ``encdec.py``; the
+Hugging Face formats at the bottom of ``hf.py`` (decoder-only) and
+``encdec_hf.py``. Adding a decoder-only family: its block module, its branch
+in `CausalLM`, its ``arch`` in ``config.py``, its converter and
+`register_hf_format` call in ``hf.py``; a new kind of model calls
+`register_architecture` itself and is imported from
 ``lensllm_jax/models/__init__.py``.
 """
 

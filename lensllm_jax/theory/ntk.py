@@ -32,8 +32,8 @@ r(t) = f_t(X) - Y is expm(-eta Theta t) r0, and (docs/ntk.md)
     F(Theta, t) = || expm(-eta Theta t) r0 ||^2
                 = sum_k exp(-2 eta lambda_k t) proj_k^2,   proj = U^T r0,
 
-with Theta = U diag(lambda) U^T. `ntk_test_loss(eigvals, proj, eta, t)` is the
-CONTRACTS.md form; `ntk_f_term(t, aux)` with aux = (eigvals, proj, eta) is the
+with Theta = U diag(lambda) U^T. `ntk_test_loss(eigvals, proj, eta, t)` is this
+sum; `ntk_f_term(t, aux)` with aux = (eigvals, proj, eta) is the
 `f_term` for `lensllm_jax.laws.lensllm_law`.
 
 Evolution. `kernel_distance(a, b) = 1 - <A, B>_F / (||A||_F ||B||_F)` and
