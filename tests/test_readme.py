@@ -52,6 +52,7 @@ def test_generated_tables_are_fresh():
       "README.md is stale: run python -m experiments.update_readme")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", [f"{f}:{i}" for f, i, _ in _examples()])
 def test_example_runs(where):
   code = {f"{f}:{i}": c for f, i, c in _examples()}[where]

@@ -51,6 +51,7 @@ def _files(out):
   return {f: (out / f).read_bytes() for f in FILES}
 
 
+@pytest.mark.slow
 def test_rerun_same_manifest_skips_changed_one_refuses_overwrite_recomputes(
     curve_file, tmp_path, monkeypatch):
   out = tmp_path / "out"
@@ -89,6 +90,7 @@ def test_directory_without_manifest_is_refused(curve_file, tmp_path):
 
 @pytest.mark.parametrize("damage", ["cut_mid_row", "cut_two_rows", "zero_bytes", "header_only",
                                     "every_file_cut"])
+@pytest.mark.slow
 def test_killed_appends_recover_to_the_uninterrupted_files(curve_file, first_run, tmp_path,
                                                            damage):
   """A row cut by a kill (no newline), a file left empty or with its header only: the rerun

@@ -10,6 +10,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from helpers import REPO_ROOT
 
 _REPRO = r"""
@@ -43,6 +45,7 @@ def _python(code: str, env: dict) -> subprocess.CompletedProcess:
                         capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_import_applies_the_workaround_and_jitted_results_are_exact():
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   code = ("import jax, jax.flatten_util\nimport lensllm_jax, os\n"
@@ -52,6 +55,7 @@ def test_import_applies_the_workaround_and_jitted_results_are_exact():
   assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_user_choice_is_kept_and_late_import_warns():
   env = dict(os.environ, XLA_FLAGS="--xla_cpu_experimental_ynn_fusion_type=")
   code = ("import os, lensllm_jax\n"

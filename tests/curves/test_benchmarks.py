@@ -239,6 +239,7 @@ def test_packaged_curves_need_no_data_dir_or_network(tmp_path, monkeypatch):
   assert benchmarks.load_curves("flan", data_dir=str(local)).num_models == 2
 
 
+@pytest.mark.slow
 def test_wheel_ships_the_curve_files(tmp_path):
   # A non-editable install gets the files: they are declared package data.
   root = pathlib.Path(benchmarks.__file__).resolve().parents[2]

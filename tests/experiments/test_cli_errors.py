@@ -13,10 +13,14 @@ import shlex
 import subprocess
 import sys
 
+import pytest
+
 from experiments import lensllm_plus
 from helpers import REPO_ROOT
 from helpers.synthetic_curves import synthetic_curves
 from lensllm_jax.curves import benchmarks
+
+pytestmark = pytest.mark.slow  # runs the binaries as subprocesses
 
 
 def test_bad_flag_config_curve_file_or_checkpoint(tmp_path):

@@ -22,6 +22,8 @@ from helpers import REPO_ROOT
 from lensllm_jax.curves import benchmarks
 from lensllm_jax.training import textdata
 
+pytestmark = pytest.mark.slow  # end-to-end: sweep, then the binaries on its outputs
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 

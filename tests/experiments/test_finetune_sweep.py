@@ -15,6 +15,8 @@ from helpers import REPO_ROOT
 from lensllm_jax import errors
 from lensllm_jax.curves import benchmarks
 
+pytestmark = pytest.mark.slow  # end-to-end runs of the sweep binary
+
 
 def _sweep_args(workdir, cache_dir, *overrides):
   """The smoke sweep's command, keeping the fine-tuned weights (read by the tests below).

@@ -20,11 +20,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
+import pytest
 from jax.flatten_util import ravel_pytree
 
 from helpers import REPO_ROOT
 from lensllm_jax import models, training
 from lensllm_jax.theory import pac_bayes
+
+pytestmark = pytest.mark.slow  # end-to-end run of the Hessian binary
 
 T = 4  # encoder and decoder length
 

@@ -28,6 +28,8 @@ from helpers.synthetic_curves import synthetic_curves
 from lensllm_jax import errors, rundir
 from lensllm_jax.curves import benchmarks
 
+pytestmark = pytest.mark.slow  # end-to-end runs of the binaries on bad input
+
 QUICK = dict(methods=("ZeroShot", "SubTuning", "ModelSize"), ratios=(4, 8), budgeted=False,
              figures=False)
 OUTPUT_FILES = ("selection.csv", "cost.csv")
@@ -377,7 +379,6 @@ SWEEP_CASES = [  # (case, how the inputs change: fn(root, data, ckpt) -> overrid
 ]
 
 
-@pytest.mark.slow  # imports torch + transformers for the checkpoint
 @pytest.mark.parametrize("case,change,expected,kind", SWEEP_CASES, ids=[c[0] for c in SWEEP_CASES])
 def test_finetune_sweep_input_cases(sweep_inputs, tmp_path, case, change, expected, kind):
   """finetune_sweep.run (the binary's main) on each bad input: refused before any training."""

@@ -20,6 +20,8 @@ from lensllm_jax.curves import benchmarks
 from lensllm_jax.plus import candidates, protocol
 from lensllm_jax.selection import pooled
 
+pytestmark = pytest.mark.slow  # end-to-end runs of the LensLLM+ binary
+
 GRID = [pooled.PooledConfig(strength=0.0, pooled=()),
         pooled.PooledConfig(strength=1.0, pooled=("beta", "E"))]
 RATIOS = (8, 128)

@@ -78,6 +78,7 @@ def _cfg(path, **kw):
   return cfg
 
 
+@pytest.mark.slow
 def test_every_nan_cell_and_unrun_fit_has_a_note(tmp_path):
   curves, _ = synthetic_curves(seed=5)
   tie = curves.losses.copy()

@@ -16,6 +16,8 @@ from lensllm_jax import errors
 from lensllm_jax.curves import benchmarks
 from lensllm_jax.selection import budgeted
 
+pytestmark = pytest.mark.slow  # end-to-end runs of the selection binary
+
 RATIOS = [4, 8, 16, 32]  # D* = 409600 (the synthetic grid's largest D)
 
 

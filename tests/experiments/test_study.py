@@ -19,6 +19,8 @@ import pytest
 from helpers import REPO_ROOT
 from lensllm_jax.curves import benchmarks
 
+pytestmark = pytest.mark.slow  # end-to-end runs of the study binaries
+
 METHODS = ("ZeroShot", "SubTuning", "ModelSize", "AtS", "VanillaFit", "RectifiedFit", "LensLLM",
            "LensLLM-NTK", "NLPMetrics")
 TASKS = ("code2name", "translate")

@@ -165,6 +165,7 @@ def test_nlp_metrics_analyse_every_linear_layer(arch, checkpoints):
   assert np.isfinite(result.mean_alpha)
 
 
+@pytest.mark.slow
 def test_finetune_sweep_offline(checkpoints, task, tmp_path):
   """experiments.finetune_sweep on the local OPT and Phi checkpoints and the local task:
   the zero-shot test loss equals torch's, sizes equal torch's parameter counts, and

@@ -38,6 +38,7 @@ def _jacrev_kernel(f, params, x1, x2):
   return out
 
 
+@pytest.mark.slow
 def test_install_is_idempotent_and_shadows_nothing():
   # Fresh interpreter, so that nothing has been patched before the snapshot.
   code = """

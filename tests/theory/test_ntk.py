@@ -118,6 +118,7 @@ def test_blocked_equals_unblocked(mlp):
   np.testing.assert_allclose(flat[3 * 2 + 1, 3 * 5 + 2], full[2, 5, 1, 2])
 
 
+@pytest.mark.slow
 def test_multi_device_sharded_equals_single_device():
   code = """
   import jax, jax.numpy as jnp, numpy as np

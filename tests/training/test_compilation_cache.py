@@ -6,8 +6,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from experiments import common
 from helpers import REPO_ROOT
+
+pytestmark = pytest.mark.slow  # binaries run as subprocesses
 
 _PROGRAM = """
 import sys

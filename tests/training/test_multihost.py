@@ -35,6 +35,8 @@ from lensllm_jax import models, training
 from lensllm_jax.curves import benchmarks
 from lensllm_jax.theory import ntk
 
+pytestmark = pytest.mark.slow  # multi-process runs (jax.distributed)
+
 # The smoke sweep without its pre-training (fine-tuning starts from the seeded
 # init): the least compilation that still runs every part of a sweep.
 LEAN_CONFIG = """

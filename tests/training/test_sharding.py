@@ -56,6 +56,7 @@ def four_device_run():
   return json.loads(run_with_host_devices(CODE, num_devices=4).strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_data_parallel_matches_single_device(four_device_run):
   out = four_device_run
   assert out["num_devices"] == 4 and out["param_sharding_replicated"]
@@ -83,6 +84,7 @@ def test_mesh_helpers_one_device():
   assert specs["w"].is_fully_replicated
 
 
+@pytest.mark.slow
 def test_indivisible_batch_is_refused():
   if jax.device_count() > 1:
     mesh = sharding.make_mesh()
