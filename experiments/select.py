@@ -221,8 +221,10 @@ class DecisionLog:
   def __init__(self, path: pathlib.Path, models, accounting: Accounting, level_index: int = 0):
     self.path, self.models, self.acc, self.level = path, tuple(models), accounting, level_index
     self.rows = []
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("")
+    self.primary = sharding.is_primary()  # with --distributed, process 0 writes
+    if self.primary:
+      path.parent.mkdir(parents=True, exist_ok=True)
+      path.write_text("")
 
   def __call__(self, i: int, entry: dict) -> None:
     if i != self.level:
@@ -241,11 +243,11 @@ class DecisionLog:
     if "ended_by" in entry:
       row["ended_by"] = entry["ended_by"]
     self.rows.append(row)
-    data = (json.dumps(row) + "\n").encode()
-    with open(self.path, "ab") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
+    if self.primary:
+      with open(self.path, "ab") as f:
+        f.write((json.dumps(row) + "\n").encode())
+        f.flush()
+        os.fsync(f.fileno())
     logging.info("%s", self.acc.line(k, entry, self.models))
     if row["fraction_of_exhaustive"] > 1:
       logging.warning("round %d: spent more than the exhaustive sweep of the schedule would "

@@ -126,3 +126,33 @@ def test_workdir_of_another_task_or_model_is_refused(tmp_path):
   changed.models[1].init_seed = 7
   with pytest.raises(app.UsageError, match="model 'tiny-pretrained-b'.*init_seed"):
     select.bind_online_workdir(changed, tmp_path)
+
+
+def _copy(workdir, dest):
+  shutil.copytree(workdir, dest, ignore=shutil.ignore_patterns("ckpt"))
+  return dest
+
+
+@pytest.mark.slow
+def test_lower_z_and_raised_cap_continue_from_what_was_run(online, tmp_path):
+  workdir, _ = online
+  before = (workdir / "runs.jsonl").read_text()
+  keys = ("round", "data_size", "ran", "active", "stopped", "predictions")
+  rows = [{k: r[k] for k in keys} for r in _decisions(workdir)]
+  lower = _copy(workdir, tmp_path / "lower")
+  r = subprocess.run([sys.executable, *ARGS, f"--workdir={lower}", "--config.z=0.05"],
+                     cwd=ROOT, capture_output=True, text=True, timeout=900)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert (lower / "runs.jsonl").read_text() == before  # nothing new to run
+  new = _decisions(lower)
+  assert sum(len(x["active"]) for x in new) <= sum(len(x["active"]) for x in _decisions(workdir))
+  raised = _copy(workdir, tmp_path / "raised")
+  r = subprocess.run([sys.executable, *ARGS, f"--workdir={raised}", "--config.max_data_num=400"],
+                     cwd=ROOT, capture_output=True, text=True, timeout=900)
+  assert r.returncode == 0, r.stderr[-3000:]
+  after = (raised / "runs.jsonl").read_text()
+  assert after.startswith(before)
+  added = [json.loads(line) for line in after[len(before):].splitlines()]
+  assert sorted(a["model"] for a in added) == rows[-1]["active"]
+  assert {a["data_size"] for a in added} == {400}
+  assert [{k: r[k] for k in keys} for r in _decisions(raised)][:len(rows)] == rows
