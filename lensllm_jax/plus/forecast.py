@@ -66,7 +66,7 @@ __all__ = [
 ]
 
 RECOMMENDED = "LensLLM+"
-CHOICE_FILE = pathlib.Path(__file__).resolve().parent / "data" / "lensllm_plus_choice.json"
+CHOICE_FILE = pathlib.Path(__file__).resolve().parents[1] / "data" / "lensllm_plus_choice.json"
 INTERVAL = 0.8  # central interval reported
 INTERVAL_Z = 1.2815515655446004  # Phi^-1(0.9): the Gaussian 80 % central interval
 

@@ -16,7 +16,7 @@ from lensllm_jax import selection
 from lensllm_jax.curves import benchmarks
 from lensllm_jax.plus import candidates, curve_pfn, forecast
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from absl import app
 from configs import select as select_config
 from experiments import select
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 ARGS = ["-m", "experiments.select", "--config=configs/select.py:online_smoke"]
 
 
