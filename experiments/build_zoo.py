@@ -29,7 +29,7 @@ import numpy as np
 from absl import flags, logging
 
 from experiments import common  # also defines --compilation_cache_dir
-from lensllm_jax import models, training
+from lensllm_jax import models, rundir, training
 from lensllm_jax.training import textdata, zoo
 
 FLAGS = flags.FLAGS
@@ -195,7 +195,8 @@ def main(argv):
   cfg = FLAGS.config
   workdir = pathlib.Path(FLAGS.workdir or cfg.workdir)
   t0 = time.time()
-  _, _, zoo_models = build_zoo(cfg, workdir)
+  with rundir.directory_lock(rundir.prepare_directory(workdir)):  # one writer per workdir
+    _, _, zoo_models = build_zoo(cfg, workdir)
   log(f"zoo of {len(zoo_models)} models in {workdir} ({time.time() - t0:.1f}s)")
 
 

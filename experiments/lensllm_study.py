@@ -56,7 +56,7 @@ from absl import flags
 
 from experiments import build_zoo as bz
 from experiments import common, hessian_common, study_report
-from lensllm_jax import models, selection, training
+from lensllm_jax import models, rundir, selection, training
 from lensllm_jax.curves import benchmarks
 from lensllm_jax.laws import phases
 from lensllm_jax.selection import budgeted, methods, metrics
@@ -503,6 +503,12 @@ def main(argv):
   cfg = FLAGS.config
   workdir = pathlib.Path(FLAGS.workdir or cfg.workdir)
   out = pathlib.Path(FLAGS.output_dir or cfg.output_dir)
+  with rundir.directory_lock(rundir.prepare_directory(workdir)):  # one study per workdir
+    run(cfg, workdir, out)
+
+
+def run(cfg, workdir: pathlib.Path, out: pathlib.Path) -> None:
+  """The zoo, the sweeps and the report (workdir locked by `main`)."""
   t0 = time.time()
   log(f"study preset {cfg.preset}: workdir {workdir}, output {out}")
   corpus, tok, zoo_models = bz.build_zoo(cfg, workdir)
