@@ -18,10 +18,10 @@ Tuple fields are overridden as Python literals, e.g.
 import ml_collections
 from ml_collections import config_dict
 
-from lensllm_jax.selection import published
+from lensllm_jax.selection import methods, published
 
-PUBLISHED_METHODS = ("ZeroShot", "SubTuning", "ModelSize", "VanillaFit", "RectifiedFit", "AtS",
-                     "LensLLM")
+# The seven published methods, in the order of the tables (`methods.REGISTRY`).
+PUBLISHED_METHODS = methods.PUBLISHED_METHODS
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:

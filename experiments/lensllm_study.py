@@ -351,10 +351,10 @@ def selection_step(cfg, task: str, curves, aux, alphas):
   key = jax.random.key(cfg.selection.seed)
   opts = {"max_steps": int(cfg.selection.max_steps)}
   results = {r: {} for r in ratios}
-  for name in ("ZeroShot", "SubTuning", "ModelSize", "AtS"):
+  for name in selection.DETERMINISTIC_METHODS:
     for r, v in zip(ratios, views, strict=True):
       results[r][name] = methods.run_method(name, v, meta)
-  for name in ("VanillaFit", "RectifiedFit", "LensLLM"):
+  for name in selection.FITTED_LAWS:
     for r, res in zip(ratios, selection.run_fitted_batch(
         name, views, meta, key=key, num_restarts=int(cfg.selection.num_restarts),
         fit_options=opts), strict=True):

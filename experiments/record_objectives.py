@@ -81,7 +81,7 @@ def record(specs, data_dir) -> dict:
       target = common.target_of(curves, None)
       meta = selection.metadata_of(curves, target)
       view = selection.visible_view(curves, target)
-      for method in ("VanillaFit", "RectifiedFit", "LensLLM"):
+      for method in selection.FITTED_LAWS:
         key = jax.random.fold_in(jax.random.key(di),
                                  999 + selection_config.PUBLISHED_METHODS.index(method))
         recording(method, [view], meta, key=key, min_curves=len(protocol.published.RATIOS) *

@@ -55,8 +55,9 @@ NOTES_HEADER = ("dataset", "method", "ratio", "note")
 OUTPUTS = ("*.csv", "*.md", "*.tex", "*.png")
 # Config fields that do not change the results (left out of the manifest).
 MANIFEST_IGNORE = ("threads", "figures", "data_dir")
-LAW_OF = {"VanillaFit": "vanilla", "RectifiedFit": "rectified", "LensLLM": "lensllm",
-          "AtS": "ats"}
+# rmse.csv's law column: the law of each method fitted per model (`Method.budgeted`), and "ats"
+# for AtS's line; the pooled fit has no rmse rows.
+LAW_OF = {**{m.name: m.law for m in methods_lib.REGISTRY if m.budgeted}, "AtS": "ats"}
 
 
 

@@ -10,8 +10,8 @@ Modules:
 Every public name of these modules is re-exported here
 (`from lensllm_jax.laws import NAME`):
 
-  forms: Law, inverse_softplus, lensllm_law, rectified_law, vanilla_law, get_law, NUM_INIT_UNIFORMS,
-    ZERO_DATA_SIZE, VANILLA_HUBER_DELTA, uniforms_from_key, LAW_CACHE_SIZE, f_term_key,
+  forms: Law, inverse_softplus, lensllm_law, rectified_law, vanilla_law, LAW_FACTORIES, get_law,
+    NUM_INIT_UNIFORMS, ZERO_DATA_SIZE, VANILLA_HUBER_DELTA, uniforms_from_key, LAW_CACHE_SIZE, f_term_key,
     law_cache_size
   fitting: AMPLITUDE_LIMIT, STATUS_NAMES, FitResult, degenerate_reason, fit_curves, initial_params,
     not_decreasing, TrustRegionState, scale_by_damped_newton, scale_by_gauss_newton
@@ -40,6 +40,7 @@ from lensllm_jax.laws.fitting import (
 )
 from lensllm_jax.laws.forms import (
   LAW_CACHE_SIZE,
+  LAW_FACTORIES,
   NUM_INIT_UNIFORMS,
   VANILLA_HUBER_DELTA,
   ZERO_DATA_SIZE,
@@ -68,6 +69,7 @@ __all__ = [
   "lensllm_law",
   "rectified_law",
   "vanilla_law",
+  "LAW_FACTORIES",
   "get_law",
   "NUM_INIT_UNIFORMS",
   "ZERO_DATA_SIZE",

@@ -63,6 +63,7 @@ __all__ = [
   "lensllm_law",
   "rectified_law",
   "vanilla_law",
+  "LAW_FACTORIES",
   "get_law",
 ]
 
@@ -745,9 +746,13 @@ def vanilla_law(huber_delta: float = VANILLA_HUBER_DELTA) -> Law:
              huber_delta=huber_delta, zero_data_size=None, log_loss_derivatives_fn=derivatives)
 
 
+# The laws by name: name -> factory (lensllm_law takes an optional F term).
+LAW_FACTORIES: dict[str, Callable[..., Law]] = {
+    "vanilla": vanilla_law, "rectified": rectified_law, "lensllm": lensllm_law}
+
+
 def get_law(name: str) -> Law:
   """Law by name: "vanilla", "rectified" or "lensllm" (curve mode)."""
-  laws = {"vanilla": vanilla_law, "rectified": rectified_law, "lensllm": lensllm_law}
-  if name not in laws:
-    raise ValueError(f"unknown law {name!r}; expected one of {sorted(laws)}")
-  return laws[name]()
+  if name not in LAW_FACTORIES:
+    raise ValueError(f"unknown law {name!r}; expected one of {sorted(LAW_FACTORIES)}")
+  return LAW_FACTORIES[name]()

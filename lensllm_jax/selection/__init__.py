@@ -14,8 +14,7 @@ Every public name of these modules is re-exported here
 
   core: TARGET_DATA_NUM, BUDGETS, VisibleCurves, Metadata, visible_view, metadata_of, LawPredictor,
     PowerLinePredictor, Predictor, SelectionResult, rank_by, zero_shot, last_visible_loss,
-    sub_tuning, model_size, ats, fit_law_views, vanilla_fit, rectified_fit, lensllm,
-    FITTED_LAWS, run_fitted_batch
+    sub_tuning, model_size, ats, fit_law_views, vanilla_fit, rectified_fit, lensllm
   metrics: MIN_MODELS, SCORES, CONSTANT_TOLERANCE, constant_to_rounding, undefined_reason,
     pearson_corr, average_ranks, spearman_corr, kendall_tau, relative_accuracy, curve_rmse,
     selection_scores
@@ -24,7 +23,8 @@ Every public name of these modules is re-exported here
     PooledFit, covariate_matrix, empirical_bayes_strength, fit_pooled, lensllm_plus,
     median_beta_start, paule_mandel_tau2, pooled_objective, pooled_selection, pre_power_weights,
     shape_quantities, view_covariates
-  methods: DETERMINISTIC_METHODS, FITTED_METHODS, METHODS, METHOD_READS, Method, run_method
+  methods: Method, REGISTRY, METHODS, PUBLISHED_METHODS, DETERMINISTIC_METHODS, FITTED_METHODS,
+    METHOD_READS, FITTED_LAWS, run_method, run_fitted_batch
   budgeted: FLOPS_PER_PARAM_SAMPLE, BUDGET_METHODS, pair_flops, full_tuning_flops, method_flops,
     CurveOracle, laplace_log_sd, BudgetedResult, still_active, prefix_uniforms,
     early_stopping_selection, budgeted_selection
@@ -49,7 +49,6 @@ from lensllm_jax.selection.budgeted import (
 )
 from lensllm_jax.selection.core import (
   BUDGETS,
-  FITTED_LAWS,
   TARGET_DATA_NUM,
   LawPredictor,
   Metadata,
@@ -65,7 +64,6 @@ from lensllm_jax.selection.core import (
   model_size,
   rank_by,
   rectified_fit,
-  run_fitted_batch,
   sub_tuning,
   vanilla_fit,
   visible_view,
@@ -73,10 +71,14 @@ from lensllm_jax.selection.core import (
 )
 from lensllm_jax.selection.methods import (
   DETERMINISTIC_METHODS,
+  FITTED_LAWS,
   FITTED_METHODS,
   METHOD_READS,
   METHODS,
+  PUBLISHED_METHODS,
+  REGISTRY,
   Method,
+  run_fitted_batch,
   run_method,
 )
 from lensllm_jax.selection.metrics import (
@@ -147,8 +149,6 @@ __all__ = [
   "vanilla_fit",
   "rectified_fit",
   "lensllm",
-  "FITTED_LAWS",
-  "run_fitted_batch",
   "MIN_MODELS",
   "SCORES",
   "CONSTANT_TOLERANCE",
@@ -183,12 +183,16 @@ __all__ = [
   "pre_power_weights",
   "shape_quantities",
   "view_covariates",
+  "Method",
+  "REGISTRY",
+  "METHODS",
+  "PUBLISHED_METHODS",
   "DETERMINISTIC_METHODS",
   "FITTED_METHODS",
-  "METHODS",
   "METHOD_READS",
-  "Method",
+  "FITTED_LAWS",
   "run_method",
+  "run_fitted_batch",
   "FLOPS_PER_PARAM_SAMPLE",
   "BUDGET_METHODS",
   "pair_flops",

@@ -82,8 +82,8 @@ from lensllm_jax.selection import core, methods
 
 FLOPS_PER_PARAM_SAMPLE = 6.0
 # Methods `budgeted_selection` runs: independent per-model fits whose objective
-# `laplace_log_sd` knows (squared error, or Huber through the sandwich).
-BUDGET_METHODS = tuple(core.FITTED_LAWS)
+# `laplace_log_sd` knows (squared error, or Huber through the sandwich); `Method.budgeted`.
+BUDGET_METHODS = tuple(m.name for m in methods.REGISTRY if m.budgeted)
 
 
 def pair_flops(sizes, data_sizes) -> np.ndarray:
@@ -540,12 +540,12 @@ def budgeted_selection(curves, levels: Sequence[float], *, key: jax.Array,
 
   def fit_prefixes(view, models, num_revealed):
     u = np.stack([prefix_uniforms(key, int(j), num_revealed, num_restarts) for j in models])
-    res = core.run_fitted_batch(method, [view], meta, key=key, num_restarts=num_restarts,
-                                     fit_options=fit_options, min_curves=batch, uniforms=u)[0]
+    res = methods.run_fitted_batch(method, [view], meta, key=key, num_restarts=num_restarts,
+                                   fit_options=fit_options, min_curves=batch, uniforms=u)[0]
     return res.predictor.law, res.predictor.raw_params, res.extras["mask"], res.predicted
 
   if min_points is None:
-    min_points = core.FITTED_LAWS[method][0]().num_params
+    min_points = methods.FITTED_LAWS[method][0]().num_params
   return early_stopping_selection(curves, levels, name=method, max_data_num=max_data_num,
                                   target_data_num=target_data_num, min_points=min_points,
                                   progress=progress, fit_prefixes=fit_prefixes)

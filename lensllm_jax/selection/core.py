@@ -31,7 +31,7 @@ Methods (published names):
 
 Not published: LensLLM+ (`pooled.lensllm_plus`): the LensLLM curve-mode law
 fitted to all models jointly with a hierarchical prior. The registry of all
-methods by name (`METHODS`, `run_method`) is `methods.py`.
+methods (`methods.REGISTRY`, `run_method`, `run_fitted_batch`) is `methods.py`.
 
 Ties in the feature keep file order (a stable sort), which picks the same
 top model as the published code (pandas average ranks + argmin).
@@ -488,25 +488,3 @@ def lensllm(visible: VisibleCurves, metadata: Metadata, *, key: jax.Array,
   return fit_law_views("LensLLM", laws.lensllm_law(f_term), [visible], metadata, key=key,
                        use_zero_shot=True, num_restarts=num_restarts, aux=aux,
                        fit_options=fit_options)[0]
-
-
-# name -> (law factory, uses the zero-shot point), for batched fitting.
-FITTED_LAWS: dict[str, tuple[Callable[[], laws.Law], bool]] = {
-    "VanillaFit": (laws.vanilla_law, False),
-    "RectifiedFit": (laws.rectified_law, True),
-    "LensLLM": (laws.lensllm_law, True),
-}
-
-
-def run_fitted_batch(name: str, views, metadata: Metadata, *, key: jax.Array,
-                     num_restarts: int = 8, fit_options=None, min_curves: int = 0,
-                     f_term: Callable | None = None, aux: Any = None,
-                     uniforms=None) -> list[SelectionResult]:
-  """A fitted method (by name) on several budget views in one batched fit."""
-  if name not in FITTED_LAWS:
-    raise ValueError(f"{name!r} is not a fitted method; fitted: {sorted(FITTED_LAWS)}")
-  factory, zero = FITTED_LAWS[name]
-  law = laws.lensllm_law(f_term) if name == "LensLLM" else factory()
-  return fit_law_views(name, law, views, metadata, key=key, use_zero_shot=zero,
-                       num_restarts=num_restarts, aux=aux, fit_options=fit_options,
-                       min_curves=min_curves, uniforms=uniforms)
