@@ -11,8 +11,9 @@ Public API (one entry point for every architecture; see `registry`):
   init_params, num_params, flops_per_token, block_names
                                   random params; closed-form count; FLOPs per token
                                   (6 N + attention); top-level parameter block names
-  presets                         named configs: development sizes and the benchmark
-                                  models keyed by Hugging Face id ("gpt2", ...)
+  presets                         named configs: development sizes, the benchmark
+                                  models and today's small models keyed by Hugging
+                                  Face id ("gpt2", "Qwen/Qwen2.5-0.5B", ...)
   ModelConfig                     decoder-only config (config.is_encoder_decoder is False)
   CausalLM                        the decoder-only Flax module (archs gpt2, opt, phi, gpt_neox
                                   and the Llama family: llama, qwen2, qwen3, mistral, phi3,
@@ -27,7 +28,7 @@ Public API (one entry point for every architecture; see `registry`):
   count_params                    params in a pytree
   next_token_targets, token_log_probs, token_nll, sequence_log_likelihood, mean_token_nll,
   token_nll_sums                  the LM loss convention (see `losses`)
-  config_from_hf, convert_{gpt2,llama,opt,phi,t5,bart}_weights, read_safetensors,
+  config_from_hf, convert_{gpt2,llama,opt,phi,gpt_neox,t5,bart}_weights, read_safetensors,
   load_bart_causal_lm
   load_tokenizer                  Hugging Face config.json, tensors and tokenizer.json
   ARCHITECTURES, HF_FORMATS, register_architecture, register_hf_format

@@ -314,6 +314,8 @@ def _phi_config(hf_config: dict, dtype: str, source: str) -> ModelConfig:
 
 
 def _gpt_neox_config(hf_config: dict, dtype: str, source: str) -> ModelConfig:
+  if "rotary_emb_base" in hf_config and "rope_theta" not in hf_config:  # Pythia's name
+    hf_config = dict(hf_config, rope_theta=hf_config["rotary_emb_base"])
   rope = _default_rope(hf_config, source)
   if not hf_config.get("use_parallel_residual", True):
     raise CheckpointError(f"{source}: use_parallel_residual=False is not supported")

@@ -166,3 +166,97 @@ presets["tiny-t5"] = EncoderDecoderConfig(arch="t5", vocab_size=256, d_model=64,
                                           n_layers=2, n_heads=4)
 presets["tiny-bart"] = EncoderDecoderConfig(arch="bart", vocab_size=256, d_model=64, d_ff=128,
                                             n_layers=2, n_heads=4, max_len=128)
+
+# ---------------------------------------------------------------------------
+# Beyond the curve files: the small members of today's families, keyed by
+# Hugging Face id. Each is the model's published config.json (the fields that
+# shape the model, copied from the hub files) read by the same loader as a
+# downloaded checkpoint (`hf.config_from_hf`), so a preset is exactly what
+# `load_hf_checkpoint` makes of that model. tests/test_model_families.py checks
+# num_params against transformers' own module built from the same dict and
+# against the published totals.
+_QWEN = dict(model_type="qwen2", vocab_size=151936, rms_norm_eps=1e-6, hidden_act="silu",
+             rope_theta=1000000.0, use_sliding_window=False, tie_word_embeddings=True)
+_SMOLLM2 = dict(model_type="llama", vocab_size=49152, max_position_embeddings=8192,
+                rms_norm_eps=1e-5, hidden_act="silu", tie_word_embeddings=True)
+_PYTHIA = dict(model_type="gpt_neox", vocab_size=50304, max_position_embeddings=2048,
+               rotary_pct=0.25, rotary_emb_base=10000, hidden_act="gelu", layer_norm_eps=1e-5,
+               use_parallel_residual=True, tie_word_embeddings=False)
+HF_CONFIGS: dict[str, dict] = {
+    "Qwen/Qwen2.5-0.5B": dict(_QWEN, hidden_size=896, intermediate_size=4864,
+                              num_hidden_layers=24, num_attention_heads=14,
+                              num_key_value_heads=2, max_position_embeddings=32768),
+    "Qwen/Qwen2.5-1.5B": dict(_QWEN, hidden_size=1536, intermediate_size=8960,
+                              num_hidden_layers=28, num_attention_heads=12,
+                              num_key_value_heads=2, max_position_embeddings=131072),
+    "Qwen/Qwen3-0.6B": dict(_QWEN, model_type="qwen3", hidden_size=1024, intermediate_size=3072,
+                            num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                            head_dim=128, max_position_embeddings=40960),
+    "Qwen/Qwen3-1.7B": dict(_QWEN, model_type="qwen3", hidden_size=2048, intermediate_size=6144,
+                            num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                            head_dim=128, max_position_embeddings=40960),
+    "google/gemma-2-2b": dict(
+        model_type="gemma2", vocab_size=256000, hidden_size=2304, intermediate_size=9216,
+        num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+        max_position_embeddings=8192, rms_norm_eps=1e-6, rope_theta=10000.0,
+        hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=256,
+        attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=4096,
+        layer_types=["sliding_attention", "full_attention"] * 13, tie_word_embeddings=True),
+    "google/gemma-3-1b-pt": dict(
+        model_type="gemma3_text", vocab_size=262144, hidden_size=1152, intermediate_size=6912,
+        num_hidden_layers=26, num_attention_heads=4, num_key_value_heads=1, head_dim=256,
+        max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1000000.0,
+        rope_local_base_freq=10000.0, hidden_activation="gelu_pytorch_tanh",
+        query_pre_attn_scalar=256, sliding_window=512,
+        layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 4
+        + ["sliding_attention"] * 2, tie_word_embeddings=True),
+    "HuggingFaceTB/SmolLM2-135M": dict(_SMOLLM2, hidden_size=576, intermediate_size=1536,
+                                       num_hidden_layers=30, num_attention_heads=9,
+                                       num_key_value_heads=3, rope_theta=100000.0),
+    "HuggingFaceTB/SmolLM2-360M": dict(_SMOLLM2, hidden_size=960, intermediate_size=2560,
+                                       num_hidden_layers=32, num_attention_heads=15,
+                                       num_key_value_heads=5, rope_theta=100000.0),
+    "HuggingFaceTB/SmolLM2-1.7B": dict(_SMOLLM2, hidden_size=2048, intermediate_size=8192,
+                                       num_hidden_layers=24, num_attention_heads=32,
+                                       num_key_value_heads=32, rope_theta=130000.0),
+    "meta-llama/Llama-3.2-1B": dict(
+        model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+        num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+        max_position_embeddings=131072, rms_norm_eps=1e-5, hidden_act="silu",
+        rope_theta=500000.0, rope_scaling=dict(rope_type="llama3", factor=32.0,
+                                               low_freq_factor=1.0, high_freq_factor=4.0,
+                                               original_max_position_embeddings=8192),
+        tie_word_embeddings=True),
+    "mistralai/Mistral-7B-v0.1": dict(
+        model_type="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+        max_position_embeddings=32768, rms_norm_eps=1e-5, hidden_act="silu",
+        rope_theta=10000.0, sliding_window=4096, tie_word_embeddings=False),
+    "mistralai/Mistral-7B-v0.3": dict(
+        model_type="mistral", vocab_size=32768, hidden_size=4096, intermediate_size=14336,
+        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+        max_position_embeddings=32768, rms_norm_eps=1e-5, hidden_act="silu",
+        rope_theta=1000000.0, sliding_window=None, tie_word_embeddings=False),
+    "EleutherAI/pythia-160m": dict(_PYTHIA, hidden_size=768, intermediate_size=3072,
+                                   num_hidden_layers=12, num_attention_heads=12),
+    "EleutherAI/pythia-410m": dict(_PYTHIA, hidden_size=1024, intermediate_size=4096,
+                                   num_hidden_layers=24, num_attention_heads=16),
+    "EleutherAI/pythia-1b": dict(_PYTHIA, hidden_size=2048, intermediate_size=8192,
+                                 num_hidden_layers=16, num_attention_heads=8),
+    "microsoft/Phi-3-mini-4k-instruct": dict(
+        model_type="phi3", vocab_size=32064, hidden_size=3072, intermediate_size=8192,
+        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+        max_position_embeddings=4096, original_max_position_embeddings=4096,
+        rms_norm_eps=1e-5, hidden_act="silu", rope_theta=10000.0, rope_scaling=None,
+        sliding_window=2047, tie_word_embeddings=False),
+}
+
+
+def _presets_from_hf_configs() -> None:
+  from lensllm_jax.models.hf import config_from_hf  # local: hf registers the formats
+
+  for model_id, fields in HF_CONFIGS.items():
+    presets[model_id] = config_from_hf(fields, source=f"presets.HF_CONFIGS[{model_id!r}]")
+
+
+_presets_from_hf_configs()

@@ -9,13 +9,18 @@ sliding window: logits (torch float32, explicit positions on both sides),
 bfloat16 compute, the LM loss and its gradient, parameter counts, a sharded
 copy, missing / mis-shaped tensors, and downstream the NTK outputs and kernel
 (J from torch autograd), NLPMetrics over exactly torch's nn.Linear weights and
-experiments.finetune_sweep on the local checkpoints. Nothing is downloaded.
+experiments.finetune_sweep on the local checkpoints. The presets of the published
+models are counted against transformers' modules (meta device) and the published
+totals, and their FLOPs against a hand closed form. Nothing is downloaded.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +28,10 @@ import numpy as np
 import pytest
 
 from experiments import hessian_common
+from helpers import REPO_ROOT
 from lensllm_jax import models
+from lensllm_jax.models.presets import HF_CONFIGS
+from lensllm_jax.theory import nlp_metrics, ntk
 from lensllm_jax.training import textdata
 
 torch = pytest.importorskip("torch")
@@ -32,6 +40,7 @@ transformers = pytest.importorskip("transformers")
 BATCH, LENGTH = 3, 12  # longer than every sliding window below (4, 5, 7)
 NUM_RECORDS = 240  # 200 train + 20 validation + 20 test (finetune_sweep)
 SWEEP_LEN = 24
+NTK_LEN = 48  # longer than some of the task's examples: right padding in the NTK batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +72,7 @@ class Family:
 # initializer_range 0.05: attention far from uniform, so RoPE and masks matter (Gemma's
 # q/k-normed, sqrt(d)-scaled models use 0.02 to keep bf16 within 5 %).
 _COMMON = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-               max_position_embeddings=32, initializer_range=0.05, bos_token_id=1,
+               max_position_embeddings=64, initializer_range=0.05, bos_token_id=1,
                eos_token_id=1, pad_token_id=None, attn_implementation="eager")
 
 FAMILIES = [
@@ -104,7 +113,7 @@ FAMILIES = [
            "gpt_neox.layers.1.post_attention_layernorm.bias",
            "gpt_neox.layers.0.attention.query_key_value.weight",
            (dict(rotary_dim=8),)),
-    # Phi-3: fused qkv_proj / gate_up_proj, LongRoPE (factor 32 / 8 = 4: cos/sin scaled),
+    # Phi-3: fused qkv_proj / gate_up_proj, LongRoPE (factor 64 / 8 = 8: cos/sin scaled),
     # sliding window 7; positions reach 11 >= 8, so the long factors are in use.
     Family("phi3", "Phi3ForCausalLM", "Phi3Config",
            dict(num_key_value_heads=2, sliding_window=7, original_max_position_embeddings=8,
@@ -114,7 +123,7 @@ FAMILIES = [
                                  "original_max_position_embeddings": 8},
                 tie_word_embeddings=False),
            "phi3", dict(fused_projections=True, rope_type="longrope", sliding_window=7,
-                        rope_factor=4.0),
+                        rope_factor=8.0),
            "model.layers.1.mlp.gate_up_proj.weight", "model.layers.0.self_attn.qkv_proj.weight",
            (dict(rope_long_factor=(1.0, 1.5, 2.0, 3.0)), dict(rope_factor=1.0),
             dict(sliding_window=None, layer_types=None))),
@@ -323,3 +332,172 @@ def test_missing_and_misshaped_tensors_are_named(name, checkpoints):
   with pytest.raises(models.CheckpointError,
                      match=rf"'{short(family.misshaped)}' has shape \(3, 5\)"):
     fmt.convert(bad, config, str(ref["path"]))
+
+
+# ---------------------------------------------------------------------------
+# Presets of the published models.
+
+# Totals published for the released checkpoints (model cards / hub file listings; tied
+# embeddings counted once), written here independently of presets.HF_CONFIGS.
+PUBLISHED_SIZES = {
+    "Qwen/Qwen2.5-0.5B": 494_032_768, "Qwen/Qwen2.5-1.5B": 1_543_714_304,
+    "Qwen/Qwen3-0.6B": 596_049_920, "google/gemma-2-2b": 2_614_341_888,
+    "google/gemma-3-1b-pt": 999_885_952, "HuggingFaceTB/SmolLM2-135M": 134_515_008,
+    "HuggingFaceTB/SmolLM2-360M": 361_821_120, "HuggingFaceTB/SmolLM2-1.7B": 1_711_376_384,
+    "meta-llama/Llama-3.2-1B": 1_235_814_400, "mistralai/Mistral-7B-v0.1": 7_241_732_096,
+    "mistralai/Mistral-7B-v0.3": 7_248_023_552, "EleutherAI/pythia-160m": 162_322_944,
+    "EleutherAI/pythia-410m": 405_334_016, "EleutherAI/pythia-1b": 1_011_781_632,
+    "microsoft/Phi-3-mini-4k-instruct": 3_821_079_552,
+}
+
+
+@pytest.mark.parametrize("model_id", sorted(HF_CONFIGS))
+def test_preset_counts_equal_transformers_and_published(model_id):
+  """num_params of each preset = torch's count of transformers' module built from the same
+  config.json fields (meta device: no memory) = the published total where one is listed;
+  the Flax module's own shapes agree (eval_shape)."""
+  fields = dict(HF_CONFIGS[model_id])
+  hf_config = transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
+  with torch.device("meta"):
+    hf_model = transformers.AutoModelForCausalLM.from_config(hf_config)
+  config = models.presets[model_id]
+  n = models.num_params(config)
+  assert n == sum(p.numel() for p in hf_model.parameters())
+  assert n == PUBLISHED_SIZES.get(model_id, n)
+  if model_id in ("google/gemma-3-1b-pt", "EleutherAI/pythia-160m"):
+    shapes = jax.eval_shape(lambda: models.init_params(config, jax.random.key(0)))
+    assert models.count_params(shapes) == n
+
+
+def test_flops_per_token_closed_form_one_preset_per_family():
+  """6 N_mm + 12 sum_l H Dh K_l with N_mm written out by hand from the config values;
+  K_l = T on full layers and min(T, W) on sliding ones (Mistral v0.1, Phi-3, Gemma)."""
+  def mm(layers, d, q, kv, ff, vocab, mlp=3):
+    return layers * (d * (q + 2 * kv) + q * d + mlp * d * ff) + vocab * d
+
+  cases = {  # id: (T, N_mm, sum_l H Dh K_l)
+      "Qwen/Qwen2.5-0.5B": (2048, mm(24, 896, 896, 128, 4864, 151936), 24 * 896 * 2048),
+      "Qwen/Qwen3-0.6B": (2048, mm(28, 1024, 2048, 1024, 3072, 151936), 28 * 2048 * 2048),
+      "meta-llama/Llama-3.2-1B": (4096, mm(16, 2048, 2048, 512, 8192, 128256),
+                                  16 * 2048 * 4096),
+      "mistralai/Mistral-7B-v0.1": (8192, mm(32, 4096, 4096, 1024, 14336, 32000),
+                                    32 * 4096 * 4096),
+      "EleutherAI/pythia-160m": (2048, mm(12, 768, 768, 768, 3072, 50304, mlp=2),
+                                 12 * 768 * 2048),
+      "microsoft/Phi-3-mini-4k-instruct": (4096, mm(32, 3072, 3072, 3072, 8192, 32064),
+                                           32 * 3072 * 2047),
+      "google/gemma-2-2b": (8192, mm(26, 2304, 2048, 1024, 9216, 256000),
+                            2048 * (13 * 4096 + 13 * 8192)),
+      "google/gemma-3-1b-pt": (4096, mm(26, 1152, 1024, 256, 6912, 262144),
+                               1024 * (22 * 512 + 4 * 4096)),
+  }
+  for model_id, (seq_len, n_mm, span) in cases.items():
+    config = models.presets[model_id]
+    assert models.flops_per_token(config, seq_len) == pytest.approx(
+        6 * n_mm + 12 * span, rel=1e-12), model_id
+    assert models.flops_per_token(config, seq_len, training=False) == pytest.approx(
+        2 * n_mm + 4 * span, rel=1e-12), model_id
+
+
+# ---------------------------------------------------------------------------
+# Downstream: NTK, NLPMetrics, finetune_sweep.
+
+
+def _task_data(task, num, max_len):
+  train, tok = task
+  spec = textdata.local_task("t", str(train), input_field="src", target_field="tgt",
+                             prompt="{input} =>", target_prefix=" ")
+  examples = textdata.format_split(spec, [json.loads(x) for x in
+                                          train.read_text().splitlines()[:num]])
+  return textdata.encode_examples(examples, tok, max_len)
+
+
+# The NTK helpers are generic over the module (logits and gradients are checked for every
+# family above): three families with the most distinct code run by default, the rest slow.
+_NTK_DEFAULT = ("gpt_neox", "phi3", "gemma2")
+
+
+@pytest.mark.parametrize("name", [n if n in _NTK_DEFAULT else pytest.param(
+    n, marks=pytest.mark.slow) for n in NAMES])
+def test_ntk_outputs_and_kernel_match_torch(name, checkpoints, task):
+  """lm_output_fn ("log_likelihood") and the empirical NTK J J^T, J from torch autograd."""
+  ref = checkpoints[name]
+  data = _task_data(task, 3, NTK_LEN)
+  assert not data.attention_mask.all()  # right padding present
+  x = {"input_ids": jnp.asarray(data.input_ids),
+       "attention_mask": jnp.asarray(data.attention_mask),
+       "loss_mask": jnp.asarray(data.loss_mask)}
+  apply_fn = ntk.lm_output_fn(models.build(ref["config"]), "log_likelihood")
+  theta = np.asarray(ntk.make_ntk_fn(apply_fn)(ref["params"], x), np.float64)
+  ours = np.asarray(apply_fn(ref["params"], x))
+
+  model = ref["model"]
+  lp = _torch_token_log_probs(model, data.input_ids, data.attention_mask, data.targets)
+  m = torch.as_tensor(data.loss_mask, dtype=torch.float64)
+  ll = (lp * m).sum(1) / m.sum(1).clamp(min=1)
+  rows = []
+  for i in range(len(ll)):
+    grads = torch.autograd.grad(ll[i], list(model.parameters()), retain_graph=True)
+    rows.append(torch.cat([g.reshape(-1) for g in grads]).numpy())
+  jac = np.stack(rows)
+  np.testing.assert_allclose(ours, ll.detach().numpy(), atol=1e-5)
+  reference = jac @ jac.T
+  np.testing.assert_allclose(theta, reference, rtol=1e-4, atol=1e-5 * np.abs(reference).max())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_nlp_metrics_analyse_every_linear_layer(name, checkpoints):
+  """NLPMetrics sees exactly torch's nn.Linear weights (fused ones fused), with the alphas
+  of power-law fits to their own eigenvalues."""
+  ref = checkpoints[name]
+  model = ref["model"]
+  result = nlp_metrics.nlp_metrics(ref["params"], min_tail=5)
+  embedding = model.get_input_embeddings().weight
+  linear = [m.weight.detach().numpy() for m in model.modules()
+            if isinstance(m, torch.nn.Linear) and m.weight is not embedding]
+  theirs = [nlp_metrics.fit_power_law(nlp_metrics.empirical_spectral_density(
+      w.T.astype(np.float64)), min_tail=5).alpha for w in linear if min(w.shape) > 5]
+  assert len(result.alphas) == len(theirs) > 0
+  np.testing.assert_allclose(sorted(result.alphas.values()), sorted(theirs), rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_finetune_sweep_offline(checkpoints, task, tmp_path):
+  """experiments.finetune_sweep on every family's local checkpoint and the local task: the
+  zero-shot test loss equals torch's, sizes equal torch's parameter counts, and
+  fine-tuning on 200 examples lowers the test loss (NTK snapshots off: checked above)."""
+  train, tok = task
+  dirs = ",".join(str(checkpoints[n]["path"]) for n in NAMES)
+  overrides = dict(max_len=SWEEP_LEN, num_validation=20, num_test=20, subset_sizes="(200,)")
+  train_cfg = dict(max_steps=4, eval_every=4, batch_size=8, eval_batch_size=20,
+                   learning_rate=3e-3, warmup_steps=0)
+  args = [f"--config=configs/finetune_hf.py:local:{dirs}", f"--workdir={tmp_path}",
+          f"--config.data_files.train={train}", "--config.ntk.num_probe=0",
+          "--config.checkpoint_runs=False"]
+  args += [f"--config.{k}={v}" for k, v in overrides.items()]
+  args += [f"--config.train.{k}={v}" for k, v in train_cfg.items()]
+  env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+  proc = subprocess.run([sys.executable, "-m", "experiments.finetune_sweep", *args],
+                        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+
+  runs = [json.loads(x) for x in (tmp_path / "runs.jsonl").read_text().splitlines()]
+  by_key = {(r["model"], r["data_size"]): r for r in runs}
+  assert set(by_key) == {(n, d) for n in NAMES for d in (0, 200)}
+  from configs import finetune_hf
+  from lensllm_jax.training import sweep as finetune_sweep
+
+  cfg = finetune_hf.get_config(f"local:{dirs}")
+  cfg.data_files.train = str(train)
+  cfg.update(dict(overrides, subset_sizes=(200,)))
+  test = textdata.encode_examples(finetune_sweep.load_splits(cfg, tmp_path)["test"], tok,
+                                  SWEEP_LEN)
+  for name in NAMES:
+    model = checkpoints[name]["model"]
+    with torch.no_grad():
+      lp = _torch_token_log_probs(model, test.input_ids, test.attention_mask, test.targets)
+      nll = float(-(lp * torch.as_tensor(test.loss_mask)).sum() / test.loss_mask.sum())
+    zero_shot, tuned = by_key[(name, 0)], by_key[(name, 200)]
+    assert zero_shot["test_loss"] == pytest.approx(nll, rel=1e-5), name
+    assert zero_shot["size"] == sum(p.numel() for p in model.parameters()), name
+    assert tuned["steps"] > 0 and tuned["test_loss"] < zero_shot["test_loss"], name
