@@ -72,7 +72,8 @@ def numpy_rectified_objective(raw, log_d, y):
 
 def time_engine(law, d, y, key):
   """(compile seconds, best run seconds, FitResult)."""
-  kwargs = dict(key=key, num_restarts=_NUM_RESTARTS.value, optimizer=_OPTIMIZER.value)
+  kwargs = dict(key=key, num_restarts=_NUM_RESTARTS.value,
+                options=fitting.FitOptions(optimizer=_OPTIMIZER.value))
   t0 = time.perf_counter()
   result = fitting.fit_curves(law, d, y, **kwargs)
   first = time.perf_counter() - t0

@@ -58,7 +58,7 @@ from experiments import build_zoo as bz
 from experiments import common, hessian_common, study_report
 from lensllm_jax import models, rundir, selection, training
 from lensllm_jax.curves import benchmarks
-from lensllm_jax.laws import phases
+from lensllm_jax.laws import fitting, phases
 from lensllm_jax.selection import budgeted, methods, metrics
 from lensllm_jax.theory import hessian, nlp_metrics, ntk, pac_bayes
 from lensllm_jax.training import study_tasks, textdata
@@ -349,7 +349,7 @@ def selection_step(cfg, task: str, curves, aux, alphas):
   ratios = [int(r) for r in cfg.selection.ratios]
   views = [selection.visible_view(curves, target / r) for r in ratios]
   key = jax.random.key(cfg.selection.seed)
-  opts = {"max_steps": int(cfg.selection.max_steps)}
+  opts = fitting.FitOptions(max_steps=int(cfg.selection.max_steps))
   results = {r: {} for r in ratios}
   for name in selection.DETERMINISTIC_METHODS:
     for r, v in zip(ratios, views, strict=True):
@@ -399,7 +399,7 @@ def budgeted_step(cfg, task: str, curves) -> list[dict]:
   res = budgeted.budgeted_selection(
       curves, levels, key=jax.random.key(cfg.selection.seed + 1), method="LensLLM",
       max_data_num=dmax, num_restarts=int(cfg.selection.num_restarts),
-      fit_options={"max_steps": int(cfg.selection.max_steps)}, target_data_num=target)
+      fit_options=fitting.FitOptions(max_steps=int(cfg.selection.max_steps)), target_data_num=target)
   truth = curves.column(target)
   full = budgeted.full_tuning_flops(curves.sizes, target)
   rows = []

@@ -39,7 +39,7 @@ from absl import app, flags, logging
 from experiments import common
 from lensllm_jax import selection
 from lensllm_jax.curves import benchmarks
-from lensllm_jax.laws import dynamic_law
+from lensllm_jax.laws import dynamic_law, fitting
 from lensllm_jax.plus import protocol
 from lensllm_jax.theory import ntk
 
@@ -76,7 +76,7 @@ def task_results(cfg, curves, aux, methods=METHODS) -> dict:
   meta, _, rv = protocol.budget_views(curves, ratios, target)
   views = [v for _, v in rv]
   key = jax.random.key(cfg.selection.seed)
-  opts = {"max_steps": int(cfg.selection.max_steps)}
+  opts = fitting.FitOptions(max_steps=int(cfg.selection.max_steps))
   restarts = int(cfg.selection.num_restarts)
   tr = cfg.train
   steps = functools.partial(dynamic_law.study_steps, batch_size=int(tr.batch_size),

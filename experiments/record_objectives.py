@@ -29,6 +29,7 @@ Curve files: the public flan and gigaword files shipped in lensllm_jax/data.
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import sys
 import tempfile
@@ -40,6 +41,7 @@ from configs import selection as selection_config
 from experiments import common
 from experiments import reproduce_selection as protocol
 from lensllm_jax import selection
+from lensllm_jax.laws import fitting
 
 ENGINE_LABEL = "damped Newton (fitting.py before issue 17)"
 
@@ -55,7 +57,9 @@ def record(specs, data_dir) -> dict:
                        fit_options=fit_options, min_curves=min_curves, **kwargs)
     if "uniforms" in kwargs:
       return results  # a budgeted per-(model, prefix) fit: not recorded (module docstring)
-    if kwargs or (fit_options or {}).keys() - {"max_steps"}:
+    defaults = fitting.FitOptions()
+    if kwargs or (fit_options is not None and
+                  dataclasses.replace(fit_options, max_steps=defaults.max_steps) != defaults):
       raise ValueError(f"recording supports only max_steps fit options, got {fit_options} "
                        f"{kwargs}")
     call = len({r["call"] for r in rows})
@@ -114,8 +118,7 @@ def replay(arrays, curve_sets, fit_options=None, calls=None):
   Args:
     arrays: the recorded arrays (an opened .npz or the dict `record` returns).
     curve_sets: dict dataset name -> CurveSet of the recorded files.
-    fit_options: keyword arguments of `fitting.fit_curves` (default max_steps=500,
-      as the protocol).
+    fit_options: `fitting.FitOptions` (default: the defaults, max_steps=500 as the protocol).
     calls: optional iterable of call indices to replay (default all).
   """
   call_of = np.asarray(arrays["call"])
@@ -132,7 +135,7 @@ def replay(arrays, curve_sets, fit_options=None, calls=None):
     results = selection.run_fitted_batch(
         str(arrays["method"][first]), views, meta, key=key,
         num_restarts=int(arrays["num_restarts"][first]),
-        fit_options={"max_steps": 500, **(fit_options or {})},
+        fit_options=fit_options,
         min_curves=int(arrays["min_curves"][first]))
     for i, r in zip(rows, results, strict=True):
       out[i] = r.extras["objective"]

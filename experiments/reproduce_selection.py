@@ -42,6 +42,7 @@ from absl import flags, logging
 
 from experiments import common
 from lensllm_jax import errors, laws, rundir, selection
+from lensllm_jax.laws import fitting
 from lensllm_jax.plus import candidates
 from lensllm_jax.selection import budgeted, metrics, pooled, published
 from lensllm_jax.selection import methods as methods_lib
@@ -191,7 +192,7 @@ def result_notes(method, result, truth, fit_options) -> list[str]:
   reason = metrics.undefined_reason(result.feature, truth)
   if reason:
     notes.append(f"PearCorr and Spearman are NaN: {reason}")
-  if method in LAW_OF and method != "AtS" and int(fit_options.get("max_steps", 1)) == 0:
+  if method in LAW_OF and method != "AtS" and fit_options.max_steps == 0:
     notes.append("config.max_steps=0: the fits were not optimised (their parameters are "
                  "not optima)")
   return notes
@@ -560,7 +561,7 @@ def run(cfg, output_dir) -> pathlib.Path:
 
 def _run(cfg, out: pathlib.Path, curve_sets, methods, ratios, budget_levels, t0) -> pathlib.Path:
   key = jax.random.key(cfg.seed)
-  fit_options = {"max_steps": cfg.max_steps}
+  fit_options = fitting.FitOptions(max_steps=cfg.max_steps)
   plus = choose_plus(curve_sets, methods, cfg.protocol, out, ratios=ratios,
                      key=jax.random.fold_in(key, 2000), target_data_num=cfg.target_data_num,
                      num_restarts=cfg.num_restarts)

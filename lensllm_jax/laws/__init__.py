@@ -13,7 +13,7 @@ Every public name of these modules is re-exported here
   forms: Law, inverse_softplus, lensllm_law, rectified_law, vanilla_law, LAW_FACTORIES, get_law,
     NUM_INIT_UNIFORMS, ZERO_DATA_SIZE, VANILLA_HUBER_DELTA, uniforms_from_key, LAW_CACHE_SIZE, f_term_key,
     law_cache_size
-  fitting: AMPLITUDE_LIMIT, STATUS_NAMES, FitResult, degenerate_reason, fit_curves, initial_params,
+  fitting: AMPLITUDE_LIMIT, STATUS_NAMES, FitOptions, FitResult, degenerate_reason, fit_curves, initial_params,
     not_decreasing, TrustRegionState, scale_by_damped_newton, scale_by_gauss_newton
   phases: phase_transition, power_phase_line
   dynamic_law: ntk_dynamic_law, spectral_f, spectral_lensllm_law, study_steps
@@ -29,6 +29,7 @@ from lensllm_jax.laws.dynamic_law import (
 from lensllm_jax.laws.fitting import (
   AMPLITUDE_LIMIT,
   STATUS_NAMES,
+  FitOptions,
   FitResult,
   TrustRegionState,
   degenerate_reason,
@@ -80,6 +81,7 @@ __all__ = [
   "law_cache_size",
   "AMPLITUDE_LIMIT",
   "STATUS_NAMES",
+  "FitOptions",
   "FitResult",
   "degenerate_reason",
   "fit_curves",

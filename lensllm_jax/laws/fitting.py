@@ -50,6 +50,7 @@ parameters (never silently), and a curve with no valid point gets "no_data".
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, NamedTuple
 
@@ -60,7 +61,8 @@ import optax
 
 from lensllm_jax.laws import forms
 
-__all__ = ["AMPLITUDE_LIMIT", "STATUS_NAMES", "FitResult", "degenerate_reason", "fit_curves",
+__all__ = ["AMPLITUDE_LIMIT", "STATUS_NAMES", "FitOptions", "FitResult", "degenerate_reason",
+           "fit_curves",
            "initial_params", "not_decreasing",
            "TrustRegionState", "scale_by_damped_newton", "scale_by_gauss_newton"]
 
@@ -486,11 +488,45 @@ def _initial_params(law, d_in, y_in, valid, aux_in, key, num_restarts, uniforms=
   return _compiled_init(law, aux_in is not None)(jnp.asarray(u), d_in, y_in, valid, aux_in)
 
 
+@dataclasses.dataclass(frozen=True)
+class FitOptions:
+  """Settings of the fitting engine (`fit_curves`); the defaults are the papers' protocol.
+
+  Attributes:
+    optimizer: "auto" (`auto_optimizer`: "gauss_newton" for the Huber
+      objective, else "newton"), "newton" (`scale_by_damped_newton`, exact
+      Hessian, eigen-decomposition, trust-region style damping),
+      "newton_cholesky" (same with a Cholesky solve), "gauss_newton"
+      (Levenberg-Marquardt with IRLS weights on the residual Jacobian; on the
+      squared-error laws it can stop in worse basins, E -> 0) or "lbfgs"
+      (`optax.lbfgs` with zoom line search; same optima, ~10-20x slower here,
+      kept for comparison).
+    max_steps: step limit per restart (0: the starts, not optimised).
+    gtol: gradient tolerance on ||grad||_inf.
+    ftol, f_scale, patience: stop when |f_k - f_{k-1}| <= ftol * max(|f|, f_scale)
+      for `patience` consecutive steps.
+    memory_size: L-BFGS memory (optimizer "lbfgs").
+    queue_slots: "auto" (`auto_queue_slots`), an int (lanes advanced together
+      by the work queue) or None (one vmapped loop over all lanes). The
+      results do not depend on it (up to floating-point vectorisation).
+
+  max_steps, gtol, ftol, f_scale and patience are traced arguments: changing
+  them reuses the compiled loop. Another optimizer, memory_size or number of
+  queue slots compiles once more.
+  """
+  optimizer: str = "auto"
+  max_steps: int = 500
+  gtol: float = 1e-10
+  ftol: float = 1e-13
+  f_scale: float = 1e-12
+  patience: int = 10
+  memory_size: int = 10
+  queue_slots: int | str | None = "auto"
+
+
 def fit_curves(law: forms.Law, data_size, log_loss, mask=None, *, key: jax.Array,
                num_restarts: int = 8, aux: Any = None, init_raw=None, uniforms=None,
-               optimizer: str = "auto", max_steps: int = 500, gtol: float = 1e-10,
-               ftol: float = 1e-13, f_scale: float = 1e-12, patience: int = 10,
-               memory_size: int = 10, queue_slots: int | str | None = "auto") -> FitResult:
+               options: FitOptions | None = None) -> FitResult:
   """Fits `law` to C curves at once (float64), best of R restarts per curve.
 
   Minimises law.objective (mean squared log-loss error, or summed Huber for
@@ -512,30 +548,17 @@ def fit_curves(law: forms.Law, data_size, log_loss, mask=None, *, key: jax.Array
     uniforms: optional [C, R, laws.NUM_INIT_UNIFORMS] U(0, 1) draws of the
       law's initialiser replacing those of `key` (e.g. keyed per curve, so
       that a curve's fit does not depend on its batch; budgeted.py).
-    optimizer: "auto" (`auto_optimizer`: "gauss_newton" for the Huber
-      objective, else "newton"), "newton" (`scale_by_damped_newton`, exact
-      Hessian, eigen-decomposition, trust-region style damping),
-      "newton_cholesky" (same with a Cholesky solve), "gauss_newton"
-      (Levenberg-Marquardt with IRLS weights on the residual Jacobian; on the
-      squared-error laws it can stop in worse basins, E -> 0) or "lbfgs"
-      (`optax.lbfgs` with zoom line search; same optima, ~10-20x slower here,
-      kept for comparison).
-    max_steps: step limit per restart.
-    gtol: gradient tolerance on ||grad||_inf.
-    ftol, f_scale, patience: stop when |f_k - f_{k-1}| <= ftol * max(|f|, f_scale)
-      for `patience` consecutive steps.
-    memory_size: L-BFGS memory (optimizer "lbfgs").
-    queue_slots: "auto" (`auto_queue_slots`), an int (lanes advanced together
-      by the work queue) or None (one vmapped loop over all lanes). The
-      results do not depend on it (up to floating-point vectorisation).
+    options: the engine's settings (`FitOptions`; None: the defaults).
 
-  The controls max_steps, gtol, ftol, f_scale and patience are traced
-  arguments: changing them reuses the compiled loop. A new law object,
-  optimizer, input shape or number of queue slots compiles once more.
+  A new law object, optimizer, input shape or number of queue slots compiles
+  once more; the step controls of `FitOptions` are traced (no recompilation).
 
   Returns:
     FitResult with numpy arrays per curve.
   """
+  o = FitOptions() if options is None else options
+  if not isinstance(o, FitOptions):
+    raise TypeError(f"fit_curves: options must be a fitting.FitOptions, got {type(o).__name__}")
   with jax.enable_x64(True):
     d_in, y_in, valid, num_points, aux_in = _prepare(law, data_size, log_loss, mask, aux)
     c = d_in.shape[0]
@@ -546,17 +569,16 @@ def fit_curves(law: forms.Law, data_size, log_loss, mask=None, *, key: jax.Array
       if raw0.shape != (c, num_restarts, law.num_params):
         raise ValueError(f"init_raw shape {raw0.shape} != "
                          f"[curves {c}, restarts {num_restarts}, params {law.num_params}]")
-    if optimizer == "auto":
-      optimizer = auto_optimizer(law)
+    optimizer = auto_optimizer(law) if o.optimizer == "auto" else o.optimizer
     lanes = c * raw0.shape[1]
-    slots = auto_queue_slots(lanes) if queue_slots == "auto" else queue_slots
+    slots = auto_queue_slots(lanes) if o.queue_slots == "auto" else o.queue_slots
     if slots is not None and (int(slots) < 1 or int(slots) >= lanes):
       slots = None
-    fit = _compiled_fit(law, optimizer, int(memory_size), aux_in is not None,
+    fit = _compiled_fit(law, optimizer, int(o.memory_size), aux_in is not None,
                         None if slots is None else int(slots))
-    controls = (jnp.asarray(max_steps, jnp.int32), jnp.asarray(gtol, jnp.float64),
-                jnp.asarray(ftol, jnp.float64), jnp.asarray(f_scale, jnp.float64),
-                jnp.asarray(patience, jnp.int32))
+    controls = (jnp.asarray(o.max_steps, jnp.int32), jnp.asarray(o.gtol, jnp.float64),
+                jnp.asarray(o.ftol, jnp.float64), jnp.asarray(o.f_scale, jnp.float64),
+                jnp.asarray(o.patience, jnp.int32))
     raw, value, gnorm, steps, reason = jax.device_get(
       fit(raw0, jnp.asarray(d_in), jnp.asarray(y_in), jnp.asarray(valid), aux_in, controls))
   return _select_best(law, raw, value, gnorm, steps, reason, num_points,

@@ -383,7 +383,7 @@ def _fit_arrays(visible: VisibleCurves, use_zero_shot: bool, num_points: int, na
 
 def fit_law_views(name: str, law: laws.Law, views, metadata: Metadata, *, key: jax.Array,
                   use_zero_shot: bool, num_restarts: int = 8, aux: Any = None,
-                  fit_options: Mapping[str, Any] | None = None,
+                  fit_options: fitting.FitOptions | None = None,
                   min_curves: int = 0, uniforms=None) -> list[SelectionResult]:
   """Law-fitting selection on several views at once (one `fit_curves` call).
 
@@ -405,7 +405,7 @@ def fit_law_views(name: str, law: laws.Law, views, metadata: Metadata, *, key: j
     use_zero_shot: whether the D = 0 point enters the fit.
     num_restarts: restarts per curve (restart 0 is the published-style start).
     aux: NTK mode: per-model pytree with leading axis [M] (shared by all views).
-    fit_options: extra keyword arguments of `fitting.fit_curves`.
+    fit_options: the fitting engine's settings (`fitting.FitOptions`; None: defaults).
     min_curves: pad the batch to at least this many curves (compile reuse).
     uniforms: optional [views * M, num_restarts, laws.NUM_INIT_UNIFORMS]
       restart draws per curve replacing those of `key` (`fitting.fit_curves`).
@@ -436,7 +436,7 @@ def fit_law_views(name: str, law: laws.Law, views, metadata: Metadata, *, key: j
     reps = d.shape[0] // m + 1
     aux_all = jax.tree.map(lambda a: np.concatenate([np.asarray(a)] * reps)[:d.shape[0]], aux)
   fit = fitting.fit_curves(law, d, y, mk, key=key, num_restarts=num_restarts, aux=aux_all,
-                           uniforms=uniforms, **(fit_options or {}))
+                           uniforms=uniforms, options=fit_options)
   pred_all = law.predict(fit.raw_params, np.array([metadata.target_data_num]),
                          aux=aux_all)[:, 0]
   results = []

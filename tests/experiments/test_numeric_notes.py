@@ -21,7 +21,7 @@ from lensllm_jax.selection import metrics
 
 def _fit(law, d, losses, **kw):
   return fitting.fit_curves(law, d, np.log(losses), key=jax.random.key(0), num_restarts=2,
-                            max_steps=200, **kw)
+                            options=fitting.FitOptions(max_steps=200), **kw)
 
 
 def test_flat_and_rising_curves_are_degenerate_clean_ones_unchanged():

@@ -3,9 +3,10 @@
 import numpy as np
 
 from lensllm_jax.curves import benchmarks
+from lensllm_jax.laws import fitting
 
 # Small fits shared by every fitted test (same shapes -> one compilation per law).
-FAST = dict(num_restarts=2, fit_options={"max_steps": 150})
+FAST = dict(num_restarts=2, fit_options=fitting.FitOptions(max_steps=150))
 
 
 def synthetic_curves(num_models=7, seed=0, noise=0.0, grid_max=409600):

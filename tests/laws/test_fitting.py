@@ -106,7 +106,7 @@ def test_failures_are_reported_not_nan(synthetic):
   fn = fitting._compiled_fit(law, "newton", 10, False, fitting.auto_queue_slots(C * R))
   size = fn._cache_size()
   res2 = fitting.fit_curves(law, GRID, clean, key=jax.random.PRNGKey(0), num_restarts=R,
-                            max_steps=1)
+                            options=fitting.FitOptions(max_steps=1))
   assert fn._cache_size() == size
   assert np.all(res2.status == "max_steps") and not res2.converged.any()
   assert np.all(np.isfinite(res2.objective))
@@ -250,7 +250,7 @@ def test_work_queue_matches_one_vmapped_loop(shared_benchmarks):
   kwargs = dict(key=jax.random.PRNGKey(7), num_restarts=R)
   assert fitting.auto_queue_slots(C * R) < C * R
   queued = fitting.fit_curves(law, d, y, **kwargs)
-  plain = fitting.fit_curves(law, d, y, queue_slots=None, **kwargs)
+  plain = fitting.fit_curves(law, d, y, options=fitting.FitOptions(queue_slots=None), **kwargs)
   np.testing.assert_array_equal(queued.status, plain.status)
   both = queued.status == "converged"
   assert both.mean() > 0.9, queued.status

@@ -197,7 +197,8 @@ def test_equal_lambdas_compile_one_fit():
   y = np.log(np.array([[3.0, 2.5, 2.2, 2.0, 1.9]]))
   aux = np.ones((1, 1))
   fit = lambda: fitting.fit_curves(laws.lensllm_law(_scaled_f_term(11.0)), d, y,  # noqa: E731
-                                   key=jax.random.key(0), num_restarts=2, aux=aux, max_steps=3)
+                                   key=jax.random.key(0), num_restarts=2, aux=aux,
+                                   options=fitting.FitOptions(max_steps=3))
   fit()
   traced = len(_TRACES)
   fit()

@@ -210,7 +210,7 @@ def test_stated_interval_covers_truth(method):
   # The near-L1 Huber objective converges slowly: more restarts and steps.
   huber = law.loss == "huber"
   fit = fitting.fit_curves(law, d, y, mask, key=jax.random.key(0), num_restarts=4 if huber else 2,
-                           max_steps=1000 if huber else 200)
+                           options=fitting.FitOptions(max_steps=1000 if huber else 200))
   pool = np.arange(_COVERAGE_CURVES) // 10
   sd = budgeted.laplace_log_sd(law, fit.raw_params, d, mask, y, _COVERAGE_TARGET, pool=pool)
   pred = np.log(law.predict(fit.raw_params, np.array([_COVERAGE_TARGET])))[:, 0]

@@ -38,7 +38,8 @@ def _synthetic(seed, num_models=12, noise=0.01, grid=None):
 
 def _independent(d, y, key):
   law = laws.lensllm_law()
-  fit = fitting.fit_curves(law, d, y, key=key, num_restarts=4, max_steps=200)
+  fit = fitting.fit_curves(law, d, y, key=key, num_restarts=4,
+                           options=fitting.FitOptions(max_steps=200))
   return fit.raw_params
 
 
@@ -143,7 +144,8 @@ def test_strength_zero_keeps_independent_fit():
   """strength 0 decouples the models: LM from the independent optimum stays there."""
   d, y, _ = _synthetic(5)  # same shapes as above: compiled code is reused
   law = laws.lensllm_law()
-  fit0 = fitting.fit_curves(law, d, y, key=jax.random.key(0), num_restarts=4, max_steps=200)
+  fit0 = fitting.fit_curves(law, d, y, key=jax.random.key(0), num_restarts=4,
+                            options=fitting.FitOptions(max_steps=200))
   fit = pooled.fit_pooled(fit0.raw_params[None], d[None], y[None], np.ones((1,) + y.shape, bool),
                           [pooled.PooledConfig(strength=0.0)], covariates=np.ones((12, 3)))
   # fit_curves minimises the MEAN squared residual per curve; ours is the sum.
@@ -170,7 +172,7 @@ def test_method_reads_only_the_visible_budget(shared_benchmarks):
   cfg = pooled.PooledConfig(strength=1.0, empirical_bayes=True, pooled=("beta", "E"),
                             pre_power_weight=0.1, huber_delta=1.345, huber_relative=True)
   kw = {"key": jax.random.key(0), "config": cfg, "num_restarts": 2,
-        "fit_options": {"max_steps": 100}}
+        "fit_options": fitting.FitOptions(max_steps=100)}
   a = pooled.lensllm_plus(selection.visible_view(small, dmax), meta, **kw)
   # Through the selection registry (same method, same settings).
   b = methods.run_method("LensLLM+", selection.visible_view(poisoned, dmax), meta, **kw)
@@ -274,7 +276,7 @@ def test_pooled_fit_and_backtest_do_without_the_zero_shot_point():
                                 pooled.view_covariates(views[1], meta, False))
   cfg = pooled.PooledConfig(strength=1e-3, pooled=("beta", "E"), covariates="size", backtest=2)
   res = pooled.pooled_selection(views, meta, [cfg], key=jax.random.key(0), num_restarts=2,
-                                fit_options={"max_steps": 200})
+                                fit_options=fitting.FitOptions(max_steps=200))
   true_star = laws.lensllm_law().predict(truth["raw"], [D_STAR])[:, 0]
   for row in res:
     assert row[0].extras["strength"] in pooled.BACKTEST_STRENGTHS  # the backtest ran

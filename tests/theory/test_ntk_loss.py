@@ -134,7 +134,7 @@ def test_joint_fit_with_lensllm_law_recovers_parameters():
   dd = np.where(d > 0, d, 1e-10)
   loss = truth["B"][:, None] / (f_true[:, None] + dd ** truth["beta"][:, None]) + truth["E"][:, None]
   res = fitting.fit_curves(law, d, np.log(loss), key=jax.random.key(0), num_restarts=8, aux=aux,
-                           max_steps=2000)
+                           options=fitting.FitOptions(max_steps=2000))
   assert np.all(res.objective < 1e-12), res.objective
   for name in ("B", "beta", "E", "t"):
     np.testing.assert_allclose(res.params[name], truth[name], rtol=2e-3, err_msg=name)
