@@ -7,9 +7,9 @@ seeded synthetic curve file of M models on the public grid (D = 0, 200, ...,
 1638400; rectified-law curves B / (D_l + D^beta) + E with 1 % log-normal
 noise) and runs `experiments.reproduce_selection` with the default config
 (`configs/selection.py`: the seven methods at the seven budget ratios, the
-budgeted procedure at four levels; figures off; config.threads = --threads) in a fresh process, whose
-progress lines pass through. Prints per M the wall and CPU time, the peak
-resident memory of that process and each as a ratio to the reference run
+budgeted procedure at four levels; figures off; config.threads = --threads) as a
+child process, whose progress lines pass through. Prints per M the wall and CPU
+time (interpreter start and imports included), the peak resident memory of that process and each as a ratio to the reference run
 (linear growth: the time and memory ratios equal the model-count ratio;
 memory has a fixed part, the interpreter and compiled programs), and the
 load average (wall times on a shared machine depend on it).
@@ -17,10 +17,8 @@ load average (wall times on a shared machine depend on it).
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
-import resource
 import shutil
 import subprocess
 import sys
@@ -38,7 +36,6 @@ _THREADS = flags.DEFINE_integer(
     "threads", 1, "config.threads of the protocol (0: one per core). Default 1: with 2 threads "
     "the 500-model run hung (two XLA executions blocked in BlockUntilReady, no CPU used for "
     "10 min; jaxlib 0.10.2, 2 shared cores).")
-_CHILD = flags.DEFINE_string("child", "", "Internal: run one protocol on this file.")
 
 
 def synthetic_file(path: pathlib.Path, num_models: int, seed: int = 0) -> None:
@@ -58,27 +55,27 @@ def synthetic_file(path: pathlib.Path, num_models: int, seed: int = 0) -> None:
       path)
 
 
-def child(path: str, out: str) -> None:
-  """One protocol run; prints {"seconds", "cpu_seconds", "peak_rss_mib"} as its last stdout
-  line (CPU time: less sensitive than wall time to other jobs on a shared machine)."""
-  from configs import selection as selection_config
-  from experiments import reproduce_selection
-
-  cfg = selection_config.get_config()
-  cfg.update(benchmarks=(path,), figures=False, threads=_THREADS.value)
+def run_protocol(path: pathlib.Path, out: pathlib.Path) -> dict:
+  """`python -m experiments.reproduce_selection` on one file as a child process (its progress
+  lines pass through): {"seconds": wall, "cpu_seconds", "peak_rss_mib"} of that process
+  (CPU time: less sensitive than wall time to other jobs on a shared machine)."""
+  args = [sys.executable, "-m", "experiments.reproduce_selection",
+          "--config=configs/selection.py", f"--config.benchmarks=('{path}',)",
+          "--config.figures=False", f"--config.threads={_THREADS.value}",
+          f"--output_dir={out}", f"--compilation_cache_dir={flags.FLAGS.compilation_cache_dir}"]
   t = time.perf_counter()
-  reproduce_selection.run(cfg, out)
+  proc = subprocess.Popen(args)
+  _, status, usage = os.wait4(proc.pid, 0)
   seconds = time.perf_counter() - t
-  usage = resource.getrusage(resource.RUSAGE_SELF)
-  print(json.dumps({"seconds": seconds, "cpu_seconds": usage.ru_utime + usage.ru_stime,
-                    "peak_rss_mib": usage.ru_maxrss / 1024}), flush=True)  # KiB on Linux
+  proc.returncode = os.waitstatus_to_exitcode(status)
+  if proc.returncode:
+    raise RuntimeError(f"reproduce_selection on {path} exited {proc.returncode}")
+  return {"seconds": seconds, "cpu_seconds": usage.ru_utime + usage.ru_stime,
+          "peak_rss_mib": usage.ru_maxrss / 1024}  # KiB on Linux
 
 
 def main(argv):
   del argv
-  if _CHILD.value:
-    child(_CHILD.value, str(pathlib.Path(_CHILD.value).with_suffix("")) + "_out")
-    return
   work = pathlib.Path(_WORKDIR.value)
   work.mkdir(parents=True, exist_ok=True)
   rows = []
@@ -90,24 +87,18 @@ def main(argv):
       shutil.rmtree(out)
     logging.info("M=%d: %s (%.1f MB); running the default protocol ...", m, path,
                  path.stat().st_size / 1e6)
-    t = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "experiments.bench_large_file",
-                           f"--child={path}", f"--threads={_THREADS.value}",
-                           f"--compilation_cache_dir={flags.FLAGS.compilation_cache_dir}"],
-                          stdout=subprocess.PIPE, text=True, check=True)
-    wall = time.perf_counter() - t
-    stats = json.loads(proc.stdout.strip().splitlines()[-1])
-    rows.append((m, stats["seconds"], stats["cpu_seconds"], wall, stats["peak_rss_mib"]))
-    logging.info("M=%d: protocol %.1f s wall, %.1f s CPU (process %.1f s), peak RSS %.0f MiB; "
-                 "load average %s", m, stats["seconds"], stats["cpu_seconds"], wall,
+    stats = run_protocol(path, out)
+    rows.append((m, stats["seconds"], stats["cpu_seconds"], stats["peak_rss_mib"]))
+    logging.info("M=%d: protocol process %.1f s wall, %.1f s CPU, peak RSS %.0f MiB; "
+                 "load average %s", m, stats["seconds"], stats["cpu_seconds"],
                  stats["peak_rss_mib"], " ".join(f"{x:.1f}" for x in os.getloadavg()))
-  m0, s0, c0, _, r0 = rows[0]
+  m0, s0, c0, r0 = rows[0]
   print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-  print("| models | protocol wall s | CPU s | process wall s | peak RSS MiB | models / ref | "
-        "wall / ref | CPU / ref | RSS / ref |")
-  print("|---|---|---|---|---|---|---|---|---|")
-  for m, s, c, wall, rss in rows:
-    print(f"| {m} | {s:.1f} | {c:.1f} | {wall:.1f} | {rss:.0f} | {m / m0:.1f} | {s / s0:.2f} | "
+  print("| models | process wall s | CPU s | peak RSS MiB | models / ref | wall / ref | "
+        "CPU / ref | RSS / ref |")
+  print("|---|---|---|---|---|---|---|---|")
+  for m, s, c, rss in rows:
+    print(f"| {m} | {s:.1f} | {c:.1f} | {rss:.0f} | {m / m0:.1f} | {s / s0:.2f} | "
           f"{c / c0:.2f} | {rss / r0:.2f} |")
 
 

@@ -11,183 +11,29 @@ Steps (each skipped when its output exists, so a rerun resumes):
                      init for its pretrain_steps on the chunks (causal LM);
      zoo.jsonl       one line per finished model: config, params, losses, seconds
 
-`experiments.lensllm_study` runs these steps first; this binary runs them alone.
+The steps are `lensllm_jax.training.zoo_build.build_zoo`, which `experiments.lensllm_study`
+runs first; this binary runs them alone.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import json
-import os
 import pathlib
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 from absl import flags, logging
 
 from experiments import common  # also defines --compilation_cache_dir
-from lensllm_jax import models, rundir, training
-from lensllm_jax.training import textdata, zoo
+from lensllm_jax import models, rundir
+from lensllm_jax.training.zoo_build import build_zoo
 
 FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
-  """The flags of the zoo binary and of experiments.lensllm_study (which adds its own);
-  defined only when one of them runs as a program."""
+  """--config and --workdir; defined only when the binary runs as a program."""
   common.define_config_file("configs/study.py:tiny",
                             "Study configuration (configs/study.py:tiny or :full).")
   flags.DEFINE_string("workdir", None, "Work directory (default: config.workdir).")
-
-
-def log(msg: str) -> None:
-  logging.info("%s", msg)
-
-
-def write_atomic(path: pathlib.Path, text: str) -> None:
-  tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(text)
-  os.replace(tmp, path)
-
-
-def read_jsonl(path: pathlib.Path) -> list[dict]:
-  if not path.exists():
-    return []
-  out = []
-  for i, line in enumerate(path.read_text().splitlines()):
-    if line.strip():
-      try:
-        out.append(json.loads(line))
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path} line {i + 1}: not JSON ({e}); delete the line to redo "
-                         "that step") from None
-  return out
-
-
-def append_jsonl(path: pathlib.Path, rec: dict) -> None:
-  with open(path, "a") as f:
-    f.write(json.dumps(rec) + "\n")
-    f.flush()
-    os.fsync(f.fileno())
-
-
-# ---------------------------------------------------------------------------
-# Step 1: corpus.
-
-
-def corpus_step(cfg, workdir: pathlib.Path) -> zoo.Corpus:
-  path = workdir / "corpus.json"
-  if path.exists():
-    return zoo.Corpus.from_json(path.read_text())
-  t0 = time.time()
-  corpus = zoo.build_corpus(max_files=cfg.corpus.max_files,
-                            pretrain_fraction=cfg.corpus.pretrain_fraction,
-                            chunk_chars=cfg.corpus.chunk_chars, log_every=200)
-  write_atomic(path, corpus.to_json())
-  log(f"corpus: Python {corpus.python}, {len(corpus.pretrain_files)} pre-training files "
-      f"({len(corpus.pretrain_texts)} chunks, "
-      f"{sum(map(len, corpus.pretrain_texts)) / 1e6:.1f}M chars), {len(corpus.task_files)} "
-      f"task files ({len(corpus.functions)} functions), {len(corpus.skipped)} skipped, "
-      f"{time.time() - t0:.1f}s")
-  return corpus
-
-
-# ---------------------------------------------------------------------------
-# Step 2: tokenizer.
-
-
-def tokenizer_step(cfg, workdir: pathlib.Path, corpus: zoo.Corpus):
-  path = workdir / "tokenizer.json"
-  if path.exists():
-    return models.load_tokenizer(path)
-  tok = textdata.train_tokenizer(list(corpus.pretrain_texts), vocab_size=cfg.tokenizer_vocab)
-  tok.save(str(path))
-  log(f"tokenizer: vocab {tok.get_vocab_size()}")
-  return tok
-
-
-# ---------------------------------------------------------------------------
-# Step 3: pre-training.
-
-
-@functools.cache
-def apply_fn_for(config: models.ModelConfig):
-  """One apply function per config, so models of equal shape share compilations."""
-  return training.causal_lm_apply(models.build(config))
-
-
-@dataclasses.dataclass
-class ZooModel:
-  spec: zoo.ZooSpec
-  config: models.ModelConfig
-  params: object
-  size: int
-
-  @property
-  def apply_fn(self):
-    return apply_fn_for(self.config)
-
-
-def model_max_len(cfg) -> int:
-  return max([cfg.pretrain_max_len] + [int(v) for v in cfg.task_max_len.to_dict().values()])
-
-
-def pretrain_step(cfg, workdir: pathlib.Path, corpus: zoo.Corpus, tok) -> list[ZooModel]:
-  """Pre-trains (or loads) every zoo model; returns them in config order."""
-  specs = zoo.zoo_from_dicts([dict(r) for r in cfg.zoo])
-  manifest = workdir / "zoo.jsonl"
-  done = {r["name"]: r for r in read_jsonl(manifest)}
-  corpus_data = None
-  out = []
-  for i, spec in enumerate(specs):
-    config = zoo.model_config(spec, tok.get_vocab_size(), model_max_len(cfg))
-    params = models.init_params(config, jax.random.key(spec.init_seed))
-    path = workdir / "zoo" / spec.name
-    if spec.name in done and path.exists():
-      params = training.load_params(str(path), params)
-    else:
-      if corpus_data is None:
-        corpus_data = textdata.encode_examples([("", t) for t in corpus.pretrain_texts], tok,
-                                               cfg.pretrain_max_len)
-      t0 = time.time()
-      losses = []
-      if spec.pretrain_steps:
-        pcfg = training.TrainConfig(max_steps=spec.pretrain_steps, **cfg.pretrain.to_dict())
-        params, losses = training.pretrain(apply_fn_for(config), params, corpus_data, pcfg)
-        params = training.as_numpy(params)
-      if path.exists():
-        import shutil
-        shutil.rmtree(path)
-      training.save_params(str(path), params)
-      sec = time.time() - t0
-      tail = losses[-20:] if losses else [float("nan")]
-      rec = {"name": spec.name, "family": spec.family, **dataclasses.asdict(spec),
-             "size": models.count_params(params), "final_train_loss": float(np.mean(tail)),
-             "first_train_loss": float(losses[0]) if losses else float("nan"),
-             "seconds": sec, "tokens": spec.pretrain_steps * cfg.pretrain.batch_size
-             * cfg.pretrain_max_len}
-      append_jsonl(manifest, rec)
-      done[spec.name] = rec
-      log(f"zoo [{i + 1}/{len(specs)}] {spec.name}: {rec['size']} params, "
-          f"{spec.pretrain_steps} steps, loss {rec['first_train_loss']:.3f} -> "
-          f"{rec['final_train_loss']:.3f} ({sec:.1f}s, "
-          f"{spec.pretrain_steps / max(sec, 1e-9):.1f} steps/s)")
-    # Same array type for every model (pre-trained, loaded or fresh): equal
-    # shapes then share every compiled function.
-    params = jax.tree.map(jnp.asarray, training.as_numpy(params))
-    out.append(ZooModel(spec, config, params, models.count_params(params)))
-  return out
-
-
-def build_zoo(cfg, workdir: pathlib.Path):
-  """Steps 1-3: (corpus, tokenizer, [ZooModel])."""
-  workdir.mkdir(parents=True, exist_ok=True)
-  corpus = corpus_step(cfg, workdir)
-  tok = tokenizer_step(cfg, workdir, corpus)
-  return corpus, tok, pretrain_step(cfg, workdir, corpus, tok)
 
 
 def main(argv):
@@ -197,7 +43,7 @@ def main(argv):
   t0 = time.time()
   with rundir.directory_lock(rundir.prepare_directory(workdir)):  # one writer per workdir
     _, _, zoo_models = build_zoo(cfg, workdir)
-  log(f"zoo of {len(zoo_models)} models in {workdir} ({time.time() - t0:.1f}s)")
+  logging.info("%s", f"zoo of {len(zoo_models)} models in {workdir} ({time.time() - t0:.1f}s)")
 
 
 if __name__ == "__main__":

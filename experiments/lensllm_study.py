@@ -5,7 +5,7 @@ r"""End-to-end LensLLM study on a zoo pre-trained here.
 
 Steps (resumable: finished work is read back from --workdir and skipped):
 
-  1-3. zoo        corpus, tokenizer, pre-trained models (experiments.build_zoo)
+  1-3. zoo        corpus, tokenizer, pre-trained models (lensllm_jax.training.zoo_build)
   4.   sweeps     one sweep of the fine-tuning binary (experiments.finetune_sweep,
                   `sweep_model`) per task in workdir/sweeps/<task>: zero-shot test
                   loss, then fine-tuning on nested subsets D (early stopping on the
@@ -52,24 +52,26 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import flags
+from absl import flags, logging
 
-from experiments import build_zoo as bz
-from experiments import common, hessian_common, study_report
+from experiments import common, hessian_common, reporting
 from lensllm_jax import models, rundir, selection, training
 from lensllm_jax.curves import benchmarks
 from lensllm_jax.laws import fitting, phases
 from lensllm_jax.selection import budgeted, methods, metrics
 from lensllm_jax.theory import hessian, nlp_metrics, ntk, pac_bayes
-from lensllm_jax.training import study_tasks, textdata
+from lensllm_jax.training import study_tasks, textdata, zoo_build
 from lensllm_jax.training import sweep as fs
 
 FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
-  """--config and --workdir (those of experiments.build_zoo), --output_dir, --skip_figures."""
-  bz.define_flags()
+  """--config and --workdir (as experiments.build_zoo), --output_dir, --skip_figures,
+  --kernels_only."""
+  common.define_config_file("configs/study.py:tiny",
+                            "Study configuration (configs/study.py:tiny or :full).")
+  flags.DEFINE_string("workdir", None, "Work directory (default: config.workdir).")
   flags.DEFINE_string("output_dir", None, "Results directory (default: config.output_dir).")
   flags.DEFINE_bool("skip_figures", False, "Do not draw PNG figures.")
   flags.DEFINE_bool("kernels_only", False,
@@ -77,7 +79,9 @@ def define_flags() -> None:
                     "ntk_eigenpairs.csv (no fine-tuning; checked against an existing "
                     "ntk_spectra.csv in --output_dir).")
 
-log = bz.log
+
+def log(msg: str) -> None:
+  logging.info("%s", msg)
 
 
 # ---------------------------------------------------------------------------
@@ -165,7 +169,7 @@ def hessian_fn_for(config: models.ModelConfig, top_iters: int, pac_iters: int,
   return fn
 
 
-def hessian_quantities(cfg, m: bz.ZooModel, params, train: textdata.TokenizedData,
+def hessian_quantities(cfg, m: zoo_build.ZooModel, params, train: textdata.TokenizedData,
                        idx: np.ndarray, key) -> dict:
   """Top Hessian eigenvalue of the training loss and the per-layer PAC-Bayes quantities.
 
@@ -243,7 +247,7 @@ def run_task_sweep(cfg, task, scfg, sdir, runs, corpus, tok, zoo_models, progres
 def run_row(rec: dict) -> dict:
   """One runs.csv row: the scalar fields of a sweep record (no history, kernels or layers)."""
   row = {k: v for k, v in rec.items() if k not in ("history", "ntk", "pac_layers")}
-  row["kernel_distance"] = study_report.kernel_distance(rec)
+  row["kernel_distance"] = reporting.kernel_distance(rec)
   row["ntk_trace"] = rec["ntk"]["trace"] if "ntk" in rec else float("nan")
   return row
 
@@ -328,7 +332,7 @@ def kernels_step(cfg, workdir: pathlib.Path, out: pathlib.Path, corpus, tok, zoo
                          f"{[float(ref[k]) for k in bad]}: not the study's pre-trained models")
     rows += eigenpair_rows(task, zoo_models, aux)
   out.mkdir(parents=True, exist_ok=True)
-  study_report.write_csv(out / "ntk_eigenpairs.csv", rows)
+  reporting.write_csv(out / "ntk_eigenpairs.csv", rows)
   log(f"kernels: {out / 'ntk_eigenpairs.csv'} ({len(old)} spectra checked)")
 
 
@@ -369,7 +373,7 @@ def selection_step(cfg, task: str, curves, aux, alphas):
   sel_rows, rmse_rows, cost_rows = [], [], []
   for r in ratios:
     dmax = target / r
-    for name in study_report.ALL_METHODS:
+    for name in reporting.ALL_METHODS:
       res = results[r][name]
       vals = {**metrics.selection_scores(res, truth), "chosen": curves.models[res.chosen]}
       for k, val in vals.items():
@@ -380,13 +384,13 @@ def selection_step(cfg, task: str, curves, aux, alphas):
       cost_rows.append({"task": task, "ratio": r, "max_data_num": int(dmax), "method": name,
                         "flops_per_token": flops, "relative_to_full": relative,
                         "RelAcc": vals["RelAcc"], "PearCorr": vals["PearCorr"]})
-      if name in study_report.LAW_NAMES:
+      if name in reporting.LAW_NAMES:
         per_model, pooled = common.heldout_rmse(res, curves, dmax, target)
         rmse_rows.append({"task": task, "ratio": r, "max_data_num": int(dmax),
-                          "law": study_report.LAW_NAMES[name], "model": "ALL", "rmse": pooled})
+                          "law": reporting.LAW_NAMES[name], "model": "ALL", "rmse": pooled})
         for mi, val in enumerate(per_model):
           rmse_rows.append({"task": task, "ratio": r, "max_data_num": int(dmax),
-                            "law": study_report.LAW_NAMES[name], "model": curves.models[mi], "rmse": val})
+                            "law": reporting.LAW_NAMES[name], "model": curves.models[mi], "rmse": val})
   return sel_rows, rmse_rows, cost_rows, results
 
 
@@ -432,7 +436,7 @@ def transition_of(curves) -> np.ndarray:
 
 def report_step(cfg, workdir, out: pathlib.Path, all_runs, zoo_models, t_start) -> None:
   out.mkdir(parents=True, exist_ok=True)
-  manifest = {r["name"]: r for r in bz.read_jsonl(workdir / "zoo.jsonl")}
+  manifest = {r["name"]: r for r in zoo_build.read_jsonl(workdir / "zoo.jsonl")}
   alphas = nlp_alpha(zoo_models)
   target = max(cfg.subset_sizes)
   (sel_rows, rmse_rows, cost_rows, run_rows, pac_rows, spec_rows, eig_rows, phase_rows,
@@ -449,7 +453,7 @@ def report_step(cfg, workdir, out: pathlib.Path, all_runs, zoo_models, t_start) 
     spec_rows += [spectrum_row(task, m.spec.name, aux[0][i], aux[1][i], aux[2][i])
                   for i, m in enumerate(zoo_models)]
     eig_rows += eigenpair_rows(task, zoo_models, aux)
-    log(f"selection {task}: {len(study_report.ALL_METHODS)} methods x {len(cfg.selection.ratios)} budgets")
+    log(f"selection {task}: {len(reporting.ALL_METHODS)} methods x {len(cfg.selection.ratios)} budgets")
     t0 = time.time()
     s, r, c, results = selection_step(cfg, task, curves, aux, alphas)
     log(f"selection {task} done ({time.time() - t0:.1f}s)")
@@ -465,7 +469,7 @@ def report_step(cfg, workdir, out: pathlib.Path, all_runs, zoo_models, t_start) 
       zoo_rows[i][f"{task}_final"] = float(curves.losses[i, -1])
       row = {"task": task, "model": m.spec.name, "transition_D": int(transition[i])}
       at = {"first": min(cfg.subset_sizes), "transition": int(transition[i]), "last": target}
-      for short, get in (("kd", study_report.kernel_distance),
+      for short, get in (("kd", reporting.kernel_distance),
                          ("hess", lambda r: r.get("hessian_top", float("nan"))),
                          ("pac", lambda r: r.get("pac_sum_sqrt", float("nan")))):
         for where, d in at.items():
@@ -481,18 +485,18 @@ def report_step(cfg, workdir, out: pathlib.Path, all_runs, zoo_models, t_start) 
         "best_final": curves.models[int(np.argmin(curves.losses[:, -1]))],
         "phase_rows": [p for p in phase_rows if p["task"] == task]}
     if not FLAGS.skip_figures:
-      study_report.figures(cfg, out, task, curves, runs, results, transition)
-  study_report.write_csv(out / "zoo.csv", zoo_rows)
-  study_report.write_csv(out / "runs.csv", run_rows)
-  study_report.write_csv(out / "pac_bayes_layers.csv", pac_rows)
-  study_report.write_csv(out / "ntk_spectra.csv", spec_rows)
-  study_report.write_csv(out / "ntk_eigenpairs.csv", eig_rows)
-  study_report.write_csv(out / "selection.csv", sel_rows)
-  study_report.write_csv(out / "rmse.csv", rmse_rows)
-  study_report.write_csv(out / "cost.csv", cost_rows)
-  study_report.write_csv(out / "budgeted.csv", budget_rows)
-  study_report.write_csv(out / "phases.csv", phase_rows)
-  (out / "summary.md").write_text(study_report.summary_md(cfg, zoo_rows, run_rows, task_info, sel_rows,
+      reporting.study_figures(cfg, out, task, curves, runs, results, transition)
+  reporting.write_csv(out / "zoo.csv", zoo_rows)
+  reporting.write_csv(out / "runs.csv", run_rows)
+  reporting.write_csv(out / "pac_bayes_layers.csv", pac_rows)
+  reporting.write_csv(out / "ntk_spectra.csv", spec_rows)
+  reporting.write_csv(out / "ntk_eigenpairs.csv", eig_rows)
+  reporting.write_csv(out / "selection.csv", sel_rows)
+  reporting.write_csv(out / "rmse.csv", rmse_rows)
+  reporting.write_csv(out / "cost.csv", cost_rows)
+  reporting.write_csv(out / "budgeted.csv", budget_rows)
+  reporting.write_csv(out / "phases.csv", phase_rows)
+  (out / "summary.md").write_text(reporting.study_summary_md(cfg, zoo_rows, run_rows, task_info, sel_rows,
                                              rmse_rows, cost_rows, budget_rows,
                                              time.time() - t_start))
   log(f"report: {out}")
@@ -511,7 +515,7 @@ def run(cfg, workdir: pathlib.Path, out: pathlib.Path) -> None:
   """The zoo, the sweeps and the report (workdir locked by `main`)."""
   t0 = time.time()
   log(f"study preset {cfg.preset}: workdir {workdir}, output {out}")
-  corpus, tok, zoo_models = bz.build_zoo(cfg, workdir)
+  corpus, tok, zoo_models = zoo_build.build_zoo(cfg, workdir)
   log(f"zoo ready: {len(zoo_models)} models ({time.time() - t0:.1f}s)")
   if FLAGS.kernels_only:
     kernels_step(cfg, workdir, out, corpus, tok, zoo_models)

@@ -2,9 +2,9 @@ r"""Records the objective of every law fit the selection protocol makes (a test 
 
     python -m experiments.record_objectives [tests/data/objectives_reference.npz]
 
-Runs `experiments.reproduce_selection.run` (configs/selection.py: default
-methods, budgeted procedure on, figures off, into a temporary directory) with
-`selection.run_fitted_batch` wrapped so that every call is recorded: the
+Runs `python -m experiments.reproduce_selection` (configs/selection.py: default
+methods, budgeted procedure on, figures off, into a temporary directory) in a
+child process whose `selection.run_fitted_batch` is wrapped so that every call is recorded: the
 method, the dataset, the PRNG key, `min_curves`, `num_restarts`, every
 view's budget and revealed-point mask, and the per-curve objective the fit
 reached. That covers the fixed-budget fits of VanillaFit, RectifiedFit and
@@ -29,8 +29,11 @@ Curve files: the public flan and gigaword files shipped in lensllm_jax/data.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import pathlib
+import pickle
+import subprocess
 import sys
 import tempfile
 
@@ -39,17 +42,15 @@ import numpy as np
 
 from configs import selection as selection_config
 from experiments import common
-from experiments import reproduce_selection as protocol
 from lensllm_jax import selection
 from lensllm_jax.laws import fitting
+from lensllm_jax.selection import published
 
 ENGINE_LABEL = "damped Newton (fitting.py before issue 17)"
 
 
-def record(specs, data_dir) -> dict:
-  """Runs the protocol and returns the recorded arrays (see module docstring)."""
-  rows = []
-  original = selection.run_fitted_batch
+def _recorder(original, rows: list):
+  """`original` (selection.run_fitted_batch) that also appends each view's fit to `rows`."""
 
   def recording(name, views, metadata, *, key, num_restarts=8, fit_options=None, min_curves=0,
                 **kwargs):
@@ -72,26 +73,48 @@ def record(specs, data_dir) -> dict:
                    "status": np.asarray(r.status, dtype=str)})
     return results
 
-  selection.run_fitted_batch = recording
-  try:
-    with tempfile.TemporaryDirectory() as tmp:
-      cfg = selection_config.get_config()
-      cfg.benchmarks = tuple(specs)
-      cfg.data_dir = data_dir
-      cfg.figures = False
-      protocol.run(cfg, tmp)
-    # Full curves (D_max = D*), one call per dataset and fitted method.
-    for di, curves in enumerate(common.load_all(specs, data_dir)):
-      target = common.target_of(curves, None)
-      meta = selection.metadata_of(curves, target)
-      view = selection.visible_view(curves, target)
-      for method in selection.FITTED_LAWS:
-        key = jax.random.fold_in(jax.random.key(di),
-                                 999 + selection_config.PUBLISHED_METHODS.index(method))
-        recording(method, [view], meta, key=key, min_curves=len(protocol.published.RATIOS) *
-                  len(curves.models))
-  finally:
-    selection.run_fitted_batch = original
+  return recording
+
+
+def record_in_this_process(rows_file: str) -> None:
+  """Records every `selection.run_fitted_batch` call of this process into `rows_file`
+  (pickled rows, written at exit): the hook of the child that runs the binary."""
+  rows = []
+  selection.run_fitted_batch = _recorder(selection.run_fitted_batch, rows)
+  atexit.register(lambda: pathlib.Path(rows_file).write_bytes(pickle.dumps(rows)))
+
+
+# The child: this module's hook, then the selection binary run as a program (`python -m`).
+_CHILD = """import runpy, sys
+from experiments import record_objectives
+record_objectives.record_in_this_process(sys.argv[1])
+sys.argv = ["reproduce_selection", *sys.argv[2:]]
+runpy.run_module("experiments.reproduce_selection", run_name="__main__", alter_sys=True)
+"""
+
+
+def record(specs, data_dir) -> dict:
+  """Runs the protocol and returns the recorded arrays (see module docstring)."""
+  with tempfile.TemporaryDirectory() as tmp:
+    rows_file = pathlib.Path(tmp) / "rows.pickle"
+    args = ["--config=configs/selection.py", f"--config.benchmarks={tuple(specs)!r}",
+            "--config.figures=False", f"--output_dir={tmp}/out"]
+    if data_dir:
+      args.append(f"--config.data_dir={data_dir}")
+    subprocess.run([sys.executable, "-c", _CHILD, str(rows_file), *args], check=True,
+                   cwd=pathlib.Path(__file__).resolve().parents[1])
+    rows = pickle.loads(rows_file.read_bytes())
+  # Full curves (D_max = D*), one call per dataset and fitted method.
+  recording = _recorder(selection.run_fitted_batch, rows)
+  for di, curves in enumerate(common.load_all(specs, data_dir)):
+    target = common.target_of(curves, None)
+    meta = selection.metadata_of(curves, target)
+    view = selection.visible_view(curves, target)
+    for method in selection.FITTED_LAWS:
+      key = jax.random.fold_in(jax.random.key(di),
+                               999 + selection_config.PUBLISHED_METHODS.index(method))
+      recording(method, [view], meta, key=key, min_curves=len(published.RATIOS) *
+                len(curves.models))
   curve_sets = {c.name: c for c in common.load_all(specs, data_dir)}
   revealed = []
   for r in rows:
@@ -143,7 +166,7 @@ def replay(arrays, curve_sets, fit_options=None, calls=None):
 
 
 def main(argv):
-  # No absl flags here: importing reproduce_selection defines its (required) ones.
+  # No absl flags here: the arguments are the output path only.
   if len(argv) > 2:
     raise SystemExit("usage: python -m experiments.record_objectives [OUTPUT.npz]")
   out = pathlib.Path(argv[1] if len(argv) > 1 else "tests/data/objectives_reference.npz")

@@ -40,11 +40,11 @@ import jax
 import numpy as np
 from absl import flags, logging
 
-from experiments import common
-from lensllm_jax import errors, laws, rundir, selection
+from experiments import common, reporting
+from lensllm_jax import errors, rundir, selection
 from lensllm_jax.laws import fitting
 from lensllm_jax.plus import candidates
-from lensllm_jax.selection import budgeted, metrics, pooled, published
+from lensllm_jax.selection import budgeted, metrics, pooled
 from lensllm_jax.selection import methods as methods_lib
 
 SELECTION_HEADER = ("dataset", "ratio", "max_data_num", "method", "metric", "value")
@@ -198,14 +198,6 @@ def result_notes(method, result, truth, fit_options) -> list[str]:
   return notes
 
 
-def notes_lines(out: pathlib.Path) -> list[str]:
-  """Markdown bullets of notes.csv, one per (dataset, method, note) with its ratios."""
-  grouped = {}
-  for r in common.read_rows(out / "notes.csv"):
-    grouped.setdefault((r["dataset"], r["method"], r["note"]), []).append(r["ratio"])
-  return [f"- {ds} {m} (ratios {', '.join(rs)}): {note}" for (ds, m, note), rs in grouped.items()]
-
-
 def drop_unit_rows(out: pathlib.Path, dataset: str, method: str) -> None:
   """Removes every row of one (dataset, method) unit from the CSVs before it is redone."""
   law = LAW_OF.get(method)
@@ -280,204 +272,6 @@ def lodo_rows(out: pathlib.Path, datasets, tag: str) -> list[dict]:
     r = by[(ds, st)]
     rows.append({**r, "method": f"{tag}-LODO", "setting": f"{st} (chosen on {'+'.join(others)})"})
   return rows
-
-
-# -------------------------------------------------------------- tables ---
-
-
-def _fmt(v) -> str:
-  # Rounded like the published tables: 4 decimals, then x100 with 1 decimal.
-  return "" if v is None or not np.isfinite(v) else f"{100 * round(v, 4):.1f}"
-
-
-def headline_table(out: pathlib.Path) -> str:
-  """One Markdown table: mean PearCorr and RelAcc over the ratios, per file and method (x100).
-
-  The published mean over the same ratios is in parentheses where Lin et al.
-  (2024) report every one of them.
-  """
-  rows = common.read_rows(out / "selection.csv")
-  val = {(r["dataset"], r["method"], r["metric"], int(r["ratio"])): float(r["value"])
-         for r in rows}
-  datasets = list(dict.fromkeys(r["dataset"] for r in rows))
-  methods = list(dict.fromkeys(r["method"] for r in rows))
-  cols = [(ds, metric) for ds in datasets for metric in ("PearCorr", "RelAcc")]
-  md = ["| method | " + " | ".join(f"{ds} {metric}" for ds, metric in cols) + " |",
-        "|---|" + "---|" * len(cols)]
-  for m in methods:
-    cells = []
-    for ds, metric in cols:
-      ratios = sorted(k[3] for k in val if k[:3] == (ds, m, metric))
-      if not ratios:
-        cells.append("")
-        continue
-      ours = float(np.mean([val[(ds, m, metric, r)] for r in ratios]))
-      pub = [published.published_value(ds, m, metric, r) for r in ratios]
-      cell = _fmt(ours)
-      if all(v is not None for v in pub):
-        cell += f" ({_fmt(float(np.mean(pub)))})"
-      cells.append(cell)
-    md.append(f"| {m} | " + " | ".join(cells) + " |")
-  notes = notes_lines(out)
-  if notes:
-    md += ["", "Notes (an empty cell is NaN; details in selection.md):", "", *notes]
-  return "\n".join(md)
-
-
-def selection_tables(out: pathlib.Path) -> tuple[str, str]:
-  """Markdown and LaTeX tables of selection.csv (x100), published values in parentheses."""
-  rows = common.read_rows(out / "selection.csv")
-  val = {(r["dataset"], r["method"], r["metric"], int(r["ratio"])): float(r["value"])
-         for r in rows}
-  datasets = list(dict.fromkeys(r["dataset"] for r in rows))
-  md, tex = ["# Selection results (x100; published value of Lin et al. 2024 in parentheses)",
-             ""], []
-  for metric in ("PearCorr", "RelAcc", "Spearman"):
-    for ds in datasets:
-      ratios = sorted({k[3] for k in val if k[0] == ds and k[2] == metric})
-      methods = list(dict.fromkeys(k[1] for k in val if k[0] == ds and k[2] == metric))
-      if not ratios:
-        continue
-      md += [f"## {metric}, {ds}", "",
-             "| method | " + " | ".join(f"1/{r}" for r in ratios) + " |",
-             "|---|" + "---|" * len(ratios)]
-      tex += [f"% {metric}, {ds}", "\\begin{tabular}{l" + "r" * len(ratios) + "}",
-              "\\toprule", "Method & " + " & ".join(f"1/{r}" for r in ratios) + " \\\\",
-              "\\midrule"]
-      for m in methods:
-        cells_md, cells_tex = [], []
-        for r in ratios:
-          ours = val.get((ds, m, metric, r))
-          pub = published.published_value(ds, m, metric, r)
-          c = _fmt(ours)
-          cells_md.append(c + (f" ({_fmt(pub)})" if pub is not None else ""))
-          cells_tex.append(c + (f" \\scriptsize{{({_fmt(pub)})}}" if pub is not None else ""))
-        md.append(f"| {m} | " + " | ".join(cells_md) + " |")
-        tex.append(f"{m} & " + " & ".join(cells_tex) + " \\\\")
-      md.append("")
-      tex += ["\\bottomrule", "\\end{tabular}", ""]
-  cost = common.read_rows(out / "cost.csv")
-  if cost:
-    md += ["## Compute cost (FLOPs per token = sum of 6 N D over pairs read)", "",
-           "| dataset | method | setting | relative FLOPs | RelAcc | PearCorr |",
-           "|---|---|---|---|---|---|"]
-    for r in cost:
-      md.append(f"| {r['dataset']} | {r['method']} | {r['setting']} | "
-                f"{float(r['relative_flops']):.4f} | {_fmt(float(r['RelAcc']))} | "
-                f"{_fmt(float(r['PearCorr']))} |")
-    md.append("")
-  rm = common.read_rows(out / "rmse.csv")
-  if rm:
-    md += ["## Held-out curve RMSE (loss units, pooled over models; D > D_max)", "",
-           "| dataset | law | " + " | ".join(f"D_max={d}" for d in sorted(
-               {int(r['max_data_num']) for r in rm}, reverse=True)) + " |"]
-    dmaxes = sorted({int(r["max_data_num"]) for r in rm}, reverse=True)
-    md.append("|---|---|" + "---|" * len(dmaxes))
-    pooled = {(r["dataset"], r["law"], int(r["max_data_num"])): float(r["rmse"])
-              for r in rm if r["model"] == "ALL"}
-    for ds, law in dict.fromkeys((k[0], k[1]) for k in pooled):
-      md.append(f"| {ds} | {law} | " + " | ".join(
-          f"{pooled.get((ds, law, d), float('nan')):.4f}" for d in dmaxes) + " |")
-    md.append("")
-  notes = notes_lines(out)
-  if notes:
-    md += ["## Notes (an empty cell above is NaN)", "", *notes, ""]
-  return "\n".join(md), "\n".join(tex)
-
-
-# ------------------------------------------------------------- figures ---
-
-
-def draw_figures(out: pathlib.Path, curve_sets, targets) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  rows = common.read_rows(out / "selection.csv")
-  cost = common.read_rows(out / "cost.csv")
-  fits = common.read_rows(out / "fits.csv")
-  for curves, target in zip(curve_sets, targets, strict=True):
-    ds = curves.name
-    # 1. selection vs ratio.
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, metric in zip(axes, ("PearCorr", "RelAcc"), strict=True):
-      methods = list(dict.fromkeys(r["method"] for r in rows if r["dataset"] == ds))
-      for i, m in enumerate(methods):
-        pts = sorted((int(r["ratio"]), float(r["value"])) for r in rows
-                     if r["dataset"] == ds and r["method"] == m and r["metric"] == metric)
-        if not pts:
-          continue
-        color = f"C{i % 10}"
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=color, label=m)
-        pub = [(p[0], published.published_value(ds, m, metric, p[0])) for p in pts]
-        pub = [p for p in pub if p[1] is not None]
-        if pub and target == published.TARGET_DATA_NUM:
-          ax.plot([p[0] for p in pub], [p[1] for p in pub], "x--", color=color, alpha=0.6)
-      ax.set_xscale("log", base=2)
-      ax.set_xlabel("budget ratio D*/D_max")
-      ax.set_ylabel(metric)
-      ax.set_title(f"{ds}: {metric} (solid ours, dashed published)")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / f"selection_vs_ratio_{ds}.png", dpi=110)
-    plt.close(fig)
-
-    # 2. fitted and extrapolated curves for a few models at one budget.
-    dataset_fits = [r for r in fits if r["dataset"] == ds]
-    if dataset_fits:
-      dmaxes = sorted({int(r["max_data_num"]) for r in dataset_fits})
-      dmax = dmaxes[len(dmaxes) // 2]
-      truth = curves.column(target)
-      picks = list(dict.fromkeys([int(np.argmin(truth)), int(np.argmax(truth)),
-                                  int(np.argsort(truth)[len(truth) // 2]), 0]))[:4]
-      fig, axes = plt.subplots(1, len(picks), figsize=(4 * len(picks), 3.6), squeeze=False)
-      d = np.asarray(curves.data_sizes, np.float64)
-      dd = np.geomspace(d[d > 0].min(), d.max(), 200)
-      for ax, i in zip(axes[0], picks, strict=True):
-        mname = curves.models[i]
-        ax.plot(d[d > 0], curves.losses[i, d > 0], "ko", ms=3, label="observed")
-        ax.axvline(dmax, color="gray", ls=":", label="D_max")
-        for r in dataset_fits:
-          if r["model"] != mname or int(r["max_data_num"]) != dmax:
-            continue
-          p = np.array([float(x) for x in r["params"].split()])
-          if r["method"] == "AtS":
-            ax.plot(dd, np.exp(p[0] + p[1] * np.log(dd)), "--", label="AtS line")
-            ax.axvline(p[2], color="red", ls="--", lw=0.8, label="AtS transition")
-            continue
-          law = laws.get_law(LAW_OF[r["method"]])
-          if np.all(np.isfinite(p)):
-            ax.plot(dd, law.predict(p, dd), label=r["method"])
-        ax.set_xscale("log")
-        ax.set_title(mname[-28:], fontsize=8)
-        ax.set_xlabel("D")
-      axes[0][0].set_ylabel("test loss")
-      axes[0][0].legend(fontsize=6)
-      fig.suptitle(f"{ds}: fits on D <= {dmax}, extrapolated")
-      fig.tight_layout()
-      fig.savefig(out / f"curves_{ds}.png", dpi=110)
-      plt.close(fig)
-
-    # 3. Pareto plot.
-    dc = [r for r in cost if r["dataset"] == ds]
-    if dc:
-      fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-      for ax, metric in zip(axes, ("RelAcc", "PearCorr"), strict=True):
-        methods = list(dict.fromkeys(r["method"] for r in dc))
-        for i, m in enumerate(methods):
-          pts = sorted((max(float(r["relative_flops"]), 1e-4), float(r[metric]))
-                       for r in dc if r["method"] == m)
-          style = "s-" if m.startswith("Budgeted") else "o-"
-          ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=f"C{i % 10}",
-                  label=m, ms=4)
-        ax.set_xscale("log")
-        ax.set_xlabel("FLOPs / FullTuning FLOPs (0 plotted at 1e-4)")
-        ax.set_ylabel(metric)
-        ax.set_title(f"{ds}: {metric} vs compute")
-      axes[0].legend(fontsize=7)
-      fig.tight_layout()
-      fig.savefig(out / f"pareto_{ds}.png", dpi=110)
-      plt.close(fig)
 
 
 # ---------------------------------------------------------------- main ---
@@ -585,12 +379,12 @@ def _run(cfg, out: pathlib.Path, curve_sets, methods, ratios, budget_levels, t0)
     if not set(names) <= have:
       rows = [r for r in lodo_rows(out, names, tag) if r["dataset"] not in have]
       common.append_rows(out / "cost.csv", COST_HEADER, rows)
-  md, tex = selection_tables(out)
+  md, tex = reporting.selection_tables(out)
   (out / "selection.md").write_text(md + "\n")
   (out / "selection.tex").write_text(tex + "\n")
-  (out / "headline.md").write_text(headline_table(out) + "\n")
+  (out / "headline.md").write_text(reporting.selection_headline_table(out) + "\n")
   if cfg.figures:
-    draw_figures(out, curve_sets, targets)
+    reporting.selection_figures(out, curve_sets, targets, LAW_OF)
   logging.info("done in %.1fs; outputs in %s", time.time() - t0, out)
   return out
 

@@ -148,3 +148,30 @@ def test_cycle_hidden_in_a_function_is_found(tmp_path):
   assert find_cycle(graph) == ["pkg.a", "pkg.b", "pkg.c", "pkg.a"]
   (pkg / "c.py").write_text("import numpy\n")
   assert find_cycle(import_graph(tmp_path, ("pkg",))) is None
+
+
+# The modules of experiments/ that are not binaries (docs/binaries.md): code two binaries share.
+SHARED_EXPERIMENT_MODULES = {"experiments.common", "experiments.reporting",
+                             "experiments.hessian_common"}
+
+
+def _is_binary(path: pathlib.Path) -> bool:
+  return any(isinstance(node, ast.If) and "__main__" in ast.unparse(node.test)
+             for node in ast.parse(path.read_text()).body)
+
+
+def test_binaries_import_no_other_binary():
+  """A binary imports only the shared modules of experiments/, never another binary (its
+  flags, helpers or main); the modules that are not binaries are exactly the documented ones."""
+  files = _module_files(REPO_ROOT, ("experiments",))
+  shared = {m for m, path in files.items() if m != "experiments" and not _is_binary(path)}
+  assert shared == SHARED_EXPERIMENT_MODULES
+  doc = (REPO_ROOT / "docs" / "binaries.md").read_text()
+  for m in sorted(shared):
+    assert f"experiments/{m.split('.')[-1]}.py" in doc, f"docs/binaries.md does not name {m}"
+  graph = import_graph(REPO_ROOT)
+  binaries = set(files) - shared - {"experiments"}
+  assert {"experiments.reproduce_selection", "experiments.lensllm_study"} <= binaries
+  assert "experiments.reporting" in graph["experiments.reproduce_selection"]
+  wrong = sorted(f"{m} -> {dep}" for m in files for dep in graph[m] if dep in binaries)
+  assert not wrong, "a module of experiments/ imports a binary: " + ", ".join(wrong)

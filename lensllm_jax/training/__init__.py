@@ -7,6 +7,7 @@ Modules:
   loop         Fine-tuning: optimiser, jit train/eval steps, early stopping, orbax checkpoints.
   sweep        Fine-tuning sweep runs: loss curves L(D) of several models over nested subsets.
   zoo          A model zoo pre-trained here, on text every Python installation carries.
+  zoo_build    Builds the study's model zoo in a workdir: corpus, tokenizer, pre-trained models.
   study_tasks  Downstream tasks of the LensLLM study, built from the zoo corpus (no downloads).
 
 Every public name of these modules is re-exported here
@@ -30,13 +31,15 @@ Every public name of these modules is re-exported here
     WORKDIR_MERGE, WORKDIR_IGNORE, sweep_inputs, open_workdir, bind_workdir, write_curve_file
   zoo: EXCLUDED_DIRS, stdlib_dir, stdlib_files, is_pretraining_file, FunctionRecord, parse_source,
     chunk_text, Corpus, build_corpus, FAMILIES, ZooSpec, model_config, zoo_from_dicts
+  zoo_build: write_atomic, read_jsonl, append_jsonl, corpus_step, tokenizer_step, apply_fn_for, ZooModel,
+    model_max_len, pretrain_step, build_zoo
   study_tasks: TASK_NAMES, truncate_at_line, code2name_records, translate_records, task_records,
     make_splits
 
 Names defined by several modules are re-exported from the first listed above: task_spec.
 """
 
-from lensllm_jax.training import loop, sharding, study_tasks, sweep, textdata, zoo
+from lensllm_jax.training import loop, sharding, study_tasks, sweep, textdata, zoo, zoo_build
 from lensllm_jax.training.loop import (
   ApplyFn,
   FinetuneResult,
@@ -154,6 +157,18 @@ from lensllm_jax.training.zoo import (
   stdlib_files,
   zoo_from_dicts,
 )
+from lensllm_jax.training.zoo_build import (
+  ZooModel,
+  append_jsonl,
+  apply_fn_for,
+  build_zoo,
+  corpus_step,
+  model_max_len,
+  pretrain_step,
+  read_jsonl,
+  tokenizer_step,
+  write_atomic,
+)
 
 __all__ = [
   "textdata",
@@ -161,6 +176,7 @@ __all__ = [
   "loop",
   "sweep",
   "zoo",
+  "zoo_build",
   "study_tasks",
   "Example",
   "LOCAL_BUILDERS",
@@ -267,4 +283,14 @@ __all__ = [
   "translate_records",
   "task_records",
   "make_splits",
+  "write_atomic",
+  "read_jsonl",
+  "append_jsonl",
+  "corpus_step",
+  "tokenizer_step",
+  "apply_fn_for",
+  "ZooModel",
+  "model_max_len",
+  "pretrain_step",
+  "build_zoo",
 ]

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from experiments import lensllm_plus
+from experiments import reporting
 from helpers import REPO_ROOT
 from helpers.synthetic_curves import synthetic_curves
 from lensllm_jax.curves import benchmarks
@@ -62,7 +62,7 @@ def test_bad_flag_config_curve_file_or_checkpoint(tmp_path):
         "--config.train.batch_size=0", f"--workdir={tmp_path / 'sweep'}"],
        r"config\.train\.batch_size=0: must be >= 1"),
       # The documented held-out command, offline: wmt19 is not packaged nor cached.
-      ([*shlex.split(lensllm_plus.HELD_OUT_COMMAND)[2:-1], f"--output_dir={tmp_path / 'wmt'}"],
+      ([*shlex.split(reporting.HELD_OUT_COMMAND)[2:-1], f"--output_dir={tmp_path / 'wmt'}"],
        r"benchmark 'wmt19': .*could not download .*127\.0\.0\.1:9/wmt19\.csv"),
   ]
   # No network: an empty cache and a download URL nothing listens on.
