@@ -7,8 +7,10 @@ r"""The model-selection tables of Lin et al. (2024) / Zeng et al. (2025) on the 
 gigaword), the seven published methods, the seven budget ratios
 D*/D_max = 8 ... 512 of the papers, D* = the largest D of each file, and the
 budgeted early-stopping procedure at z = 0.5, 1, 2, 4 (about 15-20 s on 2 CPU
-cores). `get_config("plus")` adds LensLLM+ chosen by leave-one-dataset-out
-(`plus.candidates.leave_one_out`, several minutes more).
+cores). `get_config("plus")` adds LensLLM+, the candidate chosen by
+leave-one-dataset-out (`plus.candidates.leave_one_out`, several minutes more);
+`--config.methods` may also name PooledLensLLM, the pooled fit alone
+(`pooled.DEFAULT_CONFIG`, untuned).
 
 Tuple fields are overridden as Python literals, e.g.
 `--config.methods="('ZeroShot','AtS')"`, `--config.ratios="(8,16)"`,
@@ -45,13 +47,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # A rerun into an output directory whose manifest (config, input sha256s, version) differs
   # is refused; True deletes the directory's results and recomputes them (lensllm_jax/rundir.py).
   c.overwrite = False
-  # LensLLM+ (when in methods): "none" = the pooled fit with pooled.DEFAULT_CONFIG (untuned),
-  # "leave_one_out" = the candidate of plus.candidates chosen for each file on the other
-  # files (needs >= 2 files; the recommended predictor, as in experiments.lensllm_plus).
-  c.protocol = "none"
   if arg == "plus":
+    # LensLLM+: the candidate of plus.candidates chosen for each file on the other files (needs
+    # >= 2 files; the recommended predictor, as in experiments.lensllm_plus).
     c.methods = PUBLISHED_METHODS + ("LensLLM+",)
-    c.protocol = "leave_one_out"
   elif arg:
     raise ValueError(f"configs/selection.py: unknown argument {arg!r} (expected '' or 'plus')")
   return c

@@ -82,9 +82,9 @@ from absl import flags, logging
 from experiments import common, reporting
 from lensllm_jax import errors, rundir
 from lensllm_jax.plus import candidates, context_pfn, curve_pfn, protocol
-from lensllm_jax.selection import budgeted, metrics, pooled
+from lensllm_jax.selection import budgeted, metrics
 
-PLUS = pooled.METHOD_NAME  # "LensLLM+"
+PLUS = candidates.PLUS_NAME  # "LensLLM+", the protocol-chosen candidate
 
 
 def define_flags() -> None:

@@ -25,7 +25,7 @@ import numpy as np
 from experiments import common
 from lensllm_jax import laws
 from lensllm_jax.plus import candidates, protocol
-from lensllm_jax.selection import metrics, pooled, published
+from lensllm_jax.selection import metrics, published
 
 # ---------------------------------------------------------- experiments.lensllm_study ---
 
@@ -443,7 +443,7 @@ def selection_figures(out: pathlib.Path, curve_sets, targets, law_of) -> None:
 
 # -------------------------------------------------- experiments.lensllm_plus ---
 
-_PLUS = pooled.METHOD_NAME  # "LensLLM+"
+_PLUS = candidates.PLUS_NAME  # "LensLLM+", the protocol-chosen candidate
 DEVELOPMENT_FILES = ("flan", "gigaword")
 HELD_OUT_COMMAND = ("python -m experiments.lensllm_plus --config=configs/lensllm_plus.py "
                     "--config.benchmarks=\"('flan','gigaword','wmt19')\" "
@@ -489,7 +489,7 @@ def plus_tables(out: pathlib.Path, ratios) -> str:
           for r in common.read_rows(out / "candidates.csv")}
   chosen = {r["held_out"]: r for r in common.read_rows(out / "candidates_chosen.csv")}
   reported = list(chosen)
-  names = [c.name for c in candidates.candidate_names()]
+  names = [c.name for c in candidates.all_candidates()]
   methods = [_PLUS, *candidates.BASELINES]
 
   def mean(table, key, rs):
@@ -616,7 +616,7 @@ def plus_candidates_md(out: pathlib.Path) -> str:
           for r in common.read_rows(out / "candidates.csv")}
   chosen = {r["held_out"]: r for r in common.read_rows(out / "candidates_chosen.csv")}
   reported = list(chosen)
-  names = [c.name for c in candidates.candidate_names()]
+  names = [c.name for c in candidates.all_candidates()]
 
   def mean(table, key, rs):
     return float(np.nanmean([table.get((*key, r), np.nan) for r in rs]))

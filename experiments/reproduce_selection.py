@@ -123,7 +123,7 @@ def run_dataset(curves, methods, ratios, out: pathlib.Path, *, target, key, num_
   full = budgeted.full_tuning_flops(curves.sizes, target)
   min_curves = len(budgets) * len(curves.models)
   def compute(mi, method):
-    if method == pooled.METHOD_NAME and plus_results is not None:
+    if method == candidates.PLUS_NAME:
       return plus_results  # the leave-one-dataset-out choice (`choose_plus`)
     if method == pooled.METHOD_NAME:
       return [r[0] for r in pooled.pooled_selection(
@@ -157,7 +157,9 @@ def run_dataset(curves, methods, ratios, out: pathlib.Path, *, target, key, num_
         if method in LAW_OF:
           rm += rmse_rows(name, dmax, res, curves, target)
           fits += fit_rows(name, dmax, res, curves)
-        flops, relative = common.method_cost(method, curves, dmax, target)
+        # LensLLM+'s candidates read every visible point, as the pooled fit does.
+        flops, relative = common.method_cost(
+            pooled.METHOD_NAME if method == candidates.PLUS_NAME else method, curves, dmax, target)
         cost.append({"dataset": name, "method": method, "setting": f"ratio={ratio}",
                      "flops": f"{flops:.6g}", "relative_flops": f"{relative:.6g}",
                      "RelAcc": f"{metrics.relative_accuracy(res.chosen, truth):.6f}",
@@ -277,22 +279,19 @@ def lodo_rows(out: pathlib.Path, datasets, tag: str) -> list[dict]:
 # ---------------------------------------------------------------- main ---
 
 
-def choose_plus(curve_sets, methods, plus_protocol, out, *, ratios, key, target_data_num,
+def choose_plus(curve_sets, methods, out, *, ratios, key, target_data_num,
                 num_restarts) -> dict:
-  """LensLLM+ per file: {} (pooled.DEFAULT_CONFIG) or the leave-one-dataset-out choice.
+  """LensLLM+ per file when it is in `methods` and not yet scored everywhere, else {}.
 
-  Under "leave_one_out", LensLLM+ on each file is the candidate that
+  LensLLM+ on each file is the candidate that
   `candidates.leave_one_out` chooses on the other files (the same
   predictor as experiments.lensllm_plus, here without training-only files);
   returns file name -> [ratios] SelectionResults of that candidate.
   """
-  if pooled.METHOD_NAME not in methods or plus_protocol == "none":
+  if candidates.PLUS_NAME not in methods:
     return {}
-  if len(curve_sets) < 2:
-    raise errors.ConfigError("config.protocol='leave_one_out' needs at least 2 "
-                             "config.benchmarks files")
   done = {(r["dataset"], int(r["ratio"])) for r in common.read_rows(out / "selection.csv")
-          if r["method"] == pooled.METHOD_NAME}
+          if r["method"] == candidates.PLUS_NAME}
   if all((c.name, r) in done for c in curve_sets for r in ratios):
     return {}  # rerun: LensLLM+ is already scored everywhere
   folds, files = candidates.leave_one_out(curve_sets, key=key, ratios=ratios,
@@ -323,18 +322,19 @@ def run(cfg, output_dir) -> pathlib.Path:
   """The whole experiment for a configs/selection.py config; returns the output directory."""
   t0 = time.time()
   methods = common.nonempty(cfg.methods, "methods")
-  unknown = [m for m in methods if m not in methods_lib.METHODS]
+  known = [*methods_lib.METHODS, candidates.PLUS_NAME]
+  unknown = [m for m in methods if m not in known]
   if unknown:
-    raise errors.ConfigError(
-        f"config.methods: unknown {unknown}; known {sorted(methods_lib.METHODS)}")
+    raise errors.ConfigError(f"config.methods: unknown {unknown}; known {sorted(known)}")
+  if candidates.PLUS_NAME in methods and len(cfg.benchmarks) < 2:
+    raise errors.ConfigError(f"config.methods: {candidates.PLUS_NAME} is chosen by "
+                             "leave-one-dataset-out and needs at least 2 config.benchmarks files "
+                             f"({pooled.METHOD_NAME} is the pooled fit on one file)")
   if cfg.budgeted and cfg.budget_method not in budgeted.BUDGET_METHODS:
     raise errors.ConfigError(
         f"config.budget_method: {cfg.budget_method!r} is not supported; budget methods: "
         f"{', '.join(budgeted.BUDGET_METHODS)} (LensLLM+ has its own budgeted variant, "
         "plus_candidates.budgeted_candidate_selection, run by experiments.lensllm_plus)")
-  if cfg.protocol not in ("none", "leave_one_out"):
-    raise errors.ConfigError(
-        f"config.protocol={cfg.protocol!r}: expected 'none' or 'leave_one_out'")
   common.integer_field(cfg, "threads", low=0)  # 0: one per CPU core
   common.integer_field(cfg, "num_restarts", low=1)
   common.integer_field(cfg, "max_steps", low=0)
@@ -356,7 +356,7 @@ def run(cfg, output_dir) -> pathlib.Path:
 def _run(cfg, out: pathlib.Path, curve_sets, methods, ratios, budget_levels, t0) -> pathlib.Path:
   key = jax.random.key(cfg.seed)
   fit_options = fitting.FitOptions(max_steps=cfg.max_steps)
-  plus = choose_plus(curve_sets, methods, cfg.protocol, out, ratios=ratios,
+  plus = choose_plus(curve_sets, methods, out, ratios=ratios,
                      key=jax.random.fold_in(key, 2000), target_data_num=cfg.target_data_num,
                      num_restarts=cfg.num_restarts)
   targets = []

@@ -23,7 +23,7 @@ Choice (`leave_one_out`): for each reported file i with training files T
 (the other files, reported and training-only), the candidate with the best
 mean `protocol.criterion` (mean PearCorr + mean RelAcc over the budget
 ratios) over T is LensLLM+ on file i; ties go to the earlier candidate of
-`candidate_names()`. The scores of file i are computed only after its choice
+`all_candidates()`. The scores of file i are computed only after its choice
 (for the report). The Pooled candidate's setting is nested, so that Pooled is
 never scored on a file its setting was chosen on:
 
@@ -75,12 +75,13 @@ __all__ = [
   "BLEND_WEIGHTS",
   "BaseContext",
   "Candidate",
+  "PLUS_NAME",
   "PlusChoice",
   "PlusFold",
   "blend",
   "budgeted_candidate_selection",
   "candidate_distribution",
-  "candidate_names",
+  "all_candidates",
   "candidate_prediction",
   "choose_candidate",
   "file_predictions",
@@ -92,6 +93,9 @@ __all__ = [
   "score_table",
 ]
 
+# The name of the project's recommended predictor: the candidate the leave-one-dataset-out
+# protocol chooses (the pooled fit alone is `pooled.METHOD_NAME`, "PooledLensLLM").
+PLUS_NAME = "LensLLM+"
 BLEND_WEIGHTS = (0.0, 0.25, 0.5, 0.75)
 # Published baselines predicted beside the candidates (for the report; AtS also for blends).
 BASELINES = ("AtS", "RectifiedFit", "LensLLM")
@@ -196,7 +200,7 @@ class Candidate:
     return self.base if self.ats_weight == 0 else f"{self.ats_weight:g}AtS+{self.base}"
 
 
-def candidate_names() -> list[Candidate]:
+def all_candidates() -> list[Candidate]:
   """All candidates, in tie-break order: each base alone, then its AtS blends; AtS last."""
   return ([Candidate(b, w) for b in BASE_PREDICTORS for w in BLEND_WEIGHTS]
           + [Candidate("AtS", 1.0)])
@@ -289,7 +293,7 @@ def score_table(prediction, truth) -> dict[str, np.ndarray]:
   return {k: np.array([r[k] for r in rows]) for k in protocol.METRICS}
 
 
-def plus_results(prediction, method: str = pooled.METHOD_NAME) -> list[selection.SelectionResult]:
+def plus_results(prediction, method: str = PLUS_NAME) -> list[selection.SelectionResult]:
   """[R] SelectionResults (feature = predicted L(D*), non-finite last) of predictions [R, M]."""
   out = []
   for p in np.asarray(prediction, np.float64):
@@ -305,7 +309,7 @@ def choose_candidate(train_tables: Sequence[Mapping[str, Mapping[str, np.ndarray
 
   train_tables: one dict candidate name -> score table per TRAINING file.
   """
-  return protocol.choose(train_tables, candidate_names() if candidates is None else candidates)
+  return protocol.choose(train_tables, all_candidates() if candidates is None else candidates)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -404,7 +408,7 @@ def leave_one_out(curve_sets, *, key: jax.Array, train_only: Sequence = (),
       `protocol.leave_one_out` (a caching evaluator in the binary).
     predict: optional replacement of `file_predictions` with its signature
       (the binary caches predictions); called once per file.
-    candidates: the candidate set (default `candidate_names()`).
+    candidates: the candidate set (default `all_candidates()`).
     leave_each_out: also make each fold's choice without each of its training
       files in turn (`PlusFold.without`, folds with >= 2 training files); the
       Pooled settings this nests are predicted in the same `predict` call.
@@ -414,7 +418,7 @@ def leave_one_out(curve_sets, *, key: jax.Array, train_only: Sequence = (),
     with "truth" [M], "preds" (`file_predictions`), "ratios", "reported".
   """
   sets, extra = list(curve_sets), list(train_only)
-  cands = candidate_names() if candidates is None else list(candidates)
+  cands = all_candidates() if candidates is None else list(candidates)
   predictor = curve_pfn.default_predictor() if predictor is None else predictor
   predict = file_predictions if predict is None else predict
   opts = dict(grid_options or {})

@@ -13,7 +13,7 @@ Predictors (`PREDICTORS`; `predictor_names()`):
                 `data/lensllm_plus_choice.json` together with the run that
                 chose it (`recommended_candidate`), so a user's file is not
                 re-scored against the public files;
-  a candidate   any non-Pooled candidate of `candidates.candidate_names()`
+  a candidate   any non-Pooled candidate of `candidates.all_candidates()`
                 by name (CurvePFN, 0.25AtS+CurvePFN, Spectral, ContextPFN, ...);
   AtS           Lin et al.'s power-phase line (no uncertainty: sd 0);
   VanillaFit, RectifiedFit, LensLLM   independent law fits, with the
@@ -65,7 +65,7 @@ __all__ = [
   "reranked",
 ]
 
-RECOMMENDED = "LensLLM+"
+RECOMMENDED = candidates.PLUS_NAME
 CHOICE_FILE = pathlib.Path(__file__).resolve().parents[1] / "data" / "lensllm_plus_choice.json"
 INTERVAL = 0.8  # central interval reported
 INTERVAL_Z = 1.2815515655446004  # Phi^-1(0.9): the Gaussian 80 % central interval
@@ -114,7 +114,7 @@ def recommended_candidate(path: str | pathlib.Path = CHOICE_FILE) -> candidates.
 
 
 def _candidate(name: str) -> candidates.Candidate:
-  for c in candidates.candidate_names():
+  for c in candidates.all_candidates():
     if c.name == name and c.base != "Pooled":
       return c
   raise SelectionInputError(f"unknown predictor {name!r}; known: "
@@ -123,7 +123,7 @@ def _candidate(name: str) -> candidates.Candidate:
 
 def predictor_names() -> list[str]:
   """Every predictor `forecast` takes by name (LensLLM+ first)."""
-  cands = [c.name for c in candidates.candidate_names() if c.base != "Pooled"]
+  cands = [c.name for c in candidates.all_candidates() if c.base != "Pooled"]
   return [RECOMMENDED, *cands, *(m for m in budgeted.BUDGET_METHODS if m not in cands)]
 
 

@@ -20,7 +20,7 @@ Every public name of these modules is re-exported here
     selection_scores
   published: RATIOS, CITATION, published_value, published_table
   pooled: BACKTEST_STRENGTHS, COVARIATES, DEFAULT_CONFIG, METHOD_NAME, POOLABLE, PooledConfig,
-    PooledFit, covariate_matrix, empirical_bayes_strength, fit_pooled, lensllm_plus,
+    PooledFit, covariate_matrix, empirical_bayes_strength, fit_pooled, pooled_lensllm,
     median_beta_start, paule_mandel_tau2, pooled_objective, pooled_selection, pre_power_weights,
     shape_quantities, view_covariates
   methods: Method, REGISTRY, METHODS, PUBLISHED_METHODS, DETERMINISTIC_METHODS, FITTED_METHODS,
@@ -106,9 +106,9 @@ from lensllm_jax.selection.pooled import (
   covariate_matrix,
   empirical_bayes_strength,
   fit_pooled,
-  lensllm_plus,
   median_beta_start,
   paule_mandel_tau2,
+  pooled_lensllm,
   pooled_objective,
   pooled_selection,
   pre_power_weights,
@@ -175,7 +175,7 @@ __all__ = [
   "covariate_matrix",
   "empirical_bayes_strength",
   "fit_pooled",
-  "lensllm_plus",
+  "pooled_lensllm",
   "median_beta_start",
   "paule_mandel_tau2",
   "pooled_objective",

@@ -38,8 +38,8 @@ points, whose psi' = 1 would make the variance far too small. For the
 squared objective psi(r) = r, psi' = 1 and the sandwich is the formula above;
 for delta << s it tends to (pi / 2) s^2 (J^T J)^-1, the least-absolute-
 deviations variance. The budget methods are `BUDGET_METHODS` (the fitted
-methods with independent per-model fits); LensLLM+ (a pooled MAP fit with a
-prior) is not one of them: its budgeted run is
+methods with independent per-model fits); PooledLensLLM (a pooled MAP fit
+with a prior) is not one of them: its budgeted run, as LensLLM+'s, is
 `plus.candidates.budgeted_candidate_selection`.
 
 Once each model has at

@@ -29,7 +29,7 @@ Methods (published names):
 - LensLLM: L(D) = B / (F + D^beta) + E, curve mode (F a fitted scalar per
   model), or with F(t, aux) from the NTK given as `f_term` with per-model `aux`.
 
-Not published: LensLLM+ (`pooled.lensllm_plus`): the LensLLM curve-mode law
+Not published: PooledLensLLM (`pooled.pooled_lensllm`): the LensLLM curve-mode law
 fitted to all models jointly with a hierarchical prior. The registry of all
 methods (`methods.REGISTRY`, `run_method`, `run_fitted_batch`) is `methods.py`.
 
@@ -173,7 +173,7 @@ def metadata_of(curves, target_data_num: float = TARGET_DATA_NUM) -> Metadata:
 class LawPredictor:
   """A fitted law of test loss vs data size, one parameter row per model.
 
-  Used by VanillaFit, RectifiedFit, LensLLM (independent fits) and LensLLM+
+  Used by VanillaFit, RectifiedFit, LensLLM (independent fits) and PooledLensLLM
   (the pooled fit, in the raw parameters of `laws.lensllm_law()`).
 
   Attributes:
@@ -237,7 +237,7 @@ class SelectionResult:
     status: [M] per-model status ("ok", "converged", "max_steps", "nonfinite",
       ...) or None.
     predictor: for the methods that predict the curve (AtS, the fitted laws,
-      LensLLM+), the fitted curves: `predictor.predict(data_sizes [P])` ->
+      PooledLensLLM), the fitted curves: `predictor.predict(data_sizes [P])` ->
       [M, P] losses and `predictor.parameters()` -> [M, K]; None otherwise.
     extras: method-specific diagnostics (transition index, fit objective, ...).
   """

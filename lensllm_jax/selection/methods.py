@@ -101,7 +101,7 @@ REGISTRY: tuple[Method, ...] = (
     Method("AtS", core.ats, reads="positive", paper=LIN_2024),
     Method("LensLLM", core.lensllm, reads="all", needs_key=True, law="lensllm", budgeted=True,
            paper=ZENG_2025),
-    Method(pooled.METHOD_NAME, pooled.lensllm_plus, reads="all", needs_key=True,
+    Method(pooled.METHOD_NAME, pooled.pooled_lensllm, reads="all", needs_key=True,
            law="lensllm"),
 )
 

@@ -48,16 +48,17 @@ from independent fits (`fitting.fit_curves`, best of several restarts per
 model: a continuation from strength 0) and from the same fits with every
 beta set to the across-model median; the lower MAP objective wins.
 
-Selection: `lensllm_plus` (one budget view, the signature of the methods in
+Selection: `pooled_lensllm` (one budget view, the signature of the methods in
 `selection`) and `pooled_selection` (many views x settings in one batch)
-rank models by the pooled fit's L(D*), method name "LensLLM+"; they accept
+rank models by the pooled fit's L(D*), method name "PooledLensLLM"
+(`METHOD_NAME`); they accept
 only `core.VisibleCurves`. The early-stopping procedure with this fit
 is `plus.candidates.budgeted_candidate_selection` (Pooled candidate). Settings are chosen by
 `protocol.leave_one_out`. Under that protocol this fit is the "Pooled"
 candidate of `plus.candidates`, and the reported LensLLM+ of
 experiments.lensllm_plus is the candidate chosen there (the pooled fit, the
 curve PFN, the dynamic-F law or a blend with AtS); single-view
-`lensllm_plus` is the pooled fit with the given (default: untuned) setting.
+`pooled_lensllm` is the pooled fit with the given (default: untuned) setting.
 
 Measured outcome: results/lensllm_plus/lensllm_plus.md (written by
 experiments.lensllm_plus; summarised in docs/lensllm_plus.md).
@@ -89,7 +90,7 @@ __all__ = [
   "covariate_matrix",
   "empirical_bayes_strength",
   "fit_pooled",
-  "lensllm_plus",
+  "pooled_lensllm",
   "median_beta_start",
   "paule_mandel_tau2",
   "pooled_objective",
@@ -230,7 +231,7 @@ def covariate_matrix(sizes, zero_shot_loss) -> np.ndarray:
   return np.stack([np.ones_like(sizes), z(sizes), z(zero_shot_loss)], axis=-1)
 
 
-def view_covariates(view, metadata, use_zero_shot: bool, name: str = "LensLLM+") -> np.ndarray:
+def view_covariates(view, metadata, use_zero_shot: bool, name: str = "PooledLensLLM") -> np.ndarray:
   """`covariate_matrix` [M, 3] of one budget view.
 
   The zero-shot loss L(0) is read only when a setting uses it (covariates
@@ -580,7 +581,9 @@ def empirical_bayes_strength(raw, data_size, log_loss, mask, *, tau2_floor: floa
 
 # ------------------------------------------------------------ selection ---
 
-METHOD_NAME = "LensLLM+"
+# The pooled fit's method name (tables, registry); "LensLLM+" names only the candidate the
+# leave-one-dataset-out protocol chooses (`plus.candidates.PLUS_NAME`).
+METHOD_NAME = "PooledLensLLM"
 
 
 def _view_arrays(views, num_points: int):
@@ -676,7 +679,7 @@ def _backtest_strengths(views, metadata, configs, *, key, num_restarts, num_step
 def pooled_selection(views, metadata, configs: Sequence[PooledConfig], *, key: jax.Array,
                      num_restarts: int = 8, num_steps: int = 60, fit_options=None,
                      name: str = METHOD_NAME, num_points: int = 0):
-  """LensLLM+ on several budget views x settings: results[view][config].
+  """The pooled fit on several budget views x settings: results[view][config].
 
   Step 1: independent LensLLM curve-mode fits of every model and view
   (`core.fit_law_views`, best of `num_restarts`); step 2: the pooled
@@ -783,9 +786,9 @@ def pooled_selection(views, metadata, configs: Sequence[PooledConfig], *, key: j
   return out
 
 
-def lensllm_plus(visible, metadata, *, key: jax.Array, config: PooledConfig | None = None,
-                 num_restarts: int = 8, num_steps: int = 60, fit_options=None):
-  """LensLLM+ selection on one budget view (signature of `selection` methods).
+def pooled_lensllm(visible, metadata, *, key: jax.Array, config: PooledConfig | None = None,
+                   num_restarts: int = 8, num_steps: int = 60, fit_options=None):
+  """The pooled LensLLM fit's selection on one budget view (signature of `selection` methods).
 
   Args:
     visible: `core.VisibleCurves` (the budget-limited curves).
@@ -795,7 +798,7 @@ def lensllm_plus(visible, metadata, *, key: jax.Array, config: PooledConfig | No
       choice is made by `protocol.leave_one_out`; pass it here).
 
   Returns:
-    `core.SelectionResult` named "LensLLM+".
+    `core.SelectionResult` named `METHOD_NAME` ("PooledLensLLM").
   """
   cfg = DEFAULT_CONFIG if config is None else config
   return pooled_selection([visible], metadata, [cfg], key=key, num_restarts=num_restarts,

@@ -64,7 +64,7 @@ def _criteria(rows, fold, datasets):
       val.setdefault((r["candidate"], r["dataset"], r["metric"]), {})[int(r["ratio"])] = float(
         r["value"])
   out = {}
-  for c in candidates.candidate_names():
+  for c in candidates.all_candidates():
     per = [protocol.criterion({m: np.array(list(val[(c.name, d, m)].values()))
                                for m in ("PearCorr", "RelAcc")}) for d in datasets]
     out[c.name] = float(np.mean(per))
@@ -169,7 +169,7 @@ def test_stability_table_is_the_choice_recounted_without_each_training_file(smal
   for r in common.read_rows(out / "predictions.csv"):
     preds.setdefault((r["dataset"], r["key"]), {})[int(r["ratio"])] = np.array(
       [float(x) for x in r["values"].split()])
-  names = [c.name for c in candidates.candidate_names()]
+  names = [c.name for c in candidates.all_candidates()]
 
   def ranked(crit):
     order = sorted(range(len(names)), key=lambda k: (-crit[names[k]], k))
@@ -181,7 +181,7 @@ def test_stability_table_is_the_choice_recounted_without_each_training_file(smal
     base = {k: np.stack([v[r] for r in sorted(v)]) for (ds, k), v in preds.items() if ds == s}
     return {c.name: protocol.criterion(candidates.score_table(
       candidates.candidate_prediction(c, base, GRID[0]), truth))
-      for c in candidates.candidate_names()}
+      for c in candidates.all_candidates()}
 
   assert {(r["held_out"], r["left_out"]) for r in rows} == {
     (h, t) for h, c in chosen.items() for t in ["", *c["trained_on"].split("+")]}
@@ -328,7 +328,7 @@ def test_reproduce_selection_reports_the_same_predictor(small_run, tmp_path, mon
                                                   pooled_configs=[pooled_cfg])
   crit = {c.name: protocol.criterion(candidates.score_table(
     candidates.candidate_prediction(c, preds, pooled_cfg), truth))
-    for c in candidates.candidate_names()}
+    for c in candidates.all_candidates()}
   assert crit[chosen["a"]["candidate"]] == pytest.approx(max(crit.values()), abs=1e-9)
   assert float(chosen["a"]["train_criterion"]) == pytest.approx(max(crit.values()), abs=1e-6)
   assert [r.method for r in got["a"]] == ["LensLLM+"] * len(RATIOS)

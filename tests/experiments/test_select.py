@@ -101,7 +101,7 @@ def test_stored_choice_is_the_lensllm_plus_runs_choice():
   stored = json.loads(forecast.CHOICE_FILE.read_text())
   assert stored["candidate"] == forecast.choice_record(rows, source="x", command="y")["candidate"]
   assert {r["candidate"] for r in rows} == {stored["candidate"]}  # every fold chose it
-  assert stored["candidate"] in [c.name for c in candidates.candidate_names()]
+  assert stored["candidate"] in [c.name for c in candidates.all_candidates()]
   split = forecast.choice_record([{**rows[0], "candidate": "AtS"}, rows[1]], source="", command="")
   assert split["candidate"] == "AtS"  # one fold each: the larger training criterion wins
 

@@ -18,13 +18,13 @@ def test_blend_is_a_weighted_geometric_mean():
   got = candidates.blend(a, b, 0.25)
   np.testing.assert_allclose(got, [2.0 ** 0.25, 3.0, 4.0 ** 0.25 * 16.0 ** 0.75])
   np.testing.assert_allclose(candidates.blend(a, b, 1.0), a)
-  names = [c.name for c in candidates.candidate_names()]
+  names = [c.name for c in candidates.all_candidates()]
   assert names[0] == "Pooled" and names[-1] == "AtS" and len(set(names)) == len(names)
   assert "0.5AtS+CurvePFN" in names and "0.75AtS+Spectral" in names
 
 
 def test_choice_reads_only_the_training_tables():
-  cands = candidates.candidate_names()
+  cands = candidates.all_candidates()
 
   def table(good):
     return {c.name: {"PearCorr": np.array([0.9 if c.name == good else 0.1]),
@@ -71,7 +71,7 @@ def test_budgeted_selection_uses_the_candidates_own_sd(monkeypatch):
 
   # A new base is one registry entry; its AtS blends follow.
   monkeypatch.setitem(candidates.BASE_PREDICTORS, "Known", _known_base(1.0))
-  assert "0.25AtS+Known" in [c.name for c in candidates.candidate_names()]
+  assert "0.25AtS+Known" in [c.name for c in candidates.all_candidates()]
   tight, wide = run(candidates.Candidate("Known"), 0.01), run(
     candidates.Candidate("Known"), 10.0)
   # Tight sd: after 2 fine-tuning points (200, 400) only the best model goes on; it is

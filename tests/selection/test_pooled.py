@@ -1,4 +1,4 @@
-"""Tests of the pooled (hierarchical) LensLLM+ fit (lensllm_jax/selection/pooled.py)."""
+"""Tests of the pooled (hierarchical) LensLLM fit (PooledLensLLM) (lensllm_jax/selection/pooled.py)."""
 
 from __future__ import annotations
 
@@ -155,7 +155,7 @@ def test_strength_zero_keeps_independent_fit():
 
 
 def test_method_reads_only_the_visible_budget(shared_benchmarks):
-  """Losses above D_max cannot change LensLLM+: garbage there gives the same result."""
+  """Losses above D_max cannot change PooledLensLLM: garbage there gives the same result."""
   from lensllm_jax.curves import benchmarks
   curves = benchmarks.load_curves(str(shared_benchmarks / "gigaword.csv"))
   dmax = 6400.0
@@ -173,15 +173,15 @@ def test_method_reads_only_the_visible_budget(shared_benchmarks):
                             pre_power_weight=0.1, huber_delta=1.345, huber_relative=True)
   kw = {"key": jax.random.key(0), "config": cfg, "num_restarts": 2,
         "fit_options": fitting.FitOptions(max_steps=100)}
-  a = pooled.lensllm_plus(selection.visible_view(small, dmax), meta, **kw)
+  a = pooled.pooled_lensllm(selection.visible_view(small, dmax), meta, **kw)
   # Through the selection registry (same method, same settings).
-  b = methods.run_method("LensLLM+", selection.visible_view(poisoned, dmax), meta, **kw)
+  b = methods.run_method("PooledLensLLM", selection.visible_view(poisoned, dmax), meta, **kw)
   np.testing.assert_array_equal(a.predicted, b.predicted)
-  assert a.method == b.method == "LensLLM+"
-  assert methods.METHOD_READS["LensLLM+"] == "all"
+  assert a.method == b.method == "PooledLensLLM"
+  assert methods.METHOD_READS["PooledLensLLM"] == "all"
   # The method refuses anything but a budget view (e.g. the full CurveSet).
   with pytest.raises(TypeError, match="VisibleCurves"):
-    pooled.lensllm_plus(small, meta, **kw)
+    pooled.pooled_lensllm(small, meta, **kw)
 
 
 def test_median_beta_start_keeps_transition_size():
@@ -265,7 +265,7 @@ def test_zero_shot_covariate_refuses_views_without_it():
   with pytest.raises(ValueError, match=r"zero-shot loss L\(0\).*\['m0', 'm1', 'm2', 'm3', 'm4', 'm5'\]"):
     pooled.pooled_selection(views[:1], meta, [cfg], key=jax.random.key(0))
   with pytest.raises(ValueError, match=r"lacks it for \['m0'\]"):
-    pooled.lensllm_plus(views[1], meta, key=jax.random.key(0), config=cfg)
+    pooled.pooled_lensllm(views[1], meta, key=jax.random.key(0), config=cfg)
 
 
 def test_pooled_fit_and_backtest_do_without_the_zero_shot_point():
