@@ -34,7 +34,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.num_steps = 60  # Levenberg-Marquardt steps of the pooled fit
   c.pfn_dir = ""  # CurvePFN weights; empty: the committed ones (lensllm_jax/data/curve_pfn)
   c.budgeted = True  # the early-stopping procedure with the chosen candidate
-  c.budget_levels = (0.5, 1.0, 2.0, 4.0)  # confidence levels z
+  c.budget = ml_collections.ConfigDict()
+  c.budget.levels = (0.5, 1.0, 2.0, 4.0)  # confidence levels z
   # A rerun into an output directory whose manifest (config, input sha256s, version) differs
   # is refused; True deletes the directory's results and recomputes them (lensllm_jax/rundir.py).
   c.overwrite = False

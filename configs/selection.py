@@ -40,9 +40,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.threads = 0  # methods of a file computed at once (0: os.cpu_count()); results do not depend on it
   # Budgeted early stopping (budgeted.budgeted_selection).
   c.budgeted = True
-  c.budget_levels = (0.5, 1.0, 2.0, 4.0)  # confidence levels z (normal quantiles)
-  c.budget_method = "LensLLM"  # the law used by the budgeted procedure
-  c.budget_max_data_num = config_dict.placeholder(int)  # default D* / min(ratios)
+  c.budget = ml_collections.ConfigDict()
+  c.budget.levels = (0.5, 1.0, 2.0, 4.0)  # confidence levels z (normal quantiles)
+  c.budget.method = "LensLLM"  # the law used by the budgeted procedure (a budgeted Method)
+  c.budget.max_data_num = config_dict.placeholder(int)  # default D* / min(ratios)
   c.figures = True
   # A rerun into an output directory whose manifest (config, input sha256s, version) differs
   # is refused; True deletes the directory's results and recomputes them (lensllm_jax/rundir.py).

@@ -308,7 +308,7 @@ def parse_ratios(values, name: str = "config.ratios") -> list[int]:
   return out
 
 
-def parse_levels(values, name: str = "config.budget_levels") -> list[float]:
+def parse_levels(values, name: str = "config.budget.levels") -> list[float]:
   """Confidence levels z of the budgeted procedure as finite floats."""
   try:
     out = [float(z) for z in nonempty(values, name.removeprefix("config."))]

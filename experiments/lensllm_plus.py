@@ -353,7 +353,7 @@ def run(cfg, output_dir) -> pathlib.Path:
   common.integer_field(cfg, "num_restarts", low=1)
   common.integer_field(cfg, "num_steps", low=0)
   ratios = common.parse_ratios(cfg.ratios)
-  budget_levels = common.parse_levels(cfg.budget_levels)
+  budget_levels = common.parse_levels(cfg.budget.levels)
   specs = common.nonempty(cfg.benchmarks, "benchmarks")
   train_only_specs = list(cfg.train_only_benchmarks)
   loaded = common.load_all(specs + train_only_specs, cfg.data_dir)

@@ -330,9 +330,9 @@ def run(cfg, output_dir) -> pathlib.Path:
     raise errors.ConfigError(f"config.methods: {candidates.PLUS_NAME} is chosen by "
                              "leave-one-dataset-out and needs at least 2 config.benchmarks files "
                              f"({pooled.METHOD_NAME} is the pooled fit on one file)")
-  if cfg.budgeted and cfg.budget_method not in budgeted.BUDGET_METHODS:
+  if cfg.budgeted and cfg.budget.method not in budgeted.BUDGET_METHODS:
     raise errors.ConfigError(
-        f"config.budget_method: {cfg.budget_method!r} is not supported; budget methods: "
+        f"config.budget.method: {cfg.budget.method!r} is not supported; budget methods: "
         f"{', '.join(budgeted.BUDGET_METHODS)} (LensLLM+ has its own budgeted variant, "
         "plus_candidates.budgeted_candidate_selection, run by experiments.lensllm_plus)")
   common.integer_field(cfg, "threads", low=0)  # 0: one per CPU core
@@ -340,9 +340,9 @@ def run(cfg, output_dir) -> pathlib.Path:
   common.integer_field(cfg, "max_steps", low=0)
   common.integer_field(cfg, "seed")
   common.integer_field(cfg, "target_data_num", low=1, optional=True)
-  common.integer_field(cfg, "budget_max_data_num", low=1, optional=True)
+  common.integer_field(cfg, "budget.max_data_num", low=1, optional=True)
   ratios = common.parse_ratios(cfg.ratios)
-  budget_levels = common.parse_levels(cfg.budget_levels)
+  budget_levels = common.parse_levels(cfg.budget.levels)
   specs = common.nonempty(cfg.benchmarks, "benchmarks")
   curve_sets = common.load_all(specs, cfg.data_dir)
   for curves in curve_sets:  # every file's D* and budgets, before any work
@@ -367,13 +367,13 @@ def _run(cfg, out: pathlib.Path, curve_sets, methods, ratios, budget_levels, t0)
                  len(curves.data_sizes), target, curves.source)
     budget = None
     if cfg.budgeted:
-      cap = cfg.budget_max_data_num or target / min(ratios)
-      budget = {"levels": budget_levels, "method": cfg.budget_method, "max_data_num": cap}
+      cap = cfg.budget.max_data_num or target / min(ratios)
+      budget = {"levels": budget_levels, "method": cfg.budget.method, "max_data_num": cap}
     run_dataset(curves, methods, ratios, out, target=target, key=jax.random.fold_in(key, di),
                 num_restarts=cfg.num_restarts, fit_options=fit_options, budget=budget, t0=t0,
                 plus_results=plus.get(curves.name), threads=cfg.threads or os.cpu_count() or 1)
   if cfg.budgeted and len(curve_sets) > 1:
-    tag = f"Budgeted{cfg.budget_method}"
+    tag = f"Budgeted{cfg.budget.method}"
     have = {r["dataset"] for r in common.read_rows(out / "cost.csv") if r["method"] == f"{tag}-LODO"}
     names = [c.name for c in curve_sets]
     if not set(names) <= have:

@@ -178,7 +178,8 @@ CONFIG_CASES = [  # (case, binaries with the field, overrides, regex)
     ("no_methods", (SEL,), dict(methods=()), r"config\.methods is empty"),
     ("method_twice", (SEL,), dict(methods=("AtS", "AtS")), r"config\.methods: \['AtS'\] given"),
     ("no_files", (SEL, PLUS), dict(benchmarks=()), r"config\.benchmarks is empty"),
-    ("nan_level", (SEL, PLUS), dict(budget_levels=(float("nan"),)), r"budget_levels: .* finite"),
+    ("nan_level", (SEL, PLUS), dict(budget=dict(levels=(float("nan"),))),
+     r"budget\.levels: .* finite"),
     ("negative_threads", (SEL,), dict(threads=-1), r"config\.threads=-1"),
 ]
 CONFIG_RUNS = [(b, c, o, e) for c, bs, o, e in CONFIG_CASES for b in bs]

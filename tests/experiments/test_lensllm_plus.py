@@ -49,7 +49,7 @@ def small_run(shared_benchmarks, tmp_path_factory):
   benchmarks.write_curves(_small(giga, rows + 1, "t", last=102400.0), data / "t.csv")
   cfg = plus_config.get_config()
   cfg.update(benchmarks=("a", "b"), data_dir=str(data), ratios=RATIOS, num_restarts=2,
-             num_steps=20, budget_levels=(1.0,), train_only_benchmarks=(str(data / "t.csv"),))
+             num_steps=20, budget=dict(levels=(1.0,)), train_only_benchmarks=(str(data / "t.csv"),))
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(protocol, "default_grid", lambda: GRID)
     out = lensllm_plus.run(cfg, tmp / "out")

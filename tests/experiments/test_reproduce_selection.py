@@ -38,7 +38,7 @@ def _config(synthetic_file, **overrides):
   cfg = selection_config.get_config()
   cfg.update(benchmarks=(str(synthetic_file),), ratios=tuple(RATIOS),
              num_restarts=FAST["num_restarts"], max_steps=FAST["fit_options"].max_steps,
-             budget_levels=(1.0, 4.0))
+             budget=dict(levels=(1.0, 4.0)))
   cfg.update(overrides)
   return cfg
 

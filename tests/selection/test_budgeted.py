@@ -252,7 +252,7 @@ def test_unsupported_budget_method_is_refused(tmp_path):
   from configs import selection as selection_config
   from experiments import reproduce_selection
   cfg = selection_config.get_config()
-  cfg.budget_method = "LensLLM+"
-  with pytest.raises(errors.ConfigError, match="budget_method.*VanillaFit"):
+  cfg.budget.method = "LensLLM+"
+  with pytest.raises(errors.ConfigError, match="budget\\.method.*VanillaFit"):
     reproduce_selection.run(cfg, tmp_path)
   assert not list(tmp_path.iterdir())  # refused before anything is read or written
