@@ -31,7 +31,8 @@ def test_readme_is_a_short_index():
   text = (REPO_ROOT / "README.md").read_text()
   assert len(text.splitlines()) <= 300
   first = re.search(r"```\n(.*?)```", text, re.DOTALL).group(1).splitlines()
-  # The two commands: set up and run the main job; then the test suite (.ci/run runs it).
+  # Exactly two commands: set up and run the main job; then the test suite (.ci/run runs it).
+  assert len(first) == 2, first
   assert first[0].startswith("bash setup.sh && .venv/bin/python -m experiments.")
   assert "shared" not in first[0]
   assert first[1] in (REPO_ROOT / ".ci" / "run").read_text()
