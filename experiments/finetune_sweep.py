@@ -13,8 +13,10 @@ test split. Writes to --workdir:
   runs.jsonl   one JSON object per (model, D) run, appended as each finishes
                (D = 0 is the zero-shot evaluation): test_loss, best_val_loss,
                best_step, steps, stopped_early, train_tokens, scored_tokens,
-               train_flops (model FLOPs of the steps run), flops_6nd, seconds,
-               ntk (kernel distance / spectrum summary) ...
+               train_flops (model FLOPs of the steps run), flops_6nd, seconds
+               (fine-tuning), seconds_train (its train steps), seconds_eval
+               (validation and test evaluations), seconds_ntk, wall_seconds
+               (the whole run), ntk (kernel distance / spectrum summary) ...
   curves.csv   the public benchmark format (`config name`, `0`, `200`, ...,
                `size`, `family`), rewritten whenever a model's curve is complete
                (lensllm_jax.curves.benchmarks.write_curves; load_curves reads it back)
@@ -139,12 +141,21 @@ def run_sweep(cfg, workdir: pathlib.Path) -> None:
       rec = runs[(spec.name, 0)]
       model_rows[spec.name] = {"size": rec["size"], "family": rec["family"]}
       continue
-    m = sweep.load_model(spec, cfg, workdir, splits, mesh)
-    data = {k: textdata.encode_examples(v, m.tokenizer, cfg.max_len,
-                                        encoder_decoder=m.config.is_encoder_decoder)
-            for k, v in splits.items()}
+    started = {}
+
+    def before_pretraining(config, tok, apply_fn, params_like, started=started):
+      # Encode the task and compile the fine-tuning and NTK programs in the
+      # background while the main thread pre-trains (two compilations at once).
+      started["data"] = {k: textdata.encode_examples(v, tok, cfg.max_len,
+                                                     encoder_decoder=config.is_encoder_decoder)
+                         for k, v in splits.items()}
+      started["compiling"] = sweep.start_precompile(config, apply_fn, params_like,
+                                                    started["data"], cfg, tcfg, mesh)
+
+    m = sweep.load_model(spec, cfg, workdir, splits, mesh, before_pretraining=before_pretraining)
     model_rows[m.name] = {"size": models.count_params(m.params), "family": m.family}
-    sweep.sweep_model(m, data, cfg, tcfg, workdir, runs, mesh=mesh, progress=progress)
+    sweep.sweep_model(m, started["data"], cfg, tcfg, workdir, runs, mesh=mesh,
+                      progress=progress, compiling=started["compiling"])
     n = sweep.write_curve_file(cfg, runs, model_rows, workdir / "curves.csv")
     logging.info("curves.csv: %d complete model rows", n)
   n = sweep.write_curve_file(cfg, runs, model_rows, workdir / "curves.csv")

@@ -54,9 +54,18 @@ def token_log_probs(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
   Returns:
     [B, T] float32.
+
+  Computed as logits[b, t, targets] - logsumexp_v logits[b, t, v], the target
+  logit picked by a comparison with the vocabulary index rather than a gather:
+  the gradient is then softmax - one_hot, elementwise and fused, instead of a
+  scatter into a [B, T, V] array of zeros (the costliest op of a CPU backward
+  pass at a large vocabulary) and no [B, T, V] log-softmax is kept.
   """
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  return jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  logits = logits.astype(jnp.float32)
+  vocab = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+  target_logit = jnp.sum(jnp.where(vocab == targets[..., None].astype(jnp.int32), logits, 0.0),
+                         axis=-1)
+  return target_logit - jax.nn.logsumexp(logits, axis=-1)
 
 
 def token_nll(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> jax.Array:

@@ -532,7 +532,8 @@ def make_blocked_ntk_fn(
 
   Returns:
     `blocked(params, x1, x2=None) -> Theta [n1, n2, ...]`, equal to
-    `ntk_fn(params, x1, x2)`.
+    `ntk_fn(params, x1, x2)`; `blocked.precompile(params, x1, x2=None)` compiles
+    its program for those shapes ahead of the first call.
   """
   if block_size < 1:
     raise ValueError(f"block_size={block_size}: must be >= 1")
@@ -551,6 +552,18 @@ def make_blocked_ntk_fn(
   sharded = jax.jit(jax.shard_map(
       local_pairs, mesh=mesh, in_specs=(rep, rep, rep, PartitionSpec("blocks")),
       out_specs=PartitionSpec("blocks"), check_vma=False))
+
+  def abstract_blocks(x):
+    nb = -(-_leading_size(x, "x1") // block_size)
+    return jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct((nb, block_size) + a.shape[1:], a.dtype), x)
+
+  def precompile(params, x1, x2=None):
+    """Compiles the block-pair program for these shapes (params and x may be
+    `jax.ShapeDtypeStruct`s); a later call with arrays of the shapes compiles nothing."""
+    xb1 = abstract_blocks(x1)
+    xb2 = xb1 if x2 is None else abstract_blocks(x2)
+    sharded.lower(params, xb1, xb2, jax.ShapeDtypeStruct((per_call, 2), jnp.int32)).compile()
 
   def blocked(params, x1, x2=None):
     symmetric = x2 is None
@@ -579,6 +592,7 @@ def make_blocked_ntk_fn(
     theta = grid.reshape((nb1 * block_size, nb2 * block_size) + res.shape[3:])
     return theta[:n1, :n2]
 
+  blocked.precompile = precompile
   return blocked
 
 

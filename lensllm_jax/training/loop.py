@@ -194,16 +194,33 @@ def place(tree: Any, mesh: Any = None) -> Any:
   (an uncommitted input, e.g. a fresh `jnp.zeros` step counter, compiles it again
   on the second call). Always a copy: the caller's arrays survive buffer donation.
   """
-  target = (shd.param_shardings(tree, mesh) if mesh is not None
-            else jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
-  return jax.device_put(tree, target, may_alias=False)
+  return jax.device_put(tree, _placement(tree, mesh), may_alias=False)
+
+
+def _placement(tree: Any, mesh: Any) -> Any:
+  """The shardings `place` gives a pytree (a tree of them, or one for every leaf)."""
+  if mesh is not None:
+    return shd.param_shardings(tree, mesh)
+  return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
 
 def init_state(params: Any, optimizer: optax.GradientTransformation, *,
                mesh: Any = None) -> TrainState:
   """Step 0, a placed copy of `params` and the optimiser's initial state (`place`d
-  on `mesh`, or on the first local device)."""
-  return place(TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params)), mesh)
+  on `mesh`, or on the first local device; the state made by one compiled program)."""
+  params = place(params, mesh)
+  state = TrainState(jnp.zeros((), jnp.int32), params, _jit_init(optimizer)(params))
+  return jax.device_put(state, _placement(state, mesh))  # commits the new leaves
+
+
+@functools.lru_cache(maxsize=8)
+def _jit_init(optimizer: optax.GradientTransformation) -> Callable:
+  return jax.jit(optimizer.init)
+
+
+@functools.lru_cache(maxsize=8)
+def _jit_schedule(cfg: TrainConfig) -> Callable:
+  return jax.jit(learning_rate_schedule(cfg))
 
 
 def token_loss_sums(logits: jax.Array, targets: jax.Array,
@@ -265,10 +282,13 @@ def make_train_step(apply_fn: ApplyFn, optimizer: optax.GradientTransformation, 
       (t, c), g = vg(state.params, mb, jax.random.fold_in(step_key, i))
       return (jax.tree.map(jnp.add, grads, g), total + t, count + c), None
 
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
-    init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-    (grads, total, count), _ = jax.lax.scan(
-        body_vg, init, (jnp.arange(grad_accum), micro))
+    if grad_accum == 1:  # no loop: XLA fuses across the whole step, no zero gradient buffers
+      (total, count), grads = vg(state.params, batch, jax.random.fold_in(step_key, 0))
+    else:
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+      (grads, total, count), _ = jax.lax.scan(
+          body_vg, init, (jnp.arange(grad_accum), micro))
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -328,6 +348,38 @@ def count_compilations() -> Iterator[collections.Counter]:
 def cached_eval_step(apply_fn: ApplyFn) -> Callable:
   """`make_eval_step(apply_fn)`, one per apply_fn (reuses its compilations)."""
   return make_eval_step(apply_fn)
+
+
+def precompile(apply_fn: ApplyFn, cfg: TrainConfig, params: Any, like: textdata.TokenizedData,
+               *, mesh: Any = None) -> None:
+  """Compiles `finetune`'s train step and eval step ahead of time (no array is made).
+
+  For batches of cfg.batch_size (train) and cfg.eval_batch_size (eval) rows
+  shaped like `like`'s rows (any split of the task), a state placed by
+  `init_state(..., mesh=mesh)` and params `place`d the same way: the later
+  calls of `finetune` / `evaluate` find the programs in the jit caches of
+  `compiled_steps` and compile nothing. Thread-safe: run it in a background
+  thread while other work (pre-training, the pre-trained NTK) goes on.
+  """
+  optimizer, train_step, eval_step = compiled_steps(apply_fn, cfg)
+  state = jax.eval_shape(lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p)),
+                         params)
+  shardings = _placement(state, mesh)
+  if not isinstance(shardings, TrainState):  # one sharding for every leaf
+    shardings = jax.tree.map(lambda _: shardings, state)
+  state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                       state, shardings)
+  sharding = shd.batch_sharding(mesh) if mesh is not None else None
+
+  def batch(rows):  # the shapes and dtypes of textdata's batches of `rows` examples
+    return textdata.as_batch(textdata.TokenizedData(*(
+        jax.ShapeDtypeStruct((rows,) + a.shape[1:], a.dtype, sharding=sharding) for a in like)))
+
+  train_step.lower(state, batch(cfg.batch_size), jax.random.key(cfg.seed)).compile()
+  eval_step.lower(state.params, batch(cfg.eval_batch_size)).compile()
+  _jit_init(optimizer).lower(state.params).compile()
+  _copy_tree.lower(state.params).compile()
+  _jit_schedule(cfg).lower(0).compile()
 
 
 def evaluate(eval_step: Callable, params: Any, data: textdata.TokenizedData,
@@ -447,6 +499,8 @@ class FinetuneResult:
     scored_tokens: target tokens the training loss was taken on.
     history: one dict per evaluation (step, val_loss, train_loss, lr).
     seconds: wall time of this call.
+    seconds_train: of which in train steps (until their metrics are on the host).
+    seconds_eval: of which in validation evaluations.
   """
   params: Any
   final_params: Any
@@ -460,6 +514,8 @@ class FinetuneResult:
   scored_tokens: int
   history: list
   seconds: float
+  seconds_train: float = 0.0
+  seconds_eval: float = 0.0
 
 
 def finetune(apply_fn: ApplyFn, params: Any, train: textdata.TokenizedData,
@@ -510,11 +566,19 @@ def finetune(apply_fn: ApplyFn, params: Any, train: textdata.TokenizedData,
         raise ValueError(f"checkpoint in {checkpoint_dir} was written with another TrainConfig: "
                          f"{meta['config']} != {dataclasses.asdict(cfg)}")
       state, best_params = TrainState(**arrays["state"]), arrays["best_params"]
+    clock = {"train": 0.0, "eval": 0.0}
+
+    def timed_evaluate(params):
+      t0 = time.perf_counter()
+      val = evaluate(eval_step, params, validation, cfg.eval_batch_size, mesh=mesh)
+      clock["eval"] += time.perf_counter() - t0
+      return val
+
     if meta["initial_val_loss"] is None:
-      val = evaluate(eval_step, state.params, validation, cfg.eval_batch_size, mesh=mesh)
+      val = timed_evaluate(state.params)
       meta.update(initial_val_loss=val, best_val_loss=val)
       meta["history"].append({"step": 0, "val_loss": val, "train_loss": None})
-    schedule = learning_rate_schedule(cfg)
+    schedule = _jit_schedule(cfg)
     last_save = time.monotonic()
     train_sum, train_count = 0.0, 0.0
     step = int(meta["step"])
@@ -525,17 +589,19 @@ def finetune(apply_fn: ApplyFn, params: Any, train: textdata.TokenizedData,
       meta["train_tokens"] += int(batch["attention_mask"].sum())
       if mesh is not None:
         batch = shd.shard_global_batch(batch, mesh)
+      t0 = time.perf_counter()
       state, metrics = train_step(state, batch, key)
+      loss, tokens = float(metrics["loss"]), float(metrics["tokens"])
+      clock["train"] += time.perf_counter() - t0
       step += 1
-      tokens = float(metrics["tokens"])
       meta["scored_tokens"] += int(tokens)
-      train_sum += float(metrics["loss"]) * tokens
+      train_sum += loss * tokens
       train_count += tokens
-      if not math.isfinite(float(metrics["loss"])):
+      if not math.isfinite(loss):
         raise FloatingPointError(f"non-finite training loss at step {step}: {metrics}")
       if step % cfg.eval_every and step < cfg.max_steps:
         continue
-      val = evaluate(eval_step, state.params, validation, cfg.eval_batch_size, mesh=mesh)
+      val = timed_evaluate(state.params)
       record = {"step": step, "val_loss": val,
                 "train_loss": train_sum / max(train_count, 1.0),
                 "lr": float(schedule(step - 1))}
@@ -567,7 +633,8 @@ def finetune(apply_fn: ApplyFn, params: Any, train: textdata.TokenizedData,
       initial_val_loss=float(meta["initial_val_loss"]), steps=step,
       stopped_early=bool(meta["stopped_early"]), finished=bool(meta["done"]),
       train_tokens=int(meta["train_tokens"]), scored_tokens=int(meta["scored_tokens"]),
-      history=list(meta["history"]), seconds=time.time() - start_time)
+      history=list(meta["history"]), seconds=time.time() - start_time,
+      seconds_train=clock["train"], seconds_eval=clock["eval"])
 
 
 def pretrain(apply_fn: ApplyFn, params: Any, train: textdata.TokenizedData,

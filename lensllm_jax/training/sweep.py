@@ -11,9 +11,12 @@ docstring lists the workdir's files), also driven by `experiments.select`
                              sizes asked that runs.jsonl lacks, with early
                              stopping on the fixed validation split, and appends
                              one runs.jsonl row per run (D = 0: zero-shot)
-  run_one                    one fine-tuning run (orbax checkpoints: a killed run
-                             resumes mid-run; deleted by `clear_checkpoint` only
-                             after the run's row is durable)
+  run_one                    one fine-tuning run (orbax checkpoints of a long run,
+                             config.checkpoint_every_seconds: a killed run resumes
+                             mid-run, a shorter one is redone; deleted by
+                             `clear_checkpoint` only after the run's row is durable)
+  precompile_model           the fine-tuning and NTK programs of a model shape,
+                             compiled once, in the background (start_precompile)
   read_runs / append_run     runs.jsonl (a row cut by a kill is dropped and the
                              run redone)
   open_workdir / bind_workdir  lock and manifest of a workdir (`rundir`): a workdir
@@ -27,6 +30,7 @@ process calls these with the same arguments; only process 0 writes files.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import json
@@ -120,8 +124,14 @@ def preset_tokenizer(cfg, workdir: pathlib.Path, splits):
 # Step 2: models.
 
 
-def load_model(spec, cfg, workdir: pathlib.Path, splits, mesh) -> LoadedModel:
-  """A model of config.models: a HF checkpoint dir, or a preset (+ pre-training)."""
+def load_model(spec, cfg, workdir: pathlib.Path, splits, mesh, *,
+               before_pretraining=None) -> LoadedModel:
+  """A model of config.models: a HF checkpoint dir, or a preset (+ pre-training).
+
+  before_pretraining: optional fn(config, tokenizer, apply_fn, params) called once
+  the model's shape is known, before a preset is pre-trained (e.g. to start
+  compiling its fine-tuning programs meanwhile).
+  """
   if spec.hf_dir:
     config, params = models.load_hf_checkpoint(spec.hf_dir)
     tok = models.load_tokenizer(spec.hf_dir)
@@ -135,7 +145,7 @@ def load_model(spec, cfg, workdir: pathlib.Path, splits, mesh) -> LoadedModel:
     overrides = overrides.to_dict() if overrides is not None else {}
     config = models.presets[spec.preset].replace(
         vocab_size=tok.get_vocab_size(), max_len=max(cfg.max_len, 8), **overrides)
-    params = pretrained_params(spec, cfg, config, tok, workdir, mesh)
+    params = None
   if config.max_len < cfg.max_len:
     raise errors.ConfigError(f"config.max_len={cfg.max_len}: model {spec.name!r} takes at most "
                              f"{config.max_len} positions")
@@ -143,9 +153,15 @@ def load_model(spec, cfg, workdir: pathlib.Path, splits, mesh) -> LoadedModel:
   if tok.get_vocab_size() > config.vocab_size:  # ids past the embedding: non-finite losses
     raise errors.CheckpointError(f"{source}: the tokenizer has {tok.get_vocab_size()} tokens, "
                                  f"more than the model's vocab_size {config.vocab_size}")
+  apply_fn = loop.causal_lm_apply(models.build(config))
+  if before_pretraining is not None:
+    like = params if params is not None else jax.eval_shape(
+        lambda: models.init_params(config, jax.random.key(spec.init_seed)))
+    before_pretraining(config, tok, apply_fn, like)
+  if params is None:
+    params = pretrained_params(spec, cfg, config, tok, workdir, mesh)
   if sharding.is_primary():
     write_model_config(workdir / "models" / f"{spec.name}.json", config)
-  apply_fn = loop.causal_lm_apply(models.build(config))
   return LoadedModel(spec.name, spec.family, config, params, tok, apply_fn)
 
 
@@ -274,10 +290,7 @@ class NTKSnapshot:
 
     self._ntk = ntk
     self.fn, self.out_fn = _ntk_fns(m.config, output, **kernel_options)
-    self.x = {"input_ids": probe.input_ids, "attention_mask": probe.attention_mask,
-              "loss_mask": probe.loss_mask}
-    if m.config.is_encoder_decoder:  # the decoder reads the targets
-      self.x["targets"] = probe.targets
+    self.x = probe_inputs(probe, m.config)
     if pretrained_path.exists():
       with np.load(pretrained_path) as z:
         self.theta0, self.f0 = z["theta"], z["f0"]
@@ -290,6 +303,7 @@ class NTKSnapshot:
         tmp = pretrained_path.with_suffix(".tmp.npz")
         np.savez(tmp, theta=self.theta0, f0=self.f0)
         os.replace(tmp, pretrained_path)
+    self._ntk.kernel_distance(self.theta0, self.theta0)  # compiled here, not in the first run
 
   def record(self, params, path: pathlib.Path) -> dict:
     params = sharding.host_copy(params)
@@ -345,8 +359,10 @@ def run_one(m: LoadedModel, data: dict, d: int, cfg, tcfg, workdir, mesh, snapsh
                           checkpoint_every_s=cfg.get("checkpoint_every_seconds", 0.0),
                           stop_after_steps=budget, mesh=mesh, log_fn=log)
   eval_step = loop.cached_eval_step(m.apply_fn)
+  t0 = time.perf_counter()
   test_loss = loop.evaluate(eval_step, res.params, data["test"], tcfg.eval_batch_size,
                                 mesh=mesh)
+  seconds_test = time.perf_counter() - t0
   max_len = data["train"].input_ids.shape[1]
   positions = res.steps * tcfg.batch_size * max_len
   rec = dict(
@@ -356,7 +372,8 @@ def run_one(m: LoadedModel, data: dict, d: int, cfg, tcfg, workdir, mesh, snapsh
       scored_tokens=res.scored_tokens,
       train_flops=models.flops_per_token(m.config, max_len) * positions,
       flops_6nd=6.0 * models.count_params(m.params) * res.train_tokens,
-      seconds=res.seconds, history=res.history)
+      seconds=res.seconds, seconds_train=res.seconds_train,
+      seconds_eval=res.seconds_eval + seconds_test, history=res.history)
   if cfg.get("save_finetuned", False):
     path = workdir / "finetuned" / m.name / str(d)
     if sharding.is_primary():
@@ -380,22 +397,76 @@ def clear_checkpoint(workdir: pathlib.Path, model: str, d: int) -> None:
     shutil.rmtree(ckpt, ignore_errors=True)
 
 
+def probe_inputs(probe: textdata.TokenizedData, config) -> dict:
+  """The NTK output function's inputs of the probe examples (numpy arrays)."""
+  x = {"input_ids": probe.input_ids, "attention_mask": probe.attention_mask,
+       "loss_mask": probe.loss_mask}
+  if config.is_encoder_decoder:  # the decoder reads the targets
+    x["targets"] = probe.targets
+  return x
+
+
+def _probe_and_options(data: dict, cfg) -> tuple[textdata.TokenizedData, dict]:
+  """The probe set (the first config.ntk.num_probe test examples) and the kernel options."""
+  probe = data["test"].take(np.arange(min(cfg.ntk.num_probe, data["test"].num_examples)))
+  kernel_options = {k: cfg.ntk[k] for k in ("kernel", "block_size", "sketch_dim", "sketch_seed")
+                    if k in cfg.ntk}
+  return probe, kernel_options
+
+
 def pretrained_snapshot(m: LoadedModel, data: dict, cfg, workdir: pathlib.Path):
   """The `NTKSnapshot` of model m on the task's probe set (the first config.ntk.num_probe
   test examples); its pre-trained kernel is computed once and cached in
   workdir/ntk/<model>_pretrained.npz. None when config.ntk.num_probe is 0."""
   if not cfg.ntk.num_probe:
     return None
-  probe = data["test"].take(np.arange(min(cfg.ntk.num_probe, data["test"].num_examples)))
-  kernel_options = {k: cfg.ntk[k] for k in ("kernel", "block_size", "sketch_dim", "sketch_seed")
-                    if k in cfg.ntk}
+  probe, kernel_options = _probe_and_options(data, cfg)
   return NTKSnapshot(m, probe, cfg.ntk.output, workdir / "ntk" / f"{m.name}_pretrained.npz",
                      **kernel_options)
 
 
+_PRECOMPILED: set = set()  # precompile_model's calls done in this process
+
+
+def precompile_model(config, apply_fn, params, data: dict, cfg, tcfg: loop.TrainConfig,
+                     mesh=None, ntk: bool = True) -> None:
+  """Compiles a model's fine-tuning programs (`loop.precompile`) and its NTK snapshot
+  programs for the probe set (unless ntk=False), from shapes only: once per model shape
+  and process (a repeated call returns at once), before its runs.
+
+  Thread-safe; `start_precompile` runs it in the background while the main thread
+  pre-trains or computes the pre-trained kernel, so the two cores compile in parallel.
+  """
+  key = (apply_fn, tcfg, mesh, ntk, data["train"].input_ids.shape[1:],
+         data["test"].input_ids.shape[1:])
+  if key in _PRECOMPILED:
+    return
+  abstract = jax.eval_shape(lambda p: p, params)
+  loop.precompile(apply_fn, tcfg, abstract, data["train"], mesh=mesh)
+  if ntk and cfg.ntk.num_probe:
+    probe, kernel_options = _probe_and_options(data, cfg)
+    fn, out_fn = _ntk_fns(config, cfg.ntk.output, **kernel_options)
+    x = probe_inputs(probe, config)
+    if hasattr(fn, "precompile"):  # the blocked kernel: a Python function around a jit
+      fn.precompile(abstract, x)
+    else:
+      fn.lower(abstract, x).compile()
+    out_fn.lower(abstract, x).compile()
+  _PRECOMPILED.add(key)
+
+
+def start_precompile(*args, **kwargs) -> concurrent.futures.Future:
+  """`precompile_model(*args, **kwargs)` in a background thread; .result() waits for it."""
+  pool = concurrent.futures.ThreadPoolExecutor(1)
+  future = pool.submit(precompile_model, *args, **kwargs)
+  pool.shutdown(wait=False)
+  return future
+
+
 def sweep_model(m: LoadedModel, data: dict, cfg, tcfg: loop.TrainConfig,
                 workdir: pathlib.Path, runs: dict, *, mesh=None, after_run=None,
-                progress=None, sizes=None) -> None:
+                progress=None, sizes=None,
+                compiling: concurrent.futures.Future | None = None) -> None:
   """Runs every D of `sizes` (default [0] + config.subset_sizes) that `runs` lacks for m.
 
   Each record is appended to workdir/runs.jsonl as soon as its run finishes and
@@ -411,6 +482,8 @@ def sweep_model(m: LoadedModel, data: dict, cfg, tcfg: loop.TrainConfig,
       weights).
     progress: optional fn(record) called after each run (default: a log line).
     sizes: the data sizes to run (experiments.select runs one size per round).
+    compiling: the `start_precompile` of this model if already started (default:
+      started here, running while the pre-trained kernel is computed).
   """
   sizes = [0] + list(cfg.subset_sizes) if sizes is None else [int(d) for d in sizes]
   todo = [d for d in sizes if (m.name, d) not in runs]
@@ -419,7 +492,14 @@ def sweep_model(m: LoadedModel, data: dict, cfg, tcfg: loop.TrainConfig,
   size = models.count_params(m.params)
   base = {"model": m.name, "family": m.family, "size": size, "task": cfg.name,
           "max_len": int(data["train"].input_ids.shape[1]), "subset_seed": cfg.subset_seed}
+  if compiling is None and any(todo):  # the snapshot below compiles the NTK meanwhile
+    compiling = start_precompile(m.config, m.apply_fn, m.params, data, cfg, tcfg, mesh,
+                                 ntk=False)
+  elif compiling is not None:
+    compiling.result()  # NTK programs included: not compiled twice at once
   snapshot = pretrained_snapshot(m, data, cfg, workdir) if any(todo) else None
+  if compiling is not None:
+    compiling.result()
   for d in todo:
     t0 = time.time()
     if d == 0:

@@ -12,7 +12,7 @@ import time
 import numpy as np
 
 # Wall-clock fields of runs.jsonl: the only ones two equal runs may disagree on.
-TIMING_FIELDS = ("seconds", "wall_seconds", "seconds_ntk")
+TIMING_FIELDS = ("seconds", "wall_seconds", "seconds_ntk", "seconds_train", "seconds_eval")
 
 
 def read_rows(workdir: pathlib.Path) -> list[dict]:

@@ -217,3 +217,17 @@ def test_entry_points_compile_the_step_once(setup):
       training.finetune(apply_fn, params, train, val, cfg)
   assert counts["jit(step_fn)"] == 1 and counts["jit(eval_fn)"] == 1, counts
 
+
+
+def test_precompile_leaves_nothing_to_compile(setup):
+  """After `precompile` (abstract shapes only), finetune and evaluate compile nothing."""
+  _, params = setup
+  apply_fn = training.causal_lm_apply(CausalLM(CONFIG))  # fresh: nothing cached yet
+  train, val = _data(16, seed=12), _data(8, seed=13)
+  cfg = training.TrainConfig(batch_size=4, max_steps=2, eval_every=2, eval_batch_size=8)
+  with training.count_compilations() as counts:
+    training.precompile(apply_fn, cfg, params, train)
+  assert counts["jit(step_fn)"] == 1 and counts["jit(eval_fn)"] == 1, counts
+  with training.count_compilations() as counts:
+    res = training.finetune(apply_fn, params, train, val, cfg)
+  assert res.steps == 2 and not counts["jit(step_fn)"] and not counts["jit(eval_fn)"], counts
