@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +25,7 @@ import numpy as np
 import pytest
 
 from experiments import hessian_common
-from helpers import REPO_ROOT
+from helpers import local_hf
 from lensllm_jax import models
 from lensllm_jax.models.presets import HF_CONFIGS
 from lensllm_jax.theory import nlp_metrics, ntk
@@ -186,12 +183,7 @@ def _build(family: Family, vocab: int):
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
   """A local jsonl translation task and a byte-level BPE tokenizer trained on it."""
-  root = tmp_path_factory.mktemp("task")
-  records = textdata.synthetic_translation_records(NUM_RECORDS, seed=0)
-  train = root / "train.jsonl"
-  train.write_text("".join(json.dumps(r) + "\n" for r in records))
-  tok = textdata.train_tokenizer([r["src"] + " " + r["tgt"] for r in records], vocab_size=300)
-  return train, tok
+  return local_hf.translation_task(tmp_path_factory.mktemp("task"), NUM_RECORDS, 300)
 
 
 @pytest.fixture(scope="module")
@@ -261,14 +253,6 @@ def test_bfloat16_compute_close_to_transformers(name, checkpoints):
   assert 0 < err < 0.05 * float(np.std(theirs[real])), (name, err)
 
 
-def _torch_token_log_probs(model, input_ids, attention_mask, targets):
-  """log p(targets[b, t]) [B, T] from the torch model (differentiable, float64 softmax)."""
-  logits = model(input_ids=torch.as_tensor(input_ids, dtype=torch.long),
-                 attention_mask=torch.as_tensor(attention_mask, dtype=torch.long)).logits
-  logp = torch.log_softmax(logits.double(), dim=-1)
-  return torch.gather(logp, -1, torch.as_tensor(targets, dtype=torch.long)[..., None])[..., 0]
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_lm_loss_gradient_matches_torch(name, checkpoints):
   """The project's LM loss as the Hessian binaries take it (`hessian_common.lm_loss_fn`,
@@ -286,7 +270,7 @@ def test_lm_loss_gradient_matches_torch(name, checkpoints):
 
   model = ref["model"]
   model.zero_grad()
-  lp = _torch_token_log_probs(model, ids, mask, np.asarray(targets))
+  lp = local_hf.torch_token_log_probs(model, ids, mask, np.asarray(targets))
   m = torch.as_tensor(np.asarray(loss_mask), dtype=torch.float64)
   ref_loss = -(lp * m).sum() / m.sum()
   ref_loss.backward()
@@ -432,7 +416,7 @@ def test_ntk_outputs_and_kernel_match_torch(name, checkpoints, task):
   ours = np.asarray(apply_fn(ref["params"], x))
 
   model = ref["model"]
-  lp = _torch_token_log_probs(model, data.input_ids, data.attention_mask, data.targets)
+  lp = local_hf.torch_token_log_probs(model, data.input_ids, data.attention_mask, data.targets)
   m = torch.as_tensor(data.loss_mask, dtype=torch.float64)
   ll = (lp * m).sum(1) / m.sum(1).clamp(min=1)
   rows = []
@@ -467,35 +451,15 @@ def test_finetune_sweep_offline(checkpoints, task, tmp_path):
   zero-shot test loss equals torch's, sizes equal torch's parameter counts, and
   fine-tuning on 200 examples lowers the test loss (NTK snapshots off: checked above)."""
   train, tok = task
-  dirs = ",".join(str(checkpoints[n]["path"]) for n in NAMES)
-  overrides = dict(max_len=SWEEP_LEN, num_validation=20, num_test=20, subset_sizes="(200,)")
   train_cfg = dict(max_steps=4, eval_every=4, batch_size=8, eval_batch_size=20,
                    learning_rate=3e-3, warmup_steps=0)
-  args = [f"--config=configs/finetune_hf.py:local:{dirs}", f"--workdir={tmp_path}",
-          f"--config.data_files.train={train}", "--config.ntk.num_probe=0",
-          "--config.checkpoint_runs=False"]
-  args += [f"--config.{k}={v}" for k, v in overrides.items()]
-  args += [f"--config.train.{k}={v}" for k, v in train_cfg.items()]
-  env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-  proc = subprocess.run([sys.executable, "-m", "experiments.finetune_sweep", *args],
-                        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-
-  runs = [json.loads(x) for x in (tmp_path / "runs.jsonl").read_text().splitlines()]
-  by_key = {(r["model"], r["data_size"]): r for r in runs}
+  by_key, test = local_hf.offline_sweep([checkpoints[n]["path"] for n in NAMES], train, tok,
+                                        tmp_path, SWEEP_LEN, train_cfg)
   assert set(by_key) == {(n, d) for n in NAMES for d in (0, 200)}
-  from configs import finetune_hf
-  from lensllm_jax.training import sweep as finetune_sweep
-
-  cfg = finetune_hf.get_config(f"local:{dirs}")
-  cfg.data_files.train = str(train)
-  cfg.update(dict(overrides, subset_sizes=(200,)))
-  test = textdata.encode_examples(finetune_sweep.load_splits(cfg, tmp_path)["test"], tok,
-                                  SWEEP_LEN)
   for name in NAMES:
     model = checkpoints[name]["model"]
     with torch.no_grad():
-      lp = _torch_token_log_probs(model, test.input_ids, test.attention_mask, test.targets)
+      lp = local_hf.torch_token_log_probs(model, test.input_ids, test.attention_mask, test.targets)
       nll = float(-(lp * torch.as_tensor(test.loss_mask)).sum() / test.loss_mask.sum())
     zero_shot, tuned = by_key[(name, 0)], by_key[(name, 200)]
     assert zero_shot["test_loss"] == pytest.approx(nll, rel=1e-5), name

@@ -8,9 +8,6 @@ a tokenizer.json trained here, so nothing is downloaded.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +15,7 @@ import numpy as np
 import pytest
 
 from experiments import hessian_common
-from helpers import REPO_ROOT
+from helpers import local_hf
 from lensllm_jax import models
 from lensllm_jax.theory import nlp_metrics, ntk
 from lensllm_jax.training import textdata
@@ -33,12 +30,7 @@ NUM_RECORDS = 240  # 200 train (the one fine-tuning size) + 20 validation + 20 t
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
   """A local jsonl translation task and a byte-level BPE tokenizer trained on it."""
-  root = tmp_path_factory.mktemp("task")
-  records = textdata.synthetic_translation_records(NUM_RECORDS, seed=0)
-  train = root / "train.jsonl"
-  train.write_text("".join(json.dumps(r) + "\n" for r in records))
-  tok = textdata.train_tokenizer([r["src"] + " " + r["tgt"] for r in records], vocab_size=400)
-  return train, tok
+  return local_hf.translation_task(tmp_path_factory.mktemp("task"), NUM_RECORDS, 400)
 
 
 def _save(root, name, model, tok):
@@ -67,17 +59,9 @@ def checkpoints(tmp_path_factory, task):
   return {"opt": (_save(root, "opt", opt, tok), opt), "phi": (_save(root, "phi", phi, tok), phi)}
 
 
-def _torch_token_log_probs(model, input_ids, attention_mask, targets):
-  """log p(targets[b, t]) [B, T] from the torch model (differentiable)."""
-  logits = model(input_ids=torch.as_tensor(input_ids, dtype=torch.long),
-                 attention_mask=torch.as_tensor(attention_mask, dtype=torch.long)).logits
-  logp = torch.log_softmax(logits.double(), dim=-1)
-  return torch.gather(logp, -1, torch.as_tensor(targets, dtype=torch.long)[..., None])[..., 0]
-
-
 def _torch_sequence_ll(model, data):
   """Per-sequence mean target-token log-likelihood (the "log_likelihood" NTK output)."""
-  lp = _torch_token_log_probs(model, data.input_ids, data.attention_mask, data.targets)
+  lp = local_hf.torch_token_log_probs(model, data.input_ids, data.attention_mask, data.targets)
   m = torch.as_tensor(data.loss_mask, dtype=torch.float64)
   return (lp * m).sum(1) / m.sum(1).clamp(min=1)
 
@@ -123,8 +107,8 @@ def test_hessian_loss_and_gradient_match_torch(arch, checkpoints):
   loss, grads = jax.value_and_grad(loss_fn)(params, {k: jnp.asarray(v) for k, v in batch.items()})
 
   hf_model.zero_grad()
-  lp = _torch_token_log_probs(hf_model, batch["input_ids"], np.ones_like(batch["input_ids"]),
-                              batch["targets"])
+  lp = local_hf.torch_token_log_probs(hf_model, batch["input_ids"],
+                                      np.ones_like(batch["input_ids"]), batch["targets"])
   m = torch.as_tensor(batch["loss_mask"], dtype=torch.float64)
   ref = -((lp * m).sum(1) / m.sum(1)).mean()
   ref.backward()
@@ -172,36 +156,16 @@ def test_finetune_sweep_offline(checkpoints, task, tmp_path):
   fine-tuning on 200 examples lowers the test loss. (The NTK snapshots are off: the
   kernel of these models is checked against torch above.)"""
   train, tok = task
-  dirs = [checkpoints[a][0] for a in ("opt", "phi")]
-  overrides = dict(max_len=MAX_LEN, num_validation=20, num_test=20, subset_sizes="(200,)")
   train_cfg = dict(max_steps=6, eval_every=3, batch_size=8, eval_batch_size=20,
                    learning_rate=3e-3, warmup_steps=0)
-  args = [f"--config=configs/finetune_hf.py:local:{dirs[0]},{dirs[1]}",
-          f"--workdir={tmp_path}", f"--config.data_files.train={train}",
-          "--config.ntk.num_probe=0", "--config.checkpoint_runs=False"]
-  args += [f"--config.{k}={v}" for k, v in overrides.items()]
-  args += [f"--config.train.{k}={v}" for k, v in train_cfg.items()]
-  env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-  proc = subprocess.run([sys.executable, "-m", "experiments.finetune_sweep", *args],
-                        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-
-  runs = [json.loads(x) for x in (tmp_path / "runs.jsonl").read_text().splitlines()]
-  by_key = {(r["model"], r["data_size"]): r for r in runs}
+  by_key, test = local_hf.offline_sweep([checkpoints[a][0] for a in ("opt", "phi")], train,
+                                        tok, tmp_path, MAX_LEN, train_cfg, timeout=600)
   assert set(by_key) == {(a, d) for a in ("opt", "phi") for d in (0, 200)}
-  # The test split as the sweep drew it (same config, same seed), encoded the same way.
-  from configs import finetune_hf
-  from lensllm_jax.training import sweep as finetune_sweep
-
-  cfg = finetune_hf.get_config(f"local:{dirs[0]},{dirs[1]}")
-  cfg.data_files.train = str(train)
-  cfg.update(dict(overrides, subset_sizes=(200,)))
-  splits = finetune_sweep.load_splits(cfg, tmp_path)
-  test = textdata.encode_examples(splits["test"], tok, MAX_LEN)
   for arch in ("opt", "phi"):
     hf_model = checkpoints[arch][1]
     with torch.no_grad():
-      lp = _torch_token_log_probs(hf_model, test.input_ids, test.attention_mask, test.targets)
+      lp = local_hf.torch_token_log_probs(hf_model, test.input_ids, test.attention_mask,
+                                          test.targets)
       nll = float(-(lp * torch.as_tensor(test.loss_mask)).sum() / test.loss_mask.sum())
     zero_shot = by_key[(arch, 0)]
     assert zero_shot["test_loss"] == pytest.approx(nll, rel=1e-5)
