@@ -19,10 +19,11 @@ against known XLA bugs that silently change numbers); `data/` holds the public
 curve files with their notice and the PFN weights.
 
 Subpackages load on first use (`lensllm_jax.laws` or `from lensllm_jax import
-laws`), so `import lensllm_jax` is cheap. Importing does no I/O and changes one
-setting: it turns off XLA:CPU's YNNPACK reduce fusions, which compute some
-fusions wrongly in jaxlib 0.10.2 (`xla_workarounds`; it only appends a flag to
-XLA_FLAGS, and leaves XLA_FLAGS alone if it already names that flag).
+laws`), so `import lensllm_jax` is cheap. Importing reads only jaxlib's
+installed version and, on jaxlib < 0.11, changes one setting: it turns off
+XLA:CPU's YNNPACK reduce fusions, which compute some fusions wrongly in jaxlib
+0.10.2 (`xla_workarounds`; it only appends a flag to XLA_FLAGS, and leaves
+XLA_FLAGS alone if it already names that flag).
 """
 
 import importlib

@@ -13,21 +13,47 @@ other. Removing the REDUCE type from the YNNPACK fusions
 (`--xla_cpu_experimental_ynn_fusion_type=-reduce`) restores exact results
 (removing "dot" or "eltwise" does not); the flag only concerns the CPU backend.
 
+Versions: the bug is present in jaxlib 0.10.2 (the lock's lower end) and
+absent in 0.11.0, 0.11.2 and 0.12.0.1 (the same repro, default flags, checked
+here), so the guard applies only to jaxlib < YNN_REDUCE_FIXED_IN, where it is
+needed; newer jaxlib runs with XLA's defaults.
+
 `disable_cpu_ynn_fusions` appends that flag to XLA_FLAGS. XLA reads XLA_FLAGS
 when the first backend is created, so `import lensllm_jax` applies it (after
 `import jax` is fine, after the first computation is too late: it then warns).
 A user who sets the flag in XLA_FLAGS themselves (any value) keeps their choice.
-tests/test_xla_workarounds.py checks the repro and the Llama Jacobian.
+tests/test_xla_workarounds.py checks, on whichever jaxlib runs the tests, that
+the bug is present without the flag exactly where `ynn_reduce_bug_expected()`
+says so, and that results are exact after `import lensllm_jax`.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
+import re
 import sys
 import warnings
 
 YNN_FUSION_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 WORKAROUND = f"{YNN_FUSION_FLAG}=-reduce"
+# First jaxlib release whose XLA:CPU computes the YNNPACK reduce fusions correctly.
+YNN_REDUCE_FIXED_IN = (0, 11, 0)
+
+
+def jaxlib_version() -> tuple[int, ...] | None:
+  """The installed jaxlib's version as integers, read without importing JAX (None if absent)."""
+  try:
+    text = importlib.metadata.version("jaxlib")
+  except importlib.metadata.PackageNotFoundError:
+    return None
+  return tuple(int(part) for part in re.findall(r"\d+", text.split("+")[0])[:4])
+
+
+def ynn_reduce_bug_expected(version: tuple[int, ...] | None = None) -> bool:
+  """Whether jaxlib `version` (default: the installed one) has the YNNPACK reduce bug."""
+  version = jaxlib_version() if version is None else version
+  return version is not None and version < YNN_REDUCE_FIXED_IN
 
 
 def _backends_initialized() -> bool:
@@ -39,14 +65,17 @@ def _backends_initialized() -> bool:
 
 
 def disable_cpu_ynn_fusions() -> bool:
-  """Adds `--xla_cpu_experimental_ynn_fusion_type=-reduce` to XLA_FLAGS unless it names
-  that flag already.
+  """Adds `--xla_cpu_experimental_ynn_fusion_type=-reduce` to XLA_FLAGS where the
+  installed jaxlib has the bug, unless XLA_FLAGS names that flag already.
 
   Returns:
-    True if the flag was added now (and will take effect), False if XLA_FLAGS
-    already names it or a JAX backend already exists (then a RuntimeWarning
-    says the workaround could not be applied).
+    True if the flag was added now (and will take effect), False if this
+    jaxlib does not need it, XLA_FLAGS already names it or a JAX backend
+    already exists (then a RuntimeWarning says the workaround could not be
+    applied).
   """
+  if not ynn_reduce_bug_expected():
+    return False
   flags = os.environ.get("XLA_FLAGS", "")
   if YNN_FUSION_FLAG in flags:
     return False

@@ -7,11 +7,23 @@ import pathlib
 
 import pytest
 
+import helpers
 from helpers import SHARED_BENCHMARKS
 
 # Binaries run by tests (subprocesses inherit this) leave the user's JAX
 # compilation cache alone: off unless a test passes --compilation_cache_dir.
 os.environ["LENSLLM_COMPILATION_CACHE_DIR"] = ""
+
+
+def pytest_configure(config):
+  # Whether this run's `-m` expression deselects the `torch` marker
+  # (helpers.import_torch_and_transformers reads it).
+  markexpr = config.getoption("markexpr", "") or ""
+  if markexpr:
+    from _pytest.mark.expression import Expression  # pytest's own `-m` parser
+
+    helpers.TORCH_MARKER["deselected"] = not Expression.compile(markexpr).evaluate(
+        lambda name, **_: name == "torch")
 
 
 @pytest.fixture(scope="session")

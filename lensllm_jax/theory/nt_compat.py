@@ -14,11 +14,20 @@ Guarantees:
 
 Use `import_neural_tangents()` rather than importing the package directly.
 
+Checked on both ends of the supported range (jax 0.10.2 and 0.12.0.1, CI:
+.ci/run and .ci/newest). If a future JAX drops a name that none of the
+sources defines, `install()` raises one ImportError naming every missing
+name; the project's own kernel, `ntk.make_ntk_fn(..., implementation=
+"jacrev")` (reverse-mode Jacobians contracted explicitly), needs no
+neural-tangents and is the fallback.
+
 Known limit: with these names restored, `empirical_ntk_fn` works with
-JACOBIAN_CONTRACTION and NTK_VECTOR_PRODUCTS; STRUCTURED_DERIVATIVES (and
-AUTO, which may pick it) still fails on jax 0.10 ("linearize() got multiple
-values for argument 'has_aux'"): it walks JAX's internal linearize/jaxpr
-machinery, whose signatures changed, so it is not shimmed here.
+JACOBIAN_CONTRACTION and NTK_VECTOR_PRODUCTS (the two the project uses);
+STRUCTURED_DERIVATIVES (and AUTO, which may pick it) still fails on jax 0.10
+and 0.12 (errors such as "linearize() got multiple values for argument
+'has_aux'" or "'ArrayImpl' object has no attribute 'map'"): it walks JAX's
+internal linearize/jaxpr machinery, whose signatures changed, so it is not
+shimmed here.
 """
 
 from __future__ import annotations
@@ -44,18 +53,24 @@ _MISSING_NAMES = (
 _UTIL_NAMES = ("safe_map", "safe_zip")
 
 
-def _restore_name(target_name: str, attr: str, sources: tuple[str, ...]) -> None:
+_FALLBACK = ("the project's own kernel needs no neural-tangents: "
+             "lensllm_jax.theory.ntk.make_ntk_fn(..., implementation='jacrev')")
+
+
+def _restore_name(target_name: str, attr: str, sources: tuple[str, ...]) -> bool:
+  """Sets `target.attr` from the first source defining it; False if none does."""
   target = importlib.import_module(target_name)
   if hasattr(target, attr):
-    return
+    return True
   for source_name in sources:
-    source = importlib.import_module(source_name)
+    try:
+      source = importlib.import_module(source_name)
+    except ImportError:
+      continue
     if hasattr(source, attr):
       setattr(target, attr, getattr(source, attr))
-      return
-  raise ImportError(
-      f"nt_compat: cannot restore {target_name}.{attr}: none of {sources} "
-      "defines it on this JAX version.")
+      return True
+  return False
 
 
 def _restore_jax_util() -> None:
@@ -91,20 +106,45 @@ def _stub_experimental() -> None:
 
 
 def install() -> None:
-  """Restores the names neural-tangents 0.6.5 needs. Idempotent."""
-  import jax  # noqa: F401  (the targets below are its submodules)
+  """Restores the names neural-tangents 0.6.5 needs. Idempotent.
 
-  for target_name, attr, sources in _MISSING_NAMES:
-    _restore_name(target_name, attr, sources)
+  Raises:
+    ImportError naming every JAX name that no known module defines any more
+    on this JAX version, and the fallback kernel.
+  """
+  import jax
+
+  missing = [f"{target}.{attr} (looked in {', '.join(sources)})"
+             for target, attr, sources in _MISSING_NAMES
+             if not _restore_name(target, attr, sources)]
+  from jax._src import util as src_util
+  missing += [f"jax.util.{name} (looked in jax._src.util)" for name in _UTIL_NAMES
+              if not hasattr(src_util, name)]
+  if missing:
+    raise ImportError(f"nt_compat: jax {jax.__version__} no longer defines names that "
+                      f"neural-tangents 0.6.5 imports: {'; '.join(missing)}; {_FALLBACK}")
   _restore_jax_util()
   _stub_experimental()
 
 
 def import_neural_tangents() -> types.ModuleType:
-  """Installs the shims, then imports and returns `neural_tangents`."""
+  """Installs the shims, then imports and returns `neural_tangents`.
+
+  Raises:
+    ImportError if neural-tangents is not installed, or if it still fails to
+    import on this JAX (the message names the JAX names it lacks and the
+    fallback kernel).
+  """
   if importlib.util.find_spec("neural_tangents") is None:
     raise ImportError(
         "neural-tangents is not installed; install it without its "
-        "dependencies: pip install --no-deps neural-tangents==0.6.5")
+        "dependencies: pip install --no-deps neural-tangents==0.6.5; or use " + _FALLBACK)
   install()
-  return importlib.import_module("neural_tangents")
+  try:
+    return importlib.import_module("neural_tangents")
+  except (ImportError, AttributeError) as e:
+    # A name this shim does not know about yet (a newer JAX moved it).
+    import jax
+
+    raise ImportError(f"nt_compat: neural-tangents 0.6.5 does not import on jax "
+                      f"{jax.__version__}: {e}; {_FALLBACK}") from e

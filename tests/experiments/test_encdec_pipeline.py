@@ -18,14 +18,14 @@ import textwrap
 import numpy as np
 import pytest
 
-from helpers import REPO_ROOT
+from helpers import REPO_ROOT, import_torch_and_transformers
 from lensllm_jax.curves import benchmarks
 from lensllm_jax.training import textdata
 
 pytestmark = pytest.mark.slow  # end-to-end: sweep, then the binaries on its outputs
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.torch
+torch, transformers = import_torch_and_transformers()
 
 
 def test_seq2seq_encoding_sends_input_to_encoder_and_target_to_decoder():

@@ -11,6 +11,30 @@ import textwrap
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 # The public curve files (flan, gigaword) ship inside the package.
 SHARED_BENCHMARKS = REPO_ROOT / "lensllm_jax" / "data"
+# Set by conftest.pytest_configure: whether the run's `-m` deselects marker torch.
+TORCH_MARKER = {"deselected": False}
+
+
+def import_torch_and_transformers():
+  """`(torch, transformers)` for a module of Hugging Face reference tests.
+
+  Such a module sets `pytestmark = pytest.mark.torch` and calls this at module
+  level. Without torch, the module is skipped only when the run deselects the
+  marker (`-m "not torch"`, as .ci/newest does); otherwise the missing package
+  is a collection error, never a silent skip.
+  """
+  import pytest
+
+  try:
+    import torch
+    import transformers
+  except ImportError as e:
+    if TORCH_MARKER["deselected"]:
+      pytest.skip(f"marker torch deselected and {e.name} is not installed",
+                  allow_module_level=True)
+    pytest.fail(f"{e.name} is not installed; install requirements-dev.txt or run with "
+                "-m 'not torch'", pytrace=False)
+  return torch, transformers
 
 
 def run_with_host_devices(code: str, num_devices: int = 4, timeout: float = 300) -> str:

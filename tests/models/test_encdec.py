@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from helpers import import_torch_and_transformers
 from lensllm_jax import models
 from lensllm_jax.models import (
   CheckpointError,
@@ -31,8 +32,8 @@ from lensllm_jax.models.encdec_hf import encdec_config_from_hf
 from lensllm_jax.models.t5 import relative_position_bucket, switch_routing
 from lensllm_jax.theory import ntk
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.torch
+torch, transformers = import_torch_and_transformers()
 
 VOCAB = 61
 SRC, TGT = 10, 7

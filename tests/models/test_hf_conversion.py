@@ -20,10 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import import_torch_and_transformers
 from lensllm_jax import models
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.torch
+torch, transformers = import_torch_and_transformers()
 
 VOCAB = 97
 BATCH, LENGTH = 3, 12

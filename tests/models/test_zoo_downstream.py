@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 
 from experiments import hessian_common
-from helpers import local_hf
+from helpers import import_torch_and_transformers, local_hf
 from lensllm_jax import models
 from lensllm_jax.theory import nlp_metrics, ntk
 from lensllm_jax.training import textdata
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.torch
+torch, transformers = import_torch_and_transformers()
 
 MAX_LEN = 24
 NUM_RECORDS = 240  # 200 train (the one fine-tuning size) + 20 validation + 20 test

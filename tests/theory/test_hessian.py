@@ -227,3 +227,90 @@ def test_positive_part_quadratic_form_exact_at_full_dimension(mlp):
   qa = hs.lanczos_quadrature(hs.dense_operator(jnp.asarray(a)), jnp.asarray(v[:8]),
                              jax.random.PRNGKey(1), 8, hs.positive_part)
   np.testing.assert_allclose(qa.value, v[:8] @ (u * np.maximum(w, 0)) @ u.T @ v[:8], rtol=1e-10)
+
+
+# ----------------------------------------------------------------------------
+# Cross-checks with matfree (a maintained JAX library: Lanczos, SLQ, Hutchinson)
+# on the same HVP operator. Same start vectors / probes: the two must agree to
+# rounding (float64); independent probes: within their standard errors.
+
+def _matfree_ritz(op, q0, m):
+  """matfree's Ritz values and first-component weights of m Lanczos steps from q0."""
+  from matfree import decomp
+
+  _, t, _, _ = decomp.tridiag_sym(m, reortho="full")(op.matvec, q0)
+  theta, s = np.linalg.eigh(np.asarray(t))
+  return theta, s[0] ** 2
+
+
+def test_top_eigenvalues_agree_with_matfree(mlp):
+  _, _, _, dense, op = mlp
+  from matfree import decomp, eig
+
+  m, key = 30, jax.random.PRNGKey(11)
+  ours = hs.lanczos_eigs(op, key, k=3, num_iters=m)
+  assert int(ours.num_breakdowns) == 0
+  q0 = hs.lanczos(op, key, m).basis[0]  # the start vector lanczos_eigs drew
+  vals, vecs = eig.eigh_partial(decomp.tridiag_sym(m, reortho="full"))(op.matvec, q0)
+  # Same Krylov space: every Ritz value agrees, the top three to 1e-9 relative.
+  np.testing.assert_allclose(np.sort(ours.ritz_values), np.sort(vals), rtol=1e-8,
+                             atol=1e-10 * np.abs(vals).max())
+  top = np.argsort(np.asarray(vals))[::-1][:3]
+  np.testing.assert_allclose(ours.eigenvalues, np.asarray(vals)[top], rtol=1e-9)
+  overlap = np.abs(np.sum(np.asarray(ours.eigenvectors) * np.asarray(vecs)[top], axis=1))
+  np.testing.assert_allclose(overlap, 1.0, atol=1e-6)
+  # And both are the dense top eigenvalues to Lanczos accuracy at m = 30 < P = 64.
+  np.testing.assert_allclose(ours.eigenvalues[:2], np.linalg.eigvalsh(dense)[::-1][:2], rtol=1e-6)
+
+
+def test_spectral_density_agrees_with_matfree(mlp):
+  _, _, _, dense, op = mlp
+  from matfree import decomp, funm, stochtrace
+
+  key, m, k = jax.random.PRNGKey(12), 8, 16
+  res = hs.slq_density(op, key, num_probes=k, num_iters=m, num_grid=400)
+  # Same Rademacher probes (drawn as slq_nodes_weights draws them).
+  nodes, weights = [], []
+  for i in range(k):
+    z = jax.random.rademacher(jax.random.split(jax.random.fold_in(key, i))[0], (op.dim,),
+                              op.dtype)
+    theta, w = _matfree_ritz(op, z / jnp.linalg.norm(z), m)
+    nodes.append(theta)
+    weights.append(w)
+  nodes, weights = np.stack(nodes), np.stack(weights)
+  np.testing.assert_allclose(np.sort(res.nodes, axis=1), nodes, rtol=1e-8,
+                             atol=1e-9 * np.abs(nodes).max())
+  theirs = hs.gaussian_density(jnp.asarray(nodes), jnp.asarray(weights), res.grid, res.sigma)
+  np.testing.assert_allclose(res.density, theirs, atol=1e-8 * float(np.max(theirs)))
+  # matfree's own SLQ estimator of tr(H^2) with its own probes: the two
+  # estimates agree within 4 combined standard errors (tr(H^2) = P * moment 2).
+  square = funm.dense_funm_sym_eigh(lambda x: x ** 2)
+  integrand = funm.monte_carlo_funm_sym(square, decomp.tridiag_sym(m, reortho="full"))
+  sampler = stochtrace.sampler_signs(jnp.zeros(op.dim, op.dtype), num=200)
+  mean, sem = jax.jit(stochtrace.estimator_monte_carlo_mean_and_sem(integrand, sampler))(
+      op.matvec, jax.random.PRNGKey(13))
+  ours, se = hs.slq_moments(res.nodes, res.weights, 2)
+  exact = np.sum(np.linalg.eigvalsh(dense) ** 2)
+  combined = np.hypot(float(sem), op.dim * float(se))
+  assert abs(float(mean) - op.dim * float(ours)) <= 4 * combined, (mean, ours, sem, se)
+  assert abs(float(mean) - exact) <= 4 * float(sem), (mean, exact, sem)
+
+
+def test_trace_estimates_agree_with_matfree(mlp):
+  _, _, _, dense, op = mlp
+  from matfree import stochtrace
+
+  key, num = jax.random.PRNGKey(14), 200
+  ours = hs.hutchinson_trace(op, key, num_probes=num)
+  # Same probes: matfree's Monte Carlo estimator fed hutchinson_trace's probes.
+  probes = jnp.stack([jax.random.rademacher(jax.random.fold_in(key, i), (op.dim,), op.dtype)
+                      for i in range(num)])
+  same = stochtrace.estimator_monte_carlo(stochtrace.monte_carlo_trace(), lambda _: probes)(
+      op.matvec, key)
+  np.testing.assert_allclose(ours.trace, same, rtol=1e-10)
+  # Its own probes: within 4 combined standard errors, and of the exact trace.
+  sampler = stochtrace.sampler_signs(jnp.zeros(op.dim, op.dtype), num=num)
+  mean, sem = stochtrace.estimator_monte_carlo_mean_and_sem(
+      stochtrace.monte_carlo_trace(), sampler)(op.matvec, jax.random.PRNGKey(15))
+  assert abs(float(mean) - float(ours.trace)) <= 4 * np.hypot(float(sem), float(ours.stderr))
+  assert abs(float(mean) - np.trace(dense)) <= 4 * float(sem)

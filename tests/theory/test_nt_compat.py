@@ -92,3 +92,37 @@ def test_empirical_ntk_fn_matches_jacrev(implementation):
   ref_traced = np.einsum("abii->ab", ref) / 3
   np.testing.assert_allclose(traced(x1, x2, params), ref_traced, rtol=2e-5,
                              atol=2e-5 * np.abs(ref_traced).max())
+
+
+def test_neural_tangents_agrees_with_the_projects_own_kernel():
+  """Both neural-tangents implementations against ntk.make_ntk_fn('jacrev') (no nt)."""
+  from lensllm_jax.theory import ntk
+
+  model = _MLP()
+  x1 = jax.random.normal(jax.random.key(3), (5, 5))
+  x2 = jax.random.normal(jax.random.key(4), (3, 5))
+  params = model.init(jax.random.key(5), x1)["params"]
+
+  def f(p, x):
+    return model.apply({"params": p}, x)
+
+  own = ntk.make_ntk_fn(f, trace_axes=(-1,), implementation="jacrev")(params, x1, x2)
+  nt = nt_compat.import_neural_tangents()
+  for implementation in (1, 2):
+    theirs = nt.empirical_ntk_fn(f, trace_axes=(-1,), vmap_axes=0,
+                                 implementation=implementation)(x1, x2, params)
+    np.testing.assert_allclose(theirs, own, rtol=2e-5, atol=2e-5 * np.abs(own).max(),
+                               err_msg=f"implementation {implementation}")
+
+
+def test_a_jax_without_a_needed_name_gives_one_error_naming_it(monkeypatch):
+  # A future JAX that defines a name nowhere: simulated with a name no JAX has.
+  monkeypatch.setattr(nt_compat, "_MISSING_NAMES", nt_compat._MISSING_NAMES + (
+      ("jax.core", "NoSuchName", ("jax.extend.core", "jax._src.core")),
+      ("jax.core", "AlsoGone", ("jax._src.core",))))
+  with pytest.raises(ImportError) as info:
+    nt_compat.install()
+  message = str(info.value)
+  assert "jax.core.NoSuchName" in message and "jax.core.AlsoGone" in message
+  assert "implementation='jacrev'" in message
+  assert not hasattr(jax.core, "NoSuchName")
