@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import import_torch_and_transformers
 
 from experiments import hessian_common
 from helpers import local_hf
@@ -31,8 +32,8 @@ from lensllm_jax.models.presets import HF_CONFIGS
 from lensllm_jax.theory import nlp_metrics, ntk
 from lensllm_jax.training import textdata
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.torch
+torch, transformers = import_torch_and_transformers()
 
 BATCH, LENGTH = 3, 12  # longer than every sliding window below (4, 5, 7)
 NUM_RECORDS = 240  # 200 train + 20 validation + 20 test (finetune_sweep)
