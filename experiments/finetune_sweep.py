@@ -66,6 +66,7 @@ from absl import flags, logging
 
 from experiments import common  # also defines --compilation_cache_dir
 from lensllm_jax import errors, models, training
+from lensllm_jax.progress import progress as progress_bar
 from lensllm_jax.training import sharding, sweep, textdata
 
 FLAGS = flags.FLAGS
@@ -136,7 +137,7 @@ def run_sweep(cfg, workdir: pathlib.Path) -> None:
                  rec["model"], rec["data_size"], rec["test_loss"], rec["wall_seconds"],
                  (time.time() - t_start) / n_new)
 
-  for spec in cfg.models:
+  for spec in progress_bar(cfg.models, desc="sweep models", unit="model"):
     if all((spec.name, d) in runs for d in [0] + list(cfg.subset_sizes)):
       rec = runs[(spec.name, 0)]
       model_rows[spec.name] = {"size": rec["size"], "family": rec["family"]}

@@ -12,8 +12,8 @@ above it (`tests/test_imports.py`):
   selection  the selection methods, their registry, metrics, compute and budget
   plus       LensLLM+: candidate predictors (pooled fits, curve PFNs) and the protocol
 
-and three modules every layer may use: `errors` (the project's error types
-for bad user input), `rundir` (output directories and workdirs: manifests,
+and four modules every layer may use: `errors` (the project's error types
+for bad user input), `progress` (a bar or log lines for long loops), `rundir` (output directories and workdirs: manifests,
 locks, append-only files that survive kills) and `xla_workarounds` (guards
 against known XLA bugs that silently change numbers); `data/` holds the public
 curve files with their notice and the PFN weights.
@@ -35,7 +35,7 @@ xla_workarounds.disable_cpu_ynn_fusions()
 __version__ = "0.1.0"
 
 SUBPACKAGES = ("curves", "models", "theory", "training", "laws", "selection", "plus")
-MODULES = ("errors", "rundir", "xla_workarounds")
+MODULES = ("errors", "progress", "rundir", "xla_workarounds")
 __all__ = [*SUBPACKAGES, *MODULES]
 
 

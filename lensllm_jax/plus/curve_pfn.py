@@ -73,6 +73,7 @@ import numpy as np
 import optax
 
 from lensllm_jax import errors, selection
+from lensllm_jax.progress import progress
 
 __all__ = [
   "FAMILIES",
@@ -499,7 +500,7 @@ def fit_bar_model(apply_fn: Callable, params, bars: BarDistribution, train_confi
     return optax.apply_updates(prm, upd), st, val
 
   rows, acc, t0 = [], [], time.time()
-  for s in range(1, train_config.num_steps + 1):
+  for s in progress(range(1, train_config.num_steps + 1), desc="PFN training", unit="step"):
     params, opt_state, val = step(params, opt_state, next_batch())
     acc.append(val)
     if s % train_config.log_every == 0 or s == train_config.num_steps:

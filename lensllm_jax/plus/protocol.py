@@ -49,6 +49,7 @@ import jax
 import numpy as np
 
 from lensllm_jax import selection
+from lensllm_jax.progress import progress
 from lensllm_jax.selection import metrics, pooled
 
 __all__ = [
@@ -322,7 +323,7 @@ def leave_one_out(curve_sets, configs: Sequence[pooled.PooledConfig] | None = No
     return tables[all_names[j]]
 
   folds = []
-  for i in range(len(sets)):
+  for i in progress(range(len(sets)), desc="protocol folds", unit="fold"):
     train = [j for j in range(len(all_names)) if j != i]
     cfg, val = choose([table_of(j) for j in train], configs)
     nested = nested_choices({all_names[j]: table_of(j) for j in train}, configs)

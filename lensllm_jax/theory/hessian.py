@@ -66,6 +66,8 @@ import numpy as np
 from jax import lax
 from jax.flatten_util import ravel_pytree
 
+from lensllm_jax.progress import progress
+
 Array = jax.Array
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree], Array]  # loss_fn(params, batch) -> scalar
@@ -390,7 +392,7 @@ def lanczos(op: LinearOperator, key: Array, num_iters: int, v0: Array | None = N
   basis = jnp.zeros((m, op.dim), op.dtype).at[0].set(q0)
   carry = (basis, jnp.zeros(m, op.dtype), jnp.zeros(m, op.dtype),
            jnp.asarray(0.0, op.dtype), jnp.asarray(0.0, op.dtype), jnp.asarray(0, jnp.int32))
-  for j in range(m):
+  for j in progress(range(m), desc="lanczos", unit="product"):
     w = op.matvec(carry[0][j])
     if j == 0 and isinstance(getattr(w, "sharding", None), jax.sharding.SingleDeviceSharding):
       # The carry goes where the products live, so the update step sees one argument

@@ -54,6 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
+from lensllm_jax import progress as progress_lib
 from lensllm_jax.theory import nt_compat
 
 PyTree = Any
@@ -576,7 +577,8 @@ def make_blocked_ntk_fn(
     pairs += [(0, 0)] * (-len(pairs) % per_call)
     pairs = np.asarray(pairs, np.int32)
     chunks = []
-    for start in range(0, len(pairs), per_call):
+    for start in progress_lib.progress(range(0, len(pairs), per_call), desc="NTK blocks",
+                                       unit="call"):
       chunks.append(sharded(params, xb1, xb2, jnp.asarray(pairs[start:start + per_call])))
       if progress is not None:
         progress(min(start + per_call, total), total)

@@ -51,6 +51,7 @@ import optax
 
 from lensllm_jax import models
 from lensllm_jax.models import losses
+from lensllm_jax.progress import progress
 from lensllm_jax.training import sharding as shd
 from lensllm_jax.training import textdata
 
@@ -582,6 +583,7 @@ def finetune(apply_fn: ApplyFn, params: Any, train: textdata.TokenizedData,
     last_save = time.monotonic()
     train_sum, train_count = 0.0, 0.0
     step = int(meta["step"])
+    bar = progress(total=cfg.max_steps - step, desc="training", unit="step")
     while not meta["done"]:
       if stop_after_steps is not None and step >= stop_after_steps:
         break
@@ -594,6 +596,7 @@ def finetune(apply_fn: ApplyFn, params: Any, train: textdata.TokenizedData,
       loss, tokens = float(metrics["loss"]), float(metrics["tokens"])
       clock["train"] += time.perf_counter() - t0
       step += 1
+      bar.update()
       meta["scored_tokens"] += int(tokens)
       train_sum += loss * tokens
       train_count += tokens
@@ -624,6 +627,7 @@ def finetune(apply_fn: ApplyFn, params: Any, train: textdata.TokenizedData,
       if ckpt is not None and time.monotonic() - last_save >= checkpoint_every_s:
         ckpt.save(step, {"state": state._asdict(), "best_params": best_params}, meta)
         last_save = time.monotonic()
+    bar.close()
   finally:
     if ckpt is not None:
       ckpt.close()
@@ -648,7 +652,7 @@ def pretrain(apply_fn: ApplyFn, params: Any, train: textdata.TokenizedData,
   state = init_state(params, optimizer, mesh=mesh)
   key = jax.random.key(cfg.seed)
   losses = []
-  for step in range(cfg.max_steps):
+  for step in progress(range(cfg.max_steps), desc="training", unit="step"):
     batch = textdata.train_batch(train, cfg.batch_size, step, seed=cfg.seed)
     if mesh is not None:
       batch = shd.shard_global_batch(batch, mesh)
