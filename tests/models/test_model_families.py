@@ -23,10 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import import_torch_and_transformers
 
 from experiments import hessian_common
-from helpers import local_hf
+from helpers import import_torch_and_transformers, local_hf
 from lensllm_jax import models
 from lensllm_jax.models.presets import HF_CONFIGS
 from lensllm_jax.theory import nlp_metrics, ntk
