@@ -6,10 +6,11 @@ import jax
 import numpy as np
 import pytest
 
+from helpers import import_torch_and_transformers
 from lensllm_jax import models, training
 
-pytest.importorskip("torch")
-pytest.importorskip("transformers")
+pytestmark = pytest.mark.torch
+import_torch_and_transformers()
 
 
 @pytest.mark.parametrize("config", [
