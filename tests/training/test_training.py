@@ -12,7 +12,7 @@ import pytest
 
 from lensllm_jax import training
 from lensllm_jax.models import CausalLM, ModelConfig, init_params
-from lensllm_jax.training import textdata
+from lensllm_jax.training import sharding, textdata
 
 V, T = 40, 12
 CONFIG = ModelConfig(arch="gpt2", vocab_size=V, max_len=T, d_model=16, n_layers=1, n_heads=2)
@@ -209,12 +209,15 @@ def test_entry_points_compile_the_step_once(setup):
   apply_fn = training.causal_lm_apply(CausalLM(CONFIG))  # fresh: nothing cached yet
   train, val = _data(16, seed=8), _data(8, seed=9)
   cfg = training.TrainConfig(batch_size=4, max_steps=3, eval_every=2, eval_batch_size=8)
+  # On a mesh (the sweep's data-parallel setting): an unplaced step counter compiled the
+  # step a second time there, as its committed output came back as the next input.
+  mesh = sharding.make_mesh()
   with training.count_compilations() as counts:
     for _ in range(2):
-      training.pretrain(apply_fn, params, train, cfg)
+      training.pretrain(apply_fn, params, train, cfg, mesh=mesh)
     assert counts["jit(step_fn)"] == 1, counts
     for _ in range(2):  # the same TrainConfig: the same program as pretrain's
-      training.finetune(apply_fn, params, train, val, cfg)
+      training.finetune(apply_fn, params, train, val, cfg, mesh=mesh)
   assert counts["jit(step_fn)"] == 1 and counts["jit(eval_fn)"] == 1, counts
 
 
