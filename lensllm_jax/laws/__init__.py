@@ -10,7 +10,8 @@ Modules:
 Every public name of these modules is re-exported here
 (`from lensllm_jax.laws import NAME`):
 
-  forms: Law, inverse_softplus, lensllm_law, rectified_law, vanilla_law, LAW_FACTORIES, get_law,
+  forms: Law, inverse_softplus, lensllm_law, rectified_law, tie_break_law, vanilla_law,
+    LAW_FACTORIES, get_law,
     NUM_INIT_UNIFORMS, ZERO_DATA_SIZE, VANILLA_HUBER_DELTA, uniforms_from_key, LAW_CACHE_SIZE, f_term_key,
     law_cache_size
   fitting: AMPLITUDE_LIMIT, STATUS_NAMES, FitOptions, FitResult, degenerate_reason, fit_curves, initial_params,
@@ -52,6 +53,7 @@ from lensllm_jax.laws.forms import (
   law_cache_size,
   lensllm_law,
   rectified_law,
+  tie_break_law,
   uniforms_from_key,
   vanilla_law,
 )
@@ -69,6 +71,7 @@ __all__ = [
   "inverse_softplus",
   "lensllm_law",
   "rectified_law",
+  "tie_break_law",
   "vanilla_law",
   "LAW_FACTORIES",
   "get_law",

@@ -46,6 +46,15 @@ decreasing law can only meet in a limit). `degenerate_reason` says which.
 Per curve, the finite restart with the lowest objective is returned; a
 curve with no finite restart gets status "nonfinite", objective +inf and NaN
 parameters (never silently), and a curve with no valid point gets "no_data".
+
+Canonical point (Huber objectives by default, docs/laws.md): the vanilla
+law's Huber objective is L1-like on most points of the public curves and its
+minimisers form flat faces of equal objective but different extrapolations,
+so where the optimiser stops on a face is decided by rounding (the CPU's
+vector instructions). A second stage (`_canonical_stage`) moves every
+restart to the least-squares point of its face (damped Newton on the
+objective plus CANONICAL_TIE_BREAK / 2 sum_p r_p^2), and among the restarts of
+equal objective (CANONICAL_RTOL) the one with the least sum_p r_p^2 wins.
 """
 
 from __future__ import annotations
@@ -75,6 +84,16 @@ _RUNNING = -1
 # Consecutive rejected trust-region steps after which the point is taken as a
 # numerical minimum: the damping has grown by 4^40 (to its clip), the step is ~0.
 _MAX_REJECTED = 40
+# Canonical point (docs/laws.md): weight tau of the tie-break term tau / 2 sum_p r_p^2 and
+# the relative tolerance within which two restarts' objectives count as equal.
+CANONICAL_TIE_BREAK = 1e-7
+CANONICAL_RTOL = 1e-10
+# The canonical stage may finish a first-stage stop, lowering the objective by at most this
+# much (relative); a lane it carries further has left for another basin and keeps its point.
+CANONICAL_MAX_DESCENT = 1e-6
+# Relative change of the objective that the canonical stage treats as rounding (its value
+# is a sum of ~15 terms computed to ~1e-16 of log L each, i.e. ~1e-14 relative).
+CANONICAL_VALUE_RTOL = 1e-12
 
 
 class FitResult(NamedTuple):
@@ -140,7 +159,8 @@ class TrustRegionState(NamedTuple):
   curvature: jax.Array
 
 
-def _trust_region(step_fn, init_damping, min_damping, max_damping, rejected_damping=0.0):
+def _trust_region(step_fn, init_damping, min_damping, max_damping, rejected_damping=0.0,
+                  value_rtol=0.0):
   """optax transformation: a damped step from (grad, curvature), accepted if f decreases.
 
   step_fn(grad, curvature, damping) -> (step, predicted decrease). The trial
@@ -150,6 +170,13 @@ def _trust_region(step_fn, init_damping, min_damping, max_damping, rejected_damp
   or rejected: * 4, and at least `rejected_damping` after a rejection),
   clipped to [min_damping, max_damping]. A rejected step returns zero
   updates and keeps (value, grad, curvature).
+
+  value_rtol > 0: changes of f below value_rtol |f| count as rounding, not as
+  information: such a step is accepted (f may rise by that much) and, when
+  the predicted decrease is that small too, it counts as a good step
+  (rho > 0.75). Near a minimum whose curvature is tiny (the canonical stage),
+  the Newton steps then converge to the gradient's root instead of stopping
+  where f can no longer tell the trial point from the current one.
   """
 
   def init_fn(params):
@@ -164,8 +191,10 @@ def _trust_region(step_fn, init_damping, min_damping, max_damping, rejected_damp
     step, predicted = step_fn(grad, curvature, state.damping)
     new_value, new_grad, new_curvature = derivatives_fn(params + step)
     actual = value - new_value
-    rho = actual / jnp.maximum(predicted, 1e-300)
-    ok = jnp.isfinite(new_value) & (actual > 0) & jnp.all(jnp.isfinite(step))
+    noise = value_rtol * jnp.abs(value)
+    rho = jnp.where(predicted <= noise, 1.0, actual / jnp.maximum(predicted, 1e-300))
+    ok = jnp.isfinite(new_value) & (actual > -noise) & jnp.all(jnp.isfinite(step))
+    ok = ok & ((actual > 0) | (value_rtol > 0))
     damping = jnp.where(ok & (rho > 0.75), state.damping / 3.0,
                         jnp.where(ok & (rho > 0.25), state.damping, state.damping * 4.0))
     damping = jnp.where(ok, damping, jnp.maximum(damping, rejected_damping))
@@ -179,8 +208,8 @@ def _trust_region(step_fn, init_damping, min_damping, max_damping, rejected_damp
 
 def scale_by_damped_newton(init_damping: float = 1e-3, min_damping: float = 1e-15,
                            max_damping: float = 1e15,
-                           solver: str = "eigh",
-                           rejected_damping: float = 0.0) -> optax.GradientTransformationExtraArgs:
+                           solver: str = "eigh", rejected_damping: float = 0.0,
+                           value_rtol: float = 0.0) -> optax.GradientTransformationExtraArgs:
   """Damped (trust-region style) Newton step as an optax transformation.
 
   For the small, dense problems here (K <= ~8 parameters) the exact Hessian H
@@ -198,7 +227,8 @@ def scale_by_damped_newton(init_damping: float = 1e-3, min_damping: float = 1e-1
   all but unchanged outside near-null directions, so climbing from a small
   d by factors of 4 repeats nearly the same rejected trial several times;
   d = 1 at most halves every eigen-direction's step. `fit_curves` uses 1.0
-  ("newton"); 0 gives the plain schedule. A rejected step returns zero updates. Needs
+  ("newton"); 0 gives the plain schedule. `value_rtol`: see `_trust_region` (0: a
+  step is accepted only if f decreases). A rejected step returns zero updates. Needs
   the extra args `value` (objective at params), `curvature` (the Hessian at
   params) and `derivatives_fn` (params -> objective, gradient, Hessian, e.g.
   `laws.Law.objective_derivatives`); the state holds those of the new point.
@@ -220,7 +250,8 @@ def scale_by_damped_newton(init_damping: float = 1e-3, min_damping: float = 1e-1
     step = jax.scipy.linalg.cho_solve((chol, True), -grad)
     return step, -(grad @ step) - 0.5 * step @ (hess @ step)
 
-  return _trust_region(step_fn, init_damping, min_damping, max_damping, rejected_damping)
+  return _trust_region(step_fn, init_damping, min_damping, max_damping, rejected_damping,
+                       value_rtol)
 
 
 def scale_by_gauss_newton(init_damping: float = 1e-3, min_damping: float = 1e-15,
@@ -254,6 +285,9 @@ def _make_optimizer(name: str, memory_size: int):
     # Measured on every protocol fit: 18% fewer steps, no objective higher (<= 1.1e-10
     # relative), lower on 82 of 2940 curves (docs/speed.md).
     return scale_by_damped_newton(rejected_damping=1.0)
+  if name == "newton_canonical":
+    # The canonical stage (`_canonical_stage`): f differences of rounding size do not stop it.
+    return scale_by_damped_newton(rejected_damping=1.0, value_rtol=CANONICAL_VALUE_RTOL)
   if name == "newton_cholesky":
     return scale_by_damped_newton(solver="cholesky")
   if name == "gauss_newton":
@@ -509,6 +543,13 @@ class FitOptions:
     queue_slots: "auto" (`auto_queue_slots`), an int (lanes advanced together
       by the work queue) or None (one vmapped loop over all lanes). The
       results do not depend on it (up to floating-point vectorisation).
+    canonical: "auto" (True for Huber objectives, whose minimisers form flat
+      faces), True or False: return the canonical point of the minimisers
+      (`_canonical_stage`, docs/laws.md "Canonical point"): among restarts
+      within CANONICAL_RTOL of the lowest objective, the one with the least
+      sum of squared log residuals, each restart first moved along its face
+      to that point. False: the first stage's best restart (rounding decides
+      between points of equal objective).
 
   max_steps, gtol, ftol, f_scale and patience are traced arguments: changing
   them reuses the compiled loop. Another optimizer, memory_size or number of
@@ -522,6 +563,7 @@ class FitOptions:
   patience: int = 10
   memory_size: int = 10
   queue_slots: int | str | None = "auto"
+  canonical: bool | str = "auto"
 
 
 def fit_curves(law: forms.Law, data_size, log_loss, mask=None, *, key: jax.Array,
@@ -579,10 +621,73 @@ def fit_curves(law: forms.Law, data_size, log_loss, mask=None, *, key: jax.Array
     controls = (jnp.asarray(o.max_steps, jnp.int32), jnp.asarray(o.gtol, jnp.float64),
                 jnp.asarray(o.ftol, jnp.float64), jnp.asarray(o.f_scale, jnp.float64),
                 jnp.asarray(o.patience, jnp.int32))
-    raw, value, gnorm, steps, reason = jax.device_get(
-      fit(raw0, jnp.asarray(d_in), jnp.asarray(y_in), jnp.asarray(valid), aux_in, controls))
+    inputs = (jnp.asarray(d_in), jnp.asarray(y_in), jnp.asarray(valid), aux_in)
+    raw, value, gnorm, steps, reason = jax.device_get(fit(raw0, *inputs, controls))
+    canonical = law.loss == "huber" if o.canonical == "auto" else o.canonical
+    tie_key = None
+    if canonical:
+      raw, value, gnorm, steps, reason, tie_key = _canonical_stage(
+        law, (raw, value, gnorm, steps, reason), inputs, controls, slots)
   return _select_best(law, raw, value, gnorm, steps, reason, num_points,
-                      not_decreasing(d_in, y_in, valid))
+                      not_decreasing(d_in, y_in, valid), tie_key)
+
+
+def _canonical_stage(law, stage1, inputs, controls, slots):
+  """The canonical point of every lane: damped Newton on the tie-break objective.
+
+  From the endpoint of each finite lane, `stage1` = (raw, value, gnorm,
+  steps, reason) [C, R, ...], minimises objective +
+  CANONICAL_TIE_BREAK / 2 sum_p r_p^2 (`laws.tie_break_law`) by damped Newton
+  to its stationary point (no gradient tolerance: the tie-break's gradient is
+  tiny). Returns the lanes' (raw, published objective, ||grad||_inf, steps of
+  both stages, first-stage reason, tie key) [C, R, ...]; the tie key is
+  sum_p r_p^2 of a canonicalised lane and +inf of the others. Not
+  canonicalised (first-stage point kept): lanes that failed in the first
+  stage; lanes whose second stage did not converge (it ran down a valley
+  whose infimum lies at infinity, where the endpoint depends on the step
+  budget and on rounding); lanes whose objective the second stage raised by
+  more than CANONICAL_RTOL (relative) or lowered by more than
+  CANONICAL_MAX_DESCENT (it left the first stage's basin: from a stall of
+  the first stage in a degenerate region it can run into valleys where
+  rounding decides the endpoint). A first stage that stopped at max_steps next to a
+  minimum is canonicalised like a converged one: which side of the stopping
+  rule such a lane ends on is itself a matter of rounding.
+  """
+  raw1, _, gnorm1, steps1, reason1 = stage1
+  max_steps, _, ftol, f_scale, patience = controls
+  tie_law = forms.tie_break_law(law, CANONICAL_TIE_BREAK)
+  fit = _compiled_fit(tie_law, "newton_canonical", 10, inputs[3] is not None,
+                      None if slots is None else int(slots))
+  run = reason1 != _NONFINITE
+  # A NaN start stops at once ("nonfinite"): the failed lanes take no step.
+  start = np.where(run[..., None], raw1, np.nan)
+  raw2, _, gnorm2, steps2, reason2 = jax.device_get(fit(
+    jnp.asarray(start), *inputs, (max_steps, jnp.zeros((), jnp.float64), ftol, f_scale, patience)))
+  summaries = _compiled_summaries(law, inputs[3] is not None)
+  value1, _ = jax.device_get(summaries(jnp.asarray(raw1), *inputs))
+  value2, sse = jax.device_get(summaries(jnp.asarray(np.where(run[..., None], raw2, raw1)),
+                                         *inputs))
+  with np.errstate(invalid="ignore"):
+    change = (value2 - value1) / np.abs(value1)
+  ok2 = (run & (reason2 == _CONVERGED) & np.all(np.isfinite(raw2), axis=-1)
+         & (change >= -CANONICAL_MAX_DESCENT) & (change <= CANONICAL_RTOL))
+  raw = np.where(ok2[..., None], raw2, raw1)
+  value = np.where(ok2, value2, value1)
+  steps = steps1 + np.where(ok2, steps2, 0)
+  gnorm = np.where(ok2, gnorm2, gnorm1)
+  return raw, value, gnorm, steps, reason1, np.where(ok2, sse, np.inf)
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_summaries(law, has_aux):
+  """jit: (published objective, sum_p r_p^2) [C, R] of raw [C, R, K] on the fit's inputs."""
+
+  def one(raw, d, y, mask, aux):
+    r = law.residuals(raw, d, y, mask, aux)
+    return law.reduce_residuals(r, mask, d), jnp.sum(r * r)
+
+  per_restart = jax.vmap(one, in_axes=(0, None, None, None, None))
+  return jax.jit(jax.vmap(per_restart, in_axes=(0, 0, 0, 0, 0 if has_aux else None)))
 
 
 def auto_optimizer(law: forms.Law) -> str:
@@ -642,15 +747,29 @@ def degenerate_reason(result: FitResult, c: int) -> str:
   return "the fitted losses do not decrease with D (flat or rising curve)"
 
 
-def _select_best(law, raw, value, gnorm, steps, reason, num_points, flat) -> FitResult:
+def _select_best(law, raw, value, gnorm, steps, reason, num_points, flat,
+                 tie_key=None) -> FitResult:
   """Picks the best finite restart per curve (numpy, [C, R, ...] inputs); flat: [C] bool
-  from `not_decreasing`."""
+  from `not_decreasing`.
+
+  With `tie_key` [C, R] (canonical stage): among the finite restarts whose
+  objective is within CANONICAL_RTOL (relative) of the lowest, the one with
+  the smallest tie_key (+inf: not canonicalised), then the lowest objective,
+  then the lowest index.
+  """
   raw, value = np.asarray(raw), np.asarray(value)
   reason = np.asarray(reason).copy()
   ok = (reason != _NONFINITE) & np.isfinite(value) & np.all(np.isfinite(raw), axis=-1)
   reason[~ok] = _NONFINITE
   masked_value = np.where(ok, value, np.inf)
   best = np.argmin(masked_value, axis=1)
+  if tie_key is not None:
+    lowest = masked_value[np.arange(raw.shape[0]), best][:, None]
+    equal = ok & (masked_value <= lowest + CANONICAL_RTOL * np.abs(lowest))
+    index = np.broadcast_to(np.arange(raw.shape[1]), equal.shape)
+    # Sort keys, last is primary: equal objective first, then the tie key, objective, index.
+    order = np.lexsort((index, masked_value, np.where(equal, tie_key, np.inf), ~equal), axis=1)
+    best = order[:, 0]
   rows = np.arange(raw.shape[0])
   any_ok = ok.any(axis=1)
   best_reason = np.where(any_ok, reason[rows, best], _NONFINITE)

@@ -62,6 +62,7 @@ __all__ = [
   "inverse_softplus",
   "lensllm_law",
   "rectified_law",
+  "tie_break_law",
   "vanilla_law",
   "LAW_FACTORIES",
   "get_law",
@@ -100,6 +101,9 @@ class Law:
     log_loss_derivatives_fn: optional closed form (raw [K], data_size [P], aux)
       -> (log L [P], d log L / d raw [P, K], d^2 log L / d raw^2 [P, K, K]),
       used by `objective_derivatives` instead of automatic differentiation.
+    tie_break: weight tau >= 0 of the term tau / 2 sum_p r_p^2 added to the
+      objective (0 for the published objectives; `tie_break_law` gives the
+      canonical stage of `fitting.fit_curves` its law).
   """
   name: str
   param_names: tuple[str, ...]
@@ -112,6 +116,7 @@ class Law:
   zero_data_size: float | None = ZERO_DATA_SIZE
   uses_aux: bool = False
   log_loss_derivatives_fn: Callable[..., tuple[Array, Array, Array]] | None = None
+  tie_break: float = 0.0
 
   @property
   def num_params(self) -> int:
@@ -166,14 +171,18 @@ class Law:
       a = jnp.abs(r)
       d = self.huber_delta
       h = jnp.where(a < d, 0.5 * r * r, d * (a - 0.5 * d))
-      return jnp.sum(jnp.where(mask, h, 0.0))
-    return jnp.sum(r * r) / jnp.maximum(1.0, jnp.sum(mask))
+      value = jnp.sum(jnp.where(mask, h, 0.0))
+    else:
+      value = jnp.sum(r * r) / jnp.maximum(1.0, jnp.sum(mask))
+    if self.tie_break:
+      value = value + 0.5 * self.tie_break * jnp.sum(jnp.where(mask, r * r, 0.0))
+    return value
 
   def residual_weights(self, r: Array, mask: Array, data_size: Array) -> Array:
     """[P] IRLS weights w with d objective / d r = w * r (Gauss-Newton: G = J^T diag(w) J).
 
     squared: w = 2 / max(1, n) on used points; huber: w = min(1, delta / |r|)
-    (the Huber loss's psi(r) / r). 0 where masked / invalid.
+    (the Huber loss's psi(r) / r); plus `tie_break`. 0 where masked / invalid.
     """
     mask = jnp.logical_and(mask, self.valid_data_size(data_size))
     if self.loss == "huber":
@@ -181,7 +190,7 @@ class Law:
       w = jnp.where(a < self.huber_delta, 1.0, self.huber_delta / jnp.maximum(a, 1e-300))
     else:
       w = jnp.full_like(r, 2.0) / jnp.maximum(1.0, jnp.sum(mask))
-    return jnp.where(mask, w, 0.0)
+    return jnp.where(mask, w + self.tie_break, 0.0)
 
   def objective(self, raw: Array, data_size: Array, log_loss: Array, mask: Array,
                 aux: Any = None) -> Array:
@@ -190,6 +199,7 @@ class Law:
     squared: sum_p mask_p r_p^2 / max(1, sum_p mask_p), r = log L_pred - log L.
     huber:   sum_p mask_p h(r_p), h(r) = r^2 / 2 if |r| < delta else
              delta (|r| - delta / 2).
+    plus tie_break / 2 sum_p mask_p r_p^2 (0 for the published laws).
     Masked-out points (and D <= 0 for vanilla) contribute exactly 0, also when
     they hold non-finite values.
     """
@@ -255,6 +265,7 @@ class Law:
       return value, grad, jac.T @ (w[:, None] * jac)
     if self.loss == "huber":  # rho'' = 1 inside the quadratic zone, 0 outside
       w2 = jnp.where(used & (jnp.abs(r) < self.huber_delta), 1.0, 0.0)
+      w2 = jnp.where(used, w2 + self.tie_break, 0.0)
     else:
       w2 = w
     hess = jac.T @ (w2[:, None] * jac) + jnp.einsum("p,pij->ij", jnp.where(used, w * r, 0.0),
@@ -744,6 +755,18 @@ def vanilla_law(huber_delta: float = VANILLA_HUBER_DELTA) -> Law:
 
   return Law("vanilla", names, log_loss, constrain, unconstrain, init, loss="huber",
              huber_delta=huber_delta, zero_data_size=None, log_loss_derivatives_fn=derivatives)
+
+
+@functools.lru_cache(maxsize=64)
+def tie_break_law(law: Law, tie_break: float) -> Law:
+  """`law` with objective + tie_break / 2 sum_p r_p^2 (the same object for equal arguments).
+
+  The law's published objective is unchanged; this copy is what the canonical
+  stage of `fitting.fit_curves` minimises (docs/laws.md, "Canonical point").
+  """
+  if tie_break < 0:
+    raise ValueError(f"tie_break must be >= 0, got {tie_break}")
+  return dataclasses.replace(law, tie_break=float(tie_break))
 
 
 # The laws by name: name -> factory (lensllm_law takes an optional F term).
