@@ -3,7 +3,8 @@
 Modules:
 
   nt_compat    Makes `import neural_tangents` work on current JAX.
-  ntk          Empirical neural tangent kernels, the NTK test loss F(Theta, t), NTK evolution.
+  ntk          Empirical neural tangent kernels, the NTK test loss F(Theta, t), NTK evolution
+               (a package: exact, sketched, blocked, lm_outputs, f_term, recorder).
   hessian      Matrix-free Hessian spectra: HVPs, Lanczos, power iteration, Hutchinson, SLQ.
   pac_bayes    Hessian-based PAC-Bayes quantities per layer block (Ju et al., ICML 2022).
   nlp_metrics  NLPMetrics: heavy-tailed self-regularisation (HT-SR) metrics of weight matrices.
