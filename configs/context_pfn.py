@@ -2,8 +2,8 @@ r"""The committed context PFN (lensllm_jax/data/context_pfn): model, prior and t
 
   nice -n 10 python -m experiments.train_curve_pfn --config=configs/context_pfn.py
 
-Trains on draws of the hierarchical prior only (`context_pfn.HierarchyConfig`
-defaults, documented in lensllm_jax/plus/context_pfn.py), never on a curve file.
+Trains on draws of the hierarchical prior only (`pfn.HierarchyConfig`
+defaults, documented in lensllm_jax/plus/pfn/prior.py), never on a curve file.
 The trunk starts from the committed single-curve PFN (init_from). Budget,
 fixed before any evaluation: batches of 4 files (up to 32 models each, every
 model a target), 3000 steps at the single-curve PFN's learning rate, seed 0;

@@ -2,8 +2,8 @@ r"""The committed CurvePFN (lensllm_jax/data/curve_pfn): model, prior and traini
 
   nice -n 19 python -m experiments.train_curve_pfn --config=configs/curve_pfn.py
 
-Trains on prior draws only (`curve_pfn.PriorConfig` defaults: ranges fixed
-from the laws' meaning, see lensllm_jax/plus/curve_pfn.py), never on a curve file.
+Trains on prior draws only (`pfn.PriorConfig` defaults: ranges fixed
+from the laws' meaning, see lensllm_jax/plus/pfn/prior.py), never on a curve file.
 The size was set by the time budget (about 15-20 minutes on the 2-core CPU
 machine), not by results; the committed run took 1258 s wall (seed 0, 4500
 steps, 0.2 s/step, with the two cores shared by other jobs, load ~10-16). `get_config("tiny")` is the seconds-long version

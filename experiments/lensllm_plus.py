@@ -81,7 +81,7 @@ from absl import flags, logging
 
 from experiments import common, reporting
 from lensllm_jax import errors, rundir
-from lensllm_jax.plus import candidates, context_pfn, curve_pfn, protocol
+from lensllm_jax.plus import candidates, pfn, protocol
 from lensllm_jax.selection import budgeted, metrics
 
 PLUS = candidates.PLUS_NAME  # "LensLLM+", the protocol-chosen candidate
@@ -212,9 +212,9 @@ def write_inputs(out, curve_sets, train_only, ratios, *, pfn_dir: pathlib.Path, 
   weights = pfn_dir / "weights.msgpack"
   rows.append({"dataset": "CurvePFN", "role": "predictor", "source": _shown(pfn_dir), "ratios": "",
                "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()})
-  context = context_pfn.DEFAULT_WEIGHTS / "weights.msgpack"
+  context = pfn.CONTEXT_PFN_WEIGHTS / "weights.msgpack"
   rows.append({"dataset": "ContextPFN", "role": "predictor",
-               "source": _shown(context_pfn.DEFAULT_WEIGHTS),
+               "source": _shown(pfn.CONTEXT_PFN_WEIGHTS),
                "ratios": "", "sha256": hashlib.sha256(context.read_bytes()).hexdigest()})
   rows.append({"dataset": "settings", "role": "settings", "source": settings, "ratios": "",
                "sha256": hashlib.sha256(settings.encode()).hexdigest()})
@@ -367,10 +367,10 @@ def run(cfg, output_dir) -> pathlib.Path:
       protocol.training_ratios(c, ratios)
     except ValueError as e:
       raise errors.ConfigError(f"config.ratios: {e}") from None
-  pfn_dir = pathlib.Path(cfg.pfn_dir) if cfg.pfn_dir else curve_pfn.DEFAULT_WEIGHTS
+  pfn_dir = pathlib.Path(cfg.pfn_dir) if cfg.pfn_dir else pfn.CURVE_PFN_WEIGHTS
   inputs = {f"curves/{c.name}": c.source for c in loaded}
   inputs.update({"predictor/CurvePFN": pfn_dir,
-                 "predictor/ContextPFN": context_pfn.DEFAULT_WEIGHTS})
+                 "predictor/ContextPFN": pfn.CONTEXT_PFN_WEIGHTS})
   with rundir.open_output_dir(output_dir, config=cfg, inputs=inputs, outputs=("*.csv", "*.md"),
                               overwrite=cfg.overwrite, ignore=("data_dir",)) as out:
     return _run(cfg, out, curve_sets, train_only, ratios, budget_levels, pfn_dir, t0)
@@ -381,7 +381,7 @@ def _run(cfg, out: pathlib.Path, curve_sets, train_only, ratios, budget_levels, 
   write_inputs(out, curve_sets, train_only, ratios, pfn_dir=pfn_dir,
                settings=f"seed={cfg.seed} num_restarts={cfg.num_restarts} "
                         f"num_steps={cfg.num_steps}")
-  predictor = curve_pfn.load_predictor(pfn_dir)
+  predictor = pfn.load_predictor(pfn_dir)
   key = jax.random.key(cfg.seed)
   for c in train_only:
     logging.info("[%s] training-only file, ratios %s", c.name, protocol.training_ratios(c, ratios))

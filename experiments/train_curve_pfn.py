@@ -1,6 +1,6 @@
 r"""Trains a PFN on prior draws and writes its weights: the single-curve CurvePFN
-(lensllm_jax/plus/curve_pfn.py, config.kind = "curve") or the ContextPFN
-(lensllm_jax/plus/context_pfn.py, config.kind = "context").
+(lensllm_jax/plus/pfn/, config.kind = "curve") or the ContextPFN
+(lensllm_jax/plus/pfn/, config.kind = "context").
 
   nice -n 19 python -m experiments.train_curve_pfn --config=configs/curve_pfn.py
   nice -n 10 python -m experiments.train_curve_pfn --config=configs/context_pfn.py
@@ -21,7 +21,7 @@ import time
 from absl import app, flags, logging
 
 from experiments import common
-from lensllm_jax.plus import context_pfn, curve_pfn
+from lensllm_jax.plus import pfn
 
 FLAGS = flags.FLAGS
 
@@ -33,28 +33,28 @@ def define_flags() -> None:
 def configs_of(cfg):
   """(model config, TrainConfig) of an ml_collections config (ModelConfig for
   kind "curve", ContextModelConfig for kind "context")."""
-  bars = curve_pfn.BarDistribution(**cfg.bars.to_dict())
-  model = curve_pfn.ModelConfig(bars=bars, **cfg.model.to_dict())
+  bars = pfn.BarDistribution(**cfg.bars.to_dict())
+  model = pfn.ModelConfig(bars=bars, **cfg.model.to_dict())
   if cfg.kind == "context":
-    model = context_pfn.ContextModelConfig(trunk=model, encoder_layers=cfg.encoder_layers)
+    model = pfn.ContextModelConfig(trunk=model, encoder_layers=cfg.encoder_layers)
   elif cfg.kind != "curve":
     raise ValueError(f"config.kind={cfg.kind!r}; expected 'curve' or 'context'")
-  return model, curve_pfn.TrainConfig(**cfg.train.to_dict())
+  return model, pfn.TrainConfig(**cfg.train.to_dict())
 
 
 def run(cfg):
   model, train = configs_of(cfg)
   t = time.time()
   if cfg.kind == "context":
-    predictor, rows = context_pfn.train(model, train, init_from=cfg.init_from or None,
+    predictor, rows = pfn.train_context(model, train, init_from=cfg.init_from or None,
                                         log=logging.info)
   else:
-    predictor, rows = curve_pfn.train(model, train, log=logging.info)
+    predictor, rows = pfn.train(model, train, log=logging.info)
   wall = time.time() - t
   extra = {"wall_seconds": round(wall, 1), "machine": platform.machine(), "command": cfg.command}
   if cfg.kind == "context":
     extra["init_from"] = cfg.init_from
-  curve_pfn.save_predictor(predictor, cfg.output_dir, train_config=train, extra=extra)
+  pfn.save_predictor(predictor, cfg.output_dir, train_config=train, extra=extra)
   log = pathlib.Path(cfg.log_dir) / "train_log.csv"
   log.parent.mkdir(parents=True, exist_ok=True)
   if log.exists():

@@ -3,8 +3,9 @@
 Modules:
 
   protocol     Leave-one-dataset-out choice of the LensLLM+ settings (hyper-parameters).
-  curve_pfn    A prior-fitted network (PFN) for fine-tuning curves: Bayesian extrapolation of log L(D).
-  context_pfn  A context PFN: Bayesian extrapolation of one curve given the other candidates' curves.
+  pfn          Prior-fitted networks for fine-tuning curves: CurvePFN (one curve) and ContextPFN
+               (the file's other curves); a package: prior, bars, network, training, predictor,
+               checkpoint, selection_adapter.
   candidates   LensLLM+: the project's recommended predictor, chosen among candidates by the protocol.
   forecast     Which model to fine-tune: predicted L(D*) with an 80 % interval for every model.
 
@@ -13,11 +14,11 @@ Every public name of these modules is re-exported here
 
   protocol: DEFAULT_RATIOS, Fold, choose, criterion, default_grid, evaluate_grid, leave_one_out,
     nested_choices, score_results
-  curve_pfn: FAMILIES, PUBLIC_GRID, BarDistribution, CurvePFN, CurvePFNPredictor, ModelConfig,
+  pfn: FAMILIES, PUBLIC_GRID, BarDistribution, CurvePFN, CurvePFNPredictor, ModelConfig,
     PriorConfig, TrainConfig, curve_pfn_selection, load_predictor, make_batch,
-    sample_prior_curves, save_predictor, train
-  context_pfn: ContextModelConfig, ContextPFN, ContextPFNPredictor, HierarchyConfig, context_pfn_selection,
-    default_predictor, make_file_batch, sample_prior_files
+    sample_prior_curves, save_predictor, train, default_curve_predictor, ContextModelConfig,
+    ContextPFN, ContextPFNPredictor, HierarchyConfig, context_pfn_selection,
+    default_context_predictor, make_file_batch, sample_prior_files, train_context
   candidates: PLUS_NAME, BASE_PREDICTORS, BLEND_WEIGHTS, BaseContext, Candidate, PlusChoice, PlusFold, blend,
     budgeted_candidate_selection, candidate_distribution, all_candidates, candidate_prediction,
     choose_candidate, file_predictions, plus_results, pooled_setting, prediction_jobs,
@@ -25,10 +26,10 @@ Every public name of these modules is re-exported here
   forecast: CHOICE_FILE, SelectionInputError, INTERVAL_Z, RECOMMENDED, Forecast, choice_record,
     min_points, predict_sizes, predictor_names, recommended_candidate, reranked
 
-Names defined by several modules are re-exported from the first listed above: leave_one_out, train.
+Names defined by several modules are re-exported from the first listed above: leave_one_out.
 """
 
-from lensllm_jax.plus import candidates, context_pfn, curve_pfn, forecast, protocol
+from lensllm_jax.plus import candidates, forecast, pfn, protocol
 from lensllm_jax.plus.candidates import (
   BASE_PREDICTORS,
   BLEND_WEIGHTS,
@@ -50,32 +51,6 @@ from lensllm_jax.plus.candidates import (
   ranked_choice,
   score_table,
 )
-from lensllm_jax.plus.context_pfn import (
-  ContextModelConfig,
-  ContextPFN,
-  ContextPFNPredictor,
-  HierarchyConfig,
-  context_pfn_selection,
-  default_predictor,
-  make_file_batch,
-  sample_prior_files,
-)
-from lensllm_jax.plus.curve_pfn import (
-  FAMILIES,
-  PUBLIC_GRID,
-  BarDistribution,
-  CurvePFN,
-  CurvePFNPredictor,
-  ModelConfig,
-  PriorConfig,
-  TrainConfig,
-  curve_pfn_selection,
-  load_predictor,
-  make_batch,
-  sample_prior_curves,
-  save_predictor,
-  train,
-)
 from lensllm_jax.plus.forecast import (
   CHOICE_FILE,
   INTERVAL_Z,
@@ -88,6 +63,32 @@ from lensllm_jax.plus.forecast import (
   predictor_names,
   recommended_candidate,
   reranked,
+)
+from lensllm_jax.plus.pfn import (
+  FAMILIES,
+  PUBLIC_GRID,
+  BarDistribution,
+  ContextModelConfig,
+  ContextPFN,
+  ContextPFNPredictor,
+  CurvePFN,
+  CurvePFNPredictor,
+  HierarchyConfig,
+  ModelConfig,
+  PriorConfig,
+  TrainConfig,
+  context_pfn_selection,
+  curve_pfn_selection,
+  default_context_predictor,
+  default_curve_predictor,
+  load_predictor,
+  make_batch,
+  make_file_batch,
+  sample_prior_curves,
+  sample_prior_files,
+  save_predictor,
+  train,
+  train_context,
 )
 from lensllm_jax.plus.protocol import (
   DEFAULT_RATIOS,
@@ -103,8 +104,7 @@ from lensllm_jax.plus.protocol import (
 
 __all__ = [
   "protocol",
-  "curve_pfn",
-  "context_pfn",
+  "pfn",
   "candidates",
   "forecast",
   "DEFAULT_RATIOS",
@@ -116,28 +116,6 @@ __all__ = [
   "leave_one_out",
   "nested_choices",
   "score_results",
-  "FAMILIES",
-  "PUBLIC_GRID",
-  "BarDistribution",
-  "CurvePFN",
-  "CurvePFNPredictor",
-  "ModelConfig",
-  "PriorConfig",
-  "TrainConfig",
-  "curve_pfn_selection",
-  "load_predictor",
-  "make_batch",
-  "sample_prior_curves",
-  "save_predictor",
-  "train",
-  "ContextModelConfig",
-  "ContextPFN",
-  "ContextPFNPredictor",
-  "HierarchyConfig",
-  "context_pfn_selection",
-  "default_predictor",
-  "make_file_batch",
-  "sample_prior_files",
   "PLUS_NAME",
   "BASE_PREDICTORS",
   "BLEND_WEIGHTS",
@@ -168,4 +146,28 @@ __all__ = [
   "predictor_names",
   "recommended_candidate",
   "reranked",
+  "FAMILIES",
+  "PUBLIC_GRID",
+  "BarDistribution",
+  "CurvePFN",
+  "CurvePFNPredictor",
+  "ModelConfig",
+  "PriorConfig",
+  "TrainConfig",
+  "curve_pfn_selection",
+  "load_predictor",
+  "make_batch",
+  "sample_prior_curves",
+  "save_predictor",
+  "train",
+  "default_curve_predictor",
+  "ContextModelConfig",
+  "ContextPFN",
+  "ContextPFNPredictor",
+  "HierarchyConfig",
+  "context_pfn_selection",
+  "default_context_predictor",
+  "make_file_batch",
+  "sample_prior_files",
+  "train_context",
 ]

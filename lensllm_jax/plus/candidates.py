@@ -5,11 +5,11 @@ Candidates (each predicts L(D*) of every model from a budget view only):
   Pooled      the pooled LensLLM fit of `pooled.py` with a setting of the
               leave-one-dataset-out grid (`protocol.leave_one_out`) chosen on
               files it is not scored on (nested, see Choice below);
-  CurvePFN    the posterior mean of the prior-fitted network (`curve_pfn.py`),
+  CurvePFN    the posterior mean of the prior-fitted network (`pfn/`),
               each model on its own;
   Spectral    LensLLM with a decaying F(D) = F0 (w_0 + w_1 e^(-D / D_1))
               (`dynamic_law.spectral_lensllm_law(1)`), independent fits;
-  ContextPFN  the posterior mean of the context PFN (`context_pfn.py`): each
+  ContextPFN  the posterior mean of the context PFN (`pfn/`): each
               model given its visible points, the other models' visible
               curves and the model sizes;
   AtS         AtS itself (Lin et al. 2024);
@@ -67,7 +67,7 @@ import numpy as np
 
 from lensllm_jax import laws, selection
 from lensllm_jax.laws import dynamic_law
-from lensllm_jax.plus import context_pfn, curve_pfn, protocol
+from lensllm_jax.plus import pfn, protocol
 from lensllm_jax.selection import budgeted, pooled
 
 __all__ = [
@@ -109,13 +109,13 @@ class BaseContext:
   with_sd: also return the sd of log L(D*) (the budgeted procedure needs it).
   """
   key: jax.Array
-  predictor: curve_pfn.CurvePFNPredictor
+  predictor: pfn.CurvePFNPredictor
   pooled_config: pooled.PooledConfig | None = None
   num_restarts: int = 8
   num_steps: int = 60
   num_points: int = 0
   with_sd: bool = False
-  context_predictor: context_pfn.ContextPFNPredictor | None = None
+  context_predictor: pfn.ContextPFNPredictor | None = None
 
 
 def _laplace_sd(law, results, views, meta) -> np.ndarray:
@@ -154,15 +154,15 @@ def _pfn_outputs(name: str, results) -> dict[str, np.ndarray]:
 
 def pfn_base(views, meta, ctx: BaseContext) -> dict[str, np.ndarray]:
   """CurvePFN: each model's posterior from its own visible points."""
-  return _pfn_outputs("CurvePFN", [curve_pfn.curve_pfn_selection(v, meta, predictor=ctx.predictor)
+  return _pfn_outputs("CurvePFN", [pfn.curve_pfn_selection(v, meta, predictor=ctx.predictor)
                                    for v in views])
 
 
 def context_pfn_base(views, meta, ctx: BaseContext) -> dict[str, np.ndarray]:
   """ContextPFN: each model's posterior given also the other models' visible curves and
-  the sizes (`context_pfn.py`; ctx.context_predictor, default the committed one)."""
-  pred = ctx.context_predictor or context_pfn.default_predictor()
-  return _pfn_outputs("ContextPFN", [context_pfn.context_pfn_selection(v, meta, predictor=pred)
+  the sizes (`pfn/`; ctx.context_predictor, default the committed one)."""
+  pred = ctx.context_predictor or pfn.default_context_predictor()
+  return _pfn_outputs("ContextPFN", [pfn.context_pfn_selection(v, meta, predictor=pred)
                                      for v in views])
 
 
@@ -391,7 +391,7 @@ def pooled_setting(fold: protocol.Fold, name: str) -> pooled.PooledConfig:
 def leave_one_out(curve_sets, *, key: jax.Array, train_only: Sequence = (),
                   ratios: Sequence[int] = protocol.DEFAULT_RATIOS,
                   target_data_num: float | None = None,
-                  predictor: curve_pfn.CurvePFNPredictor | None = None,
+                  predictor: pfn.CurvePFNPredictor | None = None,
                   grid_evaluate: Callable | None = None, grid_options: Mapping | None = None,
                   predict: Callable | None = None, num_restarts: int = 8, num_steps: int = 60,
                   candidates: Sequence[Candidate] | None = None, leave_each_out: bool = False):
@@ -419,7 +419,7 @@ def leave_one_out(curve_sets, *, key: jax.Array, train_only: Sequence = (),
   """
   sets, extra = list(curve_sets), list(train_only)
   cands = all_candidates() if candidates is None else list(candidates)
-  predictor = curve_pfn.default_predictor() if predictor is None else predictor
+  predictor = pfn.default_curve_predictor() if predictor is None else predictor
   predict = file_predictions if predict is None else predict
   opts = dict(grid_options or {})
   if grid_evaluate is None:

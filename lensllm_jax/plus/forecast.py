@@ -200,8 +200,8 @@ _PFN_CACHE: dict = {}
 
 def _default_pfn():
   if "pfn" not in _PFN_CACHE:
-    from lensllm_jax.plus import curve_pfn
-    _PFN_CACHE["pfn"] = curve_pfn.default_predictor()
+    from lensllm_jax.plus import pfn
+    _PFN_CACHE["pfn"] = pfn.default_curve_predictor()
   return _PFN_CACHE["pfn"]
 
 

@@ -17,7 +17,7 @@ from configs import lensllm_plus as plus_config
 from experiments import common, lensllm_plus
 from lensllm_jax import errors
 from lensllm_jax.curves import benchmarks
-from lensllm_jax.plus import candidates, protocol
+from lensllm_jax.plus import candidates, pfn, protocol
 from lensllm_jax.selection import pooled
 
 pytestmark = pytest.mark.slow  # end-to-end runs of the LensLLM+ binary
@@ -322,7 +322,7 @@ def test_reproduce_selection_reports_the_same_predictor(small_run, tmp_path, mon
   assert chosen["a"]["pooled_nested"] == f"b: {GRID[0].name}"
   pooled_cfg = GRID[0]
   ctx = candidates.BaseContext(key=jax.random.fold_in(key, 1),
-                                    predictor=candidates.curve_pfn.default_predictor(),
+                                    predictor=pfn.default_curve_predictor(),
                                     num_restarts=2)
   truth, preds = candidates.file_predictions(sets[1], RATIOS, ctx=ctx,
                                                   pooled_configs=[pooled_cfg])

@@ -14,7 +14,7 @@ import pytest
 
 from lensllm_jax import selection
 from lensllm_jax.curves import benchmarks
-from lensllm_jax.plus import candidates, curve_pfn, forecast
+from lensllm_jax.plus import candidates, forecast, pfn
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -52,11 +52,11 @@ def test_off_grid_target_is_the_predictors_own_prediction(small):
   fc, _ = forecast.forecast(small, target)
   cand = forecast.recommended_candidate()
   assert (cand.base, cand.ats_weight) == ("CurvePFN", 0.25)
-  pfn = curve_pfn.curve_pfn_selection(view, meta)
+  curve = pfn.curve_pfn_selection(view, meta)
   ats = selection.ats(view, meta).predicted
-  np.testing.assert_allclose(fc.predicted, ats ** 0.25 * pfn.predicted ** 0.75, rtol=1e-9)
-  np.testing.assert_allclose(fc.sd_log, 0.75 * pfn.extras["sd_log"], rtol=1e-9)
-  np.testing.assert_allclose(np.log(fc.lower), 0.25 * np.log(ats) + 0.75 * pfn.extras["q0.1_log"],
+  np.testing.assert_allclose(fc.predicted, ats ** 0.25 * curve.predicted ** 0.75, rtol=1e-9)
+  np.testing.assert_allclose(fc.sd_log, 0.75 * curve.extras["sd_log"], rtol=1e-9)
+  np.testing.assert_allclose(np.log(fc.lower), 0.25 * np.log(ats) + 0.75 * curve.extras["q0.1_log"],
                              rtol=1e-9)
   assert np.all(fc.lower < fc.predicted) and np.all(fc.predicted < fc.upper)
   assert list(fc.ranking) == list(np.argsort(fc.predicted, kind="stable"))

@@ -1,4 +1,4 @@
-"""Tests of the context PFN (lensllm_jax/plus/context_pfn.py)."""
+"""Tests of the context PFN (lensllm_jax/plus/pfn/)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import pytest
 
 from lensllm_jax import selection
 from lensllm_jax.curves import benchmarks
-from lensllm_jax.plus import context_pfn, curve_pfn
+from lensllm_jax.plus import pfn
 
 D_STAR = 1_638_400.0
-GRID = curve_pfn.PUBLIC_GRID
+GRID = pfn.PUBLIC_GRID
 
 
 def _budget_mask(draw, k):
@@ -21,9 +21,9 @@ def _budget_mask(draw, k):
 
 
 def test_hierarchical_prior_is_reproducible_and_shares_structure_within_a_file():
-  h = context_pfn.HierarchyConfig()
-  a = context_pfn.sample_prior_files(np.random.default_rng(4), 300)
-  b = context_pfn.sample_prior_files(np.random.default_rng(4), 300)
+  h = pfn.HierarchyConfig()
+  a = pfn.sample_prior_files(np.random.default_rng(4), 300)
+  b = pfn.sample_prior_files(np.random.default_rng(4), 300)
   for key in a:
     np.testing.assert_array_equal(a[key], b[key])
   mm = a["model_mask"]
@@ -47,14 +47,14 @@ def tiny():
   from configs import context_pfn as cfg_mod
   from experiments.train_curve_pfn import configs_of
   model, train = configs_of(cfg_mod.get_config("tiny"))
-  pred, rows = context_pfn.train(model, train)
+  pred, rows = pfn.train_context(model, train)
   return pred, rows, train
 
 
 def test_tiny_retrained_context_pfn_beats_last_visible_point(tiny, tmp_path):
   pred, rows, train = tiny
   assert rows[-1]["nll"] < rows[0]["nll"]
-  draw = context_pfn.sample_prior_files(np.random.default_rng(123), 24)
+  draw = pfn.sample_prior_files(np.random.default_rng(123), 24)
   mm = draw["model_mask"]
   errs, base = [], []
   for k in (2, 5, 8):
@@ -73,8 +73,8 @@ def test_tiny_retrained_context_pfn_beats_last_visible_point(tiny, tmp_path):
                               draw["log10_size"], [D_STAR])
   np.testing.assert_allclose(again[mm[:, perm]], first[:, perm][mm[:, perm]], atol=2e-5)
   # save / load round trip
-  curve_pfn.save_predictor(pred, tmp_path, train_config=train)
-  loaded = curve_pfn.load_predictor(tmp_path, context_pfn.ContextPFNPredictor)
+  pfn.save_predictor(pred, tmp_path, train_config=train)
+  loaded = pfn.load_predictor(tmp_path, pfn.ContextPFNPredictor)
   assert loaded.prior == pred.prior and loaded.model_config == pred.model_config
   np.testing.assert_array_equal(
     loaded.file_logits(GRID, draw["noisy"], _budget_mask(draw, 5), mm, draw["log10_size"],
@@ -85,8 +85,8 @@ def test_tiny_retrained_context_pfn_beats_last_visible_point(tiny, tmp_path):
 def held_out():
   """Held-out hierarchical prior files (a seed never used in training) and the
   committed context and single-curve PFNs' predictions at several budgets."""
-  ctx_pfn, single = context_pfn.default_predictor(), curve_pfn.default_predictor()
-  draw = context_pfn.sample_prior_files(np.random.default_rng(2026), 32)
+  ctx_pfn, single = pfn.default_context_predictor(), pfn.default_curve_predictor()
+  draw = pfn.sample_prior_files(np.random.default_rng(2026), 32)
   mm = draw["model_mask"]
   out = {}
   for k in (1, 2, 3, 5, 8, 12):
@@ -133,14 +133,14 @@ def test_committed_context_pfn_intervals_are_calibrated_on_the_prior(held_out):
 
 def test_context_pfn_selection_reads_the_budget_view_and_sizes(held_out):
   draw, _ = held_out
-  pred = context_pfn.default_predictor()
+  pred = pfn.default_context_predictor()
   m = int(draw["model_mask"][0].sum())
   y, sizes = draw["noisy"][0, :m], 10.0 ** draw["log10_size"][0, :m]
   curves = benchmarks.CurveSet(name="synthetic", source="synthetic",
                                models=tuple(f"m{i}" for i in range(m)), data_sizes=GRID,
                                losses=np.exp(y), sizes=np.round(sizes), families=("f",) * m)
   meta = selection.metadata_of(curves, D_STAR)
-  res = context_pfn.context_pfn_selection(selection.visible_view(curves, 3200.0), meta,
+  res = pfn.context_pfn_selection(selection.visible_view(curves, 3200.0), meta,
                                           predictor=pred)
   direct = pred.predict(GRID[:6], y[:, :6], np.ones((m, 6), bool),
                         np.log10(np.round(sizes)), [D_STAR])

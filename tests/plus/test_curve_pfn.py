@@ -1,4 +1,4 @@
-"""Tests of the curve PFN (lensllm_jax/plus/curve_pfn.py)."""
+"""Tests of the curve PFN (lensllm_jax/plus/pfn/)."""
 
 from __future__ import annotations
 
@@ -8,27 +8,27 @@ import pytest
 
 from lensllm_jax import laws, selection
 from lensllm_jax.laws import fitting
-from lensllm_jax.plus import curve_pfn
+from lensllm_jax.plus import pfn
 
 D_STAR = 1_638_400.0
-GRID = curve_pfn.PUBLIC_GRID
+GRID = pfn.PUBLIC_GRID
 
 
 def test_prior_is_reproducible_and_within_its_support():
-  a, clean_a, fam_a = curve_pfn.sample_prior_curves(np.random.default_rng(3), 500)
-  b, _, fam_b = curve_pfn.sample_prior_curves(np.random.default_rng(3), 500)
+  a, clean_a, fam_a = pfn.sample_prior_curves(np.random.default_rng(3), 500)
+  b, _, fam_b = pfn.sample_prior_curves(np.random.default_rng(3), 500)
   np.testing.assert_array_equal(a, b)
   np.testing.assert_array_equal(fam_a, fam_b)
   assert a.shape == (500, GRID.size) and np.all(np.isfinite(a))
   pos = clean_a[:, 1:]
-  assert np.all(pos.max(1) - pos.min(1) <= curve_pfn.PriorConfig().max_log_range)
+  assert np.all(pos.max(1) - pos.min(1) <= pfn.PriorConfig().max_log_range)
   # every family is drawn, in roughly the configured proportions
-  freq = np.bincount(fam_a, minlength=len(curve_pfn.FAMILIES)) / 500
-  np.testing.assert_allclose(freq, curve_pfn.PriorConfig().family_weights, atol=0.08)
+  freq = np.bincount(fam_a, minlength=len(pfn.FAMILIES)) / 500
+  np.testing.assert_allclose(freq, pfn.PriorConfig().family_weights, atol=0.08)
 
 
 def test_bar_distribution_matches_dense_integration():
-  bars = curve_pfn.BarDistribution(z_min=-2.0, z_max=1.0, num_bins=30)
+  bars = pfn.BarDistribution(z_min=-2.0, z_max=1.0, num_bins=30)
   logits = np.random.default_rng(0).normal(size=(4, 30)) * 2.0
   # Dense reference: the piecewise-constant density on a fine grid.
   z = np.linspace(-2.0, 1.0, 300001)[:-1] + 0.5e-5
@@ -52,7 +52,7 @@ def test_bar_distribution_matches_dense_integration():
 def _rmse_vs_truth(predictor, rng, num_curves, k, families=None, with_gap=True):
   """(PFN posterior-mean error, last-point error, y, noisy y) of log L(D*) with k
   visible positive points."""
-  y, clean, _ = curve_pfn.sample_prior_curves(rng, num_curves, families=families,
+  y, clean, _ = pfn.sample_prior_curves(rng, num_curves, families=families,
                                               with_gap=with_gap)
   mask = np.zeros_like(y, bool)
   mask[:, :k + 1] = True
@@ -66,7 +66,7 @@ def tiny_predictor():
   from experiments.train_curve_pfn import configs_of
   cfg = cfg_mod.get_config("tiny")
   model, train = configs_of(cfg)
-  pred, rows = curve_pfn.train(model, train)
+  pred, rows = pfn.train(model, train)
   return pred, rows, train
 
 
@@ -82,8 +82,8 @@ def test_tiny_retrained_pfn_beats_last_visible_point(tiny_predictor, tmp_path):
   rmse, rmse_base = np.sqrt(np.mean(np.square(errs))), np.sqrt(np.mean(np.square(base)))
   assert rmse < 0.8 * rmse_base, (rmse, rmse_base)
   # save / load round trip gives the same predictive distribution
-  curve_pfn.save_predictor(pred, tmp_path, train_config=train)
-  again = curve_pfn.load_predictor(tmp_path)
+  pfn.save_predictor(pred, tmp_path, train_config=train)
+  again = pfn.load_predictor(tmp_path)
   mask = np.ones((2, 6), bool)
   a = pred.logits(GRID[:6], y[:2, :6], mask, [D_STAR])[0]
   b = again.logits(GRID[:6], y[:2, :6], mask, [D_STAR])[0]
@@ -92,7 +92,7 @@ def test_tiny_retrained_pfn_beats_last_visible_point(tiny_predictor, tmp_path):
 
 @pytest.fixture(scope="module")
 def committed():
-  return curve_pfn.default_predictor()
+  return pfn.default_curve_predictor()
 
 
 def test_committed_pfn_beats_least_squares_of_the_true_law(committed):
@@ -135,14 +135,14 @@ def test_committed_pfn_intervals_are_calibrated_on_the_prior(committed):
 
 def test_curve_pfn_selection_reads_only_the_budget_view(committed):
   rng = np.random.default_rng(5)
-  y, _, _ = curve_pfn.sample_prior_curves(rng, 4)
+  y, _, _ = pfn.sample_prior_curves(rng, 4)
   from lensllm_jax.curves import benchmarks
   curves = benchmarks.CurveSet(name="synthetic", source="synthetic", models=("a", "b", "c", "d"),
                                data_sizes=GRID, losses=np.exp(y),
                                sizes=np.array([1, 2, 3, 4]), families=("f",) * 4)
   meta = selection.metadata_of(curves, D_STAR)
   view = selection.visible_view(curves, 3200.0)
-  res = curve_pfn.curve_pfn_selection(view, meta, predictor=committed)
+  res = pfn.curve_pfn_selection(view, meta, predictor=committed)
   direct = committed.predict(GRID[:6], y[:, :6], np.ones((4, 6), bool), [D_STAR])
   np.testing.assert_allclose(res.predicted, direct["mean"][:, 0])
   assert list(res.ranking) == list(np.argsort(res.predicted, kind="stable"))
