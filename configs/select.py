@@ -69,6 +69,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.predictor = "LensLLM+"  # or any name of lensllm_jax.plus.forecast.predictor_names()
   c.data_dir = config_dict.placeholder(str)
   c.seed = 0
+  c.overwrite = False  # recompute a directory holding results of another config
   c.replay = ""  # replay: a complete curve file used as the oracle
   # The schedule D_k = d0 * 2^k (k = 0, 1, ...) up to max_data_num (0: D* / 8).
   c.d0 = 200

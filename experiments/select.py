@@ -21,8 +21,11 @@ runs.jsonl rows, nested subsets, early stopping, orbax resume,
 The procedure is a function of the paid losses, so a rerun replays the
 rounds already run from runs.jsonl without training: a killed run resumes
 with the same decisions, and a raised cap, an added model or another z
-continue from what was run (`bind_online_workdir` refuses another task or a
-changed model).
+continue from what was run. The workdir is a sweep workdir
+(`sweep.open_workdir`: lock and manifest, models and sizes may be added;
+another task, training setting or model spec under the same name is refused,
+`--config.overwrite=True` recomputes); --output_dir is locked and keyed on
+the config and the curve file the same way (`rundir.open_output_dir`).
 
 Outputs (in --output_dir, or --workdir online): selection.md (first line
 `fine-tune MODEL: predicted test loss X [lo, hi] at D = N`), selection.csv,
@@ -50,7 +53,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from experiments import common
-from lensllm_jax import selection, training
+from lensllm_jax import rundir, selection, training
 from lensllm_jax.curves import benchmarks
 from lensllm_jax.models import CheckpointError
 from lensllm_jax.plus import forecast
@@ -297,14 +300,38 @@ def finish(out: pathlib.Path, result: budgeted.BudgetedResult, view, meta, cfg, 
 # ------------------------------------------------------------------ modes ---
 
 
+# What the binary writes in --output_dir (and, besides the sweep's files, in --workdir).
+OUTPUTS = ("selection.*", "decisions.jsonl", "curves.csv", "tradeoff.*")
+# Settings of the procedure, not of the fine-tuning runs: a rerun of an online workdir may
+# change them (another z, a raised cap, D*, the predictor) and continue from what was run.
+PROCEDURE_FIELDS = ("mode", "curves", "replay", "data_dir", "target_data_num", "predictor",
+                    "seed", "max_data_num", "z", "max_compute_fraction", "min_points",
+                    "report_levels")
+
+
+def open_output_dir(cfg, out: pathlib.Path, curves):
+  """`rundir.open_output_dir` of predict / replay: keyed on the config and the curve file."""
+  return rundir.open_output_dir(out, config=cfg, inputs={"curves": curves.source},
+                                outputs=OUTPUTS, overwrite=cfg.overwrite)
+
+
+def open_online_workdir(cfg, workdir: pathlib.Path):
+  """`sweep.open_workdir` of the online selection: lock and manifest, where the
+  PROCEDURE_FIELDS may change, models and schedule sizes may be added (`sweep.WORKDIR_MERGE`)
+  and everything else (task, splits, training, a model's spec) must be unchanged."""
+  return sweep.open_workdir(cfg, workdir, overwrite=cfg.overwrite, ignore=PROCEDURE_FIELDS,
+                            outputs=OUTPUTS)
+
+
 def run_predict(cfg, out: pathlib.Path) -> None:
   if not cfg.curves:
     raise app.UsageError("config.curves: give a curve file (--config.curves=PATH)")
   curves = benchmarks.load_curves(cfg.curves, data_dir=cfg.data_dir)
   if cfg.target_data_num <= 0:
     raise app.UsageError("config.target_data_num: give D*, your fine-tuning set size (> 0)")
-  predict_and_write(curves, float(cfg.target_data_num), cfg.predictor, out,
-                    key=jax.random.key(cfg.seed))
+  with open_output_dir(cfg, out, curves):
+    predict_and_write(curves, float(cfg.target_data_num), cfg.predictor, out,
+                      key=jax.random.key(cfg.seed))
 
 
 def run_replay(cfg, out: pathlib.Path) -> None:
@@ -317,24 +344,25 @@ def run_replay(cfg, out: pathlib.Path) -> None:
   if missing:
     raise app.UsageError(f"config.replay: {curves.source} has no column for the schedule sizes "
                          f"{[int(d) for d in missing]} (d0={cfg.d0}, cap={int(max(steps))})")
-  meta = selection.metadata_of(curves, target)
-  acc = Accounting(exhaustive=float(budgeted.pair_flops(curves.sizes, steps).sum()),
-                   full=budgeted.full_tuning_flops(curves.sizes, target))
-  # A file with unmeasured cells (an online run's curves.csv) replays config.z only: the
-  # other levels would pay for cells it does not have.
-  complete = bool(np.asarray(curves.measured).all())
-  levels = list(dict.fromkeys([float(cfg.z), *(map(float, cfg.report_levels) if complete
-                                                else ())]))
-  log = DecisionLog(out / "decisions.jsonl", curves.models, acc)
-  oracles = [budgeted.CurveOracle(curves) for _ in levels]
-  try:
-    results = run_procedure(oracles, levels, meta, steps, cfg, acc, on_step=log)
-  except KeyError as e:  # a paid cell the file does not have
-    raise app.UsageError(f"config.replay: {e.args[0]}") from None
-  finish(out, results[0], oracles[0].view(max(steps)), meta, cfg, acc)
-  truth = curves.column(target) if target in grid else None
-  truth = truth if truth is not None and np.isfinite(truth).all() else None
-  write_tradeoff(out, curves, results, acc, truth, cfg)
+  with open_output_dir(cfg, out, curves):
+    meta = selection.metadata_of(curves, target)
+    acc = Accounting(exhaustive=float(budgeted.pair_flops(curves.sizes, steps).sum()),
+                     full=budgeted.full_tuning_flops(curves.sizes, target))
+    # A file with unmeasured cells (an online run's curves.csv) replays config.z only: the
+    # other levels would pay for cells it does not have.
+    complete = bool(np.asarray(curves.measured).all())
+    levels = list(dict.fromkeys([float(cfg.z), *(map(float, cfg.report_levels) if complete
+                                                  else ())]))
+    log = DecisionLog(out / "decisions.jsonl", curves.models, acc)
+    oracles = [budgeted.CurveOracle(curves) for _ in levels]
+    try:
+      results = run_procedure(oracles, levels, meta, steps, cfg, acc, on_step=log)
+    except KeyError as e:  # a paid cell the file does not have
+      raise app.UsageError(f"config.replay: {e.args[0]}") from None
+    finish(out, results[0], oracles[0].view(max(steps)), meta, cfg, acc)
+    truth = curves.column(target) if target in grid else None
+    truth = truth if truth is not None and np.isfinite(truth).all() else None
+    write_tradeoff(out, curves, results, acc, truth, cfg)
 
 
 def write_tradeoff(out, curves, results, acc: Accounting, truth, cfg) -> None:
@@ -368,49 +396,6 @@ def write_tradeoff(out, curves, results, acc: Accounting, truth, cfg) -> None:
 
 
 # ------------------------------------------------------------------ online ---
-
-# Config fields that define the runs of a workdir (the task, its splits and the
-# fine-tuning); the caps, z, the predictor and D* may change between reruns.
-RUN_FIELDS = ("name", "task", "data_files", "input_field", "target_field", "prompt",
-              "target_prefix", "validation_split", "test_split", "hub_config", "num_synthetic",
-              "max_train_rows", "num_validation", "num_test", "max_len", "split_seed",
-              "subset_seed", "tokenizer_vocab", "pretrain_corpus_size", "pretrain", "train",
-              "step_budget", "d0")
-
-
-def _plain(v):
-  return v.to_dict() if hasattr(v, "to_dict") else list(v) if isinstance(v, tuple) else v
-
-
-def bind_online_workdir(cfg, workdir: pathlib.Path) -> None:
-  """Refuses a workdir of another task or with a changed model; records the models.
-
-  select_workdir.json holds the RUN_FIELDS and every model spec ever run there.
-  Adding a model is fine (its runs start at round 0); a field of RUN_FIELDS or a
-  model of the same name with another spec is refused, naming the difference.
-  """
-  path = workdir / "select_workdir.json"
-  now = {"run": {k: _plain(cfg[k]) for k in RUN_FIELDS},
-         "models": {spec.name: _plain(spec) for spec in cfg.models}}
-  if path.exists():
-    old = json.loads(path.read_text())
-    for k in RUN_FIELDS:
-      if json.loads(json.dumps(now["run"][k])) != old["run"].get(k):
-        raise app.UsageError(f"{workdir} holds runs of another task or training setting: "
-                             f"config.{k} was {old['run'].get(k)!r}, now {now['run'][k]!r}; "
-                             "use a new --workdir")
-    for name, spec in now["models"].items():
-      before = old["models"].get(name)
-      if before is not None and json.loads(json.dumps(spec)) != before:
-        diff = sorted(k for k in set(spec) | set(before) if spec.get(k) != before.get(k))
-        raise app.UsageError(f"{workdir}: model {name!r} was run with another spec "
-                             f"(config.models field(s) {', '.join(diff)} differ); rename it or "
-                             "use a new --workdir")
-    now["models"] = {**old["models"], **now["models"]}
-  workdir.mkdir(parents=True, exist_ok=True)
-  if sharding.is_primary():
-    _atomic_text(path, json.dumps(now, indent=1, sort_keys=True) + "\n")
-
 
 class Progress:
   """Rounds and runs with an ETA: a bar on a terminal (stderr), else log lines."""
@@ -557,21 +542,21 @@ def run_online(cfg, workdir: pathlib.Path, *, distributed: bool = False) -> None
     raise app.UsageError(f"config.models: {len(cfg.models)} model(s); selection needs >= 2")
   steps = schedule(cfg, target)
   cfg.subset_sizes = tuple(int(d) for d in steps)  # what load_splits checks the pool against
-  bind_online_workdir(cfg, workdir)
-  mesh = sharding.make_mesh() if cfg.data_parallel else None
-  t0 = time.time()
-  oracle = FinetuneOracle(cfg, workdir, steps, mesh=mesh, progress=Progress(len(steps)))
-  meta = selection.Metadata(name=cfg.name, models=oracle.names, sizes=oracle.sizes,
-                            families=oracle.families, target_data_num=target)
-  acc = Accounting(exhaustive=oracle.exhaustive, full=float(oracle.sixnd(target).sum()))
-  log = DecisionLog(workdir / "decisions.jsonl", oracle.names, acc)
-  result = run_procedure([oracle], [float(cfg.z)], meta, steps, cfg, acc, on_step=log)[0]
-  if sys.stderr.isatty():
-    sys.stderr.write("\n")
-  if sharding.is_primary():
-    finish(workdir, result, oracle.view(max(steps)), meta, cfg, acc)
-  logging.info("online selection: %d fine-tuning runs, %.1fs", int(oracle.revealed[:, 1:].sum()),
-               time.time() - t0)
+  with open_online_workdir(cfg, workdir):
+    mesh = sharding.make_mesh() if cfg.data_parallel else None
+    t0 = time.time()
+    oracle = FinetuneOracle(cfg, workdir, steps, mesh=mesh, progress=Progress(len(steps)))
+    meta = selection.Metadata(name=cfg.name, models=oracle.names, sizes=oracle.sizes,
+                              families=oracle.families, target_data_num=target)
+    acc = Accounting(exhaustive=oracle.exhaustive, full=float(oracle.sixnd(target).sum()))
+    log = DecisionLog(workdir / "decisions.jsonl", oracle.names, acc)
+    result = run_procedure([oracle], [float(cfg.z)], meta, steps, cfg, acc, on_step=log)[0]
+    if sys.stderr.isatty():
+      sys.stderr.write("\n")
+    if sharding.is_primary():
+      finish(workdir, result, oracle.view(max(steps)), meta, cfg, acc)
+    logging.info("online selection: %d fine-tuning runs, %.1fs", int(oracle.revealed[:, 1:].sum()),
+                 time.time() - t0)
 
 
 def main(argv):

@@ -21,7 +21,9 @@ Every binary that writes an output directory opens it with `open_output_dir`
    (`--config.overwrite=True`) deletes the `outputs` and recomputes, a new
    directory starts clean. Same manifest: the binary skips what is done.
    A directory holding outputs but no manifest (written before manifests, or
-   by hand) is refused the same way: nothing says what produced it.
+   by hand) is refused the same way: nothing says what produced it. A
+   manifest with no outputs beside it (a run that stopped before writing any)
+   is replaced: there is nothing to mix.
 
 Which keys must match and which may grow. Every config key and every input
 must be equal, except the keys of `merge`: list-valued keys whose elements
@@ -122,6 +124,14 @@ def _short(value, limit: int = 60) -> str:
   return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+def _element_diffs(where: str, old, new) -> list[str]:
+  """The differences of two elements of a merge key: field by field when both are dicts."""
+  if not (isinstance(old, dict) and isinstance(new, dict)):
+    return [f"{where}: {_short(old)} -> {_short(new)}"]
+  return [f"{where}.{f}: {_short(old.get(f, '<absent>'))} -> {_short(new.get(f, '<absent>'))}"
+          for f in sorted(set(old) | set(new)) if old.get(f, "<absent>") != new.get(f, "<absent>")]
+
+
 def merge_manifests(old: dict, new: dict,
                     merge: Mapping[str, Callable[[Any], Any] | None] | None = None
                     ) -> tuple[dict, list[str]]:
@@ -143,7 +153,7 @@ def merge_manifests(old: dict, new: dict,
       for e in nc[key]:
         k = ident(e)
         if k in union and union[k] != e:
-          diffs.append(f"config.{key}[{k}]: {_short(union[k])} -> {_short(e)}")
+          diffs.extend(_element_diffs(f"config.{key}[{k}]", union[k], e))
         union.setdefault(k, e)
       extended |= len(union) != len(oc[key]) or len(nc[key]) != len(oc[key])
       config[key] = list(union.values())
@@ -253,10 +263,11 @@ def bind_manifest(directory: pathlib.Path, manifest: dict, *, outputs: Iterable[
   recorded. Call with the directory's lock held."""
   outputs = tuple(outputs)
   old = read_manifest(directory)
-  if old is None and _has_outputs(directory, outputs):
+  has_outputs = _has_outputs(directory, outputs)
+  if old is None and has_outputs:
     diffs = ["holds results but no manifest.json (made by an older version, or by hand)"]
     merged = manifest
-  elif old is None:
+  elif old is None or not has_outputs:  # nothing computed yet (e.g. a run that failed early)
     diffs, merged = [], manifest
   else:
     merged, diffs = merge_manifests(old, manifest, merge)

@@ -156,9 +156,9 @@ def test_manifest_merge_rules():
     assert len(diffs) == 1 and diffs[0].startswith(needle), diffs
   new = json.loads(json.dumps(old))
   new["config"]["models"][0]["x"] = 5
-  assert rundir.merge_manifests(old, new, merge)[1] == ["config.models[a]: "
-                                                        '{"name": "a", "x": 1} -> '
-                                                        '{"name": "a", "x": 5}']
+  new["config"]["models"][0]["y"] = 2
+  assert rundir.merge_manifests(old, new, merge)[1] == ["config.models[a].x: 1 -> 5",
+                                                        'config.models[a].y: "<absent>" -> 2']
   # Without a merge rule a list key must be equal.
   assert rundir.merge_manifests(old, grown)[1][0].startswith("config.models")
 

@@ -553,25 +553,30 @@ def sweep_inputs(cfg) -> dict[str, pathlib.Path]:
   return inputs
 
 
-def open_workdir(cfg, workdir: pathlib.Path, *, overwrite: bool = False):
+def open_workdir(cfg, workdir: pathlib.Path, *, overwrite: bool = False, ignore=(),
+                 outputs=()):
   """`rundir.open_output_dir` of a sweep workdir for the whole run (lock + manifest; process
-  0 locks and writes)."""
+  0 locks and writes).
+
+  ignore / outputs: config keys and output patterns of a caller's own, added to
+  `WORKDIR_IGNORE` / `WORKDIR_OUTPUTS` (experiments.select's procedure settings and files).
+  """
   return rundir.open_output_dir(workdir, config=cfg, inputs=sweep_inputs(cfg),
-                                outputs=WORKDIR_OUTPUTS, merge=WORKDIR_MERGE,
-                                overwrite=overwrite, ignore=WORKDIR_IGNORE,
+                                outputs=(*WORKDIR_OUTPUTS, *outputs), merge=WORKDIR_MERGE,
+                                overwrite=overwrite, ignore=(*WORKDIR_IGNORE, *ignore),
                                 primary=sharding.is_primary())
 
 
-def bind_workdir(cfg, workdir: pathlib.Path) -> None:
+def bind_workdir(cfg, workdir: pathlib.Path, *, overwrite: bool = False) -> None:
   """Checks and records the workdir's manifest (`rundir.bind_manifest`, `WORKDIR_MERGE`)
   without taking its lock: for a caller that runs several sweeps inside a directory it
-  holds (experiments.lensllm_study, experiments.select). Runs of two configurations are
-  never mixed into one curve file."""
+  holds (experiments.lensllm_study). Runs of two configurations are never mixed into one
+  curve file; overwrite=True deletes the workdir's runs instead of refusing."""
   if sharding.is_primary():
     rundir.prepare_directory(workdir)
     rundir.bind_manifest(workdir, rundir.make_manifest(cfg, sweep_inputs(cfg),
                                                        ignore=WORKDIR_IGNORE),
-                         outputs=WORKDIR_OUTPUTS, merge=WORKDIR_MERGE)
+                         outputs=WORKDIR_OUTPUTS, merge=WORKDIR_MERGE, overwrite=overwrite)
   sharding.barrier("workdir checked")
 
 

@@ -16,10 +16,12 @@ import sys
 import time
 
 import pytest
-from absl import app
 
 from configs import select as select_config
 from experiments import select
+from helpers.synthetic_curves import synthetic_curves
+from lensllm_jax import errors, rundir
+from lensllm_jax.curves import benchmarks
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 ARGS = ["-m", "experiments.select", "--config=configs/select.py:online_smoke"]
@@ -86,7 +88,8 @@ def test_sigkill_mid_round_then_resume_gives_the_same_decisions(online, tmp_path
   killed.mkdir()
   for name in ("pretrained", "data"):  # skip the pre-training (deterministic, cached)
     shutil.copytree(workdir / name, killed / name)
-  shutil.copy(workdir / "tokenizer.json", killed / "tokenizer.json")
+  for name in ("tokenizer.json", "manifest.json"):  # the same config: the caches are reused
+    shutil.copy(workdir / name, killed / name)
   proc = subprocess.Popen([sys.executable, *ARGS, f"--workdir={killed}"], cwd=ROOT,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   runs = killed / "runs.jsonl"
@@ -108,24 +111,58 @@ def test_sigkill_mid_round_then_resume_gives_the_same_decisions(online, tmp_path
           == (workdir / "selection.md").read_text().splitlines()[0])
 
 
+def _bind(cfg, workdir):
+  with select.open_online_workdir(cfg, workdir):
+    pass
+
+
 def test_workdir_of_another_task_or_model_is_refused(tmp_path):
   cfg = select_config.get_config("online_smoke")
-  select.bind_online_workdir(cfg, tmp_path)
+  _bind(cfg, tmp_path)
+  (tmp_path / "runs.jsonl").write_text("")  # results now stand beside the manifest
   more = select_config.get_config("online_smoke")
   extra = more.models[0].to_dict()
   extra["name"] = "tiny-extra"
   more.models.append(type(more.models[0])(extra))
-  more.z = 0.1
-  select.bind_online_workdir(more, tmp_path)  # an added model, a lower z: continues
-  assert "tiny-extra" in json.loads((tmp_path / "select_workdir.json").read_text())["models"]
+  more.z, more.max_data_num, more.subset_sizes = 0.1, 400, (200, 400, 800)
+  _bind(more, tmp_path)  # an added model, a lower z, a raised cap: continues
+  manifest = rundir.read_manifest(tmp_path)["config"]
+  assert [m["name"] for m in manifest["models"]][-1] == "tiny-extra"
+  assert manifest["subset_sizes"] == [200, 400, 800]
   task = select_config.get_config("online_smoke")
   task.num_test = 10
-  with pytest.raises(app.UsageError, match="config.num_test was 64, now 10"):
-    select.bind_online_workdir(task, tmp_path)
+  with pytest.raises(errors.WorkdirError, match=r"\(config.num_test: 64 -> 10\); pass "):
+    _bind(task, tmp_path)
   changed = select_config.get_config("online_smoke")
   changed.models[1].init_seed = 7
-  with pytest.raises(app.UsageError, match="model 'tiny-pretrained-b'.*init_seed"):
-    select.bind_online_workdir(changed, tmp_path)
+  with pytest.raises(errors.WorkdirError,
+                     match=r"config.models\[tiny-pretrained-b\].init_seed: 2 -> 7"):
+    _bind(changed, tmp_path)
+  changed.overwrite = True  # recomputes: the runs are deleted, the manifest starts anew
+  _bind(changed, tmp_path)
+  assert not (tmp_path / "runs.jsonl").exists()
+  assert rundir.read_manifest(tmp_path)["config"]["models"][1]["init_seed"] == 7
+
+
+def test_predict_output_dir_rerun_with_other_curves_is_refused(tmp_path):
+  curves, _ = synthetic_curves(num_models=4, seed=0)
+  other, _ = synthetic_curves(num_models=4, seed=1)
+  paths = []
+  for i, c in enumerate((curves, other)):
+    paths.append(tmp_path / f"c{i}.csv")
+    benchmarks.write_curves(c, paths[-1])
+  cfg = select_config.get_config()
+  cfg.predictor = "AtS"  # seconds
+  cfg.curves, cfg.target_data_num = str(paths[0]), 2 * int(max(curves.data_sizes))
+  out = tmp_path / "out"
+  select.run_predict(cfg, out)
+  first = (out / "selection.csv").read_bytes()
+  select.run_predict(cfg, out)  # same inputs: recomputed in place
+  assert (out / "selection.csv").read_bytes() == first
+  cfg.curves = str(paths[1])
+  with pytest.raises(errors.WorkdirError, match=r"input curves: sha256 \w+ -> \w+"):
+    select.run_predict(cfg, out)
+  assert (out / "selection.csv").read_bytes() == first
 
 
 def _copy(workdir, dest):
