@@ -24,6 +24,7 @@ def get_config(preset: str = "full") -> ml_collections.ConfigDict:
       seed=0, num_steps=4500, batch_size=128, learning_rate=1e-3, warmup_steps=200,
       weight_decay=1e-4, grad_clip=1.0, drop_prob=0.1, log_every=100))
   c.command = "python -m experiments.train_curve_pfn --config=configs/curve_pfn.py"
+  c.overwrite = False  # retrain into directories holding weights of another config
   if preset == "tiny":
     c.output_dir = "runs/curve_pfn_tiny"
     c.log_dir = "runs/curve_pfn_tiny"

@@ -54,6 +54,7 @@ def _study(*, preset: str, workdir: str, output_dir: str, corpus: dict, tokenize
   c.preset = preset
   c.workdir = workdir
   c.output_dir = output_dir
+  c.overwrite = False  # recompute directories holding results of another config
   c.corpus = ml_collections.ConfigDict(corpus)
   c.tokenizer_vocab = tokenizer_vocab
   c.pretrain_max_len = pretrain_max_len

@@ -220,7 +220,7 @@ def sweep_step(cfg, workdir: pathlib.Path, corpus, tok, zoo_models) -> dict:
   for task in cfg.tasks:
     scfg = sweep_config(cfg, task)
     sdir = workdir / "sweeps" / task
-    fs.bind_workdir(scfg, sdir)
+    fs.bind_workdir(scfg, sdir, overwrite=cfg.overwrite)
     runs = all_runs[task] = fs.read_runs(sdir / "runs.jsonl")
     if not all((m.spec.name, d) in runs for m in zoo_models for d in grid):
       run_task_sweep(cfg, task, scfg, sdir, runs, corpus, tok, zoo_models, progress)
@@ -312,7 +312,7 @@ def kernels_step(cfg, workdir: pathlib.Path, out: pathlib.Path, corpus, tok, zoo
   for task in cfg.tasks:
     scfg = sweep_config(cfg, task)
     sdir = workdir / "sweeps" / task
-    fs.bind_workdir(scfg, sdir)
+    fs.bind_workdir(scfg, sdir, overwrite=cfg.overwrite)
     data = task_data(cfg, corpus, tok, task)
     for m in zoo_models:
       t0 = time.time()
@@ -502,12 +502,26 @@ def report_step(cfg, workdir, out: pathlib.Path, all_runs, zoo_models, t_start) 
   log(f"report: {out}")
 
 
+# What the study writes in --output_dir; --kernels_only writes only the eigenpairs.
+OUTPUTS = ("*.csv", "*.md", "*.png", "wall_time.json")
+KERNELS_ONLY_OUTPUTS = ("ntk_eigenpairs.csv",)
+
+
+def open_output_dir(cfg, out: pathlib.Path, *, kernels_only: bool = False):
+  """`rundir.open_output_dir` of the results directory: locked, keyed on the config (the
+  study reads no input file: its corpus and zoo are built from the config)."""
+  return rundir.open_output_dir(out, config=cfg, inputs={},
+                                outputs=KERNELS_ONLY_OUTPUTS if kernels_only else OUTPUTS,
+                                overwrite=cfg.overwrite, ignore=("workdir", "output_dir"))
+
+
 def main(argv):
   del argv
   cfg = FLAGS.config
   workdir = pathlib.Path(FLAGS.workdir or cfg.workdir)
   out = pathlib.Path(FLAGS.output_dir or cfg.output_dir)
-  with rundir.directory_lock(rundir.prepare_directory(workdir)):  # one study per workdir
+  with (rundir.directory_lock(rundir.prepare_directory(workdir)),  # one study per workdir
+        open_output_dir(cfg, out, kernels_only=FLAGS.kernels_only)):
     run(cfg, workdir, out)
 
 

@@ -23,7 +23,11 @@ restarts, steps):
 Scores against the curve file's L(D*): PearCorr, RelAcc, Spearman, RMSE@D*
 (RMSE of L(D*) over the models, loss units) -> ntk_dynamics.csv
 (task,ratio,method,metric,value) and ntk_dynamics.md. Cheap (seconds); no
-cached state.
+cached state. The directory is the study's: this binary takes its lock and
+keeps its own manifest, manifest.ntk_dynamics.json (the config, the methods and
+the sha256 of the curve and eigenpair files it read): a rerun with the same
+manifest skips, one with other inputs is refused naming the difference
+(`--config.overwrite=True` recomputes ntk_dynamics.csv / .md only).
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from experiments import common, reporting
-from lensllm_jax import selection
+from lensllm_jax import errors, rundir, selection
 from lensllm_jax.curves import benchmarks
 from lensllm_jax.laws import dynamic_law, fitting
 from lensllm_jax.plus import protocol
@@ -45,6 +49,8 @@ from lensllm_jax.theory import ntk
 
 METHODS = ("LensLLM-NTK", "LensLLM-NTK-dynamic", "LensLLM", "Spectral")
 HEADER = ("task", "ratio", "method", "metric", "value")
+OUTPUTS = ("ntk_dynamics.csv", "ntk_dynamics.md")
+MANIFEST = "manifest.ntk_dynamics.json"
 
 
 def define_flags() -> None:
@@ -100,8 +106,26 @@ def task_results(cfg, curves, aux, methods=METHODS) -> dict:
 
 def run(cfg, output_dir, methods=METHODS) -> pathlib.Path:
   """Fits `methods` on every task and ratio; writes ntk_dynamics.csv / .md to output_dir."""
-  t0 = time.time()
   out = pathlib.Path(output_dir or cfg.output_dir)
+  inputs = {f"curves_{task}": out / f"curves_{task}.csv" for task in cfg.tasks}
+  inputs["ntk_eigenpairs"] = out / "ntk_eigenpairs.csv"
+  for path in inputs.values():
+    if not path.is_file():
+      raise errors.InputError(f"{path} does not exist; run experiments.lensllm_study (or its "
+                              "--kernels_only step) into that directory first")
+  config = {**cfg.to_dict(), "ntk_dynamics_methods": list(methods)}
+  with rundir.open_output_dir(out, config=config, inputs=inputs, outputs=OUTPUTS,
+                              overwrite=cfg.overwrite, ignore=("workdir", "output_dir"),
+                              name=MANIFEST):
+    path = out / "ntk_dynamics.csv"
+    if path.is_file() and (out / "ntk_dynamics.md").is_file():
+      logging.info("%s: made from these inputs already (%s); skipping", path, MANIFEST)
+      return path
+    return _run(cfg, out, methods)
+
+
+def _run(cfg, out: pathlib.Path, methods) -> pathlib.Path:
+  t0 = time.time()
   ratios = [int(r) for r in cfg.selection.ratios]
   target = float(max(cfg.subset_sizes))
   rows = []

@@ -10,10 +10,17 @@ config.json (model, prior, training config and seed, wall time); to
 config.log_dir: train_log.csv (step, mean NLL of the hidden points since the
 previous row, seconds). Reproducible from the seed (CPU float32; another
 backend may differ in the last bits).
+
+Both directories are locked and keyed on the config and the init_from weights
+(`rundir.open_output_dir`, manifest.json): a rerun with the same manifest and
+the weights present skips the training, another config is refused naming the
+difference (`--config.overwrite=True` retrains, e.g. the packaged weights,
+which predate manifests).
 """
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
 import platform
 import time
@@ -21,6 +28,7 @@ import time
 from absl import app, flags, logging
 
 from experiments import common
+from lensllm_jax import rundir
 from lensllm_jax.plus import pfn
 
 FLAGS = flags.FLAGS
@@ -42,7 +50,40 @@ def configs_of(cfg):
   return model, pfn.TrainConfig(**cfg.train.to_dict())
 
 
+WEIGHTS = ("weights.msgpack", "config.json")
+LOG = ("train_log.csv",)
+# Where the results go and what is written down, not what they are.
+MANIFEST_IGNORE = ("output_dir", "log_dir", "command")
+
+
+@contextlib.contextmanager
+def open_dirs(cfg):
+  """Locks and binds config.output_dir (weights) and config.log_dir (train_log.csv)."""
+  inputs = {"init_from": cfg.init_from} if cfg.kind == "context" and cfg.get("init_from") else {}
+  dirs = {pathlib.Path(cfg.output_dir): WEIGHTS}
+  log_dir = pathlib.Path(cfg.log_dir)
+  dirs[log_dir] = dirs.get(log_dir, ()) + LOG
+  with contextlib.ExitStack() as stack:
+    for directory, outputs in dirs.items():
+      stack.enter_context(rundir.open_output_dir(
+          directory, config=cfg, inputs=inputs, outputs=outputs, overwrite=cfg.overwrite,
+          ignore=MANIFEST_IGNORE))
+    yield
+
+
 def run(cfg):
+  configs_of(cfg)  # a bad kind: refused before any directory is made
+  with open_dirs(cfg):
+    weights = pathlib.Path(cfg.output_dir)
+    if (all((weights / n).is_file() for n in WEIGHTS)
+        and (pathlib.Path(cfg.log_dir) / LOG[0]).is_file()):
+      logging.info("%s: trained with this config already (manifest.json); skipping", weights)
+      return pfn.load_predictor(weights,
+                                pfn.ContextPFNPredictor if cfg.kind == "context" else None)
+    return _train(cfg)
+
+
+def _train(cfg):
   model, train = configs_of(cfg)
   t = time.time()
   if cfg.kind == "context":

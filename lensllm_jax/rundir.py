@@ -67,7 +67,8 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def input_digests(inputs: Mapping[str, str | os.PathLike]) -> dict[str, str]:
-  """{name: sha256} of input files; a directory contributes each file under it as name/relpath.
+  """{name: sha256} of input files; a directory contributes each file under it as name/relpath
+  (not its lock and manifests).
 
   Callers check their inputs first with their own error type; a path missing
   here still raises `errors.InputError` naming it.
@@ -76,7 +77,7 @@ def input_digests(inputs: Mapping[str, str | os.PathLike]) -> dict[str, str]:
   for name, path in inputs.items():
     path = pathlib.Path(path)
     if path.is_dir():
-      for f in sorted(p for p in path.rglob("*") if p.is_file()):
+      for f in sorted(p for p in path.rglob("*") if p.is_file() and not _bookkeeping(p.name)):
         out[f"{name}/{f.relative_to(path).as_posix()}"] = sha256_file(f)
     elif path.is_file():
       out[name] = sha256_file(path)
@@ -183,9 +184,9 @@ def _write_json_atomic(path: pathlib.Path, value: dict) -> None:
   os.replace(tmp, path)
 
 
-def read_manifest(directory: str | os.PathLike) -> dict | None:
+def read_manifest(directory: str | os.PathLike, name: str = MANIFEST) -> dict | None:
   """The directory's manifest, None if it has none (`errors.WorkdirError` if unreadable)."""
-  path = pathlib.Path(directory) / MANIFEST
+  path = pathlib.Path(directory) / name
   if not path.exists():
     return None
   try:
@@ -226,11 +227,16 @@ def directory_lock(directory: str | os.PathLike):
     os.close(fd)  # releases the lock
 
 
+def _bookkeeping(name: str) -> bool:
+  """The lock and the manifests (`manifest*.json`) are never outputs."""
+  return name == LOCK or (name.startswith("manifest") and name.endswith(".json"))
+
+
 def _remove_outputs(directory: pathlib.Path, outputs: Iterable[str]) -> list[str]:
   removed = []
   for pattern in outputs:
     for p in sorted(directory.glob(pattern)):
-      if p.name in (LOCK, MANIFEST):
+      if _bookkeeping(p.name):
         continue
       shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
       removed.append(p.name)
@@ -238,8 +244,7 @@ def _remove_outputs(directory: pathlib.Path, outputs: Iterable[str]) -> list[str
 
 
 def _has_outputs(directory: pathlib.Path, outputs: Iterable[str]) -> bool:
-  return any(p.name not in (LOCK, MANIFEST) for pattern in outputs
-             for p in directory.glob(pattern))
+  return any(not _bookkeeping(p.name) for pattern in outputs for p in directory.glob(pattern))
 
 
 def prepare_directory(directory: str | os.PathLike) -> pathlib.Path:
@@ -258,14 +263,15 @@ def prepare_directory(directory: str | os.PathLike) -> pathlib.Path:
 
 
 def bind_manifest(directory: pathlib.Path, manifest: dict, *, outputs: Iterable[str],
-                  merge=None, overwrite: bool = False) -> dict:
+                  merge=None, overwrite: bool = False, name: str = MANIFEST) -> dict:
   """Checks `manifest` against the directory's and records it (merged); returns what is
-  recorded. Call with the directory's lock held."""
+  recorded. Call with the directory's lock held. `name`: the manifest's file, for a second
+  binary writing its own `outputs` into another binary's directory (`manifest.<binary>.json`)."""
   outputs = tuple(outputs)
-  old = read_manifest(directory)
+  old = read_manifest(directory, name)
   has_outputs = _has_outputs(directory, outputs)
   if old is None and has_outputs:
-    diffs = ["holds results but no manifest.json (made by an older version, or by hand)"]
+    diffs = [f"holds results but no {name} (made by an older version, or by hand)"]
     merged = manifest
   elif old is None or not has_outputs:  # nothing computed yet (e.g. a run that failed early)
     diffs, merged = [], manifest
@@ -279,7 +285,7 @@ def bind_manifest(directory: pathlib.Path, manifest: dict, *, outputs: Iterable[
   if diffs:  # overwrite: start clean
     _remove_outputs(directory, outputs)
     merged = manifest
-  _write_json_atomic(directory / MANIFEST, merged)
+  _write_json_atomic(directory / name, merged)
   return merged
 
 
@@ -288,7 +294,7 @@ def open_output_dir(directory: str | os.PathLike, *, config: Any,
                     inputs: Mapping[str, str | os.PathLike], outputs: Iterable[str],
                     merge: Mapping[str, Callable[[Any], Any] | None] | None = None,
                     overwrite: bool = False, ignore: Iterable[str] = (),
-                    primary: bool = True):
+                    primary: bool = True, name: str = MANIFEST):
   """Creates, locks and binds an output directory for one run (module docstring).
 
   Args:
@@ -303,6 +309,7 @@ def open_output_dir(directory: str | os.PathLike, *, config: Any,
     ignore: config keys that do not change results (`overwrite`, thread counts ...).
     primary: False on the non-primary processes of a multi-process run: they
       neither lock nor write (the primary does both).
+    name: the manifest's file name (`bind_manifest`).
 
   Yields:
     The directory as a pathlib.Path.
@@ -314,5 +321,6 @@ def open_output_dir(directory: str | os.PathLike, *, config: Any,
   prepare_directory(directory)
   manifest = make_manifest(config, inputs, ignore=("overwrite", *ignore))
   with directory_lock(directory):
-    bind_manifest(directory, manifest, outputs=outputs, merge=merge, overwrite=overwrite)
+    bind_manifest(directory, manifest, outputs=outputs, merge=merge, overwrite=overwrite,
+                  name=name)
     yield directory

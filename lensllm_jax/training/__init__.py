@@ -29,7 +29,7 @@ Every public name of these modules is re-exported here
     write_model_config, pretrained_params, read_runs, append_run, NTK_KERNELS, NTKSnapshot,
     step_budget, run_one, clear_checkpoint, probe_inputs, pretrained_snapshot, precompile_model,
     start_precompile, sweep_model, WORKDIR_OUTPUTS, WORKDIR_MERGE, WORKDIR_IGNORE, sweep_inputs,
-    open_workdir, bind_workdir, write_curve_file
+    open_workdir, bind_workdir, adopt_legacy_workdir, write_curve_file
   zoo: EXCLUDED_DIRS, stdlib_dir, stdlib_files, is_pretraining_file, FunctionRecord, parse_source,
     chunk_text, Corpus, build_corpus, FAMILIES, ZooSpec, model_config, zoo_from_dicts
   zoo_build: write_atomic, read_jsonl, append_jsonl, corpus_step, tokenizer_step, apply_fn_for, ZooModel,
@@ -97,6 +97,7 @@ from lensllm_jax.training.sweep import (
   WORKDIR_OUTPUTS,
   LoadedModel,
   NTKSnapshot,
+  adopt_legacy_workdir,
   append_run,
   bind_workdir,
   clear_checkpoint,
@@ -272,6 +273,7 @@ __all__ = [
   "sweep_inputs",
   "open_workdir",
   "bind_workdir",
+  "adopt_legacy_workdir",
   "write_curve_file",
   "EXCLUDED_DIRS",
   "stdlib_dir",

@@ -571,13 +571,41 @@ def bind_workdir(cfg, workdir: pathlib.Path, *, overwrite: bool = False) -> None
   """Checks and records the workdir's manifest (`rundir.bind_manifest`, `WORKDIR_MERGE`)
   without taking its lock: for a caller that runs several sweeps inside a directory it
   holds (experiments.lensllm_study). Runs of two configurations are never mixed into one
-  curve file; overwrite=True deletes the workdir's runs instead of refusing."""
+  curve file; overwrite=True deletes the workdir's runs instead of refusing. A workdir of
+  a version before manifests is adopted when `adopt_legacy_workdir` can vouch for it."""
   if sharding.is_primary():
     rundir.prepare_directory(workdir)
-    rundir.bind_manifest(workdir, rundir.make_manifest(cfg, sweep_inputs(cfg),
-                                                       ignore=WORKDIR_IGNORE),
-                         outputs=WORKDIR_OUTPUTS, merge=WORKDIR_MERGE, overwrite=overwrite)
+    manifest = rundir.make_manifest(cfg, sweep_inputs(cfg), ignore=WORKDIR_IGNORE)
+    adopt_legacy_workdir(workdir, manifest)
+    rundir.bind_manifest(workdir, manifest, outputs=WORKDIR_OUTPUTS, merge=WORKDIR_MERGE,
+                         overwrite=overwrite)
   sharding.barrier("workdir checked")
+
+
+def adopt_legacy_workdir(workdir: pathlib.Path, manifest: dict) -> bool:
+  """Records `manifest` for a workdir made before manifests, when its config.json vouches
+  for it; returns whether it did.
+
+  Such a workdir holds config.json, the sweep's whole config (written by every
+  earlier version, which refused a rerun whose config.json differed). It is adopted
+  when that config equals this one (`WORKDIR_IGNORE` left out) and the sweep reads
+  no input file (no local data, no checkpoint directory: config.json records no
+  digest of those). Anything else is left to `rundir.bind_manifest`, which refuses
+  it naming --config.overwrite=True or a new directory.
+  """
+  path = workdir / "config.json"
+  if rundir.read_manifest(workdir) is not None or not path.is_file() or manifest["inputs"]:
+    return False
+  try:
+    old = rundir.flatten_config(json.loads(path.read_text()), WORKDIR_IGNORE)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    return False
+  if old != manifest["config"]:
+    return False
+  rundir.bind_manifest(workdir, manifest, outputs=(), merge=WORKDIR_MERGE)
+  logging.info("%s: a workdir made before manifests; its config.json equals this sweep's "
+               "config: adopted (manifest.json written)", workdir)
+  return True
 
 
 def write_curve_file(cfg, runs: dict, model_rows: dict, path: pathlib.Path) -> int:

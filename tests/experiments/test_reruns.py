@@ -1,0 +1,146 @@
+"""Reruns of train_curve_pfn, ntk_dynamics and lensllm_study's directories (`rundir`).
+
+Each binary: the same inputs skip (or go on), a changed input or config is refused
+with one line naming the difference, `config.overwrite=True` recomputes. In
+process, on tiny inputs (seconds); the full binaries run in their own tests.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from configs import curve_pfn as curve_pfn_config
+from configs import study as study_config
+from experiments import common, lensllm_study, ntk_dynamics, train_curve_pfn
+from helpers.synthetic_curves import synthetic_curves
+from lensllm_jax import errors, rundir
+from lensllm_jax.curves import benchmarks
+from lensllm_jax.plus import pfn
+from lensllm_jax.training import sweep
+
+
+def _refused(match):
+  return pytest.raises(errors.WorkdirError, match=match)
+
+
+def test_train_curve_pfn_rerun_skips_same_config_refuses_another(tmp_path, monkeypatch):
+  """The binary's directories around a stand-in for `pfn.train` (whose training,
+  tens of seconds even for 2 steps, tests/plus/test_curve_pfn.py covers): weights that
+  depend on the config, saved and loaded by the binary's own code."""
+  calls = []
+
+  def stand_in(model_config, train_config, log=None):
+    calls.append(train_config)
+    params = {"w": np.full(3, train_config.learning_rate, np.float32)}
+    return pfn.CurvePFNPredictor(model_config, params), [
+        {"step": 1, "nll": 1.0, "seconds": 0.0}]
+
+  monkeypatch.setattr(train_curve_pfn.pfn, "train", stand_in)
+  cfg = curve_pfn_config.get_config("tiny")
+  cfg.output_dir, cfg.log_dir = str(tmp_path / "weights"), str(tmp_path / "log")
+  train_curve_pfn.run(cfg)
+  weights = (tmp_path / "weights" / "weights.msgpack").read_bytes()
+  again = train_curve_pfn.run(cfg)  # same manifest: the saved predictor, no training
+  assert len(calls) == 1 and np.array_equal(again.params["w"], np.full(3, 3e-3, np.float32))
+  cfg.train.learning_rate = 1e-3
+  with _refused(r"config.train.learning_rate: 0.003 -> 0.001\); pass --config.overwrite=True"):
+    train_curve_pfn.run(cfg)
+  cfg.log_dir = str(tmp_path / "log2")  # a fresh log dir does not make the weights dir agree
+  with _refused(r"weights holds results of other inputs \(config.train.learning_rate"):
+    train_curve_pfn.run(cfg)
+  assert len(calls) == 1 and not (tmp_path / "log2" / "train_log.csv").exists()
+  cfg.overwrite = True
+  train_curve_pfn.run(cfg)
+  assert len(calls) == 2
+  assert (tmp_path / "weights" / "weights.msgpack").read_bytes() != weights
+  assert rundir.read_manifest(tmp_path / "weights")["config"]["train.learning_rate"] == 1e-3
+
+
+def _study_dir(tmp_path):
+  """A study results directory of one task: curves_x.csv and ntk_eigenpairs.csv."""
+  curves, _ = synthetic_curves(num_models=4, seed=0, grid_max=3200)
+  out = tmp_path / "study"
+  out.mkdir()
+  benchmarks.write_curves(curves, out / "curves_x.csv")
+  rows = [{"task": "x", "model": m, "k": k, "eigval": 1.0 / (k + 1), "proj": 0.1, "eta": 1e-3}
+          for m in curves.models for k in range(3)]
+  common.append_rows(out / "ntk_eigenpairs.csv", list(rows[0]), rows)
+  cfg = study_config.get_config("tiny")
+  cfg.tasks = ("x",)
+  cfg.subset_sizes = tuple(int(d) for d in curves.data_sizes[1:])
+  cfg.selection.max_steps, cfg.selection.num_restarts = 30, 1
+  return cfg, out, curves
+
+
+def test_ntk_dynamics_rerun_skips_same_inputs_refuses_changed_curves(tmp_path, monkeypatch):
+  cfg, out, curves = _study_dir(tmp_path)
+  path = ntk_dynamics.run(cfg, out, methods=("LensLLM",))
+  first = path.read_bytes()
+  assert len(common.read_rows(path)) == len(cfg.selection.ratios) * 4  # ratios x 4 metrics
+  real = ntk_dynamics.task_results
+  monkeypatch.setattr(ntk_dynamics, "task_results", lambda *a, **k: pytest.fail("refitted"))
+  assert ntk_dynamics.run(cfg, out, methods=("LensLLM",)).read_bytes() == first  # skipped
+  changed = benchmarks.CurveSet(**{**curves.__dict__, "losses": curves.losses * 1.01})
+  benchmarks.write_curves(changed, out / "curves_x.csv")
+  with _refused(r"input curves_x: sha256 \w+ -> \w+\); pass --config.overwrite=True"):
+    ntk_dynamics.run(cfg, out, methods=("LensLLM",))
+  with _refused(r"config.ntk_dynamics_methods"):
+    ntk_dynamics.run(cfg, out, methods=("LensLLM", "Spectral"))
+  monkeypatch.setattr(ntk_dynamics, "task_results", real)
+  cfg.overwrite = True
+  assert ntk_dynamics.run(cfg, out, methods=("LensLLM",)).read_bytes() != first
+  # The study's own files are not this binary's outputs: overwrite left them.
+  assert (out / "ntk_eigenpairs.csv").exists() and not (out / "manifest.json").exists()
+
+
+def test_study_output_dir_rerun_refuses_another_config(tmp_path):
+  cfg = study_config.get_config("tiny")
+  out = tmp_path / "results"
+  with lensllm_study.open_output_dir(cfg, out):
+    (out / "summary.md").write_text("made\n")
+  with lensllm_study.open_output_dir(cfg, out):  # same config: goes on
+    pass
+  other = study_config.get_config("tiny")
+  other.selection.ratios = (2, 8)
+  with _refused(r"config.selection.ratios: \[2, 4\] -> \[2, 8\]"):
+    with lensllm_study.open_output_dir(other, out):
+      pass
+  # A study made before manifests (results/study): the report is refused, --kernels_only
+  # (which checks its eigenpairs against the directory's ntk_spectra.csv) goes on.
+  legacy = tmp_path / "legacy"
+  legacy.mkdir()
+  (legacy / "ntk_spectra.csv").write_text("task,model\n")
+  with _refused(r"holds results but no manifest.json"):
+    with lensllm_study.open_output_dir(cfg, legacy):
+      pass
+  with lensllm_study.open_output_dir(cfg, legacy, kernels_only=True):
+    pass
+  assert rundir.read_manifest(legacy)["config"] == rundir.flatten_config(
+      cfg, ("overwrite", "workdir", "output_dir"))
+
+
+def test_study_sweep_workdir_made_before_manifests_is_adopted_if_its_config_matches(tmp_path):
+  cfg = study_config.get_config("tiny")
+  scfg = lensllm_study.sweep_config(cfg, "translate")
+  old = tmp_path / "translate"
+  old.mkdir()
+  (old / "runs.jsonl").write_text('{"model": "m", "data_size": 0, "test_loss": 1.0}\n')
+  # What every version before manifests wrote (sweep.bind_workdir of commit 5b76382~1).
+  (old / "config.json").write_text(scfg.to_json_best_effort(indent=2, sort_keys=True))
+  sweep.bind_workdir(scfg, old)
+  assert rundir.read_manifest(old)["config"] == rundir.flatten_config(scfg,
+                                                                      sweep.WORKDIR_IGNORE)
+  assert (old / "runs.jsonl").exists()
+  other = tmp_path / "other"
+  other.mkdir()
+  (other / "runs.jsonl").write_text((old / "runs.jsonl").read_text())
+  changed = json.loads(scfg.to_json_best_effort())
+  changed["num_test"] += 1
+  (other / "config.json").write_text(json.dumps(changed))
+  with _refused(r"holds results but no manifest.json .*pass --config.overwrite=True"):
+    sweep.bind_workdir(scfg, other)
+  sweep.bind_workdir(scfg, other, overwrite=True)  # recompute: the old runs are gone
+  assert not (other / "runs.jsonl").exists() and rundir.read_manifest(other) is not None
