@@ -273,8 +273,8 @@ def write_choices(out, folds, files) -> None:
   # central 80% predictive interval (reported, not used by any choice).
   cover = []
   for ds, f in files.items():
-    inside = ((f["preds"]["CurvePFN_q0.1"] <= f["truth"][None]) &
-              (f["truth"][None] <= f["preds"]["CurvePFN_q0.9"])).mean(1)   # [R]
+    q = candidates.BasePrediction.from_columns(f["preds"], "CurvePFN").quantiles
+    inside = ((q[0.1] <= f["truth"][None]) & (f["truth"][None] <= q[0.9])).mean(1)   # [R]
     cover += [{"dataset": ds, "ratio": r, "coverage80": f"{inside[k]:.6f}"}
               for k, r in enumerate(f["ratios"])]
   rewrite(out / "candidates_coverage.csv", ("dataset", "ratio", "coverage80"), cover)

@@ -19,7 +19,8 @@ Every public name of these modules is re-exported here
     sample_prior_curves, save_predictor, train, default_curve_predictor, ContextModelConfig,
     ContextPFN, ContextPFNPredictor, HierarchyConfig, context_pfn_selection,
     default_context_predictor, make_file_batch, sample_prior_files, train_context
-  candidates: PLUS_NAME, BASE_PREDICTORS, BLEND_WEIGHTS, BaseContext, Candidate, PlusChoice, PlusFold, blend,
+  candidates: PLUS_NAME, BASE_PREDICTORS, BLEND_WEIGHTS, BaseContext, BasePrediction, Candidate,
+    PlusChoice, PlusFold, blend,
     budgeted_candidate_selection, candidate_distribution, all_candidates, candidate_prediction,
     choose_candidate, file_predictions, plus_results, pooled_setting, prediction_jobs,
     ranked_choice, score_table
@@ -35,6 +36,7 @@ from lensllm_jax.plus.candidates import (
   BLEND_WEIGHTS,
   PLUS_NAME,
   BaseContext,
+  BasePrediction,
   Candidate,
   PlusChoice,
   PlusFold,
@@ -120,6 +122,7 @@ __all__ = [
   "BASE_PREDICTORS",
   "BLEND_WEIGHTS",
   "BaseContext",
+  "BasePrediction",
   "Candidate",
   "PlusChoice",
   "PlusFold",

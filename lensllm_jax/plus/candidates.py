@@ -74,6 +74,7 @@ __all__ = [
   "BASE_PREDICTORS",
   "BLEND_WEIGHTS",
   "BaseContext",
+  "BasePrediction",
   "Candidate",
   "PLUS_NAME",
   "PlusChoice",
@@ -118,6 +119,37 @@ class BaseContext:
   context_predictor: pfn.ContextPFNPredictor | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class BasePrediction:
+  """A predictor's L(D*) on V budget views of M models, with its own uncertainty.
+
+  Attributes:
+    mean: [V, M] predicted L(D*) (the PFNs: the posterior mean).
+    sd_log: [V, M] sd of log L(D*); None where not computed (`BaseContext.with_sd`).
+    quantiles: level -> [V, M] quantile of L(D*), for the predictors that have
+      their own (the PFNs: 0.1 and 0.9); empty otherwise.
+  """
+  mean: np.ndarray
+  sd_log: np.ndarray | None = None
+  quantiles: Mapping[float, np.ndarray] = dataclasses.field(default_factory=dict)
+
+  def columns(self, name: str) -> dict[str, np.ndarray]:
+    """The flat columns of `file_predictions` and predictions.csv: `name` (mean),
+    `name_sd`, `name_q<level>` (e.g. "CurvePFN", "CurvePFN_sd", "CurvePFN_q0.1")."""
+    out = {name: self.mean}
+    if self.sd_log is not None:
+      out[f"{name}_sd"] = self.sd_log
+    out.update({f"{name}_q{q:g}": v for q, v in self.quantiles.items()})
+    return out
+
+  @classmethod
+  def from_columns(cls, columns: Mapping[str, np.ndarray], name: str) -> BasePrediction:
+    """The prediction `name` back from flat columns (inverse of `columns`)."""
+    prefix = f"{name}_q"
+    return cls(columns[name], columns.get(f"{name}_sd"),
+               {float(k[len(prefix):]): v for k, v in columns.items() if k.startswith(prefix)})
+
+
 def _laplace_sd(law, results, views, meta) -> np.ndarray:
   """[V, M] Laplace sd of log L(D*) of per-model law fits on each view (one pool per view)."""
   m = views[0].mask.shape[0]
@@ -129,56 +161,51 @@ def _laplace_sd(law, results, views, meta) -> np.ndarray:
   return sd.reshape(len(views), m)
 
 
-def pooled_base(views, meta, ctx: BaseContext) -> dict[str, np.ndarray]:
-  """Pooled LensLLM fit with ctx.pooled_config: {"Pooled": [V, M] L(D*) (, "Pooled_sd")}."""
+def pooled_base(views, meta, ctx: BaseContext) -> BasePrediction:
+  """Pooled LensLLM fit with ctx.pooled_config (sd: the Laplace sd, when ctx.with_sd)."""
   if ctx.pooled_config is None:
     raise ValueError("pooled_base: BaseContext.pooled_config is None")
   res = [r[0] for r in pooled.pooled_selection(views, meta, [ctx.pooled_config], key=ctx.key,
                                                num_restarts=ctx.num_restarts,
                                                num_steps=ctx.num_steps,
                                                num_points=ctx.num_points)]
-  out = {"Pooled": np.stack([r.predicted for r in res])}
-  if ctx.with_sd:
-    out["Pooled_sd"] = _laplace_sd(laws.lensllm_law(), res, views, meta)
-  return out
+  sd = _laplace_sd(laws.lensllm_law(), res, views, meta) if ctx.with_sd else None
+  return BasePrediction(np.stack([r.predicted for r in res]), sd)
 
 
-def _pfn_outputs(name: str, results) -> dict[str, np.ndarray]:
+def _pfn_outputs(results) -> BasePrediction:
   """A PFN's posterior mean E[L(D*)], sd of log L(D*) and 10% / 90% quantiles of L(D*),
   [V, M] each, from its SelectionResults (one per view)."""
-  return {name: np.stack([r.predicted for r in results]),
-          f"{name}_sd": np.stack([r.extras["sd_log"] for r in results]),
-          f"{name}_q0.1": np.exp(np.stack([r.extras["q0.1_log"] for r in results])),
-          f"{name}_q0.9": np.exp(np.stack([r.extras["q0.9_log"] for r in results]))}
+  return BasePrediction(
+      np.stack([r.predicted for r in results]),
+      np.stack([r.extras["sd_log"] for r in results]),
+      {q: np.exp(np.stack([r.extras[f"q{q:g}_log"] for r in results])) for q in (0.1, 0.9)})
 
 
-def pfn_base(views, meta, ctx: BaseContext) -> dict[str, np.ndarray]:
+def pfn_base(views, meta, ctx: BaseContext) -> BasePrediction:
   """CurvePFN: each model's posterior from its own visible points."""
-  return _pfn_outputs("CurvePFN", [pfn.curve_pfn_selection(v, meta, predictor=ctx.predictor)
-                                   for v in views])
+  return _pfn_outputs([pfn.curve_pfn_selection(v, meta, predictor=ctx.predictor)
+                       for v in views])
 
 
-def context_pfn_base(views, meta, ctx: BaseContext) -> dict[str, np.ndarray]:
+def context_pfn_base(views, meta, ctx: BaseContext) -> BasePrediction:
   """ContextPFN: each model's posterior given also the other models' visible curves and
   the sizes (`pfn/`; ctx.context_predictor, default the committed one)."""
   pred = ctx.context_predictor or pfn.default_context_predictor()
-  return _pfn_outputs("ContextPFN", [pfn.context_pfn_selection(v, meta, predictor=pred)
-                                     for v in views])
+  return _pfn_outputs([pfn.context_pfn_selection(v, meta, predictor=pred) for v in views])
 
 
-def spectral_base(views, meta, ctx: BaseContext) -> dict[str, np.ndarray]:
+def spectral_base(views, meta, ctx: BaseContext) -> BasePrediction:
   """Dynamic-F LensLLM (`dynamic_law.spectral_lensllm_law(1)`), independent fits."""
   law = dynamic_law.spectral_lensllm_law(1)
   res = selection.fit_law_views("Spectral", law, views, meta, key=ctx.key, use_zero_shot=True,
                                 num_restarts=ctx.num_restarts)
-  out = {"Spectral": np.stack([r.predicted for r in res])}
-  if ctx.with_sd:
-    out["Spectral_sd"] = _laplace_sd(law, res, views, meta)
-  return out
+  sd = _laplace_sd(law, res, views, meta) if ctx.with_sd else None
+  return BasePrediction(np.stack([r.predicted for r in res]), sd)
 
 
-# The candidate bases X: name -> fn(views, meta, BaseContext) -> {name: [V, M] predicted
-# L(D*), name + "_sd": [V, M] sd of log L(D*) (when ctx.with_sd or always), ...}.
+# The candidate bases X: name -> fn(views, meta, BaseContext) -> BasePrediction ([V, M]
+# predicted L(D*), its sd of log L(D*) when ctx.with_sd (the PFNs: always), quantiles).
 BASE_PREDICTORS: dict[str, Callable] = {
   "Pooled": pooled_base,
   "CurvePFN": pfn_base,
@@ -227,9 +254,10 @@ def pooled_key(config: pooled.PooledConfig) -> str:
 
 
 def prediction_jobs(ctx: BaseContext, pooled_configs: Sequence[pooled.PooledConfig] = ()):
-  """name -> fn(views, meta) -> {key: [V, M]}: the baselines, every base, one Pooled per setting.
+  """name -> fn(views, meta) -> {column: [V, M]}: the baselines, every base, one Pooled per
+  setting.
 
-  Each job's output keys start with the job's name (e.g. "CurvePFN",
+  Each job returns its `BasePrediction.columns(job name)` (e.g. "CurvePFN",
   "CurvePFN_sd"); the Pooled base runs once per setting, each setting in its
   own call (its predictions do not depend on which other settings are asked).
   """
@@ -243,11 +271,10 @@ def prediction_jobs(ctx: BaseContext, pooled_configs: Sequence[pooled.PooledConf
     if base == "Pooled":
       for c in dict.fromkeys(pooled_configs):
         def job(views, meta, c=c, fn=fn):
-          out = fn(views, meta, dataclasses.replace(ctx, pooled_config=c))
-          return {k.replace("Pooled", pooled_key(c), 1): v for k, v in out.items()}
+          return fn(views, meta, dataclasses.replace(ctx, pooled_config=c)).columns(pooled_key(c))
         jobs[pooled_key(c)] = job
     else:
-      jobs[base] = (lambda views, meta, fn=fn: fn(views, meta, ctx))
+      jobs[base] = (lambda views, meta, fn=fn, base=base: fn(views, meta, ctx).columns(base))
   return jobs
 
 
@@ -474,22 +501,18 @@ def candidate_distribution(cand: Candidate, views, meta, ctx: BaseContext):
   """A candidate's prediction of L(D*) with its own uncertainty (module docstring, Budgeted).
 
   Returns:
-    (predicted [V, M], sd of log L(D*) [V, M], (q0.1, q0.9) [V, M] each: the
-    10 % / 90 % quantiles of L(D*) where the base has its own (the PFNs;
-    blended like the mean, NaN where X has no finite prediction), else None).
+    `BasePrediction`: mean [V, M], sd_log [V, M], and the quantiles of L(D*)
+    where the base has its own (the PFNs: 0.1, 0.9; blended like the mean, NaN
+    where X has no finite prediction; AtS alone: its line at every level).
   """
   ats = np.stack([selection.ats(v, meta).predicted for v in views])
   if cand.base == "AtS":
-    return ats, np.zeros_like(ats), (ats, ats)
+    return BasePrediction(ats, np.zeros_like(ats), {0.1: ats, 0.9: ats})
   out = BASE_PREDICTORS[cand.base](views, meta, dataclasses.replace(ctx, with_sd=True))
-  x, sd = out[cand.base], out[cand.base + "_sd"]
-  w = cand.ats_weight
-  quantiles = None
-  if cand.base + "_q0.1" in out:
-    ok = np.isfinite(x) & (x > 0)
-    quantiles = tuple(np.where(ok, blend(ats, out[cand.base + q], w), np.nan)
-                      for q in ("_q0.1", "_q0.9"))
-  return blend(ats, x, w), blend_sd(x, sd, w), quantiles
+  x, w = out.mean, cand.ats_weight
+  ok = np.isfinite(x) & (x > 0)
+  quantiles = {q: np.where(ok, blend(ats, v, w), np.nan) for q, v in out.quantiles.items()}
+  return BasePrediction(blend(ats, x, w), blend_sd(x, out.sd_log, w), quantiles)
 
 
 def budgeted_candidate_selection(curves, levels: Sequence[float], cand: Candidate, *,
@@ -509,9 +532,9 @@ def budgeted_candidate_selection(curves, levels: Sequence[float], cand: Candidat
   ctx = dataclasses.replace(ctx, num_points=grid.size)
 
   def predict_views(views, step):
-    pred, sd, _ = candidate_distribution(
+    dist = candidate_distribution(
         cand, views, meta, dataclasses.replace(ctx, key=jax.random.fold_in(ctx.key, step)))
-    return pred, sd
+    return dist.mean, dist.sd_log
 
   return budgeted.early_stopping_selection(
     curves, levels, predict_views=predict_views, name=cand.name,

@@ -185,12 +185,12 @@ def _candidate_sizes(cand: candidates.Candidate, view, meta, sizes, key,
                                     num_points=view.data_sizes.size)
   cols = [candidates.candidate_distribution(
       cand, [view], dataclasses.replace(meta, target_data_num=float(q)), ctx) for q in sizes]
-  pred = np.stack([c[0][0] for c in cols], 1)
-  sd = np.stack([c[1][0] for c in cols], 1)
+  pred = np.stack([c.mean[0] for c in cols], 1)
+  sd = np.stack([c.sd_log[0] for c in cols], 1)
   lower, upper = _gaussian_interval(pred, sd)
-  if cols[0][2] is not None:  # the base's own quantiles where it has a finite prediction
-    for k, out in ((0, lower), (1, upper)):
-      q = np.stack([c[2][k][0] for c in cols], 1)
+  if cols[0].quantiles:  # the base's own quantiles where it has a finite prediction
+    for level, out in ((0.1, lower), (0.9, upper)):
+      q = np.stack([c.quantiles[level][0] for c in cols], 1)
       out[np.isfinite(q)] = q[np.isfinite(q)]
   return SizePrediction(np.asarray(sizes), pred, sd, lower, upper)
 

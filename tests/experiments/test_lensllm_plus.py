@@ -302,7 +302,7 @@ def test_binary_needs_two_reported_files(shared_benchmarks, tmp_path):
 
 
 def test_reproduce_selection_reports_the_same_predictor(small_run, tmp_path, monkeypatch):
-  """reproduce_selection --protocol=leave_one_out: LensLLM+ on a is the candidate with the
+  """reproduce_selection with LensLLM+ in config.methods: LensLLM+ on a is the candidate with the
   best criterion on b alone (recomputed here from b's predictions), and its scores are
   that candidate's."""
   import jax
@@ -313,7 +313,7 @@ def test_reproduce_selection_reports_the_same_predictor(small_run, tmp_path, mon
   monkeypatch.setattr(protocol, "default_grid", lambda: GRID)
   sets = [benchmarks.load_curves(str(data / f"{n}.csv")) for n in ("a", "b")]
   key = jax.random.key(3)
-  got = reproduce_selection.choose_plus(sets, ["AtS", "LensLLM+"], "leave_one_out", tmp_path,
+  got = reproduce_selection.choose_plus(sets, ["AtS", "LensLLM+"], tmp_path,
                                         ratios=list(RATIOS), key=key, target_data_num=None,
                                         num_restarts=2)
   chosen = {r["held_out"]: r for r in common.read_rows(tmp_path / "lensllm_plus_chosen.csv")}

@@ -47,7 +47,8 @@ def _known_base(sd):
     for v in views:
       last = v.mask.shape[1] - 1 - np.argmax(v.mask[:, ::-1], axis=1)
       pred.append(v.losses[np.arange(v.mask.shape[0]), last] / 2)
-    return {"Known": np.stack(pred), "Known_sd": np.full((len(views), views[0].mask.shape[0]), sd)}
+    return candidates.BasePrediction(np.stack(pred),
+                                     np.full((len(views), views[0].mask.shape[0]), sd))
 
   return base
 
