@@ -34,8 +34,8 @@ _MODELS = flags.DEFINE_list("models", ["500", "5000"], "Model counts, ascending.
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/bench_large_file", "Where files and outputs go.")
 _THREADS = flags.DEFINE_integer(
     "threads", 1, "config.threads of the protocol (0: one per core). Default 1: with 2 threads "
-    "the 500-model run hung (two XLA executions blocked in BlockUntilReady, no CPU used for "
-    "10 min; jaxlib 0.10.2, 2 shared cores).")
+    "the 500-model run hung (the batched eigh of two concurrent executions deadlocks XLA:CPU's "
+    "intra-op pool; docs/development.md, known issues).")
 
 
 def synthetic_file(path: pathlib.Path, num_models: int, seed: int = 0) -> None:

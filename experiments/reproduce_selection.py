@@ -335,7 +335,10 @@ def run(cfg, output_dir) -> pathlib.Path:
         f"config.budget.method: {cfg.budget.method!r} is not supported; budget methods: "
         f"{', '.join(budgeted.BUDGET_METHODS)} (LensLLM+ has its own budgeted variant, "
         "plus_candidates.budgeted_candidate_selection, run by experiments.lensllm_plus)")
-  common.integer_field(cfg, "threads", low=0)  # 0: one per CPU core
+  threads = common.integer_field(cfg, "threads", low=0) or os.cpu_count() or 1  # 0: one per core
+  if threads > 1:
+    logging.warning("config.threads=%d: concurrent XLA:CPU executions can deadlock on the "
+                    "batched eigh of the fits (docs/development.md, known issues)", threads)
   common.integer_field(cfg, "num_restarts", low=1)
   common.integer_field(cfg, "max_steps", low=0)
   common.integer_field(cfg, "seed")
