@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import math
 import os
 import pathlib
 import sys
@@ -380,3 +381,16 @@ def method_cost(method: str, curves, max_data_num: float, target_data_num: float
   """(FLOPs per token, ratio to FullTuning) of a fixed-budget method (`budgeted.method_flops`)."""
   flops = budgeted.method_flops(method, curves.sizes, curves.data_sizes, max_data_num)
   return flops, flops / budgeted.full_tuning_flops(curves.sizes, target_data_num)
+
+
+def json_float(x):
+  """A float for JSON (None for NaN / inf)."""
+  x = float(x)
+  return x if math.isfinite(x) else None
+
+
+def atomic_text(path: pathlib.Path, text: str) -> None:
+  """Writes `path` whole or not at all (a temporary file renamed over it)."""
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(text)
+  os.replace(tmp, path)

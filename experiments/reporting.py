@@ -10,6 +10,8 @@ section per binary, so that every table format lives in one place:
   experiments.lensllm_plus         plus_tables (lensllm_plus.md), plus_candidates_md
                                    (candidates.md), plus_stability_table
   experiments.ntk_dynamics         dynamics_tables (ntk_dynamics.md)
+  experiments.select               select_outputs (selection.md/.csv/.json), select_figure,
+                                   select_tradeoff_tables (tradeoff.csv/.md)
 
 A shared module of `experiments/` (not a binary; see docs/binaries.md).
 """
@@ -17,14 +19,16 @@ A shared module of `experiments/` (not a binary; see docs/binaries.md).
 from __future__ import annotations
 
 import csv
+import json
 import math
+import os
 import pathlib
 
 import numpy as np
 
 from experiments import common
 from lensllm_jax import laws
-from lensllm_jax.plus import candidates, protocol
+from lensllm_jax.plus import candidates, forecast, protocol
 from lensllm_jax.selection import metrics, published
 
 # ---------------------------------------------------------- experiments.lensllm_study ---
@@ -695,3 +699,82 @@ def dynamics_tables(path: pathlib.Path, ratios, methods) -> str:
                   f" | {'' if not np.isfinite(mean) else f'{scale * mean:.{digits}f}'} |")
     md.append("")
   return "\n".join(md)
+
+
+# ------------------------------------------------------------------- experiments.select ---
+
+def select_outputs(out: pathlib.Path, fc: forecast.Forecast, curves,
+                    band: forecast.SizePrediction | None, notes: tuple[str, ...] = ()) -> None:
+  """selection.md / .csv / .json / .png of a forecast (the figure when `band` is given)."""
+  out.mkdir(parents=True, exist_ok=True)
+  rows = fc.to_json()["models"]
+  md = [fc.headline(), "",
+        f"Predictor: {fc.predictor}; curves: {fc.source}; D* = {int(fc.target_data_num)}; "
+        f"interval: central {int(forecast.INTERVAL * 100)} % of the predictor's own "
+        "predictive distribution (docs/select.md).", *notes, "",
+        "| rank | model | predicted L(D*) | 80 % interval | sd of log L | largest measured D |",
+        "|---|---|---|---|---|---|"]
+  for r in rows:
+    md.append(f"| {r['rank']} | {r['model']} | {r['predicted']:.4f} | "
+              f"[{r['lower']:.4f}, {r['upper']:.4f}] | {r['sd_log']:.4f} | "
+              f"{int(r['largest_measured'])} |")
+  common.atomic_text(out / "selection.md", "\n".join(md) + "\n")
+  header = ["rank", "model", "size", "predicted", "lower", "upper", "sd_log", "largest_measured"]
+  lines = [",".join(header)]
+  for r in rows:
+    lines.append(",".join(json.dumps(r[h]) if h == "model" else f"{r[h]:.6g}" if isinstance(
+        r[h], float) else str(r[h]) for h in header))
+  common.atomic_text(out / "selection.csv", "\n".join(lines) + "\n")
+  payload = fc.to_json()
+  payload["models"] = [{k: common.json_float(v) if isinstance(v, float) else v for k, v in r.items()}
+                       for r in rows]
+  common.atomic_text(out / "selection.json", json.dumps(payload, indent=1) + "\n")
+  if band is not None:
+    select_figure(out / "selection.png", fc, curves, band)
+
+
+def select_figure(path: pathlib.Path, fc: forecast.Forecast, curves,
+                  band: forecast.SizePrediction) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(8, 5))
+  colors = plt.cm.viridis(np.linspace(0, 0.9, len(fc.models)))
+  d = np.asarray(curves.data_sizes, np.float64)
+  for rank, m in enumerate(fc.ranking):
+    m = int(m)
+    ok = np.asarray(curves.measured)[m] & (d > 0)
+    label = fc.models[m] if rank < 8 else None
+    ax.plot(d[ok], np.asarray(curves.losses)[m, ok], "o", ms=3, color=colors[rank], label=label)
+    ax.plot(band.sizes, band.predicted[m], "-", lw=1, color=colors[rank])
+    ax.fill_between(band.sizes, band.lower[m], band.upper[m], color=colors[rank], alpha=0.15)
+  ax.axvline(fc.target_data_num, color="k", ls=":", lw=1)
+  ax.set_xscale("log")
+  ax.set_xlabel("fine-tuning samples D")
+  ax.set_ylabel("test loss")
+  ax.set_title(f"{fc.predictor}: measured points, predicted curve and 80 % band to "
+               f"D* = {int(fc.target_data_num)}", fontsize=9)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  tmp = path.with_name(path.name + ".tmp.png")
+  fig.savefig(tmp, dpi=110)
+  plt.close(fig)
+  os.replace(tmp, path)
+
+
+def select_tradeoff_tables(out: pathlib.Path, name: str, rows: list[dict]) -> list[str]:
+  """tradeoff.csv / .md from `select.tradeoff_rows`; returns the Markdown rows (for the log)."""
+  header = list(rows[0])
+  lines = [",".join(header)] + [",".join(f"{r[h]:.6g}" if isinstance(r[h], float) else
+                                         json.dumps(r[h]) if h == "pick" else str(r[h])
+                                         for h in header) for r in rows]
+  common.atomic_text(out / "tradeoff.csv", "\n".join(lines) + "\n")
+  md = ["| z | pick | RelAcc | PearCorr | % of full fine-tuning | % of exhaustive sweep | "
+        "rounds | survivors | ended by |", "|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    md.append(f"| {r['z']:g} | {r['pick']} | {100 * r['RelAcc']:.1f} | {100 * r['PearCorr']:.1f} "
+              f"| {100 * r['fraction_of_full']:.2f} | {100 * r['fraction_of_exhaustive']:.1f} | "
+              f"{r['rounds']} | {r['survivors']} | {r['ended_by']} |")
+  common.atomic_text(out / "tradeoff.md", "\n".join(md) + "\n")
+  return md[2:]

@@ -52,7 +52,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from experiments import common
+from experiments import common, reporting
 from lensllm_jax import rundir, selection, training
 from lensllm_jax.curves import benchmarks
 from lensllm_jax.models import CheckpointError
@@ -74,78 +74,6 @@ def define_flags() -> None:
 # ------------------------------------------------------------------ outputs ---
 
 
-def _num(x):
-  """A float for JSON (None for NaN / inf)."""
-  x = float(x)
-  return x if math.isfinite(x) else None
-
-
-def _atomic_text(path: pathlib.Path, text: str) -> None:
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(text)
-  os.replace(tmp, path)
-
-
-def write_selection(out: pathlib.Path, fc: forecast.Forecast, curves,
-                    band: forecast.SizePrediction | None, notes: tuple[str, ...] = ()) -> None:
-  """selection.md / .csv / .json / .png of a forecast (the figure when `band` is given)."""
-  out.mkdir(parents=True, exist_ok=True)
-  rows = fc.to_json()["models"]
-  md = [fc.headline(), "",
-        f"Predictor: {fc.predictor}; curves: {fc.source}; D* = {int(fc.target_data_num)}; "
-        f"interval: central {int(forecast.INTERVAL * 100)} % of the predictor's own "
-        "predictive distribution (docs/select.md).", *notes, "",
-        "| rank | model | predicted L(D*) | 80 % interval | sd of log L | largest measured D |",
-        "|---|---|---|---|---|---|"]
-  for r in rows:
-    md.append(f"| {r['rank']} | {r['model']} | {r['predicted']:.4f} | "
-              f"[{r['lower']:.4f}, {r['upper']:.4f}] | {r['sd_log']:.4f} | "
-              f"{int(r['largest_measured'])} |")
-  _atomic_text(out / "selection.md", "\n".join(md) + "\n")
-  header = ["rank", "model", "size", "predicted", "lower", "upper", "sd_log", "largest_measured"]
-  lines = [",".join(header)]
-  for r in rows:
-    lines.append(",".join(json.dumps(r[h]) if h == "model" else f"{r[h]:.6g}" if isinstance(
-        r[h], float) else str(r[h]) for h in header))
-  _atomic_text(out / "selection.csv", "\n".join(lines) + "\n")
-  payload = fc.to_json()
-  payload["models"] = [{k: _num(v) if isinstance(v, float) else v for k, v in r.items()}
-                       for r in rows]
-  _atomic_text(out / "selection.json", json.dumps(payload, indent=1) + "\n")
-  if band is not None:
-    _figure(out / "selection.png", fc, curves, band)
-
-
-def _figure(path: pathlib.Path, fc: forecast.Forecast, curves,
-            band: forecast.SizePrediction) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, ax = plt.subplots(figsize=(8, 5))
-  colors = plt.cm.viridis(np.linspace(0, 0.9, len(fc.models)))
-  d = np.asarray(curves.data_sizes, np.float64)
-  for rank, m in enumerate(fc.ranking):
-    m = int(m)
-    ok = np.asarray(curves.measured)[m] & (d > 0)
-    label = fc.models[m] if rank < 8 else None
-    ax.plot(d[ok], np.asarray(curves.losses)[m, ok], "o", ms=3, color=colors[rank], label=label)
-    ax.plot(band.sizes, band.predicted[m], "-", lw=1, color=colors[rank])
-    ax.fill_between(band.sizes, band.lower[m], band.upper[m], color=colors[rank], alpha=0.15)
-  ax.axvline(fc.target_data_num, color="k", ls=":", lw=1)
-  ax.set_xscale("log")
-  ax.set_xlabel("fine-tuning samples D")
-  ax.set_ylabel("test loss")
-  ax.set_title(f"{fc.predictor}: measured points, predicted curve and 80 % band to "
-               f"D* = {int(fc.target_data_num)}", fontsize=9)
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  tmp = path.with_name(path.name + ".tmp.png")
-  fig.savefig(tmp, dpi=110)
-  plt.close(fig)
-  os.replace(tmp, path)
-
-
 def band_sizes(curves, target: float) -> list[float]:
   """Query sizes of the figure's predicted curves: from the largest measured D to D*."""
   d = np.asarray(curves.data_sizes, np.float64)
@@ -161,7 +89,7 @@ def predict_and_write(curves, target: float, predictor: str, out: pathlib.Path, 
                                curve_sizes=band_sizes(curves, target))
   if ranking is not None:
     fc = forecast.reranked(fc, ranking)
-  write_selection(out, fc, curves, band, notes)
+  reporting.select_outputs(out, fc, curves, band, notes)
   logging.info("%s", fc.headline())
   return fc
 
@@ -238,8 +166,8 @@ class DecisionLog:
            "ran": [self.models[j] for j in np.flatnonzero(entry["active"])],
            "active": [self.models[j] for j in np.flatnonzero(entry["active"] & ~entry["stopped"])],
            "stopped": [self.models[j] for j in np.flatnonzero(entry["stopped"])],
-           "predictions": {self.models[j]: {"predicted": _num(pred[j]),
-                                            "sd_log": _num(entry["sd"][j])}
+           "predictions": {self.models[j]: {"predicted": common.json_float(pred[j]),
+                                            "sd_log": common.json_float(entry["sd"][j])}
                            for j in range(len(self.models))},
            "flops": entry["flops"], "fraction_of_full": entry["flops"] / self.acc.full,
            "fraction_of_exhaustive": entry["flops"] / self.acc.exhaustive_now()}
@@ -362,11 +290,13 @@ def run_replay(cfg, out: pathlib.Path) -> None:
     finish(out, results[0], oracles[0].view(max(steps)), meta, cfg, acc)
     truth = curves.column(target) if target in grid else None
     truth = truth if truth is not None and np.isfinite(truth).all() else None
-    write_tradeoff(out, curves, results, acc, truth, cfg)
+    for line in reporting.select_tradeoff_tables(
+        out, curves.name, tradeoff_rows(curves, results, acc, truth)):
+      logging.info("%s: %s", curves.name, line)
 
 
-def write_tradeoff(out, curves, results, acc: Accounting, truth, cfg) -> None:
-  """tradeoff.csv / .md: per level, the pick, its RelAcc, PearCorr of the final ranking, compute."""
+def tradeoff_rows(curves, results, acc: Accounting, truth) -> list[dict]:
+  """Per level: the pick, its RelAcc, PearCorr of the final ranking, compute fractions."""
   rows = []
   for r in results:
     scores = (metrics.selection_scores(r.selection, truth)
@@ -379,20 +309,7 @@ def write_tradeoff(out, curves, results, acc: Accounting, truth, cfg) -> None:
                  "rounds": len(r.history), "survivors": int(r.selection.extras["active"].sum()),
                  "ended_by": r.ended_by})
   rows.sort(key=lambda r: r["z"])
-  header = list(rows[0])
-  lines = [",".join(header)] + [",".join(f"{r[h]:.6g}" if isinstance(r[h], float) else
-                                         json.dumps(r[h]) if h == "pick" else str(r[h])
-                                         for h in header) for r in rows]
-  _atomic_text(out / "tradeoff.csv", "\n".join(lines) + "\n")
-  md = ["| z | pick | RelAcc | PearCorr | % of full fine-tuning | % of exhaustive sweep | "
-        "rounds | survivors | ended by |", "|---|---|---|---|---|---|---|---|---|"]
-  for r in rows:
-    md.append(f"| {r['z']:g} | {r['pick']} | {100 * r['RelAcc']:.1f} | {100 * r['PearCorr']:.1f} "
-              f"| {100 * r['fraction_of_full']:.2f} | {100 * r['fraction_of_exhaustive']:.1f} | "
-              f"{r['rounds']} | {r['survivors']} | {r['ended_by']} |")
-  _atomic_text(out / "tradeoff.md", "\n".join(md) + "\n")
-  for line in md[2:]:
-    logging.info("%s: %s", curves.name, line)
+  return rows
 
 
 # ------------------------------------------------------------------ online ---
