@@ -15,7 +15,7 @@ the curves and writes to --output_dir:
   cost.csv       dataset,method,setting,flops,relative_flops,RelAcc,PearCorr
                  (FLOPs per token, 6 N D per (model, D) pair read)
   fits.csv       fitted raw parameters and status per model (used by the figures;
-                 "degenerate": the fit reached a degenerate limit, fitting.py)
+                 "degenerate": flat data or an overflowing fitted curve, fitting.py)
   notes.csv      dataset,method,ratio,note: why cells may mislead or are NaN
                  (degenerate or failed fits, constant truth, max_steps=0); only
                  written when there is a note, and listed under the tables
@@ -186,8 +186,8 @@ def result_notes(method, result, truth, fit_options) -> list[str]:
   notes = []
   status = list(result.status or ())
   m = len(truth)
-  for st, what in (("degenerate", "in a degenerate limit (B or E overflowed, or the visible "
-                    "curve is flat or rising; status in fits.csv)"),
+  for st, what in (("degenerate", "in a degenerate limit (the fitted curve overflowed, or the "
+                    "visible curve is flat or rising; status in fits.csv)"),
                    ("nonfinite", "non-finite (feature = the last visible loss)")):
     if st in status:
       notes.append(f"{status.count(st)} of {m} fits {what}")

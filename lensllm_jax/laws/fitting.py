@@ -39,10 +39,14 @@ Stopping rule per (curve, restart), checked after every step:
     restart is discarded).
 After the best restart is chosen, a curve whose fit reached a degenerate limit
 gets status "degenerate" instead of "converged" / "max_steps" (its parameters
-are kept, never silently): a fitted amplitude B or E that is non-finite or
-above `AMPLITUDE_LIMIT`, or data that do not decrease (the log loss at the
+are kept, never silently): data that do not decrease (the log loss at the
 largest fitted D is >= that at the smallest: a flat or rising curve, which a
-decreasing law can only meet in a limit). `degenerate_reason` says which.
+decreasing law can only meet in a limit), or a fitted curve whose predicted
+loss at a fitted D is non-finite, zero or above `AMPLITUDE_LIMIT`.
+`degenerate_reason` says which. Both read the data and the fitted curve only,
+never the parameters: on a flat valley of the objective the curve is canonical
+and the parameters are not (an amplitude B far out along the valley, even
+overflowing, with a finite curve is a minimiser, not a failure; docs/laws.md).
 Per curve, the finite restart with the lowest objective is returned; a
 curve with no finite restart gets status "nonfinite", objective +inf and NaN
 parameters (never silently), and a curve with no valid point gets "no_data".
@@ -77,8 +81,9 @@ __all__ = ["AMPLITUDE_LIMIT", "STATUS_NAMES", "FitOptions", "FitResult", "degene
 
 STATUS_NAMES = ("converged", "max_steps", "nonfinite", "no_data", "degenerate")
 _CONVERGED, _MAX_STEPS, _NONFINITE, _NO_DATA, _DEGENERATE = range(5)
-# A fitted amplitude (B or E) above this has overflowed: the law sits in a degenerate limit
-# (e.g. log B ~ 3.5e5 with beta ~ 9e3 on some vanilla fits), whatever the optimiser said.
+# A predicted loss at a fitted D above this has overflowed: the law sits in a degenerate
+# limit, whatever the optimiser said. Parameters are not read: a vanilla fit with
+# log B ~ 3.5e5, beta ~ 9e3 (B = inf) and a finite curve lies on a valley (docs/laws.md).
 AMPLITUDE_LIMIT = 1e30
 _RUNNING = -1
 # Consecutive rejected trust-region steps after which the point is taken as a
@@ -113,6 +118,7 @@ class FitResult(NamedTuple):
     restart_objectives: [C, R] final objective of every restart (+inf if discarded).
     restart_status: [C, R] str status of every restart.
     num_points: [C] number of points the objective used.
+    not_decreasing: [C] bool, the data are flat or rising (`not_decreasing`).
   """
   law_name: str
   param_names: tuple[str, ...]
@@ -127,6 +133,7 @@ class FitResult(NamedTuple):
   restart_objectives: np.ndarray
   restart_status: np.ndarray
   num_points: np.ndarray
+  not_decreasing: np.ndarray
 
   def curve_params(self, c: int) -> dict:
     """dict name -> float of curve c."""
@@ -629,7 +636,7 @@ def fit_curves(law: forms.Law, data_size, log_loss, mask=None, *, key: jax.Array
       raw, value, gnorm, steps, reason, tie_key = _canonical_stage(
         law, (raw, value, gnorm, steps, reason), inputs, controls, slots)
   return _select_best(law, raw, value, gnorm, steps, reason, num_points,
-                      not_decreasing(d_in, y_in, valid), tie_key)
+                      not_decreasing(d_in, y_in, valid), tie_key, (d_in, valid, aux_in))
 
 
 def _canonical_stage(law, stage1, inputs, controls, slots):
@@ -740,17 +747,18 @@ def degenerate_reason(result: FitResult, c: int) -> str:
   """Why curve c's fit has status "degenerate" ("" otherwise)."""
   if result.status[c] != "degenerate":
     return ""
-  big = [f"{k}={result.params[k][c]:.3g}" for k in ("B", "E") if k in result.params
-         and not abs(result.params[k][c]) <= AMPLITUDE_LIMIT]
-  if big:
-    return f"{', '.join(big)} overflowed (a degenerate limit of the {result.law_name} law)"
-  return "the fitted losses do not decrease with D (flat or rising curve)"
+  if result.not_decreasing[c]:
+    return "the fitted losses do not decrease with D (flat or rising curve)"
+  return (f"the fitted {result.law_name} curve overflowed (a predicted loss at a fitted D is "
+          f"non-finite, zero or above {AMPLITUDE_LIMIT:g})")
 
 
 def _select_best(law, raw, value, gnorm, steps, reason, num_points, flat,
-                 tie_key=None) -> FitResult:
+                 tie_key=None, grid=None) -> FitResult:
   """Picks the best finite restart per curve (numpy, [C, R, ...] inputs); flat: [C] bool
-  from `not_decreasing`.
+  from `not_decreasing`; grid: (data sizes [C, P], valid [C, P], aux) of the fit, where
+  the chosen curve's predicted loss must be finite, > 0 and <= AMPLITUDE_LIMIT (None:
+  not checked).
 
   With `tie_key` [C, R] (canonical stage): among the finite restarts whose
   objective is within CANONICAL_RTOL (relative) of the lowest, the one with
@@ -779,11 +787,13 @@ def _select_best(law, raw, value, gnorm, steps, reason, num_points, flat,
   objective = np.where(any_ok & (num_points > 0), masked_value[rows, best], np.inf)
   with np.errstate(invalid="ignore", over="ignore"):  # NaN rows of failed curves stay NaN
     params = {k: np.asarray(v, dtype=np.float64) for k, v in law.constrain(best_raw).items()}
-    overflow = np.zeros(raw.shape[0], bool)
-    for k in ("B", "E"):
-      if k in params:
-        overflow |= ~(np.abs(params[k]) <= AMPLITUDE_LIMIT)
   fitted = any_ok & (num_points > 0)
+  overflow = np.zeros(raw.shape[0], bool)
+  if grid is not None and fitted.any():
+    d, valid, aux = grid
+    # The fitted curve, canonical where the parameters are not (docs/laws.md).
+    loss = law.predict(np.where(fitted[:, None], best_raw, 0.0), d, aux)
+    overflow = np.any(valid & ~((loss > 0) & (loss <= AMPLITUDE_LIMIT)), axis=1)
   best_reason = np.where(fitted & (overflow | flat), _DEGENERATE, best_reason)
   names = np.asarray(STATUS_NAMES, dtype=object)
   status = names[best_reason]
@@ -801,4 +811,5 @@ def _select_best(law, raw, value, gnorm, steps, reason, num_points, flat,
     restart_objectives=masked_value,
     restart_status=names[reason],
     num_points=num_points,
+    not_decreasing=np.asarray(flat, bool),
   )

@@ -8,9 +8,11 @@ results/selection against the native (AVX-512) run of the same machine.
 Here the README's binary runs VanillaFit on a slice of each public file (the
 models whose fits sat on such faces) twice, natively and limited to SSE4.2,
 each in a fresh process with the compilation cache off (tests/conftest.py):
-the selection cells (6 decimals, as printed) must be identical and the
-held-out RMSE of every fit equal to the 6 significant digits printed, up to
-one unit of the last digit.
+the selection cells (6 decimals, as printed) must be identical, the held-out
+RMSE of every fit equal to the 6 significant digits printed, up to one unit of
+the last digit, and the fit statuses of fits.csv and the notes under the tables
+(notes.csv, which count "degenerate" fits) identical: the status reads the
+fitted curve, not the parameters that still move along the valley.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ SLICES = {
   "gigaword": ("MBZUAI/LaMini-GPT-1.5B", "facebook/opt-6.7b", "gpt2-large",
                "microsoft/phi-1_5"),
 }
+FAILED = ("degenerate", "nonfinite", "no_data")
 
 
 def _rows(path):
@@ -74,6 +77,14 @@ def test_vanilla_cells_identical_natively_and_under_sse4_2(tmp_path, shared_benc
   sse = _rows(tmp_path / "sse4_2" / "selection.csv")
   assert len(native) == 2 * 7 * 3  # files x ratios x (PearCorr, RelAcc, Spearman)
   assert native == sse
+  # The failure statuses (converged vs max_steps is where the optimiser stopped, which
+  # may move, docs/laws.md) and the notes that count them.
+  failed = [[(r["dataset"], r["max_data_num"], r["model"], r["status"]) for r in
+             _rows(tmp_path / isa / "fits.csv") if r["status"] in FAILED] for isa in procs]
+  assert failed[0] == failed[1]
+  notes = [_rows(tmp_path / isa / "notes.csv") if (tmp_path / isa / "notes.csv").exists()
+           else [] for isa in procs]
+  assert notes[0] == notes[1]
   rmse = [_rows(tmp_path / isa / "rmse.csv") for isa in procs]
   assert [r["model"] for r in rmse[0]] == [r["model"] for r in rmse[1]]
   for a, b in zip(*rmse, strict=True):
