@@ -282,7 +282,7 @@ def bind_manifest(directory: pathlib.Path, manifest: dict, *, outputs: Iterable[
     raise errors.WorkdirError(
         f"{directory} holds results of other inputs ({shown}); pass --config.overwrite=True "
         "to recompute them there, or use a new directory")
-  if diffs:  # overwrite: start clean
+  if overwrite and has_outputs:  # recompute, even from the same inputs (e.g. after a code change)
     _remove_outputs(directory, outputs)
     merged = manifest
   _write_json_atomic(directory / name, merged)
@@ -305,7 +305,7 @@ def open_output_dir(directory: str | os.PathLike, *, config: Any,
       `overwrite` when the manifest differs; a directory holding any of them
       but no manifest is refused).
     merge: {config key: element key fn or None}: list keys that may grow.
-    overwrite: recompute (delete `outputs`) instead of refusing a different manifest.
+    overwrite: recompute (delete `outputs`), whether or not the manifest differs.
     ignore: config keys that do not change results (`overwrite`, thread counts ...).
     primary: False on the non-primary processes of a multi-process run: they
       neither lock nor write (the primary does both).

@@ -78,6 +78,10 @@ def test_rerun_same_manifest_skips_changed_one_refuses_overwrite_recomputes(
   rs.run(_cfg(other, overwrite=True), out)
   fresh = rs.run(_cfg(other), tmp_path / "fresh")
   assert _files(out) == _files(fresh) != before
+  # ... also with the same manifest (code changed, inputs not): everything is recomputed.
+  (out / "selection.csv").write_text((out / "selection.csv").read_text().replace("0.", "9."))
+  rs.run(_cfg(other, overwrite=True), out)
+  assert _files(out) == _files(fresh)
 
 
 def test_directory_without_manifest_is_refused(curve_file, tmp_path):
