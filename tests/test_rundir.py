@@ -180,6 +180,7 @@ def test_checkpoint_is_deleted_only_after_its_row_is_durable(tmp_path, monkeypat
     return {"test_loss": 1.25}, None, np.arange(d)
 
   monkeypatch.setattr(fs, "run_one", fake_run_one)
+  monkeypatch.setattr(fs, "precompile_model", lambda *a, **k: None)  # no real model here
   monkeypatch.setattr(fs.models, "count_params", lambda p: 10)
   m = fs.LoadedModel("m", "fam", None, None, None, None)
   data = {"train": type("T", (), {"input_ids": np.zeros((4, 3))})()}
@@ -197,6 +198,7 @@ def test_checkpoint_is_deleted_only_after_its_row_is_durable(tmp_path, monkeypat
   assert ("m", 200) not in runs
   monkeypatch.undo()
   monkeypatch.setattr(fs, "run_one", fake_run_one)
+  monkeypatch.setattr(fs, "precompile_model", lambda *a, **k: None)  # no real model here
   monkeypatch.setattr(fs.models, "count_params", lambda p: 10)
   real_append, real_clear = fs.append_run, fs.clear_checkpoint
   monkeypatch.setattr(fs, "append_run", lambda p, r: (events.append("row"), real_append(p, r)))
