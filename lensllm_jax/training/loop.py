@@ -195,6 +195,10 @@ def place(tree: Any, mesh: Any = None) -> Any:
   (an uncommitted input, e.g. a fresh `jnp.zeros` step counter, compiles it again
   on the second call). Always a copy: the caller's arrays survive buffer donation.
   """
+  # Copied first: replicating a single-device array over a mesh reuses its buffer for
+  # the shard on that device even with may_alias=False (jaxlib 0.10.2), and the train
+  # step would then donate (delete) the caller's array.
+  tree = jax.tree.map(lambda x: jnp.copy(x) if isinstance(x, jax.Array) else x, tree)
   return jax.device_put(tree, _placement(tree, mesh), may_alias=False)
 
 
