@@ -132,6 +132,8 @@ def test_workdir_manifest_refuses_other_configs_and_allows_more_sizes_or_fewer_m
                 for n in models]))
 
   finetune_sweep.bind_workdir(config((10, 20)), tmp_path)
+  # A workdir with results (a manifest alone, from a run that failed before any, is replaced).
+  (tmp_path / "runs.jsonl").write_text('{"model": "a", "data_size": 10}\n')
   finetune_sweep.bind_workdir(config((10, 20)), tmp_path)  # same configuration: fine
   finetune_sweep.bind_workdir(config((10, 20, 40)), tmp_path)  # one more size: fine
   finetune_sweep.bind_workdir(config((10,), models=("b",)), tmp_path)  # fewer: fine
