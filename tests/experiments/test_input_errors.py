@@ -380,6 +380,7 @@ SWEEP_CASES = [  # (case, how the inputs change: fn(root, data, ckpt) -> overrid
 ]
 
 
+@pytest.mark.torch  # the fixture saves a tiny GPT-2 with transformers
 @pytest.mark.parametrize("case,change,expected,kind", SWEEP_CASES, ids=[c[0] for c in SWEEP_CASES])
 def test_finetune_sweep_input_cases(sweep_inputs, tmp_path, case, change, expected, kind):
   """finetune_sweep.run (the binary's main) on each bad input: refused before any training."""
