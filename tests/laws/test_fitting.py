@@ -286,7 +286,8 @@ def test_canonical_point_of_flat_vanilla_faces(shared_benchmarks):
     tau = fitting.CANONICAL_TIE_BREAK
     tie_canon = canon.objective + 0.5 * tau * np.sum(r_canon ** 2, 1)
     tie_plain = plain.objective + 0.5 * tau * np.sum(r_plain ** 2, 1)
-    assert np.all(tie_canon[same] <= tie_plain[same] * (1 + 1e-12))
+    # to rounding: up to 1.02e-12 relative seen on jax 0.12.0.1
+    assert np.all(tie_canon[same] <= tie_plain[same] * (1 + 1e-11))
   obj = np.stack([fits[(k, True)].objective for k in (0, 1, 2)])
   agree = np.all(np.abs(obj - obj[0]) <= 1e-10 * obj[0], axis=0)
   pred = {c: np.stack([law.predict(fits[(k, c)], target)[:, 0] for k in (0, 1, 2)])
