@@ -39,7 +39,7 @@ z = 1.2816 (a model is stopped once its 80 % interval, the one reported, lies
 above the best model's), the size cap D*/8 (the papers' largest budget,
 ratio 8), the compute cap a quarter of fine-tuning every model on D* (about
 what a ratio-8 budget costs), min_points 4 (the budgeted procedure's default
-in `plus_candidates.budgeted_candidate_selection`).
+in `plus.candidates.budgeted_candidate_selection`).
 """
 
 import ml_collections

@@ -78,6 +78,8 @@ def _study(*, preset: str, workdir: str, output_dir: str, corpus: dict, tokenize
   # Hessian / PAC-Bayes quantities along the sweep (models x tasks).
   c.hessian = ml_collections.ConfigDict(hessian)
   c.selection = ml_collections.ConfigDict(dict(**selection, seed=0))
+  # Budgeted early stopping (budgeted.BudgetOptions; D_max = D* / min(selection.ratios)).
+  c.selection.budget = ml_collections.ConfigDict(dict(levels=(1.0, 2.0), method="LensLLM"))
   return c
 
 

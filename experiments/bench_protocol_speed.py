@@ -32,10 +32,12 @@ import numpy as np
 from absl import app, flags
 
 from lensllm_jax.curves import benchmarks
+from lensllm_jax.selection import methods
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 REFERENCE_SECONDS = 458.8  # the reference code on the same three files
-PUBLISHED = ("ZeroShot", "SubTuning", "ModelSize", "VanillaFit", "RectifiedFit", "AtS")
+# The six methods of Lin et al. (2024), in the order of their tables.
+PUBLISHED = tuple(m.name for m in methods.REGISTRY if m.paper == methods.LIN_2024)
 
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/protocol_speed", "Scratch directory (wiped).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Directory of flan.csv / gigaword.csv.")

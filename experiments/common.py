@@ -377,9 +377,10 @@ def heldout_rmse(result, curves, max_data_num: float, target_data_num: float):
   return metrics.curve_rmse(pred, np.asarray(curves.losses)[:, held])
 
 
-def method_cost(method: str, curves, max_data_num: float, target_data_num: float):
-  """(FLOPs per token, ratio to FullTuning) of a fixed-budget method (`budgeted.method_flops`)."""
-  flops = budgeted.method_flops(method, curves.sizes, curves.data_sizes, max_data_num)
+def method_cost(reads: str, curves, max_data_num: float, target_data_num: float):
+  """(FLOPs per token, ratio to FullTuning) of a fixed-budget method that reads the points
+  `reads` names (`Method.reads`, `budgeted.reads_flops`)."""
+  flops = budgeted.reads_flops(reads, curves.sizes, curves.data_sizes, max_data_num)
   return flops, flops / budgeted.full_tuning_flops(curves.sizes, target_data_num)
 
 

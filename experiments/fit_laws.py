@@ -33,7 +33,7 @@ import jax
 import numpy as np
 from absl import flags, logging
 
-from experiments import common  # also defines --compilation_cache_dir
+from experiments import common, reporting  # common also defines --compilation_cache_dir
 from lensllm_jax import errors, laws, rundir
 from lensllm_jax.curves import benchmarks
 from lensllm_jax.laws import fitting
@@ -100,52 +100,6 @@ def write_rows_atomic(path: pathlib.Path, rows):
   os.replace(tmp, path)
 
 
-def plot_curves(curves, fits, mask, path: pathlib.Path):
-  """Observed points and fitted laws for the first --plot_models models."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  n = min(FLAGS.config.plot_models, curves.num_models)
-  cols = min(3, n)
-  rows = int(np.ceil(n / cols))
-  fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
-  d_plot = np.concatenate([[0.0], np.geomspace(100.0, curves.data_sizes.max() * 2, 200)])
-  x_zero = 50.0  # where D = 0 is drawn on the log axis
-  for i in range(n):
-    ax = axes[i // cols][i % cols]
-    x = np.where(curves.data_sizes > 0, curves.data_sizes, x_zero)
-    seen = mask[i]
-    ax.plot(x[seen], curves.losses[i, seen], "ko", ms=4, label="fitted points")
-    if (~seen).any():
-      ax.plot(x[~seen], curves.losses[i, ~seen], "kx", ms=5, label="held out")
-    for law, result in fits:
-      if not np.all(np.isfinite(result.raw_params[i])):
-        continue
-      with np.errstate(invalid="ignore", over="ignore"):
-        y = law.predict(result, d_plot, curve=i)
-      ok = np.isfinite(y) & (d_plot > 0)
-      (line,) = ax.plot(d_plot[ok], y[ok], "-", lw=1.2,
-                        label=f"{law.name} ({result.status[i]})")
-      if np.isfinite(y[0]):  # the law's zero-shot value, drawn at x_zero
-        ax.plot([x_zero], [y[0]], "s", mfc="none", color=line.get_color(), ms=6)
-    ax.set_xscale("log")
-    ax.set_title(curves.models[i], fontsize=8)
-    ax.set_xlabel("fine-tuning samples D (D=0 drawn at 50)", fontsize=7)
-    ax.set_ylabel("test loss", fontsize=7)
-    ax.tick_params(labelsize=7)
-    if i == 0:
-      ax.legend(fontsize=6)
-  for j in range(n, rows * cols):
-    axes[j // cols][j % cols].axis("off")
-  fig.suptitle(f"{curves.name}: fitted fine-tuning laws", fontsize=10)
-  fig.tight_layout()
-  tmp = path.with_suffix(".tmp.png")
-  fig.savefig(tmp, dpi=110)
-  plt.close(fig)
-  os.replace(tmp, path)
-
-
 def run_benchmark(curves, out_dir, law_list, key):
   mask = fit_mask(curves, FLAGS.config.max_data_size)
   png = out_dir / f"{curves.name}_curves.png"
@@ -164,7 +118,7 @@ def run_benchmark(curves, out_dir, law_list, key):
                                                        strict=True)), path)
     fits.append((law, result))
   if fits and not png.exists():
-    plot_curves(curves, fits, mask, png)
+    reporting.fit_laws_figure(curves, fits, mask, png, FLAGS.config.plot_models)
     logging.info("wrote %s", png)
 
 

@@ -62,7 +62,7 @@ import optax
 import pandas as pd
 from absl import app, flags, logging
 
-from experiments import common  # also defines --compilation_cache_dir
+from experiments import common, reporting  # common also defines --compilation_cache_dir
 from experiments.hessian_common import example_length, lm_loss_fn, markov_tokens, token_batch
 from lensllm_jax import models, rundir
 from lensllm_jax.models import build, init_params, presets
@@ -200,8 +200,9 @@ def spectrum(loss, params, data, workdir, key):
   pd.DataFrame({"probe": np.repeat(np.arange(nodes.shape[0]), nodes.shape[1]),
                 "node": nodes.ravel(), "weight": weights.ravel()}).to_csv(
                     os.path.join(workdir, "slq_nodes.csv"), index=False)
-  plot_density(np.asarray(slq.grid), np.asarray(slq.density), np.asarray(eig.eigenvalues),
-               os.path.join(workdir, "density.png"))
+  reporting.hessian_density_figure(np.asarray(slq.grid), np.asarray(slq.density),
+                                   np.asarray(eig.eigenvalues), model_name(),
+                                   os.path.join(workdir, "density.png"))
   with open(trace_path, "w") as f:
     json.dump({"trace": float(tr.trace), "stderr": float(tr.stderr),
                "num_probes": tr.num_probes, "num_params": op.dim,
@@ -211,24 +212,6 @@ def spectrum(loss, params, data, workdir, key):
                "slq_sigma": slq.sigma}, f, indent=1)
   pd.DataFrame({"grid": np.asarray(slq.grid), "density": np.asarray(slq.density)}).to_csv(
       dens_path, index=False)
-
-
-def plot_density(grid, density, top, path):
-  """Log-scale SLQ density with the Lanczos top eigenvalues marked."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, ax = plt.subplots(figsize=(6, 3.5))
-  ax.semilogy(grid, np.maximum(density, 1e-12), lw=1)
-  for lam in top:
-    ax.axvline(lam, color="tab:red", lw=0.5, alpha=0.6)
-  ax.set_xlabel("eigenvalue")
-  ax.set_ylabel("density (SLQ, smoothed)")
-  ax.set_title(f"Hessian spectrum, {model_name()} (red: Lanczos top-{len(top)})")
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
 
 
 def pac_bayes_table(loss, params0, params1, data, workdir, key):

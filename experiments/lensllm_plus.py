@@ -3,7 +3,7 @@ r"""LensLLM+ (the project's recommended predictor) under the leave-one-dataset-o
     python -m experiments.lensllm_plus --config=configs/lensllm_plus.py \
         --output_dir=results/lensllm_plus
 
-LensLLM+ on a reported file is the candidate of `plus_candidates` (the pooled
+LensLLM+ on a reported file is the candidate of `plus.candidates` (the pooled
 LensLLM fit, the CurvePFN, the dynamic-F law, the context PFN, their blends
 with AtS, AtS) with the best mean criterion (mean PearCorr + mean RelAcc over the ratios) on
 the OTHER files. config.benchmarks files are reported;
@@ -82,7 +82,7 @@ from absl import flags, logging
 from experiments import common, reporting
 from lensllm_jax import errors, rundir
 from lensllm_jax.plus import candidates, pfn, protocol
-from lensllm_jax.selection import budgeted, metrics
+from lensllm_jax.selection import budgeted, methods, metrics
 
 PLUS = candidates.PLUS_NAME  # "LensLLM+", the protocol-chosen candidate
 
@@ -106,7 +106,7 @@ RESULT_HEADER = ("dataset", "ratio", "method", "metric", "value")
 COST_HEADER = ("dataset", "method", "setting", "flops", "relative_to_ats8", "RelAcc", "PearCorr")
 BUDGET_HEADER = ("dataset", "method", "candidate", "setting", "flops", "relative_to_ats8",
                  "RelAcc", "PearCorr")
-BASELINES = candidates.BASELINES  # AtS, RectifiedFit, LensLLM
+BASELINES = candidates.BASELINES  # the papers' proposed methods, AtS first
 INPUT_HEADER = ("dataset", "role", "source", "ratios", "sha256")
 STABILITY_HEADER = ("held_out", "left_out", "trained_on", "candidate", "train_criterion",
                     "runner_up", "runner_up_criterion", "margin")
@@ -307,8 +307,8 @@ def write_report(out, folds, files, curve_sets) -> None:
         sc = protocol.score_results(res, fl["truth"])
         rows += [{"dataset": f.held_out, "ratio": ratio, "method": m, "metric": k,
                   "value": f"{sc[k]:.6f}"} for k in protocol.METRICS]
-        reads = "AtS" if m == "AtS" else "RectifiedFit"  # the fits read all visible points
-        flops = budgeted.method_flops(reads, curves.sizes, curves.data_sizes, target / ratio)
+        reads = candidates.PLUS_READS if m == PLUS else methods.METHOD_READS[m]
+        flops = budgeted.reads_flops(reads, curves.sizes, curves.data_sizes, target / ratio)
         cost.append({"dataset": f.held_out, "method": m, "setting": f"ratio={ratio}",
                      "flops": f"{flops:.6g}", "relative_to_ats8": f"{flops / ats8:.6g}",
                      "RelAcc": f"{sc['RelAcc']:.6f}", "PearCorr": f"{sc['PearCorr']:.6f}"})

@@ -55,7 +55,7 @@ import numpy as np
 from absl import flags, logging
 
 from experiments import common, hessian_common, reporting
-from lensllm_jax import models, rundir, selection, training
+from lensllm_jax import errors, models, rundir, selection, training
 from lensllm_jax.curves import benchmarks
 from lensllm_jax.laws import fitting, phases
 from lensllm_jax.selection import budgeted, methods, metrics
@@ -379,8 +379,7 @@ def selection_step(cfg, task: str, curves, aux, alphas):
       for k, val in vals.items():
         sel_rows.append({"task": task, "ratio": r, "max_data_num": int(dmax), "method": name,
                          "metric": k, "value": val})
-      reads = {"LensLLM-NTK": "LensLLM", "NLPMetrics": "ModelSize"}.get(name, name)
-      flops, relative = common.method_cost(reads, curves, dmax, target)
+      flops, relative = common.method_cost(reporting.STUDY_READS[name], curves, dmax, target)
       cost_rows.append({"task": task, "ratio": r, "max_data_num": int(dmax), "method": name,
                         "flops_per_token": flops, "relative_to_full": relative,
                         "RelAcc": vals["RelAcc"], "PearCorr": vals["PearCorr"]})
@@ -395,14 +394,15 @@ def selection_step(cfg, task: str, curves, aux, alphas):
 
 
 def budgeted_step(cfg, task: str, curves) -> list[dict]:
-  """Budgeted selection (`budgeted.budgeted_selection`, LensLLM law, scalar F): models are
-  fine-tuned on D = 200 * 2^s in turn and dropped once confidently worse; rows per level z."""
+  """Budgeted selection (`budgeted.budgeted_selection` with config.selection.budget: its method,
+  default LensLLM with a scalar F, and levels z): models are fine-tuned on D = 200 * 2^s in turn
+  and dropped once confidently worse; rows per level z."""
   target = float(max(cfg.subset_sizes))
-  levels = [float(z) for z in cfg.selection.get("budget_levels", [1.0, 2.0])]
   dmax = target / min(int(r) for r in cfg.selection.ratios)
+  options = budgeted.BudgetOptions(cfg.selection.budget.levels, cfg.selection.budget.method, dmax)
   res = budgeted.budgeted_selection(
-      curves, levels, key=jax.random.key(cfg.selection.seed + 1), method="LensLLM",
-      max_data_num=dmax, num_restarts=int(cfg.selection.num_restarts),
+      curves, options, key=jax.random.key(cfg.selection.seed + 1),
+      num_restarts=int(cfg.selection.num_restarts),
       fit_options=fitting.FitOptions(max_steps=int(cfg.selection.max_steps)), target_data_num=target)
   truth = curves.column(target)
   full = budgeted.full_tuning_flops(curves.sizes, target)
@@ -528,6 +528,11 @@ def main(argv):
 def run(cfg, workdir: pathlib.Path, out: pathlib.Path) -> None:
   """The zoo, the sweeps and the report (workdir locked by `main`)."""
   t0 = time.time()
+  # The report's budgeted settings, checked before the hour of zoo and sweeps.
+  common.parse_levels(cfg.selection.budget.levels, "config.selection.budget.levels")
+  if cfg.selection.budget.method not in budgeted.BUDGET_METHODS:
+    raise errors.ConfigError(f"config.selection.budget.method: {cfg.selection.budget.method!r}; "
+                             f"budget methods: {', '.join(budgeted.BUDGET_METHODS)}")
   log(f"study preset {cfg.preset}: workdir {workdir}, output {out}")
   corpus, tok, zoo_models = zoo_build.build_zoo(cfg, workdir)
   log(f"zoo ready: {len(zoo_models)} models ({time.time() - t0:.1f}s)")

@@ -114,9 +114,10 @@ def run(cfg, output_dir, methods=METHODS) -> pathlib.Path:
       raise errors.InputError(f"{path} does not exist; run experiments.lensllm_study (or its "
                               "--kernels_only step) into that directory first")
   config = {**cfg.to_dict(), "ntk_dynamics_methods": list(methods)}
+  # The budgeted step's settings are not read here (and postdate results/study's manifest).
+  ignore = ("workdir", "output_dir", "selection.budget.levels", "selection.budget.method")
   with rundir.open_output_dir(out, config=config, inputs=inputs, outputs=OUTPUTS,
-                              overwrite=cfg.overwrite, ignore=("workdir", "output_dir"),
-                              name=MANIFEST):
+                              overwrite=cfg.overwrite, ignore=ignore, name=MANIFEST):
     path = out / "ntk_dynamics.csv"
     if path.is_file() and (out / "ntk_dynamics.md").is_file():
       logging.info("%s: made from these inputs already (%s); skipping", path, MANIFEST)

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from experiments import common  # also defines --compilation_cache_dir
+from experiments import common, reporting  # common also defines --compilation_cache_dir
 from lensllm_jax import models, rundir
 from lensllm_jax.theory import ntk
 
@@ -138,25 +138,6 @@ def write_csv(path, header, rows):
     writer.writerows(rows)
 
 
-def plot(eigvals, ts, f):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-  ax1.semilogy(np.arange(1, eigvals.size + 1), np.maximum(eigvals, 1e-30), ".-")
-  ax1.set(xlabel="k", ylabel="eigenvalue lambda_k", title="NTK spectrum")
-  ax2.semilogx(ts[1:], f[1:], "-")
-  ax2.axhline(f[0], ls=":", c="gray", label="F(0) = ||r0||^2")
-  ax2.set(xlabel="t", ylabel="F(t)", title=f"NTK test loss, eta={FLAGS.config.eta:g}")
-  ax2.legend()
-  fig.tight_layout()
-  path = os.path.join(_WORKDIR.value, "ntk_spectrum.png")
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
-
-
 def main(argv):
   del argv
   cfg = FLAGS.config
@@ -200,7 +181,8 @@ def run() -> None:
                                      jnp.asarray(ts)))
   write_csv(os.path.join(_WORKDIR.value, "f_t.csv"), ["t", "F", "F_over_F0"],
             [(t, v, v / f[0]) for t, v in zip(ts, f, strict=True)])
-  png = plot(eigvals, ts, f)
+  png = os.path.join(_WORKDIR.value, "ntk_spectrum.png")
+  reporting.ntk_spectrum_figure(eigvals, ts, f, FLAGS.config.eta, png)
   logging.info("lambda_max %.4g, lambda_min %.4g, trace %.4g; F(0) %.4g -> F(t_max) %.4g; "
                "wrote %s", eigvals[0], eigvals[-1], eigvals.sum(), f[0], f[-1], png)
 

@@ -12,6 +12,9 @@ section per binary, so that every table format lives in one place:
   experiments.ntk_dynamics         dynamics_tables (ntk_dynamics.md)
   experiments.select               select_outputs (selection.md/.csv/.json), select_figure,
                                    select_tradeoff_tables (tradeoff.csv/.md)
+  experiments.fit_laws             fit_laws_figure (<file>_curves.png)
+  experiments.hessian_spectrum     hessian_density_figure (density.png)
+  experiments.ntk_spectrum         ntk_spectrum_figure (ntk_spectrum.png)
 
 A shared module of `experiments/` (not a binary; see docs/binaries.md).
 """
@@ -29,14 +32,24 @@ import numpy as np
 from experiments import common
 from lensllm_jax import laws
 from lensllm_jax.plus import candidates, forecast, protocol
+from lensllm_jax.selection import methods as methods_lib
 from lensllm_jax.selection import metrics, published
 
 # ---------------------------------------------------------- experiments.lensllm_study ---
 
-BASE_METHODS = ("ZeroShot", "SubTuning", "ModelSize", "AtS", "VanillaFit", "RectifiedFit")
-ALL_METHODS = BASE_METHODS + ("LensLLM", "LensLLM-NTK", "NLPMetrics")
-LAW_NAMES = {"VanillaFit": "vanilla", "RectifiedFit": "rectified", "LensLLM": "lensllm-scalar-F",
-             "LensLLM-NTK": "lensllm-ntk-F", "AtS": "ats"}
+# The study's methods and the points each reads (cost.csv): the registry's deterministic methods
+# and fitted laws (what `lensllm_study.selection_step` runs), then the study's own two: LensLLM
+# with the NTK's F(Theta, t) and NLPMetrics (HT-SR alpha of the pre-trained weights: no point).
+STUDY_READS = {**{m: methods_lib.METHOD_READS[m]
+                  for m in (*methods_lib.DETERMINISTIC_METHODS, *methods_lib.FITTED_LAWS)},
+               "LensLLM-NTK": methods_lib.METHOD_READS["LensLLM"], "NLPMetrics": "none"}
+ALL_METHODS = tuple(STUDY_READS)
+# rmse.csv's law column: each fitted law's curve (`Method.curve`; LensLLM's labelled by its scalar
+# F, beside the NTK's), then the curves of the deterministic methods (AtS's line).
+LAW_NAMES = {**{m: methods_lib.CURVES[m] for m in methods_lib.FITTED_LAWS},
+             "LensLLM": "lensllm-scalar-F", "LensLLM-NTK": "lensllm-ntk-F",
+             **{m: methods_lib.CURVES[m] for m in methods_lib.DETERMINISTIC_METHODS
+                if m in methods_lib.CURVES}}
 
 
 def kernel_distance(rec: dict) -> float:
@@ -352,7 +365,8 @@ def selection_tables(out: pathlib.Path) -> tuple[str, str]:
 def selection_figures(out: pathlib.Path, curve_sets, targets, law_of) -> None:
   """PNGs of reproduce_selection: selection vs ratio, fitted curves, compute Pareto, per file.
 
-  law_of: method -> law name (`laws.get_law`) of the methods fitted per model (fits.csv).
+  law_of: method -> its per-model curve in fits.csv (`methods.CURVES`: a `laws.get_law` name,
+    or "ats" for AtS's line).
   """
   import matplotlib
   matplotlib.use("Agg")
@@ -778,3 +792,97 @@ def select_tradeoff_tables(out: pathlib.Path, name: str, rows: list[dict]) -> li
               f"{r['rounds']} | {r['survivors']} | {r['ended_by']} |")
   common.atomic_text(out / "tradeoff.md", "\n".join(md) + "\n")
   return md[2:]
+
+
+# ---------------------------------------------------------------- experiments.fit_laws ---
+
+
+def fit_laws_figure(curves, fits, mask, path: pathlib.Path, num_models: int) -> None:
+  """Observed points and fitted laws of the first `num_models` models.
+
+  fits: [(law, fitting.FitResult)] on `curves`; mask: [M, P] the fitted points.
+  """
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  n = min(num_models, curves.num_models)
+  cols = min(3, n)
+  rows = int(np.ceil(n / cols))
+  fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+  d_plot = np.concatenate([[0.0], np.geomspace(100.0, curves.data_sizes.max() * 2, 200)])
+  x_zero = 50.0  # where D = 0 is drawn on the log axis
+  for i in range(n):
+    ax = axes[i // cols][i % cols]
+    x = np.where(curves.data_sizes > 0, curves.data_sizes, x_zero)
+    seen = mask[i]
+    ax.plot(x[seen], curves.losses[i, seen], "ko", ms=4, label="fitted points")
+    if (~seen).any():
+      ax.plot(x[~seen], curves.losses[i, ~seen], "kx", ms=5, label="held out")
+    for law, result in fits:
+      if not np.all(np.isfinite(result.raw_params[i])):
+        continue
+      with np.errstate(invalid="ignore", over="ignore"):
+        y = law.predict(result, d_plot, curve=i)
+      ok = np.isfinite(y) & (d_plot > 0)
+      (line,) = ax.plot(d_plot[ok], y[ok], "-", lw=1.2,
+                        label=f"{law.name} ({result.status[i]})")
+      if np.isfinite(y[0]):  # the law's zero-shot value, drawn at x_zero
+        ax.plot([x_zero], [y[0]], "s", mfc="none", color=line.get_color(), ms=6)
+    ax.set_xscale("log")
+    ax.set_title(curves.models[i], fontsize=8)
+    ax.set_xlabel("fine-tuning samples D (D=0 drawn at 50)", fontsize=7)
+    ax.set_ylabel("test loss", fontsize=7)
+    ax.tick_params(labelsize=7)
+    if i == 0:
+      ax.legend(fontsize=6)
+  for j in range(n, rows * cols):
+    axes[j // cols][j % cols].axis("off")
+  fig.suptitle(f"{curves.name}: fitted fine-tuning laws", fontsize=10)
+  fig.tight_layout()
+  tmp = path.with_suffix(".tmp.png")
+  fig.savefig(tmp, dpi=110)
+  plt.close(fig)
+  os.replace(tmp, path)
+
+
+# -------------------------------------------------------- experiments.hessian_spectrum ---
+
+
+def hessian_density_figure(grid, density, top, model: str, path) -> None:
+  """Log-scale SLQ density of `model`'s Hessian with the Lanczos top eigenvalues marked."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(6, 3.5))
+  ax.semilogy(grid, np.maximum(density, 1e-12), lw=1)
+  for lam in top:
+    ax.axvline(lam, color="tab:red", lw=0.5, alpha=0.6)
+  ax.set_xlabel("eigenvalue")
+  ax.set_ylabel("density (SLQ, smoothed)")
+  ax.set_title(f"Hessian spectrum, {model} (red: Lanczos top-{len(top)})")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+# ------------------------------------------------------------ experiments.ntk_spectrum ---
+
+
+def ntk_spectrum_figure(eigvals, ts, f, eta: float, path) -> None:
+  """The kernel's spectrum lambda_k and the NTK test loss F(t) of learning rate eta."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+  ax1.semilogy(np.arange(1, eigvals.size + 1), np.maximum(eigvals, 1e-30), ".-")
+  ax1.set(xlabel="k", ylabel="eigenvalue lambda_k", title="NTK spectrum")
+  ax2.semilogx(ts[1:], f[1:], "-")
+  ax2.axhline(f[0], ls=":", c="gray", label="F(0) = ||r0||^2")
+  ax2.set(xlabel="t", ylabel="F(t)", title=f"NTK test loss, eta={eta:g}")
+  ax2.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import dataclasses
 import os
 import pathlib
 import time
@@ -56,11 +57,6 @@ NOTES_HEADER = ("dataset", "method", "ratio", "note")
 OUTPUTS = ("*.csv", "*.md", "*.tex", "*.png")
 # Config fields that do not change the results (left out of the manifest).
 MANIFEST_IGNORE = ("threads", "figures", "data_dir")
-# rmse.csv's law column: the law of each method fitted per model (`Method.budgeted`), and "ats"
-# for AtS's line; the pooled fit has no rmse rows.
-LAW_OF = {**{m.name: m.law for m in methods_lib.REGISTRY if m.budgeted}, "AtS": "ats"}
-
-
 
 def define_flags() -> None:
   """The binary's flags; defined only when it runs as a program (tests import it beside
@@ -84,7 +80,7 @@ def score_rows(dataset, ratio, dmax, result, truth) -> list[dict]:
 
 def rmse_rows(dataset, dmax, result, curves, target) -> list[dict]:
   per_model, pooled = common.heldout_rmse(result, curves, dmax, target)
-  law = LAW_OF[result.method]
+  law = methods_lib.CURVES[result.method]
   rows = [{"dataset": dataset, "model": mname, "max_data_num": int(dmax), "law": law,
            "rmse": f"{v:.6g}"} for mname, v in zip(curves.models, per_model, strict=True)]
   rows.append({"dataset": dataset, "model": "ALL", "max_data_num": int(dmax), "law": law,
@@ -103,7 +99,8 @@ def fit_rows(dataset, dmax, result, curves) -> list[dict]:
 
 
 def run_dataset(curves, methods, ratios, out: pathlib.Path, *, target, key, num_restarts,
-                fit_options, budget, t0, plus_results=None, threads: int = 1) -> None:
+                fit_options, budget: budgeted.BudgetOptions | None, t0, plus_results=None,
+                threads: int = 1) -> None:
   """All methods (and the budgeted procedure) on one curve file; appends to the CSVs.
 
   `threads` methods are computed at once (results do not depend on it).
@@ -154,12 +151,12 @@ def run_dataset(curves, methods, ratios, out: pathlib.Path, *, target, key, num_
         sel += score_rows(name, ratio, dmax, res, truth)
         notes += [{"dataset": name, "method": method, "ratio": ratio, "note": n}
                   for n in result_notes(method, res, truth, fit_options)]
-        if method in LAW_OF:
+        if method in methods_lib.CURVES:  # rmse.csv's law column: `Method.curve`
           rm += rmse_rows(name, dmax, res, curves, target)
           fits += fit_rows(name, dmax, res, curves)
-        # LensLLM+'s candidates read every visible point, as the pooled fit does.
-        flops, relative = common.method_cost(
-            pooled.METHOD_NAME if method == candidates.PLUS_NAME else method, curves, dmax, target)
+        reads = (candidates.PLUS_READS if method == candidates.PLUS_NAME
+                 else methods_lib.METHOD_READS[method])
+        flops, relative = common.method_cost(reads, curves, dmax, target)
         cost.append({"dataset": name, "method": method, "setting": f"ratio={ratio}",
                      "flops": f"{flops:.6g}", "relative_flops": f"{relative:.6g}",
                      "RelAcc": f"{metrics.relative_accuracy(res.chosen, truth):.6f}",
@@ -175,9 +172,8 @@ def run_dataset(curves, methods, ratios, out: pathlib.Path, *, target, key, num_
       logging.info("[%s] %s: %d budgets done %.1fs after the file's start (total %.1fs)", name,
                    method, len(budgets), time.time() - t, time.time() - t0)
   if budget is not None:
-    run_budgeted(curves, out, target=target, key=jax.random.fold_in(key, 1000), full=full,
-                 truth=truth, num_restarts=num_restarts, fit_options=fit_options, t0=t0,
-                 **budget)
+    run_budgeted(curves, out, budget, target=target, key=jax.random.fold_in(key, 1000), full=full,
+                 truth=truth, num_restarts=num_restarts, fit_options=fit_options, t0=t0)
 
 
 def result_notes(method, result, truth, fit_options) -> list[str]:
@@ -194,7 +190,7 @@ def result_notes(method, result, truth, fit_options) -> list[str]:
   reason = metrics.undefined_reason(result.feature, truth)
   if reason:
     notes.append(f"PearCorr and Spearman are NaN: {reason}")
-  if method in LAW_OF and method != "AtS" and fit_options.max_steps == 0:
+  if method in methods_lib.FITTED_LAWS and fit_options.max_steps == 0:
     notes.append("config.max_steps=0: the fits were not optimised (their parameters are "
                  "not optima)")
   return notes
@@ -202,7 +198,7 @@ def result_notes(method, result, truth, fit_options) -> list[str]:
 
 def drop_unit_rows(out: pathlib.Path, dataset: str, method: str) -> None:
   """Removes every row of one (dataset, method) unit from the CSVs before it is redone."""
-  law = LAW_OF.get(method)
+  law = methods_lib.CURVES.get(method)
   for file, header, drop in (
       ("selection.csv", SELECTION_HEADER, lambda r: r["method"] == method),
       ("rmse.csv", RMSE_HEADER, lambda r: law is not None and r["law"] == law),
@@ -218,20 +214,20 @@ def drop_unit_rows(out: pathlib.Path, dataset: str, method: str) -> None:
                      n, file)
 
 
-def run_budgeted(curves, out, *, target, key, full, truth, levels, method, max_data_num,
+def run_budgeted(curves, out, budget: budgeted.BudgetOptions, *, target, key, full, truth,
                  num_restarts, fit_options, t0) -> None:
-  """Budgeted early stopping at several confidence levels; appends cost.csv rows."""
+  """Budgeted early stopping at the levels of `budget` not yet done; appends cost.csv rows."""
   name = curves.name
-  tag = f"Budgeted{method}"
+  tag = f"Budgeted{budget.method}"
   done = {r["setting"] for r in common.read_rows(out / "cost.csv")
           if r["dataset"] == name and r["method"] == tag}
-  todo = [z for z in levels if f"z={z:g}" not in done]
+  todo = [z for z in budget.levels if f"z={z:g}" not in done]
   rows = []
   if todo:
     t = time.time()
     results = budgeted.budgeted_selection(
-        curves, todo, key=key, method=method, max_data_num=max_data_num,
-        num_restarts=num_restarts, fit_options=fit_options, target_data_num=target,
+        curves, dataclasses.replace(budget, levels=todo), key=key, num_restarts=num_restarts,
+        fit_options=fit_options, target_data_num=target,
         progress=lambda s: logging.info("[%s] budgeted %s", name, s))
     for r in results:
       rows.append({"dataset": name, "method": tag, "setting": f"z={r.z:g}",
@@ -334,7 +330,7 @@ def run(cfg, output_dir) -> pathlib.Path:
     raise errors.ConfigError(
         f"config.budget.method: {cfg.budget.method!r} is not supported; budget methods: "
         f"{', '.join(budgeted.BUDGET_METHODS)} (LensLLM+ has its own budgeted variant, "
-        "plus_candidates.budgeted_candidate_selection, run by experiments.lensllm_plus)")
+        "plus.candidates.budgeted_candidate_selection, run by experiments.lensllm_plus)")
   threads = common.integer_field(cfg, "threads", low=0) or os.cpu_count() or 1  # 0: one per core
   if threads > 1:
     logging.warning("config.threads=%d: concurrent XLA:CPU executions can deadlock on the "
@@ -371,7 +367,7 @@ def _run(cfg, out: pathlib.Path, curve_sets, methods, ratios, budget_levels, t0)
     budget = None
     if cfg.budgeted:
       cap = cfg.budget.max_data_num or target / min(ratios)
-      budget = {"levels": budget_levels, "method": cfg.budget.method, "max_data_num": cap}
+      budget = budgeted.BudgetOptions(budget_levels, cfg.budget.method, cap)
     run_dataset(curves, methods, ratios, out, target=target, key=jax.random.fold_in(key, di),
                 num_restarts=cfg.num_restarts, fit_options=fit_options, budget=budget, t0=t0,
                 plus_results=plus.get(curves.name), threads=cfg.threads or os.cpu_count() or 1)
@@ -387,7 +383,7 @@ def _run(cfg, out: pathlib.Path, curve_sets, methods, ratios, budget_levels, t0)
   (out / "selection.tex").write_text(tex + "\n")
   (out / "headline.md").write_text(reporting.selection_headline_table(out) + "\n")
   if cfg.figures:
-    reporting.selection_figures(out, curve_sets, targets, LAW_OF)
+    reporting.selection_figures(out, curve_sets, targets, methods_lib.CURVES)
   logging.info("done in %.1fs; outputs in %s", time.time() - t0, out)
   return out
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import pathlib
+import re
 
 from helpers import REPO_ROOT
 
@@ -175,3 +176,62 @@ def test_binaries_import_no_other_binary():
   assert "experiments.reporting" in graph["experiments.reproduce_selection"]
   wrong = sorted(f"{m} -> {dep}" for m in files for dep in graph[m] if dep in binaries)
   assert not wrong, "a module of experiments/ imports a binary: " + ", ".join(wrong)
+  # Figures are drawn in experiments/reporting.py only: no binary imports matplotlib.
+  drawing = sorted(m for m in binaries if m != "experiments" and any(
+      isinstance(node, (ast.Import, ast.ImportFrom)) and "matplotlib" in ast.unparse(node)
+      for node in ast.walk(ast.parse(files[m].read_text()))))
+  assert not drawing, "binaries drawing figures (move them to reporting): " + ", ".join(drawing)
+  assert "matplotlib" in files["experiments.reporting"].read_text()
+
+
+def _literal_all(tree: ast.Module) -> list[str] | None:
+  for node in tree.body:
+    if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "__all__" for t in node.targets):
+      return [ast.literal_eval(e) for e in node.value.elts]
+  return None
+
+
+def _public_names(path: pathlib.Path) -> list[str]:
+  """A module's `__all__`, or without one its top-level functions, classes and UPPER_CASE
+  constants (not type aliases)."""
+  tree = ast.parse(path.read_text())
+  names = _literal_all(tree)
+  if names is not None:
+    return names
+  names = []
+  for node in tree.body:
+    if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+      names.append(node.name)
+    elif isinstance(node, ast.Assign):
+      names += [t.id for t in node.targets if isinstance(t, ast.Name) and t.id.isupper()]
+  return [n for n in names if not n.startswith("_")]
+
+
+# A package whose __init__ re-exports a chosen API rather than every module's names: the
+# models are built through `models.build(config)`; their Flax blocks stay in their modules.
+_CURATED_PACKAGES = {"lensllm_jax/models"}
+
+
+def test_packages_reexport_and_list_their_public_names():
+  """Each subpackage's `__init__` (nested ones too) re-exports the public names of its modules
+  and its nested packages (`theory.ntk`, `plus.pfn`: their names as `theory.ntk.NAME`) in
+  `__all__`, and its docstring names every name of `__all__`."""
+  problems = []
+  for init in sorted((REPO_ROOT / "lensllm_jax").rglob("__init__.py")):
+    pkg = init.parent
+    if pkg == REPO_ROOT / "lensllm_jax":
+      continue
+    rel = pkg.relative_to(REPO_ROOT).as_posix()
+    tree = ast.parse(init.read_text())
+    exported = _literal_all(tree) or []
+    doc = ast.get_docstring(tree) or ""
+    problems += [f"{rel}: docstring does not name {n}" for n in exported
+                 if not re.search(rf"(?<![\w.]){re.escape(n)}(?!\w)", doc)]
+    if rel in _CURATED_PACKAGES:
+      continue
+    for child in sorted(p for p in pkg.glob("*.py") if p.name != "__init__.py"):
+      problems += [f"{rel}: {n} of {child.name} is not re-exported"
+                   for n in _public_names(child) if n not in exported]
+    problems += [f"{rel}: the package {p.name} is not re-exported" for p in pkg.iterdir()
+                 if (p / "__init__.py").exists() and p.name not in exported]
+  assert not problems, "\n".join(problems)

@@ -28,9 +28,12 @@ Public API (one entry point for every architecture; see `registry`):
   count_params                    params in a pytree
   next_token_targets, token_log_probs, token_nll, sequence_log_likelihood, mean_token_nll,
   token_nll_sums                  the LM loss convention (see `losses`)
-  config_from_hf, convert_{gpt2,llama,opt,phi,gpt_neox,t5,bart}_weights, read_safetensors,
-  load_bart_causal_lm
+  config_from_hf, convert_gpt2_weights, convert_llama_weights, convert_opt_weights,
+  convert_phi_weights, convert_gpt_neox_weights, convert_t5_weights, convert_bart_weights,
+  read_safetensors, load_bart_causal_lm
   load_tokenizer                  Hugging Face config.json, tensors and tokenizer.json
+  CheckpointError                 `errors.CheckpointError`: a checkpoint (config.json,
+                                  weights, tokenizer) missing, corrupt or unsupported
   ARCHITECTURES, HF_FORMATS, register_architecture, register_hf_format
                                   the registries a new family adds itself to
 

@@ -19,8 +19,8 @@ Every public name of these modules is re-exported here
     sample_prior_curves, save_predictor, train, default_curve_predictor, ContextModelConfig,
     ContextPFN, ContextPFNPredictor, HierarchyConfig, context_pfn_selection,
     default_context_predictor, make_file_batch, sample_prior_files, train_context
-  candidates: PLUS_NAME, BASE_PREDICTORS, BLEND_WEIGHTS, BaseContext, BasePrediction, Candidate,
-    PlusChoice, PlusFold, blend,
+  candidates: PLUS_NAME, PLUS_READS, BASE_PREDICTORS, BLEND_WEIGHTS, BaseContext, BasePrediction,
+    Candidate, PlusChoice, PlusFold, blend,
     budgeted_candidate_selection, candidate_distribution, all_candidates, candidate_prediction,
     choose_candidate, file_predictions, plus_results, pooled_setting, prediction_jobs,
     ranked_choice, score_table
@@ -35,6 +35,7 @@ from lensllm_jax.plus.candidates import (
   BASE_PREDICTORS,
   BLEND_WEIGHTS,
   PLUS_NAME,
+  PLUS_READS,
   BaseContext,
   BasePrediction,
   Candidate,
@@ -119,6 +120,7 @@ __all__ = [
   "nested_choices",
   "score_results",
   "PLUS_NAME",
+  "PLUS_READS",
   "BASE_PREDICTORS",
   "BLEND_WEIGHTS",
   "BaseContext",

@@ -77,6 +77,7 @@ __all__ = [
   "BasePrediction",
   "Candidate",
   "PLUS_NAME",
+  "PLUS_READS",
   "PlusChoice",
   "PlusFold",
   "blend",
@@ -97,9 +98,13 @@ __all__ = [
 # The name of the project's recommended predictor: the candidate the leave-one-dataset-out
 # protocol chooses (the pooled fit alone is `pooled.METHOD_NAME`, "PooledLensLLM").
 PLUS_NAME = "LensLLM+"
+# The visible points LensLLM+ is charged for (a `Method.reads` rule): its candidates' fits and
+# PFNs read every visible point, D = 0 included.
+PLUS_READS = "all"
 BLEND_WEIGHTS = (0.0, 0.25, 0.5, 0.75)
-# Published baselines predicted beside the candidates (for the report; AtS also for blends).
-BASELINES = ("AtS", "RectifiedFit", "LensLLM")
+# The methods the papers propose (`Method.proposed`), predicted beside the candidates for the
+# report; AtS first: the blends' partner (the others are fitted, `prediction_jobs`).
+BASELINES = tuple(sorted(selection.PROPOSED_METHODS, key=lambda m: m != "AtS"))
 
 
 @dataclasses.dataclass(frozen=True)

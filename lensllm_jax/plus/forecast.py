@@ -22,7 +22,7 @@ Predictors (`PREDICTORS`; `predictor_names()`):
 Uncertainty. Each predictor gives, per model, a mean prediction L_m(D*) and
 the sd s_m of log L_m(D*) (its own: the PFN's predictive sd, the Laplace sd of
 a law fit, (1 - w) s_X for a blend w AtS + (1 - w) X with AtS's line taken as
-exact, as in `plus_candidates`). The 80 % interval is the PFN's own 10 % and
+exact, as in `plus.candidates`). The 80 % interval is the PFN's own 10 % and
 90 % quantiles of log L(D*) where the predictor has them (blended the same way),
 else exp(log L_m +- 1.2816 s_m). The probability that model j beats model i
 treats the two log predictions as independent normals:

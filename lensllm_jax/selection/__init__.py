@@ -24,10 +24,10 @@ Every public name of these modules is re-exported here
     median_beta_start, paule_mandel_tau2, pooled_objective, pooled_selection, pre_power_weights,
     shape_quantities, view_covariates
   methods: Method, REGISTRY, METHODS, PUBLISHED_METHODS, DETERMINISTIC_METHODS, FITTED_METHODS,
-    METHOD_READS, FITTED_LAWS, run_method, run_fitted_batch
-  budgeted: FLOPS_PER_PARAM_SAMPLE, BUDGET_METHODS, pair_flops, full_tuning_flops, method_flops,
-    CurveOracle, laplace_log_sd, BudgetedResult, still_active, prefix_uniforms,
-    early_stopping_selection, budgeted_selection
+    METHOD_READS, FITTED_LAWS, CURVES, PROPOSED_METHODS, run_method, run_fitted_batch
+  budgeted: FLOPS_PER_PARAM_SAMPLE, BUDGET_METHODS, pair_flops, full_tuning_flops, reads_flops,
+    method_flops, CurveOracle, laplace_log_sd, BudgetedResult, still_active, prefix_uniforms,
+    early_stopping_selection, BudgetOptions, budgeted_selection
 
 Names defined by several modules are re-exported from the first listed above: TARGET_DATA_NUM.
 """
@@ -37,6 +37,7 @@ from lensllm_jax.selection.budgeted import (
   BUDGET_METHODS,
   FLOPS_PER_PARAM_SAMPLE,
   BudgetedResult,
+  BudgetOptions,
   CurveOracle,
   budgeted_selection,
   early_stopping_selection,
@@ -45,6 +46,7 @@ from lensllm_jax.selection.budgeted import (
   method_flops,
   pair_flops,
   prefix_uniforms,
+  reads_flops,
   still_active,
 )
 from lensllm_jax.selection.core import (
@@ -70,11 +72,13 @@ from lensllm_jax.selection.core import (
   zero_shot,
 )
 from lensllm_jax.selection.methods import (
+  CURVES,
   DETERMINISTIC_METHODS,
   FITTED_LAWS,
   FITTED_METHODS,
   METHOD_READS,
   METHODS,
+  PROPOSED_METHODS,
   PUBLISHED_METHODS,
   REGISTRY,
   Method,
@@ -191,12 +195,15 @@ __all__ = [
   "FITTED_METHODS",
   "METHOD_READS",
   "FITTED_LAWS",
+  "CURVES",
+  "PROPOSED_METHODS",
   "run_method",
   "run_fitted_batch",
   "FLOPS_PER_PARAM_SAMPLE",
   "BUDGET_METHODS",
   "pair_flops",
   "full_tuning_flops",
+  "reads_flops",
   "method_flops",
   "CurveOracle",
   "laplace_log_sd",
@@ -204,5 +211,6 @@ __all__ = [
   "still_active",
   "prefix_uniforms",
   "early_stopping_selection",
+  "BudgetOptions",
   "budgeted_selection",
 ]

@@ -97,18 +97,17 @@ def full_tuning_flops(sizes, target_data_num: float) -> float:
   return float(pair_flops(sizes, [target_data_num]).sum())
 
 
-def method_flops(method: str, sizes, data_sizes, max_data_num: float) -> float:
-  """Cost of a fixed-budget method that reads the points `METHOD_READS[method]` names.
+def reads_flops(reads: str, sizes, data_sizes, max_data_num: float) -> float:
+  """Cost of a fixed-budget method that reads the visible points `reads` names.
 
   Args:
-    method: a name in `methods.METHOD_READS`.
+    reads: one of `methods.READS` ("none", "zero", "last", "positive", "all").
     sizes: [M] parameter counts.
     data_sizes: [P] the D grid of the curve file.
     max_data_num: the budget D_max.
   """
-  reads = methods.METHOD_READS.get(method)
-  if reads is None:
-    raise ValueError(f"no cost rule for method {method!r}; known: {sorted(methods.METHOD_READS)}")
+  if reads not in methods.READS:
+    raise ValueError(f"no cost rule for reads={reads!r}; known: {methods.READS}")
   d = np.asarray(data_sizes, np.float64)
   d = d[(d > 0) & (d <= max_data_num)]  # D = 0 is free
   if reads in ("none", "zero") or d.size == 0:
@@ -116,6 +115,14 @@ def method_flops(method: str, sizes, data_sizes, max_data_num: float) -> float:
   if reads == "last":
     d = d[-1:]
   return float(pair_flops(sizes, d).sum())
+
+
+def method_flops(method: str, sizes, data_sizes, max_data_num: float) -> float:
+  """`reads_flops` of a registry method: the points its record reads (`Method.reads`)."""
+  reads = methods.METHOD_READS.get(method)
+  if reads is None:
+    raise ValueError(f"no cost rule for method {method!r}; known: {sorted(methods.METHOD_READS)}")
+  return reads_flops(reads, sizes, data_sizes, max_data_num)
 
 
 class CurveOracle:
@@ -504,36 +511,55 @@ def _cached_prefix_fits(fit_prefixes, cache: dict, views, num_revealed, step_cou
           np.asarray(preds, np.float64).reshape(len(views), m))
 
 
-def budgeted_selection(curves, levels: Sequence[float], *, key: jax.Array,
-                       method: str = "LensLLM", max_data_num: float = 204800,
-                       min_points: int | None = None, num_restarts: int = 8,
-                       fit_options=None, min_curves: int = 0,
+@dataclasses.dataclass(frozen=True)
+class BudgetOptions:
+  """What `budgeted_selection` runs (config.budget of the binaries).
+
+  Attributes:
+    levels: confidence levels z (one-sided normal quantiles), one result each,
+      e.g. (0.5, 1, 2, 4).
+    method: a name in `BUDGET_METHODS` (LensLLM, RectifiedFit: squared loss;
+      VanillaFit: Huber loss, sandwich variance).
+    max_data_num: the largest D that may be paid for.
+    min_points: D > 0 points each model needs before anyone is stopped
+      (None: the method's law's number of parameters K).
+  """
+  levels: tuple[float, ...]
+  method: str = "LensLLM"
+  max_data_num: float = 204800.0
+  min_points: int | None = None
+
+  def __post_init__(self):
+    object.__setattr__(self, "levels", tuple(float(z) for z in self.levels))
+    if not self.levels:
+      raise ValueError("BudgetOptions.levels is empty")
+    if self.method not in BUDGET_METHODS:
+      raise ValueError(f"BudgetOptions.method {self.method!r} is not supported (budget methods: "
+                       f"{', '.join(BUDGET_METHODS)}; LensLLM+ has its own "
+                       f"plus.candidates.budgeted_candidate_selection)")
+
+
+def budgeted_selection(curves, options: BudgetOptions, *, key: jax.Array,
+                       num_restarts: int = 8, fit_options=None, min_curves: int = 0,
                        target_data_num: float = core.TARGET_DATA_NUM,
                        progress=None) -> list[BudgetedResult]:
   """`early_stopping_selection` with the independent per-model fits of a fitted method.
 
   Args:
     curves: a CurveSet (only the oracles read it).
-    levels: confidence levels z (normal quantiles), e.g. (0.5, 1, 2, 4).
+    options: the levels, the method, the size cap and min_points (`BudgetOptions`).
     key: PRNG key; the fit of model j on its first n D > 0 points draws its
       restarts from `prefix_uniforms(key, j, n, num_restarts)`.
-    method: a name in `BUDGET_METHODS` (LensLLM, RectifiedFit: squared loss;
-      VanillaFit: Huber loss, sandwich variance).
-    max_data_num: largest D that may be paid for.
-    min_points: D > 0 points needed before stopping anyone (default K).
-    num_restarts, fit_options: passed to the fits.
+    num_restarts, fit_options: passed to the fits (`fitting.FitOptions`).
     min_curves: pad the fit batch to at least this many curves (compile reuse;
       default the number of models rounded up to a multiple of 32).
     target_data_num: D*.
     progress: optional callable(str) for log lines.
 
   Returns:
-    One BudgetedResult per level.
+    One BudgetedResult per level of `options.levels`.
   """
-  if method not in BUDGET_METHODS:
-    raise ValueError(f"budgeted_selection: method {method!r} is not supported (budget methods: "
-                     f"{', '.join(BUDGET_METHODS)}; LensLLM+ has its own "
-                     f"plus.candidates.budgeted_candidate_selection)")
+  method = options.method
   meta = core.metadata_of(curves, target_data_num)
   # Fixed batch: every step and every file of up to `batch` models share one compilation.
   batch = max(min_curves, -(-len(curves.models) // 32) * 32)
@@ -544,8 +570,10 @@ def budgeted_selection(curves, levels: Sequence[float], *, key: jax.Array,
                                    fit_options=fit_options, min_curves=batch, uniforms=u)[0]
     return res.predictor.law, res.predictor.raw_params, res.extras["mask"], res.predicted
 
+  min_points = options.min_points
   if min_points is None:
     min_points = methods.FITTED_LAWS[method][0]().num_params
-  return early_stopping_selection(curves, levels, name=method, max_data_num=max_data_num,
+  return early_stopping_selection(curves, options.levels, name=method,
+                                  max_data_num=options.max_data_num,
                                   target_data_num=target_data_num, min_points=min_points,
                                   progress=progress, fit_prefixes=fit_prefixes)

@@ -23,6 +23,10 @@ of methods the package uses is derived from it:
 - `FITTED_LAWS`: name -> (law factory, uses the zero-shot point) of the
   methods fitted independently per model, which `run_fitted_batch` batches
   and `budgeted.budgeted_selection` runs (`BUDGET_METHODS`).
+- `CURVES`: name -> the per-model curve a method extrapolates L(D) with
+  (rmse.csv's law column, `Method.curve`).
+- `PROPOSED_METHODS`: the methods the papers propose (`Method.proposed`), the
+  others being their baselines; LensLLM+ is reported beside them.
 """
 
 from __future__ import annotations
@@ -37,12 +41,14 @@ from lensllm_jax import laws
 from lensllm_jax.selection import core, pooled
 
 __all__ = [
+  "CURVES",
   "DETERMINISTIC_METHODS",
   "FITTED_LAWS",
   "FITTED_METHODS",
   "METHODS",
   "METHOD_READS",
   "Method",
+  "PROPOSED_METHODS",
   "PUBLISHED_METHODS",
   "REGISTRY",
   "run_fitted_batch",
@@ -69,6 +75,13 @@ class Method:
     budgeted: whether `budgeted.budgeted_selection` can run it (independent
       per-model fits whose objective `budgeted.laplace_log_sd` knows).
     paper: the paper that defines it; None for this project's own methods.
+    proposed: whether its paper proposes it (Lin et al. 2024: the rectified law
+      and AtS; Zeng et al. 2025: LensLLM), rather than comparing with it.
+    curve: the name of the per-model curve it extrapolates L(D) with, for the
+      held-out RMSE (rmse.csv's law column): its law's name for the
+      independent fits, "ats" for AtS's power line; None for the methods
+      with no per-model curve (and for the pooled fit, whose curves share
+      parameters across models).
   """
   name: str
   function: Callable[..., core.SelectionResult]
@@ -77,12 +90,16 @@ class Method:
   law: str | None = None
   budgeted: bool = False
   paper: str | None = None
+  proposed: bool = False
+  curve: str | None = None
 
   def __post_init__(self):
     if self.reads not in READS:
       raise ValueError(f"Method {self.name}: reads={self.reads!r}, expected one of {READS}")
     if self.budgeted and self.law is None:
       raise ValueError(f"Method {self.name}: a budgeted method needs its law")
+    if self.proposed and self.paper is None:
+      raise ValueError(f"Method {self.name}: proposed=True needs the paper that proposes it")
 
   @property
   def uses_zero_shot(self) -> bool:
@@ -95,12 +112,12 @@ REGISTRY: tuple[Method, ...] = (
     Method("SubTuning", core.sub_tuning, reads="last", paper=LIN_2024),
     Method("ModelSize", core.model_size, reads="none", paper=LIN_2024),
     Method("VanillaFit", core.vanilla_fit, reads="positive", needs_key=True, law="vanilla",
-           budgeted=True, paper=LIN_2024),
+           budgeted=True, paper=LIN_2024, curve="vanilla"),
     Method("RectifiedFit", core.rectified_fit, reads="all", needs_key=True, law="rectified",
-           budgeted=True, paper=LIN_2024),
-    Method("AtS", core.ats, reads="positive", paper=LIN_2024),
+           budgeted=True, paper=LIN_2024, proposed=True, curve="rectified"),
+    Method("AtS", core.ats, reads="positive", paper=LIN_2024, proposed=True, curve="ats"),
     Method("LensLLM", core.lensllm, reads="all", needs_key=True, law="lensllm", budgeted=True,
-           paper=ZENG_2025),
+           paper=ZENG_2025, proposed=True, curve="lensllm"),
     Method(pooled.METHOD_NAME, pooled.pooled_lensllm, reads="all", needs_key=True,
            law="lensllm"),
 )
@@ -112,6 +129,8 @@ FITTED_METHODS: dict[str, Method] = {m.name: m for m in REGISTRY if m.needs_key}
 METHOD_READS: dict[str, str] = {m.name: m.reads for m in REGISTRY}
 FITTED_LAWS: dict[str, tuple[Callable[..., laws.Law], bool]] = {
     m.name: (laws.LAW_FACTORIES[m.law], m.uses_zero_shot) for m in REGISTRY if m.budgeted}
+CURVES: dict[str, str] = {m.name: m.curve for m in REGISTRY if m.curve}
+PROPOSED_METHODS: tuple[str, ...] = tuple(m.name for m in REGISTRY if m.proposed)
 
 
 def run_method(name: str, visible: core.VisibleCurves, metadata: core.Metadata, *,

@@ -26,10 +26,11 @@ Every public name of these modules is re-exported here
     make_eval_step, compiled_steps, count_compilations, cached_eval_step, precompile, evaluate,
     save_params, load_params, FinetuneResult, finetune, pretrain, as_numpy
   sweep: LoadedModel, task_spec, load_splits, pretraining_texts, preset_tokenizer, load_model,
-    write_model_config, pretrained_params, read_runs, append_run, NTK_KERNELS, NTKSnapshot,
-    step_budget, run_one, clear_checkpoint, probe_inputs, pretrained_snapshot, precompile_model,
-    start_precompile, sweep_model, WORKDIR_OUTPUTS, WORKDIR_MERGE, WORKDIR_IGNORE, sweep_inputs,
-    open_workdir, bind_workdir, adopt_legacy_workdir, write_curve_file
+    write_model_config, pretrained_params, read_runs, append_run, NTK_KERNELS, KernelOptions,
+    NTKSnapshot, step_budget, run_one, clear_checkpoint, probe_inputs, pretrained_snapshot,
+    precompile_model, start_precompile, sweep_model, WORKDIR_OUTPUTS, WORKDIR_MERGE,
+    WORKDIR_IGNORE, sweep_inputs, open_workdir, bind_workdir, adopt_legacy_workdir,
+    write_curve_file
   zoo: EXCLUDED_DIRS, stdlib_dir, stdlib_files, is_pretraining_file, FunctionRecord, parse_source,
     chunk_text, Corpus, build_corpus, FAMILIES, ZooSpec, model_config, zoo_from_dicts
   zoo_build: write_atomic, read_jsonl, append_jsonl, corpus_step, tokenizer_step, apply_fn_for, ZooModel,
@@ -95,6 +96,7 @@ from lensllm_jax.training.sweep import (
   WORKDIR_IGNORE,
   WORKDIR_MERGE,
   WORKDIR_OUTPUTS,
+  KernelOptions,
   LoadedModel,
   NTKSnapshot,
   adopt_legacy_workdir,
@@ -258,6 +260,7 @@ __all__ = [
   "read_runs",
   "append_run",
   "NTK_KERNELS",
+  "KernelOptions",
   "NTKSnapshot",
   "step_budget",
   "run_one",

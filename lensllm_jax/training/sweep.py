@@ -243,30 +243,52 @@ def append_run(path: pathlib.Path, rec: dict) -> None:
 NTK_KERNELS = ("exact", "sketched")
 
 
-@functools.cache
-def _ntk_fns(config: models.ModelConfig, output: str, kernel: str = "exact",
-             block_size: int = 0, sketch_dim: int = 1024, sketch_seed: int = 0):
-  """(kernel fn, jitted output fn) of one model shape: compiled once per shape, not per model.
+@dataclasses.dataclass(frozen=True)
+class KernelOptions:
+  """Which empirical NTK a snapshot computes (the kernel fields of config.ntk).
 
-  kernel "exact": `ntk.make_ntk_fn`, with block_size > 0 assembled from blocks
-  whose pairs are sharded over all devices of all processes
-  (`ntk.make_blocked_ntk_fn(devices=jax.devices())`); "sketched":
-  `ntk.make_sketched_ntk_fn` (count sketch of sketch_dim directions, seeded;
-  unbiased, memory O(n k + block)).
+  Attributes:
+    kernel: "exact" (`ntk.make_ntk_fn`; with block_size > 0 assembled from
+      blocks whose pairs are sharded over all devices of all processes,
+      `ntk.make_blocked_ntk_fn(devices=jax.devices())`) or "sketched"
+      (`ntk.make_sketched_ntk_fn`: count sketch of sketch_dim directions,
+      seeded; unbiased, memory O(n k + block)).
+    block_size: examples per kernel block (0: the exact kernel in one block).
+    sketch_dim, sketch_seed: the sketched kernel's directions and seed.
   """
+  kernel: str = "exact"
+  block_size: int = 0
+  sketch_dim: int = 1024
+  sketch_seed: int = 0
+
+  def __post_init__(self):
+    if self.kernel not in NTK_KERNELS:
+      raise ValueError(f"config.ntk.kernel={self.kernel!r}: expected one of {NTK_KERNELS}")
+
+  @classmethod
+  def from_config(cls, ntk_config) -> KernelOptions:
+    """The options config.ntk sets (the others keep their defaults)."""
+    return cls(**{f.name: ntk_config[f.name] for f in dataclasses.fields(cls)
+                  if f.name in ntk_config})
+
+
+@functools.cache
+def _ntk_fns(config: models.ModelConfig, output: str, options: KernelOptions | None = None):
+  """(kernel fn, jitted output fn) of one model shape: compiled once per shape, not per model
+  (the kernel of `options`, default the exact one in one block)."""
   from lensllm_jax.theory import ntk
 
+  options = options or KernelOptions()
   apply_fn = ntk.lm_output_fn(models.build(config), output)
-  if kernel == "exact":
+  if options.kernel == "exact":
     fn = ntk.make_ntk_fn(apply_fn)
-    if block_size:
-      fn = ntk.make_blocked_ntk_fn(fn, block_size=block_size, devices=jax.devices(),
+    if options.block_size:
+      fn = ntk.make_blocked_ntk_fn(fn, block_size=options.block_size, devices=jax.devices(),
                                    pairs_per_call=1)
-  elif kernel == "sketched":
-    fn = ntk.make_sketched_ntk_fn(apply_fn, sketch_dim=sketch_dim,
-                                  key=jax.random.key(sketch_seed), block_size=block_size or None)
   else:
-    raise ValueError(f"config.ntk.kernel={kernel!r}: expected one of {NTK_KERNELS}")
+    fn = ntk.make_sketched_ntk_fn(apply_fn, sketch_dim=options.sketch_dim,
+                                  key=jax.random.key(options.sketch_seed),
+                                  block_size=options.block_size or None)
   return fn, jax.jit(apply_fn)
 
 
@@ -277,19 +299,18 @@ class NTKSnapshot:
   log-likelihood of the scored (target) tokens: the quantity fine-tuning moves.
   The pre-trained kernel Theta_0 [n, n] and outputs f_0 [n] are cached in
   `pretrained_path` (theta, f0; float64), which also feeds F(Theta, t).
-  `kernel_options` (config.ntk's kernel, block_size, sketch_dim, sketch_seed)
-  choose the exact (blocked over all devices) or the sketched kernel
-  (`_ntk_fns`). With several processes the parameters are gathered to a host
+  `options` (`KernelOptions`, from config.ntk) choose the exact (blocked over
+  all devices) or the sketched kernel. With several processes the parameters are gathered to a host
   copy, the block pairs are shared by all devices of all processes, every
   process gets the whole kernel, and process 0 writes the files.
   """
 
   def __init__(self, m: LoadedModel, probe: textdata.TokenizedData, output: str,
-               pretrained_path: pathlib.Path, **kernel_options):
+               pretrained_path: pathlib.Path, options: KernelOptions | None = None):
     from lensllm_jax.theory import ntk
 
     self._ntk = ntk
-    self.fn, self.out_fn = _ntk_fns(m.config, output, **kernel_options)
+    self.fn, self.out_fn = _ntk_fns(m.config, output, options)
     self.x = probe_inputs(probe, m.config)
     if pretrained_path.exists():
       with np.load(pretrained_path) as z:
@@ -406,12 +427,10 @@ def probe_inputs(probe: textdata.TokenizedData, config) -> dict:
   return x
 
 
-def _probe_and_options(data: dict, cfg) -> tuple[textdata.TokenizedData, dict]:
+def _probe_and_options(data: dict, cfg) -> tuple[textdata.TokenizedData, KernelOptions]:
   """The probe set (the first config.ntk.num_probe test examples) and the kernel options."""
   probe = data["test"].take(np.arange(min(cfg.ntk.num_probe, data["test"].num_examples)))
-  kernel_options = {k: cfg.ntk[k] for k in ("kernel", "block_size", "sketch_dim", "sketch_seed")
-                    if k in cfg.ntk}
-  return probe, kernel_options
+  return probe, KernelOptions.from_config(cfg.ntk)
 
 
 def pretrained_snapshot(m: LoadedModel, data: dict, cfg, workdir: pathlib.Path):
@@ -420,9 +439,9 @@ def pretrained_snapshot(m: LoadedModel, data: dict, cfg, workdir: pathlib.Path):
   workdir/ntk/<model>_pretrained.npz. None when config.ntk.num_probe is 0."""
   if not cfg.ntk.num_probe:
     return None
-  probe, kernel_options = _probe_and_options(data, cfg)
+  probe, options = _probe_and_options(data, cfg)
   return NTKSnapshot(m, probe, cfg.ntk.output, workdir / "ntk" / f"{m.name}_pretrained.npz",
-                     **kernel_options)
+                     options)
 
 
 _PRECOMPILED: set = set()  # precompile_model's calls done in this process
@@ -444,8 +463,8 @@ def precompile_model(config, apply_fn, params, data: dict, cfg, tcfg: loop.Train
   abstract = jax.eval_shape(lambda p: p, params)
   loop.precompile(apply_fn, tcfg, abstract, data["train"], mesh=mesh)
   if ntk and cfg.ntk.num_probe:
-    probe, kernel_options = _probe_and_options(data, cfg)
-    fn, out_fn = _ntk_fns(config, cfg.ntk.output, **kernel_options)
+    probe, options = _probe_and_options(data, cfg)
+    fn, out_fn = _ntk_fns(config, cfg.ntk.output, options)
     x = probe_inputs(probe, config)
     if hasattr(fn, "precompile"):  # the blocked kernel: a Python function around a jit
       fn.precompile(abstract, x)

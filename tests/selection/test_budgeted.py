@@ -72,9 +72,11 @@ def test_laplace_sd_matches_finite_difference_delta_method():
 def test_budgeted_is_blind_to_unpaid_points_and_saves_compute():
   curves, p = synthetic_curves(noise=0.005, seed=11)
   key = jax.random.key(3)
-  kw = dict(key=key, max_data_num=12800, target_data_num=409600, **FAST)
-  never = budgeted.budgeted_selection(curves, (1e9,), **kw)[0]
-  cheap = budgeted.budgeted_selection(curves, (1.0,), **kw)[0]
+  kw = dict(key=key, target_data_num=409600, **FAST)
+  never = budgeted.budgeted_selection(
+      curves, budgeted.BudgetOptions((1e9,), max_data_num=12800), **kw)[0]
+  cheap = budgeted.budgeted_selection(
+      curves, budgeted.BudgetOptions((1.0,), max_data_num=12800), **kw)[0]
   full_read = budgeted.method_flops("LensLLM", curves.sizes, curves.data_sizes, 12800)
   # z = 1e9 never stops anyone: it pays exactly what the fixed-budget fit reads.
   assert never.flops == pytest.approx(full_read)
@@ -86,7 +88,8 @@ def test_budgeted_is_blind_to_unpaid_points_and_saves_compute():
   # Poison everything the cheap run never paid for: nothing changes.
   losses = curves.losses.copy()
   losses[~cheap.revealed] = 123.0
-  again = budgeted.budgeted_selection(dataclasses.replace(curves, losses=losses), (1.0,), **kw)[0]
+  again = budgeted.budgeted_selection(dataclasses.replace(curves, losses=losses),
+                                      budgeted.BudgetOptions((1.0,), max_data_num=12800), **kw)[0]
   np.testing.assert_array_equal(again.revealed, cheap.revealed)
   np.testing.assert_array_equal(again.selection.ranking, cheap.selection.ranking)
   np.testing.assert_array_equal(again.selection.feature, cheap.selection.feature)
@@ -151,7 +154,9 @@ def test_cached_prefix_fits_equal_refitting_every_view():
   key = jax.random.key(8)
   levels = (0.3, 1.0, 3.0, 1e9)
   kw = dict(max_data_num=12800, method="LensLLM", **FAST)
-  fast = budgeted.budgeted_selection(curves, levels, key=key, target_data_num=409600, **kw)
+  fast = budgeted.budgeted_selection(
+      curves, budgeted.BudgetOptions(levels, method="LensLLM", max_data_num=12800), key=key,
+      target_data_num=409600, **FAST)
   stops = set()
   for z, res in zip(levels, fast, strict=True):
     active, logp, flops, revealed, stopped_at, history = _naive_budgeted(
@@ -246,9 +251,10 @@ def test_huber_sandwich_limits():
 
 
 def test_unsupported_budget_method_is_refused(tmp_path):
-  curves, _ = synthetic_curves()
   with pytest.raises(ValueError, match="LensLLM\\+.*budget methods: VanillaFit, RectifiedFit, LensLLM"):
-    budgeted.budgeted_selection(curves, (1.0,), key=jax.random.key(0), method="LensLLM+")
+    budgeted.BudgetOptions((1.0,), method="LensLLM+")
+  with pytest.raises(ValueError, match="levels is empty"):
+    budgeted.BudgetOptions(())
   from configs import selection as selection_config
   from experiments import reproduce_selection
   cfg = selection_config.get_config()

@@ -167,18 +167,19 @@ def test_sweep_snapshot_kernels():
        "loss_mask": jnp.ones_like(ids).at[:, :3].set(0)}
   # Exact: blocked over the devices (test_ntk checks blocked = unblocked); the jacrev
   # reference below is computed independently.
-  blocked, _ = finetune_sweep._ntk_fns(config, "log_likelihood", kernel="exact", block_size=4)
+  blocked, _ = finetune_sweep._ntk_fns(config, "log_likelihood",
+                                       finetune_sweep.KernelOptions("exact", block_size=4))
   exact = np.asarray(blocked(params, x), np.float64)
   flat, unravel = ravel_pytree(params)
   apply_fn = ntk.lm_output_fn(models.build(config))
   jac = np.asarray(jax.jacrev(lambda v: apply_fn(unravel(v), x))(flat), np.float64)
   np.testing.assert_allclose(exact, jac @ jac.T, rtol=1e-4, atol=1e-5 * np.abs(exact).max())
-  sketched, _ = finetune_sweep._ntk_fns(config, "log_likelihood", kernel="sketched",
-                                        block_size=4, sketch_dim=1024, sketch_seed=2)
+  sketched, _ = finetune_sweep._ntk_fns(config, "log_likelihood", finetune_sweep.KernelOptions(
+      "sketched", block_size=4, sketch_dim=1024, sketch_seed=2))
   err = np.linalg.norm(np.asarray(sketched(params, x), np.float64) - exact)
   assert 0 < err <= 4 * ntk.sketch_rms_error(exact, 1024)
   with pytest.raises(ValueError, match="config.ntk.kernel"):
-    finetune_sweep._ntk_fns(config, "log_likelihood", kernel="sketch")
+    finetune_sweep.KernelOptions(kernel="sketch")
 
 
 def test_bad_arguments(mlp):

@@ -146,6 +146,22 @@ Modules (every public name is re-exported here: `from lensllm_jax.plus import pf
   predictor         trained networks as predictors of log L(D)
   checkpoint        save / load a predictor; the packaged weights
   selection_adapter the PFNs as selection methods (`curve_pfn_selection`, `context_pfn_selection`)
+
+Their public names:
+
+  prior: PUBLIC_GRID, FAMILIES, PriorConfig, independent_draws, family_log_loss,
+    sample_prior_curves, observation_noise, HIERARCHICAL, SIZE_CENTER, HierarchyConfig,
+    sample_prior_files
+  bars: BarDistribution
+  network: X_SCALE, ZERO_SHOT_X, ModelConfig, Layer, CurvePFN, encode_x, encode_context,
+    ContextModelConfig, encode_file, ContextPFN
+  training: TrainConfig, make_batch, make_optimizer, fit_bar_model, train, make_file_batch,
+    init_context_params, train_context
+  predictor: CurvePFNPredictor, ContextPFNPredictor
+  checkpoint: save_predictor, dataclass_from_dict, load_predictor, CURVE_PFN_WEIGHTS,
+    default_curve_predictor, CONTEXT_PFN_WEIGHTS, default_context_predictor
+  selection_adapter: CURVE_PFN_NAME, curve_pfn_selection, selection_result, CONTEXT_PFN_NAME,
+    context_pfn_selection
 """
 
 from lensllm_jax.plus.pfn import (

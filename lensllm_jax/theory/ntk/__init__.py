@@ -49,6 +49,17 @@ Modules (each name is re-exported here: `from lensllm_jax.theory import ntk; ntk
   lm_outputs  per-example outputs of a language model (`lm_output_fn`)
   f_term      F(Theta, t) from the kernel's spectrum and the LensLLM law's F term
   recorder    kernel distance and the kernel recorded during fine-tuning
+
+Their public names:
+
+  exact: PyTree, ApplyFn, NTKFn, IMPLEMENTATIONS, DEFAULT_IMPLEMENTATION, param_mask_from_names,
+    split_params, make_ntk_fn
+  sketched: SKETCHES, make_sketched_ntk_fn, sketch_rms_error, ntk_test_loss_error_bound
+  blocked: kernel_to_matrix, make_blocked_ntk_fn, empirical_ntk
+  lm_outputs: LM_OUTPUTS, lm_output_fn
+  f_term: NTKSpectrum, ntk_spectrum, ntk_mode_losses, ntk_test_loss, ntk_test_loss_from_kernel,
+    ntk_f_term
+  recorder: kernel_distance, NTKRecorder
 """
 
 from lensllm_jax.theory.ntk import blocked, exact, f_term, lm_outputs, recorder, sketched
