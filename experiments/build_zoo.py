@@ -23,8 +23,8 @@ import time
 from absl import flags, logging
 
 from experiments import common  # also defines --compilation_cache_dir
-from lensllm_jax import models, rundir
-from lensllm_jax.training.zoo_build import build_zoo
+from lensllm_jax import rundir
+from lensllm_jax.training import zoo_build
 
 FLAGS = flags.FLAGS
 
@@ -36,16 +36,23 @@ def define_flags() -> None:
   flags.DEFINE_string("workdir", None, "Work directory (default: config.workdir).")
 
 
+def build(cfg, workdir: pathlib.Path) -> list:
+  """The config checked, the workdir locked (one writer) and its zoo manifest bound
+  (`zoo_build.bind_zoo_workdir`), then the zoo steps; returns its models."""
+  common.validate_study_config(cfg)
+  t0 = time.time()
+  with rundir.directory_lock(rundir.prepare_directory(workdir)):
+    zoo_build.bind_zoo_workdir(cfg, workdir, overwrite=cfg.overwrite)
+    _, _, zoo_models = zoo_build.build_zoo(cfg, workdir)
+  logging.info("%s", f"zoo of {len(zoo_models)} models in {workdir} ({time.time() - t0:.1f}s)")
+  return zoo_models
+
+
 def main(argv):
   del argv
-  cfg = FLAGS.config
-  workdir = pathlib.Path(FLAGS.workdir or cfg.workdir)
-  t0 = time.time()
-  with rundir.directory_lock(rundir.prepare_directory(workdir)):  # one writer per workdir
-    _, _, zoo_models = build_zoo(cfg, workdir)
-  logging.info("%s", f"zoo of {len(zoo_models)} models in {workdir} ({time.time() - t0:.1f}s)")
+  build(FLAGS.config, pathlib.Path(FLAGS.workdir or FLAGS.config.workdir))
 
 
 if __name__ == "__main__":
   define_flags()
-  common.run_main(main, user_errors=(models.CheckpointError,))
+  common.run_main(main)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import json
 import math
 import os
 import pathlib
@@ -133,7 +134,7 @@ def define_config_file(default: str, help_string: str) -> None:
     config_flags.DEFINE_config_file("config", default, help_string)
 
 
-def run_config_binary(run, user_errors=()) -> None:
+def run_config_binary(run) -> None:
   """`run_main` for a binary whose whole job is run(FLAGS.config, FLAGS.output_dir).
 
   Positional arguments are refused (one line, exit code 2).
@@ -143,16 +144,16 @@ def run_config_binary(run, user_errors=()) -> None:
       raise app.UsageError(f"unexpected arguments {argv[1:]}")
     run(flags.FLAGS.config, flags.FLAGS.output_dir)
 
-  run_main(main, user_errors)
+  run_main(main)
 
 
-def run_main(main, user_errors=()) -> None:
+def run_main(main) -> None:
   """`app.run(main)`, where bad input ends the program with one clear line and exit code 2.
 
   Bad input: an unknown or malformed flag, a `--config` file that does not
   load, a `--config.x` override of a field that does not exist or given twice
-  (checked while parsing), and inside `main` any of `USER_ERRORS +
-  user_errors`: absl's usage errors and the project's `errors.InputError`
+  (checked while parsing), and inside `main` any of `USER_ERRORS`: absl's
+  usage errors and the project's `errors.InputError`
   types (curve file, config, checkpoint, data, workdir). Their messages name
   the flag, file, line or tensor. Anything else is a bug and keeps its
   traceback.
@@ -169,7 +170,7 @@ def run_main(main, user_errors=()) -> None:
   def guarded(argv):
     try:
       main(argv)
-    except USER_ERRORS + tuple(user_errors) as e:
+    except USER_ERRORS as e:
       fail(str(e))
 
   app.run(guarded, flags_parser=parse)
@@ -261,6 +262,46 @@ def drop_rows(path: pathlib.Path, header, drop) -> int:
   return len(rows) - len(keep)
 
 
+def _input_file(path, field: str, error) -> pathlib.Path:
+  """config.<field>'s file as a Path; `error` (an `errors.InputError` type) if it is missing
+  or a directory."""
+  p = pathlib.Path(path)
+  if p.is_dir():
+    raise error(f"{field}: {p} is a directory, not a file")
+  if not p.is_file():
+    raise error(f"{field}: {p} does not exist")
+  return p
+
+
+def read_json(path, error=errors.ConfigError, field: str = "") -> object:
+  """A JSON file's value; `error` naming the file and line where it is not JSON."""
+  p = _input_file(path, field or str(path), error)
+  try:
+    return json.loads(p.read_bytes().decode("utf-8-sig"))
+  except UnicodeDecodeError:
+    raise error(f"{p}: not UTF-8 text") from None
+  except json.JSONDecodeError as e:
+    raise error(f"{p}, line {e.lineno}: not valid JSON ({e.msg})") from None
+
+
+def load_token_ids(path, field: str, vocab_size: int) -> np.ndarray:
+  """[N, T] integer token ids of an .npy file (config.<field>), each in [0, vocab_size);
+  `errors.DataError` naming the field and file otherwise."""
+  p = _input_file(path, field, errors.DataError)
+  try:
+    ids = np.load(p, allow_pickle=False)
+  except (OSError, ValueError, EOFError) as e:
+    detail = " ".join(str(e).split())
+    raise errors.DataError(f"{field}={p}: not a readable .npy file ({detail})") from None
+  if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer) or ids.size == 0:
+    raise errors.DataError(f"{field}={p}: expected integer token ids [n, T], got {ids.dtype} "
+                           f"{ids.shape}")
+  if ids.min() < 0 or ids.max() >= vocab_size:
+    raise errors.DataError(f"{field}={p}: token ids outside [0, {vocab_size}) (the model's "
+                           "vocabulary)")
+  return ids
+
+
 def nonempty(values, name: str) -> list:
   """The list of a config field (methods, benchmarks, laws ...); `ConfigError` if empty or
   with repeats."""
@@ -293,6 +334,80 @@ def integer_field(cfg, name: str, *, low: int | None = None, high: int | None = 
   if high is not None and value > high:
     raise errors.ConfigError(f"config.{name}={value}: must be <= {high}")
   return int(value)
+
+
+def validate_sweep_config(cfg) -> None:
+  """Range checks of a sweep config's fields (finetune_sweep, select's online mode), before
+  any work (`errors.ConfigError` naming the field)."""
+  sizes = nonempty(cfg.subset_sizes, "subset_sizes")
+  for d in sizes:
+    if isinstance(d, bool) or not isinstance(d, int) or d < 1:
+      raise errors.ConfigError(f"config.subset_sizes: {d!r} must be an integer >= 1 "
+                               "(D = 0, the zero-shot point, is always run)")
+  names = nonempty([m.name for m in cfg.models], "models (names)")
+  if not all(names):
+    raise errors.ConfigError("config.models: every model needs a name")
+  for name in ("max_len", "num_validation", "num_test", "train.batch_size", "train.max_steps",
+               "train.eval_every", "train.eval_batch_size", "train.grad_accum"):
+    integer_field(cfg, name, low=1)
+  integer_field(cfg, "train.patience", low=0)
+  if cfg.task == "synthetic":
+    integer_field(cfg, "num_synthetic", low=1)
+  if any(not m.hf_dir for m in cfg.models):
+    integer_field(cfg, "tokenizer_vocab", low=1)
+    integer_field(cfg, "pretrain.batch_size", low=1)
+
+
+def validate_study_selection(cfg) -> None:
+  """config.selection of a study config (ratios, restarts, steps) against its subset sizes."""
+  integer_field(cfg, "selection.num_restarts", low=1)
+  integer_field(cfg, "selection.max_steps", low=0)
+  sizes = nonempty(cfg.subset_sizes, "subset_sizes")
+  for r in parse_ratios(cfg.selection.ratios, "config.selection.ratios"):
+    if max(sizes) / r < min(sizes):
+      raise errors.ConfigError(f"config.selection.ratios: ratio {r} gives D_max="
+                               f"{max(sizes) / r:g}, below the smallest subset size "
+                               f"{min(sizes)} (config.subset_sizes)")
+
+
+def validate_study_config(cfg) -> None:
+  """Range checks of a configs/study.py config (lensllm_study, build_zoo, ntk_dynamics),
+  before any work (`errors.ConfigError` naming the field)."""
+  from lensllm_jax.training import study_tasks, zoo  # the study's own modules
+
+  try:
+    specs = zoo.zoo_from_dicts([dict(r) for r in nonempty(cfg.zoo, "zoo")])
+  except (TypeError, ValueError) as e:
+    if isinstance(e, errors.InputError):
+      raise
+    raise errors.ConfigError(f"config.zoo: {' '.join(str(e).split())}") from None
+  for s in specs:
+    if s.pretrain_steps < 0:
+      raise errors.ConfigError(f"config.zoo[{s.name!r}].pretrain_steps={s.pretrain_steps}: "
+                               "must be >= 0")
+  for task in nonempty(cfg.tasks, "tasks"):
+    if task not in study_tasks.TASK_NAMES:
+      raise errors.ConfigError(f"config.tasks: {task!r} is not one of {study_tasks.TASK_NAMES}")
+    integer_field(cfg, f"task_max_len.{task}", low=1)
+  sizes = nonempty(cfg.subset_sizes, "subset_sizes")
+  for d in sizes:
+    if isinstance(d, bool) or not isinstance(d, int) or d < 1:
+      raise errors.ConfigError(f"config.subset_sizes: {d!r} must be an integer >= 1")
+  for name in ("tokenizer_vocab", "pretrain_max_len", "num_records", "num_validation",
+               "num_test", "pretrain.batch_size", "train.batch_size", "train.eval_every",
+               "train.eval_batch_size", "train.max_steps", "ntk.num_probe"):
+    integer_field(cfg, name, low=1)
+  for name in ("train.patience", "train.min_steps"):
+    integer_field(cfg, name, low=0)
+  validate_study_selection(cfg)
+  # The report's budgeted settings, checked before the hour of zoo and sweeps.
+  parse_levels(cfg.selection.budget.levels, "config.selection.budget.levels")
+  if cfg.selection.budget.method not in budgeted.BUDGET_METHODS:
+    raise errors.ConfigError(f"config.selection.budget.method: {cfg.selection.budget.method!r}; "
+                             f"budget methods: {', '.join(budgeted.BUDGET_METHODS)}")
+  unknown = sorted(set(cfg.hessian.models) - {s.name for s in specs})
+  if unknown:
+    raise errors.ConfigError(f"config.hessian.models: {unknown} are not zoo models")
 
 
 def parse_ratios(values, name: str = "config.ratios") -> list[int]:
@@ -382,6 +497,31 @@ def method_cost(reads: str, curves, max_data_num: float, target_data_num: float)
   `reads` names (`Method.reads`, `budgeted.reads_flops`)."""
   flops = budgeted.reads_flops(reads, curves.sizes, curves.data_sizes, max_data_num)
   return flops, flops / budgeted.full_tuning_flops(curves.sizes, target_data_num)
+
+
+# notes.csv of the binaries that score selections: why a cell of their tables is NaN.
+NOTES_HEADER = ("dataset", "method", "ratio", "note")
+
+
+def score_notes(result, truth, *, with_rmse: bool = False) -> list[str]:
+  """Why the scores of a `SelectionResult` against the true L(D*) [M] are NaN ([] if none is).
+
+  PearCorr and Spearman: `metrics.undefined_reason` (a truth or feature constant to
+  rounding, or not finite). With `with_rmse`, the RMSE of L(D*) too: NaN when some
+  predicted L(D*) is not finite.
+  """
+  notes = []
+  reason = metrics.undefined_reason(result.feature, truth)
+  if reason:
+    notes.append(f"PearCorr and Spearman are NaN: {reason}")
+  pred = getattr(result, "predicted", None)
+  if with_rmse and pred is None:
+    notes.append("RMSE is NaN: the method predicts no L(D*) (it only ranks)")
+  elif with_rmse and not np.all(np.isfinite(pred)):
+    bad = int((~np.isfinite(np.asarray(pred))).sum())
+    notes.append(f"RMSE is NaN: the predicted L(D*) is not finite for {bad} of {len(truth)} "
+                 "models")
+  return notes
 
 
 def json_float(x):

@@ -65,7 +65,7 @@ import time
 from absl import flags, logging
 
 from experiments import common  # also defines --compilation_cache_dir
-from lensllm_jax import errors, models, training
+from lensllm_jax import models, training
 from lensllm_jax.progress import progress as progress_bar
 from lensllm_jax.training import sharding, sweep, textdata
 
@@ -91,30 +91,9 @@ def main(argv):
   run(FLAGS.config, pathlib.Path(FLAGS.workdir))
 
 
-def validate_config(cfg) -> None:
-  """Range checks of the sweep's config fields, before any work (`errors.ConfigError`)."""
-  sizes = common.nonempty(cfg.subset_sizes, "subset_sizes")
-  for d in sizes:
-    if isinstance(d, bool) or not isinstance(d, int) or d < 1:
-      raise errors.ConfigError(f"config.subset_sizes: {d!r} must be an integer >= 1 "
-                               "(D = 0, the zero-shot point, is always run)")
-  names = common.nonempty([m.name for m in cfg.models], "models (names)")
-  if not all(names):
-    raise errors.ConfigError("config.models: every model needs a name")
-  for name in ("max_len", "num_validation", "num_test", "train.batch_size", "train.max_steps",
-               "train.eval_every", "train.eval_batch_size", "train.grad_accum"):
-    common.integer_field(cfg, name, low=1)
-  common.integer_field(cfg, "train.patience", low=0)
-  if cfg.task == "synthetic":
-    common.integer_field(cfg, "num_synthetic", low=1)
-  if any(not m.hf_dir for m in cfg.models):
-    common.integer_field(cfg, "tokenizer_vocab", low=1)
-    common.integer_field(cfg, "pretrain.batch_size", low=1)
-
-
 def run(cfg, workdir: pathlib.Path) -> None:
   """The whole sweep of a config into workdir: checks, lock and manifest, runs, curves.csv."""
-  validate_config(cfg)
+  common.validate_sweep_config(cfg)
   with sweep.open_workdir(cfg, workdir, overwrite=cfg.get("overwrite", False)):
     sharding.barrier("workdir checked")
     run_sweep(cfg, workdir)

@@ -7,7 +7,8 @@ models' curves at once with `fitting.fit_curves` and writes
 
   OUTPUT_DIR/NAME_LAW.csv   one row per model: status, objective, fitted
                             parameters, RMSE of the loss on the fitted points
-                            and, with --max_data_size, on the held-out larger D
+                            and, with --max_data_size, on the held-out larger D;
+                            note: why a NaN cell of the row is NaN
   OUTPUT_DIR/NAME_curves.png observed curves and fitted laws for a few models
 
 Existing outputs are skipped; a rerun with another config or other curve files
@@ -38,9 +39,11 @@ from lensllm_jax import errors, laws, rundir
 from lensllm_jax.curves import benchmarks
 from lensllm_jax.laws import fitting
 
-FLAGS = flags.FLAGS
-common.define_config_file("configs/fit_laws.py", "Configuration (configs/fit_laws.py).")
-flags.DEFINE_string("output_dir", "results/fit_laws", "Where results go.")
+
+def define_flags() -> None:
+  """The binary's flags; defined only when it runs as a program (tests import it)."""
+  common.define_config_file("configs/fit_laws.py", "Configuration (configs/fit_laws.py).")
+  flags.DEFINE_string("output_dir", "results/fit_laws", "Where results go.")
 
 _PARAM_COLUMNS = ("alpha", "B", "D_l", "F", "beta", "E")
 
@@ -52,11 +55,11 @@ def fit_mask(curves: benchmarks.CurveSet, max_data_size: float | None) -> np.nda
   return np.broadcast_to(curves.data_sizes <= max_data_size, curves.losses.shape).copy()
 
 
-def fit_one_law(curves, law, mask, key):
+def fit_one_law(curves, law, mask, key, num_restarts: int):
   """Fits `law` to all curves; returns (FitResult, predicted losses [M, P], seconds)."""
   t0 = time.perf_counter()
   result = fitting.fit_curves(law, curves.data_sizes, np.log(curves.losses), mask, key=key,
-                              num_restarts=FLAGS.config.num_restarts)
+                              num_restarts=num_restarts)
   seconds = time.perf_counter() - t0
   with np.errstate(invalid="ignore", over="ignore"):
     pred = law.predict(result, curves.data_sizes)
@@ -87,8 +90,25 @@ def rows_for(curves, law, result, pred, mask):
            "pred_last": float(pred[m, -1]), "true_last": float(curves.losses[m, -1])}
     for name in _PARAM_COLUMNS:
       row[name] = float(result.params[name][m]) if name in result.params else ""
+    row["note"] = nan_note(row, valid[m].any(), held[m].any())
     rows.append(row)
   return rows
+
+
+def nan_note(row: dict, fitted_points: bool, held_points: bool) -> str:
+  """Why a row's NaN cells are NaN ("" when none is)."""
+  nan = [k for k, v in row.items() if isinstance(v, float) and not np.isfinite(v)]
+  why = []
+  if "rmse_fit" in nan and not fitted_points:
+    why.append("rmse_fit: no point in the law's valid range was fitted")
+  if "rmse_heldout" in nan and not held_points:
+    why.append("rmse_heldout: no held-out point (config.max_data_size not set or above every D)")
+  rest = [k for k in nan if k not in ("rmse_fit", "rmse_heldout") or
+          (k == "rmse_fit" and fitted_points) or (k == "rmse_heldout" and held_points)]
+  if rest:
+    why.append(f"{', '.join(rest)}: the fit's status is {row['status']} (its parameters or "
+               "predicted curve are not finite)")
+  return "; ".join(why)
 
 
 def write_rows_atomic(path: pathlib.Path, rows):
@@ -100,8 +120,8 @@ def write_rows_atomic(path: pathlib.Path, rows):
   os.replace(tmp, path)
 
 
-def run_benchmark(curves, out_dir, law_list, key):
-  mask = fit_mask(curves, FLAGS.config.max_data_size)
+def run_benchmark(cfg, curves, out_dir, law_list, key):
+  mask = fit_mask(curves, cfg.max_data_size)
   png = out_dir / f"{curves.name}_curves.png"
   fits = []
   for law in law_list:
@@ -109,7 +129,7 @@ def run_benchmark(curves, out_dir, law_list, key):
     if path.exists() and png.exists():
       logging.info("skip %s (exists)", path)
       continue
-    result, pred, seconds = fit_one_law(curves, law, mask, key)
+    result, pred, seconds = fit_one_law(curves, law, mask, key, cfg.num_restarts)
     write_rows_atomic(path, rows_for(curves, law, result, pred, mask))
     names, counts = np.unique(result.status, return_counts=True)
     logging.info("%s / %s: %d curves in %.2f s (%.1f curves/s, incl. compile), status %s -> %s",
@@ -118,13 +138,12 @@ def run_benchmark(curves, out_dir, law_list, key):
                                                        strict=True)), path)
     fits.append((law, result))
   if fits and not png.exists():
-    reporting.fit_laws_figure(curves, fits, mask, png, FLAGS.config.plot_models)
+    reporting.fit_laws_figure(curves, fits, mask, png, cfg.plot_models)
     logging.info("wrote %s", png)
 
 
-def main(argv):
-  del argv
-  cfg = FLAGS.config
+def run(cfg, output_dir) -> pathlib.Path:
+  """Every law on every curve file of the config into output_dir (inputs checked first)."""
   try:
     law_list = [laws.get_law(name.strip()) for name in common.nonempty(cfg.laws, "laws")]
   except (KeyError, ValueError) as e:
@@ -143,15 +162,17 @@ def main(argv):
   if len(set(names)) != len(names):
     raise errors.ConfigError(f"config.benchmarks: duplicate file names {names}")
   key = jax.random.PRNGKey(cfg.seed)
-  with rundir.open_output_dir(FLAGS.output_dir, config=cfg,
+  with rundir.open_output_dir(output_dir, config=cfg,
                               inputs={f"curves/{c.name}": c.source for c in curve_sets},
                               outputs=("*.csv", "*.png"), overwrite=cfg.overwrite,
                               ignore=("data_dir", "plot_models")) as out_dir:
     for i, curves in enumerate(curve_sets):
       logging.info("[%d/%d] benchmark %s (%s)", i + 1, len(curve_sets), curves.name,
                    curves.source)
-      run_benchmark(curves, out_dir, law_list, key)
+      run_benchmark(cfg, curves, out_dir, law_list, key)
+  return out_dir
 
 
 if __name__ == "__main__":
-  common.run_main(main)
+  define_flags()
+  common.run_config_binary(run)

@@ -64,44 +64,47 @@ from absl import app, flags, logging
 
 from experiments import common, reporting  # common also defines --compilation_cache_dir
 from experiments.hessian_common import example_length, lm_loss_fn, markov_tokens, token_batch
-from lensllm_jax import models, rundir
+from lensllm_jax import errors, models, rundir
 from lensllm_jax.models import build, init_params, presets
 from lensllm_jax.theory import hessian, pac_bayes
 
 FLAGS = flags.FLAGS
-common.define_config_file("configs/hessian_spectrum.py",
-                          "Configuration (configs/hessian_spectrum.py).")
-_WORKDIR = flags.DEFINE_string("workdir", "results/hessian_spectrum", "Output directory.")
+
+
+def define_flags() -> None:
+  """The binary's flags; defined only when it runs as a program (tests import it)."""
+  common.define_config_file("configs/hessian_spectrum.py",
+                            "Configuration (configs/hessian_spectrum.py).")
+  flags.DEFINE_string("workdir", "results/hessian_spectrum", "Output directory.")
+  flags.DEFINE_bool("overwrite", False, "Recompute everything.")
+
+
 # The config fields recorded in workdir/manifest.json (a rerun with others is refused).
 _RUN_FIELDS = ("preset", "model_config", "pretrained_ckpt", "finetuned_ckpt", "tokens_npy", "num_examples",
                "seq_len", "batch_size", "pretrain_steps", "finetune_steps", "learning_rate", "k",
                "lanczos_iters", "hutchinson_probes", "slq_probes", "slq_iters", "pac_iters", "c",
                "n", "seed")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Recompute everything.")
 
 
-def load_task_data(config) -> dict[str, np.ndarray]:
+def load_task_data(cfg, config) -> dict[str, np.ndarray]:
   """Step 1a: the n training sequences (config.tokens_npy or the task Markov chain)."""
-  n, t = FLAGS.config.num_examples, FLAGS.config.seq_len
+  n, t = cfg.num_examples, cfg.seq_len
   enc_dec = config.is_encoder_decoder
   length = example_length(t, enc_dec)
-  if FLAGS.config.tokens_npy:
-    tokens = np.load(FLAGS.config.tokens_npy)
-    if tokens.ndim != 2 or tokens.shape[0] < n or tokens.shape[1] != length:
+  if cfg.tokens_npy:
+    tokens = common.load_token_ids(cfg.tokens_npy, "config.tokens_npy", config.vocab_size)
+    if tokens.shape[0] < n or tokens.shape[1] != length:
       shape = "2 * config.seq_len (encoder-decoder)" if enc_dec else "config.seq_len + 1"
-      raise app.UsageError(f"config.tokens_npy {FLAGS.config.tokens_npy}: need shape [>= {n}, "
-                           f"{length}] (config.num_examples, {shape}), got {tokens.shape}")
-    if tokens.min() < 0 or tokens.max() >= config.vocab_size:
-      raise app.UsageError(f"config.tokens_npy {FLAGS.config.tokens_npy}: token ids outside [0, "
-                           f"{config.vocab_size}) of model {model_name()}")
+      raise errors.DataError(f"config.tokens_npy {cfg.tokens_npy}: need shape [>= {n}, "
+                             f"{length}] (config.num_examples, {shape}), got {tokens.shape}")
     return token_batch(tokens[:n], enc_dec)
-  return token_batch(markov_tokens(config.vocab_size, n, length, chain_seed=1000 + FLAGS.config.seed,
-                                   seed=FLAGS.config.seed), enc_dec)
+  return token_batch(markov_tokens(config.vocab_size, n, length, chain_seed=1000 + cfg.seed,
+                                   seed=cfg.seed), enc_dec)
 
 
-def train(loss, params, data, steps, key):
+def train(cfg, loss, params, data, steps, key):
   """Adam steps on random minibatches of `data` (demo training)."""
-  opt = optax.adam(FLAGS.config.learning_rate)
+  opt = optax.adam(cfg.learning_rate)
   state = opt.init(params)
 
   @jax.jit
@@ -113,24 +116,31 @@ def train(loss, params, data, steps, key):
   n = data["input_ids"].shape[0]
   value = jnp.nan
   for s in range(steps):
-    idx = np.asarray(jax.random.choice(jax.random.fold_in(key, s), n, (FLAGS.config.batch_size,), False))
+    idx = np.asarray(jax.random.choice(jax.random.fold_in(key, s), n, (cfg.batch_size,), False))
     params, state, value = step(params, state, {k: v[idx] for k, v in data.items()})
   if not np.isfinite(float(value)):
     raise FloatingPointError(f"training loss is not finite after {steps} steps")
   return params, float(value)
 
 
-def get_params(loss, config, data, workdir):
-  """Step 1b: pre-trained and fine-tuned params (checkpoints, cache or demo training)."""
-  key = jax.random.PRNGKey(FLAGS.config.seed)
-  if bool(FLAGS.config.pretrained_ckpt) != bool(FLAGS.config.finetuned_ckpt):
-    raise app.UsageError("pass both config.pretrained_ckpt and config.finetuned_ckpt, or neither")
-  if FLAGS.config.pretrained_ckpt:
-    from lensllm_jax import training  # orbax only when checkpoints are used
-    # Shapes only (no compiled initialisation): the template of the checkpoints.
-    shapes = jax.eval_shape(lambda: init_params(config, key))
-    return (training.load_params(FLAGS.config.pretrained_ckpt, shapes),
-            training.load_params(FLAGS.config.finetuned_ckpt, shapes))
+def load_checkpoints(cfg, config):
+  """(pre-trained, fine-tuned) params of config.pretrained_ckpt / finetuned_ckpt, or None
+  (the demo trains its own); `errors.CheckpointError` naming an unreadable one."""
+  if bool(cfg.pretrained_ckpt) != bool(cfg.finetuned_ckpt):
+    raise errors.ConfigError("pass both config.pretrained_ckpt and config.finetuned_ckpt, "
+                             "or neither")
+  if not cfg.pretrained_ckpt:
+    return None
+  from lensllm_jax import training  # orbax only when checkpoints are used
+  # Shapes only (no compiled initialisation): the template of the checkpoints.
+  shapes = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(cfg.seed)))
+  return (training.load_params(cfg.pretrained_ckpt, shapes),
+          training.load_params(cfg.finetuned_ckpt, shapes))
+
+
+def get_params(cfg, loss, config, data, workdir):
+  """Step 1b: pre-trained and fine-tuned params (cache or demo training)."""
+  key = jax.random.PRNGKey(cfg.seed)
   like = init_params(config, key)
   paths = [os.path.join(workdir, f"params_{name}.msgpack") for name in ("pretrained", "finetuned")]
   if all(os.path.exists(p) for p in paths):
@@ -142,11 +152,11 @@ def get_params(loss, config, data, workdir):
     return tuple(out)
   t0 = time.time()
   pool = token_batch(markov_tokens(
-      config.vocab_size, 4 * FLAGS.config.num_examples,
-      example_length(FLAGS.config.seq_len, config.is_encoder_decoder),
-      chain_seed=FLAGS.config.seed, seed=FLAGS.config.seed + 1), config.is_encoder_decoder)
-  params0, l0 = train(loss, like, pool, FLAGS.config.pretrain_steps, jax.random.fold_in(key, 1))
-  params1, l1 = train(loss, params0, data, FLAGS.config.finetune_steps, jax.random.fold_in(key, 2))
+      config.vocab_size, 4 * cfg.num_examples,
+      example_length(cfg.seq_len, config.is_encoder_decoder),
+      chain_seed=cfg.seed, seed=cfg.seed + 1), config.is_encoder_decoder)
+  params0, l0 = train(cfg, loss, like, pool, cfg.pretrain_steps, jax.random.fold_in(key, 1))
+  params1, l1 = train(cfg, loss, params0, data, cfg.finetune_steps, jax.random.fold_in(key, 2))
   logging.info("demo training: pre-train loss %.3f, fine-tune loss %.3f (%.1fs)", l0, l1,
                time.time() - t0)
   for p, params in zip(paths, (params0, params1), strict=True):
@@ -155,7 +165,7 @@ def get_params(loss, config, data, workdir):
   return params0, params1
 
 
-def spectrum(loss, params, data, workdir, key):
+def spectrum(cfg, loss, params, data, workdir, key):
   """Step 2: top-k eigenvalues, trace, power iteration and the SLQ density."""
   eig_path, trace_path = os.path.join(workdir, "eigenvalues.csv"), os.path.join(workdir,
                                                                                   "trace.json")
@@ -163,9 +173,7 @@ def spectrum(loss, params, data, workdir, key):
   if all(os.path.exists(p) for p in (eig_path, trace_path, dens_path)):
     logging.info("spectrum: outputs exist, skipping")
     return
-  n, bs = FLAGS.config.num_examples, FLAGS.config.batch_size
-  if n % bs:
-    raise app.UsageError(f"config.num_examples ({n}) must be a multiple of config.batch_size ({bs})")
+  n, bs = cfg.num_examples, cfg.batch_size  # n % bs == 0: `validate_config`
   stacked = {k: v.reshape(n // bs, bs, *v.shape[1:]) for k, v in data.items()}
   device = jax.local_devices()[0]
   traced = hessian.hvp_operator(loss, params, jax.device_put(stacked, device), data_mode="stacked")
@@ -177,31 +185,31 @@ def spectrum(loss, params, data, workdir, key):
                               traced.dtype, traceable=False)
   logging.info("Hessian over %d parameters, %d batches of %d sequences", op.dim, n // bs, bs)
   t0 = time.time()
-  eig = hessian.lanczos_eigs(op, jax.random.fold_in(key, 0), k=FLAGS.config.k,
-                             num_iters=FLAGS.config.lanczos_iters)
-  pd.DataFrame({"rank": np.arange(1, FLAGS.config.k + 1), "eigenvalue": np.asarray(eig.eigenvalues),
+  eig = hessian.lanczos_eigs(op, jax.random.fold_in(key, 0), k=cfg.k,
+                             num_iters=cfg.lanczos_iters)
+  pd.DataFrame({"rank": np.arange(1, cfg.k + 1), "eigenvalue": np.asarray(eig.eigenvalues),
                 "residual_norm": np.asarray(eig.residual_norms),
                 "residual_estimate": np.asarray(eig.residual_estimates)}).to_csv(eig_path,
                                                                                  index=False)
-  logging.info("lanczos top-%d in %.1fs: %s", FLAGS.config.k, time.time() - t0,
+  logging.info("lanczos top-%d in %.1fs: %s", cfg.k, time.time() - t0,
                np.array2string(np.asarray(eig.eigenvalues), precision=4))
   t0 = time.time()
   power = hessian.power_iteration(op, jax.random.fold_in(key, 1), max_iters=100, tol=1e-3)
-  tr = hessian.hutchinson_trace(op, jax.random.fold_in(key, 2), FLAGS.config.hutchinson_probes)
+  tr = hessian.hutchinson_trace(op, jax.random.fold_in(key, 2), cfg.hutchinson_probes)
   logging.info("power %.4f (%d its, residual %.2e); trace %.4f +- %.4f (%.1fs)",
                float(power.eigenvalue), int(power.num_iters), float(power.residual_norm),
                float(tr.trace), float(tr.stderr), time.time() - t0)
   t0 = time.time()
-  slq = hessian.slq_density(op, jax.random.fold_in(key, 3), num_probes=FLAGS.config.slq_probes,
-                            num_iters=FLAGS.config.slq_iters)
-  logging.info("SLQ %d probes x %d steps in %.1fs", FLAGS.config.slq_probes, slq.num_iters,
+  slq = hessian.slq_density(op, jax.random.fold_in(key, 3), num_probes=cfg.slq_probes,
+                            num_iters=cfg.slq_iters)
+  logging.info("SLQ %d probes x %d steps in %.1fs", cfg.slq_probes, slq.num_iters,
                time.time() - t0)
   nodes, weights = np.asarray(slq.nodes), np.asarray(slq.weights)
   pd.DataFrame({"probe": np.repeat(np.arange(nodes.shape[0]), nodes.shape[1]),
                 "node": nodes.ravel(), "weight": weights.ravel()}).to_csv(
                     os.path.join(workdir, "slq_nodes.csv"), index=False)
   reporting.hessian_density_figure(np.asarray(slq.grid), np.asarray(slq.density),
-                                   np.asarray(eig.eigenvalues), model_name(),
+                                   np.asarray(eig.eigenvalues), model_name(cfg),
                                    os.path.join(workdir, "density.png"))
   with open(trace_path, "w") as f:
     json.dump({"trace": float(tr.trace), "stderr": float(tr.stderr),
@@ -214,95 +222,121 @@ def spectrum(loss, params, data, workdir, key):
       dens_path, index=False)
 
 
-def pac_bayes_table(loss, params0, params1, data, workdir, key):
+def pac_bayes_table(cfg, loss, params0, params1, data, workdir, key):
   """Step 3: the per-layer table and the bound."""
   path = os.path.join(workdir, "pac_bayes.csv")
   if os.path.exists(path):
     logging.info("pac_bayes: %s exists, skipping", path)
     return pd.read_csv(path)
   t0 = time.time()
-  n = FLAGS.config.n or FLAGS.config.num_examples
-  rows = pac_bayes.layer_table(loss, params1, params0, data, key, num_iters=FLAGS.config.pac_iters,
-                               c=FLAGS.config.c, n=n)
+  n = cfg.n or cfg.num_examples
+  rows = pac_bayes.layer_table(loss, params1, params0, data, key, num_iters=cfg.pac_iters,
+                               c=cfg.c, n=n)
   frame = pd.DataFrame(rows)
   frame.to_csv(path, index=False)
   logging.info("PAC-Bayes table (%.1fs):\n%s", time.time() - t0, frame.to_string())
   return frame
 
 
-def write_summary(workdir, frame):
+def write_summary(cfg, workdir, frame):
   """Step 4: summary.json."""
-  n = FLAGS.config.n or FLAGS.config.num_examples
+  n = cfg.n or cfg.num_examples
   with open(os.path.join(workdir, "trace.json")) as f:
     trace = json.load(f)
   eig = pd.read_csv(os.path.join(workdir, "eigenvalues.csv"))
-  summary = {"preset": FLAGS.config.preset, "top_eigenvalues": eig["eigenvalue"].tolist(), **trace,
-             "pac_bayes_sum_max": pac_bayes.pac_bayes_bound(frame["vhpv_max"], FLAGS.config.c, n),
-             "pac_bayes_sum_mean": pac_bayes.pac_bayes_bound(frame["vhpv_mean"], FLAGS.config.c, n),
-             "c": FLAGS.config.c, "n": n, "layers": frame.to_dict(orient="list")}
+  summary = {"preset": cfg.preset, "top_eigenvalues": eig["eigenvalue"].tolist(), **trace,
+             "pac_bayes_sum_max": pac_bayes.pac_bayes_bound(frame["vhpv_max"], cfg.c, n),
+             "pac_bayes_sum_mean": pac_bayes.pac_bayes_bound(frame["vhpv_mean"], cfg.c, n),
+             "c": cfg.c, "n": n, "layers": frame.to_dict(orient="list")}
   with open(os.path.join(workdir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1)
   logging.info("sum_i sqrt(C H_i / n) = %.4g (max over examples), %.4g (mean)",
                summary["pac_bayes_sum_max"], summary["pac_bayes_sum_mean"])
 
 
-def open_workdir(workdir):
+def open_workdir(cfg, workdir, overwrite: bool = False):
   """`rundir.open_output_dir`: one run per workdir, a manifest of the config's _RUN_FIELDS and
   the sha256 of its input files (checkpoints, model config, tokens); --overwrite recomputes."""
-  cfg = FLAGS.config
   inputs = {name: cfg[name] for name in ("model_config", "pretrained_ckpt", "finetuned_ckpt",
                                          "tokens_npy") if cfg[name]}
   return rundir.open_output_dir(workdir, config={name: cfg[name] for name in _RUN_FIELDS},
                                 inputs=inputs, outputs=("*.csv", "*.json", "*.png", "*.msgpack"),
-                                overwrite=_OVERWRITE.value)
+                                overwrite=overwrite)
 
 
-def model_name() -> str:
+def model_name(cfg) -> str:
   """config.model_config's file stem (the sweep's model name), else config.preset."""
-  cfg = FLAGS.config
   return os.path.splitext(os.path.basename(cfg.model_config))[0] if cfg.model_config else cfg.preset
 
 
-def model_config():
+def model_config(cfg):
   """Step 0: the model's config (config.model_config JSON, else the preset, long enough):
   a `models.ModelConfig` or, for arch t5/mt5/switch/bart, a `models.EncoderDecoderConfig`."""
-  cfg = FLAGS.config
   if cfg.model_config:
-    with open(cfg.model_config) as f:
-      fields = json.load(f)
+    source = f"config.model_config {cfg.model_config}"
     try:
-      config = models.config_from_dict(fields, source=f"config.model_config {cfg.model_config}")
+      fields = common.read_json(cfg.model_config, errors.CheckpointError, "config.model_config")
+      config = models.config_from_dict(fields, source=source)
     except ValueError as e:
-      raise app.UsageError(str(e)) from e
+      if isinstance(e, errors.InputError):
+        raise
+      raise errors.CheckpointError(str(e)) from e
     if config.max_len < cfg.seq_len:
-      raise app.UsageError(f"config.seq_len {cfg.seq_len} exceeds max_len {config.max_len} of "
-                           f"config.model_config {cfg.model_config}")
+      raise errors.ConfigError(f"config.seq_len {cfg.seq_len} exceeds max_len "
+                               f"{config.max_len} of {source}")
     return config
   if cfg.preset not in presets:
-    raise app.UsageError(f"config.preset={cfg.preset!r} unknown; choose from {sorted(presets)}")
+    raise errors.ConfigError(f"config.preset={cfg.preset!r} unknown; choose from "
+                             f"{sorted(presets)}")
   return presets[cfg.preset].replace(max_len=max(presets[cfg.preset].max_len, cfg.seq_len))
 
 
-def main(argv):
-  del argv
-  if FLAGS.config.hutchinson_probes < 2:  # its stderr needs two; fail before any work
-    raise app.UsageError(f"config.hutchinson_probes must be >= 2, got "
-                         f"{FLAGS.config.hutchinson_probes}")
-  with open_workdir(_WORKDIR.value) as workdir:
-    run(str(workdir))
+def validate_config(cfg) -> None:
+  """Range checks of the config's fields, before any input is read (`errors.ConfigError`)."""
+  for name in ("num_examples", "seq_len", "batch_size", "k", "lanczos_iters", "slq_probes",
+               "slq_iters", "pac_iters"):
+    common.integer_field(cfg, name, low=1)
+  for name in ("pretrain_steps", "finetune_steps", "seed"):
+    common.integer_field(cfg, name, low=0 if name != "seed" else None)
+  common.integer_field(cfg, "hutchinson_probes", low=2)  # its stderr needs two
+  common.integer_field(cfg, "n", low=1, optional=True)
+  if cfg.num_examples % cfg.batch_size:
+    raise errors.ConfigError(f"config.num_examples={cfg.num_examples} must be a multiple of "
+                             f"config.batch_size={cfg.batch_size}")
+  if cfg.k > cfg.lanczos_iters:
+    raise errors.ConfigError(f"config.k={cfg.k}: at most config.lanczos_iters="
+                             f"{cfg.lanczos_iters} eigenvalues")
+  for name in ("learning_rate", "c"):
+    if not 0 < cfg[name] < float("inf"):
+      raise errors.ConfigError(f"config.{name}={cfg[name]}: must be a finite number > 0")
 
 
-def run(workdir: str) -> None:
-  """Steps 0-3 into workdir (locked and bound by `open_workdir`)."""
-  config = model_config()
+def run(cfg, workdir, *, overwrite: bool = False) -> None:
+  """Every input checked and read (config, model config, tokens, checkpoints), then steps
+  0-3 into workdir (locked and bound by `open_workdir`)."""
+  validate_config(cfg)
+  config = model_config(cfg)
+  data = load_task_data(cfg, config)
+  checkpoints = load_checkpoints(cfg, config)
+  with open_workdir(cfg, workdir, overwrite) as out:
+    _run(cfg, str(out), config, data, checkpoints)
+
+
+def _run(cfg, workdir: str, config, data, checkpoints) -> None:
   loss = lm_loss_fn(build(config))
-  data = load_task_data(config)
-  params0, params1 = get_params(loss, config, data, workdir)
-  key = jax.random.PRNGKey(FLAGS.config.seed + 7)
-  spectrum(loss, params1, data, workdir, jax.random.fold_in(key, 0))
-  frame = pac_bayes_table(loss, params0, params1, data, workdir, jax.random.fold_in(key, 1))
-  write_summary(workdir, frame)
+  params0, params1 = checkpoints or get_params(cfg, loss, config, data, workdir)
+  key = jax.random.PRNGKey(cfg.seed + 7)
+  spectrum(cfg, loss, params1, data, workdir, jax.random.fold_in(key, 0))
+  frame = pac_bayes_table(cfg, loss, params0, params1, data, workdir, jax.random.fold_in(key, 1))
+  write_summary(cfg, workdir, frame)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  run(FLAGS.config, FLAGS.workdir, overwrite=FLAGS.overwrite)
 
 
 if __name__ == "__main__":
-  common.run_main(main, user_errors=(models.CheckpointError,))
+  define_flags()
+  common.run_main(main)

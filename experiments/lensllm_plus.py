@@ -46,11 +46,15 @@ Steps (the expensive ones write their CSV as they go; a rerun skips finished wor
                  AtS, RectifiedFit and LensLLM -> results.csv (dataset,ratio,
                  method,metric,value; PearCorr, RelAcc, Spearman, RMSE = RMSE
                  of L(D*) over the models, loss units), and the compute each
-                 reads at each ratio relative to AtS at ratio 8 -> cost.csv.
+                 reads at each ratio relative to AtS at ratio 8 -> cost.csv;
+                 why a score of results.csv or candidates.csv is NaN (per
+                 file, method and ratio), or that num_steps=0 left the fits
+                 unoptimised -> notes.csv (only when there is a note).
   6. budgeted    the early-stopping procedure of `budgeted.py` with the chosen
                  candidate's own predictive mean and sd of log L(D*)
                  (`candidates.budgeted_candidate_selection`) at several
-                 confidence levels -> budgeted.csv.
+                 confidence levels -> budgeted.csv (a NaN PearCorr's cause ->
+                 budgeted_notes.csv).
   7. tables      lensllm_plus.md (where its numbers come from, LensLLM+ vs the
                  baselines, the choice's stability, every candidate's means,
                  the targets, compute) and candidates.md (the choice's
@@ -80,7 +84,7 @@ import numpy as np
 from absl import flags, logging
 
 from experiments import common, reporting
-from lensllm_jax import errors, rundir
+from lensllm_jax import errors, rundir, selection
 from lensllm_jax.plus import candidates, pfn, protocol
 from lensllm_jax.selection import budgeted, methods, metrics
 
@@ -108,6 +112,7 @@ BUDGET_HEADER = ("dataset", "method", "candidate", "setting", "flops", "relative
                  "RelAcc", "PearCorr")
 BASELINES = candidates.BASELINES  # the papers' proposed methods, AtS first
 INPUT_HEADER = ("dataset", "role", "source", "ratios", "sha256")
+NOTES_HEADER = common.NOTES_HEADER  # notes.csv, budgeted_notes.csv: why a cell is NaN
 STABILITY_HEADER = ("held_out", "left_out", "trained_on", "candidate", "train_criterion",
                     "runner_up", "runner_up_criterion", "margin")
 # LensLLM+'s definition was revised while its numbers on these files were visible
@@ -292,9 +297,54 @@ def stability_row(held_out: str, left_out: str | None, choice) -> dict:
           "margin": f"{choice.margin:.6f}"}
 
 
-def write_report(out, folds, files, curve_sets) -> None:
-  """Step 5: results.csv and cost.csv of LensLLM+ and the baselines on the reported files."""
-  rows, cost = [], []
+# Candidate bases that are law fits (config.num_steps optimiser steps), besides the fitted
+# baselines (`selection.FITTED_LAWS`).
+FITTED_BASES = ("Pooled", "Spectral")
+
+
+def prediction_notes(name: str, base: str, prediction, truth, ratios, dataset: str,
+                     num_steps: int) -> list[dict]:
+  """notes.csv rows of one method's [R, M] predictions on a file: why a score is NaN at a
+  ratio (`common.score_notes`), and that fits with num_steps=0 were not optimised."""
+  notes = []
+  for ratio, res in zip(ratios, candidates.plus_results(prediction, name), strict=True):
+    said = common.score_notes(res, truth, with_rmse=True)
+    if num_steps == 0 and (base in FITTED_BASES or base in selection.FITTED_LAWS):
+      said.append("config.num_steps=0: the fits were not optimised (their parameters are not "
+                  "optima)")
+    notes += [{"dataset": dataset, "method": name, "ratio": ratio, "note": n} for n in said]
+  return notes
+
+
+def candidate_notes(folds, files, num_steps: int) -> list[dict]:
+  """notes.csv rows of candidates.csv (scored again from the predictions, cheap; Pooled
+  with the setting of each fold and file)."""
+  by_name = {c.name: c for c in candidates.all_candidates()}
+  notes = []
+  for f in folds:
+    for ds, tabs in f.tables.items():
+      truth, preds, rs = files[ds]["truth"], files[ds]["preds"], files[ds]["ratios"]
+      setting = candidates.pooled_setting(f.pooled, ds)
+      for name in [*tabs, *BASELINES[1:]]:
+        cand = by_name.get(name)
+        p = candidates.candidate_prediction(cand, preds, setting) if cand else preds[name]
+        notes += prediction_notes(name, cand.base if cand else name, p, truth, rs, ds,
+                                  num_steps)
+  return notes
+
+
+def write_notes(path: pathlib.Path, rows) -> None:
+  """Replaces a derived notes file; none when there is no note."""
+  if path.exists():
+    path.unlink()
+  if rows:
+    common.append_rows(path, NOTES_HEADER, rows)
+
+
+def write_report(out, folds, files, curve_sets, num_steps: int) -> None:
+  """Step 5: results.csv and cost.csv of LensLLM+ and the baselines on the reported files;
+  notes.csv: why a cell of results.csv or candidates.csv is NaN or may mislead."""
+  rows, cost, notes = [], [], candidate_notes(folds, files, num_steps)
   for f, curves in zip(folds, curve_sets, strict=True):
     fl = files[f.held_out]
     target = float(np.max(curves.data_sizes))
@@ -303,6 +353,8 @@ def write_report(out, folds, files, curve_sets) -> None:
                                                         f.pooled.config),
              **{m: fl["preds"][m] for m in BASELINES}}
     for m, p in preds.items():
+      base = f.candidate.base if m == PLUS else m
+      notes += prediction_notes(m, base, p, fl["truth"], fl["ratios"], f.held_out, num_steps)
       for ratio, res in zip(fl["ratios"], candidates.plus_results(p, m), strict=True):
         sc = protocol.score_results(res, fl["truth"])
         rows += [{"dataset": f.held_out, "ratio": ratio, "method": m, "metric": k,
@@ -314,6 +366,7 @@ def write_report(out, folds, files, curve_sets) -> None:
                      "RelAcc": f"{sc['RelAcc']:.6f}", "PearCorr": f"{sc['PearCorr']:.6f}"})
   rewrite(out / "results.csv", RESULT_HEADER, rows)
   rewrite(out / "cost.csv", COST_HEADER, cost)
+  write_notes(out / "notes.csv", list({tuple(r.values()): r for r in notes}.values()))
 
 
 def budgeted_dataset(curves, fold, out, *, ctx, levels, max_data_num) -> None:
@@ -325,6 +378,9 @@ def budgeted_dataset(curves, fold, out, *, ctx, levels, max_data_num) -> None:
   todo = [z for z in levels if f"z={z:g}" not in done]
   if not todo:
     return
+  if (out / "budgeted_notes.csv").exists():  # of a level cut short by a kill: redone
+    common.drop_rows(out / "budgeted_notes.csv", NOTES_HEADER, lambda r: r["dataset"] == name
+                     and r["method"] == tag and r["ratio"] in {f"z={z:g}" for z in todo})
   t = time.time()
   target = float(np.max(curves.data_sizes))
   truth = curves.column(target)
@@ -336,6 +392,10 @@ def budgeted_dataset(curves, fold, out, *, ctx, levels, max_data_num) -> None:
            "flops": f"{r.flops:.6g}", "relative_to_ats8": f"{r.flops / ats8:.6g}",
            "RelAcc": f"{metrics.relative_accuracy(r.selection.chosen, truth):.6f}",
            "PearCorr": f"{metrics.pearson_corr(r.selection.feature, truth):.6f}"} for r in res]
+  notes = [{"dataset": name, "method": tag, "ratio": f"z={r.z:g}", "note": n}
+           for r in res for n in common.score_notes(r.selection, truth)]
+  if notes:  # before budgeted.csv: a level whose row is written has its notes
+    common.append_rows(out / "budgeted_notes.csv", NOTES_HEADER, notes)
   common.append_rows(out / "budgeted.csv", BUDGET_HEADER, rows)
   logging.info("[%s] budgeted %s: %d levels in %.1fs", name, cand.name, len(todo),
                time.time() - t)
@@ -391,7 +451,7 @@ def _run(cfg, out: pathlib.Path, curve_sets, train_only, ratios, budget_levels, 
     predict=cached_predictions(out), num_restarts=cfg.num_restarts, num_steps=cfg.num_steps,
     leave_each_out=True)
   write_choices(out, folds, files)
-  write_report(out, folds, files, curve_sets)
+  write_report(out, folds, files, curve_sets, cfg.num_steps)
   if cfg.budgeted:
     for i, (curves, fold) in enumerate(zip(curve_sets, folds, strict=True)):
       ctx = candidates.BaseContext(key=jax.random.fold_in(key, 1000 + i),

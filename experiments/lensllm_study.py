@@ -41,6 +41,7 @@ LensLLM-NTK fits (B, beta, E, t) of L(D) = B / (F(Theta, t) + D^beta) + E.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -259,7 +260,7 @@ def curve_set(workdir: pathlib.Path, task: str, zoo_models, out: pathlib.Path):
   curves = benchmarks.load_curves(str(path))
   names = tuple(m.spec.name for m in zoo_models)
   if curves.models != names:
-    raise ValueError(f"{path}: models {curves.models}, expected the zoo's {names}")
+    raise errors.WorkdirError(f"{path}: models {curves.models}, expected the zoo's {names}")
   curves = dataclasses.replace(curves, name=task, source=str(out / f"curves_{task}.csv"))
   benchmarks.write_curves(curves, out / f"curves_{task}.csv")
   return curves
@@ -327,7 +328,7 @@ def kernels_step(cfg, workdir: pathlib.Path, out: pathlib.Path, corpus, tok, zoo
              if ref is not None and not math.isclose(float(ref[k]), new[k], rel_tol=1e-4,
                                                      abs_tol=1e-12)]
       if bad:
-        raise ValueError(f"{out / 'ntk_spectra.csv'}: {task} {m.spec.name}: recomputed {bad} "
+        raise errors.WorkdirError(f"{out / 'ntk_spectra.csv'}: {task} {m.spec.name}: recomputed {bad} "
                          f"= {[new[k] for k in bad]} differ from the study's "
                          f"{[float(ref[k]) for k in bad]}: not the study's pre-trained models")
     rows += eigenpair_rows(task, zoo_models, aux)
@@ -515,24 +516,30 @@ def open_output_dir(cfg, out: pathlib.Path, *, kernels_only: bool = False):
                                 overwrite=cfg.overwrite, ignore=("workdir", "output_dir"))
 
 
+@contextlib.contextmanager
+def open_study(cfg, workdir: pathlib.Path, out: pathlib.Path, *, kernels_only: bool = False):
+  """The config checked (`common.validate_study_config`), the workdir locked (one study per
+  workdir) with its zoo manifest (`zoo_build.bind_zoo_workdir`) and the results directory
+  opened (`open_output_dir`), before any work."""
+  common.validate_study_config(cfg)
+  with (rundir.directory_lock(rundir.prepare_directory(workdir)),
+        open_output_dir(cfg, out, kernels_only=kernels_only)):
+    zoo_build.bind_zoo_workdir(cfg, workdir, overwrite=cfg.overwrite)
+    yield
+
+
 def main(argv):
   del argv
   cfg = FLAGS.config
   workdir = pathlib.Path(FLAGS.workdir or cfg.workdir)
   out = pathlib.Path(FLAGS.output_dir or cfg.output_dir)
-  with (rundir.directory_lock(rundir.prepare_directory(workdir)),  # one study per workdir
-        open_output_dir(cfg, out, kernels_only=FLAGS.kernels_only)):
+  with open_study(cfg, workdir, out, kernels_only=FLAGS.kernels_only):
     run(cfg, workdir, out)
 
 
 def run(cfg, workdir: pathlib.Path, out: pathlib.Path) -> None:
-  """The zoo, the sweeps and the report (workdir locked by `main`)."""
+  """The zoo, the sweeps and the report (config checked, workdir locked: `open_study`)."""
   t0 = time.time()
-  # The report's budgeted settings, checked before the hour of zoo and sweeps.
-  common.parse_levels(cfg.selection.budget.levels, "config.selection.budget.levels")
-  if cfg.selection.budget.method not in budgeted.BUDGET_METHODS:
-    raise errors.ConfigError(f"config.selection.budget.method: {cfg.selection.budget.method!r}; "
-                             f"budget methods: {', '.join(budgeted.BUDGET_METHODS)}")
   log(f"study preset {cfg.preset}: workdir {workdir}, output {out}")
   corpus, tok, zoo_models = zoo_build.build_zoo(cfg, workdir)
   log(f"zoo ready: {len(zoo_models)} models ({time.time() - t0:.1f}s)")
@@ -550,4 +557,4 @@ def run(cfg, workdir: pathlib.Path, out: pathlib.Path) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  common.run_main(main, user_errors=(models.CheckpointError,))
+  common.run_main(main)

@@ -38,11 +38,10 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 from experiments import common, reporting
 from lensllm_jax import errors, rundir, selection
-from lensllm_jax.curves import benchmarks
 from lensllm_jax.laws import dynamic_law, fitting
 from lensllm_jax.plus import protocol
 from lensllm_jax.theory import ntk
@@ -62,16 +61,25 @@ def read_eigenpairs(path: pathlib.Path, task: str, models) -> tuple:
   """(eigvals [M, n], proj [M, n], eta [M]) of `models` for one task (float64)."""
   rows = [r for r in common.read_rows(path) if r["task"] == task]
   if not rows:
-    raise app.UsageError(f"{path}: no eigenpairs for task {task!r}; run experiments.lensllm_study "
-                         "(or its --kernels_only step) first")
+    raise errors.WorkdirError(f"{path}: no eigenpairs for task {task!r}; run "
+                              "experiments.lensllm_study (or its --kernels_only step) first")
   eig, proj, eta = [], [], []
   for m in models:
-    mine = sorted((r for r in rows if r["model"] == m), key=lambda r: int(r["k"]))
-    if not mine:
-      raise app.UsageError(f"{path}: no eigenpairs for model {m!r} of task {task!r}")
-    eig.append([float(r["eigval"]) for r in mine])
-    proj.append([float(r["proj"]) for r in mine])
-    eta.append(float(mine[0]["eta"]))
+    try:
+      mine = sorted((r for r in rows if r["model"] == m), key=lambda r: int(r["k"]))
+      if not mine:
+        raise errors.WorkdirError(f"{path}: no eigenpairs for model {m!r} of task {task!r}")
+      eig.append([float(r["eigval"]) for r in mine])
+      proj.append([float(r["proj"]) for r in mine])
+      eta.append(float(mine[0]["eta"]))
+    except (KeyError, ValueError) as e:
+      if isinstance(e, errors.InputError):
+        raise
+      raise errors.WorkdirError(f"{path}: model {m!r} of task {task!r}: not an eigenpair row "
+                                f"of lensllm_study ({type(e).__name__}: {e})") from None
+  if len({len(e) for e in eig}) > 1:
+    raise errors.WorkdirError(f"{path}: task {task!r}: the models have different numbers of "
+                              "eigenpairs")
   return np.asarray(eig), np.asarray(proj), np.asarray(eta)
 
 
@@ -106,13 +114,22 @@ def task_results(cfg, curves, aux, methods=METHODS) -> dict:
 
 def run(cfg, output_dir, methods=METHODS) -> pathlib.Path:
   """Fits `methods` on every task and ratio; writes ntk_dynamics.csv / .md to output_dir."""
+  common.validate_study_selection(cfg)
   out = pathlib.Path(output_dir or cfg.output_dir)
   inputs = {f"curves_{task}": out / f"curves_{task}.csv" for task in cfg.tasks}
   inputs["ntk_eigenpairs"] = out / "ntk_eigenpairs.csv"
   for path in inputs.values():
     if not path.is_file():
-      raise errors.InputError(f"{path} does not exist; run experiments.lensllm_study (or its "
+      raise errors.WorkdirError(f"{path} does not exist; run experiments.lensllm_study (or its "
                               "--kernels_only step) into that directory first")
+  target = float(max(cfg.subset_sizes))
+  loaded = {}  # every input read and checked before any work
+  for task in cfg.tasks:
+    (curves,) = common.load_all([inputs[f"curves_{task}"]], None)
+    if target not in curves.data_sizes:
+      raise errors.ConfigError(f"config.subset_sizes: D* = {target:g} (the largest) is not a "
+                               f"column of {curves.source}")
+    loaded[task] = curves, read_eigenpairs(inputs["ntk_eigenpairs"], task, curves.models)
   config = {**cfg.to_dict(), "ntk_dynamics_methods": list(methods)}
   # The budgeted step's settings are not read here (and postdate results/study's manifest).
   ignore = ("workdir", "output_dir", "selection.budget.levels", "selection.budget.method")
@@ -122,30 +139,34 @@ def run(cfg, output_dir, methods=METHODS) -> pathlib.Path:
     if path.is_file() and (out / "ntk_dynamics.md").is_file():
       logging.info("%s: made from these inputs already (%s); skipping", path, MANIFEST)
       return path
-    return _run(cfg, out, methods)
+    return _run(cfg, out, methods, loaded)
 
 
-def _run(cfg, out: pathlib.Path, methods) -> pathlib.Path:
+def _run(cfg, out: pathlib.Path, methods, loaded) -> pathlib.Path:
+  """loaded: task -> (CurveSet, eigenpairs of `read_eigenpairs`)."""
   t0 = time.time()
   ratios = [int(r) for r in cfg.selection.ratios]
   target = float(max(cfg.subset_sizes))
-  rows = []
-  for task in cfg.tasks:
-    curves = benchmarks.load_curves(str(out / f"curves_{task}.csv"))
-    aux = read_eigenpairs(out / "ntk_eigenpairs.csv", task, curves.models)
+  rows, notes = [], []
+  for task, (curves, aux) in loaded.items():
     truth = curves.column(target)
     for m, results in task_results(cfg, curves, aux, methods).items():
       for r, res in zip(ratios, results, strict=True):
         sc = protocol.score_results(res, truth)
         rows += [{"task": task, "ratio": r, "method": m, "metric": k, "value": f"{sc[k]:.6f}"}
                  for k in protocol.METRICS]
+        said = common.score_notes(res, truth, with_rmse=True)
+        if int(cfg.selection.max_steps) == 0:  # every method here is a law fit
+          said.append("config.selection.max_steps=0: the fits were not optimised")
+        notes += [{"dataset": task, "method": m, "ratio": r, "note": n} for n in said]
     logging.info("[%s] %d methods x %d ratios (%.1fs)", task, len(methods), len(ratios),
                  time.time() - t0)
   path = out / "ntk_dynamics.csv"
   if path.exists():
     path.unlink()
   common.append_rows(path, HEADER, rows)
-  (out / "ntk_dynamics.md").write_text(reporting.dynamics_tables(path, ratios, METHODS) + "\n")
+  (out / "ntk_dynamics.md").write_text(reporting.dynamics_tables(path, ratios, METHODS, notes)
+                                            + "\n")
   logging.info("done in %.1fs; %s", time.time() - t0, path)
   return path
 

@@ -259,12 +259,14 @@ def _x100(v) -> str:
   return "" if v is None or not np.isfinite(v) else f"{100 * round(v, 4):.1f}"
 
 
-def selection_notes_lines(out: pathlib.Path) -> list[str]:
-  """Markdown bullets of notes.csv, one per (dataset, method, note) with its ratios."""
+def selection_notes_lines(out: pathlib.Path, name: str = "notes.csv") -> list[str]:
+  """Markdown bullets of a notes file (`common.NOTES_HEADER`: why a cell is NaN or may
+  mislead), one per (dataset, method, note) with its ratios (or settings, z=...)."""
   grouped = {}
-  for r in common.read_rows(out / "notes.csv"):
+  for r in common.read_rows(out / name):
     grouped.setdefault((r["dataset"], r["method"], r["note"]), []).append(r["ratio"])
-  return [f"- {ds} {m} (ratios {', '.join(rs)}): {note}" for (ds, m, note), rs in grouped.items()]
+  return [f"- {ds} {m} ({'ratios' if all(x.isdigit() for x in rs) else 'settings'} "
+          f"{', '.join(rs)}): {note}" for (ds, m, note), rs in grouped.items()]
 
 
 def selection_headline_table(out: pathlib.Path) -> str:
@@ -618,13 +620,9 @@ def plus_tables(out: pathlib.Path, ratios) -> str:
       f"({'met' if float(best['relative_to_ats8']) <= 0.25 else 'NOT met'})" if best
       else "NOT reached"))
   md.append("")
-  nan = sorted({(k[0], k[1], k[2]) for k, v in {**res, **{c[1:]: v for c, v in cand.items()}}
-                .items() if not np.isfinite(v)})
-  if nan:  # an empty cell above is NaN: say why
-    md += ["## Notes", "", *[f"- {ds} {m} {metric}: NaN at some ratio (an empty cell): the "
-                              "correlation is undefined there (a truth or feature constant to "
-                              "rounding, `metrics.undefined_reason`) or the predictions are not "
-                              "finite" for ds, m, metric in nan], ""]
+  notes = selection_notes_lines(out) + selection_notes_lines(out, "budgeted_notes.csv")
+  if notes:
+    md += ["## Notes (an empty cell above is NaN)", "", *notes, ""]
   return "\n".join(md)
 
 
@@ -685,14 +683,18 @@ def plus_candidates_md(out: pathlib.Path) -> str:
       v = [float(r["coverage80"]) for r in cover if r["dataset"] == ds]
       md.append(f"| {ds} | " + ", ".join(_scaled(x) for x in v) + f" | {_scaled(np.mean(v))} |")
     md.append("")
+  notes = selection_notes_lines(out)
+  if notes:  # a candidate's NaN score at a ratio: left out of its mean
+    md += ["## Notes (NaN scores, left out of the means above)", "", *notes, ""]
   return "\n".join(md)
 
 
 # -------------------------------------------------- experiments.ntk_dynamics ---
 
 
-def dynamics_tables(path: pathlib.Path, ratios, methods) -> str:
-  """Markdown of ntk_dynamics.csv: per task and metric, the methods over the ratios."""
+def dynamics_tables(path: pathlib.Path, ratios, methods, notes=()) -> str:
+  """Markdown of ntk_dynamics.csv: per task and metric, the methods over the ratios; `notes`
+  (`common.NOTES_HEADER` rows, task as dataset) say why a cell is NaN."""
   val = {(r["task"], r["method"], r["metric"], int(r["ratio"])): float(r["value"])
          for r in common.read_rows(path)}
   tasks = list(dict.fromkeys(k[0] for k in val))
@@ -712,6 +714,10 @@ def dynamics_tables(path: pathlib.Path, ratios, methods) -> str:
         md.append(f"| {task} | {m} | " + " | ".join(cells) +
                   f" | {'' if not np.isfinite(mean) else f'{scale * mean:.{digits}f}'} |")
     md.append("")
+  if notes:
+    md += ["## Notes (an empty cell above is NaN)", "",
+           *[f"- {r['dataset']} {r['method']} (ratio {r['ratio']}): {r['note']}" for r in notes],
+           ""]
   return "\n".join(md)
 
 
@@ -777,8 +783,10 @@ def select_figure(path: pathlib.Path, fc: forecast.Forecast, curves,
   os.replace(tmp, path)
 
 
-def select_tradeoff_tables(out: pathlib.Path, name: str, rows: list[dict]) -> list[str]:
-  """tradeoff.csv / .md from `select.tradeoff_rows`; returns the Markdown rows (for the log)."""
+def select_tradeoff_tables(out: pathlib.Path, name: str, rows: list[dict],
+                           notes: list[str] = ()) -> list[str]:
+  """tradeoff.csv / .md from `select.tradeoff_rows` (its notes, why a cell is NaN, under the
+  table); returns the Markdown rows (for the log)."""
   header = list(rows[0])
   lines = [",".join(header)] + [",".join(f"{r[h]:.6g}" if isinstance(r[h], float) else
                                          json.dumps(r[h]) if h == "pick" else str(r[h])
@@ -790,7 +798,11 @@ def select_tradeoff_tables(out: pathlib.Path, name: str, rows: list[dict]) -> li
     md.append(f"| {r['z']:g} | {r['pick']} | {100 * r['RelAcc']:.1f} | {100 * r['PearCorr']:.1f} "
               f"| {100 * r['fraction_of_full']:.2f} | {100 * r['fraction_of_exhaustive']:.1f} | "
               f"{r['rounds']} | {r['survivors']} | {r['ended_by']} |")
-  common.atomic_text(out / "tradeoff.md", "\n".join(md) + "\n")
+  if notes:
+    md_notes = ["", "Notes (a nan cell above):", "", *[f"- {n}" for n in notes]]
+  else:
+    md_notes = []
+  common.atomic_text(out / "tradeoff.md", "\n".join(md + md_notes) + "\n")
   return md[2:]
 
 

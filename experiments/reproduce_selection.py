@@ -44,7 +44,7 @@ from absl import flags, logging
 from experiments import common, reporting
 from lensllm_jax import errors, rundir, selection
 from lensllm_jax.laws import fitting
-from lensllm_jax.plus import candidates
+from lensllm_jax.plus import candidates, pfn
 from lensllm_jax.selection import budgeted, metrics, pooled
 from lensllm_jax.selection import methods as methods_lib
 
@@ -52,7 +52,7 @@ SELECTION_HEADER = ("dataset", "ratio", "max_data_num", "method", "metric", "val
 RMSE_HEADER = ("dataset", "model", "max_data_num", "law", "rmse")
 COST_HEADER = ("dataset", "method", "setting", "flops", "relative_flops", "RelAcc", "PearCorr")
 FITS_HEADER = ("dataset", "method", "max_data_num", "model", "status", "params")
-NOTES_HEADER = ("dataset", "method", "ratio", "note")
+NOTES_HEADER = common.NOTES_HEADER
 # What a run writes in --output_dir (removed by --config.overwrite=True when the inputs changed).
 OUTPUTS = ("*.csv", "*.md", "*.tex", "*.png")
 # Config fields that do not change the results (left out of the manifest).
@@ -187,9 +187,7 @@ def result_notes(method, result, truth, fit_options) -> list[str]:
                    ("nonfinite", "non-finite (feature = the last visible loss)")):
     if st in status:
       notes.append(f"{status.count(st)} of {m} fits {what}")
-  reason = metrics.undefined_reason(result.feature, truth)
-  if reason:
-    notes.append(f"PearCorr and Spearman are NaN: {reason}")
+  notes += common.score_notes(result, truth)
   if method in methods_lib.FITTED_LAWS and fit_options.max_steps == 0:
     notes.append("config.max_steps=0: the fits were not optimised (their parameters are "
                  "not optima)")
@@ -216,14 +214,18 @@ def drop_unit_rows(out: pathlib.Path, dataset: str, method: str) -> None:
 
 def run_budgeted(curves, out, budget: budgeted.BudgetOptions, *, target, key, full, truth,
                  num_restarts, fit_options, t0) -> None:
-  """Budgeted early stopping at the levels of `budget` not yet done; appends cost.csv rows."""
+  """Budgeted early stopping at the levels of `budget` not yet done; appends cost.csv rows
+  (and notes.csv rows, setting z=..., where a PearCorr is NaN)."""
   name = curves.name
   tag = f"Budgeted{budget.method}"
   done = {r["setting"] for r in common.read_rows(out / "cost.csv")
           if r["dataset"] == name and r["method"] == tag}
   todo = [z for z in budget.levels if f"z={z:g}" not in done]
-  rows = []
+  rows, notes = [], []
   if todo:
+    if (out / "notes.csv").exists():  # of a level cut short by a kill: redone
+      common.drop_rows(out / "notes.csv", NOTES_HEADER, lambda r: r["dataset"] == name and (
+          r["method"] == tag and r["ratio"] in {f"z={z:g}" for z in todo}))
     t = time.time()
     results = budgeted.budgeted_selection(
         curves, dataclasses.replace(budget, levels=todo), key=key, num_restarts=num_restarts,
@@ -234,6 +236,8 @@ def run_budgeted(curves, out, budget: budgeted.BudgetOptions, *, target, key, fu
                    "flops": f"{r.flops:.6g}", "relative_flops": f"{r.flops / full:.6g}",
                    "RelAcc": f"{metrics.relative_accuracy(r.selection.chosen, truth):.6f}",
                    "PearCorr": f"{metrics.pearson_corr(r.selection.feature, truth):.6f}"})
+      notes += [{"dataset": name, "method": tag, "ratio": f"z={r.z:g}", "note": n}
+                for n in common.score_notes(r.selection, truth)]
     logging.info("[%s] budgeted: %d levels in %.1fs (total %.1fs)", name, len(todo),
                  time.time() - t, time.time() - t0)
   if "FullTuning" not in {r["method"] for r in common.read_rows(out / "cost.csv")
@@ -241,6 +245,8 @@ def run_budgeted(curves, out, budget: budgeted.BudgetOptions, *, target, key, fu
     rows.append({"dataset": name, "method": "FullTuning", "setting": f"D*={int(target)}",
                  "flops": f"{full:.6g}", "relative_flops": "1", "RelAcc": "1.000000",
                  "PearCorr": "1.000000"})
+  if notes:  # before cost.csv: a level whose row is written has its notes
+    common.append_rows(out / "notes.csv", NOTES_HEADER, notes)
   if rows:
     common.append_rows(out / "cost.csv", COST_HEADER, rows)
 
@@ -346,9 +352,12 @@ def run(cfg, output_dir) -> pathlib.Path:
   curve_sets = common.load_all(specs, cfg.data_dir)
   for curves in curve_sets:  # every file's D* and budgets, before any work
     common.budgets_of(curves, common.target_of(curves, cfg.target_data_num), ratios)
-  with rundir.open_output_dir(
-      output_dir, config=cfg, inputs={f"curves/{c.name}": c.source for c in curve_sets},
-      outputs=OUTPUTS, overwrite=cfg.overwrite, ignore=MANIFEST_IGNORE) as out:
+  inputs = {f"curves/{c.name}": c.source for c in curve_sets}
+  if candidates.PLUS_NAME in methods:  # its leave-one-out choice runs both PFNs
+    inputs.update({"predictor/CurvePFN": pfn.CURVE_PFN_WEIGHTS,
+                   "predictor/ContextPFN": pfn.CONTEXT_PFN_WEIGHTS})
+  with rundir.open_output_dir(output_dir, config=cfg, inputs=inputs, outputs=OUTPUTS,
+                              overwrite=cfg.overwrite, ignore=MANIFEST_IGNORE) as out:
     return _run(cfg, out, curve_sets, methods, ratios, budget_levels, t0)
 
 

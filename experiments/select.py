@@ -53,9 +53,8 @@ import numpy as np
 from absl import app, flags, logging
 
 from experiments import common, reporting
-from lensllm_jax import rundir, selection, training
+from lensllm_jax import errors, rundir, selection, training
 from lensllm_jax.curves import benchmarks
-from lensllm_jax.models import CheckpointError
 from lensllm_jax.plus import forecast
 from lensllm_jax.selection import budgeted, metrics
 from lensllm_jax.training import sharding, sweep, textdata
@@ -100,18 +99,18 @@ def predict_and_write(curves, target: float, predictor: str, out: pathlib.Path, 
 def schedule(cfg, target: float) -> list[float]:
   """D_k = d0 * 2^k <= cap (config.max_data_num, 0: D* / 8)."""
   if cfg.d0 <= 0:
-    raise app.UsageError(f"config.d0={cfg.d0}: must be > 0")
+    raise errors.ConfigError(f"config.d0={cfg.d0}: must be > 0")
   cap = float(cfg.max_data_num) or target / 8.0
   if cap < cfg.d0:
-    raise app.UsageError(f"config.max_data_num={cap:g} is below config.d0={cfg.d0}")
+    raise errors.ConfigError(f"config.max_data_num={cap:g} is below config.d0={cfg.d0}")
   if cap > target:
-    raise app.UsageError(f"config.max_data_num={cap:g} is above D* = {target:g}")
+    raise errors.ConfigError(f"config.max_data_num={cap:g} is above D* = {target:g}")
   out, d = [], float(cfg.d0)
   while d <= cap:
     out.append(d)
     d *= 2
   if len(out) < cfg.min_points:
-    raise app.UsageError(
+    raise errors.ConfigError(
         f"the schedule {[int(x) for x in out]} (config.d0={cfg.d0}, cap {cap:g}) has "
         f"{len(out)} round(s); the stopping rule starts after config.min_points="
         f"{cfg.min_points}: lower config.d0 (e.g. {int(max(1, cap // 2 ** cfg.min_points))}) "
@@ -238,9 +237,11 @@ PROCEDURE_FIELDS = ("mode", "curves", "replay", "data_dir", "target_data_num", "
 
 
 def open_output_dir(cfg, out: pathlib.Path, curves):
-  """`rundir.open_output_dir` of predict / replay: keyed on the config and the curve file."""
-  return rundir.open_output_dir(out, config=cfg, inputs={"curves": curves.source},
-                                outputs=OUTPUTS, overwrite=cfg.overwrite)
+  """`rundir.open_output_dir` of predict / replay: keyed on the config, the curve file and
+  the files the predictor reads (`forecast.predictor_inputs`)."""
+  return rundir.open_output_dir(out, config=cfg, inputs={
+      "curves": curves.source, **forecast.predictor_inputs(cfg.predictor)}, outputs=OUTPUTS,
+      overwrite=cfg.overwrite)
 
 
 def open_online_workdir(cfg, workdir: pathlib.Path):
@@ -253,10 +254,10 @@ def open_online_workdir(cfg, workdir: pathlib.Path):
 
 def run_predict(cfg, out: pathlib.Path) -> None:
   if not cfg.curves:
-    raise app.UsageError("config.curves: give a curve file (--config.curves=PATH)")
+    raise errors.ConfigError("config.curves: give a curve file (--config.curves=PATH)")
   curves = benchmarks.load_curves(cfg.curves, data_dir=cfg.data_dir)
   if cfg.target_data_num <= 0:
-    raise app.UsageError("config.target_data_num: give D*, your fine-tuning set size (> 0)")
+    raise errors.ConfigError("config.target_data_num: give D*, your fine-tuning set size (> 0)")
   with open_output_dir(cfg, out, curves):
     predict_and_write(curves, float(cfg.target_data_num), cfg.predictor, out,
                       key=jax.random.key(cfg.seed))
@@ -270,8 +271,9 @@ def run_replay(cfg, out: pathlib.Path) -> None:
   steps = schedule(cfg, target)
   missing = [d for d in steps if d not in grid]
   if missing:
-    raise app.UsageError(f"config.replay: {curves.source} has no column for the schedule sizes "
-                         f"{[int(d) for d in missing]} (d0={cfg.d0}, cap={int(max(steps))})")
+    raise errors.ConfigError(f"config.replay: {curves.source} has no column for the schedule "
+                             f"sizes {[int(d) for d in missing]} (d0={cfg.d0}, "
+                             f"cap={int(max(steps))})")
   with open_output_dir(cfg, out, curves):
     meta = selection.metadata_of(curves, target)
     acc = Accounting(exhaustive=float(budgeted.pair_flops(curves.sizes, steps).sum()),
@@ -286,21 +288,34 @@ def run_replay(cfg, out: pathlib.Path) -> None:
     try:
       results = run_procedure(oracles, levels, meta, steps, cfg, acc, on_step=log)
     except KeyError as e:  # a paid cell the file does not have
-      raise app.UsageError(f"config.replay: {e.args[0]}") from None
+      raise errors.ConfigError(f"config.replay: {e.args[0]}") from None
     finish(out, results[0], oracles[0].view(max(steps)), meta, cfg, acc)
     truth = curves.column(target) if target in grid else None
     truth = truth if truth is not None and np.isfinite(truth).all() else None
-    for line in reporting.select_tradeoff_tables(
-        out, curves.name, tradeoff_rows(curves, results, acc, truth)):
+    rows, notes = tradeoff_rows(curves, results, acc, truth, target)
+    for line in reporting.select_tradeoff_tables(out, curves.name, rows, notes):
       logging.info("%s: %s", curves.name, line)
 
 
-def tradeoff_rows(curves, results, acc: Accounting, truth) -> list[dict]:
-  """Per level: the pick, its RelAcc, PearCorr of the final ranking, compute fractions."""
-  rows = []
+def tradeoff_rows(curves, results, acc: Accounting, truth, target: float):
+  """Per level: the pick, its RelAcc, PearCorr of the final ranking, compute fractions;
+  and the notes saying why a RelAcc / PearCorr cell is NaN.
+
+  Returns:
+    (rows sorted by z, notes: list of str).
+  """
+  rows, notes = [], []
+  if truth is None:
+    notes.append(f"RelAcc and PearCorr are NaN: {curves.source} has no complete column at "
+                 f"D* = {target:g} (the true losses)")
+  elif curves.num_models < metrics.MIN_MODELS:
+    notes.append(f"RelAcc and PearCorr are NaN: {curves.num_models} models, the metrics need "
+                 f"at least {metrics.MIN_MODELS}")
   for r in results:
     scores = (metrics.selection_scores(r.selection, truth)
               if truth is not None and curves.num_models >= metrics.MIN_MODELS else {})
+    if scores:
+      notes += [f"z = {r.z:g}: {n}" for n in common.score_notes(r.selection, truth)]
     rows.append({"z": r.z, "pick": curves.models[r.selection.chosen],
                  "RelAcc": scores.get("RelAcc", math.nan),
                  "PearCorr": scores.get("PearCorr", math.nan),
@@ -309,7 +324,7 @@ def tradeoff_rows(curves, results, acc: Accounting, truth) -> list[dict]:
                  "rounds": len(r.history), "survivors": int(r.selection.extras["active"].sum()),
                  "ended_by": r.ended_by})
   rows.sort(key=lambda r: r["z"])
-  return rows
+  return rows, notes
 
 
 # ------------------------------------------------------------------ online ---
@@ -454,11 +469,12 @@ def run_online(cfg, workdir: pathlib.Path, *, distributed: bool = False) -> None
   sharding.initialize_distributed(distributed)
   target = float(cfg.target_data_num)
   if target <= 0:
-    raise app.UsageError("config.target_data_num: give D*, your fine-tuning set size (> 0)")
+    raise errors.ConfigError("config.target_data_num: give D*, your fine-tuning set size (> 0)")
   if len(cfg.models) < 2:
-    raise app.UsageError(f"config.models: {len(cfg.models)} model(s); selection needs >= 2")
+    raise errors.ConfigError(f"config.models: {len(cfg.models)} model(s); selection needs >= 2")
   steps = schedule(cfg, target)
   cfg.subset_sizes = tuple(int(d) for d in steps)  # what load_splits checks the pool against
+  common.validate_sweep_config(cfg)
   with open_online_workdir(cfg, workdir):
     mesh = sharding.make_mesh() if cfg.data_parallel else None
     t0 = time.time()
@@ -476,21 +492,39 @@ def run_online(cfg, workdir: pathlib.Path, *, distributed: bool = False) -> None
                  time.time() - t0)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  cfg = FLAGS.config
+def validate_config(cfg) -> None:
+  """The procedure's settings, before any file is read or directory made (`errors.ConfigError`
+  naming the field)."""
   if cfg.predictor not in forecast.predictor_names():
-    raise app.UsageError(f"config.predictor={cfg.predictor!r}: unknown; known: "
-                         f"{', '.join(forecast.predictor_names())}")
+    raise errors.ConfigError(f"config.predictor={cfg.predictor!r}: unknown; known: "
+                             f"{', '.join(forecast.predictor_names())}")
+  common.integer_field(cfg, "seed")
+  common.integer_field(cfg, "target_data_num", low=0)
+  common.integer_field(cfg, "d0", low=1)
+  common.integer_field(cfg, "max_data_num", low=0)
+  common.integer_field(cfg, "min_points", low=1)
+  z = common.parse_levels((cfg.z,), "config.z")[0]
+  if z < 0:
+    raise errors.ConfigError(f"config.z={z:g}: must be >= 0")
+  if not 0 <= cfg.max_compute_fraction < math.inf:
+    raise errors.ConfigError(f"config.max_compute_fraction={cfg.max_compute_fraction}: must be "
+                             ">= 0 (0: no cap)")
+  if cfg.replay:
+    common.parse_levels(cfg.report_levels, "config.report_levels")
+
+
+def run(cfg, output_dir: str = "", workdir: str = "", *, distributed: bool = False) -> None:
+  """The mode of the config (module docstring): predict or replay into output_dir, online
+  into workdir; every setting checked first (`validate_config`)."""
+  validate_config(cfg)
   if cfg.mode == "online" and not cfg.replay:
-    if not FLAGS.workdir:
-      raise app.UsageError("--workdir: the online selection needs a work directory")
-    run_online(cfg, pathlib.Path(FLAGS.workdir), distributed=FLAGS.distributed)
+    if not workdir:
+      raise errors.WorkdirError("--workdir: the online selection needs a work directory")
+    run_online(cfg, pathlib.Path(workdir), distributed=distributed)
     return
-  out = pathlib.Path(FLAGS.output_dir or FLAGS.workdir or "")
+  out = pathlib.Path(output_dir or workdir or "")
   if not str(out) or str(out) == ".":
-    raise app.UsageError("--output_dir: give an output directory")
+    raise errors.WorkdirError("--output_dir: give an output directory")
   t0 = time.time()
   if cfg.replay:
     run_replay(cfg, out)
@@ -499,6 +533,12 @@ def main(argv):
   logging.info("wrote %s in %.1fs", out, time.time() - t0)
 
 
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  run(FLAGS.config, FLAGS.output_dir, FLAGS.workdir, distributed=FLAGS.distributed)
+
+
 if __name__ == "__main__":
   define_flags()
-  common.run_main(main, user_errors=(forecast.SelectionInputError, CheckpointError))
+  common.run_main(main)

@@ -21,6 +21,7 @@ which predate manifests).
 from __future__ import annotations
 
 import contextlib
+import math
 import pathlib
 import platform
 import time
@@ -28,7 +29,7 @@ import time
 from absl import app, flags, logging
 
 from experiments import common
-from lensllm_jax import rundir
+from lensllm_jax import errors, rundir
 from lensllm_jax.plus import pfn
 
 FLAGS = flags.FLAGS
@@ -46,8 +47,32 @@ def configs_of(cfg):
   if cfg.kind == "context":
     model = pfn.ContextModelConfig(trunk=model, encoder_layers=cfg.encoder_layers)
   elif cfg.kind != "curve":
-    raise ValueError(f"config.kind={cfg.kind!r}; expected 'curve' or 'context'")
+    raise errors.ConfigError(f"config.kind={cfg.kind!r}; expected 'curve' or 'context'")
   return model, pfn.TrainConfig(**cfg.train.to_dict())
+
+
+def validate_config(cfg) -> None:
+  """Range checks of the config's fields and the init_from weights, before any directory is
+  made (`errors.ConfigError` / `errors.CheckpointError` naming the field)."""
+  for name in ("train.num_steps", "train.batch_size", "train.log_every", "bars.num_bins",
+               "model.d_model", "model.num_layers", "model.num_heads", "model.mlp_dim"):
+    common.integer_field(cfg, name, low=1)
+  for name in ("train.seed", "train.warmup_steps"):
+    common.integer_field(cfg, name, low=0)
+  for name in ("train.learning_rate", "train.grad_clip"):
+    value = cfg.train[name.split(".")[1]]
+    if not 0 < value < math.inf:
+      raise errors.ConfigError(f"config.{name}={value}: must be a finite number > 0")
+  if not 0 <= cfg.train.drop_prob < 1:
+    raise errors.ConfigError(f"config.train.drop_prob={cfg.train.drop_prob}: must be in [0, 1)")
+  if not cfg.bars.z_min < cfg.bars.z_max:
+    raise errors.ConfigError(f"config.bars: z_min={cfg.bars.z_min} must be below "
+                             f"z_max={cfg.bars.z_max}")
+  configs_of(cfg)  # the kind
+  init = cfg.get("init_from") if cfg.kind == "context" else ""
+  if init and not (pathlib.Path(init) / "weights.msgpack").is_file():
+    raise errors.CheckpointError(f"config.init_from={init}: no weights.msgpack there (a "
+                                 "directory written by train_curve_pfn)")
 
 
 WEIGHTS = ("weights.msgpack", "config.json")
@@ -72,7 +97,7 @@ def open_dirs(cfg):
 
 
 def run(cfg):
-  configs_of(cfg)  # a bad kind: refused before any directory is made
+  validate_config(cfg)  # refused before any directory is made
   with open_dirs(cfg):
     weights = pathlib.Path(cfg.output_dir)
     if (all((weights / n).is_file() for n in WEIGHTS)

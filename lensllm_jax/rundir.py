@@ -49,6 +49,8 @@ import shutil
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from absl import logging
+
 import lensllm_jax
 from lensllm_jax import errors
 
@@ -225,6 +227,56 @@ def directory_lock(directory: str | os.PathLike):
     yield path
   finally:
     os.close(fd)  # releases the lock
+
+
+def read_json_lines(path: str | os.PathLike, *, truncate: bool = True,
+                    redo: str = "that unit") -> list[dict]:
+  """The records of an append-only JSON-lines file ([] if it does not exist yet).
+
+  A last line without its newline is the record of a process killed while
+  appending it: it is dropped (cut from the file when `truncate`, e.g. on the
+  primary process only), so its unit of work is redone. Any other unreadable
+  line is an `errors.WorkdirError` naming the file and line (`redo`: what
+  deleting the line redoes).
+  """
+  path = pathlib.Path(path)
+  if not path.exists():
+    return []
+  data = path.read_bytes()
+  cut = len(data) - (data.rfind(b"\n") + 1)
+  if cut:
+    logging.warning("%s: dropping a partial last row (interrupted write): %r", path,
+                    data[-80:])
+    data = data[:len(data) - cut]
+    if truncate:
+      with open(path, "r+b") as f:
+        f.truncate(len(data))
+  out = []
+  for i, line in enumerate(data.decode("utf-8", "replace").splitlines()):
+    if not line.strip():
+      continue
+    try:
+      rec = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise errors.WorkdirError(f"{path} line {i + 1}: not JSON ({e}); delete the line to redo "
+                                f"{redo}") from None
+    if not isinstance(rec, dict):
+      raise errors.WorkdirError(f"{path} line {i + 1}: not a JSON object; delete the line to "
+                                f"redo {redo}")
+    out.append(rec)
+  return out
+
+
+def append_json_line(path: str | os.PathLike, record: dict) -> None:
+  """Appends one record to a JSON-lines file in one write, synced to disk."""
+  data = (json.dumps(record) + "\n").encode()
+  fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+  try:
+    while data:
+      data = data[os.write(fd, data):]
+    os.fsync(fd)
+  finally:
+    os.close(fd)
 
 
 def _bookkeeping(name: str) -> bool:

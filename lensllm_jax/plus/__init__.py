@@ -24,8 +24,8 @@ Every public name of these modules is re-exported here
     budgeted_candidate_selection, candidate_distribution, all_candidates, candidate_prediction,
     choose_candidate, file_predictions, plus_results, pooled_setting, prediction_jobs,
     ranked_choice, score_table
-  forecast: CHOICE_FILE, SelectionInputError, INTERVAL_Z, RECOMMENDED, Forecast, choice_record,
-    min_points, predict_sizes, predictor_names, recommended_candidate, reranked
+  forecast: CHOICE_FILE, INTERVAL_Z, RECOMMENDED, Forecast, choice_record,
+    min_points, predict_sizes, predictor_inputs, predictor_names, recommended_candidate, reranked
 
 Names defined by several modules are re-exported from the first listed above: leave_one_out.
 """
@@ -59,10 +59,10 @@ from lensllm_jax.plus.forecast import (
   INTERVAL_Z,
   RECOMMENDED,
   Forecast,
-  SelectionInputError,
   choice_record,
   min_points,
   predict_sizes,
+  predictor_inputs,
   predictor_names,
   recommended_candidate,
   reranked,
@@ -141,13 +141,13 @@ __all__ = [
   "ranked_choice",
   "score_table",
   "CHOICE_FILE",
-  "SelectionInputError",
   "INTERVAL_Z",
   "RECOMMENDED",
   "Forecast",
   "choice_record",
   "min_points",
   "predict_sizes",
+  "predictor_inputs",
   "predictor_names",
   "recommended_candidate",
   "reranked",

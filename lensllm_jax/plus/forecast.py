@@ -45,14 +45,13 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
-from lensllm_jax import selection
+from lensllm_jax import errors, selection
 from lensllm_jax.laws import dynamic_law
-from lensllm_jax.plus import candidates
+from lensllm_jax.plus import candidates, pfn
 from lensllm_jax.selection import budgeted
 
 __all__ = [
   "CHOICE_FILE",
-  "SelectionInputError",
   "INTERVAL_Z",
   "RECOMMENDED",
   "Forecast",
@@ -60,6 +59,7 @@ __all__ = [
   "forecast",
   "min_points",
   "predict_sizes",
+  "predictor_inputs",
   "predictor_names",
   "recommended_candidate",
   "reranked",
@@ -69,11 +69,6 @@ RECOMMENDED = candidates.PLUS_NAME
 CHOICE_FILE = pathlib.Path(__file__).resolve().parents[1] / "data" / "lensllm_plus_choice.json"
 INTERVAL = 0.8  # central interval reported
 INTERVAL_Z = 1.2815515655446004  # Phi^-1(0.9): the Gaussian 80 % central interval
-
-
-class SelectionInputError(ValueError):
-  """The input cannot be forecast (too few points, D* too small, unknown predictor, ...);
-  the message names the file, model or setting."""
 
 
 def choice_record(chosen_rows: Sequence[dict], *, source: str, command: str) -> dict:
@@ -117,14 +112,29 @@ def _candidate(name: str) -> candidates.Candidate:
   for c in candidates.all_candidates():
     if c.name == name and c.base != "Pooled":
       return c
-  raise SelectionInputError(f"unknown predictor {name!r}; known: "
-                            f"{', '.join(predictor_names())}")
+  raise errors.ConfigError(f"unknown predictor {name!r}; known: "
+                           f"{', '.join(predictor_names())}")
 
 
 def predictor_names() -> list[str]:
   """Every predictor `forecast` takes by name (LensLLM+ first)."""
   cands = [c.name for c in candidates.all_candidates() if c.base != "Pooled"]
   return [RECOMMENDED, *cands, *(m for m in budgeted.BUDGET_METHODS if m not in cands)]
+
+
+def predictor_inputs(predictor: str) -> dict[str, pathlib.Path]:
+  """The files a predictor reads besides the curves, for a run's manifest (`rundir`): the
+  stored LensLLM+ choice and the weights of the PFN its candidate uses ({} for a law fit)."""
+  if predictor in selection.FITTED_LAWS:
+    return {}
+  out = {}
+  if predictor == RECOMMENDED:
+    out["predictor/choice"] = CHOICE_FILE
+  cand = recommended_candidate() if predictor == RECOMMENDED else _candidate(predictor)
+  weights = {"CurvePFN": pfn.CURVE_PFN_WEIGHTS, "ContextPFN": pfn.CONTEXT_PFN_WEIGHTS}
+  if cand.base in weights:
+    out[f"predictor/{cand.base}"] = weights[cand.base]
+  return out
 
 
 def min_points(predictor: str) -> tuple[int, bool]:
@@ -200,7 +210,6 @@ _PFN_CACHE: dict = {}
 
 def _default_pfn():
   if "pfn" not in _PFN_CACHE:
-    from lensllm_jax.plus import pfn
     _PFN_CACHE["pfn"] = pfn.default_curve_predictor()
   return _PFN_CACHE["pfn"]
 
@@ -294,15 +303,16 @@ class Forecast:
 
 
 def check_points(curves, predictor: str) -> None:
-  """SelectionInputError naming the first model with fewer measured points than `min_points`."""
+  """`errors.CurveFileError` naming the first model with fewer measured points than `min_points`."""
   need, zero = min_points(predictor)
   d = np.asarray(curves.data_sizes, np.float64)
   use = (d >= 0) if zero else (d > 0)
   counts = (np.asarray(curves.measured) & use[None, :]).sum(1)
   for m in np.flatnonzero(counts < need):
     what = "points (zero-shot included)" if zero else "points at D > 0"
-    raise SelectionInputError(f"{curves.source}: model {curves.models[m]!r} has {int(counts[m])} "
-                     f"measured {what}; predictor {predictor} needs {need}")
+    raise errors.CurveFileError(f"{curves.source}: model {curves.models[m]!r} has "
+                                f"{int(counts[m])} measured {what}; predictor {predictor} "
+                                f"needs {need}")
 
 
 def forecast(curves, target_data_num: float, *, predictor: str = RECOMMENDED,
@@ -322,18 +332,18 @@ def forecast(curves, target_data_num: float, *, predictor: str = RECOMMENDED,
     (Forecast, SizePrediction at `curve_sizes` or None).
   """
   if predictor not in predictor_names():
-    raise SelectionInputError(f"unknown predictor {predictor!r}; known: "
-                              f"{', '.join(predictor_names())}")
+    raise errors.ConfigError(f"unknown predictor {predictor!r}; known: "
+                             f"{', '.join(predictor_names())}")
   if curves.num_models < 2:
-    raise SelectionInputError(f"{curves.source}: {curves.num_models} model(s); selection "
-                              "needs at least 2")
+    raise errors.CurveFileError(f"{curves.source}: {curves.num_models} model(s); selection "
+                                "needs at least 2")
   measured = np.asarray(curves.measured)
   d = np.asarray(curves.data_sizes, np.float64)
   largest = np.where(measured, d[None, :], -np.inf).max(1)
   d_max = float(largest.max())
   if not target_data_num >= d_max:
-    raise SelectionInputError(f"target D* = {target_data_num:g} is below the largest measured size "
-                     f"{d_max:g} of {curves.source}")
+    raise errors.ConfigError(f"target D* = {target_data_num:g} is below the largest measured "
+                             f"size {d_max:g} of {curves.source}")
   check_points(curves, predictor)
   keep = d <= d_max
   view = selection.VisibleCurves(data_sizes=d[keep], losses=np.asarray(curves.losses)[:, keep],

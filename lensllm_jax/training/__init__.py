@@ -34,7 +34,7 @@ Every public name of these modules is re-exported here
   zoo: EXCLUDED_DIRS, stdlib_dir, stdlib_files, is_pretraining_file, FunctionRecord, parse_source,
     chunk_text, Corpus, build_corpus, FAMILIES, ZooSpec, model_config, zoo_from_dicts
   zoo_build: write_atomic, read_jsonl, append_jsonl, corpus_step, tokenizer_step, apply_fn_for, ZooModel,
-    model_max_len, pretrain_step, build_zoo
+    model_max_len, pretrain_step, ZOO_MANIFEST, bind_zoo_workdir, build_zoo
   study_tasks: TASK_NAMES, truncate_at_line, code2name_records, translate_records, task_records,
     make_splits
 
@@ -166,9 +166,11 @@ from lensllm_jax.training.zoo import (
   zoo_from_dicts,
 )
 from lensllm_jax.training.zoo_build import (
+  ZOO_MANIFEST,
   ZooModel,
   append_jsonl,
   apply_fn_for,
+  bind_zoo_workdir,
   build_zoo,
   corpus_step,
   model_max_len,
@@ -306,5 +308,7 @@ __all__ = [
   "ZooModel",
   "model_max_len",
   "pretrain_step",
+  "ZOO_MANIFEST",
+  "bind_zoo_workdir",
   "build_zoo",
 ]

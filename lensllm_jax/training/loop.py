@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lensllm_jax import models
+from lensllm_jax import errors, models
 from lensllm_jax.models import losses
 from lensllm_jax.progress import progress
 from lensllm_jax.training import sharding as shd
@@ -468,18 +468,28 @@ def load_params(path: str, like: Any = None) -> Any:
   """Reads a pytree written by `save_params` (as `like`'s structure and shardings if given).
 
   Without `like` the arrays land on the first local device, whatever the
-  device layout they were saved from (e.g. a multi-process mesh).
+  device layout they were saved from (e.g. a multi-process mesh). A missing
+  directory or one orbax cannot restore into `like` is an `errors.CheckpointError`
+  naming it.
   """
   import orbax.checkpoint as ocp
 
+  if not os.path.isdir(path):
+    raise errors.CheckpointError(f"{path}: no such checkpoint directory (written by "
+                                 "training.save_params)")
   with ocp.StandardCheckpointer() as ckpt:
-    if like is None:
-      meta = ckpt.metadata(os.path.abspath(path))
-      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-      like = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                          getattr(meta, "item_metadata", meta))
-    return ckpt.restore(os.path.abspath(path),
-                        jax.tree.map(ocp.utils.to_shape_dtype_struct, like))
+    try:
+      if like is None:
+        meta = ckpt.metadata(os.path.abspath(path))
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        like = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                            getattr(meta, "item_metadata", meta))
+      return ckpt.restore(os.path.abspath(path),
+                          jax.tree.map(ocp.utils.to_shape_dtype_struct, like))
+    except (OSError, ValueError, KeyError, TypeError) as e:  # orbax: missing/corrupt/other tree
+      detail = " ".join(str(e).split())[:300]
+      raise errors.CheckpointError(f"{path}: not a readable checkpoint of these parameters "
+                                   f"({type(e).__name__}: {detail})") from e
 
 
 # ---------------------------------------------------------------------------

@@ -198,46 +198,16 @@ def pretrained_params(spec, cfg, config, tok, workdir, mesh):
 
 
 def read_runs(path: pathlib.Path) -> dict[tuple[str, int], dict]:
-  """{(model, D): record} of runs.jsonl.
-
-  A last line without its newline is the partial row of a process killed while
-  appending it: it is dropped (removed from the file, on process 0), so that
-  the run is redone. Any other unreadable line is an error.
-  """
-  runs = {}
-  if path.exists():
-    text = path.read_text()
-    if text and not text.endswith("\n"):
-      logging.warning("%s: dropping a partial last row (interrupted write): %r", path,
-                      text[-80:])
-      text = text[:text.rfind("\n") + 1]
-      if sharding.is_primary():
-        with open(path, "r+") as f:
-          f.truncate(len(text.encode()))
-    for i, line in enumerate(text.splitlines()):
-      if not line.strip():
-        continue
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise errors.WorkdirError(f"{path} line {i + 1}: not JSON ({e}); delete the line to redo "
-                                  "the run") from None
-      runs[(rec["model"], int(rec["data_size"]))] = rec
-  return runs
+  """{(model, D): record} of runs.jsonl (`rundir.read_json_lines`: a partial last row of a
+  killed process is dropped, removed from the file on process 0, and its run redone)."""
+  recs = rundir.read_json_lines(path, truncate=sharding.is_primary(), redo="the run")
+  return {(rec["model"], int(rec["data_size"])): rec for rec in recs}
 
 
 def append_run(path: pathlib.Path, rec: dict) -> None:
   """Appends one JSON line (process 0 only), in one write and synced to disk."""
-  if not sharding.is_primary():
-    return
-  data = (json.dumps(rec) + "\n").encode()
-  fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-  try:
-    while data:
-      data = data[os.write(fd, data):]
-    os.fsync(fd)
-  finally:
-    os.close(fd)
+  if sharding.is_primary():
+    rundir.append_json_line(path, rec)
 
 
 NTK_KERNELS = ("exact", "sketched")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import pathlib
 import time
@@ -28,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from lensllm_jax import models
+from lensllm_jax import errors, models, rundir
 from lensllm_jax.training import loop, textdata, zoo
 
 
@@ -43,24 +42,13 @@ def write_atomic(path: pathlib.Path, text: str) -> None:
 
 
 def read_jsonl(path: pathlib.Path) -> list[dict]:
-  if not path.exists():
-    return []
-  out = []
-  for i, line in enumerate(path.read_text().splitlines()):
-    if line.strip():
-      try:
-        out.append(json.loads(line))
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path} line {i + 1}: not JSON ({e}); delete the line to redo "
-                         "that step") from None
-  return out
+  """Records of zoo.jsonl (`rundir.read_json_lines`: a cut last row is dropped, its model
+  pre-trained again)."""
+  return rundir.read_json_lines(path, redo="that step")
 
 
 def append_jsonl(path: pathlib.Path, rec: dict) -> None:
-  with open(path, "a") as f:
-    f.write(json.dumps(rec) + "\n")
-    f.flush()
-    os.fsync(f.fileno())
+  rundir.append_json_line(path, rec)
 
 
 # ---------------------------------------------------------------------------
@@ -70,7 +58,11 @@ def append_jsonl(path: pathlib.Path, rec: dict) -> None:
 def corpus_step(cfg, workdir: pathlib.Path) -> zoo.Corpus:
   path = workdir / "corpus.json"
   if path.exists():
-    return zoo.Corpus.from_json(path.read_text())
+    try:
+      return zoo.Corpus.from_json(path.read_text())
+    except (ValueError, KeyError, TypeError) as e:  # a cut or foreign corpus.json
+      raise errors.WorkdirError(f"{path}: not a corpus of build_zoo ({type(e).__name__}: {e}); "
+                                "delete it to rebuild the corpus") from None
   t0 = time.time()
   corpus = zoo.build_corpus(max_files=cfg.corpus.max_files,
                             pretrain_fraction=cfg.corpus.pretrain_fraction,
@@ -169,6 +161,31 @@ def pretrain_step(cfg, workdir: pathlib.Path, corpus: zoo.Corpus, tok) -> list[Z
     params = jax.tree.map(jnp.asarray, loop.as_numpy(params))
     out.append(ZooModel(spec, config, params, models.count_params(params)))
   return out
+
+
+# What the corpus, tokenizer and zoo of a workdir are made of (config fields), and the files.
+_ZOO_FIELDS = ("corpus", "tokenizer_vocab", "pretrain_max_len", "task_max_len", "zoo", "pretrain")
+_ZOO_OUTPUTS = ("corpus.json", "tokenizer.json", "zoo.jsonl", "zoo")
+ZOO_MANIFEST = "manifest.zoo.json"
+
+
+def bind_zoo_workdir(cfg, workdir: pathlib.Path, *, overwrite: bool = False) -> None:
+  """Checks and records what the workdir's corpus, tokenizer and zoo are made of (the config's
+  _ZOO_FIELDS, `rundir.bind_manifest`; models may be added to the zoo): a rerun with another
+  corpus, vocabulary, length or model spec is refused, overwrite=True rebuilds them. Call
+  with the workdir's lock held. A workdir made before this manifest is adopted when its
+  zoo.jsonl records exactly the config's specs of the models it holds (its corpus settings
+  are not recorded there and are taken on trust)."""
+  manifest = rundir.make_manifest({k: cfg[k] for k in _ZOO_FIELDS}, {})
+  records = workdir / "zoo.jsonl"
+  if rundir.read_manifest(workdir, ZOO_MANIFEST) is None and records.exists():
+    specs = {s.name: dataclasses.asdict(s) for s in zoo.zoo_from_dicts([dict(r) for r in cfg.zoo])}
+    done = read_jsonl(records)
+    if all(r.get("name") in specs and all(r.get(k) == v for k, v in specs[r["name"]].items())
+           for r in done):
+      rundir.bind_manifest(workdir, manifest, outputs=(), name=ZOO_MANIFEST)  # adopted
+  rundir.bind_manifest(workdir, manifest, outputs=_ZOO_OUTPUTS, overwrite=overwrite,
+                       merge={"zoo": lambda spec: spec["name"]}, name=ZOO_MANIFEST)
 
 
 def build_zoo(cfg, workdir: pathlib.Path):

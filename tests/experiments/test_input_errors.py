@@ -2,16 +2,24 @@
 
 Table-driven: each curve-file case (a variant of a clean 7-model file) and
 each config / output-directory case is run through every binary that reads
-it, in-process (`reproduce_selection.run`, `lensllm_plus.run`); the error
-must be a project error type whose one-line message matches the case, and a
-variant that means the same file (a byte order mark, CRLF line ends,
-reordered columns, zero-padded D headers) must give byte-identical
-selection.csv and cost.csv. `run_main` turning these errors into
-one line and exit 2 is checked by tests/experiments/test_cli_errors.py.
+it, in-process (reproduce_selection, lensllm_plus, select's predict and
+replay, fit_laws, ntk_dynamics); the error must be a project error type
+whose one-line message matches the case, and a variant that means the same
+file (a byte order mark, CRLF line ends, reordered columns, zero-padded D
+headers) must load to the same curves and give byte-identical selection.csv
+and cost.csv. The other inputs (config fields, model configs, checkpoints,
+token files, jsonl data, tokenizers, workdir contents and the directories
+themselves) go through every binary that reads them: hessian_spectrum,
+ntk_spectrum, train_curve_pfn, lensllm_study, build_zoo, select online,
+finetune_sweep. Each error comes before any output is written (the binaries
+check before any work, so these cases take milliseconds). `run_main`
+turning these errors into one line and exit 2 is checked by
+tests/experiments/test_cli_errors.py.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -21,6 +29,7 @@ import numpy as np
 import pytest
 
 from configs import lensllm_plus as plus_config
+from configs import select as select_config
 from configs import selection as selection_config
 from experiments import common, lensllm_plus
 from experiments import reproduce_selection as rs
@@ -398,3 +407,372 @@ def test_finetune_sweep_input_cases(sweep_inputs, tmp_path, case, change, expect
     finetune_sweep.run(cfg, tmp_path / "work")
   assert re.search(expected, _one_line(info.value)), str(info.value)
   assert not (tmp_path / "work" / "runs.jsonl").exists()
+
+
+# ------------------------------------- the other binaries that read curve files ---
+# select (predict and replay), fit_laws and ntk_dynamics read curve files with the same
+# loader (`benchmarks.load_curves`), so a variant that means the same file gives the same
+# curves (test_curve_file_cases) and thus the same results; each must refuse every damaged
+# variant with the same one line, before any work.
+
+
+def _select_predict(path, tmp_path):
+  from experiments import select
+
+  cfg = select_config.get_config()
+  cfg.curves, cfg.target_data_num = str(path), 819200
+  select.run(cfg, str(tmp_path / "out"))
+  return tmp_path / "out"
+
+
+def _select_replay(path, tmp_path):
+  from experiments import select
+
+  cfg = select_config.get_config("replay")
+  cfg.replay = str(path)
+  select.run(cfg, str(tmp_path / "out"))
+  return tmp_path / "out"
+
+
+def _fit_laws(path, tmp_path):
+  from configs import fit_laws as fit_laws_config
+  from experiments import fit_laws
+
+  cfg = fit_laws_config.get_config()
+  cfg.benchmarks = (str(path),)
+  fit_laws.run(cfg, tmp_path / "out")
+  return tmp_path / "out"
+
+
+def _study_cfg(curves):
+  from configs import study as study_config
+
+  cfg = study_config.get_config("tiny")
+  cfg.tasks = ("x",)
+  cfg.subset_sizes = tuple(int(d) for d in curves.data_sizes[1:])
+  return cfg
+
+
+def _eigenpairs(out, models, task="x"):
+  rows = [{"task": task, "model": m, "k": k, "eigval": 1.0 / (k + 1), "proj": 0.1, "eta": 1e-3}
+          for m in models for k in range(3)]
+  common.append_rows(out / "ntk_eigenpairs.csv", list(rows[0]), rows)
+
+
+def _ntk_dynamics(path, tmp_path):
+  """The variant as a study directory's curves_x.csv, beside eigenpairs of m0..m6."""
+  from experiments import ntk_dynamics
+
+  out = tmp_path / "study"
+  out.mkdir()
+  (out / "curves_x.csv").write_bytes(path.read_bytes())
+  _eigenpairs(out, [f"m{i}" for i in range(7)])
+  ntk_dynamics.run(_study_cfg(synthetic_curves(seed=5)[0]), out, methods=("LensLLM",))
+  return out / "ntk_dynamics.csv"
+
+
+OTHER_CURVE_BINARIES = {"select": _select_predict, "select_replay": _select_replay,
+                        "fit_laws": _fit_laws, "ntk_dynamics": _ntk_dynamics}
+# A file of two models is a valid input of the binaries that need no correlation.
+FEWER_MODELS_OK = {"select", "select_replay", "fit_laws"}
+OTHER_CURVE_RUNS = [(b, c, m, e) for b in sorted(OTHER_CURVE_BINARIES)
+                    for c, m, e in CURVE_CASES
+                    if e is not None and not (c == "two_models" and b in FEWER_MODELS_OK)]
+
+
+@pytest.mark.parametrize("binary,case,make,expected", OTHER_CURVE_RUNS,
+                         ids=[f"{r[0]}-{r[1]}" for r in OTHER_CURVE_RUNS])
+def test_other_binaries_refuse_damaged_curve_files(clean, tmp_path, binary, case, make, expected):
+  path = _variant(clean[0], tmp_path, case, make)
+  with pytest.raises(errors.CurveFileError) as info:
+    OTHER_CURVE_BINARIES[binary](path, tmp_path)
+  if binary == "ntk_dynamics":
+    expected = expected.replace("toy7", "curves_x")
+  assert re.search(expected, _one_line(info.value)), str(info.value)
+  assert not (tmp_path / "out").exists()  # refused before anything was written
+  assert not (tmp_path / "study" / "ntk_dynamics.csv").exists()
+  assert not (tmp_path / "study" / "manifest.ntk_dynamics.json").exists()
+
+
+# ---------------------------- config, model, token and workdir inputs of the rest ---
+
+
+def _tokens(root, name, array):
+  path = root / name
+  np.save(path, array)
+  return str(path)
+
+
+def _model_json(root, text):
+  path = root / "model.json"
+  path.write_text(text)
+  return str(path)
+
+
+def _tiny_gpt2_json():
+  import dataclasses
+
+  from lensllm_jax import models
+
+  return json.dumps(dataclasses.asdict(models.presets["tiny-gpt2"]))
+
+
+def _hessian(root, overrides):
+  from configs import hessian_spectrum as hessian_config
+  from experiments import hessian_spectrum
+
+  cfg = hessian_config.get_config()
+  cfg.update(overrides(root) if callable(overrides) else overrides)
+  hessian_spectrum.run(cfg, str(root / "out"))
+
+
+def _ntk_spectrum(root, overrides):
+  from configs import ntk_spectrum as ntk_config
+  from experiments import ntk_spectrum
+
+  cfg = ntk_config.get_config()
+  cfg.update(overrides(root) if callable(overrides) else overrides)
+  ntk_spectrum.run(cfg, str(root / "out"))
+
+
+def _train_pfn(root, overrides):
+  from configs import context_pfn as context_config
+  from configs import curve_pfn as curve_pfn_config
+  from experiments import train_curve_pfn
+
+  values = overrides(root) if callable(overrides) else overrides
+  kind = values.pop("kind", "curve")
+  cfg = (context_config if kind == "context" else curve_pfn_config).get_config("tiny")
+  cfg.kind = kind
+  cfg.output_dir = cfg.log_dir = str(root / "out")
+  for key, value in values.items():
+    *path, last = key.split(".")
+    node = cfg
+    for part in path:
+      node = node[part]
+    node[last] = value
+  train_curve_pfn.run(cfg)
+
+
+def _study(root, overrides, binary="lensllm_study"):
+  from configs import study as study_config
+  from experiments import build_zoo, lensllm_study
+
+  cfg = study_config.get_config("tiny")
+  for key, value in (overrides(root) if callable(overrides) else overrides).items():
+    *path, last = key.split(".")
+    node = cfg
+    for part in path:
+      node = node[part]
+    node[last] = value
+  if binary == "build_zoo":
+    build_zoo.build(cfg, root / "out")
+  else:
+    with lensllm_study.open_study(cfg, root / "out", root / "out" / "results"):
+      pytest.fail("opened")
+
+
+def _select_online(root, overrides):
+  from experiments import select
+
+  cfg = select_config.get_config("online_smoke")
+  for key, value in (overrides(root) if callable(overrides) else overrides).items():
+    *path, last = key.split(".")
+    node = cfg
+    for part in path:
+      node = node[int(part)] if part.isdigit() else node[part]
+    node[last] = value
+  select.run(cfg, workdir=str(root / "out"))
+
+
+def _corrupt_ckpt(root):
+  bad = root / "ckpt"
+  bad.mkdir()
+  (bad / "garbage").write_text("not orbax")
+  return dict(pretrained_ckpt=str(bad), finetuned_ckpt=str(bad))
+
+
+def _corpus(root):
+  """A workdir of this config whose corpus.json was cut."""
+  from configs import study as study_config
+  from lensllm_jax.training import zoo_build
+
+  (root / "out").mkdir()
+  zoo_build.bind_zoo_workdir(study_config.get_config("tiny"), root / "out")
+  (root / "out" / "corpus.json").write_text('{"python": "3.11", "functions": [')
+  return {}
+
+
+V = 256  # tiny-gpt2's vocabulary
+OTHER_CASES = [  # (binary runner, case, overrides or fn(root) -> overrides, error type, regex)
+    (_hessian, "batch_size_zero", dict(batch_size=0), errors.ConfigError,
+     r"config\.batch_size=0: must be >= 1"),
+    (_hessian, "examples_not_multiple", dict(num_examples=10), errors.ConfigError,
+     r"config\.num_examples=10 must be a multiple of config\.batch_size=8"),
+    (_hessian, "one_probe", dict(hutchinson_probes=1), errors.ConfigError,
+     r"config\.hutchinson_probes=1: must be >= 2"),
+    (_hessian, "k_past_lanczos", dict(k=40), errors.ConfigError,
+     r"config\.k=40: at most config\.lanczos_iters=30"),
+    (_hessian, "unknown_preset", dict(preset="nope"), errors.ConfigError,
+     r"config\.preset='nope' unknown"),
+    (_hessian, "model_json_invalid", lambda r: dict(model_config=_model_json(r, '{"arch": "gpt2",\n')),
+     errors.CheckpointError, r"model\.json, line 2: not valid JSON"),
+    (_hessian, "model_json_fields", lambda r: dict(model_config=_model_json(r, '{"arch": "gpt2", "x": 1}')),
+     errors.CheckpointError, r"model\.json: not valid ModelConfig fields"),
+    (_hessian, "model_json_directory", lambda r: dict(model_config=str(r)),
+     errors.CheckpointError, r"config\.model_config: .* is a directory, not a file"),
+    (_hessian, "tokens_missing", lambda r: dict(tokens_npy=str(r / "nope.npy")),
+     errors.DataError, r"config\.tokens_npy: .*nope\.npy does not exist"),
+    (_hessian, "tokens_not_npy", lambda r: dict(tokens_npy=_model_json(r, "[1, 2]")),
+     errors.DataError, r"config\.tokens_npy=.*model\.json: not a readable \.npy file"),
+    (_hessian, "tokens_float", lambda r: dict(tokens_npy=_tokens(r, "t.npy", np.zeros((16, 33)))),
+     errors.DataError, r"expected integer token ids \[n, T\], got float64"),
+    (_hessian, "tokens_past_vocab",
+     lambda r: dict(tokens_npy=_tokens(r, "t.npy", np.full((16, 33), V, np.int64))),
+     errors.DataError, r"token ids outside \[0, 256\)"),
+    (_hessian, "tokens_short",
+     lambda r: dict(tokens_npy=_tokens(r, "t.npy", np.zeros((16, 20), np.int64))),
+     errors.DataError, r"need shape \[>= 16, 33\]"),
+    (_hessian, "one_checkpoint", lambda r: dict(pretrained_ckpt=str(r)), errors.ConfigError,
+     r"pass both config\.pretrained_ckpt and config\.finetuned_ckpt"),
+    (_hessian, "checkpoint_missing",
+     lambda r: dict(pretrained_ckpt=str(r / "no"), finetuned_ckpt=str(r / "no")),
+     errors.CheckpointError, r"/no: no such checkpoint directory"),
+    (_hessian, "checkpoint_corrupt", _corrupt_ckpt, errors.CheckpointError,
+     r"ckpt: not a readable checkpoint of these parameters"),
+    (_ntk_spectrum, "unknown_output", dict(output="logits"), errors.ConfigError,
+     r"config\.output='logits': expected one of"),
+    (_ntk_spectrum, "no_probes", dict(n=0), errors.ConfigError, r"config\.n=0: must be >= 1"),
+    (_ntk_spectrum, "bad_t_range", dict(t_range=(5.0, 1.0)), errors.ConfigError,
+     r"config\.t_range=\[5\.0, 1\.0\]: expected \(t_min, t_max\)"),
+    (_ntk_spectrum, "unknown_preset", dict(preset="nope"), errors.ConfigError,
+     r"config\.preset='nope': not one of"),
+    (_ntk_spectrum, "checkpoint_missing", lambda r: dict(checkpoint=str(r / "no")),
+     errors.CheckpointError, r"config\.checkpoint=.*/no: no such path"),
+    (_ntk_spectrum, "probe_past_vocab",
+     lambda r: dict(probe=_tokens(r, "p.npy", np.full((4, 8), V, np.int64))),
+     errors.DataError, r"config\.probe=.*p\.npy: token ids outside \[0, 256\)"),
+    (_ntk_spectrum, "probe_too_long",
+     lambda r: dict(probe=_tokens(r, "p.npy", np.zeros((4, 200), np.int64))),
+     errors.DataError, r"length 200 > max_len 128"),
+    (_ntk_spectrum, "probe_not_npy", lambda r: dict(probe=_model_json(r, "x")), errors.DataError,
+     r"config\.probe=.*: not a readable \.npy file"),
+    (_train_pfn, "unknown_kind", {"kind": "nope"}, errors.ConfigError,
+     r"config\.kind='nope'; expected 'curve' or 'context'"),
+    (_train_pfn, "zero_steps", {"train.num_steps": 0}, errors.ConfigError,
+     r"config\.train\.num_steps=0: must be >= 1"),
+    (_train_pfn, "zero_batch", {"train.batch_size": 0}, errors.ConfigError,
+     r"config\.train\.batch_size=0: must be >= 1"),
+    (_train_pfn, "drop_everything", {"train.drop_prob": 1.0}, errors.ConfigError,
+     r"config\.train\.drop_prob=1\.0: must be in \[0, 1\)"),
+    (_train_pfn, "bars_reversed", {"bars.z_min": 2.0}, errors.ConfigError,
+     r"config\.bars: z_min=2\.0 must be below z_max=1\.0"),
+    (_train_pfn, "init_from_missing", lambda r: {"kind": "context", "init_from": str(r / "no")},
+     errors.CheckpointError, r"config\.init_from=.*/no: no weights\.msgpack there"),
+    (_study, "no_tasks", {"tasks": []}, errors.ConfigError, r"config\.tasks is empty"),
+    (_study, "unknown_task", {"tasks": ["x"]}, errors.ConfigError,
+     r"config\.tasks: 'x' is not one of"),
+    (_study, "subset_zero", {"subset_sizes": [0, 25]}, errors.ConfigError,
+     r"config\.subset_sizes: 0 must be an integer >= 1"),
+    (_study, "batch_zero", {"train.batch_size": 0}, errors.ConfigError,
+     r"config\.train\.batch_size=0: must be >= 1"),
+    (_study, "zero_restarts", {"selection.num_restarts": 0}, errors.ConfigError,
+     r"config\.selection\.num_restarts=0: must be >= 1"),
+    (_study, "ratio_past_grid", {"selection.ratios": [64]}, errors.ConfigError,
+     r"config\.selection\.ratios: ratio 64 gives D_max=12\.5"),
+    (_study, "no_zoo", {"zoo": []}, errors.ConfigError, r"config\.zoo is empty"),
+    (_study, "unknown_budget_method", {"selection.budget.method": "Nope"}, errors.ConfigError,
+     r"config\.selection\.budget\.method: 'Nope'; budget methods:"),
+    (_study, "hessian_model_unknown", {"hessian.models": ["nope"]}, errors.ConfigError,
+     r"config\.hessian\.models: \['nope'\] are not zoo models"),
+    (functools.partial(_study, binary="build_zoo"), "zoo_twice",
+     {"zoo": [dict(name="a", arch="gpt2", d_model=d, n_layers=1, n_heads=2, pretrain_steps=0)
+              for d in (8, 16)]},
+     errors.ConfigError,
+     r"config\.zoo: .*duplicate model names \['a'\]"),
+    (functools.partial(_study, binary="build_zoo"), "corpus_cut", _corpus, errors.WorkdirError,
+     r"corpus\.json: not a corpus of build_zoo"),
+    (_select_online, "batch_size_zero", {"train.batch_size": 0}, errors.ConfigError,
+     r"config\.train\.batch_size=0: must be >= 1"),
+    (_select_online, "one_model", lambda r: {"models": []}, errors.ConfigError,
+     r"config\.models: 0 model\(s\); selection needs >= 2"),
+    (_select_online, "d0_past_cap", {"d0": 400}, errors.ConfigError,
+     r"config\.max_data_num=200 is below config\.d0=400"),
+    (_select_online, "unknown_predictor", {"predictor": "Nope"}, errors.ConfigError,
+     r"config\.predictor='Nope': unknown"),
+    (_select_online, "negative_min_points", {"min_points": 0}, errors.ConfigError,
+     r"config\.min_points=0: must be >= 1"),
+    (_select_online, "negative_z", {"z": -1.0}, errors.ConfigError, r"config\.z=-1: must be >= 0"),
+]
+
+
+def _name(runner):
+  return getattr(runner, "func", runner).__name__.strip("_") + (
+      "_build_zoo" if getattr(runner, "keywords", None) else "")
+
+
+@pytest.mark.parametrize("runner,case,overrides,kind,expected", OTHER_CASES,
+                         ids=[f"{_name(c[0])}-{c[1]}" for c in OTHER_CASES])
+def test_config_model_token_and_workdir_inputs(tmp_path, runner, case, overrides, kind,
+                                               expected):
+  """Each binary on a bad config field, model config, checkpoint, token file or workdir
+  content: the specific error, one line naming the place, before any output directory."""
+  with pytest.raises(kind) as info:
+    runner(tmp_path, dict(overrides) if isinstance(overrides, dict) else overrides)
+  assert re.search(expected, _one_line(info.value)), str(info.value)
+  out = tmp_path / "out"
+  assert not out.exists() or {p.name for p in out.iterdir()} <= {
+      "corpus.json", ".lock", "manifest.zoo.json"}
+
+
+def test_same_inputs_in_another_form_are_read_the_same(tmp_path):
+  """A model config with a byte order mark, and token ids as int32 instead of int64, are
+  the same inputs (read into equal values, hence the same results)."""
+  from configs import hessian_spectrum as hessian_config
+  from experiments import hessian_spectrum
+
+  cfg = hessian_config.get_config()
+  text = _tiny_gpt2_json()
+  a = tmp_path / "a.json"
+  a.write_text(text)
+  b = tmp_path / "b.json"
+  b.write_bytes(("\ufeff" + text).encode())
+  configs = []
+  for path in (a, b):
+    cfg.model_config = str(path)
+    configs.append(hessian_spectrum.model_config(cfg))
+  assert configs[0] == configs[1]
+  ids = np.random.default_rng(0).integers(0, V, (16, 33))
+  data = []
+  for dtype in (np.int64, np.int32):
+    cfg.tokens_npy = _tokens(tmp_path, f"{dtype.__name__}.npy", ids.astype(dtype))
+    data.append(hessian_spectrum.load_task_data(cfg, configs[0]))
+  for k in data[0]:
+    np.testing.assert_array_equal(data[0][k], data[1][k])
+    assert data[0][k].dtype == data[1][k].dtype
+
+
+WORKDIR_BINARIES = {  # binary -> fn(directory) running it on its output directory / workdir
+    "hessian_spectrum": lambda d: _hessian(d.parent, {}),
+    "ntk_spectrum": lambda d: _ntk_spectrum(d.parent, {}),
+    "train_curve_pfn": lambda d: _train_pfn(d.parent, {}),
+    "lensllm_study": lambda d: _study(d.parent, {}),
+    "build_zoo": lambda d: _study(d.parent, {}, binary="build_zoo"),
+    "select_online": lambda d: _select_online(d.parent, {}),
+}
+
+
+@pytest.mark.parametrize("binary", sorted(WORKDIR_BINARIES))
+def test_output_directory_that_is_a_file_or_in_use(tmp_path, binary):
+  """The directory of each binary: a file there, or another run holding its lock, is
+  refused at once with one line (the heavy work never starts)."""
+  run = WORKDIR_BINARIES[binary]
+  (tmp_path / "out").write_text("x")
+  with pytest.raises(errors.WorkdirError) as info:
+    run(tmp_path / "out")
+  assert re.search(r"out exists and is not a directory", _one_line(info.value))
+  (tmp_path / "out").unlink()
+  (tmp_path / "out").mkdir()
+  with rundir.directory_lock(tmp_path / "out"):
+    with pytest.raises(errors.WorkdirError, match=rf"in use by another run \(pid {os.getpid()},"):
+      run(tmp_path / "out")

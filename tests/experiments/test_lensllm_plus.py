@@ -332,3 +332,52 @@ def test_reproduce_selection_reports_the_same_predictor(small_run, tmp_path, mon
   assert crit[chosen["a"]["candidate"]] == pytest.approx(max(crit.values()), abs=1e-9)
   assert float(chosen["a"]["train_criterion"]) == pytest.approx(max(crit.values()), abs=1e-6)
   assert [r.method for r in got["a"]] == ["LensLLM+"] * len(RATIOS)
+
+
+def test_every_nan_cell_has_a_note_naming_its_cause(small_run, tmp_path, monkeypatch):
+  """One model's RectifiedFit prediction made infinite at ratio 8 on file a (in a copy of the
+  run's predictions.csv): the rerun from the cached predictions has NaN cells, each with a
+  note of its cause in notes.csv (per dataset, method and ratio) listed under the tables.
+  The clean run has none."""
+  import shutil
+
+  cfg, _, out = small_run
+  assert not (out / "notes.csv").exists()
+  assert "## Notes" not in (out / "lensllm_plus.md").read_text()
+  copy = tmp_path / "out"
+  shutil.copytree(out, copy)
+  rows = common.read_rows(copy / "predictions.csv")
+  hit = [r for r in rows if (r["dataset"], r["key"], r["ratio"]) == ("a", "RectifiedFit", "8")]
+  assert len(hit) == 1
+  hit[0]["values"] = " ".join(["inf", *hit[0]["values"].split()[1:]])
+  (copy / "predictions.csv").unlink()
+  common.append_rows(copy / "predictions.csv", lensllm_plus.PRED_HEADER, rows)
+
+  def no_fit(*a, **k):
+    raise AssertionError("a rerun of finished work must not fit")
+
+  monkeypatch.setattr(protocol, "default_grid", lambda: GRID)
+  monkeypatch.setattr(candidates, "file_predictions", no_fit)
+  monkeypatch.setattr(candidates, "budgeted_candidate_selection", no_fit)
+  monkeypatch.setattr(protocol, "evaluate_grid", no_fit)
+  lensllm_plus.run(cfg, copy)
+  nan = {(r["dataset"], r["method"], r["ratio"], r["metric"])
+         for r in common.read_rows(copy / "results.csv") if r["value"] == "nan"}
+  nan |= {(r["dataset"], r["candidate"], r["ratio"], r["metric"])
+          for r in common.read_rows(copy / "candidates.csv") if r["value"] == "nan"}
+  assert {c[3] for c in nan if c[:3] == ("a", "RectifiedFit", "8")} == {
+      "PearCorr", "Spearman", "RMSE"}
+  notes = common.read_rows(copy / "notes.csv")
+  why = {}
+  for r in notes:
+    why.setdefault((r["dataset"], r["method"], r["ratio"]), []).append(r["note"])
+  for ds, method, ratio, metric in nan:
+    said = " ".join(why.get((ds, method, ratio), []))
+    assert (f"{metric} is NaN" if metric == "RMSE" else "PearCorr and Spearman are NaN") in said
+  assert why[("a", "RectifiedFit", "8")] == [
+      "PearCorr and Spearman are NaN: the method's feature is not finite for every model",
+      "RMSE is NaN: the predicted L(D*) is not finite for 1 of 10 models"]
+  md = (copy / "lensllm_plus.md").read_text()
+  assert ("- a RectifiedFit (ratios 8): RMSE is NaN: the predicted L(D*) is not finite for 1 "
+          "of 10 models") in md.split("## Notes")[1]
+  assert "## Notes" in (copy / "candidates.md").read_text()

@@ -110,3 +110,38 @@ def test_every_nan_cell_and_unrun_fit_has_a_note(tmp_path):
   benchmarks.write_curves(curves, clean)
   out2 = rs.run(_cfg(clean, methods=methods), tmp_path / "out2")
   assert not (out2 / "notes.csv").exists() and "## Notes" not in (out2 / "selection.md").read_text()
+
+
+def test_score_notes_say_why_each_score_is_nan():
+  """common.score_notes, the one text of every binary's NaN notes: a truth constant to
+  rounding, a non-finite prediction (RMSE), nothing for a clean result."""
+  from lensllm_jax import selection
+
+  truth = np.array([1.0, 2.0, 3.0])
+  clean = selection.SelectionResult("X", truth + 0.1, selection.rank_by(truth), predicted=truth)
+  assert common.score_notes(clean, truth, with_rmse=True) == []
+  tie = np.full(3, 0.3)
+  tie[1] = 0.1 * 3  # 0.30000000000000004: constant to rounding
+  notes = common.score_notes(clean, tie)
+  assert len(notes) == 1 and "constant to rounding" in notes[0]
+  assert np.isnan(metrics.pearson_corr(clean.feature, tie))
+  bad = dataclasses.replace(clean, predicted=np.array([1.0, np.inf, 3.0]))
+  assert common.score_notes(bad, truth, with_rmse=True) == [
+      "RMSE is NaN: the predicted L(D*) is not finite for 1 of 3 models"]
+  ranks_only = dataclasses.replace(clean, predicted=None)
+  assert common.score_notes(ranks_only, truth, with_rmse=True) == [
+      "RMSE is NaN: the method predicts no L(D*) (it only ranks)"]
+
+
+def test_fit_laws_rows_say_why_a_cell_is_nan():
+  from experiments import fit_laws
+
+  row = {"status": "converged", "rmse_fit": 0.1, "rmse_heldout": float("nan"),
+         "pred_last": 2.0, "B": 1.0}
+  assert fit_laws.nan_note(row, True, False) == (
+      "rmse_heldout: no held-out point (config.max_data_size not set or above every D)")
+  row.update(status="nonfinite", pred_last=float("nan"), B=float("nan"))
+  assert fit_laws.nan_note(row, True, True) == (
+      "rmse_heldout, pred_last, B: the fit's status is nonfinite (its parameters or predicted "
+      "curve are not finite)")
+  assert fit_laws.nan_note({"status": "converged", "rmse_fit": 0.1}, True, True) == ""

@@ -144,3 +144,89 @@ def test_study_sweep_workdir_made_before_manifests_is_adopted_if_its_config_matc
     sweep.bind_workdir(scfg, other)
   sweep.bind_workdir(scfg, other, overwrite=True)  # recompute: the old runs are gone
   assert not (other / "runs.jsonl").exists() and rundir.read_manifest(other) is not None
+
+
+def test_hessian_and_ntk_spectrum_workdirs_refuse_another_config_or_input(tmp_path):
+  """The binaries' own `open_workdir` (what `run` opens after reading its inputs): same
+  config and inputs go on, a changed field or token file is refused naming it."""
+  from configs import hessian_spectrum as hessian_config
+  from configs import ntk_spectrum as ntk_config
+  from experiments import hessian_spectrum, ntk_spectrum
+
+  probe = tmp_path / "probe.npy"
+  np.save(probe, np.zeros((4, 8), np.int64))
+  for binary, cfg, field, value in (
+      (hessian_spectrum, hessian_config.get_config(), "num_examples", 32),
+      (ntk_spectrum, ntk_config.get_config(), "n", 64)):
+    key = "tokens_npy" if binary is hessian_spectrum else "probe"
+    cfg[key] = str(probe)
+    out = tmp_path / binary.__name__.split(".")[-1]
+    with binary.open_workdir(cfg, out):
+      (out / "eigenvalues.csv" if binary is hessian_spectrum else out / "spectrum.csv").write_text(
+          "made\n")
+    with binary.open_workdir(cfg, out):  # same config and inputs: goes on
+      pass
+    other = cfg.copy_and_resolve_references()
+    other[field] = value
+    with _refused(rf"config.{field}: \d+ -> {value}"):
+      with binary.open_workdir(other, out):
+        pass
+    np.save(probe, np.ones((4, 8), np.int64))
+    with _refused(rf"input {key}: sha256 \w+ -> \w+"):
+      with binary.open_workdir(cfg, out):
+        pass
+    np.save(probe, np.zeros((4, 8), np.int64))
+
+
+def test_zoo_workdir_refuses_another_corpus_or_model_spec_and_adopts_a_matching_legacy_one(
+    tmp_path):
+  """`zoo_build.bind_zoo_workdir` (build_zoo and lensllm_study, under the workdir's lock)."""
+  from lensllm_jax.training import zoo_build
+
+  cfg = study_config.get_config("tiny")
+  work = tmp_path / "work"
+  work.mkdir()
+  zoo_build.bind_zoo_workdir(cfg, work)
+  (work / "corpus.json").write_text("{}")  # a result of this config
+  zoo_build.bind_zoo_workdir(cfg, work)  # same: goes on
+  other = study_config.get_config("tiny")
+  other.corpus.max_files = 60
+  with _refused(r"config.corpus.max_files: 120 -> 60"):
+    zoo_build.bind_zoo_workdir(other, work)
+  other = study_config.get_config("tiny")
+  other.zoo[0]["pretrain_steps"] = 13
+  with _refused(r"config.zoo\[gpt2-a\].pretrain_steps: 12 -> 13"):
+    zoo_build.bind_zoo_workdir(other, work)
+  other = study_config.get_config("tiny")
+  other.zoo = [*cfg.zoo, dict(name="extra", arch="gpt2", d_model=8, n_layers=1, n_heads=2,
+                              pretrain_steps=0)]
+  zoo_build.bind_zoo_workdir(other, work)  # a model added: goes on
+  # Made before the manifest: adopted when zoo.jsonl records the config's specs.
+  for name, steps, adopted in (("legacy", 12, True), ("stale", 99, False)):
+    old = tmp_path / name
+    old.mkdir()
+    spec = {**cfg.zoo[0], "init_seed": 0, "pretrain_steps": steps}
+    (old / "zoo.jsonl").write_text(json.dumps({**spec, "family": "GPT-2"}) + "\n")
+    if adopted:
+      zoo_build.bind_zoo_workdir(cfg, old)
+      assert rundir.read_manifest(old, zoo_build.ZOO_MANIFEST)["config"]["tokenizer_vocab"] == 300
+    else:
+      with _refused(r"holds results but no manifest.zoo.json"):
+        zoo_build.bind_zoo_workdir(cfg, old)
+
+
+def test_zoo_records_drop_a_row_cut_by_a_kill(tmp_path):
+  """zoo.jsonl recovers like runs.jsonl (`rundir.read_json_lines`): the cut last record is
+  removed and its model pre-trained again; a damaged earlier line is named."""
+  from lensllm_jax.training import zoo_build
+
+  path = tmp_path / "zoo.jsonl"
+  zoo_build.append_jsonl(path, {"name": "a", "size": 1})
+  whole = path.read_bytes()
+  with open(path, "ab") as f:
+    f.write(b'{"name": "b", "si')
+  assert zoo_build.read_jsonl(path) == [{"name": "a", "size": 1}]
+  assert path.read_bytes() == whole
+  path.write_bytes(b"oops\n" + whole)
+  with _refused(r"zoo.jsonl line 1: not JSON"):
+    zoo_build.read_jsonl(path)

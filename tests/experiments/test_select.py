@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from lensllm_jax import selection
+from lensllm_jax import errors, selection
 from lensllm_jax.curves import benchmarks
 from lensllm_jax.plus import candidates, forecast, pfn
 
@@ -75,17 +75,17 @@ def test_empty_cells_are_ignored_not_read(small):
 
 
 def test_bad_input_is_named(small):
-  with pytest.raises(forecast.SelectionInputError, match="below the largest measured size 3200"):
+  with pytest.raises(errors.ConfigError, match="below the largest measured size 3200"):
     forecast.forecast(small, 3000)
   thin = small.losses.copy()
   thin[2, 2:] = np.nan
-  with pytest.raises(forecast.SelectionInputError, match=f"model '{small.models[2]}' has 1 "):
+  with pytest.raises(errors.CurveFileError, match=f"model '{small.models[2]}' has 1 "):
     forecast.forecast(dataclasses.replace(small, losses=thin), 1e6)
-  with pytest.raises(forecast.SelectionInputError, match="unknown predictor 'Nope'"):
+  with pytest.raises(errors.ConfigError, match="unknown predictor 'Nope'"):
     forecast.forecast(small, 1e6, predictor="Nope")
   one = dataclasses.replace(small, models=small.models[:1], sizes=small.sizes[:1],
                             families=small.families[:1], losses=small.losses[:1])
-  with pytest.raises(forecast.SelectionInputError, match="at least 2"):
+  with pytest.raises(errors.CurveFileError, match="at least 2"):
     forecast.forecast(one, 1e6)
 
 
