@@ -7,7 +7,7 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -r requirements-dev.txt
 # neural-tangents' declared dependency tf2jax pulls in ~2 GB of TensorFlow;
-# it needs only jax and frozendict (lensllm_jax.nt_compat does the rest).
+# it needs only jax and frozendict (lensllm_jax.theory.nt_compat does the rest).
 .venv/bin/python -m pip install -q --no-deps neural-tangents==0.6.5
 .venv/bin/python -m pip install -q --no-deps -e .
 if .venv/bin/python -m pip list 2>/dev/null | grep -qi '^tensorflow '; then

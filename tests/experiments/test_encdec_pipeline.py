@@ -22,9 +22,8 @@ from helpers import REPO_ROOT, import_torch_and_transformers
 from lensllm_jax.curves import benchmarks
 from lensllm_jax.training import textdata
 
-pytestmark = pytest.mark.slow  # end-to-end: sweep, then the binaries on its outputs
-
-pytestmark = pytest.mark.torch
+# end-to-end (sweep, then the binaries on its outputs) with a Hugging Face T5
+pytestmark = [pytest.mark.slow, pytest.mark.torch]
 torch, transformers = import_torch_and_transformers()
 
 
