@@ -47,6 +47,14 @@ for name, m in (("mesh", mesh), ("single", None)):
 fsdp = sharding.make_mesh(num_data=2, num_fsdp=2)
 res = training.finetune(apply_fn, params, train, val, cfg, mesh=fsdp)
 out["fsdp_val"] = [h["val_loss"] for h in res.history]
+# The bug training.place guards against: replicating a single-device array over a
+# mesh with may_alias=False reuses its buffer for one shard (a donating step then
+# deletes the caller's array); place copies first.
+x = jax.device_put(jnp.arange(8.0), jax.devices()[0])
+pointers = lambda a: {s.data.unsafe_buffer_pointer() for s in a.addressable_shards}
+aliased = jax.device_put(x, sharding.replicated(mesh), may_alias=False)
+out["device_put_aliases"] = bool(pointers(x) & pointers(aliased))
+out["place_aliases"] = bool(pointers(x) & pointers(training.place(x, mesh)))
 print(json.dumps(out))
 """
 
@@ -66,6 +74,16 @@ def test_data_parallel_matches_single_device(four_device_run):
     np.testing.assert_allclose(a, b, atol=1e-5)
   np.testing.assert_allclose(out["fsdp_val"], out["single"]["val"], rtol=1e-5)
   assert out["single"]["val"][-1] < out["single"]["val"][0]
+
+
+@pytest.mark.slow
+def test_place_copies_where_device_put_aliases(four_device_run):
+  # Present on both ends of the supported range (jax 0.10.2 and 0.12.0.1), so the
+  # copy in training.place applies on both; this fails once a JAX fixes it.
+  assert four_device_run["device_put_aliases"], (
+      f"jax {jax.__version__}: device_put(may_alias=False) no longer aliases; the copy "
+      "in training.place is not needed on this version")
+  assert not four_device_run["place_aliases"]
 
 
 def test_mesh_helpers_one_device():
