@@ -26,7 +26,8 @@ Steps (resumable: finished work is read back from --workdir and skipped):
 Outputs (--output_dir; results/study for the full preset): curves_<task>.csv
 (public curve format), zoo.csv, runs.csv, pac_bayes_layers.csv, ntk_spectra.csv,
 ntk_eigenpairs.csv (task,model,k,eigval,proj,eta), selection.csv, rmse.csv, cost.csv, phases.csv, curves_<task>.png,
-phases_<task>.png, selection_<task>.png, summary.md.
+phases_<task>.png, selection_<task>.png, summary.md; notes.csv (why a selection or
+budgeted cell is NaN, listed under summary.md; only when there is one).
 
 NTK convention. The model output is the per-example mean target-token
 log-likelihood f(x) (`ntk.lm_output_fn(model, "log_likelihood")` with the
@@ -394,10 +395,10 @@ def selection_step(cfg, task: str, curves, aux, alphas):
   return sel_rows, rmse_rows, cost_rows, results
 
 
-def budgeted_step(cfg, task: str, curves) -> list[dict]:
+def budgeted_step(cfg, task: str, curves) -> tuple[list[dict], list[dict]]:
   """Budgeted selection (`budgeted.budgeted_selection` with config.selection.budget: its method,
   default LensLLM with a scalar F, and levels z): models are fine-tuned on D = 200 * 2^s in turn
-  and dropped once confidently worse; rows per level z."""
+  and dropped once confidently worse; (rows per level z, notes of its NaN PearCorr cells)."""
   target = float(max(cfg.subset_sizes))
   dmax = target / min(int(r) for r in cfg.selection.ratios)
   options = budgeted.BudgetOptions(cfg.selection.budget.levels, cfg.selection.budget.method, dmax)
@@ -415,7 +416,10 @@ def budgeted_step(cfg, task: str, curves) -> list[dict]:
                  "PearCorr": metrics.pearson_corr(b.selection.feature, truth),
                  "flops_per_token": b.flops, "relative_to_full": b.flops / full,
                  "stopped_at": " ".join(str(int(x)) for x in b.stopped_at)})
-  return rows
+  tag = f"Budgeted{cfg.selection.budget.method}"
+  notes = [{"dataset": task, "method": tag, "ratio": f"z={b.z:g}", "note": n}
+           for b in res for n in common.score_notes(b.selection, truth)]
+  return rows, notes
 
 
 # ---------------------------------------------------------------------------
@@ -441,7 +445,7 @@ def report_step(cfg, workdir, out: pathlib.Path, all_runs, zoo_models, t_start) 
   alphas = nlp_alpha(zoo_models)
   target = max(cfg.subset_sizes)
   (sel_rows, rmse_rows, cost_rows, run_rows, pac_rows, spec_rows, eig_rows, phase_rows,
-   budget_rows) = ([] for _ in range(9))
+   budget_rows, notes) = ([] for _ in range(10))
   task_info = {}
   zoo_rows = [{**{k: manifest[m.spec.name][k] for k in ("name", "family", "size",
                                                          "pretrain_steps", "final_train_loss",
@@ -461,8 +465,14 @@ def report_step(cfg, workdir, out: pathlib.Path, all_runs, zoo_models, t_start) 
     sel_rows += s
     rmse_rows += r
     cost_rows += c
+    truth = curves.column(float(target))
+    notes += [{"dataset": task, "method": name, "ratio": ratio, "note": n}
+              for ratio, by_method in results.items() for name, res in by_method.items()
+              for n in common.score_notes(res, truth)]
     t0 = time.time()
-    budget_rows += budgeted_step(cfg, task, curves)
+    rows, budget_notes = budgeted_step(cfg, task, curves)
+    budget_rows += rows
+    notes += budget_notes
     log(f"budgeted selection {task} done ({time.time() - t0:.1f}s)")
     transition = transition_of(curves)
     for i, m in enumerate(zoo_models):
@@ -497,9 +507,13 @@ def report_step(cfg, workdir, out: pathlib.Path, all_runs, zoo_models, t_start) 
   reporting.write_csv(out / "cost.csv", cost_rows)
   reporting.write_csv(out / "budgeted.csv", budget_rows)
   reporting.write_csv(out / "phases.csv", phase_rows)
-  (out / "summary.md").write_text(reporting.study_summary_md(cfg, zoo_rows, run_rows, task_info, sel_rows,
-                                             rmse_rows, cost_rows, budget_rows,
-                                             time.time() - t_start))
+  if (out / "notes.csv").exists():
+    (out / "notes.csv").unlink()
+  if notes:  # why a selection or budgeted cell is NaN (none in a clean study)
+    common.append_rows(out / "notes.csv", common.NOTES_HEADER, notes)
+  (out / "summary.md").write_text(reporting.study_summary_md(
+      cfg, zoo_rows, run_rows, task_info, sel_rows, rmse_rows, cost_rows, budget_rows,
+      time.time() - t_start, notes=reporting.selection_notes_lines(out)))
   log(f"report: {out}")
 
 

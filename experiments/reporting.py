@@ -173,7 +173,9 @@ def _num(v, p=3) -> str:
 
 
 def study_summary_md(cfg, zoo_rows, run_rows, task_info, sel_rows, rmse_rows, cost_rows,
-               budget_rows, wall) -> str:
+               budget_rows, wall, notes=()) -> str:
+  """summary.md of the study; `notes` (Markdown bullets of its notes.csv) say why a cell is
+  NaN."""
   ratios = [int(r) for r in cfg.selection.ratios]
   target = int(max(cfg.subset_sizes))
   pre_min = sum(float(z["seconds"]) for z in zoo_rows) / 60
@@ -248,6 +250,8 @@ def study_summary_md(cfg, zoo_rows, run_rows, task_info, sel_rows, rmse_rows, co
                      for w in ("first", "transition", "last")])
   parts.append(_md_table(header, rows))
   parts.append("")
+  if notes:
+    parts += ["## Notes (a nan cell above)", "", *notes, ""]
   return "\n".join(parts)
 
 
