@@ -4,7 +4,7 @@ r"""LensLLM+ (the project's recommended predictor) under the leave-one-dataset-o
         --output_dir=results/lensllm_plus
 
 LensLLM+ on a reported file is the candidate of `plus.candidates` (the pooled
-LensLLM fit, the CurvePFN, the dynamic-F law, the context PFN, their blends
+LensLLM fit PooledLensLLM, the CurvePFN, the dynamic-F law, the context PFN, their blends
 with AtS, AtS) with the best mean criterion (mean PearCorr + mean RelAcc over the ratios) on
 the OTHER files. config.benchmarks files are reported;
 config.train_only_benchmarks files (the project's own curve files, written by
@@ -23,24 +23,24 @@ Steps (the expensive ones write their CSV as they go; a rerun skips finished wor
                  mixing results (manifest.json, lensllm_jax/rundir.py).
   1. grid        every setting of `protocol.default_grid()` on every file,
                  every budget ratio -> grid.csv (dataset,config,ratio,metric,value).
-  2. pooled      for each reported file, the Pooled setting with the best mean
-                 criterion on the OTHER files -> chosen.csv; and, for each of
-                 those training files t, the setting chosen the same way on
-                 the training files other than t (the nested setting Pooled is
-                 scored with on t, `protocol.nested_choices`) ->
+  2. pooled      for each reported file, the PooledLensLLM setting with the best
+                 mean criterion on the OTHER files -> chosen.csv; and, for each
+                 of those training files t, the setting chosen the same way on
+                 the training files other than t (the nested setting
+                 PooledLensLLM is scored with on t, `protocol.nested_choices`) ->
                  chosen_nested.csv.
   3. predict     every candidate base and baseline on every file's budget
                  views (`candidates.file_predictions`) -> predictions.csv
                  (dataset,job,key,ratio,values: L(D*) of the models, or the
                  sd of log L(D*) for keys ending in _sd).
-  4. choose      every candidate scored on every file, Pooled with the fold's
+  4. choose      every candidate scored on every file, PooledLensLLM with the fold's
                  setting on the held-out file and the nested one on each
                  training file -> candidates.csv (fold,dataset,candidate,ratio,metric,
                  value); the chosen candidate of each file, from the other
                  files' rows only -> candidates_chosen.csv; the PFN's 80%
                  interval coverage -> candidates_coverage.csv; the choice's
                  stability (runner-up and margin; the choice without each
-                 training file in turn, Pooled nested again, its new
+                 training file in turn, PooledLensLLM nested again, its new
                  settings predicted in step 3) -> candidates_stability.csv.
   5. report      on each reported file LensLLM+ (= its chosen candidate) beside
                  AtS, RectifiedFit and LensLLM -> results.csv (dataset,ratio,
@@ -86,7 +86,7 @@ from absl import flags, logging
 from experiments import common, reporting
 from lensllm_jax import errors, rundir, selection
 from lensllm_jax.plus import candidates, pfn, protocol
-from lensllm_jax.selection import budgeted, methods, metrics
+from lensllm_jax.selection import budgeted, methods, metrics, pooled
 
 PLUS = candidates.PLUS_NAME  # "LensLLM+", the protocol-chosen candidate
 
@@ -299,7 +299,7 @@ def stability_row(held_out: str, left_out: str | None, choice) -> dict:
 
 # Candidate bases that are law fits (config.num_steps optimiser steps), besides the fitted
 # baselines (`selection.FITTED_LAWS`).
-FITTED_BASES = ("Pooled", "Spectral")
+FITTED_BASES = (pooled.METHOD_NAME, "Spectral")
 
 
 def prediction_notes(name: str, base: str, prediction, truth, ratios, dataset: str,
@@ -317,8 +317,8 @@ def prediction_notes(name: str, base: str, prediction, truth, ratios, dataset: s
 
 
 def candidate_notes(folds, files, num_steps: int) -> list[dict]:
-  """notes.csv rows of candidates.csv (scored again from the predictions, cheap; Pooled
-  with the setting of each fold and file)."""
+  """notes.csv rows of candidates.csv (scored again from the predictions, cheap;
+  PooledLensLLM with the setting of each fold and file)."""
   by_name = {c.name: c for c in candidates.all_candidates()}
   notes = []
   for f in folds:

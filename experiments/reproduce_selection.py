@@ -312,7 +312,7 @@ def choose_plus(curve_sets, methods, out, *, ratios, key, target_data_num,
                             "pooled_config", "pooled_criterion", "pooled_nested"), rows)
   out_results = {}
   for f in folds:
-    logging.info("[%s] LensLLM+ chosen on %s: %s (Pooled setting %s)", f.held_out,
+    logging.info("[%s] LensLLM+ chosen on %s: %s (PooledLensLLM setting %s)", f.held_out,
                  f.trained_on, f.candidate.name, f.pooled.config.name)
     pred = candidates.candidate_prediction(f.candidate, files[f.held_out]["preds"],
                                                 f.pooled.config)

@@ -90,7 +90,9 @@ def test_package_imports_are_acyclic():
   # The walk sees the layering (so an empty graph cannot pass silently) ...
   assert {"lensllm_jax.selection.pooled", "lensllm_jax.selection.core"} <= graph[
       "lensllm_jax.selection.methods"]
-  assert "lensllm_jax.selection.core" in graph["lensllm_jax.selection.pooled"]
+  # ... nested packages included.
+  assert {"lensllm_jax.selection.core", "lensllm_jax.selection.pooled.solver"} <= graph[
+      "lensllm_jax.selection.pooled.method"]
   assert "lensllm_jax.selection.methods" not in graph["lensllm_jax.selection.core"]
   cycle = find_cycle(graph)
   assert cycle is None, "import cycle: " + " -> ".join(cycle)
@@ -130,11 +132,19 @@ def test_package_docstring_lists_every_subpackage():
   doc = lensllm_jax.__doc__
   for name in lensllm_jax.SUBPACKAGES:
     assert f"\n  {name} " in doc, f"lensllm_jax's docstring does not describe {name}"
-  for sub in lensllm_jax.SUBPACKAGES:
-    pkg = REPO_ROOT / "lensllm_jax" / sub
+  # Every package below lensllm_jax, nested ones included (e.g. selection/pooled), lists
+  # its modules and its subpackages in its docstring.
+  root = REPO_ROOT / "lensllm_jax"
+  packages = sorted(p.parent for p in root.rglob("__init__.py") if p.parent != root)
+  assert {root / "selection", root / "selection" / "pooled", root / "plus" / "pfn"} <= set(
+      packages)
+  for pkg in packages:
+    name = ".".join(pkg.relative_to(REPO_ROOT).parts)
     init_doc = ast.get_docstring(ast.parse((pkg / "__init__.py").read_text())) or ""
-    for module in sorted(p.stem for p in pkg.glob("*.py") if p.stem != "__init__"):
-      assert f"  {module} " in init_doc, f"lensllm_jax.{sub}'s docstring does not list {module}"
+    members = [p.stem for p in pkg.glob("*.py") if p.stem != "__init__"]
+    members += [p.name for p in pkg.iterdir() if (p / "__init__.py").exists()]
+    for module in sorted(members):
+      assert f"  {module} " in init_doc, f"{name}'s docstring does not list {module}"
 
 
 def test_cycle_hidden_in_a_function_is_found(tmp_path):

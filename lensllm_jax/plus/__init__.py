@@ -2,7 +2,7 @@
 
 Modules:
 
-  protocol     Leave-one-dataset-out choice of the LensLLM+ settings (hyper-parameters).
+  protocol     Leave-one-dataset-out choice of the PooledLensLLM settings (hyper-parameters).
   pfn          Prior-fitted networks for fine-tuning curves: CurvePFN (one curve) and ContextPFN
                (the file's other curves); a package: prior, bars, network, training, predictor,
                checkpoint, selection_adapter.

@@ -2,19 +2,20 @@ r"""LensLLM+: the project's recommended predictor, chosen among candidates by th
 
 Candidates (each predicts L(D*) of every model from a budget view only):
 
-  Pooled      the pooled LensLLM fit of `pooled.py` with a setting of the
-              leave-one-dataset-out grid (`protocol.leave_one_out`) chosen on
-              files it is not scored on (nested, see Choice below);
-  CurvePFN    the posterior mean of the prior-fitted network (`pfn/`),
-              each model on its own;
-  Spectral    LensLLM with a decaying F(D) = F0 (w_0 + w_1 e^(-D / D_1))
-              (`dynamic_law.spectral_lensllm_law(1)`), independent fits;
-  ContextPFN  the posterior mean of the context PFN (`pfn/`): each
-              model given its visible points, the other models' visible
-              curves and the model sizes;
-  AtS         AtS itself (Lin et al. 2024);
-  and blends  exp(w log L_AtS(D*) + (1 - w) log L_X(D*)) of AtS with each X
-              above, w in BLEND_WEIGHTS (w = 0 is X itself).
+  PooledLensLLM  the pooled LensLLM fit (`selection.pooled`, `pooled.METHOD_NAME`)
+                 with a setting of the leave-one-dataset-out grid
+                 (`protocol.leave_one_out`) chosen on files it is not scored
+                 on (nested, see Choice below);
+  CurvePFN       the posterior mean of the prior-fitted network (`pfn/`),
+                 each model on its own;
+  Spectral       LensLLM with a decaying F(D) = F0 (w_0 + w_1 e^(-D / D_1))
+                 (`dynamic_law.spectral_lensllm_law(1)`), independent fits;
+  ContextPFN     the posterior mean of the context PFN (`pfn/`): each
+                 model given its visible points, the other models' visible
+                 curves and the model sizes;
+  AtS            AtS itself (Lin et al. 2024);
+  and blends     exp(w log L_AtS(D*) + (1 - w) log L_X(D*)) of AtS with each X
+                 above, w in BLEND_WEIGHTS (w = 0 is X itself).
 
 The bases X are the registry `BASE_PREDICTORS` (name -> function); adding a
 predictor is one entry there (its blends with AtS follow).
@@ -24,8 +25,8 @@ Choice (`leave_one_out`): for each reported file i with training files T
 mean `protocol.criterion` (mean PearCorr + mean RelAcc over the budget
 ratios) over T is LensLLM+ on file i; ties go to the earlier candidate of
 `all_candidates()`. The scores of file i are computed only after its choice
-(for the report). The Pooled candidate's setting is nested, so that Pooled is
-never scored on a file its setting was chosen on:
+(for the report). The PooledLensLLM candidate's setting is nested, so that
+PooledLensLLM is never scored on a file its setting was chosen on:
 
   on file i (reported)   the setting `protocol.leave_one_out` chose on T;
   on training file t     the setting chosen the same way on T \ {t}
@@ -36,7 +37,7 @@ The other candidates have no setting chosen on data.
 
 Stability (`leave_one_out(..., leave_each_out=True)`, `PlusFold.without`):
 for each training file t of a fold, the choice the same rule makes on
-T \ {t} (the Pooled settings nested again: on s in T \ {t}, the setting
+T \ {t} (the PooledLensLLM settings nested again: on s in T \ {t}, the setting
 chosen on T \ {t, s}); and for every choice its runner-up and margin
 (`ranked_choice`). Nothing here changes a choice; it says how much each one
 depends on which training files are present.
@@ -44,17 +45,17 @@ depends on which training files are present.
 Budgeted (`budgeted_candidate_selection`): the early-stopping rule of
 `budgeted.py` with the candidate's own predictive mean and sd of log L(D*):
 
-  CurvePFN   the PFN's predictive sd of log L(D*) (ContextPFN: its own);
-  Pooled     the delta-method (Laplace) sd of the pooled fit's per-model
-             LensLLM parameters, squared-error form (`budgeted.laplace_log_sd`;
-             the prior is ignored, so it is conservative);
-  Spectral   the Laplace sd of the dynamic-F law fit (squared error);
-  blend w    (1 - w) sd_X: log L = w log L_AtS + (1 - w) log L_X with AtS's
-             line taken as exact (AtS has no predictive distribution), by the
-             delta method; where X has no finite prediction the blend falls
-             back to AtS and the sd is inf (that model is never stopped on it);
-  AtS alone  sd 0 (no uncertainty: it stops every model but the best as soon
-             as every model has `min_points` points).
+  CurvePFN       the PFN's predictive sd of log L(D*) (ContextPFN: its own);
+  PooledLensLLM  the delta-method (Laplace) sd of the pooled fit's per-model
+                 LensLLM parameters, squared-error form (`budgeted.laplace_log_sd`;
+                 the prior is ignored, so it is conservative);
+  Spectral       the Laplace sd of the dynamic-F law fit (squared error);
+  blend w        (1 - w) sd_X: log L = w log L_AtS + (1 - w) log L_X with AtS's
+                 line taken as exact (AtS has no predictive distribution), by the
+                 delta method; where X has no finite prediction the blend falls
+                 back to AtS and the sd is inf (that model is never stopped on it);
+  AtS alone      sd 0 (no uncertainty: it stops every model but the best as soon
+                 as every model has `min_points` points).
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ BASELINES = tuple(sorted(selection.PROPOSED_METHODS, key=lambda m: m != "AtS"))
 class BaseContext:
   """What a base predictor may use besides the views: PRNG key, PFN, fit options.
 
-  pooled_config: the Pooled setting (only the Pooled base reads it).
+  pooled_config: the PooledLensLLM setting (only the PooledLensLLM base reads it).
   with_sd: also return the sd of log L(D*) (the budgeted procedure needs it).
   """
   key: jax.Array
@@ -167,7 +168,8 @@ def _laplace_sd(law, results, views, meta) -> np.ndarray:
 
 
 def pooled_base(views, meta, ctx: BaseContext) -> BasePrediction:
-  """Pooled LensLLM fit with ctx.pooled_config (sd: the Laplace sd, when ctx.with_sd)."""
+  """PooledLensLLM: the pooled fit with ctx.pooled_config (sd: the Laplace sd, when
+  ctx.with_sd)."""
   if ctx.pooled_config is None:
     raise ValueError("pooled_base: BaseContext.pooled_config is None")
   res = [r[0] for r in pooled.pooled_selection(views, meta, [ctx.pooled_config], key=ctx.key,
@@ -212,7 +214,7 @@ def spectral_base(views, meta, ctx: BaseContext) -> BasePrediction:
 # The candidate bases X: name -> fn(views, meta, BaseContext) -> BasePrediction ([V, M]
 # predicted L(D*), its sd of log L(D*) when ctx.with_sd (the PFNs: always), quantiles).
 BASE_PREDICTORS: dict[str, Callable] = {
-  "Pooled": pooled_base,
+  pooled.METHOD_NAME: pooled_base,
   "CurvePFN": pfn_base,
   "Spectral": spectral_base,
   "ContextPFN": context_pfn_base,
@@ -254,16 +256,16 @@ def blend_sd(other_pred, other_sd, weight: float) -> np.ndarray:
 
 
 def pooled_key(config: pooled.PooledConfig) -> str:
-  """Name of a Pooled setting's predictions in `file_predictions`."""
-  return f"Pooled[{config.name}]"
+  """Name of a PooledLensLLM setting's predictions in `file_predictions`."""
+  return f"{pooled.METHOD_NAME}[{config.name}]"
 
 
 def prediction_jobs(ctx: BaseContext, pooled_configs: Sequence[pooled.PooledConfig] = ()):
-  """name -> fn(views, meta) -> {column: [V, M]}: the baselines, every base, one Pooled per
-  setting.
+  """name -> fn(views, meta) -> {column: [V, M]}: the baselines, every base, one
+  PooledLensLLM per setting.
 
   Each job returns its `BasePrediction.columns(job name)` (e.g. "CurvePFN",
-  "CurvePFN_sd"); the Pooled base runs once per setting, each setting in its
+  "CurvePFN_sd"); the PooledLensLLM base runs once per setting, each setting in its
   own call (its predictions do not depend on which other settings are asked).
   """
   jobs = {"AtS": lambda views, meta: {"AtS": np.stack([selection.ats(v, meta).predicted
@@ -273,7 +275,7 @@ def prediction_jobs(ctx: BaseContext, pooled_configs: Sequence[pooled.PooledConf
       r.predicted for r in selection.run_fitted_batch(m, views, meta, key=ctx.key,
                                                       num_restarts=ctx.num_restarts)])})
   for base, fn in BASE_PREDICTORS.items():
-    if base == "Pooled":
+    if base == pooled.METHOD_NAME:
       for c in dict.fromkeys(pooled_configs):
         def job(views, meta, c=c, fn=fn):
           return fn(views, meta, dataclasses.replace(ctx, pooled_config=c)).columns(pooled_key(c))
@@ -292,13 +294,13 @@ def file_predictions(curves, ratios: Sequence[int], *, ctx: BaseContext,
     curves: a CurveSet; views are `protocol.budget_views(curves, ratios, target_data_num)`.
     ratios: budget ratios D*/D_max.
     ctx: the base context (key of the file's fits, PFN, options).
-    pooled_configs: the Pooled settings to run.
+    pooled_configs: the PooledLensLLM settings to run.
     only: job names to run (default all).
 
   Returns:
     (truth [M], preds): preds[key] -> [R, M] ("AtS", "RectifiedFit",
     "LensLLM", "CurvePFN", "CurvePFN_sd", "CurvePFN_q0.1", "CurvePFN_q0.9",
-    "Spectral", "Pooled[<setting name>]", ...).
+    "Spectral", "PooledLensLLM[<setting name>]", ...).
   """
   meta, truth, rv = protocol.budget_views(curves, ratios, target_data_num)
   views = [v for _, v in rv]
@@ -315,7 +317,7 @@ def candidate_prediction(cand: Candidate, preds: Mapping[str, np.ndarray],
   """[R, M] predictions of one candidate from the base predictions."""
   if cand.base == "AtS":
     return preds["AtS"]
-  key = pooled_key(pooled_config) if cand.base == "Pooled" else cand.base
+  key = pooled_key(pooled_config) if cand.base == pooled.METHOD_NAME else cand.base
   return blend(preds["AtS"], preds[key], cand.ats_weight)
 
 
@@ -386,17 +388,17 @@ class PlusFold:
 
   Attributes:
     held_out, trained_on: the reported file and the files the choices were made on.
-    pooled: the fold of `protocol.leave_one_out` (the Pooled candidate's
+    pooled: the fold of `protocol.leave_one_out` (the PooledLensLLM candidate's
       settings: `config` on the held-out file, `nested[t]` on training file t).
     candidate: the chosen candidate; train_criterion its mean criterion there.
     tables: file name -> candidate name -> score table (`score_table`) with
-      the Pooled setting of that file (`pooled_setting(pooled, name)`), for
+      the PooledLensLLM setting of that file (`pooled_setting(pooled, name)`), for
       every file (the held-out file's table is computed after the choice, for
       the report).
     choice: the choice with its runner-up (`ranked_choice` on the training
       files; its candidate and criterion are `candidate`, `train_criterion`).
     without: training file t -> the choice made on the other training files
-      (Pooled nested again within them); empty unless asked for
+      (PooledLensLLM nested again within them); empty unless asked for
       (`leave_one_out(leave_each_out=True)`) or with one training file.
   """
   held_out: str
@@ -410,7 +412,7 @@ class PlusFold:
 
 
 def pooled_setting(fold: protocol.Fold, name: str) -> pooled.PooledConfig:
-  """Pooled setting of a `protocol.Fold` on file `name`: its config on the held-out
+  """PooledLensLLM setting of a `protocol.Fold` on file `name`: its config on the held-out
   file, the nested one (chosen without `name`) on a training file."""
   if name == fold.held_out:
     return fold.config
@@ -433,8 +435,8 @@ def leave_one_out(curve_sets, *, key: jax.Array, train_only: Sequence = (),
     curve_sets: the reported CurveSets; train_only: training-only CurveSets
       (scored on `protocol.training_ratios` of their own D*).
     key: PRNG key; file j (reported, then training-only) uses fold_in(key, j)
-      for the pooled grid and for its predictions (the Pooled candidate is
-      the grid's cell); each file is predicted with the Pooled settings
+      for the pooled grid and for its predictions (the PooledLensLLM candidate
+      is the grid's cell); each file is predicted with the PooledLensLLM settings
       scored on it (`pooled_setting` of every fold).
     grid_evaluate, grid_options: `evaluate` and extra options of
       `protocol.leave_one_out` (a caching evaluator in the binary).
@@ -443,7 +445,7 @@ def leave_one_out(curve_sets, *, key: jax.Array, train_only: Sequence = (),
     candidates: the candidate set (default `all_candidates()`).
     leave_each_out: also make each fold's choice without each of its training
       files in turn (`PlusFold.without`, folds with >= 2 training files); the
-      Pooled settings this nests are predicted in the same `predict` call.
+      PooledLensLLM settings this nests are predicted in the same `predict` call.
 
   Returns:
     (folds, files): one PlusFold per reported file, and per file name a dict
@@ -461,7 +463,8 @@ def leave_one_out(curve_sets, *, key: jax.Array, train_only: Sequence = (),
   grid = protocol.default_grid()
   pooled_folds, grid_tables = protocol.leave_one_out(sets, grid, key=key, evaluate=grid_evaluate,
                                                      train_only=extra, ratios=ratios, **opts)
-  # fold -> left-out training file t -> s -> the Pooled setting on s chosen on T \ {t, s}.
+  # fold -> left-out training file t -> s -> the PooledLensLLM setting on s chosen on
+  # T \ {t, s}.
   reduced = {pf.held_out: {t: {s: cfg for s, (cfg, _) in protocol.nested_choices(
     {s: grid_tables[s] for s in pf.trained_on if s != t}, grid).items()} for t in pf.trained_on}
     for pf in pooled_folds if leave_each_out and len(pf.trained_on) >= 2}
@@ -471,7 +474,7 @@ def leave_one_out(curve_sets, *, key: jax.Array, train_only: Sequence = (),
     rs = list(ratios) if reported else protocol.training_ratios(c, ratios)
     ctx = BaseContext(key=jax.random.fold_in(key, j), predictor=predictor,
                       num_restarts=num_restarts, num_steps=num_steps)
-    # The Pooled settings scored on this file: its own fold's, and the nested
+    # The PooledLensLLM settings scored on this file: its own fold's, and the nested
     # setting of every fold it trains (then those of the folds without one file).
     configs = list(dict.fromkeys(
       [pooled_setting(pf, c.name) for pf in pooled_folds
@@ -527,7 +530,7 @@ def budgeted_candidate_selection(curves, levels: Sequence[float], cand: Candidat
 
   The sd of each candidate is the rule of the module docstring (PFN's
   predictive sd; Laplace sd of a fitted law; (1 - w) sd_X for a blend; 0 for
-  AtS alone). ctx.pooled_config is the Pooled setting (Pooled candidates).
+  AtS alone). ctx.pooled_config is the PooledLensLLM setting (PooledLensLLM candidates).
   Step s reveals D_s for every active model; model m stops when log L_m -
   z sd_m > min_j (log L_j + z sd_j) once every model has `min_points` points.
   """

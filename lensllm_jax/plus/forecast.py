@@ -13,8 +13,9 @@ Predictors (`PREDICTORS`; `predictor_names()`):
                 `data/lensllm_plus_choice.json` together with the run that
                 chose it (`recommended_candidate`), so a user's file is not
                 re-scored against the public files;
-  a candidate   any non-Pooled candidate of `candidates.all_candidates()`
-                by name (CurvePFN, 0.25AtS+CurvePFN, Spectral, ContextPFN, ...);
+  a candidate   any candidate of `candidates.all_candidates()` by name but the
+                PooledLensLLM ones, which need a setting chosen on curve files
+                (CurvePFN, 0.25AtS+CurvePFN, Spectral, ContextPFN, ...);
   AtS           Lin et al.'s power-phase line (no uncertainty: sd 0);
   VanillaFit, RectifiedFit, LensLLM   independent law fits, with the
                 delta-method sd of `budgeted.laplace_log_sd`.
@@ -48,7 +49,7 @@ import numpy as np
 from lensllm_jax import errors, selection
 from lensllm_jax.laws import dynamic_law
 from lensllm_jax.plus import candidates, pfn
-from lensllm_jax.selection import budgeted
+from lensllm_jax.selection import budgeted, pooled
 
 __all__ = [
   "CHOICE_FILE",
@@ -110,7 +111,7 @@ def recommended_candidate(path: str | pathlib.Path = CHOICE_FILE) -> candidates.
 
 def _candidate(name: str) -> candidates.Candidate:
   for c in candidates.all_candidates():
-    if c.name == name and c.base != "Pooled":
+    if c.name == name and c.base != pooled.METHOD_NAME:
       return c
   raise errors.ConfigError(f"unknown predictor {name!r}; known: "
                            f"{', '.join(predictor_names())}")
@@ -118,7 +119,7 @@ def _candidate(name: str) -> candidates.Candidate:
 
 def predictor_names() -> list[str]:
   """Every predictor `forecast` takes by name (LensLLM+ first)."""
-  cands = [c.name for c in candidates.all_candidates() if c.base != "Pooled"]
+  cands = [c.name for c in candidates.all_candidates() if c.base != pooled.METHOD_NAME]
   return [RECOMMENDED, *cands, *(m for m in budgeted.BUDGET_METHODS if m not in cands)]
 
 

@@ -1,7 +1,7 @@
-r"""Leave-one-dataset-out choice of the LensLLM+ settings (hyper-parameters).
+r"""Leave-one-dataset-out choice of the PooledLensLLM settings (hyper-parameters).
 
 With reported benchmark files f_1..f_n and optional TRAINING-ONLY files
-t_1..t_k (n + k >= 2), every setting of the pooled predictor
+t_1..t_k (n + k >= 2), every setting of the pooled fit PooledLensLLM
 (`pooled.PooledConfig`: pooled quantities, strength rule -- fixed,
 empirical Bayes x multiplier, or per-view backtest --, covariates, phase
 weight, robust loss) is chosen for file f_i using ONLY the other files:

@@ -5,7 +5,9 @@ Modules:
   core       LLM selection methods on fine-tuning curves (docs/selection.md).
   metrics    Selection metrics of Lin et al. (2024) / Zeng et al. (2025) (docs/selection.md).
   published  Published selection results of Lin et al. (ICML 2024), Tables 1 and 2.
-  pooled     Pooled (hierarchical) LensLLM curve-mode fits: all models of a task at once.
+  pooled     Pooled (hierarchical) LensLLM curve-mode fits: all models of a task at once
+             (PooledLensLLM); a package: config, objective, solver, empirical_bayes,
+             backtest, method.
   methods    The registry of selection methods: every method by its published name.
   budgeted   Compute cost accounting and budgeted selection with early stopping.
 
@@ -19,10 +21,11 @@ Every public name of these modules is re-exported here
     pearson_corr, average_ranks, spearman_corr, kendall_tau, relative_accuracy, curve_rmse,
     selection_scores
   published: RATIOS, CITATION, published_value, published_table
-  pooled: BACKTEST_STRENGTHS, COVARIATES, DEFAULT_CONFIG, METHOD_NAME, POOLABLE, PooledConfig,
-    PooledFit, covariate_matrix, empirical_bayes_strength, fit_pooled, pooled_lensllm,
-    median_beta_start, paule_mandel_tau2, pooled_objective, pooled_selection, pre_power_weights,
-    shape_quantities, view_covariates
+  pooled: COVARIATES, DEFAULT_CONFIG, METHOD_NAME, POOLABLE, PooledConfig, covariate_matrix,
+    hat_matrix, normal_equations, pooled_objective, pre_power_weights, residual_vector,
+    shape_quantities, view_covariates, PooledFit, fit_pooled, median_beta_start,
+    empirical_bayes_strength, paule_mandel_tau2, BACKTEST_STRENGTHS, backtest_strengths,
+    cut_view, pooled_lensllm, pooled_selection
   methods: Method, REGISTRY, METHODS, PUBLISHED_METHODS, DETERMINISTIC_METHODS, FITTED_METHODS,
     METHOD_READS, FITTED_LAWS, CURVES, PROPOSED_METHODS, run_method, run_fitted_batch
   budgeted: FLOPS_PER_PARAM_SAMPLE, BUDGET_METHODS, pair_flops, full_tuning_flops, reads_flops,
@@ -107,15 +110,20 @@ from lensllm_jax.selection.pooled import (
   POOLABLE,
   PooledConfig,
   PooledFit,
+  backtest_strengths,
   covariate_matrix,
+  cut_view,
   empirical_bayes_strength,
   fit_pooled,
+  hat_matrix,
   median_beta_start,
+  normal_equations,
   paule_mandel_tau2,
   pooled_lensllm,
   pooled_objective,
   pooled_selection,
   pre_power_weights,
+  residual_vector,
   shape_quantities,
   view_covariates,
 )
@@ -169,24 +177,29 @@ __all__ = [
   "CITATION",
   "published_value",
   "published_table",
-  "BACKTEST_STRENGTHS",
   "COVARIATES",
   "DEFAULT_CONFIG",
   "METHOD_NAME",
   "POOLABLE",
   "PooledConfig",
-  "PooledFit",
   "covariate_matrix",
-  "empirical_bayes_strength",
-  "fit_pooled",
-  "pooled_lensllm",
-  "median_beta_start",
-  "paule_mandel_tau2",
+  "hat_matrix",
+  "normal_equations",
   "pooled_objective",
-  "pooled_selection",
   "pre_power_weights",
+  "residual_vector",
   "shape_quantities",
   "view_covariates",
+  "PooledFit",
+  "fit_pooled",
+  "median_beta_start",
+  "empirical_bayes_strength",
+  "paule_mandel_tau2",
+  "BACKTEST_STRENGTHS",
+  "backtest_strengths",
+  "cut_view",
+  "pooled_lensllm",
+  "pooled_selection",
   "Method",
   "REGISTRY",
   "METHODS",

@@ -3,7 +3,7 @@
 One run of the binary on small files (10 models, D* = 102400, ratios 8 and
 128, a 2-setting grid, the committed CurvePFN) is shared by the tests. The
 grid's two settings disagree across the files (the second wins on a and t, the
-first on b), so some nested Pooled settings differ from their fold's.
+first on b), so some nested PooledLensLLM settings differ from their fold's.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def test_binary_reports_the_candidate_chosen_on_the_other_files(small_run):
     cand = {(r["ratio"], r["metric"]): r["value"] for r in cand_rows
             if r["fold"] == ds and r["dataset"] == ds and r["candidate"] == c["candidate"]}
     assert plus == cand and len(plus) == len(RATIOS) * len(protocol.METRICS)
-  # The Pooled setting of each fold is one of the grid's, chosen on the same files.
+  # The PooledLensLLM setting of each fold is one of the grid's, chosen on the same files.
   pooled_rows = common.read_rows(out / "chosen.csv")
   assert [p["trained_on"] for p in pooled_rows] == ["b+t", "a+t"]
   assert {p["config"] for p in pooled_rows} <= {g.name for g in GRID}
@@ -113,9 +113,9 @@ def _grid_criteria(out, dataset):
 
 
 def test_pooled_is_scored_on_each_training_file_with_the_nested_setting(small_run):
-  """The setting Pooled is scored with on training file t of a fold is the argmax of the
+  """The setting PooledLensLLM is scored with on training file t of a fold is the argmax of the
   grid criterion over the fold's OTHER training files (recomputed from grid.csv), and the
-  Pooled rows of candidates.csv on t are that setting's predictions (predictions.csv)."""
+  PooledLensLLM rows of candidates.csv on t are that setting's predictions (predictions.csv)."""
   _, data, out = small_run
   folds = {r["held_out"]: r["trained_on"].split("+") for r in common.read_rows(out / "chosen.csv")}
   fold_setting = {r["held_out"]: r["config"] for r in common.read_rows(out / "chosen.csv")}
@@ -136,14 +136,14 @@ def test_pooled_is_scored_on_each_training_file_with_the_nested_setting(small_ru
     assert row["config"] == best.name
     assert float(row["train_criterion"]) == pytest.approx(max(means), abs=2e-6)
     differ += best.name != fold_setting[held]
-    # candidates.csv's Pooled rows on t: the nested setting's predictions, scored here.
+    # candidates.csv's PooledLensLLM rows on t: the nested setting's predictions, scored here.
     curves = benchmarks.load_curves(str(data / f"{t}.csv"))
     truth = curves.column(float(curves.data_sizes.max()))
-    rs = sorted(preds[(t, f"Pooled[{best.name}]")])
+    rs = sorted(preds[(t, f"PooledLensLLM[{best.name}]")])
     want = candidates.score_table(
-      np.stack([preds[(t, f"Pooled[{best.name}]")][r] for r in rs]), truth)
+      np.stack([preds[(t, f"PooledLensLLM[{best.name}]")][r] for r in rs]), truth)
     got = {(int(r["ratio"]), r["metric"]): float(r["value"]) for r in cand
-           if r["fold"] == held and r["dataset"] == t and r["candidate"] == "Pooled"}
+           if r["fold"] == held and r["dataset"] == t and r["candidate"] == "PooledLensLLM"}
     assert set(got) == {(r, m) for r in rs for m in protocol.METRICS}
     for k, r in enumerate(rs):
       for m in ("PearCorr", "RelAcc"):
@@ -159,7 +159,7 @@ def test_pooled_is_scored_on_each_training_file_with_the_nested_setting(small_ru
 def test_stability_table_is_the_choice_recounted_without_each_training_file(small_run):
   """candidates_stability.csv and its table: each fold's choice with runner-up and margin,
   recounted from candidates.csv; without training file t, the choice on the one file s
-  left, recounted from predictions.csv with Pooled at the grid's first setting (nothing
+  left, recounted from predictions.csv with PooledLensLLM at the grid's first setting (nothing
   left to nest it on)."""
   _, data, out = small_run
   rows = common.read_rows(out / "candidates_stability.csv")
@@ -266,7 +266,7 @@ def test_rerun_skips_finished_work_and_refuses_changed_inputs(small_run, monkeyp
 
 def test_held_out_losses_never_change_its_choice(small_run, tmp_path, monkeypatch):
   """Reversing which model has which curve in file a (its truth and its visible points)
-  leaves a's Pooled setting, chosen candidate and training criterion unchanged."""
+  leaves a's PooledLensLLM setting, chosen candidate and training criterion unchanged."""
   cfg, data, out = small_run
   a = benchmarks.load_curves(str(data / "a.csv"))
   data2 = tmp_path / "data"
@@ -318,7 +318,7 @@ def test_reproduce_selection_reports_the_same_predictor(small_run, tmp_path, mon
                                         num_restarts=2)
   chosen = {r["held_out"]: r for r in common.read_rows(tmp_path / "lensllm_plus_chosen.csv")}
   assert chosen["a"]["trained_on"] == "b"
-  # One training file: nothing to choose its Pooled setting on, the grid's first.
+  # One training file: nothing to choose its PooledLensLLM setting on, the grid's first.
   assert chosen["a"]["pooled_nested"] == f"b: {GRID[0].name}"
   pooled_cfg = GRID[0]
   ctx = candidates.BaseContext(key=jax.random.fold_in(key, 1),

@@ -19,7 +19,7 @@ def test_blend_is_a_weighted_geometric_mean():
   np.testing.assert_allclose(got, [2.0 ** 0.25, 3.0, 4.0 ** 0.25 * 16.0 ** 0.75])
   np.testing.assert_allclose(candidates.blend(a, b, 1.0), a)
   names = [c.name for c in candidates.all_candidates()]
-  assert names[0] == "Pooled" and names[-1] == "AtS" and len(set(names)) == len(names)
+  assert names[0] == "PooledLensLLM" and names[-1] == "AtS" and len(set(names)) == len(names)
   assert "0.5AtS+CurvePFN" in names and "0.75AtS+Spectral" in names
 
 
@@ -105,8 +105,8 @@ def test_blend_sd_is_inf_where_the_base_has_no_prediction():
 
 def test_pooled_is_scored_with_the_nested_setting_on_each_training_file(monkeypatch):
   """Three files x, y, z; grid settings g0, g1. g1 wins the fold holding out z only
-  because of file x, where its Pooled prediction is perfect. In-sample (the old rule:
-  g1 on x and y) Pooled would win the choice; nested (on x the setting chosen on y
+  because of file x, where its PooledLensLLM prediction is perfect. In-sample (the old rule:
+  g1 on x and y) PooledLensLLM would win the choice; nested (on x the setting chosen on y
   alone, g0, whose prediction is reversed) AtS wins."""
   from lensllm_jax.plus import protocol
   from lensllm_jax.selection import pooled
@@ -136,7 +136,7 @@ def test_pooled_is_scored_with_the_nested_setting_on_each_training_file(monkeypa
     return type("C", (), {"name": name, "source": name, "data_sizes": GRID})()
 
   monkeypatch.setattr(protocol, "default_grid", lambda: [g0, g1])
-  cands = [candidates.Candidate("Pooled"), candidates.Candidate("AtS", 1.0)]
+  cands = [candidates.Candidate("PooledLensLLM"), candidates.Candidate("AtS", 1.0)]
   folds, _ = candidates.leave_one_out(
     [cs("x"), cs("y"), cs("z")], key=jax.random.key(0), ratios=(8,), predictor=object(),
     grid_evaluate=evaluate, predict=predict, candidates=cands)
@@ -146,14 +146,14 @@ def test_pooled_is_scored_with_the_nested_setting_on_each_training_file(monkeypa
   # choice over y alone (g0: 1 > 0.5), on y the choice over x alone (g1: 2 > 0).
   assert fz.pooled.config == g1 and fz.pooled.train_criterion == pytest.approx(1.25)
   assert fz.pooled.nested == {"x": (g0, pytest.approx(1.0)), "y": (g1, pytest.approx(2.0))}
-  # Pooled on x is scored with g0's (reversed) prediction: PearCorr -1, it picks the
+  # PooledLensLLM on x is scored with g0's (reversed) prediction: PearCorr -1, it picks the
   # worst model (RelAcc 0); on y with g1's (perfect) one.
   for ds, pc, ra in (("x", -1.0, 0.0), ("y", 1.0, 1.0)):
-    np.testing.assert_allclose(fz.tables[ds]["Pooled"]["PearCorr"], [pc], atol=1e-12)
-    np.testing.assert_allclose(fz.tables[ds]["Pooled"]["RelAcc"], [ra], atol=1e-12)
+    np.testing.assert_allclose(fz.tables[ds]["PooledLensLLM"]["PearCorr"], [pc], atol=1e-12)
+    np.testing.assert_allclose(fz.tables[ds]["PooledLensLLM"]["RelAcc"], [ra], atol=1e-12)
   # AtS ([2, 1, 3, 4]): PearCorr 0.8, it picks loss 2 (RelAcc 2/3): criterion 1.4667 on
-  # both files. Nested Pooled: (-1 + 2) / 2 = 0.5 < 1.4667: AtS. Under the in-sample rule
-  # (g1 on x and y, perfect on both) Pooled would score 2 and win.
+  # both files. Nested PooledLensLLM: (-1 + 2) / 2 = 0.5 < 1.4667: AtS. Under the in-sample rule
+  # (g1 on x and y, perfect on both) PooledLensLLM would score 2 and win.
   assert fz.candidate.name == "AtS" and fz.train_criterion == pytest.approx(0.8 + 2 / 3)
   # Each file is predicted with its own fold's setting and its nested setting in every
   # other fold: x's own fold (on y, z: g0 1 > g1 0.75), nested in y's fold (on z alone: a
@@ -178,7 +178,7 @@ def _pearson(a, b):
 def test_choice_without_each_training_file_matches_a_brute_force_recount(monkeypatch):
   """Four files (x, y reported; t1, t2 training-only), a 3-setting grid, random
   predictions. Each fold's choice on all its training files and without each one is
-  recounted here by brute force: the nested Pooled setting by argmax of the grid
+  recounted here by brute force: the nested PooledLensLLM setting by argmax of the grid
   criterion over the remaining files minus the scored one (none left: the first
   setting), each candidate's prediction, Pearson and relative accuracy by their
   definitions, the mean criterion, argmax, runner-up and margin."""
@@ -212,7 +212,7 @@ def test_choice_without_each_training_file_matches_a_brute_force_recount(monkeyp
 
   monkeypatch.setattr(protocol, "default_grid", lambda: grid)
   monkeypatch.setattr(protocol, "training_ratios", lambda c, r: list(r))
-  cands = [candidates.Candidate("Pooled"), candidates.Candidate("Pooled", 0.5),
+  cands = [candidates.Candidate("PooledLensLLM"), candidates.Candidate("PooledLensLLM", 0.5),
            candidates.Candidate("CurvePFN"), candidates.Candidate("CurvePFN", 0.25),
            candidates.Candidate("AtS", 1.0)]
   folds, _ = candidates.leave_one_out(
@@ -229,7 +229,7 @@ def test_choice_without_each_training_file_matches_a_brute_force_recount(monkeyp
   def criterion(cand, s, setting):
     ats = preds[(s, "AtS")]
     base = ats if cand.base == "AtS" else preds[
-      (s, setting.name if cand.base == "Pooled" else cand.base)]
+      (s, setting.name if cand.base == "PooledLensLLM" else cand.base)]
     p = ats ** cand.ats_weight * base ** (1 - cand.ats_weight)
     y = truth[s]
     pc = [_pearson(row, y) for row in p]
@@ -259,6 +259,6 @@ def test_choice_without_each_training_file_matches_a_brute_force_recount(monkeyp
         renested += sum(nested_setting([o for o in files if o != s])
                         != f.pooled.nested[s][0] for s in files)
     assert list(f.without) == train
-  # The case exercises both: some choice moves without a file, and some Pooled setting
+  # The case exercises both: some choice moves without a file, and some PooledLensLLM setting
   # is nested differently once a file is gone (the rule is not the full fold's).
   assert changed >= 1 and renested >= 1

@@ -1,4 +1,4 @@
-"""Tests of the pooled (hierarchical) LensLLM fit (PooledLensLLM) (lensllm_jax/selection/pooled.py)."""
+"""Tests of the pooled (hierarchical) LensLLM fit (PooledLensLLM) (lensllm_jax/selection/pooled/)."""
 
 from __future__ import annotations
 
@@ -77,8 +77,7 @@ def test_pooled_beats_independent_at_small_budget():
                           np.stack([ds[s] for s, _ in v]),
                           np.stack([ys[s] for s, _ in v]),
                           np.ones((len(v),) + ys[0].shape, bool), [resolved[s][c] for s, c in v],
-                          covariates=np.ones((ys[0].shape[0], 3)), group_strength=group,
-                          num_steps=60)
+                          covariates=np.ones((ys[0].shape[0], 3)), group_strength=group)
   pred = fit.predict([D_STAR])[..., 0]
   for k, (s, c) in enumerate(v):
     beta = law.constrain(fit.raw_params[k])["beta"]
@@ -105,7 +104,7 @@ def test_pooled_recovers_parameters_with_enough_points():
   init = _independent(d, y, jax.random.key(1))
   cfg = pooled.PooledConfig(strength=1e-3, pooled=("beta", "E"))
   fit = pooled.fit_pooled(init[None], d[None], y[None], np.ones((1,) + y.shape, bool), [cfg],
-                          covariates=np.ones((6, 3)), num_steps=60)
+                          covariates=np.ones((6, 3)))
   p = law.constrain(fit.raw_params[0])
   np.testing.assert_allclose(p["beta"], truth["beta"], rtol=0.03)
   np.testing.assert_allclose(p["E"], truth["E"], rtol=0.05)
@@ -230,12 +229,12 @@ def test_normal_equations_match_dense_jacobian():
   law = laws.lensllm_law()
   with jax.enable_x64(True):
     args = (jnp.asarray(np.where(mask, np.broadcast_to(d, y.shape), 1.0)), jnp.asarray(y),
-            jnp.asarray(mask), jnp.asarray(w), pooled._hat(jnp.asarray(cov), jnp.asarray(cols)),
+            jnp.asarray(mask), jnp.asarray(w), pooled.hat_matrix(jnp.asarray(cov), jnp.asarray(cols)),
             jnp.asarray(group), jnp.asarray(delta), jnp.asarray(floor), law)
     x = jnp.asarray(raw.reshape(-1))
-    res = jax.jit(lambda x: pooled._residual_vector(x, *args))
+    res = jax.jit(lambda x: pooled.residual_vector(x, *args))
     r, jac = res(x), jax.jit(jax.jacfwd(res))(x)
-    jtj, g, f, fdata = jax.jit(lambda x: pooled._normal_equations(x, *args))(x)
+    jtj, g, f, fdata = jax.jit(lambda x: pooled.normal_equations(x, *args))(x)
     np.testing.assert_allclose(jtj, jac.T @ jac, rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(g, jac.T @ r, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(f, r @ r, rtol=1e-12)
