@@ -503,6 +503,26 @@ def method_cost(reads: str, curves, max_data_num: float, target_data_num: float)
 NOTES_HEADER = ("dataset", "method", "ratio", "note")
 
 
+# Fit statuses (`SelectionResult.status`, `laws.STATUS_NAMES`) that make a result's cells
+# mislead, and what each means.
+MISLEADING_STATUSES = {
+  "degenerate": "in a degenerate limit (the fitted curve overflowed, or the visible curve is "
+                "flat or rising)",
+  "nonfinite": "non-finite",
+}
+
+
+def status_notes(status, models, listed_in: str | None = None) -> list[str]:
+  """Why a result's cells may mislead from its per-model fit statuses [M] (None: no fits):
+  how many fits (and which of `models` [M]) ended in a degenerate limit or are non-finite;
+  `listed_in`: the file that lists every model's status."""
+  status = list(status if status is not None else ())
+  where = f" (status in {listed_in})" if listed_in else ""
+  return [f"{status.count(st)} of {len(status)} fits {what}: "
+          + " ".join(m for m, s in zip(models, status, strict=True) if s == st) + where
+          for st, what in MISLEADING_STATUSES.items() if st in status]
+
+
 def score_notes(result, truth, *, with_rmse: bool = False) -> list[str]:
   """Why the scores of a `SelectionResult` against the true L(D*) [M] are NaN ([] if none is).
 

@@ -32,7 +32,10 @@ Steps (the expensive ones write their CSV as they go; a rerun skips finished wor
   3. predict     every candidate base and baseline on every file's budget
                  views (`candidates.file_predictions`) -> predictions.csv
                  (dataset,job,key,ratio,values: L(D*) of the models, or the
-                 sd of log L(D*) for keys ending in _sd).
+                 sd of log L(D*) for keys ending in _sd); the per-model fit
+                 statuses of each job (empty for a job that fits no law) ->
+                 fit_status.csv (dataset,job,ratio,statuses); a job is done
+                 when both files have its rows.
   4. choose      every candidate scored on every file, PooledLensLLM with the fold's
                  setting on the held-out file and the nested one on each
                  training file -> candidates.csv (fold,dataset,candidate,ratio,metric,
@@ -48,7 +51,8 @@ Steps (the expensive ones write their CSV as they go; a rerun skips finished wor
                  of L(D*) over the models, loss units), and the compute each
                  reads at each ratio relative to AtS at ratio 8 -> cost.csv;
                  why a score of results.csv or candidates.csv is NaN (per
-                 file, method and ratio), or that num_steps=0 left the fits
+                 file, method and ratio), which of its fits ended degenerate or
+                 non-finite (fit_status.csv), or that num_steps=0 left the fits
                  unoptimised -> notes.csv (only when there is a note).
   6. budgeted    the early-stopping procedure of `budgeted.py` with the chosen
                  candidate's own predictive mean and sd of log L(D*)
@@ -104,6 +108,7 @@ CHOSEN_HEADER = ("held_out", "trained_on", "config", "strength", "pooled", "cova
                  "pre_power_weight", "huber_delta", "empirical_bayes", "train_criterion")
 NESTED_HEADER = ("held_out", "scored_on", "trained_on", "config", "train_criterion")
 PRED_HEADER = ("dataset", "job", "key", "ratio", "values")
+STATUS_HEADER = ("dataset", "job", "ratio", "statuses")
 CAND_HEADER = ("fold", "dataset", "candidate", "ratio", "metric", "value")
 CAND_CHOSEN_HEADER = ("held_out", "trained_on", "candidate", "pooled_setting", "train_criterion")
 RESULT_HEADER = ("dataset", "ratio", "method", "metric", "value")
@@ -154,12 +159,25 @@ def cached_grid_evaluator(out: pathlib.Path, ratios, num_restarts, num_steps):
   return evaluate
 
 
+def load_statuses(out: pathlib.Path, name: str, ratios) -> dict[str, dict[int, list[str]]]:
+  """fit_status.csv of one file: job -> ratio -> [M] fit statuses ([] for a job that fits
+  no law)."""
+  have = {}
+  for r in common.read_rows(out / "fit_status.csv"):
+    if r["dataset"] == name and int(r["ratio"]) in ratios:
+      have.setdefault(r["job"], {})[int(r["ratio"])] = r["statuses"].split()
+  return have
+
+
 def cached_predictions(out: pathlib.Path):
-  """A `predict` for `candidates.leave_one_out` that stores every job in predictions.csv.
+  """A `predict` for `candidates.leave_one_out` that stores every job in predictions.csv
+  and its fit statuses in fit_status.csv.
 
   A job (`candidates.prediction_jobs`) is rerun only if some ratio of the
-  file has no row for it; the predictions returned are always the ones read
-  back from the CSV (17 significant digits), so a rerun scores the same numbers.
+  file has no row for it in either file (a directory made before fit_status.csv
+  existed reruns its jobs for their statuses only); the predictions returned are
+  always the ones read back from the CSV (17 significant digits), so a rerun
+  scores the same numbers.
   """
   path = out / "predictions.csv"
 
@@ -174,19 +192,27 @@ def cached_predictions(out: pathlib.Path):
   def predict(curves, ratios, *, ctx, pooled_configs, target_data_num):
     jobs = candidates.prediction_jobs(ctx, pooled_configs)
     have = load(curves.name, ratios)
-    todo = [j for j in jobs if j not in have or not all(
-      set(ratios) <= set(per) for per in have[j].values())]
+    status = load_statuses(out, curves.name, ratios)
+    predicted = {j for j in have if all(set(ratios) <= set(per) for per in have[j].values())}
+    todo = [j for j in jobs if j not in predicted or not set(ratios) <= set(status.get(j, ()))]
     logging.info("[%s] predictions: %d of %d jobs already in %s", curves.name,
                  len(jobs) - len(todo), len(jobs), path)
     for job in todo:
       t = time.time()
+      fits = {}
       _, preds = candidates.file_predictions(curves, ratios, ctx=ctx,
                                                   pooled_configs=pooled_configs,
-                                                  target_data_num=target_data_num, only=[job])
-      common.append_rows(path, PRED_HEADER, [
-        {"dataset": curves.name, "job": job, "key": k, "ratio": r,
-         "values": " ".join(f"{x:.17g}" for x in v[i])}
-        for k, v in preds.items() for i, r in enumerate(ratios)])
+                                                  target_data_num=target_data_num, only=[job],
+                                                  statuses=fits)
+      common.append_rows(out / "fit_status.csv", STATUS_HEADER, [
+        {"dataset": curves.name, "job": job, "ratio": r,
+         "statuses": " ".join(fits[job][i]) if job in fits else ""}
+        for i, r in enumerate(ratios)])
+      if job not in predicted:
+        common.append_rows(path, PRED_HEADER, [
+          {"dataset": curves.name, "job": job, "key": k, "ratio": r,
+           "values": " ".join(f"{x:.17g}" for x in v[i])}
+          for k, v in preds.items() for i, r in enumerate(ratios)])
       logging.info("[%s] predictions: %s in %.1fs", curves.name, job, time.time() - t)
     have = load(curves.name, ratios)
     truth = protocol.budget_views(curves, ratios, target_data_num)[1]
@@ -303,12 +329,15 @@ FITTED_BASES = (pooled.METHOD_NAME, "Spectral")
 
 
 def prediction_notes(name: str, base: str, prediction, truth, ratios, dataset: str,
-                     num_steps: int) -> list[dict]:
-  """notes.csv rows of one method's [R, M] predictions on a file: why a score is NaN at a
-  ratio (`common.score_notes`), and that fits with num_steps=0 were not optimised."""
+                     num_steps: int, fits=None, models=()) -> list[dict]:
+  """notes.csv rows of one method's [R, M] predictions on a file: which of its fits (`fits`:
+  ratio -> [M] statuses of the fits of `models` it reads, fit_status.csv) ended degenerate
+  or non-finite (`common.status_notes`), why a score is NaN at a ratio
+  (`common.score_notes`), and that fits with num_steps=0 were not optimised."""
   notes = []
   for ratio, res in zip(ratios, candidates.plus_results(prediction, name), strict=True):
-    said = common.score_notes(res, truth, with_rmse=True)
+    said = common.status_notes((fits or {}).get(ratio), models, "fit_status.csv")
+    said += common.score_notes(res, truth, with_rmse=True)
     if num_steps == 0 and (base in FITTED_BASES or base in selection.FITTED_LAWS):
       said.append("config.num_steps=0: the fits were not optimised (their parameters are not "
                   "optima)")
@@ -316,9 +345,9 @@ def prediction_notes(name: str, base: str, prediction, truth, ratios, dataset: s
   return notes
 
 
-def candidate_notes(folds, files, num_steps: int) -> list[dict]:
+def candidate_notes(folds, files, num_steps: int, statuses) -> list[dict]:
   """notes.csv rows of candidates.csv (scored again from the predictions, cheap;
-  PooledLensLLM with the setting of each fold and file)."""
+  PooledLensLLM with the setting of each fold and file); statuses: file -> `load_statuses`."""
   by_name = {c.name: c for c in candidates.all_candidates()}
   notes = []
   for f in folds:
@@ -328,8 +357,9 @@ def candidate_notes(folds, files, num_steps: int) -> list[dict]:
       for name in [*tabs, *BASELINES[1:]]:
         cand = by_name.get(name)
         p = candidates.candidate_prediction(cand, preds, setting) if cand else preds[name]
+        job = candidates.base_key(cand, setting) if cand else name
         notes += prediction_notes(name, cand.base if cand else name, p, truth, rs, ds,
-                                  num_steps)
+                                  num_steps, statuses[ds].get(job), files[ds]["models"])
   return notes
 
 
@@ -344,7 +374,8 @@ def write_notes(path: pathlib.Path, rows) -> None:
 def write_report(out, folds, files, curve_sets, num_steps: int) -> None:
   """Step 5: results.csv and cost.csv of LensLLM+ and the baselines on the reported files;
   notes.csv: why a cell of results.csv or candidates.csv is NaN or may mislead."""
-  rows, cost, notes = [], [], candidate_notes(folds, files, num_steps)
+  statuses = {ds: load_statuses(out, ds, f["ratios"]) for ds, f in files.items()}
+  rows, cost, notes = [], [], candidate_notes(folds, files, num_steps, statuses)
   for f, curves in zip(folds, curve_sets, strict=True):
     fl = files[f.held_out]
     target = float(np.max(curves.data_sizes))
@@ -354,7 +385,9 @@ def write_report(out, folds, files, curve_sets, num_steps: int) -> None:
              **{m: fl["preds"][m] for m in BASELINES}}
     for m, p in preds.items():
       base = f.candidate.base if m == PLUS else m
-      notes += prediction_notes(m, base, p, fl["truth"], fl["ratios"], f.held_out, num_steps)
+      job = candidates.base_key(f.candidate, f.pooled.config) if m == PLUS else m
+      notes += prediction_notes(m, base, p, fl["truth"], fl["ratios"], f.held_out, num_steps,
+                                statuses[f.held_out].get(job), curves.models)
       for ratio, res in zip(fl["ratios"], candidates.plus_results(p, m), strict=True):
         sc = protocol.score_results(res, fl["truth"])
         rows += [{"dataset": f.held_out, "ratio": ratio, "method": m, "metric": k,

@@ -27,7 +27,8 @@ Outputs (--output_dir; results/study for the full preset): curves_<task>.csv
 (public curve format), zoo.csv, runs.csv, pac_bayes_layers.csv, ntk_spectra.csv,
 ntk_eigenpairs.csv (task,model,k,eigval,proj,eta), selection.csv, rmse.csv, cost.csv, phases.csv, curves_<task>.png,
 phases_<task>.png, selection_<task>.png, summary.md; notes.csv (why a selection or
-budgeted cell is NaN, listed under summary.md; only when there is one).
+budgeted cell is NaN, and which models' fits ended degenerate or non-finite, listed under
+summary.md; only when there is one).
 
 NTK convention. The model output is the per-example mean target-token
 log-likelihood f(x) (`ntk.lm_output_fn(model, "log_likelihood")` with the
@@ -468,7 +469,8 @@ def report_step(cfg, workdir, out: pathlib.Path, all_runs, zoo_models, t_start) 
     truth = curves.column(float(target))
     notes += [{"dataset": task, "method": name, "ratio": ratio, "note": n}
               for ratio, by_method in results.items() for name, res in by_method.items()
-              for n in common.score_notes(res, truth)]
+              for n in (common.status_notes(res.status, curves.models)
+                        + common.score_notes(res, truth))]
     t0 = time.time()
     rows, budget_notes = budgeted_step(cfg, task, curves)
     budget_rows += rows

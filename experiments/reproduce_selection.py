@@ -150,7 +150,7 @@ def run_dataset(curves, methods, ratios, out: pathlib.Path, *, target, key, num_
       for (ratio, dmax), res in zip(budgets, results, strict=True):
         sel += score_rows(name, ratio, dmax, res, truth)
         notes += [{"dataset": name, "method": method, "ratio": ratio, "note": n}
-                  for n in result_notes(method, res, truth, fit_options)]
+                  for n in result_notes(method, res, truth, fit_options, curves.models)]
         if method in methods_lib.CURVES:  # rmse.csv's law column: `Method.curve`
           rm += rmse_rows(name, dmax, res, curves, target)
           fits += fit_rows(name, dmax, res, curves)
@@ -176,17 +176,10 @@ def run_dataset(curves, methods, ratios, out: pathlib.Path, *, target, key, num_
                  truth=truth, num_restarts=num_restarts, fit_options=fit_options, t0=t0)
 
 
-def result_notes(method, result, truth, fit_options) -> list[str]:
-  """Why a result's cells may mislead or be empty: degenerate or failed fits, undefined
-  correlations (constant truth or feature), fits that were not run (max_steps = 0)."""
-  notes = []
-  status = list(result.status or ())
-  m = len(truth)
-  for st, what in (("degenerate", "in a degenerate limit (the fitted curve overflowed, or the "
-                    "visible curve is flat or rising; status in fits.csv)"),
-                   ("nonfinite", "non-finite (feature = the last visible loss)")):
-    if st in status:
-      notes.append(f"{status.count(st)} of {m} fits {what}")
+def result_notes(method, result, truth, fit_options, models) -> list[str]:
+  """Why a result's cells may mislead or be empty: degenerate or failed fits (of `models`),
+  undefined correlations (constant truth or feature), fits that were not run (max_steps = 0)."""
+  notes = common.status_notes(result.status, models, "fits.csv")
   notes += common.score_notes(result, truth)
   if method in methods_lib.FITTED_LAWS and fit_options.max_steps == 0:
     notes.append("config.max_steps=0: the fits were not optimised (their parameters are "

@@ -20,7 +20,7 @@ Every public name of these modules is re-exported here
     ContextPFN, ContextPFNPredictor, HierarchyConfig, context_pfn_selection,
     default_context_predictor, make_file_batch, sample_prior_files, train_context
   candidates: PLUS_NAME, PLUS_READS, BASE_PREDICTORS, BLEND_WEIGHTS, BaseContext, BasePrediction,
-    Candidate, PlusChoice, PlusFold, blend,
+    Candidate, PlusChoice, PlusFold, base_key, blend,
     budgeted_candidate_selection, candidate_distribution, all_candidates, candidate_prediction,
     choose_candidate, file_predictions, plus_results, pooled_setting, prediction_jobs,
     ranked_choice, score_table
@@ -42,6 +42,7 @@ from lensllm_jax.plus.candidates import (
   PlusChoice,
   PlusFold,
   all_candidates,
+  base_key,
   blend,
   budgeted_candidate_selection,
   candidate_distribution,
@@ -128,6 +129,7 @@ __all__ = [
   "Candidate",
   "PlusChoice",
   "PlusFold",
+  "base_key",
   "blend",
   "budgeted_candidate_selection",
   "candidate_distribution",

@@ -81,6 +81,7 @@ __all__ = [
   "PLUS_READS",
   "PlusChoice",
   "PlusFold",
+  "base_key",
   "blend",
   "budgeted_candidate_selection",
   "candidate_distribution",
@@ -134,10 +135,13 @@ class BasePrediction:
     sd_log: [V, M] sd of log L(D*); None where not computed (`BaseContext.with_sd`).
     quantiles: level -> [V, M] quantile of L(D*), for the predictors that have
       their own (the PFNs: 0.1 and 0.9); empty otherwise.
+    status: [V, M] fit status of each model (`SelectionResult.status`) for the
+      law fits; None for the predictors that fit nothing (not a column).
   """
   mean: np.ndarray
   sd_log: np.ndarray | None = None
   quantiles: Mapping[float, np.ndarray] = dataclasses.field(default_factory=dict)
+  status: np.ndarray | None = None
 
   def columns(self, name: str) -> dict[str, np.ndarray]:
     """The flat columns of `file_predictions` and predictions.csv: `name` (mean),
@@ -167,6 +171,11 @@ def _laplace_sd(law, results, views, meta) -> np.ndarray:
   return sd.reshape(len(views), m)
 
 
+def fit_statuses(results) -> np.ndarray:
+  """[V, M] per-model fit statuses of law-fit SelectionResults (one per view)."""
+  return np.array([list(r.status) for r in results], dtype=str)
+
+
 def pooled_base(views, meta, ctx: BaseContext) -> BasePrediction:
   """PooledLensLLM: the pooled fit with ctx.pooled_config (sd: the Laplace sd, when
   ctx.with_sd)."""
@@ -177,7 +186,7 @@ def pooled_base(views, meta, ctx: BaseContext) -> BasePrediction:
                                                num_steps=ctx.num_steps,
                                                num_points=ctx.num_points)]
   sd = _laplace_sd(laws.lensllm_law(), res, views, meta) if ctx.with_sd else None
-  return BasePrediction(np.stack([r.predicted for r in res]), sd)
+  return BasePrediction(np.stack([r.predicted for r in res]), sd, status=fit_statuses(res))
 
 
 def _pfn_outputs(results) -> BasePrediction:
@@ -208,7 +217,7 @@ def spectral_base(views, meta, ctx: BaseContext) -> BasePrediction:
   res = selection.fit_law_views("Spectral", law, views, meta, key=ctx.key, use_zero_shot=True,
                                 num_restarts=ctx.num_restarts)
   sd = _laplace_sd(law, res, views, meta) if ctx.with_sd else None
-  return BasePrediction(np.stack([r.predicted for r in res]), sd)
+  return BasePrediction(np.stack([r.predicted for r in res]), sd, status=fit_statuses(res))
 
 
 # The candidate bases X: name -> fn(views, meta, BaseContext) -> BasePrediction ([V, M]
@@ -261,33 +270,41 @@ def pooled_key(config: pooled.PooledConfig) -> str:
 
 
 def prediction_jobs(ctx: BaseContext, pooled_configs: Sequence[pooled.PooledConfig] = ()):
-  """name -> fn(views, meta) -> {column: [V, M]}: the baselines, every base, one
+  """name -> fn(views, meta) -> ({column: [V, M]}, status): the baselines, every base, one
   PooledLensLLM per setting.
 
   Each job returns its `BasePrediction.columns(job name)` (e.g. "CurvePFN",
-  "CurvePFN_sd"); the PooledLensLLM base runs once per setting, each setting in its
-  own call (its predictions do not depend on which other settings are asked).
+  "CurvePFN_sd") and its [V, M] fit statuses (None for a job that fits no law);
+  the PooledLensLLM base runs once per setting, each setting in its own call (its
+  predictions do not depend on which other settings are asked).
   """
-  jobs = {"AtS": lambda views, meta: {"AtS": np.stack([selection.ats(v, meta).predicted
-                                                       for v in views])}}
+  def fitted(views, meta, m):
+    res = selection.run_fitted_batch(m, views, meta, key=ctx.key, num_restarts=ctx.num_restarts)
+    return {m: np.stack([r.predicted for r in res])}, fit_statuses(res)
+
+  jobs = {"AtS": lambda views, meta: ({"AtS": np.stack([selection.ats(v, meta).predicted
+                                                        for v in views])}, None)}
   for m in BASELINES[1:]:
-    jobs[m] = (lambda views, meta, m=m: {m: np.stack([
-      r.predicted for r in selection.run_fitted_batch(m, views, meta, key=ctx.key,
-                                                      num_restarts=ctx.num_restarts)])})
+    jobs[m] = lambda views, meta, m=m: fitted(views, meta, m)
   for base, fn in BASE_PREDICTORS.items():
     if base == pooled.METHOD_NAME:
       for c in dict.fromkeys(pooled_configs):
         def job(views, meta, c=c, fn=fn):
-          return fn(views, meta, dataclasses.replace(ctx, pooled_config=c)).columns(pooled_key(c))
+          p = fn(views, meta, dataclasses.replace(ctx, pooled_config=c))
+          return p.columns(pooled_key(c)), p.status
         jobs[pooled_key(c)] = job
     else:
-      jobs[base] = (lambda views, meta, fn=fn, base=base: fn(views, meta, ctx).columns(base))
+      def job(views, meta, fn=fn, base=base):
+        p = fn(views, meta, ctx)
+        return p.columns(base), p.status
+      jobs[base] = job
   return jobs
 
 
 def file_predictions(curves, ratios: Sequence[int], *, ctx: BaseContext,
                      pooled_configs: Sequence[pooled.PooledConfig] = (),
-                     target_data_num: float | None = None, only: Sequence[str] | None = None):
+                     target_data_num: float | None = None, only: Sequence[str] | None = None,
+                     statuses: dict | None = None):
   """Predictions of L(D*) of every job of `prediction_jobs` on the budget views of one file.
 
   Args:
@@ -296,6 +313,8 @@ def file_predictions(curves, ratios: Sequence[int], *, ctx: BaseContext,
     ctx: the base context (key of the file's fits, PFN, options).
     pooled_configs: the PooledLensLLM settings to run.
     only: job names to run (default all).
+    statuses: if given, filled with job name -> [R, M] fit statuses of the jobs
+      that fit laws (`BasePrediction.status`).
 
   Returns:
     (truth [M], preds): preds[key] -> [R, M] ("AtS", "RectifiedFit",
@@ -308,7 +327,10 @@ def file_predictions(curves, ratios: Sequence[int], *, ctx: BaseContext,
   preds = {}
   for name, job in jobs.items():
     if only is None or name in only:
-      preds.update(job(views, meta))
+      columns, status = job(views, meta)
+      preds.update(columns)
+      if statuses is not None and status is not None:
+        statuses[name] = status
   return truth, preds
 
 
@@ -317,8 +339,12 @@ def candidate_prediction(cand: Candidate, preds: Mapping[str, np.ndarray],
   """[R, M] predictions of one candidate from the base predictions."""
   if cand.base == "AtS":
     return preds["AtS"]
-  key = pooled_key(pooled_config) if cand.base == pooled.METHOD_NAME else cand.base
-  return blend(preds["AtS"], preds[key], cand.ats_weight)
+  return blend(preds["AtS"], preds[base_key(cand, pooled_config)], cand.ats_weight)
+
+
+def base_key(cand: Candidate, pooled_config: pooled.PooledConfig | None) -> str:
+  """The job (and mean column) of a candidate's base in `file_predictions`."""
+  return pooled_key(pooled_config) if cand.base == pooled.METHOD_NAME else cand.base
 
 
 def score_table(prediction, truth) -> dict[str, np.ndarray]:
@@ -449,7 +475,7 @@ def leave_one_out(curve_sets, *, key: jax.Array, train_only: Sequence = (),
 
   Returns:
     (folds, files): one PlusFold per reported file, and per file name a dict
-    with "truth" [M], "preds" (`file_predictions`), "ratios", "reported".
+    with "truth" [M], "preds" (`file_predictions`), "ratios", "reported", "models" [M].
   """
   sets, extra = list(curve_sets), list(train_only)
   cands = all_candidates() if candidates is None else list(candidates)
@@ -483,7 +509,8 @@ def leave_one_out(curve_sets, *, key: jax.Array, train_only: Sequence = (),
          for s, cfg in per.items() if s == c.name]))
     truth, preds = predict(c, rs, ctx=ctx, pooled_configs=configs,
                            target_data_num=target_data_num if reported else None)
-    files[c.name] = {"truth": truth, "preds": preds, "ratios": rs, "reported": reported}
+    files[c.name] = {"truth": truth, "preds": preds, "ratios": rs, "reported": reported,
+                     "models": c.models}
   names = list(files)
 
   def table(name, setting):

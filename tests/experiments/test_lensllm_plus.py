@@ -337,11 +337,11 @@ def test_reproduce_selection_reports_the_same_predictor(small_run, tmp_path, mon
 def test_every_nan_cell_has_a_note_naming_its_cause(small_run, tmp_path, monkeypatch):
   """One model's RectifiedFit prediction made infinite at ratio 8 on file a (in a copy of the
   run's predictions.csv): the rerun from the cached predictions has NaN cells, each with a
-  note of its cause in notes.csv (per dataset, method and ratio) listed under the tables.
-  The clean run has none."""
+  note of its cause in notes.csv (per dataset, method and ratio) listed under the tables;
+  so has a fit marked degenerate in fit_status.csv. The clean run has none."""
   import shutil
 
-  cfg, _, out = small_run
+  cfg, data, out = small_run
   assert not (out / "notes.csv").exists()
   assert "## Notes" not in (out / "lensllm_plus.md").read_text()
   copy = tmp_path / "out"
@@ -352,6 +352,18 @@ def test_every_nan_cell_has_a_note_naming_its_cause(small_run, tmp_path, monkeyp
   hit[0]["values"] = " ".join(["inf", *hit[0]["values"].split()[1:]])
   (copy / "predictions.csv").unlink()
   common.append_rows(copy / "predictions.csv", lensllm_plus.PRED_HEADER, rows)
+  # Every job's fit statuses per file and ratio; LensLLM's fit of one model on file b marked
+  # degenerate in the copy: the rerun notes it, naming the model.
+  status = common.read_rows(copy / "fit_status.csv")
+  jobs = {(r["dataset"], r["job"], r["ratio"]) for r in rows}
+  assert {(r["dataset"], r["job"], r["ratio"]) for r in status} == jobs
+  fits = {r["job"]: r["statuses"].split() for r in status if r["dataset"] == "b"}
+  assert fits["AtS"] == [] and len(fits["LensLLM"]) == 10
+  assert set(fits["LensLLM"]) <= {"converged", "max_steps"}
+  hit = [r for r in status if (r["dataset"], r["job"], r["ratio"]) == ("b", "LensLLM", "128")]
+  hit[0]["statuses"] = " ".join(["degenerate", *hit[0]["statuses"].split()[1:]])
+  (copy / "fit_status.csv").unlink()
+  common.append_rows(copy / "fit_status.csv", lensllm_plus.STATUS_HEADER, status)
 
   def no_fit(*a, **k):
     raise AssertionError("a rerun of finished work must not fit")
@@ -381,3 +393,7 @@ def test_every_nan_cell_has_a_note_naming_its_cause(small_run, tmp_path, monkeyp
   assert ("- a RectifiedFit (ratios 8): RMSE is NaN: the predicted L(D*) is not finite for 1 "
           "of 10 models") in md.split("## Notes")[1]
   assert "## Notes" in (copy / "candidates.md").read_text()
+  model = benchmarks.load_curves(str(data / "b.csv")).models[0]
+  assert why[("b", "LensLLM", "128")] == [
+      "1 of 10 fits in a degenerate limit (the fitted curve overflowed, or the visible curve is "
+      f"flat or rising): {model} (status in fit_status.csv)"]

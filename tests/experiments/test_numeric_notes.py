@@ -145,3 +145,41 @@ def test_fit_laws_rows_say_why_a_cell_is_nan():
       "rmse_heldout, pred_last, B: the fit's status is nonfinite (its parameters or predicted "
       "curve are not finite)")
   assert fit_laws.nan_note({"status": "converged", "rmse_fit": 0.1}, True, True) == ""
+
+
+@pytest.mark.parametrize("damaged", [True, False])
+def test_lensllm_plus_notes_a_degenerate_baseline_fit_naming_its_model(tmp_path, damaged):
+  """A tiny curve file whose model m1 is flat: RectifiedFit's fits of m1 end "degenerate"
+  (file_predictions' statuses, what lensllm_plus stores in fit_status.csv), and the
+  notes.csv rows of lensllm_plus name RectifiedFit's degenerate model at every ratio; the
+  clean file has no note."""
+  from experiments import lensllm_plus
+  from lensllm_jax.curves import benchmarks
+  from lensllm_jax.plus import candidates
+
+  curves, _ = synthetic_curves(num_models=4, seed=1)
+  if damaged:
+    losses = curves.losses.copy()
+    losses[1] = 2.5  # flat
+    curves = dataclasses.replace(curves, losses=losses)
+  benchmarks.write_curves(curves, tmp_path / "tiny.csv")
+  curves = benchmarks.load_curves(str(tmp_path / "tiny.csv"))
+  ratios = (8, 16)
+  ctx = candidates.BaseContext(key=jax.random.key(0), predictor=None, num_restarts=2)
+  fits = {}
+  truth, preds = candidates.file_predictions(curves, ratios, ctx=ctx, only=["RectifiedFit"],
+                                             statuses=fits)
+  status = fits["RectifiedFit"]
+  assert status.shape == (len(ratios), 4)
+  assert (status[:, 1] == "degenerate").all() == damaged
+  assert not np.isin(status[:, [0, 2, 3]], ["degenerate", "nonfinite"]).any()
+  notes = lensllm_plus.prediction_notes(
+      "RectifiedFit", "RectifiedFit", preds["RectifiedFit"], truth, ratios, "tiny", 60,
+      dict(zip(ratios, status, strict=True)), curves.models)
+  said = [(r["ratio"], r["note"]) for r in notes if "fits" in r["note"]]
+  if damaged:
+    assert said == [(r, "1 of 4 fits in a degenerate limit (the fitted curve overflowed, or the "
+                        "visible curve is flat or rising): m1 (status in fit_status.csv)")
+                    for r in ratios]
+  else:
+    assert notes == []
