@@ -33,8 +33,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the sweep configuration; arg "smoke" gives a seconds-long run."""
   c = ml_collections.ConfigDict()
   c.name = "synthetic_translation"
-  # Task: "synthetic" writes seeded jsonl files into workdir/data and loads
-  # them with the same code path as any local file; otherwise a name from
+  # Task: "synthetic" writes seeded jsonl files into workdir/data and reads them back
+  # (checked like any local file, parsed with json: `sweep.load_splits`); otherwise a name from
   # lensllm_jax.training.textdata.TASKS or "local" (then data_files etc. are used).
   c.task = "synthetic"
   c.data_files = ml_collections.ConfigDict({"train": ""})

@@ -34,6 +34,11 @@ test split. Writes to --workdir:
                (lensllm_jax/rundir.py); .lock: one sweep per workdir
   tokenizer.json, data/, pretrained/, ckpt/ (in-flight runs)
 
+Each run logs its breakdown once its row is written (`sweep.RUN_TIMING`): its whole
+wall time = training steps + evaluations (validation and test) + outside (state set-up,
+NTK snapshot, the row, checkpoint clean-up); `experiments.bench_sweep_overhead` reads
+these lines.
+
 Rerunning skips finished runs (read from runs.jsonl) and resumes an
 interrupted run from its orbax checkpoint in ckpt/ (config.checkpoint_runs:
 written asynchronously every config.checkpoint_every_seconds, the last one

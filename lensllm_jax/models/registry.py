@@ -38,6 +38,7 @@ in `CausalLM`, its ``arch`` in ``config.py``, its converter and
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -161,11 +162,21 @@ def init_params(config, key: jax.Array, length: int | None = None) -> dict:
     length: sequence length of the dummy input (default min(8, max_len); the
       parameter shapes do not depend on it).
   """
-  arch = architecture(config)
   length = min(8, config.max_len) if length is None else length
-  inputs = arch.dummy_inputs(config, length)
-  # Jitted: XLA drops the unused forward pass and compiles one program.
-  return jax.jit(lambda k: arch.build(config).init(k, *inputs)["params"])(key)
+  return _jitted_init(config, length)(key)
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_init(config, length: int) -> Callable:
+  """The jitted init of a config, one per (config, length): a `jax.eval_shape` of
+  `init_params` (the shapes) and the later call share one trace, repeated calls one
+  compilation."""
+  arch = architecture(config)
+  # Jitted: XLA drops the unused forward pass and compiles one program. The dummy
+  # inputs are made inside the trace (made outside under an eval_shape, they would be
+  # tracers kept by the cache).
+  return jax.jit(lambda k: arch.build(config).init(k, *arch.dummy_inputs(config, length))
+                 ["params"])
 
 
 def num_params(config) -> int:

@@ -195,11 +195,11 @@ def place(tree: Any, mesh: Any = None) -> Any:
   (an uncommitted input, e.g. a fresh `jnp.zeros` step counter, compiles it again
   on the second call). Always a copy: the caller's arrays survive buffer donation.
   """
-  # Copied first: replicating a single-device array over a mesh reuses its buffer for
-  # the shard on that device even with may_alias=False (jaxlib 0.10.2), and the train
-  # step would then donate (delete) the caller's array.
-  tree = jax.tree.map(lambda x: jnp.copy(x) if isinstance(x, jax.Array) else x, tree)
-  return jax.device_put(tree, _placement(tree, mesh), may_alias=False)
+  # Copied after placing, by one compiled program: replicating a single-device array over
+  # a mesh reuses its buffer for the shard on that device even with may_alias=False
+  # (jaxlib 0.10.2), and the train step would then donate (delete) the caller's array.
+  placement = _placement(tree, mesh)
+  return jax.device_put(_copy_tree(jax.device_put(tree, placement)), placement)
 
 
 def _placement(tree: Any, mesh: Any) -> Any:
@@ -211,16 +211,25 @@ def _placement(tree: Any, mesh: Any) -> Any:
 
 def init_state(params: Any, optimizer: optax.GradientTransformation, *,
                mesh: Any = None) -> TrainState:
-  """Step 0, a placed copy of `params` and the optimiser's initial state (`place`d
-  on `mesh`, or on the first local device; the state made by one compiled program)."""
-  params = place(params, mesh)
-  state = TrainState(jnp.zeros((), jnp.int32), params, _jit_init(optimizer)(params))
+  """Step 0, a copy of `params` and the optimiser's initial state, placed like `place`
+  (on `mesh`, or on the first local device).
+
+  One compiled program makes the whole state (`precompile` compiles it ahead): done
+  leaf by leaf, the copies were one small compilation per parameter shape, in the
+  first run of every process.
+  """
+  params = jax.device_put(params, _placement(params, mesh))  # may share the caller's
+  state = _jit_init_state(optimizer)(params)  # buffers: the state holds copies
   return jax.device_put(state, _placement(state, mesh))  # commits the new leaves
 
 
 @functools.lru_cache(maxsize=8)
-def _jit_init(optimizer: optax.GradientTransformation) -> Callable:
-  return jax.jit(optimizer.init)
+def _jit_init_state(optimizer: optax.GradientTransformation) -> Callable:
+  def init(params):
+    return TrainState(jnp.zeros((), jnp.int32), jax.tree.map(jnp.copy, params),
+                      optimizer.init(params))
+
+  return jax.jit(init)
 
 
 @functools.lru_cache(maxsize=8)
@@ -382,7 +391,7 @@ def precompile(apply_fn: ApplyFn, cfg: TrainConfig, params: Any, like: textdata.
 
   train_step.lower(state, batch(cfg.batch_size), jax.random.key(cfg.seed)).compile()
   eval_step.lower(state.params, batch(cfg.eval_batch_size)).compile()
-  _jit_init(optimizer).lower(state.params).compile()
+  _jit_init_state(optimizer).lower(state.params).compile()
   _copy_tree.lower(state.params).compile()
   _jit_schedule(cfg).lower(0).compile()
 

@@ -89,11 +89,22 @@ def task_spec(cfg, workdir: pathlib.Path) -> textdata.TaskSpec:
 
 
 def load_splits(cfg, workdir: pathlib.Path) -> dict[str, list[textdata.Example]]:
+  """The task's (source, target) examples per split (`textdata.load_task`).
+
+  The synthetic task's file, JSON lines of string fields written by `task_spec`, is
+  read with `json` (checked by `textdata.check_local_files` first): the records
+  `datasets` would give, without its import and its cache (a second of a short sweep).
+  """
   spec = task_spec(cfg, workdir)
+  raw = None
+  if cfg.task == "synthetic":
+    textdata.check_local_files(spec)
+    raw = {"train": [json.loads(line) for line in
+                     pathlib.Path(spec.data_files["train"]).read_text().splitlines()]}
   splits = textdata.load_task(spec, num_validation=cfg.num_validation, num_test=cfg.num_test,
                               max_validation=cfg.num_validation, max_test=cfg.num_test,
                               max_train=cfg.get("max_train_rows", 0) or None,
-                              seed=cfg.split_seed, cache_dir=str(workdir / "hf_cache"))
+                              seed=cfg.split_seed, cache_dir=str(workdir / "hf_cache"), raw=raw)
   biggest = max(cfg.subset_sizes)
   if biggest > len(splits["train"]):
     raise errors.ConfigError(f"config.subset_sizes needs {biggest} train examples, task "
@@ -373,9 +384,9 @@ def run_one(m: LoadedModel, data: dict, d: int, cfg, tcfg, workdir, mesh, snapsh
     loop.save_params(str(path), res.params)  # collective: every process calls it
     rec["finetuned_params"] = str(path)
   if snapshot is not None:
-    t0 = time.time()
+    t0 = time.perf_counter()
     rec["ntk"] = snapshot.record(res.params, workdir / "ntk" / f"{m.name}_D{d}.npz")
-    rec["seconds_ntk"] = time.time() - t0
+    rec["seconds_ntk"] = time.perf_counter() - t0
   return rec, res.params, idx
 
 
@@ -452,6 +463,17 @@ def start_precompile(*args, **kwargs) -> concurrent.futures.Future:
   return future
 
 
+# The breakdown of each run that `sweep_model` logs once the run's row is durable and its
+# checkpoint removed: the wall time of all the per-run work = its training steps + its
+# evaluations (validation and test) + the rest ("outside": state set-up, subset, NTK
+# snapshot, the runs.jsonl row, checkpoint clean-up). Read back by experiments.bench_sweep_overhead.
+RUN_TIMING = ("%s D=%d: %.3f s = steps %.3f + eval %.3f + outside %.3f "
+              "(NTK snapshot %.3f, row + clean-up %.3f)")
+RUN_TIMING_PATTERN = (r"(?P<model>\S+) D=(?P<d>\d+): (?P<total>[\d.]+) s = steps (?P<steps>[\d.]+) "
+                      r"\+ eval (?P<eval>[\d.]+) \+ outside (?P<outside>[\d.]+) "
+                      r"\(NTK snapshot (?P<ntk>[\d.]+), row \+ clean-up (?P<bookkeeping>[\d.]+)\)")
+
+
 def sweep_model(m: LoadedModel, data: dict, cfg, tcfg: loop.TrainConfig,
                 workdir: pathlib.Path, runs: dict, *, mesh=None, after_run=None,
                 progress=None, sizes=None,
@@ -490,22 +512,28 @@ def sweep_model(m: LoadedModel, data: dict, cfg, tcfg: loop.TrainConfig,
   if compiling is not None:
     compiling.result()
   for d in todo:
-    t0 = time.time()
+    t0 = time.perf_counter()
     if d == 0:
       eval_step = loop.cached_eval_step(m.apply_fn)
       rec = {"test_loss": loop.evaluate(eval_step, m.params, data["test"],
-                                            tcfg.eval_batch_size, mesh=mesh), "steps": 0}
+                                        tcfg.eval_batch_size, mesh=mesh), "steps": 0}
+      seconds_eval = time.perf_counter() - t0
     else:
       rec, params, idx = run_one(m, data, d, cfg, tcfg, workdir, mesh, snapshot)
+      seconds_eval = rec.get("seconds_eval", 0.0)
       if after_run is not None:
         rec.update(after_run(params, d, idx))
-    rec = {**base, "data_size": d, **rec, "wall_seconds": time.time() - t0}
+    rec = {**base, "data_size": d, **rec, "wall_seconds": time.perf_counter() - t0}
     if not math.isfinite(rec["test_loss"]):
       raise FloatingPointError(f"{workdir}: non-finite test loss for {m.name} at D={d}")
     append_run(workdir / "runs.jsonl", rec)  # durable (fsynced) before the checkpoint goes
     if d:
       clear_checkpoint(workdir, m.name, d)
     runs[(m.name, d)] = rec
+    total = time.perf_counter() - t0
+    steps = rec.get("seconds_train", 0.0)
+    logging.info(RUN_TIMING, m.name, d, total, steps, seconds_eval, total - steps - seconds_eval,
+                 rec.get("seconds_ntk", 0.0), total - rec["wall_seconds"])
     if progress is not None:
       progress(rec)
     else:

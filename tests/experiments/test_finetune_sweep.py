@@ -44,8 +44,33 @@ def cache_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, cache_dir):
   workdir = tmp_path_factory.mktemp("sweep")
-  _run(workdir, cache_dir)
+  proc = _run(workdir, cache_dir)
+  (workdir.parent / f"{workdir.name}.log").write_text(proc.stderr)  # outside the workdir
   return workdir
+
+
+def test_each_run_logs_its_time_breakdown(sweep):
+  """One `sweep.RUN_TIMING` line per run: steps and eval are the row's own timings, the
+  total covers the row's wall time (and the row's write after it), outside the rest."""
+  import re
+
+  from lensllm_jax.training import sweep as finetune_sweep
+
+  log = (sweep.parent / f"{sweep.name}.log").read_text()
+  lines = {int(m["d"]): {k: float(v) for k, v in m.groupdict().items() if k not in ("model", "d")}
+           for m in re.finditer(finetune_sweep.RUN_TIMING_PATTERN, log)}
+  rows = {r["data_size"]: r for r in map(json.loads, (sweep / "runs.jsonl").read_text().splitlines())}
+  assert sorted(lines) == sorted(rows) == [0, 200, 400]
+  for d, t in lines.items():
+    r = rows[d]
+    assert t["total"] >= r["wall_seconds"] - 1e-3 and t["bookkeeping"] >= 0
+    assert t["total"] == pytest.approx(t["steps"] + t["eval"] + t["outside"], abs=2e-3)
+    if d:
+      assert t["steps"] == pytest.approx(r["seconds_train"], abs=1e-3)
+      assert t["eval"] == pytest.approx(r["seconds_eval"], abs=1e-3)
+      assert t["ntk"] == pytest.approx(r["seconds_ntk"], abs=1e-3) and t["outside"] >= t["ntk"] - 2e-3
+    else:
+      assert t["steps"] == 0 and t["eval"] > 0
 
 
 def test_curve_file_loads_back(sweep):

@@ -233,4 +233,6 @@ def test_precompile_leaves_nothing_to_compile(setup):
   assert counts["jit(step_fn)"] == 1 and counts["jit(eval_fn)"] == 1, counts
   with training.count_compilations() as counts:
     res = training.finetune(apply_fn, params, train, val, cfg)
-  assert res.steps == 2 and not counts["jit(step_fn)"] and not counts["jit(eval_fn)"], counts
+  # Nothing at all: the state's set-up too is one precompiled program (it was one
+  # compilation per parameter shape, in the first run of every process).
+  assert res.steps == 2 and not counts, counts

@@ -6,13 +6,14 @@ holds the Jacobians of two blocks; block pairs are sharded with `jax.shard_map`.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lensllm_jax import progress as progress_lib
 from lensllm_jax.theory.ntk.exact import ApplyFn, NTKFn, PyTree, make_ntk_fn
@@ -52,8 +53,45 @@ def _to_blocks(x: PyTree, n: int, block_size: int) -> tuple[PyTree, int]:
   nb = -(-n // block_size)
   # Pad with copies of example 0 (a valid input); padded rows are cropped.
   idx = np.concatenate([np.arange(n), np.zeros(nb * block_size - n, np.int64)])
-  return jax.tree.map(lambda a: jnp.asarray(a)[idx].reshape((nb, block_size) + a.shape[1:]),
-                      x), nb
+
+  def blocks(a):
+    shape = (nb, block_size) + a.shape[1:]
+    if isinstance(a, np.ndarray):  # host inputs (a probe set): no device program to compile
+      return a[idx].reshape(shape)
+    return jnp.asarray(a)[idx].reshape(shape)
+
+  return jax.tree.map(blocks, x), nb
+
+
+def _block_pairs(nb1: int, nb2: int, symmetric: bool, per_call: int) -> tuple[np.ndarray, int]:
+  """The (i, j) block pairs to compute, padded with (0, 0) to a multiple of per_call
+  ([m, 2] int32), and how many are real."""
+  pairs = [(i, j) for i in range(nb1) for j in range(nb2) if not symmetric or i <= j]
+  total = len(pairs)
+  pairs += [(0, 0)] * (-len(pairs) % per_call)
+  return np.asarray(pairs, np.int32), total
+
+
+@functools.partial(jax.jit, static_argnames=("grid_shape", "n1", "n2", "symmetric"))
+def _assemble(chunks: list[jax.Array], pairs: jax.Array, *, grid_shape: tuple[int, int],
+              n1: int, n2: int, symmetric: bool) -> jax.Array:
+  """Theta [n1, n2, ...] from the block pairs' results, in one program per shape (done
+  op by op it compiled a dozen small programs per kernel shape).
+
+  chunks: the block-pair calls' outputs [per_call, b, b, ...] in order; pairs [m, 2]: the
+  blocks (i, j) of the first m rows of their concatenation (the rest is padding).
+  """
+  res = jnp.concatenate(chunks)[:pairs.shape[0]]  # [m, b, b, ...]
+  grid = jnp.zeros(grid_shape + res.shape[1:], res.dtype)
+  if symmetric:
+    grid = grid.at[pairs[:, 1], pairs[:, 0]].set(
+        jnp.transpose(res, (0,) + tuple(1 + a for a in _block_transpose_perm(res.ndim - 1))))
+  grid = grid.at[pairs[:, 0], pairs[:, 1]].set(res)
+  # [nb1, nb2, b, b, ...] -> [nb1, b, nb2, b, ...] -> [nb1*b, nb2*b, ...]
+  grid = jnp.moveaxis(grid, 2, 1)
+  b = res.shape[1]
+  theta = grid.reshape((grid_shape[0] * b, grid_shape[1] * b) + res.shape[3:])
+  return theta[:n1, :n2]
 
 
 def make_blocked_ntk_fn(
@@ -102,6 +140,7 @@ def make_blocked_ntk_fn(
     return jax.lax.map(one, pairs)
 
   rep = PartitionSpec()
+  blocks_sharding = NamedSharding(mesh, PartitionSpec("blocks"))
   sharded = jax.jit(jax.shard_map(
       local_pairs, mesh=mesh, in_specs=(rep, rep, rep, PartitionSpec("blocks")),
       out_specs=PartitionSpec("blocks"), check_vma=False))
@@ -111,40 +150,44 @@ def make_blocked_ntk_fn(
     return jax.tree.map(
         lambda a: jax.ShapeDtypeStruct((nb, block_size) + a.shape[1:], a.dtype), x)
 
-  def precompile(params, x1, x2=None):
-    """Compiles the block-pair program for these shapes (params and x may be
-    `jax.ShapeDtypeStruct`s); a later call with arrays of the shapes compiles nothing."""
-    xb1 = abstract_blocks(x1)
-    xb2 = xb1 if x2 is None else abstract_blocks(x2)
-    sharded.lower(params, xb1, xb2, jax.ShapeDtypeStruct((per_call, 2), jnp.int32)).compile()
-
-  def blocked(params, x1, x2=None):
+  def plan(x1, x2):
+    """(x1 blocks, x2 blocks, padded pairs, real pairs, assembly options) of a call;
+    x1, x2 arrays or `jax.ShapeDtypeStruct`s."""
     symmetric = x2 is None
     n1 = _leading_size(x1, "x1")
     n2 = n1 if symmetric else _leading_size(x2, "x2")
-    xb1, nb1 = _to_blocks(x1, n1, block_size)
-    xb2, nb2 = (xb1, nb1) if symmetric else _to_blocks(x2, n2, block_size)
-    pairs = [(i, j) for i in range(nb1) for j in range(nb2) if not symmetric or i <= j]
-    total = len(pairs)
-    pairs += [(0, 0)] * (-len(pairs) % per_call)
-    pairs = np.asarray(pairs, np.int32)
+    if isinstance(jax.tree.leaves(x1)[0], jax.ShapeDtypeStruct):
+      xb1, xb2 = abstract_blocks(x1), None if symmetric else abstract_blocks(x2)
+    else:
+      xb1 = _to_blocks(x1, n1, block_size)[0]
+      xb2 = None if symmetric else _to_blocks(x2, n2, block_size)[0]
+    nb1 = jax.tree.leaves(xb1)[0].shape[0]
+    nb2 = nb1 if symmetric else jax.tree.leaves(xb2)[0].shape[0]
+    pairs, total = _block_pairs(nb1, nb2, symmetric, per_call)
+    options = dict(grid_shape=(nb1, nb2), n1=n1, n2=n2, symmetric=symmetric)
+    return xb1, xb1 if symmetric else xb2, pairs, total, options
+
+  def precompile(params, x1, x2=None):
+    """Compiles the block-pair program and the assembly of Theta for these shapes (params
+    and x may be `jax.ShapeDtypeStruct`s); a later call with arrays of the shapes compiles
+    nothing."""
+    xb1, xb2, pairs, total, options = plan(x1, x2)
+    call = jax.ShapeDtypeStruct((per_call, 2), jnp.int32)
+    sharded.lower(params, xb1, xb2, call).compile()
+    chunk = jax.eval_shape(sharded, params, xb1, xb2, call)  # placed as the calls' outputs:
+    chunk = jax.ShapeDtypeStruct(chunk.shape, chunk.dtype, sharding=blocks_sharding)
+    _assemble.lower([chunk] * (len(pairs) // per_call),
+                    jax.ShapeDtypeStruct((total, 2), jnp.int32), **options).compile()
+
+  def blocked(params, x1, x2=None):
+    xb1, xb2, pairs, total, options = plan(x1, x2)
     chunks = []
     for start in progress_lib.progress(range(0, len(pairs), per_call), desc="NTK blocks",
                                        unit="call"):
       chunks.append(sharded(params, xb1, xb2, jnp.asarray(pairs[start:start + per_call])))
       if progress is not None:
         progress(min(start + per_call, total), total)
-    res = jnp.concatenate(chunks)[:total]  # [pairs, b, b, ...]
-    pairs = pairs[:total]
-    grid = jnp.zeros((nb1, nb2) + res.shape[1:], res.dtype)
-    if symmetric:
-      grid = grid.at[pairs[:, 1], pairs[:, 0]].set(
-          jnp.transpose(res, (0,) + tuple(1 + a for a in _block_transpose_perm(res.ndim - 1))))
-    grid = grid.at[pairs[:, 0], pairs[:, 1]].set(res)
-    # [nb1, nb2, b, b, ...] -> [nb1, b, nb2, b, ...] -> [nb1*b, nb2*b, ...]
-    grid = jnp.moveaxis(grid, 2, 1)
-    theta = grid.reshape((nb1 * block_size, nb2 * block_size) + res.shape[3:])
-    return theta[:n1, :n2]
+    return _assemble(chunks, pairs[:total], **options)
 
   blocked.precompile = precompile
   return blocked
