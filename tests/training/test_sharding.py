@@ -49,7 +49,7 @@ res = training.finetune(apply_fn, params, train, val, cfg, mesh=fsdp)
 out["fsdp_val"] = [h["val_loss"] for h in res.history]
 # The bug training.place guards against: replicating a single-device array over a
 # mesh with may_alias=False reuses its buffer for one shard (a donating step then
-# deletes the caller's array); place copies first.
+# deletes the caller's array); place copies the placed arrays.
 x = jax.device_put(jnp.arange(8.0), jax.devices()[0])
 pointers = lambda a: {s.data.unsafe_buffer_pointer() for s in a.addressable_shards}
 aliased = jax.device_put(x, sharding.replicated(mesh), may_alias=False)
