@@ -28,7 +28,8 @@ Every public name of these modules is re-exported here
   sweep: LoadedModel, task_spec, load_splits, pretraining_texts, preset_tokenizer, load_model,
     write_model_config, pretrained_params, read_runs, append_run, NTK_KERNELS, KernelOptions,
     NTKSnapshot, step_budget, run_one, clear_checkpoint, probe_inputs, pretrained_snapshot,
-    precompile_model, start_precompile, sweep_model, WORKDIR_OUTPUTS, WORKDIR_MERGE,
+    precompile_model, start_precompile, RUN_TIMING, RUN_TIMING_PATTERN, sweep_model,
+    WORKDIR_OUTPUTS, WORKDIR_MERGE,
     WORKDIR_IGNORE, sweep_inputs, open_workdir, bind_workdir, adopt_legacy_workdir,
     write_curve_file
   zoo: EXCLUDED_DIRS, stdlib_dir, stdlib_files, is_pretraining_file, FunctionRecord, parse_source,
@@ -93,6 +94,8 @@ from lensllm_jax.training.study_tasks import (
 )
 from lensllm_jax.training.sweep import (
   NTK_KERNELS,
+  RUN_TIMING,
+  RUN_TIMING_PATTERN,
   WORKDIR_IGNORE,
   WORKDIR_MERGE,
   WORKDIR_OUTPUTS,
@@ -271,6 +274,8 @@ __all__ = [
   "start_precompile",
   "probe_inputs",
   "precompile_model",
+  "RUN_TIMING",
+  "RUN_TIMING_PATTERN",
   "sweep_model",
   "WORKDIR_OUTPUTS",
   "WORKDIR_MERGE",
