@@ -138,16 +138,32 @@ def load_checkpoints(cfg, config):
           training.load_params(cfg.finetuned_ckpt, shapes))
 
 
+def read_cached_params(path: str, like):
+  """A params_*.msgpack of this workdir as `like`'s tree; a cut or corrupt file, or one of
+  other shapes, is an `errors.CheckpointError` naming it."""
+  with open(path, "rb") as f:
+    data = f.read()
+  try:  # msgpack: ValueError (cut, extra data, other keys), AttributeError (not a dict)
+    params = flax.serialization.from_bytes(like, data)
+  except (ValueError, TypeError, AttributeError, KeyError) as e:
+    detail = " ".join(str(e).split())[:200]
+    raise errors.CheckpointError(
+        f"{path}: not a readable cache of these parameters ({type(e).__name__}: {detail}); "
+        "delete it or rerun with --overwrite") from None
+  shapes, want = jax.tree.map(np.shape, params), jax.tree.map(np.shape, like)
+  if shapes != want:
+    raise errors.CheckpointError(f"{path}: cached parameters of other shapes than the model's; "
+                                 "delete it or rerun with --overwrite")
+  return params
+
+
 def get_params(cfg, loss, config, data, workdir):
   """Step 1b: pre-trained and fine-tuned params (cache or demo training)."""
   key = jax.random.PRNGKey(cfg.seed)
   like = init_params(config, key)
   paths = [os.path.join(workdir, f"params_{name}.msgpack") for name in ("pretrained", "finetuned")]
   if all(os.path.exists(p) for p in paths):
-    out = []
-    for p in paths:
-      with open(p, "rb") as f:
-        out.append(flax.serialization.from_bytes(like, f.read()))
+    out = [read_cached_params(p, like) for p in paths]
     logging.info("reusing %s", paths)
     return tuple(out)
   t0 = time.time()

@@ -73,6 +73,8 @@ def validate_config(cfg) -> None:
   if init and not (pathlib.Path(init) / "weights.msgpack").is_file():
     raise errors.CheckpointError(f"config.init_from={init}: no weights.msgpack there (a "
                                  "directory written by train_curve_pfn)")
+  if init:  # read before any work: a cut or corrupt weights file names itself
+    pfn.load_predictor(init)
 
 
 WEIGHTS = ("weights.msgpack", "config.json")

@@ -592,6 +592,20 @@ def _corrupt_ckpt(root):
   return dict(pretrained_ckpt=str(bad), finetuned_ckpt=str(bad))
 
 
+def _corrupt_weights(root, cut: bool):
+  """A copy of the committed CurvePFN with its weights.msgpack cut in half or made garbage."""
+  import shutil
+
+  from lensllm_jax.plus import pfn
+
+  copy = root / "pfn"
+  shutil.copytree(pfn.CURVE_PFN_WEIGHTS, copy)
+  weights = copy / "weights.msgpack"
+  data = weights.read_bytes()
+  weights.write_bytes(data[:len(data) // 2] if cut else b"not msgpack at all\n")
+  return {"kind": "context", "init_from": str(copy)}
+
+
 def _corpus(root):
   """A workdir of this config whose corpus.json was cut."""
   from configs import study as study_config
@@ -669,6 +683,10 @@ OTHER_CASES = [  # (binary runner, case, overrides or fn(root) -> overrides, err
      r"config\.bars: z_min=2\.0 must be below z_max=1\.0"),
     (_train_pfn, "init_from_missing", lambda r: {"kind": "context", "init_from": str(r / "no")},
      errors.CheckpointError, r"config\.init_from=.*/no: no weights\.msgpack there"),
+    (_train_pfn, "init_from_cut", functools.partial(_corrupt_weights, cut=True),
+     errors.CheckpointError, r"pfn/weights\.msgpack: not a readable weights file \(.*incomplete"),
+    (_train_pfn, "init_from_garbage", functools.partial(_corrupt_weights, cut=False),
+     errors.CheckpointError, r"pfn/weights\.msgpack: not a readable weights file"),
     (_study, "no_tasks", {"tasks": []}, errors.ConfigError, r"config\.tasks is empty"),
     (_study, "unknown_task", {"tasks": ["x"]}, errors.ConfigError,
      r"config\.tasks: 'x' is not one of"),
@@ -723,6 +741,41 @@ def test_config_model_token_and_workdir_inputs(tmp_path, runner, case, overrides
   out = tmp_path / "out"
   assert not out.exists() or {p.name for p in out.iterdir()} <= {
       "corpus.json", ".lock", "manifest.zoo.json"}
+
+
+@pytest.mark.parametrize("damage,expected", [
+    (lambda data: data[:len(data) // 2], r"not a readable cache of these parameters \(ValueError"),
+    (None, r"cached parameters of other shapes than the model's")],
+    ids=["cut", "other_shapes"])
+def test_hessian_spectrum_refuses_a_corrupt_cached_params_file(tmp_path, damage, expected):
+  """A workdir of this config whose cached params_finetuned.msgpack was cut or holds other
+  shapes: one line naming the file, no traceback."""
+  import dataclasses
+
+  import flax.serialization
+  import jax
+
+  from configs import hessian_spectrum as hessian_config
+  from experiments import hessian_spectrum
+  from lensllm_jax.models import init_params, presets
+
+  cfg = hessian_config.get_config()
+  out = tmp_path / "out"
+  with hessian_spectrum.open_workdir(cfg, str(out)):
+    pass  # the workdir's manifest, as a run that trained and was cut would leave it
+  def zeros(config):  # a parameter file of `config`'s shapes
+    shapes = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
+    return flax.serialization.to_bytes(jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes))
+
+  config = presets[cfg.preset]
+  good = zeros(config)
+  other = zeros(dataclasses.replace(config, vocab_size=2 * config.vocab_size))
+  (out / "params_pretrained.msgpack").write_bytes(good)
+  (out / "params_finetuned.msgpack").write_bytes(other if damage is None else damage(good))
+  with pytest.raises(errors.CheckpointError) as info:
+    hessian_spectrum.run(cfg, str(out))
+  line = _one_line(info.value)
+  assert re.search(r"out/params_finetuned\.msgpack: " + expected, line), line
 
 
 def test_same_inputs_in_another_form_are_read_the_same(tmp_path):

@@ -65,7 +65,13 @@ def load_predictor(directory, predictor_cls=None):
   model_config = dataclass_from_dict(cls.model_config_cls, cfg["model"])
   prior = dataclass_from_dict(cls.prior_cls, cfg["prior"])
   # The state dict needs no template (no model.init): nested dicts of arrays.
-  params = flax.serialization.msgpack_restore((src / "weights.msgpack").read_bytes())
+  weights = src / "weights.msgpack"
+  try:  # msgpack: ValueError for a cut file or extra data
+    params = flax.serialization.msgpack_restore(weights.read_bytes())
+  except ValueError as e:
+    raise errors.CheckpointError(f"{weights}: not a readable weights file ({e})") from None
+  if not isinstance(params, dict):
+    raise errors.CheckpointError(f"{weights}: not a weights file (no dict of arrays)")
   return cls(model_config, jax.tree.map(jnp.asarray, params), prior)
 
 

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lensllm_jax import errors
 from lensllm_jax.plus.pfn.bars import BarDistribution
 from lensllm_jax.plus.pfn.checkpoint import load_predictor
 from lensllm_jax.plus.pfn.network import (
@@ -178,19 +179,20 @@ def init_context_params(model_config: ContextModelConfig, seed: int, init_from=N
     return params
   single = load_predictor(init_from)
   if single.model_config != model_config.trunk:
-    raise ValueError(f"init_from={init_from}: its model {single.model_config} is not the "
-                     f"trunk {model_config.trunk}")
+    raise errors.CheckpointError(f"init_from={init_from}: its model {single.model_config} is "
+                                 f"not the trunk {model_config.trunk}")
 
   def merge(dst, src, path):
     for key, val in src.items():
       if key not in dst:
-        raise ValueError(f"init_from={init_from}: {path}/{key} is not a trunk parameter")
+        raise errors.CheckpointError(
+            f"init_from={init_from}: {path}/{key} is not a trunk parameter")
       if isinstance(val, dict):
         dst[key] = merge(dict(dst[key]), val, f"{path}/{key}")
       else:
         if dst[key].shape != val.shape:
-          raise ValueError(f"init_from={init_from}: {path}/{key} has shape {val.shape}, "
-                           f"the trunk {dst[key].shape}")
+          raise errors.CheckpointError(f"init_from={init_from}: {path}/{key} has shape "
+                                       f"{val.shape}, the trunk {dst[key].shape}")
         dst[key] = jnp.asarray(val)
     return dst
 
