@@ -345,9 +345,10 @@ def prediction_notes(name: str, base: str, prediction, truth, ratios, dataset: s
   return notes
 
 
-def candidate_notes(folds, files, num_steps: int, statuses) -> list[dict]:
+def candidate_notes(folds, files, num_steps: int, statuses, models) -> list[dict]:
   """notes.csv rows of candidates.csv (scored again from the predictions, cheap;
-  PooledLensLLM with the setting of each fold and file); statuses: file -> `load_statuses`."""
+  PooledLensLLM with the setting of each fold and file); statuses: file -> `load_statuses`;
+  models: file -> its model names."""
   by_name = {c.name: c for c in candidates.all_candidates()}
   notes = []
   for f in folds:
@@ -359,7 +360,7 @@ def candidate_notes(folds, files, num_steps: int, statuses) -> list[dict]:
         p = candidates.candidate_prediction(cand, preds, setting) if cand else preds[name]
         job = candidates.base_key(cand, setting) if cand else name
         notes += prediction_notes(name, cand.base if cand else name, p, truth, rs, ds,
-                                  num_steps, statuses[ds].get(job), files[ds]["models"])
+                                  num_steps, statuses[ds].get(job), models[ds])
   return notes
 
 
@@ -371,11 +372,11 @@ def write_notes(path: pathlib.Path, rows) -> None:
     common.append_rows(path, NOTES_HEADER, rows)
 
 
-def write_report(out, folds, files, curve_sets, num_steps: int) -> None:
+def write_report(out, folds, files, curve_sets, num_steps: int, models) -> None:
   """Step 5: results.csv and cost.csv of LensLLM+ and the baselines on the reported files;
   notes.csv: why a cell of results.csv or candidates.csv is NaN or may mislead."""
   statuses = {ds: load_statuses(out, ds, f["ratios"]) for ds, f in files.items()}
-  rows, cost, notes = [], [], candidate_notes(folds, files, num_steps, statuses)
+  rows, cost, notes = [], [], candidate_notes(folds, files, num_steps, statuses, models)
   for f, curves in zip(folds, curve_sets, strict=True):
     fl = files[f.held_out]
     target = float(np.max(curves.data_sizes))
@@ -484,7 +485,8 @@ def _run(cfg, out: pathlib.Path, curve_sets, train_only, ratios, budget_levels, 
     predict=cached_predictions(out), num_restarts=cfg.num_restarts, num_steps=cfg.num_steps,
     leave_each_out=True)
   write_choices(out, folds, files)
-  write_report(out, folds, files, curve_sets, cfg.num_steps)
+  write_report(out, folds, files, curve_sets, cfg.num_steps,
+               {c.name: c.models for c in (*curve_sets, *train_only)})
   if cfg.budgeted:
     for i, (curves, fold) in enumerate(zip(curve_sets, folds, strict=True)):
       ctx = candidates.BaseContext(key=jax.random.fold_in(key, 1000 + i),

@@ -475,7 +475,7 @@ def leave_one_out(curve_sets, *, key: jax.Array, train_only: Sequence = (),
 
   Returns:
     (folds, files): one PlusFold per reported file, and per file name a dict
-    with "truth" [M], "preds" (`file_predictions`), "ratios", "reported", "models" [M].
+    with "truth" [M], "preds" (`file_predictions`), "ratios", "reported".
   """
   sets, extra = list(curve_sets), list(train_only)
   cands = all_candidates() if candidates is None else list(candidates)
@@ -509,8 +509,7 @@ def leave_one_out(curve_sets, *, key: jax.Array, train_only: Sequence = (),
          for s, cfg in per.items() if s == c.name]))
     truth, preds = predict(c, rs, ctx=ctx, pooled_configs=configs,
                            target_data_num=target_data_num if reported else None)
-    files[c.name] = {"truth": truth, "preds": preds, "ratios": rs, "reported": reported,
-                     "models": c.models}
+    files[c.name] = {"truth": truth, "preds": preds, "ratios": rs, "reported": reported}
   names = list(files)
 
   def table(name, setting):
