@@ -251,7 +251,7 @@ def study_summary_md(cfg, zoo_rows, run_rows, task_info, sel_rows, rmse_rows, co
   parts.append(_md_table(header, rows))
   parts.append("")
   if notes:
-    parts += ["## Notes (a nan cell above)", "", *notes, ""]
+    parts += ["## Notes (a nan cell above, or fits in a degenerate limit)", "", *notes, ""]
   return "\n".join(parts)
 
 
@@ -628,7 +628,7 @@ def plus_tables(out: pathlib.Path, ratios) -> str:
   md.append("")
   notes = selection_notes_lines(out) + selection_notes_lines(out, "budgeted_notes.csv")
   if notes:
-    md += ["## Notes (an empty cell above is NaN)", "", *notes, ""]
+    md += ["## Notes (an empty cell above is NaN, or its fits ended degenerate)", "", *notes, ""]
   return "\n".join(md)
 
 
@@ -691,7 +691,8 @@ def plus_candidates_md(out: pathlib.Path) -> str:
     md.append("")
   notes = selection_notes_lines(out)
   if notes:  # a candidate's NaN score at a ratio: left out of its mean
-    md += ["## Notes (NaN scores, left out of the means above)", "", *notes, ""]
+    md += ["## Notes (NaN scores, left out of the means above; degenerate fits)", "", *notes,
+           ""]
   return "\n".join(md)
 
 
