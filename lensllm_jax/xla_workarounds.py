@@ -18,7 +18,8 @@ absent in 0.11.0, 0.11.2 and 0.12.0.1 (the same repro, default flags, checked
 here), so the guard applies only to jaxlib < YNN_REDUCE_FIXED_IN, where it is
 needed; newer jaxlib runs with XLA's defaults.
 
-`disable_cpu_ynn_fusions` appends that flag to XLA_FLAGS. XLA reads XLA_FLAGS
+`disable_cpu_ynn_fusions` puts that flag first in XLA_FLAGS (XLA ignores every
+flag after a bare token such as `intra_op_parallelism_threads=1`). XLA reads XLA_FLAGS
 when the first backend is created, so `import lensllm_jax` applies it (after
 `import jax` is fine, after the first computation is too late: it then warns).
 A user who sets the flag in XLA_FLAGS themselves (any value) keeps their choice.
@@ -65,7 +66,7 @@ def _backends_initialized() -> bool:
 
 
 def disable_cpu_ynn_fusions() -> bool:
-  """Adds `--xla_cpu_experimental_ynn_fusion_type=-reduce` to XLA_FLAGS where the
+  """Puts `--xla_cpu_experimental_ynn_fusion_type=-reduce` first in XLA_FLAGS where the
   installed jaxlib has the bug, unless XLA_FLAGS names that flag already.
 
   Returns:
@@ -86,5 +87,7 @@ def disable_cpu_ynn_fusions() -> bool:
         "before running (see lensllm_jax/xla_workarounds.py)",
         RuntimeWarning, stacklevel=2)
     return False
-  os.environ["XLA_FLAGS"] = f"{flags} {WORKAROUND}".strip()
+  # First, not last: XLA stops parsing XLA_FLAGS at a bare token such as
+  # `intra_op_parallelism_threads=1` (no leading --), so flags after one are ignored.
+  os.environ["XLA_FLAGS"] = f"{WORKAROUND} {flags}".strip()
   return True

@@ -107,3 +107,13 @@ def test_user_choice_is_kept_and_late_import_warns():
           "assert warned == xla_workarounds.ynn_reduce_bug_expected(), w\n")
   proc = _python(code, env)
   assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_workaround_goes_before_a_bare_token_that_ends_xla_flag_parsing(monkeypatch):
+  # XLA ignores every flag after a bare token such as `intra_op_parallelism_threads=1`
+  # (seen with jaxlib 0.10.2: a dump flag after it produced no dump), so the flag goes first.
+  monkeypatch.setenv("XLA_FLAGS", "intra_op_parallelism_threads=1")
+  monkeypatch.setattr(xla_workarounds, "ynn_reduce_bug_expected", lambda *a: True)
+  monkeypatch.setattr(xla_workarounds, "_backends_initialized", lambda: False)
+  assert xla_workarounds.disable_cpu_ynn_fusions() is True
+  assert os.environ["XLA_FLAGS"] == f"{xla_workarounds.WORKAROUND} intra_op_parallelism_threads=1"
