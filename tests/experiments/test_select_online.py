@@ -2,7 +2,9 @@
 
 Three models of one tiny architecture: two pre-trained (seeds 0, 2) and one
 untrained. One uninterrupted run is shared by the tests (about a minute on 2
-cores); the SIGKILL test runs a second one, killed mid-round and resumed.
+cores); the SIGKILL test runs a second one, killed mid-round and resumed. Every
+run loads the programs already compiled from the session's compilation cache
+(conftest.compilation_cache_dir).
 """
 
 from __future__ import annotations
@@ -36,9 +38,15 @@ def _runs(workdir):
 
 
 @pytest.fixture(scope="module")
-def online(tmp_path_factory):
+def args(compilation_cache_dir):
+  """The online_smoke command line, with the session's compilation cache."""
+  return [*ARGS, f"--compilation_cache_dir={compilation_cache_dir}"]
+
+
+@pytest.fixture(scope="module")
+def online(tmp_path_factory, args):
   workdir = tmp_path_factory.mktemp("online") / "w"
-  r = subprocess.run([sys.executable, *ARGS, f"--workdir={workdir}"], cwd=ROOT,
+  r = subprocess.run([sys.executable, *args, f"--workdir={workdir}"], cwd=ROOT,
                      capture_output=True, text=True, timeout=900)
   assert r.returncode == 0, r.stderr[-3000:]
   return workdir, r.stderr
@@ -82,7 +90,7 @@ def test_replaying_the_online_curves_gives_the_same_decisions(online, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkill_mid_round_then_resume_gives_the_same_decisions(online, tmp_path):
+def test_sigkill_mid_round_then_resume_gives_the_same_decisions(online, args, tmp_path):
   workdir, _ = online
   killed = tmp_path / "killed"
   killed.mkdir()
@@ -90,7 +98,7 @@ def test_sigkill_mid_round_then_resume_gives_the_same_decisions(online, tmp_path
     shutil.copytree(workdir / name, killed / name)
   for name in ("tokenizer.json", "manifest.json"):  # the same config: the caches are reused
     shutil.copy(workdir / name, killed / name)
-  proc = subprocess.Popen([sys.executable, *ARGS, f"--workdir={killed}"], cwd=ROOT,
+  proc = subprocess.Popen([sys.executable, *args, f"--workdir={killed}"], cwd=ROOT,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   runs = killed / "runs.jsonl"
   deadline = time.time() + 600
@@ -103,7 +111,7 @@ def test_sigkill_mid_round_then_resume_gives_the_same_decisions(online, tmp_path
   proc.wait()
   n = len(runs.read_text().splitlines())
   assert 5 <= n < len(_runs(workdir)), n  # mid-procedure: some runs done, not all
-  r = subprocess.run([sys.executable, *ARGS, f"--workdir={killed}"], cwd=ROOT,
+  r = subprocess.run([sys.executable, *args, f"--workdir={killed}"], cwd=ROOT,
                      capture_output=True, text=True, timeout=900)
   assert r.returncode == 0, r.stderr[-3000:]
   assert (killed / "decisions.jsonl").read_text() == (workdir / "decisions.jsonl").read_text()
@@ -171,20 +179,20 @@ def _copy(workdir, dest):
 
 
 @pytest.mark.slow
-def test_lower_z_and_raised_cap_continue_from_what_was_run(online, tmp_path):
+def test_lower_z_and_raised_cap_continue_from_what_was_run(online, args, tmp_path):
   workdir, _ = online
   before = (workdir / "runs.jsonl").read_text()
   keys = ("round", "data_size", "ran", "active", "stopped", "predictions")
   rows = [{k: r[k] for k in keys} for r in _decisions(workdir)]
   lower = _copy(workdir, tmp_path / "lower")
-  r = subprocess.run([sys.executable, *ARGS, f"--workdir={lower}", "--config.z=0.05"],
+  r = subprocess.run([sys.executable, *args, f"--workdir={lower}", "--config.z=0.05"],
                      cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert r.returncode == 0, r.stderr[-3000:]
   assert (lower / "runs.jsonl").read_text() == before  # nothing new to run
   new = _decisions(lower)
   assert sum(len(x["active"]) for x in new) <= sum(len(x["active"]) for x in _decisions(workdir))
   raised = _copy(workdir, tmp_path / "raised")
-  r = subprocess.run([sys.executable, *ARGS, f"--workdir={raised}", "--config.max_data_num=400"],
+  r = subprocess.run([sys.executable, *args, f"--workdir={raised}", "--config.max_data_num=400"],
                      cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert r.returncode == 0, r.stderr[-3000:]
   after = (raised / "runs.jsonl").read_text()

@@ -28,12 +28,13 @@ RATIOS = (2, 4)
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory) -> pathlib.Path:
+def study(tmp_path_factory, compilation_cache_dir) -> pathlib.Path:
   work = tmp_path_factory.mktemp("study_tiny")
   out = work / "results"
   proc = subprocess.run(
       [sys.executable, "-m", "experiments.lensllm_study", "--config=configs/study.py:tiny", f"--workdir={work}",
-       f"--output_dir={out}"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=1800)
+       f"--output_dir={out}", f"--compilation_cache_dir={compilation_cache_dir}"],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=1800)
   if proc.returncode != 0:
     raise AssertionError(f"lensllm_study failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
   return out
@@ -160,7 +161,8 @@ def test_rmse_kernels_and_hessians_are_finite(study):
     assert method in summary
 
 
-def test_eigenpairs_rebuild_the_spectra_and_kernels_only_reproduces_them(study):
+def test_eigenpairs_rebuild_the_spectra_and_kernels_only_reproduces_them(study,
+                                                                         compilation_cache_dir):
   """ntk_eigenpairs.csv gives back ntk_spectra.csv's F(Theta, t) by the closed form
   F(t) = sum_k exp(-2 eta lambda_k t) p_k^2, and --kernels_only (no fine-tuning) rewrites
   the same eigenpairs from the cached zoo and kernels (checked against ntk_spectra.csv)."""
@@ -180,7 +182,8 @@ def test_eigenpairs_rebuild_the_spectra_and_kernels_only_reproduces_them(study):
   (again / "ntk_spectra.csv").write_bytes((study / "ntk_spectra.csv").read_bytes())
   proc = subprocess.run(
       [sys.executable, "-m", "experiments.lensllm_study", "--config=configs/study.py:tiny",
-       f"--workdir={study.parent}", f"--output_dir={again}", "--kernels_only"],
+       f"--workdir={study.parent}", f"--output_dir={again}", "--kernels_only",
+       f"--compilation_cache_dir={compilation_cache_dir}"],
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert (again / "ntk_eigenpairs.csv").read_text() == (study / "ntk_eigenpairs.csv").read_text()

@@ -172,7 +172,7 @@ def test_sweep_snapshot_kernels():
   exact = np.asarray(blocked(params, x), np.float64)
   flat, unravel = ravel_pytree(params)
   apply_fn = ntk.lm_output_fn(models.build(config))
-  jac = np.asarray(jax.jacrev(lambda v: apply_fn(unravel(v), x))(flat), np.float64)
+  jac = np.asarray(jax.jit(jax.jacrev(lambda v: apply_fn(unravel(v), x)))(flat), np.float64)
   np.testing.assert_allclose(exact, jac @ jac.T, rtol=1e-4, atol=1e-5 * np.abs(exact).max())
   sketched, _ = finetune_sweep._ntk_fns(config, "log_likelihood", finetune_sweep.KernelOptions(
       "sketched", block_size=4, sketch_dim=1024, sketch_seed=2))
