@@ -523,6 +523,19 @@ def status_notes(status, models, listed_in: str | None = None) -> list[str]:
           for st, what in MISLEADING_STATUSES.items() if st in status]
 
 
+def budgeted_status_notes(result, models) -> list[str]:
+  """`status_notes` of a `budgeted.BudgetedResult`'s fits [M] (of `models` [M]): those behind
+  its final predictions, then the models one of whose fits read by a stopping decision (any
+  round) ended degenerate or non-finite."""
+  notes = [f"final predictions: {n}" for n in status_notes(result.fit_status or None, models)]
+  for st, what in MISLEADING_STATUSES.items():
+    ever = np.asarray(result.fit_status_ever.get(st, np.zeros(len(models), bool)))
+    if ever.any():
+      notes.append(f"{int(ever.sum())} of {len(models)} models had a fit {what} in some round "
+                   "of the early stopping: " + " ".join(np.asarray(models)[ever]))
+  return notes
+
+
 def score_notes(result, truth, *, with_rmse: bool = False) -> list[str]:
   """Why the scores of a `SelectionResult` against the true L(D*) [M] are NaN ([] if none is).
 

@@ -57,8 +57,9 @@ Steps (the expensive ones write their CSV as they go; a rerun skips finished wor
   6. budgeted    the early-stopping procedure of `budgeted.py` with the chosen
                  candidate's own predictive mean and sd of log L(D*)
                  (`candidates.budgeted_candidate_selection`) at several
-                 confidence levels -> budgeted.csv (a NaN PearCorr's cause ->
-                 budgeted_notes.csv).
+                 confidence levels -> budgeted.csv (a NaN PearCorr's cause,
+                 and the models whose fits read by its decisions ended
+                 degenerate or non-finite -> budgeted_notes.csv).
   7. tables      lensllm_plus.md (where its numbers come from, LensLLM+ vs the
                  baselines, the choice's stability, every candidate's means,
                  the targets, compute) and candidates.md (the choice's
@@ -427,7 +428,8 @@ def budgeted_dataset(curves, fold, out, *, ctx, levels, max_data_num) -> None:
            "RelAcc": f"{metrics.relative_accuracy(r.selection.chosen, truth):.6f}",
            "PearCorr": f"{metrics.pearson_corr(r.selection.feature, truth):.6f}"} for r in res]
   notes = [{"dataset": name, "method": tag, "ratio": f"z={r.z:g}", "note": n}
-           for r in res for n in common.score_notes(r.selection, truth)]
+           for r in res for n in common.budgeted_status_notes(r, curves.models)
+           + common.score_notes(r.selection, truth)]
   if notes:  # before budgeted.csv: a level whose row is written has its notes
     common.append_rows(out / "budgeted_notes.csv", NOTES_HEADER, notes)
   common.append_rows(out / "budgeted.csv", BUDGET_HEADER, rows)

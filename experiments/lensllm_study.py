@@ -399,7 +399,8 @@ def selection_step(cfg, task: str, curves, aux, alphas):
 def budgeted_step(cfg, task: str, curves) -> tuple[list[dict], list[dict]]:
   """Budgeted selection (`budgeted.budgeted_selection` with config.selection.budget: its method,
   default LensLLM with a scalar F, and levels z): models are fine-tuned on D = 200 * 2^s in turn
-  and dropped once confidently worse; (rows per level z, notes of its NaN PearCorr cells)."""
+  and dropped once confidently worse; (rows per level z, notes of its NaN PearCorr cells and
+  of the degenerate or non-finite fits it read)."""
   target = float(max(cfg.subset_sizes))
   dmax = target / min(int(r) for r in cfg.selection.ratios)
   options = budgeted.BudgetOptions(cfg.selection.budget.levels, cfg.selection.budget.method, dmax)
@@ -419,7 +420,8 @@ def budgeted_step(cfg, task: str, curves) -> tuple[list[dict], list[dict]]:
                  "stopped_at": " ".join(str(int(x)) for x in b.stopped_at)})
   tag = f"Budgeted{cfg.selection.budget.method}"
   notes = [{"dataset": task, "method": tag, "ratio": f"z={b.z:g}", "note": n}
-           for b in res for n in common.score_notes(b.selection, truth)]
+           for b in res for n in common.budgeted_status_notes(b, curves.models)
+           + common.score_notes(b.selection, truth)]
   return rows, notes
 
 

@@ -208,7 +208,8 @@ def drop_unit_rows(out: pathlib.Path, dataset: str, method: str) -> None:
 def run_budgeted(curves, out, budget: budgeted.BudgetOptions, *, target, key, full, truth,
                  num_restarts, fit_options, t0) -> None:
   """Budgeted early stopping at the levels of `budget` not yet done; appends cost.csv rows
-  (and notes.csv rows, setting z=..., where a PearCorr is NaN)."""
+  (and notes.csv rows, setting z=..., where a PearCorr is NaN or a fit it read ended
+  degenerate or non-finite)."""
   name = curves.name
   tag = f"Budgeted{budget.method}"
   done = {r["setting"] for r in common.read_rows(out / "cost.csv")
@@ -230,7 +231,8 @@ def run_budgeted(curves, out, budget: budgeted.BudgetOptions, *, target, key, fu
                    "RelAcc": f"{metrics.relative_accuracy(r.selection.chosen, truth):.6f}",
                    "PearCorr": f"{metrics.pearson_corr(r.selection.feature, truth):.6f}"})
       notes += [{"dataset": name, "method": tag, "ratio": f"z={r.z:g}", "note": n}
-                for n in common.score_notes(r.selection, truth)]
+                for n in common.budgeted_status_notes(r, curves.models)
+                + common.score_notes(r.selection, truth)]
     logging.info("[%s] budgeted: %d levels in %.1fs (total %.1fs)", name, len(todo),
                  time.time() - t, time.time() - t0)
   if "FullTuning" not in {r["method"] for r in common.read_rows(out / "cost.csv")

@@ -537,7 +537,8 @@ def candidate_distribution(cand: Candidate, views, meta, ctx: BaseContext):
   Returns:
     `BasePrediction`: mean [V, M], sd_log [V, M], and the quantiles of L(D*)
     where the base has its own (the PFNs: 0.1, 0.9; blended like the mean, NaN
-    where X has no finite prediction; AtS alone: its line at every level).
+    where X has no finite prediction; AtS alone: its line at every level); the
+    base's fit statuses (None where it fits nothing).
   """
   ats = np.stack([selection.ats(v, meta).predicted for v in views])
   if cand.base == "AtS":
@@ -546,7 +547,8 @@ def candidate_distribution(cand: Candidate, views, meta, ctx: BaseContext):
   x, w = out.mean, cand.ats_weight
   ok = np.isfinite(x) & (x > 0)
   quantiles = {q: np.where(ok, blend(ats, v, w), np.nan) for q, v in out.quantiles.items()}
-  return BasePrediction(blend(ats, x, w), blend_sd(x, out.sd_log, w), quantiles)
+  return BasePrediction(blend(ats, x, w), blend_sd(x, out.sd_log, w), quantiles,
+                        status=out.status)
 
 
 def budgeted_candidate_selection(curves, levels: Sequence[float], cand: Candidate, *,
@@ -568,7 +570,7 @@ def budgeted_candidate_selection(curves, levels: Sequence[float], cand: Candidat
   def predict_views(views, step):
     dist = candidate_distribution(
         cand, views, meta, dataclasses.replace(ctx, key=jax.random.fold_in(ctx.key, step)))
-    return dist.mean, dist.sd_log
+    return dist.mean, dist.sd_log, dist.status
 
   return budgeted.early_stopping_selection(
     curves, levels, predict_views=predict_views, name=cand.name,

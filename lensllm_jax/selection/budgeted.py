@@ -282,6 +282,12 @@ class BudgetedResult:
       before the first stopping step, `fit_prefixes` path).
     ended_by: "one model left", "size cap" (the last step was paid) or
       "compute cap" (`max_flops`).
+    fit_status: [M] status (`laws.STATUS_NAMES`) of the fit behind each model's
+      final prediction (a stopped model's: its fit at its stop); "" where the
+      predictor reports no fit status.
+    fit_status_ever: status -> [M] bool, the models one of whose fits read by
+      a stopping decision (any round) ended with that status ("converged" not
+      or "ok" not listed).
   """
   z: float
   selection: core.SelectionResult
@@ -290,6 +296,8 @@ class BudgetedResult:
   stopped_at: np.ndarray
   history: tuple
   ended_by: str = "size cap"
+  fit_status: tuple = ()
+  fit_status_ever: dict = dataclasses.field(default_factory=dict)
 
 
 
@@ -347,10 +355,11 @@ def early_stopping_selection(curves, levels: Sequence[float], *, name: str,
     progress: optional callable(str) for log lines.
     predict_views: a predictor with its own uncertainty, predict_views(views,
       step) -> (predicted L(D*) [V, M], sd of log L(D*) [V, M]) (e.g. the
-      curve PFN); needs `min_points`.
+      curve PFN), or a third element: the fit statuses [V, M] of a predictor
+      that fits (None: it fits nothing); needs `min_points`.
     fit_prefixes: independent per-model fits that depend only on (model,
       revealed points): fit_prefixes(view, models [B], num_revealed) -> (law,
-      raw [B, K], mask [B, P], predicted [B]) fits the B rows of `view` (rows
+      raw [B, K], mask [B, P], predicted [B], fit status [B]) fits the B rows of `view` (rows
       of models `models`, each with its zero-shot point and its first
       `num_revealed` D > 0 points). Each (model, num_revealed) pair is fitted
       once, all levels together: a step fits only the models active in some
@@ -391,7 +400,9 @@ def early_stopping_selection(curves, levels: Sequence[float], *, name: str,
   last = [None for _ in levels]
   histories = [[] for _ in levels]
   stopped_at = [np.zeros(m) for _ in levels]
-  cache = {}  # fit_prefixes: (model, num_revealed) -> (raw [K], mask [P'], predicted)
+  cache = {}  # fit_prefixes: (model, num_revealed) -> (raw [K], mask [P'], predicted, status)
+  statuses = [np.full(m, "", dtype=object) for _ in levels]  # behind `last`
+  ever = [{} for _ in levels]  # status -> [M] bool, over the rounds' decisions
   for s, d_s in enumerate(steps):
     for i in range(len(levels)):
       if (not done[i] and s > 0 and max_flops is not None and oracles[i].flops
@@ -412,13 +423,15 @@ def early_stopping_selection(curves, levels: Sequence[float], *, name: str,
     if skip:
       predicted = np.full((len(fitted), m), np.nan)
       sd_all = np.full(len(fitted) * m, np.nan)
+      step_status = None
       need = min_points
     elif predict_views is not None:
-      predicted, sd_views = predict_views(views, s)
+      predicted, sd_views, *rest = predict_views(views, s)
       sd_all = np.asarray(sd_views, np.float64).reshape(-1)
+      step_status = rest[0] if rest else None
       need = min_points
     else:
-      law, raw, mask, predicted = _cached_prefix_fits(fit_prefixes, cache, views, [
+      law, raw, mask, predicted, step_status = _cached_prefix_fits(fit_prefixes, cache, views, [
           _num_revealed(oracles[i], steps) for i in fitted], s + 1)
       need = law.num_params if min_points is None else min_points
       ylog = np.concatenate([np.log(np.where(v.mask, v.losses, 1.0)) for v in views])
@@ -435,8 +448,13 @@ def early_stopping_selection(curves, levels: Sequence[float], *, name: str,
         logp = np.where(active[i], logp, last[i][0])
         sd = np.where(active[i], sd, last[i][1])
       last[i] = (logp, sd)
+      if step_status is not None:
+        st = np.asarray(step_status[j], dtype=object)
+        statuses[i] = np.where(active[i], st, statuses[i])
+        for name_ in set(st[active[i]]) - {"converged", "ok", ""}:
+          ever[i][name_] = ever[i].get(name_, np.zeros(m, bool)) | (active[i] & (st == name_))
       entry = {"data_size": float(d_s), "active": active[i].copy(),
-               "log_pred": logp.copy(), "sd": sd.copy()}
+               "log_pred": logp.copy(), "sd": sd.copy(), "fit_status": statuses[i].copy()}
       histories[i].append(entry)
       if s + 1 >= need:
         active[i] = still_active(active[i], logp, sd, levels[i])
@@ -463,25 +481,27 @@ def early_stopping_selection(curves, levels: Sequence[float], *, name: str,
     out.append(BudgetedResult(z=z, selection=res, flops=oracles[i].flops,
                               revealed=oracles[i].revealed.copy(),
                               stopped_at=stopped_at[i].copy(), history=tuple(histories[i]),
-                              ended_by=ended_by[i]))
+                              ended_by=ended_by[i], fit_status=tuple(statuses[i]),
+                              fit_status_ever={k: v.copy() for k, v in ever[i].items()}))
   return out
 
 
 def _cached_prefix_fits(fit_prefixes, cache: dict, views, num_revealed, step_count: int):
-  """(law, raw, mask, predicted) of the fitted levels from per-(model, prefix) fits.
+  """(law, raw, mask, predicted, status) of the fitted levels from per-(model, prefix) fits.
 
   Fits (one `fit_prefixes` call) the models that have `step_count` revealed
   points in some view and no cached fit yet; every other row comes from `cache`.
 
   Args:
     fit_prefixes: see `early_stopping_selection`.
-    cache: (model, num_revealed) -> (raw [K], mask [P'], predicted), and "law"; updated.
+    cache: (model, num_revealed) -> (raw [K], mask [P'], predicted, status), and "law";
+      updated.
     views: the V fitted levels' VisibleCurves (same columns).
     num_revealed: V arrays [M], revealed D > 0 points per model.
     step_count: the current step's number of revealed points (active models).
 
   Returns:
-    (law, raw [V M, K], mask [V M, P], predicted [V, M]).
+    (law, raw [V M, K], mask [V M, P], predicted [V, M], fit status [V, M]).
   """
   m = views[0].num_models
   p = views[0].data_sizes.size
@@ -495,20 +515,22 @@ def _cached_prefix_fits(fit_prefixes, cache: dict, views, num_revealed, step_cou
     rows = core.VisibleCurves(
         data_sizes=views[0].data_sizes, losses=np.stack([new[j][0] for j in models]),
         mask=np.stack([new[j][1] for j in models]), max_data_num=views[0].max_data_num)
-    law, raw, mask, predicted = fit_prefixes(rows, models, step_count)
+    law, raw, mask, predicted, status = fit_prefixes(rows, models, step_count)
     cache["law"] = law
     for r, j in enumerate(models):
       cache[(int(j), step_count)] = (np.asarray(raw[r]), np.asarray(mask[r], bool),
-                                     float(predicted[r]))
-  raws, masks, preds = [], [], []
+                                     float(predicted[r]), str(status[r]))
+  raws, masks, preds, statuses = [], [], [], []
   for n in num_revealed:
     for j in range(m):
-      raw_j, mask_j, pred_j = cache[(j, int(n[j]))]
+      raw_j, mask_j, pred_j, status_j = cache[(j, int(n[j]))]
       raws.append(raw_j)
       masks.append(np.concatenate([mask_j, np.zeros(p - mask_j.size, bool)]))
       preds.append(pred_j)
+      statuses.append(status_j)
   return (cache["law"], np.stack(raws), np.stack(masks),
-          np.asarray(preds, np.float64).reshape(len(views), m))
+          np.asarray(preds, np.float64).reshape(len(views), m),
+          np.asarray(statuses, dtype=object).reshape(len(views), m))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -568,7 +590,8 @@ def budgeted_selection(curves, options: BudgetOptions, *, key: jax.Array,
     u = np.stack([prefix_uniforms(key, int(j), num_revealed, num_restarts) for j in models])
     res = methods.run_fitted_batch(method, [view], meta, key=key, num_restarts=num_restarts,
                                    fit_options=fit_options, min_curves=batch, uniforms=u)[0]
-    return res.predictor.law, res.predictor.raw_params, res.extras["mask"], res.predicted
+    return (res.predictor.law, res.predictor.raw_params, res.extras["mask"], res.predicted,
+            res.status)
 
   min_points = options.min_points
   if min_points is None:

@@ -16,7 +16,7 @@ from helpers.synthetic_curves import synthetic_curves
 from lensllm_jax import laws
 from lensllm_jax.curves import benchmarks
 from lensllm_jax.laws import fitting
-from lensllm_jax.selection import metrics
+from lensllm_jax.selection import budgeted, metrics
 
 
 def _fit(law, d, losses, **kw):
@@ -183,3 +183,46 @@ def test_lensllm_plus_notes_a_degenerate_baseline_fit_naming_its_model(tmp_path,
                     for r in ratios]
   else:
     assert notes == []
+
+
+@pytest.mark.parametrize("damaged", [True, False])
+def test_budgeted_rows_note_a_degenerate_fit_naming_its_model(tmp_path, damaged):
+  """reproduce_selection's budgeted rows (cost.csv z=..., notes.csv): a tiny file whose model
+  m1 is flat has its early-stopping fits of m1 end "degenerate" (the fits the decisions read,
+  `BudgetedResult.fit_status` / `fit_status_ever`), and each level's note names m1; the clean
+  file has no note."""
+  curves, _ = synthetic_curves(num_models=4, seed=1)
+  if damaged:
+    losses = curves.losses.copy()
+    losses[1] = 2.5  # flat
+    curves = dataclasses.replace(curves, losses=losses)
+  target = float(curves.data_sizes[-1])
+  truth = curves.column(target)
+  budget = budgeted.BudgetOptions((1.0, 2.0), "RectifiedFit", target / 64)
+  got = budgeted.budgeted_selection(curves, budget, key=jax.random.key(0), num_restarts=2,
+                                    fit_options=fitting.FitOptions(max_steps=150),
+                                    target_data_num=target)
+  for r in got:
+    assert (r.fit_status[1] == "degenerate") == damaged
+    assert r.fit_status_ever.get("degenerate", np.zeros(4, bool)).tolist() == [
+        False, damaged, False, False]
+    assert not np.isin(np.asarray(r.fit_status)[[0, 2, 3]], ["degenerate", "nonfinite"]).any()
+    assert r.history[-1]["fit_status"].tolist() == list(r.fit_status)
+  out = tmp_path / "out"
+  out.mkdir()
+  rs.run_budgeted(curves, out, budget, target=target, key=jax.random.key(0),
+                  full=budgeted.full_tuning_flops(curves.sizes, target), truth=truth,
+                  num_restarts=2, fit_options=fitting.FitOptions(max_steps=150), t0=0.0)
+  assert {r["setting"] for r in common.read_rows(out / "cost.csv")
+          if r["method"] == "BudgetedRectifiedFit"} == {"z=1", "z=2"}
+  notes = common.read_rows(out / "notes.csv") if (out / "notes.csv").exists() else []
+  if not damaged:
+    assert notes == []
+    return
+  said = sorted((r["method"], r["ratio"], r["note"]) for r in notes)
+  assert said == sorted(
+      ("BudgetedRectifiedFit", z, note) for z in ("z=1", "z=2") for note in (
+          "final predictions: 1 of 4 fits in a degenerate limit (the fitted curve overflowed, "
+          "or the visible curve is flat or rising): m1",
+          "1 of 4 models had a fit in a degenerate limit (the fitted curve overflowed, or the "
+          "visible curve is flat or rising) in some round of the early stopping: m1"))

@@ -38,8 +38,10 @@ def test_choice_reads_only_the_training_tables():
   assert best.name == "Spectral"
 
 
-def _known_base(sd):
-  """A base predicting L(D*) = last visible loss / 2 with a fixed sd of log L(D*)."""
+def _known_base(sd, degenerate_from=None):
+  """A base predicting L(D*) = last visible loss / 2 with a fixed sd of log L(D*); with
+  `degenerate_from`, it reports fit statuses: model 0's fit "degenerate" once a view holds
+  that many D > 0 points, every other fit "converged"."""
 
   def base(views, meta, ctx):
     del meta, ctx
@@ -47,8 +49,13 @@ def _known_base(sd):
     for v in views:
       last = v.mask.shape[1] - 1 - np.argmax(v.mask[:, ::-1], axis=1)
       pred.append(v.losses[np.arange(v.mask.shape[0]), last] / 2)
-    return candidates.BasePrediction(np.stack(pred),
-                                     np.full((len(views), views[0].mask.shape[0]), sd))
+    shape = (len(views), views[0].mask.shape[0])
+    status = None
+    if degenerate_from is not None:
+      status = np.full(shape, "converged", dtype=object)
+      status[:, 0] = np.where([v.mask[0, v.data_sizes > 0].sum() >= degenerate_from
+                               for v in views], "degenerate", "converged")
+    return candidates.BasePrediction(np.stack(pred), np.full(shape, sd), status=status)
 
   return base
 
@@ -93,6 +100,18 @@ def test_budgeted_selection_uses_the_candidates_own_sd(monkeypatch):
   ats = run(candidates.Candidate("AtS", 1.0), 10.0)
   np.testing.assert_array_equal(ats.history[0]["sd"], 0.0)
   np.testing.assert_array_equal(ats.stopped_at, [400.0, 400.0, 400.0])
+  # The fit statuses of a fitting base reach the result through the blend: those of the
+  # rounds' decisions (model a's fit degenerate from its 3rd point on) and of the final fits.
+  monkeypatch.setitem(candidates.BASE_PREDICTORS, "Known", _known_base(10.0, 3))
+  fits = candidates.budgeted_candidate_selection(
+    curves, [1.0], candidates.Candidate("Known", 0.25), ctx=ctx, max_data_num=GRID[-1],
+    min_points=2)[0]
+  assert fits.fit_status == ("degenerate", "converged", "converged")
+  assert list(fits.fit_status_ever) == ["degenerate"]
+  np.testing.assert_array_equal(fits.fit_status_ever["degenerate"], [True, False, False])
+  assert [h["fit_status"][0] for h in fits.history] == ["converged", "converged"] + [
+      "degenerate"] * (len(fits.history) - 2)
+  assert wide.fit_status == ("", "", "") and wide.fit_status_ever == {}
   with pytest.raises(ValueError, match="exactly one"):
     budgeted.early_stopping_selection(curves, [1.0], name="x", max_data_num=GRID[-1],
                                       target_data_num=GRID[-1])
