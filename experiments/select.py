@@ -88,6 +88,7 @@ def predict_and_write(curves, target: float, predictor: str, out: pathlib.Path, 
                                curve_sizes=band_sizes(curves, target))
   if ranking is not None:
     fc = forecast.reranked(fc, ranking)
+  notes = (*notes, *common.status_notes(fc.fit_status, fc.models))
   reporting.select_outputs(out, fc, curves, band, notes)
   logging.info("%s", fc.headline())
   return fc
@@ -316,6 +317,7 @@ def tradeoff_rows(curves, results, acc: Accounting, truth, target: float):
               if truth is not None and curves.num_models >= metrics.MIN_MODELS else {})
     if scores:
       notes += [f"z = {r.z:g}: {n}" for n in common.score_notes(r.selection, truth)]
+    notes += [f"z = {r.z:g}: {n}" for n in common.budgeted_status_notes(r, curves.models)]
     rows.append({"z": r.z, "pick": curves.models[r.selection.chosen],
                  "RelAcc": scores.get("RelAcc", math.nan),
                  "PearCorr": scores.get("PearCorr", math.nan),

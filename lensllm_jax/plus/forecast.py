@@ -165,12 +165,15 @@ class SizePrediction:
     predicted: [M, Q] mean prediction of L.
     sd_log: [M, Q] sd of log L (0: no uncertainty, inf: not estimable).
     lower, upper: [M, Q] the central 80 % interval of L.
+    status: [M] status (`laws.STATUS_NAMES`) of each model's law fit; None for a
+      predictor that fits no law.
   """
   sizes: np.ndarray
   predicted: np.ndarray
   sd_log: np.ndarray
   lower: np.ndarray
   upper: np.ndarray
+  status: np.ndarray | None = None
 
 
 def _gaussian_interval(pred, sd):
@@ -186,7 +189,8 @@ def _law_sizes(name: str, view, meta, sizes, key) -> SizePrediction:
   sd = np.stack([budgeted.laplace_log_sd(res.predictor.law, res.predictor.raw_params,
                                          view.data_sizes, res.extras["mask"], ylog, float(q))
                  for q in sizes], 1)
-  return SizePrediction(np.asarray(sizes), pred, sd, *_gaussian_interval(pred, sd))
+  return SizePrediction(np.asarray(sizes), pred, sd, *_gaussian_interval(pred, sd),
+                        status=np.asarray(res.status, dtype=str))
 
 
 def _candidate_sizes(cand: candidates.Candidate, view, meta, sizes, key,
@@ -203,7 +207,9 @@ def _candidate_sizes(cand: candidates.Candidate, view, meta, sizes, key,
     for level, out in ((0.1, lower), (0.9, upper)):
       q = np.stack([c.quantiles[level][0] for c in cols], 1)
       out[np.isfinite(q)] = q[np.isfinite(q)]
-  return SizePrediction(np.asarray(sizes), pred, sd, lower, upper)
+  # The base's fits do not depend on the target size: the first call's statuses hold for all.
+  status = None if cols[0].status is None else np.asarray(cols[0].status[0], dtype=str)
+  return SizePrediction(np.asarray(sizes), pred, sd, lower, upper, status)
 
 
 _PFN_CACHE: dict = {}
@@ -262,6 +268,8 @@ class Forecast:
       without a finite prediction last.
     prob_next_better: P(the second-ranked model is better than the first).
     largest_measured: [M] the largest measured D of each model.
+    fit_status: [M] status of each model's law fit (`laws.STATUS_NAMES`); None
+      for a predictor that fits no law.
   """
   predictor: str
   source: str
@@ -275,6 +283,7 @@ class Forecast:
   ranking: np.ndarray
   prob_next_better: float
   largest_measured: np.ndarray
+  fit_status: tuple[str, ...] | None = None
 
   @property
   def best(self) -> str:
@@ -363,7 +372,8 @@ def forecast(curves, target_data_num: float, *, predictor: str = RECOMMENDED,
   result = Forecast(predictor=name, source=str(curves.source), models=tuple(curves.models),
                     sizes=np.asarray(curves.sizes), target_data_num=float(target_data_num),
                     predicted=pred, sd_log=sd, lower=out.lower[:, 0], upper=out.upper[:, 0],
-                    ranking=ranking, prob_next_better=float(p_next), largest_measured=largest)
+                    ranking=ranking, prob_next_better=float(p_next), largest_measured=largest,
+                    fit_status=None if out.status is None else tuple(out.status))
   extra = None
   if curve_sizes:
     extra = SizePrediction(out.sizes[1:], out.predicted[:, 1:], out.sd_log[:, 1:],
@@ -385,14 +395,16 @@ def reranked(fc: Forecast, ranking) -> Forecast:
 
 def log_prediction_fn(predictor: str, meta: selection.Metadata, *, key: jax.Array | None = None,
                       pfn=None) -> Callable:
-  """fn(views, step) -> (predicted L(D*) [V, M], sd of log L(D*) [V, M]) for the
-  early-stopping procedure (`budgeted.early_stopping_selection(predict_views=)`)."""
+  """fn(views, step) -> (predicted L(D*) [V, M], sd of log L(D*) [V, M], fit statuses
+  [V, M] or None for a predictor that fits no law) for the early-stopping procedure
+  (`budgeted.early_stopping_selection(predict_views=)`)."""
 
   def predict_views(views, step):
     del step  # every predictor here is a function of the view alone
     outs = [predict_sizes(v, meta, [meta.target_data_num], predictor, key=key, pfn=pfn)
             for v in views]
+    status = None if outs[0].status is None else np.stack([o.status for o in outs])
     return (np.stack([o.predicted[:, 0] for o in outs]),
-            np.stack([o.sd_log[:, 0] for o in outs]))
+            np.stack([o.sd_log[:, 0] for o in outs]), status)
 
   return predict_views

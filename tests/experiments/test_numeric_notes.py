@@ -13,7 +13,7 @@ from configs import selection as selection_config
 from experiments import common
 from experiments import reproduce_selection as rs
 from helpers.synthetic_curves import synthetic_curves
-from lensllm_jax import laws
+from lensllm_jax import laws, selection
 from lensllm_jax.curves import benchmarks
 from lensllm_jax.laws import fitting
 from lensllm_jax.selection import budgeted, metrics
@@ -226,3 +226,35 @@ def test_budgeted_rows_note_a_degenerate_fit_naming_its_model(tmp_path, damaged)
           "or the visible curve is flat or rising): m1",
           "1 of 4 models had a fit in a degenerate limit (the fitted curve overflowed, or the "
           "visible curve is flat or rising) in some round of the early stopping: m1"))
+
+
+@pytest.mark.parametrize("damaged", [True, False])
+def test_select_notes_a_degenerate_fit_of_its_predictor(tmp_path, damaged):
+  """experiments.select with a fitted predictor (RectifiedFit): a model whose curve is flat
+  gets a degenerate fit, and selection.md says so naming it, as does the early-stopping
+  tradeoff note of the replay procedure's predictor (`forecast.log_prediction_fn` passes the
+  statuses on); a clean file, or a predictor that fits no law (AtS), has no such note."""
+  from experiments import select
+  from lensllm_jax.plus import forecast
+
+  curves, _ = synthetic_curves(num_models=4, seed=1)
+  keep = curves.data_sizes <= 3200
+  losses = curves.losses[:, keep].copy()
+  if damaged:
+    losses[1] = 2.5  # flat
+  curves = dataclasses.replace(curves, data_sizes=curves.data_sizes[keep], losses=losses)
+  target = 25600.0
+  fc = select.predict_and_write(curves, target, "RectifiedFit", tmp_path / "fit",
+                                key=jax.random.key(0))
+  assert (fc.fit_status[1] == "degenerate") == damaged
+  said = "1 of 4 fits in a degenerate limit" in (tmp_path / "fit" / "selection.md").read_text()
+  assert said == damaged
+  fc = select.predict_and_write(curves, target, "AtS", tmp_path / "ats", key=jax.random.key(0))
+  assert fc.fit_status is None
+  assert "degenerate" not in (tmp_path / "ats" / "selection.md").read_text()
+  meta = selection.metadata_of(curves, target)
+  view = selection.VisibleCurves(data_sizes=curves.data_sizes, losses=curves.losses,
+                                 mask=curves.measured, max_data_num=3200.0)
+  _, _, status = forecast.log_prediction_fn("RectifiedFit", meta)([view], 0)
+  assert status.shape == (1, 4) and (status[0, 1] == "degenerate") == damaged
+  assert forecast.log_prediction_fn("AtS", meta)([view], 0)[2] is None
