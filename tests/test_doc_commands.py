@@ -104,8 +104,18 @@ def binary_flags(binary: str) -> tuple[frozenset[str], str | None]:
   does), then removes what that registered, so that binaries defining the
   same flag name can be read in one process.
   """
+  # What earlier imports of experiments modules left in this process (a test that imported
+  # a binary) is set aside meanwhile, flags and modules, so the binary is imported afresh
+  # and its flags cannot collide with another binary's of the same name; then restored.
+  hidden_flags = {f.name: (module, f)
+                  for module, defined in flags.FLAGS.flags_by_module_dict().items()
+                  if module.startswith("experiments") for f in defined}
+  hidden_modules = {name: m for name, m in sys.modules.items() if name.startswith("experiments")}
+  for name in hidden_flags:
+    delattr(flags.FLAGS, name)
+  for name in hidden_modules:
+    del sys.modules[name]
   before_flags = set(flags.FLAGS)
-  before_modules = set(sys.modules)
   try:
     module = importlib.import_module(f"experiments.{binary}")
     if hasattr(module, "define_flags"):
@@ -117,9 +127,12 @@ def binary_flags(binary: str) -> tuple[frozenset[str], str | None]:
   finally:
     for name in set(flags.FLAGS) - before_flags:
       delattr(flags.FLAGS, name)
-    for name in set(sys.modules) - before_modules:
-      if name.startswith("experiments"):
-        del sys.modules[name]
+    for name in [n for n in sys.modules if n.startswith("experiments")]:
+      del sys.modules[name]
+    sys.modules.update(hidden_modules)
+    for name, (module, flag) in hidden_flags.items():
+      flags.FLAGS[name] = flag
+      flags.FLAGS.register_flag_by_module(module, flag)
   return names, default_config
 
 
