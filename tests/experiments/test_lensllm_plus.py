@@ -71,6 +71,18 @@ def _criteria(rows, fold, datasets):
   return out
 
 
+def _forbid_fitting(monkeypatch):
+  """A rerun of finished work must not fit: every fitting entry point raises."""
+
+  def no_fit(*a, **k):
+    raise AssertionError("a rerun of finished work must not fit")
+
+  monkeypatch.setattr(protocol, "default_grid", lambda: GRID)
+  monkeypatch.setattr(candidates, "file_predictions", no_fit)
+  monkeypatch.setattr(candidates, "budgeted_candidate_selection", no_fit)
+  monkeypatch.setattr(protocol, "evaluate_grid", no_fit)
+
+
 def test_binary_reports_the_candidate_chosen_on_the_other_files(small_run):
   _, _, out = small_run
   chosen = common.read_rows(out / "candidates_chosen.csv")
@@ -239,14 +251,7 @@ def test_rerun_skips_finished_work_and_refuses_changed_inputs(small_run, monkeyp
   cfg, data, out = small_run
   before = {p: (out / p).read_text() for p in ("predictions.csv", "grid.csv", "budgeted.csv",
                                                "results.csv", "lensllm_plus.md")}
-
-  def no_fit(*a, **k):
-    raise AssertionError("a rerun of finished work must not fit")
-
-  monkeypatch.setattr(protocol, "default_grid", lambda: GRID)
-  monkeypatch.setattr(candidates, "file_predictions", no_fit)
-  monkeypatch.setattr(candidates, "budgeted_candidate_selection", no_fit)
-  monkeypatch.setattr(protocol, "evaluate_grid", no_fit)
+  _forbid_fitting(monkeypatch)
   lensllm_plus.run(cfg, out)
   assert {p: (out / p).read_text() for p in before} == before
   # A changed fit setting or training file refuses to reuse the cached rows.
@@ -364,14 +369,7 @@ def test_every_nan_cell_has_a_note_naming_its_cause(small_run, tmp_path, monkeyp
   hit[0]["statuses"] = " ".join(["degenerate", *hit[0]["statuses"].split()[1:]])
   (copy / "fit_status.csv").unlink()
   common.append_rows(copy / "fit_status.csv", lensllm_plus.STATUS_HEADER, status)
-
-  def no_fit(*a, **k):
-    raise AssertionError("a rerun of finished work must not fit")
-
-  monkeypatch.setattr(protocol, "default_grid", lambda: GRID)
-  monkeypatch.setattr(candidates, "file_predictions", no_fit)
-  monkeypatch.setattr(candidates, "budgeted_candidate_selection", no_fit)
-  monkeypatch.setattr(protocol, "evaluate_grid", no_fit)
+  _forbid_fitting(monkeypatch)
   lensllm_plus.run(cfg, copy)
   nan = {(r["dataset"], r["method"], r["ratio"], r["metric"])
          for r in common.read_rows(copy / "results.csv") if r["value"] == "nan"}
