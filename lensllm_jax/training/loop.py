@@ -42,7 +42,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple, Protocol
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -67,17 +67,30 @@ def causal_lm_apply(model: Any, *, dropout: bool = False) -> ApplyFn:
   """An `ApplyFn` for a decoder-only `lensllm_jax.models.build(config)` (or any Flax module with
   the same call signature). With dropout=True the key feeds dropout. An
   encoder-decoder module (``model.config.is_encoder_decoder``) gets
-  `seq2seq_apply` instead, so every caller works for both kinds."""
+  `seq2seq_apply` instead, so every caller works for both kinds.
+
+  The function is a value: two built from equal modules (Flax modules compare by
+  their fields, the config) are equal and hash alike, so the caches keyed on it
+  (`compiled_steps`, `cached_eval_step`, `sweep.precompile_model`) hand every model of
+  one shape the programs compiled for the first.
+  """
   if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
     return seq2seq_apply(model, dropout=dropout)
+  return _CausalLMApply(model, dropout)
 
-  def apply_fn(params, input_ids, attention_mask, key):
-    if dropout:
-      return model.apply({"params": params}, input_ids, attention_mask=attention_mask,
-                         deterministic=False, rngs={"dropout": key})
-    return model.apply({"params": params}, input_ids, attention_mask=attention_mask)
 
-  return apply_fn
+@dataclasses.dataclass(frozen=True)
+class _CausalLMApply:
+  """`causal_lm_apply`'s function. A closure here was hashed by identity: each model
+  loaded (select's online rounds reload them) compiled its steps again."""
+  model: Any
+  dropout: bool = False
+
+  def __call__(self, params, input_ids, attention_mask, key):
+    if self.dropout:
+      return self.model.apply({"params": params}, input_ids, attention_mask=attention_mask,
+                              deterministic=False, rngs={"dropout": key})
+    return self.model.apply({"params": params}, input_ids, attention_mask=attention_mask)
 
 
 def seq2seq_apply(model: Any, *, dropout: bool = False, router_losses: bool = True):
@@ -91,23 +104,32 @@ def seq2seq_apply(model: Any, *, dropout: bool = False, router_losses: bool = Tr
   makes such batches). In training steps of a Switch model (router_losses)
   it returns (logits, auxiliary loss) with `models.switch_router_losses`,
   which the step adds per scored token; otherwise logits [B, T, V].
-  The function carries ``apply_fn.encoder_decoder = True``.
+  The function carries ``apply_fn.encoder_decoder = True`` and is a value, like
+  `causal_lm_apply`'s (equal for equal modules and settings).
   """
-  def apply_fn(params, input_ids, attention_mask, key, *, targets, target_mask,
+  return _Seq2SeqApply(model, dropout, router_losses)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Seq2SeqApply:
+  """`seq2seq_apply`'s function (a value: see `causal_lm_apply`)."""
+  model: Any
+  dropout: bool = False
+  router_losses: bool = True
+  encoder_decoder: ClassVar[bool] = True
+
+  def __call__(self, params, input_ids, attention_mask, key, *, targets, target_mask,
                training=False):
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "targets": targets,
              "target_mask": target_mask}
-    aux = training and router_losses and model.config.arch == "switch"
-    rngs = {"dropout": key} if dropout else None
-    out = models.seq2seq_logits(model, params, batch, deterministic=not dropout, rngs=rngs,
-                                return_router_logits=aux)
+    aux = training and self.router_losses and self.model.config.arch == "switch"
+    rngs = {"dropout": key} if self.dropout else None
+    out = models.seq2seq_logits(self.model, params, batch, deterministic=not self.dropout,
+                                rngs=rngs, return_router_logits=aux)
     if aux:
       logits, routers = out
-      return logits, models.switch_router_losses(routers, model.config)
+      return logits, models.switch_router_losses(routers, self.model.config)
     return out
-
-  apply_fn.encoder_decoder = True
-  return apply_fn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -330,7 +352,8 @@ def _copy_tree(tree: Any) -> Any:
 
 @functools.lru_cache(maxsize=8)
 def compiled_steps(apply_fn: ApplyFn, cfg: TrainConfig):
-  """(optimizer, train step, eval step), cached so repeated runs reuse compilations."""
+  """(optimizer, train step, eval step), cached so repeated runs reuse compilations (keyed
+  on the apply function's value: every model of one shape gets the same jitted steps)."""
   optimizer = make_optimizer(cfg)
   return (optimizer, make_train_step(apply_fn, optimizer, grad_accum=cfg.grad_accum),
           cached_eval_step(apply_fn))
@@ -401,8 +424,11 @@ def evaluate(eval_step: Callable, params: Any, data: textdata.TokenizedData,
   """Mean NLL per scored token over all of `data` (summed in float64 on host).
 
   With a mesh the batches are sharded over its data axes (batch_size must be
-  divisible by the number of shards).
+  divisible by the number of shards). The params are placed like `init_state`'s
+  (no copy where they already are): a model's zero-shot evaluation (params as loaded)
+  and its fine-tuning evaluations (the state's) then share one compiled program.
   """
+  params = jax.device_put(params, _placement(params, mesh))
   total, count = 0.0, 0.0
   for batch in textdata.eval_batches(data, batch_size):
     if mesh is not None:

@@ -22,8 +22,9 @@ import pytest
 from configs import select as select_config
 from experiments import select
 from helpers.synthetic_curves import synthetic_curves
-from lensllm_jax import errors, rundir
+from lensllm_jax import errors, models, rundir, training
 from lensllm_jax.curves import benchmarks
+from lensllm_jax.training import sharding, sweep, textdata
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 ARGS = ["-m", "experiments.select", "--config=configs/select.py:online_smoke"]
@@ -201,3 +202,42 @@ def test_lower_z_and_raised_cap_continue_from_what_was_run(online, args, tmp_pat
   assert sorted(a["model"] for a in added) == rows[-1]["active"]
   assert {a["data_size"] for a in added} == {400}
   assert [{k: r[k] for k in keys} for r in _decisions(raised)][:len(rows)] == rows
+
+
+def test_models_of_one_shape_share_their_compiled_programs(tmp_path, monkeypatch):
+  """Online runs of two untrained models of one architecture (init seeds 1 and 3): the
+  second model's zero-shot point and fine-tuning run compile nothing, nor does the first
+  model's next round after it is loaded again (the oracle keeps one model in memory). The
+  shared programs compute with each model's own parameters: the second zero-shot loss
+  equals a fresh, uncached eval program's on its parameters."""
+  cfg = select_config.get_config("online_smoke")
+  first = cfg.models[2]  # tiny-untrained: no pre-training
+  second = type(first)(dict(first.to_dict(), name="tiny-untrained-b", init_seed=3))
+  cfg.models = [first, second]
+  cfg.subset_sizes = (25, 50)
+  cfg.train.max_steps, cfg.train.eval_every = 4, 2  # compilation is the cost; a few steps
+  compiled = []  # (model, D, {program: compilations}) per run, model loading included
+  run = select.FinetuneOracle._run
+
+  def counted_run(self, name, d):
+    with training.count_compilations() as counts:
+      run(self, name, d)
+    compiled.append((name, d, dict(counts)))
+
+  monkeypatch.setattr(select.FinetuneOracle, "_run", counted_run)
+  oracle = select.FinetuneOracle(cfg, tmp_path, [25.0, 50.0], mesh=sharding.make_mesh(),
+                                 progress=select.Progress(2))
+  oracle.reveal([0, 1], 25.0)
+  oracle.reveal([0], 50.0)  # reloads the first model
+  assert [c[:2] for c in compiled] == [("tiny-untrained", 0), ("tiny-untrained-b", 0),
+                                       ("tiny-untrained", 25), ("tiny-untrained-b", 25),
+                                       ("tiny-untrained", 50)]
+  assert compiled[0][2].get("jit(eval_fn)") and compiled[2][2].get("jit(step_fn)"), compiled
+  assert [c[2] for c in compiled[1:2] + compiled[3:]] == [{}, {}, {}], compiled
+  losses = {(r["model"], r["data_size"]): r["test_loss"] for r in oracle.runs.values()}
+  assert losses[("tiny-untrained", 0)] != losses[("tiny-untrained-b", 0)]
+  b = sweep.load_model(second, cfg, tmp_path, oracle.splits, None)
+  data = textdata.encode_examples(oracle.splits["test"], b.tokenizer, cfg.max_len)
+  fresh = training.make_eval_step(training.causal_lm_apply(models.build(b.config)))
+  assert training.evaluate(fresh, b.params, data, cfg.train.eval_batch_size) == pytest.approx(
+      losses[("tiny-untrained-b", 0)], rel=1e-6)

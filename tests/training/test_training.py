@@ -11,7 +11,7 @@ import optax
 import pytest
 
 from lensllm_jax import training
-from lensllm_jax.models import CausalLM, ModelConfig, init_params
+from lensllm_jax.models import CausalLM, ModelConfig, build, init_params, presets
 from lensllm_jax.training import sharding, textdata
 
 V, T = 40, 12
@@ -201,12 +201,35 @@ def test_save_load_params(setup, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, training.load_params(str(tmp_path / "p")), params)
 
 
+def _uncached_apply_fn():
+  """CONFIG's apply function with the step caches emptied: equal apply functions share
+  their compiled programs, so a compilation count starts from nothing only after this."""
+  training.compiled_steps.cache_clear()
+  training.cached_eval_step.cache_clear()
+  return training.causal_lm_apply(CausalLM(CONFIG))
+
+
+def test_apply_functions_of_equal_modules_share_the_step_programs():
+  """Two `causal_lm_apply`s of separately built modules of one config are one cache key:
+  `compiled_steps` hands the second the first's jitted steps (nothing to compile again);
+  another config or dropout setting is another key. Encoder-decoders alike."""
+  a, b = (training.causal_lm_apply(CausalLM(CONFIG)) for _ in range(2))
+  assert a is not b and a == b and hash(a) == hash(b)
+  cfg = training.TrainConfig(batch_size=4, max_steps=3)
+  assert training.compiled_steps(a, cfg)[1] is training.compiled_steps(b, cfg)[1]
+  assert training.cached_eval_step(a) is training.cached_eval_step(b)
+  assert a != training.causal_lm_apply(CausalLM(CONFIG), dropout=True)
+  assert a != training.causal_lm_apply(CausalLM(CONFIG.replace(d_model=32)))
+  t5 = [training.causal_lm_apply(build(presets["tiny-t5"])) for _ in range(2)]
+  assert t5[0] == t5[1] and hash(t5[0]) == hash(t5[1]) and t5[0].encoder_decoder
+
+
 def test_entry_points_compile_the_step_once(setup):
   """pretrain and finetune, each called twice with the same shapes and TrainConfig: one
   compilation of the train step in all (the initial state is placed like the step's
   outputs, so no call sees a new signature)."""
   _, params = setup
-  apply_fn = training.causal_lm_apply(CausalLM(CONFIG))  # fresh: nothing cached yet
+  apply_fn = _uncached_apply_fn()
   train, val = _data(16, seed=8), _data(8, seed=9)
   cfg = training.TrainConfig(batch_size=4, max_steps=3, eval_every=2, eval_batch_size=8)
   # On a mesh (the sweep's data-parallel setting): an unplaced step counter compiled the
@@ -225,7 +248,7 @@ def test_entry_points_compile_the_step_once(setup):
 def test_precompile_leaves_nothing_to_compile(setup):
   """After `precompile` (abstract shapes only), finetune and evaluate compile nothing."""
   _, params = setup
-  apply_fn = training.causal_lm_apply(CausalLM(CONFIG))  # fresh: nothing cached yet
+  apply_fn = _uncached_apply_fn()
   train, val = _data(16, seed=12), _data(8, seed=13)
   cfg = training.TrainConfig(batch_size=4, max_steps=2, eval_every=2, eval_batch_size=8)
   with training.count_compilations() as counts:
