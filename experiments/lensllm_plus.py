@@ -31,8 +31,9 @@ Steps (the expensive ones write their CSV as they go; a rerun skips finished wor
                  chosen_nested.csv.
   3. predict     every candidate base and baseline on every file's budget
                  views (`candidates.file_predictions`) -> predictions.csv
-                 (dataset,job,key,ratio,values: L(D*) of the models, or the
-                 sd of log L(D*) for keys ending in _sd); the per-model fit
+                 (dataset,job,key,ratio,values: L(D*) of the models for
+                 key = job, the sd of log L(D*) for job_sd, a quantile of
+                 L(D*) for job_q<level>; `prediction_rows`); the per-model fit
                  statuses of each job (empty for a job that fits no law) ->
                  fit_status.csv (dataset,job,ratio,statuses); a job is done
                  when both files have its rows.
@@ -126,11 +127,12 @@ STABILITY_HEADER = ("held_out", "left_out", "trained_on", "candidate", "train_cr
 # --------------------------------------------------------------- steps ---
 
 
-def cached_grid_evaluator(out: pathlib.Path, ratios, num_restarts, num_steps):
+def cached_grid_evaluator(out: pathlib.Path):
   """An `evaluate` for `protocol.leave_one_out` that stores tables in grid.csv."""
   path = out / "grid.csv"
 
-  def evaluate(curves, configs, *, key, ratios=ratios):
+  def evaluate(curves, configs, *, key, options: protocol.ProtocolOptions):
+    ratios = options.ratios
     rows = [r for r in common.read_rows(path) if r["dataset"] == curves.name]
     have = {(r["config"], int(r["ratio"]), r["metric"]): float(r["value"]) for r in rows}
     names = [c.name for c in configs]
@@ -142,8 +144,7 @@ def cached_grid_evaluator(out: pathlib.Path, ratios, num_restarts, num_steps):
       logging.info("[%s] grid: fitting %d settings x %d ratios (one batched call)...",
                    curves.name, len(todo), len(ratios))
       t = time.time()
-      table, _ = protocol.evaluate_grid(curves, todo, key=key, ratios=ratios,
-                                        num_restarts=num_restarts, num_steps=num_steps)
+      table, _ = protocol.evaluate_grid(curves, todo, key=key, options=options)
       new = [{"dataset": curves.name, "config": c.name, "ratio": r, "metric": m,
               "value": f"{table[c.name][m][i]:.6f}"}
              for c in todo for i, r in enumerate(ratios) for m in protocol.METRICS]
@@ -170,6 +171,69 @@ def load_statuses(out: pathlib.Path, name: str, ratios) -> dict[str, dict[int, l
   return have
 
 
+# predictions.csv holds one row per (file, job, key, ratio): the key names what the values
+# are, `job` the mean L(D*), `job_sd` the sd of log L(D*), `job_q<level>` a quantile of L(D*).
+# `prediction_rows` writes this convention and `read_predictions` parses it; everything else
+# holds the typed `candidates.BasePrediction`.
+SD_SUFFIX, QUANTILE_SUFFIX = "_sd", "_q"
+
+
+def prediction_rows(dataset: str, job: str, prediction: candidates.BasePrediction,
+                    ratios) -> list[dict]:
+  """predictions.csv rows of one job's `BasePrediction` [R, M] on one file (values with 17
+  significant digits: read back, they are the same float64 numbers)."""
+  keys = {job: prediction.mean}
+  if prediction.sd_log is not None:
+    keys[job + SD_SUFFIX] = prediction.sd_log
+  keys.update({f"{job}{QUANTILE_SUFFIX}{q:g}": v for q, v in prediction.quantiles.items()})
+  return [{"dataset": dataset, "job": job, "key": k, "ratio": r,
+           "values": " ".join(f"{x:.17g}" for x in v[i])}
+          for k, v in keys.items() for i, r in enumerate(ratios)]
+
+
+def status_rows(dataset: str, job: str, prediction: candidates.BasePrediction,
+                ratios) -> list[dict]:
+  """fit_status.csv rows of one job on one file: its [M] fit statuses per ratio (empty for a
+  job that fits no law, status None)."""
+  fits = prediction.status
+  return [{"dataset": dataset, "job": job, "ratio": r,
+           "statuses": " ".join(fits[i]) if fits is not None else ""}
+          for i, r in enumerate(ratios)]
+
+
+def read_predictions(out: pathlib.Path, dataset: str,
+                     ratios) -> dict[str, candidates.BasePrediction]:
+  """The jobs of one file in predictions.csv (inverse of `prediction_rows`), with their fit
+  statuses from fit_status.csv: job -> `BasePrediction` [R, M] over `ratios`.
+
+  Only jobs with a row for every key and ratio are returned (a job cut short is
+  redone); `status` is None for a job with no statuses at some ratio or none at
+  all (a job that fits no law).
+  """
+  path = out / "predictions.csv"
+  have: dict[str, dict[str, dict[int, np.ndarray]]] = {}
+  for n, r in enumerate(common.read_rows(path), start=2):
+    if r["dataset"] == dataset and int(r["ratio"]) in ratios:
+      job, key = r["job"], r["key"]
+      if key != job and key != job + SD_SUFFIX and not key.startswith(job + QUANTILE_SUFFIX):
+        raise errors.WorkdirError(f"{path}: line {n}: key {key!r} is not {job!r}, "
+                                  f"{job + SD_SUFFIX!r} or {job + QUANTILE_SUFFIX!r}<level>")
+      have.setdefault(job, {}).setdefault(key, {})[int(r["ratio"])] = np.array(
+        [float(x) for x in r["values"].split()])
+  status = load_statuses(out, dataset, ratios)
+  preds = {}
+  for job, keys in have.items():
+    if not all(set(ratios) <= set(per) for per in keys.values()) or job not in keys:
+      continue
+    col = {k: np.stack([per[r] for r in ratios]) for k, per in keys.items()}
+    fits = [status.get(job, {}).get(r) for r in ratios]
+    preds[job] = candidates.BasePrediction(
+      col.pop(job), col.pop(job + SD_SUFFIX, None),
+      {float(k[len(job + QUANTILE_SUFFIX):]): v for k, v in col.items()},
+      np.array(fits, dtype=str) if all(fits) else None)
+  return preds
+
+
 def cached_predictions(out: pathlib.Path):
   """A `predict` for `candidates.leave_one_out` that stores every job in predictions.csv
   and its fit statuses in fit_status.csv.
@@ -177,48 +241,30 @@ def cached_predictions(out: pathlib.Path):
   A job (`candidates.prediction_jobs`) is rerun only if some ratio of the
   file has no row for it in either file (a directory made before fit_status.csv
   existed reruns its jobs for their statuses only); the predictions returned are
-  always the ones read back from the CSV (17 significant digits), so a rerun
-  scores the same numbers.
+  always the ones read back from the CSV (`read_predictions`, 17 significant
+  digits), so a rerun scores the same numbers.
   """
-  path = out / "predictions.csv"
-
-  def load(name, ratios):
-    have = {}
-    for r in common.read_rows(path):
-      if r["dataset"] == name and int(r["ratio"]) in ratios:
-        have.setdefault(r["job"], {}).setdefault(r["key"], {})[int(r["ratio"])] = np.array(
-          [float(x) for x in r["values"].split()])
-    return have
-
   def predict(curves, ratios, *, ctx, pooled_configs, target_data_num):
     jobs = candidates.prediction_jobs(ctx, pooled_configs)
-    have = load(curves.name, ratios)
+    predicted = read_predictions(out, curves.name, ratios)
     status = load_statuses(out, curves.name, ratios)
-    predicted = {j for j in have if all(set(ratios) <= set(per) for per in have[j].values())}
     todo = [j for j in jobs if j not in predicted or not set(ratios) <= set(status.get(j, ()))]
     logging.info("[%s] predictions: %d of %d jobs already in %s", curves.name,
-                 len(jobs) - len(todo), len(jobs), path)
+                 len(jobs) - len(todo), len(jobs), out / "predictions.csv")
     for job in todo:
       t = time.time()
-      fits = {}
       _, preds = candidates.file_predictions(curves, ratios, ctx=ctx,
-                                                  pooled_configs=pooled_configs,
-                                                  target_data_num=target_data_num, only=[job],
-                                                  statuses=fits)
-      common.append_rows(out / "fit_status.csv", STATUS_HEADER, [
-        {"dataset": curves.name, "job": job, "ratio": r,
-         "statuses": " ".join(fits[job][i]) if job in fits else ""}
-        for i, r in enumerate(ratios)])
+                                             pooled_configs=pooled_configs,
+                                             target_data_num=target_data_num, only=[job])
+      common.append_rows(out / "fit_status.csv", STATUS_HEADER,
+                         status_rows(curves.name, job, preds[job], ratios))
       if job not in predicted:
-        common.append_rows(path, PRED_HEADER, [
-          {"dataset": curves.name, "job": job, "key": k, "ratio": r,
-           "values": " ".join(f"{x:.17g}" for x in v[i])}
-          for k, v in preds.items() for i, r in enumerate(ratios)])
+        common.append_rows(out / "predictions.csv", PRED_HEADER,
+                           prediction_rows(curves.name, job, preds[job], ratios))
       logging.info("[%s] predictions: %s in %.1fs", curves.name, job, time.time() - t)
-    have = load(curves.name, ratios)
+    predicted = read_predictions(out, curves.name, ratios)
     truth = protocol.budget_views(curves, ratios, target_data_num)[1]
-    preds = {k: np.stack([per[r] for r in ratios]) for j in jobs for k, per in have[j].items()}
-    return truth, preds
+    return truth, {j: predicted[j] for j in jobs}
 
   return predict
 
@@ -285,12 +331,13 @@ def write_choices(out, folds, files) -> None:
   cand_rows, chosen_rows = [], []
   for f in folds:
     for ds, tabs in f.tables.items():
-      truth, preds, rs = files[ds]["truth"], files[ds]["preds"], files[ds]["ratios"]
+      fl = files[ds]
       for name, tab in tabs.items():
-        cand_rows += table_rows(f.held_out, ds, name, tab, rs)
+        cand_rows += table_rows(f.held_out, ds, name, tab, fl.ratios)
       for m in BASELINES[1:]:
-        cand_rows += table_rows(f.held_out, ds, m, candidates.score_table(preds[m], truth),
-                                rs)
+        cand_rows += table_rows(f.held_out, ds, m,
+                                candidates.score_table(fl.predictions[m].mean, fl.truth),
+                                fl.ratios)
     chosen_rows.append({"held_out": f.held_out, "trained_on": "+".join(f.trained_on),
                         "candidate": f.candidate.name, "pooled_setting": f.pooled.config.name,
                         "train_criterion": f"{f.train_criterion:.6f}"})
@@ -305,10 +352,10 @@ def write_choices(out, folds, files) -> None:
   # central 80% predictive interval (reported, not used by any choice).
   cover = []
   for ds, f in files.items():
-    q = candidates.BasePrediction.from_columns(f["preds"], "CurvePFN").quantiles
-    inside = ((q[0.1] <= f["truth"][None]) & (f["truth"][None] <= q[0.9])).mean(1)   # [R]
+    q = f.predictions["CurvePFN"].quantiles
+    inside = ((q[0.1] <= f.truth[None]) & (f.truth[None] <= q[0.9])).mean(1)   # [R]
     cover += [{"dataset": ds, "ratio": r, "coverage80": f"{inside[k]:.6f}"}
-              for k, r in enumerate(f["ratios"])]
+              for k, r in enumerate(f.ratios)]
   rewrite(out / "candidates_coverage.csv", ("dataset", "ratio", "coverage80"), cover)
 
 
@@ -330,14 +377,16 @@ FITTED_BASES = (pooled.METHOD_NAME, "Spectral")
 
 
 def prediction_notes(name: str, base: str, prediction, truth, ratios, dataset: str,
-                     num_steps: int, fits=None, models=()) -> list[dict]:
-  """notes.csv rows of one method's [R, M] predictions on a file: which of its fits (`fits`:
-  ratio -> [M] statuses of the fits of `models` it reads, fit_status.csv) ended degenerate
-  or non-finite (`common.status_notes`), why a score is NaN at a ratio
-  (`common.score_notes`), and that fits with num_steps=0 were not optimised."""
+                     num_steps: int, status=None, models=()) -> list[dict]:
+  """notes.csv rows of one method's [R, M] predicted L(D*) on a file: which of the fits it
+  reads (`status`: [R, M] statuses of the fits of `models`, `BasePrediction.status` of its
+  base; None: no fits) ended degenerate or non-finite (`common.status_notes`), why a score is
+  NaN at a ratio (`common.score_notes`), and that fits with num_steps=0 were not optimised."""
   notes = []
-  for ratio, res in zip(ratios, candidates.plus_results(prediction, name), strict=True):
-    said = common.status_notes((fits or {}).get(ratio), models, "fit_status.csv")
+  for k, (ratio, res) in enumerate(zip(ratios, candidates.plus_results(prediction, name),
+                                       strict=True)):
+    said = common.status_notes(None if status is None else status[k], models,
+                               "fit_status.csv")
     said += common.score_notes(res, truth, with_rmse=True)
     if num_steps == 0 and (base in FITTED_BASES or base in selection.FITTED_LAWS):
       said.append("config.num_steps=0: the fits were not optimised (their parameters are not "
@@ -346,22 +395,22 @@ def prediction_notes(name: str, base: str, prediction, truth, ratios, dataset: s
   return notes
 
 
-def candidate_notes(folds, files, num_steps: int, statuses, models) -> list[dict]:
+def candidate_notes(folds, files, num_steps: int, models) -> list[dict]:
   """notes.csv rows of candidates.csv (scored again from the predictions, cheap;
-  PooledLensLLM with the setting of each fold and file); statuses: file -> `load_statuses`;
-  models: file -> its model names."""
+  PooledLensLLM with the setting of each fold and file); models: file -> its model names."""
   by_name = {c.name: c for c in candidates.all_candidates()}
   notes = []
   for f in folds:
     for ds, tabs in f.tables.items():
-      truth, preds, rs = files[ds]["truth"], files[ds]["preds"], files[ds]["ratios"]
+      fl = files[ds]
       setting = candidates.pooled_setting(f.pooled, ds)
       for name in [*tabs, *BASELINES[1:]]:
         cand = by_name.get(name)
-        p = candidates.candidate_prediction(cand, preds, setting) if cand else preds[name]
         job = candidates.base_key(cand, setting) if cand else name
-        notes += prediction_notes(name, cand.base if cand else name, p, truth, rs, ds,
-                                  num_steps, statuses[ds].get(job), models[ds])
+        p = (candidates.candidate_prediction(cand, fl.predictions, setting) if cand
+             else fl.predictions[name].mean)
+        notes += prediction_notes(name, cand.base if cand else name, p, fl.truth, fl.ratios, ds,
+                                  num_steps, fl.predictions[job].status, models[ds])
   return notes
 
 
@@ -376,22 +425,20 @@ def write_notes(path: pathlib.Path, rows) -> None:
 def write_report(out, folds, files, curve_sets, num_steps: int, models) -> None:
   """Step 5: results.csv and cost.csv of LensLLM+ and the baselines on the reported files;
   notes.csv: why a cell of results.csv or candidates.csv is NaN or may mislead."""
-  statuses = {ds: load_statuses(out, ds, f["ratios"]) for ds, f in files.items()}
-  rows, cost, notes = [], [], candidate_notes(folds, files, num_steps, statuses, models)
+  rows, cost, notes = [], [], candidate_notes(folds, files, num_steps, models)
   for f, curves in zip(folds, curve_sets, strict=True):
     fl = files[f.held_out]
     target = float(np.max(curves.data_sizes))
     ats8 = budgeted.method_flops("AtS", curves.sizes, curves.data_sizes, target / 8)
-    preds = {PLUS: candidates.candidate_prediction(f.candidate, fl["preds"],
-                                                        f.pooled.config),
-             **{m: fl["preds"][m] for m in BASELINES}}
+    preds = {PLUS: candidates.candidate_prediction(f.candidate, fl.predictions, f.pooled.config),
+             **{m: fl.predictions[m].mean for m in BASELINES}}
     for m, p in preds.items():
       base = f.candidate.base if m == PLUS else m
       job = candidates.base_key(f.candidate, f.pooled.config) if m == PLUS else m
-      notes += prediction_notes(m, base, p, fl["truth"], fl["ratios"], f.held_out, num_steps,
-                                statuses[f.held_out].get(job), curves.models)
-      for ratio, res in zip(fl["ratios"], candidates.plus_results(p, m), strict=True):
-        sc = protocol.score_results(res, fl["truth"])
+      notes += prediction_notes(m, base, p, fl.truth, fl.ratios, f.held_out, num_steps,
+                                fl.predictions[job].status, curves.models)
+      for ratio, res in zip(fl.ratios, candidates.plus_results(p, m), strict=True):
+        sc = protocol.score_results(res, fl.truth)
         rows += [{"dataset": f.held_out, "ratio": ratio, "method": m, "metric": k,
                   "value": f"{sc[k]:.6f}"} for k in protocol.METRICS]
         reads = candidates.PLUS_READS if m == PLUS else methods.METHOD_READS[m]
@@ -481,10 +528,11 @@ def _run(cfg, out: pathlib.Path, curve_sets, train_only, ratios, budget_levels, 
   key = jax.random.key(cfg.seed)
   for c in train_only:
     logging.info("[%s] training-only file, ratios %s", c.name, protocol.training_ratios(c, ratios))
+  options = protocol.ProtocolOptions(ratios=ratios, num_restarts=cfg.num_restarts,
+                                     num_steps=cfg.num_steps)
   folds, files = candidates.leave_one_out(
-    curve_sets, key=key, train_only=train_only, ratios=ratios, predictor=predictor,
-    grid_evaluate=cached_grid_evaluator(out, ratios, cfg.num_restarts, cfg.num_steps),
-    predict=cached_predictions(out), num_restarts=cfg.num_restarts, num_steps=cfg.num_steps,
+    curve_sets, key=key, train_only=train_only, options=options, predictor=predictor,
+    grid_evaluate=cached_grid_evaluator(out), predict=cached_predictions(out),
     leave_each_out=True)
   write_choices(out, folds, files)
   write_report(out, folds, files, curve_sets, cfg.num_steps,

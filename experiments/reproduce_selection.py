@@ -44,7 +44,7 @@ from absl import flags, logging
 from experiments import common, reporting
 from lensllm_jax import errors, rundir, selection
 from lensllm_jax.laws import fitting
-from lensllm_jax.plus import candidates, pfn
+from lensllm_jax.plus import candidates, pfn, protocol
 from lensllm_jax.selection import budgeted, metrics, pooled
 from lensllm_jax.selection import methods as methods_lib
 
@@ -291,9 +291,9 @@ def choose_plus(curve_sets, methods, out, *, ratios, key, target_data_num,
           if r["method"] == candidates.PLUS_NAME}
   if all((c.name, r) in done for c in curve_sets for r in ratios):
     return {}  # rerun: LensLLM+ is already scored everywhere
-  folds, files = candidates.leave_one_out(curve_sets, key=key, ratios=ratios,
-                                               target_data_num=target_data_num,
-                                               num_restarts=num_restarts)
+  options = protocol.ProtocolOptions(ratios=ratios, target_data_num=target_data_num,
+                                     num_restarts=num_restarts)
+  folds, files = candidates.leave_one_out(curve_sets, key=key, options=options)
   rows = [{"held_out": f.held_out, "trained_on": "+".join(f.trained_on),
            "candidate": f.candidate.name, "train_criterion": f"{f.train_criterion:.6f}",
            "pooled_config": f.pooled.config.name,
@@ -309,8 +309,8 @@ def choose_plus(curve_sets, methods, out, *, ratios, key, target_data_num,
   for f in folds:
     logging.info("[%s] LensLLM+ chosen on %s: %s (PooledLensLLM setting %s)", f.held_out,
                  f.trained_on, f.candidate.name, f.pooled.config.name)
-    pred = candidates.candidate_prediction(f.candidate, files[f.held_out]["preds"],
-                                                f.pooled.config)
+    pred = candidates.candidate_prediction(f.candidate, files[f.held_out].predictions,
+                                           f.pooled.config)
     out_results[f.held_out] = candidates.plus_results(pred)
   return out_results
 

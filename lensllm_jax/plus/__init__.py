@@ -12,15 +12,15 @@ Modules:
 Every public name of these modules is re-exported here
 (`from lensllm_jax.plus import NAME`):
 
-  protocol: DEFAULT_RATIOS, Fold, choose, criterion, default_grid, evaluate_grid, leave_one_out,
-    nested_choices, score_results
+  protocol: DEFAULT_OPTIONS, DEFAULT_RATIOS, Fold, ProtocolOptions, choose, criterion,
+    default_grid, evaluate_grid, leave_one_out, nested_choices, score_results
   pfn: FAMILIES, PUBLIC_GRID, BarDistribution, CurvePFN, CurvePFNPredictor, ModelConfig,
     PriorConfig, TrainConfig, curve_pfn_selection, load_predictor, make_batch,
     sample_prior_curves, save_predictor, train, default_curve_predictor, ContextModelConfig,
     ContextPFN, ContextPFNPredictor, HierarchyConfig, context_pfn_selection,
     default_context_predictor, make_file_batch, sample_prior_files, train_context
   candidates: PLUS_NAME, PLUS_READS, BASE_PREDICTORS, BLEND_WEIGHTS, BaseContext, BasePrediction,
-    Candidate, PlusChoice, PlusFold, base_key, blend,
+    Candidate, FilePredictions, PlusChoice, PlusFold, base_key, blend,
     budgeted_candidate_selection, candidate_distribution, all_candidates, candidate_prediction,
     choose_candidate, file_predictions, plus_results, pooled_setting, prediction_jobs,
     ranked_choice, score_table
@@ -39,6 +39,7 @@ from lensllm_jax.plus.candidates import (
   BaseContext,
   BasePrediction,
   Candidate,
+  FilePredictions,
   PlusChoice,
   PlusFold,
   all_candidates,
@@ -95,8 +96,10 @@ from lensllm_jax.plus.pfn import (
   train_context,
 )
 from lensllm_jax.plus.protocol import (
+  DEFAULT_OPTIONS,
   DEFAULT_RATIOS,
   Fold,
+  ProtocolOptions,
   choose,
   criterion,
   default_grid,
@@ -111,8 +114,10 @@ __all__ = [
   "pfn",
   "candidates",
   "forecast",
+  "DEFAULT_OPTIONS",
   "DEFAULT_RATIOS",
   "Fold",
+  "ProtocolOptions",
   "choose",
   "criterion",
   "default_grid",
@@ -127,6 +132,7 @@ __all__ = [
   "BaseContext",
   "BasePrediction",
   "Candidate",
+  "FilePredictions",
   "PlusChoice",
   "PlusFold",
   "base_key",

@@ -77,6 +77,7 @@ __all__ = [
   "BaseContext",
   "BasePrediction",
   "Candidate",
+  "FilePredictions",
   "PLUS_NAME",
   "PLUS_READS",
   "PlusChoice",
@@ -130,34 +131,22 @@ class BaseContext:
 class BasePrediction:
   """A predictor's L(D*) on V budget views of M models, with its own uncertainty.
 
+  The in-memory form of every prediction (`file_predictions`: job name ->
+  BasePrediction); only experiments/lensllm_plus.py flattens it into the rows
+  of predictions.csv and reads it back.
+
   Attributes:
     mean: [V, M] predicted L(D*) (the PFNs: the posterior mean).
     sd_log: [V, M] sd of log L(D*); None where not computed (`BaseContext.with_sd`).
     quantiles: level -> [V, M] quantile of L(D*), for the predictors that have
       their own (the PFNs: 0.1 and 0.9); empty otherwise.
     status: [V, M] fit status of each model (`SelectionResult.status`) for the
-      law fits; None for the predictors that fit nothing (not a column).
+      law fits; None for the predictors that fit nothing.
   """
   mean: np.ndarray
   sd_log: np.ndarray | None = None
   quantiles: Mapping[float, np.ndarray] = dataclasses.field(default_factory=dict)
   status: np.ndarray | None = None
-
-  def columns(self, name: str) -> dict[str, np.ndarray]:
-    """The flat columns of `file_predictions` and predictions.csv: `name` (mean),
-    `name_sd`, `name_q<level>` (e.g. "CurvePFN", "CurvePFN_sd", "CurvePFN_q0.1")."""
-    out = {name: self.mean}
-    if self.sd_log is not None:
-      out[f"{name}_sd"] = self.sd_log
-    out.update({f"{name}_q{q:g}": v for q, v in self.quantiles.items()})
-    return out
-
-  @classmethod
-  def from_columns(cls, columns: Mapping[str, np.ndarray], name: str) -> BasePrediction:
-    """The prediction `name` back from flat columns (inverse of `columns`)."""
-    prefix = f"{name}_q"
-    return cls(columns[name], columns.get(f"{name}_sd"),
-               {float(k[len(prefix):]): v for k, v in columns.items() if k.startswith(prefix)})
 
 
 def _laplace_sd(law, results, views, meta) -> np.ndarray:
@@ -190,12 +179,13 @@ def pooled_base(views, meta, ctx: BaseContext) -> BasePrediction:
 
 
 def _pfn_outputs(results) -> BasePrediction:
-  """A PFN's posterior mean E[L(D*)], sd of log L(D*) and 10% / 90% quantiles of L(D*),
+  """A PFN's posterior mean E[L(D*)], sd of log L(D*) and quantiles of L(D*) (10% and 90%),
   [V, M] each, from its SelectionResults (one per view)."""
+  summaries = [r.extras["predictive"] for r in results]
   return BasePrediction(
-      np.stack([r.predicted for r in results]),
-      np.stack([r.extras["sd_log"] for r in results]),
-      {q: np.exp(np.stack([r.extras[f"q{q:g}_log"] for r in results])) for q in (0.1, 0.9)})
+      np.stack([r.predicted for r in results]), np.stack([s.sd_log for s in summaries]),
+      {q: np.exp(np.stack([s.quantiles_log[q] for s in summaries]))
+       for q in summaries[0].quantiles_log})
 
 
 def pfn_base(views, meta, ctx: BaseContext) -> BasePrediction:
@@ -270,41 +260,34 @@ def pooled_key(config: pooled.PooledConfig) -> str:
 
 
 def prediction_jobs(ctx: BaseContext, pooled_configs: Sequence[pooled.PooledConfig] = ()):
-  """name -> fn(views, meta) -> ({column: [V, M]}, status): the baselines, every base, one
-  PooledLensLLM per setting.
+  """name -> fn(views, meta) -> BasePrediction: the baselines, every base, one PooledLensLLM
+  per setting (named `pooled_key(setting)`).
 
-  Each job returns its `BasePrediction.columns(job name)` (e.g. "CurvePFN",
-  "CurvePFN_sd") and its [V, M] fit statuses (None for a job that fits no law);
-  the PooledLensLLM base runs once per setting, each setting in its own call (its
-  predictions do not depend on which other settings are asked).
+  The baselines' predictions are their mean L(D*) and, for the law fits, their
+  fit statuses; the PooledLensLLM base runs once per setting, each setting in
+  its own call (its predictions do not depend on which other settings are asked).
   """
   def fitted(views, meta, m):
     res = selection.run_fitted_batch(m, views, meta, key=ctx.key, num_restarts=ctx.num_restarts)
-    return {m: np.stack([r.predicted for r in res])}, fit_statuses(res)
+    return BasePrediction(np.stack([r.predicted for r in res]), status=fit_statuses(res))
 
-  jobs = {"AtS": lambda views, meta: ({"AtS": np.stack([selection.ats(v, meta).predicted
-                                                        for v in views])}, None)}
+  jobs = {"AtS": lambda views, meta: BasePrediction(np.stack([selection.ats(v, meta).predicted
+                                                              for v in views]))}
   for m in BASELINES[1:]:
     jobs[m] = lambda views, meta, m=m: fitted(views, meta, m)
   for base, fn in BASE_PREDICTORS.items():
     if base == pooled.METHOD_NAME:
       for c in dict.fromkeys(pooled_configs):
-        def job(views, meta, c=c, fn=fn):
-          p = fn(views, meta, dataclasses.replace(ctx, pooled_config=c))
-          return p.columns(pooled_key(c)), p.status
-        jobs[pooled_key(c)] = job
+        jobs[pooled_key(c)] = lambda views, meta, c=c, fn=fn: fn(
+            views, meta, dataclasses.replace(ctx, pooled_config=c))
     else:
-      def job(views, meta, fn=fn, base=base):
-        p = fn(views, meta, ctx)
-        return p.columns(base), p.status
-      jobs[base] = job
+      jobs[base] = lambda views, meta, fn=fn: fn(views, meta, ctx)
   return jobs
 
 
 def file_predictions(curves, ratios: Sequence[int], *, ctx: BaseContext,
                      pooled_configs: Sequence[pooled.PooledConfig] = (),
-                     target_data_num: float | None = None, only: Sequence[str] | None = None,
-                     statuses: dict | None = None):
+                     target_data_num: float | None = None, only: Sequence[str] | None = None):
   """Predictions of L(D*) of every job of `prediction_jobs` on the budget views of one file.
 
   Args:
@@ -313,37 +296,31 @@ def file_predictions(curves, ratios: Sequence[int], *, ctx: BaseContext,
     ctx: the base context (key of the file's fits, PFN, options).
     pooled_configs: the PooledLensLLM settings to run.
     only: job names to run (default all).
-    statuses: if given, filled with job name -> [R, M] fit statuses of the jobs
-      that fit laws (`BasePrediction.status`).
 
   Returns:
-    (truth [M], preds): preds[key] -> [R, M] ("AtS", "RectifiedFit",
-    "LensLLM", "CurvePFN", "CurvePFN_sd", "CurvePFN_q0.1", "CurvePFN_q0.9",
-    "Spectral", "PooledLensLLM[<setting name>]", ...).
+    (truth [M], preds): preds[job name] -> `BasePrediction` over the R ratios
+    (mean [R, M]; the PFNs' sd and quantiles; the law fits' statuses), jobs
+    "AtS", "RectifiedFit", "LensLLM", "PooledLensLLM[<setting name>]", "CurvePFN",
+    "Spectral", "ContextPFN".
   """
   meta, truth, rv = protocol.budget_views(curves, ratios, target_data_num)
   views = [v for _, v in rv]
   jobs = prediction_jobs(ctx, pooled_configs)
-  preds = {}
-  for name, job in jobs.items():
-    if only is None or name in only:
-      columns, status = job(views, meta)
-      preds.update(columns)
-      if statuses is not None and status is not None:
-        statuses[name] = status
-  return truth, preds
+  return truth, {name: job(views, meta) for name, job in jobs.items()
+                 if only is None or name in only}
 
 
-def candidate_prediction(cand: Candidate, preds: Mapping[str, np.ndarray],
+def candidate_prediction(cand: Candidate, preds: Mapping[str, BasePrediction],
                          pooled_config: pooled.PooledConfig | None) -> np.ndarray:
-  """[R, M] predictions of one candidate from the base predictions."""
+  """[R, M] predicted L(D*) of one candidate from the jobs' predictions (`file_predictions`)."""
+  ats = preds["AtS"].mean
   if cand.base == "AtS":
-    return preds["AtS"]
-  return blend(preds["AtS"], preds[base_key(cand, pooled_config)], cand.ats_weight)
+    return ats
+  return blend(ats, preds[base_key(cand, pooled_config)].mean, cand.ats_weight)
 
 
 def base_key(cand: Candidate, pooled_config: pooled.PooledConfig | None) -> str:
-  """The job (and mean column) of a candidate's base in `file_predictions`."""
+  """The job of a candidate's base in `file_predictions`."""
   return pooled_key(pooled_config) if cand.base == pooled.METHOD_NAME else cand.base
 
 
@@ -448,12 +425,27 @@ def pooled_setting(fold: protocol.Fold, name: str) -> pooled.PooledConfig:
   return fold.nested[name][0]
 
 
+@dataclasses.dataclass(frozen=True)
+class FilePredictions:
+  """Every job's predictions on one file of `leave_one_out`.
+
+  Attributes:
+    truth: [M] true L(D*) (read only to score).
+    predictions: job name -> `BasePrediction` over the file's R ratios
+      (`file_predictions`).
+    ratios: [R] budget ratios (a training-only file: `protocol.training_ratios`).
+    reported: whether the file is reported (else training-only).
+  """
+  truth: np.ndarray
+  predictions: Mapping[str, BasePrediction]
+  ratios: tuple[int, ...]
+  reported: bool
+
+
 def leave_one_out(curve_sets, *, key: jax.Array, train_only: Sequence = (),
-                  ratios: Sequence[int] = protocol.DEFAULT_RATIOS,
-                  target_data_num: float | None = None,
+                  options: protocol.ProtocolOptions = protocol.DEFAULT_OPTIONS,
                   predictor: pfn.CurvePFNPredictor | None = None,
-                  grid_evaluate: Callable | None = None, grid_options: Mapping | None = None,
-                  predict: Callable | None = None, num_restarts: int = 8, num_steps: int = 60,
+                  grid_evaluate: Callable | None = None, predict: Callable | None = None,
                   candidates: Sequence[Candidate] | None = None, leave_each_out: bool = False):
   """LensLLM+ of each reported file, chosen on the other files only.
 
@@ -464,8 +456,10 @@ def leave_one_out(curve_sets, *, key: jax.Array, train_only: Sequence = (),
       for the pooled grid and for its predictions (the PooledLensLLM candidate
       is the grid's cell); each file is predicted with the PooledLensLLM settings
       scored on it (`pooled_setting` of every fold).
-    grid_evaluate, grid_options: `evaluate` and extra options of
-      `protocol.leave_one_out` (a caching evaluator in the binary).
+    options: the ratios, D* and fit settings of the grid and of the
+      predictions (a training-only file: `options.for_training_file`).
+    grid_evaluate: `evaluate` of `protocol.leave_one_out` (a caching evaluator
+      in the binary).
     predict: optional replacement of `file_predictions` with its signature
       (the binary caches predictions); called once per file.
     candidates: the candidate set (default `all_candidates()`).
@@ -474,21 +468,16 @@ def leave_one_out(curve_sets, *, key: jax.Array, train_only: Sequence = (),
       PooledLensLLM settings this nests are predicted in the same `predict` call.
 
   Returns:
-    (folds, files): one PlusFold per reported file, and per file name a dict
-    with "truth" [M], "preds" (`file_predictions`), "ratios", "reported".
+    (folds, files): one PlusFold per reported file, and file name ->
+    `FilePredictions`.
   """
   sets, extra = list(curve_sets), list(train_only)
   cands = all_candidates() if candidates is None else list(candidates)
   predictor = pfn.default_curve_predictor() if predictor is None else predictor
   predict = file_predictions if predict is None else predict
-  opts = dict(grid_options or {})
-  if grid_evaluate is None:
-    opts.update(num_restarts=num_restarts, num_steps=num_steps)
-  if target_data_num is not None:
-    opts["target_data_num"] = target_data_num
   grid = protocol.default_grid()
-  pooled_folds, grid_tables = protocol.leave_one_out(sets, grid, key=key, evaluate=grid_evaluate,
-                                                     train_only=extra, ratios=ratios, **opts)
+  pooled_folds, grid_tables = protocol.leave_one_out(sets, grid, key=key, options=options,
+                                                     evaluate=grid_evaluate, train_only=extra)
   # fold -> left-out training file t -> s -> the PooledLensLLM setting on s chosen on
   # T \ {t, s}.
   reduced = {pf.held_out: {t: {s: cfg for s, (cfg, _) in protocol.nested_choices(
@@ -497,9 +486,9 @@ def leave_one_out(curve_sets, *, key: jax.Array, train_only: Sequence = (),
   files = {}
   for j, c in enumerate(sets + extra):
     reported = j < len(sets)
-    rs = list(ratios) if reported else protocol.training_ratios(c, ratios)
+    opts = options if reported else options.for_training_file(c)
     ctx = BaseContext(key=jax.random.fold_in(key, j), predictor=predictor,
-                      num_restarts=num_restarts, num_steps=num_steps)
+                      num_restarts=opts.num_restarts, num_steps=opts.num_steps)
     # The PooledLensLLM settings scored on this file: its own fold's, and the nested
     # setting of every fold it trains (then those of the folds without one file).
     configs = list(dict.fromkeys(
@@ -507,15 +496,15 @@ def leave_one_out(curve_sets, *, key: jax.Array, train_only: Sequence = (),
        if c.name == pf.held_out or c.name in pf.nested]
       + [cfg for by_t in reduced.values() for per in by_t.values()
          for s, cfg in per.items() if s == c.name]))
-    truth, preds = predict(c, rs, ctx=ctx, pooled_configs=configs,
-                           target_data_num=target_data_num if reported else None)
-    files[c.name] = {"truth": truth, "preds": preds, "ratios": rs, "reported": reported}
+    truth, preds = predict(c, opts.ratios, ctx=ctx, pooled_configs=configs,
+                           target_data_num=opts.target_data_num)
+    files[c.name] = FilePredictions(truth, preds, opts.ratios, reported)
   names = list(files)
 
   def table(name, setting):
     f = files[name]
-    return {cand.name: score_table(candidate_prediction(cand, f["preds"], setting),
-                                   f["truth"]) for cand in cands}
+    return {cand.name: score_table(candidate_prediction(cand, f.predictions, setting), f.truth)
+            for cand in cands}
 
   folds = []
   for pf in pooled_folds:

@@ -37,7 +37,9 @@ settings either.
 The grid (`default_grid`) is a full factorial over every structural option;
 its docstring says how its values were fixed without reported numbers.
 Scores of a file are computed once for the whole grid (`evaluate_grid`) and
-reused in every fold where that file is a training file.
+reused in every fold where that file is a training file. The settings of a
+run (ratios, D*, restarts, optimiser steps) are one `ProtocolOptions` record,
+passed to `leave_one_out` and from there to every file's `evaluate`.
 """
 
 from __future__ import annotations
@@ -53,8 +55,10 @@ from lensllm_jax.progress import progress
 from lensllm_jax.selection import metrics, pooled
 
 __all__ = [
+  "DEFAULT_OPTIONS",
   "DEFAULT_RATIOS",
   "Fold",
+  "ProtocolOptions",
   "choose",
   "criterion",
   "default_grid",
@@ -181,20 +185,50 @@ def budget_views(curves, ratios, target_data_num: float | None = None):
   return meta, np.asarray(curves.column(target), np.float64), views
 
 
+@dataclasses.dataclass(frozen=True)
+class ProtocolOptions:
+  """The settings of a leave-one-dataset-out run, the same on every file.
+
+  Attributes:
+    ratios: budget ratios D*/D_max of the reported files (a training-only file
+      is scored on `training_ratios` of them, relative to its own D*).
+    target_data_num: D* of the reported files (None: each file's largest D);
+      a training-only file always uses its own largest D.
+    num_restarts: random restarts of each law fit.
+    num_steps: optimiser steps of each pooled fit.
+  """
+  ratios: tuple[int, ...] = DEFAULT_RATIOS
+  target_data_num: float | None = None
+  num_restarts: int = 8
+  num_steps: int = 60
+
+  def __post_init__(self):
+    object.__setattr__(self, "ratios", tuple(int(r) for r in self.ratios))
+
+  def for_training_file(self, curves) -> ProtocolOptions:
+    """The options a training-only file is scored with: the ratios it can afford
+    (`training_ratios`) relative to its own largest D."""
+    return dataclasses.replace(self, ratios=training_ratios(curves, self.ratios),
+                               target_data_num=None)
+
+
+DEFAULT_OPTIONS = ProtocolOptions()
+
+
 def evaluate_grid(curves, configs: Sequence[pooled.PooledConfig], *, key: jax.Array,
-                  ratios: Sequence[int] = DEFAULT_RATIOS, target_data_num=None,
-                  num_restarts: int = 8, num_steps: int = 60):
+                  options: ProtocolOptions = DEFAULT_OPTIONS):
   """Scores of every setting on one file: table[config.name][metric] -> [ratios] array.
 
   The truth L(D*) is read here only to score; the predictions come from
-  budget-limited views (`selection.visible_view`).
+  budget-limited views (`selection.visible_view`) at `options.ratios` of
+  D* = `options.target_data_num`.
 
   Returns:
     (table, results): results[ratio index][config index] SelectionResults.
   """
-  meta, truth, views = budget_views(curves, ratios, target_data_num)
+  meta, truth, views = budget_views(curves, options.ratios, options.target_data_num)
   res = pooled.pooled_selection([v for _, v in views], meta, configs, key=key,
-                                num_restarts=num_restarts, num_steps=num_steps)
+                                num_restarts=options.num_restarts, num_steps=options.num_steps)
   table = {}
   for j, cfg in enumerate(configs):
     rows = [score_results(res[i][j], truth) for i in range(len(views))]
@@ -272,8 +306,9 @@ class Fold:
 
 
 def leave_one_out(curve_sets, configs: Sequence[pooled.PooledConfig] | None = None, *,
-                  key: jax.Array, evaluate: Callable | None = None,
-                  train_only: Sequence = (), **evaluate_options) -> tuple[list[Fold], dict]:
+                  key: jax.Array, options: ProtocolOptions = DEFAULT_OPTIONS,
+                  evaluate: Callable | None = None,
+                  train_only: Sequence = ()) -> tuple[list[Fold], dict]:
   """Chooses the setting of each file from the other files only.
 
   Args:
@@ -281,12 +316,12 @@ def leave_one_out(curve_sets, configs: Sequence[pooled.PooledConfig] | None = No
     configs: the grid (default `default_grid()`).
     key: PRNG key (reported file i uses fold_in(key, i), training-only file j
       fold_in(key, len(curve_sets) + j)).
+    options: the ratios, D* and fit settings each file is evaluated with.
     evaluate: optional replacement of `evaluate_grid` (same signature,
       returns (table, results)); tests use it to record which files are read.
     train_only: CurveSets used as training files in EVERY fold and never
-      reported; each is scored on `training_ratios` of the ratios, relative
-      to its own D* (a `target_data_num` option applies to curve_sets only).
-    **evaluate_options: passed to `evaluate` (ratios, num_restarts, ...).
+      reported; each is evaluated with `options.for_training_file` (its own
+      D* and the ratios it can afford).
 
   Returns:
     (folds, tables): one Fold per reported file, in order, and the per-file
@@ -306,20 +341,14 @@ def leave_one_out(curve_sets, configs: Sequence[pooled.PooledConfig] | None = No
     raise ValueError(f"leave_one_out: duplicate dataset names {all_names}")
   configs = default_grid() if configs is None else list(configs)
   evaluate = evaluate_grid if evaluate is None else evaluate
-  base_ratios = evaluate_options.pop("ratios", DEFAULT_RATIOS)
   tables: dict[str, dict] = {}
 
   def table_of(j):
     if all_names[j] not in tables:
       c = (sets + extra)[j]
-      opts = dict(evaluate_options)
-      if j < len(sets):
-        ratios = base_ratios
-      else:  # a training-only file: its own D* and the ratios it can afford
-        opts.pop("target_data_num", None)
-        ratios = training_ratios(c, base_ratios)
-      tables[all_names[j]] = evaluate(c, configs, key=jax.random.fold_in(key, j), ratios=ratios,
-                                      **opts)[0]
+      opts = options if j < len(sets) else options.for_training_file(c)
+      tables[all_names[j]] = evaluate(c, configs, key=jax.random.fold_in(key, j),
+                                      options=opts)[0]
     return tables[all_names[j]]
 
   folds = []

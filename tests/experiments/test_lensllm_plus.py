@@ -124,6 +124,12 @@ def _grid_criteria(out, dataset):
           for g, v in val.items()}
 
 
+def _file_ratios(out):
+  """file name -> its budget ratios (inputs.csv)."""
+  return {r["dataset"]: [int(x) for x in r["ratios"].split()]
+          for r in common.read_rows(out / "inputs.csv") if r["role"] in ("reported", "train_only")}
+
+
 def test_pooled_is_scored_on_each_training_file_with_the_nested_setting(small_run):
   """The setting PooledLensLLM is scored with on training file t of a fold is the argmax of the
   grid criterion over the fold's OTHER training files (recomputed from grid.csv), and the
@@ -134,10 +140,7 @@ def test_pooled_is_scored_on_each_training_file_with_the_nested_setting(small_ru
   nested = {(r["held_out"], r["scored_on"]): r for r in common.read_rows(out / "chosen_nested.csv")}
   assert set(nested) == {(h, t) for h, train in folds.items() for t in train}
   crit = {ds: _grid_criteria(out, ds) for ds in ("a", "b", "t")}
-  preds = {}
-  for r in common.read_rows(out / "predictions.csv"):
-    preds.setdefault((r["dataset"], r["key"]), {})[int(r["ratio"])] = np.array(
-      [float(x) for x in r["values"].split()])
+  ratios = _file_ratios(out)
   cand = common.read_rows(out / "candidates.csv")
   differ = 0
   for (held, t), row in nested.items():
@@ -151,9 +154,9 @@ def test_pooled_is_scored_on_each_training_file_with_the_nested_setting(small_ru
     # candidates.csv's PooledLensLLM rows on t: the nested setting's predictions, scored here.
     curves = benchmarks.load_curves(str(data / f"{t}.csv"))
     truth = curves.column(float(curves.data_sizes.max()))
-    rs = sorted(preds[(t, f"PooledLensLLM[{best.name}]")])
-    want = candidates.score_table(
-      np.stack([preds[(t, f"PooledLensLLM[{best.name}]")][r] for r in rs]), truth)
+    rs = ratios[t]
+    preds = lensllm_plus.read_predictions(out, t, rs)
+    want = candidates.score_table(preds[candidates.pooled_key(best)].mean, truth)
     got = {(int(r["ratio"]), r["metric"]): float(r["value"]) for r in cand
            if r["fold"] == held and r["dataset"] == t and r["candidate"] == "PooledLensLLM"}
     assert set(got) == {(r, m) for r in rs for m in protocol.METRICS}
@@ -177,10 +180,7 @@ def test_stability_table_is_the_choice_recounted_without_each_training_file(smal
   rows = common.read_rows(out / "candidates_stability.csv")
   chosen = {c["held_out"]: c for c in common.read_rows(out / "candidates_chosen.csv")}
   cand_rows = common.read_rows(out / "candidates.csv")
-  preds = {}
-  for r in common.read_rows(out / "predictions.csv"):
-    preds.setdefault((r["dataset"], r["key"]), {})[int(r["ratio"])] = np.array(
-      [float(x) for x in r["values"].split()])
+  ratios = _file_ratios(out)
   names = [c.name for c in candidates.all_candidates()]
 
   def ranked(crit):
@@ -190,7 +190,7 @@ def test_stability_table_is_the_choice_recounted_without_each_training_file(smal
   def crit_alone(s):
     curves = benchmarks.load_curves(str(data / f"{s}.csv"))
     truth = curves.column(float(curves.data_sizes.max()))
-    base = {k: np.stack([v[r] for r in sorted(v)]) for (ds, k), v in preds.items() if ds == s}
+    base = lensllm_plus.read_predictions(out, s, ratios[s])
     return {c.name: protocol.criterion(candidates.score_table(
       candidates.candidate_prediction(c, base, GRID[0]), truth))
       for c in candidates.all_candidates()}

@@ -166,16 +166,14 @@ def test_lensllm_plus_notes_a_degenerate_baseline_fit_naming_its_model(tmp_path,
   curves = benchmarks.load_curves(str(tmp_path / "tiny.csv"))
   ratios = (8, 16)
   ctx = candidates.BaseContext(key=jax.random.key(0), predictor=None, num_restarts=2)
-  fits = {}
-  truth, preds = candidates.file_predictions(curves, ratios, ctx=ctx, only=["RectifiedFit"],
-                                             statuses=fits)
-  status = fits["RectifiedFit"]
+  truth, preds = candidates.file_predictions(curves, ratios, ctx=ctx, only=["RectifiedFit"])
+  status = preds["RectifiedFit"].status
   assert status.shape == (len(ratios), 4)
   assert (status[:, 1] == "degenerate").all() == damaged
   assert not np.isin(status[:, [0, 2, 3]], ["degenerate", "nonfinite"]).any()
   notes = lensllm_plus.prediction_notes(
-      "RectifiedFit", "RectifiedFit", preds["RectifiedFit"], truth, ratios, "tiny", 60,
-      dict(zip(ratios, status, strict=True)), curves.models)
+      "RectifiedFit", "RectifiedFit", preds["RectifiedFit"].mean, truth, ratios, "tiny", 60,
+      status, curves.models)
   said = [(r["ratio"], r["note"]) for r in notes if "fits" in r["note"]]
   if damaged:
     assert said == [(r, "1 of 4 fits in a degenerate limit (the fitted curve overflowed, or the "

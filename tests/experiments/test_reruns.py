@@ -1,4 +1,5 @@
-"""Reruns of train_curve_pfn, ntk_dynamics and lensllm_study's directories (`rundir`).
+"""Reruns of train_curve_pfn, ntk_dynamics and lensllm_study's directories (`rundir`), and
+the predictions lensllm_plus caches for its reruns (predictions.csv, fit_status.csv).
 
 Each binary: the same inputs skip (or go on), a changed input or config is refused
 with one line naming the difference, `config.overwrite=True` recomputes. In
@@ -14,11 +15,11 @@ import pytest
 
 from configs import curve_pfn as curve_pfn_config
 from configs import study as study_config
-from experiments import common, lensllm_study, ntk_dynamics, train_curve_pfn
+from experiments import common, lensllm_plus, lensllm_study, ntk_dynamics, train_curve_pfn
 from helpers.synthetic_curves import synthetic_curves
 from lensllm_jax import errors, rundir
 from lensllm_jax.curves import benchmarks
-from lensllm_jax.plus import pfn
+from lensllm_jax.plus import candidates, pfn
 from lensllm_jax.training import sweep
 
 
@@ -230,3 +231,61 @@ def test_zoo_records_drop_a_row_cut_by_a_kill(tmp_path):
   path.write_bytes(b"oops\n" + whole)
   with _refused(r"zoo.jsonl line 1: not JSON"):
     zoo_build.read_jsonl(path)
+
+
+def test_lensllm_plus_predictions_csv_reads_back_the_typed_predictions(tmp_path):
+  """`prediction_rows` and `status_rows` written, `read_predictions` gives the same
+  BasePredictions back: every float64 bit (inf and NaN included; a float32 PFN output as
+  float64), sd, quantiles and statuses, in the order of the ratios asked for; another file's
+  rows are not read, a job without a row at some ratio is left out (it is redone), and a key
+  that is not its job's is refused naming the line."""
+  rng = np.random.default_rng(0)
+  ratios, shape = (8, 128), (2, 3)
+  mean = rng.uniform(1.0, 3.0, shape)
+  mean[0, 1], mean[1, 2] = np.inf, np.nan
+  pfn_mean = rng.uniform(1.0, 3.0, shape).astype(np.float32)
+  preds = {
+    "AtS": candidates.BasePrediction(rng.uniform(1.0, 3.0, shape)),
+    "RectifiedFit": candidates.BasePrediction(
+      mean, status=np.array([["converged", "degenerate", "max_steps"]] * 2)),
+    "CurvePFN": candidates.BasePrediction(
+      pfn_mean, rng.uniform(0.0, 0.1, shape), {0.1: 0.9 * pfn_mean, 0.9: 1.1 * pfn_mean}),
+    "PooledLensLLM[s=1]": candidates.BasePrediction(
+      rng.uniform(1e-300, 1e-299, shape), status=np.full(shape, "converged")),
+  }
+  for dataset, scale in (("a", 1.0), ("other", 2.0)):
+    for job, p in preds.items():
+      p = candidates.BasePrediction(p.mean * scale, p.sd_log, p.quantiles, p.status)
+      common.append_rows(tmp_path / "predictions.csv", lensllm_plus.PRED_HEADER,
+                         lensllm_plus.prediction_rows(dataset, job, p, ratios))
+      common.append_rows(tmp_path / "fit_status.csv", lensllm_plus.STATUS_HEADER,
+                         lensllm_plus.status_rows(dataset, job, p, ratios))
+  # A job cut short: its row at ratio 128 never written.
+  cut = candidates.BasePrediction(mean)
+  common.append_rows(tmp_path / "predictions.csv", lensllm_plus.PRED_HEADER,
+                     lensllm_plus.prediction_rows("a", "Spectral", cut, ratios)[:1])
+  for order in (ratios, ratios[::-1]):
+    got = lensllm_plus.read_predictions(tmp_path, "a", order)
+    assert list(got) == list(preds)
+    rows = slice(None) if order == ratios else slice(None, None, -1)
+    for job, want in preds.items():
+      g = got[job]
+      np.testing.assert_array_equal(g.mean, np.asarray(want.mean, np.float64)[rows])
+      assert g.mean.dtype == np.float64
+      if want.sd_log is None:
+        assert g.sd_log is None
+      else:
+        np.testing.assert_array_equal(g.sd_log, want.sd_log[rows])
+      assert list(g.quantiles) == list(want.quantiles)
+      for level, q in want.quantiles.items():
+        np.testing.assert_array_equal(g.quantiles[level], np.asarray(q, np.float64)[rows])
+      if want.status is None:
+        assert g.status is None
+      else:
+        np.testing.assert_array_equal(g.status, want.status[rows])
+  rows = common.read_rows(tmp_path / "predictions.csv")
+  rows.append({**rows[0], "key": "AtS_mean"})
+  (tmp_path / "predictions.csv").unlink()
+  common.append_rows(tmp_path / "predictions.csv", lensllm_plus.PRED_HEADER, rows)
+  with _refused(rf"predictions.csv: line {len(rows) + 1}: key 'AtS_mean' is not 'AtS'"):
+    lensllm_plus.read_predictions(tmp_path, "a", ratios)

@@ -55,8 +55,9 @@ def test_off_grid_target_is_the_predictors_own_prediction(small):
   curve = pfn.curve_pfn_selection(view, meta)
   ats = selection.ats(view, meta).predicted
   np.testing.assert_allclose(fc.predicted, ats ** 0.25 * curve.predicted ** 0.75, rtol=1e-9)
-  np.testing.assert_allclose(fc.sd_log, 0.75 * curve.extras["sd_log"], rtol=1e-9)
-  np.testing.assert_allclose(np.log(fc.lower), 0.25 * np.log(ats) + 0.75 * curve.extras["q0.1_log"],
+  summary = curve.extras["predictive"]
+  np.testing.assert_allclose(fc.sd_log, 0.75 * summary.sd_log, rtol=1e-9)
+  np.testing.assert_allclose(np.log(fc.lower), 0.25 * np.log(ats) + 0.75 * summary.quantiles_log[0.1],
                              rtol=1e-9)
   assert np.all(fc.lower < fc.predicted) and np.all(fc.predicted < fc.upper)
   assert list(fc.ranking) == list(np.argsort(fc.predicted, kind="stable"))

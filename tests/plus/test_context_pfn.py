@@ -60,7 +60,7 @@ def test_tiny_retrained_context_pfn_beats_last_visible_point(tiny, tmp_path):
   for k in (2, 5, 8):
     logits, y_last = pred.file_logits(GRID, draw["noisy"], _budget_mask(draw, k), mm,
                                       draw["log10_size"], [D_STAR])
-    mean = pred.bars.summaries(logits[mm], y_last[mm])["mean_log"][:, 0]
+    mean = pred.bars.summaries(logits[mm], y_last[mm]).mean_log[:, 0]
     errs.append(mean - draw["clean"][mm][:, -1])
     base.append(draw["noisy"][mm][:, k] - draw["clean"][mm][:, -1])
   rmse, rmse_base = np.sqrt(np.mean(np.square(errs))), np.sqrt(np.mean(np.square(base)))
@@ -115,8 +115,8 @@ def test_committed_context_pfn_is_as_accurate_as_the_single_curve_pfn(held_out):
   ratios = []
   for k in (1, 2, 3, 5, 8, 12):
     ctx, single = out[k]
-    rmse_ctx = np.sqrt(np.mean((ctx["mean_log"][:, 0] - truth) ** 2))
-    rmse_single = np.sqrt(np.mean((single["mean_log"][:, 0] - truth) ** 2))
+    rmse_ctx = np.sqrt(np.mean((ctx.mean_log[:, 0] - truth) ** 2))
+    rmse_single = np.sqrt(np.mean((single.mean_log[:, 0] - truth) ** 2))
     ratios.append(rmse_ctx / rmse_single)
   assert max(ratios) < 1.05 and np.mean(ratios) <= 1.0, ratios
 
@@ -126,7 +126,8 @@ def test_committed_context_pfn_intervals_are_calibrated_on_the_prior(held_out):
   the held-out models over budgets of 1-12 fine-tuning points."""
   draw, out = held_out
   truth = draw["noisy"][draw["model_mask"]][:, -1]
-  cover = [(ctx["q0.1"][:, 0] <= truth) & (truth <= ctx["q0.9"][:, 0]) for ctx, _ in out.values()]
+  cover = [(ctx.quantiles_log[0.1][:, 0] <= truth) & (truth <= ctx.quantiles_log[0.9][:, 0])
+           for ctx, _ in out.values()]
   rate = float(np.mean(cover))
   assert 0.70 <= rate <= 0.90, rate
 
@@ -144,7 +145,7 @@ def test_context_pfn_selection_reads_the_budget_view_and_sizes(held_out):
                                           predictor=pred)
   direct = pred.predict(GRID[:6], y[:, :6], np.ones((m, 6), bool),
                         np.log10(np.round(sizes)), [D_STAR])
-  np.testing.assert_allclose(res.predicted, direct["mean"][:, 0])
+  np.testing.assert_allclose(res.predicted, direct.mean[:, 0])
   assert list(res.ranking) == list(np.argsort(res.predicted, kind="stable"))
   with pytest.raises(ValueError, match="log_loss must be"):
     pred.predict(GRID, y[0], np.ones(GRID.size, bool), [9.0], [D_STAR])

@@ -77,7 +77,7 @@ def test_tiny_retrained_pfn_beats_last_visible_point(tiny_predictor, tmp_path):
   errs, base = [], []
   for k in (3, 6, 9):
     out, y, clean = _rmse_vs_truth(pred, rng, 300, k)
-    errs.append(out["mean_log"][:, 0] - clean[:, -1])
+    errs.append(out.mean_log[:, 0] - clean[:, -1])
     base.append(y[:, k] - clean[:, -1])        # the last visible point as the prediction
   rmse, rmse_base = np.sqrt(np.mean(np.square(errs))), np.sqrt(np.mean(np.square(base)))
   assert rmse < 0.8 * rmse_base, (rmse, rmse_base)
@@ -115,7 +115,7 @@ def test_committed_pfn_beats_least_squares_of_the_true_law(committed):
                            num_restarts=8)
   assert np.max(fit.objective[n:]) < 1e-10
   lsq = np.log(law.predict(fit.raw_params[:n], np.array([D_STAR])))[:, 0]
-  err_pfn = out["mean_log"][:, 0] - clean[:, -1]
+  err_pfn = out.mean_log[:, 0] - clean[:, -1]
   err_lsq = np.where(np.isfinite(lsq), lsq, y[:, k]) - clean[:, -1]
   rmse_pfn, rmse_lsq = np.sqrt(np.mean(err_pfn ** 2)), np.sqrt(np.mean(err_lsq ** 2))
   assert rmse_pfn < 0.8 * rmse_lsq, (rmse_pfn, rmse_lsq)
@@ -128,7 +128,8 @@ def test_committed_pfn_intervals_are_calibrated_on_the_prior(committed):
   cover = []
   for k in (1, 3, 5, 8, 12):
     out, y, _ = _rmse_vs_truth(committed, rng, 400, k)
-    cover.append((out["q0.1"][:, 0] <= y[:, -1]) & (y[:, -1] <= out["q0.9"][:, 0]))
+    low, high = out.quantiles_log[0.1][:, 0], out.quantiles_log[0.9][:, 0]
+    cover.append((low <= y[:, -1]) & (y[:, -1] <= high))
   rate = float(np.mean(cover))
   assert 0.70 <= rate <= 0.90, rate
 
@@ -144,7 +145,7 @@ def test_curve_pfn_selection_reads_only_the_budget_view(committed):
   view = selection.visible_view(curves, 3200.0)
   res = pfn.curve_pfn_selection(view, meta, predictor=committed)
   direct = committed.predict(GRID[:6], y[:, :6], np.ones((4, 6), bool), [D_STAR])
-  np.testing.assert_allclose(res.predicted, direct["mean"][:, 0])
+  np.testing.assert_allclose(res.predicted, direct.mean[:, 0])
   assert list(res.ranking) == list(np.argsort(res.predicted, kind="stable"))
   with pytest.raises(ValueError, match="no visible D > 0"):
     committed.predict(GRID[:2], y[:, :2], np.array([[True, False]] * 4), [D_STAR])

@@ -133,10 +133,11 @@ def test_pooled_is_scored_with_the_nested_setting_on_each_training_file(monkeypa
   g0, g1 = pooled.PooledConfig(strength=0.0, pooled=()), pooled.PooledConfig(strength=1.0)
   crit = {"x": (0.0, 2.0), "y": (1.0, 0.5), "z": (1.0, 1.0)}  # grid criterion of g0, g1
 
-  def evaluate(curves, configs, *, key, ratios):
+  def evaluate(curves, configs, *, key, options):
     del key
-    return {c.name: {"PearCorr": np.full(len(ratios), crit[curves.name][k] - 1.0),
-                     "RelAcc": np.ones(len(ratios))} for k, c in enumerate(configs)}, None
+    n = len(options.ratios)
+    return {c.name: {"PearCorr": np.full(n, crit[curves.name][k] - 1.0),
+                     "RelAcc": np.ones(n)} for k, c in enumerate(configs)}, None
 
   truth = np.array([1.0, 2.0, 3.0, 4.0])
   pooled_pred = {("x", g1): truth, ("x", g0): truth[::-1], ("y", g1): truth}
@@ -145,10 +146,10 @@ def test_pooled_is_scored_with_the_nested_setting_on_each_training_file(monkeypa
   def predict(curves, ratios, *, ctx, pooled_configs, target_data_num):
     del ctx, target_data_num
     asked[curves.name] = list(pooled_configs)
-    preds = {"AtS": np.array([[2.0, 1.0, 3.0, 4.0]] * len(ratios))}
+    preds = {"AtS": candidates.BasePrediction(np.array([[2.0, 1.0, 3.0, 4.0]] * len(ratios)))}
     for c in pooled_configs:
-      preds[candidates.pooled_key(c)] = np.stack(
-        [pooled_pred.get((curves.name, c), truth)] * len(ratios))
+      preds[candidates.pooled_key(c)] = candidates.BasePrediction(np.stack(
+        [pooled_pred.get((curves.name, c), truth)] * len(ratios)))
     return truth, preds
 
   def cs(name):
@@ -157,7 +158,8 @@ def test_pooled_is_scored_with_the_nested_setting_on_each_training_file(monkeypa
   monkeypatch.setattr(protocol, "default_grid", lambda: [g0, g1])
   cands = [candidates.Candidate("PooledLensLLM"), candidates.Candidate("AtS", 1.0)]
   folds, _ = candidates.leave_one_out(
-    [cs("x"), cs("y"), cs("z")], key=jax.random.key(0), ratios=(8,), predictor=object(),
+    [cs("x"), cs("y"), cs("z")], key=jax.random.key(0),
+    options=protocol.ProtocolOptions(ratios=(8,)), predictor=object(),
     grid_evaluate=evaluate, predict=predict, candidates=cands)
   fz = folds[2]
   assert fz.held_out == "z" and fz.trained_on == ("x", "y")
@@ -184,8 +186,8 @@ def test_pooled_is_scored_with_the_nested_setting_on_each_training_file(monkeypa
   with pytest.raises(KeyError, match="neither"):
     candidates.pooled_setting(fz.pooled, "w")
   # A single training file leaves nothing to choose on: the grid's first setting.
-  only = protocol.nested_choices({"x": evaluate(cs("x"), [g0, g1], key=None, ratios=(8,))[0]},
-                                 [g1, g0])
+  one = evaluate(cs("x"), [g0, g1], key=None, options=protocol.ProtocolOptions(ratios=(8,)))
+  only = protocol.nested_choices({"x": one[0]}, [g1, g0])
   assert only["x"][0] == g1 and np.isnan(only["x"][1])
 
 
@@ -213,16 +215,17 @@ def test_choice_without_each_training_file_matches_a_brute_force_recount(monkeyp
   preds = {(n, k): rng.uniform(1.0, 3.0, (len(ratios), 5))
            for n in names for k in ["AtS", "CurvePFN"] + [g.name for g in grid]}
 
-  def evaluate(curves, configs, *, key, ratios):
+  def evaluate(curves, configs, *, key, options):
     del key
-    return {c.name: {"PearCorr": np.full(len(ratios), grid_crit[curves.name][k] - 1.0),
-                     "RelAcc": np.ones(len(ratios))} for k, c in enumerate(configs)}, None
+    n = len(options.ratios)
+    return {c.name: {"PearCorr": np.full(n, grid_crit[curves.name][k] - 1.0),
+                     "RelAcc": np.ones(n)} for k, c in enumerate(configs)}, None
 
   def predict(curves, rs, *, ctx, pooled_configs, target_data_num):
     del ctx, target_data_num
     assert list(rs) == list(ratios)
-    out = {k: preds[(curves.name, k)] for k in ("AtS", "CurvePFN")}
-    out.update({candidates.pooled_key(c): preds[(curves.name, c.name)]
+    out = {k: candidates.BasePrediction(preds[(curves.name, k)]) for k in ("AtS", "CurvePFN")}
+    out.update({candidates.pooled_key(c): candidates.BasePrediction(preds[(curves.name, c.name)])
                 for c in pooled_configs})
     return truth[curves.name], out
 
@@ -235,7 +238,8 @@ def test_choice_without_each_training_file_matches_a_brute_force_recount(monkeyp
            candidates.Candidate("CurvePFN"), candidates.Candidate("CurvePFN", 0.25),
            candidates.Candidate("AtS", 1.0)]
   folds, _ = candidates.leave_one_out(
-    [cs("x"), cs("y")], train_only=[cs("t1"), cs("t2")], key=jax.random.key(0), ratios=ratios,
+    [cs("x"), cs("y")], train_only=[cs("t1"), cs("t2")], key=jax.random.key(0),
+    options=protocol.ProtocolOptions(ratios=ratios),
     predictor=object(), grid_evaluate=evaluate, predict=predict, candidates=cands,
     leave_each_out=True)
 

@@ -20,7 +20,7 @@ GRID = [pooled.PooledConfig(strength=0.0, pooled=()),
                             covariates="size_zero_shot", huber_delta=1.345,
                             huber_relative=True),
         pooled.PooledConfig(backtest=2, pooled=("beta", "E"))]
-OPTIONS = {"ratios": (16, 128), "num_restarts": 2, "num_steps": 20}
+OPTIONS = protocol.ProtocolOptions(ratios=(16, 128), num_restarts=2, num_steps=20)
 
 
 def _subset(curves, rows, name):
@@ -63,21 +63,21 @@ def test_held_out_file_never_influences_its_setting(shared_benchmarks, tmp_path)
 
   read, cache = [], {}
 
-  def spy(curves, configs, **kw):
+  def spy(curves, configs, *, key, options):
     # Records the reads; the second run reuses the tables of files it shares
     # with the first (same file, same key: evaluate_grid is deterministic).
-    k = (curves.source, tuple(kw["ratios"]))
+    k = (curves.source, options.ratios)
     if k not in cache:
       read.append((curves.name, k[1]))
-      cache[k] = protocol.evaluate_grid(curves, configs, **kw)
+      cache[k] = protocol.evaluate_grid(curves, configs, key=key, options=options)
     return cache[k]
 
   key = jax.random.key(0)
   folds, tables = protocol.leave_one_out([a, b], GRID, key=key, evaluate=spy, train_only=[c],
-                                         **OPTIONS)
+                                         options=OPTIONS)
   first_reads = list(read)
   folds_bad, tables_bad = protocol.leave_one_out([a, b_bad], GRID, key=key, evaluate=spy,
-                                                 train_only=[c], **OPTIONS)
+                                                 train_only=[c], options=OPTIONS)
   # Only the reported files get folds; the training-only file is in both.
   assert [f.held_out for f in folds] == ["a", "b"]
   assert folds[0].trained_on == ("b", "c") and folds[1].trained_on == ("a", "c")
@@ -135,10 +135,11 @@ def test_leave_one_out_train_only_files_are_never_reported():
   # File "x" prefers setting 0, files "y" and "t" prefer setting 1.
   pref = {"x": 0, "y": 1, "t": 1}
 
-  def fake(curves, configs, *, key, ratios):
+  def fake(curves, configs, *, key, options):
     del key
-    return {c.name: {"PearCorr": np.full(len(ratios), float(k == pref[curves.name])),
-                     "RelAcc": np.ones(len(ratios))} for k, c in enumerate(configs)}, None
+    n = len(options.ratios)
+    return {c.name: {"PearCorr": np.full(n, float(k == pref[curves.name])),
+                     "RelAcc": np.ones(n)} for k, c in enumerate(configs)}, None
 
   def cs(name, last):
     return type("C", (), {"name": name, "source": name, "data_sizes": np.array(

@@ -152,7 +152,7 @@ Their public names:
   prior: PUBLIC_GRID, FAMILIES, PriorConfig, independent_draws, family_log_loss,
     sample_prior_curves, observation_noise, HIERARCHICAL, SIZE_CENTER, HierarchyConfig,
     sample_prior_files
-  bars: BarDistribution
+  bars: PredictiveSummary, BarDistribution
   network: X_SCALE, ZERO_SHOT_X, ModelConfig, Layer, CurvePFN, encode_x, encode_context,
     ContextModelConfig, encode_file, ContextPFN
   training: TrainConfig, make_batch, make_optimizer, fit_bar_model, train, make_file_batch,
@@ -175,6 +175,7 @@ from lensllm_jax.plus.pfn import (
 )
 from lensllm_jax.plus.pfn.bars import (
   BarDistribution,
+  PredictiveSummary,
 )
 from lensllm_jax.plus.pfn.checkpoint import (
   CONTEXT_PFN_WEIGHTS,
@@ -251,6 +252,7 @@ __all__ = [
   "SIZE_CENTER",
   "HierarchyConfig",
   "sample_prior_files",
+  "PredictiveSummary",
   "BarDistribution",
   "X_SCALE",
   "ZERO_SHOT_X",

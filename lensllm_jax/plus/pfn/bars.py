@@ -3,11 +3,33 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictiveSummary:
+  """Summaries of a predictive distribution of log L, float64 arrays of one shape
+  ([C, Q] from `BarDistribution.summaries`; [M] in a PFN's `SelectionResult.extras`).
+
+  Attributes:
+    mean_log: E log L.
+    mean: E L.
+    sd_log: sd of log L.
+    quantiles_log: level q -> the q-quantile of log L, for the levels asked for.
+  """
+  mean_log: np.ndarray
+  mean: np.ndarray
+  sd_log: np.ndarray
+  quantiles_log: Mapping[float, np.ndarray] = dataclasses.field(default_factory=dict)
+
+  def column(self, j: int) -> PredictiveSummary:
+    """The summaries [C] of query j of [C, Q] summaries."""
+    return PredictiveSummary(self.mean_log[:, j], self.mean[:, j], self.sd_log[:, j],
+                             {q: v[:, j] for q, v in self.quantiles_log.items()})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,18 +83,13 @@ class BarDistribution:
     frac = np.clip((q - below) / pb, 0.0, 1.0)
     return self.z_min + (b + frac) * self.width
 
-  def summaries(self, logits, y_last, quantiles: Sequence[float] = ()) -> dict:
-    """Predictive summaries of log L = y_last + z from logits [C, Q, B], y_last [C].
-
-    Returns dict "mean_log" [C, Q] (E log L), "mean" (E L), "sd_log" and
-    "q{q}" (the q-quantile of log L) for each requested q.
-    """
+  def summaries(self, logits, y_last, quantiles: Sequence[float] = ()) -> PredictiveSummary:
+    """Predictive summaries [C, Q] of log L = y_last + z from logits [C, Q, B], y_last [C]:
+    E log L, E L, sd of log L and the q-quantile of log L for each requested q."""
     y_last = np.asarray(y_last, np.float64)[:, None]
-    out = {"mean_log": self.mean(logits) + y_last, "mean": self.mean_exp(logits) * np.exp(y_last),
-           "sd_log": self.std(logits)}
-    for q in quantiles:
-      out[f"q{q:g}"] = self.quantile(logits, q) + y_last
-    return out
+    return PredictiveSummary(self.mean(logits) + y_last,
+                             self.mean_exp(logits) * np.exp(y_last), self.std(logits),
+                             {q: self.quantile(logits, q) + y_last for q in quantiles})
 
   def std(self, logits) -> np.ndarray:
     """sd of z [...] (bar density: bin variance w^2 / 12 included)."""

@@ -59,8 +59,8 @@ class CurvePFNPredictor:
     """Predictive summaries at query sizes for C curves (float64).
 
     Returns:
-      dict with "mean_log" [C, Q] (E log L), "mean" [C, Q] (E L), "sd_log" [C, Q]
-      and "q{q}" [C, Q] (quantiles of log L) for each requested q.
+      `bars.PredictiveSummary` [C, Q]: E log L, E L, sd of log L and the
+      quantiles of log L at the requested levels.
     """
     logits, y_last = self.logits(data_sizes, log_loss, mask, query_sizes)
     return self.bars.summaries(logits, y_last, quantiles)
@@ -113,8 +113,8 @@ class ContextPFNPredictor:
 
   def predict(self, data_sizes, log_loss, mask, log10_size, query_sizes,
               quantiles: Sequence[float] = ()):
-    """Predictive summaries (`BarDistribution.summaries`) [M, Q] of the M
-    models of one file (log_loss, mask [M, P], log10_size [M])."""
+    """Predictive summaries (`BarDistribution.summaries`, a `bars.PredictiveSummary` [M, Q])
+    of the M models of one file (log_loss, mask [M, P], log10_size [M])."""
     y = np.asarray(log_loss, np.float64)
     if y.ndim != 2:
       raise ValueError(f"ContextPFN: log_loss must be [M, P], got shape {y.shape}")

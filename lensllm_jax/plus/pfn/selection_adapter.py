@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from lensllm_jax import selection
+from lensllm_jax.plus.pfn.bars import PredictiveSummary
 from lensllm_jax.plus.pfn.checkpoint import default_context_predictor, default_curve_predictor
 from lensllm_jax.plus.pfn.predictor import ContextPFNPredictor, CurvePFNPredictor
 
@@ -20,8 +21,8 @@ def curve_pfn_selection(visible, metadata, *, predictor: CurvePFNPredictor | Non
 
   Returns:
     SelectionResult "CurvePFN": predicted = feature = E[L(D*)] [M]; extras
-    "mean_log", "sd_log", "q0.1_log", "q0.9_log" [M] (log L(D*) predictive
-    mean, sd and 10% / 90% quantiles).
+    "predictive": the `PredictiveSummary` [M] of log L(D*) (mean, sd, 10% and
+    90% quantiles).
   """
   pred = default_curve_predictor() if predictor is None else predictor
   log_l = np.log(np.where(visible.mask, visible.losses, 1.0))
@@ -30,14 +31,14 @@ def curve_pfn_selection(visible, metadata, *, predictor: CurvePFNPredictor | Non
   return selection_result(CURVE_PFN_NAME, out)
 
 
-def selection_result(name: str, summaries: dict) -> selection.SelectionResult:
-  """A SelectionResult ranking by the posterior mean of L(D*) from predictive
-  summaries ([M, 1] "mean", "mean_log", "sd_log", "q0.1", "q0.9")."""
-  mean = summaries["mean"][:, 0]
+def selection_result(name: str, summaries: PredictiveSummary) -> selection.SelectionResult:
+  """A SelectionResult ranking by the posterior mean of L(D*) from predictive summaries
+  [M, 1] at D* (extras "predictive": their [M] column)."""
+  at_target = summaries.column(0)
+  mean = at_target.mean
   return selection.SelectionResult(
     name, mean, selection.rank_by(mean), predicted=mean, status=tuple("ok" for _ in mean),
-    extras={"mean_log": summaries["mean_log"][:, 0], "sd_log": summaries["sd_log"][:, 0],
-            "q0.1_log": summaries["q0.1"][:, 0], "q0.9_log": summaries["q0.9"][:, 0]})
+    extras={"predictive": at_target})
 
 
 CONTEXT_PFN_NAME = "ContextPFN"
@@ -49,7 +50,7 @@ def context_pfn_selection(visible, metadata, *, predictor: ContextPFNPredictor |
 
   Returns:
     SelectionResult "ContextPFN": predicted = feature = E[L(D*)] [M]; extras
-    "mean_log", "sd_log", "q0.1_log", "q0.9_log" [M].
+    "predictive" as `curve_pfn_selection`.
   """
   pred = default_context_predictor() if predictor is None else predictor
   log_l = np.log(np.where(visible.mask, visible.losses, 1.0))
