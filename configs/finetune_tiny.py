@@ -72,9 +72,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # epochs = 0: every run may use train.max_steps (early stopping decides).
   c.step_budget = ml_collections.ConfigDict(dict(epochs=0.0, min_steps=0))
   # Orbax checkpoints to resume a long run mid-way: at the first evaluation after each
-  # interval (0: every evaluation); a shorter run writes none and is redone if killed.
-  c.checkpoint_runs = True
-  c.checkpoint_every_seconds = 60.0
+  # every_seconds (0: every evaluation); a shorter run writes none and is redone if killed.
+  c.checkpoint = ml_collections.ConfigDict(dict(enabled=True, every_seconds=60.0))
   c.save_finetuned = False  # keep each run's fine-tuned parameters in workdir/finetuned/
   # NTK snapshots on the first `num_probe` test examples (0 disables); kernel "exact"
   # (block pairs of block_size examples sharded over all devices; 0: one block) or

@@ -32,13 +32,15 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.pretrain_steps = 100  # demo pre-training steps
   c.finetune_steps = 50  # demo fine-tuning steps
   c.learning_rate = 3e-3  # Adam learning rate of the demo training
-  c.k = 10  # top eigenvalues
-  c.lanczos_iters = 30  # Lanczos steps for the top-k
-  c.hutchinson_probes = 16  # >= 2 (its standard error)
-  c.slq_probes = 4
-  c.slq_iters = 30  # SLQ Lanczos steps per probe
-  c.pac_iters = 12  # Lanczos steps per v^T H^+ v
-  c.c = 1.0  # the constant C of the bound
-  c.n = config_dict.placeholder(int)  # n of the bound (default: num_examples)
+  # Top-k eigenvalues by Lanczos (`hessian.lanczos_eigs`): k <= iters.
+  c.lanczos = ml_collections.ConfigDict(dict(k=10, iters=30))
+  # Hutchinson trace (`hessian.hutchinson_trace`): probes >= 2 (its standard error).
+  c.hutchinson = ml_collections.ConfigDict(dict(probes=16))
+  # SLQ spectral density (`hessian.slq_density`): probes, Lanczos steps per probe.
+  c.slq = ml_collections.ConfigDict(dict(probes=4, iters=30))
+  # Per-layer PAC-Bayes table and bound sum_i sqrt(C H_i / n) (`pac_bayes.layer_table`):
+  # iters Lanczos steps per v^T H^+ v, the constant c = C, n (default: num_examples).
+  c.pac_bayes = ml_collections.ConfigDict(dict(iters=12, c=1.0))
+  c.pac_bayes.n = config_dict.placeholder(int)
   c.seed = 0  # seed of data, init and probes
   return c

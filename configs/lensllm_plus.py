@@ -1,7 +1,7 @@
 r"""LensLLM+ (the protocol-chosen candidate) under the leave-one-dataset-out protocol.
 
   python -m experiments.lensllm_plus --config=configs/lensllm_plus.py \
-      --output_dir=results/lensllm_plus [--config.budgeted=False]
+      --output_dir=results/lensllm_plus [--config.budget.enabled=False]
 
 `get_config()` is the reported run (results/lensllm_plus): the two packaged
 files are reported, and the project's own two curve files of the study
@@ -33,8 +33,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.num_restarts = 8  # restarts of the independent fits (the start of the pooled fit)
   c.num_steps = 60  # Levenberg-Marquardt steps of the pooled fit
   c.pfn_dir = ""  # CurvePFN weights; empty: the committed ones (lensllm_jax/data/curve_pfn)
-  c.budgeted = True  # the early-stopping procedure with the chosen candidate
   c.budget = ml_collections.ConfigDict()
+  c.budget.enabled = True  # the early-stopping procedure with the chosen candidate
   c.budget.levels = (0.5, 1.0, 2.0, 4.0)  # confidence levels z
   # A rerun into an output directory whose manifest (config, input sha256s, version) differs
   # is refused; True deletes the directory's results and recomputes them (lensllm_jax/rundir.py).

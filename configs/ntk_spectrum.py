@@ -1,7 +1,7 @@
 r"""NTK eigenvalue spectrum and F(t) of a causal LM on a probe set (experiments.ntk_spectrum).
 
   python -m experiments.ntk_spectrum --config=configs/ntk_spectrum.py --workdir=/tmp/ntk \
-      [--config.preset=tiny-llama] [--config.ntk=sketched --config.sketch_dim=4096]
+      [--config.preset=tiny-llama] [--config.ntk.kernel=sketched --config.ntk.sketch_dim=4096]
 
 The default is a seeded tiny-gpt2 on 128 random probe sequences (seconds on a
 CPU); set hf_checkpoint (a Hugging Face directory) or checkpoint (orbax
@@ -25,20 +25,21 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.probe = config_dict.placeholder(str)  # .npy of int token ids [n, T]; default random
   c.n = 128  # random probe sequences (ignored with probe)
   c.seq_len = 16  # tokens per random probe sequence
-  c.output = "log_likelihood"  # per-sequence scalar whose NTK is taken: log_likelihood | nll
+  # The kernel, as the sweeps' `ntk` block (configs/finetune_tiny.py): kernel "exact"
+  # (blocked empirical NTK, `implementation` one of ntk.IMPLEMENTATIONS) or "sketched"
+  # (ntk.make_sketched_ntk_fn: unbiased, memory O(n k + block), for LLM-sized models;
+  # sketch one of ntk.SKETCHES, sketch_dim directions k); block_size examples per kernel
+  # block; output the per-sequence scalar whose NTK is taken (log_likelihood | nll);
+  # blocks the parameter blocks (path prefixes) to include (empty: all parameters).
+  c.ntk = ml_collections.ConfigDict(dict(
+      kernel="exact", output="log_likelihood", blocks=(),
+      implementation=ntk.DEFAULT_IMPLEMENTATION, block_size=64, sketch="countsketch",
+      sketch_dim=4096))
   c.target = 0.0  # regression target Y of the output (r0 = f0 - Y)
-  c.blocks = ()  # parameter blocks (path prefixes) to include; empty: all parameters
-  c.implementation = ntk.DEFAULT_IMPLEMENTATION  # one of ntk.IMPLEMENTATIONS
-  c.block_size = 64  # examples per kernel block
-  # exact: blocked empirical NTK; sketched: ntk.make_sketched_ntk_fn (unbiased,
-  # memory O(n k + block); for LLM-sized models).
-  c.ntk = "exact"
-  c.sketch_dim = 4096  # sketched: directions k
-  c.sketch = "countsketch"  # sketched: one of ntk.SKETCHES
   c.eta = 1e-3  # learning rate eta of the linearised gradient flow
-  c.num_t = 200  # points of the t grid (log-spaced, plus t = 0)
-  # (t_min, t_max); empty: from the spectrum, [1e-2 / (eta lambda_max), 5 / (eta lambda_min)]
-  c.t_range = ()
+  # The t grid of F(t): `points` log-spaced plus t = 0, over range = (t_min, t_max);
+  # empty range: from the spectrum, [1e-2 / (eta lambda_max), 5 / (eta lambda_min)].
+  c.t_grid = ml_collections.ConfigDict(dict(points=200, range=()))
   # A rerun into a workdir whose manifest (config, input sha256s, version) differs is refused;
   # True deletes the workdir's results and recomputes them (lensllm_jax/rundir.py).
   c.overwrite = False

@@ -40,9 +40,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # Methods of a file computed at once (0: os.cpu_count()); results do not depend on it. 1:
   # with 2 threads on 2 cores XLA:CPU executions deadlocked (docs/development.md, known issues).
   c.threads = 1
-  # Budgeted early stopping (budgeted.budgeted_selection).
-  c.budgeted = True
+  # Budgeted early stopping (budgeted.budgeted_selection); enabled=False skips it.
   c.budget = ml_collections.ConfigDict()
+  c.budget.enabled = True
   c.budget.levels = (0.5, 1.0, 2.0, 4.0)  # confidence levels z (normal quantiles)
   c.budget.method = "LensLLM"  # the law used by the budgeted procedure (a budgeted Method)
   c.budget.max_data_num = config_dict.placeholder(int)  # default D* / min(ratios)

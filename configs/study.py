@@ -75,7 +75,10 @@ def _study(*, preset: str, workdir: str, output_dir: str, corpus: dict, tokenize
   # NTK snapshots: kernel "exact" or "sketched" (ntk.make_sketched_ntk_fn, sketch_dim directions).
   c.ntk = ml_collections.ConfigDict(dict(num_probe=num_probe, kernel="exact", sketch_dim=4096,
                                          sketch_seed=0))
-  # Hessian / PAC-Bayes quantities along the sweep (models x tasks).
+  # Hessian / PAC-Bayes quantities after the sweep's runs of hessian.models on hessian.tasks,
+  # on num_examples training examples: the top eigenvalue (lanczos.iters steps) and the
+  # per-layer table over pac_bayes.examples of them (pac_bayes.iters Lanczos steps per
+  # v^T H^+ v; pac_bayes.blocks: these layer blocks only, empty: all).
   c.hessian = ml_collections.ConfigDict(hessian)
   c.selection = ml_collections.ConfigDict(dict(**selection, seed=0))
   # Budgeted early stopping (budgeted.BudgetOptions; D_max = D* / min(selection.ratios)).
@@ -109,8 +112,8 @@ def _tiny() -> ml_collections.ConfigDict:
                  eval_batch_size=48, epochs=1.0, min_steps=4, max_steps=12),
       num_probe=8,
       # The first model on the first task only.
-      hessian=dict(models=["gpt2-a"], tasks=["code2name"], num_examples=16, lanczos_iters=6,
-                   pac_examples=2, pac_iters=4, blocks=["h_0"]),
+      hessian=dict(models=["gpt2-a"], tasks=["code2name"], num_examples=16,
+                   lanczos=dict(iters=6), pac_bayes=dict(examples=2, iters=4, blocks=["h_0"])),
       selection=dict(ratios=[2, 4], num_restarts=2, max_steps=100))
 
 
@@ -133,5 +136,6 @@ def _full() -> ml_collections.ConfigDict:
       num_probe=32,
       # After every fine-tuning run of every model and task.
       hessian=dict(models=[m["name"] for m in zoo], tasks=["code2name", "translate"],
-                   num_examples=32, lanczos_iters=12, pac_examples=8, pac_iters=6, blocks=[]),
+                   num_examples=32, lanczos=dict(iters=12),
+                   pac_bayes=dict(examples=8, iters=6, blocks=[])),
       selection=dict(ratios=[4, 8, 16, 32], num_restarts=8, max_steps=500))

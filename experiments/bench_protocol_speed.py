@@ -94,7 +94,7 @@ def main(argv):
   cache = work / "jax_cache"
   runs = {
     "full_cold": base + [f"--output_dir={work / 'full_cold'}", f"--compilation_cache_dir={cache}"],
-    "published_cold": base + [f"--output_dir={work / 'published_cold'}", "--config.budgeted=False",
+    "published_cold": base + [f"--output_dir={work / 'published_cold'}", "--config.budget.enabled=False",
                               f"--config.methods={PUBLISHED!r}",
                               f"--compilation_cache_dir={work / 'cache_published'}"],
     "full_warm": base + [f"--output_dir={work / 'full_warm'}", f"--compilation_cache_dir={cache}"],

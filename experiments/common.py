@@ -408,6 +408,14 @@ def validate_study_config(cfg) -> None:
   unknown = sorted(set(cfg.hessian.models) - {s.name for s in specs})
   if unknown:
     raise errors.ConfigError(f"config.hessian.models: {unknown} are not zoo models")
+  if cfg.hessian.models:
+    for name in ("hessian.num_examples", "hessian.lanczos.iters", "hessian.pac_bayes.examples",
+                 "hessian.pac_bayes.iters"):
+      integer_field(cfg, name, low=1)
+    if cfg.hessian.pac_bayes.examples > cfg.hessian.num_examples:  # a prefix of those
+      raise errors.ConfigError(
+          f"config.hessian.pac_bayes.examples={cfg.hessian.pac_bayes.examples}: at most "
+          f"config.hessian.num_examples={cfg.hessian.num_examples}")
 
 
 def parse_ratios(values, name: str = "config.ratios") -> list[int]:

@@ -40,8 +40,8 @@ NTK snapshot, the row, checkpoint clean-up); `experiments.bench_sweep_overhead` 
 these lines.
 
 Rerunning skips finished runs (read from runs.jsonl) and resumes an
-interrupted run from its orbax checkpoint in ckpt/ (config.checkpoint_runs:
-written asynchronously every config.checkpoint_every_seconds, the last one
+interrupted run from its orbax checkpoint in ckpt/ (config.checkpoint.enabled:
+written asynchronously every config.checkpoint.every_seconds, the last one
 kept, so a run shorter than that writes none and, interrupted, is redone);
 a row cut by a kill during its append is dropped and the run redone, and a
 run's checkpoint is deleted only after its row is durable. A workdir holding

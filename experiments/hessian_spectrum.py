@@ -80,10 +80,9 @@ def define_flags() -> None:
 
 
 # The config fields recorded in workdir/manifest.json (a rerun with others is refused).
-_RUN_FIELDS = ("preset", "model_config", "pretrained_ckpt", "finetuned_ckpt", "tokens_npy", "num_examples",
-               "seq_len", "batch_size", "pretrain_steps", "finetune_steps", "learning_rate", "k",
-               "lanczos_iters", "hutchinson_probes", "slq_probes", "slq_iters", "pac_iters", "c",
-               "n", "seed")
+_RUN_FIELDS = ("preset", "model_config", "pretrained_ckpt", "finetuned_ckpt", "tokens_npy",
+               "num_examples", "seq_len", "batch_size", "pretrain_steps", "finetune_steps",
+               "learning_rate", "lanczos", "hutchinson", "slq", "pac_bayes", "seed")
 
 
 def load_task_data(cfg, config) -> dict[str, np.ndarray]:
@@ -201,24 +200,24 @@ def spectrum(cfg, loss, params, data, workdir, key):
                               traced.dtype, traceable=False)
   logging.info("Hessian over %d parameters, %d batches of %d sequences", op.dim, n // bs, bs)
   t0 = time.time()
-  eig = hessian.lanczos_eigs(op, jax.random.fold_in(key, 0), k=cfg.k,
-                             num_iters=cfg.lanczos_iters)
-  pd.DataFrame({"rank": np.arange(1, cfg.k + 1), "eigenvalue": np.asarray(eig.eigenvalues),
+  k = cfg.lanczos.k
+  eig = hessian.lanczos_eigs(op, jax.random.fold_in(key, 0), k=k, num_iters=cfg.lanczos.iters)
+  pd.DataFrame({"rank": np.arange(1, k + 1), "eigenvalue": np.asarray(eig.eigenvalues),
                 "residual_norm": np.asarray(eig.residual_norms),
                 "residual_estimate": np.asarray(eig.residual_estimates)}).to_csv(eig_path,
                                                                                  index=False)
-  logging.info("lanczos top-%d in %.1fs: %s", cfg.k, time.time() - t0,
+  logging.info("lanczos top-%d in %.1fs: %s", k, time.time() - t0,
                np.array2string(np.asarray(eig.eigenvalues), precision=4))
   t0 = time.time()
   power = hessian.power_iteration(op, jax.random.fold_in(key, 1), max_iters=100, tol=1e-3)
-  tr = hessian.hutchinson_trace(op, jax.random.fold_in(key, 2), cfg.hutchinson_probes)
+  tr = hessian.hutchinson_trace(op, jax.random.fold_in(key, 2), cfg.hutchinson.probes)
   logging.info("power %.4f (%d its, residual %.2e); trace %.4f +- %.4f (%.1fs)",
                float(power.eigenvalue), int(power.num_iters), float(power.residual_norm),
                float(tr.trace), float(tr.stderr), time.time() - t0)
   t0 = time.time()
-  slq = hessian.slq_density(op, jax.random.fold_in(key, 3), num_probes=cfg.slq_probes,
-                            num_iters=cfg.slq_iters)
-  logging.info("SLQ %d probes x %d steps in %.1fs", cfg.slq_probes, slq.num_iters,
+  slq = hessian.slq_density(op, jax.random.fold_in(key, 3), num_probes=cfg.slq.probes,
+                            num_iters=cfg.slq.iters)
+  logging.info("SLQ %d probes x %d steps in %.1fs", cfg.slq.probes, slq.num_iters,
                time.time() - t0)
   nodes, weights = np.asarray(slq.nodes), np.asarray(slq.weights)
   pd.DataFrame({"probe": np.repeat(np.arange(nodes.shape[0]), nodes.shape[1]),
@@ -245,9 +244,9 @@ def pac_bayes_table(cfg, loss, params0, params1, data, workdir, key):
     logging.info("pac_bayes: %s exists, skipping", path)
     return pd.read_csv(path)
   t0 = time.time()
-  n = cfg.n or cfg.num_examples
-  rows = pac_bayes.layer_table(loss, params1, params0, data, key, num_iters=cfg.pac_iters,
-                               c=cfg.c, n=n)
+  pb = cfg.pac_bayes
+  rows = pac_bayes.layer_table(loss, params1, params0, data, key, num_iters=pb.iters, c=pb.c,
+                               n=pb.n or cfg.num_examples)
   frame = pd.DataFrame(rows)
   frame.to_csv(path, index=False)
   logging.info("PAC-Bayes table (%.1fs):\n%s", time.time() - t0, frame.to_string())
@@ -256,14 +255,14 @@ def pac_bayes_table(cfg, loss, params0, params1, data, workdir, key):
 
 def write_summary(cfg, workdir, frame):
   """Step 4: summary.json."""
-  n = cfg.n or cfg.num_examples
+  c, n = cfg.pac_bayes.c, cfg.pac_bayes.n or cfg.num_examples
   with open(os.path.join(workdir, "trace.json")) as f:
     trace = json.load(f)
   eig = pd.read_csv(os.path.join(workdir, "eigenvalues.csv"))
   summary = {"preset": cfg.preset, "top_eigenvalues": eig["eigenvalue"].tolist(), **trace,
-             "pac_bayes_sum_max": pac_bayes.pac_bayes_bound(frame["vhpv_max"], cfg.c, n),
-             "pac_bayes_sum_mean": pac_bayes.pac_bayes_bound(frame["vhpv_mean"], cfg.c, n),
-             "c": cfg.c, "n": n, "layers": frame.to_dict(orient="list")}
+             "pac_bayes_sum_max": pac_bayes.pac_bayes_bound(frame["vhpv_max"], c, n),
+             "pac_bayes_sum_mean": pac_bayes.pac_bayes_bound(frame["vhpv_mean"], c, n),
+             "c": c, "n": n, "layers": frame.to_dict(orient="list")}
   with open(os.path.join(workdir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1)
   logging.info("sum_i sqrt(C H_i / n) = %.4g (max over examples), %.4g (mean)",
@@ -309,22 +308,22 @@ def model_config(cfg):
 
 def validate_config(cfg) -> None:
   """Range checks of the config's fields, before any input is read (`errors.ConfigError`)."""
-  for name in ("num_examples", "seq_len", "batch_size", "k", "lanczos_iters", "slq_probes",
-               "slq_iters", "pac_iters"):
+  for name in ("num_examples", "seq_len", "batch_size", "lanczos.k", "lanczos.iters",
+               "slq.probes", "slq.iters", "pac_bayes.iters"):
     common.integer_field(cfg, name, low=1)
   for name in ("pretrain_steps", "finetune_steps", "seed"):
     common.integer_field(cfg, name, low=0 if name != "seed" else None)
-  common.integer_field(cfg, "hutchinson_probes", low=2)  # its stderr needs two
-  common.integer_field(cfg, "n", low=1, optional=True)
+  common.integer_field(cfg, "hutchinson.probes", low=2)  # its stderr needs two
+  common.integer_field(cfg, "pac_bayes.n", low=1, optional=True)
   if cfg.num_examples % cfg.batch_size:
     raise errors.ConfigError(f"config.num_examples={cfg.num_examples} must be a multiple of "
                              f"config.batch_size={cfg.batch_size}")
-  if cfg.k > cfg.lanczos_iters:
-    raise errors.ConfigError(f"config.k={cfg.k}: at most config.lanczos_iters="
-                             f"{cfg.lanczos_iters} eigenvalues")
-  for name in ("learning_rate", "c"):
-    if not 0 < cfg[name] < float("inf"):
-      raise errors.ConfigError(f"config.{name}={cfg[name]}: must be a finite number > 0")
+  if cfg.lanczos.k > cfg.lanczos.iters:
+    raise errors.ConfigError(f"config.lanczos.k={cfg.lanczos.k}: at most config.lanczos.iters="
+                             f"{cfg.lanczos.iters} eigenvalues")
+  for name, value in (("learning_rate", cfg.learning_rate), ("pac_bayes.c", cfg.pac_bayes.c)):
+    if not 0 < value < float("inf"):
+      raise errors.ConfigError(f"config.{name}={value}: must be a finite number > 0")
 
 
 def run(cfg, workdir, *, overwrite: bool = False) -> None:

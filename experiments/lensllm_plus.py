@@ -537,7 +537,7 @@ def _run(cfg, out: pathlib.Path, curve_sets, train_only, ratios, budget_levels, 
   write_choices(out, folds, files)
   write_report(out, folds, files, curve_sets, cfg.num_steps,
                {c.name: c.models for c in (*curve_sets, *train_only)})
-  if cfg.budgeted:
+  if cfg.budget.enabled:
     for i, (curves, fold) in enumerate(zip(curve_sets, folds, strict=True)):
       ctx = candidates.BaseContext(key=jax.random.fold_in(key, 1000 + i),
                                         predictor=predictor, num_restarts=cfg.num_restarts,

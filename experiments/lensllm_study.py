@@ -126,7 +126,7 @@ def sweep_config(cfg, task: str) -> ml_collections.ConfigDict:
       step_budget=dict(epochs=float(tr.epochs), min_steps=int(tr.min_steps)),
       ntk=dict(num_probe=int(cfg.ntk.num_probe), output="log_likelihood",
                **{k: cfg.ntk[k] for k in ("kernel", "sketch_dim", "sketch_seed") if k in cfg.ntk}),
-      checkpoint_runs=False, hessian=hessian))
+      checkpoint=dict(enabled=False), hessian=hessian))
 
 
 @functools.cache
@@ -176,15 +176,15 @@ def hessian_quantities(cfg, m: zoo_build.ZooModel, params, train: textdata.Token
                        idx: np.ndarray, key) -> dict:
   """Top Hessian eigenvalue of the training loss and the per-layer PAC-Bayes quantities.
 
-  H_i = max over `pac_examples` training examples of v_i^T H_i^+ v_i
+  H_i = max over config.hessian.pac_bayes.examples training examples of v_i^T H_i^+ v_i
   (docs/pac_bayes.md); the reported sum is sum_i sqrt(H_i) (the bound's layer sum with C = n = 1).
   """
   hc = cfg.hessian
   sub = train.take(idx[:hc.num_examples])
   batch = {k: jnp.asarray(v) for k, v in textdata.as_batch(sub).items()}
-  ex = {k: v[:hc.pac_examples] for k, v in batch.items()}
-  fn = hessian_fn_for(m.config, int(hc.lanczos_iters), int(hc.pac_iters),
-                      tuple(hc.get("blocks", None) or ()))
+  ex = {k: v[:hc.pac_bayes.examples] for k, v in batch.items()}
+  fn = hessian_fn_for(m.config, int(hc.lanczos.iters), int(hc.pac_bayes.iters),
+                      tuple(hc.pac_bayes.blocks or ()))
   top, blocks = jax.device_get(fn(params, m.params, batch, ex, key))
   layers = [{"block": name, "v_norm": float(v[0]), "vhv_max": float(v[1]),
              "vhpv_max": float(v[2])} for name, v in blocks.items()]

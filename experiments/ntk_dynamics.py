@@ -130,7 +130,7 @@ def run(cfg, output_dir, methods=METHODS) -> pathlib.Path:
       raise errors.ConfigError(f"config.subset_sizes: D* = {target:g} (the largest) is not a "
                                f"column of {curves.source}")
     loaded[task] = curves, read_eigenpairs(inputs["ntk_eigenpairs"], task, curves.models)
-  config = {**cfg.to_dict(), "ntk_dynamics_methods": list(methods)}
+  config = {**cfg.to_dict(), "ntk_dynamics": {"methods": list(methods)}}
   # The budgeted step's settings are not read here (and postdate results/study's manifest).
   ignore = ("workdir", "output_dir", "selection.budget.levels", "selection.budget.method")
   with rundir.open_output_dir(out, config=config, inputs=inputs, outputs=OUTPUTS,

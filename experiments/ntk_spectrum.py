@@ -19,11 +19,13 @@ Writes to --workdir:
   f_t.csv         t, F(t), F(t) / F(0)
   ntk_spectrum.png  eigenvalues (log scale) and F(t) (log t)
 
-  python -m experiments.ntk_spectrum --workdir=/tmp/ntk config.preset=tiny-gpt2 config.n=128
-  python -m experiments.ntk_spectrum --workdir=/tmp/ntk config.preset=gpt2-124m config.n=256 \
-      config.ntk=sketched config.sketch_dim=4096     # unbiased sketch, memory O(n k + block)
-  python -m experiments.ntk_spectrum --workdir=/tmp/ntk config.preset=tiny-llama \
-      config.checkpoint=/path/to/orbax_params config.blocks=layers_1,lm_head
+  python -m experiments.ntk_spectrum --workdir=/tmp/ntk --config.preset=tiny-gpt2 \
+      --config.n=128
+  python -m experiments.ntk_spectrum --workdir=/tmp/ntk --config.preset=gpt2-124m \
+      --config.n=256 --config.ntk.kernel=sketched --config.ntk.sketch_dim=4096
+      # unbiased sketch, memory O(n k + block)
+  python -m experiments.ntk_spectrum --workdir=/tmp/ntk --config.preset=tiny-llama \
+      --config.checkpoint=/path/to/orbax_params --config.ntk.blocks="('layers_1','lm_head')"
 """
 
 from __future__ import annotations
@@ -86,23 +88,23 @@ def compute_kernel(cfg, workdir, model, params, ids, meta):
       if json.load(fh) == meta:
         logging.info("reusing %s", kernel_path)
         return np.load(kernel_path)
-  apply_fn = ntk.lm_output_fn(model, cfg.output)
-  mask = ntk.param_mask_from_names(params, cfg.blocks) if cfg.blocks else None
+  kc = cfg.ntk
+  apply_fn = ntk.lm_output_fn(model, kc.output)
+  mask = ntk.param_mask_from_names(params, kc.blocks) if kc.blocks else None
   start = time.perf_counter()
 
   def progress(done, total):
     rate = done / (time.perf_counter() - start)
     logging.info("kernel blocks %d/%d (%.2f block pairs/s)", done, total, rate)
 
-  if cfg.ntk == "sketched":  # key: config.seed, so a rerun gives the same sketch
-    fn = ntk.make_sketched_ntk_fn(apply_fn, sketch_dim=cfg.sketch_dim,
+  if kc.kernel == "sketched":  # key: config.seed, so a rerun gives the same sketch
+    fn = ntk.make_sketched_ntk_fn(apply_fn, sketch_dim=kc.sketch_dim,
                                   key=jax.random.fold_in(jax.random.key(cfg.seed), 1),
-                                  param_mask=mask, sketch=cfg.sketch,
-                                  block_size=cfg.block_size)
+                                  param_mask=mask, sketch=kc.sketch, block_size=kc.block_size)
   else:
     fn = ntk.make_blocked_ntk_fn(
-        ntk.make_ntk_fn(apply_fn, param_mask=mask, implementation=cfg.implementation),
-        block_size=cfg.block_size, pairs_per_call=4, progress=progress)
+        ntk.make_ntk_fn(apply_fn, param_mask=mask, implementation=kc.implementation),
+        block_size=kc.block_size, pairs_per_call=4, progress=progress)
   theta = np.asarray(jax.device_get(fn(params, jnp.asarray(ids))), np.float32)
   logging.info("kernel %s in %.1fs", theta.shape, time.perf_counter() - start)
   np.save(kernel_path, theta)
@@ -112,8 +114,8 @@ def compute_kernel(cfg, workdir, model, params, ids, meta):
 
 
 def t_grid(cfg, eigvals: np.ndarray) -> np.ndarray:
-  if cfg.t_range:
-    lo, hi = (float(v) for v in cfg.t_range)  # checked by `validate_config`
+  if cfg.t_grid.range:
+    lo, hi = (float(v) for v in cfg.t_grid.range)  # checked by `validate_config`
   else:
     positive = eigvals[eigvals > 0]
     if positive.size == 0:
@@ -122,7 +124,7 @@ def t_grid(cfg, eigvals: np.ndarray) -> np.ndarray:
     # at 1e-6 lambda_max) has decayed by exp(-10).
     lo = 1e-2 / (cfg.eta * positive.max())
     hi = 5.0 / (cfg.eta * max(positive.min(), 1e-6 * positive.max()))
-  return np.concatenate([[0.0], np.geomspace(lo, hi, cfg.num_t)])
+  return np.concatenate([[0.0], np.geomspace(lo, hi, cfg.t_grid.points)])
 
 
 def write_csv(path, header, rows):
@@ -134,12 +136,13 @@ def write_csv(path, header, rows):
 
 def validate_config(cfg) -> None:
   """The config's fields, before any input is read (`errors.ConfigError` naming the field)."""
-  for name, allowed in (("output", ("log_likelihood", "nll")), ("ntk", ("exact", "sketched")),
+  for name, allowed in (("output", ("log_likelihood", "nll")), ("kernel", ("exact", "sketched")),
                         ("implementation", tuple(ntk.IMPLEMENTATIONS)),
                         ("sketch", tuple(ntk.SKETCHES))):
-    if cfg[name] not in allowed:
-      raise errors.ConfigError(f"config.{name}={cfg[name]!r}: expected one of {list(allowed)}")
-  for name in ("n", "seq_len", "block_size", "sketch_dim", "num_t"):
+    if cfg.ntk[name] not in allowed:
+      raise errors.ConfigError(f"config.ntk.{name}={cfg.ntk[name]!r}: expected one of "
+                               f"{list(allowed)}")
+  for name in ("n", "seq_len", "ntk.block_size", "ntk.sketch_dim", "t_grid.points"):
     common.integer_field(cfg, name, low=1)
   common.integer_field(cfg, "seed")
   if not cfg.hf_checkpoint and cfg.preset not in models.presets:
@@ -149,10 +152,10 @@ def validate_config(cfg) -> None:
     raise errors.CheckpointError(f"config.checkpoint={cfg.checkpoint}: no such path")
   if not 0 < cfg.eta < float("inf"):
     raise errors.ConfigError(f"config.eta={cfg.eta}: must be a finite number > 0")
-  if cfg.t_range:
-    t = list(cfg.t_range)
+  if cfg.t_grid.range:
+    t = list(cfg.t_grid.range)
     if len(t) != 2 or not all(isinstance(v, (int, float)) for v in t) or not 0 < t[0] < t[1]:
-      raise errors.ConfigError(f"config.t_range={t}: expected (t_min, t_max) with "
+      raise errors.ConfigError(f"config.t_grid.range={t}: expected (t_min, t_max) with "
                                "0 < t_min < t_max")
 
 
@@ -180,15 +183,16 @@ def open_workdir(cfg, workdir):
 
 
 def _run(cfg, workdir: str, config, model, params, ids) -> None:
+  kc = cfg.ntk
   meta = dict(preset=cfg.preset, checkpoint=cfg.checkpoint,
               hf_checkpoint=cfg.hf_checkpoint, seed=cfg.seed, probe=cfg.probe,
-              probe_shape=list(ids.shape), output=cfg.output, blocks=list(cfg.blocks),
-              implementation=cfg.implementation, num_params=models.count_params(params),
-              ntk=cfg.ntk, **({"sketch_dim": cfg.sketch_dim, "sketch": cfg.sketch}
-                              if cfg.ntk == "sketched" else {}))
+              probe_shape=list(ids.shape), output=kc.output, blocks=list(kc.blocks),
+              implementation=kc.implementation, num_params=models.count_params(params),
+              ntk=kc.kernel, **({"sketch_dim": kc.sketch_dim, "sketch": kc.sketch}
+                                if kc.kernel == "sketched" else {}))
   logging.info("model %s, %d params; probe %s", config.arch, meta["num_params"], ids.shape)
   theta = compute_kernel(cfg, workdir, model, params, ids, meta)
-  f0 = np.asarray(ntk.lm_output_fn(model, cfg.output)(params, jnp.asarray(ids)), np.float64)
+  f0 = np.asarray(ntk.lm_output_fn(model, kc.output)(params, jnp.asarray(ids)), np.float64)
   r0 = f0 - cfg.target
   np.save(os.path.join(workdir, "residual.npy"), r0)
 

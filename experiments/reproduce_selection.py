@@ -327,7 +327,7 @@ def run(cfg, output_dir) -> pathlib.Path:
     raise errors.ConfigError(f"config.methods: {candidates.PLUS_NAME} is chosen by "
                              "leave-one-dataset-out and needs at least 2 config.benchmarks files "
                              f"({pooled.METHOD_NAME} is the pooled fit on one file)")
-  if cfg.budgeted and cfg.budget.method not in budgeted.BUDGET_METHODS:
+  if cfg.budget.enabled and cfg.budget.method not in budgeted.BUDGET_METHODS:
     raise errors.ConfigError(
         f"config.budget.method: {cfg.budget.method!r} is not supported; budget methods: "
         f"{', '.join(budgeted.BUDGET_METHODS)} (LensLLM+ has its own budgeted variant, "
@@ -369,13 +369,13 @@ def _run(cfg, out: pathlib.Path, curve_sets, methods, ratios, budget_levels, t0)
     logging.info("[%s] %d models, %d points, D*=%g (%s)", curves.name, len(curves.models),
                  len(curves.data_sizes), target, curves.source)
     budget = None
-    if cfg.budgeted:
+    if cfg.budget.enabled:
       cap = cfg.budget.max_data_num or target / min(ratios)
       budget = budgeted.BudgetOptions(budget_levels, cfg.budget.method, cap)
     run_dataset(curves, methods, ratios, out, target=target, key=jax.random.fold_in(key, di),
                 num_restarts=cfg.num_restarts, fit_options=fit_options, budget=budget, t0=t0,
                 plus_results=plus.get(curves.name), threads=cfg.threads or os.cpu_count() or 1)
-  if cfg.budgeted and len(curve_sets) > 1:
+  if cfg.budget.enabled and len(curve_sets) > 1:
     tag = f"Budgeted{cfg.budget.method}"
     have = {r["dataset"] for r in common.read_rows(out / "cost.csv") if r["method"] == f"{tag}-LODO"}
     names = [c.name for c in curve_sets]

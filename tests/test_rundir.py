@@ -22,8 +22,8 @@ from helpers.synthetic_curves import synthetic_curves
 from lensllm_jax import errors, rundir
 from lensllm_jax.curves import benchmarks
 
-QUICK = dict(methods=("ZeroShot", "SubTuning", "AtS"), ratios=(4, 8), budgeted=False,
-             figures=False, num_restarts=2, max_steps=50)
+QUICK = dict(methods=("ZeroShot", "SubTuning", "AtS"), ratios=(4, 8),
+             budget=dict(enabled=False), figures=False, num_restarts=2, max_steps=50)
 FILES = ("selection.csv", "rmse.csv", "fits.csv", "cost.csv")
 
 

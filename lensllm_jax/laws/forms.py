@@ -335,7 +335,7 @@ def _log_d(data_size, zero_data_size):
   return jnp.log(jnp.maximum(d, zero_data_size))
 
 
-def _curve_stats(data_size, log_loss, mask):
+def _curve_stats(log_loss, mask):
   """(max, min) of the masked log losses of one curve (jax scalars)."""
   big = 1e30
   y_max = jnp.max(jnp.where(mask, log_loss, -big))
@@ -440,7 +440,7 @@ def _saturating_init(u, data_size, log_loss, mask):
   D_t = D_l^(1/beta) ~ logU(20, 2e7), E ~ U(0.05, 0.95) min L,
   A ~ max L * U(0.9, 1.3).
   """
-  y_max, y_min = _curve_stats(data_size, log_loss, mask)
+  y_max, y_min = _curve_stats(log_loss, mask)
   a0, e0 = jnp.exp(y_max), jnp.exp(0.5 * (y_max + y_min))
   amp0 = jnp.maximum(a0 - e0, 1e-3 * a0)
   first = jnp.stack([jnp.log(amp0), 0.0, inverse_softplus(jnp.asarray(1.0)), jnp.log(e0)])
@@ -653,7 +653,7 @@ def _ntk_mode_law(f_term, zero_data_size: float, t_range: tuple[float, float]) -
     Others: t ~ logU(t_range), beta ~ logU(0.05, 2), E ~ U(0.05, 0.95) min L,
     A ~ max L * U(0.9, 1.3).
     """
-    y_max, y_min = _curve_stats(data_size, log_loss_obs, mask)
+    y_max, y_min = _curve_stats(log_loss_obs, mask)
     lo, hi = t_range
     first = jnp.ones_like(u[:1, 0])
     t = jnp.concatenate([np.sqrt(lo * hi) * first, _log_uniform(u[1:, 0], lo, hi)])
@@ -713,7 +713,7 @@ def vanilla_law(huber_delta: float = VANILLA_HUBER_DELTA) -> Law:
     """
     del aux
     mask = jnp.logical_and(mask, data_size > 0)
-    y_max, y_min = _curve_stats(data_size, log_loss_obs, mask)
+    y_max, y_min = _curve_stats(log_loss_obs, mask)
     idx = jnp.argmax(mask)
     d1 = jnp.where(mask[idx], data_size[idx], 1.0)
     l1 = jnp.where(mask[idx], jnp.exp(log_loss_obs[idx]), jnp.exp(y_max))

@@ -14,12 +14,12 @@ Every public name of these modules is re-exported here
 
   nt_compat: install, import_neural_tangents
   ntk: ApplyFn, NTKFn, IMPLEMENTATIONS, DEFAULT_IMPLEMENTATION, param_mask_from_names,
-    split_params, make_ntk_fn, SKETCHES, make_sketched_ntk_fn, sketch_rms_error,
+    make_ntk_fn, SKETCHES, make_sketched_ntk_fn, sketch_rms_error,
     ntk_test_loss_error_bound, kernel_to_matrix, make_blocked_ntk_fn, empirical_ntk, LM_OUTPUTS,
     lm_output_fn, NTKSpectrum, ntk_spectrum, ntk_mode_losses, ntk_test_loss,
     ntk_test_loss_from_kernel, ntk_f_term, kernel_distance, NTKRecorder
-  hessian: LossFn, LinearOperator, dense_operator, hvp, hvp_operator, dense_hessian, LanczosResult,
-    lanczos, tridiagonal_eigh, EigResult, lanczos_eigs, PowerResult, power_iteration,
+  hessian: LossFn, LinearOperator, dense_operator, hvp, partition_leaves, split_params,
+    hvp_operator, dense_hessian, LanczosResult, lanczos, tridiagonal_eigh, EigResult, lanczos_eigs, PowerResult, power_iteration,
     power_iteration_top_k, TraceResult, hutchinson_trace, QuadratureResult, gauss_quadrature,
     lanczos_quadrature, positive_part, quadrature_from_lanczos, SLQResult, gaussian_density,
     slq_nodes_weights, slq_density, slq_moments
@@ -27,8 +27,6 @@ Every public name of these modules is re-exported here
     pac_bayes_bound, generalization_bound, table_columns
   nlp_metrics: PowerLawFit, NLPMetrics, power_law_alpha, ks_distance, fit_power_law,
     empirical_spectral_density, weight_matrices
-
-Names defined by several modules are re-exported from the first listed above: split_params.
 """
 
 from lensllm_jax.theory import hessian, nlp_metrics, nt_compat, ntk, pac_bayes
@@ -51,6 +49,7 @@ from lensllm_jax.theory.hessian import (
   lanczos,
   lanczos_eigs,
   lanczos_quadrature,
+  partition_leaves,
   positive_part,
   power_iteration,
   power_iteration_top_k,
@@ -58,6 +57,7 @@ from lensllm_jax.theory.hessian import (
   slq_density,
   slq_moments,
   slq_nodes_weights,
+  split_params,
   tridiagonal_eigh,
 )
 from lensllm_jax.theory.nlp_metrics import (
@@ -97,7 +97,6 @@ from lensllm_jax.theory.ntk import (
   ntk_test_loss_from_kernel,
   param_mask_from_names,
   sketch_rms_error,
-  split_params,
 )
 from lensllm_jax.theory.pac_bayes import (
   ExampleForms,
@@ -125,7 +124,6 @@ __all__ = [
   "IMPLEMENTATIONS",
   "DEFAULT_IMPLEMENTATION",
   "param_mask_from_names",
-  "split_params",
   "make_ntk_fn",
   "SKETCHES",
   "make_sketched_ntk_fn",
@@ -148,6 +146,8 @@ __all__ = [
   "LinearOperator",
   "dense_operator",
   "hvp",
+  "partition_leaves",
+  "split_params",
   "hvp_operator",
   "dense_hessian",
   "LanczosResult",

@@ -176,6 +176,33 @@ def _stacked_hvp(loss_fn, unravel, merge, flat, rest, stacked, v):
   return total / num
 
 
+def partition_leaves(params: PyTree, block: Sequence[int] | None = None):
+  """Cuts a parameter block out of `params`: the one place a block is split off and put back
+  (`split_params` ravels it for the Hessian; the NTK kernels differentiate its leaves).
+
+  Args:
+    params: pytree of arrays.
+    block: indices into `jax.tree_util.tree_leaves(params)` of the leaves that
+      vary; None: all leaves.
+
+  Returns:
+    `(block_leaves, rest_leaves, merge)`: two lists of leaves in tree order and
+    `merge(block_leaves, rest_leaves)`, which rebuilds `params` (the rest is an
+    argument, so a jitted caller passes it rather than baking it in as constants).
+  """
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  ids = tuple(range(len(leaves))) if block is None else tuple(sorted(set(block)))
+  if not ids:
+    raise ValueError("partition_leaves: block selects no parameter leaves")
+  if ids[0] < 0 or ids[-1] >= len(leaves):
+    raise ValueError(f"partition_leaves: block indices {ids} out of range for {len(leaves)} "
+                     "leaves")
+  chosen = set(ids)
+  block_leaves = [leaves[i] for i in ids]
+  rest = [leaf for i, leaf in enumerate(leaves) if i not in chosen]
+  return block_leaves, rest, functools.partial(_merge, ids, treedef)
+
+
 def split_params(params: PyTree, block: Sequence[int] | None = None,
                  dtype: Any = None):
   """Splits `params` into a flat block vector and the fixed remaining leaves.
@@ -188,20 +215,12 @@ def split_params(params: PyTree, block: Sequence[int] | None = None,
 
   Returns:
     `(flat [P_block], unravel, rest_leaves, merge)` where
-    `merge(unravel(flat), rest_leaves)` rebuilds `params`.
+    `merge(unravel(flat), rest_leaves)` rebuilds `params` (`partition_leaves`).
   """
-  leaves, treedef = jax.tree_util.tree_flatten(params)
-  ids = tuple(range(len(leaves))) if block is None else tuple(sorted(set(block)))
-  if not ids:
-    raise ValueError("split_params: block selects no parameter leaves")
-  if ids[0] < 0 or ids[-1] >= len(leaves):
-    raise ValueError(f"split_params: block indices {ids} out of range for {len(leaves)} leaves")
-  block_leaves = [leaves[i] for i in ids]
-  rest = [leaves[i] for i in range(len(leaves)) if i not in set(ids)]
+  block_leaves, rest, merge = partition_leaves(params, block)
   flat, unravel = ravel_pytree(block_leaves)
   if dtype is not None:
     flat = flat.astype(dtype)
-  merge = functools.partial(_merge, ids, treedef)
   return flat, unravel, rest, merge
 
 

@@ -12,7 +12,7 @@ docstring lists the workdir's files), also driven by `experiments.select`
                              stopping on the fixed validation split, and appends
                              one runs.jsonl row per run (D = 0: zero-shot)
   run_one                    one fine-tuning run (orbax checkpoints of a long run,
-                             config.checkpoint_every_seconds: a killed run resumes
+                             config.checkpoint.every_seconds: a killed run resumes
                              mid-run, a shorter one is redone; deleted by
                              `clear_checkpoint` only after the run's row is durable)
   precompile_model           the fine-tuning and NTK programs of a model shape,
@@ -348,7 +348,8 @@ def run_one(m: LoadedModel, data: dict, d: int, cfg, tcfg, workdir, mesh, snapsh
     (run record, fine-tuned parameters (best validation step), subset indices [d]).
   """
   idx = textdata.nested_subset(data["train"].num_examples, d, seed=cfg.subset_seed)
-  ckpt = workdir / "ckpt" / m.name / str(d) if cfg.get("checkpoint_runs", True) else None
+  checkpoint = cfg.get("checkpoint") or {}  # a config without the block checkpoints runs
+  ckpt = workdir / "ckpt" / m.name / str(d) if checkpoint.get("enabled", True) else None
   budget = step_budget(cfg, d)
 
   def log(r):
@@ -358,7 +359,7 @@ def run_one(m: LoadedModel, data: dict, d: int, cfg, tcfg, workdir, mesh, snapsh
 
   res = loop.finetune(m.apply_fn, m.params, data["train"].take(idx), data["validation"],
                           tcfg, checkpoint_dir=str(ckpt) if ckpt else None,
-                          checkpoint_every_s=cfg.get("checkpoint_every_seconds", 0.0),
+                          checkpoint_every_s=checkpoint.get("every_seconds", 0.0),
                           stop_after_steps=budget, mesh=mesh, log_fn=log)
   eval_step = loop.cached_eval_step(m.apply_fn)
   t0 = time.perf_counter()
@@ -548,7 +549,7 @@ WORKDIR_OUTPUTS = ("runs.jsonl", "curves.csv", "config.json", "tokenizer.json", 
                    "finetuned", "models", "pretrained", "ckpt", "hf_cache")
 WORKDIR_MERGE = {"subset_sizes": None, "models": lambda spec: spec["name"]}
 # Fields that do not change any run's result.
-WORKDIR_IGNORE = ("overwrite", "checkpoint_runs", "checkpoint_every_seconds")
+WORKDIR_IGNORE = ("overwrite", "checkpoint")
 
 
 def sweep_inputs(cfg) -> dict[str, pathlib.Path]:

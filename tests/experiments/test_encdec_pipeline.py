@@ -132,7 +132,7 @@ def test_sweep_over_decoder_and_encoder_decoder_writes_one_curve_file(sweep, tmp
 
   cfg = selection_config.get_config()
   cfg.update(benchmarks=(str(workdir / "curves.csv"),),
-             methods=("ZeroShot", "SubTuning", "ModelSize"), ratios=(2,), budgeted=False,
+             methods=("ZeroShot", "SubTuning", "ModelSize"), ratios=(2,), budget=dict(enabled=False),
              figures=False)
   out = rs.run(cfg, tmp_path / "selection")
   with open(out / "selection.csv", newline="") as f:

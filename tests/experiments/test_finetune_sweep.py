@@ -209,7 +209,7 @@ def test_sigkill_mid_run_then_restart_gives_the_uninterrupted_files(sweep, cache
   from helpers import sweep_compare
 
   workdir = tmp_path / "killed"
-  args = _sweep_args(workdir, cache_dir, "--config.checkpoint_every_seconds=0")
+  args = _sweep_args(workdir, cache_dir, "--config.checkpoint.every_seconds=0")
   env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
   with open(tmp_path / "first.log", "w") as log:
     proc = subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -262,8 +262,9 @@ def test_hessian_spectrum_on_the_saved_checkpoints(sweep, tmp_path):
                finetuned_ckpt=sweep / "finetuned" / "tiny-gpt2" / "400",
                model_config=sweep / "models" / "tiny-gpt2.json")
   # Smallest settings: the cost is compilation (~25 s CPU for the binary).
-  small = dict(num_examples=2, batch_size=2, seq_len=16, k=2, lanczos_iters=4,
-               hutchinson_probes=2, slq_probes=1, slq_iters=4, pac_iters=3, seed=0)
+  small = {"num_examples": 2, "batch_size": 2, "seq_len": 16, "lanczos.k": 2,
+           "lanczos.iters": 4, "hutchinson.probes": 2, "slq.probes": 1, "slq.iters": 4,
+           "pac_bayes.iters": 3, "seed": 0}
   log = tmp_path / "hessian_spectrum.log"
   with open(log, "w") as fh:  # runs while the reference table is computed below
     proc = subprocess.Popen(

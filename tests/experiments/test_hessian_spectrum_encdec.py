@@ -72,8 +72,9 @@ def test_hessian_spectrum_of_a_saved_t5_matches_the_dense_hessian(tmp_path):
       pretrained_ckpt=sweep / "pretrained" / "tiny-t5",
       finetuned_ckpt=sweep / "finetuned" / "tiny-t5" / "2",
       model_config=sweep / "models" / "tiny-t5.json", tokens_npy=tmp_path / "tokens.npy",
-      num_examples=2, batch_size=1, seq_len=T, k=2, lanczos_iters=40, hutchinson_probes=8,
-      slq_probes=1, slq_iters=4, pac_iters=3, seed=0)
+      num_examples=2, batch_size=1, seq_len=T, seed=0, **{
+          "lanczos.k": 2, "lanczos.iters": 40, "hutchinson.probes": 8, "slq.probes": 1,
+          "slq.iters": 4, "pac_bayes.iters": 3})
   log = tmp_path / "hessian_spectrum.log"
   with open(log, "w") as fh:  # runs while the reference is computed below
     proc = subprocess.Popen(

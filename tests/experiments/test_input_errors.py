@@ -39,8 +39,8 @@ from lensllm_jax.curves import benchmarks
 
 pytestmark = pytest.mark.slow  # end-to-end runs of the binaries on bad input
 
-QUICK = dict(methods=("ZeroShot", "SubTuning", "ModelSize"), ratios=(4, 8), budgeted=False,
-             figures=False)
+QUICK = dict(methods=("ZeroShot", "SubTuning", "ModelSize"), ratios=(4, 8),
+             budget=dict(enabled=False), figures=False)
 OUTPUT_FILES = ("selection.csv", "cost.csv")
 
 
@@ -129,7 +129,7 @@ def _selection_cfg(files, **overrides):
 
 def _plus_cfg(files, **overrides):
   cfg = plus_config.get_config("public")
-  cfg.update(benchmarks=tuple(str(f) for f in files), ratios=(4, 8), budgeted=False)
+  cfg.update(benchmarks=tuple(str(f) for f in files), ratios=(4, 8), budget=dict(enabled=False))
   cfg.update(overrides)
   return cfg
 
@@ -623,10 +623,10 @@ OTHER_CASES = [  # (binary runner, case, overrides or fn(root) -> overrides, err
      r"config\.batch_size=0: must be >= 1"),
     (_hessian, "examples_not_multiple", dict(num_examples=10), errors.ConfigError,
      r"config\.num_examples=10 must be a multiple of config\.batch_size=8"),
-    (_hessian, "one_probe", dict(hutchinson_probes=1), errors.ConfigError,
-     r"config\.hutchinson_probes=1: must be >= 2"),
-    (_hessian, "k_past_lanczos", dict(k=40), errors.ConfigError,
-     r"config\.k=40: at most config\.lanczos_iters=30"),
+    (_hessian, "one_probe", dict(hutchinson=dict(probes=1)), errors.ConfigError,
+     r"config\.hutchinson\.probes=1: must be >= 2"),
+    (_hessian, "k_past_lanczos", dict(lanczos=dict(k=40)), errors.ConfigError,
+     r"config\.lanczos\.k=40: at most config\.lanczos\.iters=30"),
     (_hessian, "unknown_preset", dict(preset="nope"), errors.ConfigError,
      r"config\.preset='nope' unknown"),
     (_hessian, "model_json_invalid", lambda r: dict(model_config=_model_json(r, '{"arch": "gpt2",\n')),
@@ -654,11 +654,11 @@ OTHER_CASES = [  # (binary runner, case, overrides or fn(root) -> overrides, err
      errors.CheckpointError, r"/no: no such checkpoint directory"),
     (_hessian, "checkpoint_corrupt", _corrupt_ckpt, errors.CheckpointError,
      r"ckpt: not a readable checkpoint of these parameters"),
-    (_ntk_spectrum, "unknown_output", dict(output="logits"), errors.ConfigError,
-     r"config\.output='logits': expected one of"),
+    (_ntk_spectrum, "unknown_output", dict(ntk=dict(output="logits")), errors.ConfigError,
+     r"config\.ntk\.output='logits': expected one of"),
     (_ntk_spectrum, "no_probes", dict(n=0), errors.ConfigError, r"config\.n=0: must be >= 1"),
-    (_ntk_spectrum, "bad_t_range", dict(t_range=(5.0, 1.0)), errors.ConfigError,
-     r"config\.t_range=\[5\.0, 1\.0\]: expected \(t_min, t_max\)"),
+    (_ntk_spectrum, "bad_t_range", dict(t_grid=dict(range=(5.0, 1.0))), errors.ConfigError,
+     r"config\.t_grid\.range=\[5\.0, 1\.0\]: expected \(t_min, t_max\)"),
     (_ntk_spectrum, "unknown_preset", dict(preset="nope"), errors.ConfigError,
      r"config\.preset='nope': not one of"),
     (_ntk_spectrum, "checkpoint_missing", lambda r: dict(checkpoint=str(r / "no")),
@@ -703,6 +703,9 @@ OTHER_CASES = [  # (binary runner, case, overrides or fn(root) -> overrides, err
      r"config\.selection\.budget\.method: 'Nope'; budget methods:"),
     (_study, "hessian_model_unknown", {"hessian.models": ["nope"]}, errors.ConfigError,
      r"config\.hessian\.models: \['nope'\] are not zoo models"),
+    (_study, "pac_examples_past_hessian_examples", {"hessian.pac_bayes.examples": 17},
+     errors.ConfigError,
+     r"config\.hessian\.pac_bayes\.examples=17: at most config\.hessian\.num_examples=16"),
     (functools.partial(_study, binary="build_zoo"), "zoo_twice",
      {"zoo": [dict(name="a", arch="gpt2", d_model=d, n_layers=1, n_heads=2, pretrain_steps=0)
               for d in (8, 16)]},

@@ -68,7 +68,7 @@ def test_vanilla_cells_identical_natively_and_under_sse4_2(tmp_path, shared_benc
     procs[isa] = subprocess.Popen(
       [sys.executable, "-m", "experiments.reproduce_selection", "--config=configs/selection.py",
        f"--config.benchmarks={tuple(files)!r}", "--config.methods=('VanillaFit',)",
-       "--config.budgeted=False", "--config.figures=False", f"--output_dir={tmp_path / isa}"],
+       "--config.budget.enabled=False", "--config.figures=False", f"--output_dir={tmp_path / isa}"],
       cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   for isa, proc in procs.items():
     _, err = proc.communicate(timeout=300)

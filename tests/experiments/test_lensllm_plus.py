@@ -282,7 +282,7 @@ def test_held_out_losses_never_change_its_choice(small_run, tmp_path, monkeypatc
   cfg2 = plus_config.get_config()
   cfg2.update(dict(cfg))
   cfg2.update(data_dir=str(data2), train_only_benchmarks=(str(data2 / "t.csv"),),
-              budgeted=False)
+              budget=dict(enabled=False))
   monkeypatch.setattr(protocol, "default_grid", lambda: GRID)
   out2 = lensllm_plus.run(cfg2, tmp_path / "out")
   for name in ("candidates_chosen.csv", "chosen.csv"):

@@ -80,7 +80,7 @@ def test_correlation_with_a_truth_constant_to_rounding_is_nan():
 
 def _cfg(path, **kw):
   cfg = selection_config.get_config()
-  cfg.update(benchmarks=(str(path),), ratios=(4, 8), budgeted=False, figures=False,
+  cfg.update(benchmarks=(str(path),), ratios=(4, 8), budget=dict(enabled=False), figures=False,
              num_restarts=2, max_steps=50)
   cfg.update(kw)
   return cfg

@@ -108,7 +108,7 @@ def test_binary_subprocess_and_errors(synthetic_file, tmp_path):
   out = tmp_path / "bin"
   proc = _binary("--config=configs/selection.py", f"--config.benchmarks=('{synthetic_file}',)",
                  "--config.methods=('ZeroShot','ModelSize','AtS')", "--config.ratios=(4,8)",
-                 "--config.budgeted=False", "--config.figures=False", f"--output_dir={out}")
+                 "--config.budget.enabled=False", "--config.figures=False", f"--output_dir={out}")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert len(_rows(out / "selection.csv")) == 3 * 2 * 3
   with pytest.raises(errors.ConfigError, match="Oracle"):

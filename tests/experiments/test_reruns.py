@@ -88,7 +88,7 @@ def test_ntk_dynamics_rerun_skips_same_inputs_refuses_changed_curves(tmp_path, m
   benchmarks.write_curves(changed, out / "curves_x.csv")
   with _refused(r"input curves_x: sha256 \w+ -> \w+\); pass --config.overwrite=True"):
     ntk_dynamics.run(cfg, out, methods=("LensLLM",))
-  with _refused(r"config.ntk_dynamics_methods"):
+  with _refused(r"config.ntk_dynamics.methods"):
     ntk_dynamics.run(cfg, out, methods=("LensLLM", "Spectral"))
   monkeypatch.setattr(ntk_dynamics, "task_results", real)
   cfg.overwrite = True

@@ -55,7 +55,7 @@ def offline_sweep(dirs: list, train: pathlib.Path, tok, workdir: pathlib.Path, m
   overrides = dict(max_len=max_len, num_validation=20, num_test=20, subset_sizes="(200,)")
   args = [f"--config=configs/finetune_hf.py:local:{spec}", f"--workdir={workdir}",
           f"--config.data_files.train={train}", "--config.ntk.num_probe=0",
-          "--config.checkpoint_runs=False"]
+          "--config.checkpoint.enabled=False"]
   args += [f"--config.{k}={v}" for k, v in overrides.items()]
   args += [f"--config.train.{k}={v}" for k, v in train_cfg.items()]
   env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))

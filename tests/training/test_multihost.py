@@ -46,7 +46,7 @@ def get_config():
   c = finetune_tiny.get_config("smoke")
   c.models[0].pretrain_steps = 0
   c.save_finetuned = True
-  c.checkpoint_every_seconds = 0.0  # at every evaluation: the kill finds a checkpoint
+  c.checkpoint.every_seconds = 0.0  # at every evaluation: the kill finds a checkpoint
   return c
 """
 

@@ -53,7 +53,7 @@ Modules (each name is re-exported here: `from lensllm_jax.theory import ntk; ntk
 Their public names:
 
   exact: PyTree, ApplyFn, NTKFn, IMPLEMENTATIONS, DEFAULT_IMPLEMENTATION, param_mask_from_names,
-    split_params, make_ntk_fn
+    make_ntk_fn
   sketched: SKETCHES, make_sketched_ntk_fn, sketch_rms_error, ntk_test_loss_error_bound
   blocked: kernel_to_matrix, make_blocked_ntk_fn, empirical_ntk
   lm_outputs: LM_OUTPUTS, lm_output_fn
@@ -76,7 +76,6 @@ from lensllm_jax.theory.ntk.exact import (
   PyTree,
   make_ntk_fn,
   param_mask_from_names,
-  split_params,
 )
 from lensllm_jax.theory.ntk.f_term import (
   NTKSpectrum,
@@ -114,7 +113,6 @@ __all__ = [
   "IMPLEMENTATIONS",
   "DEFAULT_IMPLEMENTATION",
   "param_mask_from_names",
-  "split_params",
   "make_ntk_fn",
   "SKETCHES",
   "make_sketched_ntk_fn",

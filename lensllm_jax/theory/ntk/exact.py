@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lensllm_jax.theory import nt_compat
+from lensllm_jax.theory import hessian, nt_compat
 
 PyTree = Any
 ApplyFn = Callable[[PyTree, PyTree], jax.Array]
@@ -89,22 +89,17 @@ def _mask_leaves(param_mask: PyTree | None, params: PyTree) -> tuple[bool, ...]:
   return mask
 
 
-def split_params(params: PyTree, param_mask: PyTree | None):
-  """Splits params into (selected leaves, merge function).
+def _split_selected(params: PyTree, param_mask: PyTree | None):
+  """The NTK's parameters: `hessian.partition_leaves` of the leaves `param_mask` selects
+  (None: all), the others held fixed.
 
   Returns:
-    selected: list of the selected leaves (the NTK's parameters).
-    merge: merge(selected) -> the full params pytree, the other leaves fixed.
+    (leaf ids of the selected leaves, the selected leaves in tree order,
+     merge(selected) -> the full params pytree).
   """
-  leaves, treedef = jax.tree.flatten(params)
-  mask = _mask_leaves(param_mask, params)
-  selected = [leaf for leaf, m in zip(leaves, mask, strict=True) if m]
-
-  def merge(sel):
-    it = iter(sel)
-    return jax.tree.unflatten(treedef, [next(it) if m else leaf for leaf, m in zip(leaves, mask, strict=True)])
-
-  return selected, merge
+  ids = [i for i, m in enumerate(_mask_leaves(param_mask, params)) if m]
+  selected, rest, merge = hessian.partition_leaves(params, ids)
+  return ids, selected, lambda sel: merge(sel, rest)
 
 
 # Kernels.
@@ -192,7 +187,7 @@ def make_ntk_fn(
   trace_axes = tuple(trace_axes)
 
   def ntk_fn(params, x1, x2=None):
-    sel, merge = split_params(params, param_mask)
+    _, sel, merge = _split_selected(params, param_mask)
 
     def f(sel_leaves, x):
       return apply_fn(merge(sel_leaves), x)

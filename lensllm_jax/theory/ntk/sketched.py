@@ -20,9 +20,8 @@ from lensllm_jax.theory.ntk.exact import (
   NTKFn,
   PyTree,
   _contraction_spec,
-  _mask_leaves,
   _normalise_axes,
-  split_params,
+  _split_selected,
 )
 
 SKETCHES = ("countsketch", "rademacher", "gaussian")
@@ -165,8 +164,7 @@ def make_sketched_ntk_fn(
 
   def features(params, x, key=None):
     key = default_key if key is None else key
-    sel, merge = split_params(params, param_mask)
-    leaf_ids = [i for i, m in enumerate(_mask_leaves(param_mask, params)) if m]
+    leaf_ids, sel, merge = _split_selected(params, param_mask)
 
     def one(sel_leaves, xi):  # one example -> its output [*out]
       return apply_fn(merge(sel_leaves), jax.tree.map(lambda a: a[None], xi))[0]
