@@ -44,9 +44,8 @@ POSITION_OFFSET = 2
 INIT_STD = 0.02
 
 
-def _dense(features: int, dtype, name: str) -> nn.Dense:
-  return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32,
-                  kernel_init=nn.initializers.normal(INIT_STD), name=name)
+def _dense(features: int, dtype, name: str):
+  return layers.dense(features, dtype, name, std=INIT_STD)
 
 
 class BartAttention(nn.Module):

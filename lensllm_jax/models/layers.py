@@ -8,6 +8,7 @@ heads, G = H / K queries per key/value head, Dh head width, d model width.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -226,17 +227,23 @@ class Unembed(nn.Module):
   def __call__(self, h: jax.Array) -> jax.Array:
     kernel = self.param("kernel", nn.initializers.normal(self.init_std),
                         (h.shape[-1], self.vocab_size), jnp.float32)
-    logits = jnp.einsum("btd,dv->btv", h.astype(self.dtype), kernel.astype(self.dtype),
-                        preferred_element_type=jnp.float32)
+    rows = jnp.dot(h.reshape(-1, h.shape[-1]).astype(self.dtype), kernel.astype(self.dtype),
+                   preferred_element_type=jnp.float32)  # 2-D: see `dense`
+    logits = rows.reshape(h.shape[:-1] + (self.vocab_size,))
     if self.use_bias:
       logits = logits + self.param("bias", nn.initializers.zeros, (self.vocab_size,), jnp.float32)
     return logits
 
 
 def tied_logits(h: jax.Array, embedding: jax.Array, dtype) -> jax.Array:
-  """Tied output head: logits[b, t, v] = h[b, t] . embedding[v], float32 accumulation."""
-  return jnp.einsum("btd,vd->btv", h.astype(dtype), embedding.astype(dtype),
-                    preferred_element_type=jnp.float32)
+  """Tied output head: logits[b, t, v] = h[b, t] . embedding[v], float32 accumulation.
+
+  Computed on the rows [B T, d] (see `dense`: the embedding's gradient
+  dlogits^T h is then a 2-D product, without a transposed copy of dlogits).
+  """
+  rows = jax.lax.dot_general(h.reshape(-1, h.shape[-1]).astype(dtype), embedding.astype(dtype),
+                             (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+  return rows.reshape(h.shape[:-1] + (embedding.shape[0],))
 
 
 def activation_fn(name: str):
@@ -267,10 +274,18 @@ def add_residual(x: jax.Array, h: jax.Array, drop: nn.Dropout, deterministic: bo
 
 
 def dense(features: int, dtype, name: str, *, std: float = INIT_STD,
-          use_bias: bool = True) -> nn.Dense:
-  """Dense layer with float32 params, kernel [in, out] ~ N(0, std^2), matmul in ``dtype``."""
-  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-                  kernel_init=nn.initializers.normal(std), name=name)
+          use_bias: bool = True) -> Callable[[jax.Array], jax.Array]:
+  """Dense layer with float32 params, kernel [in, out] ~ N(0, std^2), matmul in ``dtype``.
+
+  Returns x [..., in] -> x W + b [..., out]: an `nn.Dense` named ``name`` (its
+  params) applied to the rows of x as one [rows, in] matrix. In 2-D the weight
+  gradient x^T dy is a plain matrix product with a transposed operand, which
+  XLA:CPU's matmul takes as is; with [B, T, in] operands (two contracting
+  dimensions) it wrote the transposed activations or gradients out first.
+  """
+  layer = nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+                   kernel_init=nn.initializers.normal(std), name=name)
+  return lambda x: layer(x.reshape(-1, x.shape[-1])).reshape(x.shape[:-1] + (features,))
 
 
 def qkv_projections(x: jax.Array, n_heads: int, n_kv_heads: int, head_dim: int, dtype, *,

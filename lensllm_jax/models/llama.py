@@ -42,7 +42,7 @@ from lensllm_jax.models.config import ModelConfig
 
 
 def _dense(features: int, config: ModelConfig, name: str,
-           std: float = layers.INIT_STD) -> nn.Dense:
+           std: float = layers.INIT_STD):
   return layers.dense(features, jnp.dtype(config.dtype), name, std=std, use_bias=False)
 
 

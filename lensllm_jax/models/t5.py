@@ -64,9 +64,8 @@ def relative_position_bucket(relative_position: np.ndarray, *, bidirectional: bo
   return (buckets + np.where(is_small, rel, large)).astype(np.int32)
 
 
-def _kernel(features: int, dtype, name: str, std: float) -> nn.Dense:
-  return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
-                  kernel_init=nn.initializers.normal(std), name=name)
+def _kernel(features: int, dtype, name: str, std: float):
+  return layers.dense(features, dtype, name, std=std, use_bias=False)
 
 
 class T5Attention(nn.Module):
