@@ -21,7 +21,9 @@ derivatives for the published laws, automatic differentiation otherwise)
 and are carried to the next step, so a step differentiates once.
 `optax.lbfgs` (zoom line search) reaches the same optima but its nested,
 vmapped line-search loop made it ~10-20x slower here on CPU; it remains
-selectable.
+selectable. The pooled fit (`selection.pooled.solver`) drives
+`scale_by_gauss_newton` too, in its own fixed-step loop with Marquardt's
+damping schedule (damping_schedule "accept_reject").
 
 Work queue. The (curve, restart) lanes need very different numbers of steps
 (protocol fits: median ~110, a few hit max_steps), and a vmapped while loop
@@ -167,16 +169,21 @@ class TrustRegionState(NamedTuple):
 
 
 def _trust_region(step_fn, init_damping, min_damping, max_damping, rejected_damping=0.0,
-                  value_rtol=0.0):
+                  value_rtol=0.0, damping_schedule="ratio"):
   """optax transformation: a damped step from (grad, curvature), accepted if f decreases.
 
   step_fn(grad, curvature, damping) -> (step, predicted decrease). The trial
   point is evaluated once by the extra arg `derivatives_fn` (params -> value,
-  grad, curvature), which also gives the next step's curvature. The damping
-  adapts to rho = actual / predicted decrease (rho > 0.75: / 3; rho < 0.25
-  or rejected: * 4, and at least `rejected_damping` after a rejection),
-  clipped to [min_damping, max_damping]. A rejected step returns zero
-  updates and keeps (value, grad, curvature).
+  grad, curvature), which also gives the next step's curvature. With
+  damping_schedule "ratio" the damping adapts to rho = actual / predicted
+  decrease (rho > 0.75: / 3; rho < 0.25 or rejected: * 4, and at least
+  `rejected_damping` after a rejection); with "accept_reject" (Marquardt's
+  schedule) every accepted step divides it by 3 and every rejected one
+  multiplies it by 4 (the predicted decrease is not read; needs
+  rejected_damping = value_rtol = 0). Either way it is clipped to
+  [min_damping, max_damping]. A step is accepted when the trial value is
+  finite and lower (from value = +inf: any finite trial value). A rejected
+  step returns zero updates and keeps (value, grad, curvature).
 
   value_rtol > 0: changes of f below value_rtol |f| count as rounding, not as
   information: such a step is accepted (f may rise by that much) and, when
@@ -192,19 +199,30 @@ def _trust_region(step_fn, init_damping, min_damping, max_damping, rejected_damp
                             jnp.asarray(jnp.inf, dtype=jnp.result_type(params)),
                             jnp.zeros_like(params), jnp.zeros(params.shape + (k,), params.dtype))
 
+  if damping_schedule not in ("ratio", "accept_reject"):
+    raise ValueError(f"damping_schedule must be 'ratio' or 'accept_reject', "
+                     f"got {damping_schedule!r}")
+  if damping_schedule == "accept_reject" and (rejected_damping or value_rtol):
+    raise ValueError("damping_schedule 'accept_reject' takes no rejected_damping or value_rtol")
+
   def update_fn(updates, state, params, *, value, curvature, derivatives_fn, **extra):
     del extra
     grad = updates
     step, predicted = step_fn(grad, curvature, state.damping)
     new_value, new_grad, new_curvature = derivatives_fn(params + step)
-    actual = value - new_value
-    noise = value_rtol * jnp.abs(value)
-    rho = jnp.where(predicted <= noise, 1.0, actual / jnp.maximum(predicted, 1e-300))
-    ok = jnp.isfinite(new_value) & (actual > -noise) & jnp.all(jnp.isfinite(step))
-    ok = ok & ((actual > 0) | (value_rtol > 0))
-    damping = jnp.where(ok & (rho > 0.75), state.damping / 3.0,
-                        jnp.where(ok & (rho > 0.25), state.damping, state.damping * 4.0))
-    damping = jnp.where(ok, damping, jnp.maximum(damping, rejected_damping))
+    if damping_schedule == "accept_reject":
+      # Compared directly: the ratio path's value_rtol * |value| is NaN at value = +inf.
+      ok = jnp.isfinite(new_value) & (new_value < value) & jnp.all(jnp.isfinite(step))
+      damping = jnp.where(ok, state.damping / 3.0, state.damping * 4.0)
+    else:
+      actual = value - new_value
+      noise = value_rtol * jnp.abs(value)
+      rho = jnp.where(predicted <= noise, 1.0, actual / jnp.maximum(predicted, 1e-300))
+      ok = jnp.isfinite(new_value) & (actual > -noise) & jnp.all(jnp.isfinite(step))
+      ok = ok & ((actual > 0) | (value_rtol > 0))
+      damping = jnp.where(ok & (rho > 0.75), state.damping / 3.0,
+                          jnp.where(ok & (rho > 0.25), state.damping, state.damping * 4.0))
+      damping = jnp.where(ok, damping, jnp.maximum(damping, rejected_damping))
     damping = jnp.clip(damping, min_damping, max_damping)
     keep = functools.partial(jnp.where, ok)
     return keep(step, jnp.zeros_like(step)), TrustRegionState(
@@ -262,7 +280,9 @@ def scale_by_damped_newton(init_damping: float = 1e-3, min_damping: float = 1e-1
 
 
 def scale_by_gauss_newton(init_damping: float = 1e-3, min_damping: float = 1e-15,
-                          max_damping: float = 1e15) -> optax.GradientTransformationExtraArgs:
+                          max_damping: float = 1e15, *, diagonal_floor: float = 1e-12,
+                          damping_schedule: str = "ratio"
+                          ) -> optax.GradientTransformationExtraArgs:
   """Levenberg-Marquardt (IRLS) step on the residuals, as an optax transformation.
 
   For f(w) = sum_p rho(r_p(w)) with residual Jacobian J [P, K] and IRLS
@@ -270,21 +290,26 @@ def scale_by_gauss_newton(init_damping: float = 1e-3, min_damping: float = 1e-15
   mean of squares, min(1, delta / |r|) for the Huber loss), the gradient is
   g = J^T W r exactly and the Gauss-Newton matrix is G = J^T W J; the step
   solves
-      (G + mu (diag(G) + 1e-12 tr(G) / K)) s = -g
-  by Cholesky (positive definite for mu > 0). The model decrease is
-  -(g.s) - s^T G s / 2; acceptance and the mu schedule are those of
-  `scale_by_damped_newton`. Needs the extra args `value`, `curvature` (G at
-  params) and `derivatives_fn` (params -> objective, gradient, G, e.g.
+      (G + mu (diag(G) + c tr(G) / K)) s = -g,   c = diagonal_floor (1e-12),
+  by Cholesky (positive definite for mu > 0; `jnp.linalg.cholesky`, which
+  symmetrises its input, so an exactly symmetric G is factored as given).
+  The model decrease is -(g.s) - s^T G s / 2; acceptance and the mu
+  schedule are those of `scale_by_damped_newton` (damping_schedule "ratio")
+  or Marquardt's: mu / 3 on every accepted step, * 4 on every rejected one
+  ("accept_reject", `_trust_region`; the pooled fit of `selection.pooled`).
+  Needs the extra args `value`, `curvature` (G at params) and
+  `derivatives_fn` (params -> objective, gradient, G, e.g.
   `laws.Law.objective_derivatives(..., curvature="gauss_newton")`).
   """
 
   def step_fn(grad, gn, damping):
     scale = jnp.maximum(jnp.trace(gn), 1e-300) / gn.shape[0]
-    chol = jnp.linalg.cholesky(gn + jnp.diag(damping * (jnp.diag(gn) + 1e-12 * scale)))
+    chol = jnp.linalg.cholesky(gn + jnp.diag(damping * (jnp.diag(gn) + diagonal_floor * scale)))
     step = jax.scipy.linalg.cho_solve((chol, True), -grad)
     return step, -(grad @ step) - 0.5 * step @ (gn @ step)
 
-  return _trust_region(step_fn, init_damping, min_damping, max_damping)
+  return _trust_region(step_fn, init_damping, min_damping, max_damping,
+                       damping_schedule=damping_schedule)
 
 
 def _make_optimizer(name: str, memory_size: int):

@@ -296,3 +296,31 @@ def test_canonical_point_of_flat_vanilla_faces(shared_benchmarks):
   assert agree.sum() >= 20
   assert np.sum(spread[False] > 1e-5) >= 3  # flat faces: the plain ends differ
   np.testing.assert_array_less(spread[True], 1e-7)
+
+
+def test_marquardt_damping_schedule():
+  """damping_schedule "accept_reject": mu / 3 on a decrease, * 4 otherwise (f(w) = w^2 / 2,
+  gradient w, Gauss-Newton matrix 1: the step is -w / (1 + mu (1 + c)))."""
+  with jax.enable_x64(True):
+    tx = fitting.scale_by_gauss_newton(1e-3, 1e-12, 1e12, diagonal_floor=1e-9,
+                                       damping_schedule="accept_reject")
+    w = jnp.array([2.0])
+
+    def derivatives(w):
+      return 0.5 * w @ w, w, jnp.eye(1)
+
+    state = tx.init(w)._replace(value=2.0, grad=w, curvature=jnp.eye(1))
+    step, state = tx.update(w, state, w, value=2.0, curvature=jnp.eye(1),
+                            derivatives_fn=derivatives)
+    np.testing.assert_allclose(step, -w / (1 + 1e-3 * (1 + 1e-9)), rtol=1e-15)
+    assert float(state.damping) == pytest.approx(1e-3 / 3, rel=1e-15)
+    # A value that the trial point cannot beat: rejected, zero step, mu * 4.
+    step, state = tx.update(w, state, w, value=-1.0, curvature=jnp.eye(1),
+                            derivatives_fn=derivatives)
+    np.testing.assert_array_equal(step, [0.0])
+    assert float(state.damping) == pytest.approx(4e-3 / 3, rel=1e-15)
+  with pytest.raises(ValueError, match="damping_schedule"):
+    fitting.scale_by_gauss_newton(damping_schedule="rho")
+  with pytest.raises(ValueError, match="accept_reject"):
+    fitting._trust_region(None, 1e-3, 0, 1, rejected_damping=1.0,
+                          damping_schedule="accept_reject")

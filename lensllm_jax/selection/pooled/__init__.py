@@ -38,7 +38,8 @@ automatically stronger when fewer points are visible. `strength = 0` gives
 back independent per-model fits (the published LensLLM curve mode).
 
 Optimisation: Levenberg-Marquardt on the stacked residual vector
-(`solver`: 60 steps by default, float64), `jax.vmap`-ed over problems (budget
+(`solver`: `fitting.scale_by_gauss_newton`'s step with Marquardt's damping
+schedule, 60 steps by default, float64), `jax.vmap`-ed over problems (budget
 views x settings). It starts from independent fits (`fitting.fit_curves`, best of
 several restarts per model: a continuation from strength 0) and from the same
 fits with every beta set to the across-model median; the lower MAP objective
@@ -66,7 +67,8 @@ Modules:
                    method's name.
   objective        The pooled fit's MAP objective: residuals, shape quantities, covariates,
                    normal equations.
-  solver           The pooled fit's solver: Levenberg-Marquardt on the MAP objective, vmapped.
+  solver           The pooled fit's solver: `fitting`'s Levenberg-Marquardt step on the MAP
+                   objective, vmapped.
   empirical_bayes  Empirical-Bayes prior strengths of the pooled fit, from independent fits.
   backtest         The backtest: a prior strength per budget view chosen from its visible data.
   method           PooledLensLLM: model selection by the pooled fit's predicted L(D*).

@@ -1,19 +1,23 @@
-"""The pooled fit's solver: Levenberg-Marquardt on the MAP objective, vmapped over problems.
+"""The pooled fit's solver: `fitting`'s Levenberg-Marquardt step on the MAP objective, vmapped.
 
 J(theta) = r^T r (`objective.residual_vector`) is minimised over the flat raw
 parameters x [4 M] of a problem by Levenberg-Marquardt on the stacked
-residual vector [sqrt(w) psi(r) ; sqrt(strength) (I - H) phi ; floor], float64:
-with A = J^T J and g = J^T r from the structured normal equations
-(`objective.normal_equations`: 4 tangents per model, not 4 M), each step
-solves (A + mu (diag(A) + 1e-9 tr(A) / 4M)) s = -g by Cholesky and is
-accepted when J decreases (mu / 3; else * 4, within [1e-12, 1e12]), a fixed
-number of steps in one `jax.lax.fori_loop`, `jax.vmap`-ed over problems
-(chunks of a power-of-two size) and compiled once per shape.
+residual vector [sqrt(w) psi(r) ; sqrt(strength) (I - H) phi ; floor], float64,
+with `fitting.scale_by_gauss_newton` (the step of `fitting.fit_curves`'
+trust-region engine): with A = Jac^T Jac and g = Jac^T r (Jac the residuals'
+Jacobian) from the structured normal equations (`objective.normal_equations`:
+4 tangents per model, not 4 M), each step solves
 
-Not yet `fitting`'s trust-region engine (issue 22): on the protocol's problems
-`fitting.scale_by_gauss_newton` run to fitting's stopping rule reached a lower
-objective on most problems but a higher one on some (other stationary points,
-and lanes that stalled), so the change was not made; docs/lensllm_plus.md.
+    (A + mu (diag(A) + 1e-9 tr(A) / 4M)) s = -g
+
+by Cholesky (A handed over exactly symmetric, `_solve`) and is accepted when
+J decreases; the damping follows Marquardt's schedule (damping_schedule
+"accept_reject": mu / 3 after an accepted step, * 4 after a rejected one,
+within [1e-12, 1e12], from 1e-3). One derivative pass per step (J, g and A at
+the trial point). A fixed number of steps in one `jax.lax.fori_loop`, not
+fitting's stopping rule (run to it, the fits ended higher on some problems
+and cost ~3x; docs/lensllm_plus.md), `jax.vmap`-ed over problems (chunks of a
+power-of-two size) and compiled once per shape.
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from lensllm_jax import laws
+from lensllm_jax.laws import fitting
 from lensllm_jax.selection.pooled import objective
 from lensllm_jax.selection.pooled.config import POOLABLE, PooledConfig
 
@@ -72,43 +78,57 @@ def median_beta_start(raw) -> np.ndarray:
   return out
 
 
-def _lm_solve(x0, d, y, mask, weight, x_cov, group, cols, delta, floor, num_steps, law):
-  """Levenberg-Marquardt from x0 [M*4]; returns (x, J, data part of J)."""
-  hat = objective.hat_matrix(x_cov, cols)
+# Settings of the step (`fitting.scale_by_gauss_newton`): the relative diagonal floor of the
+# damping term and the damping's start and bounds.
+_DIAGONAL_FLOOR = 1e-9
+_INIT_DAMPING, _MIN_DAMPING, _MAX_DAMPING = 1e-3, 1e-12, 1e12
 
-  def normal(x):
-    return objective.normal_equations(x, d, y, mask, weight, hat, group, delta, floor, law)
 
-  def value(x):
-    r = objective.residual_vector(x, d, y, mask, weight, hat, group, delta, floor, law)
-    return r @ r
+def _solve(x0, d, y, mask, weight, x_cov, group, cols, delta, floor, num_steps, law):
+  """num_steps Levenberg-Marquardt steps from x0 [M*4]; returns (x, J, data part of J)."""
+  problem = (d, y, mask, weight, objective.hat_matrix(x_cov, cols), group, delta, floor)
 
-  def body(_, state):
-    x, mu, f = state
-    a, g, _, _ = normal(x)
-    scale = jnp.trace(a) / a.shape[0]
-    lhs = a + jnp.diag(mu * (jnp.diag(a) + 1e-9 * scale) + 1e-300)
-    # lhs is symmetric positive definite: Cholesky (a failure gives nan, rejected below).
-    step = -jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(lhs), g)
-    xn = x + step
-    fn = value(xn)
-    ok = jnp.isfinite(fn) & (fn < f) & jnp.all(jnp.isfinite(step))
-    x = jnp.where(ok, xn, x)
-    f = jnp.where(ok, fn, f)
-    mu = jnp.clip(jnp.where(ok, mu / 3.0, mu * 4.0), 1e-12, 1e12)
-    return x, mu, f
+  def derivatives(x):
+    """(J = r^T r, g = Jac^T r, A = Jac^T Jac) at x [M*4].
 
-  f0 = value(x0)
-  f0 = jnp.where(jnp.isfinite(f0), f0, jnp.inf)
-  x, _, f = jax.lax.fori_loop(0, num_steps, body, (x0, jnp.asarray(1e-3, x0.dtype), f0))
-  _, _, f_all, f_data = normal(x)
-  return x, f, f_data
+    (g, A) are half the gradient and Gauss-Newton matrix of J; the step
+    solves with both, so the common factor drops out (the predicted
+    decrease, which it would scale, is not read by Marquardt's schedule).
+    A is made exactly symmetric from its upper triangle (the structured sum
+    is symmetric only to rounding, in its prior part), so the engine's
+    Cholesky, which symmetrises its input, factors the numbers it is given:
+    the upper triangle, as the former private loop's `cho_factor` did (the
+    fits are the same to the bit; averaging the triangles moved them by
+    rounding, docs/lensllm_plus.md).
+    """
+    r = objective.residual_vector(x, *problem, law)
+    a, g, _, _ = objective.normal_equations(x, *problem, law)
+    upper = jnp.arange(a.shape[0])[:, None] <= jnp.arange(a.shape[0])[None, :]
+    return r @ r, g, jnp.where(upper, a, a.T)
+
+  optimizer = fitting.scale_by_gauss_newton(
+    _INIT_DAMPING, _MIN_DAMPING, _MAX_DAMPING, diagonal_floor=_DIAGONAL_FLOOR,
+    damping_schedule="accept_reject")
+  f0, g0, a0 = derivatives(x0)
+  # A non-finite start value: any finite trial point is accepted.
+  state = optimizer.init(x0)._replace(value=jnp.where(jnp.isfinite(f0), f0, jnp.inf),
+                                      grad=g0, curvature=a0)
+
+  def body(_, carry):
+    x, state = carry
+    updates, state = optimizer.update(state.grad, state, x, value=state.value,
+                                      curvature=state.curvature, derivatives_fn=derivatives)
+    return optax.apply_updates(x, updates), state
+
+  x, state = jax.lax.fori_loop(0, num_steps, body, (x0, state))
+  _, _, _, f_data = objective.normal_equations(x, *problem, law)
+  return x, state.value, f_data
 
 
 @functools.lru_cache(maxsize=16)
 def _compiled(num_steps: int):
   law = laws.lensllm_law()
-  one = functools.partial(_lm_solve, num_steps=num_steps, law=law)
+  one = functools.partial(_solve, num_steps=num_steps, law=law)
   # Problems share nothing: vmap over all inputs.
   return jax.jit(jax.vmap(one))
 
