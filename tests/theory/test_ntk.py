@@ -125,6 +125,22 @@ def test_blocked_equals_unblocked(mlp):
   np.testing.assert_allclose(flat[3 * 2 + 1, 3 * 5 + 2], full[2, 5, 1, 2])
 
 
+def test_jacobian_stages_reproduce_the_kernel_to_the_bit(mlp):
+  """make_ntk_fn's stages (what the blocked kernel runs) do neural-tangents' operations in
+  its order: the same float32 numbers, not just close ones (untraced outputs in the zip
+  layout, a traced axis summed, a parameter subset)."""
+  f, params, x = mlp
+  a, b = x[:4], x[4:9]
+  mask = ntk.param_mask_from_names(params, ["Dense_1", "Dense_2"])
+  for kwargs in ({}, dict(trace_axes=(-1,), trace_reduction="sum"), dict(param_mask=mask)):
+    fn = ntk.make_ntk_fn(f, **kwargs)
+    staged = jax.jit(lambda p, a, b, stages=fn.stages: stages[1](p, stages[0](p, a),
+                                                                  stages[0](p, b)))
+    np.testing.assert_array_equal(np.asarray(staged(params, a, b)), np.asarray(fn(params, a, b)),
+                                  err_msg=str(kwargs))
+  assert not hasattr(ntk.make_ntk_fn(f, implementation="jacrev"), "stages")
+
+
 @pytest.mark.slow
 def test_multi_device_sharded_equals_single_device():
   code = """

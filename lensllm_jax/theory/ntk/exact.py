@@ -177,7 +177,9 @@ def make_ntk_fn(
 
   Returns:
     `ntk_fn(params, x1, x2=None) -> Theta [n1, n2, d1, d1', ...]` (x2=None
-    means x1 again), float32 like the model outputs.
+    means x1 again), float32 like the model outputs. For "jacobian_contraction"
+    with vmap_axes=0 it carries `ntk_fn.stages = (jacobian, contract)`, the
+    kernel in two halves (`_jacobian_stages`; used by `make_blocked_ntk_fn`).
   """
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"implementation={implementation!r}: expected one of {IMPLEMENTATIONS}")
@@ -206,4 +208,50 @@ def make_ntk_fn(
     # neural-tangents averages over traced axes.
     return theta * traced_size if trace_reduction == "sum" else theta
 
-  return jax.jit(ntk_fn)
+  fn = jax.jit(ntk_fn)
+  if implementation == "jacobian_contraction" and vmap_axes == 0:
+    fn.stages = _jacobian_stages(apply_fn, param_mask, trace_axes, trace_reduction)
+  return fn
+
+
+def _jacobian_stages(apply_fn: ApplyFn, param_mask: PyTree | None, trace_axes: tuple[int, ...],
+                     trace_reduction: str) -> tuple[Callable, Callable]:
+  """The two halves of the "jacobian_contraction" kernel, for callers that reuse a Jacobian.
+
+  jacobian(params, x) -> J: per selected leaf, [n, *out, *leaf.shape], the Jacobian of
+  each example's output (one example at a time, vmapped: examples are independent).
+  contract(params, j1, j2) -> Theta [n1, n2, d1, d1', ...]: sum over the leaves of the
+  contraction of the traced output axes and the parameter axes (each leaf's term divided
+  by the traced size, the zip layout), times the traced size for trace_reduction="sum".
+
+  These are the operations of neural-tangents' JACOBIAN_CONTRACTION with vmap_axes=0, in
+  its order, so contract(jacobian(x1), jacobian(x2)) gives ntk_fn(params, x1, x2) to the
+  bit on the models tested (tests/theory/test_ntk.py); `make_blocked_ntk_fn` uses them
+  to compute the two Jacobians of a block pair with one traced (and compiled) Jacobian.
+  params is read for its selected leaves' shapes only.
+  """
+  def jacobian(params, x):
+    _, sel, merge = _split_selected(params, param_mask)
+
+    def one(xi):  # one example, given a batch axis of 1: its output [*out]
+      xi = jax.tree.map(lambda a: jnp.expand_dims(a, 0), xi)
+      return jax.jacobian(lambda s: jnp.squeeze(apply_fn(merge(s), xi), (0,)))(sel)
+
+    return jax.vmap(one)(x)
+
+  def contract(params, j1, j2):
+    _, sel, _ = _split_selected(params, param_mask)
+    out_ndim = j1[0].ndim - 1 - sel[0].ndim  # example axis, output axes, parameter axes
+    axes = _normalise_axes(trace_axes, out_ndim + 1, "trace_axes")
+    traced_size = math.prod(j1[0].shape[a] for a in axes)
+    keep = len([a for a in range(1, out_ndim + 1) if a not in axes])
+    zip_perm = tuple(i for k in range(keep + 1) for i in (k, keep + 1 + k))
+    theta = None
+    for a, b, leaf in zip(j1, j2, sel, strict=True):
+      dims = axes + tuple(range(out_ndim + 1, out_ndim + 1 + leaf.ndim))
+      term = jax.lax.dot_general(a, b, ((dims, dims), ((), ())))  # [n1, *kept, n2, *kept']
+      term = jnp.transpose(term, zip_perm) / traced_size  # [n1, n2, d1, d1', ...]
+      theta = term if theta is None else theta + term
+    return theta * traced_size if trace_reduction == "sum" else theta
+
+  return jacobian, contract
