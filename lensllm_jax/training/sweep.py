@@ -438,6 +438,8 @@ def precompile_model(config, apply_fn, params, data: dict, cfg, tcfg: loop.Train
   Thread-safe; `start_precompile` runs it in the background while the main thread
   pre-trains or computes the pre-trained kernel, so the two cores compile in parallel.
   """
+  from lensllm_jax.theory import ntk as ntk_lib
+
   key = (apply_fn, tcfg, mesh, ntk, data["train"].input_ids.shape[1:],
          data["test"].input_ids.shape[1:])
   if key in _PRECOMPILED:
@@ -453,6 +455,9 @@ def precompile_model(config, apply_fn, params, data: dict, cfg, tcfg: loop.Train
     else:
       fn.lower(abstract, x).compile()
     out_fn.lower(abstract, x).compile()
+    n, *out = jax.eval_shape(out_fn, abstract, x).shape
+    theta = np.ones((n, n, *(d for d in out for _ in range(2))))  # [n1, n2, d1, d1', ...]
+    ntk_lib.kernel_distance(theta, theta)  # op by op: each op's program compiled here
   _PRECOMPILED.add(key)
 
 
