@@ -15,7 +15,7 @@ The dataset is downloaded by `datasets` into
 workdir/hf_cache (offline: point HF_DATASETS_OFFLINE=1 at a filled cache, or
 use configs/finetune_tiny.py-style "local" files). Output as in
 configs/finetune_tiny.py: curves.csv in the public format with columns 0,
-200, ..., 25600 (extend subset_sizes to 1638400 for the full grid), runs.jsonl
+200, ..., 25600 (extend subsets.sizes to 1638400 for the full grid), runs.jsonl
 with per-run metadata and FLOPs, ntk/ snapshots.
 
 Expected time: dominated by fine-tuning; a 124M-parameter GPT-2 at
@@ -42,7 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.max_train_rows = 2_000_000  # WMT19 zh-en has ~26M rows; the largest D is far below
   c.num_validation = 500
   c.num_test = 1000
-  c.subset_sizes = tuple(200 * 2**k for k in range(8))  # 200 ... 25600
+  c.subsets.sizes = tuple(200 * 2**k for k in range(8))  # 200 ... 25600
   dirs = [d for d in dirs.split(",") if d] or ["", ""]
   c.models = [
       ml_collections.ConfigDict(dict(

@@ -51,8 +51,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.num_test = 400
   c.max_len = 40
   c.split_seed = 0
-  c.subset_seed = 0
-  c.subset_sizes = (200, 400, 800, 1600)  # a tuple: overridable on the command line
+  # The fine-tuning subsets: nested seeded draws of each size D of `sizes` from the train
+  # pool (textdata.nested_subset; D = 0, the zero-shot point, is always run). sizes is a
+  # tuple: overridable on the command line (--config.subsets.sizes="(200,400)").
+  c.subsets = ml_collections.ConfigDict(dict(sizes=(200, 400, 800, 1600), seed=0))
   # Tokenizer for preset models: byte-level BPE trained on the corpora.
   c.tokenizer_vocab = 320
   c.pretrain_corpus_size = 4000
@@ -89,7 +91,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.num_validation = 48
     c.num_test = 64
     c.max_len = 24
-    c.subset_sizes = (200, 400)
+    c.subsets.sizes = (200, 400)
     c.pretrain_corpus_size = 600
     c.tokenizer_vocab = 280
     c.models[0].pretrain_steps = 20

@@ -82,6 +82,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.target_data_num = 25600 if not dirs else 0  # your data size: set it
     c.max_data_num = 1600 if not dirs else 0
     c.ntk.num_probe = 0  # no kernel snapshots: selection does not read them
+    c.subsets.sizes = ()  # the schedule's D_k, set by experiments.select (subsets.seed is read)
     c.save_finetuned = False
   if arg == "online_smoke":
     # Seconds per run (tests): one tiny architecture, pre-trained from two seeds and not.

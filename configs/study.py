@@ -67,8 +67,8 @@ def _study(*, preset: str, workdir: str, output_dir: str, corpus: dict, tokenize
   c.num_validation = num_validation
   c.num_test = num_test
   c.split_seed = 0
-  c.subset_seed = 0
-  c.subset_sizes = subset_sizes
+  # Nested seeded fine-tuning subsets of each size D (the sweeps' `subsets` block).
+  c.subsets = ml_collections.ConfigDict(dict(sizes=subset_sizes, seed=0))
   # Fine-tuning: steps = clip(ceil(epochs * D / batch), min_steps, max_steps) rounded up to
   # eval_every; early stopping on the validation split (patience evaluations).
   c.train = ml_collections.ConfigDict(dict(**train, seed=0))

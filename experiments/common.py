@@ -338,10 +338,10 @@ def integer_field(cfg, name: str, *, low: int | None = None, high: int | None = 
 def validate_sweep_config(cfg) -> None:
   """Range checks of a sweep config's fields (finetune_sweep, select's online mode), before
   any work (`errors.ConfigError` naming the field)."""
-  sizes = nonempty(cfg.subset_sizes, "subset_sizes")
+  sizes = nonempty(cfg.subsets.sizes, "subsets.sizes")
   for d in sizes:
     if isinstance(d, bool) or not isinstance(d, int) or d < 1:
-      raise errors.ConfigError(f"config.subset_sizes: {d!r} must be an integer >= 1 "
+      raise errors.ConfigError(f"config.subsets.sizes: {d!r} must be an integer >= 1 "
                                "(D = 0, the zero-shot point, is always run)")
   names = nonempty([m.name for m in cfg.models], "models (names)")
   if not all(names):
@@ -361,12 +361,12 @@ def validate_study_selection(cfg) -> None:
   """config.selection of a study config (ratios, restarts, steps) against its subset sizes."""
   integer_field(cfg, "selection.num_restarts", low=1)
   integer_field(cfg, "selection.max_steps", low=0)
-  sizes = nonempty(cfg.subset_sizes, "subset_sizes")
+  sizes = nonempty(cfg.subsets.sizes, "subsets.sizes")
   for r in parse_ratios(cfg.selection.ratios, "config.selection.ratios"):
     if max(sizes) / r < min(sizes):
       raise errors.ConfigError(f"config.selection.ratios: ratio {r} gives D_max="
                                f"{max(sizes) / r:g}, below the smallest subset size "
-                               f"{min(sizes)} (config.subset_sizes)")
+                               f"{min(sizes)} (config.subsets.sizes)")
 
 
 def validate_study_config(cfg) -> None:
@@ -389,10 +389,10 @@ def validate_study_config(cfg) -> None:
     if task not in study_tasks.TASK_NAMES:
       raise errors.ConfigError(f"config.tasks: {task!r} is not one of {study_tasks.TASK_NAMES}")
     integer_field(cfg, f"task_max_len.{task}", low=1)
-  sizes = nonempty(cfg.subset_sizes, "subset_sizes")
+  sizes = nonempty(cfg.subsets.sizes, "subsets.sizes")
   for d in sizes:
     if isinstance(d, bool) or not isinstance(d, int) or d < 1:
-      raise errors.ConfigError(f"config.subset_sizes: {d!r} must be an integer >= 1")
+      raise errors.ConfigError(f"config.subsets.sizes: {d!r} must be an integer >= 1")
   for name in ("tokenizer_vocab", "pretrain_max_len", "num_records", "num_validation",
                "num_test", "pretrain.batch_size", "train.batch_size", "train.eval_every",
                "train.eval_batch_size", "train.max_steps", "ntk.num_probe"):

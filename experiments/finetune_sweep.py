@@ -5,7 +5,7 @@ r"""Fine-tuning sweep: loss curves L(D) for several models over nested subsets.
 
 For each model of config.models (a preset of lensllm_jax.models, optionally
 pre-trained here from a seeded init, or a Hugging Face checkpoint directory)
-and each subset size D of config.subset_sizes, fine-tunes from the
+and each subset size D of config.subsets.sizes, fine-tunes from the
 pre-trained weights on the nested subset of D examples with early stopping on
 the fixed validation split, and measures the mean per-token loss on the fixed
 test split. Writes to --workdir:
@@ -111,7 +111,7 @@ def run_sweep(cfg, workdir: pathlib.Path) -> None:
   runs = sweep.read_runs(workdir / "runs.jsonl")
   splits = sweep.load_splits(cfg, workdir)
   model_rows = {}
-  total = len(cfg.models) * (1 + len(cfg.subset_sizes))
+  total = len(cfg.models) * (1 + len(cfg.subsets.sizes))
   t_start, n_new = time.time(), 0
 
   def progress(rec):
@@ -122,7 +122,7 @@ def run_sweep(cfg, workdir: pathlib.Path) -> None:
                  (time.time() - t_start) / n_new)
 
   for spec in progress_bar(cfg.models, desc="sweep models", unit="model"):
-    if all((spec.name, d) in runs for d in [0] + list(cfg.subset_sizes)):
+    if all((spec.name, d) in runs for d in [0] + list(cfg.subsets.sizes)):
       rec = runs[(spec.name, 0)]
       model_rows[spec.name] = {"size": rec["size"], "family": rec["family"]}
       continue

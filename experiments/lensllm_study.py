@@ -96,7 +96,7 @@ def task_data(cfg, corpus, tok, task: str):
   recs = study_tasks.task_records(task, corpus, num_records=cfg.num_records, seed=cfg.split_seed,
                                   max_body_chars=cfg.max_body_chars)
   splits = study_tasks.make_splits(task, recs, num_validation=cfg.num_validation,
-                                   num_test=cfg.num_test, min_train=max(cfg.subset_sizes),
+                                   num_test=cfg.num_test, min_train=max(cfg.subsets.sizes),
                                    seed=cfg.split_seed)
   t = int(cfg.task_max_len[task])
   data = {k: textdata.encode_examples(v, tok, t) for k, v in splits.items()}
@@ -120,8 +120,9 @@ def sweep_config(cfg, task: str) -> ml_collections.ConfigDict:
                eval_batch_size=tr.eval_batch_size, seed=tr.seed)
   hessian = cfg.hessian.to_dict() if task in cfg.hessian.tasks else {"models": []}
   return ml_collections.ConfigDict(dict(
-      name=task, max_len=int(cfg.task_max_len[task]), subset_sizes=list(cfg.subset_sizes),
-      subset_seed=cfg.subset_seed, split_seed=cfg.split_seed, num_records=cfg.num_records,
+      name=task, max_len=int(cfg.task_max_len[task]),
+      subsets=dict(sizes=list(cfg.subsets.sizes), seed=cfg.subsets.seed),
+      split_seed=cfg.split_seed, num_records=cfg.num_records,
       num_validation=cfg.num_validation, num_test=cfg.num_test, train=train,
       step_budget=dict(epochs=float(tr.epochs), min_steps=int(tr.min_steps)),
       ntk=dict(num_probe=int(cfg.ntk.num_probe), output="log_likelihood",
@@ -203,7 +204,7 @@ def sweep_step(cfg, workdir: pathlib.Path, corpus, tok, zoo_models) -> dict:
   Returns:
     {task: {(model, D): run record}}.
   """
-  grid = [0] + list(cfg.subset_sizes)
+  grid = [0] + list(cfg.subsets.sizes)
   total = len(cfg.tasks) * len(zoo_models) * len(grid)
   all_runs, t_start, n_new = {}, time.time(), 0
 
@@ -350,7 +351,7 @@ def nlp_alpha(zoo_models) -> np.ndarray:
 
 def selection_step(cfg, task: str, curves, aux, alphas):
   """All methods on all budgets of one task: (selection rows, rmse rows, cost rows, fits)."""
-  target = float(max(cfg.subset_sizes))
+  target = float(max(cfg.subsets.sizes))
   meta = selection.metadata_of(curves, target_data_num=target)
   truth = curves.column(target)
   ratios = [int(r) for r in cfg.selection.ratios]
@@ -401,7 +402,7 @@ def budgeted_step(cfg, task: str, curves) -> tuple[list[dict], list[dict]]:
   default LensLLM with a scalar F, and levels z): models are fine-tuned on D = 200 * 2^s in turn
   and dropped once confidently worse; (rows per level z, notes of its NaN PearCorr cells and
   of the degenerate or non-finite fits it read)."""
-  target = float(max(cfg.subset_sizes))
+  target = float(max(cfg.subsets.sizes))
   dmax = target / min(int(r) for r in cfg.selection.ratios)
   options = budgeted.BudgetOptions(cfg.selection.budget.levels, cfg.selection.budget.method, dmax)
   res = budgeted.budgeted_selection(
@@ -446,7 +447,7 @@ def report_step(cfg, workdir, out: pathlib.Path, all_runs, zoo_models, t_start) 
   out.mkdir(parents=True, exist_ok=True)
   manifest = {r["name"]: r for r in zoo_build.read_jsonl(workdir / "zoo.jsonl")}
   alphas = nlp_alpha(zoo_models)
-  target = max(cfg.subset_sizes)
+  target = max(cfg.subsets.sizes)
   (sel_rows, rmse_rows, cost_rows, run_rows, pac_rows, spec_rows, eig_rows, phase_rows,
    budget_rows, notes) = ([] for _ in range(10))
   task_info = {}
@@ -483,7 +484,7 @@ def report_step(cfg, workdir, out: pathlib.Path, all_runs, zoo_models, t_start) 
       zoo_rows[i][f"{task}_zero_shot"] = float(curves.losses[i, 0])
       zoo_rows[i][f"{task}_final"] = float(curves.losses[i, -1])
       row = {"task": task, "model": m.spec.name, "transition_D": int(transition[i])}
-      at = {"first": min(cfg.subset_sizes), "transition": int(transition[i]), "last": target}
+      at = {"first": min(cfg.subsets.sizes), "transition": int(transition[i]), "last": target}
       for short, get in (("kd", reporting.kernel_distance),
                          ("hess", lambda r: r.get("hessian_top", float("nan"))),
                          ("pac", lambda r: r.get("pac_sum_sqrt", float("nan")))):

@@ -85,7 +85,7 @@ def read_eigenpairs(path: pathlib.Path, task: str, models) -> tuple:
 
 def task_results(cfg, curves, aux, methods=METHODS) -> dict:
   """method -> [ratios] SelectionResults on the budget views of one task (`methods` only)."""
-  target = float(max(cfg.subset_sizes))
+  target = float(max(cfg.subsets.sizes))
   ratios = [int(r) for r in cfg.selection.ratios]
   meta, _, rv = protocol.budget_views(curves, ratios, target)
   views = [v for _, v in rv]
@@ -122,12 +122,12 @@ def run(cfg, output_dir, methods=METHODS) -> pathlib.Path:
     if not path.is_file():
       raise errors.WorkdirError(f"{path} does not exist; run experiments.lensllm_study (or its "
                               "--kernels_only step) into that directory first")
-  target = float(max(cfg.subset_sizes))
+  target = float(max(cfg.subsets.sizes))
   loaded = {}  # every input read and checked before any work
   for task in cfg.tasks:
     (curves,) = common.load_all([inputs[f"curves_{task}"]], None)
     if target not in curves.data_sizes:
-      raise errors.ConfigError(f"config.subset_sizes: D* = {target:g} (the largest) is not a "
+      raise errors.ConfigError(f"config.subsets.sizes: D* = {target:g} (the largest) is not a "
                                f"column of {curves.source}")
     loaded[task] = curves, read_eigenpairs(inputs["ntk_eigenpairs"], task, curves.models)
   config = {**cfg.to_dict(), "ntk_dynamics": {"methods": list(methods)}}
@@ -146,7 +146,7 @@ def _run(cfg, out: pathlib.Path, methods, loaded) -> pathlib.Path:
   """loaded: task -> (CurveSet, eigenpairs of `read_eigenpairs`)."""
   t0 = time.time()
   ratios = [int(r) for r in cfg.selection.ratios]
-  target = float(max(cfg.subset_sizes))
+  target = float(max(cfg.subsets.sizes))
   rows, notes = [], []
   for task, (curves, aux) in loaded.items():
     truth = curves.column(target)

@@ -89,7 +89,7 @@ def study_figures(cfg, out: pathlib.Path, task: str, curves, runs, results, tran
   import matplotlib.pyplot as plt
 
   d = np.asarray(curves.data_sizes)
-  target = float(max(cfg.subset_sizes))
+  target = float(max(cfg.subsets.sizes))
   colors = plt.cm.tab10(np.arange(len(curves.models)) % 10)
   # Curves and LensLLM-NTK / scalar-F fits at the middle budget.
   r = [int(x) for x in cfg.selection.ratios][len(cfg.selection.ratios) // 2]
@@ -177,7 +177,7 @@ def study_summary_md(cfg, zoo_rows, run_rows, task_info, sel_rows, rmse_rows, co
   """summary.md of the study; `notes` (Markdown bullets of its notes.csv) say why a cell is
   NaN."""
   ratios = [int(r) for r in cfg.selection.ratios]
-  target = int(max(cfg.subset_sizes))
+  target = int(max(cfg.subsets.sizes))
   pre_min = sum(float(z["seconds"]) for z in zoo_rows) / 60
   sweep_min = sum(float(r["wall_seconds"]) for r in run_rows) / 60
   parts = [f"# LensLLM study ({cfg.preset} preset)", "",

@@ -475,7 +475,8 @@ def run_online(cfg, workdir: pathlib.Path, *, distributed: bool = False) -> None
   if len(cfg.models) < 2:
     raise errors.ConfigError(f"config.models: {len(cfg.models)} model(s); selection needs >= 2")
   steps = schedule(cfg, target)
-  cfg.subset_sizes = tuple(int(d) for d in steps)  # what load_splits checks the pool against
+  # The sweep's subsets block holds the schedule: load_splits checks the pool against it.
+  cfg.subsets.sizes = tuple(int(d) for d in steps)
   common.validate_sweep_config(cfg)
   with open_online_workdir(cfg, workdir):
     mesh = sharding.make_mesh() if cfg.data_parallel else None

@@ -27,7 +27,7 @@ Every binary that writes an output directory opens it with `open_output_dir`
 
 Which keys must match and which may grow. Every config key and every input
 must be equal, except the keys of `merge`: list-valued keys whose elements
-are independent units of work (a sweep's `subset_sizes`, its `models`). For
+are independent units of work (a sweep's `subsets.sizes`, its `models`). For
 such a key a rerun may name more elements or fewer; an element present in
 both must be equal (elements are matched by `merge[key](element)`, e.g. a
 model's name, or by value when that is None). The manifest then records the

@@ -184,7 +184,7 @@ def test_checkpoint_is_deleted_only_after_its_row_is_durable(tmp_path, monkeypat
   monkeypatch.setattr(fs.models, "count_params", lambda p: 10)
   m = fs.LoadedModel("m", "fam", None, None, None, None)
   data = {"train": type("T", (), {"input_ids": np.zeros((4, 3))})()}
-  cfg = ml_collections.ConfigDict(dict(subset_sizes=(200,), name="t", subset_seed=0,
+  cfg = ml_collections.ConfigDict(dict(subsets=dict(sizes=(200,), seed=0), name="t",
                                        ntk=dict(num_probe=0)))
   runs = {("m", 0): {}}
 

@@ -109,5 +109,5 @@ def make_splits(name: str, records: Sequence[dict[str, str]], *, num_validation:
   if len(splits["train"]) < min_train:
     raise ValueError(f"task {name!r}: the train pool has {len(splits['train'])} examples "
                      f"but the largest subset size is {min_train} (more files / records, or "
-                     f"smaller subset_sizes)")
+                     f"smaller subsets.sizes)")
   return splits

@@ -105,9 +105,9 @@ def load_splits(cfg, workdir: pathlib.Path) -> dict[str, list[textdata.Example]]
                               max_validation=cfg.num_validation, max_test=cfg.num_test,
                               max_train=cfg.get("max_train_rows", 0) or None,
                               seed=cfg.split_seed, cache_dir=str(workdir / "hf_cache"), raw=raw)
-  biggest = max(cfg.subset_sizes)
+  biggest = max(cfg.subsets.sizes)
   if biggest > len(splits["train"]):
-    raise errors.ConfigError(f"config.subset_sizes needs {biggest} train examples, task "
+    raise errors.ConfigError(f"config.subsets.sizes needs {biggest} train examples, task "
                              f"{spec.name!r} has {len(splits['train'])} in its train pool")
   logging.info("task %s: %s examples", spec.name, {k: len(v) for k, v in splits.items()})
   return splits
@@ -347,7 +347,7 @@ def run_one(m: LoadedModel, data: dict, d: int, cfg, tcfg, workdir, mesh, snapsh
   Returns:
     (run record, fine-tuned parameters (best validation step), subset indices [d]).
   """
-  idx = textdata.nested_subset(data["train"].num_examples, d, seed=cfg.subset_seed)
+  idx = textdata.nested_subset(data["train"].num_examples, d, seed=cfg.subsets.seed)
   checkpoint = cfg.get("checkpoint") or {}  # a config without the block checkpoints runs
   ckpt = workdir / "ckpt" / m.name / str(d) if checkpoint.get("enabled", True) else None
   budget = step_budget(cfg, d)
@@ -484,7 +484,7 @@ def sweep_model(m: LoadedModel, data: dict, cfg, tcfg: loop.TrainConfig,
                 workdir: pathlib.Path, runs: dict, *, mesh=None, after_run=None,
                 progress=None, sizes=None,
                 compiling: concurrent.futures.Future | None = None) -> None:
-  """Runs every D of `sizes` (default [0] + config.subset_sizes) that `runs` lacks for m.
+  """Runs every D of `sizes` (default [0] + config.subsets.sizes) that `runs` lacks for m.
 
   Each record is appended to workdir/runs.jsonl as soon as its run finishes and
   added to `runs` ({(model, D): record}).
@@ -492,7 +492,7 @@ def sweep_model(m: LoadedModel, data: dict, cfg, tcfg: loop.TrainConfig,
   Args:
     m: the model and its pre-trained parameters.
     data: {"train", "validation", "test"} -> TokenizedData (the task, tokenised).
-    cfg: the sweep configuration (subset_sizes, subset_seed, name, ntk, ...).
+    cfg: the sweep configuration (subsets.sizes, subsets.seed, name, ntk, ...).
     tcfg: the fine-tuning hyper-parameters (one TrainConfig for every D).
     after_run: optional fn(params, d, subset_indices) -> dict of extra fields for
       the record of a fine-tuning run (e.g. Hessian quantities of the fine-tuned
@@ -502,13 +502,14 @@ def sweep_model(m: LoadedModel, data: dict, cfg, tcfg: loop.TrainConfig,
     compiling: the `start_precompile` of this model if already started (default:
       started here, running while the pre-trained kernel is computed).
   """
-  sizes = [0] + list(cfg.subset_sizes) if sizes is None else [int(d) for d in sizes]
+  sizes = [0] + list(cfg.subsets.sizes) if sizes is None else [int(d) for d in sizes]
   todo = [d for d in sizes if (m.name, d) not in runs]
   if not todo:
     return
   size = models.count_params(m.params)
+  # (The row keeps its subset_seed column: the committed runs.csv files have it.)
   base = {"model": m.name, "family": m.family, "size": size, "task": cfg.name,
-          "max_len": int(data["train"].input_ids.shape[1]), "subset_seed": cfg.subset_seed}
+          "max_len": int(data["train"].input_ids.shape[1]), "subset_seed": cfg.subsets.seed}
   if compiling is None and any(todo):  # the snapshot below compiles the NTK meanwhile
     compiling = start_precompile(m.config, m.apply_fn, m.params, data, cfg, tcfg, mesh,
                                  ntk=False)
@@ -552,7 +553,7 @@ def sweep_model(m: LoadedModel, data: dict, cfg, tcfg: loop.TrainConfig,
 # or models, or leave models out; a model of the same name must keep its spec.
 WORKDIR_OUTPUTS = ("runs.jsonl", "curves.csv", "config.json", "tokenizer.json", "data", "ntk",
                    "finetuned", "models", "pretrained", "ckpt", "hf_cache")
-WORKDIR_MERGE = {"subset_sizes": None, "models": lambda spec: spec["name"]}
+WORKDIR_MERGE = {"subsets.sizes": None, "models": lambda spec: spec["name"]}
 # Fields that do not change any run's result.
 WORKDIR_IGNORE = ("overwrite", "checkpoint")
 
@@ -632,9 +633,9 @@ def adopt_legacy_workdir(workdir: pathlib.Path, manifest: dict) -> bool:
 
 
 def write_curve_file(cfg, runs: dict, model_rows: dict, path: pathlib.Path) -> int:
-  """Writes the models whose every D (0 and subset_sizes) is done (process 0 writes);
+  """Writes the models whose every D (0 and subsets.sizes) is done (process 0 writes);
   returns their count."""
-  grid = [0] + list(cfg.subset_sizes)
+  grid = [0] + list(cfg.subsets.sizes)
   done = [name for name in model_rows if all((name, d) in runs for d in grid)]
   if not done:
     return 0

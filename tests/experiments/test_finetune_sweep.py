@@ -152,7 +152,7 @@ def test_workdir_manifest_refuses_other_configs_and_allows_more_sizes_or_fewer_m
 
   def config(sizes, models=("a", "b"), lr=1e-3):
     return ml_collections.ConfigDict(dict(
-        name="t", task="synthetic", subset_sizes=sizes, train=dict(learning_rate=lr),
+        name="t", task="synthetic", subsets=dict(sizes=sizes), train=dict(learning_rate=lr),
         models=[ml_collections.ConfigDict(dict(name=n, hf_dir="", preset="tiny-gpt2"))
                 for n in models]))
 
@@ -163,7 +163,7 @@ def test_workdir_manifest_refuses_other_configs_and_allows_more_sizes_or_fewer_m
   finetune_sweep.bind_workdir(config((10, 20, 40)), tmp_path)  # one more size: fine
   finetune_sweep.bind_workdir(config((10,), models=("b",)), tmp_path)  # fewer: fine
   recorded = json.loads((tmp_path / "manifest.json").read_text())["config"]
-  assert recorded["subset_sizes"] == [10, 20, 40]
+  assert recorded["subsets.sizes"] == [10, 20, 40]
   assert [m["name"] for m in recorded["models"]] == ["a", "b"]
   with pytest.raises(errors.WorkdirError, match=r"config\.train\.learning_rate: 0\.001 -> 0\.01"):
     finetune_sweep.bind_workdir(config((10, 20), lr=1e-2), tmp_path)
@@ -171,6 +171,13 @@ def test_workdir_manifest_refuses_other_configs_and_allows_more_sizes_or_fewer_m
   other.models[0].preset = "tiny-llama"  # same name, another model: refused
   with pytest.raises(errors.WorkdirError, match=r"config\.models\[a\]"):
     finetune_sweep.bind_workdir(other, tmp_path)
+  # A workdir made before subset_sizes became subsets.sizes: refused naming both names.
+  manifest = json.loads((tmp_path / "manifest.json").read_text())
+  manifest["config"]["subset_sizes"] = manifest["config"].pop("subsets.sizes")
+  (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+  with pytest.raises(errors.WorkdirError, match=r'config\.subset_sizes: \[10, 20, 40\] -> '
+                     r'"<absent>"; config\.subsets\.sizes: "<absent>" -> \[10, 20, 40\]'):
+    finetune_sweep.bind_workdir(config((10, 20, 40)), tmp_path)
 
 
 def test_saved_finetuned_params_reproduce_the_recorded_test_loss(sweep):

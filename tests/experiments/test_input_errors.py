@@ -322,7 +322,8 @@ def _sweep_cfg(data, ckpt):
   from configs import finetune_tiny
 
   cfg = finetune_tiny.get_config("smoke")
-  cfg.update(dict(task="local", num_validation=20, num_test=20, subset_sizes=(50,)))
+  cfg.update(dict(task="local", num_validation=20, num_test=20))
+  cfg.subsets.sizes = (50,)
   cfg.data_files.train = str(data)
   cfg.models[0].update(dict(name="tiny", hf_dir=str(ckpt), preset="", pretrain_steps=0))
   return cfg
@@ -367,12 +368,12 @@ SWEEP_CASES = [  # (case, how the inputs change: fn(root, data, ckpt) -> overrid
      r"field 'translation' not found", errors.DataError),
     ("batch_size_zero", lambda r, d, c: {"train.batch_size": 0},
      r"config\.train\.batch_size=0: must be >= 1", errors.ConfigError),
-    ("subset_zero", lambda r, d, c: {"subset_sizes": (0, 20)},
-     r"config\.subset_sizes: 0 must be an integer >= 1", errors.ConfigError),
-    ("subset_twice", lambda r, d, c: {"subset_sizes": (20, 20)},
-     r"config\.subset_sizes: \['20'\] given more than once", errors.ConfigError),
-    ("subset_past_pool", lambda r, d, c: {"subset_sizes": (5000,)},
-     r"config\.subset_sizes needs 5000 train examples", errors.ConfigError),
+    ("subset_zero", lambda r, d, c: {"subsets.sizes": (0, 20)},
+     r"config\.subsets\.sizes: 0 must be an integer >= 1", errors.ConfigError),
+    ("subset_twice", lambda r, d, c: {"subsets.sizes": (20, 20)},
+     r"config\.subsets\.sizes: \['20'\] given more than once", errors.ConfigError),
+    ("subset_past_pool", lambda r, d, c: {"subsets.sizes": (5000,)},
+     r"config\.subsets\.sizes needs 5000 train examples", errors.ConfigError),
     ("truncated_safetensors", lambda r, d, c: _copy_ckpt(r, c, lambda p: (p / "model.safetensors")
                                                          .write_bytes((p / "model.safetensors")
                                                                       .read_bytes()[:300])),
@@ -449,7 +450,7 @@ def _study_cfg(curves):
 
   cfg = study_config.get_config("tiny")
   cfg.tasks = ("x",)
-  cfg.subset_sizes = tuple(int(d) for d in curves.data_sizes[1:])
+  cfg.subsets.sizes = tuple(int(d) for d in curves.data_sizes[1:])
   return cfg
 
 
@@ -690,8 +691,8 @@ OTHER_CASES = [  # (binary runner, case, overrides or fn(root) -> overrides, err
     (_study, "no_tasks", {"tasks": []}, errors.ConfigError, r"config\.tasks is empty"),
     (_study, "unknown_task", {"tasks": ["x"]}, errors.ConfigError,
      r"config\.tasks: 'x' is not one of"),
-    (_study, "subset_zero", {"subset_sizes": [0, 25]}, errors.ConfigError,
-     r"config\.subset_sizes: 0 must be an integer >= 1"),
+    (_study, "subset_zero", {"subsets.sizes": [0, 25]}, errors.ConfigError,
+     r"config\.subsets\.sizes: 0 must be an integer >= 1"),
     (_study, "batch_zero", {"train.batch_size": 0}, errors.ConfigError,
      r"config\.train\.batch_size=0: must be >= 1"),
     (_study, "zero_restarts", {"selection.num_restarts": 0}, errors.ConfigError,

@@ -71,7 +71,7 @@ def _study_dir(tmp_path):
   common.append_rows(out / "ntk_eigenpairs.csv", list(rows[0]), rows)
   cfg = study_config.get_config("tiny")
   cfg.tasks = ("x",)
-  cfg.subset_sizes = tuple(int(d) for d in curves.data_sizes[1:])
+  cfg.subsets.sizes = tuple(int(d) for d in curves.data_sizes[1:])
   cfg.selection.max_steps, cfg.selection.num_restarts = 30, 1
   return cfg, out, curves
 

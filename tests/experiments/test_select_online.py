@@ -133,11 +133,11 @@ def test_workdir_of_another_task_or_model_is_refused(tmp_path):
   extra = more.models[0].to_dict()
   extra["name"] = "tiny-extra"
   more.models.append(type(more.models[0])(extra))
-  more.z, more.max_data_num, more.subset_sizes = 0.1, 400, (200, 400, 800)
+  more.z, more.max_data_num, more.subsets.sizes = 0.1, 400, (200, 400, 800)
   _bind(more, tmp_path)  # an added model, a lower z, a raised cap: continues
   manifest = rundir.read_manifest(tmp_path)["config"]
   assert [m["name"] for m in manifest["models"]][-1] == "tiny-extra"
-  assert manifest["subset_sizes"] == [200, 400, 800]
+  assert manifest["subsets.sizes"] == [200, 400, 800]
   task = select_config.get_config("online_smoke")
   task.num_test = 10
   with pytest.raises(errors.WorkdirError, match=r"\(config.num_test: 64 -> 10\); pass "):
@@ -214,7 +214,7 @@ def test_models_of_one_shape_share_their_compiled_programs(tmp_path, monkeypatch
   first = cfg.models[2]  # tiny-untrained: no pre-training
   second = type(first)(dict(first.to_dict(), name="tiny-untrained-b", init_seed=3))
   cfg.models = [first, second]
-  cfg.subset_sizes = (25, 50)
+  cfg.subsets.sizes = (25, 50)
   cfg.train.max_steps, cfg.train.eval_every = 4, 2  # compilation is the cost; a few steps
   compiled = []  # (model, D, {program: compilations}) per run, model loading included
   run = select.FinetuneOracle._run

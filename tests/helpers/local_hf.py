@@ -52,7 +52,7 @@ def offline_sweep(dirs: list, train: pathlib.Path, tok, workdir: pathlib.Path, m
   from lensllm_jax.training import sweep
 
   spec = ",".join(str(d) for d in dirs)
-  overrides = dict(max_len=max_len, num_validation=20, num_test=20, subset_sizes="(200,)")
+  overrides = dict(max_len=max_len, num_validation=20, num_test=20, **{"subsets.sizes": "(200,)"})
   args = [f"--config=configs/finetune_hf.py:local:{spec}", f"--workdir={workdir}",
           f"--config.data_files.train={train}", "--config.ntk.num_probe=0",
           "--config.checkpoint.enabled=False"]
@@ -65,6 +65,7 @@ def offline_sweep(dirs: list, train: pathlib.Path, tok, workdir: pathlib.Path, m
   runs = [json.loads(x) for x in (workdir / "runs.jsonl").read_text().splitlines()]
   cfg = finetune_hf.get_config(f"local:{spec}")
   cfg.data_files.train = str(train)
-  cfg.update(dict(overrides, subset_sizes=(200,)))
+  cfg.update(dict(max_len=max_len, num_validation=20, num_test=20))
+  cfg.subsets.sizes = (200,)
   test = textdata.encode_examples(sweep.load_splits(cfg, workdir)["test"], tok, max_len)
   return {(r["model"], r["data_size"]): r for r in runs}, test

@@ -202,7 +202,7 @@ def test_presets_meet_the_issue_requirements():
   sizes = {models.num_params(zoo.model_config(s, full.tokenizer_vocab, 48)) for s in specs}
   assert len(sizes) >= 3
   assert len({s.pretrain_steps for s in specs}) >= 3
-  assert full.subset_sizes == [200 * 2 ** k for k in range(8)]
+  assert full.subsets.sizes == [200 * 2 ** k for k in range(8)]
   assert len(full.tasks) >= 2
   tiny = study.get_config("tiny")
   assert {dict(r)["arch"] for r in tiny.zoo} == {"gpt2", "llama"}
