@@ -66,8 +66,10 @@ class GPT2Block(nn.Module):
     c = self.config
     dtype = jnp.dtype(c.dtype)
     drop = nn.Dropout(c.dropout_rate)
+    shape = x.shape
+    x = x.reshape(-1, shape[-1])  # rows [B T, d]: see `layers.dense`
     h = layers.layer_norm(c.norm_eps, "ln_1")(x).astype(dtype)
-    x = layers.add_residual(x, GPT2Attention(c, name="attn")(h, mask, deterministic), drop,
-                            deterministic)
+    attn = GPT2Attention(c, name="attn")(h.reshape(shape), mask, deterministic)
+    x = layers.add_residual(x, attn.reshape(x.shape), drop, deterministic)
     h = layers.layer_norm(c.norm_eps, "ln_2")(x).astype(dtype)
-    return layers.add_residual(x, GPT2MLP(c, name="mlp")(h), drop, deterministic)
+    return layers.add_residual(x, GPT2MLP(c, name="mlp")(h), drop, deterministic).reshape(shape)

@@ -56,16 +56,33 @@ def token_log_probs(logits: jax.Array, targets: jax.Array) -> jax.Array:
     [B, T] float32.
 
   Computed as logits[b, t, targets] - logsumexp_v logits[b, t, v], the target
-  logit picked by a comparison with the vocabulary index rather than a gather:
-  the gradient is then softmax - one_hot, elementwise and fused, instead of a
-  scatter into a [B, T, V] array of zeros (the costliest op of a CPU backward
-  pass at a large vocabulary) and no [B, T, V] log-softmax is kept.
+  logit gathered (B T values; a masked sum over the vocabulary was a [B, T, V]
+  pass), with a JVP written as that masked sum: the gradient is then
+  softmax - one_hot, elementwise and fused, instead of a scatter into a
+  [B, T, V] array of zeros (the costliest op of a CPU backward pass at a
+  large vocabulary), and no [B, T, V] log-softmax is kept.
   """
   logits = logits.astype(jnp.float32)
+  return _target_logit(logits, targets.astype(jnp.int32)) - jax.nn.logsumexp(logits, axis=-1)
+
+
+@jax.custom_jvp
+def _target_logit(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """logits[b, t, targets[b, t]], [B, T]: a gather of B T values (no [B, T, V] pass);
+  0 where a target is outside [0, V), like the masked sum of the JVP."""
+  vocab = logits.shape[-1]
+  picked = jnp.take_along_axis(logits, jnp.clip(targets, 0, vocab - 1)[..., None], axis=-1)
+  return jnp.where((targets >= 0) & (targets < vocab), picked[..., 0], 0.0)
+
+
+@_target_logit.defjvp
+def _target_logit_jvp(primals, tangents):
+  # The tangent as a masked sum over the vocabulary, so that its transpose (the
+  # gradient) is the elementwise one_hot * cotangent, fused into d logits, not a scatter.
+  logits, targets = primals
   vocab = jnp.arange(logits.shape[-1], dtype=jnp.int32)
-  target_logit = jnp.sum(jnp.where(vocab == targets[..., None].astype(jnp.int32), logits, 0.0),
-                         axis=-1)
-  return target_logit - jax.nn.logsumexp(logits, axis=-1)
+  picked = jnp.sum(jnp.where(vocab == targets[..., None], tangents[0], 0.0), axis=-1)
+  return _target_logit(logits, targets), picked
 
 
 def token_nll(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> jax.Array:
