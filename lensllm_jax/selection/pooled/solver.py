@@ -156,7 +156,9 @@ def fit_pooled(init_raw, data_size, log_loss, mask, configs: Sequence[PooledConf
     num_steps: Levenberg-Marquardt steps.
     chunk_size: most problems per compiled call (chunks have this size, or
       max(16, the next power of two >= V) if smaller; problems are
-      independent, so the result does not depend on it).
+      independent, so the result does not depend on it beyond rounding: on
+      jax 0.10.2 not at all, on jax 0.12 it moves ill-conditioned fits,
+      docs/lensllm_plus.md).
 
   Returns:
     PooledFit with raw_params [V, M, 4].
