@@ -34,6 +34,7 @@ from ml_collections import config_flags
 
 from lensllm_jax import errors
 from lensllm_jax.curves import benchmarks
+from lensllm_jax.selection import budgeted, metrics
 
 CACHE_DIR_ENV = "LENSLLM_COMPILATION_CACHE_DIR"
 
@@ -372,7 +373,6 @@ def validate_study_selection(cfg) -> None:
 def validate_study_config(cfg) -> None:
   """Range checks of a configs/study.py config (lensllm_study, build_zoo, ntk_dynamics),
   before any work (`errors.ConfigError` naming the field)."""
-  from lensllm_jax.selection import budgeted  # here: the sweeps import no selection code
   from lensllm_jax.training import study_tasks, zoo  # the study's own modules
 
   try:
@@ -446,7 +446,6 @@ def parse_levels(values, name: str = "config.budget.levels") -> list[float]:
 def load_all(specs, data_dir, name: str = "benchmarks") -> list[benchmarks.CurveSet]:
   """Loads every curve file (name or path) of config.<name>; names must be unique, each file
   >= 3 models, every cell measured (`benchmarks.require_complete`)."""
-  from lensllm_jax.selection import metrics  # here: the sweeps import no selection code
   sets = [benchmarks.require_complete(benchmarks.load_curves(s, data_dir=data_dir))
           for s in specs]
   for c in sets:
@@ -495,7 +494,6 @@ def heldout_rmse(result, curves, max_data_num: float, target_data_num: float):
   Returns:
     (per_model [M], pooled) as `metrics.curve_rmse`.
   """
-  from lensllm_jax.selection import metrics  # here: the sweeps import no selection code
   d = np.asarray(curves.data_sizes, np.float64)
   held = (d > max_data_num) & (d <= target_data_num)
   pred = result.predictor.predict(d[held])
@@ -505,7 +503,6 @@ def heldout_rmse(result, curves, max_data_num: float, target_data_num: float):
 def method_cost(reads: str, curves, max_data_num: float, target_data_num: float):
   """(FLOPs per token, ratio to FullTuning) of a fixed-budget method that reads the points
   `reads` names (`Method.reads`, `budgeted.reads_flops`)."""
-  from lensllm_jax.selection import budgeted  # here: the sweeps import no selection code
   flops = budgeted.reads_flops(reads, curves.sizes, curves.data_sizes, max_data_num)
   return flops, flops / budgeted.full_tuning_flops(curves.sizes, target_data_num)
 
@@ -554,7 +551,6 @@ def score_notes(result, truth, *, with_rmse: bool = False) -> list[str]:
   rounding, or not finite). With `with_rmse`, the RMSE of L(D*) too: NaN when some
   predicted L(D*) is not finite.
   """
-  from lensllm_jax.selection import metrics  # here: the sweeps import no selection code
   notes = []
   reason = metrics.undefined_reason(result.feature, truth)
   if reason:
