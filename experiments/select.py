@@ -474,6 +474,10 @@ def run_online(cfg, workdir: pathlib.Path, *, distributed: bool = False) -> None
     raise errors.ConfigError("config.target_data_num: give D*, your fine-tuning set size (> 0)")
   if len(cfg.models) < 2:
     raise errors.ConfigError(f"config.models: {len(cfg.models)} model(s); selection needs >= 2")
+  if tuple(cfg.subsets.sizes):
+    raise errors.ConfigError(f"config.subsets.sizes={tuple(cfg.subsets.sizes)}: the online "
+                             "selection runs its own schedule (config.d0, config.max_data_num);"
+                             " leave it empty")
   steps = schedule(cfg, target)
   # The sweep's subsets block holds the schedule: load_splits checks the pool against it.
   cfg.subsets.sizes = tuple(int(d) for d in steps)

@@ -718,6 +718,8 @@ OTHER_CASES = [  # (binary runner, case, overrides or fn(root) -> overrides, err
      r"config\.train\.batch_size=0: must be >= 1"),
     (_select_online, "one_model", lambda r: {"models": []}, errors.ConfigError,
      r"config\.models: 0 model\(s\); selection needs >= 2"),
+    (_select_online, "sizes_given", {"subsets.sizes": (200, 400)}, errors.ConfigError,
+     r"config\.subsets\.sizes=\(200, 400\): the online selection runs its own schedule"),
     (_select_online, "d0_past_cap", {"d0": 400}, errors.ConfigError,
      r"config\.max_data_num=200 is below config\.d0=400"),
     (_select_online, "unknown_predictor", {"predictor": "Nope"}, errors.ConfigError,
