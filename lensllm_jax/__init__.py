@@ -15,7 +15,8 @@ above it (`tests/test_imports.py`):
 and four modules every layer may use: `errors` (the project's error types
 for bad user input), `progress` (a bar or log lines for long loops), `rundir` (output directories and workdirs: manifests,
 locks, append-only files that survive kills) and `xla_workarounds` (guards
-against known XLA bugs that silently change numbers); `data/` holds the public
+against known XLA bugs that silently change numbers, and the one place for the XLA
+compiler options of the project's programs on CPU); `data/` holds the public
 curve files with their notice and the PFN weights.
 
 Subpackages load on first use (`lensllm_jax.laws` or `from lensllm_jax import

@@ -1,4 +1,5 @@
-"""Workarounds for known XLA bugs that silently change numbers.
+"""XLA settings of the project: workarounds for known XLA bugs that silently change
+numbers, and the per-program compiler options of the CPU backend.
 
 XLA:CPU in jaxlib 0.10.2 hands some element-wise + reduction fusions to
 YNNPACK, and those compute wrong values once the leading dimension exceeds 128:
@@ -26,6 +27,16 @@ A user who sets the flag in XLA_FLAGS themselves (any value) keeps their choice.
 tests/test_xla_workarounds.py checks, on whichever jaxlib runs the tests, that
 the bug is present without the flag exactly where `ynn_reduce_bug_expected()`
 says so, and that results are exact after `import lensllm_jax`.
+
+Per-program compiler options (`jit`, `cpu_compiler_options`): the one place where the
+project sets XLA compiler options of its own programs. Most of a short CPU run's time
+is XLA:CPU's LLVM code generation of each program (docs/speed.md, "Sweep fixed cost");
+`CPU_COMPILER_OPTIONS` compiles the programs named there at a lower LLVM optimisation
+level. They are passed to `jax.jit(..., compiler_options=...)` of those programs only,
+and only when JAX's default backend is the CPU: a GPU or TPU run, and a user's own JAX
+code in the same process, compile with XLA's defaults (no XLA_FLAGS change). The
+persistent compilation cache keys on the options, so a program is never loaded from a
+compilation made with others.
 """
 
 from __future__ import annotations
@@ -35,6 +46,8 @@ import os
 import re
 import sys
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 YNN_FUSION_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 WORKAROUND = f"{YNN_FUSION_FLAG}=-reduce"
@@ -91,3 +104,77 @@ def disable_cpu_ynn_fusions() -> bool:
   # `intra_op_parallelism_threads=1` (no leading --), so flags after one are ignored.
   os.environ["XLA_FLAGS"] = f"{WORKAROUND} {flags}".strip()
   return True
+
+
+# The project's jitted programs that take compiler options (`jit(fun, program=...)`).
+PROGRAMS = ("init", "train_step", "eval_step", "state_init", "ntk_kernel", "ntk_output")
+
+LLVM_OPT_LEVEL = "xla_backend_optimization_level"  # XLA's default: 3
+
+# Options per program on the CPU backend; a program not named compiles with XLA's
+# defaults. Only programs whose outputs are bit-identical to the default compilation's
+# (tests/test_xla_workarounds.py compares them) and whose run time is not slower on the
+# bench's models (docs/speed.md, "Sweep fixed cost": compile and run times per level).
+CPU_COMPILER_OPTIONS: dict[str, dict[str, Any]] = {
+    "init": {LLVM_OPT_LEVEL: 1},
+    "state_init": {LLVM_OPT_LEVEL: 1},
+}
+# The programs above whose outputs are bit-identical to XLA's default compilation's (the
+# others' within float32 rounding; tests/training/test_compiler_options.py checks both).
+BIT_IDENTICAL = frozenset({"init", "state_init"})
+
+
+def cpu_compiler_options(program: str) -> dict[str, Any] | None:
+  """The XLA compiler options of one of the project's `PROGRAMS`: a copy of
+  `CPU_COMPILER_OPTIONS[program]` when JAX's default backend is the CPU, else None
+  (XLA's defaults). Asks JAX for its default backend (creating it if none exists yet)."""
+  if program not in PROGRAMS:
+    raise ValueError(f"program={program!r}: expected one of {PROGRAMS}")
+  import jax
+
+  if jax.default_backend() != "cpu":
+    return None
+  return dict(CPU_COMPILER_OPTIONS.get(program, {})) or None
+
+
+def jit(fun: Callable, *, program: str, **kwargs) -> Callable:
+  """`jax.jit(fun, **kwargs)` compiled with `cpu_compiler_options(program)` (read now: call
+  it when the program is built, after the backend is chosen, not at import).
+
+  JAX takes compiler options on a top-level jit only: called inside another trace (jit,
+  eval_shape, vmap, grad), the function is the plain `jax.jit(fun, **kwargs)`, whose
+  program becomes part of the enclosing one (compiled with that one's options).
+  """
+  options = cpu_compiler_options(program)
+  import jax
+
+  if options is None:
+    return jax.jit(fun, **kwargs)
+  return _TopLevelOptionsJit(jax.jit(fun, compiler_options=options, **kwargs),
+                             jax.jit(fun, **kwargs))
+
+
+def _inside_trace() -> bool:
+  from jax._src import core  # private: JAX has no public "am I being traced" test
+
+  return not core.trace_state_clean()
+
+
+class _TopLevelOptionsJit:
+  """A jitted function with compiler options at top level and `plain` inside a trace;
+  other attributes (`eval_shape`, ...) are the top-level one's."""
+
+  def __init__(self, top_level: Callable, plain: Callable):
+    self._top_level, self._plain = top_level, plain
+
+  def _pick(self) -> Callable:
+    return self._plain if _inside_trace() else self._top_level
+
+  def __call__(self, *args, **kwargs):
+    return self._pick()(*args, **kwargs)
+
+  def lower(self, *args, **kwargs):
+    return self._pick().lower(*args, **kwargs)
+
+  def __getattr__(self, name):
+    return getattr(self._top_level, name)

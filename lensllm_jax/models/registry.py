@@ -45,7 +45,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from lensllm_jax import errors
+from lensllm_jax import errors, xla_workarounds
 from lensllm_jax.models.config import ModelConfig
 from lensllm_jax.models.encdec_config import ENCDEC_ARCHS, EncoderDecoderConfig
 
@@ -175,8 +175,9 @@ def _jitted_init(config, length: int) -> Callable:
   # Jitted: XLA drops the unused forward pass and compiles one program. The dummy
   # inputs are made inside the trace (made outside under an eval_shape, they would be
   # tracers kept by the cache).
-  return jax.jit(lambda k: arch.build(config).init(k, *arch.dummy_inputs(config, length))
-                 ["params"])
+  return xla_workarounds.jit(
+      lambda k: arch.build(config).init(k, *arch.dummy_inputs(config, length))["params"],
+      program="init")
 
 
 def num_params(config) -> int:

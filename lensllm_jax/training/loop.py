@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lensllm_jax import errors, models
+from lensllm_jax import errors, models, xla_workarounds
 from lensllm_jax.models import losses
 from lensllm_jax.progress import progress
 from lensllm_jax.training import sharding as shd
@@ -251,7 +251,7 @@ def _jit_init_state(optimizer: optax.GradientTransformation) -> Callable:
     return TrainState(jnp.zeros((), jnp.int32), jax.tree.map(jnp.copy, params),
                       optimizer.init(params))
 
-  return jax.jit(init)
+  return xla_workarounds.jit(init, program="state_init")
 
 
 @functools.lru_cache(maxsize=8)
@@ -332,7 +332,8 @@ def make_train_step(apply_fn: ApplyFn, optimizer: optax.GradientTransformation, 
     metrics = {"loss": total / denom, "tokens": count, "grad_norm": optax.global_norm(grads)}
     return TrainState(state.step + 1, params, opt_state), metrics
 
-  return jax.jit(step_fn, donate_argnums=(0,) if donate else ())
+  return xla_workarounds.jit(step_fn, program="train_step",
+                             donate_argnums=(0,) if donate else ())
 
 
 def make_eval_step(apply_fn: ApplyFn) -> Callable:
@@ -341,7 +342,7 @@ def make_eval_step(apply_fn: ApplyFn) -> Callable:
   def eval_fn(params, batch):
     return _batch_sums(apply_fn, params, batch, jax.random.key(0))
 
-  return jax.jit(eval_fn)
+  return xla_workarounds.jit(eval_fn, program="eval_step")
 
 
 @jax.jit

@@ -44,7 +44,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from lensllm_jax import errors, models, rundir
+from lensllm_jax import errors, models, rundir, xla_workarounds
 from lensllm_jax.curves import benchmarks
 from lensllm_jax.training import loop, sharding, textdata
 
@@ -270,7 +270,7 @@ def _ntk_fns(config: models.ModelConfig, output: str, options: KernelOptions | N
     fn = ntk.make_sketched_ntk_fn(apply_fn, sketch_dim=options.sketch_dim,
                                   key=jax.random.key(options.sketch_seed),
                                   block_size=options.block_size or None)
-  return fn, jax.jit(apply_fn)
+  return fn, xla_workarounds.jit(apply_fn, program="ntk_output")
 
 
 class NTKSnapshot:

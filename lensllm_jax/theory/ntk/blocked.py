@@ -19,6 +19,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lensllm_jax import progress as progress_lib
+from lensllm_jax import xla_workarounds
 from lensllm_jax.theory.ntk.exact import ApplyFn, NTKFn, PyTree, make_ntk_fn
 
 
@@ -156,9 +157,9 @@ def make_blocked_ntk_fn(
 
   rep = PartitionSpec()
   blocks_sharding = NamedSharding(mesh, PartitionSpec("blocks"))
-  sharded = jax.jit(jax.shard_map(
+  sharded = xla_workarounds.jit(jax.shard_map(
       local_pairs, mesh=mesh, in_specs=(rep, rep, rep, PartitionSpec("blocks")),
-      out_specs=PartitionSpec("blocks"), check_vma=False))
+      out_specs=PartitionSpec("blocks"), check_vma=False), program="ntk_kernel")
 
   def abstract_blocks(x):
     nb = -(-_leading_size(x, "x1") // block_size)

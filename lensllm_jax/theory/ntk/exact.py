@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from lensllm_jax import xla_workarounds
 from lensllm_jax.theory import hessian, nt_compat
 
 PyTree = Any
@@ -208,7 +209,7 @@ def make_ntk_fn(
     # neural-tangents averages over traced axes.
     return theta * traced_size if trace_reduction == "sum" else theta
 
-  fn = jax.jit(ntk_fn)
+  fn = xla_workarounds.jit(ntk_fn, program="ntk_kernel")
   if implementation == "jacobian_contraction" and vmap_axes == 0:
     fn.stages = _jacobian_stages(apply_fn, param_mask, trace_axes, trace_reduction)
   return fn
