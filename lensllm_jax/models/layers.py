@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lensllm_jax.models import losses
+
 # Large finite negative score for masked keys: a fully masked query row then
 # gets a uniform (finite) softmax instead of NaN.
 _MASK_VALUE = -1e30
@@ -224,15 +226,23 @@ class Unembed(nn.Module):
   use_bias: bool = False
 
   @nn.compact
-  def __call__(self, h: jax.Array) -> jax.Array:
+  def __call__(self, h: jax.Array, targets: jax.Array | None = None,
+               loss_mask: jax.Array | None = None, softcap: float | None = None):
+    """logits [..., V] of h [..., d], soft-capped by ``softcap``; with ``targets``, the
+    LM loss sums of those logits instead (`losses.head_token_nll_sums`)."""
     kernel = self.param("kernel", nn.initializers.normal(self.init_std),
                         (h.shape[-1], self.vocab_size), jnp.float32)
+    bias = (self.param("bias", nn.initializers.zeros, (self.vocab_size,), jnp.float32)
+            if self.use_bias else None)
+    if targets is not None:
+      return losses.head_token_nll_sums(h, targets, loss_mask, kernel=kernel, bias=bias,
+                                        softcap=softcap, dtype=self.dtype)
     rows = jnp.dot(h.reshape(-1, h.shape[-1]).astype(self.dtype), kernel.astype(self.dtype),
                    preferred_element_type=jnp.float32)  # 2-D: see `dense`
     logits = rows.reshape(h.shape[:-1] + (self.vocab_size,))
-    if self.use_bias:
-      logits = logits + self.param("bias", nn.initializers.zeros, (self.vocab_size,), jnp.float32)
-    return logits
+    if bias is not None:
+      logits = logits + bias
+    return soft_cap(logits, softcap)
 
 
 def tied_logits(h: jax.Array, embedding: jax.Array, dtype) -> jax.Array:

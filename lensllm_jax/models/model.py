@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lensllm_jax.models import layers, registry
+from lensllm_jax.models import layers, losses, registry
 from lensllm_jax.models.config import LLAMA_FAMILY, ModelConfig
 from lensllm_jax.models.gpt2 import GPT2Block
 from lensllm_jax.models.llama import LlamaBlock
@@ -82,8 +82,9 @@ class CausalLM(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
-               positions: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
-    """Computes the logits.
+               positions: jax.Array | None = None, deterministic: bool = True,
+               targets: jax.Array | None = None, loss_mask: jax.Array | None = None):
+    """Computes the logits, or with ``targets`` the LM loss sums.
 
     Args:
       input_ids: [B, T] int token ids, T <= config.max_len.
@@ -97,9 +98,12 @@ class CausalLM(nn.Module):
         With left padding and the other archs, pass e.g. cumsum(mask) - 1
         clipped at 0.
       deterministic: if False, applies dropout (needs rngs={"dropout": key}).
+      targets, loss_mask: [B, T] ints and [B, T] floats, or None (the default).
 
     Returns:
-      [B, T, V] float32 logits.
+      [B, T, V] float32 logits; with targets, `losses.token_nll_sums(logits, targets,
+      loss_mask)` (two float32 scalars) computed by `losses.head_token_nll_sums`,
+      which never writes the [B T, V] logits (the training and evaluation steps).
     """
     c = self.config
     if input_ids.ndim != 2:
@@ -158,10 +162,14 @@ class CausalLM(nn.Module):
       for i in range(c.n_layers):
         x = PhiBlock(c, name=f"layers_{i}")(x, mask, cos, sin, deterministic)
       h = layers.layer_norm(c.norm_eps, "final_layernorm")(x)
-    if c.tie_embeddings:
-      logits = layers.tied_logits(h, tokens.embedding, dtype)
-    else:
-      logits = layers.Unembed(c.vocab_size, dtype, use_bias=c.arch == "phi", name="lm_head")(h)
+    head = (None if c.tie_embeddings else
+            layers.Unembed(c.vocab_size, dtype, use_bias=c.arch == "phi", name="lm_head"))
+    if targets is not None:
+      if head is not None:
+        return head(h, targets, loss_mask, c.final_softcap)
+      return losses.head_token_nll_sums(h, targets, loss_mask, embedding=tokens.embedding,
+                                        softcap=c.final_softcap, dtype=dtype)
+    logits = layers.tied_logits(h, tokens.embedding, dtype) if head is None else head(h)
     return layers.soft_cap(logits, c.final_softcap)
 
 

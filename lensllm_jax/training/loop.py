@@ -86,11 +86,18 @@ class _CausalLMApply:
   model: Any
   dropout: bool = False
 
-  def __call__(self, params, input_ids, attention_mask, key):
+  def __call__(self, params, input_ids, attention_mask, key, **loss_args):
     if self.dropout:
       return self.model.apply({"params": params}, input_ids, attention_mask=attention_mask,
-                              deterministic=False, rngs={"dropout": key})
-    return self.model.apply({"params": params}, input_ids, attention_mask=attention_mask)
+                              deterministic=False, rngs={"dropout": key}, **loss_args)
+    return self.model.apply({"params": params}, input_ids, attention_mask=attention_mask,
+                            **loss_args)
+
+  def token_loss_sums(self, params, batch, key):
+    """`token_loss_sums` of a `models.CausalLM`'s logits on a batch, from its fused output
+    head and loss (`models.losses.head_token_nll_sums`: no [B T, V] logits in memory)."""
+    return self(params, batch["input_ids"], batch["attention_mask"], key,
+                targets=batch["targets"], loss_mask=batch["loss_mask"])
 
 
 def seq2seq_apply(model: Any, *, dropout: bool = False, router_losses: bool = True):
@@ -273,6 +280,8 @@ def token_loss_sums(logits: jax.Array, targets: jax.Array,
 
 
 def _batch_sums(apply_fn, params, batch, key, training=False):
+  if isinstance(apply_fn, _CausalLMApply) and isinstance(apply_fn.model, models.CausalLM):
+    return apply_fn.token_loss_sums(params, batch, key)
   if not getattr(apply_fn, "encoder_decoder", False):
     logits = apply_fn(params, batch["input_ids"], batch["attention_mask"], key)
     return token_loss_sums(logits, batch["targets"], batch["loss_mask"])

@@ -26,7 +26,7 @@ import pytest
 
 from experiments import hessian_common
 from helpers import import_torch_and_transformers, local_hf
-from lensllm_jax import models
+from lensllm_jax import models, training
 from lensllm_jax.models.presets import HF_CONFIGS
 from lensllm_jax.theory import nlp_metrics, ntk
 from lensllm_jax.training import textdata
@@ -253,20 +253,32 @@ def test_bfloat16_compute_close_to_transformers(name, checkpoints):
   assert 0 < err < 0.05 * float(np.std(theirs[real])), (name, err)
 
 
+# The train step's loss checked too: an untied head and a soft-capped tied one.
+_TRAINING_LOSS_FAMILIES = ("mistral", "gemma2")
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_lm_loss_gradient_matches_torch(name, checkpoints):
   """The project's LM loss as the Hessian binaries take it (`hessian_common.lm_loss_fn`,
-  positions 0..T-1 as transformers' default) and its gradient on the padded batch, against
-  torch's mapped to our layout by the (logit-tested) converter: within 1e-4 relative (max
-  abs error over max abs entry) per parameter tensor."""
+  positions 0..T-1 as transformers' default), for _TRAINING_LOSS_FAMILIES also as the
+  train step takes it (the model's fused head and loss), and their gradients on the
+  padded batch, against torch's mapped to our layout by the (logit-tested) converter:
+  within 1e-4 relative (max abs error over max abs entry) per parameter tensor."""
   ref = checkpoints[name]
   config, params = ref["config"], ref["params"]
   ids, mask, _ = _batch(seed=1, vocab=config.vocab_size)
   targets, loss_mask = models.next_token_targets(jnp.asarray(ids), jnp.asarray(mask))
   batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask),
            "targets": targets, "loss_mask": loss_mask}
-  loss_fn = hessian_common.lm_loss_fn(models.build(config))
-  loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params, batch)
+  module = models.build(config)
+  loss_fn = hessian_common.lm_loss_fn(module)
+
+  def training_loss(params, batch):  # the train step's: the model's fused head and loss
+    total, count = training.causal_lm_apply(module).token_loss_sums(params, batch, None)
+    return total / count
+
+  fns = (loss_fn, training_loss) if name in _TRAINING_LOSS_FAMILIES else (loss_fn,)
+  results = jax.jit(lambda p, b: [jax.value_and_grad(f)(p, b) for f in fns])(params, batch)
 
   model = ref["model"]
   model.zero_grad()
@@ -274,16 +286,17 @@ def test_lm_loss_gradient_matches_torch(name, checkpoints):
   m = torch.as_tensor(np.asarray(loss_mask), dtype=torch.float64)
   ref_loss = -(lp * m).sum() / m.sum()
   ref_loss.backward()
-  np.testing.assert_allclose(float(loss), ref_loss.item(), rtol=1e-5)
   torch_grads = {n: p.grad.numpy() for n, p in model.named_parameters()}
   fmt = models.HF_FORMATS[json.loads((ref["path"] / "config.json").read_text())["model_type"]]
   ref_grads = dict(jax.tree_util.tree_leaves_with_path(
       fmt.convert(torch_grads, config, "torch grads")))
-  for path, ours in jax.tree_util.tree_leaves_with_path(grads):
-    theirs = np.asarray(ref_grads[path])
-    scale = float(np.max(np.abs(theirs)))
-    err = float(np.max(np.abs(np.asarray(ours) - theirs)))
-    assert err <= 1e-4 * scale, (jax.tree_util.keystr(path), err, scale)
+  for loss, grads in results:
+    np.testing.assert_allclose(float(loss), ref_loss.item(), rtol=1e-5)
+    for path, ours in jax.tree_util.tree_leaves_with_path(grads):
+      theirs = np.asarray(ref_grads[path])
+      scale = float(np.max(np.abs(theirs)))
+      err = float(np.max(np.abs(np.asarray(ours) - theirs)))
+      assert err <= 1e-4 * scale, (jax.tree_util.keystr(path), err, scale)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -219,6 +219,51 @@ def test_token_log_probs_derivatives_match_log_softmax():
     np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("tied, bias, softcap, chunk_rows", [
+    (True, False, None, 4), (False, True, 2.0, 5)])
+def test_head_token_nll_sums_matches_the_dense_head(monkeypatch, tied, bias, softcap,
+                                                    chunk_rows):
+  """The fused head + loss (row chunks whose gradients form in the forward pass) against
+  the logits written out and `token_nll_sums`: the value against numpy in float64, the
+  gradients (h, weight, bias, mask) against autodiff of the dense head. chunk_rows: rows
+  per chunk (21 rows: 6 chunks of 4 or 5 of 5, the last padded); one chunk (gpt2 heads
+  of tests/training) is the training step's test against the dense loss."""
+  from lensllm_jax.models import losses
+  batch, length, width, vocab = 3, 7, 4, 11
+  monkeypatch.setattr(losses, "_CHUNK_BYTES", 4 * vocab * chunk_rows)  # float32 logits
+  assert losses._row_chunks(batch * length, vocab, width) == -(-batch * length // chunk_rows)
+  rng = np.random.default_rng(2)
+  h = rng.normal(size=(batch, length, width)).astype(np.float32)
+  weight = rng.normal(size=(vocab, width) if tied else (width, vocab)).astype(np.float32)
+  b = rng.normal(size=vocab).astype(np.float32) if bias else None
+  targets = rng.integers(0, vocab, size=(batch, length))
+  mask = (rng.random((batch, length)) > 0.3).astype(np.float32)
+
+  def fused(h, weight, b, mask):
+    head = {"embedding" if tied else "kernel": weight}
+    return losses.head_token_nll_sums(h, targets, mask, bias=b, softcap=softcap, **head)[0]
+
+  def dense(h, weight, b, mask):
+    logits = layers.tied_logits(h, weight, jnp.float32) if tied else h @ weight
+    logits = layers.soft_cap(logits if b is None else logits + b, softcap)
+    return models.token_nll_sums(logits, targets, mask)[0]
+
+  args = (h, weight, b, mask)
+  got_value, got = jax.jit(jax.value_and_grad(fused, argnums=(0, 1, 2, 3)))(*args)
+  want_value, want = jax.jit(jax.value_and_grad(dense, argnums=(0, 1, 2, 3)))(*args)
+  z = h.astype(np.float64) @ (weight.T if tied else weight).astype(np.float64)
+  z = z if b is None else z + b
+  z = z if softcap is None else softcap * np.tanh(z / softcap)
+  lse = np.log(np.exp(z).sum(-1))
+  nll = lse - np.take_along_axis(z, targets[..., None], -1)[..., 0]
+  np.testing.assert_allclose(got_value, (nll * mask).sum(), rtol=1e-6)
+  np.testing.assert_allclose(jax.jit(fused)(*args), got_value, rtol=1e-6)  # undifferentiated
+  np.testing.assert_allclose(want_value, got_value, rtol=1e-6)
+  assert len(jax.tree.leaves(got)) == 3 + bias
+  for ours, theirs in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
 def test_next_token_targets():
   ids = jnp.array([[5, 6, 7, 8], [1, 2, 3, 0]])
   mask = jnp.array([[1, 1, 1, 1], [1, 1, 1, 0]])
