@@ -6,15 +6,19 @@ scoring of selection results that `reproduce_selection` and `lensllm_study`
 share (`heldout_rmse`, `method_cost`; the scores are `metrics.selection_scores`).
 
 Binaries import these rather than each other: importing a binary would
-define its absl flags a second time. The one flag defined here is shared by
+define its absl flags a second time. The two flags defined here are shared by
 every binary (each imports this module):
 
   --compilation_cache_dir  JAX's persistent compilation cache: compiled XLA
       programs are stored there and reused by the next run, so a repeated
       run does not recompile. Default $LENSLLM_COMPILATION_CACHE_DIR, else
-      ~/.cache/lensllm_jax/jax_cache; an empty value turns it off. It is
-      switched on after flag parsing (`absl.app.call_after_init`), so code
-      that imports a binary without running it (tests) never touches it.
+      ~/.cache/lensllm_jax/jax_cache; an empty value turns it off.
+  --reuse_freed_memory  (default on) `host_memory.reuse_freed_memory`: glibc's
+      malloc keeps freed memory mapped, so each XLA:CPU train step reuses the
+      previous step's buffers instead of faulting in fresh pages.
+
+Both take effect after flag parsing (`absl.app.call_after_init`), so code that
+imports a binary without running it (tests) touches neither.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from lensllm_jax import errors
+from lensllm_jax import errors, host_memory
 from lensllm_jax.curves import benchmarks
 from lensllm_jax.selection import budgeted, metrics
 
@@ -72,6 +76,14 @@ def enable_compilation_cache(path: str | None) -> str | None:
 
 
 app.call_after_init(lambda: enable_compilation_cache(_COMPILATION_CACHE_DIR.value))
+
+_REUSE_FREED_MEMORY = flags.DEFINE_bool(
+  "reuse_freed_memory", True,
+  "glibc malloc keeps freed memory for reuse (lensllm_jax.host_memory): each XLA:CPU "
+  "train step then reuses the last step's buffers instead of faulting in fresh pages.")
+
+# At start, before any computation: threads that already allocated keep their malloc arena.
+app.call_after_init(lambda: _REUSE_FREED_MEMORY.value and host_memory.reuse_freed_memory())
 
 
 # Errors that mean "the input is wrong" (a flag, a config, a file), not "the code is wrong":

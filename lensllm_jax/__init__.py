@@ -12,11 +12,13 @@ above it (`tests/test_imports.py`):
   selection  the selection methods, their registry, metrics, compute and budget
   plus       LensLLM+: candidate predictors (pooled fits, curve PFNs) and the protocol
 
-and four modules every layer may use: `errors` (the project's error types
+and five modules every layer may use: `errors` (the project's error types
 for bad user input), `progress` (a bar or log lines for long loops), `rundir` (output directories and workdirs: manifests,
-locks, append-only files that survive kills) and `xla_workarounds` (guards
+locks, append-only files that survive kills), `xla_workarounds` (guards
 against known XLA bugs that silently change numbers, and the one place for the XLA
-compiler options of the project's programs on CPU); `data/` holds the public
+compiler options of the project's programs on CPU) and `host_memory` (glibc
+malloc settings that let each XLA:CPU step reuse the last one's buffers; the
+binaries apply them at start); `data/` holds the public
 curve files with their notice and the PFN weights.
 
 Subpackages load on first use (`lensllm_jax.laws` or `from lensllm_jax import
@@ -36,7 +38,7 @@ xla_workarounds.disable_cpu_ynn_fusions()
 __version__ = "0.1.0"
 
 SUBPACKAGES = ("curves", "models", "theory", "training", "laws", "selection", "plus")
-MODULES = ("errors", "progress", "rundir", "xla_workarounds")
+MODULES = ("errors", "progress", "rundir", "xla_workarounds", "host_memory")
 __all__ = [*SUBPACKAGES, *MODULES]
 
 
