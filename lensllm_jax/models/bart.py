@@ -7,7 +7,8 @@ Embeddings: x = scale * E[ids] + P[pos + 2] (scale = sqrt(d) if
 ``scale_embedding`` else 1; the position table has 2 extra leading rows, the
 offset of fairseq), then LayerNorm ("layernorm_embedding"). Blocks are
 post-LayerNorm with biases everywhere: x = LN(x + attn(x)), [decoder:
-x = LN(x + cross_attn(x, enc))], x = LN(x + fc2(gelu(fc1 x))). No final norm.
+x = LN(x + cross_attn(x, enc))], x = LN(x + fc2(gelu(fc1 x))), on the token rows [B S or B T, d] of the residual
+stream (`layers.token_rows`). No final norm.
 Logits = h E^T (+ final_logits_bias for the encoder-decoder).
 
 Top-level parameter blocks of `BartModel`:
@@ -49,7 +50,10 @@ def _dense(features: int, dtype, name: str):
 
 
 class BartAttention(nn.Module):
-  """Multi-head attention with biased q/k/v/out projections, scores / sqrt(Dh)."""
+  """Multi-head attention with biased q/k/v/out projections, scores / sqrt(Dh).
+
+  x [B T, d] and kv [B S, d] are rows, mask [B, 1, T, S]; returns rows [B T, d].
+  """
 
   config: EncoderDecoderConfig
 
@@ -58,21 +62,18 @@ class BartAttention(nn.Module):
                deterministic: bool) -> jax.Array:
     c = self.config
     dtype = jnp.dtype(c.dtype)
-    batch = x.shape[0]
-
-    def heads(t):
-      return t.reshape(batch, t.shape[1], c.n_heads, c.head_dim)
-
-    q = heads(_dense(c.d_model, dtype, "q_proj")(x))
-    k = heads(_dense(c.d_model, dtype, "k_proj")(kv))
-    v = heads(_dense(c.d_model, dtype, "v_proj")(kv))
+    batch = mask.shape[0]
+    q = layers.split_heads(_dense(c.d_model, dtype, "q_proj")(x), batch, c.n_heads)
+    k = layers.split_heads(_dense(c.d_model, dtype, "k_proj")(kv), batch, c.n_heads)
+    v = layers.split_heads(_dense(c.d_model, dtype, "v_proj")(kv), batch, c.n_heads)
     out = layers.dot_product_attention(q, k, v, mask, dropout=nn.Dropout(c.dropout_rate),
                                        deterministic=deterministic)
-    return _dense(c.d_model, dtype, "out_proj")(out)
+    return _dense(c.d_model, dtype, "out_proj")(layers.token_rows(out))
 
 
 class BartLayer(nn.Module):
-  """Post-LayerNorm block; ``cross`` adds encoder attention (run only with enc_out)."""
+  """Post-LayerNorm block on rows x [B T, d] (enc_out [B S, d]); ``cross`` adds encoder
+  attention (run only with enc_out)."""
 
   config: EncoderDecoderConfig
   cross: bool
@@ -108,8 +109,9 @@ class BartLayer(nn.Module):
 
 def _embed(config: EncoderDecoderConfig, tokens: nn.Embed, positions: nn.Embed,
            norm: nn.Module, ids: jax.Array, pos: jax.Array) -> jax.Array:
+  """The normed embeddings of ids [B, L] as rows [B L, d]."""
   scale = math.sqrt(config.d_model) if config.scale_embedding else 1.0
-  return norm(tokens(ids) * scale + positions(pos + POSITION_OFFSET))
+  return norm(layers.token_rows(tokens(ids) * scale + positions(pos + POSITION_OFFSET)))
 
 
 def _positions(ids: jax.Array, positions: jax.Array | None, max_len: int) -> jax.Array:
@@ -156,7 +158,8 @@ class BartModel(nn.Module):
     for i in range(c.n_decoder_layers):
       y = BartLayer(c, cross=True, name=f"decoder_layers_{i}")(y, dec_mask, x, cross_mask,
                                                                deterministic)
-    logits = layers.tied_logits(y, shared.embedding, jnp.dtype(c.dtype))
+    logits = layers.tied_logits(y.reshape(decoder_input_ids.shape + (-1,)), shared.embedding,
+                                jnp.dtype(c.dtype))
     bias = self.param("final_logits_bias", nn.initializers.zeros, (c.vocab_size,), jnp.float32)
     return logits + bias
 
@@ -196,4 +199,4 @@ class BartCausalLM(nn.Module):
     x = nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)
     for i in range(c.n_decoder_layers):
       x = BartLayer(c, cross=True, name=f"layers_{i}")(x, mask, None, None, deterministic)
-    return layers.tied_logits(x, tokens.embedding, jnp.dtype(c.dtype))
+    return layers.tied_logits(x.reshape(batch, length, -1), tokens.embedding, jnp.dtype(c.dtype))

@@ -298,31 +298,47 @@ def dense(features: int, dtype, name: str, *, std: float = INIT_STD,
   return lambda x: layer(x.reshape(-1, x.shape[-1])).reshape(x.shape[:-1] + (features,))
 
 
-def qkv_projections(x: jax.Array, n_heads: int, n_kv_heads: int, head_dim: int, dtype, *,
-                    use_bias: bool, fused: str | None = None,
+def token_rows(x: jax.Array) -> jax.Array:
+  """x [..., f] as one matrix of rows [N, f] (a bitcast), the layout of the blocks.
+
+  The blocks of the Llama family, OPT, Phi / GPT-NeoX, T5 and BART keep their
+  residual stream, norms and MLPs on the token rows [B T, d]; only attention
+  views them as [B, T, ...] (`split_heads`). With [B, T, f] operands the bias
+  and norm-scale gradients are sums over two dimensions, which XLA:CPU (YNNPACK
+  reductions off, the jaxlib 0.10.2 workaround) runs as windowed reductions,
+  ~8x slower than the column sum of the rows.
+  """
+  return x.reshape(-1, x.shape[-1])
+
+
+def split_heads(rows: jax.Array, batch: int, heads: int) -> jax.Array:
+  """rows [B L, heads Dh] of ``batch`` sequences -> [B, L, heads, Dh]."""
+  return rows.reshape(batch, -1, heads, rows.shape[-1] // heads)
+
+
+def qkv_projections(x: jax.Array, batch: int, n_heads: int, n_kv_heads: int, head_dim: int,
+                    dtype, *, use_bias: bool, fused: str | None = None,
                     per_head: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """q [B, T, H, Dh], k and v [B, T, K, Dh] from x [B, T, d].
+  """q [B, T, H, Dh], k and v [B, T, K, Dh] from the rows x [B T, d] of ``batch`` sequences.
 
   Separate Dense layers "q_proj", "k_proj", "v_proj" by default; with
   ``fused`` one Dense of that name whose output columns are [q | k | v]
   (Phi-3's qkv_proj, widths H Dh, K Dh, K Dh) or, with ``per_head`` (needs
   K = H), head by head [q_h | k_h | v_h] (GPT-NeoX's query_key_value).
   """
-  batch, length, _ = x.shape
   q_dim, kv_dim = n_heads * head_dim, n_kv_heads * head_dim
   if fused is None:
     q = dense(q_dim, dtype, "q_proj", use_bias=use_bias)(x)
     k = dense(kv_dim, dtype, "k_proj", use_bias=use_bias)(x)
     v = dense(kv_dim, dtype, "v_proj", use_bias=use_bias)(x)
   elif per_head:
-    qkv = dense(3 * q_dim, dtype, fused, use_bias=use_bias)(x)
-    q, k, v = jnp.split(qkv.reshape(batch, length, n_heads, 3 * head_dim), 3, axis=-1)
+    qkv = split_heads(dense(3 * q_dim, dtype, fused, use_bias=use_bias)(x), batch, n_heads)
+    return tuple(jnp.split(qkv, 3, axis=-1))
   else:
     qkv = dense(q_dim + 2 * kv_dim, dtype, fused, use_bias=use_bias)(x)
     q, k, v = jnp.split(qkv, [q_dim, q_dim + kv_dim], axis=-1)
-  return (q.reshape(batch, length, n_heads, head_dim),
-          k.reshape(batch, length, n_kv_heads, head_dim),
-          v.reshape(batch, length, n_kv_heads, head_dim))
+  return (split_heads(q, batch, n_heads), split_heads(k, batch, n_kv_heads),
+          split_heads(v, batch, n_kv_heads))
 
 
 class ProjectedAttention(nn.Module):
@@ -350,10 +366,11 @@ class ProjectedAttention(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool,
                cos: jax.Array | None = None, sin: jax.Array | None = None) -> jax.Array:
-    q, k, v = qkv_projections(x, self.n_heads, self.n_kv_heads, self.head_dim, self.dtype,
-                              use_bias=True, fused=self.fused_name, per_head=True)
+    """x: rows [B T, d] (mask [B, 1, T, T]); returns rows [B T, d]."""
+    q, k, v = qkv_projections(x, mask.shape[0], self.n_heads, self.n_kv_heads, self.head_dim,
+                              self.dtype, use_bias=True, fused=self.fused_name, per_head=True)
     if cos is not None:
       q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     out = dot_product_attention(q, k, v, mask, dropout=nn.Dropout(self.dropout_rate),
                                 deterministic=deterministic)
-    return dense(self.d_model, self.dtype, self.out_name, std=self.out_std)(out)
+    return dense(self.d_model, self.dtype, self.out_name, std=self.out_std)(token_rows(out))

@@ -28,7 +28,8 @@ Block (RMSNorm scale offset + w, offset 1 for Gemma):
 with mlp(h) = down(act(gate(h)) * up(h)) (SwiGLU; GeGLU with tanh GELU for
 Gemma) and attention scores (q . k) / sqrt(query_pre_attn_scalar), soft-capped
 when attn_softcap is set; the caller passes each layer its mask (sliding or
-full) and its cos/sin tables.
+full) and its cos/sin tables. The residual stream x is the token rows [B T, d]
+(`layers.token_rows`).
 """
 
 from __future__ import annotations
@@ -51,8 +52,14 @@ def _norm(config: ModelConfig, name: str, dtype=None) -> layers.RMSNorm:
   return layers.RMSNorm(config.norm_eps, dtype, config.norm_offset, name=name)
 
 
+def _head_norm(config: ModelConfig, name: str, x: jax.Array) -> jax.Array:
+  """Float32 RMSNorm of each head of x [B, T, heads, Dh], on its rows [B T heads, Dh]."""
+  return _norm(config, name, jnp.float32)(layers.token_rows(x)).reshape(x.shape)
+
+
 class LlamaAttention(nn.Module):
-  """Grouped-query self-attention with rotary position embeddings on q and k."""
+  """Grouped-query self-attention with rotary position embeddings on q and k; x and the
+  result are rows [B T, d] (mask [B, 1, T, T])."""
 
   config: ModelConfig
 
@@ -61,11 +68,11 @@ class LlamaAttention(nn.Module):
                deterministic: bool) -> jax.Array:
     c = self.config
     q, k, v = layers.qkv_projections(
-        x, c.n_heads, c.n_kv_heads, c.head_dim, jnp.dtype(c.dtype), use_bias=c.qkv_bias,
-        fused="qkv_proj" if c.fused_projections else None)
+        x, mask.shape[0], c.n_heads, c.n_kv_heads, c.head_dim, jnp.dtype(c.dtype),
+        use_bias=c.qkv_bias, fused="qkv_proj" if c.fused_projections else None)
     if c.qk_norm:  # normed and rotated in float32, rounded to the compute dtype once
       dtype = q.dtype
-      q, k = _norm(c, "q_norm", jnp.float32)(q), _norm(c, "k_norm", jnp.float32)(k)
+      q, k = _head_norm(c, "q_norm", q), _head_norm(c, "k_norm", k)
       q = layers.apply_rotary(q, cos, sin).astype(dtype)
       k = layers.apply_rotary(k, cos, sin).astype(dtype)
     else:
@@ -74,7 +81,7 @@ class LlamaAttention(nn.Module):
                                        deterministic=deterministic,
                                        scale=c.query_pre_attn_scalar ** -0.5,
                                        softcap=c.attn_softcap)
-    return _dense(c.d_model, c, "o_proj", layers.residual_std(c.n_layers))(out)
+    return _dense(c.d_model, c, "o_proj", layers.residual_std(c.n_layers))(layers.token_rows(out))
 
 
 class LlamaMLP(nn.Module):
@@ -94,7 +101,8 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaBlock(nn.Module):
-  """Plain or sandwich-normed pre-norm block (module docstring); residual stream float32."""
+  """Plain or sandwich-normed pre-norm block (module docstring) on the rows x [B T, d]
+  (float32) of the residual stream; mask [B, 1, T, T]."""
 
   config: ModelConfig
 

@@ -133,7 +133,7 @@ class CausalLM(nn.Module):
       x = tokens(input_ids)
       if c.embed_scale:
         x = x * jnp.float32(math.sqrt(c.d_model))
-      x = drop(x, deterministic=deterministic)
+      x = layers.token_rows(drop(x, deterministic=deterministic))
       tables = rope_tables(c, positions)
       masks = {"full_attention": mask}
       if c.sliding_window is not None:
@@ -150,6 +150,7 @@ class CausalLM(nn.Module):
       table = embed(c.max_len + OPT_POSITION_OFFSET, c.d_model, "embed_positions")
       x = drop(x.astype(jnp.float32) + table(positions + OPT_POSITION_OFFSET),
                deterministic=deterministic)
+      x = layers.token_rows(x)
       for i in range(c.n_layers):
         x = OPTBlock(c, name=f"layers_{i}")(x, mask, deterministic)
       h = layers.layer_norm(c.norm_eps, "final_layer_norm")(x) if c.final_norm else x
@@ -157,11 +158,12 @@ class CausalLM(nn.Module):
         h = layers.dense(c.word_embed_dim, dtype, "project_out", use_bias=False)(h.astype(dtype))
     else:
       tokens = embed(c.vocab_size, c.d_model, "embed_tokens")
-      x = drop(tokens(input_ids), deterministic=deterministic)
+      x = layers.token_rows(drop(tokens(input_ids), deterministic=deterministic))
       cos, sin = layers.rotary_angles(positions, c.rotary_dim, c.rope_theta)
       for i in range(c.n_layers):
         x = PhiBlock(c, name=f"layers_{i}")(x, mask, cos, sin, deterministic)
       h = layers.layer_norm(c.norm_eps, "final_layernorm")(x)
+    h = h.reshape(batch, length, -1)  # the stacks other than GPT-2 run on rows [B T, d]
     head = (None if c.tie_embeddings else
             layers.Unembed(c.vocab_size, dtype, use_bias=c.arch == "phi", name="lm_head"))
     if targets is not None:

