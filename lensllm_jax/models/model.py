@@ -103,7 +103,8 @@ class CausalLM(nn.Module):
     Returns:
       [B, T, V] float32 logits; with targets, `losses.token_nll_sums(logits, targets,
       loss_mask)` (two float32 scalars) computed by `losses.head_token_nll_sums`,
-      which never writes the [B T, V] logits (the training and evaluation steps).
+      which never writes the [B T, V] logits (the training and evaluation steps;
+      reverse mode only: jvp and Hessian-vector products take the logits).
     """
     c = self.config
     if input_ids.ndim != 2:
