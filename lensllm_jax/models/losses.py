@@ -235,13 +235,10 @@ def _chunk_logits(spec: _HeadSpec, h, w_vd, w_dv, bias):
 def _chunk_nll(z, targets):
   """(-log softmax(z)[targets] [n], log-sum-exp [n, 1]); nll = lse where a target is
   outside [0, V) (as `token_log_probs`)."""
-  vocab = z.shape[-1]
   top = jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))
   top = jnp.where(jnp.isfinite(top), top, 0.0)
   lse = jnp.log(jnp.sum(jnp.exp(z - top), axis=-1, keepdims=True)) + top
-  picked = jnp.take_along_axis(z, jnp.clip(targets, 0, vocab - 1)[:, None], axis=-1)
-  picked = jnp.where(((targets >= 0) & (targets < vocab))[:, None], picked, 0.0)
-  return (lse - picked)[:, 0], lse
+  return lse[:, 0] - _target_logit(z, targets), lse
 
 
 def _chunk_value(spec, h, w_vd, w_dv, bias, targets, mask):
